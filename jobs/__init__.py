@@ -1,0 +1,1 @@
+"""arq job bodies: thin, idempotent async functions over the keyrotor library."""

@@ -1,0 +1,118 @@
+"""The keyrotor error tree.
+
+Every error keyrotor raises is a :class:`KeyrotorError`, split by what the caller should do
+next:
+
+``PermanentError``
+    Retrying will not help (a tampered ciphertext, a wrong key, bad input). Jobs let these
+    propagate so arq records the job as failed.
+``TransientError``
+    An outage (database, Redis, KEK provider). Retry with backoff.
+
+Messages never contain plaintext, key bytes or wrapped DEKs: they name scopes, versions,
+row ids and causes only. Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+
+class KeyrotorError(Exception):
+    """keyrotor failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        if not message:
+            message = (self.__doc__ or "").strip().splitlines()[0]
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+# --- permanent: do not retry -------------------------------------------------------------
+
+
+class PermanentError(KeyrotorError):
+    """The operation cannot succeed by retrying it."""
+
+
+class ConfigurationError(PermanentError):
+    """keyrotor is misconfigured."""
+
+
+class WeakKeyError(ConfigurationError):
+    """The master key is missing or too weak."""
+
+
+class InvalidInput(PermanentError, ValueError):
+    """The input is not valid."""
+
+
+class InvalidScope(InvalidInput):
+    """The scope name is not valid."""
+
+
+class InvalidValue(InvalidInput):
+    """The value cannot be encrypted (empty, too large, or not text)."""
+
+
+class DecryptionFailed(PermanentError):
+    """The value could not be decrypted (wrong key, wrong scope or context, or tampered)."""
+
+
+class MalformedCiphertext(DecryptionFailed):
+    """The value is not a well-formed ciphertext."""
+
+
+class KeyVersionUnknown(PermanentError):
+    """The key version is unknown (newer than any stored key)."""
+
+
+class KeyVersionTooOld(PermanentError):
+    """The key version has been retired and can no longer decrypt."""
+
+
+class NotFound(PermanentError, LookupError):
+    """The requested object does not exist."""
+
+
+class ScopeNotFound(NotFound):
+    """The scope does not exist."""
+
+
+class SecretNotFound(NotFound):
+    """The secret does not exist."""
+
+
+class KekError(PermanentError):
+    """The KEK provider refused the operation (wrong key, wrong context, disabled key)."""
+
+
+class AccessDenied(PermanentError, PermissionError):
+    """The actor is not allowed to do this."""
+
+
+class Conflict(PermanentError):
+    """The operation conflicts with the current state."""
+
+
+# --- transient: retry with backoff -------------------------------------------------------
+
+
+class TransientError(KeyrotorError):
+    """A dependency is unavailable; retrying later may succeed."""
+
+
+class StoreUnavailable(TransientError):
+    """The database is unavailable."""
+
+
+class KekUnavailable(TransientError):
+    """The KEK provider is unavailable."""
+
+
+class QueueUnavailable(TransientError):
+    """Redis (the job queue) is unavailable."""

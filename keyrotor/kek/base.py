@@ -1,0 +1,91 @@
+"""The KEK provider interface.
+
+A KEK (key-encryption key) wraps DEKs. It lives in a provider: the local keyring (derived from
+``ENCRYPTION_KEY``), AWS KMS, AWS Secrets Manager or a Vault/OpenBao transit engine. Every
+provider implements :class:`KekProvider`; nothing else in keyrotor knows which one it talks to.
+
+Each wrap binds the DEK to its scope and version (:class:`WrapContext`) as AAD or as the
+provider's encryption context, so a wrapped DEK copied to another scope or version does not
+unwrap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class WrapContext:
+    """What a wrapped DEK is bound to: its scope and its DEK version."""
+
+    scope: str
+    dek_version: int
+
+    def as_aad(self) -> bytes:
+        """Unambiguous bytes for AAD: length-prefixed fields."""
+        scope = self.scope.encode()
+        return (
+            b"keyrotor/dek\x00" + len(scope).to_bytes(4, "big") + scope + self.dek_version.to_bytes(8, "big")
+        )
+
+    def as_encryption_context(self) -> dict[str, str]:
+        """The same binding as a KMS/transit encryption context."""
+        return {"keyrotor:scope": self.scope, "keyrotor:dek_version": str(self.dek_version)}
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedDek:
+    """A DEK encrypted under a KEK. ``blob`` is opaque to everyone but its provider.
+
+    ``kek_id`` names the provider and key (e.g. ``local:3f9c…`` or a KMS key ARN) and
+    ``kek_version`` the KEK version that wrapped it, so `rotate_kek` can find what to rewrap.
+    """
+
+    kek_id: str
+    kek_version: int
+    blob: bytes = field(repr=False)
+
+
+@runtime_checkable
+class KekProvider(Protocol):
+    """A source of KEKs. All methods are async and may raise:
+
+    - :class:`keyrotor.errors.KekUnavailable` (transient: the provider cannot be reached),
+    - :class:`keyrotor.errors.KekError` (permanent: wrong key, wrong context, disabled key),
+    - :class:`keyrotor.errors.ConfigurationError` (the provider is misconfigured).
+    """
+
+    @property
+    def name(self) -> str:
+        """Short provider name for logs, metrics and status: ``local``, ``aws-kms``, ``aws-sm``, ``vault``."""
+        ...
+
+    async def current_version(self) -> int:
+        """Return the KEK version new wraps use."""
+        ...
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        """Wrap a DEK under the current KEK version, bound to ``context``."""
+        ...
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        """Unwrap a DEK. Raises KekError if it was wrapped for another context or key."""
+        ...
+
+    async def rewrap(self, items: Sequence[tuple[WrappedDek, WrapContext]]) -> list[WrappedDek]:
+        """Rewrap DEKs under the current KEK version, in order, server-side where possible."""
+        ...
+
+    async def rotate(self) -> int:
+        """Create a new KEK version, make it current, and return its number."""
+        ...
+
+    async def check(self) -> None:
+        """Prove the provider works now (round-trip a probe). Raises on any failure."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release clients and connections."""
+        ...

@@ -1,0 +1,1 @@
+"""Persistence: tables, async repository functions and migrations. The core's only I/O."""

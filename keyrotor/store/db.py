@@ -1,0 +1,165 @@
+"""Connections: the engine, error translation, database creation and migrations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine.url import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from keyrotor.errors import ConfigurationError, StoreUnavailable
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def async_url(database_url: str) -> URL:
+    """Accept ``postgresql://`` (the usual form) or ``postgresql+asyncpg://``; return the asyncpg URL.
+
+    Raises:
+        ConfigurationError: not a PostgreSQL URL.
+    """
+    try:
+        url = make_url(database_url)
+    except sa_exc.ArgumentError:
+        raise ConfigurationError("DATABASE_URL is not a valid URL") from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise ConfigurationError("DATABASE_URL must be a postgresql:// URL")
+    return url.set(drivername="postgresql+asyncpg")
+
+
+def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine for ``database_url`` with keyrotor's pool defaults."""
+    options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 5, "max_overflow": 10}
+    options.update(kwargs)
+    return create_async_engine(async_url(database_url), **options)
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded attributes after commit (we never lazy-load)."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# Driver and network errors that mean "the database is not there right now".
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        return _is_transient(exc.orig) or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+    if isinstance(exc, _TRANSIENT):
+        return True
+    cause = getattr(exc, "__cause__", None)
+    return isinstance(cause, _TRANSIENT)
+
+
+@contextlib.contextmanager
+def wrap_exceptions() -> Iterator[None]:
+    """Translate connection-level driver errors into :class:`StoreUnavailable`, once, here.
+
+    Other database errors (constraint violations, syntax) propagate unchanged: they are bugs
+    or conflicts the caller handles, not outages.
+    """
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        if _is_transient(exc):
+            raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        raise
+
+
+@contextlib.asynccontextmanager
+async def transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """One explicit transaction: commit on success, roll back on any error (or cancellation)."""
+    with wrap_exceptions():
+        async with maker() as session, session.begin():
+            yield session
+
+
+async def ensure_database(database_url: str) -> bool:
+    """Create the database named in ``database_url`` if it does not exist. Returns True if created.
+
+    Raises:
+        StoreUnavailable: the server cannot be reached.
+    """
+    url = async_url(database_url)
+    name = url.database
+    if not name:
+        raise ConfigurationError("DATABASE_URL names no database")
+    admin = url.set(drivername="postgresql", database="postgres")
+    with wrap_exceptions():
+        conn = await asyncpg.connect(admin.render_as_string(hide_password=False), timeout=10)
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+            if exists:
+                return False
+            quoted = '"' + name.replace('"', '""') + '"'
+            try:
+                await conn.execute(f"CREATE DATABASE {quoted}")
+            except asyncpg.DuplicateDatabaseError:
+                return False  # created concurrently by another process
+            return True
+        finally:
+            await conn.close()
+
+
+def _alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
+    """Apply migrations up to ``revision`` (all heads by default), in one transaction."""
+    from alembic import command
+
+    def _run(sync_conn: Connection) -> None:
+        command.upgrade(_alembic_config(sync_conn), revision)
+
+    with wrap_exceptions():
+        async with engine.begin() as conn:
+            await conn.run_sync(_run)
+
+
+async def current_revisions(engine: AsyncEngine) -> set[str]:
+    """The revisions the database is at (empty if never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    def _heads(sync_conn: Connection) -> set[str]:
+        return set(MigrationContext.configure(sync_conn).get_current_heads())
+
+    with wrap_exceptions():
+        async with engine.connect() as conn:
+            return await conn.run_sync(_heads)
+
+
+def head_revisions() -> set[str]:
+    """The revisions this code expects."""
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory.from_config(_alembic_config()).get_heads())

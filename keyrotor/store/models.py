@@ -1,0 +1,165 @@
+"""The tables (SQLAlchemy 2, typed). Alembic migrations in ``migrations/`` create them.
+
+See DESIGN.md "The data". A scope's DEK versions are rows of ``data_keys``; values in
+``secrets`` carry their DEK version in a column (indexed with the scope) and in their
+``kr1:<version>:`` prefix, so "which rows still use version N" is one index range scan.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+KEY_STATES = ("pending", "active", "grace", "retired", "destroyed")
+RUN_STATES = ("pending", "running", "completed", "failed", "cancelled")
+RUN_KINDS = ("dek", "kek", "retire", "legacy", "kek_migrate")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class KeyScope(Base):
+    """One row a scope (``anthropic``, ``tenant-42/openai``) and its rotation policy."""
+
+    __tablename__ = "key_scopes"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    active_version: Mapped[int] = mapped_column(Integer)
+    latest_version: Mapped[int] = mapped_column(Integer)
+    rotation_enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    interval_days: Mapped[int] = mapped_column(Integer, server_default=text("90"))
+    grace_period_days: Mapped[int] = mapped_column(Integer, server_default=text("7"))
+    # Rotate early once the active DEK has encrypted this many values (None: no limit).
+    max_encryptions: Mapped[int | None] = mapped_column(BigInteger)
+    next_rotation_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    last_rotation_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dek_rotation_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("interval_days BETWEEN 1 AND 365", name="interval_days"),
+        CheckConstraint("grace_period_days >= 0 AND grace_period_days <= interval_days", name="grace"),
+        CheckConstraint("active_version >= 1 AND latest_version >= active_version", name="versions"),
+    )
+
+
+class DataKey(Base):
+    """One row a DEK version of a scope, wrapped by the KEK."""
+
+    __tablename__ = "data_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    scope_id: Mapped[int] = mapped_column(ForeignKey("key_scopes.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text)
+    # NULL once destroyed: the wrapped key is erased, not just flagged.
+    encrypted_dek: Mapped[bytes | None] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(Text)
+    kek_version: Mapped[int] = mapped_column(Integer)
+    encryptions: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("scope_id", "version"),
+        CheckConstraint(f"state IN {KEY_STATES!r}", name="state"),
+        CheckConstraint("(state = 'destroyed') = (encrypted_dek IS NULL)", name="destroyed_has_no_key"),
+        # At most one active DEK a scope, enforced by the database, not only by the code.
+        Index("uq_data_keys_one_active", "scope_id", unique=True, postgresql_where=text("state = 'active'")),
+        Index("ix_data_keys_grace_until", "grace_until", postgresql_where=text("state = 'grace'")),
+        Index("ix_data_keys_kek_version", "kek_version"),
+    )
+
+
+class Secret(Base):
+    """An encrypted value owned by keyrotor (applications may also register their own columns)."""
+
+    __tablename__ = "secrets"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    scope_id: Mapped[int] = mapped_column(ForeignKey("key_scopes.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(Text)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    dek_version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        UniqueConstraint("scope_id", "name"),
+        Index("ix_secrets_scope_version", "scope_id", "dek_version", "id"),
+    )
+
+
+class Rotation(Base):
+    """One row a rotation run: what makes it resumable and observable."""
+
+    __tablename__ = "rotations"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(Text)
+    scope_id: Mapped[int | None] = mapped_column(ForeignKey("key_scopes.id", ondelete="CASCADE"))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
+    cursor: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rows_done: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rows_total: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    trigger: Mapped[str] = mapped_column(Text, server_default=text("'api'"))
+    job_id: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint(f"state IN {RUN_STATES!r}", name="state"),
+        CheckConstraint(f"kind IN {RUN_KINDS!r}", name="kind"),
+        # The database guard behind "at most one rotation a scope at a time".
+        Index(
+            "uq_rotations_one_open",
+            "kind",
+            text("coalesce(scope_id, 0)"),
+            unique=True,
+            postgresql_where=text("state IN ('pending', 'running')"),
+        ),
+        Index("ix_rotations_created_at", "created_at"),
+    )

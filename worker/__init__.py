@@ -1,0 +1,1 @@
+"""keyrotor's processes: the arq worker, the scheduler, the enqueue client and the CLI."""

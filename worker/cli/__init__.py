@@ -1,0 +1,66 @@
+"""The ``keyrotor`` command line.
+
+Each command group lives in its own module and is registered here. Every command runs one
+coroutine with ``asyncio.run``; keyrotor's typed errors become a one-line message and a
+non-zero exit (1 for a failed operation, 2 for bad usage), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import click
+import typer
+
+from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from worker.cli import db as db_cmd
+from worker.cli import demo as demo_cmd
+from worker.cli import secrets as secrets_cmd
+from worker.cli import status as status_cmd
+
+app = typer.Typer(
+    name="keyrotor",
+    help="Envelope encryption for AI-provider API keys, and the worker that rotates their keys.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(db_cmd.app, name="db")
+app.add_typer(secrets_cmd.app, name="secrets")
+status_cmd.register(app)
+app.command("demo")(demo_cmd.demo)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"keyrotor: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``keyrotor`` console script."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except (InvalidInput, NotFound, ConfigurationError) as exc:
+        _fail(str(exc), 2)
+    except KeyrotorError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if os.environ.get("KEYROTOR_DEBUG"):
+            raise
+        # An unexpected error's message may quote data; print its type only.
+        _fail(f"unexpected {type(exc).__name__} (set KEYROTOR_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,53 @@
+"""Helpers shared by the CLI commands: settings, the KeyManager, JSON and progress output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from keyrotor import KeyManager, Settings
+
+T = TypeVar("T")
+
+# Tables and progress go to stderr, so stdout stays clean for values and --json.
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def settings() -> Settings:
+    """Settings from the environment (read once per command)."""
+    return Settings.from_env()
+
+
+def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one coroutine for a command."""
+    return asyncio.run(fn())
+
+
+def manager() -> KeyManager:
+    """A KeyManager from the environment; use with ``async with``."""
+    return KeyManager(settings())
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def progress(*, transient: bool = False) -> Progress:
+    """A progress bar on stderr (hidden when stderr is not a terminal)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+        disable=not err_console.is_terminal,
+    )
