@@ -49,14 +49,13 @@ class DekCache:
 
     def get(self, scope: str, version: int) -> AESGCM | None:
         """The cached cipher, or None (counted as a miss) if absent or expired."""
-        key = (scope, version)
-        entry = self._entries.get(key)
+        # On the decrypt hot path: one dict probe and one clock read on a hit.
+        entry = self._entries.get((scope, version))
+        if entry is not None and self._clock() < entry[1]:
+            self.stats.hits += 1
+            return entry[0]
         if entry is not None:
-            cipher, expires = entry
-            if self._clock() < expires:
-                self.stats.hits += 1
-                return cipher
-            del self._entries[key]
+            del self._entries[(scope, version)]
         self.stats.misses += 1
         return None
 

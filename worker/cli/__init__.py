@@ -11,7 +11,6 @@ import os
 import sys
 from typing import NoReturn
 
-import click
 import typer
 
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
@@ -41,13 +40,19 @@ def _fail(message: str, code: int) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``keyrotor`` console script."""
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
+        # With standalone_mode=False click returns the code of a `typer.Exit` instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
+    except typer.Abort:
         _fail("aborted", 130)
-    except click.ClickException as exc:
-        exc.show()
+    except typer.TyperException as exc:
+        # Usage errors (typer vendors click; its ClickException derives from TyperException).
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"keyrotor: error: {exc.format_message()}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except (InvalidInput, NotFound, ConfigurationError) as exc:
         _fail(str(exc), 2)

@@ -1,0 +1,251 @@
+"""KeyManager against the real Postgres: round trips, isolation, bad input, cache, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from keyrotor import KeyManager, Settings, legacy
+from keyrotor.errors import (
+    DecryptionFailed,
+    InvalidInput,
+    InvalidScope,
+    InvalidValue,
+    KekError,
+    KeyrotorError,
+    KeyVersionTooOld,
+    KeyVersionUnknown,
+    MalformedCiphertext,
+    ScopeNotFound,
+    SecretNotFound,
+    StoreUnavailable,
+    WeakKeyError,
+)
+from tests.conftest import MASTER_KEY
+
+VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors" / "legacy-node.jsonl"
+ANTHROPIC = "sk-ant-api03-" + "A1b2C3d4" * 11 + "xyzw1234"
+
+
+async def test_scope_gets_version_1_on_first_use(km: KeyManager) -> None:
+    token = await km.encrypt("tenant-42/openai", "sk-proj-abc", context="row:1")
+    assert token.startswith("kr1:1:")
+    async with km.engine.connect() as conn:
+        row = (await conn.execute(text("SELECT active_version, latest_version FROM key_scopes"))).one()
+        keys = (await conn.execute(text("SELECT version, state, kek_id FROM data_keys"))).all()
+    assert tuple(row) == (1, 1)
+    assert [(k[0], k[1]) for k in keys] == [(1, "active")]
+    assert keys[0][2].startswith("local:")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.text(min_size=1, max_size=2000))
+async def test_round_trip_unicode(km: KeyManager, value: str) -> None:
+    token = await km.encrypt("openai", value, context="c")
+    assert await km.decrypt("openai", token, context="c") == value
+
+
+async def test_round_trip_at_size_limit(km: KeyManager) -> None:
+    value = "é" * (km.settings.max_value_bytes // 2)
+    assert await km.decrypt("openai", await km.encrypt("openai", value)) == value
+
+
+async def test_per_scope_isolation(km: KeyManager) -> None:
+    a = await km.encrypt("anthropic", ANTHROPIC, context="x")
+    await km.encrypt("openai", "sk-proj-abc", context="x")
+    with pytest.raises(DecryptionFailed):
+        await km.decrypt("openai", a, context="x")
+    with pytest.raises(DecryptionFailed):
+        await km.decrypt("anthropic", a, context="y")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("", InvalidValue), ("x" * 65536, InvalidValue), ("a\udcff", InvalidValue), (b"bytes", InvalidValue)],
+)
+async def test_bad_values(km: KeyManager, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        await km.encrypt("openai", value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "scope", ["", "OpenAI", "a/../b", "a;DROP TABLE secrets", "x" * 300, "/lead", "trail/", "a//b", "ü"]
+)
+async def test_invalid_scopes(km: KeyManager, scope: str) -> None:
+    with pytest.raises(InvalidScope):
+        await km.encrypt(scope, "v")
+    with pytest.raises(InvalidScope):
+        await km.decrypt(scope, "kr1:1:AAAA")
+
+
+async def test_unknown_scope_and_version(km: KeyManager) -> None:
+    token = await km.encrypt("openai", "sk-1")
+    with pytest.raises(ScopeNotFound):
+        await km.decrypt("google", token.replace("kr1:1:", "kr1:1:"))
+    with pytest.raises(KeyVersionUnknown):
+        await km.decrypt("openai", token.replace("kr1:1:", "kr1:9:"))
+
+
+async def test_destroyed_version_refuses(km: KeyManager) -> None:
+    token = await km.encrypt("openai", "sk-1")
+    async with km.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE data_keys SET state = 'destroyed', encrypted_dek = NULL, destroyed_at = now()")
+        )
+    km.invalidate()
+    with pytest.raises(KeyVersionTooOld):
+        await km.decrypt("openai", token)
+
+
+async def test_garbage_ciphertexts(km: KeyManager) -> None:
+    await km.encrypt("openai", "sk-1")
+    for bad in ["", "hello", "kr1:1:%%%%", "\x00" * 10, "kr1:1:" + "A" * 40]:
+        with pytest.raises(DecryptionFailed):
+            await km.decrypt("openai", bad)
+    with pytest.raises(MalformedCiphertext):
+        await km.decrypt("openai", None)  # type: ignore[arg-type]
+
+
+async def test_put_get_secret(km: KeyManager) -> None:
+    await km.put_secret("anthropic", "prod", ANTHROPIC)
+    await km.put_secret("anthropic", "prod", ANTHROPIC + "2")  # replace
+    assert await km.get_secret("anthropic", "prod") == ANTHROPIC + "2"
+    with pytest.raises(SecretNotFound):
+        await km.get_secret("anthropic", "staging")
+    with pytest.raises(InvalidInput):
+        await km.put_secret("anthropic", " spaced ", "v")
+    # a secret's ciphertext is bound to its name: moving it to another row fails
+    async with km.engine.begin() as conn:
+        await conn.execute(text("INSERT INTO secrets (scope_id, name, ciphertext, dek_version) "
+                                "SELECT scope_id, 'copy', ciphertext, dek_version FROM secrets"))
+    with pytest.raises(DecryptionFailed):
+        await km.get_secret("anthropic", "copy")
+
+
+async def test_node_vectors_decrypt_through_keymanager(database_url: str, env: dict[str, str]) -> None:
+    if not VECTORS.is_file():
+        pytest.skip(f"shared vectors not found at {VECTORS}")
+    env = {**env, "KEYROTOR_LEGACY_KEY": "shared-master-key-2025-10-27"}
+    async with KeyManager.from_env(env) as km:
+        for line in VECTORS.read_text().splitlines():
+            v = json.loads(line)
+            if v.get("kind") == "encrypted_dek":
+                continue
+            assert await km.decrypt(v["provider"], v["ciphertext"]) == v["plaintext"]
+
+
+async def test_legacy_wrong_key(km: KeyManager) -> None:
+    blob = legacy.encrypt("sk-old", "another-master-key-that-is-long-enough!!")
+    with pytest.raises(DecryptionFailed):
+        await km.decrypt("openai", blob)
+
+
+async def test_cache_hits_and_ttl(settings: Settings) -> None:
+    s = settings.model_copy(update={"dek_cache_ttl_s": 0.2})
+    async with KeyManager(s) as km:
+        token = await km.encrypt("openai", "sk-1")
+        km.invalidate()
+        await km.decrypt("openai", token)
+        before = km.cache.stats.misses
+        for _ in range(10):
+            await km.decrypt("openai", token)
+        assert km.cache.stats.misses == before
+        assert km.cache.stats.hits >= 10
+        await asyncio.sleep(0.25)
+        await km.decrypt("openai", token)
+        assert km.cache.stats.misses == before + 1
+
+
+async def test_cache_bounded_by_count(settings: Settings) -> None:
+    s = settings.model_copy(update={"dek_cache_max_entries": 3})
+    async with KeyManager(s) as km:
+        for i in range(6):
+            await km.encrypt(f"scope-{i}", "v")
+        assert len(km.cache) == 3
+        assert km.cache.stats.evictions >= 3
+
+
+async def test_concurrent_misses_share_one_unwrap(km: KeyManager) -> None:
+    token = await km.encrypt("openai", "sk-1")
+    km.invalidate()
+    calls = 0
+    real = km.kek.unwrap
+
+    async def counting(*a: object, **k: object) -> bytes:
+        nonlocal calls
+        calls += 1
+        return await real(*a, **k)  # type: ignore[arg-type]
+
+    km._kek = type("Counting", (), {"unwrap": staticmethod(counting), "aclose": km.kek.aclose})()  # type: ignore[assignment]
+    results = await asyncio.gather(*(km.decrypt("openai", token) for _ in range(50)))
+    assert results == ["sk-1"] * 50
+    assert calls == 1
+
+
+async def test_concurrent_encrypt_decrypt_many_tasks(km: KeyManager) -> None:
+    async def worker(i: int) -> None:
+        for j in range(20):
+            scope = f"tenant-{i % 5}/openai"
+            value = f"sk-{i}-{j}"
+            token = await km.encrypt(scope, value, context=f"{i}:{j}")
+            assert await km.decrypt(scope, token, context=f"{i}:{j}") == value
+
+    await asyncio.gather(*(worker(i) for i in range(40)))
+
+
+async def test_concurrent_scope_creation_from_two_managers(settings: Settings) -> None:
+    async with KeyManager(settings) as a, KeyManager(settings) as b:
+        tokens = await asyncio.gather(*(m.encrypt("google", "AIza-1") for m in (a, b) * 10))
+        for t in tokens:
+            assert await a.decrypt("google", t) == "AIza-1"
+            assert await b.decrypt("google", t) == "AIza-1"
+
+
+async def test_wrong_master_key_is_named(settings: Settings) -> None:
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", "sk-1")
+    other = settings.model_copy(update={"encryption_key": type(settings.encryption_key)("z" * 10 + MASTER_KEY[::-1])})
+    async with KeyManager(other) as km2:
+        with pytest.raises(KekError) as info:
+            await km2.decrypt("openai", token)
+    assert "wrong KEK" in str(info.value)
+
+
+@pytest.mark.parametrize("key", [None, "", "tiny-key-9", "a" * 64, "abababababababababababababababab"])
+async def test_missing_or_weak_key_refused(settings: Settings, key: str | None) -> None:
+    s = Settings.from_env({"DATABASE_URL": settings.database_url, **({"ENCRYPTION_KEY": key} if key is not None else {})})
+    with pytest.raises(WeakKeyError) as info:
+        async with KeyManager(s):
+            pass
+    if key:
+        assert key not in str(info.value)
+
+
+async def test_unreachable_database_is_transient() -> None:
+    s = Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "ENCRYPTION_KEY": MASTER_KEY})
+    async with KeyManager(s) as km:
+        with pytest.raises(StoreUnavailable):
+            await km.encrypt("openai", "sk-1")
+
+
+async def test_errors_and_reprs_never_contain_secrets(km: KeyManager) -> None:
+    token = await km.encrypt("anthropic", ANTHROPIC, context="a")
+    texts = [repr(km), repr(km.settings), str(km.settings), repr(km.kek)]
+    for call in (
+        km.decrypt("anthropic", token, context="b"),
+        km.decrypt("openai", token, context="a"),
+        km.encrypt("anthropic", ANTHROPIC * 400),
+    ):
+        try:
+            await call
+        except KeyrotorError as exc:
+            texts += [str(exc), repr(exc), repr(exc.__cause__)]
+    joined = "\n".join(texts)
+    assert ANTHROPIC not in joined and ANTHROPIC[:30] not in joined
+    assert MASTER_KEY not in joined

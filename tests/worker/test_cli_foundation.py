@@ -1,0 +1,176 @@
+"""The CLI end to end, as a user runs it: real process, real Postgres."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.cli_helpers import keyrotor
+from tests.conftest import MASTER_KEY, PG_ADMIN
+
+KEY = "sk-ant-api03-" + "Zx9" * 30
+
+
+def assert_one_line_error(proc: object, code: int | None = None) -> None:
+    assert proc.returncode != 0, proc.stdout  # type: ignore[attr-defined]
+    if code is not None:
+        assert proc.returncode == code  # type: ignore[attr-defined]
+    err = proc.stderr.strip()  # type: ignore[attr-defined]
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("keyrotor: error: ")
+
+
+def test_db_upgrade_creates_database() -> None:
+    name = f"kr_cli_{uuid.uuid4().hex[:10]}"
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    env = {"DATABASE_URL": url, "ENCRYPTION_KEY": MASTER_KEY}
+    try:
+        first = keyrotor("db", "upgrade", env=env)
+        assert first.returncode == 0, first.stderr
+        assert "created database" in first.stderr
+        again = keyrotor("db", "upgrade", env=env)  # idempotent
+        assert again.returncode == 0, again.stderr
+    finally:
+        import asyncio
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(PG_ADMIN)
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            await conn.close()
+
+        asyncio.run(drop())
+
+
+def test_put_get_status_verify(env: dict[str, str]) -> None:
+    put = keyrotor("secrets", "put", "anthropic", "prod", env=env, stdin=KEY + "\n")
+    assert put.returncode == 0, put.stderr
+    assert KEY not in put.stdout + put.stderr
+    got = keyrotor("secrets", "get", "anthropic", "prod", env=env)
+    assert got.returncode == 0 and got.stdout == KEY + "\n"
+
+    st = keyrotor("status", "--json", env=env)
+    assert st.returncode == 0, st.stderr
+    doc = json.loads(st.stdout)
+    (scope,) = doc["scopes"]
+    assert scope["scope"] == "anthropic"
+    assert scope["active_version"] == 1
+    assert scope["rotation_count"] == 0
+    assert scope["keys"] == [
+        {**scope["keys"][0], "version": 1, "state": "active", "grace_until": None}
+    ]
+    assert scope["rows_by_version"] == {"1": 1}
+    assert {"enabled", "interval_days", "grace_period_days"} <= set(scope["policy"])
+
+    table = keyrotor("status", env=env)
+    assert table.returncode == 0 and "anthropic" in table.stdout
+
+    ok = keyrotor("verify", "--json", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["failed"] == 0
+
+
+async def test_verify_fails_on_tampered_row(env: dict[str, str], database_url: str) -> None:
+    assert keyrotor("secrets", "put", "openai", "a", env=env, stdin="sk-1").returncode == 0
+    assert keyrotor("secrets", "put", "openai", "b", env=env, stdin="sk-2").returncode == 0
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE secrets SET ciphertext = overlay(ciphertext placing "
+            "CASE WHEN substr(ciphertext, 20, 1) = 'A' THEN 'B' ELSE 'A' END from 20 for 1) WHERE name = 'b'"
+        )
+    finally:
+        await conn.close()
+    res = keyrotor("verify", "--json", env=env)
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1
+    assert doc["failed"] == 1
+    assert doc["failures"][0]["name"] == "b"
+    assert "sk-2" not in res.stdout + res.stderr
+
+
+def test_import_jsonl(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    rows = [{"scope": f"tenant-{i % 3}/openai", "name": f"user-{i}", "value": f"sk-{i:06d}"} for i in range(5000)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    res = keyrotor("secrets", "import", str(path), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["imported"] == 5000
+    got = keyrotor("secrets", "get", "tenant-1/openai", "user-4", env=env)
+    assert got.stdout.strip() == "sk-000004"
+    st = json.loads(keyrotor("status", "--json", env=env).stdout)
+    assert sum(s["rows_total"] for s in st["scopes"]) == 5000
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"scope": "openai", "name": "a", "value": "x"}\nnot json\n', "line 2: not valid JSON"),
+        ('{"scope": "Bad Scope", "name": "a", "value": "x"}\n', "line 1: invalid scope"),
+        ('{"scope": "openai", "name": "a"}\n', "line 1: missing or non-text field(s): value"),
+        ('{"scope": "openai", "name": "a", "value": ""}\n', "line 1: value is empty"),
+        ("[1, 2]\n", "line 1: expected a JSON object"),
+    ],
+)
+def test_import_bad_input_writes_nothing(env: dict[str, str], tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    res = keyrotor("secrets", "import", str(path), env=env)
+    assert_one_line_error(res, 2)
+    assert fragment in res.stderr
+    st = json.loads(keyrotor("status", "--json", env=env).stdout)
+    assert st["scopes"] == []  # validated before anything was written
+
+
+def test_import_non_utf8_file(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"scope": "openai", "name": "a", "value": "\xff\xfe"}\n')
+    assert_one_line_error(keyrotor("secrets", "import", str(path), env=env))
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "fragment"),
+    [
+        (("secrets", "get", "openai", "missing"), None, "no secret 'missing'"),
+        (("secrets", "get", "Not/Valid", "x"), None, "invalid scope"),
+        (("secrets", "put", "openai", "x"), "", "value is empty"),
+        (("secrets", "put", "openai", "x"), "x" * 70000, "value is too large"),
+        (("secrets", "import", "/nonexistent.jsonl"), None, "no such file"),
+        (("status", "nope"), None, "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line(env: dict[str, str], args: tuple[str, ...], stdin: str | None, fragment: str) -> None:
+    res = keyrotor(*args, env=env, stdin=stdin)
+    assert_one_line_error(res)
+    assert fragment in res.stderr
+
+
+def test_weak_or_missing_key(env: dict[str, str]) -> None:
+    for key in ("", "password123"):
+        res = keyrotor("secrets", "put", "openai", "x", env={**env, "ENCRYPTION_KEY": key}, stdin="sk-1")
+        assert_one_line_error(res, 2)
+        assert "ENCRYPTION_KEY" in res.stderr
+        if key:
+            assert key not in res.stderr
+
+
+def test_unreachable_database(env: dict[str, str]) -> None:
+    res = keyrotor("status", env={**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"})
+    assert_one_line_error(res, 1)
+    assert "database unavailable" in res.stderr
+
+
+def test_bad_configuration_value(env: dict[str, str]) -> None:
+    res = keyrotor("status", env={**env, "KEYROTOR_DEK_CACHE_TTL_SECONDS": "-5"})
+    assert_one_line_error(res, 2)
+    assert "KEYROTOR_DEK_CACHE_TTL_SECONDS" in res.stderr
+
+
+def test_usage_error_exit_2(env: dict[str, str]) -> None:
+    res = keyrotor("secrets", "put", env=env)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
