@@ -1,0 +1,538 @@
+"""The AWS Secrets Manager KEK provider: KEK material kept in a secret, wrapping done locally.
+
+The secret ``AWS_SECRET_ID`` holds the KEK versions as JSON, one secret version per KEK version::
+
+    {"version": 3, "key": "<base64 of 32 random bytes>"}
+
+``AWSCURRENT`` wraps new DEKs; ``AWSPREVIOUS`` (and any older version that Secrets Manager still
+keeps, looked up by its deterministic ``VersionId``) still unwraps. A wrapped DEK is
+``nonce(12) || AES-256-GCM(key, nonce, dek, aad=WrapContext.as_aad())`` as in the local keyring;
+``kek_id`` is ``aws-sm:<secret name>`` and ``kek_version`` the JSON's ``version``. Fetched
+material is cached for ``cache_ttl_s`` (default 5 minutes), so a revoked version stops working
+within that time.
+
+Rotation (:meth:`AwsSecretsKek.rotate`) follows Secrets Manager's own protocol, so an
+interrupted run can be finished by the next one:
+
+1. put version n+1 with the label ``AWSPENDING`` and ``ClientRequestToken`` =
+   uuid5(name, n+1), so a repeated request is idempotent and the version can be found later;
+2. test it: read it back and round-trip a probe through it;
+3. move ``AWSCURRENT`` to it (Secrets Manager moves ``AWSPREVIOUS`` to the old one by itself),
+   then remove ``AWSPENDING``.
+
+A run that finds an ``AWSPENDING`` left behind finishes it if it holds version n+1, and
+otherwise removes the label (rolls it back) and starts afresh; ``AWSPENDING`` still on the
+``AWSCURRENT`` version means a run died at its last step, which is then completed.
+
+Failover: reads go to the primary region first, then to each region of
+``AWS_SECRETS_FAILOVER_REGIONS`` (replicas made with Secrets Manager replication) when the
+previous one is unavailable (transient errors only: access denied is not fixed by another
+region). Each region has its own circuit breaker. Rotation writes only to the primary: replicas
+are read-only.
+
+Create the secret once with :func:`new_secret_string` (e.g. ``aws secretsmanager create-secret
+--secret-string "$(python -c 'from keyrotor.kek.aws_secrets import new_secret_string as n; print(n())')"``).
+
+moto note: moto (server mode) keeps replicas in step with the primary and supports version
+stages, ``UpdateSecretVersionStage`` and ``GetSecretValue`` by ``VersionId``. Unlike AWS, it
+silently overwrites a version that has ``AWSPENDING`` when ``PutSecretValue`` reuses its token
+(AWS refuses new content under a used token), which is why :meth:`~AwsSecretsKek.rotate`
+finishes or rolls back an existing ``AWSPENDING`` before it puts anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import structlog
+from aiolimiter import AsyncLimiter
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotor.errors import KekError, KekUnavailable
+from keyrotor.kek.aws_kms import (
+    DEK_BYTES,
+    AwsConnection,
+    aws_error_code,
+    aws_translator,
+    check_dek,
+    env_required,
+    env_value,
+    open_aws_client,
+)
+from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.metrics import CallObserver, PrometheusObserver
+from keyrotor.kek.resilience import Resilience, ResiliencePolicy
+
+log = structlog.get_logger(__name__)
+
+CURRENT = "AWSCURRENT"
+PREVIOUS = "AWSPREVIOUS"
+PENDING = "AWSPENDING"
+_NONCE_BYTES = 12
+_WRAPPED_BYTES = _NONCE_BYTES + DEK_BYTES + 16
+_TOKEN_NAMESPACE = uuid.UUID("6d0b3c4e-4f55-4b7c-9a55-0c1f3b3e7a11")
+_PROBE_CONTEXT = WrapContext("keyrotor/health", 1)
+
+
+def new_secret_string(version: int = 1, *, random: Callable[[int], bytes] = os.urandom) -> str:
+    """The JSON of a fresh KEK version: ``{"version": n, "key": base64 of 32 random bytes}``."""
+    return json.dumps({"version": version, "key": base64.b64encode(random(32)).decode()})
+
+
+def rotation_token(secret_name: str, version: int) -> str:
+    """The ``ClientRequestToken`` (= ``VersionId``) of KEK version ``version`` of a secret."""
+    return str(uuid.uuid5(_TOKEN_NAMESPACE, f"keyrotor/aws-sm/{secret_name}/v{version}"))
+
+
+def _secret_id_in(secret_id: str, region: str) -> str:
+    # A replica has the primary's name; an ARN differs only in its region field.
+    if secret_id.startswith("arn:"):
+        parts = secret_id.split(":", 6)
+        if len(parts) == 7:
+            parts[3] = region
+            return ":".join(parts)
+    return secret_id
+
+
+@dataclass(frozen=True)
+class AwsSecretsConfig:
+    """Configuration of the Secrets Manager provider.
+
+    ``region_endpoint_urls`` overrides the endpoint per region (tests, VPC endpoints); it is not
+    read from the environment. ``cache_ttl_s``: how long fetched material is reused.
+    """
+
+    connection: AwsConnection
+    secret_id: str
+    failover_regions: tuple[str, ...] = ()
+    region_endpoint_urls: Mapping[str, str] = field(default_factory=dict)
+    cache_ttl_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AwsSecretsConfig:
+        """Read ``AWS_SECRET_ID``, ``AWS_SECRETS_FAILOVER_REGIONS`` and the :class:`AwsConnection` variables.
+
+        Raises:
+            ConfigurationError: naming the missing variable.
+        """
+        secret_id = env_required(environ, "AWS_SECRET_ID")
+        connection = AwsConnection.from_env(environ)
+        failover: list[str] = []
+        for region in (env_value(environ, "AWS_SECRETS_FAILOVER_REGIONS") or "").split(","):
+            region = region.strip()
+            if region and region != connection.region and region not in failover:
+                failover.append(region)
+        return cls(connection=connection, secret_id=secret_id, failover_regions=tuple(failover))
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The primary region, then the failover regions in order."""
+        return (self.connection.region, *self.failover_regions)
+
+
+@dataclass(frozen=True)
+class _Material:
+    version: int
+    version_id: str
+    key: bytes = field(repr=False)
+
+
+@dataclass
+class _Region:
+    name: str
+    client: Any
+    secret_id: str
+    resilience: Resilience
+
+
+class AwsSecretsKek:
+    """KEK provider whose material lives in a Secrets Manager secret. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        *,
+        config: AwsSecretsConfig,
+        regions: list[_Region],
+        stack: AsyncExitStack,
+        observer: CallObserver,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.config = config
+        self._regions = regions
+        self._stack = stack
+        self._observer = observer
+        self._clock = clock
+        self._random = random
+        self._secret_name = ""
+        self._materials: dict[int, tuple[_Material, float]] = {}
+        self._current: tuple[int, float] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        config: AwsSecretsConfig,
+        *,
+        policy: ResiliencePolicy | None = None,
+        limiter: AsyncLimiter | None = None,
+        observer: CallObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> AwsSecretsKek:
+        """Connect to every region and read the current KEK version.
+
+        Args:
+            config: regions, endpoints, credentials and secret id.
+            policy: timeouts, retries, breaker and rate budget, applied per region.
+            limiter: one rate budget for every region (default: one per region from ``policy``).
+            observer: metrics hooks.
+            clock: the material cache's clock (tests pass a fake one).
+
+        Raises:
+            KekError: the secret does not exist, is not KEK material, or access is denied.
+            KekUnavailable: no region can be reached.
+        """
+        policy = policy or ResiliencePolicy()
+        observer = observer or PrometheusObserver()
+        stack = AsyncExitStack()
+        try:
+            regions: list[_Region] = []
+            for name in config.regions:
+                endpoint = config.region_endpoint_urls.get(name, config.connection.endpoint_url)
+                connection = AwsConnection(
+                    region=name,
+                    endpoint_url=endpoint,
+                    access_key_id=config.connection.access_key_id,
+                    secret_access_key=config.connection.secret_access_key,
+                )
+                client = await open_aws_client(
+                    stack, "secretsmanager", connection, region=name, timeout_s=policy.timeout_s
+                )
+                target = f"aws-sm ({name})"
+                resilience = Resilience(
+                    "aws-sm",
+                    policy,
+                    aws_translator(target),
+                    target=target,
+                    limiter=limiter,
+                    observer=observer,
+                )
+                regions.append(_Region(name, client, _secret_id_in(config.secret_id, name), resilience))
+            provider = cls(config=config, regions=regions, stack=stack, observer=observer, clock=clock)
+            await provider.current_version()
+            return provider
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    @property
+    def name(self) -> str:
+        return "aws-sm"
+
+    @property
+    def kek_id(self) -> str:
+        """``aws-sm:<secret name>`` (the same in every region)."""
+        return f"aws-sm:{self._secret_name}"
+
+    @property
+    def primary(self) -> _Region:
+        return self._regions[0]
+
+    # --- reading material ---------------------------------------------------------------
+
+    def _parse(self, response: Mapping[str, Any], where: str) -> _Material:
+        self._secret_name = self._secret_name or str(response.get("Name") or self.config.secret_id)
+        what = f"aws-sm: secret {self._secret_name} ({where})"
+        try:
+            document = json.loads(response["SecretString"])
+            version = document["version"]
+            key = base64.b64decode(document["key"], validate=True)
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            # Name the shape, never the content: it is key material.
+            raise KekError(
+                f'{what} is not keyrotor KEK material (want JSON {{"version": n, "key": base64 of 32 bytes}})'
+            ) from exc
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise KekError(f"{what}: 'version' must be an integer >= 1")
+        if len(key) != 32:
+            raise KekError(f"{what}: 'key' must be 32 bytes, has {len(key)}")
+        return _Material(version=version, version_id=str(response.get("VersionId") or ""), key=key)
+
+    async def _get(self, region: _Region, **selector: str) -> Mapping[str, Any]:
+        request = partial(region.client.get_secret_value, SecretId=region.secret_id, **selector)
+        response: Mapping[str, Any] = await region.resilience.call("get_secret_value", request)
+        return response
+
+    async def _fetch(self, where: str, **selector: str) -> _Material:
+        """GetSecretValue (with failover), parsed and cached."""
+        return self._remember(self._parse(await self._fetch_response(where, **selector), where))
+
+    async def _fetch_response(self, where: str, **selector: str) -> Mapping[str, Any]:
+        """GetSecretValue from the first region that answers (failover on transient errors only)."""
+        failures: list[str] = []
+        last: KekUnavailable | None = None
+        for index, region in enumerate(self._regions):
+            try:
+                response = await self._get(region, **selector)
+            except KekUnavailable as err:
+                failures.append(region.name)
+                last = err
+                continue
+            if index:
+                self._observer.failed_over("aws-sm", "get_secret_value")
+                log.warning(
+                    "kek_failover", provider="aws-sm", region=region.name, unavailable=failures, read=where
+                )
+            return response
+        raise KekUnavailable(
+            f"aws-sm: secret {self.config.secret_id} is unavailable in every region "
+            f"({', '.join(failures)}): {last}"
+        ) from last
+
+    def _remember(self, material: _Material) -> _Material:
+        self._materials[material.version] = (material, self._clock())
+        return material
+
+    def _cached(self, version: int) -> _Material | None:
+        entry = self._materials.get(version)
+        if entry is None:
+            return None
+        material, fetched_at = entry
+        if self._clock() - fetched_at >= self.config.cache_ttl_s:
+            del self._materials[version]
+            return None
+        return material
+
+    async def _current_material(self) -> _Material:
+        if self._current is not None:
+            version, read_at = self._current
+            material = self._cached(version)
+            if material is not None and self._clock() - read_at < self.config.cache_ttl_s:
+                return material
+        material = await self._fetch(CURRENT, VersionStage=CURRENT)
+        self._current = (material.version, self._clock())
+        return material
+
+    async def _material(self, version: int) -> _Material:
+        cached = self._cached(version)
+        if cached is not None:
+            return cached
+        for stage in (CURRENT, PREVIOUS):
+            try:
+                material = await self._fetch(stage, VersionStage=stage)
+            except KekError as err:
+                if aws_error_code(err) == "ResourceNotFoundException":  # e.g. no AWSPREVIOUS yet
+                    continue
+                raise
+            if stage == CURRENT:
+                self._current = (material.version, self._clock())
+            if material.version == version:
+                return material
+        # Older versions made by rotate() have a deterministic VersionId; AWS keeps unlabelled
+        # versions for a while (up to ~100 versions) before it deletes them.
+        token = rotation_token(self._secret_name, version)
+        try:
+            response = await self._fetch_response(f"v{version}", VersionId=token)
+        except KekError as err:
+            if aws_error_code(err) not in {"ResourceNotFoundException", "InvalidRequestException"}:
+                raise
+            raise KekError(
+                f"aws-sm: KEK version {version} of secret {self._secret_name} is no longer available "
+                "(neither AWSCURRENT nor AWSPREVIOUS, and no version with its VersionId)"
+            ) from err
+        material = self._parse(response, f"v{version}")
+        if material.version != version:
+            raise KekError(
+                f"aws-sm: secret {self._secret_name} version {token} "
+                f"holds KEK v{material.version}, not v{version}"
+            )
+        return self._remember(material)
+
+    # --- the Protocol ------------------------------------------------------------------------
+
+    async def current_version(self) -> int:
+        return (await self._current_material()).version
+
+    def _seal(self, material: _Material, dek: bytes, context: WrapContext) -> WrappedDek:
+        nonce = self._random(_NONCE_BYTES)
+        blob = nonce + AESGCM(material.key).encrypt(nonce, dek, context.as_aad())
+        return WrappedDek(kek_id=self.kek_id, kek_version=material.version, blob=blob)
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        check_dek("aws-sm", dek)
+        return self._seal(await self._current_material(), dek, context)
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        if wrapped.kek_id != self.kek_id:
+            raise KekError(
+                f"aws-sm: DEK was wrapped by {wrapped.kek_id}, this provider uses {self.kek_id} "
+                "(AWS_SECRET_ID names another secret)"
+            )
+        if len(wrapped.blob) != _WRAPPED_BYTES:
+            raise KekError(f"aws-sm: wrapped DEK for {context.scope} v{context.dek_version} is malformed")
+        material = await self._material(wrapped.kek_version)
+        nonce, body = wrapped.blob[:_NONCE_BYTES], wrapped.blob[_NONCE_BYTES:]
+        try:
+            return AESGCM(material.key).decrypt(nonce, body, context.as_aad())
+        except InvalidTag as exc:
+            raise KekError(
+                f"aws-sm: wrapped DEK for {context.scope} v{context.dek_version} does not unwrap "
+                f"with KEK v{wrapped.kek_version} (wrapped for another scope or version, or tampered)"
+            ) from exc
+
+    async def rewrap(self, items: Sequence[tuple[WrappedDek, WrapContext]]) -> list[WrappedDek]:
+        """Unwrap and wrap again under AWSCURRENT, locally (Secrets Manager has no server-side rewrap)."""
+        current = await self._current_material()
+        return [
+            self._seal(current, await self.unwrap(wrapped, context), context) for wrapped, context in items
+        ]
+
+    async def check(self) -> None:
+        """Fetch AWSCURRENT (bypassing the cache) and round-trip a probe through it."""
+        material = await self._fetch(CURRENT, VersionStage=CURRENT)
+        self._current = (material.version, self._clock())
+        self._probe(material)
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+    # --- rotation ------------------------------------------------------------------------------
+
+    def _probe(self, material: _Material) -> None:
+        probe = self._random(DEK_BYTES)
+        wrapped = self._seal(material, probe, _PROBE_CONTEXT)
+        nonce, body = wrapped.blob[:_NONCE_BYTES], wrapped.blob[_NONCE_BYTES:]
+        try:
+            ok = AESGCM(material.key).decrypt(nonce, body, _PROBE_CONTEXT.as_aad()) == probe
+        except InvalidTag:
+            ok = False
+        if not ok:
+            raise KekError(
+                f"aws-sm: KEK v{material.version} of secret {self._secret_name} failed its round trip"
+            )
+
+    async def _primary_call(self, operation: str, method: str, **kwargs: Any) -> Any:
+        region = self.primary
+        request = partial(getattr(region.client, method), SecretId=region.secret_id, **kwargs)
+        return await region.resilience.call(operation, request)
+
+    async def _primary_get(self, where: str, **selector: str) -> _Material:
+        # Rotation reads the primary only: a replica may lag behind it. Not cached: a pending
+        # version may yet be rolled back, and must never stand in for the real version n+1.
+        return self._parse(await self._get(self.primary, **selector), where)
+
+    async def _stages(self) -> dict[str, list[str]]:
+        """VersionId -> staging labels, for every labelled version."""
+        stages: dict[str, list[str]] = {}
+        token: str | None = None
+        while True:
+            extra = {"NextToken": token} if token else {}
+            page = await self._primary_call("list_secret_version_ids", "list_secret_version_ids", **extra)
+            for version in page.get("Versions", []):
+                stages[str(version["VersionId"])] = list(version.get("VersionStages") or [])
+            token = page.get("NextToken")
+            if not token:
+                return stages
+
+    async def _move_stage(
+        self, stage: str, *, remove_from: str | None = None, move_to: str | None = None
+    ) -> None:
+        kwargs: dict[str, str] = {"VersionStage": stage}
+        if remove_from:
+            kwargs["RemoveFromVersionId"] = remove_from
+        if move_to:
+            kwargs["MoveToVersionId"] = move_to
+        await self._primary_call("update_secret_version_stage", "update_secret_version_stage", **kwargs)
+
+    async def rotate(self) -> int:
+        """Create KEK version n+1, test it, make it AWSCURRENT, return n+1.
+
+        Finishes or rolls back an ``AWSPENDING`` version left by an interrupted run (see the
+        module docstring). Writes go to the primary region only.
+
+        Raises:
+            KekUnavailable: the primary region is unavailable.
+            KekError: access denied, or the secret's versions are not keyrotor KEK material.
+        """
+        stages = await self._stages()
+        current_ids = [vid for vid, labels in stages.items() if CURRENT in labels]
+        if not current_ids:
+            raise KekError(f"aws-sm: secret {self.config.secret_id} has no AWSCURRENT version")
+        current_id = current_ids[0]
+        pending_id = next((vid for vid, labels in stages.items() if PENDING in labels), None)
+        current = await self._primary_get(CURRENT, VersionId=current_id)
+
+        if pending_id == current_id:
+            # A run died after promoting its version: only the clean-up is left.
+            await self._move_stage(PENDING, remove_from=current_id)
+            log.info("kek_rotation_resumed", provider="aws-sm", step="cleanup", version=current.version)
+            return self._promoted(current)
+
+        target = current.version + 1
+        if pending_id is not None:
+            pending: _Material | None
+            try:
+                pending = await self._primary_get(PENDING, VersionId=pending_id)
+            except KekError:
+                pending = None  # not KEK material: roll it back
+            if pending is not None and pending.version == target:
+                log.info("kek_rotation_resumed", provider="aws-sm", step="promote", version=target)
+                return await self._finish(pending, current_id)
+            await self._move_stage(PENDING, remove_from=pending_id)
+            log.warning(
+                "kek_pending_rolled_back",
+                provider="aws-sm",
+                version_id=pending_id,
+                found_version=pending.version if pending else None,
+                expected_version=target,
+            )
+
+        token = rotation_token(self._secret_name, target)
+        try:
+            await self._primary_call(
+                "put_secret_value",
+                "put_secret_value",
+                ClientRequestToken=token,
+                SecretString=new_secret_string(target, random=self._random),
+                VersionStages=[PENDING],
+            )
+        except KekError as err:
+            if aws_error_code(err) != "ResourceExistsException":
+                raise
+            # This token's version exists already (a run died after its put and its label was
+            # removed since): reuse it, it holds version n+1 if it is ours.
+            await self._move_stage(PENDING, move_to=token)
+        pending = await self._primary_get(PENDING, VersionId=token)
+        if pending.version != target:
+            raise KekError(
+                f"aws-sm: version {token} of secret {self._secret_name} holds KEK v{pending.version}, "
+                f"expected v{target}"
+            )
+        return await self._finish(pending, current_id)
+
+    async def _finish(self, pending: _Material, current_id: str) -> int:
+        self._probe(pending)  # test: the stored material, as read back, round-trips
+        try:
+            await self._move_stage(CURRENT, move_to=pending.version_id, remove_from=current_id)
+        except KekError:
+            # Another process may have promoted it first; anything else is a real failure.
+            if CURRENT not in (await self._stages()).get(pending.version_id, []):
+                raise
+        await self._move_stage(PENDING, remove_from=pending.version_id)
+        log.info("kek_rotated", provider="aws-sm", version=pending.version)
+        return self._promoted(pending)
+
+    def _promoted(self, material: _Material) -> int:
+        self._remember(material)
+        self._current = (material.version, self._clock())
+        return material.version
