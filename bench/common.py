@@ -44,7 +44,8 @@ def best_rate(fn: Callable[[], float], repeats: int = 5) -> float:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def timer() -> float:

@@ -21,7 +21,8 @@ from keyrotor.store import db
 
 PG_ADMIN = os.environ.get("KEYROTOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("KEYROTOR_TEST_REDIS", "redis://127.0.0.1:6379/13")
-TEMPLATE = "keyrotor_test_template"
+# One template per test session (pid), so concurrent sessions on one server never collide.
+TEMPLATE = f"keyrotor_test_template_{os.getpid()}"
 # A strong test-only master key (never used outside tests).
 MASTER_KEY = "test-master-key-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 
@@ -53,6 +54,7 @@ def template_db() -> Iterator[str]:
     """A migrated template database, built once per test session."""
     asyncio.run(_build_template())
     yield TEMPLATE
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
 
 
 @pytest.fixture

@@ -122,8 +122,12 @@ async def test_put_get_secret(km: KeyManager) -> None:
         await km.put_secret("anthropic", " spaced ", "v")
     # a secret's ciphertext is bound to its name: moving it to another row fails
     async with km.engine.begin() as conn:
-        await conn.execute(text("INSERT INTO secrets (scope_id, name, ciphertext, dek_version) "
-                                "SELECT scope_id, 'copy', ciphertext, dek_version FROM secrets"))
+        await conn.execute(
+            text(
+                "INSERT INTO secrets (scope_id, name, ciphertext, dek_version) "
+                "SELECT scope_id, 'copy', ciphertext, dek_version FROM secrets"
+            )
+        )
     with pytest.raises(DecryptionFailed):
         await km.get_secret("anthropic", "copy")
 
@@ -210,7 +214,9 @@ async def test_concurrent_scope_creation_from_two_managers(settings: Settings) -
 async def test_wrong_master_key_is_named(settings: Settings) -> None:
     async with KeyManager(settings) as km:
         token = await km.encrypt("openai", "sk-1")
-    other = settings.model_copy(update={"encryption_key": type(settings.encryption_key)("z" * 10 + MASTER_KEY[::-1])})
+    other = settings.model_copy(
+        update={"encryption_key": type(settings.encryption_key)("z" * 10 + MASTER_KEY[::-1])}
+    )
     async with KeyManager(other) as km2:
         with pytest.raises(KekError) as info:
             await km2.decrypt("openai", token)
@@ -219,7 +225,9 @@ async def test_wrong_master_key_is_named(settings: Settings) -> None:
 
 @pytest.mark.parametrize("key", [None, "", "tiny-key-9", "a" * 64, "abababababababababababababababab"])
 async def test_missing_or_weak_key_refused(settings: Settings, key: str | None) -> None:
-    s = Settings.from_env({"DATABASE_URL": settings.database_url, **({"ENCRYPTION_KEY": key} if key is not None else {})})
+    s = Settings.from_env(
+        {"DATABASE_URL": settings.database_url, **({"ENCRYPTION_KEY": key} if key is not None else {})}
+    )
     with pytest.raises(WeakKeyError) as info:
         async with KeyManager(s):
             pass
@@ -228,7 +236,9 @@ async def test_missing_or_weak_key_refused(settings: Settings, key: str | None) 
 
 
 async def test_unreachable_database_is_transient() -> None:
-    s = Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "ENCRYPTION_KEY": MASTER_KEY})
+    s = Settings.from_env(
+        {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "ENCRYPTION_KEY": MASTER_KEY}
+    )
     async with KeyManager(s) as km:
         with pytest.raises(StoreUnavailable):
             await km.encrypt("openai", "sk-1")

@@ -60,9 +60,7 @@ def test_put_get_status_verify(env: dict[str, str]) -> None:
     assert scope["scope"] == "anthropic"
     assert scope["active_version"] == 1
     assert scope["rotation_count"] == 0
-    assert scope["keys"] == [
-        {**scope["keys"][0], "version": 1, "state": "active", "grace_until": None}
-    ]
+    assert scope["keys"] == [{**scope["keys"][0], "version": 1, "state": "active", "grace_until": None}]
     assert scope["rows_by_version"] == {"1": 1}
     assert {"enabled", "interval_days", "grace_period_days"} <= set(scope["policy"])
 
@@ -95,7 +93,9 @@ async def test_verify_fails_on_tampered_row(env: dict[str, str], database_url: s
 
 def test_import_jsonl(env: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "keys.jsonl"
-    rows = [{"scope": f"tenant-{i % 3}/openai", "name": f"user-{i}", "value": f"sk-{i:06d}"} for i in range(5000)]
+    rows = [
+        {"scope": f"tenant-{i % 3}/openai", "name": f"user-{i}", "value": f"sk-{i:06d}"} for i in range(5000)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     res = keyrotor("secrets", "import", str(path), "--json", env=env)
     assert res.returncode == 0, res.stderr
@@ -116,7 +116,9 @@ def test_import_jsonl(env: dict[str, str], tmp_path: Path) -> None:
         ("[1, 2]\n", "line 1: expected a JSON object"),
     ],
 )
-def test_import_bad_input_writes_nothing(env: dict[str, str], tmp_path: Path, content: str, fragment: str) -> None:
+def test_import_bad_input_writes_nothing(
+    env: dict[str, str], tmp_path: Path, content: str, fragment: str
+) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     res = keyrotor("secrets", "import", str(path), env=env)
@@ -143,7 +145,9 @@ def test_import_non_utf8_file(env: dict[str, str], tmp_path: Path) -> None:
         (("status", "nope"), None, "does not exist"),
     ],
 )
-def test_user_errors_are_one_line(env: dict[str, str], args: tuple[str, ...], stdin: str | None, fragment: str) -> None:
+def test_user_errors_are_one_line(
+    env: dict[str, str], args: tuple[str, ...], stdin: str | None, fragment: str
+) -> None:
     res = keyrotor(*args, env=env, stdin=stdin)
     assert_one_line_error(res)
     assert fragment in res.stderr
