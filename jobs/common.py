@@ -1,0 +1,142 @@
+"""What every job shares: its dependencies from ``ctx``, retry with backoff, job ids, enqueueing.
+
+Job ids are deterministic, so a duplicate enqueue (two clients, a client and the scheduler, a
+driver re-run after a crash) is a no-op: ``enqueue_job`` returns None while a job with that id
+is queued, running, or has its result kept. They start with the queue name, so deployments
+sharing one Redis (different ``KEYROTOR_QUEUE_NAME``) never collide.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+from arq.connections import ArqRedis
+from arq.jobs import Job, JobStatus
+from arq.worker import Retry
+from redis.exceptions import RedisError
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from keyrotor.context import RotationContext
+from keyrotor.errors import QueueUnavailable, TransientError
+from keyrotor.kek.base import KekProvider
+from keyrotor.keys import KeyManager
+from keyrotor.rotation import RangeJob
+from keyrotor.runs import RunInfo
+from keyrotor.settings import Settings
+
+log = structlog.get_logger("jobs")
+
+# Postgres errors that a later attempt may not meet (SQLSTATE classes 40 and 55P03).
+_RETRYABLE_PG = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+
+@dataclass(frozen=True)
+class Deps:
+    """The worker's long-lived clients, put in ``ctx["deps"]`` by ``on_startup``."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    kek: KekProvider
+    km: KeyManager
+    rc: RotationContext
+
+
+def deps(ctx: dict[str, Any]) -> Deps:
+    """The dependencies of a job."""
+    d: Deps = ctx["deps"]
+    return d
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying later may succeed (outages, deadlocks, lock timeouts)."""
+    if isinstance(exc, (TransientError, RedisError, ConnectionError, *_RETRYABLE_PG)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, _RETRYABLE_PG)
+
+
+def retry(ctx: dict[str, Any], exc: BaseException) -> Retry:
+    """``arq.Retry`` with jittered exponential backoff by ``ctx["job_try"]``."""
+    settings = deps(ctx).settings
+    base = settings.retry_backoff_s * 2 ** min(ctx.get("job_try", 1) - 1, 16)
+    defer = min(settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0)
+    log.warning("job_retry", error=f"{type(exc).__name__}: {exc}", defer_s=round(defer, 2))
+    return Retry(defer=timedelta(seconds=defer))
+
+
+def job_id(settings: Settings, *parts: object) -> str:
+    """``<queue>:<part>:<part>...``"""
+    return ":".join([settings.queue_name, *(str(p) for p in parts)])
+
+
+def driver_call(run: RunInfo) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """The job (name, args, kwargs) that drives a run forward."""
+    if run.kind == "dek":
+        return "rotate_dek", (run.scope,), {"trigger": run.trigger, "run_id": run.id}
+    if run.kind == "kek":
+        return "rotate_kek", (), {"trigger": run.trigger, "run_id": run.id}
+    if run.kind == "kek_migrate":
+        return "migrate_kek", (), {"trigger": run.trigger, "run_id": run.id}
+    if run.kind == "retire":
+        force = bool(run.detail.get("force_now", False))
+        return (
+            "retire_dek",
+            (run.scope, run.from_version),
+            {"force_now": force, "trigger": run.trigger, "run_id": run.id},
+        )
+    raise ValueError(f"no job drives runs of kind {run.kind!r}")
+
+
+async def enqueue_driver(
+    redis: ArqRedis, settings: Settings, run: RunInfo, *, redrive_after: timedelta | None = None
+) -> Job:
+    """Enqueue the job that drives ``run``, or find the one already queued or running.
+
+    If that job has finished (its result is kept) while the run is still open -- it fanned out
+    into ranges, or gave up after its tries -- a new driver is enqueued (under an id of the
+    current minute), unless ``redrive_after`` is given and the run made progress more recently.
+
+    Raises:
+        QueueUnavailable: Redis cannot be reached.
+    """
+    name, args, kwargs = driver_call(run)
+    jid = job_id(settings, name, run.scope or "-", run.id)
+    try:
+        job = await redis.enqueue_job(name, *args, _job_id=jid, _queue_name=settings.queue_name, **kwargs)
+        if job is not None:
+            return job
+        existing = Job(jid, redis, _queue_name=settings.queue_name)
+        if await existing.status() != JobStatus.complete or run.terminal:
+            return existing
+        if redrive_after is not None and datetime.now(UTC) - run.updated_at < redrive_after:
+            return existing
+        # One re-drive a minute at most: clients asking at once share it.
+        again = f"{jid}:r{int(datetime.now(UTC).timestamp() // 60)}"
+        job = await redis.enqueue_job(name, *args, _job_id=again, _queue_name=settings.queue_name, **kwargs)
+        return job or Job(again, redis, _queue_name=settings.queue_name)
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot enqueue on Redis: {type(exc).__name__}") from exc
+
+
+async def enqueue_range(redis: ArqRedis, settings: Settings, r: RangeJob) -> bool:
+    """Enqueue the re-encryption of one id range (a no-op if it is queued or running)."""
+    job = await redis.enqueue_job(
+        "reencrypt_range",
+        r.run_id,
+        r.lo,
+        r.hi,
+        target=r.target,
+        _job_id=job_id(settings, "reencrypt", r.run_id, r.target, r.lo),
+        _queue_name=settings.queue_name,
+    )
+    return job is not None

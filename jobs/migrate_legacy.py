@@ -1,0 +1,44 @@
+"""``migrate_legacy(run_id)``: move legacy ciphertexts to ``kr1`` values, or resume the open run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from arq.connections import ArqRedis
+from arq.jobs import Job
+
+from jobs.common import deps, is_transient, job_id, retry
+from keyrotor import legacy_migration
+from keyrotor.runs import RunInfo
+from keyrotor.settings import Settings
+
+
+async def migrate_legacy(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
+    """Drive the legacy migration run ``run_id`` to its end (scrypt in a process pool). Idempotent.
+
+    Returns:
+        the report: counts and row ids per column (never values).
+    """
+    d = deps(ctx)
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    try:
+        report = await legacy_migration.migrate_legacy(
+            d.km,
+            run_id=run_id,
+            job_id=ctx.get("job_id"),
+            workers=d.settings.legacy_workers,
+            batch_rows=d.settings.legacy_batch_rows,
+        )
+    except Exception as exc:
+        if is_transient(exc):
+            raise retry(ctx, exc) from exc
+        raise
+    return report.as_dict()
+
+
+async def enqueue_legacy(redis: ArqRedis, settings: Settings, run: RunInfo) -> Job:
+    """Enqueue the job driving ``run`` (a no-op while one with its id is queued or running)."""
+    jid = job_id(settings, "migrate_legacy", run.id)
+    job = await redis.enqueue_job("migrate_legacy", run.id, _job_id=jid, _queue_name=settings.queue_name)
+    return job or Job(jid, redis, _queue_name=settings.queue_name)

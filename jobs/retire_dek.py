@@ -1,0 +1,41 @@
+"""``retire_dek(scope, version)``: destroy an old DEK version once nothing needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from jobs.common import deps, is_transient, retry
+from keyrotor import retire
+
+
+async def retire_dek(
+    ctx: dict[str, Any],
+    scope: str,
+    version: int,
+    *,
+    force_now: bool = False,
+    trigger: str = "api",
+    run_id: int | None = None,
+) -> dict[str, Any]:
+    """Re-encrypt stragglers, prove no row uses ``version``, destroy it. Refusals
+    (``GraceNotOver``, ``KeyStillInUse``, ``NotRetirable``) are permanent: the job fails with
+    the reason."""
+    d = deps(ctx)
+    structlog.contextvars.bind_contextvars(scope=scope, run_id=run_id)
+    try:
+        result = await retire.retire_dek(
+            d.rc,
+            scope,
+            version,
+            force_now=force_now,
+            trigger=trigger,
+            run_id=run_id,
+            job_id=ctx.get("job_id"),
+        )
+    except Exception as exc:
+        if is_transient(exc):
+            raise retry(ctx, exc) from exc
+        raise
+    return result.summary()

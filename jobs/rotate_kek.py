@@ -1,0 +1,26 @@
+"""``rotate_kek()``: rewrap every DEK under the current KEK version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from jobs.common import deps, is_transient, retry
+from keyrotor import kek_rotation
+
+
+async def rotate_kek(
+    ctx: dict[str, Any], *, trigger: str = "api", run_id: int | None = None
+) -> dict[str, Any]:
+    """Rotate the KEK (or, for the local keyring, adopt the configured version) and rewrap
+    every DEK below it. Idempotent."""
+    d = deps(ctx)
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    try:
+        result = await kek_rotation.rotate_kek(d.rc, trigger=trigger, run_id=run_id, job_id=ctx.get("job_id"))
+    except Exception as exc:
+        if is_transient(exc):
+            raise retry(ctx, exc) from exc
+        raise
+    return result.summary()

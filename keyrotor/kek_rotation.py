@@ -1,0 +1,207 @@
+"""KEK rotation: rewrap every DEK under the current KEK version. No secret is decrypted.
+
+1. the provider's ``rotate()`` makes a new KEK version current -- except the local keyring,
+   which rotates by configuration (a new ``ENCRYPTION_KEY`` with a higher
+   ``ENCRYPTION_KEY_VERSION``, the old key kept in ``ENCRYPTION_KEYS_PREVIOUS``): then the
+   current version is simply the target. The target is recorded on the run before anything is
+   rewrapped, so a resumed run never rotates the provider twice.
+2. every non-destroyed DEK with ``kek_version`` below the target is rewrapped, in batches, with
+   ``kek.rewrap`` (server-side where the provider can). Each new wrapping is unwrapped and
+   compared with the old one's DEK before it is written, with compare-and-swap on
+   ``encrypted_dek`` and a ``rewrap`` audit event in the same transaction. Provider calls happen
+   outside transactions; no row lock is held across a network call.
+
+The old KEK version must stay usable until the last DEK is rewrapped: the run's completion says
+when that is.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+
+from keyrotor import runs
+from keyrotor.audit import AuditEvent, write_events
+from keyrotor.context import RotationContext, kek_mismatch, run_to_commit
+from keyrotor.errors import ConfigurationError, KekError, PermanentError
+from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.notify import KeyChange
+from keyrotor.rotation import fail
+from keyrotor.runs import RunInfo
+from keyrotor.store import db
+
+log = structlog.get_logger("keyrotor.kek_rotation")
+
+
+@dataclass(frozen=True)
+class KekRotationResult:
+    """The outcome of a KEK rotation."""
+
+    run: RunInfo
+    kek_version: int
+    rewrapped: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run.id,
+            "state": self.run.state,
+            "kek_version": self.kek_version,
+            "rewrapped": self.rewrapped,
+        }
+
+
+async def request_kek_rotation(session: Any, *, trigger: str = "api") -> tuple[RunInfo, bool]:
+    """Open the KEK rotation run, or join the open one."""
+    return await runs.open_run(session, "kek", None, trigger=trigger)
+
+
+async def rotate_kek(
+    rc: RotationContext, *, trigger: str = "api", run_id: int | None = None, job_id: str | None = None
+) -> KekRotationResult:
+    """Rewrap every DEK under the current (or a newly rotated) KEK version. Idempotent.
+
+    Raises:
+        KekMismatch: this process cannot unwrap the stored DEKs (old KEK version missing?).
+        KekError: a rewrapped DEK did not verify (the run fails; nothing of its batch is written).
+        KekUnavailable, StoreUnavailable: outages; run again and it resumes.
+    """
+    async with db.transaction(rc.sessions) as session:
+        if run_id is None:
+            run, _ = await request_kek_rotation(session, trigger=trigger)
+        else:
+            run = await runs.require_run(session, run_id)
+    if run.terminal:
+        return KekRotationResult(run, run.to_version or 0, run.rows_done)
+    await rc.check_kek()
+    async with db.transaction(rc.sessions) as session:
+        run = await runs.start_attempt(session, run.id, job_id)
+    structlog.contextvars.bind_contextvars(run_id=run.id)
+    try:
+        target = run.to_version
+        if target is None:
+            target = await _target_version(rc)
+            async with db.transaction(rc.sessions) as session:
+                locked = await runs.require_run(session, run.id, for_update=True)
+                if locked.to_version is None:
+                    total = (
+                        await session.execute(
+                            text(
+                                "SELECT count(*) FROM data_keys "
+                                "WHERE state <> 'destroyed' AND kek_version < :t"
+                            ),
+                            {"t": target},
+                        )
+                    ).scalar_one()
+                    await session.execute(
+                        text(
+                            "UPDATE rotations SET to_version = :t, rows_total = :n, updated_at = now() "
+                            "WHERE id = :id"
+                        ),
+                        {"t": target, "n": total, "id": run.id},
+                    )
+                else:
+                    target = locked.to_version
+        log.info("kek_rotation_started", kek_version=target, provider=rc.kek.name)
+        rewrapped = 0
+        after = run.cursor
+        restarted = False
+        while True:
+            n, last_id = await run_to_commit(_rewrap_batch(rc, run, target, after))
+            if last_id is None:
+                if restarted or after == 0:
+                    break
+                after, restarted = 0, True  # one last pass from the start: rows skipped by a CAS miss
+                continue
+            rewrapped += n
+            after = last_id
+            log.info("deks_rewrapped", rows=n, kek_version=target)
+        async with db.transaction(rc.sessions) as session:
+            await runs.complete_run(session, run.id)
+            run = await runs.require_run(session, run.id)
+    except PermanentError as exc:
+        if not isinstance(exc, ConfigurationError):  # a misconfigured process leaves the run be
+            await fail(rc, run, exc)
+        raise
+    await rc.announce(KeyChange("rewrapped", None, target))
+    log.info("kek_rotation_completed", kek_version=target, rewrapped=rewrapped)
+    return KekRotationResult(run, target, run.rows_done)
+
+
+async def _target_version(rc: RotationContext) -> int:
+    if rc.kek.name == "local":
+        return await rc.kek.current_version()
+    # Not retried on a timeout: a blind retry could rotate twice (the provider says so too).
+    return await rc.kek.rotate()
+
+
+async def _rewrap_batch(rc: RotationContext, run: RunInfo, target: int, after: int) -> tuple[int, int | None]:
+    async with db.transaction(rc.sessions) as session:
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT d.id, s.name, d.version, d.kek_id, d.kek_version, d.encrypted_dek "
+                    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                    "WHERE d.state <> 'destroyed' AND d.kek_version < :t "
+                    "AND d.id > :after ORDER BY d.id LIMIT :n"
+                ),
+                {"t": target, "after": after, "n": rc.settings.kek_rewrap_batch},
+            )
+        ).all()
+    if not rows:
+        return 0, None
+    items = [
+        (WrappedDek(kek_id, kek_version, bytes(blob)), WrapContext(scope, version))
+        for _id, scope, version, kek_id, kek_version, blob in rows
+    ]
+    try:
+        fresh = await rc.kek.rewrap(items)
+    except KekError as exc:
+        old, ctx = items[0]
+        raise kek_mismatch(ctx.scope, ctx.dek_version, old, exc) from exc
+    for (old, ctx), new in zip(items, fresh, strict=True):
+        # Prove the new wrapping opens to the same DEK before the old one is replaced.
+        try:
+            same = hmac.compare_digest(await rc.kek.unwrap(new, ctx), await rc.kek.unwrap(old, ctx))
+        except KekError as exc:
+            raise KekError(
+                f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} does not unwrap: {exc}"
+            ) from exc
+        if not same or new.kek_version != target:
+            raise KekError(
+                f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} did not verify "
+                f"(KEK version {new.kek_version}, expected {target})"
+            )
+    written = 0
+    events: list[AuditEvent] = []
+    async with db.transaction(rc.sessions) as session:
+        for (row_id, scope, version, *_rest), (old, _ctx), new in zip(rows, items, fresh, strict=True):
+            result: Any = await session.execute(
+                text(
+                    "UPDATE data_keys SET encrypted_dek = :new, kek_id = :kid, kek_version = :kv "
+                    "WHERE id = :id AND encrypted_dek = :old AND state <> 'destroyed'"
+                ),
+                {"id": row_id, "new": new.blob, "kid": new.kek_id, "kv": new.kek_version, "old": old.blob},
+            )
+            if result.rowcount:
+                written += 1
+                events.append(
+                    AuditEvent(
+                        event_type="rewrap",
+                        scope=scope,
+                        key_version=version,
+                        success=True,
+                        metadata={
+                            "run_id": run.id,
+                            "from_kek_version": old.kek_version,
+                            "to_kek_version": new.kek_version,
+                            "kek_id": new.kek_id,
+                        },
+                    )
+                )
+        await write_events(session, events)
+        await runs.add_progress(session, run.id, written, cursor=rows[-1][0])
+    return written, rows[-1][0]

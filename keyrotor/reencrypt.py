@@ -1,0 +1,415 @@
+"""Batched re-encryption of ciphertext columns under a scope's new DEK.
+
+Rotation re-encrypts every value of a scope wherever it lives. A :class:`Target` describes one
+column of ``kr1`` ciphertexts: its table, id column, value column, which scope its rows belong
+to, and how to compute the AAD context of a row. keyrotor's own ``secrets`` table is the first
+target (:data:`SECRETS`); applications register their own columns the same way (e.g.
+``settings.api_key`` with context ``settings.api_key:<pk>``) and rotation covers them alike.
+
+One batch is one transaction (DESIGN.md, steps 3-5)::
+
+    SELECT id, value, ... FROM t WHERE <scope> AND <version = v> AND id > :after AND id <= :hi
+      ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED
+    -- in Python: decrypt with the old DEK, encrypt with the new, decrypt the new and compare
+    UPDATE t SET value = u.new FROM unnest(:ids, :old, :new) AS u(id, old, new)
+      WHERE t.id = u.id AND t.value = u.old            -- compare-and-swap
+
+One version at a time, so the query is an exact, ordered range of the
+``(scope_id, dek_version, id)`` index. The statements run on the raw asyncpg connection of the
+SQLAlchemy session (prepared once per connection): the measured fast path. A value that fails
+to decrypt raises :class:`RowFailed` naming the table and row id, and nothing of its batch is
+written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyrotor import envelope, metrics
+from keyrotor.errors import ConfigurationError, DecryptionFailed, KeyrotorError, KeyVersionTooOld
+from keyrotor.kek.base import WrappedDek
+
+MIN_ID = -(2**63)
+MAX_ID = 2**63 - 1
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+class RowFailed(DecryptionFailed):
+    """A stored value could not be re-encrypted (tampered, or under a key that no longer decrypts)."""
+
+    def __init__(self, target: str, row_id: int, cause: KeyrotorError | str) -> None:
+        reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, KeyrotorError) else cause
+        super().__init__(f"{target} row id={row_id} could not be re-encrypted: {reason}")
+        self.target = target
+        self.row_id = row_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[RowFailed], tuple[str, int, str]]:
+        # arq pickles a failed job's exception into its result; keep it loadable.
+        return (type(self), (self.target, self.row_id, self.reason))
+
+
+def _quote(name: str) -> str:
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 2 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise ConfigurationError(f"not a plain SQL identifier: {name[:80]!r}")
+    return ".".join(f'"{p}"' for p in parts)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A column of ``kr1`` ciphertexts that rotation re-encrypts.
+
+    Args:
+        name: stable name (in range rows, job ids and error messages), e.g. ``secrets``.
+        table: the table (``schema.table`` allowed).
+        id_column: an integer primary key.
+        value_column: the ``kr1`` text column.
+        context: ``context(row_id, extra)`` -> the AAD context the value was sealed with;
+            ``extra`` holds the values of ``context_columns``.
+        context_columns: more columns the context needs (``("name",)`` for secrets).
+        scope_id_column: the column holding ``key_scopes.id`` -- or, instead:
+        scope: the one scope every row of the table belongs to -- or:
+        scope_name_column: a text column holding the scope's *name* (application tables,
+            e.g. ``settings.provider``).
+        version_column: an integer column kept equal to the value's DEK version (indexed with
+            the scope column for fast lookups); None: the version is read from the value's prefix.
+    """
+
+    name: str
+    table: str
+    id_column: str
+    value_column: str
+    context: Callable[[int, tuple[Any, ...]], str] = field(compare=False)
+    context_columns: tuple[str, ...] = ()
+    scope_id_column: str | None = None
+    scope: str | None = None
+    version_column: str | None = None
+    scope_name_column: str | None = None
+
+    def __post_init__(self) -> None:
+        sources = (self.scope_id_column, self.scope, self.scope_name_column)
+        if sum(s is not None for s in sources) != 1:
+            raise ConfigurationError(
+                f"target {self.name!r}: give exactly one of scope_id_column, scope_name_column and scope"
+            )
+        for ident in (self.table, self.id_column, self.value_column, *self.context_columns):
+            _quote(ident)
+        for optional in (self.scope_id_column, self.version_column, self.scope_name_column):
+            if optional is not None:
+                _quote(optional)
+
+    def covers(self, scope: str) -> bool:
+        """Whether rows of ``scope`` may live in this target."""
+        return self.scope is None or self.scope == scope
+
+    @cached_property
+    def sql(self) -> _TargetSql:
+        return _TargetSql(self)
+
+
+class _TargetSql:
+    """The statements of one target, with asyncpg ``$n`` parameters. ``$1`` is always the scope id."""
+
+    def __init__(self, t: Target) -> None:
+        table, idc, val = _quote(t.table), _quote(t.id_column), _quote(t.value_column)
+        extra = "".join(f", {_quote(c)}" for c in t.context_columns)
+        scope = f"{_quote(t.scope_id_column)} = $1" if t.scope_id_column else "$1::bigint IS NOT NULL"
+        if t.scope_name_column:
+            # An uncorrelated subquery: evaluated once, so an index on the name column still serves.
+            scope = f"{_quote(t.scope_name_column)} = (SELECT name FROM key_scopes WHERE id = $1::bigint)"
+        if t.version_column:
+            ver = _quote(t.version_column)
+            is_v = f"{ver} = $2"
+            older = f"{ver} < $2"
+            set_version = f", {ver} = $4"
+        else:
+            is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
+            older = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int < $2"
+            set_version = ""
+        base = f"FROM {table} WHERE {scope} AND {is_v}"
+        self.select = (
+            f"SELECT {idc}, {val}{extra} {base} AND {idc} > $3 AND {idc} <= $4 "
+            f"ORDER BY {idc} LIMIT $5 FOR UPDATE"
+        )
+        self.select_skip_locked = self.select + " SKIP LOCKED"
+        self.update = (
+            f"UPDATE {table} AS t SET {val} = u.new{set_version} "
+            "FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, old, new) "
+            f"WHERE t.{idc} = u.id AND t.{val} = u.old"
+        )
+        self.has_version_param = bool(t.version_column)
+        self.exists_in_range = f"SELECT EXISTS (SELECT 1 {base} AND {idc} >= $3 AND {idc} <= $4)"
+        self.count_version = f"SELECT count(*) {base}"
+        self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
+        # k contiguous id buckets of about equal row counts over the rows still to do.
+        self.plan = (
+            "SELECT min(id), max(id), count(*) FROM "
+            f"(SELECT {idc} AS id, ntile($3) OVER (ORDER BY {idc}) AS b "
+            f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY 1"
+        )
+        self.lock_table = f"LOCK TABLE {table} IN SHARE MODE"
+
+
+def _secret_context(_row_id: int, extra: tuple[Any, ...]) -> str:
+    return f"secret:{extra[0]}"
+
+
+SECRETS = Target(
+    name="secrets",
+    table="secrets",
+    id_column="id",
+    value_column="ciphertext",
+    context=_secret_context,
+    context_columns=("name",),
+    scope_id_column="scope_id",
+    version_column="dek_version",
+)
+"""keyrotor's own table; values are sealed with context ``secret:<name>``."""
+
+_registered: list[Target] = []
+
+
+def register_target(target: Target) -> None:
+    """Register an application-owned ciphertext column for every rotation of this process.
+
+    Raises:
+        ConfigurationError: another target has the same name.
+    """
+    if any(t.name == target.name for t in (SECRETS, *_registered)):
+        raise ConfigurationError(f"a target named {target.name!r} is registered already")
+    _registered.append(target)
+
+
+def default_targets() -> list[Target]:
+    """``secrets`` plus the registered targets."""
+    return [SECRETS, *_registered]
+
+
+# --- the keys of one rotation -------------------------------------------------------------
+
+
+@dataclass
+class RotationKeys:
+    """The DEKs one re-encryption uses: the new one and every older version of the scope.
+
+    ``old`` maps each older version to its cipher, or to None when it no longer decrypts
+    (destroyed): rows still on such a version fail, naming their id.
+    """
+
+    scope: str
+    scope_id: int
+    new_version: int
+    new_cipher: AESGCM
+    old: dict[int, AESGCM | None]
+
+    @property
+    def old_versions(self) -> list[int]:
+        return sorted(self.old)
+
+
+async def load_keys(
+    session: AsyncSession,
+    cipher_of: Callable[[str, int, WrappedDek], Any],
+    scope: str,
+    scope_id: int,
+    new_version: int,
+    *,
+    only: Sequence[int] | None = None,
+) -> RotationKeys:
+    """Read the scope's DEK rows and unwrap the new version and the older ones (``only`` those)."""
+    rows = (
+        await session.execute(
+            text(
+                "SELECT version, state, encrypted_dek, kek_id, kek_version FROM data_keys "
+                "WHERE scope_id = :sid AND version <= :v ORDER BY version"
+            ),
+            {"sid": scope_id, "v": new_version},
+        )
+    ).all()
+    ciphers: dict[int, AESGCM | None] = {}
+    new_cipher: AESGCM | None = None
+    for version, state, blob, kek_id, kek_version in rows:
+        if version != new_version and only is not None and version not in only:
+            continue
+        cipher = None
+        if blob is not None and state != "destroyed":
+            cipher = await cipher_of(scope, version, WrappedDek(kek_id, kek_version, bytes(blob)))
+        if version == new_version:
+            new_cipher = cipher
+        else:
+            ciphers[version] = cipher
+    if new_cipher is None:
+        raise KeyVersionTooOld(f"{scope}: DEK v{new_version} is not available to re-encrypt with")
+    return RotationKeys(scope, scope_id, new_version, new_cipher, ciphers)
+
+
+# --- one batch ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one batch did: rows locked, rows written (compare-and-swap hits), last id seen."""
+
+    selected: int
+    written: int
+    last_id: int | None
+
+
+async def raw_connection(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session's transaction (which must have begun)."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    apg = raw.driver_connection
+    if apg is None or not apg.is_in_transaction():
+        # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement.
+        await session.execute(text("SELECT 1"))
+    return apg
+
+
+async def relax_commit(apg: Any) -> None:
+    """Let this batch's commit return before its WAL reaches disk (``synchronous_commit = off``).
+
+    Safe for a re-encryption batch: a crash may lose the last few committed batches, but only
+    whole transactions -- rows and the cursor that counts them revert together to values the
+    old DEK (kept in grace) still opens, and the run redoes them. It saves a disk flush per
+    batch. Transactions that must survive a crash (completing a run, destroying a key) do not
+    use it.
+    """
+    await apg.execute("SET LOCAL synchronous_commit = off")
+
+
+async def reencrypt_batch(
+    apg: Any,
+    target: Target,
+    keys: RotationKeys,
+    version: int,
+    *,
+    after: int,
+    hi: int = MAX_ID,
+    limit: int,
+    skip_locked: bool = True,
+) -> Batch:
+    """Re-encrypt up to ``limit`` rows of ``target`` still on ``version`` with ``after < id <= hi``.
+
+    Runs inside the caller's transaction (``apg`` from :func:`raw_connection`); the caller
+    commits it together with its progress counters.
+
+    Raises:
+        RowFailed: a value did not decrypt (or did not verify after re-encryption); nothing of
+            the batch has been written.
+    """
+    sql = target.sql
+    rows = await apg.fetch(
+        sql.select_skip_locked if skip_locked else sql.select, keys.scope_id, version, after, hi, limit
+    )
+    if not rows:
+        return Batch(0, 0, None)
+    old = keys.old.get(version)
+    new_cipher, new_version, scope = keys.new_cipher, keys.new_version, keys.scope
+    context_of = target.context
+    ids: list[int] = []
+    olds: list[str] = []
+    news: list[str] = []
+    split, open_raw, seal = envelope.split, envelope.open_raw, envelope.seal
+    for row in rows:
+        row_id, value = row[0], row[1]
+        try:
+            if old is None:
+                raise KeyVersionTooOld(f"{scope}: DEK v{version} no longer decrypts")
+            context = context_of(row_id, tuple(row)[2:])
+            found, raw = split(value)
+            if found != version:
+                raise DecryptionFailed(f"the row says DEK v{version} but its value says v{found}")
+            plaintext = open_raw(raw, cipher=old, scope=scope, dek_version=version, context=context)
+            sealed = seal(plaintext, cipher=new_cipher, scope=scope, dek_version=new_version, context=context)
+            # Prove the new value opens to the same bytes before the old one is overwritten.
+            _, new_raw = split(sealed)
+            if open_raw(
+                new_raw, cipher=new_cipher, scope=scope, dek_version=new_version, context=context
+            ) != (plaintext):
+                raise DecryptionFailed("the re-encrypted value did not verify")
+        except (DecryptionFailed, KeyVersionTooOld) as exc:
+            metrics.decrypt_failed(exc)
+            raise RowFailed(target.name, row_id, exc) from exc
+        ids.append(row_id)
+        olds.append(value)
+        news.append(sealed)
+    if sql.has_version_param:
+        status = await apg.execute(sql.update, ids, olds, news, new_version)
+    else:
+        status = await apg.execute(sql.update, ids, olds, news)
+    written = int(status.rsplit(" ", 1)[-1])
+    metrics.ROWS_REENCRYPTED.labels(scope).inc(written)
+    return Batch(len(rows), written, ids[-1])
+
+
+async def sweep(
+    apg: Any, target: Target, keys: RotationKeys, *, limit: int, versions: Sequence[int] | None = None
+) -> int:
+    """Re-encrypt every row of ``target`` still on an older version, waiting for locked rows.
+
+    Used inside one transaction: for a small scope (all of it) and when a run completes
+    (stragglers written by processes whose cache still named the old DEK). Returns rows written.
+    """
+    written = 0
+    for version in versions if versions is not None else keys.old_versions:
+        after = MIN_ID
+        while True:
+            batch = await reencrypt_batch(
+                apg, target, keys, version, after=after, limit=limit, skip_locked=False
+            )
+            if batch.last_id is None:
+                break
+            written += batch.written
+            after = batch.last_id
+    return written
+
+
+async def count_older(apg: Any, target: Target, scope_id: int, version: int) -> int:
+    """Rows of ``target`` in the scope on a version older than ``version``."""
+    return int(await apg.fetchval(target.sql.count_older, scope_id, version))
+
+
+async def count_version(apg: Any, target: Target, scope_id: int, version: int) -> int:
+    """Rows of ``target`` in the scope on exactly ``version``."""
+    return int(await apg.fetchval(target.sql.count_version, scope_id, version))
+
+
+async def plan_ranges(
+    apg: Any, target: Target, scope_id: int, new_version: int, *, range_rows: int
+) -> list[tuple[int, int, int]]:
+    """Split the rows still to do into contiguous id ranges of about ``range_rows`` rows.
+
+    Returns ``(lo, hi, rows)`` triples covering every id (the first starts at the smallest id or
+    0, the last ends at the largest bigint), so a row written during the run falls in a range.
+    """
+    total = await count_older(apg, target, scope_id, new_version)
+    if total == 0:
+        return []
+    k = max(1, -(-total // range_rows))
+    buckets = await apg.fetch(target.sql.plan, scope_id, new_version, k)
+    ranges: list[tuple[int, int, int]] = []
+    for i, (first, _last, n) in enumerate(buckets):
+        lo = min(0, int(first)) if i == 0 else int(first)
+        ranges.append((lo, 0, int(n)))
+    return [
+        (lo, (ranges[i + 1][0] - 1) if i + 1 < len(ranges) else MAX_ID, n)
+        for i, (lo, _, n) in enumerate(ranges)
+    ]
+
+
+async def exists_in_range(apg: Any, target: Target, keys: RotationKeys, lo: int, hi: int) -> bool:
+    """Whether any row of ``target`` with ``lo <= id <= hi`` is still on an older version."""
+    for version in keys.old_versions:
+        if await apg.fetchval(target.sql.exists_in_range, keys.scope_id, version, lo, hi):
+            return True
+    return False

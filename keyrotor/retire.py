@@ -1,0 +1,304 @@
+"""Retirement of an old DEK version: re-encrypt stragglers, prove nothing needs it, destroy it.
+
+:func:`retire_dek` runs only once the version's grace period is over (``force_now`` skips that
+wait, never the proof):
+
+1. re-encrypt stragglers: rows still on the version (written by a process whose cache still
+   named it as active) move to the scope's active DEK, a batch a transaction;
+2. in ONE transaction: lock the ``data_keys`` row, lock every target table in ``SHARE`` mode
+   (concurrent writers wait a moment; nobody can add a row on the old version behind the
+   count), count the rows on the version -- zero, or refuse -- then destroy the wrapped key
+   (``destroyed``, ``encrypted_dek`` NULL, ``destroyed_at``) and write the ``retire`` audit event;
+3. announce it, so every process drops the DEK from its cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from keyrotor import runs
+from keyrotor.audit import AuditEvent, write_event
+from keyrotor.columns import refresh_targets
+from keyrotor.context import RotationContext, run_to_commit
+from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.notify import KeyChange
+from keyrotor.policy import check_scope
+from keyrotor.reencrypt import (
+    RowFailed,
+    count_version,
+    load_keys,
+    raw_connection,
+    reencrypt_batch,
+    relax_commit,
+)
+from keyrotor.rotation import fail
+from keyrotor.runs import RunInfo
+from keyrotor.store import db
+
+log = structlog.get_logger("keyrotor.retire")
+
+PROOF_ATTEMPTS = 3
+LOCK_TIMEOUT = "5s"
+
+
+class GraceNotOver(Conflict):
+    """The DEK version is still in its grace period."""
+
+
+class KeyStillInUse(Conflict):
+    """Rows still use the DEK version, so it cannot be destroyed."""
+
+
+class NotRetirable(Conflict):
+    """The DEK version cannot be retired in its current state."""
+
+
+@dataclass(frozen=True)
+class RetireResult:
+    """The outcome of a retirement."""
+
+    run: RunInfo
+    scope: str
+    version: int
+    stragglers: int
+    already_destroyed: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run.id,
+            "scope": self.scope,
+            "version": self.version,
+            "state": self.run.state,
+            "stragglers_reencrypted": self.stragglers,
+            "already_destroyed": self.already_destroyed,
+        }
+
+
+async def check_retirable(
+    sessions: async_sessionmaker[AsyncSession], scope: str, version: int, *, force_now: bool
+) -> str:
+    """Refuse early, with the reason, if ``version`` cannot be retired now. Returns its state.
+
+    Raises:
+        ScopeNotFound, KeyVersionUnknown: no such scope or version.
+        NotRetirable: the version is pending or active (rotate first).
+        GraceNotOver: its grace period ends later (``force_now`` skips this check).
+    """
+    async with db.transaction(sessions) as session:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT d.state, d.grace_until, s.active_version FROM key_scopes s "
+                    "LEFT JOIN data_keys d ON d.scope_id = s.id AND d.version = :v WHERE s.name = :n"
+                ),
+                {"n": scope, "v": version},
+            )
+        ).first()
+    if row is None:
+        raise ScopeNotFound(f"scope {scope!r} does not exist")
+    state, grace_until, active = row
+    if state is None:
+        raise KeyVersionUnknown(f"{scope}: DEK v{version} does not exist")
+    if state in ("pending", "active"):
+        raise NotRetirable(
+            f"{scope}: DEK v{version} is {state} (the active version is v{active}); rotate the scope first"
+        )
+    in_grace = grace_until is not None and grace_until > datetime.now(UTC)
+    if state in ("grace", "retired") and in_grace and not force_now:
+        raise GraceNotOver(
+            f"{scope}: DEK v{version} is in grace until {grace_until.isoformat()}; "
+            "retire it after that, or pass --force-now to skip the wait (the proof that no row "
+            "uses it still runs)"
+        )
+    return str(state)
+
+
+async def request_retirement(
+    sessions: async_sessionmaker[AsyncSession],
+    scope: str,
+    version: int,
+    *,
+    force_now: bool = False,
+    trigger: str = "api",
+) -> RunInfo:
+    """Open (or join) the retirement run of ``scope`` v``version`` after the early checks.
+
+    Raises:
+        GraceNotOver, NotRetirable, KeyVersionUnknown, ScopeNotFound: see :func:`check_retirable`.
+        Conflict: the retirement of another version of the scope is open.
+    """
+    check_scope(scope)
+    await check_retirable(sessions, scope, version, force_now=force_now)
+    async with db.transaction(sessions) as session:
+        sid = (
+            await session.execute(text("SELECT id FROM key_scopes WHERE name = :n"), {"n": scope})
+        ).scalar_one()
+        run, _ = await runs.open_run(
+            session, "retire", sid, trigger=trigger, from_version=version, detail={"force_now": force_now}
+        )
+    if run.from_version != version:
+        raise Conflict(f"{scope}: the retirement of v{run.from_version} (run {run.id}) is still open")
+    return run
+
+
+async def retire_dek(
+    rc: RotationContext,
+    scope: str,
+    version: int,
+    *,
+    force_now: bool = False,
+    trigger: str = "api",
+    run_id: int | None = None,
+    job_id: str | None = None,
+) -> RetireResult:
+    """Destroy DEK ``version`` of ``scope`` once nothing needs it. Idempotent.
+
+    Raises:
+        GraceNotOver: the grace period is not over (and ``force_now`` is False).
+        NotRetirable: the version is pending or active.
+        KeyStillInUse: rows still reference the version after re-encrypting stragglers (for
+            example one that does not decrypt, named in the message); the key is kept.
+        KekMismatch: this process's KEK cannot unwrap the scope's DEKs.
+    """
+    check_scope(scope)
+    if run_id is None:
+        run = await request_retirement(rc.sessions, scope, version, force_now=force_now, trigger=trigger)
+    else:
+        async with db.transaction(rc.sessions) as session:
+            run = await runs.require_run(session, run_id)
+        if run.kind != "retire" or run.scope != scope or run.from_version != version:
+            raise Conflict(f"run {run_id} is not the retirement of {scope} v{version}")
+    if run.terminal:
+        return RetireResult(run, scope, version, 0)
+    await rc.check_kek(scope)
+    await refresh_targets(rc)  # the proof covers every registered application column
+    async with db.transaction(rc.sessions) as session:
+        run = await runs.start_attempt(session, run.id, job_id)
+    structlog.contextvars.bind_contextvars(run_id=run.id, scope=scope)
+    try:
+        state = await check_retirable(rc.sessions, scope, version, force_now=force_now)
+        if state == "destroyed":
+            async with db.transaction(rc.sessions) as session:
+                await runs.complete_run(session, run.id)
+                run = await runs.require_run(session, run.id)
+            return RetireResult(run, scope, version, 0, already_destroyed=True)
+        stragglers = 0
+        for _attempt in range(PROOF_ATTEMPTS):
+            stragglers += await _reencrypt_stragglers(rc, run, scope, version)
+            if await run_to_commit(_prove_and_destroy(rc, run, scope, version, force_now)):
+                break
+        else:
+            raise KeyStillInUse(
+                f"{scope}: rows keep being written under DEK v{version}; a process still encrypts with it "
+                "(a stale cache?). The key is kept; retire again later"
+            )
+    except PermanentError as exc:
+        if not isinstance(exc, ConfigurationError):
+            await fail(rc, run, exc)
+        raise
+    await rc.announce(KeyChange("destroyed", scope, version))
+    async with db.transaction(rc.sessions) as session:
+        run = await runs.require_run(session, run.id)
+    log.info("dek_destroyed", version=version, stragglers=stragglers)
+    return RetireResult(run, scope, version, stragglers)
+
+
+async def _reencrypt_stragglers(rc: RotationContext, run: RunInfo, scope: str, version: int) -> int:
+    written = 0
+    for target in rc.targets_for(scope):
+        after = -(2**63)
+        while True:
+            await rc.spend_rows(rc.batch_rows)
+
+            async def batch(after: int = after, target: Any = target) -> tuple[int | None, int]:
+                async with db.transaction(rc.sessions) as session:
+                    sc = (
+                        await session.execute(
+                            text("SELECT id, active_version FROM key_scopes WHERE name = :n"), {"n": scope}
+                        )
+                    ).one()
+                    keys = await load_keys(session, rc.cipher, scope, sc[0], sc[1], only=[version])
+                    apg = await raw_connection(session)
+                    await relax_commit(apg)  # the proof's transaction below commits synchronously
+                    try:
+                        b = await reencrypt_batch(
+                            apg, target, keys, version, after=after, limit=rc.batch_rows
+                        )
+                    except RowFailed as exc:
+                        raise KeyStillInUse(
+                            f"{scope}: DEK v{version} is still needed: {exc}; the key is kept"
+                        ) from exc
+                    if b.written:
+                        await runs.add_progress(session, run.id, b.written)
+                    return b.last_id, b.written
+
+            last_id, n = await run_to_commit(batch())
+            if last_id is None:
+                break
+            written += n
+            after = last_id
+    return written
+
+
+async def _prove_and_destroy(
+    rc: RotationContext, run: RunInfo, scope: str, version: int, force_now: bool
+) -> bool:
+    async with db.transaction(rc.sessions) as session:
+        await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        key = (
+            await session.execute(
+                text(
+                    "SELECT d.id, d.state, s.id FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                    "WHERE s.name = :n AND d.version = :v FOR UPDATE OF d"
+                ),
+                {"n": scope, "v": version},
+            )
+        ).one()
+        key_id, state, scope_id = key
+        if state == "destroyed":
+            await runs.complete_run(session, run.id)
+            return True
+        if state not in ("grace", "retired"):
+            raise NotRetirable(f"{scope}: DEK v{version} is {state}")
+        apg = await raw_connection(session)
+        in_use: dict[str, int] = {}
+        for target in rc.targets_for(scope):
+            await apg.execute(target.sql.lock_table)
+            n = await count_version(apg, target, scope_id, version)
+            if n:
+                in_use[target.name] = n
+        if in_use:
+            log.warning("dek_still_in_use", version=version, rows=in_use)
+            return False  # nothing written; the caller re-encrypts the newcomers and tries again
+        await session.execute(
+            text(
+                "UPDATE data_keys SET state = 'destroyed', encrypted_dek = NULL, "
+                "retired_at = coalesce(retired_at, now()), destroyed_at = now() WHERE id = :id"
+            ),
+            {"id": key_id},
+        )
+        done = await runs.require_run(session, run.id)
+        await write_event(
+            session,
+            AuditEvent(
+                event_type="retire",
+                scope=scope,
+                key_version=version,
+                success=True,
+                metadata={
+                    "run_id": run.id,
+                    "stragglers": done.rows_done,
+                    "force_now": force_now,
+                    "trigger": run.trigger,
+                },
+            ),
+        )
+        await runs.complete_run(session, run.id)
+    rc.ciphers.invalidate(scope, version)
+    return True

@@ -1,0 +1,314 @@
+"""The remote KEK providers end to end: DEK and KEK rotation through the worker, provider
+migration local -> aws -> vault -> local, the wrong-provider error, and an outage mid-rewrap.
+
+Real moto and OpenBao servers (tests/servers.py), real Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyrotor import KeyManager, Settings
+from keyrotor.errors import KekUnavailable
+from keyrotor.kek.base import ForeignKek, WrapContext, WrappedDek
+from keyrotor.kek.factory import open_provider
+from tests.jobs.conftest import settings_of
+from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, run_burst_worker, seed
+from tests.servers import (
+    ServerProcess,
+    aws_env,
+    bao_server,
+    create_kek_secret,
+    create_kms_key,
+    moto_server,
+    spawn_server,
+    vault_env,
+)
+from worker.client import KeyrotorClient
+
+__all__ = ["bao_server", "moto_server", "spawn_server"]
+
+SCOPES = ("anthropic", "tenant-7/openai")
+
+
+@pytest.fixture
+def wenv(wenv: dict[str, str]) -> dict[str, str]:
+    """The jobs' env, without the workers' metrics listener (a fixed port other suites use)."""
+    return {**wenv, "KEYROTOR_METRICS_PORT": "0"}
+
+
+def _provider_env(kind: str, moto: ServerProcess | None, bao: ServerProcess | None) -> dict[str, str]:
+    if kind == "aws-kms":
+        assert moto is not None
+        return {"SECRETS_PROVIDER": "aws", **aws_env(moto, AWS_KMS_KEY_ID=create_kms_key(moto))}
+    if kind == "aws-sm":
+        assert moto is not None
+        return {"SECRETS_PROVIDER": "aws", **aws_env(moto, AWS_SECRET_ID=create_kek_secret(moto))}
+    assert bao is not None
+    return {"SECRETS_PROVIDER": "vault", **vault_env(bao)}
+
+
+def _use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    # KeyManager and the worker read the remote providers' variables from os.environ.
+    for name in (
+        "AWS_KMS_KEY_ID",
+        "AWS_SECRET_ID",
+        "VAULT_ADDR",
+        "VAULT_TOKEN",
+        "VAULT_TRANSIT_KEY",
+        "KEYROTOR_KEK_READ_PROVIDERS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+async def _seed_all(s: Settings, n: int) -> dict[str, dict[str, str]]:
+    return {scope: await seed(s, scope, n) for scope in SCOPES}
+
+
+async def _check_all(s: Settings, values: dict[str, dict[str, str]]) -> None:
+    for scope, expected in values.items():
+        await check_values(s, scope, expected)
+
+
+async def _deks(s: Settings) -> list[Any]:
+    return await fetch(
+        s.database_url,
+        "SELECT d.id, k.name, d.version, d.kek_id, d.kek_version, d.encrypted_dek, d.state "
+        "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id WHERE d.state <> 'destroyed' ORDER BY d.id",
+    )
+
+
+@pytest.mark.parametrize("kind", ["aws-kms", "vault"])
+async def test_dek_rotation_through_the_worker(
+    kind: str, wenv: dict[str, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moto = request.getfixturevalue("moto_server") if kind.startswith("aws") else None
+    bao = request.getfixturevalue("bao_server") if kind == "vault" else None
+    penv = _provider_env(kind, moto, bao)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    values = await _seed_all(s, 30)
+    async with KeyrotorClient(s) as client:
+        handles = [await client.rotate(scope) for scope in SCOPES]
+        await run_burst_worker(s)
+        for handle in handles:
+            run = await handle.result(timeout_s=10)
+            assert run.state == "completed"
+    for scope in SCOPES:
+        assert await check_values(s, scope, values[scope]) == {2: 30}
+    deks = await _deks(s)
+    assert {d["version"] for d in deks} == {1, 2}
+    assert all(d["kek_id"].startswith("arn:" if kind == "aws-kms" else "vault:") for d in deks)
+
+
+@pytest.mark.parametrize("kind", ["aws-kms", "aws-sm", "vault"])
+async def test_kek_rotation_through_the_worker(
+    kind: str, wenv: dict[str, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moto = request.getfixturevalue("moto_server") if kind.startswith("aws") else None
+    bao = request.getfixturevalue("bao_server") if kind == "vault" else None
+    penv = _provider_env(kind, moto, bao)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    values = await _seed_all(s, 10)
+    before = await _deks(s)
+    assert {d["kek_version"] for d in before} == {1}
+
+    async with KeyrotorClient(s) as client:
+        handle = await client.rotate_kek()
+        await run_burst_worker(s)
+        run = await handle.result(timeout_s=30)
+    assert run.state == "completed" and run.to_version == 2 and run.rows_done == len(before)
+    after = await _deks(s)
+    assert {d["kek_version"] for d in after} == {2}
+    if kind != "aws-kms":  # moto keeps one key material: its ciphertexts need not change
+        assert all(a["encrypted_dek"] != b["encrypted_dek"] for a, b in zip(after, before, strict=True))
+    await _check_all(s, values)
+
+    # The old KEK version still unwraps a DEK wrapped before the rotation (until retired).
+    async with await _opened(penv, s) as kek:
+        old = before[0]
+        dek = await kek.unwrap(
+            WrappedDek(old["kek_id"], old["kek_version"], bytes(old["encrypted_dek"])),
+            WrapContext(old["name"], old["version"]),
+        )
+        assert len(dek) == 32
+    audit = await fetch(
+        s.database_url, "SELECT metadata FROM encryption_audit_log WHERE event_type = 'rewrap' AND success"
+    )
+    assert len(audit) == len(before)
+
+
+class _opened:
+    """``async with await _opened(env, settings) as kek`` (the provider of ``env``)."""
+
+    def __init__(self, env: dict[str, str], s: Settings) -> None:
+        self.env, self.s = env, s
+
+    def __await__(self) -> Any:
+        async def go() -> _opened:
+            self.kek = await open_provider(self.s, self.env)
+            return self
+
+        return go().__await__()
+
+    async def __aenter__(self) -> Any:
+        return self.kek
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kek.aclose()
+
+
+def _cli_env(wenv: dict[str, str], provider: str, remote: dict[str, str]) -> dict[str, str]:
+    return {**wenv, **remote, "SECRETS_PROVIDER": provider, "KEYROTOR_METRICS_PORT": "0"}
+
+
+async def test_migration_local_aws_vault_local(
+    wenv: dict[str, str],
+    moto_server: ServerProcess,
+    bao_server: ServerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    remote = {**aws_env(moto_server, AWS_KMS_KEY_ID=create_kms_key(moto_server)), **vault_env(bao_server)}
+    _use_env(monkeypatch, remote)
+    local = settings_of(wenv)
+    values = await _seed_all(local, 8)
+    async with KeyrotorClient(local) as client:  # two DEK versions of one scope
+        handle = await client.rotate(SCOPES[0])
+        await run_burst_worker(local)
+        await handle.result(timeout_s=10)
+    n_deks = len(await _deks(local))
+    assert n_deks == 3
+
+    names = {"local": "local", "aws": "aws-kms", "vault": "vault"}
+    hops = [("local", "aws", "--inline"), ("aws", "vault", "--wait"), ("vault", "local", "--inline")]
+    for hop, (src, dst, how) in enumerate(hops):
+        env = _cli_env(wenv, src, remote)
+        if how == "--wait":  # through the queue: `keyrotor worker`, configured like the CLI, drives it
+            worker = WorkerProcess(env, tmp_path / f"worker-{hop}.log")
+            try:
+                await worker.wait_started()
+                r = keyrotor("kek", "migrate", "--to", dst, "--wait", "--json", env=env)
+            finally:
+                worker.terminate()
+                worker.close()
+        else:
+            r = keyrotor("kek", "migrate", "--to", dst, how, "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["state"] == "completed" and doc["kind"] == "kek_migrate", doc
+        assert f"SECRETS_PROVIDER={dst}" in doc["next_step"]
+        assert doc["rows_done"] == n_deks
+
+        st = keyrotor("kek", "status", "--json", env=_cli_env(wenv, dst, remote))
+        assert st.returncode == 0, st.stderr
+        status = json.loads(st.stdout)
+        assert status["provider"] == names[dst] and status["check"]["ok"]
+        assert status["deks_on_other_providers"] == 0
+        assert [c["provider"] for c in status["deks"]] == [names[dst]]
+        assert sum(c["deks"] for c in status["deks"]) == n_deks
+
+        # A process on the new provider reads everything.
+        _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": dst})
+        await _check_all(settings_of(wenv, SECRETS_PROVIDER=dst), values)
+
+        # A fresh process still on the old provider gets the clear error naming both ...
+        _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": src})
+        async with KeyManager(settings_of(wenv, SECRETS_PROVIDER=src, KEYROTOR_LISTEN_KEY_CHANGES="0")) as km:
+            with pytest.raises(
+                ForeignKek, match=f"wrapped by the {names[dst]} KEK provider.*configured with {names[src]}"
+            ):
+                await km.get_secret(SCOPES[1], "k000000")
+        # ... unless it may read the new provider's DEKs (the switch-over setting).
+        _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": src, "KEYROTOR_KEK_READ_PROVIDERS": dst})
+        await _check_all(settings_of(wenv, SECRETS_PROVIDER=src, KEYROTOR_KEK_READ_PROVIDERS=dst), values)
+
+        audit = await fetch(
+            local.database_url,
+            "SELECT scope, key_version, metadata FROM encryption_audit_log "
+            "WHERE event_type = 'rewrap' AND success AND metadata->>'migration' = 'true' "
+            "AND metadata->>'to_provider' = $1",
+            names[dst],
+        )
+        assert len(audit) == n_deks, hop
+        meta = (
+            json.loads(audit[0]["metadata"])
+            if isinstance(audit[0]["metadata"], str)
+            else audit[0]["metadata"]
+        )
+        assert meta["from_provider"] == names[src]
+
+
+class _PauseOnRewrap:
+    """The real provider, whose server is paused (SIGSTOP: requests time out) at the n-th rewrap."""
+
+    def __init__(self, inner: Any, server: ServerProcess, at_call: int) -> None:
+        self.inner, self.server, self.at_call, self.calls = inner, server, at_call, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def rewrap(self, items: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at_call:
+            self.server.pause()
+        return await self.inner.rewrap(items)
+
+
+async def test_provider_down_during_rotate_kek(
+    wenv: dict[str, str], spawn_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.common import is_transient
+    from keyrotor import kek_rotation
+    from keyrotor.context import RotationContext
+    from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.store import db
+    from tests.kek.conftest import fast_policy
+
+    moto: ServerProcess = spawn_server("moto")
+    penv = _provider_env("aws-kms", moto, None)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv, KEYROTOR_KEK_REWRAP_BATCH="4")
+    values = await _seed_all(s, 3)
+    for i in range(10):  # more DEKs, so the run has several batches
+        values[f"extra-{i}"] = await seed(s, f"extra-{i}", 1)
+    before = {d["id"]: d for d in await _deks(s)}
+
+    engine = db.create_engine(s.database_url)
+    real = await open_remote_provider("aws", penv, policy=fast_policy(timeout_s=0.5, max_attempts=2))
+    try:
+        rc = RotationContext(db.sessionmaker(engine), _PauseOnRewrap(real, moto, at_call=2), s)  # type: ignore[arg-type]
+        with pytest.raises(KekUnavailable) as caught:
+            await kek_rotation.rotate_kek(rc)
+        assert is_transient(caught.value)  # the job retries it with backoff
+        moto.resume()
+        await asyncio.sleep(1.1)  # the provider's circuit breaker cools down (fast_policy: 1 s)
+        run = (await fetch(s.database_url, "SELECT * FROM rotations WHERE kind = 'kek'"))[0]
+        assert run["state"] == "running" and run["rows_done"] == 4 and run["to_version"] == 2
+        # Nothing half-written: each DEK is either rewrapped (v2) or untouched, and every one unwraps.
+        after = await _deks(s)
+        moved = [d for d in after if d["kek_version"] == 2]
+        assert len(moved) == 4
+        for d in after:
+            if d["kek_version"] == 1:
+                assert bytes(d["encrypted_dek"]) == bytes(before[d["id"]]["encrypted_dek"])
+            await real.unwrap(
+                WrappedDek(d["kek_id"], d["kek_version"], bytes(d["encrypted_dek"])),
+                WrapContext(d["name"], d["version"]),
+            )
+        # The retry resumes after the cursor and completes; every value is intact.
+        result = await kek_rotation.rotate_kek(RotationContext(rc.sessions, real, s), run_id=run["id"])
+        assert result.run.state == "completed" and result.run.rows_done == len(before)
+        assert {d["kek_version"] for d in await _deks(s)} == {2}
+        await _check_all(s, values)
+    finally:
+        await real.aclose()
+        await engine.dispose()

@@ -1,0 +1,158 @@
+"""The scheduler as real processes: concurrent ``--once`` runs, leader and hot standby (SIGKILL
+the leader), and end to end with a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from keyrotor import Settings
+from tests.rotation_helpers import BIN, check_values, keyrotor, seed
+from tests.scheduler.conftest import Proc, queued_jobs, seed_scopes, sql
+from tests.scheduler.test_scan import rotate_jobs
+
+
+async def wait_until(predicate: Any, timeout_s: float, what: str) -> float:
+    """Poll ``await predicate()`` until truthy; returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if await predicate():
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def test_two_once_processes_enqueue_each_rotation_once(senv: dict[str, str], rq: Any) -> None:
+    url = senv["DATABASE_URL"]
+    due = await seed_scopes(url, 400, due_at=datetime.now(UTC) - timedelta(hours=2))
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", "/root"),
+        **senv,
+        "KEYROTOR_SCAN_BATCH_SIZE": "25",
+    }
+    procs = [
+        subprocess.Popen(
+            [str(BIN), "scheduler", "--once", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    reports = [json.loads(o) for o in outputs]
+    opened = sorted(r["scope"] for rep in reports for r in rep["rotations"])
+    print("rotations opened per process:", [len(rep["rotations"]) for rep in reports])
+    assert opened == due
+    assert rotate_jobs(await queued_jobs(rq, senv["KEYROTOR_QUEUE_NAME"])) == dict.fromkeys(due, 1)
+    runs = await sql(url, "SELECT scope_id, count(*) FROM rotations GROUP BY scope_id HAVING count(*) > 1")
+    assert runs == []
+    # One replica check for the hour, whichever process got there first.
+    assert sum(r["replica_job"] is not None for r in reports) == 1
+
+
+async def test_two_schedulers_one_leads_the_standby_takes_over_within_an_interval(
+    senv: dict[str, str], rq: Any, procs: list[Proc], tmp_path: Path
+) -> None:
+    url = senv["DATABASE_URL"]
+    env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "1"}
+    key = senv["KEYROTOR_SCHEDULER_LEADER_KEY"]
+    a = Proc(env, tmp_path / "a.log", "scheduler")
+    b = Proc(env, tmp_path / "b.log", "scheduler")
+    procs += [a, b]
+
+    async def leader() -> Proc | None:
+        value = await rq.get(key)
+        if value is None:
+            return None
+        return next((p for p in (a, b) if f":{p.pid}:" in value.decode()), None)
+
+    await wait_until(leader, 30, "a leader")
+    first = await leader()
+    assert first is not None
+    standby = b if first is a else a
+    # The leader scans and enqueues; the standby does not.
+    due = await seed_scopes(url, 3, due_at=datetime.now(UTC) - timedelta(minutes=1))
+    queue = senv["KEYROTOR_QUEUE_NAME"]
+
+    async def enqueued(n: int) -> bool:
+        return sum(rotate_jobs(await queued_jobs(rq, queue)).values()) >= n
+
+    await wait_until(lambda: enqueued(3), 5, "the leader to enqueue")
+    await asyncio.sleep(1.5)  # a few more ticks of both
+    assert "run_enqueued" in first.output() and "run_enqueued" not in standby.output()
+    assert "scheduler_became_leader" not in standby.output()
+
+    first.kill()
+    took = await wait_until(lambda: _is(leader, standby), 10, "the standby to take over")
+    print(f"takeover after SIGKILL: {took:.2f}s")
+    assert took < 3.0, f"takeover took {took:.2f}s with a 1 s scan interval"
+    assert "scheduler_became_leader" in standby.output()
+    more = await seed_scopes(url, 2, due_at=datetime.now(UTC) - timedelta(seconds=1), prefix="more")
+    await wait_until(lambda: enqueued(5), 5, "the new leader to enqueue")
+    assert rotate_jobs(await queued_jobs(rq, queue)) == dict.fromkeys(due + more, 1)
+    assert standby.terminate() == 0
+    # A clean exit clears the leader key (if it is still ours).
+    assert await rq.get(key) is None
+
+
+async def _is(leader: Any, proc: Proc) -> bool:
+    return bool(await leader() is proc)
+
+
+async def test_end_to_end_a_scope_made_due_is_rotated_with_no_other_action(
+    senv: dict[str, str], rq: Any, procs: list[Proc], tmp_path: Path
+) -> None:
+    url = senv["DATABASE_URL"]
+    env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "1"}
+    settings = Settings.from_env(env)
+    values = await seed(settings, "anthropic", 50)
+    await seed(settings, "openai", 5)
+    procs.append(Proc(env, tmp_path / "worker.log", "worker"))
+    procs.append(Proc(env, tmp_path / "scheduler.log", "scheduler"))
+    await wait_until(lambda: _leads(rq, senv), 30, "the scheduler to lead")
+
+    res = keyrotor("policy", "set", "anthropic", "--next-rotation-at", "2020-01-01T00:00:00Z", env=env)
+    assert res.returncode == 0, res.stderr
+    made_due = time.monotonic()
+
+    async def rotated() -> bool:
+        rows = await sql(
+            url,
+            "SELECT r.state FROM rotations r JOIN key_scopes s ON s.id = r.scope_id "
+            "WHERE s.name = 'anthropic'",
+        )
+        return [r[0] for r in rows] == ["completed"]
+
+    async def opened() -> bool:
+        return bool(await sql(url, "SELECT 1 FROM rotations"))
+
+    await wait_until(opened, 10, "the scheduler to open the rotation")
+    opened_after = time.monotonic() - made_due
+    await wait_until(rotated, 30, "the rotation to complete")
+    print(f"rotation opened {opened_after:.2f}s after the scope came due")
+    assert opened_after <= 2.5, f"opened {opened_after:.2f}s after it came due (scan interval 1 s)"
+    assert await check_values(settings, "anthropic", values) == {2: 50}
+    (scope,) = await sql(
+        url,
+        "SELECT active_version, dek_rotation_count, next_rotation_at - last_rotation_at, "
+        "(SELECT trigger FROM rotations) FROM key_scopes WHERE name = 'anthropic'",
+    )
+    assert tuple(scope) == (2, 1, timedelta(days=90), "schedule")
+    # openai was not due: untouched.
+    assert (await sql(url, "SELECT active_version FROM key_scopes WHERE name = 'openai'"))[0][0] == 1
+    status = json.loads(keyrotor("status", "anthropic", "--json", env=env).stdout)["scopes"][0]
+    assert status["next_rotation_at"] is not None and status["run"] is None and status["queued"] is False
+
+
+async def _leads(rq: Any, senv: dict[str, str]) -> bool:
+    return bool(await rq.get(senv["KEYROTOR_SCHEDULER_LEADER_KEY"]))

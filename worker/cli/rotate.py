@@ -1,0 +1,195 @@
+"""``keyrotor worker``, ``rotate``, ``rotate-kek``, ``retire`` and ``runs``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from keyrotor.policy import check_scope
+from keyrotor.runs import RunFailed, RunInfo
+from keyrotor.settings import Settings
+from worker.cli.common import err_console, out_console, print_json, progress, run
+
+if TYPE_CHECKING:
+    from worker.client import KeyrotorClient, RunHandle
+
+
+def _client() -> KeyrotorClient:
+    # Imported here: arq and the jobs are not needed by the other commands.
+    from worker.client import KeyrotorClient
+
+    return KeyrotorClient(Settings.from_env())
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="wait for the run to end (progress on stderr)")]
+TimeoutOpt = Annotated[
+    float | None, typer.Option("--timeout", help="with --wait: give up after this many seconds")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker)
+    app.command("rotate")(rotate)
+    app.command("rotate-kek")(rotate_kek)
+    app.command("retire")(retire)
+    app.command("runs")(runs_cmd)
+
+
+def worker(
+    burst: Annotated[bool, typer.Option("--burst", help="exit once the queue is empty")] = False,
+) -> None:
+    """Run a rotation worker (arq) until SIGTERM/SIGINT; any number may share Redis and Postgres."""
+    from arq.worker import Worker
+
+    from worker.logs import configure_logging
+    from worker.main import worker_settings
+
+    settings = Settings.from_env()
+    configure_logging(settings)
+    Worker(**worker_settings(settings), burst=burst).run()
+
+
+def _describe(r: RunInfo) -> str:
+    total = "?" if r.rows_total is None else str(r.rows_total)
+    what = {"dek": f"DEK rotation of {r.scope}", "kek": "KEK rewrap", "retire": f"retirement of {r.scope}"}
+    versions = ""
+    if r.kind == "dek" and r.to_version:
+        versions = f" v{r.from_version} -> v{r.to_version}"
+    elif r.kind == "retire":
+        versions = f" v{r.from_version}"
+    return f"run {r.id}: {what.get(r.kind, r.kind)}{versions}: {r.state}, {r.rows_done}/{total} rows"
+
+
+async def _follow(handle: RunHandle, *, wait: bool, timeout_s: float | None, label: str) -> RunInfo:
+    if not wait:
+        return await handle.status()
+    with progress() as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(r: RunInfo) -> None:
+            bar.update(task, completed=r.rows_done, total=r.rows_total or None)
+
+        return await handle.wait(timeout_s, on_progress=update)
+
+
+def _finish(r: RunInfo, handle: RunHandle, *, wait: bool, json_out: bool) -> None:
+    if json_out:
+        print_json({**r.as_dict(), "arq_job_id": handle.job.job_id, "joined": not handle.created})
+    else:
+        joined = "" if handle.created else " (joined the open run)"
+        err_console.print(_describe(r) + joined)
+    if wait and r.state != "completed":
+        raise RunFailed(f"run {r.id} {r.state}: {r.error or 'no reason recorded'}")
+
+
+def rotate(
+    scope: Annotated[str, typer.Argument(help="the scope whose DEK to rotate")],
+    wait: WaitOpt = False,
+    json_out: JsonOpt = False,
+    timeout: TimeoutOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what the rotation would do (rows, time); change nothing")
+    ] = False,
+) -> None:
+    """Rotate a scope's DEK now (or join its open rotation). Exit 0 once completed with --wait."""
+    check_scope(scope)
+    if dry_run:
+        from worker.cli.scheduler import rotate_dry_run
+
+        rotate_dry_run(scope, json_out=json_out)
+        return
+
+    async def go() -> tuple[RunInfo, RunHandle]:
+        async with _client() as client:
+            handle = await client.rotate(scope, trigger="cli")
+            return await _follow(handle, wait=wait, timeout_s=timeout, label=f"re-encrypting {scope}"), handle
+
+    r, handle = run(go)
+    _finish(r, handle, wait=wait, json_out=json_out)
+
+
+def rotate_kek(wait: WaitOpt = False, json_out: JsonOpt = False, timeout: TimeoutOpt = None) -> None:
+    """Rewrap every DEK under the current KEK version (local keyring: ENCRYPTION_KEY_VERSION)."""
+
+    async def go() -> tuple[RunInfo, RunHandle]:
+        async with _client() as client:
+            handle = await client.rotate_kek(trigger="cli")
+            return await _follow(handle, wait=wait, timeout_s=timeout, label="rewrapping DEKs"), handle
+
+    r, handle = run(go)
+    _finish(r, handle, wait=wait, json_out=json_out)
+
+
+def retire(
+    scope: Annotated[str, typer.Argument(help="the scope")],
+    version: Annotated[int, typer.Argument(help="the DEK version to destroy", min=1)],
+    force_now: Annotated[
+        bool, typer.Option("--force-now", help="skip the wait for the grace period (never the proof)")
+    ] = False,
+    json_out: JsonOpt = False,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Destroy an old DEK version: re-encrypt stragglers, prove no row uses it, erase it."""
+    check_scope(scope)
+
+    async def go() -> tuple[RunInfo, RunHandle]:
+        async with _client() as client:
+            handle = await client.retire(scope, version, force_now=force_now, trigger="cli")
+            return await handle.wait(timeout), handle
+
+    r, handle = run(go)
+    _finish(r, handle, wait=True, json_out=json_out)
+
+
+def runs_cmd(
+    json_out: JsonOpt = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="how many")] = 20,
+    scope: Annotated[str | None, typer.Option("--scope", help="only this scope's runs")] = None,
+) -> None:
+    """Recent rotation runs, newest first."""
+    if scope is not None:
+        check_scope(scope)
+
+    async def go() -> list[RunInfo]:
+        async with _client() as client:
+            return await client.runs(limit=limit, scope=scope)
+
+    found = run(go)
+    if json_out:
+        print_json({"runs": [r.as_dict() for r in found]})
+        return
+    table = Table(title="rotation runs")
+    for col in (
+        "id",
+        "kind",
+        "scope",
+        "versions",
+        "state",
+        "rows",
+        "attempts",
+        "trigger",
+        "created",
+        "error",
+    ):
+        table.add_column(col)
+    for r in found:
+        versions = (
+            f"v{r.from_version or '?'} -> v{r.to_version}" if r.to_version else f"v{r.from_version or '-'}"
+        )
+        rows: Any = f"{r.rows_done}/{r.rows_total if r.rows_total is not None else '?'}"
+        table.add_row(
+            str(r.id),
+            r.kind,
+            r.scope or "-",
+            versions,
+            r.state,
+            rows,
+            str(r.attempts),
+            r.trigger,
+            r.created_at.isoformat()[:19],
+            (r.error or "")[:80],
+        )
+    out_console.print(table)

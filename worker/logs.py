@@ -1,0 +1,173 @@
+"""Logging for the worker, configured once: structlog, JSON on stdout (console on a tty).
+
+Everything goes through one stdlib handler whose formatter is structlog's
+``ProcessorFormatter``, so arq's own ``arq.*`` loggers, keyrotor's stdlib loggers and structlog
+loggers all come out the same way, with the per-job context vars (job_id, job_try, scope,
+run_id) merged in first.
+
+Tracebacks never show frame locals (where keys and plaintexts live):
+``ExceptionRenderer(ExceptionDictTransformer(show_locals=False))`` for JSON and
+``RichTracebackFormatter(show_locals=False)`` on a console.
+
+Every rendered event then passes :class:`Redactor`, the last processor before the renderer:
+it replaces anything that looks like key material in every value (nested dicts and lists,
+the message, the rendered exception): provider API keys (``sk-…``, ``sk-ant-…``, ``AIza…``),
+``kr1:`` ciphertexts, long base64/base64url/hex runs (DEKs, wrapped DEKs, master keys),
+passwords in URLs, and the configured master keys and tokens verbatim. Redaction is the last
+line of defence, not the first: keyrotor's messages never carry values to begin with.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+import structlog
+from structlog.dev import ConsoleRenderer, RichTracebackFormatter
+from structlog.processors import ExceptionRenderer
+from structlog.tracebacks import ExceptionDictTransformer
+
+from keyrotor.settings import Settings
+
+_configured = False
+
+REDACTED = "[REDACTED]"
+# Shortest literal secret matched verbatim (shorter ones would blank ordinary words).
+_MIN_LITERAL = 8
+_PATTERNS = [
+    # Provider API keys: Anthropic, OpenAI (sk-, sk-proj-), Google.
+    re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"sk-[A-Za-z0-9_\-]{16,}"),
+    re.compile(r"AIza[0-9A-Za-z_\-]{20,}"),
+    # keyrotor ciphertexts.
+    re.compile(r"kr1:\d+:[A-Za-z0-9_\-]+=*"),
+]
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s/]+@")
+# Candidate runs of base64 / base64url / hex; judged by _looks_random.
+_RUN = re.compile(r"[A-Za-z0-9+/_\-]{32,}={0,2}")
+_HEX = re.compile(r"[0-9a-fA-F]{32,}")
+
+
+def _looks_random(run: str) -> bool:
+    if _HEX.fullmatch(run) and any(c.isdigit() for c in run) and any(c.isalpha() for c in run):
+        return True
+    # Random base64 of 24+ bytes practically always mixes all three; identifiers, paths and
+    # snake_case names do not.
+    return any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)
+
+
+class Redactor:
+    """A structlog processor that blanks key material in every value of an event.
+
+    Args:
+        secrets: values to blank verbatim wherever they appear (the master keys, API tokens).
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.literals = sorted({s for s in secrets if s and len(s) >= _MIN_LITERAL}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` with everything that looks like key material replaced by ``[REDACTED]``."""
+        for literal in self.literals:
+            if literal in text:
+                text = text.replace(literal, REDACTED)
+        for pattern in _PATTERNS:
+            text = pattern.sub(REDACTED, text)
+        text = _URL_PASSWORD.sub(lambda m: m.group(1) + "***@", text)
+        return _RUN.sub(lambda m: REDACTED if _looks_random(m.group(0)) else m.group(0), text)
+
+    def _value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return f"<{len(value)} bytes>"  # raw bytes in a log are key material until proven otherwise
+        if isinstance(value, Mapping):
+            return {k: self._value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._value(v) for v in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self.redact(str(value))
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key in list(event):
+            if not key.startswith("_"):  # structlog's own meta keys (_record, _from_structlog)
+                event[key] = self._value(event[key])
+        return event
+
+
+def known_secrets(settings: Settings) -> list[str]:
+    """The configured secret values a log must never show verbatim."""
+    found = [settings.encryption_key, settings.legacy_encryption_key, settings.audit_api_token]
+    found += list(settings.encryption_keys_previous.values())
+    return [s.get_secret_value() for s in found if s is not None]
+
+
+def use_json(settings: Settings) -> bool:
+    """JSON unless asked for a console, or ``auto`` and stdout is a terminal."""
+    if settings.log_format == "auto":
+        return not sys.stdout.isatty()
+    return settings.log_format == "json"
+
+
+def configure_logging(settings: Settings, *, force: bool = False) -> None:
+    """Configure structlog and the stdlib root logger (once per process)."""
+    global _configured
+    if _configured and not force:
+        return
+    level = logging.getLevelName(settings.log_level.upper())
+    if not isinstance(level, int):
+        level = logging.INFO
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+    ]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    redactor = Redactor(known_secrets(settings))
+    if use_json(settings):
+        final: list[Any] = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            redactor,
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        final = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # Rendered to text first, so the redactor sees the exception too.
+            structlog.processors.format_exc_info,
+            redactor,
+            ConsoleRenderer(exception_formatter=RichTracebackFormatter(show_locals=False)),
+        ]
+    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    # arq's CLI installs its own handlers on the `arq` loggers: route them through ours.
+    for name in ("arq", "arq.worker", "arq.jobs", "arq.connections", "arq.cron"):
+        arq_logger = logging.getLogger(name)
+        arq_logger.handlers = []
+        arq_logger.propagate = True
+        arq_logger.setLevel(level)
+    _configured = True

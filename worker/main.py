@@ -1,0 +1,293 @@
+"""The arq worker: settings, start-up and shutdown, job leases and run adoption.
+
+Run it either way::
+
+    keyrotor worker [--burst]
+    arq worker.main.WorkerSettings
+
+``Settings.from_env()`` runs once here; its values reach the jobs through ``ctx``
+(``ctx["deps"]``, and ``engine``, ``sessionmaker``, ``kek``, ``km``, ``settings``, ``rc``).
+
+Start-up refuses to run a worker that would do harm: the schema must be migrated, and the KEK
+must unwrap the stored DEKs (a worker with the wrong ``ENCRYPTION_KEY`` says so and exits).
+
+Crash safety:
+
+- **SIGTERM**: arq cancels running jobs; each finishes the batch in hand
+  (:func:`keyrotor.context.run_to_commit`) and the job goes back to the queue to resume.
+- **SIGKILL**: nothing is lost -- every batch is a transaction and the run state is in
+  Postgres. arq marks a running job with an "in progress" key that expires only after the job
+  timeout; here each worker holds it as a short lease (``KEYROTOR_JOB_LEASE_SECONDS``) and
+  renews it while the job runs, so a killed worker's job is picked up by another worker (or its
+  restart) within seconds.
+- **Redis losing jobs**: at start-up and every minute a worker re-enqueues the driver job of
+  every open run (deterministic ids make this a no-op when the job exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
+from arq.worker import Function, Retry, func
+from sqlalchemy import text
+
+from jobs.common import Deps, enqueue_driver
+from jobs.migrate_kek import migrate_kek
+from jobs.migrate_legacy import enqueue_legacy, migrate_legacy
+from jobs.reencrypt import reencrypt_range
+from jobs.retire_dek import retire_dek
+from jobs.rotate_dek import rotate_dek
+from jobs.rotate_kek import rotate_kek
+from keyrotor import runs
+from keyrotor.context import RotationContext
+from keyrotor.errors import ConfigurationError, KeyrotorError
+from keyrotor.kek.base import KekProvider
+from keyrotor.kek.factory import open_provider
+from keyrotor.keys import KeyManager
+from keyrotor.notify import Notifier
+from keyrotor.settings import Settings
+from keyrotor.store import db
+from keyrotor.throttle import ThrottledKek
+from worker import http as ops
+from worker.logs import configure_logging
+
+log = structlog.get_logger("keyrotor.worker")
+
+ADOPT_EVERY_S = 60.0
+HEALTH_CHECK_INTERVAL_S = 30
+
+
+def functions(settings: Settings) -> list[Function]:
+    """The jobs this worker runs, with their limits."""
+    timeout, tries = settings.job_timeout_s, settings.job_max_tries
+    return [
+        func(_counted(rotate_dek), name="rotate_dek", timeout=timeout, max_tries=tries),
+        # Nobody awaits a range's result; not keeping it frees its id at once.
+        func(
+            _counted(reencrypt_range), name="reencrypt_range", timeout=timeout, max_tries=tries, keep_result=0
+        ),
+        func(_counted(retire_dek), name="retire_dek", timeout=timeout, max_tries=tries),
+        func(_counted(rotate_kek), name="rotate_kek", timeout=timeout, max_tries=tries),
+        func(_counted(migrate_kek), name="migrate_kek", timeout=timeout, max_tries=tries),
+        func(_counted(migrate_legacy), name="migrate_legacy", timeout=timeout, max_tries=tries),
+    ]
+
+
+def _counted(fn: Callable[..., Awaitable[Any]]) -> Any:
+    """``fn`` counting its outcomes in ``keyrotor_arq_jobs_total``."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        structlog.contextvars.bind_contextvars(job=name)
+        try:
+            result = await fn(ctx, *args, **kwargs)
+        except Retry:
+            ops.count_job(name, "retry")
+            raise
+        except asyncio.CancelledError:
+            ops.count_job(name, "cancelled")
+            raise
+        except BaseException:
+            ops.count_job(name, "failed")
+            raise
+        ops.count_job(name, "success")
+        return result
+
+    return wrapper
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker`` (also the attributes of :data:`WorkerSettings`)."""
+    return {
+        "functions": functions(settings),
+        "queue_name": settings.queue_name,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "on_job_start": job_start,
+        "on_job_end": job_end,
+        "max_jobs": settings.worker_max_jobs,
+        "job_timeout": settings.job_timeout_s,
+        "max_tries": settings.job_max_tries,
+        "poll_delay": settings.worker_poll_delay_s,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "keep_result": 3600,
+        "ctx": {"settings": settings},
+    }
+
+
+def __getattr__(name: str) -> Any:
+    # `arq worker.main.WorkerSettings` reads the environment when arq imports the name, not
+    # when this module is imported.
+    if name == "WorkerSettings":
+        return type("WorkerSettings", (), worker_settings(Settings.from_env()))
+    raise AttributeError(name)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """Open the engine, the KEK provider and the KeyManager; refuse a harmful configuration."""
+    settings: Settings = ctx.get("settings") or Settings.from_env()
+    ctx["settings"] = settings
+    if ctx.get("configure_logging", True):  # in-process test workers keep pytest's logging
+        configure_logging(settings)
+    engine = db.create_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
+    ctx["engine"] = engine
+    missing = db.head_revisions() - await db.current_revisions(engine)
+    if missing:
+        raise ConfigurationError(
+            f"the database schema is not up to date (missing {', '.join(sorted(missing))}): "
+            "run `keyrotor db upgrade`"
+        )
+    kek: KekProvider = await open_provider(settings)
+    if settings.kek_calls_per_second > 0:
+        kek = ThrottledKek(kek, settings.kek_calls_per_second)
+    ctx["kek"] = kek
+    km = KeyManager(settings, kek=kek, engine=engine)
+    await km.open()
+    ctx["km"] = km
+    rc = RotationContext(km.sessions, kek, settings, notifier=Notifier(ctx["redis"], settings.notify_channel))
+    checked = await rc.check_kek()
+    ctx.update(sessionmaker=km.sessions, rc=rc, deps=Deps(settings, engine, km.sessions, kek, km, rc))
+    ctx["_running"] = set()
+    adopted = await adopt_open_runs(ctx)
+    ctx["_background"] = asyncio.get_running_loop().create_task(_background(ctx), name="keyrotor-leases")
+    if settings.metrics_port:
+        ctx["_ops"] = await start_ops_server(ctx)
+    log.info(
+        "worker_started",
+        queue=settings.queue_name,
+        kek_provider=kek.name,
+        deks_checked=checked,
+        max_jobs=settings.worker_max_jobs,
+        open_runs=adopted,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    """Close what start-up opened (tolerates a start-up that failed halfway)."""
+    server: ops.OpsServer | None = ctx.pop("_ops", None)
+    if server is not None:
+        await server.stop()
+    task = ctx.pop("_background", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    km: KeyManager | None = ctx.pop("km", None)
+    if km is not None:
+        await km.close()
+    kek: KekProvider | None = ctx.pop("kek", None)
+    if kek is not None:
+        await kek.aclose()
+    engine = ctx.pop("engine", None)
+    if engine is not None:
+        await engine.dispose()
+    log.info("worker_stopped")
+
+
+async def start_ops_server(ctx: dict[str, Any]) -> ops.OpsServer:
+    """Serve /metrics, /healthz and /readyz for this worker (``KEYROTOR_METRICS_PORT``)."""
+    settings: Settings = ctx["settings"]
+    engine = ctx["engine"]
+    redis = ctx["redis"]
+
+    async def postgres() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def redis_ping() -> None:
+        await redis.ping()
+
+    server = ops.OpsServer(
+        role="worker",
+        host=settings.metrics_host,
+        port=settings.metrics_port,
+        checks={
+            "postgres": postgres,
+            "redis": redis_ping,
+            "kek": ops.KekCheckCache(ctx["kek"].check, settings.kek_check_ttl_s),
+        },
+        before_scrape=ops.queue_depth_refresher(redis, settings.queue_name),
+    )
+    await server.start()
+    return server
+
+
+async def job_start(ctx: dict[str, Any]) -> None:
+    """Bind the job's log context and take its lease."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=ctx["job_id"], job_try=ctx["job_try"])
+    running: set[str] | None = ctx.get("_running")
+    if running is not None:
+        running.add(ctx["job_id"])
+        await _renew(ctx, [ctx["job_id"]])
+
+
+async def job_end(ctx: dict[str, Any]) -> None:
+    """Stop renewing the job's lease (arq deletes the key when it records the outcome)."""
+    running: set[str] | None = ctx.get("_running")
+    if running is not None:
+        running.discard(ctx["job_id"])
+
+
+async def _renew(ctx: dict[str, Any], job_ids: list[str]) -> None:
+    lease_ms = int(ctx["settings"].job_lease_s * 1000)
+    async with ctx["redis"].pipeline(transaction=False) as pipe:
+        for jid in job_ids:
+            pipe.pexpire(in_progress_key_prefix + jid, lease_ms)  # no-op once arq deleted it
+        await pipe.execute()
+
+
+async def _background(ctx: dict[str, Any]) -> None:
+    """Renew leases every third of a lease; adopt open runs at start and every minute."""
+    settings: Settings = ctx["settings"]
+    loop = asyncio.get_running_loop()
+    next_adopt = loop.time() + ADOPT_EVERY_S  # start-up adopted already
+    while True:
+        try:
+            running = list(ctx["_running"])
+            if running:
+                await _renew(ctx, running)
+            if loop.time() >= next_adopt:
+                next_adopt = loop.time() + ADOPT_EVERY_S
+                await adopt_open_runs(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an outage: the next round tries again
+            log.warning("worker_background_failed", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(settings.job_lease_s / 3)
+
+
+async def adopt_open_runs(ctx: dict[str, Any]) -> int:
+    """Make sure every open run has a driver job in the queue. Returns how many were enqueued."""
+    settings: Settings = ctx["settings"]
+    async with db.transaction(ctx["sessionmaker"]) as session:
+        open_runs = await runs.list_runs(session, limit=1000, open_only=True)
+    adopted = 0
+    for run in open_runs:
+        try:
+            if run.kind == "legacy":  # a legacy migration (keyrotor legacy migrate)
+                job = await enqueue_legacy(ctx["redis"], settings, run)
+                adopted += 1
+                continue
+            job = await enqueue_driver(
+                ctx["redis"],
+                settings,
+                run,
+                redrive_after=timedelta(seconds=max(60.0, 4 * settings.job_lease_s)),
+            )
+        except KeyrotorError as exc:
+            log.warning("adopt_failed", run_id=run.id, error=str(exc))
+            continue
+        adopted += 1
+        log.debug("run_adopted", run_id=run.id, job_id=job.job_id)
+    return adopted

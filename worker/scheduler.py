@@ -1,0 +1,475 @@
+"""The scheduler process: a clock that opens due runs and enqueues their jobs by name.
+
+::
+
+    keyrotor scheduler              # leader or hot standby, until SIGTERM/SIGINT
+    keyrotor scheduler --once       # one scan now (cron-style), then exit
+    keyrotor scheduler --dry-run    # what one scan would enqueue; writes nothing
+
+Every ``KEYROTOR_SCAN_INTERVAL_SECONDS`` (APScheduler ``IntervalTrigger``) the leader scans
+(:mod:`keyrotor.schedule`): a ``rotate_dek`` run for each scope whose rotation is due, a
+``retire_dek`` run for each DEK whose grace period is over. Each run is opened in Postgres, then
+its driver job is enqueued with :func:`jobs.common.enqueue_driver` -- the same deterministic id
+(``<queue>:rotate_dek:<scope>:<run id>``) an on-demand request for that run would use, so a
+duplicate enqueue is a no-op in arq and a duplicate run is impossible in Postgres. Every
+``KEYROTOR_REPLICA_CHECK_INTERVAL_SECONDS`` (an hour) it enqueues ``check_replicas`` under
+``<queue>:check_replicas:<slot start>``: one job per hour, however many schedulers fire.
+
+Leadership: one scheduler scans at a time. It holds a session-level ``pg_try_advisory_lock`` on
+a dedicated connection; the others are hot standbys that try the lock every interval. The lock
+dies with its connection, so when the leader dies (even SIGKILL) a standby takes over within
+one scan interval. The leader also writes its instance id to the Redis key
+``KEYROTOR_SCHEDULER_LEADER_KEY`` with an expiry (for health checks). The lock is an economy,
+not the safety: two schedulers scanning at once (a split brain, ``--once`` next to a leader)
+still open and enqueue every run exactly once.
+
+After downtime the first scan catches up: everything that came due meanwhile is due now, and is
+opened once. The scheduler never touches a key, a ciphertext or a secret row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self, cast
+
+import asyncpg
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.exceptions import RedisError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from jobs.common import enqueue_driver, job_id
+from keyrotor import metrics, schedule
+from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
+from keyrotor.runs import RunInfo
+from keyrotor.schedule import Batch, ScanConfig, ScanPlan
+from keyrotor.settings import Settings
+from keyrotor.store import db
+from worker import http as ops
+
+log = structlog.get_logger("keyrotor.scheduler")
+
+# pg_try_advisory_lock key of the leader ("krsched"). Advisory locks are per database, so
+# deployments on different databases never contend.
+LEADER_LOCK = 0x6B72_7363_6865_64
+REPLICA_JOB = "check_replicas"
+_DELETE_IF_OURS = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+# Enqueues in flight at once while a scan hands its runs to Redis.
+ENQUEUE_CONCURRENCY = 32
+
+
+def scan_config(settings: Settings) -> ScanConfig:
+    """The scan knobs from the settings."""
+    return ScanConfig(
+        batch=settings.scan_batch_size,
+        backoff_s=settings.schedule_backoff_s,
+        backoff_max_s=settings.schedule_backoff_max_s,
+        default_max_encryptions=settings.max_encryptions_per_dek,
+    )
+
+
+def replica_slot(now: datetime, interval_s: float) -> datetime:
+    """The start of the replica-check slot ``now`` falls in (the hour, by default)."""
+    step = max(1, int(interval_s))
+    epoch = int(now.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % step, UTC)
+
+
+def replica_job_id(settings: Settings, now: datetime) -> str:
+    """``<queue>:check_replicas:<slot start, UTC>``: one id per slot, whoever enqueues it."""
+    slot = replica_slot(now, settings.replica_check_interval_s)
+    return job_id(settings, REPLICA_JOB, slot.strftime("%Y%m%dT%H%M%SZ"))
+
+
+@dataclass
+class ScanReport:
+    """What one scan did."""
+
+    now: datetime
+    rotations: list[RunInfo] = field(default_factory=list)
+    retirements: list[RunInfo] = field(default_factory=list)
+    enqueued: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    candidates: int = 0
+    batches: int = 0
+    replica_job: str | None = None
+    duration_s: float = 0.0
+
+    def add(self, batch: Batch, kind: str) -> None:
+        self.batches += 1
+        self.candidates += batch.candidates
+        (self.rotations if kind == "dek" else self.retirements).extend(batch.opened)
+        for item in batch.skipped:
+            key = f"{kind}:{item.skip}"
+            self.skipped[key] = self.skipped.get(key, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "now": self.now.isoformat(),
+            "rotations": [
+                {"scope": r.scope, "run_id": r.id, "from_version": r.from_version, **r.detail}
+                for r in self.rotations
+            ],
+            "retirements": [
+                {"scope": r.scope, "run_id": r.id, "version": r.from_version} for r in self.retirements
+            ],
+            "enqueued": self.enqueued,
+            "skipped": self.skipped,
+            "candidates": self.candidates,
+            "batches": self.batches,
+            "replica_job": self.replica_job,
+            "duration_s": round(self.duration_s, 4),
+        }
+
+
+class Leadership:
+    """A session-level advisory lock held on a connection of its own.
+
+    ``ensure()`` returns whether this process leads now: it pings the connection if it holds the
+    lock (the lock lives exactly as long as the connection), else tries to take it.
+    """
+
+    def __init__(self, database_url: str, *, key: int = LEADER_LOCK) -> None:
+        url = db.async_url(database_url).set(drivername="postgresql")
+        self._dsn = url.render_as_string(hide_password=False)
+        self._key = key
+        self._conn: asyncpg.Connection | None = None
+        self.leading = False
+
+    async def ensure(self) -> bool:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self.leading = False
+                self._conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=10,
+                    server_settings={
+                        "application_name": "keyrotor-scheduler",
+                        # Notice a vanished peer in ~25 s on TCP (a SIGKILL closes the socket at once).
+                        "tcp_keepalives_idle": "10",
+                        "tcp_keepalives_interval": "5",
+                        "tcp_keepalives_count": "3",
+                    },
+                )
+            if self.leading:
+                await self._conn.fetchval("SELECT 1", timeout=10)
+            else:
+                self.leading = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key))
+        except Exception as exc:  # whatever broke, this connection (and any lock on it) is gone
+            if self.leading:
+                log.warning("scheduler_lost_leadership", error=f"{type(exc).__name__}: {exc}")
+            await self._drop()
+        return self.leading
+
+    async def _drop(self) -> None:
+        conn, self._conn, self.leading = self._conn, None, False
+        if conn is not None:
+            conn.terminate()
+
+    async def release(self) -> None:
+        """Give the lock up (closing the connection releases it)."""
+        conn, self._conn, self.leading = self._conn, None, False
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except Exception:
+                conn.terminate()
+
+
+class Scheduler:
+    """Scans policies and enqueues due jobs; see the module docstring.
+
+    Args:
+        settings: ``DATABASE_URL``, ``REDIS_URL``, ``KEYROTOR_QUEUE_NAME`` and the scheduler knobs.
+        instance_id: this process's name in the leader key (default: host, pid, random suffix).
+        redis, engine: clients to use (not closed by the scheduler).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instance_id: str | None = None,
+        redis: ArqRedis | None = None,
+        engine: AsyncEngine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.cfg = scan_config(settings)
+        self._redis = redis
+        self._owns_redis = redis is None
+        self._engine = engine
+        self._owns_engine = engine is None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self.leadership = Leadership(settings.database_url)
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Connect to Redis and Postgres."""
+        if self._redis is None:
+            try:
+                self._redis = await create_pool(
+                    RedisSettings.from_dsn(self.settings.redis_url),
+                    default_queue_name=self.settings.queue_name,
+                )
+            except (RedisError, OSError) as exc:
+                raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+        if self._engine is None:
+            self._engine = db.create_engine(self.settings.database_url, pool_size=2, max_overflow=2)
+        self._sessions = db.sessionmaker(self._engine)
+
+    async def close(self) -> None:
+        """Step down (release the lock, clear the leader key if it is ours) and disconnect."""
+        if self.leadership.leading and self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await cast(
+                    Awaitable[Any],
+                    self._redis.eval(
+                        _DELETE_IF_OURS, 1, self.settings.scheduler_leader_key, self.instance_id
+                    ),
+                )
+        await self.leadership.release()
+        if self._owns_redis and self._redis is not None:
+            await self._redis.aclose(close_connection_pool=True)
+        self._redis = None
+        if self._owns_engine and self._engine is not None:
+            await self._engine.dispose()
+        self._engine = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def redis(self) -> ArqRedis:
+        if self._redis is None:
+            raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
+        return self._redis
+
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        if self._sessions is None:
+            raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
+        return self._sessions
+
+    # --- one scan -------------------------------------------------------------------------
+
+    async def scan(self, now: datetime | None = None) -> ScanReport:
+        """Open a run for everything due at ``now`` and enqueue its job. Safe to run
+        concurrently with itself, other schedulers and on-demand requests.
+
+        Raises:
+            StoreUnavailable, QueueUnavailable: an outage (what was opened stays open; the
+                workers adopt runs whose job never reached the queue).
+        """
+        now = now or datetime.now(UTC)
+        started = time.perf_counter()
+        report = ScanReport(now)
+        async for batch in schedule.open_due_rotations(self.sessions, now, self.cfg):
+            report.add(batch, "dek")
+            report.enqueued += await self._enqueue(batch.opened)
+        async for batch in schedule.open_due_retirements(self.sessions, now, self.cfg):
+            report.add(batch, "retire")
+            report.enqueued += await self._enqueue(batch.opened)
+        report.duration_s = time.perf_counter() - started
+        if report.rotations or report.retirements or report.skipped:
+            log.info(
+                "scan_done",
+                rotations=len(report.rotations),
+                retirements=len(report.retirements),
+                skipped=report.skipped,
+                duration_s=round(report.duration_s, 3),
+            )
+        return report
+
+    async def _enqueue(self, opened: list[RunInfo]) -> list[str]:
+        if not opened:
+            return []
+        gate = asyncio.Semaphore(ENQUEUE_CONCURRENCY)
+        # A job that has finished while its run is still open (fanned out) is left to the
+        # workers' adoption rather than re-driven by every scan.
+        redrive_after = timedelta(seconds=max(60.0, 4 * self.settings.job_lease_s))
+
+        async def one(run: RunInfo) -> str:
+            async with gate:
+                job = await enqueue_driver(self.redis, self.settings, run, redrive_after=redrive_after)
+            log.info(
+                "run_enqueued",
+                kind=run.kind,
+                scope=run.scope,
+                run_id=run.id,
+                job_id=job.job_id,
+                version=run.detail.get("due_version", run.from_version),
+            )
+            return job.job_id
+
+        return list(await asyncio.gather(*(one(r) for r in opened)))
+
+    async def plan(self, now: datetime | None = None) -> ScanPlan:
+        """What :meth:`scan` would do at ``now``; writes nothing."""
+        return await schedule.plan_scan(
+            self.sessions,
+            now or datetime.now(UTC),
+            self.cfg,
+            rows_per_second=self.settings.estimate_rows_per_second,
+        )
+
+    async def enqueue_replica_check(self, now: datetime | None = None) -> str | None:
+        """Enqueue ``check_replicas`` for the slot of ``now``. Returns its id if this call queued it.
+
+        Raises:
+            QueueUnavailable: Redis cannot be reached.
+        """
+        jid = replica_job_id(self.settings, now or datetime.now(UTC))
+        try:
+            job = await self.redis.enqueue_job(REPLICA_JOB, _job_id=jid, _queue_name=self.settings.queue_name)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"cannot enqueue on Redis: {type(exc).__name__}") from exc
+        if job is not None:
+            log.info("replica_check_enqueued", job_id=jid)
+        return jid if job is not None else None
+
+    # --- the long-running process -----------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        """Write this leader's id to the leader key, expiring after three scan intervals."""
+        ttl_ms = max(5_000, math.ceil(3_000 * self.settings.scan_interval_s))
+        try:
+            await self.redis.set(self.settings.scheduler_leader_key, self.instance_id, px=ttl_ms)
+        except (RedisError, OSError) as exc:
+            log.warning("scheduler_heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def tick(self, now: datetime | None = None) -> ScanReport | None:
+        """One scan if this process leads (taking the lead if it is free); None as a standby."""
+        async with self._lock:
+            was_leading = self.leadership.leading
+            if not await self.leadership.ensure():
+                return None
+            await self.heartbeat()
+            if not was_leading:
+                log.info("scheduler_became_leader", instance=self.instance_id)
+                # The hour's replica check may have died with the previous leader.
+                await self.enqueue_replica_check(now)
+            return await self.scan(now)
+
+    async def _tick_job(self) -> None:
+        try:
+            if await self.tick() is not None:
+                await self.refresh_metrics()
+        except KeyrotorError as exc:  # an outage: the next tick tries again
+            log.warning("scan_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            log.exception("scan_crashed", error=type(exc).__name__)
+
+    async def refresh_metrics(self) -> None:
+        """Recount rows per DEK version for ``keyrotor_rows_per_dek_version`` (leader only)."""
+        try:
+            await metrics.refresh_rows_per_version(self.sessions)
+        except Exception as exc:  # metrics never stop the scan
+            log.warning("rows_per_version_failed", error=type(exc).__name__)
+
+    def ops_server(self) -> ops.OpsServer:
+        """/metrics, /healthz and /readyz of this scheduler (ready as leader or standby)."""
+        engine = self._engine
+
+        async def postgres() -> None:
+            assert engine is not None
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        async def redis_ping() -> None:
+            await self.redis.ping()
+
+        return ops.OpsServer(
+            role="scheduler",
+            host=self.settings.metrics_host,
+            port=self.settings.metrics_port,
+            checks={"postgres": postgres, "redis": redis_ping},
+            info=lambda: {
+                "leader": self.leadership.leading,
+                "scheduler_role": "leader" if self.leadership.leading else "standby",
+                "instance": self.instance_id,
+            },
+            before_scrape=ops.queue_depth_refresher(self.redis, self.settings.queue_name),
+        )
+
+    async def _replica_job(self) -> None:
+        if not self.leadership.leading:
+            return
+        try:
+            await self.enqueue_replica_check()
+        except KeyrotorError as exc:
+            log.warning("replica_check_enqueue_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Scan every interval until ``stop`` is set (or SIGTERM/SIGINT, when ``stop`` is None)."""
+        loop = asyncio.get_running_loop()
+        if stop is None:
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        interval = self.settings.scan_interval_s
+        aps = AsyncIOScheduler(timezone=UTC)
+        now = datetime.now(UTC)
+        aps.add_job(
+            self._tick_job,
+            IntervalTrigger(seconds=interval, timezone=UTC),
+            id="scan",
+            next_run_time=now,  # at once: catch up on what came due while nobody scanned
+            max_instances=1,  # a scan longer than the interval delays the next; never overlaps it
+            coalesce=True,  # missed runs (a busy loop, a suspended host) become one
+            misfire_grace_time=max(1, math.ceil(interval)),
+        )
+        aps.add_job(
+            self._replica_job,
+            IntervalTrigger(seconds=self.settings.replica_check_interval_s, timezone=UTC),
+            id="check_replicas",
+            next_run_time=now + timedelta(seconds=min(5.0, interval)),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, math.ceil(self.settings.replica_check_interval_s / 2)),
+        )
+        log.info(
+            "scheduler_started",
+            instance=self.instance_id,
+            queue=self.settings.queue_name,
+            scan_interval_s=interval,
+            replica_check_interval_s=self.settings.replica_check_interval_s,
+        )
+        server = self.ops_server() if self.settings.metrics_port else None
+        if server is not None:
+            await server.start()
+        aps.start()
+        try:
+            await stop.wait()
+        finally:
+            aps.shutdown(wait=False)
+            if server is not None:
+                await server.stop()
+            # Let a scan in progress finish its batch and enqueues (each batch commits alone).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await self._lock.acquire()
+                    self._lock.release()
+            log.info("scheduler_stopped", instance=self.instance_id, was_leader=self.leadership.leading)
