@@ -55,7 +55,14 @@ class KekRotationResult:
 
 
 async def request_kek_rotation(session: Any, *, trigger: str = "api") -> tuple[RunInfo, bool]:
-    """Open the KEK rotation run, or join the open one."""
+    """Open the KEK rotation run, or join the open one.
+
+    Raises:
+        Conflict: a KEK provider migration is open (the two would rewrap the same DEKs).
+    """
+    from keyrotor.kek_migration import refuse_if_open
+
+    await refuse_if_open(session, "kek_migrate", "a KEK provider migration")
     return await runs.open_run(session, "kek", None, trigger=trigger)
 
 

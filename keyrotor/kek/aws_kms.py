@@ -51,7 +51,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import WrapContext, WrappedDek, foreign_kek
 from keyrotor.kek.metrics import CallObserver
 from keyrotor.kek.resilience import Resilience, ResiliencePolicy, Throttled, Translator
 
@@ -389,6 +389,9 @@ class AwsKmsKek:
             )
 
     def _check_kek_id(self, wrapped: WrappedDek) -> None:
+        foreign = foreign_kek("aws-kms", self._key_arn, wrapped)
+        if foreign is not None:
+            raise foreign
         if wrapped.kek_id != self._key_arn:
             raise KekError(
                 f"aws-kms: DEK was wrapped by {wrapped.kek_id}, this provider uses {self._key_arn} "

@@ -70,7 +70,7 @@ from keyrotor.kek.aws_kms import (
     env_value,
     open_aws_client,
 )
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import WrapContext, WrappedDek, foreign_kek
 from keyrotor.kek.metrics import CallObserver, PrometheusObserver
 from keyrotor.kek.resilience import Resilience, ResiliencePolicy
 
@@ -373,6 +373,9 @@ class AwsSecretsKek:
         return self._seal(await self._current_material(), dek, context)
 
     async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        foreign = foreign_kek("aws-sm", self.kek_id, wrapped)
+        if foreign is not None:
+            raise foreign
         if wrapped.kek_id != self.kek_id:
             raise KekError(
                 f"aws-sm: DEK was wrapped by {wrapped.kek_id}, this provider uses {self.kek_id} "

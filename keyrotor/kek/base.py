@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from keyrotor.errors import KekError
+
 
 @dataclass(frozen=True, slots=True)
 class WrapContext:
@@ -89,3 +91,51 @@ class KekProvider(Protocol):
     async def aclose(self) -> None:
         """Release clients and connections."""
         ...
+
+
+# The KEK provider a kek_id belongs to, by its form (see each provider's module docstring).
+PROVIDER_SETTING = {"local": "local", "aws-kms": "aws", "aws-sm": "aws", "vault": "vault"}
+
+
+def provider_of(kek_id: str) -> str:
+    """The provider name (``local``, ``aws-kms``, ``aws-sm``, ``vault``) a ``kek_id`` belongs to.
+
+    ``unknown`` for an id of none of them (e.g. written by a newer keyrotor).
+    """
+    if kek_id.startswith("local:"):
+        return "local"
+    if kek_id.startswith("aws-sm:"):
+        return "aws-sm"
+    if kek_id.startswith("vault:"):
+        return "vault"
+    if kek_id.startswith("arn:") and ":kms:" in kek_id:
+        return "aws-kms"
+    return "unknown"
+
+
+class ForeignKek(KekError):
+    """The DEK was wrapped by another KEK provider than the one this process is configured with."""
+
+
+def foreign_kek(own_provider: str, own_kek_id: str, wrapped: WrappedDek) -> ForeignKek | None:
+    """The error for a DEK that another *provider* wrapped, or None if it is this provider's kind.
+
+    During and after a provider migration (``keyrotor kek migrate``) a process configured with
+    provider B can meet a DEK still wrapped by provider A: that is a configuration problem, and
+    the message names both providers and what to do, instead of a generic unwrap failure.
+    """
+    other = provider_of(wrapped.kek_id)
+    if other == own_provider:
+        return None
+    if other == "unknown":
+        return ForeignKek(
+            f"DEK was wrapped by an unknown KEK provider ({wrapped.kek_id}, KEK version "
+            f"{wrapped.kek_version}); this process is configured with {own_provider} ({own_kek_id})"
+        )
+    setting = PROVIDER_SETTING.get(other, other)
+    return ForeignKek(
+        f"DEK was wrapped by the {other} KEK provider ({wrapped.kek_id}, KEK version {wrapped.kek_version}), "
+        f"but this process is configured with {own_provider} ({own_kek_id}): finish the migration "
+        f"(`keyrotor kek migrate --from {setting} --to {PROVIDER_SETTING.get(own_provider, own_provider)}`) "
+        f"or run with SECRETS_PROVIDER={setting} and its configuration"
+    )

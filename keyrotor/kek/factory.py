@@ -33,10 +33,48 @@ async def open_provider(settings: Settings, environ: Mapping[str, str] | None = 
     """Open the provider ``settings.secrets_provider`` names.
 
     ``local`` is built from ``settings``; ``aws`` and ``vault`` read their own variables from
-    ``environ`` (default ``os.environ``; see the README's configuration reference).
+    ``environ`` (default ``os.environ``; see the README's configuration reference). With
+    ``KEYROTOR_KEK_READ_PROVIDERS`` set, the result is a :class:`~keyrotor.kek.routing.RoutingKek`
+    that also unwraps DEKs those providers wrapped (during a provider migration).
     """
-    if settings.secrets_provider == "local":
+    env = os.environ if environ is None else environ
+    primary = await _open_one(settings.secrets_provider, settings, env)
+    names = read_providers(settings)
+    if not names:
+        return primary
+    from keyrotor.kek.routing import RoutingKek
+
+    readers: dict[str, KekProvider] = {}
+    try:
+        for name in names:
+            reader = await _open_one(name, settings, env)
+            readers[reader.name] = reader
+    except BaseException:
+        for reader in readers.values():
+            await reader.aclose()
+        await primary.aclose()
+        raise
+    return RoutingKek(primary, readers)
+
+
+def read_providers(settings: Settings) -> list[str]:
+    """``KEYROTOR_KEK_READ_PROVIDERS`` as a list, without ``SECRETS_PROVIDER`` itself.
+
+    Raises:
+        ConfigurationError: a name is not ``local``, ``aws`` or ``vault``.
+    """
+    names = [n.strip() for n in settings.kek_read_providers.split(",") if n.strip()]
+    for name in names:
+        if name not in ("local", "aws", "vault"):
+            raise ConfigurationError(
+                f"KEYROTOR_KEK_READ_PROVIDERS: unknown provider {name!r} (expected local, aws or vault)"
+            )
+    return [n for n in dict.fromkeys(names) if n != settings.secrets_provider]
+
+
+async def _open_one(name: str, settings: Settings, environ: Mapping[str, str]) -> KekProvider:
+    if name == "local":
         return local_keyring(settings)
     from keyrotor.kek.remote import open_remote_provider
 
-    return await open_remote_provider(settings.secrets_provider, os.environ if environ is None else environ)
+    return await open_remote_provider(name, environ)

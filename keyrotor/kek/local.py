@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotor.errors import ConfigurationError, KekError, WeakKeyError
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import WrapContext, WrappedDek, foreign_kek
 
 MIN_KEY_CHARS = 32
 MIN_KEY_ENTROPY_BITS = 128
@@ -152,6 +152,10 @@ class LocalKeyring:
 
     def unwrap_sync(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
         """Synchronous :meth:`unwrap`."""
+        if not wrapped.kek_id.startswith("local:"):
+            foreign = foreign_kek("local", self.kek_id(self.current), wrapped)
+            if foreign is not None:
+                raise foreign
         kek = self._kek(wrapped.kek_version)
         expected = f"local:{key_check_value(kek)}"
         if wrapped.kek_id != expected:

@@ -49,7 +49,7 @@ from aiolimiter import AsyncLimiter
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
 from keyrotor.kek.aws_kms import DEK_BYTES, check_dek, env_required, env_value
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import WrapContext, WrappedDek, foreign_kek
 from keyrotor.kek.metrics import CallObserver
 from keyrotor.kek.resilience import CircuitOpen, Resilience, ResiliencePolicy, Throttled, Translator
 
@@ -426,6 +426,9 @@ class VaultTransitKek:
         return self._version
 
     def _check_kek_id(self, wrapped: WrappedDek) -> str:
+        foreign = foreign_kek("vault", self._kek_id, wrapped)
+        if foreign is not None:
+            raise foreign
         if wrapped.kek_id != self._kek_id:
             raise KekError(
                 f"vault: DEK was wrapped by {wrapped.kek_id}, this provider uses {self._kek_id} "

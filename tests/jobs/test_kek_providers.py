@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text as db_text
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import KekUnavailable
@@ -25,6 +26,7 @@ from tests.servers import (
     bao_server,
     create_kek_secret,
     create_kms_key,
+    dead_endpoint,
     moto_server,
     spawn_server,
     vault_env,
@@ -311,4 +313,111 @@ async def test_provider_down_during_rotate_kek(
         await _check_all(s, values)
     finally:
         await real.aclose()
+        await engine.dispose()
+
+
+async def test_migrate_refuses_bad_targets_and_a_concurrent_kek_rotation(wenv: dict[str, str]) -> None:
+    from keyrotor.errors import Conflict
+    from keyrotor.kek_migration import request_migration
+    from keyrotor.store import db
+
+    env = {**wenv, "AWS_SECRETS_REGION": "us-east-1"}
+    r = keyrotor("kek", "migrate", "--to", "aws", env=env)
+    assert r.returncode == 2 and "AWS_KMS_KEY_ID is not set" in r.stderr, r.stderr
+    r = keyrotor("kek", "migrate", "--to", "gcp", env=env)
+    assert r.returncode == 2 and "unknown KEK provider 'gcp'" in r.stderr, r.stderr
+
+    s = settings_of(wenv)
+    await seed(s, "anthropic", 1)
+    async with KeyrotorClient(s) as client:
+        await client.rotate_kek()
+        async with db.transaction(client.sessions) as session:
+            with pytest.raises(Conflict, match=r"a KEK rotation .* is open"):
+                await request_migration(session, "local", "vault")
+        async with db.transaction(client.sessions) as session:
+            await session.execute(db_text("UPDATE rotations SET state = 'completed'"))
+        async with db.transaction(client.sessions) as session:
+            run, created = await request_migration(session, "local", "vault")
+        assert created and run.kind == "kek_migrate"
+        with pytest.raises(Conflict, match=r"a KEK provider migration .* is open"):
+            await client.rotate_kek()
+
+    # kek status during an outage: exit 1, the check's error, and still the DEKs per KEK.
+    dead = {
+        **wenv,
+        "SECRETS_PROVIDER": "aws",
+        "AWS_ENDPOINT_URL": dead_endpoint(),
+        "AWS_KMS_KEY_ID": "alias/x",
+    }
+    creds = {"AWS_SECRETS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+    st = keyrotor("kek", "status", "--json", env={**dead, **creds})
+    assert st.returncode == 1, st.stderr
+    doc = json.loads(st.stdout)
+    assert not doc["check"]["ok"] and "KekUnavailable" in doc["check"]["error"]
+    assert doc["deks"][0]["provider"] == "local" and doc["deks_on_other_providers"] == 1
+
+
+class _FailingWrap:
+    """The real target provider, unavailable from its n-th wrap on (a fake outage)."""
+
+    def __init__(self, inner: Any, at_call: int) -> None:
+        self.inner, self.at_call, self.calls = inner, at_call, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        self.calls += 1
+        if self.calls >= self.at_call:
+            raise KekUnavailable("vault encrypt: cannot reach the server (test outage)")
+        return await self.inner.wrap(dek, context)  # type: ignore[no-any-return]
+
+
+async def test_migration_resumes_after_an_outage(
+    wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keyrotor import kek_migration
+    from keyrotor.kek.routing import RoutingKek
+    from keyrotor.store import db
+
+    remote = vault_env(bao_server)
+    _use_env(monkeypatch, remote)
+    s = settings_of(wenv, KEYROTOR_KEK_REWRAP_BATCH="3")
+    values = {f"scope-{i}": await seed(s, f"scope-{i}", 2) for i in range(8)}
+    engine = db.create_engine(s.database_url)
+    source = await open_provider(s)
+    target = await kek_migration.open_named_provider("vault", s, remote)
+    try:
+        sessions = db.sessionmaker(engine)
+        async with db.transaction(sessions) as session:
+            run, _ = await kek_migration.request_migration(session, "local", "vault")
+        # probe wrap (1) + first batch of 3 (2-4) succeed; the second batch meets the outage
+        with pytest.raises(KekUnavailable):
+            await kek_migration.migrate_kek(
+                sessions,
+                source,
+                _FailingWrap(target, at_call=6),
+                run_id=run.id,
+                batch_size=3,  # type: ignore[arg-type]
+            )
+        row = (await fetch(s.database_url, "SELECT * FROM rotations WHERE id = $1", run.id))[0]
+        assert row["state"] == "running" and row["rows_done"] == 3 and row["cursor"] > 0
+        deks = await _deks(s)
+        assert sorted(d["kek_id"].split(":")[0] for d in deks) == ["local"] * 5 + ["vault"] * 3
+        # Mid-migration, a process that may read both providers reads everything.
+        both = RoutingKek(source, {"vault": target})
+        for d in deks:
+            await both.unwrap(
+                WrappedDek(d["kek_id"], d["kek_version"], bytes(d["encrypted_dek"])),
+                WrapContext(d["name"], d["version"]),
+            )
+        result = await kek_migration.migrate_kek(sessions, source, target, run_id=run.id, batch_size=3)
+        assert result.run.state == "completed" and result.remaining == 0
+        assert result.run.rows_done == 8 and result.run.attempts == 2
+        assert {d["kek_id"] for d in await _deks(s)} == {result.target_kek_id}
+        _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": "vault"})
+        await _check_all(settings_of(wenv, SECRETS_PROVIDER="vault"), values)
+    finally:
+        await target.aclose()
+        await source.aclose()
         await engine.dispose()
