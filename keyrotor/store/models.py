@@ -163,3 +163,23 @@ class Rotation(Base):
         ),
         Index("ix_rotations_created_at", "created_at"),
     )
+
+
+class ManagedColumn(Base):
+    """An application-owned ciphertext column registered with ``keyrotor columns register``."""
+
+    __tablename__ = "managed_columns"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    table_name: Mapped[str] = mapped_column(Text)
+    column_name: Mapped[str] = mapped_column(Text)
+    pk_column: Mapped[str] = mapped_column(Text)
+    scope_column: Mapped[str | None] = mapped_column(Text)
+    scope: Mapped[str | None] = mapped_column(Text)
+    context_template: Mapped[str] = mapped_column(Text)
+    registered_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        UniqueConstraint("table_name", "column_name"),
+        CheckConstraint("(scope_column IS NULL) <> (scope IS NULL)", name="one_scope_source"),
+    )

@@ -258,6 +258,20 @@ async def test_rotation_and_retirement_cover_the_app_column(wenv: dict[str, str]
         done = await retire.retire_dek(rc, "openai", 1, force_now=True)
         assert done.stragglers == 2
         assert await _check_all(km, s.database_url, expected) == {"kr1:2": 20, "kr1:1": 20}
+    verified = keyrotor("verify", "--json", env=s_env(s))  # verify covers the app column too
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["checked"] == 40
+    await fetch(
+        s.database_url,
+        "UPDATE settings SET api_key = $2 WHERE id = $1",
+        3,
+        "kr1:2:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    )
+    broken = keyrotor("verify", "--json", env=s_env(s))
+    assert broken.returncode == 1
+    assert [(f["table"], f["row_id"]) for f in json.loads(broken.stdout)["failures"]] == [
+        ("settings.api_key", 3)
+    ]
 
 
 @pytest.mark.skipif(not VECTORS.exists(), reason="shared vectors not present")
