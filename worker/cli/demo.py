@@ -1,19 +1,42 @@
-"""``keyrotor demo``: the main job end to end on a local PostgreSQL and Redis."""
+"""``keyrotor demo``: the whole system end to end on a local PostgreSQL and Redis.
+
+1. create the database if missing and apply the migrations;
+2. store demo API keys for openai, anthropic and google (read back to prove the round trip);
+3. start a worker and a scheduler as subprocesses (``keyrotor worker``, ``keyrotor scheduler``;
+   logs in a temporary directory) and wait until both report in;
+4. rotate each provider's DEK on demand through the enqueue client, with a progress bar,
+   waiting for completion;
+5. show the status table (versions, grace, rows per version, next rotations, replicas), the
+   worker's rotation counters scraped from its ``/metrics``, and the last audit events;
+6. stop both processes with SIGTERM and wait for them.
+
+Idempotent: a second run stores fresh demo values and rotates again (v2 -> v3, ...).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import secrets
+import signal
+import socket
 import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
+import typer
+
+from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import err_console, manager, run, settings
+from worker.cli.common import err_console, manager, out_console, progress, run, settings
 from worker.cli.status import status
-
-DEMO_KEYS = {
-    "openai": lambda: "sk-proj-" + _random(48),
-    "anthropic": lambda: "sk-ant-api03-" + _random(95),
-    "google": lambda: "AIza" + _random(35),
-}
 
 
 def _random(n: int) -> str:
@@ -21,15 +44,148 @@ def _random(n: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
 
+def _openai() -> str:
+    return "sk-proj-" + _random(48)
+
+
+def _anthropic() -> str:
+    return "sk-ant-api03-" + _random(95)
+
+
+def _google() -> str:
+    return "AIza" + _random(35)
+
+
+DEMO_KEYS: dict[str, Callable[[], str]] = {"openai": _openai, "anthropic": _anthropic, "google": _google}
+READY_TIMEOUT_S = 30.0
+ROTATE_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
 def _masked(value: str) -> str:
     return value[:7] + "…" + f"({len(value)} chars)"
 
 
-def demo() -> None:
-    """Create the schema, store demo API keys for openai, anthropic and google, and show the status."""
-    url = settings().database_url
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
-    async def go() -> None:
+
+class _Process:
+    """A ``keyrotor`` subcommand in a subprocess, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from worker.cli import main; main()", *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the {self.name} exited ({self.proc.returncode}); its log ends:\n{tail}")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+async def _wait_ready(cfg: Settings, procs: list[_Process]) -> None:
+    import redis.asyncio as aioredis
+
+    from worker.cli.health import HEALTH_CHECK_SUFFIX
+
+    client: Any = aioredis.from_url(cfg.redis_url)  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while True:
+            for p in procs:
+                p.check_alive()
+            worker = await client.get(cfg.queue_name + HEALTH_CHECK_SUFFIX)
+            leader = await client.get(cfg.scheduler_leader_key)
+            if worker is not None and leader is not None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker or the scheduler did not report in {READY_TIMEOUT_S:g}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
+
+
+async def _rotate_all(cfg: Settings, worker: _Process) -> None:
+    from keyrotor.runs import RunInfo
+    from worker.client import KeyrotorClient
+
+    async with KeyrotorClient(cfg) as client:
+        handles = {scope: await client.rotate(scope, trigger="cli") for scope in DEMO_KEYS}
+        with progress() as bar:
+            tasks = {scope: bar.add_task(f"rotating {scope}", total=None) for scope in handles}
+
+            async def follow(scope: str) -> RunInfo:
+                def update(r: RunInfo) -> None:
+                    worker.check_alive()
+                    bar.update(
+                        tasks[scope], completed=r.rows_done, total=max(r.rows_total or 0, r.rows_done, 1)
+                    )
+
+                return await handles[scope].wait(ROTATE_TIMEOUT_S, poll_s=0.1, on_progress=update)
+
+            done = await asyncio.gather(*(follow(s) for s in handles))
+    for r in done:
+        line = f"run {r.id}: {r.scope} v{r.from_version} -> v{r.to_version}: {r.state}, {r.rows_done} row(s)"
+        err_console.print(("[green]" if r.state == "completed" else "[red]") + line)
+        if r.state != "completed":
+            raise RuntimeError(f"rotation of {r.scope} {r.state}: {r.error or 'no reason recorded'}")
+
+
+def _scrape(port: int) -> list[str]:
+    wanted = (
+        "keyrotor_rotations_completed_total",
+        "keyrotor_rows_reencrypted_total",
+        "keyrotor_arq_jobs_total",
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return [line for line in text.splitlines() if line.startswith(wanted)]
+
+
+async def _audit_excerpt(cfg: Settings, n: int) -> list[str]:
+    from keyrotor.audit import tail_events
+    from worker.cli.audit import _line
+
+    engine = db.create_engine(cfg.database_url, pool_size=1)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            events = await tail_events(session, n)
+    finally:
+        await engine.dispose()
+    return [_line(e) for e in events]
+
+
+def demo(
+    store_only: Annotated[
+        bool, typer.Option("--no-processes", help="only store the keys and show the status")
+    ] = False,
+) -> None:
+    """Migrate, store demo API keys, start a worker and a scheduler, rotate, show status and audit, stop."""
+    cfg = settings()
+    url = cfg.database_url
+
+    async def prepare() -> None:
         if await db.ensure_database(url):
             err_console.print("created the database")
         engine = db.create_engine(url)
@@ -43,9 +199,45 @@ def demo() -> None:
                 value = make()
                 await km.put_secret(provider, "demo", value)
                 back = await km.get_secret(provider, "demo")
-                assert back == value
+                if back != value:
+                    raise RuntimeError(f"{provider}/demo did not read back")
                 err_console.print(f"[bold]2.[/bold] stored and read back {provider}/demo = {_masked(value)}")
 
-    run(go)
-    err_console.print("[bold]3.[/bold] status:")
-    status(scope=None, json_out=False)
+    run(prepare)
+    if store_only:
+        status(scope=None, json_out=False)
+        return
+
+    log_dir = Path(tempfile.mkdtemp(prefix="keyrotor-demo-"))
+    port = _free_port()
+    base = {**os.environ, "KEYROTOR_LOG_FORMAT": "json"}
+    worker_env = {**base, "KEYROTOR_METRICS_PORT": str(port), "KEYROTOR_METRICS_HOST": "127.0.0.1"}
+    sched_env = {**base, "KEYROTOR_METRICS_PORT": "0", "KEYROTOR_SCAN_INTERVAL_SECONDS": "2"}
+    procs: list[_Process] = []
+    try:
+        procs.append(_Process("worker", ["worker"], worker_env, log_dir))
+        procs.append(_Process("scheduler", ["scheduler"], sched_env, log_dir))
+        err_console.print(
+            f"[bold]3.[/bold] started a worker (pid {procs[0].proc.pid}, metrics on 127.0.0.1:{port}) "
+            f"and a scheduler (pid {procs[1].proc.pid}); logs in {log_dir}"
+        )
+        run(lambda: _wait_ready(cfg, procs))
+        err_console.print("   both reported in (arq health-check key, scheduler leader heartbeat)")
+        err_console.print("[bold]4.[/bold] rotating every demo scope's DEK on demand:")
+        run(lambda: _rotate_all(cfg, procs[0]))
+        err_console.print("[bold]5.[/bold] status:")
+        status(scope=None, json_out=False)
+        out_console.print("replicas: not configured (multi-region KEK replication is a later issue)")
+        with contextlib.suppress(OSError):
+            out_console.print("worker metrics (excerpt):")
+            for line in _scrape(port):
+                out_console.print("  " + line, markup=False, highlight=False)
+        out_console.print("audit log (last 10 events):")
+        for line in run(lambda: _audit_excerpt(cfg, 10)):
+            out_console.print("  " + line, markup=False, highlight=False)
+    finally:
+        codes = {p.name: p.stop() for p in reversed(procs)}
+        if codes:
+            err_console.print(
+                "[bold]6.[/bold] stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items())
+            )

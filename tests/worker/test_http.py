@@ -1,0 +1,87 @@
+"""worker/http.py in-process: readiness follows its checks, the KEK check is cached, a taken
+port does not stop the process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import aiohttp
+
+from worker.http import KekCheckCache, OpsServer
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_readyz_follows_the_checks_and_errors_name_only_the_class() -> None:
+    state = {"redis_up": True}
+
+    async def postgres() -> None:
+        return None
+
+    async def redis() -> None:
+        if not state["redis_up"]:
+            raise ConnectionError("redis://:hunter2@10.0.0.1:6379 refused")
+
+    port = _port()
+    server = OpsServer(
+        role="worker", host="127.0.0.1", port=port, checks={"postgres": postgres, "redis": redis}
+    )
+    assert await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                assert resp.status == 200
+            state["redis_up"] = False
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                body = json.loads(await resp.text())
+                assert resp.status == 503
+                assert body["checks"]["redis"] == {"ok": False, "error": "ConnectionError"}
+                assert body["checks"]["postgres"]["ok"] is True
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200  # alive, just not ready
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert resp.status == 200 and "keyrotor_rotations_completed_total" in await resp.text()
+    finally:
+        await server.stop()
+
+
+async def test_kek_check_is_cached_and_remembers_failure() -> None:
+    calls = 0
+    fail = False
+
+    async def check() -> None:
+        nonlocal calls
+        calls += 1
+        if fail:
+            raise TimeoutError
+
+    cached = KekCheckCache(check, ttl_s=0.2)
+    assert await cached() == "ok" and await cached() == "ok"
+    assert calls == 1
+    fail = True
+    await asyncio.sleep(0.25)
+    for _ in range(2):
+        try:
+            await cached()
+        except RuntimeError as exc:
+            assert str(exc) == "TimeoutError"
+        else:
+            raise AssertionError("a failed KEK check must fail readiness")
+    assert calls == 2
+
+
+async def test_a_taken_port_is_reported_not_fatal() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = OpsServer(role="worker", host="127.0.0.1", port=port, checks={})
+        assert await server.start() is False
+        await server.stop()

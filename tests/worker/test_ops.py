@@ -1,0 +1,208 @@
+"""Operations: /metrics moves during a real rotation, /healthz and /readyz answer, ``keyrotor
+health`` goes red without Redis and green with a worker and a scheduler running, and a rotation
+logged at DEBUG leaves no plaintext, DEK or master key in the worker's output."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyrotor import Settings
+from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.factory import open_provider
+from tests.conftest import MASTER_KEY
+from tests.rotation_helpers import (
+    BIN,
+    WorkerProcess,
+    cleanup_queue,
+    fetch,
+    keyrotor,
+    seed,
+    worker_env,
+)
+from worker.client import KeyrotorClient
+
+SCOPE = "tenant-7/anthropic"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics.splitlines():
+        m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if m and m.group(1) == name:
+            got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
+            if got == want:
+                return float(m.group(3))
+    return 0.0
+
+
+@pytest.fixture
+async def wenv(env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
+    e = worker_env(env)
+    e["KEYROTOR_SCHEDULER_LEADER_KEY"] = f"{e['KEYROTOR_QUEUE_NAME']}:scheduler:leader"
+    yield e
+    await cleanup_queue(e["KEYROTOR_QUEUE_NAME"])
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if isinstance(p, WorkerProcess):
+            p.close()
+        elif p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+async def test_metrics_move_during_a_rotation_and_debug_logs_hold_no_secrets(
+    wenv: dict[str, str], tmp_path: Path, procs: list[Any]
+) -> None:
+    settings = Settings.from_env(wenv)
+    values = await seed(settings, SCOPE, 40)
+    port = free_port()
+    env = {
+        **wenv,
+        "KEYROTOR_METRICS_PORT": str(port),
+        "KEYROTOR_METRICS_HOST": "127.0.0.1",
+        "KEYROTOR_LOG_LEVEL": "DEBUG",
+    }
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    procs.append(worker)
+    await worker.wait_started()
+
+    status, body = get(port, "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = get(port, "/readyz")
+    ready = json.loads(body)
+    assert status == 200, ready
+    assert {k: v["ok"] for k, v in ready["checks"].items()} == {"postgres": True, "redis": True, "kek": True}
+    _, before = get(port, "/metrics")
+    assert sample(before, "keyrotor_rotations_completed_total", scope=SCOPE) == 0
+
+    async with KeyrotorClient(settings) as client:
+        handle = await client.rotate(SCOPE)
+        run = await handle.result(timeout_s=30)
+    assert run.rows_done == 40
+
+    _, after = get(port, "/metrics")
+    assert sample(after, "keyrotor_rotations_started_total", scope=SCOPE) == 1
+    assert sample(after, "keyrotor_rotations_completed_total", scope=SCOPE) == 1
+    assert sample(after, "keyrotor_rows_reencrypted_total", scope=SCOPE) == 40
+    assert sample(after, "keyrotor_rotation_duration_seconds_count", scope=SCOPE) == 1
+    assert sample(after, "keyrotor_arq_jobs_total", function="rotate_dek", outcome="success") == 1
+    assert sample(after, "keyrotor_arq_queue_depth", queue=wenv["KEYROTOR_QUEUE_NAME"]) == 0
+    assert "keyrotor_dek_cache_hits_total" in after and "keyrotor_audit_queue_depth" in after
+    assert "keyrotor_kek_calls_total" in after or "keyrotor_kek_calls" in after
+
+    assert worker.terminate() == 0
+    logs = worker.output()
+    assert '"level": "debug"' in logs  # DEBUG really was on
+    for line in logs.splitlines():  # one JSON event a line
+        json.loads(line)
+    # Everything secret this rotation touched: the values, the master key, every DEK (raw, in
+    # base64, base64url and hex) and every wrapped DEK.
+    forbidden = [*values.values(), MASTER_KEY]
+    kek = await open_provider(settings)
+    try:
+        for scope, version, blob, kek_id, kek_version in await fetch(
+            settings.database_url,
+            "SELECT k.name, d.version, d.encrypted_dek, d.kek_id, d.kek_version "
+            "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id",
+        ):
+            dek = await kek.unwrap(WrappedDek(kek_id, kek_version, bytes(blob)), WrapContext(scope, version))
+            forbidden += [
+                base64.b64encode(dek).decode(),
+                base64.urlsafe_b64encode(dek).decode().rstrip("="),
+                dek.hex(),
+                base64.b64encode(bytes(blob)).decode()[:40],
+            ]
+    finally:
+        await kek.aclose()
+    leaks = [f[:12] for f in forbidden if f in logs]
+    assert not leaks, leaks
+    for ciphertext_row in await fetch(settings.database_url, "SELECT ciphertext FROM secrets"):
+        assert ciphertext_row[0] not in logs
+
+
+def _start_scheduler(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    with log_path.open("ab") as out:
+        return subprocess.Popen([str(BIN), "scheduler"], env=full, stdout=out, stderr=subprocess.STDOUT)
+
+
+async def test_health_is_red_without_redis_and_green_with_worker_and_scheduler(
+    wenv: dict[str, str], tmp_path: Path, procs: list[Any]
+) -> None:
+    closed = free_port()  # nothing listens here: the shared Redis is never touched
+    red = keyrotor("health", "--json", env={**wenv, "REDIS_URL": f"redis://127.0.0.1:{closed}/0"}, timeout=60)
+    assert red.returncode == 1, red.stderr
+    doc = json.loads(red.stdout)
+    assert doc["healthy"] is False
+    assert doc["checks"]["redis"]["status"] == "fail"
+    assert doc["checks"]["postgres"]["status"] == "ok" and doc["checks"]["kek"]["status"] == "ok"
+    assert doc["checks"]["replicas"]["status"] == "not_configured"
+    assert MASTER_KEY not in red.stdout + red.stderr
+
+    env = {**wenv, "KEYROTOR_METRICS_PORT": "0", "KEYROTOR_SCAN_INTERVAL_SECONDS": "1"}
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    procs.append(worker)
+    sched_port = free_port()
+    sched = _start_scheduler(
+        {**env, "KEYROTOR_METRICS_PORT": str(sched_port), "KEYROTOR_METRICS_HOST": "127.0.0.1"},
+        tmp_path / "scheduler.log",
+    )
+    procs.append(sched)
+    await worker.wait_started()
+    deadline = time.monotonic() + 30
+    while True:
+        green = keyrotor("health", "--json", env=wenv, timeout=60)
+        if green.returncode == 0 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert green.returncode == 0, green.stdout + (tmp_path / "scheduler.log").read_text()[-2000:]
+    checks = json.loads(green.stdout)["checks"]
+    assert {k: v["status"] for k, v in checks.items()} == {
+        "postgres": "ok",
+        "redis": "ok",
+        "kek": "ok",
+        "worker": "ok",
+        "scheduler": "ok",
+        "replicas": "not_configured",
+    }
+    status, body = get(sched_port, "/readyz")
+    assert status == 200 and json.loads(body)["scheduler_role"] == "leader"
+    sched.send_signal(signal.SIGTERM)
+    assert sched.wait(30) == 0
+    assert worker.terminate() == 0

@@ -1,0 +1,107 @@
+"""The log redaction processor (worker/logs.py): key material never survives into an event."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+
+import pytest
+import structlog
+
+from keyrotor import Settings
+from worker.logs import REDACTED, Redactor, configure_logging, known_secrets
+
+ANTHROPIC = "sk-ant-api03-" + "Ab3_x-" * 16
+OPENAI = "sk-proj-" + "Zq9xY8wV7uT6sR5q" * 3
+GOOGLE = "AIzaSyD" + "k3Jf8-Lm_Qw2" * 3
+DEK = os.urandom(32)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        ANTHROPIC,
+        OPENAI,
+        GOOGLE,
+        base64.b64encode(DEK).decode(),
+        base64.urlsafe_b64encode(DEK).decode(),
+        DEK.hex(),
+        "kr1:3:" + base64.urlsafe_b64encode(os.urandom(60)).decode().rstrip("="),
+        secrets.token_urlsafe(32),
+    ],
+)
+def test_key_material_is_redacted_anywhere_in_a_string(secret: str) -> None:
+    r = Redactor()
+    out = r.redact(f"failed for value {secret} in row 42")
+    assert secret not in out and REDACTED in out
+    assert out.startswith("failed for value ") and out.endswith(" in row 42")
+
+
+def test_ordinary_text_is_left_alone() -> None:
+    r = Redactor()
+    for text in (
+        "batch_reencrypted",
+        "keyrotor:queue:rotate_dek:tenant-42/openai:17",
+        "/work/main/.venv/lib/python3.11/site-packages/sqlalchemy/ext/asyncio/engine.py",
+        "2026-11-28T19:45:00.123456Z",
+        "worker_background_failed: StoreUnavailable: cannot reach the database",
+        "rotation_completed mode=single_transaction rows=40 to_version=3",
+    ):
+        assert r.redact(text) == text
+
+
+def test_known_secrets_and_url_passwords() -> None:
+    settings = Settings.from_env(
+        {"ENCRYPTION_KEY": "short-but-known-master", "ENCRYPTION_KEYS_PREVIOUS": '{"1": "older-master-key"}'}
+    )
+    r = Redactor(known_secrets(settings))
+    out = r.redact("keys short-but-known-master and older-master-key, postgresql://kr:hunter2pw@db:5432/kr")
+    assert "short-but-known-master" not in out and "older-master-key" not in out
+    assert "hunter2pw" not in out and "postgresql://kr:***@db:5432/kr" in out
+
+
+def test_every_value_of_an_event_nested_and_bytes() -> None:
+    r = Redactor()
+    event = {
+        "event": f"got {OPENAI}",
+        "detail": {"keys": [ANTHROPIC, {"g": GOOGLE}], "n": 3, "ok": True},
+        "raw": DEK,
+        "exception": f"Traceback ...\nValueError: bad key {ANTHROPIC}",
+        "_record": object(),
+    }
+    out = r(None, "info", event)
+    text = json.dumps({k: v for k, v in out.items() if not k.startswith("_")})
+    for secret in (OPENAI, ANTHROPIC, GOOGLE):
+        assert secret not in text
+    assert out["detail"]["n"] == 3 and out["detail"]["ok"] is True
+    assert out["raw"] == "<32 bytes>"
+
+
+def test_configured_logging_redacts_stdlib_structlog_and_exceptions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = Settings.from_env(
+        {"KEYROTOR_LOG_FORMAT": "json", "ENCRYPTION_KEY": "configured-master-key-xyz"}
+    )
+    configure_logging(settings, force=True)
+    try:
+        structlog.get_logger("t").info("stored", value=ANTHROPIC, scope="anthropic", run_id=7)
+        logging.getLogger("arq.worker").warning("job failed with %s", OPENAI)
+        try:
+            raise ValueError(f"cannot use configured-master-key-xyz or {GOOGLE}")
+        except ValueError:
+            structlog.get_logger("t").exception("boom")
+        out = capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers = []
+    lines = out.strip().splitlines()
+    assert len(lines) == 3
+    events = [json.loads(line) for line in lines]  # one JSON event a line
+    assert events[0]["scope"] == "anthropic" and events[0]["run_id"] == 7
+    for secret in (ANTHROPIC, OPENAI, GOOGLE, "configured-master-key-xyz"):
+        assert secret not in out
+    assert "ValueError" in out

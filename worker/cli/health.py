@@ -1,0 +1,157 @@
+"""``keyrotor health [--json]``: is the deployment able to rotate keys? Exit 0 if so, 1 if not.
+
+Checks, each bounded by a timeout and reported with its own status:
+
+- ``postgres``: reachable, and the schema is at the migrations' head;
+- ``redis``: reachable;
+- ``kek``: the KEK provider's ``check()`` (a probe round trip);
+- ``worker``: a worker has written arq's ``<queue>:health-check`` key lately (it expires ~31 s
+  after the last write);
+- ``scheduler``: a scheduler leads (its heartbeat ``KEYROTOR_SCHEDULER_LEADER_KEY`` is set);
+- ``replicas``: multi-region KEK replication is not implemented yet; reported as
+  ``not configured``, neither green nor red.
+
+Errors name the failure's class (and for our own typed errors their message), never a URL
+(it may carry a password) or a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from keyrotor.errors import KeyrotorError
+from keyrotor.settings import Settings
+from worker.cli.common import out_console, print_json, run
+
+TIMEOUT_S = 5.0
+HEALTH_CHECK_SUFFIX = ":health-check"  # arq.constants.health_check_key_suffix
+
+Result = dict[str, Any]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("health")(health)
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {TIMEOUT_S:g}s"
+    if isinstance(exc, KeyrotorError):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
+
+
+async def _bounded(fn: Callable[[], Awaitable[Result]]) -> Result:
+    try:
+        return await asyncio.wait_for(fn(), TIMEOUT_S)
+    except Exception as exc:
+        return {"status": "fail", "error": _error(exc)}
+
+
+async def collect(settings: Settings) -> dict[str, Result]:
+    """Run every check concurrently. Each result has ``status``: ``ok``, ``fail`` or
+    ``not_configured``, and a ``detail`` or an ``error``."""
+    import redis.asyncio as aioredis
+    from sqlalchemy import text
+
+    from keyrotor.kek.factory import open_provider
+    from keyrotor.store import db
+
+    redis: Any = aioredis.from_url(  # type: ignore[no-untyped-call]
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=2, retry_on_timeout=False
+    )
+
+    async def postgres() -> Result:
+        engine = db.create_engine(settings.database_url, pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            missing = db.head_revisions() - await db.current_revisions(engine)
+        finally:
+            await engine.dispose()
+        if missing:
+            return {"status": "fail", "error": "schema not up to date: run `keyrotor db upgrade`"}
+        return {"status": "ok", "detail": "reachable, schema up to date"}
+
+    async def redis_ping() -> Result:
+        await redis.ping()
+        return {"status": "ok", "detail": "reachable"}
+
+    async def kek() -> Result:
+        provider = await open_provider(settings)
+        try:
+            await provider.check()
+        finally:
+            await provider.aclose()
+        return {"status": "ok", "detail": f"{provider.name}: probe round trip ok"}
+
+    async def worker() -> Result:
+        key = settings.queue_name + HEALTH_CHECK_SUFFIX
+        value = await redis.get(key)
+        if value is None:
+            return {"status": "fail", "error": f"no worker has reported lately ({key} is not set)"}
+        return {"status": "ok", "detail": value.decode(errors="replace")}
+
+    async def scheduler() -> Result:
+        value = await redis.get(settings.scheduler_leader_key)
+        if value is None:
+            return {"status": "fail", "error": "no scheduler leads (its heartbeat key is not set)"}
+        return {"status": "ok", "detail": f"leader {value.decode(errors='replace')}"}
+
+    async def replicas() -> Result:
+        return {
+            "status": "not_configured",
+            "detail": "multi-region KEK replication is not implemented yet (a later issue)",
+        }
+
+    checks = {
+        "postgres": postgres,
+        "redis": redis_ping,
+        "kek": kek,
+        "worker": worker,
+        "scheduler": scheduler,
+        "replicas": replicas,
+    }
+    try:
+        results = await asyncio.gather(*(_bounded(fn) for fn in checks.values()))
+    finally:
+        await redis.aclose()
+    return dict(zip(checks, results, strict=True))
+
+
+def healthy(results: dict[str, Result]) -> bool:
+    """Green when no check failed (``not_configured`` is not a failure, and not a pass)."""
+    return all(r["status"] != "fail" for r in results.values())
+
+
+def health(json_out: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False) -> None:
+    """Check Postgres, Redis, the KEK provider, workers, the scheduler and replicas; exit 1 if any fails."""
+    settings = Settings.from_env()
+
+    async def go() -> dict[str, Result]:
+        return await collect(settings)
+
+    results = run(go)
+    ok = healthy(results)
+    if json_out:
+        print_json({"healthy": ok, "checks": results})
+    else:
+        table = Table(
+            title="keyrotor health: " + ("[green]healthy[/green]" if ok else "[red]UNHEALTHY[/red]")
+        )
+        for col in ("check", "status", "detail"):
+            table.add_column(col)
+        colour = {"ok": "green", "fail": "red", "not_configured": "yellow"}
+        for name, r in results.items():
+            status = r["status"]
+            table.add_row(
+                name, f"[{colour[status]}]{status}[/{colour[status]}]", r.get("detail") or r.get("error", "")
+            )
+        out_console.print(table)
+    if not ok:
+        raise typer.Exit(1)
