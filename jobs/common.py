@@ -115,7 +115,7 @@ async def enqueue_driver(
         job = await redis.enqueue_job(name, *args, _job_id=jid, _queue_name=settings.queue_name, **kwargs)
         if job is not None:
             return job
-        existing = Job(jid, redis, _queue_name=settings.queue_name)
+        existing = Job(jid, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)
         if await existing.status() != JobStatus.complete or run.terminal:
             return existing
         if redrive_after is not None and datetime.now(UTC) - run.updated_at < redrive_after:
@@ -123,7 +123,7 @@ async def enqueue_driver(
         # One re-drive a minute at most: clients asking at once share it.
         again = f"{jid}:r{int(datetime.now(UTC).timestamp() // 60)}"
         job = await redis.enqueue_job(name, *args, _job_id=again, _queue_name=settings.queue_name, **kwargs)
-        return job or Job(again, redis, _queue_name=settings.queue_name)
+        return job or Job(again, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)
     except (RedisError, OSError) as exc:
         raise QueueUnavailable(f"cannot enqueue on Redis: {type(exc).__name__}") from exc
 

@@ -41,4 +41,4 @@ async def enqueue_legacy(redis: ArqRedis, settings: Settings, run: RunInfo) -> J
     """Enqueue the job driving ``run`` (a no-op while one with its id is queued or running)."""
     jid = job_id(settings, "migrate_legacy", run.id)
     job = await redis.enqueue_job("migrate_legacy", run.id, _job_id=jid, _queue_name=settings.queue_name)
-    return job or Job(jid, redis, _queue_name=settings.queue_name)
+    return job or Job(jid, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)

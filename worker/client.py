@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jobs.common import enqueue_driver
+from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor import kek_rotation, retire, rotation, runs
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.runs import RunFailed, RunInfo
@@ -131,6 +132,7 @@ class KeyrotorClient:
                 self._redis = await create_pool(
                     RedisSettings.from_dsn(self.settings.redis_url),
                     default_queue_name=self.settings.queue_name,
+                    **ARQ_SERIALIZERS,
                 )
             except (RedisError, OSError) as exc:
                 raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc

@@ -46,6 +46,7 @@ from jobs.reencrypt import reencrypt_range
 from jobs.retire_dek import retire_dek
 from jobs.rotate_dek import rotate_dek
 from jobs.rotate_kek import rotate_kek
+from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor import runs
 from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, KeyrotorError
@@ -121,6 +122,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "poll_delay": settings.worker_poll_delay_s,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "keep_result": 3600,
+        **ARQ_SERIALIZERS,
         "ctx": {"settings": settings},
     }
 

@@ -53,6 +53,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jobs.common import enqueue_driver, job_id
+from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor import metrics, schedule
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.runs import RunInfo
@@ -227,6 +228,7 @@ class Scheduler:
                 self._redis = await create_pool(
                     RedisSettings.from_dsn(self.settings.redis_url),
                     default_queue_name=self.settings.queue_name,
+                    **ARQ_SERIALIZERS,
                 )
             except (RedisError, OSError) as exc:
                 raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc

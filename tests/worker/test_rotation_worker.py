@@ -149,7 +149,7 @@ async def test_cli_end_to_end_with_secrets_hygiene(
     assert json.loads(retired.stdout)["state"] == "completed"
 
     # Secrets hygiene: no plaintext, DEK, wrapped DEK or master key in the worker's logs or in
-    # anything arq keeps in Redis (pickled job arguments and results).
+    # anything arq keeps in Redis (job arguments and results).
     deks = await fetch(
         settings.database_url, "SELECT k.name, d.* FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id"
     )
@@ -177,6 +177,9 @@ async def test_cli_end_to_end_with_secrets_hygiene(
     finally:
         await client.aclose()
     assert any(p and b"rotate_dek" in p for p in payloads)  # results of the drivers are kept
+    for p in payloads:  # job payloads and results are JSON, never pickle
+        if p:
+            json.loads(p)
     haystacks = [worker.output()] + [repr(p) + (p or b"").decode("latin-1") for p in payloads]
     for hay in haystacks:
         for secret in forbidden:
