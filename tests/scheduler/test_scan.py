@@ -11,6 +11,7 @@ from arq.jobs import Job
 from sqlalchemy import event, text
 
 from jobs.common import enqueue_driver
+from jobs.serialization import deserialize
 from keyrotor import KeyManager, Settings, schedule
 from keyrotor.store import db
 from tests.scheduler.conftest import queued_jobs, seed_scopes, sql
@@ -58,7 +59,9 @@ async def test_due_scopes_are_enqueued_once_across_repeated_scans(
     # The job is the run's driver, under the same id an on-demand request for the run uses.
     run = first.rotations[0]
     assert f"{senv['KEYROTOR_QUEUE_NAME']}:rotate_dek:{run.scope}:{run.id}" in jobs
-    info = await Job(first.enqueued[0], sched.redis, _queue_name=senv["KEYROTOR_QUEUE_NAME"]).info()
+    info = await Job(
+        first.enqueued[0], sched.redis, _queue_name=senv["KEYROTOR_QUEUE_NAME"], _deserializer=deserialize
+    ).info()
     assert info is not None and info.function == "rotate_dek"
     assert info.kwargs["trigger"] == "schedule"
 
@@ -240,7 +243,9 @@ async def test_retire_is_enqueued_once_grace_has_ended(
     assert (await sched.scan(T0 + timedelta(hours=3))).retirements == []
     jobs = [j for j in await queued_jobs(rq, senv["KEYROTOR_QUEUE_NAME"]) if ":retire_dek:" in j]
     assert len(jobs) == 2
-    info = await Job(jobs[0], sched.redis, _queue_name=senv["KEYROTOR_QUEUE_NAME"]).info()
+    info = await Job(
+        jobs[0], sched.redis, _queue_name=senv["KEYROTOR_QUEUE_NAME"], _deserializer=deserialize
+    ).info()
     assert info is not None and info.function == "retire_dek" and info.args[1] == 1
     # v1 of scope 0 destroyed (the worker's job): v2 is next.
     await sql(url, "UPDATE rotations SET state = 'completed', finished_at = now()")
