@@ -10,11 +10,19 @@ Each scope has one active DEK; new values are sealed with it (``keyrotor.envelop
 sealed under any DEK version that still decrypts (pending, active, grace) open, as do legacy
 values of the old Node backend (scrypt runs off the event loop). Unwrapped DEKs are cached
 for ``KEYROTOR_DEK_CACHE_TTL_SECONDS`` (default 30 minutes), bounded by count.
+
+Every call is checked against the grants (``keyrotor.grants``) and recorded in the audit log
+(``keyrotor.audit``): who (``actor=``/``ip=``/``user_agent=``, else the innermost
+``keyrotor.audit.actor_context``, else ``KEYROTOR_DEFAULT_ACTOR``), when, which scope and DEK
+version, and for failures the error's class and message, never a value or a ciphertext. Events
+go through a batched background writer (``keyrotor.audit_writer``) started by ``open()`` and
+flushed by ``close()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -24,25 +32,52 @@ from typing import Any, Self
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor import envelope, legacy
+from keyrotor import envelope, legacy, metrics
+from keyrotor.audit import (
+    MAX_ERROR_CHARS,
+    Row,
+    check_actor,
+    clean_short,
+    clean_text,
+    current_caller,
+    metadata_json,
+    normalize_metadata,
+    now_us,
+)
+from keyrotor.audit_writer import AuditWriter
 from keyrotor.cache import DekCache
 from keyrotor.errors import (
+    AccessDenied,
     ConfigurationError,
     DecryptionFailed,
     InvalidInput,
     InvalidValue,
+    KeyrotorError,
     KeyVersionUnknown,
     MalformedCiphertext,
     ScopeNotFound,
     SecretNotFound,
 )
+from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
 from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.kek.factory import open_provider
+from keyrotor.notify import KeyChange, KeyChangeListener
 from keyrotor.policy import RotationPolicy, check_decryptable, check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
+from keyrotor.usage import UsageCounter
 
 MAX_NAME_CHARS = 200
+MAX_CONTEXT_CHARS = 1024
+
+log = logging.getLogger(__name__)
+
+# (actor, ip, user agent) of a call
+_Who = tuple[str, str | None, str | None]
+_ENCRYPT, _DECRYPT = 0, 1
+_OPERATION = ("encrypt", "decrypt")
+# Event metadata is queued as JSON text (keyrotor.audit.Row).
+_OPERATION_METADATA = ('{"operation":"encrypt"}', '{"operation":"decrypt"}')
 
 
 class KeyManager:
@@ -71,10 +106,27 @@ class KeyManager:
         self._owns_engine = engine is None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self.cache = DekCache(ttl_s=settings.dek_cache_ttl_s, max_entries=settings.dek_cache_max_entries)
+        metrics.track_cache(self.cache)
         # scope -> (scope id, active version, monotonic expiry)
         self._active: dict[str, tuple[int, int, float]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future[AESGCM]] = {}
         self._valid_scopes: set[str] = set()
+        self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
+        self._audit: AuditWriter | None = None
+        try:
+            default_actor = check_actor(settings.default_actor)
+        except InvalidInput as exc:
+            raise ConfigurationError(f"KEYROTOR_DEFAULT_ACTOR: {exc}") from None
+        self._default_who: _Who = (default_actor, None, None)
+        self._actors: set[str] = {default_actor}
+        # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
+        self.key_listener: KeyChangeListener | None = None
+        # Encryptions per DEK, counted in memory and flushed in batches (keyrotor.usage).
+        self.usage = UsageCounter(
+            lambda: self.sessions,
+            default_max=settings.max_encryptions_per_dek,
+            interval_s=settings.usage_flush_interval_s,
+        )
 
     def __repr__(self) -> str:
         return f"KeyManager(provider={self.settings.secrets_provider!r}, cache={self.cache!r})"
@@ -97,9 +149,38 @@ class KeyManager:
         if self._engine is None:
             self._engine = db.create_engine(self.settings.database_url)
         self._sessions = db.sessionmaker(self._engine)
+        if self.settings.listen_key_changes and self.key_listener is None:
+            self.key_listener = KeyChangeListener(
+                self.settings.redis_url, self.settings.notify_channel, self.on_key_change
+            )
+            self.key_listener.start()
+        if not self.settings.audit_enabled:
+            log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
+        elif self._audit is None:
+            self._audit = AuditWriter(
+                self._engine,
+                queue_max=self.settings.audit_queue_max,
+                batch_size=self.settings.audit_batch_size,
+                flush_interval_s=self.settings.audit_flush_interval_s,
+                close_timeout_s=self.settings.audit_close_timeout_s,
+            )
+            await self._audit.start()
+        self.usage.start()
 
     async def close(self) -> None:
-        """Release what the manager opened. Cached DEKs are dropped."""
+        """Release what the manager opened, after writing every queued audit event.
+
+        Cached DEKs are dropped.
+        """
+        await self.usage.close()
+        if self._audit is not None:
+            await self._audit.close()
+            self._audit = None
+            # A closed manager must not go on decrypting unaudited (its caches could allow it).
+            self._sessions = None
+        if self.key_listener is not None:
+            await self.key_listener.stop()
+            self.key_listener = None
         self.cache.invalidate()
         self._active.clear()
         if self._owns_engine and self._engine is not None:
@@ -139,9 +220,28 @@ class KeyManager:
             raise ConfigurationError("KeyManager is not open: use `async with KeyManager(...)`")
         return self._sessions
 
+    @property
+    def audit(self) -> AuditWriter | None:
+        """The audit writer (after ``open``; None when ``KEYROTOR_AUDIT=off``)."""
+        return self._audit
+
+    async def flush_audit(self) -> None:
+        """Wait until every audit event of this manager queued so far is written."""
+        if self._audit is not None:
+            await self._audit.flush()
+
     # --- encrypt / decrypt -----------------------------------------------------------------
 
-    async def encrypt(self, scope: str, plaintext: str, *, context: str = "") -> str:
+    async def encrypt(
+        self,
+        scope: str,
+        plaintext: str,
+        *,
+        context: str = "",
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> str:
         """Encrypt a value under the scope's active DEK (creating the scope with DEK v1 on first use).
 
         Args:
@@ -149,42 +249,114 @@ class KeyManager:
             plaintext: the value (non-empty text, at most ``KEYROTOR_MAX_VALUE_BYTES`` as UTF-8).
             context: where the value will live (e.g. ``users.api_key:42``); the same context
                 must be given to decrypt it.
+            actor, ip, user_agent: who is calling, for the grants and the audit log (default:
+                the innermost ``actor_context``, else ``KEYROTOR_DEFAULT_ACTOR``).
 
         Returns:
             A ``kr1:<version>:...`` string.
 
         Raises:
-            InvalidScope, InvalidValue: bad input.
+            InvalidScope, InvalidValue, InvalidInput: bad input.
+            AccessDenied: no grant lets the actor encrypt in this scope.
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
-        data = self._plaintext_bytes(plaintext)
-        self._check_scope(scope)
-        self._check_context(context)
-        _, version, cipher = await self._encryption_key(scope)
-        return envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
+        who = self._who(actor, ip, user_agent)
+        try:
+            data = self._plaintext_bytes(plaintext)
+            self._check_scope(scope)
+            self._check_context(context)
+            allowed = self.grants.cached(who[0], scope)
+            if allowed is None or not allowed[_ENCRYPT]:
+                await self._authorize(who, scope, _ENCRYPT)
+            scope_id, version, cipher = await self._encryption_key(scope)
+            token = envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
+            self.usage.add(scope_id, version)
+        except Exception as exc:
+            await self._audit_failure("encrypt", who, scope, None, context, exc)
+            raise
+        audit = self._audit
+        if audit is not None:
+            row: Row = (
+                "encrypt",
+                scope,
+                version,
+                True,
+                *who,
+                None,
+                _context_metadata(context),
+                now_us(),
+            )
+            if not audit.offer(row):
+                await audit.put(row)
+        return token
 
-    async def decrypt(self, scope: str, ciphertext: str, *, context: str = "") -> str:
+    async def decrypt(
+        self,
+        scope: str,
+        ciphertext: str,
+        *,
+        context: str = "",
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> str:
         """Decrypt a ``kr1`` value of ``scope`` (or a legacy value of the old Node backend).
 
+        ``actor``, ``ip`` and ``user_agent`` name the caller as for :meth:`encrypt`. Every call
+        is audited: ``decrypt``, or ``failed_decrypt`` with the error's class and message.
+
         Raises:
+            AccessDenied: no grant lets the actor decrypt in this scope.
             MalformedCiphertext: not a ciphertext at all.
             DecryptionFailed: wrong scope or context, tampered, or not UTF-8.
             KeyVersionUnknown, KeyVersionTooOld: the DEK version is unknown or retired.
             ScopeNotFound: the scope does not exist.
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
+        who = self._who(actor, ip, user_agent)
+        try:
+            if scope not in self._valid_scopes:
+                self._check_scope(scope)
+            allowed = self.grants.cached(who[0], scope)
+            if allowed is None or not allowed[_DECRYPT]:
+                await self._authorize(who, scope, _DECRYPT)
+            value, version = await self._decrypt_value(scope, ciphertext, context)
+        except Exception as exc:
+            metrics.decrypt_failed(exc)
+            await self._audit_failure("failed_decrypt", who, scope, _peek_version(ciphertext), context, exc)
+            raise
+        audit = self._audit
+        if audit is not None:
+            row: Row = (
+                "decrypt",
+                scope,
+                version,
+                True,
+                *who,
+                None,
+                _context_metadata(context) if version is not None else _LEGACY_METADATA,
+                now_us(),
+            )
+            if not audit.offer(row):
+                await audit.put(row)
+        return value
+
+    async def _decrypt_value(self, scope: str, ciphertext: str, context: str) -> tuple[str, int | None]:
+        """The plaintext and its DEK version (None for a legacy value): no grant check, no audit."""
         if scope not in self._valid_scopes:
             self._check_scope(scope)
-        if isinstance(ciphertext, str) and ciphertext.startswith("kr1:"):
-            sealed = envelope.parse(ciphertext)
-            cipher = self.cache.get(scope, sealed.dek_version) or await self._load(scope, sealed.dek_version)
-            data = envelope.unseal(sealed, cipher=cipher, scope=scope, context=context)
-        elif isinstance(ciphertext, str) and legacy.is_legacy(ciphertext):
-            return await self._decrypt_legacy(ciphertext)
-        else:
-            raise MalformedCiphertext("not a kr1 or legacy ciphertext")
         try:
-            return data.decode()
+            version, raw = envelope.split(ciphertext)
+        except MalformedCiphertext:
+            if isinstance(ciphertext, str) and not ciphertext.startswith(envelope.PREFIX):
+                if legacy.is_legacy(ciphertext):
+                    return await self._decrypt_legacy(ciphertext), None
+                raise MalformedCiphertext("not a kr1 or legacy ciphertext") from None
+            raise
+        cipher = self.cache.get(scope, version) or await self._load(scope, version)
+        data = envelope.open_raw(raw, cipher=cipher, scope=scope, dek_version=version, context=context)
+        try:
+            return data.decode(), version
         except UnicodeDecodeError:
             raise DecryptionFailed("decrypted value is not valid UTF-8") from None
 
@@ -198,19 +370,55 @@ class KeyManager:
 
     # --- secrets table ---------------------------------------------------------------------
 
-    async def put_secret(self, scope: str, name: str, value: str) -> None:
+    async def put_secret(
+        self,
+        scope: str,
+        name: str,
+        value: str,
+        *,
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
         """Store (or replace) a named value in keyrotor's ``secrets`` table.
 
         Raises:
             InvalidScope, InvalidValue, InvalidInput: bad input.
+            AccessDenied: no grant lets the actor encrypt in this scope.
         """
-        await self.put_secrets(scope, [(name, value)])
+        await self.put_secrets(scope, [(name, value)], actor=actor, ip=ip, user_agent=user_agent)
 
-    async def put_secrets(self, scope: str, items: Sequence[tuple[str, str]]) -> int:
-        """Store many ``(name, value)`` pairs of one scope in one transaction. Returns the count."""
+    async def put_secrets(
+        self,
+        scope: str,
+        items: Sequence[tuple[str, str]],
+        *,
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> int:
+        """Store many ``(name, value)`` pairs of one scope in one transaction. Returns the count.
+
+        Each value is one ``encrypt`` audit event (context ``secret:<name>``).
+        """
+        who = self._who(actor, ip, user_agent)
+        try:
+            version = await self._put_secrets(who, scope, items)
+        except Exception as exc:
+            await self._audit_failure("encrypt", who, scope, None, "", exc, {"values": len(items)})
+            raise
+        if self._audit is not None:
+            now = now_us()
+            for name, _ in items:
+                meta = _context_metadata(_secret_context(name))
+                await self._emit(("encrypt", scope, version, True, *who, None, meta, now))
+        return len(items)
+
+    async def _put_secrets(self, who: _Who, scope: str, items: Sequence[tuple[str, str]]) -> int:
         for name, _ in items:
             self._check_name(name)
         self._check_scope(scope)
+        await self._authorize(who, scope, _ENCRYPT)
         scope_id, version, cipher = await self._encryption_key(scope)
         rows = [
             (
@@ -227,23 +435,168 @@ class KeyManager:
         ]
         async with db.transaction(self.sessions) as session:
             await repo.put_secrets(session, scope_id, rows, version)
-        return len(rows)
+        self.usage.add(scope_id, version, len(rows))
+        return version
 
-    async def get_secret(self, scope: str, name: str) -> str:
-        """Read and decrypt a named value.
+    async def get_secret(
+        self,
+        scope: str,
+        name: str,
+        *,
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> str:
+        """Read and decrypt a named value (audited as a ``decrypt`` of context ``secret:<name>``).
 
         Raises:
             SecretNotFound: no such secret in that scope.
+            AccessDenied: no grant lets the actor decrypt in this scope.
         """
-        self._check_scope(scope)
-        self._check_name(name)
+        who = self._who(actor, ip, user_agent)
+        context = _secret_context(name) if isinstance(name, str) else ""
+        version: int | None = None
+        try:
+            self._check_scope(scope)
+            self._check_name(name)
+            await self._authorize(who, scope, _DECRYPT)
+            async with db.transaction(self.sessions) as session:
+                row = await repo.get_secret(session, scope, name)
+            if row is None:
+                raise SecretNotFound(f"no secret {name!r} in scope {scope!r}")
+            version = _peek_version(row.ciphertext)
+            value, version = await self._decrypt_value(scope, row.ciphertext, context)
+        except Exception as exc:
+            await self._audit_failure("failed_decrypt", who, scope, version, context, exc)
+            raise
+        await self._emit(
+            ("decrypt", scope, version, True, *who, None, _context_metadata(context), now_us())
+        )
+        return value
+
+    # --- grants ----------------------------------------------------------------------------
+
+    async def grant(
+        self, actor: str, scope: str, *, encrypt: bool = False, decrypt: bool = False, by: str | None = None
+    ) -> Grant:
+        """Allow ``actor`` (or ``*``) to encrypt and/or decrypt in scopes matching ``scope``.
+
+        Recorded as a ``config_change`` by ``by`` (default: the current caller). Takes effect
+        in this process at once, in others within ``KEYROTOR_GRANTS_TTL_SECONDS``.
+
+        Raises:
+            InvalidInput: bad actor or scope pattern, or neither permission.
+        """
+        by = by or self._who(None, None, None)[0]
         async with db.transaction(self.sessions) as session:
-            row = await repo.get_secret(session, scope, name)
-        if row is None:
-            raise SecretNotFound(f"no secret {name!r} in scope {scope!r}")
-        return await self.decrypt(scope, row.ciphertext, context=_secret_context(name))
+            return await grant_access(session, actor, scope, encrypt=encrypt, decrypt=decrypt, by=by)
+
+    async def revoke(
+        self, actor: str, scope: str, *, encrypt: bool = False, decrypt: bool = False, by: str | None = None
+    ) -> Grant | None:
+        """Remove a grant, or only its ``encrypt``/``decrypt`` permission (see ``keyrotor.grants.revoke``).
+
+        Raises:
+            NotFound: no grant for exactly that actor and pattern.
+        """
+        by = by or self._who(None, None, None)[0]
+        async with db.transaction(self.sessions) as session:
+            return await revoke_access(session, actor, scope, encrypt=encrypt, decrypt=decrypt, by=by)
+
+    # --- audit helpers ---------------------------------------------------------------------
+
+    def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> _Who:
+        """The caller: keyword arguments, else the innermost actor_context, else the default actor."""
+        ctx = current_caller()
+        if ip is None and user_agent is None:
+            if actor is None:
+                return self._default_who if ctx is None else ctx.who
+            if ctx is None and actor in self._actors:
+                return (actor, None, None)
+        if actor is None:
+            name = self._default_who[0] if ctx is None else ctx.actor
+        elif actor in self._actors:
+            name = actor
+        else:
+            name = check_actor(actor)
+            if len(self._actors) < 10_000:
+                self._actors.add(name)
+        return (
+            name,
+            clean_short(ip) if ip is not None else (ctx.ip if ctx else None),
+            clean_short(user_agent) if user_agent is not None else (ctx.user_agent if ctx else None),
+        )
+
+    async def _authorize(self, who: _Who, scope: str, operation: int) -> None:
+        """Raise AccessDenied (and record ``unauthorized``) unless a grant allows the call."""
+        if (await self.grants.permissions(who[0], scope))[operation]:
+            return
+        message = f"actor {who[0]!r} may not {_OPERATION[operation]} in scope {scope!r}"
+        await self._emit(
+            (
+                "unauthorized",
+                scope,
+                None,
+                False,
+                *who,
+                message,
+                _OPERATION_METADATA[operation],
+                now_us(),
+            )
+        )
+        raise AccessDenied(message)
+
+    async def _emit(self, row: Row) -> None:
+        audit = self._audit
+        if audit is not None and not audit.offer(row):
+            await audit.put(row)
+
+    async def _audit_failure(
+        self,
+        event_type: str,
+        who: _Who,
+        scope: object,
+        version: int | None,
+        context: object,
+        exc: Exception,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if self._audit is None or isinstance(exc, AccessDenied):
+            return  # a denial was recorded as `unauthorized` already
+        # The typed errors' messages never hold values or ciphertexts; anything else may
+        # quote data, so only its class is kept.
+        if isinstance(exc, KeyrotorError):
+            error = f"{type(exc).__name__}: {clean_text(str(exc), MAX_ERROR_CHARS)}"
+        else:
+            error = f"{type(exc).__name__} (unexpected error)"
+        metadata: dict[str, Any] = {"context": context} if isinstance(context, str) and context else {}
+        metadata.update(extra or {})
+        row: Row = (
+            event_type,
+            scope if isinstance(scope, str) and scope in self._valid_scopes else None,
+            version,
+            False,
+            *who,
+            error,
+            metadata_json(normalize_metadata(metadata)),
+            now_us(),
+        )
+        try:
+            await self._emit(row)
+        except ConfigurationError:  # closed meanwhile: keep the caller's own error, say so loudly
+            log.error("audit writer closed: a %s event (%s) was not recorded", event_type, type(exc).__name__)
 
     # --- cache control ---------------------------------------------------------------------
+
+    def on_key_change(self, change: KeyChange) -> None:
+        """Called by the key-change listener: forget what a rotation, retirement or reconnect made stale.
+
+        A new ``pending`` DEK needs nothing (it is loaded on first sight), nor does a rewrap (a
+        DEK's bytes do not change); every other change drops the scope's cached DEKs and active
+        version (all scopes for ``resync``).
+        """
+        if change.event not in ("pending", "rewrapped"):
+            self.invalidate(change.scope)
 
     def invalidate(self, scope: str | None = None) -> None:
         """Forget cached DEKs and active versions (all, or one scope's).
@@ -375,3 +728,27 @@ class KeyManager:
 
 def _secret_context(name: str) -> str:
     return f"secret:{name}"
+
+
+_LEGACY_METADATA = '{"format":"legacy"}'
+# context -> its metadata JSON: contexts repeat (a service decrypts the same rows again and again)
+_CONTEXT_JSON: dict[str, str] = {"": "{}"}
+
+
+def _context_metadata(context: str) -> str:
+    meta = _CONTEXT_JSON.get(context)
+    if meta is None:
+        meta = metadata_json({"context": clean_text(context, MAX_CONTEXT_CHARS)})
+        if len(_CONTEXT_JSON) < 10_000:
+            _CONTEXT_JSON[context] = meta
+    return meta
+
+
+def _peek_version(ciphertext: object) -> int | None:
+    """The DEK version a ciphertext names, if it is a readable kr1 value (for failure events)."""
+    if not isinstance(ciphertext, str):
+        return None
+    try:
+        return envelope.peek_version(ciphertext)
+    except KeyrotorError:
+        return None

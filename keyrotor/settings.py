@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     encryption_keys_previous: dict[int, SecretStr] = Field(
         default_factory=dict, validation_alias="ENCRYPTION_KEYS_PREVIOUS"
     )
+    # Providers (besides SECRETS_PROVIDER) that unwrap the DEKs they wrapped, comma-separated
+    # (`aws,vault`): set during a provider migration (docs/providers.md).
+    kek_read_providers: str = Field(default="", validation_alias="KEYROTOR_KEK_READ_PROVIDERS")
     # The old backend's master key, for legacy values; defaults to ENCRYPTION_KEY.
     legacy_encryption_key: SecretStr | None = Field(default=None, validation_alias="KEYROTOR_LEGACY_KEY")
 
@@ -85,11 +88,119 @@ class Settings(BaseSettings):
         default=90, ge=1, le=365, validation_alias="KEYROTOR_DEFAULT_INTERVAL_DAYS"
     )
     default_grace_days: int = Field(default=7, ge=0, le=365, validation_alias="KEYROTOR_DEFAULT_GRACE_DAYS")
+    # Rotate a DEK early once it has encrypted this many values (a scope's `max_encryptions`
+    # overrides it). Random 96-bit GCM nonces stay safe well below 2**32 encryptions a key.
+    max_encryptions_per_dek: int = Field(
+        default=2**30, ge=1, le=2**32, validation_alias="KEYROTOR_MAX_ENCRYPTIONS_PER_DEK"
+    )
+    # How often a KeyManager adds its in-process encryption counts to `data_keys.encryptions`.
+    usage_flush_interval_s: float = Field(
+        default=10.0, gt=0, le=3_600, validation_alias="KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS"
+    )
+
+    # the scheduler (worker/scheduler.py)
+    scan_interval_s: float = Field(
+        default=60.0, gt=0, le=86_400, validation_alias="KEYROTOR_SCAN_INTERVAL_SECONDS"
+    )
+    replica_check_interval_s: float = Field(
+        default=3_600.0, gt=0, le=86_400, validation_alias="KEYROTOR_REPLICA_CHECK_INTERVAL_SECONDS"
+    )
+    # Due scopes are read and opened this many at a time, one transaction a batch.
+    scan_batch_size: int = Field(default=500, ge=1, le=10_000, validation_alias="KEYROTOR_SCAN_BATCH_SIZE")
+    # A scope whose last runs failed waits base * 2**(failures - 1), at most max, before the next try.
+    schedule_backoff_s: float = Field(
+        default=300.0, gt=0, validation_alias="KEYROTOR_SCHEDULE_BACKOFF_SECONDS"
+    )
+    schedule_backoff_max_s: float = Field(
+        default=21_600.0, gt=0, validation_alias="KEYROTOR_SCHEDULE_BACKOFF_MAX_SECONDS"
+    )
+    # Redis key naming the leading scheduler (value: its instance id), for health checks.
+    scheduler_leader_key: str = Field(
+        default="keyrotor:scheduler:leader",
+        min_length=1,
+        max_length=200,
+        validation_alias="KEYROTOR_SCHEDULER_LEADER_KEY",
+    )
+    # Dry runs estimate a rotation's duration at this re-encryption rate (bench/: ~100k rows/s
+    # batched on 2 cores; halved for headroom).
+    estimate_rows_per_second: float = Field(
+        default=50_000.0, gt=0, validation_alias="KEYROTOR_ESTIMATE_ROWS_PER_SECOND"
+    )
+
+    # the rotation worker (DESIGN.md "Rotation of a scope's DEK")
+    # arq queue; deployments sharing one Redis use different names (job ids derive from it too).
+    queue_name: str = Field(
+        default="keyrotor:queue", min_length=1, max_length=100, validation_alias="KEYROTOR_QUEUE_NAME"
+    )
+    # Redis pub/sub channel announcing key changes; KeyManagers listen and drop stale caches.
+    notify_channel: str = Field(
+        default="keyrotor:keys", min_length=1, max_length=100, validation_alias="KEYROTOR_NOTIFY_CHANNEL"
+    )
+    listen_key_changes: bool = Field(default=True, validation_alias="KEYROTOR_LISTEN_KEY_CHANGES")
+    # Below this many rows a scope rotates in one transaction; above, it fans out into id ranges.
+    small_scope_rows: int = Field(default=1_000, ge=0, validation_alias="KEYROTOR_SMALL_SCOPE_ROWS")
+    reencrypt_batch_rows: int = Field(
+        default=2_000, ge=1, le=50_000, validation_alias="KEYROTOR_REENCRYPT_BATCH_ROWS"
+    )
+    reencrypt_range_rows: int = Field(default=50_000, ge=1, validation_alias="KEYROTOR_REENCRYPT_RANGE_ROWS")
+    # Budgets per worker process; 0 means unlimited.
+    reencrypt_rows_per_second: float = Field(
+        default=0, ge=0, validation_alias="KEYROTOR_REENCRYPT_ROWS_PER_SECOND"
+    )
+    kek_calls_per_second: float = Field(default=0, ge=0, validation_alias="KEYROTOR_KEK_CALLS_PER_SECOND")
+    kek_rewrap_batch: int = Field(default=100, ge=1, le=1_000, validation_alias="KEYROTOR_KEK_REWRAP_BATCH")
+    worker_max_jobs: int = Field(default=4, ge=1, le=100, validation_alias="KEYROTOR_WORKER_MAX_JOBS")
+    worker_poll_delay_s: float = Field(
+        default=0.5, gt=0, le=60, validation_alias="KEYROTOR_WORKER_POLL_DELAY_SECONDS"
+    )
+    job_timeout_s: float = Field(default=1_800, gt=0, validation_alias="KEYROTOR_JOB_TIMEOUT_SECONDS")
+    job_max_tries: int = Field(default=20, ge=1, validation_alias="KEYROTOR_JOB_MAX_TRIES")
+    # A running job's arq "in progress" key lives this long unless its worker renews it, so the
+    # job of a killed worker is picked up again after at most this long.
+    job_lease_s: float = Field(default=15, ge=1, validation_alias="KEYROTOR_JOB_LEASE_SECONDS")
+    retry_backoff_s: float = Field(default=1.0, gt=0, validation_alias="KEYROTOR_RETRY_BACKOFF_SECONDS")
+    retry_backoff_max_s: float = Field(
+        default=60.0, gt=0, validation_alias="KEYROTOR_RETRY_BACKOFF_MAX_SECONDS"
+    )
+    # legacy migration (keyrotor legacy migrate): rows a batch (one transaction, one round of the
+    # scrypt pool: ~50 ms a value, so 64 rows take ~1.6 s on 2 cores) and pool processes (0: a core each).
+    legacy_batch_rows: int = Field(default=64, ge=1, le=10_000, validation_alias="KEYROTOR_LEGACY_BATCH_ROWS")
+    legacy_workers: int = Field(default=0, ge=0, le=256, validation_alias="KEYROTOR_LEGACY_WORKERS")
+    # Test only: sleep between re-encryption batches, to open a window for crash tests.
+    test_batch_delay_s: float = Field(default=0, ge=0, le=60, validation_alias="KEYROTOR_TEST_BATCH_DELAY_S")
+
+    # /metrics, /healthz, /readyz of the worker and the scheduler (worker/http.py); port 0: off.
+    metrics_port: int = Field(default=9108, ge=0, le=65_535, validation_alias="KEYROTOR_METRICS_PORT")
+    metrics_host: str = Field(default="0.0.0.0", validation_alias="KEYROTOR_METRICS_HOST")  # noqa: S104
+    # How long /readyz trusts its last KEK provider check.
+    kek_check_ttl_s: float = Field(
+        default=30.0, gt=0, le=30.0, validation_alias="KEYROTOR_KEK_CHECK_TTL_SECONDS"
+    )
 
     # logging
     log_level: str = Field(default="INFO", validation_alias="KEYROTOR_LOG_LEVEL")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="KEYROTOR_LOG_FORMAT"
+    )
+
+    # the audit log and access control (docs/audit.md)
+    # `off` exists for benchmarks only: without the log keyrotor is not compliant.
+    audit_enabled: bool = Field(default=True, validation_alias="KEYROTOR_AUDIT")
+    audit_queue_max: int = Field(default=10_000, ge=1, validation_alias="KEYROTOR_AUDIT_QUEUE_MAX")
+    audit_batch_size: int = Field(
+        default=1_000, ge=1, le=50_000, validation_alias="KEYROTOR_AUDIT_BATCH_SIZE"
+    )
+    audit_flush_interval_s: float = Field(
+        default=0.5, gt=0, le=60, validation_alias="KEYROTOR_AUDIT_FLUSH_INTERVAL_SECONDS"
+    )
+    # How long close() keeps retrying to write what is still queued before it gives up loudly.
+    audit_close_timeout_s: float = Field(
+        default=10.0, ge=0, validation_alias="KEYROTOR_AUDIT_CLOSE_TIMEOUT_SECONDS"
+    )
+    audit_api_token: SecretStr | None = Field(default=None, validation_alias="KEYROTOR_AUDIT_API_TOKEN")
+    grants_ttl_s: float = Field(default=30.0, ge=0, validation_alias="KEYROTOR_GRANTS_TTL_SECONDS")
+    default_actor: str = Field(
+        default="system", min_length=1, max_length=200, validation_alias="KEYROTOR_DEFAULT_ACTOR"
     )
 
     @classmethod

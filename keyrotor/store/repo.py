@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.kek.base import WrappedDek
 from keyrotor.policy import KeyState, RotationPolicy
-from keyrotor.store.models import DataKey, KeyScope, Secret
+from keyrotor.store.models import DataKey, KeyScope, Rotation, Secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +167,20 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
             .group_by(Secret.scope_id, Secret.dek_version)
         )
     ).all()
+    # The open (queued or running) run of each scope: its DEK rotation, else its retirement.
+    open_runs = (
+        await session.execute(
+            select(Rotation.scope_id, Rotation.id, Rotation.state, Rotation.rows_done, Rotation.rows_total)
+            .where(Rotation.scope_id.in_(ids), Rotation.state.in_(("pending", "running")))
+            .order_by(Rotation.kind)  # 'dek' sorts before 'retire'
+        )
+    ).all()
+    run_by_scope: dict[int, dict[str, Any]] = {}
+    for scope_id, run_id, state, rows_done, rows_total in open_runs:
+        if scope_id is not None:
+            run_by_scope.setdefault(
+                scope_id, {"id": run_id, "state": state, "rows_done": rows_done, "rows_total": rows_total}
+            )
     keys_by_scope: dict[int, list[DataKey]] = {}
     for k in keys:
         keys_by_scope.setdefault(k.scope_id, []).append(k)
@@ -207,6 +221,7 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
                 ],
                 "rows_by_version": dict(sorted(rows.items(), key=lambda kv: int(kv[0]))),
                 "rows_total": sum(rows.values()),
+                "run": run_by_scope.get(s.id),
             }
         )
     return out

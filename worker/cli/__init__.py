@@ -14,8 +14,16 @@ from typing import NoReturn
 import typer
 
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from worker.cli import audit as audit_cmd
+from worker.cli import columns as columns_cmd
 from worker.cli import db as db_cmd
 from worker.cli import demo as demo_cmd
+from worker.cli import health as health_cmd
+from worker.cli import kek as kek_cmd
+from worker.cli import legacy as legacy_cmd
+from worker.cli import policy as policy_cmd
+from worker.cli import rotate as rotate_cmd
+from worker.cli import scheduler as scheduler_cmd
 from worker.cli import secrets as secrets_cmd
 from worker.cli import status as status_cmd
 
@@ -28,8 +36,16 @@ app = typer.Typer(
 )
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(secrets_cmd.app, name="secrets")
+app.add_typer(columns_cmd.app, name="columns")
+app.add_typer(legacy_cmd.app, name="legacy")
 status_cmd.register(app)
 app.command("demo")(demo_cmd.demo)
+audit_cmd.register(app)
+rotate_cmd.register(app)
+policy_cmd.register(app)
+scheduler_cmd.register(app)
+health_cmd.register(app)
+kek_cmd.register(app)
 
 
 def _fail(message: str, code: int) -> NoReturn:

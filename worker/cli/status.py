@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 import typer
+from redis.exceptions import RedisError
 from rich.table import Table
 
+from keyrotor import columns
 from keyrotor.errors import ScopeNotFound
 from keyrotor.policy import check_scope
+from keyrotor.settings import Settings
 from keyrotor.store import db, repo
-from keyrotor.verify import verify_secrets
+from keyrotor.verify import verify_columns, verify_secrets
 from worker.cli.common import err_console, manager, out_console, print_json, progress, run
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -23,11 +27,45 @@ def register(app: typer.Typer) -> None:
 
 async def collect_status(scope: str | None) -> dict[str, Any]:
     """The document ``status --json`` prints."""
-    async with manager() as km, db.transaction(km.sessions) as session:
-        scopes = await repo.status(session, scope)
+    async with manager() as km:
+        async with db.transaction(km.sessions) as session:
+            scopes = await repo.status(session, scope)
+            managed = await columns.census(session)
+        await mark_queued(km.settings, scopes)
     if scope is not None and not scopes:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
-    return {"scopes": scopes}
+    for s in scopes:
+        s["next_rotation_at"] = s["policy"]["next_rotation_at"] if s["policy"]["enabled"] else None
+    return {"scopes": scopes, "columns": managed}
+
+
+async def mark_queued(settings: Settings, scopes: list[dict[str, Any]]) -> None:
+    """Set ``queued`` on each scope: whether its open run's driver job waits in the arq queue
+    (False with no open run, None if Redis cannot be asked). One pipelined round trip."""
+    from jobs.common import job_id
+
+    for s in scopes:
+        s["queued"] = False
+    open_runs = [s for s in scopes if s.get("run")]
+    if not open_runs:
+        return
+    client: Any = aioredis.from_url(  # type: ignore[no-untyped-call]
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=2
+    )
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for s in open_runs:
+                for name in ("rotate_dek", "retire_dek"):
+                    pipe.zscore(settings.queue_name, job_id(settings, name, s["scope"], s["run"]["id"]))
+            scores = await pipe.execute()
+    except (RedisError, OSError):
+        for s in open_runs:
+            s["queued"] = None
+        return
+    finally:
+        await client.aclose()
+    for i, s in enumerate(open_runs):
+        s["queued"] = scores[2 * i] is not None or scores[2 * i + 1] is not None
 
 
 def status(
@@ -62,8 +100,20 @@ def status(
         rows = ", ".join(f"v{v}: {n}" for v, n in s["rows_by_version"].items()) or "-"
         policy = s["policy"]
         nxt = (policy["next_rotation_at"] or "")[:19] if policy["enabled"] else "disabled"
+        if s.get("run"):  # a rotation or retirement in progress (queued: its job waits for a worker)
+            r = s["run"]
+            nxt = f"{nxt or '-'}\nrun {r['id']} {r['state']}" + (" (queued)" if s.get("queued") else "")
         table.add_row(s["scope"], f"v{s['active_version']}", keys, rows, str(s["rotation_count"]), nxt or "-")
     out_console.print(table)
+    if doc["columns"]:
+        cols = Table(title="application columns")
+        for col in ("column", "scope", "legacy values", "rows by version"):
+            cols.add_column(col)
+        for c in doc["columns"]:
+            by_version = ", ".join(f"v{v}: {n}" for v, n in c["rows_by_version"].items()) or "-"
+            where = c["scope"] or f"column {c['scope_column']}"
+            cols.add_row(c["column"], where, str(c["legacy"]), by_version)
+        out_console.print(cols)
 
 
 def verify(
@@ -80,7 +130,8 @@ def verify(
                 total = sum(s["rows_total"] for s in await repo.status(session, scope))
             with progress() as bar:
                 task = bar.add_task("verifying", total=total)
-                return await verify_secrets(km, scope, on_progress=lambda n: bar.advance(task, n))
+                report = await verify_secrets(km, scope, on_progress=lambda n: bar.advance(task, n))
+                return await verify_columns(km, scope, report=report)
 
     report = run(go)
     if json_out:
