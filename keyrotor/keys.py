@@ -469,9 +469,7 @@ class KeyManager:
         except Exception as exc:
             await self._audit_failure("failed_decrypt", who, scope, version, context, exc)
             raise
-        await self._emit(
-            ("decrypt", scope, version, True, *who, None, _context_metadata(context), now_us())
-        )
+        await self._emit(("decrypt", scope, version, True, *who, None, _context_metadata(context), now_us()))
         return value
 
     # --- grants ----------------------------------------------------------------------------
