@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -163,6 +165,11 @@ async def test_prune_writes_an_anchor_and_the_chain_still_verifies(
 
 
 async def test_tail_follow(env: dict[str, str], settings: Settings) -> None:
+    # The first line printed (the newest existing event) proves the follower is running and has taken
+    # its starting point; only then are the new events written. Every read has a deadline, so a
+    # follower that misses an event fails the test instead of hanging the suite.
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("tenant-1/openai", OPENAI, actor="writer")
     proc = subprocess.Popen(
         [str(BIN), "audit", "tail", "-f", "-n", "1"],
         env={"PATH": os.environ.get("PATH", ""), **env},
@@ -170,15 +177,21 @@ async def test_tail_follow(env: dict[str, str], settings: Settings) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
     try:
-        time.sleep(1.5)
-        await _events(settings, 2)
-        assert proc.stdout is not None
-        seen = [proc.stdout.readline() for _ in range(3)]
+        first = lines.get(timeout=60)
+        async with KeyManager(settings) as km:
+            for i in range(2):
+                await km.decrypt("tenant-1/openai", token, actor=f"reader-{i}")
+        seen = [lines.get(timeout=30) for _ in range(2)]
     finally:
         proc.terminate()
         proc.wait(10)
-    assert [("encrypt" in seen[0]), ("decrypt" in seen[1]), ("decrypt" in seen[2])] == [True, True, True]
+    assert "encrypt" in first
+    assert ["reader-0" in seen[0], "reader-1" in seen[1]] == [True, True]
+    assert all("decrypt" in line for line in seen)
 
 
 def test_serve_refuses_without_a_token(env: dict[str, str]) -> None:
