@@ -28,7 +28,7 @@ from keyrotor.audit_writer import AuditWriter
 from keyrotor.store import db
 
 API_KEY = "sk-ant-api03-" + "x" * 95
-CHUNK = 20_000
+CHUNK = 100_000
 PAIRS = 5
 WRITER_ROWS = 100_000
 
@@ -45,11 +45,14 @@ async def decrypt_pairs(url: str) -> dict[str, float]:
         assert audited.audit is not None
         written_before = audited.audit.written
 
+        cpu: dict[bool, float] = {True: 0.0, False: 0.0}
+
         async def chunk(km: KeyManager) -> float:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(CHUNK):
                 await km.decrypt("anthropic", token, context="user:42", actor="svc-api")
             await km.flush_audit()
+            cpu[km.audit is not None] += time.process_time() - c
             return time.perf_counter() - t
 
         pairs = [(await chunk(audited), await chunk(plain)) for _ in range(PAIRS)]
@@ -60,6 +63,8 @@ async def decrypt_pairs(url: str) -> dict[str, float]:
             "ratio": statistics.median(p / a for a, p in pairs),
             "rows_written_s": (audited.audit.written - written_before) / audited_time,
             "blocked_calls": audited.audit.blocked,
+            "audited_cpu_us": cpu[True] / (CHUNK * PAIRS) * 1e6,
+            "unaudited_cpu_us": cpu[False] / (CHUNK * PAIRS) * 1e6,
         }
 
 
@@ -111,6 +116,8 @@ def main() -> None:
         "target_ratio": 0.5,
         "audit_rows_written_s_during_decrypts": round(r["rows_written_s"]),
         "callers_blocked_on_full_queue": r["blocked_calls"],
+        "client_cpu_us_per_decrypt_unaudited": round(r["unaudited_cpu_us"], 2),
+        "client_cpu_us_per_decrypt_audited": round(r["audited_cpu_us"], 2),
         "writer_copy_rows_s": round(r["writer_copy_rows_s"]),
         "writer_insert_unnest_rows_s": round(r["writer_insert_rows_s"]),
     }
@@ -122,6 +129,11 @@ def main() -> None:
         f"decrypt  unaudited {out['decrypt_unaudited_ops_s']:>9,}/s   "
         f"audited {out['decrypt_audited_ops_s']:>9,}/s   "
         f"audited/unaudited {out['audited_over_unaudited']}x (median of {PAIRS} pairs; target >= 0.5x)"
+    )
+    print(
+        f"client CPU per decrypt (this process; Postgres not counted): unaudited "
+        f"{out['client_cpu_us_per_decrypt_unaudited']} us, "
+        f"audited {out['client_cpu_us_per_decrypt_audited']} us"
     )
     print(
         f"audit rows written {out['audit_rows_written_s_during_decrypts']:,}/s while decrypting "

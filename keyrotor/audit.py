@@ -5,7 +5,8 @@ Each row of ``encryption_audit_log`` has an ``id`` that is its position in the c
 
     row_hash = SHA-256(prev_hash || canonical(row))        prev_hash = row_hash of id - 1
 
-where ``canonical`` (below) is sorted-key, ASCII-only JSON of every column but the hashes, and
+where ``canonical`` (below) is the row's other columns as one line of PostgreSQL's COPY text
+format (which the writer sends anyway, so one string per row is both hashed and sent), and
 the first row's ``prev_hash`` is 32 zero bytes (or, after ``keyrotor audit prune``, the hash of
 the last pruned row, vouched for by an ``anchor`` row). Appends are serialised by a
 transaction-scoped advisory lock, so writers in many processes keep one unbroken chain: take
@@ -36,7 +37,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from json.encoder import encode_basestring_ascii
 from typing import Any, Literal
 
 from sqlalchemy import text
@@ -147,7 +147,8 @@ class Caller:
         object.__setattr__(self, "who", (self.actor, self.ip, self.user_agent))
 
 
-_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("keyrotor_audit_caller", default=None)
+# The ContextVar behind actor_context (KeyManager reads it directly on every call).
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("keyrotor_audit_caller", default=None)
 
 
 @contextlib.contextmanager
@@ -164,16 +165,16 @@ def actor_context(actor: str, *, ip: str | None = None, user_agent: str | None =
         InvalidInput: ``actor`` is empty, too long, not printable, or ``*``.
     """
     caller = Caller(check_actor(actor), clean_short(ip), clean_short(user_agent))
-    token = _CALLER.set(caller)
+    token = CALLER.set(caller)
     try:
         yield caller
     finally:
-        _CALLER.reset(token)
+        CALLER.reset(token)
 
 
 def current_caller() -> Caller | None:
     """The caller set by the innermost :func:`actor_context`, if any."""
-    return _CALLER.get()
+    return CALLER.get()
 
 
 def check_actor(actor: str, *, wildcard: bool = False) -> str:
@@ -284,20 +285,45 @@ def event_row(event: AuditEvent) -> Row:
 # --- the chain ---------------------------------------------------------------------------------
 
 
-# JSON string literals of the values seen most (event types, scopes, actors), so that hashing
-# a row costs a few dict lookups instead of a JSON encoder run: 3-4 us a row instead of ~10.
-_QUOTED: dict[str | None, str] = {None: "null"}
-_QUOTED_MAX = 10_000
+# The hashed form of a row is its line of PostgreSQL's COPY text format (what the writer sends
+# anyway, so one string per row serves both): fields separated by tabs, \N for NULL, and
+# backslash, tab, newline and carriage return escaped with a backslash, which makes the line
+# an unambiguous encoding of the values. These caches hold the escaped spelling of the values
+# seen most (event types, scopes, actors, metadata).
+_COPIED: dict[str | None, str] = {None: "\\N"}
+_COPIED_MAX = 10_000
+_ESCAPED = ("\\", "\t", "\n", "\r")
 
 
-def quote(value: str | None) -> str:
-    """``value`` as a JSON string literal (ASCII only), or ``null``."""
-    quoted = _QUOTED.get(value)
-    if quoted is None:
-        quoted = encode_basestring_ascii(value or "")
-        if len(_QUOTED) < _QUOTED_MAX:
-            _QUOTED[value] = quoted
-    return quoted
+def copy_field(value: str | None) -> str:
+    """``value`` as a field of COPY's text format (``\\N`` for None)."""
+    field_ = _COPIED.get(value)
+    if field_ is None:
+        field_ = value or ""
+        if any(c in field_ for c in _ESCAPED):
+            field_ = (
+                field_.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+            )
+        if len(_COPIED) < _COPIED_MAX:
+            _COPIED[value] = field_
+    return field_
+
+
+class _Clock:
+    """Microseconds to COPY timestamps (``2026-01-31 12:00:00.000123+00``), each second formatted once."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -(2**62)
+        self.prefix = ""
+
+    def text(self, micros: int) -> str:
+        second, fraction = divmod(micros, 1_000_000)
+        if second != self.second:
+            self.second = second
+            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{self.prefix}.{fraction:06d}+00"
 
 
 def canonical(
@@ -313,20 +339,21 @@ def canonical(
     created_at: datetime,
     metadata_json: str,
 ) -> bytes:
-    """The bytes a row's hash covers: an ASCII JSON array of its columns.
+    """The bytes a row's hash covers: the chain format tag, then the row as COPY text.
 
-    ``["kra1",id,event_type,scope,key_version,success,actor,ip_address,user_agent,
-    error_message,created_at,metadata]`` without whitespace, ``created_at`` as integer
-    microseconds since 1970-01-01 UTC, ``metadata`` (``metadata_json``) with sorted keys. The
-    same bytes as ``json.dumps([...], separators=(",", ":"), sort_keys=True)``, so any JSON
-    library can re-check a row.
+    ``kra1 TAB id TAB event_type TAB scope TAB key_version TAB t|f TAB actor TAB ip_address
+    TAB user_agent TAB error_message TAB metadata TAB created_at`` in UTF-8, each field in
+    PostgreSQL's COPY text format (``\\N`` for NULL; backslash, tab, newline and carriage
+    return escaped), ``created_at`` as ``YYYY-MM-DD HH:MM:SS.ffffff+00`` in UTC and
+    ``metadata`` as sorted-key ASCII JSON. Any language can rebuild it from a row's values.
     """
+    kv = "\\N" if key_version is None else str(int(key_version))
     return (
-        f'["{CHAIN_FORMAT}",{row_id},{quote(event_type)},{quote(scope)},'
-        f"{'null' if key_version is None else int(key_version)},{'true' if success else 'false'},"
-        f"{quote(actor)},{quote(ip_address)},{quote(user_agent)},{quote(error_message)},"
-        f"{to_us(created_at)},{metadata_json}]"
-    ).encode("ascii")
+        f"{CHAIN_FORMAT}\t{row_id}\t{copy_field(event_type)}\t{copy_field(scope)}\t"
+        f"{kv}\t{'t' if success else 'f'}\t"
+        f"{copy_field(actor)}\t{copy_field(ip_address)}\t{copy_field(user_agent)}\t"
+        f"{copy_field(error_message)}\t{copy_field(metadata_json)}\t{_Clock().text(to_us(created_at))}"
+    ).encode()
 
 
 def metadata_json(metadata: dict[str, Any]) -> str:
@@ -356,6 +383,7 @@ Record = tuple[
     bytes,
     bytes,
 ]
+# The order of the hashed fields and of the COPY columns.
 COLUMNS = (
     "id",
     "event_type",
@@ -371,120 +399,56 @@ COLUMNS = (
     "prev_hash",
     "row_hash",
 )
+_TAG = CHAIN_FORMAT.encode() + b"\t"
 
 
-def chain_records(last_id: int, prev_hash: bytes, rows: Sequence[Row]) -> list[Record]:
-    """Number and hash ``rows`` after the chain head ``(last_id, prev_hash)``."""
-    out: list[Record] = []
-    for row in rows:
-        last_id += 1
-        event_type, scope, key_version, success, actor, ip, agent, error, meta, micros = row
-        body = _body(last_id, event_type, scope, key_version, success, actor, ip, agent, error, micros, meta)
-        row_hash = _sha256(prev_hash + body).digest()
-        out.append((last_id, *row, prev_hash, row_hash))
-        prev_hash = row_hash
-    return out
-
-
-def _body(
-    row_id: int,
-    event_type: str,
-    scope: str | None,
-    key_version: int | None,
-    success: bool,
-    actor: str | None,
-    ip: str | None,
-    agent: str | None,
-    error: str | None,
-    micros: int,
-    meta: str,
-) -> bytes:
-    return (
-        f'["{CHAIN_FORMAT}",{row_id},{quote(event_type)},{quote(scope)},'
-        f"{'null' if key_version is None else int(key_version)},{'true' if success else 'false'},"
-        f"{quote(actor)},{quote(ip)},{quote(agent)},{quote(error)},{micros},{meta}]"
-    ).encode("ascii")
-
-
-# COPY's text format: tab-separated, \N for NULL, backslash escapes for \ \t \n \r.
-_COPIED: dict[str | None, str] = {None: "\\N"}
-_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
-
-
-def copy_field(value: str | None) -> str:
-    """``value`` as a field of COPY's text format."""
-    field_ = _COPIED.get(value)
-    if field_ is None:
-        field_ = value or ""
-        if any(c in field_ for c in _COPY_SPECIAL):
-            field_ = (
-                field_.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-            )
-        if len(_COPIED) < _QUOTED_MAX:
-            _COPIED[value] = field_
-    return field_
-
-
-class _Clock:
-    """Microseconds to COPY timestamps, formatting each second once."""
-
-    __slots__ = ("prefix", "second")
-
-    def __init__(self) -> None:
-        self.second = -(2**62)
-        self.prefix = ""
-
-    def text(self, micros: int) -> str:
-        second, fraction = divmod(micros, 1_000_000)
-        if second != self.second:
-            self.second = second
-            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{self.prefix}.{fraction:06d}+00"
-
-
-def chain_copy(last_id: int, prev_hash: bytes, rows: Sequence[Row]) -> tuple[bytes, int, bytes]:
-    """Number and hash ``rows`` as :func:`chain_records` does, straight into COPY text.
-
-    The writer's hot loop: one pass builds each row's hashed JSON and its COPY line, with the
-    JSON and COPY spellings of repeated values (event types, scopes, actors) cached. About
-    half the client CPU of hashing records and then COPYing them in binary, which is what
-    keeps an audited decrypt within 2x of an unaudited one (bench/bench_audit.py).
-
-    Returns:
-        ``(COPY data, id of the last row, row_hash of the last row)``.
-    """
+def _chain(
+    last_id: int, prev_hash: bytes, rows: Sequence[Row], records: list[Record] | None
+) -> tuple[bytes, int, bytes]:
+    # The writer's hot loop: one f-string a row is both what is hashed and what is sent.
     lines: list[str] = []
     append = lines.append
     sha256 = _sha256
-    qget, cget = _QUOTED.get, _COPIED.get
+    get = _COPIED.get
     clock = _Clock()
-    null, backslash, hex_prefix = "\\N", "\\", "\\\\x"  # \N, one backslash, bytea's \\x
+    tag, null, hex_prefix = _TAG, "\\N", "\\\\x"  # bytea in COPY text: \\x<hex>
     prev_hex = prev_hash.hex()
-    for event_type, scope, key_version, success, actor, ip, agent, error, meta, micros in rows:
+    for row in rows:
+        event_type, scope, key_version, success, actor, ip, agent, error, meta, micros = row
         last_id += 1
-        kv = "null" if key_version is None else str(key_version)
-        body = (
-            f'["{CHAIN_FORMAT}",{last_id},{qget(event_type) or quote(event_type)},'
-            f"{qget(scope) or quote(scope)},{kv},{'true' if success else 'false'},"
-            f"{qget(actor) or quote(actor)},{qget(ip) or quote(ip)},{qget(agent) or quote(agent)},"
-            f"{qget(error) or quote(error)},{micros},{meta}]"
+        fields = (
+            f"{last_id}\t{get(event_type) or copy_field(event_type)}\t{get(scope) or copy_field(scope)}\t"
+            f"{null if key_version is None else key_version}\t{'t' if success else 'f'}\t"
+            f"{get(actor) or copy_field(actor)}\t{get(ip) or copy_field(ip)}\t"
+            f"{get(agent) or copy_field(agent)}\t"
+            f"{get(error) or copy_field(error)}\t{get(meta) or copy_field(meta)}\t{clock.text(micros)}"
         )
-        row_hash = sha256(prev_hash + body.encode("ascii")).digest()
+        row_hash = sha256(prev_hash + tag + fields.encode()).digest()
         row_hex = row_hash.hex()
-        meta_field = copy_field(meta) if backslash in meta else meta
-        append(
-            f"{last_id}\t{cget(event_type) or copy_field(event_type)}\t{cget(scope) or copy_field(scope)}\t"
-            f"{null if key_version is None else kv}\t{'t' if success else 'f'}\t"
-            f"{cget(actor) or copy_field(actor)}\t{cget(ip) or copy_field(ip)}\t"
-            f"{cget(agent) or copy_field(agent)}\t{cget(error) or copy_field(error)}\t"
-            f"{meta_field}\t{clock.text(micros)}\t{hex_prefix}{prev_hex}\t{hex_prefix}{row_hex}\n"
-        )
+        append(f"{fields}\t{hex_prefix}{prev_hex}\t{hex_prefix}{row_hex}\n")
+        if records is not None:
+            records.append((last_id, *row, prev_hash, row_hash))
         prev_hash, prev_hex = row_hash, row_hex
     return "".join(lines).encode(), last_id, prev_hash
 
 
+def chain_records(last_id: int, prev_hash: bytes, rows: Sequence[Row]) -> list[Record]:
+    """Number and hash ``rows`` after the chain head ``(last_id, prev_hash)``, as records."""
+    records: list[Record] = []
+    _chain(last_id, prev_hash, rows, records)
+    return records
+
+
+def chain_copy(last_id: int, prev_hash: bytes, rows: Sequence[Row]) -> tuple[bytes, int, bytes]:
+    """Number and hash ``rows`` after the chain head, straight into COPY text data.
+
+    Returns:
+        ``(COPY data, id of the last row, row_hash of the last row)``.
+    """
+    return _chain(last_id, prev_hash, rows, None)
+
+
 HEAD_SQL = f"SELECT id, row_hash FROM {TABLE} ORDER BY id DESC LIMIT 1"
-LOCK_SQL = "SELECT pg_advisory_xact_lock($1)"
 
 
 async def write_event(session: AsyncSession, *events: AuditEvent) -> None:

@@ -34,12 +34,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import envelope, legacy, metrics
 from keyrotor.audit import (
+    CALLER,
     MAX_ERROR_CHARS,
     Row,
     check_actor,
     clean_short,
     clean_text,
-    current_caller,
     metadata_json,
     normalize_metadata,
     now_us,
@@ -77,6 +77,7 @@ _Who = tuple[str, str | None, str | None]
 _ENCRYPT, _DECRYPT = 0, 1
 _OPERATION = ("encrypt", "decrypt")
 # Event metadata is queued as JSON text (keyrotor.audit.Row).
+_current_caller = CALLER.get  # the innermost actor_context, read on every call
 _OPERATION_METADATA = ('{"operation":"encrypt"}', '{"operation":"decrypt"}')
 
 
@@ -120,6 +121,7 @@ class KeyManager:
         self._default_who: _Who = (default_actor, None, None)
         self._actors: set[str] = {default_actor}
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
+        self._plain_whos: dict[str, _Who] = {default_actor: self._default_who}  # validated actors
         self.key_listener: KeyChangeListener | None = None
         # Encryptions per DEK, counted in memory and flushed in batches (keyrotor.usage).
         self.usage = UsageCounter(
@@ -505,12 +507,14 @@ class KeyManager:
 
     def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> _Who:
         """The caller: keyword arguments, else the innermost actor_context, else the default actor."""
-        ctx = current_caller()
+        ctx = _current_caller()
         if ip is None and user_agent is None:
             if actor is None:
                 return self._default_who if ctx is None else ctx.who
-            if ctx is None and actor in self._actors:
-                return (actor, None, None)
+            if ctx is None:
+                who = self._plain_whos.get(actor)
+                if who is not None:
+                    return who
         if actor is None:
             name = self._default_who[0] if ctx is None else ctx.actor
         elif actor in self._actors:
@@ -529,6 +533,7 @@ class KeyManager:
         """Raise AccessDenied (and record ``unauthorized``) unless a grant allows the call."""
         if (await self.grants.permissions(who[0], scope))[operation]:
             return
+                self._plain_whos[name] = (name, None, None)
         message = f"actor {who[0]!r} may not {_OPERATION[operation]} in scope {scope!r}"
         await self._emit(
             (

@@ -16,6 +16,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -25,7 +26,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -73,6 +74,13 @@ class KeyScope(Base):
         CheckConstraint("interval_days BETWEEN 1 AND 365", name="interval_days"),
         CheckConstraint("grace_period_days >= 0 AND grace_period_days <= interval_days", name="grace"),
         CheckConstraint("active_version >= 1 AND latest_version >= active_version", name="versions"),
+        # The scheduler's due scan (keyrotor.schedule): one index range scan.
+        Index(
+            "ix_key_scopes_due",
+            "next_rotation_at",
+            "id",
+            postgresql_where=text("rotation_enabled AND next_rotation_at IS NOT NULL"),
+        ),
     )
 
 
@@ -162,6 +170,33 @@ class Rotation(Base):
             postgresql_where=text("state IN ('pending', 'running')"),
         ),
         Index("ix_rotations_created_at", "created_at"),
+        Index("ix_rotations_scope_id_created_at", "scope_id", "created_at"),
+    )
+
+
+class RotationRange(Base):
+    """One id range of a fanned-out run's target, re-encrypted by one worker (migration 0003)."""
+
+    __tablename__ = "rotation_ranges"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("rotations.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(Text)
+    # Rows with lo <= id <= hi belong to the range.
+    lo: Mapped[int] = mapped_column(BigInteger)
+    hi: Mapped[int] = mapped_column(BigInteger)
+    # The older DEK version being re-encrypted now; cursor is the last id done of it.
+    version: Mapped[int] = mapped_column(Integer)
+    cursor: Mapped[int] = mapped_column(BigInteger)
+    rows_done: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    state: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'done')", name="state"),
+        CheckConstraint("lo <= hi", name="bounds"),
+        UniqueConstraint("run_id", "target", "lo"),
+        Index("ix_rotation_ranges_open", "run_id", postgresql_where=text("state = 'pending'")),
     )
 
 
@@ -182,4 +217,61 @@ class ManagedColumn(Base):
     __table_args__ = (
         UniqueConstraint("table_name", "column_name"),
         CheckConstraint("(scope_column IS NULL) <> (scope IS NULL)", name="one_scope_source"),
+    )
+
+
+class AuditLogRow(Base):
+    """One event of the hash-chained audit log (``keyrotor.audit``; migration 0002_audit).
+
+    Written only by :mod:`keyrotor.audit_writer` and :func:`keyrotor.audit.write_event` (COPY
+    under the chain's advisory lock); the append-only trigger and the event-type check live in
+    the migration. Declared here so that autogenerate sees the table and never drops it.
+    """
+
+    __tablename__ = "encryption_audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    event_type: Mapped[str] = mapped_column(Text)
+    scope: Mapped[str | None] = mapped_column(Text)
+    key_version: Mapped[int | None] = mapped_column(BigInteger)
+    success: Mapped[bool] = mapped_column(Boolean)
+    actor: Mapped[str | None] = mapped_column(Text)
+    ip_address: Mapped[str | None] = mapped_column(Text)
+    user_agent: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # json, not jsonb: the exact text that was hashed.
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, server_default=text("'{}'::json"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    prev_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    row_hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        CheckConstraint("id > 0", name="id"),
+        CheckConstraint("octet_length(prev_hash) = 32 AND octet_length(row_hash) = 32", name="hashes"),
+        Index("ix_encryption_audit_log_created_at", "created_at", postgresql_using="brin"),
+        Index(
+            "ix_encryption_audit_log_rare_events",
+            "event_type",
+            "id",
+            postgresql_where=text("event_type NOT IN ('encrypt', 'decrypt')"),
+        ),
+    )
+
+
+class Grant(Base):
+    """Who may encrypt/decrypt in which scopes (``keyrotor.grants``; migration 0002_audit)."""
+
+    __tablename__ = "encryption_grants"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    actor: Mapped[str] = mapped_column(Text)
+    scope_pattern: Mapped[str] = mapped_column(Text)
+    can_encrypt: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    can_decrypt: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        UniqueConstraint("actor", "scope_pattern"),
+        CheckConstraint("can_encrypt OR can_decrypt", name="some_permission"),
     )

@@ -235,14 +235,22 @@ async def test_nothing_secret_in_any_column(km: KeyManager, database_url: str) -
 # --- the chain -----------------------------------------------------------------------------
 
 
-def test_canonical_form_is_plain_json() -> None:
+def test_canonical_form_is_a_copy_text_line() -> None:
     when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    got = canonical(7, "decrypt", "tenant-1/x", 3, True, 'ü"ser', None, None, None, when, '{"a":1}')
-    micros = int((when - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) * 1_000_000 + 678901
-    doc = ["kra1", 7, "decrypt", "tenant-1/x", 3, True, 'ü"ser', None, None, None, micros, {"a": 1}]
-    assert got == json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    got = canonical(7, "decrypt", "tenant-1/x", 3, True, "ü\tser\\", None, "", None, when, '{"a":1}')
+    assert (
+        got
+        == "kra1\t7\tdecrypt\ttenant-1/x\t3\tt\tü\\tser\\\\\t\\N\t\t\\N\t"
+        '{"a":1}\t2026-01-02 03:04:05.678901+00'.encode()
+    )
     event = AuditEvent(
-        "decrypt", scope="tenant-1/x", key_version=3, actor='ü"ser', created_at=when, metadata={"a": 1}
+        "decrypt",
+        scope="tenant-1/x",
+        key_version=3,
+        actor="ü\tser\\",
+        user_agent="",
+        created_at=when,
+        metadata={"a": 1},
     )
     assert chain_hash(GENESIS, event, 7) == hashlib.sha256(GENESIS + got).digest()
 

@@ -237,7 +237,12 @@ async def test_missing_or_weak_key_refused(settings: Settings, key: str | None) 
 
 async def test_unreachable_database_is_transient() -> None:
     s = Settings.from_env(
-        {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "ENCRYPTION_KEY": MASTER_KEY}
+        {
+            "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+            "ENCRYPTION_KEY": MASTER_KEY,
+            # No database to flush the audit queue into: do not wait the default 10 s at close.
+            "KEYROTOR_AUDIT_CLOSE_TIMEOUT_SECONDS": "0",
+        }
     )
     async with KeyManager(s) as km:
         with pytest.raises(StoreUnavailable):
