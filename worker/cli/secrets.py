@@ -71,7 +71,17 @@ def read_rows(stream: TextIO) -> Iterator[ImportRow]:
     Raises:
         InvalidInput: naming the line number and what is wrong (never the value).
     """
-    for lineno, line in enumerate(stream, start=1):
+    lines = iter(stream)
+    lineno = 0
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            # A file is read as strict UTF-8; the error would otherwise escape as an untyped crash.
+            raise InvalidInput(f"line {lineno + 1}: not valid UTF-8") from None
+        lineno += 1
         if len(line) > MAX_LINE_CHARS:
             raise InvalidInput(f"line {lineno}: longer than {MAX_LINE_CHARS} characters")
         if not line.strip():
@@ -85,6 +95,11 @@ def read_rows(stream: TextIO) -> Iterator[ImportRow]:
         missing = [k for k in ("scope", "name", "value") if not isinstance(obj.get(k), str)]
         if missing:
             raise InvalidInput(f"line {lineno}: missing or non-text field(s): {', '.join(missing)}")
+        for key in ("scope", "name", "value"):
+            try:
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates (\ud800 in JSON): refused before any write
+                raise InvalidInput(f"line {lineno}: {key} is not valid Unicode") from None
         try:
             check_scope(obj["scope"])
         except InvalidInput as exc:
