@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from keyrotor.errors import ConfigurationError
 
@@ -232,6 +239,13 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc)) from None
+        except SettingsError as exc:
+            # A JSON-valued variable (ENCRYPTION_KEYS_PREVIOUS) that is not JSON: pydantic-settings
+            # raises its own error, which must not escape untyped. Its text names the field only.
+            field = re.search(r'field "([a-z_]+)"', str(exc))
+            raise ConfigurationError(
+                f"invalid configuration: {field.group(1) if field else 'settings'}: not valid JSON"
+            ) from None
         finally:
             _ENVIRON.reset(token)
 
