@@ -211,10 +211,15 @@ def open_raw(raw: bytes, *, cipher: AESGCM, scope: str, dek_version: int, contex
     """
     try:
         return cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad(scope, dek_version, context))
-    except InvalidTag as exc:
-        raise DecryptionFailed(
-            f"kr1 value (DEK v{dek_version}) failed authentication: wrong scope or context, or tampered"
-        ) from exc
+    except InvalidTag:
+        raise authentication_failed(dek_version) from None
+
+
+def authentication_failed(dek_version: int) -> DecryptionFailed:
+    """The error for a value that fails AES-GCM authentication (it names the version only)."""
+    return DecryptionFailed(
+        f"kr1 value (DEK v{dek_version}) failed authentication: wrong scope or context, or tampered"
+    )
 
 
 def unseal(sealed: Sealed, *, cipher: AESGCM, scope: str, context: str = "") -> bytes:
@@ -226,8 +231,5 @@ def unseal(sealed: Sealed, *, cipher: AESGCM, scope: str, context: str = "") -> 
     """
     try:
         return cipher.decrypt(sealed.nonce, sealed.body, aad(scope, sealed.dek_version, context))
-    except InvalidTag as exc:
-        raise DecryptionFailed(
-            f"kr1 value (DEK v{sealed.dek_version}) failed authentication: "
-            "wrong scope or context, or tampered"
-        ) from exc
+    except InvalidTag:
+        raise authentication_failed(sealed.dek_version) from None

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -76,8 +77,15 @@ log = logging.getLogger(__name__)
 _Who = tuple[str, str | None, str | None]
 _ENCRYPT, _DECRYPT = 0, 1
 _OPERATION = ("encrypt", "decrypt")
-# Event metadata is queued as JSON text (keyrotor.audit.Row).
 _current_caller = CALLER.get  # the innermost actor_context, read on every call
+# The decrypt hot path's helpers, bound once.
+_split, _aad, _NONCE = envelope.split, envelope.aad, envelope.NONCE_BYTES
+# Parsed kr1 values kept by KeyManager.decrypt, keyed by their text. A stored value is decrypted
+# again on every request that uses it, and parsing it (strict base64url) costs about twice the
+# AES-GCM call. Ciphertext is not secret; the memo holds only (version, nonce||ciphertext||tag),
+# is bounded (about 2 MB at this size for API-key-sized values) and is emptied when full.
+_PARSED_MAX = 4096
+# Event metadata is queued as JSON text (keyrotor.audit.Row).
 _OPERATION_METADATA = ('{"operation":"encrypt"}', '{"operation":"decrypt"}')
 
 
@@ -112,6 +120,7 @@ class KeyManager:
         self._active: dict[str, tuple[int, int, float]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future[AESGCM]] = {}
         self._valid_scopes: set[str] = set()
+        self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_MAX
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self._audit: AuditWriter | None = None
         try:
@@ -316,13 +325,29 @@ class KeyManager:
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
         who = self._who(actor, ip, user_agent)
+        version: int | None
         try:
             if scope not in self._valid_scopes:
                 self._check_scope(scope)
             allowed = self.grants.cached(who[0], scope)
             if allowed is None or not allowed[_DECRYPT]:
                 await self._authorize(who, scope, _DECRYPT)
-            value, version = await self._decrypt_value(scope, ciphertext, context)
+            # A kr1 value runs inline (no coroutine of its own, no second scope check, its parse
+            # memoised); a legacy or malformed one goes through _decrypt_value.
+            parsed = self._parsed.get(ciphertext) if ciphertext.__class__ is str else None
+            if parsed is None:
+                parsed = self._parse(ciphertext)
+            if parsed is None:  # legacy, or malformed
+                value, version = await self._decrypt_value(scope, ciphertext, context)
+            else:
+                version, raw = parsed
+                cipher = self.cache.get(scope, version) or await self._load(scope, version)
+                try:
+                    value = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(scope, version, context)).decode()
+                except InvalidTag:
+                    raise envelope.authentication_failed(version) from None
+                except UnicodeDecodeError:
+                    raise DecryptionFailed("decrypted value is not valid UTF-8") from None
         except Exception as exc:
             metrics.decrypt_failed(exc)
             await self._audit_failure("failed_decrypt", who, scope, _peek_version(ciphertext), context, exc)
@@ -342,6 +367,17 @@ class KeyManager:
             if not audit.offer(row):
                 await audit.put(row)
         return value
+
+    def _parse(self, ciphertext: str) -> tuple[int, bytes] | None:
+        """Parse a kr1 value into the memo (None if it is not one; _decrypt_value says why)."""
+        try:
+            parsed = _split(ciphertext)
+        except MalformedCiphertext:
+            return None
+        if len(self._parsed) >= _PARSED_MAX:
+            self._parsed.clear()
+        self._parsed[ciphertext] = parsed
+        return parsed
 
     async def _decrypt_value(self, scope: str, ciphertext: str, context: str) -> tuple[str, int | None]:
         """The plaintext and its DEK version (None for a legacy value): no grant check, no audit."""
@@ -523,6 +559,7 @@ class KeyManager:
             name = check_actor(actor)
             if len(self._actors) < 10_000:
                 self._actors.add(name)
+                self._plain_whos[name] = (name, None, None)
         return (
             name,
             clean_short(ip) if ip is not None else (ctx.ip if ctx else None),
@@ -533,7 +570,6 @@ class KeyManager:
         """Raise AccessDenied (and record ``unauthorized``) unless a grant allows the call."""
         if (await self.grants.permissions(who[0], scope))[operation]:
             return
-                self._plain_whos[name] = (name, None, None)
         message = f"actor {who[0]!r} may not {_OPERATION[operation]} in scope {scope!r}"
         await self._emit(
             (

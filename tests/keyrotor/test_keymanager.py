@@ -264,3 +264,29 @@ async def test_errors_and_reprs_never_contain_secrets(km: KeyManager) -> None:
     joined = "\n".join(texts)
     assert ANTHROPIC not in joined and ANTHROPIC[:30] not in joined
     assert MASTER_KEY not in joined
+
+
+async def test_parse_memo_never_bypasses_authentication(
+    km: KeyManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decrypt path memoises parsed values (ciphertext only): every call still authenticates."""
+    from keyrotor import keys
+
+    monkeypatch.setattr(keys, "_PARSED_MAX", 3)  # the memo empties itself many times below
+    tokens = [await km.encrypt("anthropic", f"{ANTHROPIC}-{i}", context=f"user:{i}") for i in range(5)]
+    for _ in range(3):
+        for i, token in enumerate(tokens):
+            assert await km.decrypt("anthropic", token, context=f"user:{i}") == f"{ANTHROPIC}-{i}"
+    assert 0 < len(km._parsed) <= 3
+    memo = repr(km._parsed).encode() + b"".join(raw for _, raw in km._parsed.values())
+    assert ANTHROPIC.encode() not in memo and ANTHROPIC not in repr(km._parsed)
+    # A memoised value decrypts only in its own scope and context.
+    with pytest.raises(DecryptionFailed):
+        await km.decrypt("anthropic", tokens[4], context="user:3")
+    with pytest.raises((DecryptionFailed, KeyVersionUnknown, ScopeNotFound)):
+        await km.decrypt("openai", tokens[4], context="user:4")
+    # A different text is a different memo entry: one flipped character fails authentication.
+    flipped = tokens[4][:-3] + ("A" if tokens[4][-3] != "A" else "B") + tokens[4][-2:]
+    with pytest.raises(DecryptionFailed):
+        await km.decrypt("anthropic", flipped, context="user:4")
+    assert await km.decrypt("anthropic", tokens[4], context="user:4") == f"{ANTHROPIC}-4"
