@@ -17,7 +17,10 @@ BENCH_KEY = "bench-master-key-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
 async def fresh_database(name: str) -> str:
-    """Drop and recreate ``name``, migrate it, and return its URL."""
+    """Drop and recreate ``name`` (plus ``KEYROTOR_BENCH_DB_SUFFIX``), migrate it, and return its URL."""
+    # The suffix keeps a smoke run (the test of bench/run) from dropping the database of a
+    # benchmark running beside it.
+    name += os.environ.get("KEYROTOR_BENCH_DB_SUFFIX", "")
     conn = await asyncpg.connect(f"{PG}/postgres")
     try:
         await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
