@@ -27,6 +27,8 @@ import concurrent.futures
 import multiprocessing
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -244,7 +246,21 @@ def make_executor(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
     """
     n = workers or os.cpu_count() or 1
     spawn = multiprocessing.get_context("spawn")
-    return concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=spawn)
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=n, mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A pool child whose parent is SIGKILLed never sees EOF on the call queue (its siblings
+    # hold the pipe's other end), so it would sleep forever: three leaked processes per
+    # killed worker. A daemon thread ends it once it has been re-parented.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="keyrotor-parent-watch", daemon=True).start()
 
 
 async def decrypt_batch(
