@@ -7,6 +7,7 @@ from typing import Any
 
 import structlog
 
+from jobs import replicas
 from jobs.common import deps, is_transient, retry
 from keyrotor import kek_migration, runs
 from keyrotor.kek.base import PROVIDER_SETTING, KekProvider
@@ -42,4 +43,5 @@ async def migrate_kek(ctx: dict[str, Any], *, run_id: int, trigger: str = "api")
         if is_transient(exc):
             raise retry(ctx, exc) from exc
         raise
+    await replicas.follow(ctx, "migrate_kek", None, run_id)
     return result.summary()

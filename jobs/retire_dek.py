@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 
+from jobs import replicas
 from jobs.common import deps, is_transient, retry
 from keyrotor import retire
 
@@ -38,4 +39,5 @@ async def retire_dek(
         if is_transient(exc):
             raise retry(ctx, exc) from exc
         raise
+    await replicas.follow(ctx, "retire_dek", scope, f"v{version}")
     return result.summary()

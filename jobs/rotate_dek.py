@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 
+from jobs import replicas
 from jobs.common import deps, enqueue_range, is_transient, retry
 from keyrotor import rotation
 
@@ -32,4 +33,5 @@ async def rotate_dek(
         if is_transient(exc):
             raise retry(ctx, exc) from exc
         raise
+    await replicas.follow(ctx, "rotate_dek", scope, progress.run.id)
     return {**progress.summary(), "ranges_enqueued": queued}

@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 
+from jobs import replicas
 from jobs.common import deps, is_transient, retry
 from keyrotor import kek_rotation
 
@@ -23,4 +24,6 @@ async def rotate_kek(
         if is_transient(exc):
             raise retry(ctx, exc) from exc
         raise
-    return result.summary()
+    summary = result.summary()
+    await replicas.follow(ctx, "rotate_kek", None, summary.get("run_id", run_id))
+    return summary

@@ -30,12 +30,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit import check_actor, record_config_change
-from keyrotor.errors import ConfigurationError, InvalidInput, NotFound
+from keyrotor.errors import ConfigurationError, InvalidInput, NotFound, StoreUnavailable
 from keyrotor.policy import check_scope
 from keyrotor.store import db
 
 TABLE = "encryption_grants"
 WILDCARD = "*"
+# While the database is down, the grants last loaded stay in force; a reload is tried this often.
+_OUTAGE_RETRY_S = 5.0
 
 # Bumped by every grant and revoke made in this process; caches compare it on each check.
 _generation = 0
@@ -289,7 +291,8 @@ class GrantCache:
         """``(can_encrypt, can_decrypt)`` for ``actor`` on ``scope``.
 
         Raises:
-            StoreUnavailable: the grants had to be reloaded and the database is down.
+            StoreUnavailable: the grants had never been loaded and the database is down (once
+                loaded, they stay in force through an outage).
         """
         decision = self.cached(actor, scope)
         if decision is not None:
@@ -305,6 +308,13 @@ class GrantCache:
         try:
             async with db.transaction(self._sessions()) as session:
                 grants = await list_grants(session)
+        except StoreUnavailable:
+            if self._generation == -1:
+                raise
+            # The database is down (a primary-region outage): keep deciding by the grants
+            # last loaded, so reads that fail over to another region keep working; retry soon.
+            self._expires = self._clock() + min(self._ttl_s, _OUTAGE_RETRY_S)
+            return
         except sa_exc.ProgrammingError as exc:
             raise ConfigurationError(
                 "cannot read encryption_grants: is the schema up to date? run `keyrotor db upgrade`"

@@ -64,6 +64,7 @@ from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.kek.factory import open_provider
 from keyrotor.notify import KeyChange, KeyChangeListener
 from keyrotor.policy import RotationPolicy, check_decryptable, check_scope
+from keyrotor.replication import Replication
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
 from keyrotor.usage import UsageCounter
@@ -132,6 +133,8 @@ class KeyManager:
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self._plain_whos: dict[str, _Who] = {default_actor: self._default_who}  # validated actors
         self.key_listener: KeyChangeListener | None = None
+        # Multi-region replication and failover reads (keyrotor.replication), when configured.
+        self.replication: Replication | None = None
         # Encryptions per DEK, counted in memory and flushed in batches (keyrotor.usage).
         self.usage = UsageCounter(
             lambda: self.sessions,
@@ -176,6 +179,10 @@ class KeyManager:
                 close_timeout_s=self.settings.audit_close_timeout_s,
             )
             await self._audit.start()
+        if self.settings.regions and self.replication is None:
+            self.replication = Replication.open(
+                self.settings, self._sessions, self._kek, self._environ, on_failover=self._failover_event
+            )
         self.usage.start()
 
     async def close(self) -> None:
@@ -184,6 +191,9 @@ class KeyManager:
         Cached DEKs are dropped.
         """
         await self.usage.close()
+        if self.replication is not None:
+            await self.replication.aclose()
+            self.replication = None
         if self._audit is not None:
             await self._audit.close()
             self._audit = None
@@ -648,6 +658,11 @@ class KeyManager:
         else:
             self._active.pop(scope, None)
 
+    async def _failover_event(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
+        """Record a ``failover`` audit event (DEK reads left the primary region, or returned)."""
+        meta = metadata_json(normalize_metadata(metadata))
+        await self._emit(("failover", None, None, success, *self._default_who, error, meta, now_us()))
+
     # --- internals -------------------------------------------------------------------------
 
     async def _encryption_key(self, scope: str) -> tuple[int, int, AESGCM]:
@@ -685,6 +700,8 @@ class KeyManager:
             record = await repo.get_key(session, scope)
         if created:
             self.cache.put(scope, 1, AESGCM(dek))
+            if self.replication is not None:
+                self.replication.follow(scope)  # copy the new DEK to every region now
         if record is None:  # pragma: no cover - the row was just written or read
             raise ScopeNotFound(f"scope {scope!r} could not be created")
         return record
@@ -698,7 +715,11 @@ class KeyManager:
         future: asyncio.Future[AESGCM] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            cipher = await self._fetch(scope, version)
+            if self.replication is None:
+                cipher = await self._fetch(scope, version)
+            else:  # the primary, or a secondary region's copy if the primary is unavailable
+                cipher = await self.replication.fetch(scope, version, self._fetch)
+                self.cache.put(scope, version, cipher)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters, if any, re-raise it themselves

@@ -43,6 +43,7 @@ from jobs.common import Deps, enqueue_driver
 from jobs.migrate_kek import migrate_kek
 from jobs.migrate_legacy import enqueue_legacy, migrate_legacy
 from jobs.reencrypt import reencrypt_range
+from jobs.replicas import check_replicas, replicate_keys
 from jobs.retire_dek import retire_dek
 from jobs.rotate_dek import rotate_dek
 from jobs.rotate_kek import rotate_kek
@@ -79,6 +80,11 @@ def functions(settings: Settings) -> list[Function]:
         func(_counted(rotate_kek), name="rotate_kek", timeout=timeout, max_tries=tries),
         func(_counted(migrate_kek), name="migrate_kek", timeout=timeout, max_tries=tries),
         func(_counted(migrate_legacy), name="migrate_legacy", timeout=timeout, max_tries=tries),
+        func(_counted(check_replicas), name="check_replicas", timeout=timeout, max_tries=tries),
+        # Each key change gets its own id; not keeping results frees them at once.
+        func(
+            _counted(replicate_keys), name="replicate_keys", timeout=timeout, max_tries=tries, keep_result=0
+        ),
     ]
 
 
@@ -156,6 +162,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     km = KeyManager(settings, kek=kek, engine=engine)
     await km.open()
     ctx["km"] = km
+    if km.replication is not None:  # /metrics shows the regions' last recorded status at once
+        try:
+            await km.replication.publish_stored()
+        except KeyrotorError as exc:
+            log.warning("replica_status_unavailable", error=f"{type(exc).__name__}: {exc}")
     rc = RotationContext(km.sessions, kek, settings, notifier=Notifier(ctx["redis"], settings.notify_channel))
     checked = await rc.check_kek()
     ctx.update(sessionmaker=km.sessions, rc=rc, deps=Deps(settings, engine, km.sessions, kek, km, rc))

@@ -275,3 +275,60 @@ class Grant(Base):
         UniqueConstraint("actor", "scope_pattern"),
         CheckConstraint("can_encrypt OR can_decrypt", name="some_permission"),
     )
+
+
+REPLICA_STATUSES = ("in_sync", "stale", "drifted", "corrupt", "missing", "unreachable")
+
+
+class KekReplica(Base):
+    """The primary's record of one secondary region's last replica check (migration 0006_replicas)."""
+
+    __tablename__ = "kek_replicas"
+
+    region: Mapped[str] = mapped_column(Text, primary_key=True)
+    status: Mapped[str] = mapped_column(Text)
+    kek_version: Mapped[int | None] = mapped_column(Integer)
+    keys_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    counts: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    detail: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_ok_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (CheckConstraint(f"status IN {REPLICA_STATUSES!r}", name="status"),)
+
+
+class ReplicaKey(Base):
+    """A secondary region's copy of one primary DEK, wrapped under the region's key (0006_replicas)."""
+
+    __tablename__ = "replica_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    scope: Mapped[str] = mapped_column(Text)
+    dek_version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text)
+    # The primary's KEK version when copied: a KEK rotation makes the copy stale until re-replicated.
+    kek_version: Mapped[int] = mapped_column(Integer)
+    source_kek_id: Mapped[str] = mapped_column(Text)
+    source_region: Mapped[str] = mapped_column(Text)
+    wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
+    region_kek_id: Mapped[str] = mapped_column(Text)
+    region_kek_version: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    replicated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        UniqueConstraint("scope", "dek_version"),
+        CheckConstraint("state IN ('pending', 'active', 'grace')", name="state"),
+    )
+
+
+class ReplicaPromotion(Base):
+    """Marks a secondary that was promoted to primary; replication never writes to it again."""
+
+    __tablename__ = "replica_promotions"
+
+    region: Mapped[str] = mapped_column(Text, primary_key=True)
+    promoted_at: Mapped[datetime] = _now()
+    previous_primary: Mapped[str] = mapped_column(Text)
+    promoted_by: Mapped[str] = mapped_column(Text)
+    keys: Mapped[int] = mapped_column(Integer)

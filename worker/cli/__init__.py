@@ -22,6 +22,7 @@ from worker.cli import health as health_cmd
 from worker.cli import kek as kek_cmd
 from worker.cli import legacy as legacy_cmd
 from worker.cli import policy as policy_cmd
+from worker.cli import replicas as replicas_cmd
 from worker.cli import rotate as rotate_cmd
 from worker.cli import scheduler as scheduler_cmd
 from worker.cli import secrets as secrets_cmd
@@ -46,6 +47,7 @@ policy_cmd.register(app)
 scheduler_cmd.register(app)
 health_cmd.register(app)
 kek_cmd.register(app)
+replicas_cmd.register(app)
 
 
 def _fail(message: str, code: int) -> NoReturn:

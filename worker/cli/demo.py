@@ -227,7 +227,9 @@ def demo(
         run(lambda: _rotate_all(cfg, procs[0]))
         err_console.print("[bold]5.[/bold] status:")
         status(scope=None, json_out=False)
-        out_console.print("replicas: not configured (multi-region KEK replication is a later issue)")
+        out_console.print(
+            "replicas: no secondary regions in the demo (KEYROTOR_REGIONS; docs/replication.md)"
+        )
         with contextlib.suppress(OSError):
             out_console.print("worker metrics (excerpt):")
             for line in _scrape(port):

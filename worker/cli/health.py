@@ -8,8 +8,9 @@ Checks, each bounded by a timeout and reported with its own status:
 - ``worker``: a worker has written arq's ``<queue>:health-check`` key lately (it expires ~31 s
   after the last write);
 - ``scheduler``: a scheduler leads (its heartbeat ``KEYROTOR_SCHEDULER_LEADER_KEY`` is set);
-- ``replicas``: multi-region KEK replication is not implemented yet; reported as
-  ``not configured``, neither green nor red.
+- ``replicas``: every secondary region's last replica check (``kek_replicas``) says
+  ``in_sync`` and is no older than two check intervals; ``not_configured`` without
+  ``KEYROTOR_REGIONS`` (neither green nor red).
 
 Errors name the failure's class (and for our own typed errors their message), never a URL
 (it may carry a password) or a key.
@@ -104,10 +105,7 @@ async def collect(settings: Settings) -> dict[str, Result]:
         return {"status": "ok", "detail": f"leader {value.decode(errors='replace')}"}
 
     async def replicas() -> Result:
-        return {
-            "status": "not_configured",
-            "detail": "multi-region KEK replication is not implemented yet (a later issue)",
-        }
+        return await replica_health(settings)
 
     checks = {
         "postgres": postgres,
@@ -122,6 +120,35 @@ async def collect(settings: Settings) -> dict[str, Result]:
     finally:
         await redis.aclose()
     return dict(zip(checks, results, strict=True))
+
+
+async def replica_health(settings: Settings) -> Result:
+    """The ``replicas`` check: ok when every region's last check was in sync and recent."""
+    from datetime import UTC, datetime, timedelta
+
+    from keyrotor import replication
+    from keyrotor.store import db
+
+    configured = [r.name for r in replication.parse_regions(settings)]
+    if not configured:
+        return {"status": "not_configured", "detail": "no secondary regions (KEYROTOR_REGIONS)"}
+    engine = db.create_engine(settings.database_url, pool_size=1)
+    try:
+        stored = replication.merge_status(
+            configured, await replication.stored_status(db.sessionmaker(engine))
+        )
+    finally:
+        await engine.dispose()
+    oldest = datetime.now(UTC) - timedelta(seconds=2 * settings.replica_check_interval_s)
+    bad = [
+        f"{r['region']}: {r['status']}"
+        for r in stored
+        if r["status"] != "in_sync" or datetime.fromisoformat(r["checked_at"]) < oldest
+    ]
+    summary = ", ".join(f"{r['region']} {r['status']}" for r in stored)
+    if bad:
+        return {"status": "fail", "error": "not in sync or not checked lately: " + "; ".join(bad)}
+    return {"status": "ok", "detail": summary}
 
 
 def healthy(results: dict[str, Result]) -> bool:

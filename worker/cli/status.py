@@ -9,7 +9,7 @@ import typer
 from redis.exceptions import RedisError
 from rich.table import Table
 
-from keyrotor import columns
+from keyrotor import KeyManager, columns, replication
 from keyrotor.errors import ScopeNotFound
 from keyrotor.policy import check_scope
 from keyrotor.settings import Settings
@@ -32,11 +32,19 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
             scopes = await repo.status(session, scope)
             managed = await columns.census(session)
         await mark_queued(km.settings, scopes)
+        replicas = await replica_status(km)
     if scope is not None and not scopes:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
     for s in scopes:
         s["next_rotation_at"] = s["policy"]["next_rotation_at"] if s["policy"]["enabled"] else None
-    return {"scopes": scopes, "columns": managed}
+    return {"scopes": scopes, "columns": managed, "replicas": replicas}
+
+
+async def replica_status(km: KeyManager) -> dict[str, Any]:
+    """Each configured region's status from its last check (``kek_replicas``; nothing is contacted)."""
+    configured = [r.name for r in km.replication.regions] if km.replication else []
+    stored = await replication.stored_status(km.sessions) if configured else []
+    return {"primary": km.settings.primary_region, "regions": replication.merge_status(configured, stored)}
 
 
 async def mark_queued(settings: Settings, scopes: list[dict[str, Any]]) -> None:
@@ -79,6 +87,13 @@ def status(
     if json_out:
         print_json(doc)
         return
+    if doc["replicas"]["regions"]:
+        from worker.cli.replicas import region_table
+
+        primary = doc["replicas"]["primary"]
+        out_console.print(
+            region_table(doc["replicas"]["regions"], f"replicas of primary {primary} (last check)")
+        )
     if not doc["scopes"]:
         err_console.print("no scopes yet: store a value with `keyrotor secrets put SCOPE NAME`")
         return

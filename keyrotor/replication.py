@@ -1,0 +1,1255 @@
+"""Multi-region KEK replication: copies of the primary's DEKs in every secondary region,
+the consistency check that grades them, repair, failover reads and promotion.
+
+What is copied. Every DEK version of the primary that still decrypts (``pending``, ``active``,
+``grace``) is unwrapped with the primary's KEK and wrapped again under the region's own
+wrapping key (any provider: local keyring, AWS KMS in that region, Vault), bound to the same
+scope and DEK version (:class:`~keyrotor.kek.base.WrapContext`). One scheme serves every
+primary provider, including those whose KEK never leaves KMS or Vault. Each copy records the
+KEK version of the primary's copy it follows and a fingerprint: a key check value,
+``HMAC-SHA256(dek, "keyrotor/replica-fingerprint/v1")`` truncated to 128 bits, which reveals
+nothing of the DEK.
+
+Where. A region is its own Postgres database with keyrotor's schema; copies live in its
+``replica_keys`` table. The primary keeps the result of each region's last check in
+``kek_replicas`` and writes a ``replica_check`` audit event per region and check.
+
+Grading (one region, in this order; the region gets its worst copy's grade):
+
+``unreachable``  its database or its wrapping key cannot be used now;
+``missing``      a usable primary DEK has no copy;
+``stale``        a copy follows an older KEK version or state of the primary's DEK, or the
+                 region still holds a DEK the primary retired;
+``drifted``      a copy's recorded fingerprint differs from the primary's;
+``corrupt``      a copy does not unwrap with the region's key, or unwraps to other bytes than
+                 its fingerprint says;
+``in_sync``      every copy is present, current, and proven to unwrap to the primary's DEK.
+
+Repair writes only verified copies: the new copy is unwrapped again with the region's key and
+compared with the primary's DEK before it is written, and it replaces the old copy by
+compare-and-swap (a row changed meanwhile is left alone and graded at the next check).
+
+Failover. :meth:`Replication.fetch` is KeyManager's DEK-unwrap path when regions are
+configured: the primary first (bounded by ``KEYROTOR_FAILOVER_TIMEOUT_SECONDS``); if its store
+or KEK provider is unavailable, the first healthy secondary's copy, with a ``failover`` audit
+event when reads leave the primary and another when they return.
+
+No plaintext key material ever goes to a log, an error, a job argument or result, or a metric
+label: only scope names, versions, counts, region names and error class names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from keyrotor import metrics
+from keyrotor.audit import AuditEvent, write_event
+from keyrotor.errors import (
+    ConfigurationError,
+    Conflict,
+    KekError,
+    KekUnavailable,
+    KeyrotorError,
+    NotFound,
+    StoreUnavailable,
+)
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
+from keyrotor.kek.local import LocalKeyring
+from keyrotor.settings import Settings
+from keyrotor.store import db
+
+log = logging.getLogger("keyrotor.replication")
+
+STATUSES = ("in_sync", "stale", "drifted", "corrupt", "missing", "unreachable")
+# A region's grade is its worst copy's; unreachable trumps everything.
+_SEVERITY = {"in_sync": 0, "stale": 1, "missing": 2, "drifted": 3, "corrupt": 4, "unreachable": 5}
+_FINGERPRINT_LABEL = b"keyrotor/replica-fingerprint/v1"
+_REGION_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_USABLE_STATES = ("pending", "active", "grace")
+_WRITE_BATCH = 1_000
+_CONCURRENCY = 64
+
+REPLICA_STATE = Gauge(
+    "keyrotor_replica_state",
+    "1 for the status a region's replicas had at their last check (one series a status).",
+    ["region", "status"],
+)
+REPLICA_KEYS = Gauge(
+    "keyrotor_replica_keys", "DEK copies of a region by grade at its last check.", ["region", "status"]
+)
+REPLICA_DRIFT = PromCounter(
+    "keyrotor_replica_faults_total",
+    "Regions found not in sync by a replica check, by status.",
+    ["region", "status"],
+)
+REPLICA_REPAIRED = PromCounter(
+    "keyrotor_replica_repaired_total", "DEK copies written or removed by replica repair.", ["region"]
+)
+REPLICA_CHECK_SECONDS = Histogram(
+    "keyrotor_replica_check_duration_seconds",
+    "Duration of a replica check of every region (with repair, if asked).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+FAILOVER_ACTIVE = Gauge(
+    "keyrotor_failover_active", "1 while DEK reads bypass the unavailable primary region."
+)
+FAILOVER_READS = PromCounter(
+    "keyrotor_failover_unwraps_total", "DEKs unwrapped through a secondary region's copy.", ["region"]
+)
+
+
+def fingerprint(dek: bytes) -> str:
+    """The key check value of a DEK: 128 bits of an HMAC of a fixed label under it (hex)."""
+    return hmac.digest(dek, _FINGERPRINT_LABEL, "sha256")[:16].hex()
+
+
+def _error(exc: BaseException) -> str:
+    # Our errors' messages never hold key material; others may quote data or URLs.
+    if isinstance(exc, KeyrotorError):
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return type(exc).__name__
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """A secondary region: its name, its database and the variables of its wrapping key."""
+
+    name: str
+    database_url: str = field(repr=False)
+    env: Mapping[str, str] = field(repr=False)
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of its wrapping-key variables, e.g. ``KEYROTOR_REGION_EU_WEST_1__``."""
+        return env_prefix(self.name)
+
+
+def env_prefix(region: str) -> str:
+    """``KEYROTOR_REGION_<NAME>__``: ``eu-west-1`` gives ``KEYROTOR_REGION_EU_WEST_1__``."""
+    return "KEYROTOR_REGION_" + re.sub(r"[^A-Z0-9]", "_", region.upper()) + "__"
+
+
+def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) -> list[RegionConfig]:
+    """The secondaries of ``KEYROTOR_REGIONS`` (``name=database_url,...``), in order.
+
+    A region's wrapping key is configured by the usual provider variables with the region's
+    prefix (``KEYROTOR_REGION_EU_WEST_1__SECRETS_PROVIDER``, ``..._ENCRYPTION_KEY``,
+    ``..._KEYROTOR_KMS_KEY_ID``...), read from ``environ`` (default ``os.environ``).
+
+    Raises:
+        ConfigurationError: a malformed entry, a bad or repeated name, the primary's name, or
+            a URL that is not PostgreSQL. Messages never contain the URL (it may hold a password).
+    """
+    env = os.environ if environ is None else environ
+    primary = settings.primary_region
+    if not _REGION_NAME.match(primary):
+        raise ConfigurationError(
+            "KEYROTOR_PRIMARY_REGION: region names are lowercase letters, digits and '-'"
+        )
+    out: list[RegionConfig] = []
+    seen = {primary}
+    upper = {k.upper(): v for k, v in env.items()}
+    for i, entry in enumerate(e.strip() for e in settings.regions.split(",")):
+        if not entry:
+            continue
+        name, sep, url = entry.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url:
+            raise ConfigurationError(f"KEYROTOR_REGIONS: entry {i + 1} is not name=database_url")
+        if not _REGION_NAME.match(name):
+            raise ConfigurationError(
+                f"KEYROTOR_REGIONS: entry {i + 1}: region names are lowercase letters, digits and '-'"
+            )
+        if name in seen:
+            raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} is named twice (or is the primary)")
+        seen.add(name)
+        try:
+            db.async_url(url)
+        except ConfigurationError:
+            raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} needs a postgresql:// URL") from None
+        prefix = env_prefix(name)
+        sub = {k[len(prefix) :]: v for k, v in upper.items() if k.startswith(prefix)}
+        out.append(RegionConfig(name, url, sub))
+    return out
+
+
+def region_settings(cfg: RegionConfig) -> Settings:
+    """The settings a region's wrapping key is built from (its prefixed variables).
+
+    Raises:
+        ConfigurationError: a variable is invalid (the message names the region).
+    """
+    try:
+        return Settings.from_env({**cfg.env, "DATABASE_URL": cfg.database_url})
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
+
+
+async def open_region_kek(cfg: RegionConfig) -> KekProvider:
+    """Open a region's wrapping key provider.
+
+    Raises:
+        ConfigurationError: missing or weak key, or bad provider variables (names the region).
+        KekUnavailable: the provider cannot be reached now.
+    """
+    from keyrotor.kek.factory import open_provider
+
+    settings = region_settings(cfg)
+    try:
+        return await open_provider(settings, {**cfg.env, "DATABASE_URL": cfg.database_url})
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
+
+
+# --- regions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """A usable DEK of the primary, as the check sees it (no key material)."""
+
+    scope: str
+    version: int
+    state: str
+    kek_version: int
+    wrapped: WrappedDek
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    id: int
+    scope: str
+    version: int
+    state: str
+    kek_version: int
+    wrapped: bytes = field(repr=False)
+    region_kek_id: str
+    region_kek_version: int
+    fingerprint: str
+
+
+class Region:
+    """A secondary region: its database engine and its (lazily opened) wrapping key."""
+
+    def __init__(
+        self, cfg: RegionConfig, settings: Settings, kek: KekProvider | None = None, *, owns_kek: bool = False
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.engine: AsyncEngine = db.create_engine(
+            cfg.database_url,
+            pool_size=2,
+            max_overflow=4,
+            connect_args={"timeout": settings.region_connect_timeout_s},
+            hide_parameters=True,  # statements carry wrapped keys: never in an error message
+        )
+        self.sessions: async_sessionmaker[AsyncSession] = db.sessionmaker(self.engine)
+        self._kek = kek
+        self._owns_kek = kek is None or owns_kek
+        self._kek_lock = asyncio.Lock()
+        self.down_until = 0.0  # monotonic: skip for failover reads until then
+
+    def __repr__(self) -> str:
+        return f"Region({self.name!r})"
+
+    async def kek(self) -> KekProvider:
+        """The region's wrapping key provider (opened on first use).
+
+        Raises:
+            ConfigurationError: its variables are missing or invalid.
+            KekUnavailable: it cannot be reached now.
+        """
+        if self._kek is None:
+            async with self._kek_lock:
+                if self._kek is None:
+                    self._kek = await open_region_kek(self.cfg)
+        return self._kek
+
+    async def copies(self, scope: str | None = None) -> dict[tuple[str, int], _Copy]:
+        """Every copy in the region (or one scope's). Raises StoreUnavailable if it is down."""
+        sql = (
+            "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
+            "region_kek_version, fingerprint FROM replica_keys"
+        )
+        params: dict[str, Any] = {}
+        if scope is not None:
+            sql += " WHERE scope = :scope"
+            params["scope"] = scope
+        async with db.transaction(self.sessions) as session:
+            rows = (await session.execute(text(sql), params)).all()
+        return {(r[1], r[2]): _Copy(*r) for r in rows}
+
+    async def promotion(self) -> dict[str, Any] | None:
+        """The region's promotion record, if it was promoted to primary."""
+        async with db.transaction(self.sessions) as session:
+            row = (
+                await session.execute(
+                    text("SELECT region, promoted_at, previous_primary FROM replica_promotions LIMIT 1")
+                )
+            ).first()
+        return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
+
+    async def unwrap_copy(self, scope: str, version: int) -> bytes | None:
+        """The DEK from the region's copy, verified against its fingerprint; None if it has none.
+
+        Raises:
+            StoreUnavailable, KekUnavailable: the region cannot serve it now.
+            KekError: the copy does not unwrap (corrupt, or the wrong regional key).
+        """
+        async with db.transaction(self.sessions) as session:
+            row = (
+                await session.execute(
+                    text(
+                        "SELECT wrapped_dek, region_kek_id, region_kek_version, "
+                        "fingerprint FROM replica_keys "
+                        "WHERE scope = :s AND dek_version = :v"
+                    ),
+                    {"s": scope, "v": version},
+                )
+            ).first()
+        if row is None:
+            return None
+        kek = await self.kek()
+        dek = await kek.unwrap(WrappedDek(row[1], row[2], row[0]), WrapContext(scope, version))
+        if not hmac.compare_digest(fingerprint(dek), row[3]):
+            raise KekError(
+                f"region {self.name}: the copy of {scope} v{version} does not match its fingerprint"
+            )
+        return dek
+
+    async def aclose(self) -> None:
+        """Dispose of the engine and close the wrapping key provider this region opened."""
+        await self.engine.dispose()
+        if self._owns_kek and self._kek is not None:
+            await self._kek.aclose()
+            self._kek = None
+
+
+# --- reports -------------------------------------------------------------------------------
+
+
+@dataclass
+class RegionReport:
+    """The result of checking (and maybe repairing) one region."""
+
+    region: str
+    status: str
+    kek_version: int | None
+    detail: str
+    checked_at: datetime
+    last_ok_at: datetime | None = None
+    keys_total: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    repaired: int = 0
+    found: str | None = None  # the status before repair, if a repair ran
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (``keyrotor replicas check --json``); no key material."""
+        return {
+            "region": self.region,
+            "status": self.status,
+            "kek_version": self.kek_version,
+            "last_ok_at": self.last_ok_at.isoformat() if self.last_ok_at else None,
+            "checked_at": self.checked_at.isoformat(),
+            "detail": self.detail,
+            "keys_total": self.keys_total,
+            "counts": self.counts,
+            "repaired": self.repaired,
+            "found": self.found or self.status,
+        }
+
+
+@dataclass
+class CheckReport:
+    """The result of one check of every region."""
+
+    primary: str
+    regions: list[RegionReport]
+    duration_s: float = 0.0
+
+    @property
+    def in_sync(self) -> bool:
+        """Whether every region is in sync."""
+        return all(r.status == "in_sync" for r in self.regions)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"primary": ..., "regions": [...]}`` as documented in docs/replication.md."""
+        return {
+            "primary": self.primary,
+            "in_sync": self.in_sync,
+            "duration_s": round(self.duration_s, 3),
+            "regions": [r.as_dict() for r in self.regions],
+        }
+
+
+def _grade(
+    sources: Mapping[tuple[str, int], _Source], copies: Mapping[tuple[str, int], _Copy]
+) -> tuple[dict[tuple[str, int], str], list[tuple[str, int]]]:
+    """Grade each source by its copy, without unwrapping. Returns (faults, copies to unwrap)."""
+    faults: dict[tuple[str, int], str] = {}
+    to_unwrap: list[tuple[str, int]] = []
+    for key, src in sources.items():
+        c = copies.get(key)
+        if c is None:
+            faults[key] = "missing"
+        elif c.kek_version != src.kek_version or c.state != src.state:
+            faults[key] = "stale"
+        elif not hmac.compare_digest(c.fingerprint, src.fingerprint):
+            faults[key] = "drifted"
+        else:
+            to_unwrap.append(key)
+    for key in copies.keys() - sources.keys():
+        faults[key] = "stale"  # a DEK the primary no longer keeps usable: must go
+    return faults, to_unwrap
+
+
+async def _unwrap_many(
+    kek: KekProvider, items: Sequence[tuple[WrappedDek, WrapContext]]
+) -> list[bytes | BaseException]:
+    """Unwrap many DEKs: in a loop for the local keyring (microseconds of CPU, no I/O), else up
+    to ``_CONCURRENCY`` provider calls in flight. Failures are returned, not raised."""
+    if isinstance(kek, LocalKeyring):
+        out: list[bytes | BaseException] = []
+        for wrapped, ctx in items:
+            try:
+                out.append(kek.unwrap_sync(wrapped, ctx))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def one(item: tuple[WrappedDek, WrapContext]) -> bytes:
+        return await kek.unwrap(*item)
+
+    return await _bounded_map(one, items)
+
+
+async def _corrupt(
+    kek: KekProvider, copies: Mapping[tuple[str, int], _Copy], keys: Sequence[tuple[str, int]]
+) -> list[tuple[str, int]]:
+    """The copies among ``keys`` that do not unwrap with the region's key to the DEK their
+    fingerprint names.
+
+    Raises:
+        KekUnavailable: the region's key provider cannot be reached (nothing can be said).
+    """
+    items = []
+    for key in keys:
+        c = copies[key]
+        items.append((WrappedDek(c.region_kek_id, c.region_kek_version, c.wrapped), WrapContext(*key)))
+    bad = []
+    for key, dek in zip(keys, await _unwrap_many(kek, items), strict=True):
+        if isinstance(dek, KekUnavailable):
+            raise dek
+        if isinstance(dek, BaseException) or not hmac.compare_digest(
+            fingerprint(dek), copies[key].fingerprint
+        ):
+            bad.append(key)
+    return bad
+
+
+async def _bounded_map(fn: Callable[[Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for i in range(0, len(items), _CONCURRENCY):
+        out.extend(
+            await asyncio.gather(*(fn(x) for x in items[i : i + _CONCURRENCY]), return_exceptions=True)
+        )
+    return out
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+FailoverEmit = Callable[[bool, dict[str, Any], str | None], Awaitable[None]]
+
+
+class Replication:
+    """The primary's view of its secondary regions: check, repair, promote, and failover reads.
+
+    Args:
+        settings: configuration (``KEYROTOR_PRIMARY_REGION``, ``KEYROTOR_REGIONS``...).
+        sessions: the primary's session factory.
+        kek: the primary's KEK provider (None if it could not be opened: an outage).
+        regions: the secondaries (see :meth:`open`).
+        on_failover: called with ``(success, metadata, error)`` when reads leave the primary
+            (``success`` False) and when they return (True); KeyManager records it as a
+            ``failover`` audit event.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        kek: KekProvider | None,
+        regions: Sequence[Region],
+        *,
+        on_failover: FailoverEmit | None = None,
+    ) -> None:
+        self.settings = settings
+        self.primary = settings.primary_region
+        self.sessions = sessions
+        self._kek = kek
+        self.regions = list(regions)
+        self.on_failover = on_failover
+        self.failing_over = False
+        self._primary_down_until = 0.0
+        self._fingerprints: dict[bytes, str] = {}  # sha256(wrapped blob, kek id) -> fingerprint
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        kek: KekProvider | None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        on_failover: FailoverEmit | None = None,
+    ) -> Replication:
+        """Build from configuration; regions' keys open on first use.
+
+        Raises:
+            ConfigurationError: ``KEYROTOR_REGIONS`` or a region's variables are invalid.
+        """
+        from keyrotor.kek.factory import local_keyring
+
+        regions = []
+        for cfg in parse_regions(settings, environ):
+            rs = region_settings(cfg)  # fail fast on bad variables
+            local: KekProvider | None = None
+            if rs.secrets_provider == "local" and not rs.kek_read_providers:
+                # Built now (no I/O): a missing or weak regional key stops start-up, not a failover.
+                try:
+                    local = local_keyring(rs)
+                except ConfigurationError as exc:
+                    raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
+            regions.append(Region(cfg, settings, local, owns_kek=True))
+        return cls(settings, sessions, kek, regions, on_failover=on_failover)
+
+    @property
+    def kek(self) -> KekProvider:
+        """The primary's KEK provider.
+
+        Raises:
+            KekUnavailable: it could not be opened (the primary region's outage).
+        """
+        if self._kek is None:
+            raise KekUnavailable(f"the KEK provider of the primary region {self.primary} is unavailable")
+        return self._kek
+
+    def region(self, name: str) -> Region:
+        """The configured secondary named ``name``.
+
+        Raises:
+            NotFound: no such secondary.
+        """
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise NotFound(
+            f"no secondary region {name!r} (KEYROTOR_REGIONS names {[r.name for r in self.regions]})"
+        )
+
+    async def aclose(self) -> None:
+        """Wait for background replications, then close every region."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for r in self.regions:
+            await r.aclose()
+
+    # --- the primary's side -----------------------------------------------------------------
+
+    async def _sources(self, scope: str | None) -> dict[tuple[str, int], _Source]:
+        sql = (
+            "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek "
+            "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+            "WHERE d.state IN ('pending', 'active', 'grace')"
+        )
+        params: dict[str, Any] = {}
+        if scope is not None:
+            sql += " AND k.name = :scope"
+            params["scope"] = scope
+        async with db.transaction(self.sessions) as session:
+            rows = (await session.execute(text(sql), params)).all()
+        todo = []
+        keys: list[tuple[Any, bytes]] = []
+        for r in rows:
+            cache_key = hashlib.sha256(r[3].encode() + b"\x00" + bytes(r[5])).digest()
+            keys.append((r, cache_key))
+            if cache_key not in self._fingerprints:
+                todo.append((r, cache_key))
+
+        unwrapped = await _unwrap_many(
+            self.kek, [(WrappedDek(r[3], r[4], bytes(r[5])), WrapContext(r[0], r[1])) for r, _ in todo]
+        )
+        for (_, cache_key), dek in zip(todo, unwrapped, strict=True):
+            if isinstance(dek, BaseException):
+                raise dek  # the primary's own DEKs must unwrap: its outage or misconfiguration
+            self._fingerprints[cache_key] = fingerprint(dek)
+        if len(self._fingerprints) > 4 * max(len(rows), 10_000):
+            live = {k for _, k in keys}
+            self._fingerprints = {k: v for k, v in self._fingerprints.items() if k in live}
+        return {
+            (r[0], r[1]): _Source(
+                r[0], r[1], r[2], r[4], WrappedDek(r[3], r[4], bytes(r[5])), self._fingerprints[k]
+            )
+            for r, k in keys
+        }
+
+    async def _previous(self) -> dict[str, datetime | None]:
+        async with db.transaction(self.sessions) as session:
+            rows = (await session.execute(text("SELECT region, last_ok_at FROM kek_replicas"))).all()
+        return {r[0]: r[1] for r in rows}
+
+    # --- check and repair ------------------------------------------------------------------
+
+    async def check(
+        self,
+        *,
+        repair: bool,
+        scope: str | None = None,
+        regions: Iterable[str] | None = None,
+        actor: str = "system",
+        record: bool = True,
+    ) -> CheckReport:
+        """Check every region (or those named), repairing if asked; record and report the result.
+
+        Args:
+            repair: re-replicate stale, missing, drifted and corrupt copies (verified first).
+            scope: only this scope's DEKs (replication after a rotation), else all.
+            regions: only these regions (default: all configured).
+            actor: who asked, for the ``replica_check`` audit events.
+            record: write ``kek_replicas`` rows and audit events in the primary.
+
+        Raises:
+            StoreUnavailable, KekUnavailable: the primary itself cannot be read (nothing to compare with).
+        """
+        started = time.perf_counter()
+        targets = self.regions if regions is None else [self.region(n) for n in regions]
+        sources = await self._sources(scope)
+        previous = await self._previous() if record else {}
+        reports = list(
+            await asyncio.gather(
+                *(self._check_region(r, sources, repair=repair, scope=scope) for r in targets)
+            )
+        )
+        for rep in reports:
+            rep.last_ok_at = rep.checked_at if rep.status == "in_sync" else previous.get(rep.region)
+            if scope is not None and rep.status == "in_sync":
+                rep.last_ok_at = previous.get(rep.region)  # one scope's sync proves nothing about the rest
+        if record:
+            await self._record(reports, actor=actor, scope=scope)
+        duration = time.perf_counter() - started
+        REPLICA_CHECK_SECONDS.observe(duration)
+        return CheckReport(self.primary, reports, duration)
+
+    async def _check_region(
+        self, region: Region, sources: Mapping[tuple[str, int], _Source], *, repair: bool, scope: str | None
+    ) -> RegionReport:
+        try:
+            report = await self._grade_region(region, sources, scope)
+        except Exception as exc:  # one region's failure must not hide the others' results
+            log.error("replica check of region %s failed: %s", region.name, _error(exc))
+            return RegionReport(
+                region.name, "unreachable", None, f"check failed: {_error(exc)}", datetime.now(UTC)
+            )
+        if repair and report.status not in ("in_sync", "unreachable"):
+            found = report.status
+            try:
+                repaired = await self._repair(region, sources, scope)
+            except Conflict as exc:
+                report.detail += f"; not repaired: {exc}"
+                return report
+            except Exception as exc:
+                if not isinstance(exc, StoreUnavailable | KekUnavailable):
+                    log.error("replica repair of region %s failed: %s", region.name, _error(exc))
+                report.detail += f"; repair failed: {_error(exc)}"
+                return report
+            report = await self._grade_region(region, sources, scope)  # prove the repair
+            report.found, report.repaired = found, repaired
+            REPLICA_REPAIRED.labels(region.name).inc(repaired)
+        return report
+
+    async def _grade_region(
+        self, region: Region, sources: Mapping[tuple[str, int], _Source], scope: str | None
+    ) -> RegionReport:
+        now = datetime.now(UTC)
+
+        def unreachable(what: str, exc: BaseException) -> RegionReport:
+            return RegionReport(
+                region.name, "unreachable", None, f"{what}: {_error(exc)}", now, keys_total=len(sources)
+            )
+
+        try:
+            copies = await region.copies(scope)
+            promoted = await region.promotion()
+        except Exception as exc:  # down, missing database, no schema: all "cannot be used now"
+            return unreachable("database", exc)
+        if promoted is not None:
+            return RegionReport(
+                region.name,
+                "drifted",
+                None,
+                f"promoted to primary at {promoted['promoted_at'].isoformat()}: it is no longer a replica "
+                "of this primary; update KEYROTOR_PRIMARY_REGION/KEYROTOR_REGIONS",
+                now,
+                keys_total=len(sources),
+            )
+        try:
+            kek = await region.kek()
+        except (KekUnavailable, KekError) as exc:
+            return unreachable("wrapping key", exc)
+        faults, to_unwrap = _grade(sources, copies)
+        try:
+            faults.update(dict.fromkeys(await _corrupt(kek, copies, to_unwrap), "corrupt"))
+        except KekUnavailable as exc:
+            return unreachable("wrapping key", exc)
+        counts = dict(Counter(faults.values()))
+        counts["in_sync"] = len(sources) - sum(1 for k in faults if k in sources)
+        status = max(faults.values(), key=_SEVERITY.__getitem__, default="in_sync")
+        versions = [copies[k].kek_version for k in sources if k in copies]
+        kek_version = min(versions) if versions else None
+        if status == "in_sync":
+            detail = f"{len(sources)} DEK copies in sync"
+        else:
+            parts = [
+                f"{n} {s}"
+                for s, n in sorted(counts.items(), key=lambda kv: -_SEVERITY[kv[0]])
+                if s != "in_sync" and n
+            ]
+            detail = f"{', '.join(parts)} of {len(sources)} DEK copies"
+            first = sorted((k for k, s in faults.items() if s == status))[:3]
+            detail += " (e.g. " + ", ".join(f"{s} v{v}" for s, v in first) + ")"
+        return RegionReport(
+            region.name, status, kek_version, detail, now, keys_total=len(sources), counts=counts
+        )
+
+    async def _repair(
+        self, region: Region, sources: Mapping[tuple[str, int], _Source], scope: str | None
+    ) -> int:
+        """Re-replicate every faulty copy (verified before writing); drop copies the primary retired."""
+        if await region.promotion() is not None:
+            raise Conflict(f"region {region.name} was promoted to primary; refusing to overwrite its keys")
+        copies = await region.copies(scope)
+        kek = await region.kek()
+        faults, to_unwrap = _grade(sources, copies)
+        faults.update(dict.fromkeys(await _corrupt(kek, copies, to_unwrap), "corrupt"))
+        rewrite = [k for k in faults if k in sources]
+        drop = [copies[k] for k in faults if k not in sources]
+
+        async def make(key: tuple[str, int]) -> dict[str, Any]:
+            src = sources[key]
+            ctx = WrapContext(*key)
+            dek = await self.kek.unwrap(src.wrapped, ctx)
+            if not hmac.compare_digest(fingerprint(dek), src.fingerprint):
+                raise Conflict(f"primary DEK {key[0]} v{key[1]} changed during the check")
+            new = await kek.wrap(dek, ctx)
+            # Never write an unverified copy: it must unwrap, with the region's key, to this DEK.
+            if not hmac.compare_digest(await kek.unwrap(new, ctx), dek):
+                raise KekError(
+                    f"region {region.name}: a fresh copy of {key[0]} v{key[1]} does not round-trip"
+                )
+            old = copies.get(key)
+            return {
+                "s": key[0],
+                "v": key[1],
+                "state": src.state,
+                "kv": src.kek_version,
+                "skid": src.wrapped.kek_id,
+                "src": self.primary,
+                "blob": new.blob,
+                "rkid": new.kek_id,
+                "rkv": new.kek_version,
+                "fp": src.fingerprint,
+                "old_id": old.id if old else None,
+                "old_blob": old.wrapped if old else None,
+                "old_fp": old.fingerprint if old else None,
+            }
+
+        made = await _bounded_map(make, rewrite)
+        rows: list[dict[str, Any]] = []
+        for res in made:
+            if isinstance(res, KekUnavailable | StoreUnavailable):
+                raise res
+            if isinstance(res, BaseException):
+                log.warning("replica copy not written for region %s: %s", region.name, _error(res))
+                continue
+            rows.append(res)
+        inserts = [r for r in rows if r["old_id"] is None]
+        updates = [r for r in rows if r["old_id"] is not None]
+        written = 0
+        for i in range(0, max(len(inserts), len(updates), len(drop)), _WRITE_BATCH):
+            async with db.transaction(region.sessions) as session:
+                ins, upd = inserts[i : i + _WRITE_BATCH], updates[i : i + _WRITE_BATCH]
+                dr = drop[i : i + _WRITE_BATCH]
+                if ins:
+                    res = await session.execute(
+                        text(
+                            "INSERT INTO replica_keys (scope, dek_version, state, "
+                            "kek_version, source_kek_id, "
+                            "source_region, wrapped_dek, region_kek_id, region_kek_version, fingerprint) "
+                            "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:v AS int[]), "
+                            "CAST(:state AS text[]), "
+                            "CAST(:kv AS int[]), CAST(:skid AS text[]), CAST(:src AS "
+                            "text[]), CAST(:blob AS bytea[]), "
+                            "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[])) "
+                            "ON CONFLICT (scope, dek_version) DO NOTHING"
+                        ),
+                        {
+                            c: [r[c] for r in ins]
+                            for c in ("s", "v", "state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp")
+                        },
+                    )
+                    written += int(getattr(res, "rowcount", 0) or 0)
+                if upd:
+                    # Compare-and-swap: a copy changed since it was graded is left for the next check.
+                    res = await session.execute(
+                        text(
+                            "UPDATE replica_keys r SET state = u.state, kek_version = u.kv, "
+                            "source_kek_id = u.skid, "
+                            "source_region = u.src, wrapped_dek = u.blob, region_kek_id = u.rkid, "
+                            "region_kek_version = u.rkv, fingerprint = u.fp, replicated_at = now() "
+                            "FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:kv AS int[]), "
+                            "CAST(:skid AS text[]), CAST(:src AS text[]), CAST(:blob AS bytea[]), "
+                            "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
+                            "CAST(:old_blob AS bytea[]), CAST(:old_fp AS text[])) "
+                            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, old_blob, old_fp) "
+                            "WHERE r.id = u.id AND r.wrapped_dek = u.old_blob AND r.fingerprint = u.old_fp"
+                        ),
+                        {
+                            "id": [r["old_id"] for r in upd],
+                            **{
+                                c: [r[c] for r in upd]
+                                for c in (
+                                    "state",
+                                    "kv",
+                                    "skid",
+                                    "src",
+                                    "blob",
+                                    "rkid",
+                                    "rkv",
+                                    "fp",
+                                    "old_blob",
+                                    "old_fp",
+                                )
+                            },
+                        },
+                    )
+                    written += int(getattr(res, "rowcount", 0) or 0)
+                if dr:
+                    res = await session.execute(
+                        text(
+                            "DELETE FROM replica_keys r USING unnest(CAST(:id AS bigint[]), "
+                            "CAST(:blob AS bytea[])) "
+                            "AS d(id, blob) WHERE r.id = d.id AND r.wrapped_dek = d.blob"
+                        ),
+                        {"id": [c.id for c in dr], "blob": [c.wrapped for c in dr]},
+                    )
+                    written += int(getattr(res, "rowcount", 0) or 0)
+        return written
+
+    async def _record(self, reports: Sequence[RegionReport], *, actor: str, scope: str | None) -> None:
+        for rep in reports:
+            _set_gauges(rep.region, rep.status, rep.counts)
+            # A follow-up replication (one scope, after a key change) finds its new DEK missing by
+            # design: only a full check's findings, or a failure to converge, are drift.
+            found_fault = scope is None and rep.found is not None and rep.found != "in_sync"
+            if rep.status != "in_sync" or found_fault:
+                REPLICA_DRIFT.labels(rep.region, rep.found or rep.status).inc()
+                log.warning(
+                    "replica region %s is %s (found %s, repaired %d): %s",
+                    rep.region,
+                    rep.status,
+                    rep.found or rep.status,
+                    rep.repaired,
+                    rep.detail,
+                )
+        async with db.transaction(self.sessions) as session:
+            for rep in reports:
+                if scope is not None and rep.status == "in_sync":
+                    # A one-scope replication refreshes nothing else: keep the last full check's status.
+                    continue
+                await session.execute(
+                    text(
+                        "INSERT INTO kek_replicas (region, status, kek_version, keys_total, counts, detail, "
+                        "checked_at, last_ok_at) VALUES (:r, :st, :kv, :n, CAST(:c AS jsonb), :d, :at, :ok) "
+                        "ON CONFLICT (region) DO UPDATE SET status = EXCLUDED.status, "
+                        "kek_version = EXCLUDED.kek_version, keys_total = EXCLUDED.keys_total, "
+                        "counts = EXCLUDED.counts, detail = EXCLUDED.detail, checked_at "
+                        "= EXCLUDED.checked_at, "
+                        "last_ok_at = COALESCE(EXCLUDED.last_ok_at, kek_replicas.last_ok_at)"
+                    ),
+                    {
+                        "r": rep.region,
+                        "st": rep.status,
+                        "kv": rep.kek_version,
+                        "n": rep.keys_total,
+                        "c": _json(rep.counts),
+                        "d": rep.detail,
+                        "at": rep.checked_at,
+                        "ok": rep.last_ok_at,
+                    },
+                )
+            await write_event(
+                session,
+                *(
+                    AuditEvent(
+                        "replica_check",
+                        scope=scope,
+                        success=rep.status == "in_sync",
+                        actor=actor,
+                        error_message=None if rep.status == "in_sync" else rep.detail,
+                        metadata={
+                            "region": rep.region,
+                            "primary": self.primary,
+                            "status": rep.status,
+                            "found": rep.found or rep.status,
+                            "repaired": rep.repaired,
+                            "kek_version": rep.kek_version,
+                            "keys": rep.keys_total,
+                        },
+                    )
+                    for rep in reports
+                ),
+            )
+
+    async def publish_stored(self) -> None:
+        """Set the replica gauges from the last recorded checks (a process starting between checks)."""
+        for row in merge_status([r.name for r in self.regions], await stored_status(self.sessions)):
+            _set_gauges(row["region"], row["status"], row["counts"])
+
+    # --- follow-ups from the KeyManager ------------------------------------------------------
+
+    def follow(self, scope: str) -> None:
+        """Replicate one scope's DEKs to every region now, in the background (a new scope's DEK).
+
+        Failures are logged; the next check (hourly, or after any rotation) repairs what is missing.
+        """
+        task = asyncio.get_running_loop().create_task(self._follow(scope), name=f"keyrotor-replicate-{scope}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, scope: str) -> None:
+        try:
+            await self.check(repair=True, scope=scope)
+        except Exception as exc:
+            log.warning("replication of scope %s failed: %s", scope, _error(exc))
+
+    # --- failover reads ---------------------------------------------------------------------
+
+    async def fetch(
+        self, scope: str, version: int, primary: Callable[[str, int], Awaitable[AESGCM]]
+    ) -> AESGCM:
+        """Unwrap a DEK through the primary, or through the first healthy secondary if the
+        primary's store or KEK provider is unavailable.
+
+        Raises:
+            whatever the primary raised, if no secondary could serve the DEK either;
+            permanent errors of the primary (unknown scope or version, retired key) at once.
+        """
+        now = time.monotonic()
+        cause: BaseException | None = None
+        if now >= self._primary_down_until:
+            try:
+                cipher = await asyncio.wait_for(primary(scope, version), self.settings.failover_timeout_s)
+            except (StoreUnavailable, KekUnavailable, TimeoutError) as exc:
+                cause = exc
+                self._primary_down_until = time.monotonic() + self.settings.failover_retry_s
+                if not self.failing_over:
+                    self.failing_over = True
+                    FAILOVER_ACTIVE.set(1)
+                    log.warning(
+                        "primary region %s unavailable (%s): reading DEKs from secondaries",
+                        self.primary,
+                        _error(exc),
+                    )
+                    await self._emit(
+                        False,
+                        {"from": self.primary, "state": "failover", "reason": type(exc).__name__},
+                        _error(exc),
+                    )
+            else:
+                if self.failing_over:
+                    self.failing_over = False
+                    FAILOVER_ACTIVE.set(0)
+                    log.warning("primary region %s is back: DEK reads return to it", self.primary)
+                    await self._emit(True, {"to": self.primary, "state": "recovered"}, None)
+                return cipher
+        for region in self._failover_order():
+            try:
+                dek = await asyncio.wait_for(
+                    region.unwrap_copy(scope, version), self.settings.failover_timeout_s
+                )
+            except (StoreUnavailable, KekUnavailable, TimeoutError, KekError, OSError) as exc:
+                region.down_until = time.monotonic() + self.settings.failover_retry_s
+                log.warning(
+                    "secondary region %s cannot serve %s v%d: %s", region.name, scope, version, _error(exc)
+                )
+                continue
+            if dek is None:
+                continue
+            FAILOVER_READS.labels(region.name).inc()
+            return AESGCM(dek)
+        if cause is None:  # the primary was skipped (recently down): ask it after all
+            return await primary(scope, version)
+        raise cause
+
+    def _failover_order(self) -> list[Region]:
+        now = time.monotonic()
+        healthy = [r for r in self.regions if r.down_until <= now]
+        return healthy + [r for r in self.regions if r.down_until > now]
+
+    async def _emit(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
+        if self.on_failover is None:
+            return
+        try:
+            await self.on_failover(success, metadata, error)
+        except Exception as exc:  # auditing must not turn a served read into a failure
+            log.error("failover audit event not recorded: %s", type(exc).__name__)
+
+    # --- promotion --------------------------------------------------------------------------
+
+    async def promote(self, name: str, *, by: str = "system") -> dict[str, Any]:
+        """Make secondary ``name`` a primary store: its verified copies become its ``data_keys``.
+
+        The region's database then holds ``key_scopes`` and ``data_keys`` wrapped under the
+        region's own key, so a keyrotor configured with ``DATABASE_URL`` = the region's database
+        and the region's provider variables serves every DEK the old primary had. The region is
+        fenced (``replica_promotions``): replication never writes to it again.
+
+        If the primary is reachable, the region must be ``in_sync`` first; if not, every copy
+        must prove itself (unwrap to the bytes its fingerprint names).
+
+        Raises:
+            NotFound: no such region.
+            Conflict: the region is not in sync, holds corrupt copies, was promoted already,
+                or already has scopes of its own.
+            StoreUnavailable, KekUnavailable: the region cannot be used now.
+        """
+        region = self.region(name)
+        if await region.promotion() is not None:
+            raise Conflict(f"region {name} was promoted already")
+        try:
+            sources = await self._sources(None)
+        except (StoreUnavailable, KekUnavailable):
+            sources = None
+        if sources is not None:
+            rep = await self._grade_region(region, sources, None)
+            if rep.status != "in_sync":
+                raise Conflict(
+                    f"region {name} is {rep.status} ({rep.detail}): run `keyrotor "
+                    f"replicas check --repair` first"
+                )
+        copies = await region.copies()
+        kek = await region.kek()
+        for c in copies.values():
+            try:
+                dek = await kek.unwrap(
+                    WrappedDek(c.region_kek_id, c.region_kek_version, c.wrapped),
+                    WrapContext(c.scope, c.version),
+                )
+            except KekUnavailable:
+                raise
+            except KekError as exc:
+                raise Conflict(
+                    f"region {name}: the copy of {c.scope} v{c.version} is corrupt; not promoted"
+                ) from exc
+            if not hmac.compare_digest(fingerprint(dek), c.fingerprint):
+                raise Conflict(f"region {name}: the copy of {c.scope} v{c.version} is corrupt; not promoted")
+        by_scope: dict[str, list[_Copy]] = {}
+        for c in copies.values():
+            by_scope.setdefault(c.scope, []).append(c)
+        async with db.transaction(region.sessions) as session:
+            if (await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one():
+                raise Conflict(f"region {name} already has scopes of its own; not promoted")
+            scopes = 0
+            for scope, cs in sorted(by_scope.items()):
+                active = [c.version for c in cs if c.state == "active"]
+                latest = max(c.version for c in cs)
+                scope_id = (
+                    await session.execute(
+                        text(
+                            "INSERT INTO key_scopes (name, active_version, latest_version, rotation_enabled, "
+                            "interval_days, grace_period_days, next_rotation_at) VALUES "
+                            "(:n, :a, :l, :e, :i, :g, "
+                            "now() + make_interval(days => :i)) RETURNING id"
+                        ),
+                        {
+                            "n": scope,
+                            "a": active[0] if active else latest,
+                            "l": latest,
+                            "e": self.settings.default_rotation_enabled,
+                            "i": self.settings.default_interval_days,
+                            "g": min(self.settings.default_grace_days, self.settings.default_interval_days),
+                        },
+                    )
+                ).scalar_one()
+                for c in cs:
+                    await session.execute(
+                        text(
+                            "INSERT INTO data_keys (scope_id, version, state, "
+                            "encrypted_dek, kek_id, kek_version, "
+                            "activated_at, grace_until) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
+                            "CASE WHEN :st IN ('active', 'grace') THEN now() END, "
+                            "CASE WHEN :st = 'grace' THEN now() + make_interval(days => :g) END)"
+                        ),
+                        {
+                            "sid": scope_id,
+                            "v": c.version,
+                            "st": c.state,
+                            "blob": c.wrapped,
+                            "kid": c.region_kek_id,
+                            "kv": c.region_kek_version,
+                            "g": self.settings.default_grace_days,
+                        },
+                    )
+                scopes += 1
+            await session.execute(
+                text(
+                    "INSERT INTO replica_promotions (region, previous_primary, promoted_by, keys) "
+                    "VALUES (:r, :p, :b, :k)"
+                ),
+                {"r": name, "p": self.primary, "b": by, "k": len(copies)},
+            )
+            await write_event(
+                session,
+                AuditEvent(
+                    "failover",
+                    actor=by,
+                    metadata={
+                        "state": "promoted",
+                        "region": name,
+                        "previous_primary": self.primary,
+                        "keys": len(copies),
+                    },
+                ),
+            )
+        log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, len(copies))
+        return {
+            "region": name,
+            "previous_primary": self.primary,
+            "scopes": scopes,
+            "deks": len(copies),
+            "primary_reachable": sources is not None,
+            "next": (
+                f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
+                f"{region.cfg.prefix}* provider variables as the primary's (SECRETS_PROVIDER, ...)"
+            ),
+        }
+
+
+def _set_gauges(region: str, status: str, counts: Mapping[str, int]) -> None:
+    for s in STATUSES:
+        REPLICA_STATE.labels(region, s).set(1.0 if s == status else 0.0)
+        REPLICA_KEYS.labels(region, s).set(float(counts.get(s, 0)))
+    metrics.REPLICA_STATUS.labels(region).set(1.0 if status == "in_sync" else 0.0)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+async def stored_status(sessions: async_sessionmaker[AsyncSession]) -> list[dict[str, Any]]:
+    """The last recorded check of each region (``kek_replicas``), for ``status`` and ``health``."""
+    async with db.transaction(sessions) as session:
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT region, status, kek_version, keys_total, counts, detail, checked_at, last_ok_at "
+                    "FROM kek_replicas ORDER BY region"
+                )
+            )
+        ).all()
+    return [
+        {
+            "region": r[0],
+            "status": r[1],
+            "kek_version": r[2],
+            "keys_total": r[3],
+            "counts": r[4],
+            "detail": r[5],
+            "checked_at": r[6].isoformat(),
+            "last_ok_at": r[7].isoformat() if r[7] else None,
+        }
+        for r in rows
+    ]
+
+
+def merge_status(configured: Sequence[str], stored: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every configured region with its stored status (``missing`` with no check yet: never
+    checked means never proven to hold a copy)."""
+    by_name = {r["region"]: r for r in stored}
+    out = []
+    for name in configured:
+        row = by_name.get(name)
+        if row is None:
+            row = {
+                "region": name,
+                "status": "missing",
+                "kek_version": None,
+                "keys_total": 0,
+                "counts": {},
+                "detail": "never checked: run `keyrotor replicas check --repair`",
+                "checked_at": None,
+                "last_ok_at": None,
+            }
+        out.append(row)
+    return out
+
+
+async def init_regions(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Create each region's database if needed and migrate it to keyrotor's schema.
+
+    Raises:
+        StoreUnavailable: a region's server cannot be reached.
+    """
+    done = []
+    for cfg in parse_regions(settings, environ):
+        await db.ensure_database(cfg.database_url)
+        engine = db.create_engine(cfg.database_url, pool_size=1)
+        try:
+            await db.upgrade(engine)
+        finally:
+            await engine.dispose()
+        done.append(cfg.name)
+    return done
+
+
+__all__ = [
+    "STATUSES",
+    "CheckReport",
+    "Region",
+    "RegionConfig",
+    "RegionReport",
+    "Replication",
+    "env_prefix",
+    "fingerprint",
+    "init_regions",
+    "merge_status",
+    "open_region_kek",
+    "parse_regions",
+    "region_settings",
+    "stored_status",
+]
