@@ -65,12 +65,21 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
+    if _not_accepting(exc):
+        return True
     if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
         return _is_transient(exc.orig) or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
     if isinstance(exc, _TRANSIENT):
         return True
     cause = getattr(exc, "__cause__", None)
-    return isinstance(cause, _TRANSIENT)
+    return isinstance(cause, _TRANSIENT) or _not_accepting(cause)
+
+
+def _not_accepting(exc: BaseException | None) -> bool:
+    # SQLSTATE 55000 "database ... is not currently accepting connections" (ALTER DATABASE ...
+    # ALLOW_CONNECTIONS false, as in maintenance) is an outage, not a bug; other 55000 errors
+    # are not outages, hence the test of the message.
+    return isinstance(exc, asyncpg.ObjectNotInPrerequisiteStateError) and "accepting connections" in str(exc)
 
 
 @contextlib.contextmanager
