@@ -54,7 +54,7 @@ from keyrotor.errors import (
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.keys import KeyManager
 from keyrotor.policy import check_scope
-from keyrotor.reencrypt import _quote, raw_connection
+from keyrotor.reencrypt import MAX_ID, _quote, raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 
@@ -89,9 +89,10 @@ class Source:
     """One place legacy values may live: ``secrets`` or a registered column."""
 
     name: str
-    select: str  # $1 after, $2 limit -> (id, value, scope name, context text)
+    select: str  # $1 after, $2 last id, $3 limit -> (id, value, scope name, context text)
     update: str  # unnest($1 ids, $2 olds, $3 news[, $4 versions]) ... RETURNING id
     count: str  # -> (legacy candidates, kr1 values)
+    plan: str  # $1 buckets -> (first id, last id, legacy rows) of equal-sized id ranges
     has_version: bool
 
 
@@ -102,7 +103,7 @@ SECRETS_SOURCE = Source(
     select=(
         "SELECT s.id, s.ciphertext, k.name, 'secret:' || s.name FROM secrets s "
         f"JOIN key_scopes k ON k.id = s.scope_id WHERE s.ciphertext {_LEGACY} AND s.id > $1 "
-        "ORDER BY s.id LIMIT $2"
+        "AND s.id <= $2 ORDER BY s.id LIMIT $3"
     ),
     update=(
         "UPDATE secrets AS t SET ciphertext = u.new, dek_version = u.ver, updated_at = now() "
@@ -112,6 +113,10 @@ SECRETS_SOURCE = Source(
     count=(
         f"SELECT count(*) FILTER (WHERE ciphertext {_LEGACY}), "
         "count(*) FILTER (WHERE ciphertext LIKE 'kr1:%') FROM secrets"
+    ),
+    plan=(
+        "SELECT min(id), max(id), count(*) FROM (SELECT id, ntile($1) OVER (ORDER BY id) AS b "
+        f"FROM secrets WHERE ciphertext {_LEGACY}) q GROUP BY b ORDER BY b"
     ),
     has_version=True,
 )
@@ -128,13 +133,14 @@ class ColumnSource(Source):
 def column_source(col: ManagedColumn) -> ColumnSource:
     """The legacy source of a registered column (its identifiers quoted)."""
     table, pk, val = _quote(col.table), _quote(col.pk_column), _quote(col.column)
-    scope = f"{_quote(col.scope_column)}::text" if col.scope_column else "$3::text"
+    scope = f"{_quote(col.scope_column)}::text" if col.scope_column else "$4::text"
     template = col.context_template
     return ColumnSource(
         name=col.name,
         select=(
             f"SELECT {pk}, {val}, {scope}, NULL::text FROM {table} "
-            f"WHERE {val} IS NOT NULL AND {val} {_LEGACY} AND {pk} > $1 ORDER BY {pk} LIMIT $2"
+            f"WHERE {val} IS NOT NULL AND {val} {_LEGACY} AND {pk} > $1 AND {pk} <= $2 "
+            f"ORDER BY {pk} LIMIT $3"
         ),
         update=(
             f"UPDATE {table} AS t SET {val} = u.new FROM unnest($1::bigint[], $2::text[], $3::text[]) "
@@ -143,6 +149,10 @@ def column_source(col: ManagedColumn) -> ColumnSource:
         count=(
             f"SELECT count(*) FILTER (WHERE {val} {_LEGACY}), count(*) FILTER (WHERE {val} LIKE 'kr1:%') "
             f"FROM {table}"
+        ),
+        plan=(
+            f"SELECT min(id), max(id), count(*) FROM (SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
+            f"FROM {table} WHERE {val} IS NOT NULL AND {val} {_LEGACY}) q GROUP BY b ORDER BY b"
         ),
         has_version=False,
         fixed_scope=col.scope,
@@ -285,11 +295,52 @@ async def sources(km: KeyManager) -> list[Source]:
     return [SECRETS_SOURCE, *(column_source(c) for c in cols)]
 
 
-async def _fetch(session: AsyncSession, src: Source, after: int, limit: int) -> list[Any]:
+async def fetch_rows(
+    session: AsyncSession, src: Source, after: int, limit: int, hi: int = MAX_ID
+) -> list[Any]:
+    """The next ``limit`` legacy rows of ``src`` with ``after < id <= hi``, in id order."""
     apg = await raw_connection(session)
     if isinstance(src, ColumnSource) and src.fixed_scope is not None:
-        return list(await apg.fetch(src.select, after, limit, src.fixed_scope))
-    return list(await apg.fetch(src.select, after, limit))
+        return list(await apg.fetch(src.select, after, hi, limit, src.fixed_scope))
+    return list(await apg.fetch(src.select, after, hi, limit))
+
+
+async def open_batch(
+    km: KeyManager,
+    key: str,
+    pool: concurrent.futures.Executor,
+    workers: int,
+    src: Source,
+    rows: list[Any],
+    rep: ColumnReport,
+    second: dict[str, list[AESGCM]],
+) -> SealedBatch:
+    """Decrypt one batch of legacy rows (scrypt in ``pool``) and seal each under its scope's DEK.
+
+    Failures are counted and named (by row id) in ``rep``; ``second`` caches each scope's
+    second-phase DEKs.
+    """
+    candidates: list[Any] = []
+    known: dict[int, str] = {}  # row index in candidates -> second-phase plaintext
+    for r in rows:
+        scope_name = r[2] or ""
+        if scope_name and scope_name not in second:
+            second[scope_name] = await second_ciphers(km, scope_name)
+        plain = try_second_phase(r[1], second.get(scope_name, []))
+        if plain is not None:
+            known[len(candidates)] = plain
+            candidates.append(r)
+        elif legacy.is_legacy(r[1]):
+            candidates.append(r)
+        else:
+            rep.failed_count += 1
+            if len(rep.failed) < MAX_LISTED:
+                rep.failed.append({"id": r[0], "reason": "neither a kr1 nor a legacy value (malformed)"})
+    # scrypt: in the pool, never on the event loop.
+    first = [r[1] for i, r in enumerate(candidates) if i not in known]
+    opened = iter(await decrypt_batch(first, key, pool, workers))
+    results = [known[i] if i in known else next(opened) for i in range(len(candidates))]
+    return await seal_batch(km, src, candidates, results, rep)
 
 
 async def _counts(km: KeyManager, src: Source) -> tuple[int, int]:
@@ -300,17 +351,20 @@ async def _counts(km: KeyManager, src: Source) -> tuple[int, int]:
 
 
 @dataclass
-class _Sealed:
+class SealedBatch:
+    """One batch's compare-and-swap arguments: ids, old values, new kr1 values, DEK versions."""
+
     ids: list[int] = field(default_factory=list)
     olds: list[str] = field(default_factory=list)
     news: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
 
-async def _seal_batch(
+async def seal_batch(
     km: KeyManager, src: Source, rows: list[Any], results: list[str | DecryptionFailed], rep: ColumnReport
-) -> _Sealed:
-    out = _Sealed()
+) -> SealedBatch:
+    """Seal each decrypted row under its scope's active DEK and verify it (failures go to ``rep``)."""
+    out = SealedBatch()
     keys: dict[str, tuple[int, int, AESGCM]] = {}
     for row, result in zip(rows, results, strict=True):
         row_id, value, scope, row_context = row[0], row[1], row[2], row[3]
@@ -473,32 +527,10 @@ async def _migrate(
             after = cursors.get(src.name, -(2**63))
             while True:
                 async with db.transaction(km.sessions) as session:
-                    rows = await _fetch(session, src, after, batch_rows)
+                    rows = await fetch_rows(session, src, after, batch_rows)
                 if not rows:
                     break
-                candidates: list[Any] = []
-                known: dict[int, str] = {}  # row index in candidates -> second-phase plaintext
-                for r in rows:
-                    scope_name = r[2] or ""
-                    if scope_name and scope_name not in second:
-                        second[scope_name] = await _second_ciphers(km, scope_name)
-                    plain = try_second_phase(r[1], second.get(scope_name, []))
-                    if plain is not None:
-                        known[len(candidates)] = plain
-                        candidates.append(r)
-                    elif legacy.is_legacy(r[1]):
-                        candidates.append(r)
-                    else:
-                        rep.failed_count += 1
-                        if len(rep.failed) < MAX_LISTED:
-                            rep.failed.append(
-                                {"id": r[0], "reason": "neither a kr1 nor a legacy value (malformed)"}
-                            )
-                # scrypt: in the pool, never on the event loop.
-                first = [r[1] for i, r in enumerate(candidates) if i not in known]
-                opened = iter(await decrypt_batch(first, key, pool, workers))
-                results = [known[i] if i in known else next(opened) for i in range(len(candidates))]
-                sealed = await _seal_batch(km, src, candidates, results, rep)
+                sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
                 _check_wrong_key(report, migrated_before + len(sealed.ids))
                 after = rows[-1][0]
                 cursors[src.name] = after
@@ -530,7 +562,12 @@ async def _migrate(
 
 
 async def _write(
-    km: KeyManager, run_id: int, src: Source, sealed: _Sealed, cursors: dict[str, int], report: LegacyReport
+    km: KeyManager,
+    run_id: int,
+    src: Source,
+    sealed: SealedBatch,
+    cursors: dict[str, int],
+    report: LegacyReport,
 ) -> set[int]:
     """One batch's compare-and-swap write and the run's cursor, in one transaction."""
     async with db.transaction(km.sessions) as session:
@@ -555,9 +592,32 @@ async def _write(
 
 def _report_of(run: RunInfo) -> LegacyReport:
     report = LegacyReport(dry_run=False, run_id=run.id, state=run.state)
-    for d in run.detail.get("columns", []):
-        report.columns[d["column"]] = ColumnReport.from_dict(d)
+    if run.detail.get("mode") == MODE and run.state != "completed":  # completed: merged already
+        columns = merged_columns(run.detail)
+    else:
+        columns = [ColumnReport.from_dict(d) for d in run.detail.get("columns", [])]
+    for c in columns:
+        report.columns[c.column] = c
     return report
+
+
+# The run's detail.mode when keyrotor.legacy_ranges fanned it out across workers.
+MODE = "ranges"
+
+
+def merged_columns(detail: dict[str, Any]) -> list[ColumnReport]:
+    """A fanned-out run's report per source: counts found at the start plus every range's part."""
+    merged = {d["column"]: ColumnReport.from_dict(d) for d in detail.get("columns", [])}
+    for key, part in sorted(detail.get("range_reports", {}).items()):
+        rep = ColumnReport.from_dict(part)
+        into = merged.setdefault(rep.column, ColumnReport(rep.column))
+        if key.startswith(f"{rep.column}:"):
+            into.migrated += rep.migrated
+            into.failed_count += rep.failed_count
+            into.changed = (into.changed + rep.changed)[:MAX_LISTED]
+            into.failed = (into.failed + rep.failed)[:MAX_LISTED]
+            into.warnings = (into.warnings + rep.warnings)[:MAX_LISTED]
+    return list(merged.values())
 
 
 def report_of(run: RunInfo) -> LegacyReport:
@@ -720,7 +780,7 @@ def _dek_bytes(text_value: str) -> bytes:
     return dek
 
 
-async def _second_ciphers(km: KeyManager, scope: str) -> list[AESGCM]:
+async def second_ciphers(km: KeyManager, scope: str) -> list[AESGCM]:
     """The ciphers of every DEK of ``scope`` that still decrypts, imported ones included."""
     async with db.transaction(km.sessions) as session:
         rows = (

@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     # scrypt pool: ~50 ms a value, so 64 rows take ~1.6 s on 2 cores) and pool processes (0: a core each).
     legacy_batch_rows: int = Field(default=64, ge=1, le=10_000, validation_alias="KEYROTOR_LEGACY_BATCH_ROWS")
     legacy_workers: int = Field(default=0, ge=0, le=256, validation_alias="KEYROTOR_LEGACY_WORKERS")
+    # A migration of at least twice this many legacy values is split into id ranges of about
+    # this many, one migrate_legacy_range job each, so every worker's pool takes part (0: never).
+    legacy_range_rows: int = Field(
+        default=2_000, ge=0, le=10_000_000, validation_alias="KEYROTOR_LEGACY_RANGE_ROWS"
+    )
     # Test only: sleep between re-encryption batches, to open a window for crash tests.
     test_batch_delay_s: float = Field(default=0, ge=0, le=60, validation_alias="KEYROTOR_TEST_BATCH_DELAY_S")
 

@@ -42,6 +42,7 @@ from sqlalchemy import text
 from jobs.common import Deps, enqueue_driver
 from jobs.migrate_kek import migrate_kek
 from jobs.migrate_legacy import enqueue_legacy, migrate_legacy
+from jobs.migrate_legacy_range import migrate_legacy_range
 from jobs.reencrypt import reencrypt_range
 from jobs.replicas import check_replicas, replicate_keys
 from jobs.retire_dek import retire_dek
@@ -80,6 +81,13 @@ def functions(settings: Settings) -> list[Function]:
         func(_counted(rotate_kek), name="rotate_kek", timeout=timeout, max_tries=tries),
         func(_counted(migrate_kek), name="migrate_kek", timeout=timeout, max_tries=tries),
         func(_counted(migrate_legacy), name="migrate_legacy", timeout=timeout, max_tries=tries),
+        func(
+            _counted(migrate_legacy_range),
+            name="migrate_legacy_range",
+            timeout=timeout,
+            max_tries=tries,
+            keep_result=0,
+        ),
         func(_counted(check_replicas), name="check_replicas", timeout=timeout, max_tries=tries),
         # Each key change gets its own id; not keeping results frees them at once.
         func(

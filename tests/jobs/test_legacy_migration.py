@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import random
@@ -16,10 +17,21 @@ from pathlib import Path
 
 import pytest
 
-from keyrotor import KeyManager, Settings, columns, legacy, legacy_migration, retire, rotation
+from keyrotor import (
+    KeyManager,
+    Settings,
+    columns,
+    legacy,
+    legacy_migration,
+    legacy_ranges,
+    retire,
+    rotation,
+    runs,
+)
 from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, Conflict, InvalidInput
 from keyrotor.retire import KeyStillInUse
+from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import VECTOR_KEY, VECTORS, legacy_rows, vectors
@@ -362,3 +374,103 @@ async def test_killed_worker_resumes_the_migration(wenv: dict[str, str], tmp_pat
         assert await _check_all(km, s.database_url, expected) == {"kr1:1": len(rows)}
     status = json.loads(keyrotor("status", "--json", env=env).stdout)
     assert status["columns"][0]["legacy"] == 0
+
+
+# --- fan-out across workers by id range ------------------------------------------------------
+
+
+async def test_ranges_migrate_concurrently_and_merge_one_report(wenv: dict[str, str]) -> None:
+    """Ranges run at once (as on several workers) while the application rewrites rows."""
+    s = settings_of(wenv)
+    rows = legacy_rows()[:48]
+    expected = await _app(s, rows)
+    ids = sorted(expected)
+    tampered = rows[5][2][:-4] + ("AAAA" if not rows[5][2].endswith("AAAA") else "BBBB")
+    await fetch(s.database_url, "UPDATE settings SET api_key = $2 WHERE id = $1", ids[5], tampered)
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        run, _ = await legacy_migration.open_legacy_run(km, trigger="test")
+        small = await legacy_ranges.fan_out(km, run.id, range_rows=100)
+        assert small is None  # under two ranges' worth: one worker does it
+        plan = await legacy_ranges.fan_out(km, run.id, range_rows=10)
+        assert plan is not None and len(plan.ranges) == 5  # 48 legacy values, about 10 a range
+        assert {r.target for r in plan.ranges} == {"settings.api_key"}
+        assert plan.ranges[0].lo <= ids[0] and plan.ranges[-1].hi == 2**63 - 1
+        assert all(a.hi + 1 == b.lo for a, b in itertools.pairwise(plan.ranges))  # no gap, no overlap
+        again = await legacy_ranges.fan_out(km, run.id, range_rows=0)  # a re-driven job: same ranges
+        assert again is not None and again.ranges == plan.ranges
+
+        # The application replaces one row's value meanwhile: compare-and-swap leaves it alone.
+        new_plain = "sk-proj-written-by-the-application-while-migrating"
+        await fetch(s.database_url, "UPDATE settings SET api_key = $2 WHERE id = $1", ids[20], new_plain)
+        expected[ids[20]] = (expected[ids[20]][0], new_plain)
+
+        with legacy_migration.make_executor(2) as pool:
+            outcomes = await asyncio.gather(
+                *(
+                    legacy_ranges.migrate_range(km, r.run_id, r.target, r.lo, r.hi, executor=pool, workers=2)
+                    for r in plan.ranges
+                )
+            )
+        assert sum(o.completed_run for o in outcomes) == 1  # exactly one range completes the run
+        assert {o.state for o in outcomes} == {"done"}
+        # Running a range again (arq may) is harmless.
+        repeat = await legacy_ranges.migrate_range(
+            km, plan.ranges[0].run_id, plan.ranges[0].target, plan.ranges[0].lo, plan.ranges[0].hi, workers=1
+        )
+        assert repeat.state == "stopped" and not repeat.completed_run
+
+    got = (
+        await fetch(s.database_url, "SELECT state, rows_done, detail FROM rotations WHERE id = $1", run.id)
+    )[0]
+    assert got["state"] == "completed"
+    report = legacy_migration.report_of(await _run_info(s, run.id)).columns["settings.api_key"]
+    assert report.legacy_found == 48 and report.failed_count == 2  # the tampered row, the app's plaintext
+    assert {f["id"] for f in report.failed} == {ids[5], ids[20]}
+    assert report.migrated == 46 == got["rows_done"]
+    assert await fetch(s.database_url, "SELECT count(*) FROM rotation_ranges WHERE state <> 'done'") == [(0,)]
+    values = {r["id"]: r["api_key"] for r in await fetch(s.database_url, "SELECT id, api_key FROM settings")}
+    assert values[ids[5]] == tampered and values[ids[20]] == new_plain
+    async with KeyManager(_quiet(s)) as km:
+        for i in ids:
+            if i not in (ids[5], ids[20]):
+                provider, plain = expected[i]
+                assert await km.decrypt(provider, values[i], context=f"settings.api_key:{i}") == plain
+
+
+async def _run_info(s: Settings, run_id: int) -> runs.RunInfo:
+    async with KeyManager(_quiet(s)) as km, db.transaction(km.sessions) as session:
+        return await runs.require_run(session, run_id)
+
+
+async def test_workers_share_a_fanned_out_migration(wenv: dict[str, str], tmp_path: Path) -> None:
+    env = {
+        **wenv,
+        "KEYROTOR_LEGACY_BATCH_ROWS": "4",
+        "KEYROTOR_LEGACY_WORKERS": "1",
+        "KEYROTOR_LEGACY_RANGE_ROWS": "8",
+    }
+    s = settings_of(env)
+    rows = legacy_rows()[:40]
+    expected = await _app(s, rows)
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+    workers = [WorkerProcess(env, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        for w in workers:
+            await w.wait_started()
+        out = keyrotor("legacy", "migrate", "--wait", "--json", "--timeout", "120", env=env)
+        assert out.returncode == 0, out.stderr + "".join(w.output()[-1500:] for w in workers)
+        doc = json.loads(out.stdout)
+        assert doc["state"] == "completed" and doc["migrated"] == 40 and doc["failed"] == 0
+        logs = [w.output() for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+    run = (
+        await fetch(s.database_url, "SELECT rows_done, detail FROM rotations WHERE id = $1", doc["run_id"])
+    )[0]
+    assert run["rows_done"] == 40 and json.loads(run["detail"])["mode"] == "ranges"
+    assert sum(log.count("legacy_range_done") for log in logs) == json.loads(run["detail"])["ranges"] == 5
+    async with KeyManager(_quiet(s)) as km:
+        assert await _check_all(km, s.database_url, expected) == {"kr1:1": 40}
