@@ -571,23 +571,33 @@ async def _write(
 ) -> set[int]:
     """One batch's compare-and-swap write and the run's cursor, in one transaction."""
     async with db.transaction(km.sessions) as session:
-        apg = await raw_connection(session)
-        written: set[int] = set()
-        if sealed.ids:
-            if src.has_version:
-                rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.versions)
-            else:
-                rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news)
-            written = {int(r[0]) for r in rows}
+        written = await swap_values(await raw_connection(session), src, sealed)
         # The report as it will stand after this batch, so a resumed run reports the whole run.
         rep = report.column(src.name)
         snapshot = [c.as_dict() for c in report.columns.values() if c.column != src.name]
-        after = rep.as_dict()
-        after["migrated"] = rep.migrated + len(written)
-        after["changed"] = (rep.changed + [i for i in sealed.ids if i not in written])[:MAX_LISTED]
+        after = report_after(rep, sealed, written)
         await runs.update_detail(session, run_id, cursors=cursors, columns=[*snapshot, after])
         await runs.add_progress(session, run_id, len(written))
     return written
+
+
+async def swap_values(apg: Any, src: Source, sealed: SealedBatch) -> set[int]:
+    """The batch's compare-and-swap UPDATE: the ids written (a row changed meanwhile is not)."""
+    if not sealed.ids:
+        return set()
+    if src.has_version:
+        rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.versions)
+    else:
+        rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news)
+    return {int(r[0]) for r in rows}
+
+
+def report_after(rep: ColumnReport, sealed: SealedBatch, written: set[int]) -> dict[str, Any]:
+    """``rep`` as it will stand once the batch's write commits."""
+    after = rep.as_dict()
+    after["migrated"] = rep.migrated + len(written)
+    after["changed"] = (rep.changed + [i for i in sealed.ids if i not in written])[:MAX_LISTED]
+    return after
 
 
 def _report_of(run: RunInfo) -> LegacyReport:

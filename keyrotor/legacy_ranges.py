@@ -43,7 +43,9 @@ from keyrotor.legacy_migration import (
     make_executor,
     merged_columns,
     open_batch,
+    report_after,
     sources,
+    swap_values,
 )
 from keyrotor.reencrypt import MAX_ID, raw_connection
 from keyrotor.runs import RunInfo
@@ -353,17 +355,8 @@ async def _write(
         ).scalar_one()
         if state != "running":
             return None
-        apg = await raw_connection(session)
-        written: set[int] = set()
-        if sealed.ids:
-            if src.has_version:
-                rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.versions)
-            else:
-                rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news)
-            written = {int(r[0]) for r in rows}
-        after = rep.as_dict()
-        after["migrated"] = rep.migrated + len(written)
-        after["changed"] = (rep.changed + [i for i in sealed.ids if i not in written])[:MAX_LISTED]
+        written = await swap_values(await raw_connection(session), src, sealed)
+        after = report_after(rep, sealed, written)
         await session.execute(
             text(
                 "UPDATE rotation_ranges SET cursor = :c, rows_done = rows_done + :n, updated_at = now() "
