@@ -433,6 +433,12 @@ async def _complete(
         {"s": keys.scope_id},
     )
     run = await runs.require_run(session, run_id)
+    # Every row the run re-encrypted is an encryption under the new DEK: its usage counter
+    # (KEYROTOR_MAX_ENCRYPTIONS_PER_DEK, keyrotor.usage) must see them like application writes.
+    await session.execute(
+        text("UPDATE data_keys SET encryptions = encryptions + :n WHERE scope_id = :s AND version = :v"),
+        {"n": run.rows_done, "s": keys.scope_id, "v": keys.new_version},
+    )
     await write_event(
         session,
         AuditEvent(

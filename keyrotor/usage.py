@@ -11,7 +11,9 @@ A flush that brings an active DEK to its limit also sets its scope's ``next_rota
 like any other due scope, and never has to scan the usage counters.
 
 Counts of a process that dies between flushes are lost (at most one interval's worth): the limit
-is a safety margin far below the real bound, not an exact quota.
+is a safety margin far below the real bound, not an exact quota. A rotation adds the rows it
+re-encrypted to the new DEK's count in its completion transaction (:mod:`keyrotor.rotation`);
+legacy migration counts through this counter like any encrypt.
 """
 
 from __future__ import annotations

@@ -46,6 +46,12 @@ async def test_small_scope_rotates_in_one_transaction(wenv: dict[str, str]) -> N
         "JOIN key_scopes k ON k.id = d.scope_id WHERE k.name = 'anthropic' ORDER BY d.version",
     )
     assert [(k["version"], k["state"]) for k in keys] == [(1, "grace"), (2, "active")]
+    used = await fetch(
+        s.database_url,
+        "SELECT d.encryptions FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+        "WHERE k.name = 'anthropic' AND d.version = 2",
+    )
+    assert used[0][0] == 40  # the rows the rotation re-encrypted
     grace = keys[0]["grace_until"] - keys[1]["activated_at"]
     assert grace == timedelta(days=7)  # the scope's grace_period_days, counted from promotion
     scope = (await fetch(s.database_url, "SELECT * FROM key_scopes WHERE name = 'anthropic'"))[0]
@@ -88,6 +94,13 @@ async def test_large_scope_fans_out_into_ranges(wenv: dict[str, str]) -> None:
         run.scope_id,
     )
     assert [tuple(r) for r in states] == [(1, "grace"), (2, "grace"), (3, "active")]
+    # Re-encrypted rows count against each new DEK's encryption limit.
+    usage = await fetch(
+        s.database_url,
+        "SELECT version, encryptions FROM data_keys WHERE scope_id = $1 ORDER BY version",
+        run.scope_id,
+    )
+    assert [tuple(r) for r in usage][1:] == [(2, 2000), (3, 2000)]
 
 
 async def test_tampered_row_fails_the_run_naming_it_and_writes_nothing_of_its_batch(
