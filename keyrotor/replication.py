@@ -44,8 +44,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -57,7 +55,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
 from keyrotor.audit import AuditEvent, write_event
@@ -66,12 +64,25 @@ from keyrotor.errors import (
     Conflict,
     KekError,
     KekUnavailable,
-    KeyrotorError,
     NotFound,
     StoreUnavailable,
 )
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
-from keyrotor.kek.local import LocalKeyring
+from keyrotor.regions import (
+    Region,
+    RegionConfig,
+    ReplicaCopy,
+    bounded_map,
+    corrupt_copies,
+    env_prefix,
+    error_text,
+    fingerprint,
+    init_regions,
+    open_region_kek,
+    parse_regions,
+    region_settings,
+    unwrap_many,
+)
 from keyrotor.settings import Settings
 from keyrotor.store import db
 
@@ -80,11 +91,7 @@ log = logging.getLogger("keyrotor.replication")
 STATUSES = ("in_sync", "stale", "drifted", "corrupt", "missing", "unreachable")
 # A region's grade is its worst copy's; unreachable trumps everything.
 _SEVERITY = {"in_sync": 0, "stale": 1, "missing": 2, "drifted": 3, "corrupt": 4, "unreachable": 5}
-_FINGERPRINT_LABEL = b"keyrotor/replica-fingerprint/v1"
-_REGION_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_USABLE_STATES = ("pending", "active", "grace")
 _WRITE_BATCH = 1_000
-_CONCURRENCY = 64
 
 REPLICA_STATE = Gauge(
     "keyrotor_replica_state",
@@ -115,115 +122,6 @@ FAILOVER_READS = PromCounter(
 )
 
 
-def fingerprint(dek: bytes) -> str:
-    """The key check value of a DEK: 128 bits of an HMAC of a fixed label under it (hex)."""
-    return hmac.digest(dek, _FINGERPRINT_LABEL, "sha256")[:16].hex()
-
-
-def _error(exc: BaseException) -> str:
-    # Our errors' messages never hold key material; others may quote data or URLs.
-    if isinstance(exc, KeyrotorError):
-        return f"{type(exc).__name__}: {exc}"[:300]
-    return type(exc).__name__
-
-
-# --- configuration -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegionConfig:
-    """A secondary region: its name, its database and the variables of its wrapping key."""
-
-    name: str
-    database_url: str = field(repr=False)
-    env: Mapping[str, str] = field(repr=False)
-
-    @property
-    def prefix(self) -> str:
-        """The prefix of its wrapping-key variables, e.g. ``KEYROTOR_REGION_EU_WEST_1__``."""
-        return env_prefix(self.name)
-
-
-def env_prefix(region: str) -> str:
-    """``KEYROTOR_REGION_<NAME>__``: ``eu-west-1`` gives ``KEYROTOR_REGION_EU_WEST_1__``."""
-    return "KEYROTOR_REGION_" + re.sub(r"[^A-Z0-9]", "_", region.upper()) + "__"
-
-
-def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) -> list[RegionConfig]:
-    """The secondaries of ``KEYROTOR_REGIONS`` (``name=database_url,...``), in order.
-
-    A region's wrapping key is configured by the usual provider variables with the region's
-    prefix (``KEYROTOR_REGION_EU_WEST_1__SECRETS_PROVIDER``, ``..._ENCRYPTION_KEY``,
-    ``..._KEYROTOR_KMS_KEY_ID``...), read from ``environ`` (default ``os.environ``).
-
-    Raises:
-        ConfigurationError: a malformed entry, a bad or repeated name, the primary's name, or
-            a URL that is not PostgreSQL. Messages never contain the URL (it may hold a password).
-    """
-    env = os.environ if environ is None else environ
-    primary = settings.primary_region
-    if not _REGION_NAME.match(primary):
-        raise ConfigurationError(
-            "KEYROTOR_PRIMARY_REGION: region names are lowercase letters, digits and '-'"
-        )
-    out: list[RegionConfig] = []
-    seen = {primary}
-    upper = {k.upper(): v for k, v in env.items()}
-    for i, entry in enumerate(e.strip() for e in settings.regions.split(",")):
-        if not entry:
-            continue
-        name, sep, url = entry.partition("=")
-        name, url = name.strip(), url.strip()
-        if not sep or not name or not url:
-            raise ConfigurationError(f"KEYROTOR_REGIONS: entry {i + 1} is not name=database_url")
-        if not _REGION_NAME.match(name):
-            raise ConfigurationError(
-                f"KEYROTOR_REGIONS: entry {i + 1}: region names are lowercase letters, digits and '-'"
-            )
-        if name in seen:
-            raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} is named twice (or is the primary)")
-        seen.add(name)
-        try:
-            db.async_url(url)
-        except ConfigurationError:
-            raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} needs a postgresql:// URL") from None
-        prefix = env_prefix(name)
-        sub = {k[len(prefix) :]: v for k, v in upper.items() if k.startswith(prefix)}
-        out.append(RegionConfig(name, url, sub))
-    return out
-
-
-def region_settings(cfg: RegionConfig) -> Settings:
-    """The settings a region's wrapping key is built from (its prefixed variables).
-
-    Raises:
-        ConfigurationError: a variable is invalid (the message names the region).
-    """
-    try:
-        return Settings.from_env({**cfg.env, "DATABASE_URL": cfg.database_url})
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
-
-
-async def open_region_kek(cfg: RegionConfig) -> KekProvider:
-    """Open a region's wrapping key provider.
-
-    Raises:
-        ConfigurationError: missing or weak key, or bad provider variables (names the region).
-        KekUnavailable: the provider cannot be reached now.
-    """
-    from keyrotor.kek.factory import open_provider
-
-    settings = region_settings(cfg)
-    try:
-        return await open_provider(settings, {**cfg.env, "DATABASE_URL": cfg.database_url})
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
-
-
-# --- regions -------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class _Source:
     """A usable DEK of the primary, as the check sees it (no key material)."""
@@ -234,116 +132,6 @@ class _Source:
     kek_version: int
     wrapped: WrappedDek
     fingerprint: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Copy:
-    id: int
-    scope: str
-    version: int
-    state: str
-    kek_version: int
-    wrapped: bytes = field(repr=False)
-    region_kek_id: str
-    region_kek_version: int
-    fingerprint: str
-
-
-class Region:
-    """A secondary region: its database engine and its (lazily opened) wrapping key."""
-
-    def __init__(
-        self, cfg: RegionConfig, settings: Settings, kek: KekProvider | None = None, *, owns_kek: bool = False
-    ) -> None:
-        self.cfg = cfg
-        self.name = cfg.name
-        self.engine: AsyncEngine = db.create_engine(
-            cfg.database_url,
-            pool_size=2,
-            max_overflow=4,
-            connect_args={"timeout": settings.region_connect_timeout_s},
-            hide_parameters=True,  # statements carry wrapped keys: never in an error message
-        )
-        self.sessions: async_sessionmaker[AsyncSession] = db.sessionmaker(self.engine)
-        self._kek = kek
-        self._owns_kek = kek is None or owns_kek
-        self._kek_lock = asyncio.Lock()
-        self.down_until = 0.0  # monotonic: skip for failover reads until then
-
-    def __repr__(self) -> str:
-        return f"Region({self.name!r})"
-
-    async def kek(self) -> KekProvider:
-        """The region's wrapping key provider (opened on first use).
-
-        Raises:
-            ConfigurationError: its variables are missing or invalid.
-            KekUnavailable: it cannot be reached now.
-        """
-        if self._kek is None:
-            async with self._kek_lock:
-                if self._kek is None:
-                    self._kek = await open_region_kek(self.cfg)
-        return self._kek
-
-    async def copies(self, scope: str | None = None) -> dict[tuple[str, int], _Copy]:
-        """Every copy in the region (or one scope's). Raises StoreUnavailable if it is down."""
-        sql = (
-            "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
-            "region_kek_version, fingerprint FROM replica_keys"
-        )
-        params: dict[str, Any] = {}
-        if scope is not None:
-            sql += " WHERE scope = :scope"
-            params["scope"] = scope
-        async with db.transaction(self.sessions) as session:
-            rows = (await session.execute(text(sql), params)).all()
-        return {(r[1], r[2]): _Copy(*r) for r in rows}
-
-    async def promotion(self) -> dict[str, Any] | None:
-        """The region's promotion record, if it was promoted to primary."""
-        async with db.transaction(self.sessions) as session:
-            row = (
-                await session.execute(
-                    text("SELECT region, promoted_at, previous_primary FROM replica_promotions LIMIT 1")
-                )
-            ).first()
-        return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
-
-    async def unwrap_copy(self, scope: str, version: int) -> bytes | None:
-        """The DEK from the region's copy, verified against its fingerprint; None if it has none.
-
-        Raises:
-            StoreUnavailable, KekUnavailable: the region cannot serve it now.
-            KekError: the copy does not unwrap (corrupt, or the wrong regional key).
-        """
-        async with db.transaction(self.sessions) as session:
-            row = (
-                await session.execute(
-                    text(
-                        "SELECT wrapped_dek, region_kek_id, region_kek_version, "
-                        "fingerprint FROM replica_keys "
-                        "WHERE scope = :s AND dek_version = :v"
-                    ),
-                    {"s": scope, "v": version},
-                )
-            ).first()
-        if row is None:
-            return None
-        kek = await self.kek()
-        dek = await kek.unwrap(WrappedDek(row[1], row[2], row[0]), WrapContext(scope, version))
-        if not hmac.compare_digest(fingerprint(dek), row[3]):
-            raise KekError(
-                f"region {self.name}: the copy of {scope} v{version} does not match its fingerprint"
-            )
-        return dek
-
-    async def aclose(self) -> None:
-        """Dispose of the engine and close the wrapping key provider this region opened."""
-        await self.engine.dispose()
-        if self._owns_kek and self._kek is not None:
-            await self._kek.aclose()
-            self._kek = None
 
 
 # --- reports -------------------------------------------------------------------------------
@@ -404,7 +192,7 @@ class CheckReport:
 
 
 def _grade(
-    sources: Mapping[tuple[str, int], _Source], copies: Mapping[tuple[str, int], _Copy]
+    sources: Mapping[tuple[str, int], _Source], copies: Mapping[tuple[str, int], ReplicaCopy]
 ) -> tuple[dict[tuple[str, int], str], list[tuple[str, int]]]:
     """Grade each source by its copy, without unwrapping. Returns (faults, copies to unwrap)."""
     faults: dict[tuple[str, int], str] = {}
@@ -422,59 +210,6 @@ def _grade(
     for key in copies.keys() - sources.keys():
         faults[key] = "stale"  # a DEK the primary no longer keeps usable: must go
     return faults, to_unwrap
-
-
-async def _unwrap_many(
-    kek: KekProvider, items: Sequence[tuple[WrappedDek, WrapContext]]
-) -> list[bytes | BaseException]:
-    """Unwrap many DEKs: in a loop for the local keyring (microseconds of CPU, no I/O), else up
-    to ``_CONCURRENCY`` provider calls in flight. Failures are returned, not raised."""
-    if isinstance(kek, LocalKeyring):
-        out: list[bytes | BaseException] = []
-        for wrapped, ctx in items:
-            try:
-                out.append(kek.unwrap_sync(wrapped, ctx))
-            except Exception as exc:
-                out.append(exc)
-        return out
-
-    async def one(item: tuple[WrappedDek, WrapContext]) -> bytes:
-        return await kek.unwrap(*item)
-
-    return await _bounded_map(one, items)
-
-
-async def _corrupt(
-    kek: KekProvider, copies: Mapping[tuple[str, int], _Copy], keys: Sequence[tuple[str, int]]
-) -> list[tuple[str, int]]:
-    """The copies among ``keys`` that do not unwrap with the region's key to the DEK their
-    fingerprint names.
-
-    Raises:
-        KekUnavailable: the region's key provider cannot be reached (nothing can be said).
-    """
-    items = []
-    for key in keys:
-        c = copies[key]
-        items.append((WrappedDek(c.region_kek_id, c.region_kek_version, c.wrapped), WrapContext(*key)))
-    bad = []
-    for key, dek in zip(keys, await _unwrap_many(kek, items), strict=True):
-        if isinstance(dek, KekUnavailable):
-            raise dek
-        if isinstance(dek, BaseException) or not hmac.compare_digest(
-            fingerprint(dek), copies[key].fingerprint
-        ):
-            bad.append(key)
-    return bad
-
-
-async def _bounded_map(fn: Callable[[Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
-    out: list[Any] = []
-    for i in range(0, len(items), _CONCURRENCY):
-        out.extend(
-            await asyncio.gather(*(fn(x) for x in items[i : i + _CONCURRENCY]), return_exceptions=True)
-        )
-    return out
 
 
 # --- the engine ----------------------------------------------------------------------------
@@ -579,7 +314,7 @@ class Replication:
 
     # --- the primary's side -----------------------------------------------------------------
 
-    async def _sources(self, scope: str | None) -> dict[tuple[str, int], _Source]:
+    async def sources(self, scope: str | None) -> dict[tuple[str, int], _Source]:
         sql = (
             "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek "
             "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
@@ -599,7 +334,7 @@ class Replication:
             if cache_key not in self._fingerprints:
                 todo.append((r, cache_key))
 
-        unwrapped = await _unwrap_many(
+        unwrapped = await unwrap_many(
             self.kek, [(WrappedDek(r[3], r[4], bytes(r[5])), WrapContext(r[0], r[1])) for r, _ in todo]
         )
         for (_, cache_key), dek in zip(todo, unwrapped, strict=True):
@@ -646,7 +381,7 @@ class Replication:
         """
         started = time.perf_counter()
         targets = self.regions if regions is None else [self.region(n) for n in regions]
-        sources = await self._sources(scope)
+        sources = await self.sources(scope)
         previous = await self._previous() if record else {}
         reports = list(
             await asyncio.gather(
@@ -667,11 +402,11 @@ class Replication:
         self, region: Region, sources: Mapping[tuple[str, int], _Source], *, repair: bool, scope: str | None
     ) -> RegionReport:
         try:
-            report = await self._grade_region(region, sources, scope)
+            report = await self.grade_region(region, sources, scope)
         except Exception as exc:  # one region's failure must not hide the others' results
-            log.error("replica check of region %s failed: %s", region.name, _error(exc))
+            log.error("replica check of region %s failed: %s", region.name, error_text(exc))
             return RegionReport(
-                region.name, "unreachable", None, f"check failed: {_error(exc)}", datetime.now(UTC)
+                region.name, "unreachable", None, f"check failed: {error_text(exc)}", datetime.now(UTC)
             )
         if repair and report.status not in ("in_sync", "unreachable"):
             found = report.status
@@ -682,22 +417,22 @@ class Replication:
                 return report
             except Exception as exc:
                 if not isinstance(exc, StoreUnavailable | KekUnavailable):
-                    log.error("replica repair of region %s failed: %s", region.name, _error(exc))
-                report.detail += f"; repair failed: {_error(exc)}"
+                    log.error("replica repair of region %s failed: %s", region.name, error_text(exc))
+                report.detail += f"; repair failed: {error_text(exc)}"
                 return report
-            report = await self._grade_region(region, sources, scope)  # prove the repair
+            report = await self.grade_region(region, sources, scope)  # prove the repair
             report.found, report.repaired = found, repaired
             REPLICA_REPAIRED.labels(region.name).inc(repaired)
         return report
 
-    async def _grade_region(
+    async def grade_region(
         self, region: Region, sources: Mapping[tuple[str, int], _Source], scope: str | None
     ) -> RegionReport:
         now = datetime.now(UTC)
 
         def unreachable(what: str, exc: BaseException) -> RegionReport:
             return RegionReport(
-                region.name, "unreachable", None, f"{what}: {_error(exc)}", now, keys_total=len(sources)
+                region.name, "unreachable", None, f"{what}: {error_text(exc)}", now, keys_total=len(sources)
             )
 
         try:
@@ -721,7 +456,7 @@ class Replication:
             return unreachable("wrapping key", exc)
         faults, to_unwrap = _grade(sources, copies)
         try:
-            faults.update(dict.fromkeys(await _corrupt(kek, copies, to_unwrap), "corrupt"))
+            faults.update(dict.fromkeys(await corrupt_copies(kek, copies, to_unwrap), "corrupt"))
         except KekUnavailable as exc:
             return unreachable("wrapping key", exc)
         counts = dict(Counter(faults.values()))
@@ -753,7 +488,7 @@ class Replication:
         copies = await region.copies(scope)
         kek = await region.kek()
         faults, to_unwrap = _grade(sources, copies)
-        faults.update(dict.fromkeys(await _corrupt(kek, copies, to_unwrap), "corrupt"))
+        faults.update(dict.fromkeys(await corrupt_copies(kek, copies, to_unwrap), "corrupt"))
         rewrite = [k for k in faults if k in sources]
         drop = [copies[k] for k in faults if k not in sources]
 
@@ -786,13 +521,13 @@ class Replication:
                 "old_fp": old.fingerprint if old else None,
             }
 
-        made = await _bounded_map(make, rewrite)
+        made = await bounded_map(make, rewrite)
         rows: list[dict[str, Any]] = []
         for res in made:
             if isinstance(res, KekUnavailable | StoreUnavailable):
                 raise res
             if isinstance(res, BaseException):
-                log.warning("replica copy not written for region %s: %s", region.name, _error(res))
+                log.warning("replica copy not written for region %s: %s", region.name, error_text(res))
                 continue
             rows.append(res)
         inserts = [r for r in rows if r["old_id"] is None]
@@ -953,7 +688,7 @@ class Replication:
         try:
             await self.check(repair=True, scope=scope)
         except Exception as exc:
-            log.warning("replication of scope %s failed: %s", scope, _error(exc))
+            log.warning("replication of scope %s failed: %s", scope, error_text(exc))
 
     # --- failover reads ---------------------------------------------------------------------
 
@@ -981,12 +716,12 @@ class Replication:
                     log.warning(
                         "primary region %s unavailable (%s): reading DEKs from secondaries",
                         self.primary,
-                        _error(exc),
+                        error_text(exc),
                     )
                     await self._emit(
                         False,
                         {"from": self.primary, "state": "failover", "reason": type(exc).__name__},
-                        _error(exc),
+                        error_text(exc),
                     )
             else:
                 if self.failing_over:
@@ -1003,7 +738,11 @@ class Replication:
             except (StoreUnavailable, KekUnavailable, TimeoutError, KekError, OSError) as exc:
                 region.down_until = time.monotonic() + self.settings.failover_retry_s
                 log.warning(
-                    "secondary region %s cannot serve %s v%d: %s", region.name, scope, version, _error(exc)
+                    "secondary region %s cannot serve %s v%d: %s",
+                    region.name,
+                    scope,
+                    version,
+                    error_text(exc),
                 )
                 continue
             if dek is None:
@@ -1028,134 +767,11 @@ class Replication:
             log.error("failover audit event not recorded: %s", type(exc).__name__)
 
     # --- promotion --------------------------------------------------------------------------
-
     async def promote(self, name: str, *, by: str = "system") -> dict[str, Any]:
-        """Make secondary ``name`` a primary store: its verified copies become its ``data_keys``.
+        """Promote secondary ``name`` to primary (see :func:`keyrotor.promotion.promote`)."""
+        from keyrotor.promotion import promote
 
-        The region's database then holds ``key_scopes`` and ``data_keys`` wrapped under the
-        region's own key, so a keyrotor configured with ``DATABASE_URL`` = the region's database
-        and the region's provider variables serves every DEK the old primary had. The region is
-        fenced (``replica_promotions``): replication never writes to it again.
-
-        If the primary is reachable, the region must be ``in_sync`` first; if not, every copy
-        must prove itself (unwrap to the bytes its fingerprint names).
-
-        Raises:
-            NotFound: no such region.
-            Conflict: the region is not in sync, holds corrupt copies, was promoted already,
-                or already has scopes of its own.
-            StoreUnavailable, KekUnavailable: the region cannot be used now.
-        """
-        region = self.region(name)
-        if await region.promotion() is not None:
-            raise Conflict(f"region {name} was promoted already")
-        try:
-            sources = await self._sources(None)
-        except (StoreUnavailable, KekUnavailable):
-            sources = None
-        if sources is not None:
-            rep = await self._grade_region(region, sources, None)
-            if rep.status != "in_sync":
-                raise Conflict(
-                    f"region {name} is {rep.status} ({rep.detail}): run `keyrotor "
-                    f"replicas check --repair` first"
-                )
-        copies = await region.copies()
-        kek = await region.kek()
-        for c in copies.values():
-            try:
-                dek = await kek.unwrap(
-                    WrappedDek(c.region_kek_id, c.region_kek_version, c.wrapped),
-                    WrapContext(c.scope, c.version),
-                )
-            except KekUnavailable:
-                raise
-            except KekError as exc:
-                raise Conflict(
-                    f"region {name}: the copy of {c.scope} v{c.version} is corrupt; not promoted"
-                ) from exc
-            if not hmac.compare_digest(fingerprint(dek), c.fingerprint):
-                raise Conflict(f"region {name}: the copy of {c.scope} v{c.version} is corrupt; not promoted")
-        by_scope: dict[str, list[_Copy]] = {}
-        for c in copies.values():
-            by_scope.setdefault(c.scope, []).append(c)
-        async with db.transaction(region.sessions) as session:
-            if (await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one():
-                raise Conflict(f"region {name} already has scopes of its own; not promoted")
-            scopes = 0
-            for scope, cs in sorted(by_scope.items()):
-                active = [c.version for c in cs if c.state == "active"]
-                latest = max(c.version for c in cs)
-                scope_id = (
-                    await session.execute(
-                        text(
-                            "INSERT INTO key_scopes (name, active_version, latest_version, rotation_enabled, "
-                            "interval_days, grace_period_days, next_rotation_at) VALUES "
-                            "(:n, :a, :l, :e, :i, :g, "
-                            "now() + make_interval(days => :i)) RETURNING id"
-                        ),
-                        {
-                            "n": scope,
-                            "a": active[0] if active else latest,
-                            "l": latest,
-                            "e": self.settings.default_rotation_enabled,
-                            "i": self.settings.default_interval_days,
-                            "g": min(self.settings.default_grace_days, self.settings.default_interval_days),
-                        },
-                    )
-                ).scalar_one()
-                for c in cs:
-                    await session.execute(
-                        text(
-                            "INSERT INTO data_keys (scope_id, version, state, "
-                            "encrypted_dek, kek_id, kek_version, "
-                            "activated_at, grace_until) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
-                            "CASE WHEN :st IN ('active', 'grace') THEN now() END, "
-                            "CASE WHEN :st = 'grace' THEN now() + make_interval(days => :g) END)"
-                        ),
-                        {
-                            "sid": scope_id,
-                            "v": c.version,
-                            "st": c.state,
-                            "blob": c.wrapped,
-                            "kid": c.region_kek_id,
-                            "kv": c.region_kek_version,
-                            "g": self.settings.default_grace_days,
-                        },
-                    )
-                scopes += 1
-            await session.execute(
-                text(
-                    "INSERT INTO replica_promotions (region, previous_primary, promoted_by, keys) "
-                    "VALUES (:r, :p, :b, :k)"
-                ),
-                {"r": name, "p": self.primary, "b": by, "k": len(copies)},
-            )
-            await write_event(
-                session,
-                AuditEvent(
-                    "failover",
-                    actor=by,
-                    metadata={
-                        "state": "promoted",
-                        "region": name,
-                        "previous_primary": self.primary,
-                        "keys": len(copies),
-                    },
-                ),
-            )
-        log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, len(copies))
-        return {
-            "region": name,
-            "previous_primary": self.primary,
-            "scopes": scopes,
-            "deks": len(copies),
-            "primary_reachable": sources is not None,
-            "next": (
-                f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
-                f"{region.cfg.prefix}* provider variables as the primary's (SECRETS_PROVIDER, ...)"
-            ),
-        }
+        return await promote(self, name, by=by)
 
 
 def _set_gauges(region: str, status: str, counts: Mapping[str, int]) -> None:
@@ -1219,30 +835,13 @@ def merge_status(configured: Sequence[str], stored: Sequence[dict[str, Any]]) ->
     return out
 
 
-async def init_regions(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
-    """Create each region's database if needed and migrate it to keyrotor's schema.
-
-    Raises:
-        StoreUnavailable: a region's server cannot be reached.
-    """
-    done = []
-    for cfg in parse_regions(settings, environ):
-        await db.ensure_database(cfg.database_url)
-        engine = db.create_engine(cfg.database_url, pool_size=1)
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
-        done.append(cfg.name)
-    return done
-
-
 __all__ = [
     "STATUSES",
     "CheckReport",
     "Region",
     "RegionConfig",
     "RegionReport",
+    "ReplicaCopy",
     "Replication",
     "env_prefix",
     "fingerprint",

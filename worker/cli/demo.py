@@ -227,9 +227,7 @@ def demo(
         run(lambda: _rotate_all(cfg, procs[0]))
         err_console.print("[bold]5.[/bold] status:")
         status(scope=None, json_out=False)
-        out_console.print(
-            "replicas: no secondary regions in the demo (KEYROTOR_REGIONS; docs/replication.md)"
-        )
+        out_console.print("replicas: not configured (the demo sets no KEYROTOR_REGIONS; docs/replication.md)")
         with contextlib.suppress(OSError):
             out_console.print("worker metrics (excerpt):")
             for line in _scrape(port):
