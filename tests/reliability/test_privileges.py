@@ -1,0 +1,151 @@
+"""Least privilege: deploy/postgres/roles.sql, applied to a test database and checked line by line.
+
+Roles are cluster-wide, so each test suffixes the role names with a tag of its own and drops
+them afterwards. The application role works (new scope, encrypt, decrypt, audit) and cannot
+see destroyed DEKs or rewrite the audit log; the worker role rotates and retires, and cannot
+rewrite the audit log either.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from keyrotor import KeyManager, Settings
+from tests.conftest import PG_ADMIN
+from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
+from worker.client import KeyrotorClient
+
+ROLES_SQL = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "roles.sql"
+
+
+@dataclass(frozen=True)
+class Roles:
+    app_url: str
+    worker_url: str
+    app: str
+    worker: str
+
+
+def _as(url: str, role: str) -> str:
+    # postgresql://postgres@host:port/db -> postgresql://role:pw@host:port/db
+    return re.sub(r"^postgresql://[^@]*@", f"postgresql://{role}:pw-{role}@", url)
+
+
+@pytest.fixture
+async def roles(wenv: dict[str, str]) -> AsyncIterator[Roles]:
+    tag = uuid.uuid4().hex[:8]
+    app, worker = f"keyrotor_app_{tag}", f"keyrotor_worker_{tag}"
+    sql = ROLES_SQL.read_text().replace("keyrotor_app", app).replace("keyrotor_worker", worker)
+    conn = await asyncpg.connect(wenv["DATABASE_URL"])
+    try:
+        await conn.execute(sql)
+        await conn.execute(sql)  # re-running it is harmless
+        for role in (app, worker):
+            await conn.execute(f"ALTER ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+    finally:
+        await conn.close()
+    try:
+        yield Roles(_as(wenv["DATABASE_URL"], app), _as(wenv["DATABASE_URL"], worker), app, worker)
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN)
+        try:
+            dbname = wenv["DATABASE_URL"].rsplit("/", 1)[1]
+            await admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+            for role in (app, worker):
+                await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await admin.close()
+
+
+async def _refused(url: str, sql: str) -> str:
+    """Run ``sql`` as the role of ``url``; return the error class name (fails if it succeeds)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    except asyncpg.PostgresError as exc:
+        return type(exc).__name__
+    finally:
+        await conn.close()
+    raise AssertionError(f"allowed: {sql}")
+
+
+async def test_app_and_worker_roles_have_only_what_they_need(
+    wenv: dict[str, str], roles: Roles, record: Callable[..., None]
+) -> None:
+    worker_s = Settings.from_env({**wenv, "DATABASE_URL": roles.worker_url})
+    app_s = Settings.from_env({**wenv, "DATABASE_URL": roles.app_url, "KEYROTOR_LISTEN_KEY_CHANGES": "false"})
+    # The application creates a scope and stores values with its own role.
+    values = await seed(app_s, "openai", 50)
+    # The worker role rotates and then retires v1 (in-process worker, same code as the process).
+    async with KeyrotorClient(worker_s) as client:
+        handle = await client.rotate("openai")
+        await run_burst_worker(worker_s)
+        await handle.result(timeout_s=10)
+        handle = await client.retire("openai", 1, force_now=True)
+        await run_burst_worker(worker_s)
+        assert (await handle.result(timeout_s=10)).state == "completed"
+    # The application still reads and writes everything live.
+    assert await check_values(app_s, "openai", values) == {2: 50}
+    async with KeyManager(app_s) as km:
+        await km.put_secret("anthropic", "prod", "sk-ant-api03-privileges-0123456789")
+        assert await km.get_secret("anthropic", "prod") == "sk-ant-api03-privileges-0123456789"
+        await km.flush_audit()
+
+    # History: the owner sees the destroyed v1; the application does not.
+    owner = await fetch(wenv["DATABASE_URL"], "SELECT count(*) FROM data_keys WHERE state = 'destroyed'")
+    assert owner[0][0] == 1
+    app_sees = await fetch(
+        roles.app_url, "SELECT count(*) FROM data_keys WHERE state NOT IN ('pending', 'active', 'grace')"
+    )
+    assert app_sees[0][0] == 0
+    assert (await fetch(roles.app_url, "SELECT count(*) FROM data_keys"))[0][
+        0
+    ] == 2  # openai v2, anthropic v1
+    audit_rows = (await fetch(wenv["DATABASE_URL"], "SELECT count(*) FROM encryption_audit_log"))[0][0]
+    assert audit_rows > 0
+
+    refused_app = {
+        sql: await _refused(roles.app_url, sql)
+        for sql in [
+            "UPDATE encryption_audit_log SET success = NOT success",
+            "DELETE FROM encryption_audit_log",
+            "TRUNCATE encryption_audit_log",
+            "UPDATE data_keys SET state = 'active'",
+            "DELETE FROM data_keys",
+            "UPDATE key_scopes SET active_version = 1",
+            "DELETE FROM key_scopes",
+            "ALTER TABLE data_keys DISABLE ROW LEVEL SECURITY",
+            "DROP TABLE secrets",
+            "SELECT * FROM rotation_ranges",
+            "UPDATE rotations SET state = 'failed'",
+            "INSERT INTO data_keys (scope_id, version, state, kek_id, kek_version) "
+            "SELECT id, 99, 'destroyed', 'x', 1 FROM key_scopes LIMIT 1",
+        ]
+    }
+    refused_worker = {
+        sql: await _refused(roles.worker_url, sql)
+        for sql in [
+            "UPDATE encryption_audit_log SET success = NOT success",
+            "DELETE FROM encryption_audit_log",
+            "TRUNCATE encryption_audit_log",
+            "DROP TABLE secrets",
+            "ALTER TABLE data_keys DISABLE ROW LEVEL SECURITY",
+        ]
+    }
+    assert (await fetch(wenv["DATABASE_URL"], "SELECT count(*) FROM encryption_audit_log"))[0][
+        0
+    ] == audit_rows
+    assert set(refused_app.values()) <= {"InsufficientPrivilegeError", "UndefinedColumnError"}
+    record(
+        "privileges",
+        app_refused=len(refused_app),
+        worker_refused=len(refused_worker),
+        app_can=["secrets rw", "live DEKs r", "first DEK of a scope", "audit append"],
+    )
