@@ -15,13 +15,14 @@ from typing import Any
 
 import asyncpg
 import structlog
-from arq.connections import ArqRedis
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job, JobStatus
 from arq.worker import Retry
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor.context import RotationContext
 from keyrotor.errors import QueueUnavailable, TransientError
 from keyrotor.kek.base import KekProvider
@@ -140,3 +141,19 @@ async def enqueue_range(redis: ArqRedis, settings: Settings, r: RangeJob) -> boo
         _queue_name=settings.queue_name,
     )
     return job is not None
+
+
+async def connect_queue(settings: Settings) -> ArqRedis:
+    """An arq pool on ``REDIS_URL`` for ``KEYROTOR_QUEUE_NAME``, with keyrotor's JSON serializer.
+
+    Raises:
+        QueueUnavailable: Redis cannot be reached.
+    """
+    try:
+        return await create_pool(
+            RedisSettings.from_dsn(settings.redis_url),
+            default_queue_name=settings.queue_name,
+            **ARQ_SERIALIZERS,
+        )
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc

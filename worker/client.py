@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.jobs import Job, SerializationError
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from jobs.common import enqueue_driver
-from jobs.serialization import ARQ_SERIALIZERS
+from jobs.common import connect_queue, enqueue_driver
 from keyrotor import kek_rotation, retire, rotation, runs
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.runs import RunFailed, RunInfo
@@ -128,14 +127,7 @@ class KeyrotorClient:
     async def open(self) -> None:
         """Connect to Redis and build the engine."""
         if self._redis is None:
-            try:
-                self._redis = await create_pool(
-                    RedisSettings.from_dsn(self.settings.redis_url),
-                    default_queue_name=self.settings.queue_name,
-                    **ARQ_SERIALIZERS,
-                )
-            except (RedisError, OSError) as exc:
-                raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+            self._redis = await connect_queue(self.settings)
         if self._engine is None:
             self._engine = db.create_engine(self.settings.database_url, pool_size=2)
         self._sessions = db.sessionmaker(self._engine)

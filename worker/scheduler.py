@@ -47,13 +47,12 @@ import asyncpg
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from jobs.common import enqueue_driver, job_id
-from jobs.serialization import ARQ_SERIALIZERS
+from jobs.common import connect_queue, enqueue_driver, job_id
 from keyrotor import metrics, schedule
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.runs import RunInfo
@@ -224,14 +223,7 @@ class Scheduler:
     async def open(self) -> None:
         """Connect to Redis and Postgres."""
         if self._redis is None:
-            try:
-                self._redis = await create_pool(
-                    RedisSettings.from_dsn(self.settings.redis_url),
-                    default_queue_name=self.settings.queue_name,
-                    **ARQ_SERIALIZERS,
-                )
-            except (RedisError, OSError) as exc:
-                raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+            self._redis = await connect_queue(self.settings)
         if self._engine is None:
             self._engine = db.create_engine(self.settings.database_url, pool_size=2, max_overflow=2)
         self._sessions = db.sessionmaker(self._engine)

@@ -270,6 +270,8 @@ async def test_two_workers_and_two_enqueuers_make_exactly_one_run(
         "KEYROTOR_REENCRYPT_RANGE_ROWS": "1000",
         "KEYROTOR_REENCRYPT_BATCH_ROWS": "250",
         "KEYROTOR_TEST_BATCH_DELAY_S": "0.02",
+        # Two jobs at a time each: one worker polling first cannot take all six ranges alone.
+        "KEYROTOR_WORKER_MAX_JOBS": "2",
     }
     settings = Settings.from_env(env)
     values = await seed(settings, "anthropic", 6000)
