@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,8 @@ import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.errors import KekUnavailable
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.replication import CheckReport, Replication, env_prefix
 from tests.conftest import _admin, _url
 from tests.replication.proxy import PgProxy
@@ -161,3 +163,44 @@ def assert_no_secrets(text: str, secrets: list[bytes | str]) -> None:
             forms.append(secret)
         for form in forms:
             assert form not in text
+
+
+class FailingKek:
+    """The real local keyring, switched off on demand (a KMS or Vault outage)."""
+
+    def __init__(self, inner: KekProvider) -> None:
+        self.inner = inner
+        self.down = False
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def _check(self) -> None:
+        if self.down:
+            raise KekUnavailable("KEK provider unreachable (test outage)")
+
+    async def current_version(self) -> int:
+        self._check()
+        return await self.inner.current_version()
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        self._check()
+        return await self.inner.wrap(dek, context)
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        self._check()
+        return await self.inner.unwrap(wrapped, context)
+
+    async def rewrap(self, items: Sequence[tuple[WrappedDek, WrapContext]]) -> list[WrappedDek]:
+        self._check()
+        return await self.inner.rewrap(items)
+
+    async def rotate(self) -> int:
+        return await self.inner.rotate()
+
+    async def check(self) -> None:
+        self._check()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -29,6 +29,12 @@ async def test_replicas_cli(rkm: KeyManager, renv: dict[str, str], region_urls: 
     await settle(rkm)
     await sql(region_urls["eu-west-1"], "DELETE FROM replica_keys")
 
+    # Configuration errors are one line, exit 2, and never echo a URL.
+    code, out, err = await keyrotor(
+        "replicas", "check", env={**renv, "KEYROTOR_REGIONS": "eu=mysql://u:pw2@h/x"}
+    )
+    assert code == 2 and err.count("\n") == 1 and "pw2" not in err and err.startswith("keyrotor: error:")
+
     code, out, err = await keyrotor("replicas", "check", "--json", env=renv)
     assert code == 1, err
     doc = json.loads(out)
@@ -61,9 +67,3 @@ async def test_replicas_cli(rkm: KeyManager, renv: dict[str, str], region_urls: 
     await rkm.replication.check(repair=True)  # type: ignore[union-attr]
     health = await replica_health(Settings.from_env(renv))
     assert health["status"] == "fail" and "ap-south-1: drifted" in health["error"]
-
-    # Configuration errors are one line, exit 2, and never echo a URL.
-    code, out, err = await keyrotor(
-        "replicas", "check", env={**renv, "KEYROTOR_REGIONS": "eu=mysql://u:hunter2@h/x"}
-    )
-    assert code == 2 and err.count("\n") == 1 and "hunter2" not in err and err.startswith("keyrotor: error:")

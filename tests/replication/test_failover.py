@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import Conflict, KekUnavailable
-from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
 from keyrotor.replication import FAILOVER_READS
 from tests.conftest import _url
 from tests.replication.conftest import (
     PRIMARY,
     REGION_KEYS,
+    FailingKek,
     rep_of,
     settle,
     sql,
@@ -25,47 +24,6 @@ from tests.replication.conftest import (
 from tests.replication.proxy import PgProxy
 
 VALUES = {f"tenant-{i}/openai": f"sk-proj-{i:03d}-failover-test-value" for i in range(6)}
-
-
-class FailingKek:
-    """The real local keyring, switched off on demand (a KMS or Vault outage)."""
-
-    def __init__(self, inner: KekProvider) -> None:
-        self.inner = inner
-        self.down = False
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def _check(self) -> None:
-        if self.down:
-            raise KekUnavailable("KEK provider unreachable (test outage)")
-
-    async def current_version(self) -> int:
-        self._check()
-        return await self.inner.current_version()
-
-    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
-        self._check()
-        return await self.inner.wrap(dek, context)
-
-    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
-        self._check()
-        return await self.inner.unwrap(wrapped, context)
-
-    async def rewrap(self, items: Sequence[tuple[WrappedDek, WrapContext]]) -> list[WrappedDek]:
-        self._check()
-        return await self.inner.rewrap(items)
-
-    async def rotate(self) -> int:
-        return await self.inner.rotate()
-
-    async def check(self) -> None:
-        self._check()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def _seed(km: KeyManager) -> dict[str, str]:
