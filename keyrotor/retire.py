@@ -26,6 +26,7 @@ from keyrotor import runs
 from keyrotor.audit import AuditEvent, write_event
 from keyrotor.columns import refresh_targets
 from keyrotor.context import RotationContext, run_to_commit
+from keyrotor.envelope import MAX_VERSION
 from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
@@ -90,6 +91,9 @@ async def check_retirable(
         NotRetirable: the version is pending or active (rotate first).
         GraceNotOver: its grace period ends later (``force_now`` skips this check).
     """
+    if not 0 < version <= MAX_VERSION:
+        # Not sent to Postgres: an integer column refuses it with an untyped DataError.
+        raise KeyVersionUnknown(f"{scope}: DEK v{version} does not exist")
     async with db.transaction(sessions) as session:
         row = (
             await session.execute(
