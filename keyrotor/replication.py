@@ -315,6 +315,11 @@ class Replication:
     # --- the primary's side -----------------------------------------------------------------
 
     async def sources(self, scope: str | None) -> dict[tuple[str, int], _Source]:
+        """The primary's usable DEKs (all, or one scope's) with their fingerprints.
+
+        Raises:
+            StoreUnavailable, KekUnavailable: the primary cannot be read.
+        """
         sql = (
             "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek "
             "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
@@ -428,6 +433,10 @@ class Replication:
     async def grade_region(
         self, region: Region, sources: Mapping[tuple[str, int], _Source], scope: str | None
     ) -> RegionReport:
+        """Grade one region's copies against ``sources`` (see the module docstring); no repair.
+
+        Never raises for the region's own faults: an outage is ``unreachable`` with its cause.
+        """
         now = datetime.now(UTC)
 
         def unreachable(what: str, exc: BaseException) -> RegionReport:
@@ -605,7 +614,8 @@ class Replication:
 
     async def _record(self, reports: Sequence[RegionReport], *, actor: str, scope: str | None) -> None:
         for rep in reports:
-            _set_gauges(rep.region, rep.status, rep.counts)
+            if scope is None or rep.status != "in_sync":  # one scope's success says nothing of the rest
+                _set_gauges(rep.region, rep.status, rep.counts)
             # A follow-up replication (one scope, after a key change) finds its new DEK missing by
             # design: only a full check's findings, or a failure to converge, are drift.
             found_fault = scope is None and rep.found is not None and rep.found != "in_sync"
@@ -630,8 +640,8 @@ class Replication:
                         "checked_at, last_ok_at) VALUES (:r, :st, :kv, :n, CAST(:c AS jsonb), :d, :at, :ok) "
                         "ON CONFLICT (region) DO UPDATE SET status = EXCLUDED.status, "
                         "kek_version = EXCLUDED.kek_version, keys_total = EXCLUDED.keys_total, "
-                        "counts = EXCLUDED.counts, detail = EXCLUDED.detail, checked_at "
-                        "= EXCLUDED.checked_at, "
+                        "counts = EXCLUDED.counts, detail = EXCLUDED.detail, "
+                        "checked_at = EXCLUDED.checked_at, "
                         "last_ok_at = COALESCE(EXCLUDED.last_ok_at, kek_replicas.last_ok_at)"
                     ),
                     {
