@@ -74,3 +74,16 @@ async def test_kms_and_vault_regional_keys_replicate_check_and_serve_failover(
         async with unreachable(proxies["eu-west-1"]):
             km.invalidate()
             assert await km.decrypt("openai", tokens["openai"], context="p") == "sk-openai-value"
+        # KMS itself is out in eu-west-1 (its database is fine): the check names the region
+        # unreachable by its wrapping key, and reads go to Vault.
+        eu = rep.region("eu-west-1")
+        outage = FailingKek(await eu.kek())
+        eu._kek = outage  # the region's provider, behind a switch
+        outage.down = True
+        report = await rep.check(repair=True)
+        assert statuses(report) == {"eu-west-1": "unreachable", "ap-south-1": "in_sync"}
+        assert report.regions[0].detail.startswith("wrapping key: KekUnavailable")
+        km.invalidate()
+        assert await km.decrypt("anthropic", tokens["anthropic"], context="p") == "sk-anthropic-value"
+        outage.down = False
+        assert statuses(await rep.check(repair=False)) == {"eu-west-1": "in_sync", "ap-south-1": "in_sync"}
