@@ -19,6 +19,7 @@ from tests.conftest import MASTER_KEY, _admin
 from tests.replication.conftest import (
     PRIMARY,
     REGION_KEYS,
+    FailingKek,
     assert_no_secrets,
     region_env,
     rep_of,
@@ -245,3 +246,35 @@ async def test_replicas_init_creates_and_migrates_region_databases(env: dict[str
         assert (await sql(url, "SELECT count(*) FROM replica_keys"))[0][0] == 0
     finally:
         await _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class _LyingKek(FailingKek):
+    """A regional provider whose fresh wraps are damaged (a broken HSM, a bad library)."""
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        good = await self.inner.wrap(dek, context)
+        return WrappedDek(good.kek_id, good.kek_version, good.blob[:-1] + bytes([good.blob[-1] ^ 1]))
+
+
+async def test_repair_never_writes_a_copy_that_does_not_verify(
+    rkm: KeyManager, region_urls: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    await _seed(rkm)
+    rep = rep_of(rkm)
+    eu_url = region_urls["eu-west-1"]
+    await sql(eu_url, "DELETE FROM replica_keys WHERE scope = 'openai'")
+    await sql(eu_url, "UPDATE replica_keys SET kek_version = 0 WHERE scope = 'anthropic'")
+    before = {
+        r["scope"]: bytes(r["wrapped_dek"])
+        for r in await sql(eu_url, "SELECT scope, wrapped_dek FROM replica_keys")
+    }
+    eu = rep.region("eu-west-1")
+    eu._kek = _LyingKek(await eu.kek())
+    report = await rep.check(repair=True)
+    assert statuses(report)["eu-west-1"] == "missing" and report.regions[0].repaired == 0
+    after = {
+        r["scope"]: bytes(r["wrapped_dek"])
+        for r in await sql(eu_url, "SELECT scope, wrapped_dek FROM replica_keys")
+    }
+    assert after == before  # the stale copy still stands; no copy was written for openai
+    assert caplog.text.count("replica copy not written for region eu-west-1") == 2
