@@ -2,8 +2,8 @@
 
 Every test may add figures with ``record(name, **figures)``; each test's outcome and duration are
 recorded by a hook. At the end of the session the whole record is written to
-``KEYROTOR_RELIABILITY_JSON`` (default ``tests/reliability/results/latest.json``), which
-``python -m tests.reliability.report --no-run`` turns into RELIABILITY.md.
+``KEYROTOR_RELIABILITY_JSON`` (default ``tests/reliability/results/latest.json``, or ``slow.json``
+under KEYROTOR_SLOW_TESTS=1), which ``python -m tests.reliability.report`` renders as RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from tests.rotation_helpers import cleanup_queue, worker_env
 
 RESULTS = Path(
     os.environ.get(
-        "KEYROTOR_RELIABILITY_JSON", str(Path(__file__).resolve().parent / "results" / "latest.json")
+        "KEYROTOR_RELIABILITY_JSON",
+        str(Path(__file__).resolve().parent / "results" / ("slow.json" if SLOW else "latest.json")),
     )
 )
 

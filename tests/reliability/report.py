@@ -2,10 +2,11 @@
 
     python -m tests.reliability.report            # run tests/reliability, then render
     python -m tests.reliability.report --slow     # the issue's full sizes (KEYROTOR_SLOW_TESTS=1)
-    python -m tests.reliability.report --no-run   # render the last run's JSON again
+    python -m tests.reliability.report --no-run   # render the last runs' JSON again
 
-The tests write ``tests/reliability/results/latest.json`` (see conftest.py); this renders it.
-Every figure in RELIABILITY.md comes from that file, so the page always matches a run.
+A default run writes ``tests/reliability/results/latest.json``, a ``--slow`` run ``slow.json``
+(see conftest.py); RELIABILITY.md is rendered from both (the full-size run, if there is one,
+as a second part). Every figure in it comes from those files, so the page matches the runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "reliability" / "results" / "latest.json"
+SLOW_RESULTS = ROOT / "tests" / "reliability" / "results" / "slow.json"
 OUT = ROOT / "RELIABILITY.md"
 
 
@@ -216,6 +218,15 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def render_all() -> str:
+    text = render(json.loads(RESULTS.read_text()))
+    if SLOW_RESULTS.exists():
+        slow = render(json.loads(SLOW_RESULTS.read_text()))
+        body = slow.split("\n", 1)[1].replace("\n## ", "\n### ")
+        text += "\n\n## Full-size run (`KEYROTOR_SLOW_TESTS=1`)\n" + body
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code = 0
     if not args.no_run:
-        env = {**os.environ, "KEYROTOR_RELIABILITY_JSON": str(RESULTS)}
+        env = {**os.environ, "KEYROTOR_RELIABILITY_JSON": str(SLOW_RESULTS if args.slow else RESULTS)}
+        env.pop("KEYROTOR_SLOW_TESTS", None)
         if args.slow:
             env["KEYROTOR_SLOW_TESTS"] = "1"
         code = subprocess.call(
@@ -233,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             cwd=ROOT,
             env=env,
         )
-    OUT.write_text(render(json.loads(RESULTS.read_text())) + "\n")
-    print(f"wrote {OUT.relative_to(ROOT)} from {RESULTS.relative_to(ROOT)}")
+    OUT.write_text(render_all() + "\n")
+    print(f"wrote {OUT.relative_to(ROOT)} from {RESULTS.parent.relative_to(ROOT)}/*.json")
     return code
 
 

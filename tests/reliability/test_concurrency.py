@@ -19,7 +19,7 @@ from pathlib import Path
 
 from keyrotor import KeyManager, Settings, columns, legacy_migration
 from tests.legacy_helpers import legacy_rows
-from tests.reliability.harness import Workers, assert_no_open_runs, sized, wait_run
+from tests.reliability.harness import Workers, assert_no_open_runs, seed_scopes, sized, wait_run
 from tests.rotation_helpers import check_values, cleanup_queue, fetch, seed, value_for
 from tests.scheduler.conftest import Proc, scheduler_env
 from worker.client import KeyrotorClient
@@ -207,7 +207,7 @@ async def test_three_workers_two_schedulers_one_run_per_due_rotation(
     senv = scheduler_env(env, KEYROTOR_SCAN_INTERVAL_SECONDS="0.5")
     s = Settings.from_env(senv)
     scopes = [f"tenant-{i:02d}/anthropic" for i in range(sized(12, 60))]
-    values = {scope: await seed(s, scope, 30) for scope in scopes}
+    values = await seed_scopes(s, scopes, 30)
     procs: list[Proc] = []
     try:
         procs += [Proc(senv, tmp_path / f"worker-{i}.log", "worker") for i in range(3)]

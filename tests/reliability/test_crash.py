@@ -34,6 +34,7 @@ from tests.reliability.harness import (
     db_texts,
     key_material,
     redis_payloads,
+    seed_scopes,
     sized,
 )
 from tests.rotation_helpers import check_values, fetch, keyrotor, run_burst_worker, seed
@@ -85,8 +86,9 @@ async def _hygiene(
 
 @pytest.fixture
 def wenv(wenv: dict[str, str]) -> dict[str, str]:
-    """A metrics port of this test's own, scraped by the hygiene scan."""
-    return {**wenv, "KEYROTOR_METRICS_PORT": str(free_port())}
+    """A metrics port of this test's own (scraped by the hygiene scan), and a 1 s job lease, so
+    that a killed worker's job is free again a second after the kill."""
+    return {**wenv, "KEYROTOR_METRICS_PORT": str(free_port()), "KEYROTOR_JOB_LEASE_SECONDS": "1"}
 
 
 async def test_rotate_dek_survives_sigkills(
@@ -148,16 +150,13 @@ async def test_rotate_kek_survives_sigkills(
     scopes = sized(60, 600)
     per_scope = 5
     s = Settings.from_env(wenv)
-    values: dict[str, dict[str, str]] = {}
-    for i in range(scopes):
-        scope = f"tenant-{i:04d}/openai"
-        values[scope] = await seed(s, scope, per_scope)
-    # Some scopes have a second DEK version: rotate a few first.
+    values = await seed_scopes(s, [f"tenant-{i:04d}/openai" for i in range(scopes)], per_scope)
+    # Some scopes have a second DEK version: rotate every tenth first.
     async with KeyrotorClient(s) as client:
-        for i in range(0, scopes, 10):
-            handle = await client.rotate(f"tenant-{i:04d}/openai")
-            await run_burst_worker(s)
-            await handle.result(timeout_s=10)
+        handles = [await client.rotate(f"tenant-{i:04d}/openai") for i in range(0, scopes, 10)]
+        await run_burst_worker(s)
+        for handle in handles:
+            await handle.result(timeout_s=30)
     deks = (await fetch(s.database_url, "SELECT count(*) FROM data_keys"))[0][0]
     moved = {
         **wenv,
@@ -265,8 +264,9 @@ async def test_migrate_legacy_survives_sigkills(
     wenv: dict[str, str], workers: Workers, rng: random.Random, record: Callable[..., None]
 ) -> None:
     # Every legacy value costs a scrypt (~50 ms of CPU): sizes are small by nature.
-    n = sized(90, 2_000)
-    env = {**wenv, "KEYROTOR_LEGACY_BATCH_ROWS": "6", "KEYROTOR_LEGACY_WORKERS": "2"}
+    n = sized(90, 600)
+    # One scrypt process: each restart spawns the pool again, and a spawn costs seconds here.
+    env = {**wenv, "KEYROTOR_LEGACY_BATCH_ROWS": "6", "KEYROTOR_LEGACY_WORKERS": sized_s("1", "2")}
     s = Settings.from_env(env)
     rows = legacy_rows(n)
     await fetch(

@@ -9,11 +9,11 @@ CLI's arguments against a real database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
-import os
-import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +33,9 @@ from keyrotor.errors import (
 )
 from keyrotor.policy import check_scope
 from tests.conftest import MASTER_KEY
-from tests.rotation_helpers import BIN, fetch
+from tests.reliability.harness import SLOW
+from tests.rotation_helpers import fetch
+from worker.cli import main as cli_main
 from worker.cli.secrets import read_rows
 
 DEK = bytes(range(32))
@@ -58,8 +60,12 @@ SQLISH = [
 ]
 
 # Hypothesis budgets: enough to find shape bugs, cheap enough for the default run.
-FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SCRYPT = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=2_000 if SLOW else 200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+SCRYPT = settings(
+    max_examples=200 if SLOW else 20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 counts: dict[str, int] = {}
 
@@ -334,34 +340,50 @@ async def test_key_manager_refuses_hostile_input_with_typed_errors(
     assert tables[0][0] == 1
 
 
-def _cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> subprocess.Popen[bytes]:
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
-    return subprocess.Popen(
-        [str(BIN), *args],
-        env=full,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def _cli_in_process(argv: tuple[str, ...], stdin: bytes | None) -> tuple[int, str]:
+    """``keyrotor ARGV`` through the console script's own ``main()`` (in-process: a subprocess
+    per command line costs seconds of imports on a loaded 2-core machine)."""
+    err = io.StringIO()
+    stream = io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8", errors="surrogateescape")
+    old_stdin = sys.stdin
+    sys.stdin = stream
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                cli_main(list(argv))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdin = old_stdin
+    return code, err.getvalue()
 
 
 async def test_cli_refuses_hostile_arguments_with_one_line_errors(
-    env: dict[str, str], km: KeyManager, record: Callable[..., None]
+    env: dict[str, str], km: KeyManager, record: Callable[..., None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await km.put_secret("openai", "prod", "sk-proj-the-real-value-0123456789")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KEYROTOR_DEBUG", raising=False)
     bad_utf8 = b'{"scope": "openai", "name": "x", "value": "\xff\xfe"}\n'
     cases: list[tuple[tuple[str, ...], bytes | None]] = [
         (("secrets", "get", "'; DROP TABLE secrets; --", "prod"), None),
         (("secrets", "get", "../../etc/passwd", "prod"), None),
+        (("secrets", "get", "openai", "prod\x00"), None),
         (("secrets", "put", 'openai"; DELETE FROM data_keys; --', "x"), b"v"),
+        (("secrets", "put", "openai", "x"), b"\xff\xfe\x00"),
+        (("secrets", "put", "openai", "big"), b"x" * 40_000),
         (("rotate", "$(reboot)"), None),
         (("retire", "openai", "0"), None),
         (("retire", "openai", "-1"), None),
+        (("retire", "openai", "99999999999999999999"), None),
         (("policy", "set", "openai", "--interval-days", "'; DROP TABLE x; --"), None),
         (("status", "a" * 5000), None),
         (("secrets", "import", "-"), bad_utf8),
         (("secrets", "import", "-"), b'{"scope": "Open AI", "name": "x", "value": "v"}\n'),
         (("secrets", "import", "-"), b"[1, 2, 3]\n"),
+        (("secrets", "import", "-"), b'{"scope": "openai", "name": "x", "value": "\\ud800"}\n'),
         (("secrets", "import", "/nonexistent/../../etc/shadow"), None),
         (
             (
@@ -376,17 +398,18 @@ async def test_cli_refuses_hostile_arguments_with_one_line_errors(
             None,
         ),
     ]
-    procs = [(args, _cli(env, *args)) for args, _ in cases]
+
+    def run_all() -> list[tuple[tuple[str, ...], int, str]]:
+        return [(args, *_cli_in_process(args, stdin)) for args, stdin in cases]
+
     failures = []
-    for (args, proc), (_, stdin) in zip(procs, cases, strict=True):
-        _out, err = proc.communicate(stdin, timeout=120)
-        text = err.decode("utf-8", "replace")
-        if proc.returncode not in (1, 2) or "Traceback" in text or "unexpected" in text:
-            failures.append((args[:3], proc.returncode, text[-300:]))
+    for args, code, text in await asyncio.to_thread(run_all):
+        if code not in (1, 2) or "Traceback" in text or "unexpected" in text:
+            failures.append((args[:3], code, text[-300:]))
         elif "keyrotor: error:" in text and text.strip().count("\n") > 0:
-            failures.append((args[:3], proc.returncode, text[-300:]))  # one line, no more
+            failures.append((args[:3], code, text[-300:]))  # one line, no more
         elif "keyrotor: error:" not in text and "Usage:" not in text:
-            failures.append((args[:3], proc.returncode, text[-300:]))
+            failures.append((args[:3], code, text[-300:]))
     assert failures == []
     # Nothing was dropped, deleted or written.
     assert await km.get_secret("openai", "prod") == "sk-proj-the-real-value-0123456789"

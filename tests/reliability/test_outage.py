@@ -25,7 +25,15 @@ import asyncpg
 
 from keyrotor import KeyManager, Settings
 from tests.conftest import MASTER_KEY
-from tests.reliability.harness import Workers, assert_no_open_runs, json_lines, run_row, sized, wait_run
+from tests.reliability.harness import (
+    Workers,
+    assert_no_open_runs,
+    json_lines,
+    run_row,
+    seed_scopes,
+    sized,
+    wait_run,
+)
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
 from worker.client import KeyrotorClient
 
@@ -154,8 +162,7 @@ async def test_connections_killed_mid_batch_during_retirement_and_kek_rewrap(
         late = {f"late{i:06d}": f"sk-proj-late-{i:06d}-{rng.getrandbits(80):020x}" for i in range(late_n)}
         await stale.put_secrets("openai", list(late.items()))
     values.update(late)
-    for i in range(sized(30, 200)):
-        await seed(base, f"tenant-{i:03d}/google", 1, prefix="g")
+    await seed_scopes(base, [f"tenant-{i:03d}/google" for i in range(sized(30, 200))], 1)
     env = {
         **wenv,
         "KEYROTOR_REENCRYPT_BATCH_ROWS": "100",
