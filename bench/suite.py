@@ -507,7 +507,29 @@ def text_table(lines: list[tuple[str, ...]]) -> str:
     return "\n".join(s.rstrip() for s in out)
 
 
-def report(command: str, size: Size, info: dict[str, str], outcomes: list[Outcome], wall_s: float) -> str:
+def load_note(load_start: float, load_end: float) -> list[str]:
+    """A warning when other work shared the cores during the run (empty on a quiet machine)."""
+    cores = os.cpu_count() or 1
+    if max(load_start, load_end) <= cores:
+        return []
+    return [
+        f"**The machine was busy:** the 1-minute load average ({load_start:.1f} at the start, "
+        f"{load_end:.1f} at the end) exceeded its {cores} cores, so other work shared the CPUs. The "
+        "KeyManager and audit ratios come from interleaved pairs of chunks and resist that; the "
+        "others compare measurements taken seconds to minutes apart and carry the noise (a ratio "
+        "above 1 against a ceiling means the ceiling's measurement was the more disturbed one).",
+        "",
+    ]
+
+
+def report(
+    command: str,
+    size: Size,
+    info: dict[str, str],
+    outcomes: list[Outcome],
+    wall_s: float,
+    loads: tuple[float, float] = (0.0, 0.0),
+) -> str:
     lines = table(outcomes)
     failed = [o.name for o in outcomes if o.error]
     parts = [
@@ -525,6 +547,7 @@ def report(command: str, size: Size, info: dict[str, str], outcomes: list[Outcom
         "",
         *[f"- {k}: {v}" for k, v in info.items()],
         "",
+        *load_note(*loads),
         "## Results",
         "",
         markdown_table(lines),
@@ -574,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if size == "smoke":
         # A smoke run must never drop the databases of a real run going on beside it.
         os.environ.setdefault("KEYROTOR_BENCH_DB_SUFFIX", f"_smoke{os.getpid()}")
+    load_start = os.getloadavg()[0]
     info = machine_description()
     print(
         f"{command}: {len(names)} benchmarks, {size} sizes, on {info['cores']} x {info['CPU']}",
@@ -608,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_drop_smoke_databases())
     info["load average (1/5/15 min) at end"] = "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
     print(text_table(table(outcomes)))
-    args.out.write_text(report(command, size, info, outcomes, wall))
+    args.out.write_text(report(command, size, info, outcomes, wall, (load_start, os.getloadavg()[0])))
     print(f"\nwrote {args.out} ({wall / 60:.1f} minutes)", file=sys.stderr)
     return 1 if any(o.error for o in outcomes) else 0
 
