@@ -150,7 +150,10 @@ async def measure(w: Workload) -> dict[str, Any]:
         scopes = sorted({e.scope for e in events})
         tokens = await create_scopes(km, scopes)  # every scope exists before the trace starts
         km.cache = DekCache(
-            ttl_s=settings.dek_cache_ttl_s, max_entries=settings.dek_cache_max_entries, clock=lambda: now
+            ttl_s=settings.dek_cache_ttl_s,
+            max_entries=settings.dek_cache_max_entries,
+            refresh_ahead=settings.dek_cache_refresh_ahead,
+            clock=lambda: now,
         )
         km.invalidate()
         redis: Any = aioredis.from_url(settings.redis_url)  # type: ignore[no-untyped-call]

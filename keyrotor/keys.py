@@ -115,7 +115,13 @@ class KeyManager:
         self._engine = engine
         self._owns_engine = engine is None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
-        self.cache = DekCache(ttl_s=settings.dek_cache_ttl_s, max_entries=settings.dek_cache_max_entries)
+        self.cache = DekCache(
+            ttl_s=settings.dek_cache_ttl_s,
+            max_entries=settings.dek_cache_max_entries,
+            refresh_ahead=settings.dek_cache_refresh_ahead,
+        )
+        # Background refreshes of cached DEKs near their expiry (DekCache.due), one a key.
+        self._refreshing: dict[tuple[str, int], asyncio.Task[None]] = {}
         metrics.track_cache(self.cache)
         # scope -> (scope id, active version, monotonic expiry)
         self._active: dict[str, tuple[int, int, float]] = {}
@@ -130,8 +136,8 @@ class KeyManager:
             raise ConfigurationError(f"KEYROTOR_DEFAULT_ACTOR: {exc}") from None
         self._default_who: _Who = (default_actor, None, None)
         self._actors: set[str] = {default_actor}
-        # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self._plain_whos: dict[str, _Who] = {default_actor: self._default_who}  # validated actors
+        # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self.key_listener: KeyChangeListener | None = None
         # Multi-region replication and failover reads (keyrotor.replication), when configured.
         self.replication: Replication | None = None
@@ -190,6 +196,10 @@ class KeyManager:
 
         Cached DEKs are dropped.
         """
+        for task in list(self._refreshing.values()):
+            task.cancel()
+        if self._refreshing:
+            await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
         await self.usage.close()
         if self.replication is not None:
             await self.replication.aclose()
@@ -309,6 +319,8 @@ class KeyManager:
             )
             if not audit.offer(row):
                 await audit.put(row)
+        if self.cache.due:
+            self._refresh_due()
         return token
 
     async def decrypt(
@@ -376,7 +388,29 @@ class KeyManager:
             )
             if not audit.offer(row):
                 await audit.put(row)
+        if self.cache.due:
+            self._refresh_due()
         return value
+
+    def _refresh_due(self) -> None:
+        """Start a background unwrap of each cached DEK a hit found near its expiry."""
+        for key in self.cache.take_due():
+            if key not in self._refreshing and self._sessions is not None:
+                task = asyncio.get_running_loop().create_task(self._refresh(*key))
+                self._refreshing[key] = task
+
+    async def _refresh(self, scope: str, version: int) -> None:
+        try:
+            await self._load(scope, version)  # puts the DEK back with a new TTL
+            metrics.dek_refreshed(True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The entry keeps its remaining life; the next miss tries again (and raises there).
+            metrics.dek_refreshed(False)
+            log.warning("dek_refresh_failed scope=%s version=%s error=%s", scope, version, type(exc).__name__)
+        finally:
+            self._refreshing.pop((scope, version), None)
 
     def _parse(self, ciphertext: str) -> tuple[int, bytes] | None:
         """Parse a kr1 value into the memo (None if it is not one; _decrypt_value says why)."""

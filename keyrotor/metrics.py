@@ -57,6 +57,11 @@ DECRYPT_FAILURES = Counter(
     "Values that failed to decrypt (KeyManager.decrypt and rotation batches), by error class.",
     ["reason"],
 )
+DEK_REFRESHES = Counter(
+    "keyrotor_dek_cache_refreshes_total",
+    "Background refreshes of cached DEKs near their expiry (refresh-ahead), by outcome.",
+    ["outcome"],
+)
 REPLICA_STATUS = Gauge(
     "keyrotor_replica_status",
     "1 if the region's KEK replica matched at its last check, 0 if not (filled by replication).",
@@ -94,6 +99,11 @@ def track_cache(cache: DekCache) -> None:
 def decrypt_failed(exc: BaseException) -> None:
     """Count one failed decryption, labelled by the error's class (never its message)."""
     DECRYPT_FAILURES.labels(type(exc).__name__).inc()
+
+
+def dek_refreshed(ok: bool) -> None:
+    """Count one background refresh of a cached DEK."""
+    DEK_REFRESHES.labels("ok" if ok else "failed").inc()
 
 
 def rotation_completed(scope: str, seconds: float | None) -> None:

@@ -290,3 +290,50 @@ async def test_parse_memo_never_bypasses_authentication(
     with pytest.raises(DecryptionFailed):
         await km.decrypt("anthropic", flipped, context="user:4")
     assert await km.decrypt("anthropic", tokens[4], context="user:4") == f"{ANTHROPIC}-4"
+
+
+@pytest.mark.parametrize("refresh_ahead", [0.5, 0.0])
+async def test_refresh_ahead_keeps_a_key_in_use_cached(settings: Settings, refresh_ahead: float) -> None:
+    """A hit late in a DEK's life re-unwraps it in the background; without that, it expires."""
+    s = settings.model_copy(update={"dek_cache_ttl_s": 1.0, "dek_cache_refresh_ahead": refresh_ahead})
+    async with KeyManager(s) as km:
+        token = await km.encrypt("openai", "sk-1")
+        km.invalidate()
+        await km.decrypt("openai", token)  # miss: loaded at t0, expires at t0 + 1.0
+        misses = km.cache.stats.misses
+        await asyncio.sleep(0.6)  # past half its life: inside the refresh window (if on)
+        assert await km.decrypt("openai", token) == "sk-1"
+        for _ in range(100):  # the background unwrap, if one was started
+            if not km._refreshing:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.6)  # t0 + 1.2: the first load has expired
+        assert await km.decrypt("openai", token) == "sk-1"
+        assert km.cache.stats.misses == misses + (0 if refresh_ahead else 1)
+
+
+def test_dek_cache_marks_entries_due_in_their_refresh_window() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from keyrotor.cache import DekCache
+
+    now = 0.0
+    cache = DekCache(ttl_s=100.0, refresh_ahead=0.25, clock=lambda: now)
+    cipher = AESGCM(AESGCM.generate_key(256))
+    cache.put("openai", 1, cipher)
+    now = 74.0
+    assert cache.get("openai", 1) is cipher and not cache.due
+    now = 76.0
+    assert cache.get("openai", 1) is cipher and cache.take_due() == [("openai", 1)] and not cache.due
+    cache.get("openai", 1)
+    cache.put("openai", 1, cipher)  # refreshed: a new life, no longer due
+    assert not cache.due and cache.get("openai", 1) is cipher and not cache.due
+    now = 200.0
+    assert cache.get("openai", 1) is None  # expired: a miss, never "due"
+    cache.put("openai", 2, cipher)
+    now = 280.0
+    cache.get("openai", 2)
+    cache.invalidate("openai")
+    assert not cache.due and len(cache) == 0
+    with pytest.raises(ValueError):
+        DekCache(refresh_ahead=1.0)
