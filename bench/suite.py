@@ -157,9 +157,12 @@ async def kek(size: Size) -> list[Row]:
 
     n = {"smoke": 20, "default": 1_000, "full": 2_000}[size]
     results = await bench_kek.measure(n)
+    # Batching saves round trips only where each call is one (KMS, Vault); the local keyring and
+    # Secrets Manager (its KEK material read once) rewrap in memory either way: no target there.
     return [
         Row(f"KEK rewrap: {name}", f"rewrap of {r['deks']:,} DEKs, batched (DEKs/s)", r["batched_deks_per_s"],
-            "/s", "one call per DEK", r["one_call_per_dek_deks_per_s"], target=">= 1")
+            "/s", "one call per DEK", r["one_call_per_dek_deks_per_s"],
+            target=">= 1" if name in ("aws-kms", "vault") else "")
         for name, r in results.items()
     ]  # fmt: skip
 
