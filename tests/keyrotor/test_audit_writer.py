@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -18,6 +19,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
@@ -305,3 +308,36 @@ def test_copy_and_records_hash_alike() -> None:
     records = chain_records(41, GENESIS, batch)
     assert (last_id, last_hash) == (records[-1][0], records[-1][12])
     assert data.count(b"\n") == 6 and data.startswith(b"42\tdecrypt\ts\t0\tt\ta\\t0\t")
+
+
+_FIELD = st.none() | st.text(alphabet=st.sampled_from("ab\t\n\r\\N é€"), max_size=6)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["decrypt", "encrypt", "failed_decrypt"]),
+            _FIELD,
+            st.none() | st.integers(1, 2**31 - 1),
+            st.booleans(),
+            _FIELD,
+            _FIELD,
+            _FIELD,
+            _FIELD,
+            st.integers(0, 4_000_000_000_000_000),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_writer_hashes_exactly_the_canonical_line(values: list[tuple[Any, ...]]) -> None:
+    """What the batched writer hashes (its cached COPY spellings included) is ``canonical``."""
+    from keyrotor.audit import GENESIS, canonical, chain_records, from_us
+
+    rows = [(*v[:8], '{"k":"v"}', v[8]) for v in values] * 2  # repeats: the cached spellings
+    prev = GENESIS
+    for record in chain_records(0, GENESIS, rows):
+        row_id, et, scope, kv, ok, actor, ip, agent, error, meta, micros, prev_hash, row_hash = record
+        body = canonical(row_id, et, scope, kv, ok, actor, ip, agent, error, from_us(micros), meta)
+        assert prev_hash == prev and row_hash == hashlib.sha256(prev + body).digest()
+        prev = row_hash
