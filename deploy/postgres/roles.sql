@@ -39,6 +39,9 @@ GRANT SELECT, INSERT ON key_scopes TO keyrotor_app;
 -- The usage counter makes a scope due early (keyrotor/usage.py); nothing else of a scope.
 GRANT UPDATE (next_rotation_at, updated_at) ON key_scopes TO keyrotor_app;
 GRANT SELECT, INSERT ON data_keys TO keyrotor_app;
+-- The usage counter adds the application's encryptions to its live DEKs' counts, which the
+-- per-DEK encryption limit reads (keyrotor/usage.py); no other column of a DEK.
+GRANT UPDATE (encryptions) ON data_keys TO keyrotor_app;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_app;
 GRANT SELECT ON encryption_grants, managed_columns, rotations TO keyrotor_app;
 GRANT USAGE ON SEQUENCE secrets_id_seq, key_scopes_id_seq, data_keys_id_seq TO keyrotor_app;
@@ -71,5 +74,8 @@ CREATE POLICY keyrotor_app_live_keys ON data_keys FOR SELECT TO keyrotor_app
 DROP POLICY IF EXISTS keyrotor_app_first_key ON data_keys;
 CREATE POLICY keyrotor_app_first_key ON data_keys FOR INSERT TO keyrotor_app
     WITH CHECK (state IN ('pending', 'active'));
+DROP POLICY IF EXISTS keyrotor_app_count_usage ON data_keys;
+CREATE POLICY keyrotor_app_count_usage ON data_keys FOR UPDATE TO keyrotor_app
+    USING (state IN ('pending', 'active', 'grace')) WITH CHECK (state IN ('pending', 'active', 'grace'));
 DROP POLICY IF EXISTS keyrotor_worker_all_keys ON data_keys;
 CREATE POLICY keyrotor_worker_all_keys ON data_keys TO keyrotor_worker USING (true) WITH CHECK (true);

@@ -98,6 +98,14 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         assert await km.get_secret("anthropic", "prod") == "sk-ant-api03-privileges-0123456789"
         await km.flush_audit()
 
+    # The application's encryptions were counted against its DEKs' limits (keyrotor.usage).
+    counted = await fetch(
+        wenv["DATABASE_URL"],
+        "SELECT d.version, d.encryptions FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+        "WHERE k.name = 'anthropic'",
+    )
+    assert [tuple(r) for r in counted] == [(1, 1)]
+
     # History: the owner sees the destroyed v1; the application does not.
     owner = await fetch(wenv["DATABASE_URL"], "SELECT count(*) FROM data_keys WHERE state = 'destroyed'")
     assert owner[0][0] == 1
