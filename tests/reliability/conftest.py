@@ -2,8 +2,9 @@
 
 Every test may add figures with ``record(name, **figures)``; each test's outcome and duration are
 recorded by a hook. At the end of the session the whole record is written to
-``KEYROTOR_RELIABILITY_JSON`` (default ``tests/reliability/results/latest.json``, or ``slow.json``
-under KEYROTOR_SLOW_TESTS=1), which ``python -m tests.reliability.report`` renders as RELIABILITY.md.
+``KEYROTOR_RELIABILITY_JSON`` if set: ``python -m tests.reliability.report`` sets it
+(``tests/reliability/results/latest.json``, or ``slow.json`` with ``--slow``) and renders the
+file as RELIABILITY.md. A plain test run writes nothing.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ import pytest
 from tests.reliability.harness import SLOW, Workers
 from tests.rotation_helpers import cleanup_queue, worker_env
 
-RESULTS = Path(
-    os.environ.get(
-        "KEYROTOR_RELIABILITY_JSON",
-        str(Path(__file__).resolve().parent / "results" / ("slow.json" if SLOW else "latest.json")),
-    )
-)
+# Where the figures go: only when `python -m tests.reliability.report` runs the suite (it sets
+# the variable), so a plain test run never rewrites the committed results.
+_RESULTS_ENV = os.environ.get("KEYROTOR_RELIABILITY_JSON")
+RESULTS = Path(_RESULTS_ENV) if _RESULTS_ENV else None
 
 _figures: dict[str, list[dict[str, Any]]] = {}
 _outcomes: dict[str, dict[str, Any]] = {}
@@ -94,5 +93,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for nodeid, outcome in sorted(ours.items())
         },
     }
+    if RESULTS is None:
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
