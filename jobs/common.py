@@ -95,6 +95,8 @@ def driver_call(run: RunInfo) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
             (run.scope, run.from_version),
             {"force_now": force, "trigger": run.trigger, "run_id": run.id},
         )
+    if run.kind == "legacy":
+        return "migrate_legacy", (run.id,), {}
     raise ValueError(f"no job drives runs of kind {run.kind!r}")
 
 

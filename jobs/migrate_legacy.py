@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from arq.connections import ArqRedis
-from arq.jobs import Job, JobStatus
 
 from jobs.common import deps, is_transient, job_id, retry
 from keyrotor import legacy_migration, legacy_ranges
 from keyrotor.legacy_ranges import LegacyRange
-from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
 
 
@@ -54,23 +51,6 @@ async def migrate_legacy(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
             raise retry(ctx, exc) from exc
         raise
     return report.as_dict()
-
-
-async def enqueue_legacy(redis: ArqRedis, settings: Settings, run: RunInfo) -> Job:
-    """Enqueue the job driving ``run`` (a no-op while one with its id is queued or running)."""
-    jid = job_id(settings, "migrate_legacy", run.id)
-    job = await redis.enqueue_job("migrate_legacy", run.id, _job_id=jid, _queue_name=settings.queue_name)
-    if job is not None:
-        return job
-    existing = Job(jid, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)
-    if run.terminal or await existing.status() != JobStatus.complete:
-        return existing
-    # The job ended while the run is still open: it gave up after its tries (a worker killed
-    # job_max_tries times under it). arq keeps its result, so the same id would be a no-op for
-    # an hour; drive the run again under an id of the current minute, as enqueue_driver does.
-    again = f"{jid}:r{int(datetime.now(UTC).timestamp() // 60)}"
-    job = await redis.enqueue_job("migrate_legacy", run.id, _job_id=again, _queue_name=settings.queue_name)
-    return job or Job(again, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)
 
 
 async def enqueue_legacy_range(redis: ArqRedis, settings: Settings, r: LegacyRange) -> bool:

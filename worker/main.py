@@ -41,7 +41,7 @@ from sqlalchemy import text
 
 from jobs.common import Deps, enqueue_driver
 from jobs.migrate_kek import migrate_kek
-from jobs.migrate_legacy import enqueue_legacy, migrate_legacy
+from jobs.migrate_legacy import migrate_legacy
 from jobs.migrate_legacy_range import migrate_legacy_range
 from jobs.reencrypt import reencrypt_range
 from jobs.replicas import check_replicas, replicate_keys
@@ -296,10 +296,6 @@ async def adopt_open_runs(ctx: dict[str, Any]) -> int:
     adopted = 0
     for run in open_runs:
         try:
-            if run.kind == "legacy":  # a legacy migration (keyrotor legacy migrate)
-                job = await enqueue_legacy(ctx["redis"], settings, run)
-                adopted += 1
-                continue
             job = await enqueue_driver(
                 ctx["redis"],
                 settings,

@@ -81,13 +81,13 @@ def migrate(
         return
 
     async def go() -> tuple[RunInfo, bool]:
-        from jobs.migrate_legacy import enqueue_legacy
+        from jobs.common import enqueue_driver
         from worker.client import KeyrotorClient, RunHandle
 
         async with KeyrotorClient(Settings.from_env()) as client:
             async with manager() as km:
                 r, created = await legacy_migration.open_legacy_run(km, trigger="cli")
-            job = await enqueue_legacy(client.redis, client.settings, r)
+            job = await enqueue_driver(client.redis, client.settings, r)
             handle = RunHandle(client, r.id, job, created)
             if not wait:
                 return await handle.status(), created
