@@ -125,7 +125,9 @@ async def crash_loop(
     worker = workers.start(env)
     await worker.wait_started()
     run_id = await start_run()
-    points = sorted(0.0 if rng.random() < 0.15 else rng.uniform(0.02, 0.9) for _ in range(kills))
+    # At most 0.7: a restarted worker resumes at full speed (its rate budgets start full), so a
+    # later point could otherwise find the run already finished.
+    points = sorted(0.0 if rng.random() < 0.15 else rng.uniform(0.02, 0.7) for _ in range(kills))
     for p in points:
         await wait_run(database_url, run_id, rows_done=int(p * total), timeout_s=timeout_s)
         await asyncio.sleep(rng.uniform(0, jitter_s))
