@@ -27,6 +27,7 @@ from keyrotor.context import RotationContext
 from keyrotor.errors import QueueUnavailable, TransientError
 from keyrotor.kek.base import KekProvider
 from keyrotor.keys import KeyManager
+from keyrotor.legacy_ranges import LegacyRange
 from keyrotor.rotation import RangeJob
 from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
@@ -131,15 +132,26 @@ async def enqueue_driver(
         raise QueueUnavailable(f"cannot enqueue on Redis: {type(exc).__name__}") from exc
 
 
-async def enqueue_range(redis: ArqRedis, settings: Settings, r: RangeJob) -> bool:
-    """Enqueue the re-encryption of one id range (a no-op if it is queued or running)."""
+async def enqueue_range(
+    redis: ArqRedis,
+    settings: Settings,
+    r: RangeJob | LegacyRange,
+    *,
+    function: str = "reencrypt_range",
+    tag: str = "reencrypt",
+) -> bool:
+    """Enqueue the job of one id range of a fanned-out run (a no-op if it is queued or running).
+
+    ``function`` is the range job (``reencrypt_range`` or ``migrate_legacy_range``); ``tag``
+    names its job ids.
+    """
     job = await redis.enqueue_job(
-        "reencrypt_range",
+        function,
         r.run_id,
         r.lo,
         r.hi,
         target=r.target,
-        _job_id=job_id(settings, "reencrypt", r.run_id, r.target, r.lo),
+        _job_id=job_id(settings, tag, r.run_id, r.target, r.lo),
         _queue_name=settings.queue_name,
     )
     return job is not None

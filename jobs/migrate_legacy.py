@@ -5,12 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from arq.connections import ArqRedis
 
-from jobs.common import deps, is_transient, job_id, retry
+from jobs.common import deps, enqueue_range, is_transient, retry
 from keyrotor import legacy_migration, legacy_ranges
-from keyrotor.legacy_ranges import LegacyRange
-from keyrotor.settings import Settings
 
 
 async def migrate_legacy(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
@@ -32,7 +29,9 @@ async def migrate_legacy(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
         if plan is not None:
             queued = 0
             for r in plan.ranges:
-                queued += await enqueue_legacy_range(ctx["redis"], d.settings, r)
+                queued += await enqueue_range(
+                    ctx["redis"], d.settings, r, function="migrate_legacy_range", tag="legacy"
+                )
             return {
                 "run_id": run_id,
                 "state": plan.run.state,
@@ -51,17 +50,3 @@ async def migrate_legacy(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
             raise retry(ctx, exc) from exc
         raise
     return report.as_dict()
-
-
-async def enqueue_legacy_range(redis: ArqRedis, settings: Settings, r: LegacyRange) -> bool:
-    """Enqueue the migration of one id range (a no-op while it is queued or running)."""
-    job = await redis.enqueue_job(
-        "migrate_legacy_range",
-        r.run_id,
-        r.lo,
-        r.hi,
-        target=r.target,
-        _job_id=job_id(settings, "legacy", r.run_id, r.target, r.lo),
-        _queue_name=settings.queue_name,
-    )
-    return job is not None
