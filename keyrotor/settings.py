@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -259,6 +259,17 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _default_grace_within_interval(self) -> Settings:
+        # The same rule as `keyrotor policy set`: refused, not clamped, so new scopes never get
+        # a policy other than the one configured.
+        if self.default_grace_days > self.default_interval_days:
+            raise ValueError(
+                f"KEYROTOR_DEFAULT_GRACE_DAYS ({self.default_grace_days}) cannot be longer than "
+                f"KEYROTOR_DEFAULT_INTERVAL_DAYS ({self.default_interval_days})"
+            )
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -232,3 +232,37 @@ async def test_dry_runs_report_and_write_nothing(
 
     assert {t: await sql(url, f"SELECT * FROM {t} ORDER BY 1") for t in tables} == before
     assert [k async for k in rq.scan_iter(match=f"*{senv['KEYROTOR_QUEUE_NAME']}*")] == []
+
+
+async def test_new_scopes_take_the_default_policy_from_the_environment(senv: dict[str, str]) -> None:
+    from keyrotor import KeyManager, Settings
+
+    url = senv["DATABASE_URL"]
+    for scope, extra in [
+        ("openai", {}),  # the defaults: enabled, 90 days, 7 days grace
+        ("anthropic", {"KEYROTOR_DEFAULT_INTERVAL_DAYS": "30", "KEYROTOR_DEFAULT_GRACE_DAYS": "3"}),
+        ("google", {"KEYROTOR_DEFAULT_ROTATION_ENABLED": "false"}),
+    ]:
+        async with KeyManager(Settings.from_env({**senv, **extra})) as km:
+            await km.encrypt(scope, "sk-x")
+    rows = await sql(
+        url,
+        "SELECT s.name, s.rotation_enabled, s.interval_days, s.grace_period_days, "
+        "s.next_rotation_at - d.activated_at, s.max_encryptions FROM key_scopes s "
+        "JOIN data_keys d ON d.scope_id = s.id ORDER BY s.name",
+    )
+    assert [tuple(r) for r in rows] == [
+        ("anthropic", True, 30, 3, timedelta(days=30), None),
+        ("google", False, 90, 7, None, None),
+        ("openai", True, 90, 7, timedelta(days=90), None),
+    ]
+    # A default grace longer than the default interval is refused when the process starts, like
+    # the same policy given to `policy set`: one line, exit 2, nothing written.
+    res = keyrotor("policy", "show", env={**senv, "KEYROTOR_DEFAULT_INTERVAL_DAYS": "5"})
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("keyrotor: error: invalid configuration")
+    assert (
+        "KEYROTOR_DEFAULT_GRACE_DAYS (7) cannot be longer than KEYROTOR_DEFAULT_INTERVAL_DAYS (5)"
+        in res.stderr
+    )
+    assert [tuple(r) for r in await sql(url, "SELECT count(*) FROM key_scopes")] == [(3,)]
