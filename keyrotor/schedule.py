@@ -355,6 +355,54 @@ async def open_due_retirements(
 
 # --- dry runs: the same questions, nothing locked or written --------------------------------
 
+# The rate a dry run estimates with comes from the latest completed rotations that moved enough
+# rows, for long enough, to measure: rows_done / (finished_at - started_at), wall clock, however
+# many workers shared the run. Smaller runs measure their fixed costs, not re-encryption.
+MEASURED_RUNS = 20
+MIN_MEASURED_ROWS = 1_000
+MIN_MEASURED_SECONDS = 1.0
+_MEASURED_RATE_SQL = (
+    "SELECT count(*), coalesce(sum(rows_done), 0), "
+    "coalesce(sum(extract(epoch FROM finished_at - started_at)), 0) FROM ("
+    "SELECT rows_done, started_at, finished_at FROM rotations "
+    "WHERE kind = 'dek' AND state = 'completed' AND rows_done >= :min_rows "
+    "AND finished_at - started_at >= make_interval(secs => :min_s) "
+    "ORDER BY id DESC LIMIT :n) AS latest"
+)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Rows re-encrypted a second, and where the figure comes from."""
+
+    rows_per_second: float
+    source: str  # "measured": from completed rotations; "configured": KEYROTOR_ESTIMATE_ROWS_PER_SECOND
+    runs: int = 0  # completed rotations measured
+
+    def seconds(self, rows: int) -> float:
+        return rows / self.rows_per_second
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows_per_second": round(self.rows_per_second, 1),
+            "rate_source": self.source,
+            "rate_runs": self.runs,
+        }
+
+
+async def measured_rate(session: AsyncSession, *, configured: float) -> Rate:
+    """The re-encryption rate of the latest completed rotations (up to ``MEASURED_RUNS`` of at
+    least ``MIN_MEASURED_ROWS`` rows and ``MIN_MEASURED_SECONDS``), else ``configured``."""
+    runs, rows, seconds = (
+        await session.execute(
+            text(_MEASURED_RATE_SQL),
+            {"min_rows": MIN_MEASURED_ROWS, "min_s": MIN_MEASURED_SECONDS, "n": MEASURED_RUNS},
+        )
+    ).one()
+    if runs and seconds > 0:
+        return Rate(float(rows) / float(seconds), "measured", int(runs))
+    return Rate(configured, "configured")
+
 
 @dataclass(frozen=True)
 class RotationPlan:
@@ -364,13 +412,18 @@ class RotationPlan:
     from_version: int
     to_version: int
     rows_by_version: dict[int, int]
-    estimate_s: float
+    rate: Rate
     due: DueRotation | None = None
     open_run: dict[str, Any] | None = None
 
     @property
     def rows_total(self) -> int:
         return sum(self.rows_by_version.values())
+
+    @property
+    def estimate_s(self) -> float:
+        """Seconds to re-encrypt the rows at ``rate``."""
+        return self.rate.seconds(self.rows_total)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -380,6 +433,7 @@ class RotationPlan:
             "rows_by_version": {str(v): n for v, n in sorted(self.rows_by_version.items())},
             "rows_total": self.rows_total,
             "estimated_seconds": round(self.estimate_s, 3),
+            **self.rate.as_dict(),
             "due": self.due.as_dict() if self.due else None,
             "open_run": self.open_run,
         }
@@ -390,10 +444,10 @@ class ScanPlan:
     """What a scan at ``now`` would open (and what it would pass over, and why)."""
 
     now: datetime
+    rate: Rate
     rotations: list[RotationPlan] = field(default_factory=list)
     retirements: list[DueRetirement] = field(default_factory=list)
     skipped: list[DueRotation | DueRetirement] = field(default_factory=list)
-    rows_per_second: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         rows = sum(p.rows_total for p in self.rotations)
@@ -404,8 +458,8 @@ class ScanPlan:
             "retirements": [r.as_dict() for r in self.retirements],
             "skipped": [s.as_dict() | {"kind": _kind(s)} for s in self.skipped],
             "rows_total": rows,
-            "rows_per_second": self.rows_per_second,
-            "estimated_seconds": round(rows / self.rows_per_second, 3) if self.rows_per_second else None,
+            **self.rate.as_dict(),
+            "estimated_seconds": round(self.rate.seconds(rows), 3),
         }
 
 
@@ -459,10 +513,11 @@ async def plan_scan(
     sessions: async_sessionmaker[AsyncSession], now: datetime, cfg: ScanConfig, *, rows_per_second: float
 ) -> ScanPlan:
     """What a scan at ``now`` would open: the due rotations (with rows per version and an
-    estimated duration at ``rows_per_second``) and retirements. Locks and writes nothing."""
-    plan = ScanPlan(now, rows_per_second=rows_per_second)
+    estimated duration at the rate measured on completed rotations, else ``rows_per_second``)
+    and retirements. Locks and writes nothing."""
     due: list[DueRotation] = []
     async with db.transaction(sessions) as session:
+        plan = ScanPlan(now, await measured_rate(session, configured=rows_per_second))
         after: tuple[datetime, int] = (_START, 0)
         while True:
             rows = (
@@ -487,11 +542,8 @@ async def plan_scan(
         for d in due:
             per_version = counts.get(d.scope_id, {})
             per_version.pop(d.to_version, None)  # a pending DEK left by a failed run: nothing on it to move
-            total = sum(per_version.values())
             plan.rotations.append(
-                RotationPlan(
-                    d.scope, d.from_version, d.to_version, per_version, total / rows_per_second, due=d
-                )
+                RotationPlan(d.scope, d.from_version, d.to_version, per_version, plan.rate, due=d)
             )
         after = (_START, 0)
         seen: set[int] = set()
@@ -523,7 +575,8 @@ async def plan_rotation(
     cfg: ScanConfig,
     rows_per_second: float,
 ) -> RotationPlan:
-    """What rotating ``scope`` now would do (``keyrotor rotate SCOPE --dry-run``). Writes nothing.
+    """What rotating ``scope`` now would do (``keyrotor rotate SCOPE --dry-run``), estimated at the
+    rate measured on completed rotations, else ``rows_per_second``. Writes nothing.
 
     Raises:
         ScopeNotFound: no such scope.
@@ -558,6 +611,7 @@ async def plan_rotation(
             )
         ).first()
         per_version = (await rows_by_version(session, [sid]))[sid]
+        rate = await measured_rate(session, configured=rows_per_second)
     to_version = int(open_row[2]) if open_row and open_row[2] else (pending or latest + 1)
     per_version.pop(to_version, None)
     due = None
@@ -584,7 +638,4 @@ async def plan_rotation(
         if open_row
         else None
     )
-    total = sum(per_version.values())
-    return RotationPlan(
-        scope, active, to_version, per_version, total / rows_per_second, due=due, open_run=open_run
-    )
+    return RotationPlan(scope, active, to_version, per_version, rate, due=due, open_run=open_run)

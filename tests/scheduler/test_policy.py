@@ -220,15 +220,31 @@ async def test_dry_runs_report_and_write_nothing(
     assert (plan["from_version"], plan["to_version"], plan["rows_by_version"]) == (1, 2, {"1": 1})
     assert plan["dry_run"] and plan["due"] is None and plan["open_run"] is None
 
-    code, out, err = await cli("scheduler", "--dry-run", "--json")
+    assert plan["rate_source"] == "configured" and plan["rows_per_second"] == 50_000
+    code, _, err = await cli("rotate", "openai", "--dry-run")
+    assert code == 0 and "openai v1 -> v2: re-encrypt 1 rows (v1: 1)" in err and "nothing written" in err
+
+    code, out, err = await cli("scheduler", "--dry-run", "--once", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert [(p["scope"], p["rows_total"], p["due"]["reason"]) for p in doc["rotations"]] == [
         ("anthropic", 40, "schedule")
     ]
+    assert [p["rows_by_version"] for p in doc["rotations"]] == [{"1": 40}]
     assert doc["estimated_seconds"] == round(40 / 50_000, 3) and doc["replica_job"].endswith("0000Z")
-    code, _, err = await cli("scheduler", "--dry-run")
-    assert code == 0 and "1 rotations (40 rows" in err
+    # No rotation has completed here yet: the configured rate, and the output says so.
+    assert doc["rate_source"] == "configured" and doc["rate_runs"] == 0
+    code, table, err = await cli("scheduler", "--once", "--dry-run")
+    assert code == 0 and "1 rotations (40 rows" in err and "KEYROTOR_ESTIMATE_ROWS_PER_SECOND" in err
+    assert "rotate_dek" in table and "anthropic" in table and "v1 -> v2" in table and "v1: 40" in table
+
+    # Bad input: one line, exit 2, nothing written either.
+    for args, fragment in [
+        (("rotate", "nope", "--dry-run"), "scope 'nope' does not exist"),
+        (("rotate", "Bad Scope", "--dry-run"), "invalid scope name"),
+    ]:
+        code, out, err = await cli(*args)
+        assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err, (args, err)
 
     assert {t: await sql(url, f"SELECT * FROM {t} ORDER BY 1") for t in tables} == before
     assert [k async for k in rq.scan_iter(match=f"*{senv['KEYROTOR_QUEUE_NAME']}*")] == []

@@ -85,7 +85,7 @@ def _print_plan(doc: dict[str, Any]) -> None:
     est = doc["estimated_seconds"]
     err_console.print(
         f"{len(doc['rotations'])} rotations ({doc['rows_total']:,} rows, ~{_fmt_s(est or 0)} at "
-        f"{doc['rows_per_second']:,.0f} rows/s), {len(doc['retirements'])} retirements"
+        f"{_rate(doc)}), {len(doc['retirements'])} retirements"
     )
 
 
@@ -162,7 +162,7 @@ def rotate_dry_run(scope: str, *, json_out: bool) -> None:
             await engine.dispose()
 
     plan = run(go)
-    doc = {**plan.as_dict(), "dry_run": True, "rows_per_second": settings.estimate_rows_per_second}
+    doc = {**plan.as_dict(), "dry_run": True}
     if json_out:
         print_json(doc)
         return
@@ -171,5 +171,11 @@ def rotate_dry_run(scope: str, *, json_out: bool) -> None:
     err_console.print(
         f"dry run: {scope} v{plan.from_version} -> v{plan.to_version}{joined}: "
         f"re-encrypt {plan.rows_total:,} rows ({rows}), ~{_fmt_s(plan.estimate_s)} "
-        f"at {settings.estimate_rows_per_second:,.0f} rows/s; nothing written"
+        f"at {_rate(doc)}; nothing written"
     )
+
+
+def _rate(doc: dict[str, Any]) -> str:
+    if doc["rate_source"] == "measured":
+        return f"{doc['rows_per_second']:,.0f} rows/s (measured on the last {doc['rate_runs']} rotations)"
+    return f"{doc['rows_per_second']:,.0f} rows/s (KEYROTOR_ESTIMATE_ROWS_PER_SECOND: none measured yet)"
