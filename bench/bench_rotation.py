@@ -9,19 +9,24 @@ Figures (rows re-encrypted per second):
   (values keep their length), so the ratio is what the crypto costs;
 - **naive**: row by row, ``SELECT`` + decrypt + encrypt + ``UPDATE`` in autocommit, measured on
   a 5,000-row sample and taken as a rate;
+- **over a network**: the same rotation, ceiling and naive loop once more with the database
+  behind :mod:`bench.latency_proxy` (``--rtt-ms``, default 0.5 ms: two hosts in one availability
+  zone). On loopback a round trip is nearly free, so the naive loop is as fast as it will ever
+  be; across a network it pays the round trips batching saves;
 - **worker processes**: ``keyrotor worker`` subprocesses rotating through Redis, 1 and 2 at
   once, with the peak RSS (``VmHWM``) of each worker on a 50,000- and a 200,000-row scope:
   re-encryption streams in batches, so memory does not grow with the table.
 
 Targets: rotation within 2x of the database ceiling, and >= 20x the naive loop.
 
-    .venv/bin/python -m bench.bench_rotation [--rows 200000] [--json]
+    .venv/bin/python -m bench.bench_rotation [--rows 200000] [--rtt-ms 0.5] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -29,8 +34,10 @@ import sys
 import time
 import types
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,6 +52,8 @@ BIN = Path(sys.executable).parent / "keyrotor"
 REDIS = "redis://127.0.0.1:6379/14"
 NAIVE_ROWS = 5_000
 MID_ROWS = 50_000
+NET_ROWS = 50_000
+RTT_MS = 0.5
 API_KEY = "sk-ant-api03-{:06d}-" + "x" * 87  # 108 characters, like an Anthropic key
 
 
@@ -201,6 +210,58 @@ async def with_workers(
             p.wait(30)
 
 
+@contextlib.asynccontextmanager
+async def behind_latency(url: str, rtt_ms: float) -> AsyncIterator[str]:
+    """``url`` rewritten to reach the same database through a proxy adding ``rtt_ms`` a round trip."""
+    parts = urlsplit(url)
+    target = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.latency_proxy", "--delay-ms", str(rtt_ms / 2), "--target", target,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        yield urlunsplit(parts._replace(netloc=f"{userinfo}{at}127.0.0.1:{port}"))
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def round_trip_ms(url: str, n: int = 300) -> float:
+    """Median ``SELECT 1`` round trip (ms): what the proxy really adds, thread hand-offs included."""
+    conn = await asyncpg.connect(url)
+    try:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await conn.fetchval("SELECT 1")
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[n // 2] * 1000
+    finally:
+        await conn.close()
+
+
+async def networked(url: str, rows: int, naive_rows: int, rtt_ms: float) -> dict[str, float]:
+    """Rotation (1 and 2 streams), its ceiling and the naive loop with the database ``rtt_ms`` away."""
+    direct = bench_settings(url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
+    await seed(direct, "net", rows)
+    await seed(direct, "net_naive", naive_rows)
+    out: dict[str, float] = {"direct_rtt_ms": await round_trip_ms(url)}
+    async with behind_latency(url, rtt_ms) as far_url:
+        out["rtt_ms"] = await round_trip_ms(far_url)
+        far = bench_settings(far_url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
+        await _vacuum(url)
+        out["naive"] = await naive(far, "net_naive")
+        for fn, name in ((rotate_in_process, "rotation"), (ceiling_in_process, "ceiling")):
+            for streams in (1, 2):  # the ceiling last: the stub leaves values no DEK opens
+                await _vacuum(url)
+                secs, done = await fn(far, "net", streams)
+                out[f"{name}_{streams}"] = done / secs
+    return out
+
+
 async def _vacuum(url: str) -> None:
     # Each rotation leaves a dead version of every row; autovacuum would clean them up between
     # rotations in real life. Here every measurement starts from the same clean state.
@@ -218,9 +279,12 @@ async def measure(
     rss_rows: tuple[int, int] = (MID_ROWS, 200_000),
     two_workers: bool = True,
     settle_s: float = 3.0,
+    net_rows: int = NET_ROWS,
+    rtt_ms: float = RTT_MS,
 ) -> dict[str, Any]:
     """Rotate a ``rows``-row scope in process (rotation, ceiling), a naive sample, and through
-    ``keyrotor worker`` subprocesses on scopes of ``rss_rows`` rows (peak RSS of each)."""
+    ``keyrotor worker`` subprocesses on scopes of ``rss_rows`` rows (peak RSS of each); then, with
+    ``rtt_ms`` > 0, rotation, ceiling and naive loop on a ``net_rows``-row scope across a network."""
     url = await fresh_database("keyrotor_bench_rotation")
     settings = bench_settings(url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
     t0 = time.perf_counter()
@@ -274,6 +338,18 @@ async def measure(
     if w2_big is not None:
         out["two_workers_rows_per_s"] = round(w2_big[1] / w2_big[0])
         out["two_workers_peak_rss_mb"] = [round(x, 1) for x in w2_big[2]]
+    if rtt_ms > 0:
+        net = await networked(url, net_rows, naive_rows, rtt_ms)
+        best, ceiling = max(net["rotation_1"], net["rotation_2"]), max(net["ceiling_1"], net["ceiling_2"])
+        out["net"] = {
+            "rtt_ms_asked": rtt_ms,
+            "rtt_ms": round(net.pop("rtt_ms"), 2),
+            "direct_rtt_ms": round(net.pop("direct_rtt_ms"), 3),
+            "rows": net_rows,
+            **{f"{k}_rows_per_s": round(v) for k, v in net.items()},
+            "rotation_vs_ceiling": round(best / ceiling, 2),
+            "rotation_vs_naive": round(best / net["naive"], 1),
+        }
     return out
 
 
@@ -301,6 +377,18 @@ def report(r: dict[str, Any]) -> None:
         f"{r['worker_peak_rss_mb_large']} MB ({large:,}-row scope); "
         f"two workers: {r.get('two_workers_peak_rss_mb', '-')} MB"
     )
+    if "net" in r:
+        n = r["net"]
+        print(
+            f"database behind bench.latency_proxy: SELECT 1 takes {n['rtt_ms']} ms "
+            f"(direct: {n['direct_rtt_ms']} ms); a {n['rows']:,}-row scope:"
+        )
+        print(
+            f"  naive {n['naive_rows_per_s']:,}/s; rotation {n['rotation_1_rows_per_s']:,}/s (1 stream), "
+            f"{n['rotation_2_rows_per_s']:,}/s (2); ceiling {n['ceiling_1_rows_per_s']:,}/s (1), "
+            f"{n['ceiling_2_rows_per_s']:,}/s (2) -> {n['rotation_vs_ceiling']:.2f} of ceiling, "
+            f"{n['rotation_vs_naive']:.1f}x naive"
+        )
 
 
 if __name__ == "__main__":
@@ -312,6 +400,10 @@ if __name__ == "__main__":
         default=MID_ROWS,
         help="the smaller scope of the RSS pair (the larger: --rows)",
     )
+    parser.add_argument(
+        "--rtt-ms", type=float, default=RTT_MS, help="round trip of the networked run (0: skip it)"
+    )
+    parser.add_argument("--net-rows", type=int, default=NET_ROWS, help="rows of the networked run's scope")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import logging
@@ -319,7 +411,9 @@ if __name__ == "__main__":
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    result = asyncio.run(measure(args.rows, rss_rows=(args.rss_rows, args.rows)))
+    result = asyncio.run(
+        measure(args.rows, rss_rows=(args.rss_rows, args.rows), net_rows=args.net_rows, rtt_ms=args.rtt_ms)
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
