@@ -1,6 +1,8 @@
-"""Operations: /metrics moves during a real rotation, /healthz and /readyz answer, ``keyrotor
-health`` goes red without Redis and green with a worker and a scheduler running, and a rotation
-logged at DEBUG leaves no plaintext, DEK or master key in the worker's output."""
+"""Operations: /metrics scraped while a real rotation runs shows its counters moving, /healthz
+and /readyz answer, ``keyrotor health`` goes red without Redis and green with a worker and a
+scheduler running (real outages: test_health_outage.py), and a rotation logged at DEBUG
+carries scope, run id, job id and step on its events and leaves no plaintext, DEK or master
+key in the worker's output."""
 
 from __future__ import annotations
 
@@ -97,6 +99,12 @@ async def test_metrics_move_during_a_rotation_and_debug_logs_hold_no_secrets(
         "KEYROTOR_METRICS_PORT": str(port),
         "KEYROTOR_METRICS_HOST": "127.0.0.1",
         "KEYROTOR_LOG_LEVEL": "DEBUG",
+        # Fan out (two id ranges of 20 rows, batches of 10), so every step logs: prepare,
+        # promote, reencrypt and complete, from the driver job and the range jobs.
+        "KEYROTOR_SMALL_SCOPE_ROWS": "10",
+        "KEYROTOR_REENCRYPT_RANGE_ROWS": "20",
+        "KEYROTOR_REENCRYPT_BATCH_ROWS": "10",
+        "KEYROTOR_TEST_BATCH_DELAY_S": "0.3",
     }
     worker = WorkerProcess(env, tmp_path / "worker.log")
     procs.append(worker)
@@ -113,8 +121,20 @@ async def test_metrics_move_during_a_rotation_and_debug_logs_hold_no_secrets(
 
     async with KeyrotorClient(settings) as client:
         handle = await client.rotate(SCOPE)
+        # Scrape while the run is in progress (batches are slowed to 0.3 s each): the rows
+        # counter is seen between 0 and 40 and never goes down.
+        seen: list[float] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _, during = await asyncio.to_thread(get, port, "/metrics")
+            seen.append(sample(during, "keyrotor_rows_reencrypted_total", scope=SCOPE))
+            if sample(during, "keyrotor_rotations_completed_total", scope=SCOPE) == 1:
+                break
+            await asyncio.sleep(0.05)
         run = await handle.result(timeout_s=30)
     assert run.rows_done == 40
+    assert seen == sorted(seen) and seen[-1] == 40, seen
+    assert [v for v in seen if 0 < v < 40], seen
 
     _, after = get(port, "/metrics")
     assert sample(after, "keyrotor_rotations_started_total", scope=SCOPE) == 1
@@ -122,6 +142,7 @@ async def test_metrics_move_during_a_rotation_and_debug_logs_hold_no_secrets(
     assert sample(after, "keyrotor_rows_reencrypted_total", scope=SCOPE) == 40
     assert sample(after, "keyrotor_rotation_duration_seconds_count", scope=SCOPE) == 1
     assert sample(after, "keyrotor_arq_jobs_total", function="rotate_dek", outcome="success") == 1
+    assert sample(after, "keyrotor_arq_jobs_total", function="reencrypt_range", outcome="success") == 2
     assert sample(after, "keyrotor_arq_queue_depth", queue=wenv["KEYROTOR_QUEUE_NAME"]) == 0
     assert "keyrotor_dek_cache_hits_total" in after and "keyrotor_audit_queue_depth" in after
     assert "keyrotor_kek_calls_total" in after or "keyrotor_kek_calls" in after
@@ -131,6 +152,16 @@ async def test_metrics_move_during_a_rotation_and_debug_logs_hold_no_secrets(
     assert '"level": "debug"' in logs  # DEBUG really was on
     for line in logs.splitlines():  # one JSON event a line
         json.loads(line)
+    # The run's events carry its scope, run id, the arq job id and the rotation step.
+    of_run = [e for e in worker.events() if e.get("run_id") == run.id]
+    jobs = {"rotate_dek", "reencrypt_range"}
+    assert of_run, logs[-2000:]
+    for event in of_run:
+        assert event["scope"] == SCOPE and event["job_id"] and event["job"] in jobs, event
+    steps = [e["step"] for e in of_run if "step" in e]
+    assert {"prepare", "promote", "reencrypt"} <= set(steps), steps
+    assert [e["event"] for e in of_run if e.get("step") == "reencrypt"].count("batch_reencrypted") == 4
+    assert any(e["event"] == "rotation_completed" for e in of_run), of_run
     # Everything secret this rotation touched: the values, the master key, every DEK (raw, in
     # base64, base64url and hex) and every wrapped DEK.
     forbidden = [*values.values(), MASTER_KEY]
