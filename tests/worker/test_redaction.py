@@ -105,3 +105,53 @@ def test_configured_logging_redacts_stdlib_structlog_and_exceptions(
     for secret in (ANTHROPIC, OPENAI, GOOGLE, "configured-master-key-xyz"):
         assert secret not in out
     assert "ValueError" in out
+
+
+_TTY_SCRIPT = """
+import logging, structlog
+from keyrotor import Settings
+from worker.logs import configure_logging
+configure_logging(Settings.from_env())
+structlog.get_logger("t").info("stored", value=%r, scope="anthropic", run_id=7)
+logging.getLogger("arq.worker").info("job done")
+"""
+
+
+def test_auto_format_is_pretty_on_a_terminal_and_json_otherwise() -> None:
+    """``KEYROTOR_LOG_FORMAT=auto``: a process whose stdout is a terminal (a real pty) gets the
+    console renderer, still redacted and one event a line; a pipe gets JSON."""
+    import pty
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KEYROTOR_LOG_FORMAT": "auto", "ENCRYPTION_KEY": "tty-test-master-key-123"}
+    script = _TTY_SCRIPT % ANTHROPIC
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=sub, stderr=sub, env=env)
+    os.close(sub)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(30) == 0
+    tty_out = b"".join(chunks).decode(errors="replace")
+    lines = [line for line in tty_out.splitlines() if line.strip()]
+    assert len(lines) == 2, tty_out
+    assert "stored" in lines[0] and "scope" in lines[0] and "anthropic" in lines[0]
+    assert "\x1b[" in tty_out  # coloured
+    assert not lines[0].lstrip().startswith("{")  # not JSON
+    assert ANTHROPIC not in tty_out and REDACTED in tty_out
+    assert "job done" in lines[1]  # arq's stdlib logger, same renderer
+
+    piped = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    events = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["stored", "job done"]
+    assert ANTHROPIC not in piped.stdout and events[0]["value"] == REDACTED
