@@ -428,3 +428,38 @@ async def test_arq_cli_runs_the_same_worker_settings(wenv: dict[str, str]) -> No
     run = await run_state(settings.database_url, "openai")
     assert run is not None and run["state"] == "completed"
     assert await check_values(settings, "openai", values) == {2: 30}
+
+
+async def test_rotate_kek_through_the_cli_rewraps_without_touching_a_value(
+    wenv: dict[str, str], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    settings = Settings.from_env(wenv)
+    values = {scope: await seed(settings, scope, 20) for scope in ("openai", "tenant-2/anthropic")}
+    before = await fetch(settings.database_url, "SELECT id, ciphertext FROM secrets ORDER BY id")
+    new_key = "cli-kek-rotation-master-key-v2-5d3c1b9a7e6f4d2c"
+    moved = {
+        **wenv,
+        "ENCRYPTION_KEY": new_key,
+        "ENCRYPTION_KEY_VERSION": "2",
+        "ENCRYPTION_KEYS_PREVIOUS": json.dumps({"1": MASTER_KEY}),
+    }
+    worker = start(workers, moved, tmp_path)
+    await worker.wait_started()
+
+    done = keyrotor("rotate-kek", "--wait", "--json", env=moved, timeout=60)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert (run["kind"], run["state"], run["to_version"]) == ("kek", "completed", 2)
+    assert run["rows_done"] == run["rows_total"] == 2  # one DEK a scope
+    keys = await fetch(settings.database_url, "SELECT kek_version FROM data_keys")
+    assert {k["kek_version"] for k in keys} == {2}
+    # The cheap rotation: DEKs rewrapped, not one stored value rewritten.
+    assert await fetch(settings.database_url, "SELECT id, ciphertext FROM secrets ORDER BY id") == before
+    only_new = Settings.from_env({**wenv, "ENCRYPTION_KEY": new_key, "ENCRYPTION_KEY_VERSION": "2"})
+    for scope, vals in values.items():
+        assert await check_values(only_new, scope, vals) == {1: 20}
+
+    again = keyrotor("rotate-kek", "--wait", env=moved, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "KEK rewrap" in again.stderr and "completed, 0/" in again.stderr
+    assert new_key not in worker.output() and MASTER_KEY not in worker.output()
