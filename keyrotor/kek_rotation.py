@@ -11,13 +11,21 @@
    ``encrypted_dek`` and a ``rewrap`` audit event in the same transaction. Provider calls happen
    outside transactions; no row lock is held across a network call.
 
+Before a provider is asked to rotate, a probe DEK goes through wrap, rewrap and unwrap: a
+provider that only partly works (say, a token that may decrypt but not encrypt or rewrap) fails
+the run there, before it has a new KEK version, and nothing is written.
+
 The old KEK version must stay usable until the last DEK is rewrapped: the run's completion says
-when that is.
+when that is. Where the provider can refuse old versions (Vault transit's
+``min_decryption_version``), the run raises it, just before it completes, to the lowest KEK
+version any stored DEK of that key still has (counted under a SHARE lock on ``data_keys``, so
+no DEK being written meanwhile is missed); a ``config_change`` audit event records it.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +36,7 @@ from keyrotor import runs
 from keyrotor.audit import AuditEvent, write_events
 from keyrotor.context import RotationContext, kek_mismatch, run_to_commit
 from keyrotor.errors import ConfigurationError, KekError, PermanentError
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import KekProvider, RetiresKekVersions, WrapContext, WrappedDek, provider_layers
 from keyrotor.notify import KeyChange
 from keyrotor.rotation import fail
 from keyrotor.runs import RunInfo
@@ -90,6 +98,7 @@ async def rotate_kek(
     try:
         target = run.to_version
         if target is None:
+            await preflight(rc.kek)
             target = await _target_version(rc)
             async with db.transaction(rc.sessions) as session:
                 locked = await runs.require_run(session, run.id, for_update=True)
@@ -126,7 +135,26 @@ async def rotate_kek(
             rewrapped += n
             after = last_id
             log.info("deks_rewrapped", rows=n, kek_version=target)
+        retired = await _retire_old_versions(rc)
         async with db.transaction(rc.sessions) as session:
+            if retired is not None:
+                kek_id, before, after = retired
+                await runs.update_detail(session, run.id, kek_min_decryption_version=after)
+                await write_events(
+                    session,
+                    [
+                        AuditEvent(
+                            "config_change",
+                            metadata={
+                                "what": "kek_min_decryption_version",
+                                "kek_id": kek_id,
+                                "before": before,
+                                "after": after,
+                                "run_id": run.id,
+                            },
+                        )
+                    ],
+                )
             await runs.complete_run(session, run.id)
             run = await runs.require_run(session, run.id)
     except PermanentError as exc:
@@ -136,6 +164,70 @@ async def rotate_kek(
     await rc.announce(KeyChange("rewrapped", None, target))
     log.info("kek_rotation_completed", kek_version=target, rewrapped=rewrapped)
     return KekRotationResult(run, target, run.rows_done)
+
+
+_PROBE = WrapContext("keyrotor/kek-rotation-probe", 1)
+
+
+async def preflight(kek: KekProvider) -> None:
+    """Prove the provider can do everything a KEK rotation needs: wrap, rewrap and unwrap a probe.
+
+    Raises:
+        KekError: naming the provider and the cause; the rotation must not start.
+        KekUnavailable: the provider cannot be reached (transient).
+    """
+    probe = os.urandom(32)
+    try:
+        wrapped = await kek.wrap(probe, _PROBE)
+        (rewrapped,) = await kek.rewrap([(wrapped, _PROBE)])
+        same = hmac.compare_digest(await kek.unwrap(rewrapped, _PROBE), probe)
+    except KekError as exc:
+        raise KekError(
+            f"{kek.name}: refusing to rotate the KEK, the provider does not fully work "
+            f"(a probe DEK's wrap, rewrap and unwrap): {exc}"
+        ) from exc
+    finally:
+        del probe
+    if not same:
+        raise KekError(
+            f"{kek.name}: refusing to rotate the KEK, a rewrapped probe DEK unwraps to another key"
+        )
+
+
+async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | None:
+    """Raise the provider's minimum decryption version to the lowest KEK version still in use.
+
+    Returns (kek_id, previous minimum, new minimum), or None if the provider has no such setting,
+    no DEK uses its key, or nothing changed. A provider that refuses (permission denied) is
+    logged and left be: every DEK is rewrapped, the cut-off is hygiene.
+    """
+    provider = next((p for p in provider_layers(rc.kek) if isinstance(p, RetiresKekVersions)), None)
+    if provider is None:
+        return None
+    async with db.transaction(rc.sessions) as session:
+        # SHARE mode waits for transactions writing DEKs to commit, so a DEK wrapped under an
+        # old version and being inserted right now is counted, not cut off.
+        await session.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await session.execute(text("LOCK TABLE data_keys IN SHARE MODE"))
+        lowest = (
+            await session.execute(
+                text("SELECT min(kek_version) FROM data_keys WHERE state <> 'destroyed' AND kek_id = :kid"),
+                {"kid": provider.kek_id},
+            )
+        ).scalar_one()
+    if lowest is None:
+        return None
+    try:
+        before = await provider.raise_min_decryption_version(int(lowest))
+    except KekError as exc:
+        log.warning("kek_versions_not_retired", kek_id=provider.kek_id, error=f"{type(exc).__name__}: {exc}")
+        return None
+    if before is None:
+        return None
+    log.info(
+        "kek_versions_retired", kek_id=provider.kek_id, min_decryption_version=int(lowest), previous=before
+    )
+    return provider.kek_id, before, int(lowest)
 
 
 async def _target_version(rc: RotationContext) -> int:

@@ -93,6 +93,36 @@ class KekProvider(Protocol):
         ...
 
 
+@runtime_checkable
+class RetiresKekVersions(Protocol):
+    """A provider that can refuse to unwrap with old KEK versions (Vault transit's
+    ``min_decryption_version``). ``rotate_kek`` uses it once no DEK needs them any more."""
+
+    @property
+    def kek_id(self) -> str:
+        """The ``kek_id`` of the DEKs this provider wraps."""
+        ...
+
+    async def raise_min_decryption_version(self, version: int) -> int | None:
+        """Refuse KEK versions below ``version`` from now on; never lowers it.
+
+        Returns the previous minimum, or None if nothing changed.
+        """
+        ...
+
+
+def provider_layers(kek: object) -> list[object]:
+    """``kek`` and the providers it delegates to: a rate budget's ``inner`` provider, a routing
+    provider's ``primary`` (outermost first)."""
+    out: list[object] = [kek]
+    while True:
+        inner = getattr(out[-1], "inner", None) or getattr(out[-1], "primary", None)
+        # Only providers: AwsSecretsKek.primary, for one, is a region, not a provider.
+        if not isinstance(inner, KekProvider) or inner in out:
+            return out
+        out.append(inner)
+
+
 # The KEK provider a kek_id belongs to, by its form (see each provider's module docstring).
 PROVIDER_SETTING = {"local": "local", "aws-kms": "aws", "aws-sm": "aws", "vault": "vault"}
 

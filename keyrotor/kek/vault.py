@@ -133,6 +133,7 @@ def vault_translator(target: str) -> Translator:
                 if isinstance(exc.errors, list)
                 else str(exc.errors or "")
             )
+            cause = " ".join(cause.split())  # OpenBao's "1 error occurred:\n\t* ..." on one line
             text = f"{target} {operation}: {type(exc).__name__}" + (f" ({cause})" if cause else "")
             if isinstance(exc, hv.RateLimitExceeded):
                 return Throttled(text)
@@ -572,6 +573,25 @@ class VaultTransitKek:
                 name, min_decryption_version=version, mount_point=mount
             ),
         )
+
+    async def raise_min_decryption_version(self, version: int) -> int | None:
+        """Raise the key's ``min_decryption_version`` to ``version``; never lower it.
+
+        ``rotate_kek`` calls it once every DEK wrapped by this key is on ``version`` or later.
+        Transit keeps the older versions (nothing is trimmed), so an operator can lower it again
+        with ``bao write transit/keys/<key>/config min_decryption_version=<n>``.
+
+        Returns:
+            The previous ``min_decryption_version``, or None if it was already ``version`` or higher.
+
+        Raises:
+            KekError: ``version`` is not between 1 and the latest version, or permission denied.
+        """
+        before = (await self.key_info()).min_decryption_version
+        if version <= before:
+            return None
+        await self.set_min_decryption_version(version)
+        return before
 
     async def check(self) -> None:
         """Round-trip a random probe through encrypt and decrypt."""

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text as db_text
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import KekUnavailable
+from keyrotor.errors import KekError, KekUnavailable
 from keyrotor.kek.base import ForeignKek, WrapContext, WrappedDek
 from keyrotor.kek.factory import open_provider
 from tests.jobs.conftest import settings_of
@@ -23,6 +23,7 @@ from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor,
 from tests.servers import (
     ServerProcess,
     aws_env,
+    bao_root,
     bao_server,
     create_kek_secret,
     create_kms_key,
@@ -68,6 +69,11 @@ def _use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+
+
+def _doc(value: Any) -> Any:
+    """A json/jsonb column as asyncpg returns it (text without a codec)."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 async def _seed_all(s: Settings, n: int) -> dict[str, dict[str, str]]:
@@ -134,14 +140,27 @@ async def test_kek_rotation_through_the_worker(
         assert all(a["encrypted_dek"] != b["encrypted_dek"] for a, b in zip(after, before, strict=True))
     await _check_all(s, values)
 
-    # The old KEK version still unwraps a DEK wrapped before the rotation (until retired).
+    old = before[0]
+    old_wrapped = WrappedDek(old["kek_id"], old["kek_version"], bytes(old["encrypted_dek"]))
     async with await _opened(penv, s) as kek:
-        old = before[0]
-        dek = await kek.unwrap(
-            WrappedDek(old["kek_id"], old["kek_version"], bytes(old["encrypted_dek"])),
-            WrapContext(old["name"], old["version"]),
-        )
-        assert len(dek) == 32
+        if kind == "vault":
+            # Every DEK is on v2, so the run cut v1 off (transit's min_decryption_version) ...
+            assert bao is not None
+            key = bao_root(bao).secrets.transit.read_key(penv["VAULT_TRANSIT_KEY"])["data"]
+            assert (key["latest_version"], key["min_decryption_version"]) == (2, 2)
+            with pytest.raises(KekError, match="does not unwrap"):
+                await kek.unwrap(old_wrapped, WrapContext(old["name"], old["version"]))
+            row = (await fetch(s.database_url, "SELECT detail FROM rotations WHERE id = $1", run.id))[0]
+            assert _doc(row["detail"])["kek_min_decryption_version"] == 2
+            changes = await fetch(
+                s.database_url,
+                "SELECT metadata FROM encryption_audit_log WHERE event_type = 'config_change' "
+                "AND metadata->>'what' = 'kek_min_decryption_version'",
+            )
+            assert [_doc(c["metadata"])["after"] for c in changes] == [2]
+        else:
+            # KMS and Secrets Manager keep the old version: a DEK wrapped before still unwraps.
+            assert len(await kek.unwrap(old_wrapped, WrapContext(old["name"], old["version"]))) == 32
     audit = await fetch(
         s.database_url, "SELECT metadata FROM encryption_audit_log WHERE event_type = 'rewrap' AND success"
     )
@@ -287,7 +306,8 @@ async def test_provider_down_during_rotate_kek(
     engine = db.create_engine(s.database_url)
     real = await open_remote_provider("aws", penv, policy=fast_policy(timeout_s=0.5, max_attempts=2))
     try:
-        rc = RotationContext(db.sessionmaker(engine), _PauseOnRewrap(real, moto, at_call=2), s)  # type: ignore[arg-type]
+        # Rewrap calls: 1 the pre-flight probe, 2 the first batch of 4, 3 the second (paused).
+        rc = RotationContext(db.sessionmaker(engine), _PauseOnRewrap(real, moto, at_call=3), s)  # type: ignore[arg-type]
         with pytest.raises(KekUnavailable) as caught:
             await kek_rotation.rotate_kek(rc)
         assert is_transient(caught.value)  # the job retries it with backoff
@@ -421,3 +441,93 @@ async def test_migration_resumes_after_an_outage(
         await target.aclose()
         await source.aclose()
         await engine.dispose()
+
+
+async def test_vault_old_versions_are_cut_off_only_once_no_dek_needs_them(
+    wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keyrotor import kek_rotation
+    from keyrotor.context import RotationContext
+    from keyrotor.store import db
+
+    penv = _provider_env("vault", None, bao_server)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    transit = bao_root(bao_server).secrets.transit
+    key = penv["VAULT_TRANSIT_KEY"]
+
+    def versions() -> tuple[int, int]:
+        data = transit.read_key(key)["data"]
+        return int(data["latest_version"]), int(data["min_decryption_version"])
+
+    values = {"anthropic": await seed(s, "anthropic", 3)}
+    transit.rotate_key(key)  # rotated elsewhere: new DEKs get v2, the old ones stay on v1
+    values["tenant-7/openai"] = await seed(s, "tenant-7/openai", 3)
+    assert {d["kek_version"] for d in await _deks(s)} == {1, 2}
+
+    engine = db.create_engine(s.database_url)
+    kek = await open_provider(s, penv)
+    try:
+        rc = RotationContext(db.sessionmaker(engine), kek, s)
+        # A DEK still on v1: nothing may be cut off.
+        assert await kek_rotation._retire_old_versions(rc) is None
+        assert versions() == (2, 1)
+        await _check_all(s, values)
+
+        # The rotation moves every DEK to v3, then cuts v1 and v2 off.
+        result = await kek_rotation.rotate_kek(rc)
+        assert result.run.state == "completed" and result.kek_version == 3
+        assert versions() == (3, 3)
+        assert {d["kek_version"] for d in await _deks(s)} == {3}
+        await _check_all(s, values)
+        # Running it again changes nothing (the minimum never goes down by itself).
+        assert await kek_rotation._retire_old_versions(rc) is None
+        assert versions() == (3, 3)
+    finally:
+        await kek.aclose()
+        await engine.dispose()
+
+
+async def test_half_working_vault_does_not_rotate(
+    wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token that may decrypt and rotate, but not encrypt or rewrap: the run fails before the
+    key is rotated, with an error naming the provider and the cause; nothing is written."""
+    from keyrotor import kek_rotation
+    from keyrotor.context import RotationContext
+    from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.store import db
+    from tests.kek.conftest import fast_policy
+
+    penv = _provider_env("vault", None, bao_server)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    values = await _seed_all(s, 4)
+    before = await _deks(s)
+
+    root = bao_root(bao_server)
+    policy = f"decrypt-only-{penv['VAULT_TRANSIT_KEY']}"
+    root.sys.create_or_update_policy(
+        policy,
+        'path "transit/keys/*" { capabilities = ["read", "update"] }\n'
+        'path "transit/decrypt/*" { capabilities = ["update"] }\n',
+    )
+    token = root.auth.token.create(policies=[policy], ttl="10m")["auth"]["client_token"]
+    half = await open_remote_provider("vault", {**penv, "VAULT_TOKEN": token}, policy=fast_policy())
+    engine = db.create_engine(s.database_url)
+    try:
+        rc = RotationContext(db.sessionmaker(engine), half, s)
+        assert await rc.check_kek() == 1  # it does unwrap the stored DEKs ...
+        with pytest.raises(KekError, match=r"vault: refusing to rotate the KEK.*permission") as caught:
+            await kek_rotation.rotate_kek(rc)  # ... but may not wrap: no rotation
+        assert token not in str(caught.value)
+    finally:
+        await half.aclose()
+        await engine.dispose()
+    key = root.secrets.transit.read_key(penv["VAULT_TRANSIT_KEY"])["data"]
+    assert key["latest_version"] == 1
+    sql = "SELECT state, error, to_version FROM rotations WHERE kind = 'kek'"
+    run = (await fetch(s.database_url, sql))[0]
+    assert run["state"] == "failed" and run["to_version"] is None and "vault" in run["error"]
+    assert await _deks(s) == before
+    await _check_all(s, values)
