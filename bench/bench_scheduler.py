@@ -9,7 +9,16 @@ Prints, for one scan: wall time, SQL statements issued (counted with a SQLAlchem
 - **idle**: nothing due (the common minute) -> nothing enqueued;
 
 and the EXPLAIN (ANALYZE, BUFFERS) of one page of the due-scope query, showing the range scan of
-``ix_key_scopes_due`` that stops after a batch.
+``ix_key_scopes_due`` that stops after a batch (and of the expired-grace query: the partial index
+``ix_data_keys_grace_until``), checked for the index and for the absence of a table scan.
+
+Every time is also given as a ratio against a ceiling measured in the same run, on the same
+engine: a Postgres round trip (``SELECT 1``), the bare index read of the due ids (what any scan
+must at least do), a Redis round trip (``PING``; each run needs its job enqueued), and as a peer
+the due-scope page with index scans switched off (what a table scan would cost).
+
+The seed is a realistic steady state: 100,000 scopes rotated twice, one in ten with a failed run
+since, one in thirteen with a superseded DEK still in grace (not yet expired), 1% due.
 
     .venv/bin/python -m bench.bench_scheduler [--scopes 100000] [--due-percent 1] [--json]
 """
@@ -69,6 +78,14 @@ async def seed(url: str, n: int, due: int, now: datetime) -> None:
                 "FROM key_scopes, generate_series(1, 2) AS v",
                 now - timedelta(days=60),
             )
+            # One scope in 13 (~7/90: a 7-day grace on a 90-day interval) has v2 still in grace.
+            await conn.execute(
+                "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, "
+                "activated_at, grace_until) SELECT id, 2, 'grace', '\\x00'::bytea, 'bench', 1, $1, "
+                "$2::timestamptz + (id % 7 + 1) * interval '1 day' FROM key_scopes WHERE id % 13 = 0",
+                now - timedelta(days=150),
+                now,
+            )
             await conn.execute(
                 "INSERT INTO rotations (kind, scope_id, from_version, state, trigger, error, finished_at) "
                 "SELECT 'dek', id, 3, 'failed', 'api', 'RowFailed: row 1', "
@@ -81,6 +98,16 @@ async def seed(url: str, n: int, due: int, now: datetime) -> None:
         await conn.close()
 
 
+def _page_params(now: datetime, batch: int) -> dict[str, Any]:
+    return {
+        "now": now,
+        "after_at": datetime(1, 1, 1, tzinfo=UTC),
+        "after_id": 0,
+        "batch": batch,
+        "default_max": 2**30,
+    }
+
+
 async def explain_page(sched: Scheduler, now: datetime, batch: int) -> str:
     async with sched.sessions() as session, session.begin():
         rows = await session.execute(
@@ -89,17 +116,92 @@ async def explain_page(sched: Scheduler, now: datetime, batch: int) -> str:
                 + schedule.DUE_SCOPES_SQL
                 + " FOR UPDATE OF s SKIP LOCKED"
             ),
-            {
-                "now": now,
-                "after_at": datetime(1, 1, 1, tzinfo=UTC),
-                "after_id": 0,
-                "batch": batch,
-                "default_max": 2**30,
-            },
+            _page_params(now, batch),
         )
         plan = "\n".join(r[0] for r in rows)
         await session.rollback()  # EXPLAIN ANALYZE took the row locks: give them back
     return plan
+
+
+async def explain_grace(sched: Scheduler, now: datetime, batch: int) -> str:
+    params = _page_params(now, batch)
+    del params["default_max"]
+    async with sched.sessions() as session, session.begin():
+        rows = await session.execute(
+            text("EXPLAIN (ANALYZE, COSTS OFF) " + schedule.DUE_GRACE_SQL + " FOR UPDATE OF d SKIP LOCKED"),
+            params,
+        )
+        plan = "\n".join(r[0] for r in rows)
+        await session.rollback()
+    return plan
+
+
+def index_proof(plan: str, index: str, table: str) -> dict[str, bool]:
+    """Whether a plan reads ``table`` through ``index`` and never scans it whole."""
+    return {"uses_index": f"using {index} on {table}" in plan, "table_scan": f"Seq Scan on {table}" in plan}
+
+
+async def _best_ms(fn: Any, repeats: int) -> float:
+    """The median of ``repeats`` timings of ``await fn()``, in ms."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+async def ceilings(sched: Scheduler, redis: Any, now: datetime, batch: int) -> dict[str, float]:
+    """The references, measured now on the scheduler's own engine and Redis (the first ``batch``
+    ids are due since an hour before ``now``; nothing is due two hours before)."""
+
+    async def round_trip() -> None:  # one statement in a transaction of its own, as a scan issues it
+        async with db.transaction(sched.sessions) as session:
+            await session.execute(text("SELECT 1"))
+
+    async def due_ids() -> None:  # the least any scan must do: read the due ids, in order, once
+        async with db.transaction(sched.sessions) as session:
+            await session.execute(
+                text(
+                    "SELECT id FROM key_scopes WHERE rotation_enabled AND next_rotation_at IS NOT NULL "
+                    "AND next_rotation_at <= :now ORDER BY next_rotation_at, id"
+                ),
+                {"now": now},
+            )
+
+    def page(at: datetime, *, index: bool) -> Any:
+        async def go() -> None:
+            async with db.transaction(sched.sessions) as session:
+                if not index:  # the peer: the same statement on a table scan
+                    for knob in ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan"):
+                        await session.execute(text(f"SET LOCAL {knob} = off"))
+                await session.execute(text(schedule.DUE_SCOPES_SQL), _page_params(at, batch))
+
+        return go
+
+    async def redis_ping() -> None:
+        await redis.ping()
+
+    n = 0
+
+    async def arq_enqueue() -> None:  # arq's own enqueue of a job with a fresh id: what a run needs
+        nonlocal n
+        n += 1
+        await sched.redis.enqueue_job(
+            "noop", n, _job_id=f"{QUEUE}:ceiling:{n}", _queue_name=f"{QUEUE}:ceiling"
+        )
+
+    idle_at = now - timedelta(hours=2)
+    return {
+        "pg_round_trip_ms": await _best_ms(round_trip, 200),
+        "redis_round_trip_ms": await _best_ms(redis_ping, 200),
+        "arq_enqueue_ms": await _best_ms(arq_enqueue, 200),
+        "due_ids_read_ms": await _best_ms(due_ids, 20),
+        "idle_page_index_ms": await _best_ms(page(idle_at, index=True), 20),
+        "idle_page_table_scan_ms": await _best_ms(page(idle_at, index=False), 10),
+        "busy_page_index_ms": await _best_ms(page(now, index=True), 10),
+        "busy_page_table_scan_ms": await _best_ms(page(now, index=False), 10),
+    }
 
 
 async def measure(n_scopes: int, due_percent: float) -> dict[str, Any]:
@@ -196,6 +298,30 @@ async def measure(n_scopes: int, due_percent: float) -> dict[str, Any]:
             )
             await session.execute(text("ANALYZE key_scopes"))
         out["explain"] = await explain_page(sched, now, settings.scan_batch_size)
+        out["explain_grace"] = await explain_grace(sched, now, settings.scan_batch_size)
+        out["index_proof"] = {
+            "due_scopes": index_proof(out["explain"], "ix_key_scopes_due", "key_scopes s"),
+            "expired_graces": index_proof(out["explain_grace"], "ix_data_keys_grace_until", "data_keys d"),
+        }
+        ref = await ceilings(sched, r, now, settings.scan_batch_size)
+        out["ceilings"] = {k: round(v, 4) for k, v in ref.items()}
+        per_run_ms = out["catch_up"]["seconds"] * 1e3 / max(1, out["catch_up"]["enqueued"])
+        out["ratios"] = {
+            "idle_scan_vs_pg_round_trip": round(
+                out["idle"]["seconds_median"] * 1e3 / ref["pg_round_trip_ms"], 2
+            ),
+            "busy_scan_vs_due_ids_read": round(
+                out["busy"]["seconds_median"] * 1e3 / ref["due_ids_read_ms"], 2
+            ),
+            "catch_up_per_run_vs_redis_round_trip": round(per_run_ms / ref["redis_round_trip_ms"], 2),
+            "catch_up_per_run_vs_arq_enqueue": round(per_run_ms / ref["arq_enqueue_ms"], 2),
+            "idle_page_table_scan_vs_index": round(
+                ref["idle_page_table_scan_ms"] / ref["idle_page_index_ms"], 1
+            ),
+            "busy_page_table_scan_vs_index": round(
+                ref["busy_page_table_scan_ms"] / ref["busy_page_index_ms"], 1
+            ),
+        }
     keys = [k async for k in r.scan_iter(match=f"*{QUEUE}*", count=1000)]
     if keys:
         await r.delete(*keys)
@@ -237,8 +363,41 @@ def main() -> None:
         f"dry run:       {d['seconds'] * 1000:8.1f} ms  would open {d['would_open']:,} "
         f"(rows per version counted: {d['rows']:,})"
     )
+    ref, ratio, proof = out["ceilings"], out["ratios"], out["index_proof"]
+    print("ceilings measured in this run (medians):")
+    print(
+        f"  Postgres: one statement in its own transaction (BEGIN; SELECT 1; COMMIT) "
+        f"{ref['pg_round_trip_ms']:.3f} ms; Redis round trip (PING) {ref['redis_round_trip_ms']:.3f} ms; "
+        f"one arq enqueue_job, one at a time {ref['arq_enqueue_ms']:.3f} ms"
+    )
+    print(f"  bare index read of the {out['due']:,} due ids, in order: {ref['due_ids_read_ms']:.2f} ms")
+    print(
+        f"  due-scope page, nothing due: {ref['idle_page_index_ms']:.2f} ms on ix_key_scopes_due, "
+        f"{ref['idle_page_table_scan_ms']:.2f} ms on a table scan (index scans off)"
+    )
+    print(
+        f"  due-scope page, {min(out['due'], out['batch']):,} due: {ref['busy_page_index_ms']:.2f} ms "
+        f"on the index, {ref['busy_page_table_scan_ms']:.2f} ms on a table scan"
+    )
+    print("ratios:")
+    print(
+        f"  idle scan / one-statement transaction:      {ratio['idle_scan_vs_pg_round_trip']:7.2f}x  "
+        f"(it issues {i['statements']}: the floor is {i['statements']}x)"
+    )
+    print(f"  busy scan / bare read of the due ids:       {ratio['busy_scan_vs_due_ids_read']:7.2f}x")
+    print(
+        "  catch-up, per run opened / Redis round trip: "
+        f"{ratio['catch_up_per_run_vs_redis_round_trip']:7.2f}x"
+    )
+    print(f"  catch-up, per run opened / arq enqueue_job:  {ratio['catch_up_per_run_vs_arq_enqueue']:7.2f}x")
+    print(f"  idle page, table scan / index:              {ratio['idle_page_table_scan_vs_index']:7.1f}x")
+    print(f"  busy page, table scan / index:              {ratio['busy_page_table_scan_vs_index']:7.1f}x")
+    for name, p in proof.items():
+        print(f"  {name} query: uses its index: {p['uses_index']}; table scan: {p['table_scan']}")
     print("EXPLAIN (ANALYZE, BUFFERS) of one page of the due-scope query:")
     print(out["explain"])
+    print("EXPLAIN (ANALYZE) of one page of the expired-grace query:")
+    print(out["explain_grace"])
 
 
 if __name__ == "__main__":

@@ -357,15 +357,19 @@ async def open_due_retirements(
 
 # The rate a dry run estimates with comes from the latest completed rotations that moved enough
 # rows, for long enough, to measure: rows_done / (finished_at - started_at), wall clock, however
-# many workers shared the run. Smaller runs measure their fixed costs, not re-encryption.
+# many workers shared the run. Smaller runs measure their fixed costs, not re-encryption. Only the
+# latest RECENT_RUNS runs of any kind are looked at, so the lookup costs the same however long the
+# history (rotations has no index that would find large completed runs directly).
 MEASURED_RUNS = 20
 MIN_MEASURED_ROWS = 1_000
 MIN_MEASURED_SECONDS = 1.0
+RECENT_RUNS = 5_000
 _MEASURED_RATE_SQL = (
     "SELECT count(*), coalesce(sum(rows_done), 0), "
     "coalesce(sum(extract(epoch FROM finished_at - started_at)), 0) FROM ("
-    "SELECT rows_done, started_at, finished_at FROM rotations "
-    "WHERE kind = 'dek' AND state = 'completed' AND rows_done >= :min_rows "
+    "SELECT rows_done, started_at, finished_at FROM ("
+    "SELECT id, kind, state, rows_done, started_at, finished_at FROM rotations ORDER BY id DESC LIMIT :recent"
+    ") AS recent WHERE kind = 'dek' AND state = 'completed' AND rows_done >= :min_rows "
     "AND finished_at - started_at >= make_interval(secs => :min_s) "
     "ORDER BY id DESC LIMIT :n) AS latest"
 )
@@ -392,11 +396,17 @@ class Rate:
 
 async def measured_rate(session: AsyncSession, *, configured: float) -> Rate:
     """The re-encryption rate of the latest completed rotations (up to ``MEASURED_RUNS`` of at
-    least ``MIN_MEASURED_ROWS`` rows and ``MIN_MEASURED_SECONDS``), else ``configured``."""
+    least ``MIN_MEASURED_ROWS`` rows and ``MIN_MEASURED_SECONDS``, among the latest
+    ``RECENT_RUNS`` runs), else ``configured``."""
     runs, rows, seconds = (
         await session.execute(
             text(_MEASURED_RATE_SQL),
-            {"min_rows": MIN_MEASURED_ROWS, "min_s": MIN_MEASURED_SECONDS, "n": MEASURED_RUNS},
+            {
+                "recent": RECENT_RUNS,
+                "min_rows": MIN_MEASURED_ROWS,
+                "min_s": MIN_MEASURED_SECONDS,
+                "n": MEASURED_RUNS,
+            },
         )
     ).one()
     if runs and seconds > 0:
