@@ -1,11 +1,14 @@
 """``keyrotor demo``: the whole system end to end on a local PostgreSQL and Redis.
 
 1. create the database if missing and apply the migrations;
-2. store demo API keys for openai, anthropic and google (read back to prove the round trip);
+2. store demo API keys for openai, anthropic and google (read back to prove the round trip),
+   plus ``--rows`` per-tenant demo keys in each provider's scope, so the rotation has rows to
+   re-encrypt and its progress bar something to show;
 3. start a worker and a scheduler as subprocesses (``keyrotor worker``, ``keyrotor scheduler``;
    logs in a temporary directory) and wait until both report in;
-4. rotate each provider's DEK on demand through the enqueue client, with a progress bar,
-   waiting for completion;
+4. rotate each provider's DEK on demand through the enqueue client, with a live progress bar
+   (rows re-encrypted of the run's total; the demo worker re-encrypts in batches of
+   :data:`DEMO_BATCH_ROWS` so the bar moves), waiting for completion;
 5. show the status table (versions, grace, rows per version, next rotations, replicas), the
    worker's rotation counters scraped from its ``/metrics``, and the last audit events;
 6. stop both processes with SIGTERM and wait for them.
@@ -58,6 +61,8 @@ def _google() -> str:
 
 DEMO_KEYS: dict[str, Callable[[], str]] = {"openai": _openai, "anthropic": _anthropic, "google": _google}
 READY_TIMEOUT_S = 30.0
+DEFAULT_ROWS = 5_000
+DEMO_BATCH_ROWS = 500
 ROTATE_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 
@@ -126,6 +131,20 @@ async def _wait_ready(cfg: Settings, procs: list[_Process]) -> None:
         await client.aclose()
 
 
+def _tenant_keys(provider: str, n: int) -> list[tuple[str, str]]:
+    make = DEMO_KEYS[provider]
+    return [(f"tenant-{i:05d}", make()) for i in range(1, n + 1)]
+
+
+def _replicas_line(cfg: Settings) -> str | None:
+    """What to say about replicas when the status command shows no region table."""
+    from keyrotor import replication
+
+    if replication.parse_regions(cfg):
+        return None  # `status` printed the regions' table
+    return "replicas: not configured (no KEYROTOR_REGIONS; docs/replication.md)"
+
+
 async def _rotate_all(cfg: Settings, worker: _Process) -> None:
     from keyrotor.runs import RunInfo
     from worker.client import KeyrotorClient
@@ -163,23 +182,51 @@ def _scrape(port: int) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(wanted)]
 
 
-async def _audit_excerpt(cfg: Settings, n: int) -> list[str]:
-    from keyrotor.audit import tail_events
+async def _audit_excerpt(cfg: Settings, n: int) -> tuple[list[str], int]:
+    """The newest ``n`` audit events, leaving out the per-tenant demo keys' ``encrypt`` events
+    (thousands of them would hide the rotations); returns the lines and how many were left out."""
+    from sqlalchemy import text
+
+    from keyrotor.audit import TABLE, AuditQuery, query_events
     from worker.cli.audit import _line
 
+    bulk = "event_type = 'encrypt' AND (metadata->>'context') LIKE 'secret:tenant-%'"
     engine = db.create_engine(cfg.database_url, pool_size=1)
     try:
         async with db.transaction(db.sessionmaker(engine)) as session:
-            events = await tail_events(session, n)
+            ids = (
+                (
+                    await session.execute(
+                        text(f"SELECT id FROM {TABLE} WHERE NOT ({bulk}) ORDER BY id DESC LIMIT :n"), {"n": n}
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            skipped = 0
+            if ids:
+                skipped = (
+                    await session.execute(
+                        text(f"SELECT count(*) FROM {TABLE} WHERE id > :lo AND {bulk}"), {"lo": min(ids)}
+                    )
+                ).scalar_one()
+            events = [
+                e
+                for i in sorted(ids)
+                for e in await query_events(session, AuditQuery(after_id=i - 1, limit=1))
+            ]
     finally:
         await engine.dispose()
-    return [_line(e) for e in events]
+    return [_line(e) for e in events], int(skipped)
 
 
 def demo(
     store_only: Annotated[
         bool, typer.Option("--no-processes", help="only store the keys and show the status")
     ] = False,
+    rows: Annotated[
+        int, typer.Option("--rows", min=0, max=100_000, help="per-tenant demo keys stored in each scope")
+    ] = DEFAULT_ROWS,
 ) -> None:
     """Migrate, store demo API keys, start a worker and a scheduler, rotate, show status and audit, stop."""
     cfg = settings()
@@ -202,6 +249,11 @@ def demo(
                 if back != value:
                     raise RuntimeError(f"{provider}/demo did not read back")
                 err_console.print(f"[bold]2.[/bold] stored and read back {provider}/demo = {_masked(value)}")
+                if rows:
+                    await km.put_secrets(provider, _tenant_keys(provider, rows))
+                    err_console.print(
+                        f"   and {rows} per-tenant {provider} keys ({provider}/tenant-00001 ...)"
+                    )
 
     run(prepare)
     if store_only:
@@ -211,7 +263,12 @@ def demo(
     log_dir = Path(tempfile.mkdtemp(prefix="keyrotor-demo-"))
     port = _free_port()
     base = {**os.environ, "KEYROTOR_LOG_FORMAT": "json"}
-    worker_env = {**base, "KEYROTOR_METRICS_PORT": str(port), "KEYROTOR_METRICS_HOST": "127.0.0.1"}
+    worker_env = {
+        **base,
+        "KEYROTOR_METRICS_PORT": str(port),
+        "KEYROTOR_METRICS_HOST": "127.0.0.1",
+        "KEYROTOR_REENCRYPT_BATCH_ROWS": str(DEMO_BATCH_ROWS),
+    }
     sched_env = {**base, "KEYROTOR_METRICS_PORT": "0", "KEYROTOR_SCAN_INTERVAL_SECONDS": "2"}
     procs: list[_Process] = []
     try:
@@ -227,13 +284,20 @@ def demo(
         run(lambda: _rotate_all(cfg, procs[0]))
         err_console.print("[bold]5.[/bold] status:")
         status(scope=None, json_out=False)
-        out_console.print("replicas: not configured (the demo sets no KEYROTOR_REGIONS; docs/replication.md)")
+        replicas = _replicas_line(cfg)
+        if replicas is not None:
+            out_console.print(replicas)
         with contextlib.suppress(OSError):
             out_console.print("worker metrics (excerpt):")
             for line in _scrape(port):
                 out_console.print("  " + line, markup=False, highlight=False)
-        out_console.print("audit log (last 10 events):")
-        for line in run(lambda: _audit_excerpt(cfg, 10)):
+        lines, skipped = run(lambda: _audit_excerpt(cfg, 10))
+        out_console.print(
+            "audit log (last 10 events"
+            + (f"; {skipped} encrypt events of the tenant keys among them left out" if skipped else "")
+            + "):"
+        )
+        for line in lines:
             out_console.print("  " + line, markup=False, highlight=False)
     finally:
         codes = {p.name: p.stop() for p in reversed(procs)}
