@@ -237,3 +237,79 @@ async def test_health_is_red_without_redis_and_green_with_worker_and_scheduler(
     sched.send_signal(signal.SIGTERM)
     assert sched.wait(30) == 0
     assert worker.terminate() == 0
+
+
+def _label_values(metrics: str) -> set[str]:
+    return {
+        v
+        for labels in re.findall(r"^keyrotor_\w+\{(.*)\} ", metrics, re.M)
+        for v in re.findall(r'="([^"]*)"', labels)
+    }
+
+
+async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
+    wenv: dict[str, str], tmp_path: Path, procs: list[Any]
+) -> None:
+    """A rotation that meets a tampered row fails: ``rotations_failed`` and ``decrypt_failures``
+    move on the worker, ``arq_jobs{outcome="failed"}`` too; the leading scheduler's scrape shows
+    rows per DEK version; no label anywhere carries a value, a ciphertext or a key."""
+    settings = Settings.from_env(wenv)
+    values = await seed(settings, SCOPE, 12)
+    await fetch(
+        settings.database_url,
+        # One byte of one ciphertext flipped (the base64url character after the version prefix).
+        "UPDATE secrets SET ciphertext = regexp_replace(ciphertext, '^(kr1:1:)(.)', "
+        "'\\1' || CASE WHEN substr(ciphertext, 7, 1) = 'A' THEN 'B' ELSE 'A' END) "
+        "WHERE id = (SELECT min(id) FROM secrets)",
+    )
+    wport, sport = free_port(), free_port()
+    worker = WorkerProcess(
+        {**wenv, "KEYROTOR_METRICS_PORT": str(wport), "KEYROTOR_METRICS_HOST": "127.0.0.1"},
+        tmp_path / "worker.log",
+    )
+    procs.append(worker)
+    sched = _start_scheduler(
+        {
+            **wenv,
+            "KEYROTOR_METRICS_PORT": str(sport),
+            "KEYROTOR_METRICS_HOST": "127.0.0.1",
+            "KEYROTOR_SCAN_INTERVAL_SECONDS": "1",
+        },
+        tmp_path / "scheduler.log",
+    )
+    procs.append(sched)
+    await worker.wait_started()
+
+    async with KeyrotorClient(settings) as client:
+        handle = await client.rotate(SCOPE)
+        run = await handle.wait(30)
+    assert run.state == "failed" and "RowFailed" in (run.error or ""), run
+
+    _, body = get(wport, "/metrics")
+    assert sample(body, "keyrotor_rotations_failed_total", scope=SCOPE, kind="dek") == 1
+    assert sample(body, "keyrotor_decrypt_failures_total", reason="DecryptionFailed") == 1
+    assert sample(body, "keyrotor_arq_jobs_total", function="rotate_dek", outcome="failed") == 1
+    assert sample(body, "keyrotor_rotations_completed_total", scope=SCOPE) == 0
+
+    # The failed run rolled back: all 12 rows are still on v1, which the leader recounts.
+    deadline = time.monotonic() + 30
+    while True:
+        _, sbody = get(sport, "/metrics")
+        if sample(sbody, "keyrotor_rows_per_dek_version", scope=SCOPE, version="1") == 12:
+            break
+        assert time.monotonic() < deadline, sbody[-3000:]
+        await asyncio.sleep(0.5)
+
+    ciphertexts = [r[0] for r in await fetch(settings.database_url, "SELECT ciphertext FROM secrets")]
+    labels = _label_values(body) | _label_values(sbody)
+    assert SCOPE in labels
+    secrets_ = [*values.values(), MASTER_KEY, *ciphertexts]
+    for label in labels:
+        # Neither a whole secret nor a long piece of one (short labels such as "1" or "dek"
+        # occur inside random text by chance).
+        assert not any(s in label for s in secrets_), label
+        assert len(label) < 16 or not any(label in s for s in secrets_), label
+        assert not label.startswith(("kr1:", "sk-", "AIza")), label
+    sched.send_signal(signal.SIGTERM)
+    assert sched.wait(30) == 0
+    assert worker.terminate() == 0
