@@ -95,7 +95,8 @@ async def test_two_schedulers_one_leads_the_standby_takes_over_within_an_interva
     first.kill()
     took = await wait_until(lambda: _is(leader, standby), 10, "the standby to take over")
     print(f"takeover after SIGKILL: {took:.2f}s")
-    assert took < 3.0, f"takeover took {took:.2f}s with a 1 s scan interval"
+    # Within one scan interval (the standby's next tick), plus half an interval for a loaded machine.
+    assert took <= 1.5, f"takeover took {took:.2f}s with a 1 s scan interval"
     assert "scheduler_became_leader" in standby.output()
     more = await seed_scopes(url, 2, due_at=datetime.now(UTC) - timedelta(seconds=1), prefix="more")
     await wait_until(lambda: enqueued(5), 5, "the new leader to enqueue")
@@ -139,8 +140,11 @@ async def test_end_to_end_a_scope_made_due_is_rotated_with_no_other_action(
     await wait_until(opened, 10, "the scheduler to open the rotation")
     opened_after = time.monotonic() - made_due
     await wait_until(rotated, 30, "the rotation to complete")
-    print(f"rotation opened {opened_after:.2f}s after the scope came due")
+    rotated_after = time.monotonic() - made_due
+    print(f"rotation opened {opened_after:.2f}s, completed {rotated_after:.2f}s after the scope came due")
+    # Within two scan intervals (1 s each), plus half an interval for a loaded machine.
     assert opened_after <= 2.5, f"opened {opened_after:.2f}s after it came due (scan interval 1 s)"
+    assert rotated_after <= 2.5, f"rotated {rotated_after:.2f}s after it came due (scan interval 1 s)"
     assert await check_values(settings, "anthropic", values) == {2: 50}
     (scope,) = await sql(
         url,
