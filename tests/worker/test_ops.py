@@ -206,6 +206,25 @@ async def test_health_is_red_without_redis_and_green_with_worker_and_scheduler(
     assert doc["checks"]["replicas"]["status"] == "not_configured"
     assert MASTER_KEY not in red.stdout + red.stderr
 
+    # The KEK provider out (a Vault nothing answers for): red on `kek`, and its token never shown.
+    token = "hvs.health-test-token-" + "x" * 20
+    no_kek = keyrotor(
+        "health",
+        "--json",
+        env={
+            **wenv,
+            "SECRETS_PROVIDER": "vault",
+            "VAULT_ADDR": f"http://127.0.0.1:{closed}",
+            "VAULT_TOKEN": token,
+        },
+        timeout=60,
+    )
+    assert no_kek.returncode == 1, no_kek.stderr
+    checks = json.loads(no_kek.stdout)["checks"]
+    assert checks["kek"]["status"] == "fail" and "KekUnavailable" in checks["kek"]["error"]
+    assert checks["postgres"]["status"] == "ok" and checks["redis"]["status"] == "ok"
+    assert token not in no_kek.stdout + no_kek.stderr
+
     env = {**wenv, "KEYROTOR_METRICS_PORT": "0", "KEYROTOR_SCAN_INTERVAL_SECONDS": "1"}
     worker = WorkerProcess(env, tmp_path / "worker.log")
     procs.append(worker)
