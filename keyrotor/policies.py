@@ -107,9 +107,14 @@ async def get_policy(
 
 
 async def list_policies(session: AsyncSession, *, default_max: int, limit: int = 10_000) -> list[PolicyView]:
-    """Every scope's policy, by name."""
+    """The policies of the first ``limit`` scopes by name (see :func:`count_scopes` for the total)."""
     rows = (await session.execute(text(_SELECT + " ORDER BY s.name LIMIT :limit"), {"limit": limit})).all()
     return [_view(r, default_max) for r in rows]
+
+
+async def count_scopes(session: AsyncSession) -> int:
+    """How many scopes there are."""
+    return int((await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one())
 
 
 async def set_policy(

@@ -157,8 +157,17 @@ async def test_policy_set_and_show_record_config_changes(
     shown = json.loads((await cli("policy", "show", "--json"))[1])["policies"][0]
     assert shown["enabled"] is False and shown["next_rotation_at"] is None and shown["due"] is None
     assert [c["after"]["enabled"] for c in await audit_changes(url)] == [True, True, True, False]
-    code, table, _ = await cli("policy", "show")
-    assert code == 0 and scope in table and "disabled" in table
+    code, table, err = await cli("policy", "show")
+    assert code == 0 and scope in table and "disabled" in table and "showing the first" not in err
+    # A list cut short says so.
+    await seed_scopes(url, 2, due_at=None, prefix="zz")
+    doc = json.loads((await cli("policy", "show", "--limit", "2", "--json"))[1])
+    assert [p["scope"] for p in doc["policies"]] == [scope, "zz000000"]
+    assert doc["total_scopes"] == 3 and doc["truncated"] is True
+    code, table, err = await cli("policy", "show", "--limit", "2")
+    assert code == 0 and "zz000001" not in table and "showing the first 2 of 3 scopes by name" in err
+    doc = json.loads((await cli("policy", "show", "--json"))[1])
+    assert len(doc["policies"]) == doc["total_scopes"] == 3 and doc["truncated"] is False
 
 
 BAD_INPUT = [
@@ -187,6 +196,7 @@ async def test_policy_set_bad_input_is_one_line_and_changes_nothing(
     cases += [
         (("set", "nope", "--interval-days", "30"), "scope 'nope' does not exist"),
         (("show", "nope"), "scope 'nope' does not exist"),
+        (("show", "--limit", "0"), "--limit must be 1-1000000, got 0"),
         (("set", "Bad Scope", "--interval-days", "30"), "invalid scope name"),
     ]
     for args, fragment in cases:

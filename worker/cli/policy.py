@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit import check_actor
 from keyrotor.errors import InvalidInput
-from keyrotor.policies import PolicyView, get_policy, list_policies, set_policy
+from keyrotor.policies import PolicyView, count_scopes, get_policy, list_policies, set_policy
 from keyrotor.policy import PRESET_INTERVAL_DAYS, check_scope
 from keyrotor.store import db
 from worker.cli.common import err_console, out_console, print_json, run, settings
@@ -150,38 +150,49 @@ def set_(
 @app.command("show")
 def show(
     scope: Annotated[str | None, typer.Argument(help="one scope (default: all)")] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", help="without SCOPE: at most N scopes, by name (1..1000000)")
+    ] = 10_000,
     json_out: JsonOpt = False,
 ) -> None:
     """Rotation policies: interval, grace, usage against its limit, next and last rotation."""
     if scope is not None:
         check_scope(scope)
+    if not 1 <= limit <= 1_000_000:
+        raise InvalidInput(f"--limit must be 1-1000000, got {limit}")
     cfg = settings()
     now = datetime.now(UTC)
 
-    async def go(sessions: async_sessionmaker[AsyncSession]) -> list[PolicyView]:
+    async def go(sessions: async_sessionmaker[AsyncSession]) -> tuple[list[PolicyView], int]:
         async with db.transaction(sessions) as session:
             if scope is not None:
-                return [await get_policy(session, scope, default_max=cfg.max_encryptions_per_dek)]
-            return await list_policies(session, default_max=cfg.max_encryptions_per_dek)
+                return [await get_policy(session, scope, default_max=cfg.max_encryptions_per_dek)], 1
+            views = await list_policies(session, default_max=cfg.max_encryptions_per_dek, limit=limit)
+            # Say so when the list is cut short, rather than pass a part for the whole.
+            return views, (await count_scopes(session) if len(views) == limit else len(views))
 
-    views = run(lambda: _with_sessions(go))
+    views, total = run(lambda: _with_sessions(go))
     docs = [v.as_dict(now) for v in views]
     if json_out:
-        print_json({"now": now.isoformat(), "policies": docs})
+        print_json(
+            {"now": now.isoformat(), "policies": docs, "total_scopes": total, "truncated": total > len(docs)}
+        )
         return
     if not docs:
         err_console.print("no scopes yet")
         return
+    if total > len(docs):
+        err_console.print(f"showing the first {len(docs):,} of {total:,} scopes by name (--limit)")
     table = Table(title="rotation policies")
     for col in ("scope", "rotation", "grace", "encryptions / limit", "next rotation (UTC)", "last", "due"):
         table.add_column(col)
     for d in docs:
-        limit = f"{d['encryption_limit']:,}" + ("" if d["max_encryptions"] is not None else " (default)")
+        enc_limit = f"{d['encryption_limit']:,}" + ("" if d["max_encryptions"] is not None else " (default)")
         table.add_row(
             d["scope"],
             f"every {d['interval_days']} d" if d["enabled"] else "disabled",
             f"{d['grace_period_days']} d",
-            f"{d['encryptions']:,} / {limit}",
+            f"{d['encryptions']:,} / {enc_limit}",
             _when(d["next_rotation_at"]),
             _when(d["last_rotation_at"]),
             (d["due"] or "-") + (" (run open)" if d["run_open"] else ""),
