@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -147,13 +148,45 @@ _TRANSIENT_CODES = frozenset(
 )
 
 
+# The request's credentials were refused: wrong, unknown or expired keys (not a missing permission).
+_CREDENTIAL_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidAccessKeyId",
+    }
+)
+_XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]{0,500})</Message>")
+
+
+def _client_error_parts(exc: ClientError) -> tuple[str, str]:
+    """(code, message) of a ClientError. An endpoint that answers a JSON-protocol call with an
+    XML error body (moto, some proxies) leaves botocore with the HTTP status as the code and the
+    XML as the message: the real code and message are taken from the XML."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code") or "UnknownError")
+    message = str(error.get("Message") or "").strip()
+    inner = _XML_CODE.search(message)
+    if inner is not None:
+        code = inner.group(1).strip()
+        found = _XML_MESSAGE.search(message)
+        message = found.group(1).strip() if found else ""
+    return code, message
+
+
 def aws_error_code(err: BaseException) -> str | None:
     """The AWS error code behind a keyrotor error (its ``__cause__``) or a ClientError, if any."""
     exc: BaseException | None = err
     while exc is not None:
         if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code")
-            return str(code) if code else None
+            code, _ = _client_error_parts(exc)
+            return None if code == "UnknownError" else code
         exc = exc.__cause__
     return None
 
@@ -163,10 +196,14 @@ def aws_translator(target: str) -> Translator:
 
     def translate(exc: BaseException, operation: str) -> KeyrotorError | None:
         if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code") or "UnknownError")
+            code, detail = _client_error_parts(exc)
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            detail = str(error.get("Message") or "").strip()
+            if code in _CREDENTIAL_CODES:
+                # Not the detail: a signature error's explains the string to sign.
+                return KekError(
+                    f"{target} {operation}: {code}: AWS refused the credentials (wrong, unknown or "
+                    "expired: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the role)"
+                )
             text = f"{target} {operation}: {code}" + (f" ({detail})" if detail else "")
             if code in _THROTTLING_CODES or status == 429:
                 return Throttled(text)

@@ -19,7 +19,7 @@ from aiolimiter import AsyncLimiter
 from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
-from keyrotor.kek.aws_kms import aws_translator
+from keyrotor.kek.aws_kms import aws_error_code, aws_translator
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.metrics import KEK_CIRCUIT_OPEN
 from keyrotor.kek.remote import open_remote_provider
@@ -224,6 +224,33 @@ def test_aws_errors_are_classified(exc: BaseException, expected: type[KeyrotorEr
     error = aws_translator("aws-kms (us-east-1)")(exc, "encrypt")
     assert type(error) is expected
     assert str(error).startswith("aws-kms (us-east-1) encrypt")
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (client_error("UnrecognizedClientException", message="The security token is invalid."), None),
+        (client_error("ExpiredTokenException", message="The security token has expired."), None),
+        # An XML error body for a JSON-protocol call (moto): botocore's code is the HTTP status.
+        (
+            client_error(
+                "403",
+                message="<?xml version='1.0'?><ErrorResponse><Errors><Error><Code>SignatureDoesNotMatch"
+                "</Code><Message>Check your AWS Secret Access Key</Message></Error></Errors></ErrorResponse>",
+            ),
+            "SignatureDoesNotMatch",
+        ),
+    ],
+)
+def test_aws_refused_credentials_say_so(exc: ClientError, code: str | None) -> None:
+    error = aws_translator("aws-kms (us-east-1)")(exc, "encrypt")
+    assert type(error) is KekError
+    expected = code or exc.response["Error"]["Code"]
+    assert str(error).startswith(f"aws-kms (us-east-1) encrypt: {expected}: AWS refused the credentials")
+    assert aws_error_code(KekError("x")) is None
+    wrapped = KekError("wrapped")
+    wrapped.__cause__ = exc
+    assert aws_error_code(wrapped) == expected
 
 
 def test_aws_parameter_errors_do_not_quote_values() -> None:
