@@ -13,6 +13,9 @@ import pytest
 from keyrotor.errors import ConfigurationError, KekError
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.kek.local import LocalKeyring
+from tests.kek.conftest import LOCAL_MASTER_KEY
+
+OTHER_MASTER_KEY = "kek-contract-second-key-Hq8Zp3Xv6Lm1Rc9Tw4Bn7Ks2Jd5Gf0Ya"
 
 CTX = WrapContext("tenant-42/openai", 3)
 
@@ -82,11 +85,34 @@ async def test_rewrap_keeps_order_and_binding(provider: KekProvider) -> None:
     assert await provider.rewrap([]) == []
 
 
+async def test_rewrap_refuses_a_dek_of_another_context(provider: KekProvider) -> None:
+    wrapped = await provider.wrap(os.urandom(32), CTX)
+    for other in (
+        WrapContext("tenant-43/openai", CTX.dek_version),
+        WrapContext(CTX.scope, CTX.dek_version + 1),
+    ):
+        with pytest.raises(KekError):
+            await provider.rewrap([(wrapped, other)])
+
+
 async def test_rotate_then_rewrap_to_the_new_version(provider: KekProvider) -> None:
     if isinstance(provider, LocalKeyring):
-        # By design: the local keyring rotates by configuration, not by API.
-        with pytest.raises(ConfigurationError):
+        # By design: the local keyring rotates by configuration, not by API: a new master key
+        # with the next version, the old one kept as a previous version until the rewrap.
+        with pytest.raises(ConfigurationError, match="ENCRYPTION_KEY_VERSION=2"):
             await provider.rotate()
+        dek = os.urandom(32)
+        old = await provider.wrap(dek, CTX)
+        rotated = LocalKeyring.from_keys({1: LOCAL_MASTER_KEY, 2: OTHER_MASTER_KEY}, current=2)
+        assert await rotated.current_version() == 2
+        (new,) = await rotated.rewrap([(old, CTX)])
+        assert (new.kek_version, await rotated.unwrap(new, CTX)) == (2, dek)
+        assert new.kek_id != old.kek_id  # each version's key check value
+        assert (await rotated.wrap(os.urandom(32), CTX)).kek_version == 2  # new DEKs follow
+        only_new = LocalKeyring.from_keys({2: OTHER_MASTER_KEY}, current=2)
+        assert await only_new.unwrap(new, CTX) == dek
+        with pytest.raises(KekError, match="version 1 is not configured"):
+            await only_new.unwrap(old, CTX)
         return
     before = await provider.current_version()
     contexts = [WrapContext("tenant-42/anthropic", v) for v in (1, 2, 3)]
