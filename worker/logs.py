@@ -13,13 +13,17 @@ Every rendered event then passes :class:`Redactor`, the last processor before th
 it replaces anything that looks like key material in every value (nested dicts and lists,
 the message, the rendered exception): provider API keys (``sk-…``, ``sk-ant-…``, ``AIza…``),
 ``kr1:`` ciphertexts, long base64/base64url/hex runs (DEKs, wrapped DEKs, master keys),
-passwords in URLs, and the configured master keys and tokens verbatim. Redaction is the last
+passwords in URLs, and verbatim the configured master keys and tokens, the KEK providers'
+credentials (``VAULT_TOKEN``, ``VAULT_SECRET_ID``, ``AWS_SECRET_ACCESS_KEY``, ...) and every
+region's own key variables. Redaction is the last
 line of defence, not the first: keyrotor's messages never carry values to begin with.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -99,11 +103,44 @@ class Redactor:
         return event
 
 
-def known_secrets(settings: Settings) -> list[str]:
-    """The configured secret values a log must never show verbatim."""
+# Environment variables holding credentials that are not Settings fields: the KEK providers'
+# (keyrotor/kek/) and, behind `KEYROTOR_REGION_<NAME>__`, every secondary region's own key
+# (keyrotor/regions.py). Pattern matching alone would miss some (an AppRole secret id is a
+# lowercase UUID), so their values are blanked verbatim too.
+_SECRET_VARIABLES = (
+    "ENCRYPTION_KEY",
+    "KEYROTOR_LEGACY_KEY",
+    "KEYROTOR_AUDIT_API_TOKEN",
+    "VAULT_TOKEN",
+    "VAULT_SECRET_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def _env_secrets(environ: Mapping[str, str]) -> list[str]:
+    found: list[str] = []
+    for name, value in environ.items():
+        base = name.rsplit("__", 1)[-1] if name.startswith("KEYROTOR_REGION_") else name
+        if base in _SECRET_VARIABLES:
+            found.append(value)
+        elif base == "ENCRYPTION_KEYS_PREVIOUS":  # JSON {"1": "old key"}; unparsable: the whole text
+            try:
+                previous = json.loads(value)
+            except ValueError:
+                previous = None
+            found += [str(v) for v in previous.values()] if isinstance(previous, dict) else [value]
+    return found
+
+
+def known_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The configured secret values a log must never show verbatim: the master keys and tokens
+    of ``settings``, and the credential variables of the KEK providers and of every region's key
+    in ``environ`` (default ``os.environ``)."""
     found = [settings.encryption_key, settings.legacy_encryption_key, settings.audit_api_token]
     found += list(settings.encryption_keys_previous.values())
-    return [s.get_secret_value() for s in found if s is not None]
+    values = [s.get_secret_value() for s in found if s is not None]
+    return values + _env_secrets(os.environ if environ is None else environ)
 
 
 def use_json(settings: Settings) -> bool:

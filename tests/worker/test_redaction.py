@@ -63,6 +63,28 @@ def test_known_secrets_and_url_passwords() -> None:
     assert "hunter2pw" not in out and "postgresql://kr:***@db:5432/kr" in out
 
 
+def test_provider_credentials_and_region_keys_from_the_environment() -> None:
+    # An AppRole secret id is a lowercase UUID: no pattern would call it key material.
+    secret_id = "5a1c9f3e-8b2d-4e6f-a0b1-c2d3e4f5a6b7"
+    environ = {
+        "VAULT_SECRET_ID": secret_id,
+        "VAULT_TOKEN": "hvs.short-token-x",
+        "AWS_SECRET_ACCESS_KEY": "plain-lowercase-secret-access-key",
+        "KEYROTOR_REGION_EU_WEST_1__ENCRYPTION_KEY": "eu-region-master-key",
+        "KEYROTOR_REGION_EU_WEST_1__ENCRYPTION_KEYS_PREVIOUS": '{"1": "eu-older-region-key"}',
+        "KEYROTOR_REGION_AP_SOUTH_1__VAULT_TOKEN": "ap-south-vault-token",
+        "VAULT_ADDR": "http://vault.internal:8200",  # not a secret: kept
+    }
+    r = Redactor(known_secrets(Settings.from_env({}), environ))
+    text = " ".join(v for k, v in environ.items() if k != "VAULT_ADDR")
+    out = r.redact(f"login failed: {text} at http://vault.internal:8200")
+    for name, value in environ.items():
+        if name != "VAULT_ADDR":
+            assert value not in out, name
+    assert "eu-older-region-key" not in out
+    assert "http://vault.internal:8200" in out
+
+
 def test_every_value_of_an_event_nested_and_bytes() -> None:
     r = Redactor()
     event = {
