@@ -93,7 +93,7 @@ async def _deks(s: Settings) -> list[Any]:
     )
 
 
-@pytest.mark.parametrize("kind", ["aws-kms", "vault"])
+@pytest.mark.parametrize("kind", ["aws-kms", "aws-sm", "vault"])
 async def test_dek_rotation_through_the_worker(
     kind: str, wenv: dict[str, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,7 +113,8 @@ async def test_dek_rotation_through_the_worker(
         assert await check_values(s, scope, values[scope]) == {2: 30}
     deks = await _deks(s)
     assert {d["version"] for d in deks} == {1, 2}
-    assert all(d["kek_id"].startswith("arn:" if kind == "aws-kms" else "vault:") for d in deks)
+    prefix = {"aws-kms": "arn:", "aws-sm": "aws-sm:", "vault": "vault:"}[kind]
+    assert all(d["kek_id"].startswith(prefix) for d in deks)
 
 
 @pytest.mark.parametrize("kind", ["aws-kms", "aws-sm", "vault"])
