@@ -19,6 +19,7 @@ import yaml
 import keyrotor.audit_writer
 import keyrotor.kek.metrics
 import keyrotor.metrics
+import keyrotor.replication
 import worker.http
 from keyrotor.settings import Settings
 from worker.cli import app
@@ -292,11 +293,18 @@ def test_dashboard_queries_name_registered_metrics() -> None:
         "keyrotor_audit_queue_depth",
         "keyrotor_arq_queue_depth",
         "keyrotor_arq_jobs_total",
+        "keyrotor_replica_keys",
+        "keyrotor_failover_active",
     ):
         assert name in used, name
+    ids = [panel["id"] for panel in dash["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    cells = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dash["panels"]]
+    assert len(cells) == len(set(cells)), "two panels in one place"
 
 
 def test_the_modules_defining_metrics_are_imported() -> None:
     # Keeps the imports above meaningful (they register the metrics this file checks).
     assert keyrotor.metrics.ROTATIONS_STARTED and keyrotor.kek.metrics.KEK_CALLS
     assert keyrotor.audit_writer.QUEUE_DEPTH and worker.http.ARQ_JOBS
+    assert keyrotor.replication.REPLICA_KEYS and keyrotor.replication.FAILOVER_ACTIVE
