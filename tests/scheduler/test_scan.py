@@ -14,6 +14,7 @@ from jobs.common import enqueue_driver
 from jobs.serialization import deserialize
 from keyrotor import KeyManager, Settings, schedule
 from keyrotor.store import db
+from tests.rotation_helpers import keyrotor
 from tests.scheduler.conftest import queued_jobs, seed_scopes, sql
 from worker.scheduler import Leadership, Scheduler, replica_job_id, scan_config
 
@@ -397,8 +398,16 @@ async def test_status_shows_next_rotation_and_whether_a_run_is_queued(
     by_name = {s["scope"]: s for s in scopes}
     assert by_name[due]["queued"] is True and by_name[due]["run"]["state"] == "pending"
     assert by_name[later]["queued"] is False and by_name[later]["run"] is None
+    # What `keyrotor status` prints: the next rotation of each scope, and the queued run.
+    shown = keyrotor("status", env={**senv, "COLUMNS": "250"})
+    assert shown.returncode == 0, shown.stderr
+    lines = {ln.split("│")[1].strip(): ln for ln in shown.stdout.splitlines() if ln.count("│") > 2}
+    assert "2029-12-31T00:00:00" in lines[due] and "2030-01-02T00:00:00" in lines[later]
+    assert "run 1 queued" in shown.stdout
     await rq.delete(senv["KEYROTOR_QUEUE_NAME"])  # a worker took the job
     await mark_queued(sched.settings, scopes)
     assert by_name[due]["queued"] is False
+    await sql(url, "UPDATE rotations SET state = 'running', rows_done = 1200, rows_total = 5000")
+    assert "run 1 in progress, 1,200/5,000 rows" in keyrotor("status", env={**senv, "COLUMNS": "250"}).stdout
     await mark_queued(sched.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}), scopes)
     assert by_name[due]["queued"] is None  # Redis unreachable: unknown, not an error

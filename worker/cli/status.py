@@ -115,9 +115,8 @@ def status(
         rows = ", ".join(f"v{v}: {n}" for v, n in s["rows_by_version"].items()) or "-"
         policy = s["policy"]
         nxt = (policy["next_rotation_at"] or "")[:19] if policy["enabled"] else "disabled"
-        if s.get("run"):  # a rotation or retirement in progress (queued: its job waits for a worker)
-            r = s["run"]
-            nxt = f"{nxt or '-'}\nrun {r['id']} {r['state']}" + (" (queued)" if s.get("queued") else "")
+        if s.get("run"):  # an open rotation or retirement: queued (its job waits for a worker) or running
+            nxt = f"{nxt or '-'}\n{_run_state(s['run'], s.get('queued'))}"
         table.add_row(s["scope"], f"v{s['active_version']}", keys, rows, str(s["rotation_count"]), nxt or "-")
     out_console.print(table)
     if doc["columns"]:
@@ -129,6 +128,15 @@ def status(
             where = c["scope"] or f"column {c['scope_column']}"
             cols.add_row(c["column"], where, str(c["legacy"]), by_version)
         out_console.print(cols)
+
+
+def _run_state(r: dict[str, Any], queued: bool | None) -> str:
+    if r["state"] == "running":
+        total = "?" if r["rows_total"] is None else f"{r['rows_total']:,}"
+        return f"run {r['id']} in progress, {r['rows_done']:,}/{total} rows"
+    return (
+        f"run {r['id']} " + {True: "queued", False: "pending", None: "pending (queue not reachable)"}[queued]
+    )
 
 
 def verify(
