@@ -275,6 +275,29 @@ async def test_sm_run_interrupted_after_promotion_is_completed(
     assert await sm.rotate() == 3
 
 
+async def test_sm_repeated_put_with_the_same_token_reuses_the_version(
+    moto_server: ServerProcess, secret_name: str, sm: AwsSecretsKek
+) -> None:
+    """A run died after its PutSecretValue, and the AWSPENDING label was removed since: the next
+    run's put with the same ClientRequestToken is refused (ResourceExistsException), and the
+    version the token made is tested and promoted -- no second version n+1 with other material."""
+    client = aws_client(moto_server, "secretsmanager")
+    token = rotation_token(secret_name, 2)
+    first = new_secret_string(2)
+    client.put_secret_value(
+        SecretId=secret_name, ClientRequestToken=token, SecretString=first, VersionStages=[PENDING]
+    )
+    client.update_secret_version_stage(SecretId=secret_name, VersionStage=PENDING, RemoveFromVersionId=token)
+    versions_before = set(stages(moto_server, secret_name))
+    assert await sm.rotate() == 2
+    assert set(stages(moto_server, secret_name)) == versions_before  # no new version
+    assert stages(moto_server, secret_name)[token] == [CURRENT]
+    dek = os.urandom(32)
+    wrapped = await sm.wrap(dek, CTX)
+    assert wrapped.kek_version == 2
+    assert AESGCM(key_of(first)).decrypt(wrapped.blob[:12], wrapped.blob[12:], CTX.as_aad()) == dek
+
+
 async def test_sm_versions_older_than_previous_still_unwrap(sm: AwsSecretsKek) -> None:
     dek = os.urandom(32)
     v1 = await sm.wrap(dek, CTX)
