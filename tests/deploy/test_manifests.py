@@ -308,3 +308,89 @@ def test_the_modules_defining_metrics_are_imported() -> None:
     assert keyrotor.metrics.ROTATIONS_STARTED and keyrotor.kek.metrics.KEK_CALLS
     assert keyrotor.audit_writer.QUEUE_DEPTH and worker.http.ARQ_JOBS
     assert keyrotor.replication.REPLICA_KEYS and keyrotor.replication.FAILOVER_ACTIVE
+
+
+# --- every file, and the variables they set ------------------------------------------------
+
+CHECKED = {
+    "docker-compose.yml",
+    "deploy/Dockerfile",
+    "deploy/Dockerfile.dockerignore",
+    "deploy/compose.env.example",
+    "deploy/grafana/keyrotor.json",
+    "deploy/k8s/configmap.yaml",
+    "deploy/k8s/kustomization.yaml",
+    "deploy/k8s/migrate-job.yaml",
+    "deploy/k8s/scheduler-deployment.yaml",
+    "deploy/k8s/scheduler-pdb.yaml",
+    "deploy/k8s/secret-reference.md",
+    "deploy/k8s/worker-deployment.yaml",
+    "deploy/k8s/worker-hpa.yaml",
+    "deploy/k8s/worker-pdb.yaml",
+    "deploy/postgres/roles.sql",  # applied and checked by tests/reliability/test_privileges.py
+    "deploy/systemd/keyrotor-migrate.service",
+    "deploy/systemd/keyrotor-scheduler.service",
+    "deploy/systemd/keyrotor-worker@.service",
+    "deploy/systemd/keyrotor.env.example",
+}
+
+
+def test_every_deploy_file_is_one_these_tests_check() -> None:
+    present = {str(p.relative_to(ROOT)) for p in DEPLOY.rglob("*") if p.is_file()} | {"docker-compose.yml"}
+    assert present == CHECKED, "a deploy file without a check, or a checked file gone: " + str(
+        sorted(present ^ CHECKED)
+    )
+    kustomize = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert set(kustomize["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def test_variables_set_by_deploy_files_are_ones_keyrotor_reads() -> None:
+    from tests.deploy.test_readme import code_variables
+
+    read = code_variables()
+    compose_only = {"POSTGRES_PASSWORD"}  # interpolated into the compose file, not read by keyrotor
+    sources: dict[str, set[str]] = {
+        "compose worker": set(_compose()["services"]["worker"]["environment"]),
+        "compose.env.example": set(_env_file(DEPLOY / "compose.env.example")) - compose_only,
+        "keyrotor.env.example": set(_env_file(DEPLOY / "systemd" / "keyrotor.env.example")),
+        "ConfigMap": set(_by_kind("ConfigMap")[0]["data"]),
+    }
+    for doc in _by_kind("Deployment") + _by_kind("Job"):
+        for c in _containers(doc):
+            sources[doc["metadata"]["name"]] = {v["valueFrom"]["secretKeyRef"]["key"] for v in c["env"]}
+    for where, names in sources.items():
+        assert names, where
+        assert names <= read, f"{where} sets variables keyrotor never reads: {sorted(names - read)}"
+
+
+def test_example_env_files_hold_no_secret() -> None:
+    for path in (DEPLOY / "compose.env.example", DEPLOY / "systemd" / "keyrotor.env.example"):
+        env = _env_file(path)
+        assert env["ENCRYPTION_KEY"] == "", path  # to be generated, never shipped
+        for name, value in env.items():
+            assert not re.fullmatch(r"[A-Za-z0-9+/=_\-]{24,}", value), (path, name)
+
+
+def test_dockerignore_lets_in_exactly_what_the_image_copies() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    copied = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            copied |= set(line.split()[1:-1])
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    assert copied == allowed, (sorted(copied), sorted(allowed))
+    for path in copied:
+        assert (ROOT / path).exists(), path
