@@ -532,3 +532,36 @@ async def test_half_working_vault_does_not_rotate(
     assert run["state"] == "failed" and run["to_version"] is None and "vault" in run["error"]
     assert await _deks(s) == before
     await _check_all(s, values)
+
+
+@pytest.mark.parametrize("kind", ["aws-kms", "vault"])
+async def test_the_provider_is_called_on_a_cache_miss_only_and_measured(
+    kind: str, wenv: dict[str, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client import REGISTRY
+
+    moto = request.getfixturevalue("moto_server") if kind == "aws-kms" else None
+    bao = request.getfixturevalue("bao_server") if kind == "vault" else None
+    penv = _provider_env(kind, moto, bao)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv, KEYROTOR_LISTEN_KEY_CHANGES="0")
+    labels = {"provider": kind, "operation": "decrypt", "outcome": "ok"}
+
+    def decrypts() -> tuple[float, float]:
+        def value(name: str) -> float:
+            return REGISTRY.get_sample_value(name, labels) or 0.0
+
+        return value("keyrotor_kek_calls_total"), value("keyrotor_kek_call_duration_seconds_count")
+
+    async with KeyManager(s) as km:
+        token = await km.encrypt("anthropic", "sk-ant-api03-cache-test", context="users.api_key:1")
+        km.invalidate()
+        calls0, timed0 = decrypts()
+        for _ in range(5):  # one miss, then hits
+            assert (
+                await km.decrypt("anthropic", token, context="users.api_key:1") == "sk-ant-api03-cache-test"
+            )
+        assert decrypts() == (calls0 + 1, timed0 + 1)
+        km.invalidate()
+        await km.decrypt("anthropic", token, context="users.api_key:1")
+        assert decrypts() == (calls0 + 2, timed0 + 2)
