@@ -92,14 +92,36 @@ async def test_downtime_catch_up_enqueues_everything_due_once(senv: dict[str, st
     due: list[str] = []
     for day in range(30):
         due += await seed_scopes(url, 40, due_at=T0 - timedelta(days=day, hours=3), start=day * 40)
-    await seed_scopes(url, 200, due_at=T0 + timedelta(days=1), prefix="future")
+    future = await seed_scopes(url, 200, due_at=T0 + timedelta(days=1), prefix="future")
+    # Graces that ended during the downtime (one a day), and one that has not ended yet.
+    await sql(
+        url,
+        "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, grace_until) "
+        "SELECT id, 0, 'grace', '\\x00'::bytea, 'test', 1, $1::timestamptz - (id % 30) * interval '1 day' "
+        "FROM key_scopes WHERE name = ANY($2::text[])",
+        T0 - timedelta(hours=1),
+        future[:30],
+    )
+    await sql(
+        url,
+        "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, grace_until) "
+        "SELECT id, 0, 'grace', '\\x00'::bytea, 'test', 1, $1 FROM key_scopes WHERE name = $2",
+        T0 + timedelta(days=3),
+        future[30],
+    )
     settings = Settings.from_env({**senv, "KEYROTOR_SCAN_BATCH_SIZE": "100"})
     async with Scheduler(settings) as s:
         report = await s.scan(T0)
         assert report.batches >= 12  # paged: 1200 due rows, 100 a transaction
         assert sorted(r.scope for r in report.rotations) == sorted(due)
-        assert (await s.scan(T0 + timedelta(minutes=1))).rotations == []
-    assert rotate_jobs(await queued_jobs(rq, senv["KEYROTOR_QUEUE_NAME"])) == dict.fromkeys(due, 1)
+        assert sorted(r.scope for r in report.retirements) == future[:30]
+        again = await s.scan(T0 + timedelta(minutes=1))
+        assert again.rotations == [] and again.retirements == []
+    jobs = await queued_jobs(rq, senv["KEYROTOR_QUEUE_NAME"])
+    assert rotate_jobs(jobs) == dict.fromkeys(due, 1)
+    assert (
+        sorted(j.split(":retire_dek:")[1].split(":")[0] for j in jobs if ":retire_dek:" in j) == future[:30]
+    )
 
 
 async def test_restarted_mid_scan_never_queues_a_rotation_twice(
@@ -411,3 +433,27 @@ async def test_status_shows_next_rotation_and_whether_a_run_is_queued(
     assert "run 1 in progress, 1,200/5,000 rows" in keyrotor("status", env={**senv, "COLUMNS": "250"}).stdout
     await mark_queued(sched.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}), scopes)
     assert by_name[due]["queued"] is None  # Redis unreachable: unknown, not an error
+
+
+async def test_failed_retirement_is_retried_with_backoff(sched: Scheduler, senv: dict[str, str]) -> None:
+    url = senv["DATABASE_URL"]
+    now = datetime.now(UTC)  # failed runs carry the database's clock
+    (name,) = await seed_scopes(url, 1, due_at=now + timedelta(days=30))
+    await sql(
+        url,
+        "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, grace_until) "
+        "SELECT id, 0, 'grace', '\\x00'::bytea, 'test', 1, $1 FROM key_scopes",
+        now - timedelta(days=1),
+    )
+    # Two consecutive failed retirements (e.g. rows still on the version): wait 60 * 2 = 120 s.
+    await sql(
+        url,
+        "INSERT INTO rotations (kind, scope_id, from_version, state, trigger, error, finished_at) "
+        "SELECT 'retire', id, 0, 'failed', 'schedule', 'VersionStillInUse', $1 FROM key_scopes, "
+        "generate_series(1, 2)",
+        now,
+    )
+    early = await sched.scan(now + timedelta(seconds=110))
+    assert early.retirements == [] and early.skipped == {"retire:backoff": 1}
+    late = await sched.scan(now + timedelta(seconds=121))
+    assert [(r.scope, r.from_version) for r in late.retirements] == [(name, 0)]
