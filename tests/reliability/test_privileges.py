@@ -135,6 +135,11 @@ async def test_app_and_worker_roles_have_only_what_they_need(
             "UPDATE rotations SET state = 'failed'",
             "INSERT INTO data_keys (scope_id, version, state, kek_id, kek_version) "
             "SELECT id, 99, 'destroyed', 'x', 1 FROM key_scopes LIMIT 1",
+            # Granted columns, but only one way (migration 0007): a count never goes down, and
+            # the application may make a rotation due sooner, never later.
+            "UPDATE data_keys SET encryptions = 0",
+            "UPDATE key_scopes SET next_rotation_at = next_rotation_at + interval '1 year'",
+            "UPDATE key_scopes SET next_rotation_at = NULL",
         ]
     }
     refused_worker = {
@@ -145,12 +150,19 @@ async def test_app_and_worker_roles_have_only_what_they_need(
             "TRUNCATE encryption_audit_log",
             "DROP TABLE secrets",
             "ALTER TABLE data_keys DISABLE ROW LEVEL SECURITY",
+            "UPDATE data_keys SET encryptions = 0",
         ]
     }
     assert (await fetch(wenv["DATABASE_URL"], "SELECT count(*) FROM encryption_audit_log"))[0][
         0
     ] == audit_rows
-    assert set(refused_app.values()) <= {"InsufficientPrivilegeError", "UndefinedColumnError"}
+    assert set(refused_app.values()) <= {
+        "InsufficientPrivilegeError",
+        "UndefinedColumnError",
+        "CheckViolationError",
+    }
+    # ... while bringing a rotation closer stays the application's right (keyrotor.usage does).
+    await fetch(roles.app_url, "UPDATE key_scopes SET next_rotation_at = now() WHERE name = 'anthropic'")
     record(
         "privileges",
         app_refused=len(refused_app),
