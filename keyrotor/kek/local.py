@@ -142,7 +142,7 @@ class LocalKeyring:
     def wrap_sync(self, dek: bytes, context: WrapContext) -> WrappedDek:
         """Synchronous :meth:`wrap` (no I/O: microseconds of CPU)."""
         if len(dek) != _DEK_BYTES:
-            raise KekError(f"refusing to wrap a DEK of {len(dek)} bytes (need {_DEK_BYTES})")
+            raise KekError(f"local: refusing to wrap a DEK of {len(dek)} bytes (need {_DEK_BYTES})")
         nonce = self._random(_NONCE_BYTES)
         blob = nonce + AESGCM(self._kek(self.current)).encrypt(nonce, dek, context.as_aad())
         return WrappedDek(kek_id=self.kek_id(self.current), kek_version=self.current, blob=blob)
@@ -164,13 +164,13 @@ class LocalKeyring:
                 f"DEK was wrapped by {wrapped.kek_id}, this process has {expected}"
             )
         if len(wrapped.blob) != _WRAPPED_BYTES:
-            raise KekError(f"wrapped DEK for {context.scope} v{context.dek_version} is malformed")
+            raise KekError(f"local: wrapped DEK for {context.scope} v{context.dek_version} is malformed")
         nonce, body = wrapped.blob[:_NONCE_BYTES], wrapped.blob[_NONCE_BYTES:]
         try:
             return AESGCM(kek).decrypt(nonce, body, context.as_aad())
         except InvalidTag as exc:
             raise KekError(
-                f"wrapped DEK for {context.scope} v{context.dek_version} does not unwrap "
+                f"local: wrapped DEK for {context.scope} v{context.dek_version} does not unwrap "
                 "(wrapped for another scope or version, or tampered)"
             ) from exc
 

@@ -48,10 +48,16 @@ async def test_wrap_unwrap_round_trip(provider: KekProvider) -> None:
 
 async def test_context_binds_scope_and_dek_version(provider: KekProvider) -> None:
     wrapped = await provider.wrap(os.urandom(32), CTX)
-    with pytest.raises(KekError):
-        await provider.unwrap(wrapped, WrapContext("tenant-43/openai", CTX.dek_version))
-    with pytest.raises(KekError):
-        await provider.unwrap(wrapped, WrapContext(CTX.scope, CTX.dek_version + 1))
+    for other in (
+        WrapContext("tenant-43/openai", CTX.dek_version),
+        WrapContext(CTX.scope, CTX.dek_version + 1),
+    ):
+        with pytest.raises(KekError) as caught:
+            await provider.unwrap(wrapped, other)
+        # A typed error naming the provider and the cause (the scope and version asked for).
+        message = str(caught.value)
+        assert message.startswith(f"{provider.name}: wrapped DEK for {other.scope} v{other.dek_version}")
+        assert "does not unwrap" in message and "another scope or version" in message
 
 
 async def test_tampered_blob_fails(provider: KekProvider) -> None:
