@@ -135,10 +135,10 @@ class Settings(BaseSettings):
         max_length=200,
         validation_alias="KEYROTOR_SCHEDULER_LEADER_KEY",
     )
-    # Dry runs estimate a rotation's duration at this re-encryption rate (bench/: ~100k rows/s
-    # batched on 2 cores; halved for headroom).
+    # Dry runs estimate a rotation's duration at this re-encryption rate until rotations have been
+    # measured (bench/bench_rotation.py: 20-30k rows/s a worker process on 2 cores; the low end).
     estimate_rows_per_second: float = Field(
-        default=50_000.0, gt=0, validation_alias="KEYROTOR_ESTIMATE_ROWS_PER_SECOND"
+        default=20_000.0, gt=0, validation_alias="KEYROTOR_ESTIMATE_ROWS_PER_SECOND"
     )
 
     # the rotation worker (DESIGN.md "Rotation of a scope's DEK")
