@@ -36,7 +36,14 @@ from keyrotor import runs
 from keyrotor.audit import AuditEvent, write_event, write_events
 from keyrotor.context import run_to_commit
 from keyrotor.errors import ConfigurationError, Conflict, KekError, PermanentError
-from keyrotor.kek.base import PROVIDER_SETTING, KekProvider, WrapContext, WrappedDek, provider_of
+from keyrotor.kek.base import (
+    PROVIDER_SETTING,
+    KekProvider,
+    WrapContext,
+    WrappedDek,
+    provider_layers,
+    provider_of,
+)
 from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
 from keyrotor.store import db
@@ -391,6 +398,12 @@ async def kek_status(
         doc = {"provider": name, "setting": PROVIDER_SETTING.get(name, name)}
         try:
             doc["current_kek_version"] = await kek.current_version()
+            # Vault transit: the oldest KEK version it still unwraps with (rotate_kek raises it).
+            for layer in provider_layers(kek):
+                key_info = getattr(layer, "key_info", None)
+                if key_info is not None:
+                    doc["min_decryption_version"] = (await key_info()).min_decryption_version
+                    break
         except Exception as exc:  # reported, not raised
             doc["current_kek_version"] = None
             doc["version_error"] = f"{type(exc).__name__}: {exc}"

@@ -449,6 +449,7 @@ async def test_vault_old_versions_are_cut_off_only_once_no_dek_needs_them(
 ) -> None:
     from keyrotor import kek_rotation
     from keyrotor.context import RotationContext
+    from keyrotor.kek_migration import kek_status
     from keyrotor.store import db
 
     penv = _provider_env("vault", None, bao_server)
@@ -484,6 +485,9 @@ async def test_vault_old_versions_are_cut_off_only_once_no_dek_needs_them(
         # Running it again changes nothing (the minimum never goes down by itself).
         assert await kek_rotation._retire_old_versions(rc) is None
         assert versions() == (3, 3)
+        status = await kek_status(rc.sessions, kek)
+        assert (status["current_kek_version"], status["min_decryption_version"]) == (3, 3)
+        assert status["kek_versions_in_use"] == [3] and status["check"]["ok"]
     finally:
         await kek.aclose()
         await engine.dispose()

@@ -51,9 +51,12 @@ def status(json_out: JsonOpt = False) -> None:
         print_json(doc)
     else:
         check = "ok" if doc["check"]["ok"] else f"FAILED ({doc['check']['error']})"
+        oldest = doc.get("min_decryption_version")
         out_console.print(
             f"provider: {doc['provider']} (SECRETS_PROVIDER={doc['setting']}), "
-            f"current KEK version: {doc['current_kek_version']}, check: {check}"
+            f"current KEK version: {doc['current_kek_version']}"
+            + (f", unwraps versions >= {oldest}" if oldest is not None else "")
+            + f", check: {check}"
         )
         table = Table(title="DEKs per KEK")
         for col in ("provider", "kek_id", "kek_version", "deks"):
