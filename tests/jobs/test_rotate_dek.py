@@ -276,6 +276,31 @@ async def test_row_budget_throttles_reencryption(wenv: dict[str, str]) -> None:
     assert run.finished_at - started >= timedelta(seconds=0.7)
 
 
+async def test_kek_call_budget_paces_a_kek_rotation(wenv: dict[str, str]) -> None:
+    s = settings_of(wenv)
+    async with KeyManager(s.model_copy(update={"listen_key_changes": False})) as km:
+        for i in range(45):
+            await km.put_secret(f"tenant-{i}/openai", "prod", f"sk-proj-budget-{i:04d}")
+    # KEK v2, with a budget of 15 provider calls a second (the KMS quota is the account's).
+    moved = settings_of(
+        wenv,
+        ENCRYPTION_KEY="kek-budget-master-key-v2-9c7e5a3b1d2f4e6a8c0b",
+        ENCRYPTION_KEY_VERSION="2",
+        ENCRYPTION_KEYS_PREVIOUS=f'{{"1": "{s.encryption_key.get_secret_value()}"}}',  # type: ignore[union-attr]
+        KEYROTOR_KEK_CALLS_PER_SECOND="15",
+    )
+    async with KeyrotorClient(moved) as client:
+        handle = await client.rotate_kek()
+        started = datetime.now(UTC)
+        await run_burst_worker(moved)
+        run = await handle.result(timeout_s=5)
+    assert run.state == "completed" and run.rows_done == 45
+    # 15 calls of budget at once, then 15 a second: 45 rewraps cannot finish in under 2 s.
+    assert run.finished_at is not None
+    assert run.finished_at - started >= timedelta(seconds=1.9)
+    assert {r["kek_version"] for r in await fetch(s.database_url, "SELECT kek_version FROM data_keys")} == {2}
+
+
 @pytest.mark.parametrize("scope_rows", [5])
 async def test_worker_with_the_wrong_kek_refuses(wenv: dict[str, str], scope_rows: int) -> None:
     from keyrotor.context import KekMismatch
