@@ -312,8 +312,12 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
 
     # The failed run rolled back: all 12 rows are still on v1, which the leader recounts.
     deadline = time.monotonic() + 30
+    sbody = ""
     while True:
-        _, sbody = get(sport, "/metrics")
+        try:
+            _, sbody = get(sport, "/metrics")
+        except OSError:  # the scheduler's server is not listening yet (a loaded machine)
+            assert sched.poll() is None, (tmp_path / "scheduler.log").read_text()[-3000:]
         if sample(sbody, "keyrotor_rows_per_dek_version", scope=SCOPE, version="1") == 12:
             break
         assert time.monotonic() < deadline, sbody[-3000:]
