@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -569,3 +570,53 @@ async def test_the_provider_is_called_on_a_cache_miss_only_and_measured(
         km.invalidate()
         await km.decrypt("anthropic", token, context="users.api_key:1")
         assert decrypts() == (calls0 + 2, timed0 + 2)
+
+
+async def test_throttling_storm_stops_rotate_kek_before_it_rotates(
+    wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OpenBao rate-limit quota on the key's encrypt path (1 request per 10 s, used up): the
+    pre-flight wrap is throttled through its retries, rotate_kek raises a transient error (the
+    job retries it) with the key not rotated and no DEK touched, and it completes once the storm
+    is over."""
+    from jobs.common import is_transient
+    from keyrotor import kek_rotation
+    from keyrotor.context import RotationContext
+    from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.kek.resilience import Throttled
+    from keyrotor.store import db
+    from tests.kek.conftest import fast_policy
+
+    penv = _provider_env("vault", None, bao_server)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    values = await _seed_all(s, 3)
+    before = await _deks(s)
+    root = bao_root(bao_server)
+    key = penv["VAULT_TRANSIT_KEY"]
+    quota = f"rotate-storm-{key}"
+    kek = await open_remote_provider("vault", penv, policy=fast_policy(breaker_threshold=20))
+    engine = db.create_engine(s.database_url)
+    try:
+        rc = RotationContext(db.sessionmaker(engine), kek, s)
+        root.sys.create_or_update_quota(quota, rate=1, path=f"transit/encrypt/{key}", interval="10s")
+        await kek.wrap(os.urandom(32), WrapContext("storm", 1))  # the one request the quota allows
+        with pytest.raises(Throttled, match=r"^vault \(.*\) encrypt: RateLimitExceeded") as caught:
+            await kek_rotation.rotate_kek(rc)
+        assert is_transient(caught.value)
+        assert root.secrets.transit.read_key(key)["data"]["latest_version"] == 1  # not rotated
+        run = (await fetch(s.database_url, "SELECT id, state, to_version FROM rotations WHERE kind = 'kek'"))[
+            0
+        ]
+        assert run["state"] == "running" and run["to_version"] is None
+        assert await _deks(s) == before
+
+        root.sys.delete_quota(quota)
+        result = await kek_rotation.rotate_kek(rc, run_id=run["id"])
+        assert result.run.state == "completed" and result.kek_version == 2
+        assert {d["kek_version"] for d in await _deks(s)} == {2}
+        await _check_all(s, values)
+    finally:
+        root.sys.delete_quota(quota)
+        await kek.aclose()
+        await engine.dispose()
