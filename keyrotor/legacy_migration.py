@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -409,12 +409,19 @@ async def seal_batch(
     return out
 
 
-def _check_wrong_key(rep: LegacyReport, migrated_before: int) -> None:
-    total_migrated = rep.migrated + migrated_before
-    auth_failures = sum(
-        1 for c in rep.columns.values() for f in c.failed if "failed authentication" in f["reason"]
-    )
-    if total_migrated == 0 and auth_failures >= WRONG_KEY_THRESHOLD:
+def check_wrong_key(failed: Iterable[Mapping[str, Any]], *, decrypted: int) -> None:
+    """Refuse to go on when nothing has decrypted and the first values all failed authentication.
+
+    A run (or range) with the wrong master key would otherwise record every value as failed;
+    ``WRONG_KEY_THRESHOLD`` such failures and no success mean the key is not the old backend's.
+
+    Raises:
+        ConfigurationError: the legacy master key is wrong; nothing has been written.
+    """
+    if decrypted:
+        return
+    auth_failures = sum(1 for f in failed if "failed authentication" in f["reason"])
+    if auth_failures >= WRONG_KEY_THRESHOLD:
         raise ConfigurationError(
             f"the first {auth_failures} legacy values all failed authentication and none decrypted: "
             "ENCRYPTION_KEY (or KEYROTOR_LEGACY_KEY) is not the old backend's master key; nothing was written"
@@ -531,7 +538,10 @@ async def _migrate(
                 if not rows:
                     break
                 sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
-                _check_wrong_key(report, migrated_before + len(sealed.ids))
+                check_wrong_key(
+                    (f for c in report.columns.values() for f in c.failed),
+                    decrypted=report.migrated + migrated_before + len(sealed.ids),
+                )
                 after = rows[-1][0]
                 cursors[src.name] = after
                 if dry_run:

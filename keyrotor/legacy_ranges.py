@@ -35,10 +35,10 @@ from keyrotor.keys import KeyManager
 from keyrotor.legacy_migration import (
     MAX_LISTED,
     MODE,
-    WRONG_KEY_THRESHOLD,
     ColumnReport,
     SealedBatch,
     Source,
+    check_wrong_key,
     fetch_rows,
     make_executor,
     merged_columns,
@@ -298,13 +298,7 @@ async def _migrate_range(
         if not rows:
             break
         sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
-        if rep.migrated == 0 and not sealed.ids and run.rows_done == 0:
-            auth = sum(1 for f in rep.failed if "failed authentication" in f["reason"])
-            if auth >= WRONG_KEY_THRESHOLD:
-                raise ConfigurationError(
-                    f"the first {auth} legacy values all failed authentication and none decrypted: "
-                    "ENCRYPTION_KEY (or KEYROTOR_LEGACY_KEY) is not the old backend's master key"
-                )
+        check_wrong_key(rep.failed, decrypted=rep.migrated + len(sealed.ids) + run.rows_done)
         written = await run_to_commit(_write(km, rng, range_id, src, sealed, rows[-1][0], rep))
         if written is None:
             return outcome("stopped")

@@ -166,6 +166,32 @@ async def test_wrong_master_key_writes_nothing(wenv: dict[str, str]) -> None:
     assert run["state"] == "failed" and "master key" in run["error"]
 
 
+async def test_wrong_master_key_fails_a_fanned_out_range_and_writes_nothing(wenv: dict[str, str]) -> None:
+    s = settings_of(wenv, KEYROTOR_LEGACY_KEY="not-the-old-backends-master-key-at-all")
+    await _app(s, legacy_rows()[:24])
+    before = await fetch(s.database_url, "SELECT id, api_key FROM settings ORDER BY id")
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        run, _ = await legacy_migration.open_legacy_run(km, trigger="test")
+        plan = await legacy_ranges.fan_out(km, run.id, range_rows=12)
+        assert plan is not None and len(plan.ranges) == 2
+        first = plan.ranges[0]
+        with pytest.raises(ConfigurationError, match="not the old backend's master key; nothing was written"):
+            await legacy_ranges.migrate_range(km, first.run_id, first.target, first.lo, first.hi, workers=1)
+        # The other range, run after (as arq would), finds the run failed and stops at once.
+        second = plan.ranges[1]
+        stopped = await legacy_ranges.migrate_range(
+            km, second.run_id, second.target, second.lo, second.hi, workers=1
+        )
+        assert stopped.state == "stopped" and not stopped.completed_run
+    assert await fetch(s.database_url, "SELECT id, api_key FROM settings ORDER BY id") == before
+    got = (
+        await fetch(s.database_url, "SELECT state, error, rows_done FROM rotations WHERE id = $1", run.id)
+    )[0]
+    assert got["state"] == "failed" and "master key" in got["error"] and got["rows_done"] == 0
+    assert "not-the-old-backends" not in got["error"]
+
+
 async def test_register_validates_and_refuses_clearly(wenv: dict[str, str]) -> None:
     s = settings_of(wenv)
     await fetch(s.database_url, CREATE)

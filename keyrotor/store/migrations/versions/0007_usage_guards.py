@@ -59,8 +59,8 @@ def upgrade() -> None:
                AND (NEW.next_rotation_at IS NULL
                     OR (OLD.next_rotation_at IS NOT NULL AND NEW.next_rotation_at > OLD.next_rotation_at))
                AND NOT has_table_privilege(current_user, 'rotations', 'UPDATE') THEN
-                RAISE EXCEPTION 'only the worker, the scheduler or an administrator may postpone a rotation (scope id %)', OLD.id
-                    USING ERRCODE = 'insufficient_privilege';
+                RAISE EXCEPTION 'only the worker, the scheduler or an administrator may postpone '
+                    'a rotation (scope id %)', OLD.id USING ERRCODE = 'insufficient_privilege';
             END IF;
             RETURN NEW;
         END
