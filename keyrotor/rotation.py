@@ -247,6 +247,8 @@ async def _drive(rc: RotationContext, scope: str, run: RunInfo) -> DekProgress:
     if small:
         async with db.transaction(rc.sessions) as session:
             run = await runs.require_run(session, run.id)
+        # Steps 6-8 ran in _promote's task, whose context bindings do not come back here.
+        structlog.contextvars.bind_contextvars(step="complete")
         await rc.announce(KeyChange("rotated", scope, run.to_version))
         metrics.rotation_completed(scope, _elapsed(run))
         log.info(
@@ -544,6 +546,8 @@ async def reencrypt_range(
             await fail(rc, run, exc)
         raise
     if step.completed_run:
+        # _complete ran in run_to_commit's task, whose context bindings do not come back here.
+        structlog.contextvars.bind_contextvars(step="complete")
         await rc.announce(KeyChange("rotated", run.scope, run.to_version))
         metrics.rotation_completed(run.scope, (datetime.now(UTC) - run.created_at).total_seconds())
         log.info("rotation_completed", mode="ranges", to_version=run.to_version)
