@@ -230,7 +230,8 @@ async def test_dry_runs_report_and_write_nothing(
     assert (plan["from_version"], plan["to_version"], plan["rows_by_version"]) == (1, 2, {"1": 1})
     assert plan["dry_run"] and plan["due"] is None and plan["open_run"] is None
 
-    assert plan["rate_source"] == "configured" and plan["rows_per_second"] == 50_000
+    configured = Settings.from_env(senv).estimate_rows_per_second  # KEYROTOR_ESTIMATE_ROWS_PER_SECOND
+    assert plan["rate_source"] == "configured" and plan["rows_per_second"] == configured
     code, _, err = await cli("rotate", "openai", "--dry-run")
     assert code == 0 and "openai v1 -> v2: re-encrypt 1 rows (v1: 1)" in err and "nothing written" in err
 
@@ -241,7 +242,7 @@ async def test_dry_runs_report_and_write_nothing(
         ("anthropic", 40, "schedule")
     ]
     assert [p["rows_by_version"] for p in doc["rotations"]] == [{"1": 40}]
-    assert doc["estimated_seconds"] == round(40 / 50_000, 3) and doc["replica_job"].endswith("0000Z")
+    assert doc["estimated_seconds"] == round(40 / configured, 3) and doc["replica_job"].endswith("0000Z")
     # No rotation has completed here yet: the configured rate, and the output says so.
     assert doc["rate_source"] == "configured" and doc["rate_runs"] == 0
     code, table, err = await cli("scheduler", "--once", "--dry-run")
