@@ -160,3 +160,51 @@ async def test_end_to_end_a_scope_made_due_is_rotated_with_no_other_action(
 
 async def _leads(rq: Any, senv: dict[str, str]) -> bool:
     return bool(await rq.get(senv["KEYROTOR_SCHEDULER_LEADER_KEY"]))
+
+
+async def test_scheduler_killed_mid_scan_and_restarted_queues_each_rotation_once(
+    senv: dict[str, str], rq: Any, procs: list[Proc], tmp_path: Path
+) -> None:
+    """SIGKILL a `scheduler --once` in the middle of a large catch-up, run it again: every due scope
+    has exactly one run and at most one queued job; the workers' adoption (the same enqueue, run
+    here for every open run) queues the runs the dead process opened but never enqueued, once."""
+    from jobs.common import enqueue_driver
+    from keyrotor import runs
+    from keyrotor.store import db
+    from worker.scheduler import Scheduler
+
+    url, queue = senv["DATABASE_URL"], senv["KEYROTOR_QUEUE_NAME"]
+    due = await seed_scopes(url, 4_000, due_at=datetime.now(UTC) - timedelta(hours=1))
+    env = {**senv, "KEYROTOR_SCAN_BATCH_SIZE": "10"}
+
+    async def opened(n: int) -> bool:
+        return bool((await sql(url, "SELECT count(*) FROM rotations"))[0][0] >= n)
+
+    first = Proc(env, tmp_path / "first.log", "scheduler", "--once")
+    procs.append(first)
+    await wait_until(lambda: opened(200), 60, "the first scan to open runs")
+    first.kill()
+    killed_at = (await sql(url, "SELECT count(*) FROM rotations"))[0][0]
+    print(f"killed after opening {killed_at} of {len(due)} runs")
+    assert killed_at < len(due), "the scan finished before it was killed: nothing was tested"
+
+    second = Proc(env, tmp_path / "second.log", "scheduler", "--once")
+    procs.append(second)
+    assert second.proc.wait(120) == 0, second.output()
+    per_scope = await sql(
+        url, "SELECT scope_id, count(*) FROM rotations GROUP BY scope_id HAVING count(*) <> 1"
+    )
+    assert per_scope == [] and await opened(len(due))
+    queued = rotate_jobs(await queued_jobs(rq, queue))
+    assert set(queued.values()) == {1}
+    # Opened by the dead process, not enqueued: at most the page it was killed in (plus the
+    # enqueues in flight), and the restarted scan skipped them as open.
+    assert len(due) - len(queued) <= 10
+
+    settings = Settings.from_env(env)
+    async with Scheduler(settings) as s:
+        async with db.transaction(s.sessions) as session:
+            open_runs = await runs.list_runs(session, limit=10_000, open_only=True)
+        for run in open_runs:
+            await enqueue_driver(s.redis, settings, run)
+    assert rotate_jobs(await queued_jobs(rq, queue)) == dict.fromkeys(due, 1)
