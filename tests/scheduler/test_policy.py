@@ -253,6 +253,7 @@ async def test_dry_runs_report_and_write_nothing(
     for args, fragment in [
         (("rotate", "nope", "--dry-run"), "scope 'nope' does not exist"),
         (("rotate", "Bad Scope", "--dry-run"), "invalid scope name"),
+        (("scheduler", "--json"), "--json needs --once or --dry-run"),
     ]:
         code, out, err = await cli(*args)
         assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err, (args, err)

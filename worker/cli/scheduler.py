@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from keyrotor import schedule
+from keyrotor.errors import InvalidInput
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from worker.cli.common import err_console, out_console, print_json, run
@@ -104,6 +105,8 @@ def scheduler(
     """
     from worker.scheduler import ScanReport, Scheduler
 
+    if json_out and not (once or dry_run_):
+        raise InvalidInput("--json needs --once or --dry-run (the long-running scheduler prints logs)")
     settings = Settings.from_env()
     if dry_run_:
         doc = run(lambda: dry_run(settings, datetime.now(UTC)))
