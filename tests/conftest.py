@@ -94,7 +94,7 @@ async def km(settings: Settings) -> AsyncIterator[KeyManager]:
 @pytest.fixture
 async def redis() -> AsyncIterator[aioredis.Redis]:
     """The test Redis database, flushed before and after."""
-    client = aioredis.from_url(REDIS_URL)
+    client = aioredis.Redis.from_url(REDIS_URL)
     await client.flushdb()
     try:
         yield client

@@ -46,7 +46,7 @@ def worker_env(env: Mapping[str, str], **extra: str) -> dict[str, str]:
 
 async def cleanup_queue(queue: str) -> None:
     """Delete this test's arq keys (job ids start with the queue name)."""
-    client: Any = aioredis.from_url(WORKER_REDIS_URL)
+    client: Any = aioredis.Redis.from_url(WORKER_REDIS_URL)
     try:
         keys = [k async for k in client.scan_iter(match=f"*{queue}*", count=1000)]
         if keys:

@@ -94,7 +94,7 @@ async def test_commit_of_unknown_fate_is_not_written_twice(settings: Settings, d
                 await pg.execute("COMMIT")
                 raise ConnectionResetError("lost the answer to COMMIT")
 
-        writer._insert = insert_then_lose_the_answer  # type: ignore[method-assign]
+        writer._insert = insert_then_lose_the_answer  # type: ignore[method-assign,assignment]
         token = await km.encrypt("openai", OPENAI)
         for _ in range(10):
             await km.decrypt("openai", token)

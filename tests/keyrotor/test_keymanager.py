@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from sqlalchemy import text
 
 from keyrotor import KeyManager, Settings, legacy
@@ -27,6 +28,7 @@ from keyrotor.errors import (
     StoreUnavailable,
     WeakKeyError,
 )
+from keyrotor.kek.base import WrapContext, WrappedDek
 from tests.conftest import MASTER_KEY
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors" / "legacy-node.jsonl"
@@ -181,12 +183,12 @@ async def test_concurrent_misses_share_one_unwrap(km: KeyManager) -> None:
     calls = 0
     real = km.kek.unwrap
 
-    async def counting(*a: object, **k: object) -> bytes:
+    async def counting(wrapped: WrappedDek, context: WrapContext) -> bytes:
         nonlocal calls
         calls += 1
-        return await real(*a, **k)  # type: ignore[arg-type]
+        return await real(wrapped, context)
 
-    km._kek = type("Counting", (), {"unwrap": staticmethod(counting), "aclose": km.kek.aclose})()  # type: ignore[assignment]
+    km._kek = type("Counting", (), {"unwrap": staticmethod(counting), "aclose": km.kek.aclose})()
     results = await asyncio.gather(*(km.decrypt("openai", token) for _ in range(50)))
     assert results == ["sk-1"] * 50
     assert calls == 1
@@ -214,9 +216,7 @@ async def test_concurrent_scope_creation_from_two_managers(settings: Settings) -
 async def test_wrong_master_key_is_named(settings: Settings) -> None:
     async with KeyManager(settings) as km:
         token = await km.encrypt("openai", "sk-1")
-    other = settings.model_copy(
-        update={"encryption_key": type(settings.encryption_key)("z" * 10 + MASTER_KEY[::-1])}
-    )
+    other = settings.model_copy(update={"encryption_key": SecretStr("z" * 10 + MASTER_KEY[::-1])})
     async with KeyManager(other) as km2:
         with pytest.raises(KekError) as info:
             await km2.decrypt("openai", token)

@@ -33,7 +33,7 @@ async def _seed(km: KeyManager) -> dict[str, str]:
 
 
 def _failovers(region: str) -> float:
-    return FAILOVER_READS.labels(region)._value.get()
+    return float(FAILOVER_READS.labels(region)._value.get())
 
 
 async def test_primary_store_unreachable_while_decrypts_run_no_decrypt_fails(

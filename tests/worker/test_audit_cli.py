@@ -179,7 +179,12 @@ async def test_tail_follow(env: dict[str, str], settings: Settings) -> None:
     )
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+
+    def pump() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         first = lines.get(timeout=60)
         async with KeyManager(settings) as km:

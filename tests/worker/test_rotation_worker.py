@@ -167,7 +167,7 @@ async def test_cli_end_to_end_with_secrets_hygiene(
                 base64.b64encode(blob).decode(),
                 blob.hex(),
             ]
-    client = aioredis.from_url(WORKER_REDIS_URL)
+    client = aioredis.Redis.from_url(WORKER_REDIS_URL)
     try:
         payloads = [
             await client.get(key)
