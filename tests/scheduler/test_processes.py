@@ -208,3 +208,25 @@ async def test_scheduler_killed_mid_scan_and_restarted_queues_each_rotation_once
         for run in open_runs:
             await enqueue_driver(s.redis, settings, run)
     assert rotate_jobs(await queued_jobs(rq, queue)) == dict.fromkeys(due, 1)
+
+
+async def test_the_leader_enqueues_check_replicas_once_a_slot(
+    senv: dict[str, str], rq: Any, procs: list[Proc], tmp_path: Path
+) -> None:
+    """The replica check is an APScheduler interval job of the leader (hourly by default; 2 s
+    here): one job a slot, named after the slot, and none from the standby."""
+    env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "1", "KEYROTOR_REPLICA_CHECK_INTERVAL_SECONDS": "2"}
+    procs += [Proc(env, tmp_path / "a.log", "scheduler"), Proc(env, tmp_path / "b.log", "scheduler")]
+    queue = senv["KEYROTOR_QUEUE_NAME"]
+
+    async def checks() -> list[str]:
+        return [j for j in await queued_jobs(rq, queue) if ":check_replicas:" in j]
+
+    await wait_until(lambda: _count_at_least(checks, 3), 20, "three replica checks")
+    slots = [datetime.strptime(j.rsplit(":", 1)[1], "%Y%m%dT%H%M%SZ") for j in await checks()]
+    assert all(s.second % 2 == 0 for s in slots)  # slot starts, one id each
+    assert sum("replica_check_enqueued" in p.output() for p in procs) == 1  # the leader only
+
+
+async def _count_at_least(fn: Any, n: int) -> bool:
+    return len(await fn()) >= n
