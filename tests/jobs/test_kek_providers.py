@@ -309,7 +309,7 @@ async def test_provider_down_during_rotate_kek(
     real = await open_remote_provider("aws", penv, policy=fast_policy(timeout_s=0.5, max_attempts=2))
     try:
         # Rewrap calls: 1 the pre-flight probe, 2 the first batch of 4, 3 the second (paused).
-        rc = RotationContext(db.sessionmaker(engine), _PauseOnRewrap(real, moto, at_call=3), s)  # type: ignore[arg-type]
+        rc = RotationContext(db.sessionmaker(engine), _PauseOnRewrap(real, moto, at_call=3), s)
         with pytest.raises(KekUnavailable) as caught:
             await kek_rotation.rotate_kek(rc)
         assert is_transient(caught.value)  # the job retries it with backoff
@@ -392,7 +392,7 @@ class _FailingWrap:
         self.calls += 1
         if self.calls >= self.at_call:
             raise KekUnavailable("vault encrypt: cannot reach the server (test outage)")
-        return await self.inner.wrap(dek, context)  # type: ignore[no-any-return]
+        return await self.inner.wrap(dek, context)
 
 
 async def test_migration_resumes_after_an_outage(
@@ -420,7 +420,7 @@ async def test_migration_resumes_after_an_outage(
                 source,
                 _FailingWrap(target, at_call=6),
                 run_id=run.id,
-                batch_size=3,  # type: ignore[arg-type]
+                batch_size=3,
             )
         row = (await fetch(s.database_url, "SELECT * FROM rotations WHERE id = $1", run.id))[0]
         assert row["state"] == "running" and row["rows_done"] == 3 and row["cursor"] > 0

@@ -108,17 +108,17 @@ async def test_rotate_then_rewrap_to_the_new_version(provider: KekProvider) -> N
         with pytest.raises(ConfigurationError, match="ENCRYPTION_KEY_VERSION=2"):
             await provider.rotate()
         dek = os.urandom(32)
-        old = await provider.wrap(dek, CTX)
+        under_v1 = await provider.wrap(dek, CTX)
         rotated = LocalKeyring.from_keys({1: LOCAL_MASTER_KEY, 2: OTHER_MASTER_KEY}, current=2)
         assert await rotated.current_version() == 2
-        (new,) = await rotated.rewrap([(old, CTX)])
+        (new,) = await rotated.rewrap([(under_v1, CTX)])
         assert (new.kek_version, await rotated.unwrap(new, CTX)) == (2, dek)
-        assert new.kek_id != old.kek_id  # each version's key check value
+        assert new.kek_id != under_v1.kek_id  # each version's key check value
         assert (await rotated.wrap(os.urandom(32), CTX)).kek_version == 2  # new DEKs follow
         only_new = LocalKeyring.from_keys({2: OTHER_MASTER_KEY}, current=2)
         assert await only_new.unwrap(new, CTX) == dek
         with pytest.raises(KekError, match="version 1 is not configured"):
-            await only_new.unwrap(old, CTX)
+            await only_new.unwrap(under_v1, CTX)
         return
     before = await provider.current_version()
     contexts = [WrapContext("tenant-42/anthropic", v) for v in (1, 2, 3)]

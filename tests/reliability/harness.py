@@ -182,7 +182,7 @@ async def key_material(settings: Settings, *, extra_master_keys: Iterable[str] =
 
 async def redis_payloads(queue: str, url: str = WORKER_REDIS_URL) -> list[bytes]:
     """Every string arq keeps for this queue: job payloads, results, in-progress markers."""
-    client: Any = aioredis.from_url(url)  # type: ignore[no-untyped-call]
+    client: Any = aioredis.from_url(url)
     try:
         out = []
         async for key in client.scan_iter(match=f"*{queue}*", count=1000):
