@@ -157,6 +157,8 @@ async def test_policy_set_and_show_record_config_changes(
     shown = json.loads((await cli("policy", "show", "--json"))[1])["policies"][0]
     assert shown["enabled"] is False and shown["next_rotation_at"] is None and shown["due"] is None
     assert [c["after"]["enabled"] for c in await audit_changes(url)] == [True, True, True, False]
+    code, out, err = await cli("audit", "verify", "--json")  # the events are links of the hash chain
+    assert code == 0 and json.loads(out)["checked"] == 4, (out, err)
     code, table, err = await cli("policy", "show")
     assert code == 0 and scope in table and "disabled" in table and "showing the first" not in err
     # A list cut short says so.
