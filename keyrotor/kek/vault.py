@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import hvac
 import hvac.exceptions as hv
@@ -60,6 +61,13 @@ _JSON_STRINGS_LIMIT = 1000
 MAX_BATCH = (_JSON_STRINGS_LIMIT - 1) // 4  # 249
 _VERSION_PREFIX = re.compile(r"^vault:v(\d+):")
 _PROBE_CONTEXT = WrapContext("keyrotor/health", 1)
+
+
+def shown_address(addr: str) -> str:
+    """``VAULT_ADDR`` as errors and health output show it: without any ``user:password@`` part."""
+    parts = urlsplit(addr)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host)) if host else addr
 
 
 @dataclass(frozen=True)
@@ -318,7 +326,7 @@ class VaultTransitKek:
             "timeout": policy.timeout_s,  # hvac's own (requests) timeout, per request
         }
         client = hvac.Client(**options)
-        target = f"vault ({config.addr})"
+        target = f"vault ({shown_address(config.addr)})"
         resilience = Resilience(
             "vault", policy, vault_translator(target), target=target, limiter=limiter, observer=observer
         )

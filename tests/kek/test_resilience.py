@@ -389,3 +389,12 @@ def test_policy_is_validated() -> None:
         ResiliencePolicy(rate_limit=0)
     assert ResiliencePolicy().new_limiter() is None
     assert isinstance(ResiliencePolicy(rate_limit=5).new_limiter(), AsyncLimiter)
+
+
+async def test_an_unreachable_vault_is_named_without_the_credentials_of_its_address() -> None:
+    env = {"VAULT_ADDR": "http://kr-user:hunter2-s3cret@127.0.0.1:1/", "VAULT_TOKEN": "t0ken-never-shown"}
+    with pytest.raises(KekUnavailable) as refused:
+        await open_remote_provider("vault", env, policy=fast_policy(timeout_s=1.0, max_attempts=1))
+    assert "vault (http://127.0.0.1:1)" in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "kr-user" not in str(refused.value)
+    assert "t0ken" not in str(refused.value)

@@ -12,8 +12,9 @@ Checks, each bounded by a timeout and reported with its own status:
   ``in_sync`` and is no older than two check intervals; ``not_configured`` without
   ``KEYROTOR_REGIONS`` (neither green nor red).
 
-Errors name the failure's class (and for our own typed errors their message), never a URL
-(it may carry a password) or a key.
+Errors name the failure's class (and for our own typed errors their message), never a key or
+a URL's credentials: the database and Redis URLs are not shown at all, and a KEK provider's own
+errors name its address without any ``user:password@`` part (``vault (https://vault:8200)``).
 """
 
 from __future__ import annotations
