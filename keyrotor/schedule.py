@@ -364,9 +364,11 @@ MEASURED_RUNS = 20
 MIN_MEASURED_ROWS = 1_000
 MIN_MEASURED_SECONDS = 1.0
 RECENT_RUNS = 5_000
+# The median of the runs' rates, so that one run that sat out an outage between its attempts
+# (started_at is its first start) does not drag the estimate down.
 _MEASURED_RATE_SQL = (
-    "SELECT count(*), coalesce(sum(rows_done), 0), "
-    "coalesce(sum(extract(epoch FROM finished_at - started_at)), 0) FROM ("
+    "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY CAST(rows_done AS float8) "
+    "/ CAST(extract(epoch FROM finished_at - started_at) AS float8)) FROM ("
     "SELECT rows_done, started_at, finished_at FROM ("
     "SELECT id, kind, state, rows_done, started_at, finished_at FROM rotations ORDER BY id DESC LIMIT :recent"
     ") AS recent WHERE kind = 'dek' AND state = 'completed' AND rows_done >= :min_rows "
@@ -395,10 +397,10 @@ class Rate:
 
 
 async def measured_rate(session: AsyncSession, *, configured: float) -> Rate:
-    """The re-encryption rate of the latest completed rotations (up to ``MEASURED_RUNS`` of at
+    """The median re-encryption rate of the latest completed rotations (up to ``MEASURED_RUNS`` of at
     least ``MIN_MEASURED_ROWS`` rows and ``MIN_MEASURED_SECONDS``, among the latest
     ``RECENT_RUNS`` runs), else ``configured``."""
-    runs, rows, seconds = (
+    runs, rate = (
         await session.execute(
             text(_MEASURED_RATE_SQL),
             {
@@ -409,8 +411,8 @@ async def measured_rate(session: AsyncSession, *, configured: float) -> Rate:
             },
         )
     ).one()
-    if runs and seconds > 0:
-        return Rate(float(rows) / float(seconds), "measured", int(runs))
+    if runs and rate:
+        return Rate(float(rate), "measured", int(runs))
     return Rate(configured, "configured")
 
 

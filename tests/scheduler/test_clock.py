@@ -80,3 +80,45 @@ async def test_on_demand_rotation_resets_the_clock_and_measures_the_rate(senv: d
     assert abs(plan.estimate_s - 30 * seconds / 1_500) < 1e-6
     doc = plan.as_dict()
     assert doc["rate_source"] == "measured" and doc["rate_runs"] == 1 and doc["rows_total"] == 30
+
+
+async def test_measured_rate_is_the_median_of_the_latest_large_runs(senv: dict[str, str]) -> None:
+    """Which completed runs count, and that one slow outlier (a run that waited out an outage
+    between its attempts) does not drag the estimate."""
+    settings = Settings.from_env(senv)
+    url = settings.database_url
+    (sid,) = [
+        r[0]
+        for r in await sql(
+            url,
+            "INSERT INTO key_scopes (name, active_version, latest_version) "
+            "VALUES ('openai', 1, 1) RETURNING id",
+        )
+    ]
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    runs = [  # (kind, state, rows, seconds)
+        ("dek", "completed", 100_000, 10.0),  # 10,000 rows/s
+        ("dek", "completed", 24_000, 2.0),  # 12,000
+        ("dek", "completed", 5_000, 50.0),  # 100: the outlier
+        ("dek", "completed", 22_000, 2.0),  # 11,000
+        ("dek", "completed", 999, 1.0),  # too few rows to measure
+        ("dek", "completed", 5_000, 0.5),  # too short to measure
+        ("dek", "failed", 50_000, 1.0),
+        ("retire", "completed", 50_000, 1.0),
+    ]
+    for kind, state, rows, seconds in runs:
+        await sql(
+            url,
+            "INSERT INTO rotations (kind, scope_id, from_version, state, trigger, rows_done, started_at, "
+            "finished_at) VALUES ($1, $2, 1, $3, 'schedule', $4, $5, $6)",
+            kind,
+            sid,
+            state,
+            rows,
+            t,
+            t + timedelta(seconds=seconds),
+        )
+    async with Scheduler(settings, instance_id="rate") as sched:
+        plan = await sched.plan(t)
+    assert plan.rate.source == "measured" and plan.rate.runs == 4
+    assert plan.rate.rows_per_second == 10_500  # the median of 100, 10,000, 11,000 and 12,000
