@@ -178,3 +178,48 @@ def test_usage_error_exit_2(env: dict[str, str]) -> None:
     res = keyrotor("secrets", "put", env=env)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("secrets", "put"), "Missing argument 'scope'"),
+        (("policy", "set", "openai", "--interval-days", "abc"), "Invalid value for '--interval-days'"),
+        (("rotate", "openai", "--bogus"), "No such option: --bogus"),
+        (("no-such-command",), "No such command 'no-such-command'"),
+    ],
+)
+def test_usage_errors_are_one_line_pointing_at_help(
+    env: dict[str, str], args: tuple[str, ...], says: str
+) -> None:
+    res = keyrotor(*args, env=env)
+    assert_one_line_error(res, 2)
+    assert says in res.stderr and "--help`)" in res.stderr
+
+
+def test_a_missing_or_unmigrated_database_says_what_to_run(env: dict[str, str]) -> None:
+    base = env["DATABASE_URL"].rsplit("/", 1)[0]
+    missing = keyrotor(
+        "status", env={**env, "DATABASE_URL": f"{base}/kr_never_created_{uuid.uuid4().hex[:8]}"}
+    )
+    assert_one_line_error(missing, 2)
+    assert "does not exist" in missing.stderr and "keyrotor db upgrade" in missing.stderr
+
+    import asyncio
+
+    name = f"kr_bare_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    try:
+        bare = keyrotor("policy", "show", env={**env, "DATABASE_URL": f"{base}/{name}"})
+        assert_one_line_error(bare, 2)
+        assert "no keyrotor schema" in bare.stderr and "keyrotor db upgrade" in bare.stderr
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

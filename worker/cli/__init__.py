@@ -55,6 +55,33 @@ def _fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+# Postgres errors a user fixes with configuration or one command, by SQLSTATE.
+_DATABASE_HINTS = {
+    "3D000": "the database in DATABASE_URL does not exist: `keyrotor db upgrade` creates it",
+    "42P01": "the database has no keyrotor schema (or an older one): run `keyrotor db upgrade`",
+    "42703": "the database's keyrotor schema is older than this keyrotor: run `keyrotor db upgrade`",
+    "28P01": "Postgres refused the credentials in DATABASE_URL",
+    "28000": "Postgres refused the role or host of DATABASE_URL (pg_hba.conf)",
+}
+
+
+def _database_hint(exc: BaseException) -> str | None:
+    """A one-line explanation for a database error a user can fix, found anywhere in the chain."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if isinstance(code, str) and code in _DATABASE_HINTS:
+            return _DATABASE_HINTS[code]
+        orig = getattr(e, "orig", None)
+        todo += [e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``keyrotor`` console script."""
     try:
@@ -65,13 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", 130)
     except typer.TyperException as exc:
-        # Usage errors (typer vendors click; its ClickException derives from TyperException).
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            print(f"keyrotor: error: {exc.format_message()}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
+        # Usage errors (typer vendors click; its ClickException derives from TyperException):
+        # one line, like every other error, pointing at the command's help.
+        message = exc.format_message()
+        if not message:  # a group called bare: click has printed its help already
+            raise SystemExit(exc.exit_code) from None
+        ctx = getattr(exc, "ctx", None)
+        see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(f"{message}{see}", exc.exit_code)
     except (InvalidInput, NotFound, ConfigurationError) as exc:
         _fail(str(exc), 2)
     except KeyrotorError as exc:
@@ -81,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("KEYROTOR_DEBUG"):
             raise
+        fix = _database_hint(exc)
+        if fix is not None:
+            _fail(fix, 2)
         # An unexpected error's message may quote data; print its type only.
         _fail(f"unexpected {type(exc).__name__} (set KEYROTOR_DEBUG=1 for the traceback)", 1)
 
