@@ -113,22 +113,44 @@ def rotation_completed(scope: str, seconds: float | None) -> None:
         ROTATION_SECONDS.labels(scope).observe(seconds)
 
 
-async def refresh_rows_per_version(sessions: async_sessionmaker[AsyncSession]) -> int:
+OTHER_SCOPES = "(other)"
+"""The ``scope`` label of the rows of every scope beyond ``KEYROTOR_ROWS_METRIC_MAX_SCOPES``."""
+
+
+async def refresh_rows_per_version(
+    sessions: async_sessionmaker[AsyncSession], *, max_scopes: int = 200
+) -> int:
     """Recount rows per (scope, DEK version) of the ``secrets`` table into the gauge.
 
-    One grouped query over the indexed ``(scope_id, dek_version)``; versions that no longer
-    have rows disappear from the gauge. Returns how many series were set.
+    One grouped query over the ``(scope_id, dek_version, id)`` index. The ``max_scopes`` scopes
+    with the most rows get a series per version; the others are summed per version under
+    ``scope="(other)"``, which bounds the gauge's cardinality with a scope per tenant. Versions
+    that no longer have rows disappear from the gauge. Returns how many series were set.
     """
     async with sessions() as session:
-        rows = (
+        groups = (
             await session.execute(
-                text(
-                    "SELECT k.name, s.dek_version, count(*) FROM secrets s "
-                    "JOIN key_scopes k ON k.id = s.scope_id GROUP BY k.name, s.dek_version"
-                )
+                text("SELECT scope_id, dek_version, count(*) FROM secrets GROUP BY scope_id, dek_version")
             )
         ).all()
+        totals: dict[int, int] = {}
+        for scope_id, _version, n in groups:
+            totals[scope_id] = totals.get(scope_id, 0) + n
+        shown = sorted(totals, key=lambda sid: (-totals[sid], sid))[:max_scopes]
+        names: dict[int, str] = {}
+        if shown:
+            names = dict(
+                (
+                    await session.execute(
+                        text("SELECT id, name FROM key_scopes WHERE id = ANY(:ids)"), {"ids": shown}
+                    )
+                ).all()
+            )
+    series: dict[tuple[str, str], int] = {}
+    for scope_id, version, n in groups:
+        key = (names.get(scope_id, OTHER_SCOPES), str(version))
+        series[key] = series.get(key, 0) + n
     ROWS_PER_VERSION.clear()
-    for scope, version, n in rows:
-        ROWS_PER_VERSION.labels(scope, str(version)).set(n)
-    return len(rows)
+    for (scope, version), n in series.items():
+        ROWS_PER_VERSION.labels(scope, version).set(n)
+    return len(series)

@@ -119,6 +119,16 @@ class Settings(BaseSettings):
     replica_check_interval_s: float = Field(
         default=3_600.0, gt=0, le=86_400, validation_alias="KEYROTOR_REPLICA_CHECK_INTERVAL_SECONDS"
     )
+    # The leading scheduler recounts rows per DEK version (keyrotor_rows_per_dek_version) at most
+    # this often: the count reads the whole secrets index.
+    rows_metric_interval_s: float = Field(
+        default=300.0, gt=0, le=86_400, validation_alias="KEYROTOR_ROWS_METRIC_INTERVAL_SECONDS"
+    )
+    # ... with a series per scope for this many scopes (those with the most rows); the rest are
+    # summed per version under scope="(other)", so a scope per tenant cannot flood Prometheus.
+    rows_metric_max_scopes: int = Field(
+        default=200, ge=0, le=100_000, validation_alias="KEYROTOR_ROWS_METRIC_MAX_SCOPES"
+    )
     # Due scopes are read and opened this many at a time, one transaction a batch.
     scan_batch_size: int = Field(default=500, ge=1, le=10_000, validation_alias="KEYROTOR_SCAN_BATCH_SIZE")
     # A scope whose last runs failed waits base * 2**(failures - 1), at most max, before the next try.

@@ -219,6 +219,7 @@ class Scheduler:
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self.leadership = Leadership(settings.database_url)
         self._lock = asyncio.Lock()
+        self._rows_counted_at = -math.inf
 
     async def open(self) -> None:
         """Connect to Redis and Postgres."""
@@ -377,9 +378,16 @@ class Scheduler:
             log.exception("scan_crashed", error=type(exc).__name__)
 
     async def refresh_metrics(self) -> None:
-        """Recount rows per DEK version for ``keyrotor_rows_per_dek_version`` (leader only)."""
+        """Recount rows per DEK version for ``keyrotor_rows_per_dek_version`` (leader only), at
+        most every ``KEYROTOR_ROWS_METRIC_INTERVAL_SECONDS``: the count reads the whole index."""
+        now = time.monotonic()
+        if now - self._rows_counted_at < self.settings.rows_metric_interval_s:
+            return
+        self._rows_counted_at = now
         try:
-            await metrics.refresh_rows_per_version(self.sessions)
+            await metrics.refresh_rows_per_version(
+                self.sessions, max_scopes=self.settings.rows_metric_max_scopes
+            )
         except Exception as exc:  # metrics never stop the scan
             log.warning("rows_per_version_failed", error=type(exc).__name__)
 

@@ -294,6 +294,7 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
             "KEYROTOR_METRICS_PORT": str(sport),
             "KEYROTOR_METRICS_HOST": "127.0.0.1",
             "KEYROTOR_SCAN_INTERVAL_SECONDS": "1",
+            "KEYROTOR_ROWS_METRIC_INTERVAL_SECONDS": "1",
         },
         tmp_path / "scheduler.log",
     )
