@@ -133,23 +133,27 @@ async def refuse_if_open(session: AsyncSession, kind: str, what: str) -> None:
 
 
 async def request_migration(
-    session: AsyncSession, source: str, target: str, *, trigger: str = "api"
+    session: AsyncSession, source: str, target: str, *, trigger: str = "api", request_id: str | None = None
 ) -> tuple[RunInfo, bool]:
-    """Open the migration run (or join the open one, if it goes to the same target).
+    """Open the migration run (or join the open one, if it goes to the same target), recording
+    ``request_id`` on it.
 
     Raises:
+        InvalidRequestId: ``request_id`` is not valid.
         Conflict: a migration to another target, or a KEK rotation, is open.
         ConfigurationError: unknown provider, or source and target are the same.
     """
     check_provider_setting(source)
     check_provider_setting(target)
+    if request_id is not None:
+        runs.check_request_id(request_id)
     if source == target:
         raise ConfigurationError(
             f"the DEKs are on {source} already (source and target are the same provider)"
         )
     await refuse_if_open(session, "kek", "a KEK rotation")
     run, created = await runs.open_run(
-        session, KIND, None, trigger=trigger, detail={"from": source, "to": target}
+        session, KIND, None, trigger=trigger, detail={"from": source, "to": target}, request_id=request_id
     )
     if not created and (run.detail.get("to") != target or run.detail.get("from") != source):
         raise Conflict(
@@ -244,7 +248,12 @@ async def migrate_kek(
                     "rewrap",
                     success=False,
                     error_message=f"{type(exc).__name__}: {exc}"[:1000],
-                    metadata={"run_id": run.id, "from_provider": source.name, "to_provider": target.name},
+                    metadata={
+                        "run_id": run.id,
+                        "from_provider": source.name,
+                        "to_provider": target.name,
+                        **runs.request_context(run.request_ids),
+                    },
                 ),
             )
         log.error("kek_migration_failed", error=f"{type(exc).__name__}: {exc}")
@@ -349,6 +358,7 @@ async def _migrate_batch(
                             "from_kek_version": old.kek_version,
                             "to_kek_id": new.kek_id,
                             "to_kek_version": new.kek_version,
+                            **runs.request_context(run.request_ids),
                         },
                     )
                 )

@@ -62,16 +62,21 @@ class KekRotationResult:
         }
 
 
-async def request_kek_rotation(session: Any, *, trigger: str = "api") -> tuple[RunInfo, bool]:
-    """Open the KEK rotation run, or join the open one.
+async def request_kek_rotation(
+    session: Any, *, trigger: str = "api", request_id: str | None = None
+) -> tuple[RunInfo, bool]:
+    """Open the KEK rotation run, or join the open one (recording ``request_id`` on it).
 
     Raises:
         Conflict: a KEK provider migration is open (the two would rewrap the same DEKs).
+        InvalidRequestId: ``request_id`` is not valid.
     """
     from keyrotor.kek_migration import refuse_if_open
 
+    if request_id is not None:
+        runs.check_request_id(request_id)
     await refuse_if_open(session, "kek_migrate", "a KEK provider migration")
-    return await runs.open_run(session, "kek", None, trigger=trigger)
+    return await runs.open_run(session, "kek", None, trigger=trigger, request_id=request_id)
 
 
 async def rotate_kek(
@@ -151,6 +156,7 @@ async def rotate_kek(
                                 "before": before,
                                 "after": after,
                                 "run_id": run.id,
+                                **runs.request_context(run.request_ids),
                             },
                         )
                     ],
@@ -298,6 +304,7 @@ async def _rewrap_batch(rc: RotationContext, run: RunInfo, target: int, after: i
                             "from_kek_version": old.kek_version,
                             "to_kek_version": new.kek_version,
                             "kek_id": new.kek_id,
+                            **runs.request_context(run.request_ids),
                         },
                     )
                 )

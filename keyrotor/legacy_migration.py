@@ -473,10 +473,18 @@ async def migrate_legacy(
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def open_legacy_run(km: KeyManager, *, trigger: str) -> tuple[RunInfo, bool]:
-    """Open the legacy migration run, or join the open one."""
+async def open_legacy_run(
+    km: KeyManager, *, trigger: str, request_id: str | None = None
+) -> tuple[RunInfo, bool]:
+    """Open the legacy migration run, or join the open one, recording ``request_id`` on it.
+
+    Raises:
+        InvalidRequestId: ``request_id`` is not valid.
+    """
+    if request_id is not None:
+        runs.check_request_id(request_id)
     async with db.transaction(km.sessions) as session:
-        return await runs.open_run(session, cast(Any, "legacy"), None, trigger=trigger)
+        return await runs.open_run(session, cast(Any, "legacy"), None, trigger=trigger, request_id=request_id)
 
 
 async def _migrate(

@@ -130,21 +130,32 @@ async def request_retirement(
     *,
     force_now: bool = False,
     trigger: str = "api",
+    request_id: str | None = None,
 ) -> RunInfo:
-    """Open (or join) the retirement run of ``scope`` v``version`` after the early checks.
+    """Open (or join) the retirement run of ``scope`` v``version`` after the early checks,
+    recording ``request_id`` on it.
 
     Raises:
+        InvalidRequestId: ``request_id`` is not valid.
         GraceNotOver, NotRetirable, KeyVersionUnknown, ScopeNotFound: see :func:`check_retirable`.
         Conflict: the retirement of another version of the scope is open.
     """
     check_scope(scope)
+    if request_id is not None:
+        runs.check_request_id(request_id)
     await check_retirable(sessions, scope, version, force_now=force_now)
     async with db.transaction(sessions) as session:
         sid = (
             await session.execute(text("SELECT id FROM key_scopes WHERE name = :n"), {"n": scope})
         ).scalar_one()
         run, _ = await runs.open_run(
-            session, "retire", sid, trigger=trigger, from_version=version, detail={"force_now": force_now}
+            session,
+            "retire",
+            sid,
+            trigger=trigger,
+            from_version=version,
+            detail={"force_now": force_now},
+            request_id=request_id,
         )
     if run.from_version != version:
         raise Conflict(f"{scope}: the retirement of v{run.from_version} (run {run.id}) is still open")
@@ -300,6 +311,7 @@ async def _prove_and_destroy(
                     "stragglers": done.rows_done,
                     "force_now": force_now,
                     "trigger": run.trigger,
+                    **runs.request_context(done.request_ids),
                 },
             ),
         )

@@ -154,16 +154,23 @@ async def _scope(session: AsyncSession, name: str, *, for_update: bool = False) 
 
 
 async def request_rotation(
-    session: AsyncSession, scope: str, *, trigger: str = "api"
+    session: AsyncSession, scope: str, *, trigger: str = "api", request_id: str | None = None
 ) -> tuple[RunInfo, bool]:
     """Open a DEK rotation run for ``scope`` or join the open one. Returns ``(run, created)``.
 
+    ``request_id`` (the caller's correlation id) is recorded on the run (:func:`runs.open_run`).
+
     Raises:
         ScopeNotFound: no such scope.
+        InvalidRequestId: ``request_id`` is not valid.
     """
     check_scope(scope)
+    if request_id is not None:
+        runs.check_request_id(request_id)
     sc = await _scope(session, scope)
-    return await runs.open_run(session, "dek", sc.id, trigger=trigger, from_version=sc.active_version)
+    return await runs.open_run(
+        session, "dek", sc.id, trigger=trigger, from_version=sc.active_version, request_id=request_id
+    )
 
 
 async def rotate_dek(
@@ -229,7 +236,7 @@ async def fail(rc: RotationContext, run: RunInfo, exc: PermanentError) -> None:
                 key_version=run.to_version if run.kind == "dek" else run.from_version,
                 success=False,
                 error_message=f"{type(exc).__name__}: {exc}"[:1000],
-                metadata={"run_id": run.id, "trigger": run.trigger},
+                metadata={"run_id": run.id, "trigger": run.trigger, **runs.request_context(run.request_ids)},
             ),
         )
     log.error("run_failed", run_id=run.id, kind=run.kind, error=f"{type(exc).__name__}: {exc}")
@@ -455,6 +462,7 @@ async def _complete(
                 "rows": run.rows_done,
                 "trigger": run.trigger,
                 "attempts": run.attempts,
+                **runs.request_context(run.request_ids),
             },
         ),
     )

@@ -7,11 +7,17 @@ is open already, joins it, so many enqueuers asking at once get the same run.
 
 Kinds: ``dek`` (a scope's DEK rotation), ``kek`` (rewrap every DEK; no scope), ``retire``
 (destroy one old DEK version of a scope).
+
+Callers may name themselves with a request id (their correlation id): the run keeps the ids of
+its requesters in ``detail.request_ids`` (the creator first, each joiner appended, at most
+:data:`MAX_REQUEST_IDS`), and its jobs' log events and audit events carry them
+(:func:`request_context`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -19,11 +25,35 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.errors import Conflict, KeyrotorError, NotFound, PermanentError
+from keyrotor.errors import Conflict, InvalidInput, KeyrotorError, NotFound, PermanentError
 
 RunKind = Literal["dek", "kek", "retire"]
 TERMINAL = ("completed", "failed", "cancelled")
 MAX_ERROR_CHARS = 2_000
+MAX_REQUEST_IDS = 20
+MAX_REQUEST_ID_CHARS = 128
+# No spaces, quotes, newlines or '=': a request id cannot forge a log line or a field.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
+# An API key fits that alphabet, though. What worker/logs.py's Redactor blanks there -- provider
+# API keys, kr1 values, a password in a URL, long random runs -- is refused instead: a key
+# pasted by mistake is never stored on a run, and an id is never shown blanked in the logs.
+_KEY_LIKE = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}|sk-[A-Za-z0-9_\-]{16,}|AIza[0-9A-Za-z_\-]{20,}|kr1:\d+:")
+_URL_PASSWORD = re.compile(r"://[^:/@]*:[^@/]+@")
+_LONG_RUN = re.compile(r"[A-Za-z0-9/_\-]{32,}")
+_HEX = re.compile(r"[0-9a-fA-F]{32,}")
+
+
+def _looks_random(run: str) -> bool:
+    digits, upper, lower = (any(f(c) for c in run) for f in (str.isdigit, str.isupper, str.islower))
+    if _HEX.fullmatch(run) and digits and (upper or lower):
+        return True
+    return digits and upper and lower
+
+
+def _looks_like_key(value: str) -> bool:
+    if _KEY_LIKE.search(value) or _URL_PASSWORD.search(value):
+        return True
+    return any(_looks_random(run) for run in _LONG_RUN.findall(value))
 
 
 class RunNotFound(NotFound):
@@ -32,6 +62,54 @@ class RunNotFound(NotFound):
 
 class RunFailed(PermanentError):
     """The rotation run failed."""
+
+
+class InvalidRequestId(InvalidInput):
+    """The request id is not valid."""
+
+
+def check_request_id(value: str) -> str:
+    """Validate a caller's request id and return it.
+
+    Args:
+        value: 1 to 128 characters of ``A-Z a-z 0-9 . _ : / @ -``, not looking like key material
+            (a provider API key, a ``kr1:`` value, a password in a URL, a random run of 32 or more
+            characters mixing letters and digits: what the log redaction would blank).
+
+    Raises:
+        InvalidRequestId: anything else; the message states the rule and never echoes the value.
+    """
+    if not isinstance(value, str) or not _REQUEST_ID_RE.fullmatch(value):
+        size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        raise InvalidRequestId(
+            f"invalid request id ({size}): use 1 to {MAX_REQUEST_ID_CHARS} characters of "
+            "letters, digits and . _ : / @ -"
+        )
+    if _looks_like_key(value):
+        raise InvalidRequestId(
+            f"invalid request id ({len(value)} characters): it looks like key material (an API key, "
+            "a kr1 value, a URL password or a long random run, which logs blank); use an id of "
+            "1 to 128 characters of letters, digits and . _ : / @ - that is not a secret"
+        )
+    return value
+
+
+def _valid(value: str) -> bool:
+    return bool(_REQUEST_ID_RE.fullmatch(value)) and not _looks_like_key(value)
+
+
+def request_context(request_ids: list[str]) -> dict[str, Any]:
+    """Log and audit fields for a run's requesters: ``request_id`` (the first, who opened the
+    run) and, once others joined, ``request_ids`` (all). Empty if nobody named themselves.
+
+    Ids that are not valid (a row edited by hand) are left out rather than logged.
+    """
+    ids = [i for i in request_ids if isinstance(i, str) and _valid(i)]
+    if not ids:
+        return {}
+    if len(ids) == 1:
+        return {"request_id": ids[0]}
+    return {"request_id": ids[0], "request_ids": ids}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +135,12 @@ class RunInfo:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+
+    @property
+    def request_ids(self) -> list[str]:
+        """The request ids of whoever asked for this run, the creator first."""
+        ids = self.detail.get("request_ids") or []
+        return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
     @property
     def terminal(self) -> bool:
@@ -150,12 +234,24 @@ async def open_run(
     trigger: str,
     from_version: int | None = None,
     detail: dict[str, Any] | None = None,
+    request_id: str | None = None,
 ) -> tuple[RunInfo, bool]:
     """Insert a pending run, or join the open one. Returns ``(run, created)``.
 
     Safe under concurrency: two callers inserting at once collide on ``uq_rotations_one_open``;
     the second waits for the first to commit, inserts nothing, and reads the same run.
+
+    ``request_id`` (validated here) is recorded in ``detail.request_ids`` in this transaction:
+    as the first id of a new run, or appended to the open run's ids when joining (once per id,
+    at most :data:`MAX_REQUEST_IDS`; later joiners are not recorded).
+
+    Raises:
+        InvalidRequestId: ``request_id`` is not valid (nothing is written).
+        Conflict: the open run finished while it was being joined.
     """
+    if request_id is not None:
+        check_request_id(request_id)
+        detail = {**(detail or {}), "request_ids": [request_id]}
     created_id = (
         await session.execute(
             text(
@@ -178,7 +274,44 @@ async def open_run(
     run = await find_open_run(session, kind, scope_id)
     if run is None:  # the open run finished between the insert and the read: ask again
         raise Conflict(f"a {kind} run finished while this one was requested; request it again")
+    known = run.request_ids
+    if request_id is not None and request_id not in known and len(known) < MAX_REQUEST_IDS:
+        run = await _join_request(session, run, request_id)
     return run, False
+
+
+async def _join_request(session: AsyncSession, run: RunInfo, request_id: str) -> RunInfo:
+    # Appended in SQL under the row lock (another joiner may have appended since the read), so
+    # a joiner waits for a job transaction holding the row (a batch; a small scope's whole
+    # rotation). updated_at is left alone: a join is not progress (enqueue_driver re-drives on it).
+    joined = (
+        await session.execute(
+            text(
+                "UPDATE rotations SET detail = jsonb_set(detail, '{request_ids}', CASE "
+                "WHEN coalesce(detail->'request_ids', '[]') @> jsonb_build_array(CAST(:rid AS text)) "
+                "OR jsonb_array_length(coalesce(detail->'request_ids', '[]')) >= :max "
+                "THEN coalesce(detail->'request_ids', '[]') "
+                "ELSE coalesce(detail->'request_ids', '[]') || jsonb_build_array(CAST(:rid AS text)) END) "
+                "WHERE id = :id AND state IN ('pending', 'running') RETURNING id"
+            ),
+            {"id": run.id, "rid": request_id, "max": MAX_REQUEST_IDS},
+        )
+    ).scalar_one_or_none()
+    if joined is None:
+        raise Conflict(f"{run.kind} run {run.id} finished while it was being joined; request it again")
+    return await require_run(session, run.id)
+
+
+async def request_ids_of(session: AsyncSession, run_id: int) -> list[str]:
+    """The request ids recorded on a run (empty if none, or no such run)."""
+    ids = (
+        await session.execute(
+            text("SELECT detail->'request_ids' FROM rotations WHERE id = :id"), {"id": run_id}
+        )
+    ).scalar_one_or_none()
+    if isinstance(ids, str):
+        ids = json.loads(ids)
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 async def start_attempt(session: AsyncSession, run_id: int, job_id: str | None) -> RunInfo:
