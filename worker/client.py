@@ -9,6 +9,10 @@
 Each request opens (or joins) a run row in Postgres first -- so many clients asking at once get
 the same run -- then enqueues the job that drives it under a deterministic id (a duplicate
 enqueue is a no-op). The handle carries the run id and the arq :class:`~arq.jobs.Job`.
+
+``request_id`` names the caller (its own correlation id): it is recorded on the run
+(``detail.request_ids``, beside the ids of whoever joined it), and the run's job log events and
+audit events carry it. It is never part of a job id.
 """
 
 from __future__ import annotations
@@ -100,6 +104,12 @@ class RunHandle:
         raise RunFailed(f"run {self.run_id}: its job {self.job.job_id} failed: {info.result!r}")
 
 
+def _check(request_id: str | None) -> None:
+    # Before any connection is used: a bad id writes nothing and costs no round trip.
+    if request_id is not None:
+        runs.check_request_id(request_id)
+
+
 class KeyrotorClient:
     """Enqueues rotations and reads their state.
 
@@ -166,34 +176,59 @@ class KeyrotorClient:
         job = await enqueue_driver(self.redis, self.settings, run)
         return RunHandle(self, run.id, job, created)
 
-    async def rotate(self, scope: str, *, trigger: str = "api") -> RunHandle:
+    async def rotate(self, scope: str, *, trigger: str = "api", request_id: str | None = None) -> RunHandle:
         """Rotate ``scope``'s DEK (or join its open rotation).
 
+        Args:
+            scope: the scope.
+            trigger: who asked, recorded on a new run.
+            request_id: the caller's correlation id (1-128 of ``A-Za-z0-9._:/@-``), recorded on
+                the run and carried by its jobs' log events and audit events.
+
         Raises:
+            InvalidRequestId: ``request_id`` is not valid (nothing is written).
             ScopeNotFound: no such scope.
             QueueUnavailable, StoreUnavailable: an outage.
         """
+        _check(request_id)
         async with db.transaction(self.sessions) as session:
-            run, created = await rotation.request_rotation(session, scope, trigger=trigger)
+            run, created = await rotation.request_rotation(
+                session, scope, trigger=trigger, request_id=request_id
+            )
         return await self._handle(run, created)
 
-    async def rotate_kek(self, *, trigger: str = "api") -> RunHandle:
-        """Rewrap every DEK under the current (or a newly rotated) KEK version."""
+    async def rotate_kek(self, *, trigger: str = "api", request_id: str | None = None) -> RunHandle:
+        """Rewrap every DEK under the current (or a newly rotated) KEK version.
+
+        Raises:
+            InvalidRequestId: ``request_id`` is not valid (nothing is written).
+        """
+        _check(request_id)
         async with db.transaction(self.sessions) as session:
-            run, created = await kek_rotation.request_kek_rotation(session, trigger=trigger)
+            run, created = await kek_rotation.request_kek_rotation(
+                session, trigger=trigger, request_id=request_id
+            )
         return await self._handle(run, created)
 
     async def retire(
-        self, scope: str, version: int, *, force_now: bool = False, trigger: str = "api"
+        self,
+        scope: str,
+        version: int,
+        *,
+        force_now: bool = False,
+        trigger: str = "api",
+        request_id: str | None = None,
     ) -> RunHandle:
         """Destroy DEK ``version`` of ``scope`` once nothing needs it.
 
         Raises:
+            InvalidRequestId: ``request_id`` is not valid (nothing is written).
             GraceNotOver: its grace period is not over (``force_now`` skips the wait).
             NotRetirable: it is the active (or a pending) version.
         """
+        _check(request_id)
         run = await retire.request_retirement(
-            self.sessions, scope, version, force_now=force_now, trigger=trigger
+            self.sessions, scope, version, force_now=force_now, trigger=trigger, request_id=request_id
         )
         return await self._handle(run, True)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -97,13 +98,16 @@ def functions(settings: Settings) -> list[Function]:
 
 
 def _counted(fn: Callable[..., Awaitable[Any]]) -> Any:
-    """``fn`` counting its outcomes in ``keyrotor_arq_jobs_total``."""
+    """``fn`` counting its outcomes in ``keyrotor_arq_jobs_total``, its log events carrying the
+    function name and, for a job of a run (a ``run_id`` argument), its requesters' ids."""
     name = fn.__name__
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     async def wrapper(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         structlog.contextvars.bind_contextvars(job=name)
         try:
+            await _bind_requesters(ctx, signature, args, kwargs)
             result = await fn(ctx, *args, **kwargs)
         except Retry:
             ops.count_job(name, "retry")
@@ -118,6 +122,33 @@ def _counted(fn: Callable[..., Awaitable[Any]]) -> Any:
         return result
 
     return wrapper
+
+
+async def _bind_requesters(
+    ctx: dict[str, Any], signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Bind ``request_id`` (and ``request_ids``) of the job's run, read from the run row.
+
+    Read here, once a job, rather than carried in the job's arguments: the run row holds the
+    ids of the enqueuers who joined after the job was queued, job payloads (and ids) stay as
+    they are, and every job of every kind of run gets them in one place.
+    """
+    try:
+        run_id = signature.bind_partial(ctx, *args, **kwargs).arguments.get("run_id")
+    except TypeError:
+        return  # arguments the job will refuse itself
+    if not isinstance(run_id, int) or isinstance(run_id, bool):
+        return
+    d: Deps | None = ctx.get("deps")
+    if d is None:
+        return
+    try:
+        async with db.transaction(d.sessions) as session:
+            ids = await runs.request_ids_of(session, run_id)
+    except Exception as exc:  # an outage: the job meets it too, and retries
+        log.debug("request_ids_unavailable", run_id=run_id, error=type(exc).__name__)
+        return
+    structlog.contextvars.bind_contextvars(**runs.request_context(ids))
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:

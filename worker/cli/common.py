@@ -6,14 +6,25 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from keyrotor import KeyManager, Settings
 
 T = TypeVar("T")
+
+# Checked by the command itself (keyrotor.runs.check_request_id) before anything is written.
+RequestIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--request-id",
+        help="your correlation id (1-128 of A-Za-z0-9._:/@-): kept on the run, on its jobs' log "
+        "events and its audit events",
+    ),
+]
 
 # Tables and progress go to stderr, so stdout stays clean for values and --json.
 err_console = Console(stderr=True)

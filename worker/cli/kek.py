@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated, Any
 
+import structlog
 import typer
 from rich.table import Table
 
-from keyrotor import kek_migration
+from keyrotor import kek_migration, runs
 from keyrotor.errors import KekError, KekUnavailable
 from keyrotor.kek.base import PROVIDER_SETTING, KekProvider
 from keyrotor.kek.factory import open_provider
-from keyrotor.runs import RunFailed, RunInfo
+from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import err_console, out_console, print_json, progress, run
+from worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
 
 app = typer.Typer(help="The KEK: its provider, the DEKs it wraps, migration to another provider.")
 
@@ -90,12 +91,15 @@ def migrate(
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="with --wait: give up after this many seconds")
     ] = None,
+    request_id: RequestIdOpt = None,
 ) -> None:
     """Rewrap every DEK from the current provider to another (resumable; only DEKs are decrypted).
 
     The target is configured by its usual variables (AWS_*, VAULT_*, ENCRYPTION_KEY), which the
     workers need too unless --inline is given.
     """
+    if request_id is not None:
+        check_request_id(request_id)
     settings = Settings.from_env()
     src = kek_migration.check_provider_setting(source or settings.secrets_provider)
     dst = kek_migration.check_provider_setting(to)
@@ -106,10 +110,10 @@ def migrate(
         try:
             await target.check()
             if inline:
-                return await _inline(settings, src, target), None
+                return await _inline(settings, src, target, request_id), None
         finally:
             await target.aclose()
-        return await _enqueued(settings, src, dst, wait=wait, timeout_s=timeout)
+        return await _enqueued(settings, src, dst, wait=wait, timeout_s=timeout, request_id=request_id)
 
     r, job_id = run(go)
     done = r.state == "completed"
@@ -140,13 +144,16 @@ def _log_to_stderr(settings: Settings) -> None:
             handler.setStream(sys.stderr)
 
 
-async def _inline(settings: Settings, src: str, target: KekProvider) -> RunInfo:
+async def _inline(settings: Settings, src: str, target: KekProvider, request_id: str | None) -> RunInfo:
     _log_to_stderr(settings)
     engine = db.create_engine(settings.database_url, pool_size=2)
     try:
         sessions = db.sessionmaker(engine)
         async with db.transaction(sessions) as session:
-            r, _ = await kek_migration.request_migration(session, src, target_name(target), trigger="cli")
+            r, _ = await kek_migration.request_migration(
+                session, src, target_name(target), trigger="cli", request_id=request_id
+            )
+        structlog.contextvars.bind_contextvars(**runs.request_context(r.request_ids))
         async with contextlib.AsyncExitStack() as stack:
             source = await kek_migration.open_named_provider(src, settings)
             stack.push_async_callback(source.aclose)
@@ -164,14 +171,16 @@ def target_name(provider: KekProvider) -> str:
 
 
 async def _enqueued(
-    settings: Settings, src: str, dst: str, *, wait: bool, timeout_s: float | None
+    settings: Settings, src: str, dst: str, *, wait: bool, timeout_s: float | None, request_id: str | None
 ) -> tuple[RunInfo, str | None]:
     from jobs.common import enqueue_driver
     from worker.client import KeyrotorClient, RunHandle
 
     async with KeyrotorClient(settings) as client:
         async with db.transaction(client.sessions) as session:
-            r, created = await kek_migration.request_migration(session, src, dst, trigger="cli")
+            r, created = await kek_migration.request_migration(
+                session, src, dst, trigger="cli", request_id=request_id
+            )
         job = await enqueue_driver(client.redis, settings, r)
         handle = RunHandle(client, r.id, job, created)
         if not wait:

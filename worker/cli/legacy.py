@@ -11,9 +11,9 @@ import typer
 from keyrotor import legacy_migration
 from keyrotor.legacy_migration import LegacyReport
 from keyrotor.policy import check_scope
-from keyrotor.runs import RunFailed, RunInfo
+from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
-from worker.cli.common import err_console, manager, print_json, progress, run
+from worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
 
 app = typer.Typer(help="Migrate the old backend's legacy ciphertexts and DEKs.")
 
@@ -50,12 +50,15 @@ def migrate(
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="with --wait: give up after this")
     ] = None,
+    request_id: RequestIdOpt = None,
 ) -> None:
     """Move every legacy value (secrets and registered columns) to kr1, online and resumable.
 
     Runs on the workers (`keyrotor worker`) as the job `migrate_legacy`; with --dry-run it runs
     here and changes nothing. Exit 1 if any value failed (with --wait or --dry-run).
     """
+    if request_id is not None:
+        check_request_id(request_id)
     if dry_run:
 
         async def dry() -> LegacyReport:
@@ -86,7 +89,7 @@ def migrate(
 
         async with KeyrotorClient(Settings.from_env()) as client:
             async with manager() as km:
-                r, created = await legacy_migration.open_legacy_run(km, trigger="cli")
+                r, created = await legacy_migration.open_legacy_run(km, trigger="cli", request_id=request_id)
             job = await enqueue_driver(client.redis, client.settings, r)
             handle = RunHandle(client, r.id, job, created)
             if not wait:

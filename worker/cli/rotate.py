@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 
 from keyrotor.policy import check_scope
-from keyrotor.runs import RunFailed, RunInfo
+from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
-from worker.cli.common import err_console, out_console, print_json, progress, run
+from worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
 
 if TYPE_CHECKING:
     from worker.client import KeyrotorClient, RunHandle
@@ -93,9 +93,12 @@ def rotate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print what the rotation would do (rows, time); change nothing")
     ] = False,
+    request_id: RequestIdOpt = None,
 ) -> None:
     """Rotate a scope's DEK now (or join its open rotation). Exit 0 once completed with --wait."""
     check_scope(scope)
+    if request_id is not None:
+        check_request_id(request_id)
     if dry_run:
         from worker.cli.scheduler import rotate_dry_run
 
@@ -104,19 +107,26 @@ def rotate(
 
     async def go() -> tuple[RunInfo, RunHandle]:
         async with _client() as client:
-            handle = await client.rotate(scope, trigger="cli")
+            handle = await client.rotate(scope, trigger="cli", request_id=request_id)
             return await _follow(handle, wait=wait, timeout_s=timeout, label=f"re-encrypting {scope}"), handle
 
     r, handle = run(go)
     _finish(r, handle, wait=wait, json_out=json_out)
 
 
-def rotate_kek(wait: WaitOpt = False, json_out: JsonOpt = False, timeout: TimeoutOpt = None) -> None:
+def rotate_kek(
+    wait: WaitOpt = False,
+    json_out: JsonOpt = False,
+    timeout: TimeoutOpt = None,
+    request_id: RequestIdOpt = None,
+) -> None:
     """Rewrap every DEK under the current KEK version (local keyring: ENCRYPTION_KEY_VERSION)."""
+    if request_id is not None:
+        check_request_id(request_id)
 
     async def go() -> tuple[RunInfo, RunHandle]:
         async with _client() as client:
-            handle = await client.rotate_kek(trigger="cli")
+            handle = await client.rotate_kek(trigger="cli", request_id=request_id)
             return await _follow(handle, wait=wait, timeout_s=timeout, label="rewrapping DEKs"), handle
 
     r, handle = run(go)
@@ -131,13 +141,18 @@ def retire(
     ] = False,
     json_out: JsonOpt = False,
     timeout: TimeoutOpt = None,
+    request_id: RequestIdOpt = None,
 ) -> None:
     """Destroy an old DEK version: re-encrypt stragglers, prove no row uses it, erase it."""
     check_scope(scope)
+    if request_id is not None:
+        check_request_id(request_id)
 
     async def go() -> tuple[RunInfo, RunHandle]:
         async with _client() as client:
-            handle = await client.retire(scope, version, force_now=force_now, trigger="cli")
+            handle = await client.retire(
+                scope, version, force_now=force_now, trigger="cli", request_id=request_id
+            )
             return await handle.wait(timeout), handle
 
     r, handle = run(go)
