@@ -392,7 +392,10 @@ async def test_leadership_moves_when_the_leaders_connection_dies(senv: dict[str,
             url,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
             "'keyrotor-scheduler' AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
-            "AND pid = (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted LIMIT 1)",
+            # The lock holder in this test's own database (other tests' schedulers may hold
+            # advisory locks in theirs on the same server).
+            "AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
         )
         assert await b.ensure()
         assert not await a.ensure()  # notices at its next ping, and stays standby
