@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     replica_check_interval_s: float = Field(
         default=3_600.0, gt=0, le=86_400, validation_alias="KEYROTOR_REPLICA_CHECK_INTERVAL_SECONDS"
     )
+    # A leading scheduler that stops answering (hung, SIGSTOP) loses its lock after this long
+    # without pinging it (Postgres idle_session_timeout); a standby then takes over at its next scan.
+    scheduler_leader_timeout_s: float = Field(
+        default=30.0, ge=2, le=3_600, validation_alias="KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS"
+    )
     # The leading scheduler recounts rows per DEK version (keyrotor_rows_per_dek_version) at most
     # this often: the count reads the whole secrets index.
     rows_metric_interval_s: float = Field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -108,6 +109,44 @@ async def test_two_schedulers_one_leads_the_standby_takes_over_within_an_interva
 
 async def _is(leader: Any, proc: Proc) -> bool:
     return bool(await leader() is proc)
+
+
+async def test_a_hung_leader_loses_the_lead_to_the_standby_and_stays_standby_when_it_wakes(
+    senv: dict[str, str], rq: Any, procs: list[Proc], tmp_path: Path
+) -> None:
+    """SIGSTOP keeps the leader's socket (and so its session lock) open; its lease must lapse."""
+    env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "1", "KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS": "3"}
+    key = senv["KEYROTOR_SCHEDULER_LEADER_KEY"]
+    a = Proc(env, tmp_path / "a.log", "scheduler")
+    b = Proc(env, tmp_path / "b.log", "scheduler")
+    procs += [a, b]
+
+    async def leader() -> Proc | None:
+        value = await rq.get(key)
+        return None if value is None else next((p for p in (a, b) if f":{p.pid}:" in value.decode()), None)
+
+    await wait_until(leader, 30, "a leader")
+    hung = await leader()
+    assert hung is not None
+    standby = b if hung is a else a
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        # The lease (3 s without a ping) lapses, then the standby's next tick (1 s) takes the lock.
+        took = await wait_until(lambda: _is(leader, standby), 20, "the standby to take over")
+        print(f"takeover from a hung leader: {took:.2f}s")
+        assert "scheduler_became_leader" in standby.output()
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+    # The old leader wakes up, finds its session gone, and does not lead again.
+    await wait_until(lambda: _has(hung, "scheduler_lost_leadership"), 15, "the old leader to notice")
+    await asyncio.sleep(2.5)  # a few ticks of both
+    assert await leader() is standby
+    assert hung.output().count("scheduler_became_leader") == 1
+    assert hung.terminate() == 0 and standby.terminate() == 0
+
+
+async def _has(proc: Proc, event: str) -> bool:
+    return event in proc.output()
 
 
 async def test_end_to_end_a_scope_made_due_is_rotated_with_no_other_action(
