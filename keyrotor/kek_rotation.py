@@ -212,7 +212,9 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
         return None
     async with db.transaction(rc.sessions) as session:
         # SHARE mode waits for transactions writing DEKs to commit, so a DEK wrapped under an
-        # old version and being inserted right now is counted, not cut off.
+        # old version and being inserted right now is counted, not cut off; and it is held
+        # until the provider has answered, so none can be inserted between the count and the
+        # cut-off (DEK writers wait one provider call, once a KEK rotation).
         await session.execute(text("SET LOCAL lock_timeout = '10s'"))
         await session.execute(text("LOCK TABLE data_keys IN SHARE MODE"))
         lowest = (
@@ -221,13 +223,15 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
                 {"kid": provider.kek_id},
             )
         ).scalar_one()
-    if lowest is None:
-        return None
-    try:
-        before = await provider.raise_min_decryption_version(int(lowest))
-    except KekError as exc:
-        log.warning("kek_versions_not_retired", kek_id=provider.kek_id, error=f"{type(exc).__name__}: {exc}")
-        return None
+        if lowest is None:
+            return None
+        try:
+            before = await provider.raise_min_decryption_version(int(lowest))
+        except KekError as exc:
+            log.warning(
+                "kek_versions_not_retired", kek_id=provider.kek_id, error=f"{type(exc).__name__}: {exc}"
+            )
+            return None
     if before is None:
         return None
     log.info(
