@@ -140,6 +140,10 @@ class ScanReport:
         }
 
 
+# New scopes followed to the regions one job each, up to this many a scan; more: one full pass.
+FOLLOW_MAX_SCOPES = 100
+
+
 class Leadership:
     """A session-level advisory lock held on a connection of its own.
 
@@ -265,6 +269,7 @@ class Scheduler:
         self.leadership = Leadership(settings.database_url, timeout_s=settings.scheduler_leader_timeout_s)
         self._lock = asyncio.Lock()
         self._rows_counted_at = -math.inf
+        self._dek_watermark: int | None = None  # the newest DEK id already followed to the regions
 
     async def open(self) -> None:
         """Connect to Redis and Postgres."""
@@ -411,7 +416,69 @@ class Scheduler:
                 log.info("scheduler_became_leader", instance=self.instance_id)
                 # The hour's replica check may have died with the previous leader.
                 await self.enqueue_replica_check(now)
-            return await self.scan(now)
+                self._dek_watermark = None  # that check covers what came before this lead
+            report = await self.scan(now)
+            await self.follow_new_deks()
+            return report
+
+    async def follow_new_deks(self) -> list[str]:
+        """Enqueue ``replicate_keys`` for the scopes whose DEKs appeared since the last scan.
+
+        An application creates a scope's first DEK itself and copies it to the regions if it can;
+        under least-privilege roles (or when a region was down) it cannot, and the copy would wait
+        for the hourly check. This bounds that wait to one scan interval: one job a new scope
+        (``<queue>:replicate_keys:new_dek:<scope>:<dek id>``, so concurrent leaders queue it once),
+        or a single full pass when more than :data:`FOLLOW_MAX_SCOPES` appeared. A DEK committed
+        after a newer one was seen is left to the hourly check. A no-op without regions; never
+        fails the scan. Returns the ids of the jobs this call queued.
+        """
+        if not self.settings.regions:
+            return []
+        try:
+            async with db.transaction(self.sessions) as session:
+                if self._dek_watermark is None:
+                    newest = (await session.execute(text("SELECT max(id) FROM data_keys"))).scalar_one()
+                    self._dek_watermark = int(newest or 0)
+                    return []
+                rows = (
+                    await session.execute(
+                        text(
+                            "SELECT d.id, k.name FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+                            "WHERE d.id > :w ORDER BY d.id LIMIT :n"
+                        ),
+                        {"w": self._dek_watermark, "n": FOLLOW_MAX_SCOPES + 1},
+                    )
+                ).all()
+                if not rows:
+                    return []
+                calls: list[tuple[str | None, int]]
+                if len(rows) > FOLLOW_MAX_SCOPES:
+                    newest = (await session.execute(text("SELECT max(id) FROM data_keys"))).scalar_one()
+                    calls = [(None, int(newest))]
+                else:
+                    last: dict[str, int] = {}
+                    for dek_id, scope in rows:
+                        last[scope] = int(dek_id)
+                    calls = [(scope, dek_id) for scope, dek_id in last.items()]
+            queued = []
+            for scope, dek_id in calls:
+                jid = job_id(self.settings, "replicate_keys", "new_dek", scope or "-", dek_id)
+                job = await self.redis.enqueue_job(
+                    "replicate_keys",
+                    scope,
+                    reason="new_dek",
+                    _job_id=jid,
+                    _queue_name=self.settings.queue_name,
+                )
+                if job is not None:
+                    queued.append(jid)
+            self._dek_watermark = max(dek_id for _, dek_id in calls)
+        except (KeyrotorError, RedisError, OSError) as exc:  # the next scan tries again
+            log.warning("follow_new_deks_failed", error=type(exc).__name__)
+            return []
+        if queued:
+            log.info("new_deks_followed", jobs=len(queued))
+        return queued
 
     async def _tick_job(self) -> None:
         try:
