@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.errors import Conflict, InvalidInput, KeyrotorError, NotFound, PermanentError
+from keyrotor.redaction import looks_like_key_material
 
 RunKind = Literal["dek", "kek", "retire"]
 TERMINAL = ("completed", "failed", "cancelled")
@@ -34,26 +35,9 @@ MAX_REQUEST_IDS = 20
 MAX_REQUEST_ID_CHARS = 128
 # No spaces, quotes, newlines or '=': a request id cannot forge a log line or a field.
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
-# An API key fits that alphabet, though. What worker/logs.py's Redactor blanks there -- provider
-# API keys, kr1 values, a password in a URL, long random runs -- is refused instead: a key
-# pasted by mistake is never stored on a run, and an id is never shown blanked in the logs.
-_KEY_LIKE = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}|sk-[A-Za-z0-9_\-]{16,}|AIza[0-9A-Za-z_\-]{20,}|kr1:\d+:")
-_URL_PASSWORD = re.compile(r"://[^:/@]*:[^@/]+@")
-_LONG_RUN = re.compile(r"[A-Za-z0-9/_\-]{32,}")
-_HEX = re.compile(r"[0-9a-fA-F]{32,}")
-
-
-def _looks_random(run: str) -> bool:
-    digits, upper, lower = (any(f(c) for c in run) for f in (str.isdigit, str.isupper, str.islower))
-    if _HEX.fullmatch(run) and digits and (upper or lower):
-        return True
-    return digits and upper and lower
-
-
-def _looks_like_key(value: str) -> bool:
-    if _KEY_LIKE.search(value) or _URL_PASSWORD.search(value):
-        return True
-    return any(_looks_random(run) for run in _LONG_RUN.findall(value))
+# An API key fits that alphabet, though: what the log redaction blanks (keyrotor.redaction:
+# provider API keys, kr1 values, a password in a URL, long random runs) is refused instead, so a
+# key pasted by mistake is never stored on a run and an id is never shown blanked in the logs.
 
 
 class RunNotFound(NotFound):
@@ -85,7 +69,7 @@ def check_request_id(value: str) -> str:
             f"invalid request id ({size}): use 1 to {MAX_REQUEST_ID_CHARS} characters of "
             "letters, digits and . _ : / @ -"
         )
-    if _looks_like_key(value):
+    if looks_like_key_material(value):
         raise InvalidRequestId(
             f"invalid request id ({len(value)} characters): it looks like key material (an API key, "
             "a kr1 value, a URL password or a long random run, which logs blank); use an id of "
@@ -95,7 +79,7 @@ def check_request_id(value: str) -> str:
 
 
 def _valid(value: str) -> bool:
-    return bool(_REQUEST_ID_RE.fullmatch(value)) and not _looks_like_key(value)
+    return bool(_REQUEST_ID_RE.fullmatch(value)) and not looks_like_key_material(value)
 
 
 def request_context(request_ids: list[str]) -> dict[str, Any]:

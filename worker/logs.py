@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
@@ -34,33 +33,13 @@ from structlog.dev import ConsoleRenderer, RichTracebackFormatter
 from structlog.processors import ExceptionRenderer
 from structlog.tracebacks import ExceptionDictTransformer
 
+from keyrotor.redaction import REDACTED, blank_patterns
 from keyrotor.settings import Settings
 
 _configured = False
 
-REDACTED = "[REDACTED]"
 # Shortest literal secret matched verbatim (shorter ones would blank ordinary words).
 _MIN_LITERAL = 8
-_PATTERNS = [
-    # Provider API keys: Anthropic, OpenAI (sk-, sk-proj-), Google.
-    re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"sk-[A-Za-z0-9_\-]{16,}"),
-    re.compile(r"AIza[0-9A-Za-z_\-]{20,}"),
-    # keyrotor ciphertexts.
-    re.compile(r"kr1:\d+:[A-Za-z0-9_\-]+=*"),
-]
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s/]+@")
-# Candidate runs of base64 / base64url / hex; judged by _looks_random.
-_RUN = re.compile(r"[A-Za-z0-9+/_\-]{32,}={0,2}")
-_HEX = re.compile(r"[0-9a-fA-F]{32,}")
-
-
-def _looks_random(run: str) -> bool:
-    if _HEX.fullmatch(run) and any(c.isdigit() for c in run) and any(c.isalpha() for c in run):
-        return True
-    # Random base64 of 24+ bytes practically always mixes all three; identifiers, paths and
-    # snake_case names do not.
-    return any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)
 
 
 class Redactor:
@@ -78,10 +57,7 @@ class Redactor:
         for literal in self.literals:
             if literal in text:
                 text = text.replace(literal, REDACTED)
-        for pattern in _PATTERNS:
-            text = pattern.sub(REDACTED, text)
-        text = _URL_PASSWORD.sub(lambda m: m.group(1) + "***@", text)
-        return _RUN.sub(lambda m: REDACTED if _looks_random(m.group(0)) else m.group(0), text)
+        return blank_patterns(text)
 
     def _value(self, value: Any) -> Any:
         if isinstance(value, str):

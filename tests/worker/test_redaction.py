@@ -12,7 +12,8 @@ import pytest
 import structlog
 
 from keyrotor import Settings
-from worker.logs import REDACTED, Redactor, configure_logging, known_secrets
+from keyrotor.redaction import REDACTED
+from worker.logs import Redactor, configure_logging, known_secrets
 
 ANTHROPIC = "sk-ant-api03-" + "Ab3_x-" * 16
 OPENAI = "sk-proj-" + "Zq9xY8wV7uT6sR5q" * 3
