@@ -366,14 +366,26 @@ async def fail_run(session: AsyncSession, run_id: int, error: KeyrotorError | st
 
 
 async def list_runs(
-    session: AsyncSession, *, limit: int = 20, scope: str | None = None, open_only: bool = False
+    session: AsyncSession,
+    *,
+    limit: int = 20,
+    scope: str | None = None,
+    open_only: bool = False,
+    request_id: str | None = None,
 ) -> list[RunInfo]:
-    """The most recent runs first."""
+    """The most recent runs first; with ``request_id``, only the runs that requester asked for.
+
+    Raises:
+        InvalidRequestId: ``request_id`` is not a valid request id.
+    """
     sql = f"SELECT {_COLUMNS} {_FROM} WHERE TRUE"
     params: dict[str, Any] = {"limit": limit}
     if scope is not None:
         sql += " AND s.name = :scope"
         params["scope"] = scope
+    if request_id is not None:
+        sql += " AND r.detail -> 'request_ids' @> jsonb_build_array(CAST(:rid AS text))"
+        params["rid"] = check_request_id(request_id)
     if open_only:
         sql += " AND r.state IN ('pending', 'running')"
     sql += " ORDER BY r.id DESC LIMIT :limit"

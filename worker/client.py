@@ -241,7 +241,14 @@ class KeyrotorClient:
         async with db.transaction(self.sessions) as session:
             return await runs.require_run(session, run_id)
 
-    async def runs(self, *, limit: int = 20, scope: str | None = None) -> list[RunInfo]:
-        """The most recent runs first."""
+    async def runs(
+        self, *, limit: int = 20, scope: str | None = None, request_id: str | None = None
+    ) -> list[RunInfo]:
+        """The most recent runs first; with ``request_id``, the runs asked for under that id
+        (as creator or joiner): how an application finds its run by its own correlation id.
+
+        Raises:
+            InvalidRequestId: ``request_id`` is not a valid request id.
+        """
         async with db.transaction(self.sessions) as session:
-            return await runs.list_runs(session, limit=limit, scope=scope)
+            return await runs.list_runs(session, limit=limit, scope=scope, request_id=request_id)

@@ -143,6 +143,16 @@ async def test_a_fanned_out_rotation_carries_its_requesters_ids_on_every_job_eve
     by_id = {r["id"]: r for r in json.loads(listed.stdout)["runs"]}
     assert by_id[run.id]["detail"]["request_ids"] == [CREATOR, JOINER]
     assert by_id[retired.run_id]["detail"]["request_ids"] == [RETIRER]
+    # ... and each requester finds its own runs by its id, joiners included.
+    for rid, expected in ((CREATOR, [run.id]), (JOINER, [run.id]), (RETIRER, [retired.run_id])):
+        mine = keyrotor("runs", "--json", "--request-id", rid, env=env)
+        assert mine.returncode == 0, mine.stderr
+        assert [r["id"] for r in json.loads(mine.stdout)["runs"]] == expected
+    async with KeyrotorClient(settings) as client:
+        assert [r.id for r in await client.runs(request_id=JOINER)] == [run.id]
+        assert await client.runs(request_id="nobody-asked") == []
+    bad = keyrotor("runs", "--request-id", "sk-proj-" + "Ab1" * 12, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
 async def test_a_fanned_out_legacy_migration_carries_its_request_id_on_every_job_event(

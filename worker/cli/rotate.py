@@ -163,14 +163,19 @@ def runs_cmd(
     json_out: JsonOpt = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="how many")] = 20,
     scope: Annotated[str | None, typer.Option("--scope", help="only this scope's runs")] = None,
+    request_id: Annotated[
+        str | None, typer.Option("--request-id", help="only the runs asked for under this request id")
+    ] = None,
 ) -> None:
     """Recent rotation runs, newest first."""
     if scope is not None:
         check_scope(scope)
+    if request_id is not None:
+        check_request_id(request_id)
 
     async def go() -> list[RunInfo]:
         async with _client() as client:
-            return await client.runs(limit=limit, scope=scope)
+            return await client.runs(limit=limit, scope=scope, request_id=request_id)
 
     found = run(go)
     if json_out:
