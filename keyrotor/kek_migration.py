@@ -145,8 +145,6 @@ async def request_migration(
     """
     check_provider_setting(source)
     check_provider_setting(target)
-    if request_id is not None:
-        runs.check_request_id(request_id)
     if source == target:
         raise ConfigurationError(
             f"the DEKs are on {source} already (source and target are the same provider)"

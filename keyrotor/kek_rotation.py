@@ -73,8 +73,6 @@ async def request_kek_rotation(
     """
     from keyrotor.kek_migration import refuse_if_open
 
-    if request_id is not None:
-        runs.check_request_id(request_id)
     await refuse_if_open(session, "kek_migrate", "a KEK provider migration")
     return await runs.open_run(session, "kek", None, trigger=trigger, request_id=request_id)
 

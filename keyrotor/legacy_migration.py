@@ -481,8 +481,6 @@ async def open_legacy_run(
     Raises:
         InvalidRequestId: ``request_id`` is not valid.
     """
-    if request_id is not None:
-        runs.check_request_id(request_id)
     async with db.transaction(km.sessions) as session:
         return await runs.open_run(session, cast(Any, "legacy"), None, trigger=trigger, request_id=request_id)
 

@@ -141,8 +141,6 @@ async def request_retirement(
         Conflict: the retirement of another version of the scope is open.
     """
     check_scope(scope)
-    if request_id is not None:
-        runs.check_request_id(request_id)
     await check_retirable(sessions, scope, version, force_now=force_now)
     async with db.transaction(sessions) as session:
         sid = (

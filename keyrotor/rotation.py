@@ -165,8 +165,6 @@ async def request_rotation(
         InvalidRequestId: ``request_id`` is not valid.
     """
     check_scope(scope)
-    if request_id is not None:
-        runs.check_request_id(request_id)
     sc = await _scope(session, scope)
     return await runs.open_run(
         session, "dek", sc.id, trigger=trigger, from_version=sc.active_version, request_id=request_id
