@@ -76,11 +76,10 @@ async def _open_database(database_url: str) -> None:
         await admin.close()
 
 
-async def test_database_outage_mid_rotation_pauses_backs_off_and_resumes(
-    wenv: dict[str, str], workers: Workers, record: Callable[..., None]
-) -> None:
-    n = sized(4_000, 50_000)
-    env = {
+def _outage_env(wenv: dict[str, str], n: int, **extra: str) -> dict[str, str]:
+    """A worker env for an ``n``-row rotation paced to last through an outage: two ranges, small
+    slowed batches, two job slots, short retry backoff."""
+    return {
         **wenv,
         "KEYROTOR_SMALL_SCOPE_ROWS": "100",
         "KEYROTOR_REENCRYPT_RANGE_ROWS": str(n // 2),
@@ -89,7 +88,15 @@ async def test_database_outage_mid_rotation_pauses_backs_off_and_resumes(
         "KEYROTOR_WORKER_MAX_JOBS": "2",
         "KEYROTOR_RETRY_BACKOFF_SECONDS": "0.5",
         "KEYROTOR_RETRY_BACKOFF_MAX_SECONDS": "4",
+        **extra,
     }
+
+
+async def test_database_outage_mid_rotation_pauses_backs_off_and_resumes(
+    wenv: dict[str, str], workers: Workers, record: Callable[..., None]
+) -> None:
+    n = sized(4_000, 50_000)
+    env = _outage_env(wenv, n)
     s = Settings.from_env(env)
     values = await seed(s, "anthropic", n)
     worker = workers.start(env)
@@ -151,17 +158,7 @@ async def test_postgres_server_stopped_mid_rotation_loses_nothing(
         finally:
             await engine.dispose()
         n = sized(4_000, 50_000)
-        env = {
-            **wenv,
-            "DATABASE_URL": url,
-            "KEYROTOR_SMALL_SCOPE_ROWS": "100",
-            "KEYROTOR_REENCRYPT_RANGE_ROWS": str(n // 2),
-            "KEYROTOR_REENCRYPT_BATCH_ROWS": "200",
-            "KEYROTOR_TEST_BATCH_DELAY_S": "0.05",
-            "KEYROTOR_WORKER_MAX_JOBS": "2",
-            "KEYROTOR_RETRY_BACKOFF_SECONDS": "0.5",
-            "KEYROTOR_RETRY_BACKOFF_MAX_SECONDS": "4",
-        }
+        env = _outage_env(wenv, n, DATABASE_URL=url)
         s = Settings.from_env(env)
         values = await seed(s, "anthropic", n)
         worker = workers.start(env)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -67,15 +68,7 @@ async def test_two_schedulers_one_leads_the_standby_takes_over_within_an_interva
     url = senv["DATABASE_URL"]
     env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "1"}
     key = senv["KEYROTOR_SCHEDULER_LEADER_KEY"]
-    a = Proc(env, tmp_path / "a.log", "scheduler")
-    b = Proc(env, tmp_path / "b.log", "scheduler")
-    procs += [a, b]
-
-    async def leader() -> Proc | None:
-        value = await rq.get(key)
-        if value is None:
-            return None
-        return next((p for p in (a, b) if f":{p.pid}:" in value.decode()), None)
+    a, b, leader = _two_schedulers(env, tmp_path, procs, rq, key)
 
     await wait_until(leader, 30, "a leader")
     first = await leader()
@@ -107,6 +100,21 @@ async def test_two_schedulers_one_leads_the_standby_takes_over_within_an_interva
     assert await rq.get(key) is None
 
 
+def _two_schedulers(
+    env: dict[str, str], tmp_path: Path, procs: list[Proc], rq: Any, key: str
+) -> tuple[Proc, Proc, Callable[[], Awaitable[Proc | None]]]:
+    """Two ``keyrotor scheduler`` processes, and a function naming the one the leader key names."""
+    a = Proc(env, tmp_path / "a.log", "scheduler")
+    b = Proc(env, tmp_path / "b.log", "scheduler")
+    procs += [a, b]
+
+    async def leader() -> Proc | None:
+        value = await rq.get(key)
+        return None if value is None else next((p for p in (a, b) if f":{p.pid}:" in value.decode()), None)
+
+    return a, b, leader
+
+
 async def _is(leader: Any, proc: Proc) -> bool:
     return bool(await leader() is proc)
 
@@ -117,13 +125,7 @@ async def test_a_hung_leader_loses_the_lead_to_the_standby_and_stays_standby_whe
     """SIGSTOP keeps the leader's socket (and so its session lock) open; its lease must lapse."""
     env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "1", "KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS": "3"}
     key = senv["KEYROTOR_SCHEDULER_LEADER_KEY"]
-    a = Proc(env, tmp_path / "a.log", "scheduler")
-    b = Proc(env, tmp_path / "b.log", "scheduler")
-    procs += [a, b]
-
-    async def leader() -> Proc | None:
-        value = await rq.get(key)
-        return None if value is None else next((p for p in (a, b) if f":{p.pid}:" in value.decode()), None)
+    a, b, leader = _two_schedulers(env, tmp_path, procs, rq, key)
 
     await wait_until(leader, 30, "a leader")
     hung = await leader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ import asyncpg
 import pytest
 
 from tests.cli_helpers import keyrotor
-from tests.conftest import MASTER_KEY, PG_ADMIN
+from tests.conftest import MASTER_KEY, PG_ADMIN, _admin
 
 KEY = "sk-ant-api03-" + "Zx9" * 30
 
@@ -36,14 +37,7 @@ def test_db_upgrade_creates_database() -> None:
         again = keyrotor("db", "upgrade", env=env)  # idempotent
         assert again.returncode == 0, again.stderr
     finally:
-        import asyncio
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(PG_ADMIN)
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            await conn.close()
-
-        asyncio.run(drop())
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def test_put_get_status_verify(env: dict[str, str]) -> None:
@@ -205,21 +199,11 @@ def test_a_missing_or_unmigrated_database_says_what_to_run(env: dict[str, str]) 
     assert_one_line_error(missing, 2)
     assert "does not exist" in missing.stderr and "keyrotor db upgrade" in missing.stderr
 
-    import asyncio
-
     name = f"kr_bare_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
     try:
         bare = keyrotor("policy", "show", env={**env, "DATABASE_URL": f"{base}/{name}"})
         assert_one_line_error(bare, 2)
         assert "no keyrotor schema" in bare.stderr and "keyrotor db upgrade" in bare.stderr
     finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -23,7 +23,7 @@ import pytest
 
 from tests.reliability.pg_cluster import throwaway_cluster
 from tests.rotation_helpers import BIN, WorkerProcess, cleanup_queue, keyrotor, worker_env
-from tests.worker.test_ops import free_port, get
+from tests.worker.test_ops import ALL_GREEN, free_port, get
 
 DEADLINE_S = 45.0
 
@@ -198,16 +198,6 @@ def _green(env: dict[str, str]) -> Any:
         return code == 0, doc
 
     return check
-
-
-ALL_GREEN = {
-    "postgres": "ok",
-    "redis": "ok",
-    "kek": "ok",
-    "worker": "ok",
-    "scheduler": "ok",
-    "replicas": "not_configured",
-}
 
 
 async def test_health_red_while_redis_is_stopped_green_when_back(

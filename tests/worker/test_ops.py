@@ -68,6 +68,17 @@ def sample(metrics: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+# `keyrotor health --json` with everything up and no secondary region configured.
+ALL_GREEN = {
+    "postgres": "ok",
+    "redis": "ok",
+    "kek": "ok",
+    "worker": "ok",
+    "scheduler": "ok",
+    "replicas": "not_configured",
+}
+
+
 @pytest.fixture
 async def wenv(env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
     e = worker_env(env)
@@ -244,14 +255,7 @@ async def test_health_is_red_without_redis_and_green_with_worker_and_scheduler(
         await asyncio.sleep(0.5)
     assert green.returncode == 0, green.stdout + (tmp_path / "scheduler.log").read_text()[-2000:]
     checks = json.loads(green.stdout)["checks"]
-    assert {k: v["status"] for k, v in checks.items()} == {
-        "postgres": "ok",
-        "redis": "ok",
-        "kek": "ok",
-        "worker": "ok",
-        "scheduler": "ok",
-        "replicas": "not_configured",
-    }
+    assert {k: v["status"] for k, v in checks.items()} == ALL_GREEN
     status, body = get(sched_port, "/readyz")
     assert status == 200 and json.loads(body)["scheduler_role"] == "leader"
     sched.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ import random
 import secrets
 import string
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,10 @@ from tests.rotation_helpers import (
     WORKER_REDIS_URL,
     WorkerProcess,
     check_values,
-    cleanup_queue,
     fetch,
     keyrotor,
     run_burst_worker,
     seed,
-    worker_env,
 )
 from worker.client import KeyrotorClient
 from worker.logs import Redactor
@@ -41,21 +38,6 @@ SCOPE = "tenant-9/openai"
 CREATOR = "checkout-api:7f3a/req-0001"
 JOINER = "billing@eu-1.req_42"
 RETIRER = "ops:retire-1"
-
-
-@pytest.fixture
-async def wenv(env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
-    e = worker_env(env)
-    yield e
-    await cleanup_queue(e["KEYROTOR_QUEUE_NAME"])
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.close()
 
 
 async def audit(database_url: str, event_type: str) -> list[dict[str, Any]]:

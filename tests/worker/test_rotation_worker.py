@@ -12,11 +12,9 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 import redis.asyncio as aioredis
 
 from keyrotor import Settings
@@ -28,7 +26,6 @@ from tests.rotation_helpers import (
     WORKER_REDIS_URL,
     WorkerProcess,
     check_values,
-    cleanup_queue,
     fetch,
     import_lines,
     keyrotor,
@@ -38,22 +35,6 @@ from tests.rotation_helpers import (
 )
 
 SLOW = os.environ.get("KEYROTOR_SLOW_TESTS") == "1"
-
-
-@pytest.fixture
-async def wenv(env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
-    e = worker_env(env)
-    yield e
-    await cleanup_queue(e["KEYROTOR_QUEUE_NAME"])
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
-    """Worker processes started by the test; all killed at the end."""
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.close()
 
 
 def start(workers: list[WorkerProcess], env: dict[str, str], tmp_path: Path, *args: str) -> WorkerProcess:
