@@ -103,6 +103,8 @@ class DataKey(Base):
     grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A retired version's wrapped key may be erased after this (NULL: no destruction pending).
+    destroy_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         UniqueConstraint("scope_id", "version"),
@@ -218,6 +220,49 @@ class ManagedColumn(Base):
         UniqueConstraint("table_name", "column_name"),
         CheckConstraint("(scope_column IS NULL) <> (scope IS NULL)", name="one_scope_source"),
     )
+
+
+class KeyLocation(Base):
+    """A location (context up to its last ``:``) that received values of a DEK version (0008_census)."""
+
+    __tablename__ = "key_locations"
+
+    scope_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("key_scopes.id", ondelete="CASCADE"), primary_key=True
+    )
+    dek_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    location: Mapped[str] = mapped_column(Text, primary_key=True)
+    encryptions: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    first_seen: Mapped[datetime] = _now()
+    last_seen: Mapped[datetime] = _now()
+
+
+class LocationAck(Base):
+    """A location an operator acknowledged by name (``keyrotor columns ignore``)."""
+
+    __tablename__ = "location_acks"
+
+    location: Mapped[str] = mapped_column(Text, primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    acknowledged_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("length(reason) > 0", name="reason_given"),)
+
+
+class RetiredKeyUse(Base):
+    """A decrypt that needed a retired DEK version: it cancels that version's destruction."""
+
+    __tablename__ = "retired_key_uses"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    scope_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("key_scopes.id", ondelete="CASCADE"))
+    dek_version: Mapped[int] = mapped_column(Integer)
+    location: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(Text)
+    used_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_retired_key_uses_scope_version", "scope_id", "dek_version", "used_at"),)
 
 
 class AuditLogRow(Base):
