@@ -1,0 +1,142 @@
+"""Where values live: the locations a DEK version's values were sealed for, and which the census covers.
+
+A value's *location* is its encrypt ``context`` up to the last ``:`` (``users.api_key:42`` ->
+``users.api_key``; a context without ``:`` is its own location; ``""`` is "no context"). Every
+encrypt records its (scope, DEK version, location) in ``key_locations`` (migration 0008_census)
+before the ciphertext is returned, so a retirement can ask: did values of this version go
+anywhere the census does not count?
+
+A location is *covered* when the census counts the rows it names:
+
+- keyrotor's own ``secrets`` table (contexts ``secret:<name>``);
+- a registered column (``keyrotor columns register``) of the same scope whose context template
+  can produce contexts with that location.
+
+Otherwise it is *acknowledged* when an operator named it with ``keyrotor columns ignore`` (its
+values may be lost, and the operator said so), or *unregistered*. A DEK version with an
+unregistered location is never destroyed (:func:`uncovered_locations`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+PK_PLACEHOLDER = "{pk}"
+# The context template of keyrotor's own secrets table (keys.py seals them as ``secret:<name>``).
+SECRETS_TEMPLATE = "secret:" + PK_PLACEHOLDER
+NO_CONTEXT = ""
+# The location migration 0008 gives every version that existed before locations were recorded.
+UNRECORDED = "(unrecorded)"
+
+COVERED_BY_KEYROTOR = "keyrotor"
+COVERED_BY_COLUMN = "registered"
+ACKNOWLEDGED = "acknowledged"
+UNREGISTERED = "unregistered"
+
+
+def location_of(context: str) -> str:
+    """The location of a value sealed with ``context``: the context up to its last ``:``."""
+    head, sep, _ = context.rpartition(":")
+    return head if sep else context
+
+
+def display(location: str) -> str:
+    """A location as people read it (``(no context)`` for the empty one)."""
+    return location if location else "(no context)"
+
+
+def template_covers(template: str, location: str) -> bool:
+    """Whether some key substituted into ``template`` (``{pk}`` placeholders) gives ``location``.
+
+    The key is any text, ``:`` included (text keys such as ``a:b`` exist), so a template ending
+    in ``:{pk}`` covers its prefix and everything under it.
+    """
+    parts = template.split(PK_PLACEHOLDER)
+    if len(parts) == 1:  # no key in the context: one fixed location
+        return location_of(template) == location
+    before, tail = parts[0], parts[-1]
+    if ":" in tail:
+        # The context's last ':' is in the literal text after the (last) key.
+        head = PK_PLACEHOLDER.join(parts[:-1]) + PK_PLACEHOLDER + tail[: tail.rfind(":")]
+        pattern = ".*".join(re.escape(p) for p in head.split(PK_PLACEHOLDER))
+        return re.fullmatch(pattern, location, re.DOTALL) is not None
+    # The last ':' is inside a key, or in the literal text before the first key, or nowhere.
+    if location.startswith(before):
+        return True
+    return ":" in before and location == before[: before.rfind(":")]
+
+
+@dataclass(frozen=True)
+class Cover:
+    """A place the census counts: a context template, and the one scope it holds (None: any)."""
+
+    template: str
+    scope: str | None
+    name: str
+
+    def covers(self, scope: str, location: str) -> bool:
+        return (self.scope is None or self.scope == scope) and template_covers(self.template, location)
+
+
+SECRETS_COVER = Cover(SECRETS_TEMPLATE, None, "secrets")
+
+
+def classify(
+    scope: str, location: str, covers: Iterable[Cover], acknowledged: Iterable[str]
+) -> tuple[str, str]:
+    """``(coverage, by)`` of one location: keyrotor's own table, a registered column, an
+    operator's acknowledgement, or unregistered (``by`` is then ``""``)."""
+    if location != UNRECORDED:
+        if SECRETS_COVER.covers(scope, location):
+            return COVERED_BY_KEYROTOR, SECRETS_COVER.name
+        for cover in covers:
+            if cover.covers(scope, location):
+                return COVERED_BY_COLUMN, cover.name
+    if location in set(acknowledged):
+        return ACKNOWLEDGED, location
+    return UNREGISTERED, ""
+
+
+async def registered_covers(session: AsyncSession) -> list[Cover]:
+    """The covers of every registered column."""
+    rows = (
+        await session.execute(
+            text("SELECT table_name, column_name, scope, context_template FROM managed_columns")
+        )
+    ).all()
+    return [Cover(template, scope, f"{table}.{column}") for table, column, scope, template in rows]
+
+
+async def acknowledged_locations(session: AsyncSession) -> set[str]:
+    """Locations an operator acknowledged with ``keyrotor columns ignore``."""
+    return set((await session.execute(text("SELECT location FROM location_acks"))).scalars())
+
+
+async def uncovered_locations(session: AsyncSession, scope_id: int, scope: str, version: int) -> list[str]:
+    """Locations that received values of ``scope`` v``version`` which the census cannot count
+    and no operator acknowledged: while any is listed, that version must not be destroyed."""
+    recorded = (
+        await session.execute(
+            text(
+                "SELECT location FROM key_locations WHERE scope_id = :s AND dek_version = :v "
+                "ORDER BY location"
+            ),
+            {"s": scope_id, "v": version},
+        )
+    ).scalars()
+    covers = await registered_covers(session)
+    acks = await acknowledged_locations(session)
+    return [loc for loc in recorded if classify(scope, loc, covers, acks)[0] == UNREGISTERED]
+
+
+# First sighting of a (scope, version, location) in a process: one row, committed before the
+# ciphertext is returned. Later encrypts only add to the in-memory count.
+RECORD_SQL = text(
+    "INSERT INTO key_locations (scope_id, dek_version, location) VALUES (:s, :v, :l) "
+    "ON CONFLICT (scope_id, dek_version, location) DO UPDATE SET last_seen = now()"
+)

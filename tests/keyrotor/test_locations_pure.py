@@ -1,0 +1,74 @@
+"""Which locations a context template covers: the pure half of the census proof."""
+
+from __future__ import annotations
+
+import pytest
+
+from keyrotor.locations import (
+    ACKNOWLEDGED,
+    COVERED_BY_COLUMN,
+    COVERED_BY_KEYROTOR,
+    UNRECORDED,
+    UNREGISTERED,
+    Cover,
+    classify,
+    location_of,
+    template_covers,
+)
+
+
+@pytest.mark.parametrize(
+    ("context", "location"),
+    [
+        ("users.api_key:42", "users.api_key"),
+        ("settings.api_key:a:b", "settings.api_key:a"),
+        ("plain", "plain"),
+        ("", ""),
+        ("secret:prod", "secret"),
+    ],
+)
+def test_location_is_the_context_up_to_its_last_colon(context: str, location: str) -> None:
+    assert location_of(context) == location
+
+
+@pytest.mark.parametrize(
+    ("template", "keys"),
+    [
+        ("settings.api_key:{pk}", ["1", "a:b", "é:ü:x", "", "550e8400-e29b-41d4-a716-446655440000"]),
+        ("tenant:{pk}:apikey", ["7", "x:y"]),
+        ("{pk}", ["users.api_key:9", "free"]),
+        ("fixed", [""]),
+        ("a:{pk}:b:{pk}", ["1", "q:r"]),
+    ],
+)
+def test_a_template_covers_the_location_of_every_context_it_makes(template: str, keys: list[str]) -> None:
+    for key in keys:
+        context = template.replace("{pk}", key)
+        assert template_covers(template, location_of(context)), (template, key)
+
+
+@pytest.mark.parametrize(
+    ("template", "location"),
+    [
+        ("settings.api_key:{pk}", "settings"),
+        ("settings.api_key:{pk}", "users.api_key"),
+        ("settings.api_key:{pk}", ""),
+        ("tenant:{pk}:apikey", "other:1"),
+        ("fixed", "other"),
+    ],
+)
+def test_a_template_covers_nothing_else(template: str, location: str) -> None:
+    assert not template_covers(template, location)
+
+
+def test_classify_orders_keyrotor_column_acknowledged_unregistered() -> None:
+    covers = [Cover("users.api_key:{pk}", "anthropic", "users.api_key")]
+    assert classify("anthropic", "secret", covers, []) == (COVERED_BY_KEYROTOR, "secrets")
+    assert classify("anthropic", "users.api_key", covers, []) == (COVERED_BY_COLUMN, "users.api_key")
+    # A fixed-scope column covers only its scope.
+    assert classify("openai", "users.api_key", covers, [])[0] == UNREGISTERED
+    assert classify("openai", "users.api_key", covers, ["users.api_key"])[0] == ACKNOWLEDGED
+    assert classify("anthropic", "", covers, [])[0] == UNREGISTERED
+    # Values written before locations were recorded are never proven covered by a template.
+    assert classify("anthropic", UNRECORDED, [Cover("{pk}", None, "x")], [])[0] == UNREGISTERED
+    assert classify("anthropic", UNRECORDED, covers, [UNRECORDED])[0] == ACKNOWLEDGED
