@@ -17,12 +17,14 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
 
 from keyrotor import Settings
 from keyrotor.budget import SharedRateBudget, check_rate, kek_budget_key
+from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, QueueUnavailable
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.factory import local_keyring
@@ -99,6 +101,7 @@ async def test_concurrent_coroutines_with_their_own_connections_share_one_pace(
 _CHILD = """
 import asyncio, json, sys, time
 import redis.asyncio as aioredis
+from keyrotor.context import RotationContext
 from keyrotor.budget import SharedRateBudget
 
 async def main() -> None:
@@ -195,3 +198,17 @@ async def test_unreachable_redis_is_a_transient_error_never_an_unthrottled_call(
             await asyncio.wait_for(kek.check(), timeout=10)
     finally:
         await dead.aclose()
+
+
+async def test_a_fractional_row_budget_paces_as_it_reads() -> None:
+    # KEYROTOR_REENCRYPT_ROWS_PER_SECOND stays per process (an in-memory bucket); 0.5 is one
+    # row every 2 s, not one a second.
+    s = Settings.from_env({"ENCRYPTION_KEY": MASTER_KEY, "KEYROTOR_REENCRYPT_ROWS_PER_SECOND": "0.5"})
+    rc = RotationContext(cast(Any, None), local_keyring(s), s)
+    assert rc.batch_rows == 1
+    started = time.monotonic()
+    await rc.spend_rows(1)
+    first = time.monotonic() - started
+    await asyncio.wait_for(rc.spend_rows(1), timeout=5)
+    second = time.monotonic() - started
+    assert first < 0.05 and 1.95 <= second - first <= 2.0 + SLACK_S
