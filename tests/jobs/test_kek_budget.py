@@ -7,9 +7,11 @@ with a budget per process, as before, they would run at twice the rate and fail 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from keyrotor import KeyManager
+from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
 from tests.kek.test_budget import SLACK_S, assert_paced
 from tests.rotation_helpers import WorkerProcess
@@ -31,13 +33,21 @@ async def test_two_workers_stay_within_one_kek_budget(wenv: dict[str, str], tmp_
     async with KeyManager(s.model_copy(update={"listen_key_changes": False})) as km:
         for i, scope in enumerate(scopes):
             await km.put_secret(scope, "prod", f"sk-proj-budget-{i:04d}-5d1c9a7e3b")
+    # KEK v2 (as test_rotate_dek's single-worker budget test): a KEK rotation rewraps the 12
+    # DEKs in chunks of one second's budget while the DEK rotations wrap and unwrap.
+    env.update(
+        ENCRYPTION_KEY="kek-budget-master-key-v2-9c7e5a3b1d2f4e6a8c0b",
+        ENCRYPTION_KEY_VERSION="2",
+        ENCRYPTION_KEYS_PREVIOUS=json.dumps({"1": MASTER_KEY}),
+    )
+    s = settings_of(env)
     workers = [WorkerProcess(env, tmp_path / f"w{i}.log") for i in range(2)]
     try:
         for w in workers:
             await w.wait_started()
         async with KeyrotorClient(s) as client:
-            handles = [await client.rotate(scope) for scope in scopes]
-            for h in handles:  # each rotation: a few KEK calls; ~40 in all at 8/s
+            handles = [await client.rotate_kek()] + [await client.rotate(scope) for scope in scopes]
+            for h in handles:  # a few KEK calls a DEK rotation, 3 a rewrapped DEK: ~80 at 8/s
                 run = await h.result(timeout_s=120)
                 assert run.state == "completed"
         spent = [[e for e in w.events() if e.get("event") == "kek_budget_spent"] for w in workers]
@@ -47,6 +57,7 @@ async def test_two_workers_stay_within_one_kek_budget(wenv: dict[str, str], tmp_
     # Both workers did KEK work for rotations (a new DEK's wrap happens only in a rotation).
     for mine in spent:
         assert any(e["operation"] == "wrap" for e in mine), [e["operation"] for e in mine]
+    assert any(e["operation"] == "rewrap" and e["units"] > 1 for mine in spent for e in mine)
     events = [(float(e["at"]), int(e["units"])) for mine in spent for e in mine]
     assert len(events) >= len(scopes) + 2
     # The pace holds over every stretch of the merged stream (tolerance: tests/kek/test_budget.py).
