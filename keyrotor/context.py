@@ -63,7 +63,9 @@ class RotationContext:
             self.targets = default_targets()
         rate = self.settings.reencrypt_rows_per_second
         if self.row_budget is None and rate > 0:
-            self.row_budget = AsyncLimiter(rate, 1.0)
+            # Below one row a second the bucket holds one row, refilled every 1/rate seconds
+            # (AsyncLimiter(0.5, 1.0) would let a row through every second, not every two).
+            self.row_budget = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1 / rate)
 
     @property
     def all_targets(self) -> Sequence[Target]:

@@ -172,11 +172,20 @@ class Settings(BaseSettings):
         default=2_000, ge=1, le=50_000, validation_alias="KEYROTOR_REENCRYPT_BATCH_ROWS"
     )
     reencrypt_range_rows: int = Field(default=50_000, ge=1, validation_alias="KEYROTOR_REENCRYPT_RANGE_ROWS")
-    # Budgets per worker process; 0 means unlimited.
+    # Budgets; 0 means unlimited, fractions are fine (0.5: one every 2 s), NaN/inf are refused.
+    # The row budget is per worker process (it caps one worker's load on the database); the KEK
+    # call budget is one for all the workers of a queue on a Redis (keyrotor/budget.py), because
+    # a KMS quota is the account's.
     reencrypt_rows_per_second: float = Field(
-        default=0, ge=0, validation_alias="KEYROTOR_REENCRYPT_ROWS_PER_SECOND"
+        default=0,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
+        validation_alias="KEYROTOR_REENCRYPT_ROWS_PER_SECOND",
     )
-    kek_calls_per_second: float = Field(default=0, ge=0, validation_alias="KEYROTOR_KEK_CALLS_PER_SECOND")
+    kek_calls_per_second: float = Field(
+        default=0, ge=0, le=1_000_000, allow_inf_nan=False, validation_alias="KEYROTOR_KEK_CALLS_PER_SECOND"
+    )
     kek_rewrap_batch: int = Field(default=100, ge=1, le=1_000, validation_alias="KEYROTOR_KEK_REWRAP_BATCH")
     worker_max_jobs: int = Field(default=4, ge=1, le=100, validation_alias="KEYROTOR_WORKER_MAX_JOBS")
     worker_poll_delay_s: float = Field(

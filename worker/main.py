@@ -51,6 +51,7 @@ from jobs.rotate_dek import rotate_dek
 from jobs.rotate_kek import rotate_kek
 from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor import runs
+from keyrotor.budget import SharedRateBudget, kek_budget_key
 from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, KeyrotorError
 from keyrotor.kek.base import KekProvider
@@ -195,8 +196,11 @@ async def startup(ctx: dict[str, Any]) -> None:
             "run `keyrotor db upgrade`"
         )
     kek: KekProvider = await open_provider(settings)
-    if settings.kek_calls_per_second > 0:
-        kek = ThrottledKek(kek, settings.kek_calls_per_second)
+    if settings.kek_calls_per_second > 0:  # one budget for every worker of this queue on this Redis
+        budget = SharedRateBudget(
+            ctx["redis"], kek_budget_key(settings.queue_name), settings.kek_calls_per_second
+        )
+        kek = ThrottledKek(kek, budget)
     ctx["kek"] = kek
     km = KeyManager(settings, kek=kek, engine=engine)
     await km.open()

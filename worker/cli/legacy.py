@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from redis.exceptions import RedisError
 
-from keyrotor import legacy_migration
+from keyrotor import KeyManager, legacy_migration
+from keyrotor.errors import Conflict, QueueUnavailable
 from keyrotor.legacy_migration import LegacyReport
 from keyrotor.policy import check_scope
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
 from worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
+from worker.cli.rotate import wait_run
+
+if TYPE_CHECKING:
+    from arq.jobs import Job
+
+    from worker.client import KeyrotorClient
 
 app = typer.Typer(help="Migrate the old backend's legacy ciphertexts and DEKs.")
 
@@ -48,7 +57,8 @@ def migrate(
     ] = False,
     json_out: JsonOpt = False,
     timeout: Annotated[
-        float | None, typer.Option("--timeout", help="with --wait: give up after this")
+        float | None,
+        typer.Option("--timeout", min=0, help="with --wait: stop waiting after this many seconds (exit 1)"),
     ] = None,
     request_id: RequestIdOpt = None,
 ) -> None:
@@ -84,13 +94,12 @@ def migrate(
         return
 
     async def go() -> tuple[RunInfo, bool]:
-        from jobs.common import enqueue_driver
         from worker.client import KeyrotorClient, RunHandle
 
         async with KeyrotorClient(Settings.from_env()) as client:
             async with manager() as km:
-                r, created = await legacy_migration.open_legacy_run(km, trigger="cli", request_id=request_id)
-            job = await enqueue_driver(client.redis, client.settings, r)
+                r, created = await _open_run(km, request_id)
+            job = await _drive(client, r)
             handle = RunHandle(client, r.id, job, created)
             if not wait:
                 return await handle.status(), created
@@ -100,7 +109,7 @@ def migrate(
                 def update(info: RunInfo) -> None:
                     bar.update(task, completed=info.rows_done, total=info.rows_total or None)
 
-                return await handle.wait(timeout, on_progress=update), created
+                return await wait_run(handle, timeout, update), created
 
     r, created = run(go)
     report = legacy_migration.report_of(r)
@@ -115,6 +124,53 @@ def migrate(
         raise RunFailed(f"run {r.id} {r.state}: {r.error or 'no reason recorded'}")
     if wait and report.failed:
         raise typer.Exit(1)
+
+
+async def _open_run(km: KeyManager, request_id: str | None) -> tuple[RunInfo, bool]:
+    """Open a new run, or join the open one; never answer with a run that already ended.
+
+    ``Conflict`` means the open run ended (say, failed) between our insert and our read: a run
+    that has ended is not this invocation's, so ask again, which opens a new one.
+    """
+    for attempt in range(3):
+        try:
+            return await legacy_migration.open_legacy_run(km, trigger="cli", request_id=request_id)
+        except Conflict:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _drive(client: KeyrotorClient, r: RunInfo) -> Job:
+    """The job that drives ``r`` for this invocation.
+
+    Joining an open run whose driver already failed (its result is kept in Redis) must not
+    report that old failure as this invocation's: a new driver is enqueued, under an id of
+    this invocation, and followed instead.
+
+    Raises:
+        QueueUnavailable: Redis cannot be reached.
+    """
+    from arq.jobs import SerializationError
+
+    from jobs.common import driver_call, enqueue_driver
+
+    job = await enqueue_driver(client.redis, client.settings, r)
+    if r.terminal:
+        return job
+    try:
+        info = await job.result_info()
+        if info is None or info.success:
+            return job
+        name, args, kwargs = driver_call(r)
+        fresh = f"{job.job_id}:cli{uuid.uuid4().hex[:12]}"
+        queue = client.settings.queue_name
+        again = await client.redis.enqueue_job(name, *args, _job_id=fresh, _queue_name=queue, **kwargs)
+    except SerializationError:
+        return job  # a result this version cannot read: follow the run itself
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable(f"cannot enqueue on Redis: {type(exc).__name__}") from exc
+    return again if again is not None else job
 
 
 @app.command("import-dek")

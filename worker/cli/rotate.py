@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
+from keyrotor.errors import KeyrotorError
 from keyrotor.policy import check_scope
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
@@ -26,8 +28,39 @@ def _client() -> KeyrotorClient:
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="wait for the run to end (progress on stderr)")]
 TimeoutOpt = Annotated[
-    float | None, typer.Option("--timeout", help="with --wait: give up after this many seconds")
+    float | None,
+    typer.Option("--timeout", min=0, help="with --wait: stop waiting after this many seconds (exit 1)"),
 ]
+# retire always waits: the destruction (or the refusal) is its answer.
+RetireTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        min=0,
+        help="stop waiting after this many seconds (exit 1); the run goes on on the workers",
+    ),
+]
+
+
+class StillRunning(KeyrotorError):
+    """The run did not end within the command's --timeout (it goes on on the workers)."""
+
+
+async def wait_run(
+    handle: RunHandle, timeout_s: float | None, on_progress: Callable[[RunInfo], None] | None = None
+) -> RunInfo:
+    """``handle.wait``, with its timeout as one line that says the run goes on.
+
+    Raises:
+        StillRunning: the run is still open after ``timeout_s`` seconds.
+    """
+    try:
+        return await handle.wait(timeout_s, on_progress=on_progress)
+    except TimeoutError:
+        raise StillRunning(
+            f"run {handle.run_id} did not end within {timeout_s:g}s; it goes on on the workers: "
+            f"follow it with `keyrotor runs`"
+        ) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -72,7 +105,7 @@ async def _follow(handle: RunHandle, *, wait: bool, timeout_s: float | None, lab
         def update(r: RunInfo) -> None:
             bar.update(task, completed=r.rows_done, total=r.rows_total or None)
 
-        return await handle.wait(timeout_s, on_progress=update)
+        return await wait_run(handle, timeout_s, update)
 
 
 def _finish(r: RunInfo, handle: RunHandle, *, wait: bool, json_out: bool) -> None:
@@ -140,7 +173,7 @@ def retire(
         bool, typer.Option("--force-now", help="skip the wait for the grace period (never the proof)")
     ] = False,
     json_out: JsonOpt = False,
-    timeout: TimeoutOpt = None,
+    timeout: RetireTimeoutOpt = None,
     request_id: RequestIdOpt = None,
 ) -> None:
     """Destroy an old DEK version: re-encrypt stragglers, prove no row uses it, erase it."""
@@ -153,7 +186,7 @@ def retire(
             handle = await client.retire(
                 scope, version, force_now=force_now, trigger="cli", request_id=request_id
             )
-            return await handle.wait(timeout), handle
+            return await wait_run(handle, timeout), handle
 
     r, handle = run(go)
     _finish(r, handle, wait=True, json_out=json_out)

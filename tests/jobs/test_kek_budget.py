@@ -1,0 +1,68 @@
+"""Two real ``keyrotor worker`` processes doing KEK work under one KEYROTOR_KEK_CALLS_PER_SECOND.
+
+Each worker logs (at debug level) the moment its budget lets a KEK call through, with the
+units spent (``kek_budget_spent``). Merged, the two streams must keep the one budget's pace:
+with a budget per process, as before, they would run at twice the rate and fail the check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from keyrotor import KeyManager
+from tests.conftest import MASTER_KEY
+from tests.jobs.conftest import settings_of
+from tests.kek.test_budget import SLACK_S, assert_paced
+from tests.rotation_helpers import WorkerProcess
+from worker.client import KeyrotorClient
+
+RATE = 8.0
+
+
+async def test_two_workers_stay_within_one_kek_budget(wenv: dict[str, str], tmp_path: Path) -> None:
+    env = {
+        **wenv,
+        "KEYROTOR_KEK_CALLS_PER_SECOND": str(RATE),
+        "KEYROTOR_LOG_LEVEL": "DEBUG",
+        "KEYROTOR_WORKER_MAX_JOBS": "4",
+        "KEYROTOR_METRICS_PORT": "0",
+    }
+    s = settings_of(env)
+    scopes = [f"tenant-{i}/openai" for i in range(12)]
+    async with KeyManager(s.model_copy(update={"listen_key_changes": False})) as km:
+        for i, scope in enumerate(scopes):
+            await km.put_secret(scope, "prod", f"sk-proj-budget-{i:04d}-5d1c9a7e3b")
+    # KEK v2 (as test_rotate_dek's single-worker budget test): a KEK rotation rewraps the 12
+    # DEKs in chunks of one second's budget while the DEK rotations wrap and unwrap.
+    env.update(
+        ENCRYPTION_KEY="kek-budget-master-key-v2-9c7e5a3b1d2f4e6a8c0b",
+        ENCRYPTION_KEY_VERSION="2",
+        ENCRYPTION_KEYS_PREVIOUS=json.dumps({"1": MASTER_KEY}),
+    )
+    s = settings_of(env)
+    workers = [WorkerProcess(env, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        for w in workers:
+            await w.wait_started()
+        async with KeyrotorClient(s) as client:
+            handles = [await client.rotate_kek()] + [await client.rotate(scope) for scope in scopes]
+            for h in handles:  # a few KEK calls a DEK rotation, 3 a rewrapped DEK: ~80 at 8/s
+                run = await h.result(timeout_s=120)
+                assert run.state == "completed"
+        spent = [[e for e in w.events() if e.get("event") == "kek_budget_spent"] for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+    # Both workers did KEK work for rotations (a new DEK's wrap happens only in a rotation).
+    for mine in spent:
+        assert any(e["operation"] == "wrap" for e in mine), [e["operation"] for e in mine]
+    assert any(e["operation"] == "rewrap" and e["units"] > 1 for mine in spent for e in mine)
+    events = [(float(e["at"]), int(e["units"])) for mine in spent for e in mine]
+    assert len(events) >= len(scopes) + 2
+    # The pace holds over every stretch of the merged stream (tolerance: tests/kek/test_budget.py).
+    assert_paced(events, RATE)
+    # And overall: N calls' starts span at least (N - last units) / RATE seconds.
+    times = sorted(t for t, _ in events)
+    units = sum(n for _, n in events)
+    assert times[-1] - times[0] >= (units - max(n for _, n in events)) / RATE - SLACK_S

@@ -1,0 +1,214 @@
+"""The shared KEK call budget (keyrotor/budget.py) against the real Redis.
+
+Timing tolerance: the schedule is exact in Redis's clock; what a test sees is the moment each
+caller woke up from its sleep, which lags by event-loop scheduling and a Redis round trip (well
+under 10 ms here; 2 cores shared with other test sessions can stretch it). Every pacing check
+allows ``SLACK_S`` = 60 ms of that lag, far below the pace being checked (the old per-process
+budget would be off by 100% of it, not by a few per cent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+import redis.asyncio as aioredis
+
+from keyrotor import Settings
+from keyrotor.budget import SharedRateBudget, check_rate, kek_budget_key
+from keyrotor.context import RotationContext
+from keyrotor.errors import ConfigurationError, QueueUnavailable
+from keyrotor.kek.base import WrapContext
+from keyrotor.kek.factory import local_keyring
+from keyrotor.throttle import ThrottledKek
+from tests.conftest import MASTER_KEY, REDIS_URL
+from tests.rotation_helpers import keyrotor
+
+SLACK_S = 0.06
+
+
+def assert_paced(events: Sequence[tuple[float, int]], rate: float, slack_s: float = SLACK_S) -> None:
+    """Every run of consecutive acquisitions (time, units), in time order, was paid for:
+    between the starts of acquisitions i and j, the units of i..j-1 took at least units / rate."""
+    ordered = sorted(events)
+    for i in range(len(ordered)):
+        spent = 0
+        for j in range(i + 1, len(ordered)):
+            spent += ordered[j - 1][1]
+            gap = ordered[j][0] - ordered[i][0]
+            assert gap >= spent / rate - slack_s, (i, j, spent, gap, ordered)
+
+
+def _key() -> str:
+    return kek_budget_key(f"krtest:{uuid.uuid4().hex[:10]}")
+
+
+async def test_fractional_rate_is_one_call_every_two_seconds(redis: aioredis.Redis) -> None:
+    budget = SharedRateBudget(redis, _key(), 0.5)
+    started = time.monotonic()
+    times = []
+    for _ in range(3):
+        await budget.acquire()
+        times.append(time.monotonic() - started)
+    assert times[0] < 0.05  # the first call of an idle budget goes at once
+    assert 1.95 <= times[1] - times[0] <= 2.0 + SLACK_S
+    assert 1.95 <= times[2] - times[1] <= 2.0 + SLACK_S
+
+
+async def test_several_units_at_once_cost_their_share(redis: aioredis.Redis) -> None:
+    budget = SharedRateBudget(redis, _key(), 10)
+    assert await budget.acquire(3) == 0.0
+    waited = await budget.acquire(1)
+    assert 0.29 <= waited <= 0.3 + SLACK_S  # 3 units at 10/s: the next slot is 0.3 s later
+    with pytest.raises(ValueError, match="at least 1"):
+        await budget.acquire(0)
+
+
+async def test_concurrent_coroutines_with_their_own_connections_share_one_pace(
+    redis: aioredis.Redis,
+) -> None:
+    key, rate = _key(), 20.0
+    clients = [aioredis.Redis.from_url(REDIS_URL) for _ in range(5)]
+    events: list[tuple[float, int]] = []
+
+    async def caller(client: aioredis.Redis) -> None:
+        budget = SharedRateBudget(client, key, rate)
+        for _ in range(6):
+            await budget.acquire()
+            events.append((time.monotonic(), 1))
+
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(caller(c) for c in clients)), timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        for c in clients:
+            await c.aclose()
+    assert len(events) == 30
+    assert_paced(events, rate)
+    # 30 calls at 20/s: the last starts 29/20 s after the first; 5 separate budgets would take 0.25 s.
+    assert elapsed >= 29 / rate - SLACK_S
+
+
+_CHILD = """
+import asyncio, json, sys, time
+import redis.asyncio as aioredis
+from keyrotor.context import RotationContext
+from keyrotor.budget import SharedRateBudget
+
+async def main() -> None:
+    client = aioredis.Redis.from_url(sys.argv[1])
+    budget = SharedRateBudget(client, sys.argv[2], float(sys.argv[3]))
+    out = []
+    for _ in range(int(sys.argv[4])):
+        await budget.acquire()
+        out.append(time.time())
+    await client.aclose()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_share_one_budget(redis: aioredis.Redis) -> None:
+    key, rate, per_process = _key(), 12.5, 8
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD, REDIS_URL, key, str(rate), str(per_process), stdout=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outs = [await asyncio.wait_for(p.communicate(), timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    events = [(t, 1) for out, _ in outs for t in json.loads(out)]
+    assert len(events) == 3 * per_process
+    # Wall clocks of processes on one machine agree; the pace holds across all three.
+    assert_paced(events, rate)
+    span = max(t for t, _ in events) - min(t for t, _ in events)
+    assert span >= (len(events) - 1) / rate - SLACK_S
+
+
+async def test_deployments_on_one_redis_have_a_budget_each(redis: aioredis.Redis) -> None:
+    one = SharedRateBudget(redis, _key(), 1)
+    other = SharedRateBudget(redis, _key(), 1)
+    assert await one.acquire() == 0.0
+    assert await other.acquire() == 0.0  # another queue name: not waiting for the first
+    assert await one.reserve() > 0.9
+
+
+async def test_idle_time_is_not_saved_up_for_a_burst(redis: aioredis.Redis) -> None:
+    budget = SharedRateBudget(redis, _key(), 4)
+    await budget.acquire()
+    await asyncio.sleep(1.0)  # four calls' worth of idle time
+    assert await budget.acquire() == 0.0
+    assert 0.2 <= await budget.reserve() <= 0.25 + SLACK_S  # the next still waits its 1/4 s
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, -math.inf, 2e6, "5", True, None])
+async def test_nonsense_rates_are_refused(redis: aioredis.Redis, bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="KEYROTOR_KEK_CALLS_PER_SECOND"):
+        check_rate(bad)
+    with pytest.raises(ConfigurationError):
+        SharedRateBudget(redis, _key(), bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "nan", "inf", "-inf", "1e400", "2e6", ""])
+def test_bad_settings_value_is_a_configuration_error(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="KEYROTOR_KEK_CALLS_PER_SECOND"):
+        Settings.from_env({"KEYROTOR_KEK_CALLS_PER_SECOND": bad})
+
+
+@pytest.mark.parametrize("bad", ["abc", "-0.5", "nan", "inf"])
+def test_the_worker_refuses_a_bad_value_in_one_line_exit_2(bad: str) -> None:
+    out = keyrotor("worker", "--burst", env={"KEYROTOR_KEK_CALLS_PER_SECOND": bad})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keyrotor: error: invalid configuration: "), out.stderr
+    assert "KEYROTOR_KEK_CALLS_PER_SECOND" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_fractions_are_accepted() -> None:
+    s = Settings.from_env(
+        {"KEYROTOR_KEK_CALLS_PER_SECOND": "0.5", "KEYROTOR_REENCRYPT_ROWS_PER_SECOND": "2.5"}
+    )
+    assert s.kek_calls_per_second == 0.5 and s.reencrypt_rows_per_second == 2.5
+    with pytest.raises(ConfigurationError, match="KEYROTOR_REENCRYPT_ROWS_PER_SECOND"):
+        Settings.from_env({"KEYROTOR_REENCRYPT_ROWS_PER_SECOND": "nan"})
+
+
+async def test_unreachable_redis_is_a_transient_error_never_an_unthrottled_call() -> None:
+    # Nothing listens on port 1: every round trip fails at once.
+    dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    budget = SharedRateBudget(dead, _key(), 100, attempts=3, retry_delay_s=0.05)
+    kek = ThrottledKek(local_keyring(Settings.from_env({"ENCRYPTION_KEY": MASTER_KEY})), budget)
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueueUnavailable, match="no KEK call is made without it"):
+            await asyncio.wait_for(kek.wrap(b"\x00" * 32, WrapContext("anthropic", 1)), timeout=10)
+        assert time.monotonic() - started >= 0.05 + 0.1  # it retried (0.05 s, then 0.1 s) first
+        with pytest.raises(QueueUnavailable):
+            await asyncio.wait_for(kek.check(), timeout=10)
+    finally:
+        await dead.aclose()
+
+
+async def test_a_fractional_row_budget_paces_as_it_reads() -> None:
+    # KEYROTOR_REENCRYPT_ROWS_PER_SECOND stays per process (an in-memory bucket); 0.5 is one
+    # row every 2 s, not one a second.
+    s = Settings.from_env({"ENCRYPTION_KEY": MASTER_KEY, "KEYROTOR_REENCRYPT_ROWS_PER_SECOND": "0.5"})
+    rc = RotationContext(cast(Any, None), local_keyring(s), s)
+    assert rc.batch_rows == 1
+    started = time.monotonic()
+    await rc.spend_rows(1)
+    first = time.monotonic() - started
+    await asyncio.wait_for(rc.spend_rows(1), timeout=5)
+    second = time.monotonic() - started
+    assert first < 0.05 and 1.95 <= second - first <= 2.0 + SLACK_S
