@@ -166,7 +166,7 @@ def column_source(col: ManagedColumn) -> ColumnSource:
             f"FROM {table}"
         ),
         plan=(
-            f"SELECT {kt.select('min(id)')}, {kt.select('max(id)')}, count(*) FROM "
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
             f"(SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
             f"FROM {table} WHERE {val} IS NOT NULL AND {val} {_LEGACY}) q GROUP BY b ORDER BY b"
         ),

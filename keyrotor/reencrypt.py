@@ -70,6 +70,11 @@ class KeyType:
         """The key as a SELECT returns it (uuid as text)."""
         return f"{column}::text" if self.sql == "uuid" else column
 
+    def aggregate(self, fn: str, column: str) -> str:
+        """``min``/``max`` of keys. Postgres has none for uuid; its canonical text in the C collation
+        orders exactly as the uuid does."""
+        return f'{fn}({column}::text COLLATE "C")' if self.sql == "uuid" else f"{fn}({column})"
+
     def key(self, value: Any) -> Key:
         """A key read from the database or JSON, in its Python form."""
         return int(value) if self.integer else str(value)
@@ -226,7 +231,7 @@ class _TargetSql:
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
         # k contiguous key buckets of about equal row counts over the rows still to do.
         self.plan = (
-            f"SELECT {kt.select('min(id)')}, {kt.select('max(id)')}, count(*) FROM "
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
             f"(SELECT {idc} AS id, ntile($3) OVER (ORDER BY {idc}) AS b "
             f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY b"
         )
