@@ -67,8 +67,12 @@ class KeyType:
         return self.sql == "bigint"
 
     def select(self, column: str) -> str:
-        """The key as a SELECT returns it (uuid as text)."""
-        return f"{column}::text" if self.sql == "uuid" else column
+        """The key as a SELECT returns it (uuid as text).
+
+        Aliased: a bare ``ORDER BY id`` would otherwise name the text output column, not the
+        uuid column, and sort in another order than the key's index (and the cursor's ``>``).
+        """
+        return f"{column}::text AS kr_key" if self.sql == "uuid" else column
 
     def aggregate(self, fn: str, column: str) -> str:
         """``min``/``max`` of keys. Postgres has none for uuid; its canonical text in the C collation

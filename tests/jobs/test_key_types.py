@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from keyrotor import KeyManager, Settings, rotation
+from keyrotor import KeyManager, Settings, columns, rotation
 from keyrotor.context import RotationContext
-from keyrotor.reencrypt import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets
+from keyrotor.legacy_migration import column_source
+from keyrotor.reencrypt import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets, raw_connection
+from keyrotor.store import db
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, seed
@@ -342,3 +344,42 @@ def test_ranges_cover_every_key_whatever_its_type() -> None:
     ints = ranges_from_buckets(INTEGER_KEY, [(5, 9, 3), (10, 20, 3), (30, 31, 2)])
     assert [(r.lo, r.hi, r.rows) for r in ints] == [(0, 9, 3), (10, 29, 3), (30, 2**63 - 1, 2)]
     assert ranges_from_buckets(TEXT_KEY, []) == []
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+async def test_batch_statements_walk_the_key_index(wenv: dict[str, str], kind: str) -> None:
+    """Every keyset statement over a registered column can be an ordered scan of its key's index
+    (no sort): the WHERE and the ORDER BY use the same expression, whatever the key's type."""
+    shape = SHAPES[kind]
+    s = settings_of(wenv)
+    await fetch(s.database_url, shape.ddl)
+    await _insert(s, shape, ["openai"] * 50, ["kr1:1:x"] * 50)
+    reg = keyrotor(
+        "columns", "register", f"{shape.table}.api_key", "--pk", "id", "--scope", "openai", env=wenv
+    )
+    assert reg.returncode == 0, reg.stderr
+    async with KeyManager(_quiet(s)) as km, db.transaction(km.sessions) as session:
+        (col,) = await columns.list_columns(session)
+        apg = await raw_connection(session)
+        # Only the plans possible with the key's index: a statement that cannot use it fails here.
+        await apg.execute("SET LOCAL enable_seqscan = off")
+        await apg.execute("SET LOCAL enable_sort = off")
+        await apg.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        key: Any = {"bigint": 0, "uuid": "80000000-0000-4000-8000-000000000000", "text": "m"}[
+            col.key_type.sql
+        ]
+        sql = col.target().sql
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (sql.select(after=True, upper=True, skip_locked=True), (1, 1, key, key, 10)),
+            (col.page_sql(), (key, 10)),
+            (column_source(col).select_sql(after=True, upper=True), (key, key, 10, "openai")),
+        ]
+        if not col.key_type.integer:
+            statements += [
+                (sql.select(after=False, upper=True, skip_locked=False), (1, 1, key, 10)),
+                (sql.select(after=True, upper=False, skip_locked=True), (1, 1, key, 10)),
+                (col.page_sql(first=True), (10,)),
+            ]
+        for statement, args in statements:
+            plan = "\n".join(r[0] for r in await apg.fetch("EXPLAIN " + statement, *args))
+            assert f"Index Scan using {shape.table}_pkey" in plan and "Sort" not in plan, (statement, plan)
