@@ -15,7 +15,7 @@ every value, and ``keyrotor legacy migrate`` converts its legacy values.
 
 Identifiers are validated against ``information_schema`` and always quoted (never formatted into
 SQL unquoted). The key must be one column with a unique index of its own, of type smallint,
-integer, bigint, uuid, text or varchar (:class:`keyrotor.reencrypt.KeyType`): rotation splits a
+integer, bigint, uuid, text or varchar (:class:`keyrotor.key_ranges.KeyType`): rotation splits a
 table into key ranges, pages it in key order and writes back with ``unnest($keys::<type>[])``.
 A composite primary key is refused: a row must be named by one column.
 """
@@ -31,8 +31,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.errors import Conflict, InvalidInput, NotFound
+from keyrotor.key_ranges import INTEGER_KEY, KeyType, key_type_of
 from keyrotor.policy import check_scope
-from keyrotor.reencrypt import INTEGER_KEY, SECRETS, KeyType, Target, _quote, key_type_of
+from keyrotor.reencrypt import SECRETS, Target, _quote
 from keyrotor.store import db
 
 if TYPE_CHECKING:

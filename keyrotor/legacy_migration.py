@@ -52,9 +52,10 @@ from keyrotor.errors import (
     PermanentError,
 )
 from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
 from keyrotor.keys import KeyManager
 from keyrotor.policy import check_scope
-from keyrotor.reencrypt import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, _quote, key_bounds, raw_connection
+from keyrotor.reencrypt import _quote, raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import legacy, runs
 from keyrotor.context import run_to_commit
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, PermanentError
+from keyrotor.key_ranges import Key, PlannedRange, insert_range, range_bounds, ranges_from_buckets
 from keyrotor.keys import KeyManager
 from keyrotor.legacy_migration import (
     MAX_LISTED,
@@ -47,14 +48,7 @@ from keyrotor.legacy_migration import (
     sources,
     swap_values,
 )
-from keyrotor.reencrypt import (
-    Key,
-    PlannedRange,
-    insert_range,
-    range_bounds,
-    ranges_from_buckets,
-    raw_connection,
-)
+from keyrotor.reencrypt import raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 
@@ -172,7 +166,7 @@ async def _plan(apg: Any, src: Source, n: int, range_rows: int) -> list[PlannedR
     """Contiguous key ranges of about ``range_rows`` legacy values covering every key of ``src``.
 
     They cover keys below, between and above the planned ones, so a legacy row the application
-    writes meanwhile has a range (:func:`keyrotor.reencrypt.ranges_from_buckets`).
+    writes meanwhile has a range (:func:`keyrotor.key_ranges.ranges_from_buckets`).
     """
     if n == 0:
         return []

@@ -28,10 +28,10 @@ from keyrotor.columns import refresh_targets
 from keyrotor.context import RotationContext, run_to_commit
 from keyrotor.envelope import MAX_VERSION
 from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.key_ranges import Key
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import (
-    Key,
     RowFailed,
     count_version,
     load_keys,

@@ -51,16 +51,15 @@ from keyrotor.errors import (
     TransientError,
 )
 from keyrotor.kek.base import WrapContext
+from keyrotor.key_ranges import insert_range, range_bounds
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import (
     RotationKeys,
     Target,
     exists_in_range,
-    insert_range,
     load_keys,
     plan_ranges,
-    range_bounds,
     raw_connection,
     reencrypt_batch,
     relax_commit,

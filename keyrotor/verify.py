@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from keyrotor.columns import list_columns
 from keyrotor.errors import KeyrotorError
+from keyrotor.key_ranges import Key
 from keyrotor.keys import KeyManager
-from keyrotor.reencrypt import Key
 from keyrotor.store import db, repo
 
 

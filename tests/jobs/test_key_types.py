@@ -21,8 +21,9 @@ import pytest
 
 from keyrotor import KeyManager, Settings, columns, rotation
 from keyrotor.context import RotationContext
+from keyrotor.key_ranges import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets
 from keyrotor.legacy_migration import column_source
-from keyrotor.reencrypt import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets, raw_connection
+from keyrotor.reencrypt import raw_connection
 from keyrotor.store import db
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
