@@ -212,8 +212,11 @@ async def _column_type(session: AsyncSession, regclass: str, column: str) -> str
     ).scalar_one_or_none()
 
 
-async def validate(session: AsyncSession, col: ManagedColumn) -> None:
+async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
     """Check that the table, the columns and a unique single-column key of a supported type exist.
+
+    Returns:
+        The key's type.
 
     Raises:
         ColumnNotFound: the table or a column does not exist.
@@ -233,7 +236,8 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> None:
     pk_type = await _column_type(session, regclass, col.pk_column)
     if pk_type is None:
         raise ColumnNotFound(f"key column {col.table}.{col.pk_column} does not exist")
-    if key_type_of(pk_type) is None:
+    key_type = key_type_of(pk_type)
+    if key_type is None:
         raise InvalidInput(f"key column {col.table}.{col.pk_column} is {pk_type}; it must be {_KEY_TYPES}")
     unique = (
         await session.execute(
@@ -258,6 +262,7 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> None:
             raise ColumnNotFound(f"scope column {col.table}.{col.scope_column} does not exist")
         if scope_type not in ("text",) and not scope_type.startswith("character varying"):
             raise InvalidInput(f"scope column {col.table}.{col.scope_column} is {scope_type}, not text")
+    return key_type
 
 
 async def _refuse_composite(session: AsyncSession, regclass: str, col: ManagedColumn) -> None:
@@ -327,7 +332,7 @@ async def register(
         raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
     col = ManagedColumn(table, column, pk, scope_column, scope, template)
     async with db.transaction(sessions) as session:
-        await validate(session, col)
+        key_type = await validate(session, col)
         inserted = (
             await session.execute(
                 text(
@@ -345,7 +350,7 @@ async def register(
         async with engine.connect() as conn:  # CONCURRENTLY cannot run inside a transaction
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             await autocommit.execute(text(col.index_sql()))
-    return ManagedColumn(table, column, pk, scope_column, scope, template, inserted)
+    return ManagedColumn(table, column, pk, scope_column, scope, template, inserted, key_type)
 
 
 async def unregister(sessions: async_sessionmaker[AsyncSession], spec: str) -> None:
