@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from keyrotor import KeyManager, Settings, columns, rotation
+from keyrotor import KeyManager, Settings, columns, legacy_migration, rotation
 from keyrotor.context import RotationContext
 from keyrotor.key_ranges import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets
 from keyrotor.legacy_migration import column_source
@@ -384,3 +384,25 @@ async def test_batch_statements_walk_the_key_index(wenv: dict[str, str], kind: s
         for statement, args in statements:
             plan = "\n".join(r[0] for r in await apg.fetch("EXPLAIN " + statement, *args))
             assert f"Index Scan using {shape.table}_pkey" in plan and "Sort" not in plan, (statement, plan)
+
+
+@pytest.mark.parametrize("kind", ["uuid", "text"])
+async def test_a_single_worker_legacy_migration_pages_any_key(wenv: dict[str, str], kind: str) -> None:
+    """Without fan-out, the migration's cursor (kept in the run's detail) is the key itself."""
+    shape = SHAPES[kind]
+    s = settings_of(wenv)
+    await fetch(s.database_url, shape.ddl)
+    legacy = legacy_rows(LEGACY_ROWS)[:7]
+    keys = await _insert(s, shape, [r[0] for r in legacy], [r[2] for r in legacy])
+    expected = {k: (r[0], r[1]) for k, r in zip(keys, legacy, strict=True)}
+    reg = keyrotor(
+        "columns", "register", f"{shape.table}.api_key", "--pk", "id", "--scope-column", "provider", env=wenv
+    )
+    assert reg.returncode == 0, reg.stderr
+    async with KeyManager(_quiet(s)) as km:
+        report = await legacy_migration.migrate_legacy(km, workers=1, batch_rows=3)  # three batches
+    assert report.migrated == 7 and report.failed == 0
+    detail = json.loads((await fetch(s.database_url, "SELECT detail FROM rotations"))[0][0])
+    ordered = [r[0] for r in await fetch(s.database_url, f"SELECT id::text FROM {shape.table} ORDER BY id")]
+    assert detail["cursors"][f"{shape.table}.api_key"] == ordered[-1]
+    assert await _check_table(s, shape, expected) == {"kr1:1": 7}
