@@ -14,14 +14,16 @@ re-encrypts it, a retirement proves no row of it still uses the old version, ``v
 every value, and ``keyrotor legacy migrate`` converts its legacy values.
 
 Identifiers are validated against ``information_schema`` and always quoted (never formatted into
-SQL unquoted). The primary key must be one integer column with a unique index: rotation splits a
-table into id ranges and writes back with ``unnest($ids::bigint[])``.
+SQL unquoted). The key must be one column with a unique index of its own, of type smallint,
+integer, bigint, uuid, text or varchar (:class:`keyrotor.key_ranges.KeyType`): rotation splits a
+table into key ranges, pages it in key order and writes back with ``unnest($keys::<type>[])``.
+A composite primary key is refused: a row must be named by one column.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.errors import Conflict, InvalidInput, NotFound
+from keyrotor.key_ranges import INTEGER_KEY, KeyType, key_type_of
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import SECRETS, Target, _quote
 from keyrotor.store import db
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from keyrotor.context import RotationContext
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_INTEGER_TYPES = ("smallint", "integer", "bigint")
+_KEY_TYPES = "smallint, integer, bigint, uuid, text or varchar"
 PK_PLACEHOLDER = "{pk}"
 
 
@@ -80,6 +83,7 @@ class ManagedColumn:
     scope: str | None
     context_template: str
     registered_at: datetime | None = None
+    key_type: KeyType = INTEGER_KEY  # read from the catalog (:func:`list_columns`), not stored
 
     @property
     def name(self) -> str:
@@ -94,7 +98,7 @@ class ManagedColumn:
         """The rotation target of this column (the version is read from the ``kr1:`` prefix)."""
         template = self.context_template
 
-        def context(row_id: int, _extra: tuple[Any, ...]) -> str:
+        def context(row_id: object, _extra: tuple[Any, ...]) -> str:
             return template.replace(PK_PLACEHOLDER, str(row_id))
 
         return ManagedTarget(
@@ -105,19 +109,24 @@ class ManagedColumn:
             context=context,
             scope=self.scope,
             scope_name_column=self.scope_column,
+            key_type=self.key_type,
         )
 
-    def page_sql(self, where: str = "TRUE") -> str:
+    def page_sql(self, where: str = "TRUE", *, first: bool = False) -> str:
         """``SELECT pk, value, scope`` of one keyset page: ``$1`` the last key seen, ``$2`` the size.
 
-        ``scope`` is NULL for a fixed-scope column (use :meth:`scope_of`). ``where`` is keyrotor's
-        own SQL (never user input).
+        ``first``: the first page, with no ``$1`` (a text key has no smallest value to start
+        after); the page size is then ``$1``. The key is compared in its own type and ordered by
+        the same expression, so the key's index serves both. ``scope`` is NULL for a fixed-scope
+        column (use :meth:`scope_of`). ``where`` is keyrotor's own SQL (never user input).
         """
+        kt = self.key_type
         pk, val = _quote(self.pk_column), _quote(self.column)
         scope = f"{_quote(self.scope_column)}::text" if self.scope_column else "NULL::text"
+        after = "" if first else f" AND {pk} > $1::{kt.sql}"
         return (
-            f"SELECT {pk}, {val}, {scope} FROM {_quote(self.table)} WHERE {val} IS NOT NULL AND ({where}) "
-            f"AND {pk} > $1 ORDER BY {pk} LIMIT $2"
+            f"SELECT {kt.select(pk)}, {val}, {scope} FROM {_quote(self.table)} WHERE {val} IS NOT NULL "
+            f"AND ({where}){after} ORDER BY {pk} LIMIT ${1 if first else 2}"
         )
 
     def scope_of(self, row_scope: str | None) -> str | None:
@@ -158,9 +167,17 @@ _SELECT = (
 
 
 async def list_columns(session: AsyncSession) -> list[ManagedColumn]:
-    """Every registered column, by name."""
+    """Every registered column, by name, each with its key's type as the catalog has it now."""
     rows = (await session.execute(text(_SELECT + " ORDER BY table_name, column_name"))).all()
-    return [ManagedColumn(*row) for row in rows]
+    out = []
+    for row in rows:
+        col = ManagedColumn(*row)
+        pk_type = await _column_type(session, _quote(col.table), col.pk_column)
+        # A key whose type changed to one not supported (or a dropped table) keeps the integer
+        # statements: they fail, naming the column, rather than the column silently dropping out.
+        kt = key_type_of(pk_type) if pk_type is not None else None
+        out.append(replace(col, key_type=kt or INTEGER_KEY))
+    return out
 
 
 async def load_targets(sessions: async_sessionmaker[AsyncSession]) -> list[Target]:
@@ -195,12 +212,16 @@ async def _column_type(session: AsyncSession, regclass: str, column: str) -> str
     ).scalar_one_or_none()
 
 
-async def validate(session: AsyncSession, col: ManagedColumn) -> None:
-    """Check that the table, the columns and a unique integer primary key exist.
+async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
+    """Check that the table, the columns and a unique single-column key of a supported type exist.
+
+    Returns:
+        The key's type.
 
     Raises:
         ColumnNotFound: the table or a column does not exist.
-        InvalidInput: the value column is not text, the key is not an integer or not unique, or
+        InvalidInput: the value column is not text, the key's type is not supported, the key is
+            part of a composite primary key with no unique index of its own, or not unique, or
             the scope column is not text.
     """
     regclass = _quote(col.table)
@@ -215,10 +236,9 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> None:
     pk_type = await _column_type(session, regclass, col.pk_column)
     if pk_type is None:
         raise ColumnNotFound(f"key column {col.table}.{col.pk_column} does not exist")
-    if pk_type not in _INTEGER_TYPES:
-        raise InvalidInput(
-            f"key column {col.table}.{col.pk_column} is {pk_type}; it must be an integer column"
-        )
+    key_type = key_type_of(pk_type)
+    if key_type is None:
+        raise InvalidInput(f"key column {col.table}.{col.pk_column} is {pk_type}; it must be {_KEY_TYPES}")
     unique = (
         await session.execute(
             text(
@@ -231,6 +251,7 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> None:
         )
     ).scalar_one()
     if not unique:
+        await _refuse_composite(session, regclass, col)
         raise InvalidInput(
             f"key column {col.table}.{col.pk_column} is not unique "
             "(no primary key or unique index on it alone)"
@@ -241,6 +262,29 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> None:
             raise ColumnNotFound(f"scope column {col.table}.{col.scope_column} does not exist")
         if scope_type not in ("text",) and not scope_type.startswith("character varying"):
             raise InvalidInput(f"scope column {col.table}.{col.scope_column} is {scope_type}, not text")
+    return key_type
+
+
+async def _refuse_composite(session: AsyncSession, regclass: str, col: ManagedColumn) -> None:
+    """Refuse, in one line that says what to do, a key column that is part of a composite key."""
+    columns = (
+        await session.execute(
+            text(
+                "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i "
+                "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary"
+            ),
+            {"t": regclass},
+        )
+    ).scalar_one_or_none()
+    if columns and len(columns) > 1:
+        raise InvalidInput(
+            f"{col.table} has a composite primary key ({', '.join(columns)}); composite keys are not "
+            f"supported: add a single-column unique key (e.g. CREATE UNIQUE INDEX ON {col.table} "
+            f"({col.pk_column}) if {col.pk_column} alone is unique, or a uuid/bigserial column) and "
+            "register with --pk naming it"
+        )
 
 
 async def register(
@@ -257,7 +301,7 @@ async def register(
 
     Args:
         spec: ``table.column`` or ``schema.table.column``.
-        pk: the integer, unique key column.
+        pk: the unique key column (smallint, integer, bigint, uuid, text or varchar).
         scope_column: a text column of the row naming its scope -- or, instead:
         scope: the one scope of every row.
         context_template: the AAD context with ``{pk}`` for the row's key; default
@@ -288,7 +332,7 @@ async def register(
         raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
     col = ManagedColumn(table, column, pk, scope_column, scope, template)
     async with db.transaction(sessions) as session:
-        await validate(session, col)
+        key_type = await validate(session, col)
         inserted = (
             await session.execute(
                 text(
@@ -306,7 +350,7 @@ async def register(
         async with engine.connect() as conn:  # CONCURRENTLY cannot run inside a transaction
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             await autocommit.execute(text(col.index_sql()))
-    return ManagedColumn(table, column, pk, scope_column, scope, template, inserted)
+    return ManagedColumn(table, column, pk, scope_column, scope, template, inserted, key_type)
 
 
 async def unregister(sessions: async_sessionmaker[AsyncSession], spec: str) -> None:

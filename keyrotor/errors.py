@@ -99,6 +99,10 @@ class Conflict(PermanentError):
     """The operation conflicts with the current state."""
 
 
+class StoreRejected(PermanentError):
+    """The database refused the statement (invalid data, or a statement that cannot work)."""
+
+
 # --- transient: retry with backoff -------------------------------------------------------
 
 
@@ -108,6 +112,10 @@ class TransientError(KeyrotorError):
 
 class StoreUnavailable(TransientError):
     """The database is unavailable."""
+
+
+class StoreBusy(TransientError):
+    """The database could not run the statement now (serialization failure, deadlock, lock timeout)."""
 
 
 class KekUnavailable(TransientError):

@@ -26,11 +26,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit import check_actor, record_config_change
-from keyrotor.errors import ConfigurationError, InvalidInput, NotFound, StoreUnavailable
+from keyrotor.errors import ConfigurationError, InvalidInput, NotFound, StoreRejected, StoreUnavailable
 from keyrotor.policy import check_scope
 from keyrotor.store import db
 
@@ -315,7 +314,7 @@ class GrantCache:
             # last loaded, so reads that fail over to another region keep working; retry soon.
             self._expires = self._clock() + min(self._ttl_s, _OUTAGE_RETRY_S)
             return
-        except sa_exc.ProgrammingError as exc:
+        except StoreRejected as exc:  # the table is missing (db.wrap_exceptions translates it)
             raise ConfigurationError(
                 "cannot read encryption_grants: is the schema up to date? run `keyrotor db upgrade`"
             ) from exc

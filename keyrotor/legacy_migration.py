@@ -52,9 +52,10 @@ from keyrotor.errors import (
     PermanentError,
 )
 from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
 from keyrotor.keys import KeyManager
 from keyrotor.policy import check_scope
-from keyrotor.reencrypt import MAX_ID, _quote, raw_connection
+from keyrotor.reencrypt import _quote, raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 
@@ -89,11 +90,25 @@ class Source:
     """One place legacy values may live: ``secrets`` or a registered column."""
 
     name: str
-    select: str  # $1 after, $2 last id, $3 limit -> (id, value, scope name, context text)
+    # -> (id, value, scope name, context text); ``{bounds}`` (see :meth:`select_sql`), ``{limit}``
+    # and ``{scope}`` (a fixed scope) are the parameter placeholders.
+    select: str
     update: str  # unnest($1 ids, $2 olds, $3 news[, $4 versions]) ... RETURNING id
     count: str  # -> (legacy candidates, kr1 values)
     plan: str  # $1 buckets -> (first id, last id, legacy rows) of equal-sized id ranges
     has_version: bool
+    key_column: str = "s.id"
+    key_type: KeyType = INTEGER_KEY
+
+    def select_sql(self, *, after: bool, upper: bool) -> str:
+        """The batch SELECT with the bounds given (``$1``, ``$2``), then the limit and the scope.
+
+        An integer key binds both bounds always (``MIN_ID``/``MAX_ID`` when open).
+        """
+        if self.key_type.integer:
+            after = upper = True
+        bounds, n = key_bounds(self.key_column, self.key_type, 1, after=after, upper=upper)
+        return self.select.format(bounds=bounds, limit=f"${n}", scope=f"${n + 1}::text")
 
 
 _LEGACY = "NOT LIKE 'kr1:%'"
@@ -102,8 +117,8 @@ SECRETS_SOURCE = Source(
     name="secrets",
     select=(
         "SELECT s.id, s.ciphertext, k.name, 'secret:' || s.name FROM secrets s "
-        f"JOIN key_scopes k ON k.id = s.scope_id WHERE s.ciphertext {_LEGACY} AND s.id > $1 "
-        "AND s.id <= $2 ORDER BY s.id LIMIT $3"
+        f"JOIN key_scopes k ON k.id = s.scope_id WHERE s.ciphertext {_LEGACY}{{bounds}} "
+        "ORDER BY s.id LIMIT {limit}"
     ),
     update=(
         "UPDATE secrets AS t SET ciphertext = u.new, dek_version = u.ver, updated_at = now() "
@@ -133,28 +148,32 @@ class ColumnSource(Source):
 def column_source(col: ManagedColumn) -> ColumnSource:
     """The legacy source of a registered column (its identifiers quoted)."""
     table, pk, val = _quote(col.table), _quote(col.pk_column), _quote(col.column)
-    scope = f"{_quote(col.scope_column)}::text" if col.scope_column else "$4::text"
+    kt = col.key_type
+    # Braces of identifiers are impossible (plain identifiers only), so the template is safe to format.
+    scope = f"{_quote(col.scope_column)}::text" if col.scope_column else "{scope}"
     template = col.context_template
     return ColumnSource(
         name=col.name,
         select=(
-            f"SELECT {pk}, {val}, {scope}, NULL::text FROM {table} "
-            f"WHERE {val} IS NOT NULL AND {val} {_LEGACY} AND {pk} > $1 AND {pk} <= $2 "
-            f"ORDER BY {pk} LIMIT $3"
+            f"SELECT {kt.select(pk)}, {val}, {scope}, NULL::text FROM {table} "
+            f"WHERE {val} IS NOT NULL AND {val} {_LEGACY}{{bounds}} ORDER BY {pk} LIMIT {{limit}}"
         ),
         update=(
-            f"UPDATE {table} AS t SET {val} = u.new FROM unnest($1::bigint[], $2::text[], $3::text[]) "
-            f"AS u(id, old, new) WHERE t.{pk} = u.id AND t.{val} = u.old RETURNING t.{pk}"
+            f"UPDATE {table} AS t SET {val} = u.new FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) "
+            f"AS u(id, old, new) WHERE t.{pk} = u.id AND t.{val} = u.old RETURNING {kt.select(f't.{pk}')}"
         ),
         count=(
             f"SELECT count(*) FILTER (WHERE {val} {_LEGACY}), count(*) FILTER (WHERE {val} LIKE 'kr1:%') "
             f"FROM {table}"
         ),
         plan=(
-            f"SELECT min(id), max(id), count(*) FROM (SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
+            f"(SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
             f"FROM {table} WHERE {val} IS NOT NULL AND {val} {_LEGACY}) q GROUP BY b ORDER BY b"
         ),
         has_version=False,
+        key_column=pk,
+        key_type=kt,
         fixed_scope=col.scope,
         template=template,
     )
@@ -170,7 +189,7 @@ def try_second_phase(value: str, ciphers: Sequence[AESGCM]) -> str | None:
     return None
 
 
-def _context(src: Source, row_id: int, row_context: str | None) -> str:
+def _context(src: Source, row_id: Key, row_context: str | None) -> str:
     if isinstance(src, ColumnSource) and src.template is not None:
         return src.template.replace("{pk}", str(row_id))
     return row_context or ""
@@ -184,7 +203,7 @@ class ColumnReport:
     legacy_found: int = 0
     migrated: int = 0
     already_migrated: int = 0
-    changed: list[int] = field(default_factory=list)  # changed or deleted meanwhile: left alone
+    changed: list[Key] = field(default_factory=list)  # changed or deleted meanwhile: left alone
     failed: list[dict[str, Any]] = field(default_factory=list)  # {"id", "reason"}
     warnings: list[dict[str, Any]] = field(default_factory=list)  # {"id", "warning"}
     failed_count: int = 0
@@ -296,13 +315,21 @@ async def sources(km: KeyManager) -> list[Source]:
 
 
 async def fetch_rows(
-    session: AsyncSession, src: Source, after: int, limit: int, hi: int = MAX_ID
+    session: AsyncSession, src: Source, after: Key | None, limit: int, hi: Key | None = None
 ) -> list[Any]:
-    """The next ``limit`` legacy rows of ``src`` with ``after < id <= hi``, in id order."""
+    """The next ``limit`` legacy rows of ``src`` with ``after < id <= hi``, in key order.
+
+    ``after`` None: from the first key; ``hi`` None: to the last.
+    """
     apg = await raw_connection(session)
+    if src.key_type.integer:
+        bounds: list[Key] = [MIN_ID if after is None else after, MAX_ID if hi is None else hi]
+    else:
+        bounds = [b for b in (after, hi) if b is not None]
+    sql = src.select_sql(after=after is not None, upper=hi is not None)
     if isinstance(src, ColumnSource) and src.fixed_scope is not None:
-        return list(await apg.fetch(src.select, after, hi, limit, src.fixed_scope))
-    return list(await apg.fetch(src.select, after, hi, limit))
+        return list(await apg.fetch(sql, *bounds, limit, src.fixed_scope))
+    return list(await apg.fetch(sql, *bounds, limit))
 
 
 async def open_batch(
@@ -354,7 +381,7 @@ async def _counts(km: KeyManager, src: Source) -> tuple[int, int]:
 class SealedBatch:
     """One batch's compare-and-swap arguments: ids, old values, new kr1 values, DEK versions."""
 
-    ids: list[int] = field(default_factory=list)
+    ids: list[Key] = field(default_factory=list)
     olds: list[str] = field(default_factory=list)
     news: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -499,7 +526,7 @@ async def _migrate(
 ) -> LegacyReport:
     report = LegacyReport(dry_run=dry_run)
     run: RunInfo | None = None
-    cursors: dict[str, int] = {}
+    cursors: dict[str, Key] = {}
     migrated_before = 0
     if not dry_run:
         if run_id is None:
@@ -514,7 +541,7 @@ async def _migrate(
             return _report_of(run)
         async with db.transaction(km.sessions) as session:
             run = await runs.start_attempt(session, run.id, job_id)
-        cursors = {k: int(v) for k, v in run.detail.get("cursors", {}).items()}
+        cursors = {k: v for k, v in run.detail.get("cursors", {}).items() if isinstance(v, int | str)}
         for d in run.detail.get("columns", []):
             report.columns[d["column"]] = ColumnReport.from_dict(d)
         migrated_before = run.rows_done - report.migrated
@@ -537,7 +564,7 @@ async def _migrate(
     try:
         for src in srcs:
             rep = report.column(src.name)
-            after = cursors.get(src.name, -(2**63))
+            after: Key | None = cursors.get(src.name)  # None: from the first key
             while True:
                 async with db.transaction(km.sessions) as session:
                     rows = await fetch_rows(session, src, after, batch_rows)
@@ -582,9 +609,9 @@ async def _write(
     run_id: int,
     src: Source,
     sealed: SealedBatch,
-    cursors: dict[str, int],
+    cursors: dict[str, Key],
     report: LegacyReport,
-) -> set[int]:
+) -> set[Key]:
     """One batch's compare-and-swap write and the run's cursor, in one transaction."""
     async with db.transaction(km.sessions) as session:
         written = await swap_values(await raw_connection(session), src, sealed)
@@ -597,7 +624,7 @@ async def _write(
     return written
 
 
-async def swap_values(apg: Any, src: Source, sealed: SealedBatch) -> set[int]:
+async def swap_values(apg: Any, src: Source, sealed: SealedBatch) -> set[Key]:
     """The batch's compare-and-swap UPDATE: the ids written (a row changed meanwhile is not)."""
     if not sealed.ids:
         return set()
@@ -605,10 +632,10 @@ async def swap_values(apg: Any, src: Source, sealed: SealedBatch) -> set[int]:
         rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.versions)
     else:
         rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news)
-    return {int(r[0]) for r in rows}
+    return {src.key_type.key(r[0]) for r in rows}
 
 
-def report_after(rep: ColumnReport, sealed: SealedBatch, written: set[int]) -> dict[str, Any]:
+def report_after(rep: ColumnReport, sealed: SealedBatch, written: set[Key]) -> dict[str, Any]:
     """``rep`` as it will stand once the batch's write commits."""
     after = rep.as_dict()
     after["migrated"] = rep.migrated + len(written)

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import legacy, runs
 from keyrotor.context import run_to_commit
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, PermanentError
+from keyrotor.key_ranges import Key, PlannedRange, insert_range, range_bounds, ranges_from_buckets
 from keyrotor.keys import KeyManager
 from keyrotor.legacy_migration import (
     MAX_LISTED,
@@ -47,7 +48,7 @@ from keyrotor.legacy_migration import (
     sources,
     swap_values,
 )
-from keyrotor.reencrypt import MAX_ID, raw_connection
+from keyrotor.reencrypt import raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 
@@ -136,15 +137,9 @@ async def fan_out(
             return None
         planned: list[LegacyRange] = []
         for src in srcs:
-            for lo, hi in await _plan(apg, src, int(counts[src.name][0]), range_rows):
-                await session.execute(
-                    text(
-                        "INSERT INTO rotation_ranges (run_id, target, lo, hi, version, cursor) "
-                        "VALUES (:r, :t, :lo, :hi, 0, :c) ON CONFLICT DO NOTHING"
-                    ),
-                    {"r": run.id, "t": src.name, "lo": lo, "hi": hi, "c": lo - 1},
-                )
-                planned.append(LegacyRange(run.id, src.name, lo, hi))
+            for p in await _plan(apg, src, int(counts[src.name][0]), range_rows):
+                await insert_range(session, run.id, src.name, p, version=0)
+                planned.append(LegacyRange(run.id, src.name, p.lo, p.hi))
         base = [
             ColumnReport(
                 src.name, legacy_found=int(counts[src.name][0]), already_migrated=int(counts[src.name][1])
@@ -167,16 +162,16 @@ async def fan_out(
     return FanOut(run, planned)
 
 
-async def _plan(apg: Any, src: Source, n: int, range_rows: int) -> list[tuple[int, int]]:
-    """Contiguous id ranges of about ``range_rows`` legacy values covering every id of ``src``."""
+async def _plan(apg: Any, src: Source, n: int, range_rows: int) -> list[PlannedRange]:
+    """Contiguous key ranges of about ``range_rows`` legacy values covering every key of ``src``.
+
+    They cover keys below, between and above the planned ones, so a legacy row the application
+    writes meanwhile has a range (:func:`keyrotor.key_ranges.ranges_from_buckets`).
+    """
     if n == 0:
         return []
     k = max(1, -(-n // range_rows))
-    firsts = [int(r[0]) for r in await apg.fetch(src.plan, k)]
-    # The first range starts at 0 or below (ids are keys, a cursor is ``lo - 1``); the last
-    # ends at the largest bigint, so a legacy row the application writes meanwhile has a range.
-    los = [min(0, firsts[0]), *firsts[1:]]
-    return [(lo, (los[i + 1] - 1) if i + 1 < len(los) else MAX_ID) for i, lo in enumerate(los)]
+    return ranges_from_buckets(src.key_type, await apg.fetch(src.plan, k))
 
 
 async def _pending(session: AsyncSession, run_id: int) -> list[LegacyRange]:
@@ -277,7 +272,7 @@ async def _migrate_range(
         found = await _range_row(session, rng)
     if run.kind != "legacy":
         raise runs.RunFailed(f"run {rng.run_id} is not a legacy migration")
-    range_id, range_state, cursor = found
+    range_id, range_state, bounds = found
     part = run.detail.get("range_reports", {}).get(rng.key)
     rep = ColumnReport.from_dict(part) if part else ColumnReport(rng.target)
 
@@ -291,37 +286,45 @@ async def _migrate_range(
     if range_state == "done":
         return outcome("done", await complete_if_done(km, rng.run_id))
     src = next((s for s in await sources(km) if s.name == rng.target), None)
+    cursor: Key | None = None
+    upper: Key | None = None
+    if src is not None:
+        _start, cursor, upper = range_bounds(src.key_type, rng.lo, rng.hi, bounds)
     second: dict[str, list[AESGCM]] = {}
     while src is not None:  # None: the column was unregistered meanwhile; nothing left to do
         async with db.transaction(km.sessions) as session:
-            rows = await fetch_rows(session, src, cursor, batch_rows, rng.hi)
+            rows = await fetch_rows(session, src, cursor, batch_rows, upper)
         if not rows:
             break
         sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
         check_wrong_key(rep.failed, decrypted=rep.migrated + len(sealed.ids) + run.rows_done)
-        written = await run_to_commit(_write(km, rng, range_id, src, sealed, rows[-1][0], rep))
+        written = await run_to_commit(
+            _write(km, rng, range_id, src, sealed, src.key_type.key(rows[-1][0]), rep)
+        )
         if written is None:
             return outcome("stopped")
         rep.migrated += len(written)
         rep.changed = (rep.changed + [i for i in sealed.ids if i not in written])[:MAX_LISTED]
-        cursor = rows[-1][0]
+        cursor = src.key_type.key(rows[-1][0])
     completed = await run_to_commit(_finish(km, rng, range_id))
     log.info("legacy_range_done", migrated=rep.migrated, failed=rep.failed_count, completed_run=completed)
     return outcome("done", completed)
 
 
-async def _range_row(session: AsyncSession, rng: LegacyRange) -> tuple[int, str, int]:
+async def _range_row(session: AsyncSession, rng: LegacyRange) -> tuple[int, str, Any]:
+    """The range's id, state and ``(cursor, after_key, hi_key, cursor_key)``."""
     row = (
         await session.execute(
             text(
-                "SELECT id, state, cursor FROM rotation_ranges WHERE run_id = :r AND target = :t AND lo = :lo"
+                "SELECT id, state, cursor, after_key, hi_key, cursor_key FROM rotation_ranges "
+                "WHERE run_id = :r AND target = :t AND lo = :lo"
             ),
             {"r": rng.run_id, "t": rng.target, "lo": rng.lo},
         )
     ).first()
     if row is None:
         raise InvalidInput(f"run {rng.run_id} has no {rng.target} range starting at {rng.lo}")
-    return int(row[0]), str(row[1]), int(row[2])
+    return int(row[0]), str(row[1]), tuple(row[2:])
 
 
 async def _write(
@@ -330,9 +333,9 @@ async def _write(
     range_id: int,
     src: Source,
     sealed: SealedBatch,
-    last_id: int,
+    last_id: Key,
     rep: ColumnReport,
-) -> set[int] | None:
+) -> set[Key] | None:
     """One batch's compare-and-swap write, the range's cursor and report part, the run's counters.
 
     Returns the ids written, or None (nothing written) if the run is no longer running.
@@ -351,12 +354,18 @@ async def _write(
             return None
         written = await swap_values(await raw_connection(session), src, sealed)
         after = report_after(rep, sealed, written)
+        integer = src.key_type.integer
         await session.execute(
             text(
-                "UPDATE rotation_ranges SET cursor = :c, rows_done = rows_done + :n, updated_at = now() "
-                "WHERE id = :g"
+                "UPDATE rotation_ranges SET cursor = coalesce(:c, cursor), cursor_key = :ck, "
+                "rows_done = rows_done + :n, updated_at = now() WHERE id = :g"
             ),
-            {"g": range_id, "c": last_id, "n": len(written)},
+            {
+                "g": range_id,
+                "c": last_id if integer else None,
+                "ck": None if integer else str(last_id),
+                "n": len(written),
+            },
         )
         # One key of the run's detail, set in place: ranges committing at once never lose each
         # other's parts (the UPDATE works on the row's latest version under its lock).

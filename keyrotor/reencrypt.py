@@ -6,6 +6,9 @@ to, and how to compute the AAD context of a row. keyrotor's own ``secrets`` tabl
 target (:data:`SECRETS`); applications register their own columns the same way (e.g.
 ``settings.api_key`` with context ``settings.api_key:<pk>``) and rotation covers them alike.
 
+A target's key is one column of any type :class:`KeyType` covers (smallint, integer, bigint,
+uuid, text, varchar); every statement binds its parameters in the key's own type.
+
 One batch is one transaction (DESIGN.md, steps 3-5)::
 
     SELECT id, value, ... FROM t WHERE <scope> AND <version = v> AND id > :after AND id <= :hi
@@ -17,7 +20,7 @@ One batch is one transaction (DESIGN.md, steps 3-5)::
 One version at a time, so the query is an exact, ordered range of the
 ``(scope_id, dek_version, id)`` index. The statements run on the raw asyncpg connection of the
 SQLAlchemy session (prepared once per connection): the measured fast path. A value that fails
-to decrypt raises :class:`RowFailed` naming the table and row id, and nothing of its batch is
+to decrypt raises :class:`RowFailed` naming the table and row key, and nothing of its batch is
 written.
 """
 
@@ -36,23 +39,32 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import envelope, metrics
 from keyrotor.errors import ConfigurationError, DecryptionFailed, KeyrotorError, KeyVersionTooOld
 from keyrotor.kek.base import WrappedDek
+from keyrotor.key_ranges import (
+    INTEGER_KEY,
+    MAX_ID,
+    MIN_ID,
+    Key,
+    KeyType,
+    PlannedRange,
+    key_bounds,
+    ranges_from_buckets,
+    show_key,
+)
 
-MIN_ID = -(2**63)
-MAX_ID = 2**63 - 1
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class RowFailed(DecryptionFailed):
     """A stored value could not be re-encrypted (tampered, or under a key that no longer decrypts)."""
 
-    def __init__(self, target: str, row_id: int, cause: KeyrotorError | str) -> None:
+    def __init__(self, target: str, row_id: Key, cause: KeyrotorError | str) -> None:
         reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, KeyrotorError) else cause
-        super().__init__(f"{target} row id={row_id} could not be re-encrypted: {reason}")
+        super().__init__(f"{target} row id={show_key(row_id)} could not be re-encrypted: {reason}")
         self.target = target
         self.row_id = row_id
         self.reason = reason
 
-    def __reduce__(self) -> tuple[type[RowFailed], tuple[str, int, str]]:
+    def __reduce__(self) -> tuple[type[RowFailed], tuple[str, Key, str]]:
         # arq pickles a failed job's exception into its result; keep it loadable.
         return (type(self), (self.target, self.row_id, self.reason))
 
@@ -71,7 +83,7 @@ class Target:
     Args:
         name: stable name (in range rows, job ids and error messages), e.g. ``secrets``.
         table: the table (``schema.table`` allowed).
-        id_column: an integer primary key.
+        id_column: the single-column key (unique); its type is ``key_type``.
         value_column: the ``kr1`` text column.
         context: ``context(row_id, extra)`` -> the AAD context the value was sealed with;
             ``extra`` holds the values of ``context_columns``.
@@ -82,18 +94,20 @@ class Target:
             e.g. ``settings.provider``).
         version_column: an integer column kept equal to the value's DEK version (indexed with
             the scope column for fast lookups); None: the version is read from the value's prefix.
+        key_type: the key's type (:data:`INTEGER_KEY` for smallint, integer and bigint keys).
     """
 
     name: str
     table: str
     id_column: str
     value_column: str
-    context: Callable[[int, tuple[Any, ...]], str] = field(compare=False)
+    context: Callable[[Any, tuple[Any, ...]], str] = field(compare=False)
     context_columns: tuple[str, ...] = ()
     scope_id_column: str | None = None
     scope: str | None = None
     version_column: str | None = None
     scope_name_column: str | None = None
+    key_type: KeyType = INTEGER_KEY
 
     def __post_init__(self) -> None:
         sources = (self.scope_id_column, self.scope, self.scope_name_column)
@@ -117,10 +131,16 @@ class Target:
 
 
 class _TargetSql:
-    """The statements of one target, with asyncpg ``$n`` parameters. ``$1`` is always the scope id."""
+    """The statements of one target, with asyncpg ``$n`` parameters. ``$1`` is always the scope id.
+
+    An integer key always binds both bounds (``MIN_ID``/``MAX_ID`` when open): one statement, as
+    fast as it ever was for ``secrets``. Other keys have no such bounds, so a range open at one
+    end gets a statement without that side (:meth:`select`, :meth:`exists_in_range`).
+    """
 
     def __init__(self, t: Target) -> None:
         table, idc, val = _quote(t.table), _quote(t.id_column), _quote(t.value_column)
+        kt = self.key_type = t.key_type
         extra = "".join(f", {_quote(c)}" for c in t.context_columns)
         scope = f"{_quote(t.scope_id_column)} = $1" if t.scope_id_column else "$1::bigint IS NOT NULL"
         if t.scope_name_column:
@@ -135,28 +155,47 @@ class _TargetSql:
             is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
             older = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int < $2"
             set_version = ""
-        base = f"FROM {table} WHERE {scope} AND {is_v}"
-        self.select = (
-            f"SELECT {idc}, {val}{extra} {base} AND {idc} > $3 AND {idc} <= $4 "
-            f"ORDER BY {idc} LIMIT $5 FOR UPDATE"
-        )
-        self.select_skip_locked = self.select + " SKIP LOCKED"
+        self._idc = idc
+        self._base = base = f"FROM {table} WHERE {scope} AND {is_v}"
+        self._select_head = f"SELECT {kt.select(idc)}, {val}{extra} {base}"
+        self._selects: dict[tuple[bool, bool, bool], str] = {}
+        self._exists: dict[tuple[bool, bool], str] = {}
         self.update = (
             f"UPDATE {table} AS t SET {val} = u.new{set_version} "
-            "FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, old, new) "
+            f"FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) AS u(id, old, new) "
             f"WHERE t.{idc} = u.id AND t.{val} = u.old"
         )
         self.has_version_param = bool(t.version_column)
-        self.exists_in_range = f"SELECT EXISTS (SELECT 1 {base} AND {idc} >= $3 AND {idc} <= $4)"
         self.count_version = f"SELECT count(*) {base}"
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
-        # k contiguous id buckets of about equal row counts over the rows still to do.
+        # k contiguous key buckets of about equal row counts over the rows still to do.
         self.plan = (
-            "SELECT min(id), max(id), count(*) FROM "
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
             f"(SELECT {idc} AS id, ntile($3) OVER (ORDER BY {idc}) AS b "
-            f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY 1"
+            f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY b"
         )
         self.lock_table = f"LOCK TABLE {table} IN SHARE MODE"
+
+    def select(self, *, after: bool, upper: bool, skip_locked: bool) -> str:
+        """``SELECT id, value, extra...`` of one batch: ``$3``/``$4`` the bounds given, then the limit."""
+        if self.key_type.integer:
+            after = upper = True
+        k = (after, upper, skip_locked)
+        if k not in self._selects:
+            bounds, n = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
+            sql = f"{self._select_head}{bounds} ORDER BY {self._idc} LIMIT ${n} FOR UPDATE"
+            self._selects[k] = sql + " SKIP LOCKED" if skip_locked else sql
+        return self._selects[k]
+
+    def exists_in_range(self, *, after: bool, upper: bool) -> str:
+        """Whether a row on version ``$2`` lies after ``$3`` and up to ``$4`` (the bounds given)."""
+        if self.key_type.integer:
+            after = upper = True
+        k = (after, upper)
+        if k not in self._exists:
+            bounds, _ = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
+            self._exists[k] = f"SELECT EXISTS (SELECT 1 {self._base}{bounds})"
+        return self._exists[k]
 
 
 def _secret_context(_row_id: int, extra: tuple[Any, ...]) -> str:
@@ -261,7 +300,14 @@ class Batch:
 
     selected: int
     written: int
-    last_id: int | None
+    last_id: Key | None
+
+
+def _bound_args(target: Target, after: Key | None, hi: Key | None) -> tuple[bool, bool, list[Key]]:
+    """Which bounds a statement of ``target`` binds, and their values (integer keys: always both)."""
+    if target.key_type.integer:
+        return True, True, [MIN_ID if after is None else after, MAX_ID if hi is None else hi]
+    return after is not None, hi is not None, [b for b in (after, hi) if b is not None]
 
 
 async def raw_connection(session: AsyncSession) -> Any:
@@ -293,12 +339,14 @@ async def reencrypt_batch(
     keys: RotationKeys,
     version: int,
     *,
-    after: int,
-    hi: int = MAX_ID,
+    after: Key | None,
+    hi: Key | None = None,
     limit: int,
     skip_locked: bool = True,
 ) -> Batch:
     """Re-encrypt up to ``limit`` rows of ``target`` still on ``version`` with ``after < id <= hi``.
+
+    ``after`` None: from the first key; ``hi`` None: to the last.
 
     Runs inside the caller's transaction (``apg`` from :func:`raw_connection`); the caller
     commits it together with its progress counters.
@@ -308,15 +356,15 @@ async def reencrypt_batch(
             the batch has been written.
     """
     sql = target.sql
-    rows = await apg.fetch(
-        sql.select_skip_locked if skip_locked else sql.select, keys.scope_id, version, after, hi, limit
-    )
+    has_after, has_hi, bounds = _bound_args(target, after, hi)
+    select = sql.select(after=has_after, upper=has_hi, skip_locked=skip_locked)
+    rows = await apg.fetch(select, keys.scope_id, version, *bounds, limit)
     if not rows:
         return Batch(0, 0, None)
     old = keys.old.get(version)
     new_cipher, new_version, scope = keys.new_cipher, keys.new_version, keys.scope
     context_of = target.context
-    ids: list[int] = []
+    ids: list[Key] = []
     olds: list[str] = []
     news: list[str] = []
     split, open_raw, seal = envelope.split, envelope.open_raw, envelope.seal
@@ -362,7 +410,7 @@ async def sweep(
     """
     written = 0
     for version in versions if versions is not None else keys.old_versions:
-        after = MIN_ID
+        after: Key | None = None
         while True:
             batch = await reencrypt_batch(
                 apg, target, keys, version, after=after, limit=limit, skip_locked=False
@@ -386,30 +434,26 @@ async def count_version(apg: Any, target: Target, scope_id: int, version: int) -
 
 async def plan_ranges(
     apg: Any, target: Target, scope_id: int, new_version: int, *, range_rows: int
-) -> list[tuple[int, int, int]]:
-    """Split the rows still to do into contiguous id ranges of about ``range_rows`` rows.
+) -> list[PlannedRange]:
+    """Split the rows still to do into contiguous key ranges of about ``range_rows`` rows each.
 
-    Returns ``(lo, hi, rows)`` triples covering every id (the first starts at the smallest id or
-    0, the last ends at the largest bigint), so a row written during the run falls in a range.
+    See :func:`ranges_from_buckets` for how the ranges cover every key.
     """
     total = await count_older(apg, target, scope_id, new_version)
     if total == 0:
         return []
     k = max(1, -(-total // range_rows))
     buckets = await apg.fetch(target.sql.plan, scope_id, new_version, k)
-    ranges: list[tuple[int, int, int]] = []
-    for i, (first, _last, n) in enumerate(buckets):
-        lo = min(0, int(first)) if i == 0 else int(first)
-        ranges.append((lo, 0, int(n)))
-    return [
-        (lo, (ranges[i + 1][0] - 1) if i + 1 < len(ranges) else MAX_ID, n)
-        for i, (lo, _, n) in enumerate(ranges)
-    ]
+    return ranges_from_buckets(target.key_type, buckets)
 
 
-async def exists_in_range(apg: Any, target: Target, keys: RotationKeys, lo: int, hi: int) -> bool:
-    """Whether any row of ``target`` with ``lo <= id <= hi`` is still on an older version."""
+async def exists_in_range(
+    apg: Any, target: Target, keys: RotationKeys, after: Key | None, hi: Key | None
+) -> bool:
+    """Whether any row of ``target`` with ``after < id <= hi`` is still on an older version."""
+    has_after, has_hi, bounds = _bound_args(target, after, hi)
+    sql = target.sql.exists_in_range(after=has_after, upper=has_hi)
     for version in keys.old_versions:
-        if await apg.fetchval(target.sql.exists_in_range, keys.scope_id, version, lo, hi):
+        if await apg.fetchval(sql, keys.scope_id, version, *bounds):
             return True
     return False

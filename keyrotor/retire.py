@@ -28,6 +28,7 @@ from keyrotor.columns import refresh_targets
 from keyrotor.context import RotationContext, run_to_commit
 from keyrotor.envelope import MAX_VERSION
 from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.key_ranges import Key
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import (
@@ -225,11 +226,11 @@ async def retire_dek(
 async def _reencrypt_stragglers(rc: RotationContext, run: RunInfo, scope: str, version: int) -> int:
     written = 0
     for target in rc.targets_for(scope):
-        after = -(2**63)
+        after: Key | None = None  # from the first key, whatever the key's type
         while True:
             await rc.spend_rows(rc.batch_rows)
 
-            async def batch(after: int = after, target: Any = target) -> tuple[int | None, int]:
+            async def batch(after: Key | None = after, target: Any = target) -> tuple[Key | None, int]:
                 async with db.transaction(rc.sessions) as session:
                     sc = (
                         await session.execute(

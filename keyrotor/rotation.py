@@ -51,6 +51,7 @@ from keyrotor.errors import (
     TransientError,
 )
 from keyrotor.kek.base import WrapContext
+from keyrotor.key_ranges import insert_range, range_bounds
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import (
@@ -80,7 +81,11 @@ class RowsLocked(TransientError):
 
 @dataclass(frozen=True, slots=True)
 class RangeJob:
-    """One id range of a fanned-out run, for the caller to enqueue."""
+    """One key range of a fanned-out run, for the caller to enqueue.
+
+    ``lo``/``hi``: the id bounds of an integer key, or the range's ordinal for other keys (whose
+    bounds the ``rotation_ranges`` row holds).
+    """
 
     run_id: int
     target: str
@@ -400,14 +405,8 @@ async def _promote(rc: RotationContext, scope: str, run: RunInfo) -> bool:
         planned = 0
         first_version = keys.old_versions[0] if keys.old_versions else run.to_version - 1
         for target in targets:
-            for lo, hi, _n in await plan_ranges(apg, target, sc.id, run.to_version, range_rows=rc.range_rows):
-                await session.execute(
-                    text(
-                        "INSERT INTO rotation_ranges (run_id, target, lo, hi, version, cursor) "
-                        "VALUES (:r, :t, :lo, :hi, :v, :c) ON CONFLICT DO NOTHING"
-                    ),
-                    {"r": run.id, "t": target.name, "lo": lo, "hi": hi, "v": first_version, "c": lo - 1},
-                )
+            for p in await plan_ranges(apg, target, sc.id, run.to_version, range_rows=rc.range_rows):
+                await insert_range(session, run.id, target.name, p, version=first_version)
                 planned += 1
         await runs.update_detail(session, run.id, mode="ranges", ranges=planned)
         log.info("rotation_fanned_out", rows_total=total, ranges=planned, to_version=run.to_version)
@@ -568,7 +567,8 @@ async def _range_step(
         row = (
             await session.execute(
                 text(
-                    "SELECT g.id, g.state, g.version, g.cursor, r.state FROM rotation_ranges g "
+                    "SELECT g.id, g.state, g.version, r.state, g.cursor, g.after_key, g.hi_key, g.cursor_key "
+                    "FROM rotation_ranges g "
                     "JOIN rotations r ON r.id = g.run_id "
                     "WHERE g.run_id = :r AND g.target = :t AND g.lo = :lo "
                     "FOR UPDATE OF g"
@@ -578,7 +578,8 @@ async def _range_step(
         ).first()
         if row is None:
             raise InvalidInput(f"run {run.id} has no {target.name} range starting at {lo}")
-        range_id, range_state, version, cursor, run_state = row
+        range_id, range_state, version, run_state = row[:4]
+        start, cursor, upper = range_bounds(target.key_type, lo, hi, row[4:])
         if run_state != "running":
             return _Step(stopped=run_state)
         if range_state == "done":
@@ -588,36 +589,36 @@ async def _range_step(
         versions = keys.old_versions
         if version in versions:
             batch = await reencrypt_batch(
-                apg, target, keys, version, after=cursor, hi=hi, limit=rc.batch_rows, skip_locked=True
+                apg, target, keys, version, after=cursor, hi=upper, limit=rc.batch_rows, skip_locked=True
             )
             if batch.last_id is not None:
+                integer = target.key_type.integer
                 await session.execute(
                     text(
-                        "UPDATE rotation_ranges SET cursor = :c, rows_done = rows_done + :n, "
-                        "updated_at = now() WHERE id = :id"
+                        "UPDATE rotation_ranges SET cursor = coalesce(:c, cursor), cursor_key = :ck, "
+                        "rows_done = rows_done + :n, updated_at = now() WHERE id = :id"
                     ),
-                    {"id": range_id, "c": batch.last_id, "n": batch.written},
+                    {
+                        "id": range_id,
+                        "c": batch.last_id if integer else None,
+                        "ck": None if integer else str(batch.last_id),
+                        "n": batch.written,
+                    },
                 )
                 # Last statement before the commit: the run row is the one every range updates.
                 await runs.add_progress(session, run.id, batch.written)
                 return _Step(written=batch.written)
         later = [v for v in versions if v > version]
+        restart = text(
+            "UPDATE rotation_ranges SET version = :v, cursor = :c, cursor_key = NULL, updated_at = now() "
+            "WHERE id = :id"
+        )
         if later:
-            await session.execute(
-                text(
-                    "UPDATE rotation_ranges SET version = :v, cursor = :c, updated_at = now() WHERE id = :id"
-                ),
-                {"id": range_id, "v": later[0], "c": lo - 1},
-            )
+            await session.execute(restart, {"id": range_id, "v": later[0], "c": lo - 1})
             return _Step()
-        if await exists_in_range(apg, target, keys, lo, hi):
+        if await exists_in_range(apg, target, keys, start, upper):
             # Rows skipped as locked (or written behind the cursor): go round again from the start.
-            await session.execute(
-                text(
-                    "UPDATE rotation_ranges SET version = :v, cursor = :c, updated_at = now() WHERE id = :id"
-                ),
-                {"id": range_id, "v": versions[0], "c": lo - 1},
-            )
+            await session.execute(restart, {"id": range_id, "v": versions[0], "c": lo - 1})
             return _Step(blocked=True)
         await session.execute(
             text("UPDATE rotation_ranges SET state = 'done', updated_at = now() WHERE id = :id"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from keyrotor.columns import list_columns
 from keyrotor.errors import KeyrotorError
+from keyrotor.key_ranges import Key
 from keyrotor.keys import KeyManager
 from keyrotor.store import db, repo
 
@@ -16,7 +17,7 @@ class VerifyFailure:
     """One value that did not decrypt: where it is and why (never what it holds)."""
 
     table: str
-    row_id: int
+    row_id: Key
     scope: str
     name: str
     error: str
@@ -87,12 +88,15 @@ async def verify_columns(
     for col in columns:
         if scope is not None and col.scope is not None and col.scope != scope:
             continue
-        after = -(2**63)
+        after: Key | None = None  # from the first key, whatever the key's type
         while True:
             async with db.transaction(km.sessions) as session:
                 apg = (await (await session.connection()).get_raw_connection()).driver_connection
                 assert apg is not None
-                page = await apg.fetch(col.page_sql(), after, page_size)
+                if after is None:
+                    page = await apg.fetch(col.page_sql(first=True), page_size)
+                else:
+                    page = await apg.fetch(col.page_sql(), after, page_size)
             if not page:
                 break
             for row_id, value, row_scope in page:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.url import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from keyrotor.errors import ConfigurationError, StoreUnavailable
+from keyrotor.errors import ConfigurationError, StoreBusy, StoreRejected, StoreUnavailable
+from keyrotor.redaction import blank_patterns
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -75,6 +77,46 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(cause, _TRANSIENT) or _not_accepting(cause)
 
 
+# SQLSTATEs a later attempt may not meet: 40 (serialization failure, deadlock), 55P03 (lock
+# timeout), 57014 (statement timeout, cancelled), 53 (insufficient resources), 58 (I/O error).
+_BUSY_CLASSES = ("40", "53", "58")
+_BUSY_STATES = ("55P03", "57014")
+# asyncpg's own message for a parameter it cannot encode echoes the value; it is left out.
+_ARGUMENT = re.compile(r"(invalid input for query argument \$\d+): .* \(([^()]*)\)$", re.S)
+
+
+def _postgres_error(exc: BaseException) -> asyncpg.PostgresError | None:
+    """The asyncpg error behind ``exc`` (raw, or wrapped by SQLAlchemy), if any."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, asyncpg.PostgresError):
+            return seen
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+def _is_busy(pg: asyncpg.PostgresError) -> bool:
+    state = str(getattr(pg, "sqlstate", "") or "")
+    return state[:2] in _BUSY_CLASSES or state in _BUSY_STATES
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming a database error: its class, SQLSTATE and message, never a bound value.
+
+    Statements carry ciphertexts and keys, never plaintext; still, an argument echoed by the
+    driver is dropped and whatever looks like key material is blanked.
+    """
+    pg = _postgres_error(exc)
+    err: BaseException = pg if pg is not None else exc
+    message = str(getattr(err, "message", None) or err).strip().splitlines()[0] if str(err).strip() else ""
+    message = _ARGUMENT.sub(r"\1 (\2)", message)
+    state = getattr(pg, "sqlstate", None)
+    where = f" [SQLSTATE {state}]" if state else ""
+    return blank_patterns(f"{type(err).__name__}{where}: {message}")[:500]
+
+
 def _not_accepting(exc: BaseException | None) -> bool:
     # SQLSTATE 55000 "database ... is not currently accepting connections" (ALTER DATABASE ...
     # ALLOW_CONNECTIONS false, as in maintenance) is an outage, not a bug; other 55000 errors
@@ -84,18 +126,30 @@ def _not_accepting(exc: BaseException | None) -> bool:
 
 @contextlib.contextmanager
 def wrap_exceptions() -> Iterator[None]:
-    """Translate connection-level driver errors into :class:`StoreUnavailable`, once, here.
+    """Translate driver errors into keyrotor's error tree, once, here: transient or permanent.
 
-    Other database errors (constraint violations, syntax) propagate unchanged: they are bugs
-    or conflicts the caller handles, not outages.
+    - the database is not there (connection lost, refused, shut down): :class:`StoreUnavailable`;
+    - it could not run the statement now (serialization failure, deadlock, lock or statement
+      timeout, resources): :class:`StoreBusy`;
+
+    both transient (a job retries them with backoff). Any other database error -- invalid data
+    (``DataError``: a value out of a column's range), a statement that cannot work
+    (``ProgrammingError``: a dropped column), a constraint violation -- is
+    :class:`StoreRejected`, permanent: a run that meets it is failed with its message rather
+    than retried for ever. The driver's exception stays chained as ``__cause__``.
     """
     try:
         yield
-    except StoreUnavailable:
+    except (StoreUnavailable, StoreBusy, StoreRejected):
         raise
     except Exception as exc:
         if _is_transient(exc):
             raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        pg = _postgres_error(exc)
+        if pg is not None and _is_busy(pg):
+            raise StoreBusy(f"database busy: {describe(exc)}") from exc
+        if pg is not None or isinstance(exc, sa_exc.DBAPIError):
+            raise StoreRejected(f"database refused the statement: {describe(exc)}") from exc
         raise
 
 

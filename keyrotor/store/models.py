@@ -184,12 +184,17 @@ class RotationRange(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("rotations.id", ondelete="CASCADE"))
     target: Mapped[str] = mapped_column(Text)
-    # Rows with lo <= id <= hi belong to the range.
+    # Integer keys: rows with lo <= id <= hi belong to the range. Other keys (migration 0009):
+    # lo = hi = the range's ordinal, and rows with after_key < id <= hi_key (NULL: unbounded).
     lo: Mapped[int] = mapped_column(BigInteger)
     hi: Mapped[int] = mapped_column(BigInteger)
-    # The older DEK version being re-encrypted now; cursor is the last id done of it.
+    # The older DEK version being re-encrypted now; cursor (cursor_key for keys that are not
+    # integers; NULL: none done yet) is the last key done of it.
     version: Mapped[int] = mapped_column(Integer)
     cursor: Mapped[int] = mapped_column(BigInteger)
+    after_key: Mapped[str | None] = mapped_column(Text)
+    hi_key: Mapped[str | None] = mapped_column(Text)
+    cursor_key: Mapped[str | None] = mapped_column(Text)
     rows_done: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     state: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
     updated_at: Mapped[datetime] = _now()

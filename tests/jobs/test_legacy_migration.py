@@ -210,8 +210,11 @@ async def test_register_validates_and_refuses_clearly(wenv: dict[str, str]) -> N
             await columns.register(reg, 'settings.api_key"; DROP TABLE x; --', pk="id", scope="openai")
         with pytest.raises(InvalidInput, match="exactly one"):
             await columns.register(reg, "settings.api_key", pk="id")
-        with pytest.raises(InvalidInput, match="integer"):
+        with pytest.raises(InvalidInput, match="not unique"):  # a text key is fine, a repeated one not
             await columns.register(reg, "settings.api_key", pk="provider", scope="openai")
+        await fetch(s.database_url, "CREATE TABLE stamped (at timestamptz PRIMARY KEY, api_key text)")
+        with pytest.raises(InvalidInput, match="smallint, integer, bigint, uuid, text or varchar"):
+            await columns.register(reg, "stamped.api_key", pk="at", scope="openai")
         col = await columns.register(reg, "app.tokens.token", pk="id", scope="openai", create_index=True)
         assert col.name == "app.tokens.token" and col.context(7) == "app.tokens.token:7"
         with pytest.raises(Conflict, match="registered already"):

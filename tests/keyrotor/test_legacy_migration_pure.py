@@ -46,4 +46,5 @@ def test_column_names_are_parsed_strictly_and_quoted() -> None:
     target = col.target()
     assert target.name == "app.settings.api_key" and target.context(7, ()) == "app.settings.api_key:7"
     assert target.covers("openai") and target.covers("anthropic")
-    assert "(SELECT name FROM key_scopes WHERE id = $1::bigint)" in target.sql.select
+    select = target.sql.select(after=True, upper=True, skip_locked=False)
+    assert "(SELECT name FROM key_scopes WHERE id = $1::bigint)" in select
