@@ -76,6 +76,7 @@ ALL_GREEN = {
     "worker": "ok",
     "scheduler": "ok",
     "replicas": "not_configured",
+    "census": "ok",
 }
 
 
