@@ -82,7 +82,8 @@ Located = tuple[int, int, str]
 
 
 class UsageCounter:
-    """Encryptions per ``(scope id, DEK version)`` since the last flush.
+    """Encryptions per ``(scope id, DEK version)`` and per location since the last flush, and
+    the locations this process has recorded (:meth:`count`, :meth:`record`).
 
     Args:
         sessions: returns the session factory (called at flush time, so the counter can be

@@ -198,3 +198,25 @@ async def test_rotation_records_where_it_wrote_the_new_version(wenv: dict[str, s
     rows = await _rows(s.database_url)
     assert rows[("anthropic", 1, "secret")] == 12
     assert rows[("anthropic", 2, "secret")] == 12  # committed with the re-encrypted batch
+
+
+async def test_legacy_migration_records_the_column_it_seals_into(wenv: dict[str, str]) -> None:
+    from keyrotor import columns, legacy_migration
+    from tests.jobs.test_legacy_migration import _app
+    from tests.legacy_helpers import legacy_rows
+
+    s = _quiet(wenv, listen_key_changes=False)
+    await _app(s, legacy_rows(6))
+    async with KeyManager(s) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        report = await legacy_migration.migrate_legacy(km, workers=1, batch_rows=16)
+        assert report.failed == 0 and report.columns["settings.api_key"].migrated == 6
+        # Recorded (committed) before the values were written; the counts follow with the flush.
+        assert await _rows(s.database_url) == {
+            ("anthropic", 1, "settings.api_key"): 0,
+            ("openai", 1, "settings.api_key"): 0,
+        }
+    assert await _rows(s.database_url) == {
+        ("anthropic", 1, "settings.api_key"): 3,
+        ("openai", 1, "settings.api_key"): 3,
+    }
