@@ -4,8 +4,8 @@ Every figure is a ratio against a ceiling measured in the same run: absolute tim
 shared 2-core machine are noise. Target: KeyManager decrypt within 5x of the raw AESGCM
 decrypt call on the same bytes.
 
-The location record (keyrotor.locations): after a location's first sighting, an encrypt adds
-``location_of(context)`` and one count per location instead of one count per DEK. Its cost is
+The location record (keyrotor.locations): after a location's first sighting, an encrypt finds
+the location of its context and counts per location instead of per DEK. Its cost is
 the difference of those two paths over the same contexts, as a share of an encrypt's time in
 paired chunks (target < 5%).
 
@@ -22,7 +22,6 @@ import time
 
 from bench.common import bench_settings, fresh_database, machine
 from keyrotor import KeyManager, envelope
-from keyrotor.locations import location_of
 
 API_KEY = "sk-ant-api03-" + "x" * 95  # 108 characters, like an Anthropic key
 CHUNK = 5_000
@@ -111,7 +110,7 @@ async def _location_cost(km: KeyManager, chunk: int, pairs_n: int) -> dict[str, 
     def located() -> float:  # what an encrypt does now, after the first sighting
         t = time.perf_counter()
         for c in contexts:
-            if not usage.count(scope_id, version, location_of(c)):
+            if usage.count_context(scope_id, version, c) is not None:
                 raise AssertionError("the location was recorded already")
         return time.perf_counter() - t
 

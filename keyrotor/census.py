@@ -9,6 +9,7 @@ transaction).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,6 +30,7 @@ from keyrotor.locations import (
 
 MAX_LOCATION_CHARS = 1024  # an encrypt context is at most 1024 characters (KeyManager)
 MAX_REASON_CHARS = 500
+_COLUMN_LIKE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}")
 
 _LOCATIONS = text(
     "SELECT s.name, k.location, k.dek_version, d.state, k.encryptions, k.first_seen, k.last_seen "
@@ -125,11 +127,18 @@ def advice(found: list[LocationView], *, limit: int = 5) -> str:
         for v in found[:limit]
     )
     more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    # A location shaped like TABLE.COLUMN (the README's convention) gets its own command.
+    column = next((v for v in found if _COLUMN_LIKE.fullmatch(v.location)), None)
+    register = (
+        f"keyrotor columns register {column.location} --pk ID --scope {column.scope}"
+        if column is not None
+        else "keyrotor columns register TABLE.COLUMN --pk ID --scope SCOPE"
+    )
     return (
         f"{len(found)} unregistered location(s) hold values keyrotor cannot count: {named}{more}; "
-        "their DEK versions will not be destroyed. Register each table that stores them "
-        "(`keyrotor columns register TABLE.COLUMN --pk ID --scope SCOPE`) or, if its values may "
-        "be lost, `keyrotor columns ignore LOCATION --reason TEXT`"
+        f"their DEK versions will not be destroyed. Register each table that stores them "
+        f"(`{register}`) or, if its values may be lost, "
+        "`keyrotor columns ignore LOCATION --reason TEXT`"
     )
 
 

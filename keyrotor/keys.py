@@ -305,8 +305,8 @@ class KeyManager:
             token = envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
             # Counts the encryption; a location new to this process is recorded (committed)
             # before the ciphertext leaves, so no stored value has a location nobody knows.
-            location = location_of(context)
-            if not self.usage.count(scope_id, version, location):
+            location = self.usage.count_context(scope_id, version, context)
+            if location is not None:
                 await self.usage.record(scope_id, version, location)
         except Exception as exc:
             await self._audit_failure("encrypt", who, scope, None, context, exc)

@@ -80,6 +80,8 @@ SEEN_MAX = 65_536
 Located = tuple[int, int, str]
 """``(scope id, DEK version, location)``."""
 
+_NO_LAST = (0, 0, "", -2)  # str.rfind never returns -2
+
 
 class UsageCounter:
     """Encryptions per ``(scope id, DEK version)`` and per location since the last flush, and
@@ -108,6 +110,10 @@ class UsageCounter:
         self._located: dict[Located, int] = {}
         self._loc_counts: dict[Located, int] = {}  # key_locations counts waiting for a flush
         self._recording: dict[Located, asyncio.Task[None]] = {}
+        # The location count_context counted last (with the index of its context's last ':')
+        # and its encryptions since; the sentinel matches no context.
+        self._last: tuple[int, int, str, int] = _NO_LAST
+        self._last_n = 0
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -128,6 +134,45 @@ class UsageCounter:
             return False
         self._located[key] = seen + n
         return True
+
+    def count_context(self, scope_id: int, version: int, context: str) -> str | None:
+        """Count one encryption sealed with ``context`` (no I/O) if its location is recorded.
+
+        The encrypt path's form of :meth:`count`: returns None when counted, else the location
+        (new to this process) the caller must ``await record(...)`` before it hands out the
+        ciphertext.
+        """
+        # Runs on every encrypt (bench_keymanager measures it). Encrypts of a process mostly go
+        # to the location of the previous one: that case builds no string and no key.
+        last = self._last
+        if (
+            context.rfind(":") == last[3]
+            and scope_id == last[0]
+            and version == last[1]
+            and context.startswith(last[2])
+        ):
+            self._last_n += 1
+            return None
+        head, sep, _ = context.rpartition(":")  # location_of, inlined
+        key = (scope_id, version, head if sep else context)
+        self._fold_last()  # first: ``key`` may be the last one (``abc`` after ``abc:1``)
+        seen = self._located.get(key)
+        if seen is None:
+            return key[2]
+        self._located[key] = seen + 1
+        if sep:  # a context without ':' is its own location: a prefix test would not do
+            self._last = (scope_id, version, head, len(head))
+        return None
+
+    def _fold_last(self) -> None:
+        """Add the fast path's count to its location's."""
+        n, self._last_n = self._last_n, 0
+        if n:
+            key = self._last[:3]
+            if key in self._located:
+                self._located[key] += n
+            else:
+                self._split_one(key, n)
 
     async def record(self, scope_id: int, version: int, location: str, n: int = 1) -> None:
         """First sighting of a location: write its ``key_locations`` row, commit, count ``n``.
@@ -161,9 +206,12 @@ class UsageCounter:
     def _remember(self, key: Located, n: int) -> None:
         located = self._located
         if key not in located:
+            self._fold_last()
             while len(located) >= SEEN_MAX:
                 old = next(iter(located))
                 self._split_one(old, located.pop(old))
+                if old == self._last[:3]:
+                    self._last = _NO_LAST
         located[key] = located.get(key, 0) + n
 
     def _split_one(self, key: Located, n: int) -> None:
@@ -174,6 +222,7 @@ class UsageCounter:
 
     def _split(self) -> None:
         """Move the counts of the seen locations into the two batches the flush writes."""
+        self._fold_last()
         located = self._located
         for key, n in located.items():
             if n:

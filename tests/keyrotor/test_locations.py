@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,6 +12,8 @@ import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.locations import location_of
+from keyrotor.usage import UsageCounter
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, seed, worker_env
 from worker.client import KeyrotorClient
 
@@ -33,6 +37,37 @@ async def _rows(url: str) -> dict[tuple[str, int, str], int]:
 def _quiet(env: dict[str, str], **extra: Any) -> Settings:
     # No background flush during the test: counts arrive only when the test flushes or closes.
     return Settings.from_env({**env, "KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS": "3600"}, **extra)
+
+
+@pytest.mark.parametrize("context", ["users.api_key:42", "settings.api_key:a:b", "plain", "", ":x", "x:"])
+def test_the_encrypt_path_finds_the_same_location(context: str) -> None:
+    usage = UsageCounter(lambda: pytest.fail("no database"), default_max=10, interval_s=60)
+    assert usage.count_context(1, 1, context) == location_of(context)  # new: to be recorded
+
+
+@pytest.mark.parametrize("seen_max", [1, 2, 3, 1000])
+@pytest.mark.parametrize("seed", range(10))
+def test_counts_per_location_match_a_plain_count(
+    seen_max: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encrypt path's shortcut (the previous location again) counts exactly like a Counter,
+    across prefixes of one another, contexts without ':', scopes, versions and evictions."""
+    monkeypatch.setattr("keyrotor.usage.SEEN_MAX", seen_max)
+    usage = UsageCounter(lambda: pytest.fail("no database"), default_max=10, interval_s=60)
+    rnd = random.Random(seed)
+    contexts = ["ab", "abc", "ab:1", "ab:2", "abc:1", "ab:c:1", "ab:c", "", ":", "x:", "users.api_key:7"]
+    expected: collections.Counter[tuple[int, int, str]] = collections.Counter()
+    for _ in range(5_000):
+        sid, ver, context = rnd.choice([1, 2]), rnd.choice([1, 2]), rnd.choice(contexts)
+        expected[(sid, ver, location_of(context))] += 1
+        new = usage.count_context(sid, ver, context)
+        if new is not None:  # what record() does once its row is written
+            assert new == location_of(context)
+            usage._remember((sid, ver, new), 1)
+        if rnd.random() < 0.01:
+            usage._split()  # a flush moves the counts on, any time
+    assert usage.pending_locations == dict(expected)
+    assert sum(usage.pending.values()) == 5_000
 
 
 async def test_first_sighting_is_committed_before_encrypt_returns(env: dict[str, str]) -> None:

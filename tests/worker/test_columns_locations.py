@@ -84,7 +84,10 @@ async def test_list_ignore_unignore_and_the_warnings(env: dict[str, str]) -> Non
         ("anthropic", "users.api_key"),
         ("openai", "orgs.key"),
     ]
-    assert "keyrotor columns register" in status["locations"]["warning"]
+    # The README's table gets its own command.
+    assert (
+        "keyrotor columns register users.api_key --pk ID --scope anthropic" in status["locations"]["warning"]
+    )
     assert _json(env, "status", "openai")["locations"]["unregistered"][0]["location"] == "orgs.key"
     text = keyrotor("status", env=env)
     assert text.returncode == 0 and "3 unregistered location(s)" in text.stderr, text.stderr
