@@ -21,6 +21,7 @@ from keyrotor.audit import record_config_change
 from keyrotor.errors import InvalidInput, NotFound
 from keyrotor.locations import (
     NO_CONTEXT,
+    UNRECORDED,
     UNREGISTERED,
     acknowledged_locations,
     classify,
@@ -134,11 +135,17 @@ def advice(found: list[LocationView], *, limit: int = 5) -> str:
         if column is not None
         else "keyrotor columns register TABLE.COLUMN --pk ID --scope SCOPE"
     )
+    unrecorded = (
+        f". {UNRECORDED} stands for values sealed before keyrotor recorded locations: once every "
+        f"table holding them is registered, `keyrotor columns ignore '{UNRECORDED}' --reason TEXT`"
+        if any(v.location == UNRECORDED for v in found)
+        else ""
+    )
     return (
         f"{len(found)} unregistered location(s) hold values keyrotor cannot count: {named}{more}; "
         f"their DEK versions will not be destroyed. Register each table that stores them "
         f"(`{register}`) or, if its values may be lost, "
-        "`keyrotor columns ignore LOCATION --reason TEXT`"
+        f"`keyrotor columns ignore LOCATION --reason TEXT`{unrecorded}"
     )
 
 

@@ -205,3 +205,22 @@ async def test_bad_input_is_one_line_and_exit_2(
         )
     finally:
         await conn.close()
+
+
+async def test_values_from_before_the_census_are_named_with_what_to_run(env: dict[str, str]) -> None:
+    """Migration 0008 gives each version that existed before it an ``(unrecorded)`` location."""
+    await _seed(env)
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    try:  # what 0008_census inserts for a version it finds
+        await conn.execute(
+            "INSERT INTO key_locations (scope_id, dek_version, location, encryptions) "
+            "SELECT id, 1, '(unrecorded)', 5 FROM key_scopes WHERE name = 'openai'"
+        )
+    finally:
+        await conn.close()
+    warning = _json(env, "status", "openai")["locations"]["warning"]
+    assert "(unrecorded) (openai v1)" in warning
+    assert "keyrotor columns ignore '(unrecorded)' --reason TEXT" in warning
+    _json(env, "columns", "ignore", "(unrecorded)", "--reason", "every table is registered")
+    left = _json(env, "status", "openai")["locations"]["unregistered"]
+    assert [v["location"] for v in left] == ["orgs.key"]
