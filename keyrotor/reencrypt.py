@@ -50,6 +50,7 @@ from keyrotor.key_ranges import (
     ranges_from_buckets,
     show_key,
 )
+from keyrotor.locations import location_of, record_batch
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -368,6 +369,7 @@ async def reencrypt_batch(
     olds: list[str] = []
     news: list[str] = []
     split, open_raw, seal = envelope.split, envelope.open_raw, envelope.seal
+    located: dict[str, int] = {}  # where the new values go (keyrotor.locations)
     for row in rows:
         row_id, value = row[0], row[1]
         try:
@@ -388,9 +390,12 @@ async def reencrypt_batch(
         except (DecryptionFailed, KeyVersionTooOld) as exc:
             metrics.decrypt_failed(exc)
             raise RowFailed(target.name, row_id, exc) from exc
+        location = location_of(context)
+        located[location] = located.get(location, 0) + 1
         ids.append(row_id)
         olds.append(value)
         news.append(sealed)
+    await record_batch(apg, keys.scope_id, new_version, located)
     if sql.has_version_param:
         status = await apg.execute(sql.update, ids, olds, news, new_version)
     else:
