@@ -35,7 +35,7 @@ WRITER_ROWS = 100_000
 
 async def decrypt_pairs(url: str) -> dict[str, float]:
     audited = KeyManager(bench_settings(url, listen_key_changes=False))
-    plain = KeyManager(bench_settings(url, listen_key_changes=False, audit_enabled=False))
+    plain = KeyManager(bench_settings(url, listen_key_changes=False, audit_mode="off"))
     async with audited, plain:
         token = await audited.encrypt("anthropic", API_KEY, context="user:42")
         for km in (audited, plain):  # warm the DEK and grant caches
