@@ -20,7 +20,9 @@ future is simply not resolved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -46,7 +48,12 @@ class DurableAuditWriter(AuditWriter):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._waiters: deque[asyncio.Future[None]] = deque()  # one a queued event, in order
+        # One a queued event, in order; None for an event no call waits for (put_nowait).
+        self._waiters: deque[asyncio.Future[None] | None] = deque()
+        self._detached = 0  # queued events without a waiter
+        self._pause = 0.0  # after a failed batch of such events: wait this long before the next try
+        self._failed_calls = 0  # calls failed since the last log line
+        self._last_fail_log = -1e9
         self.commits = 0
         self.commit_failures = 0
 
@@ -97,6 +104,22 @@ class DurableAuditWriter(AuditWriter):
         # Each event has a waiter: batches are only ever taken with their futures, in _run.
         return
 
+    def put_nowait(self, row: Row) -> None:
+        """Queue an event that no call waits for (a ``failover`` event): written with the next
+        batch and, if that fails, kept and retried with backoff until it is written or
+        ``close()`` gives up on it (``keyrotor_audit_events_dropped_total{reason="close"}``).
+
+        Raises:
+            ConfigurationError: the writer is closed.
+        """
+        if self._closing:
+            raise ConfigurationError("the audit writer is closed")
+        self._buf.append(row)
+        self._waiters.append(None)
+        self._detached += 1
+        self._queued += 1
+        self._wake.set()
+
     async def _run(self) -> None:
         buf, waiters = self._buf, self._waiters
         cap = self._batch_size * MAX_BATCHES_PER_WRITE
@@ -107,6 +130,16 @@ class DurableAuditWriter(AuditWriter):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._pause and len(buf) == self._detached:
+                # Only events nobody waits for, and the last try failed: back off (a caller's
+                # event ends the wait at once; it is written together with them).
+                self._wake.clear()
+                if self._closing:
+                    await asyncio.sleep(self._pause)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._pause):
+                            await self._wake.wait()
             n = min(len(buf), cap)
             if n == len(buf):
                 rows, futs = list(buf), list(waiters)
@@ -120,19 +153,32 @@ class DurableAuditWriter(AuditWriter):
                 error = await self._commit(rows)
             except BaseException:  # cancelled (close() gave up waiting): none of these is known written
                 self._in_flight = 0
+                self._requeue_detached(rows, futs)
                 self._fail(futs, "the audit writer stopped before the event was committed")
                 raise
             self._in_flight = 0
             self._done += n
             if error is None:
                 self.commits += 1
+                self._pause = 0.0
+                self._detached -= sum(1 for fut in futs if fut is None)
                 for fut in futs:
-                    if not fut.done():  # a cancelled caller's future is done already
+                    if fut is not None and not fut.done():  # a cancelled caller's is done already
                         fut.set_result(None)
             else:
                 self.commit_failures += 1
+                self._done -= self._requeue_detached(rows, futs)
                 self._fail(futs, f"the audit log could not be written ({type(error).__name__})")
             self._progress.set()
+
+    def _requeue_detached(self, rows: list[Row], futs: list[asyncio.Future[None] | None]) -> int:
+        """Put the failed batch's events that no call waits for back in front; how many."""
+        kept = [row for row, fut in zip(rows, futs, strict=True) if fut is None]
+        if kept:
+            self._buf.extendleft(reversed(kept))
+            self._waiters.extendleft([None] * len(kept))
+            self._pause = min(max(self._pause * 2, 0.1), self._retry_max_s)
+        return len(kept)
 
     async def _commit(self, rows: list[Row]) -> Exception | None:
         """Write and commit one batch; the error that stopped it, or None."""
@@ -156,12 +202,17 @@ class DurableAuditWriter(AuditWriter):
         # The batch is abandoned (its callers are told): the next batch must not take this
         # one's last row, should it turn up, as its own.
         self._unsure = None
-        log.log(
-            logging.WARNING if db._is_transient(error) else logging.ERROR,
-            "audit commit failed (%s): %d calls fail with StoreUnavailable",
-            type(error).__name__,
-            len(rows),
-        )
+        self._failed_calls += len(rows)
+        now = time.monotonic()
+        if now - self._last_fail_log >= 5.0:  # an outage fails batch after batch: one line per 5 s
+            self._last_fail_log = now
+            log.log(
+                logging.WARNING if db._is_transient(error) else logging.ERROR,
+                "audit commit failed (%s): %d calls failed with StoreUnavailable since the last report",
+                type(error).__name__,
+                self._failed_calls,
+            )
+            self._failed_calls = 0
         return error
 
     async def _attempt(self, rows: list[Row]) -> None:
@@ -169,9 +220,9 @@ class DurableAuditWriter(AuditWriter):
         async with asyncio.timeout(self._timeout_s):
             await self._write(rows, None)
 
-    def _fail(self, futs: list[asyncio.Future[None]], message: str) -> None:
+    def _fail(self, futs: list[asyncio.Future[None] | None], message: str) -> None:
         for fut in futs:
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(StoreUnavailable(f"{message}: the call was not completed"))
 
     def _give_up(self, left: int) -> None:
@@ -179,3 +230,6 @@ class DurableAuditWriter(AuditWriter):
         futs = list(self._waiters)
         self._waiters.clear()
         self._fail(futs, "the audit writer closed before the event was committed")
+        if self._detached:  # events no call waited for: lost, so counted as async mode's are
+            super()._give_up(self._detached)
+            self._detached = 0

@@ -708,7 +708,12 @@ class KeyManager:
     async def _failover_event(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
         """Record a ``failover`` audit event (DEK reads left the primary region, or returned)."""
         meta = metadata_json(normalize_metadata(metadata))
-        await self._emit(("failover", None, None, success, *self._default_who, error, meta, now_us()))
+        row: Row = ("failover", None, None, success, *self._default_who, error, meta, now_us())
+        if isinstance(self._audit, DurableAuditWriter):
+            # Not a caller's event, and the audit database may be what is down: kept until written.
+            self._audit.put_nowait(row)
+        else:
+            await self._emit(row)
 
     # --- internals -------------------------------------------------------------------------
 

@@ -249,3 +249,26 @@ async def test_async_mode_counts_events_dropped_on_a_full_queue(
         assert await _count(database_url, "full") == 20 - lost
     finally:
         await holder.close()
+
+
+async def test_an_event_no_call_waits_for_is_kept_through_an_outage(
+    settings: Settings, database_url: str
+) -> None:
+    # A `failover` event is recorded when the database may be what is down: it must neither
+    # block the read that noticed nor be lost.
+    name = database_url.rsplit("/", 1)[1]
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", OPENAI)
+        await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        try:
+            await _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            await asyncio.wait_for(km._failover_event(False, {"state": "failover"}, "StoreUnavailable"), 1)
+            with pytest.raises(StoreUnavailable):  # fails with it: the event stays queued
+                await asyncio.wait_for(km.decrypt("openai", token, actor="during-outage"), 60)
+            await asyncio.sleep(0.5)  # a retry or two, backed off
+            assert _writer(km).depth == 1
+        finally:
+            await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        await asyncio.wait_for(km.flush_audit(), 30)
+        assert [r["success"] for r in await rows(database_url, "event_type = 'failover'")] == [False]
+        assert (await verify(km)).ok
