@@ -24,14 +24,24 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from keyrotor.audit import Row
+import asyncpg
+
+from keyrotor.audit import CHAIN_LOCK, COLUMNS, TABLE, Row, chain_copy
 from keyrotor.audit_writer import MAX_BATCHES_PER_WRITE, AuditWriter
 from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.store import db
 
 log = logging.getLogger(__name__)
+
+_BEGIN_AND_LOCK = f"BEGIN; SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
+_READ_HEAD_AFTER_CONFLICT = 16
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 class DurableAuditWriter(AuditWriter):
@@ -54,6 +64,9 @@ class DurableAuditWriter(AuditWriter):
         self._pause = 0.0  # after a failed batch of such events: wait this long before the next try
         self._failed_calls = 0  # calls failed since the last log line
         self._last_fail_log = -1e9
+        self._head: tuple[int, bytes] | None = None  # the chain head our last commit left
+        self._left: tuple[int, bytes] | None = None
+        self._read_head_for = 0  # batches that read the head again (another writer appends too)
         self.commits = 0
         self.commit_failures = 0
 
@@ -219,6 +232,49 @@ class DurableAuditWriter(AuditWriter):
         # Each statement has its own timeout; this one also bounds connecting.
         async with asyncio.timeout(self._timeout_s):
             await self._write(rows, None)
+
+    async def _write(self, batch: list[Row], prepared: object) -> None:
+        """Write one batch; on the chain head this writer left, if it still is the head.
+
+        While this process is the only appender, the head it left is the head: reading it again
+        would cost a round trip of every commit. ``id`` is the primary key, so if another writer
+        appended meanwhile the COPY's first id exists and fails; the batch is then written the
+        ordinary way (reading the head under the lock), and the next few batches read it too.
+        """
+        head, self._head = self._head, None
+        if head is None or self._unsure is not None or self._read_head_for > 0:
+            self._read_head_for = max(0, self._read_head_for - 1)
+            self._left = None
+            await super()._write(batch, None)
+            self._head = self._left
+            return
+        data, last_id, last_hash = chain_copy(*head, batch)
+        try:
+            pg = await self._connect()
+            started = time.perf_counter()
+            await pg.execute(_BEGIN_AND_LOCK, timeout=self._timeout_s)
+            self._unsure = (last_id, last_hash)
+            try:
+                await pg.copy_to_table(
+                    TABLE, source=_once(data), columns=COLUMNS, format="text", timeout=self._timeout_s
+                )
+            except asyncpg.UniqueViolationError:
+                await pg.execute("ROLLBACK", timeout=self._timeout_s)
+                self._unsure = None
+                self._read_head_for = _READ_HEAD_AFTER_CONFLICT
+                await self._write(batch, None)
+                return
+            await pg.execute("COMMIT", timeout=self._timeout_s)
+            self._unsure = None
+        except BaseException:
+            await self._disconnect(invalidate=True)
+            raise
+        self._count_written(len(batch), started)
+        self._head = (last_id, last_hash)
+
+    async def _insert(self, pg: Any, last_id: int, prev: bytes, batch: list[Row], prepared: Any) -> None:
+        await super()._insert(pg, last_id, prev, batch, prepared)
+        self._left = self._unsure  # the head this batch leaves, once committed
 
     def _fail(self, futs: list[asyncio.Future[None] | None], message: str) -> None:
         for fut in futs:

@@ -16,9 +16,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
-from keyrotor.audit import CHAIN_LOCK
+from keyrotor.audit import CHAIN_LOCK, AuditEvent, write_event
 from keyrotor.audit_durable import DurableAuditWriter
 from keyrotor.errors import ConfigurationError, DecryptionFailed, StoreUnavailable
+from keyrotor.store import db
 from tests.conftest import PG_ADMIN
 from tests.keyrotor.audit_helpers import rows, verify
 
@@ -272,3 +273,21 @@ async def test_an_event_no_call_waits_for_is_kept_through_an_outage(
         await asyncio.wait_for(km.flush_audit(), 30)
         assert [r["success"] for r in await rows(database_url, "event_type = 'failover'")] == [False]
         assert (await verify(km)).ok
+
+
+async def test_another_appender_between_commits_keeps_one_chain(
+    settings: Settings, database_url: str
+) -> None:
+    # The writer chains each batch on the head its last commit left; another appender in
+    # between (a job's in-transaction event, another process) must be noticed, not forked.
+    async with KeyManager(settings) as km, KeyManager(settings) as other:
+        token = await km.encrypt("openai", OPENAI)
+        for i in range(5):
+            await km.decrypt("openai", token, actor="first")
+            await other.decrypt("openai", token, actor="second")
+            async with db.transaction(km.sessions) as session:
+                await write_event(session, AuditEvent("config_change", actor="job", metadata={"i": i}))
+        assert (await verify(km)).ok
+    assert await _count(database_url, "first") == 5
+    assert await _count(database_url, "second") == 5
+    assert await _count(database_url, "job") == 5
