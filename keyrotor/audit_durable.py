@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keyrotor.audit import CHAIN_LOCK, COLUMNS, TABLE, Row, chain_copy
 from keyrotor.audit_writer import MAX_BATCHES_PER_WRITE, AuditWriter
@@ -56,8 +57,8 @@ class DurableAuditWriter(AuditWriter):
         commit_failures: batches whose callers were failed with ``StoreUnavailable``.
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, engine: AsyncEngine, **options: Any) -> None:
+        super().__init__(engine, **options)
         # One a queued event, in order; None for an event no call waits for (put_nowait).
         self._waiters: deque[asyncio.Future[None] | None] = deque()
         self._detached = 0  # queued events without a waiter
@@ -84,8 +85,8 @@ class DurableAuditWriter(AuditWriter):
             StoreUnavailable: the batch could not be committed (the event may be missing).
             ConfigurationError: the writer is closed.
         """
-        if self._closing:
-            raise ConfigurationError("the audit writer is closed")
+        if self._closing or self._task is None:
+            raise ConfigurationError("the audit writer is closed (or was never started)")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf.append(row)
         self._waiters.append(fut)
