@@ -9,7 +9,9 @@ of the pairs' ratios; rates are the best chunk's):
    Goal at 64 callers: durable >= 0.5x async.
 2. the latency of a lone durable decrypt, p50 and p99. Goal: p50 <= 2 ms. Its floor is one
    commit's WAL flush (fsync), measured beside it as a bare one-row ``INSERT`` that commits.
-3. async audited decrypt (one caller) vs the COPY writer alone writing the same events (no
+3. durable decrypt with 64 callers vs the durable writer alone (64 tasks putting the same
+   events, no KeyManager, no crypto): what a commit of such batches allows on this database.
+4. async audited decrypt (one caller) vs the COPY writer alone writing the same events (no
    KeyManager, no crypto): what auditing through KeyManager keeps of the raw write rate.
    Goal: >= 0.7x.
 
@@ -82,6 +84,38 @@ async def _commit_floor(url: str, n: int) -> float:
     return sorted(times)[n // 2]
 
 
+async def _durable_writer_alone(url: str, callers: int, calls: int) -> float:
+    """Events/s of the durable writer alone: ``callers`` tasks putting decrypt events, no crypto."""
+    engine = db.create_engine(url)
+    writer = DurableAuditWriter(engine, batch_size=1_000)
+    row: Row = (
+        "decrypt",
+        "anthropic",
+        1,
+        True,
+        "svc-api",
+        None,
+        None,
+        None,
+        '{"context":"user:42"}',
+        now_us(),
+    )
+    per = max(1, calls // callers)
+
+    async def caller() -> None:
+        for _ in range(per):
+            await writer.put(row)
+
+    await writer.start()
+    try:
+        t = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        return per * callers / (time.perf_counter() - t)
+    finally:
+        await writer.close()
+        await engine.dispose()
+
+
 async def _writer_alone(url: str, n: int) -> float:
     """Rows/s of the async COPY writer writing ``n`` decrypt events (as KeyManager builds them)."""
     engine = db.create_engine(url)
@@ -128,6 +162,16 @@ async def measure() -> dict[str, Any]:
             out[f"events_per_commit_{callers}"] = (writer.written - written) / max(
                 1, writer.commits - commits
             )
+        alone = []
+        for _ in range(PAIRS):  # the same 64 callers' events, written durably with no crypto
+            alone.append(
+                (
+                    await _decrypts(durable, token, 64, CHUNK[64]),
+                    await _durable_writer_alone(url, 64, CHUNK[64]),
+                )
+            )
+        out["durable_writer_alone_64_s"] = max(w for _, w in alone)
+        out["durable_64_over_writer_alone"] = statistics.median(d / w for d, w in alone)
         floor = await _commit_floor(url, LATENCY_CALLS // 2)
         lat = await _latency(durable, token)
         out["p50_ms"] = lat[len(lat) // 2] * 1e3
@@ -163,6 +207,10 @@ def main() -> None:
         f"lone durable decrypt: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms (goal p50 <= 2 ms); "
         f"a bare one-row INSERT + COMMIT (WAL flush) on the same database: "
         f"p50 {r['commit_floor_p50_ms']:.3f} ms"
+    )
+    print(
+        f"durable writer alone, 64 callers: {r['durable_writer_alone_64_s']:,.0f} events/s; durable decrypt "
+        f"reaches {r['durable_64_over_writer_alone']:.3f}x of it"
     )
     print(
         f"async decrypt {r['async_1_big_ops_s']:,.0f}/s vs COPY writer alone {r['writer_alone_rows_s']:,.0f} "

@@ -135,10 +135,11 @@ async def audit_modes(size: Size) -> list[Row]:
             target="<= 1"),
         Row(b, "decrypt, durable, 1 caller, p50 latency (ms)", r["p50_ms"], "ms",
             "a bare one-row INSERT + COMMIT (its WAL flush), p50", r["commit_floor_p50_ms"]),
-        # 64 callers wait for one commit each at least: 64 / (bare commit) bounds what any
-        # durable design reaches on this database, however lean its code.
+        # 64 closed-loop callers wait for a commit each: the writer alone, fed the same way,
+        # is what the commits themselves allow on this database.
         Row(b, "decrypt, durable, 64 callers (ops/s)", r["durable_64_ops_s"], "/s",
-            "64 / a bare INSERT + COMMIT (the WAL flush ceiling)", 64e3 / r["commit_floor_p50_ms"]),
+            "the durable writer alone, 64 callers, same events (events/s)", r["durable_writer_alone_64_s"],
+            r["durable_64_over_writer_alone"]),
         Row(b, "decrypt, async audit, 1 caller (ops/s)", r["async_1_big_ops_s"], "/s",
             "the COPY writer alone, same events (rows/s)", r["writer_alone_rows_s"], r["async_over_writer"],
             ">= 0.7"),
