@@ -146,7 +146,13 @@ async def test_an_outage_mid_call_fails_the_call_closed(settings: Settings, data
         assert not call.done()  # its event is being written, behind the lock
         await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
         try:
-            await _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            # Every connection but the lock holder's dies (the writer's among them, waiting for
+            # the lock mid-call); the holder keeps the lock, so nothing can commit meanwhile.
+            holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
+            await _admin(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> {int(holder_pid)}"
+            )
             with pytest.raises(StoreUnavailable, match="audit log could not be written"):
                 await asyncio.wait_for(call, 60)
             # A call made during the outage fails the same way; neither returned a plaintext.
@@ -291,3 +297,9 @@ async def test_another_appender_between_commits_keeps_one_chain(
     assert await _count(database_url, "first") == 5
     assert await _count(database_url, "second") == 5
     assert await _count(database_url, "job") == 5
+
+
+def test_the_old_override_name_still_turns_audit_off(env: dict[str, str]) -> None:
+    assert Settings.from_env(env, audit_enabled=False).audit_mode == "off"
+    assert Settings.from_env(env, audit_enabled=True).audit_mode == "durable"
+    assert Settings.from_env(env, audit_mode="async").audit_mode == "async"
