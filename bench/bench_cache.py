@@ -141,11 +141,11 @@ async def measure(w: Workload) -> dict[str, Any]:
     events = trace(w)
     url = await fresh_database("keyrotor_bench_cache")
     channel = f"keyrotor_bench_cache:{uuid.uuid4().hex[:8]}"
-    settings = bench_settings(url, audit_enabled=False, notify_channel=channel, small_scope_rows=1_000)
+    settings = bench_settings(url, audit_mode="off", notify_channel=channel, small_scope_rows=1_000)
     now = 0.0
     # ``writer`` stands for the rotation worker: it re-encrypts the application's values, so
     # the measured process meets the new DEK only when its traffic does.
-    writer_settings = bench_settings(url, audit_enabled=False, listen_key_changes=False)
+    writer_settings = bench_settings(url, audit_mode="off", listen_key_changes=False)
     async with KeyManager(settings) as km, KeyManager(writer_settings) as writer:
         scopes = sorted({e.scope for e in events})
         tokens = await create_scopes(km, scopes)  # every scope exists before the trace starts

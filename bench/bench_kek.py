@@ -72,7 +72,7 @@ async def rewrap_rates(kek: KekProvider, n: int, n_single: int) -> dict[str, flo
 
 
 async def miss_latency(kek: KekProvider, url: str) -> dict[str, float]:
-    settings = bench_settings(url, audit_enabled=False, listen_key_changes=False)
+    settings = bench_settings(url, audit_mode="off", listen_key_changes=False)
     async with KeyManager(settings, kek=kek) as km:
         scope = f"bench-{kek.name}"
         token = await km.encrypt(scope, API_KEY, context="user:42")

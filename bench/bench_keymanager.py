@@ -35,7 +35,7 @@ async def measure(
     """Rates (ops/s), the paired median ratios (KeyManager time / raw time) and import rows/s."""
     url = await fresh_database("keyrotor_bench_km")
     # Auditing off: this measures the crypto path; bench_audit measures what auditing adds.
-    async with KeyManager(bench_settings(url, audit_enabled=False)) as km:
+    async with KeyManager(bench_settings(url, audit_mode="off")) as km:
         token = await km.encrypt("anthropic", API_KEY, context="user:42")
         sealed = envelope.parse(token)
         cipher = km.cache.get("anthropic", sealed.dek_version)

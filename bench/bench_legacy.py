@@ -69,7 +69,7 @@ async def one_run(url: str, values: list[tuple[str, str]], *, pooled: bool) -> f
         await conn.execute("DELETE FROM rotations")
     finally:
         await conn.close()
-    s = bench_settings(url, listen_key_changes=False, audit_enabled=False)
+    s = bench_settings(url, listen_key_changes=False, audit_mode="off")
     async with KeyManager(s) as km:
         await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
         await km.encrypt("anthropic", "warm-up")  # the scope and its DEK exist before timing

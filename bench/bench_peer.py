@@ -156,7 +156,7 @@ async def bao_through_table(transit: Transit, url: str, ciphertexts: list[str]) 
 
 
 async def keyrotor_rate(url: str, n: int) -> dict[int, float]:
-    settings = bench_settings(url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
+    settings = bench_settings(url, audit_mode="off", listen_key_changes=False, small_scope_rows=1_000)
     await seed(settings, "peer", n)
     rates: dict[int, float] = {}
     for streams in (1, 2):

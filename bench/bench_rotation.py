@@ -245,13 +245,13 @@ async def round_trip_ms(url: str, n: int = 300) -> float:
 
 async def networked(url: str, rows: int, naive_rows: int, rtt_ms: float) -> dict[str, float]:
     """Rotation (1 and 2 streams), its ceiling and the naive loop with the database ``rtt_ms`` away."""
-    direct = bench_settings(url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
+    direct = bench_settings(url, audit_mode="off", listen_key_changes=False, small_scope_rows=1_000)
     await seed(direct, "net", rows)
     await seed(direct, "net_naive", naive_rows)
     out: dict[str, float] = {"direct_rtt_ms": await round_trip_ms(url)}
     async with behind_latency(url, rtt_ms) as far_url:
         out["rtt_ms"] = await round_trip_ms(far_url)
-        far = bench_settings(far_url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
+        far = bench_settings(far_url, audit_mode="off", listen_key_changes=False, small_scope_rows=1_000)
         await _vacuum(url)
         out["naive"] = await naive(far, "net_naive")
         for fn, name in ((rotate_in_process, "rotation"), (ceiling_in_process, "ceiling")):
@@ -286,7 +286,7 @@ async def measure(
     ``keyrotor worker`` subprocesses on scopes of ``rss_rows`` rows (peak RSS of each); then, with
     ``rtt_ms`` > 0, rotation, ceiling and naive loop on a ``net_rows``-row scope across a network."""
     url = await fresh_database("keyrotor_bench_rotation")
-    settings = bench_settings(url, audit_enabled=False, listen_key_changes=False, small_scope_rows=1_000)
+    settings = bench_settings(url, audit_mode="off", listen_key_changes=False, small_scope_rows=1_000)
     t0 = time.perf_counter()
     await seed(settings, "big", rows)
     rss_scopes = {n: "big" if n == rows else f"rss{n}" for n in rss_rows}

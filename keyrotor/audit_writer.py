@@ -1,4 +1,5 @@
-"""The batched, asynchronous audit writer that KeyManager records every call through.
+"""The batched audit writer that KeyManager records every call through (``KEYROTOR_AUDIT=async``;
+the default, durable mode is its subclass in ``keyrotor.audit_durable``).
 
 Callers put events in a bounded in-memory queue (a tuple and a deque append); one background
 task writes them in batches, each batch one transaction on a connection the writer keeps::
@@ -16,16 +17,19 @@ process appended meanwhile). Under load batches grow (up to ``MAX_BATCHES_PER_WR
 ``KEYROTOR_AUDIT_BATCH_SIZE``), sharing the lock and the commit among more events. COPY beat a
 multi-row ``INSERT ... SELECT FROM unnest(...)`` by about 2x (bench/bench_audit.py).
 
-Nothing is dropped silently:
+In this asynchronous mode a call returns once its event is queued, so what is queued is lost
+if the process dies (SIGKILL, OOM), uncounted: at most the queue, typically the events of the
+last flush interval. Nothing else is dropped silently:
 
 - a failed flush is retried with jittered exponential backoff (tenacity), on a new connection,
   until it succeeds; if the commit's fate is unknown (the connection died during COMMIT), the
   retry first looks for the batch's last row and its hash, so a batch is never written twice;
 - if the queue is full (the database is slow or down), callers wait for space: back-pressure,
-  counted in ``keyrotor_audit_callers_blocked_total`` and logged;
+  counted in ``keyrotor_audit_callers_blocked_total`` and logged; past ``put_timeout_s`` (when
+  set) the event is dropped, counted in ``keyrotor_audit_events_dropped_total{reason="queue_full"}``;
 - ``close()`` writes everything still queued. Only if that keeps failing for
   ``KEYROTOR_AUDIT_CLOSE_TIMEOUT_SECONDS`` does it give up, logging an error with the count and
-  adding it to ``keyrotor_audit_events_dropped_total``.
+  adding it to ``keyrotor_audit_events_dropped_total{reason="close"}``.
 """
 
 from __future__ import annotations
@@ -71,9 +75,17 @@ FLUSH_FAILURES = Counter("keyrotor_audit_flush_failures_total", "Failed audit fl
 CALLERS_BLOCKED = Counter(
     "keyrotor_audit_callers_blocked_total", "Calls that waited for space in a full audit queue."
 )
+# Async mode only (durable calls fail instead of losing their event). Reasons: ``queue_full``
+# (a call waited KEYROTOR_AUDIT_PUT_TIMEOUT_SECONDS for room), ``close`` (close() gave up). What
+# a killed process held in memory cannot be counted by it: see docs/audit.md.
+DROP_REASONS = ("queue_full", "close")
 EVENTS_DROPPED = Counter(
-    "keyrotor_audit_events_dropped_total", "Audit events still unwritten when close() gave up."
+    "keyrotor_audit_events_dropped_total",
+    "Audit events accepted in async mode and never written.",
+    ["reason"],
 )
+for _reason in DROP_REASONS:
+    EVENTS_DROPPED.labels(reason=_reason)
 FLUSH_SECONDS = Histogram(
     "keyrotor_audit_flush_duration_seconds",
     "Duration of one successful audit batch write.",
@@ -134,6 +146,8 @@ class AuditWriter:
             faster (bench/bench_audit.py).
         retry_max_s: the longest wait between two attempts.
         statement_timeout_s: a flush attempt that hangs longer than this is retried.
+        put_timeout_s: how long ``put`` waits for room in a full queue before it drops the
+            event (counted and logged); 0 waits as long as it takes.
     """
 
     def __init__(
@@ -147,6 +161,7 @@ class AuditWriter:
         method: Literal["copy", "insert"] = "copy",
         retry_max_s: float = 5.0,
         statement_timeout_s: float = 30.0,
+        put_timeout_s: float = 0.0,
     ) -> None:
         self._engine = engine
         self._max = queue_max
@@ -156,6 +171,7 @@ class AuditWriter:
         self._method = method
         self._retry_max_s = retry_max_s
         self._timeout_s = statement_timeout_s
+        self._put_timeout_s = put_timeout_s
         self._buf: deque[Row] = deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -171,6 +187,7 @@ class AuditWriter:
         self._prepared: _Prepared | None = None  # the next batch, chained while this one is written
         self._unsure: tuple[int, bytes] | None = None  # last row of an attempt whose commit may have landed
         self._last_block_log = 0.0
+        self._last_drop_log = 0.0
         # Callers that never await anything else (a tight loop of cache-hit decrypts) let the
         # writer task run every this many events; it needs the loop at each of its round trips.
         self._yield_every = max(1, min(batch_size, YIELD_EVERY))
@@ -219,14 +236,7 @@ class AuditWriter:
                 log.error("audit writer task failed", exc_info=task.exception())
         left = len(self._buf) + self._in_flight
         if left:
-            self.dropped += left
-            EVENTS_DROPPED.inc(left)
-            log.error(
-                "audit writer closed with %d events unwritten after %.1fs of retries; "
-                "they are lost (keyrotor_audit_events_dropped_total)",
-                left,
-                self._close_timeout_s,
-            )
+            self._give_up(left)
             self._buf.clear()
             self._in_flight = 0
             self._done = self._queued
@@ -234,6 +244,17 @@ class AuditWriter:
         self._space.set()
         self._progress.set()
         await self._disconnect(invalidate=False)
+
+    def _give_up(self, left: int) -> None:
+        """Account for ``left`` events that close() could not write."""
+        self.dropped += left
+        EVENTS_DROPPED.labels(reason="close").inc(left)
+        log.error(
+            "audit writer closed with %d events unwritten after %.1fs of retries; "
+            "they are lost (keyrotor_audit_events_dropped_total)",
+            left,
+            self._close_timeout_s,
+        )
 
     # --- putting events --------------------------------------------------------------------
 
@@ -280,13 +301,36 @@ class AuditWriter:
                 "audit queue full (%d events): callers wait until the database accepts the backlog",
                 self._max,
             )
+        deadline = now + self._put_timeout_s if self._put_timeout_s > 0 else None
         while len(buf) + self._in_flight >= self._max:
             if self._closing:
                 raise ConfigurationError("the audit writer is closed")
             self._space.clear()
-            await self._space.wait()
+            if deadline is None:
+                await self._space.wait()
+                continue
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._space.wait()
+            except TimeoutError:
+                self._drop_full()
+                return
         buf.append(row)
         self._queued += 1
+
+    def _drop_full(self) -> None:
+        # Async mode chose availability: past the put timeout the call goes on without its event.
+        self.dropped += 1
+        EVENTS_DROPPED.labels(reason="queue_full").inc()
+        now = time.monotonic()
+        if now - self._last_drop_log > 5.0:
+            self._last_drop_log = now
+            log.error(
+                "audit queue full for %.1fs: events dropped (%d so far in this process; "
+                "keyrotor_audit_events_dropped_total)",
+                self._put_timeout_s,
+                self.dropped,
+            )
 
     async def submit(self, *events: AuditEvent) -> None:
         """Queue events (validated and normalised), waiting for space if the queue is full.

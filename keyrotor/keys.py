@@ -15,8 +15,10 @@ Every call is checked against the grants (``keyrotor.grants``) and recorded in t
 (``keyrotor.audit``): who (``actor=``/``ip=``/``user_agent=``, else the innermost
 ``keyrotor.audit.actor_context``, else ``KEYROTOR_DEFAULT_ACTOR``), when, which scope and DEK
 version, and for failures the error's class and message, never a value or a ciphertext. Events
-go through a batched background writer (``keyrotor.audit_writer``) started by ``open()`` and
-flushed by ``close()``.
+go through a batched background writer started by ``open()`` and flushed by ``close()``. By
+default (``KEYROTOR_AUDIT=durable``, ``keyrotor.audit_durable``) a call returns only once its
+event is committed, concurrent calls sharing one commit, and raises ``StoreUnavailable`` if it
+cannot be; ``KEYROTOR_AUDIT=async`` (``keyrotor.audit_writer``) returns once it is queued.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from keyrotor.audit import (
     normalize_metadata,
     now_us,
 )
+from keyrotor.audit_durable import DurableAuditWriter
 from keyrotor.audit_writer import AuditWriter
 from keyrotor.cache import DekCache
 from keyrotor.errors import (
@@ -179,12 +182,15 @@ class KeyManager:
         if not self.settings.audit_enabled:
             log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
         elif self._audit is None:
-            self._audit = AuditWriter(
+            # durable: a call returns once its event is committed (keyrotor.audit_durable).
+            writer = DurableAuditWriter if self.settings.audit_mode == "durable" else AuditWriter
+            self._audit = writer(
                 self._engine,
                 queue_max=self.settings.audit_queue_max,
                 batch_size=self.settings.audit_batch_size,
                 flush_interval_s=self.settings.audit_flush_interval_s,
                 close_timeout_s=self.settings.audit_close_timeout_s,
+                put_timeout_s=self.settings.audit_put_timeout_s,
             )
             await self._audit.start()
         if self.settings.regions and self.replication is None:
@@ -495,11 +501,18 @@ class KeyManager:
         except Exception as exc:
             await self._audit_failure("encrypt", who, scope, None, "", exc, {"values": len(items)})
             raise
-        if self._audit is not None:
+        audit = self._audit
+        if audit is not None:
             now = now_us()
-            for name, _ in items:
-                meta = _context_metadata(_secret_context(name))
-                await self._emit(("encrypt", scope, version, True, *who, None, meta, now))
+            rows: list[Row] = [
+                ("encrypt", scope, version, True, *who, None, _context_metadata(_secret_context(name)), now)
+                for name, _ in items
+            ]
+            if isinstance(audit, DurableAuditWriter):
+                await audit.put_many(rows)  # one commit for all, not one per value
+            else:
+                for row in rows:
+                    await self._emit(row)
         return len(items)
 
     async def _put_secrets(self, who: _Who, scope: str, items: Sequence[tuple[str, str]]) -> int:
@@ -703,7 +716,12 @@ class KeyManager:
     async def _failover_event(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
         """Record a ``failover`` audit event (DEK reads left the primary region, or returned)."""
         meta = metadata_json(normalize_metadata(metadata))
-        await self._emit(("failover", None, None, success, *self._default_who, error, meta, now_us()))
+        row: Row = ("failover", None, None, success, *self._default_who, error, meta, now_us())
+        if isinstance(self._audit, DurableAuditWriter):
+            # Not a caller's event, and the audit database may be what is down: kept until written.
+            self._audit.put_nowait(row)
+        else:
+            await self._emit(row)
 
     # --- internals -------------------------------------------------------------------------
 

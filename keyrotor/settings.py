@@ -28,6 +28,8 @@ from pydantic_settings import (
 
 from keyrotor.errors import ConfigurationError
 
+# KEYROTOR_AUDIT took a boolean before it had modes: its spellings of "on" and "off".
+_AUDIT_ALIASES = {w: "durable" for w in ("on", "true", "1", "yes")} | {w: "off" for w in ("false", "0", "no")}
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("_ENVIRON", default=None)
 
 
@@ -249,8 +251,17 @@ class Settings(BaseSettings):
     )
 
     # the audit log and access control (docs/audit.md)
-    # `off` exists for benchmarks only: without the log keyrotor is not compliant.
-    audit_enabled: bool = Field(default=True, validation_alias="KEYROTOR_AUDIT")
+    # `durable`: a call returns once its event is committed (group commit); `on` is its old
+    # name. `async`: events queue in memory (a crash loses what is queued). `off` exists for
+    # benchmarks only: without the log keyrotor is not compliant.
+    audit_mode: Literal["durable", "async", "off"] = Field(
+        default="durable", validation_alias="KEYROTOR_AUDIT"
+    )
+    # async mode: how long a call waits for room in a full queue before its event is dropped
+    # (counted and logged); 0 waits as long as it takes.
+    audit_put_timeout_s: float = Field(
+        default=0.0, ge=0, le=3600, validation_alias="KEYROTOR_AUDIT_PUT_TIMEOUT_SECONDS"
+    )
     audit_queue_max: int = Field(default=10_000, ge=1, validation_alias="KEYROTOR_AUDIT_QUEUE_MAX")
     audit_batch_size: int = Field(
         default=1_000, ge=1, le=50_000, validation_alias="KEYROTOR_AUDIT_BATCH_SIZE"
@@ -278,6 +289,32 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, _MappingEnvSource(settings_cls, case_sensitive=False))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _audit_enabled_override(cls, data: Any) -> Any:
+        # `audit_enabled=False`, the override's name before the modes, must not be ignored.
+        if isinstance(data, dict) and "audit_enabled" in data:
+            data = dict(data)
+            enabled = data.pop("audit_enabled")
+            data.setdefault("audit_mode", "durable" if enabled else "off")
+        return data
+
+    @field_validator("audit_mode", mode="before")
+    @classmethod
+    def _audit_mode(cls, value: Any) -> Any:
+        # `on` (and the booleans the variable once took) name the default; `off` and false stay off.
+        if isinstance(value, bool):
+            return "durable" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return _AUDIT_ALIASES.get(word, word)
+        return value
+
+    @property
+    def audit_enabled(self) -> bool:
+        """Whether KeyManager records its calls (any ``KEYROTOR_AUDIT`` but ``off``)."""
+        return self.audit_mode != "off"
 
     @field_validator("encryption_key", "legacy_encryption_key", mode="before")
     @classmethod

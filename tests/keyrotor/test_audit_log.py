@@ -180,7 +180,9 @@ async def test_audit_off_writes_nothing(env: dict[str, str], database_url: str) 
 
 
 async def test_close_flushes_everything(settings: Settings, database_url: str) -> None:
-    s = settings.model_copy(update={"audit_flush_interval_s": 30.0, "audit_batch_size": 5_000})
+    s = settings.model_copy(
+        update={"audit_flush_interval_s": 30.0, "audit_batch_size": 5_000, "audit_mode": "async"}
+    )
     km = KeyManager(s)
     await km.open()
     token = await km.encrypt("openai", OPENAI)

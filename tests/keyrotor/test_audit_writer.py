@@ -33,8 +33,8 @@ from tests.keyrotor.audit_helpers import rows, verify
 OPENAI = "sk-proj-" + "w8R" * 16
 
 
-def _metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def _metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def _admin(sql: str) -> None:
@@ -47,7 +47,8 @@ async def _admin(sql: str) -> None:
 
 async def test_flush_survives_a_database_outage(settings: Settings, database_url: str) -> None:
     name = database_url.rsplit("/", 1)[1]
-    s = settings.model_copy(update={"audit_flush_interval_s": 0.05})
+    # Async mode: decrypts go on while the database is away (durable mode fails them instead).
+    s = settings.model_copy(update={"audit_flush_interval_s": 0.05, "audit_mode": "async"})
     async with KeyManager(s) as km:
         token = await km.encrypt("openai", OPENAI)
         await km.decrypt("openai", token)
@@ -105,8 +106,13 @@ async def test_commit_of_unknown_fate_is_not_written_twice(settings: Settings, d
 
 
 async def test_full_queue_makes_callers_wait_not_lose(settings: Settings, database_url: str) -> None:
-    s = settings.model_copy(
-        update={"audit_queue_max": 50, "audit_batch_size": 10, "audit_flush_interval_s": 0.01}
+    s = settings.model_copy(  # the queue of async mode
+        update={
+            "audit_queue_max": 50,
+            "audit_batch_size": 10,
+            "audit_flush_interval_s": 0.01,
+            "audit_mode": "async",
+        }
     )
     blocked_before = _metric("keyrotor_audit_callers_blocked_total")
     holder = await asyncpg.connect(database_url)
@@ -139,8 +145,8 @@ async def test_full_queue_makes_callers_wait_not_lose(settings: Settings, databa
 async def test_close_gives_up_loudly_after_its_timeout(
     settings: Settings, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = settings.model_copy(update={"audit_close_timeout_s": 0.5})
-    dropped_before = _metric("keyrotor_audit_events_dropped_total")
+    s = settings.model_copy(update={"audit_close_timeout_s": 0.5, "audit_mode": "async"})
+    dropped_before = _metric("keyrotor_audit_events_dropped_total", {"reason": "close"})
     holder = await asyncpg.connect(database_url)
     try:
         km = KeyManager(s)
@@ -158,7 +164,7 @@ async def test_close_gives_up_loudly_after_its_timeout(
         assert "5 events unwritten" in caplog.text
     finally:
         await holder.close()
-    assert _metric("keyrotor_audit_events_dropped_total") == dropped_before + 5
+    assert _metric("keyrotor_audit_events_dropped_total", {"reason": "close"}) == dropped_before + 5
 
 
 async def test_writer_and_in_transaction_writes_share_one_chain(km: KeyManager, database_url: str) -> None:

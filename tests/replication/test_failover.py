@@ -39,7 +39,13 @@ def _failovers(region: str) -> float:
 async def test_primary_store_unreachable_while_decrypts_run_no_decrypt_fails(
     renv: dict[str, str], proxies: dict[str, PgProxy], env: dict[str, str]
 ) -> None:
-    e = {**renv, "KEYROTOR_GRANTS_TTL_SECONDS": "0.5"}  # grants are reloaded during the outage too
+    e = {
+        **renv,
+        "KEYROTOR_GRANTS_TTL_SECONDS": "0.5",  # grants are reloaded during the outage too
+        # The audit log lives in the primary: only async audit lets reads go on without it
+        # (durable audit fails them closed, tests/keyrotor/test_audit_durable.py).
+        "KEYROTOR_AUDIT": "async",
+    }
     before = _failovers("eu-west-1") + _failovers("ap-south-1")
     async with KeyManager(Settings.from_env(e), environ=e) as km:
         tokens = await _seed(km)

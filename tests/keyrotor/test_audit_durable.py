@@ -1,0 +1,305 @@
+"""Durable audit (the default): a returned call's event is committed, concurrent calls share a
+commit, an outage fails calls closed; and what async mode promises instead, SIGKILL included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY
+
+from keyrotor import KeyManager, Settings
+from keyrotor.audit import CHAIN_LOCK, AuditEvent, write_event
+from keyrotor.audit_durable import DurableAuditWriter
+from keyrotor.errors import ConfigurationError, DecryptionFailed, StoreUnavailable
+from keyrotor.store import db
+from tests.conftest import PG_ADMIN
+from tests.keyrotor.audit_helpers import rows, verify
+
+OPENAI = "sk-proj-" + "d7Q" * 16
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _count(database_url: str, actor: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        n = await conn.fetchval("SELECT count(*) FROM encryption_audit_log WHERE actor = $1", actor)
+    finally:
+        await conn.close()
+    return int(n)
+
+
+def _writer(km: KeyManager) -> DurableAuditWriter:
+    assert isinstance(km.audit, DurableAuditWriter)
+    return km.audit
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("durable", "durable"), ("on", "durable"), ("true", "durable"), ("async", "async"), ("off", "off")],
+)
+def test_audit_modes_and_the_old_spelling(env: dict[str, str], value: str, mode: str) -> None:
+    assert Settings.from_env(env).audit_mode == "durable"  # the default
+    settings = Settings.from_env({**env, "KEYROTOR_AUDIT": value})
+    assert settings.audit_mode == mode
+    assert settings.audit_enabled == (mode != "off")
+
+
+def test_an_unknown_audit_mode_is_a_configuration_error(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigurationError, match="KEYROTOR_AUDIT: Input should be"):
+        Settings.from_env({**env, "KEYROTOR_AUDIT": "sometimes"})
+
+
+async def test_a_returned_call_is_in_the_log_without_any_flush(settings: Settings, database_url: str) -> None:
+    # A flush interval of a minute: only the durable path (no timer) can have written these.
+    s = settings.model_copy(update={"audit_flush_interval_s": 60.0})
+    async with KeyManager(s) as km:
+        started = time.monotonic()
+        token = await km.encrypt("openai", OPENAI, context="users.api_key:1", actor="lone")
+        assert await _count(database_url, "lone") == 1
+        assert await km.decrypt("openai", token, context="users.api_key:1", actor="lone") == OPENAI
+        assert await _count(database_url, "lone") == 2
+        with pytest.raises(DecryptionFailed):
+            await km.decrypt("openai", token, context="users.api_key:2", actor="lone")
+        failed = await rows(database_url, "event_type = 'failed_decrypt'")
+        assert [r["actor"] for r in failed] == ["lone"]
+        await km.put_secrets("openai", [(f"k{i}", OPENAI) for i in range(5)], actor="bulk")
+        assert await _count(database_url, "bulk") == 5
+        assert await km.get_secret("openai", "k3", actor="bulk") == OPENAI
+        assert await _count(database_url, "bulk") == 6
+        assert time.monotonic() - started < 10.0
+        assert (await verify(km)).ok
+
+
+async def test_concurrent_callers_share_commits(settings: Settings, database_url: str) -> None:
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", OPENAI)
+        writer = _writer(km)
+
+        # 64 calls at once: one batch, not 64 transactions.
+        before = writer.commits
+        results = await asyncio.gather(*(km.decrypt("openai", token, actor=f"c{i}") for i in range(64)))
+        assert results == [OPENAI] * 64
+        assert writer.commits - before <= 4
+
+        # 64 callers in loops: each commit carries many events.
+        async def caller(i: int) -> None:
+            for _ in range(20):
+                await km.decrypt("openai", token, actor="looping")
+
+        before = writer.commits
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(64))), 60)
+        commits = writer.commits - before
+        assert commits <= 64 * 20 // 16, commits
+        assert await _count(database_url, "looping") == 64 * 20
+        assert (await verify(km)).ok
+
+
+async def test_a_cancelled_caller_does_not_break_the_batch(settings: Settings, database_url: str) -> None:
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with KeyManager(settings) as km:
+            token = await km.encrypt("openai", OPENAI)
+            await holder.execute("SELECT pg_advisory_lock($1)", CHAIN_LOCK)  # the writer must wait
+            tasks = [asyncio.create_task(km.decrypt("openai", token, actor="batch")) for _ in range(10)]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in tasks)
+            for t in tasks[:3]:
+                t.cancel()
+            await holder.execute("SELECT pg_advisory_unlock($1)", CHAIN_LOCK)
+            done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            assert all(isinstance(r, asyncio.CancelledError) for r in done[:3])
+            assert done[3:] == [OPENAI] * 7
+            # The cancelled calls' events were in the batch already: written with the rest.
+            assert await _count(database_url, "batch") == 10
+            assert await km.decrypt("openai", token, actor="after") == OPENAI
+            assert (await verify(km)).ok
+    finally:
+        await holder.close()
+
+
+async def test_an_outage_mid_call_fails_the_call_closed(settings: Settings, database_url: str) -> None:
+    name = database_url.rsplit("/", 1)[1]
+    holder = await asyncpg.connect(database_url)
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", OPENAI)
+        await km.decrypt("openai", token)  # DEK and grants cached: only the audit needs the database
+        writer = _writer(km)
+        await holder.execute("SELECT pg_advisory_lock($1)", CHAIN_LOCK)
+        call = asyncio.create_task(km.decrypt("openai", token, actor="during-outage"))
+        await asyncio.sleep(0.3)
+        assert not call.done()  # its event is being written, behind the lock
+        await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        try:
+            # Every connection but the lock holder's dies (the writer's among them, waiting for
+            # the lock mid-call); the holder keeps the lock, so nothing can commit meanwhile.
+            holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
+            await _admin(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> {int(holder_pid)}"
+            )
+            with pytest.raises(StoreUnavailable, match="audit log could not be written"):
+                await asyncio.wait_for(call, 60)
+            # A call made during the outage fails the same way; neither returned a plaintext.
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(km.encrypt("openai", OPENAI, actor="during-outage"), 60)
+            assert writer.commit_failures >= 2
+        finally:
+            await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            await holder.close()
+        assert await asyncio.wait_for(km.decrypt("openai", token, actor="after-outage"), 60) == OPENAI
+        assert await _count(database_url, "after-outage") == 1
+        assert await _count(database_url, "during-outage") == 0
+        assert (await verify(km)).ok
+
+
+def _kill_after_returned(env: dict[str, str], actor: str, decrypts: int, encrypts: int) -> None:
+    """Run the child until it says its calls returned, then SIGKILL it at once."""
+    child_env = {**os.environ, **env, "KEYROTOR_LISTEN_KEY_CHANGES": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.keyrotor.audit_crash_child", actor, str(decrypts), str(encrypts)],
+        cwd=ROOT,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        line = ""
+        while time.monotonic() < deadline and not line:
+            line = proc.stdout.readline()  # the child prints one line, or exits (EOF)
+            if not line and proc.poll() is not None:
+                break
+        proc.send_signal(signal.SIGKILL)
+        assert line.strip() == f"returned {decrypts + encrypts}", (
+            proc.stderr.read()[-3000:] if proc.stderr else ""
+        )
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+async def test_sigkill_after_returned_calls_loses_no_event(env: dict[str, str], database_url: str) -> None:
+    await asyncio.to_thread(_kill_after_returned, {**env, "KEYROTOR_AUDIT": "durable"}, "crash-d", 300, 20)
+    assert await _count(database_url, "crash-d") == 320
+    async with KeyManager.from_env(env) as km:
+        assert (await verify(km)).ok
+
+
+async def test_sigkill_in_async_mode_loses_at_most_the_queue(env: dict[str, str], database_url: str) -> None:
+    # What docs/audit.md promises for async mode: a killed process loses what it had queued,
+    # at most KEYROTOR_AUDIT_QUEUE_MAX events (uncounted: the process is gone).
+    async_env = {
+        **env,
+        "KEYROTOR_AUDIT": "async",
+        "KEYROTOR_AUDIT_QUEUE_MAX": "100",
+        "KEYROTOR_AUDIT_BATCH_SIZE": "50",
+        "KEYROTOR_AUDIT_FLUSH_INTERVAL_SECONDS": "30",
+    }
+    await asyncio.to_thread(_kill_after_returned, async_env, "crash-a", 300, 20)
+    logged = await _count(database_url, "crash-a")
+    assert 320 - 100 <= logged <= 320
+    async with KeyManager.from_env(env) as km:
+        assert (await verify(km)).ok
+
+
+async def test_async_mode_counts_events_dropped_on_a_full_queue(
+    settings: Settings, database_url: str
+) -> None:
+    def dropped() -> float:
+        labels = {"reason": "queue_full"}
+        return REGISTRY.get_sample_value("keyrotor_audit_events_dropped_total", labels) or 0.0
+
+    s = settings.model_copy(
+        update={
+            "audit_mode": "async",
+            "audit_queue_max": 5,
+            "audit_batch_size": 5,
+            "audit_put_timeout_s": 0.1,
+        }
+    )
+    before = dropped()
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with KeyManager(s) as km:
+            token = await km.encrypt("openai", OPENAI)
+            await km.flush_audit()
+            await holder.execute("SELECT pg_advisory_lock($1)", CHAIN_LOCK)
+            for _ in range(20):  # the writer cannot append: past 5 queued, each call waits 0.1 s
+                assert await asyncio.wait_for(km.decrypt("openai", token, actor="full"), 10) == OPENAI
+            assert km.audit is not None
+            lost = km.audit.dropped
+            assert lost >= 10
+            assert dropped() == before + lost
+            await holder.execute("SELECT pg_advisory_unlock($1)", CHAIN_LOCK)
+            await km.flush_audit()
+        assert await _count(database_url, "full") == 20 - lost
+    finally:
+        await holder.close()
+
+
+async def test_an_event_no_call_waits_for_is_kept_through_an_outage(
+    settings: Settings, database_url: str
+) -> None:
+    # A `failover` event is recorded when the database may be what is down: it must neither
+    # block the read that noticed nor be lost.
+    name = database_url.rsplit("/", 1)[1]
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", OPENAI)
+        await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        try:
+            await _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            await asyncio.wait_for(km._failover_event(False, {"state": "failover"}, "StoreUnavailable"), 1)
+            with pytest.raises(StoreUnavailable):  # fails with it: the event stays queued
+                await asyncio.wait_for(km.decrypt("openai", token, actor="during-outage"), 60)
+            await asyncio.sleep(0.5)  # a retry or two, backed off
+            assert _writer(km).depth == 1
+        finally:
+            await _admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        await asyncio.wait_for(km.flush_audit(), 30)
+        assert [r["success"] for r in await rows(database_url, "event_type = 'failover'")] == [False]
+        assert (await verify(km)).ok
+
+
+async def test_another_appender_between_commits_keeps_one_chain(
+    settings: Settings, database_url: str
+) -> None:
+    # The writer chains each batch on the head its last commit left; another appender in
+    # between (a job's in-transaction event, another process) must be noticed, not forked.
+    async with KeyManager(settings) as km, KeyManager(settings) as other:
+        token = await km.encrypt("openai", OPENAI)
+        for i in range(5):
+            await km.decrypt("openai", token, actor="first")
+            await other.decrypt("openai", token, actor="second")
+            async with db.transaction(km.sessions) as session:
+                await write_event(session, AuditEvent("config_change", actor="job", metadata={"i": i}))
+        assert (await verify(km)).ok
+    assert await _count(database_url, "first") == 5
+    assert await _count(database_url, "second") == 5
+    assert await _count(database_url, "job") == 5
+
+
+def test_the_old_override_name_still_turns_audit_off(env: dict[str, str]) -> None:
+    assert Settings.from_env(env, audit_enabled=False).audit_mode == "off"
+    assert Settings.from_env(env, audit_enabled=True).audit_mode == "durable"
+    assert Settings.from_env(env, audit_mode="async").audit_mode == "async"
