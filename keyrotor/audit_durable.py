@@ -2,7 +2,8 @@
 
 Each caller appends its event and one future, then waits. The writer task takes everything
 queued since its last commit and writes it as one batch, exactly as the asynchronous writer
-does (one transaction: the chain lock, the head, one COPY, COMMIT), then resolves every
+does (one transaction: the chain lock, the head, one COPY, COMMIT; once the writer knows the
+head, one statement that locks, inserts and commits), then resolves every
 waiting caller's future. That is group commit: concurrent callers share one transaction and one
 WAL flush, and callers arriving while a commit is in flight form the next batch. There is no
 timer: a lone caller's event is written at once.
@@ -24,25 +25,34 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keyrotor.audit import CHAIN_LOCK, COLUMNS, TABLE, Row, chain_copy
+from keyrotor.audit import CHAIN_LOCK, COLUMNS, TABLE, Row, chain_records
 from keyrotor.audit_writer import MAX_BATCHES_PER_WRITE, AuditWriter
 from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.store import db
 
 log = logging.getLogger(__name__)
 
-_BEGIN_AND_LOCK = f"BEGIN; SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
+# A batch on the known head in ONE round trip: an implicit transaction (autocommit) that takes
+# the chain lock, then inserts the rows, and commits at the statement's end. BEGIN, COPY and
+# COMMIT would be three round trips, and a commit's round trips are what bound durable
+# throughput (every waiting caller sits idle through them). The lock is taken before the first
+# row is produced: the rows come out of a join with the one-row locking subquery.
+_INSERT_ON_HEAD = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
+    "SELECT u.id, u.et, u.sc, u.kv, u.ok, u.ac, u.ip, u.ua, u.em, u.md::json, "
+    "'epoch'::timestamptz + u.us * interval '1 microsecond', u.ph, u.rh "
+    f"FROM (SELECT pg_advisory_xact_lock({CHAIN_LOCK})) AS chain_lock, "
+    "unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], "
+    "$8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[], $13::bytea[]) "
+    "AS u(id, et, sc, kv, ok, ac, ip, ua, em, md, us, ph, rh)"
+)
 _READ_HEAD_AFTER_CONFLICT = 16
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 class DurableAuditWriter(AuditWriter):
@@ -239,8 +249,8 @@ class DurableAuditWriter(AuditWriter):
 
         While this process is the only appender, the head it left is the head: reading it again
         would cost a round trip of every commit. ``id`` is the primary key, so if another writer
-        appended meanwhile the COPY's first id exists and fails; the batch is then written the
-        ordinary way (reading the head under the lock), and the next few batches read it too.
+        appended meanwhile the batch's first id exists and the insert fails; the batch is then
+        written the ordinary way (reading the head under the lock), and the next few batches read it too.
         """
         head, self._head = self._head, None
         if head is None or self._unsure is not None or self._read_head_for > 0:
@@ -249,23 +259,21 @@ class DurableAuditWriter(AuditWriter):
             await super()._write(batch, None)
             self._head = self._left
             return
-        data, last_id, last_hash = chain_copy(*head, batch)
+        records = chain_records(*head, batch)
+        last_id, last_hash = records[-1][0], records[-1][-1]
         try:
             pg = await self._connect()
             started = time.perf_counter()
-            await pg.execute(_BEGIN_AND_LOCK, timeout=self._timeout_s)
             self._unsure = (last_id, last_hash)
             try:
-                await pg.copy_to_table(
-                    TABLE, source=_once(data), columns=COLUMNS, format="text", timeout=self._timeout_s
-                )
+                await pg.execute(_INSERT_ON_HEAD, *zip(*records, strict=True), timeout=self._timeout_s)
             except asyncpg.UniqueViolationError:
-                await pg.execute("ROLLBACK", timeout=self._timeout_s)
+                # Another writer appended since this writer's last commit: nothing was written
+                # (the statement was its own transaction); read the head under the lock.
                 self._unsure = None
                 self._read_head_for = _READ_HEAD_AFTER_CONFLICT
                 await self._write(batch, None)
                 return
-            await pg.execute("COMMIT", timeout=self._timeout_s)
             self._unsure = None
         except BaseException:
             await self._disconnect(invalidate=True)
