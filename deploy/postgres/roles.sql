@@ -10,10 +10,11 @@
 -- test_privileges.py runs this file (role names suffixed) and checks every line below.
 --
 -- keyrotor_app     the application (KeyManager). Reads and writes `secrets`; reads only the
---                  live DEKs (pending, active, grace) through row-level security, so it
---                  never sees the history of retired or destroyed keys; creates the first
+--                  DEKs that decrypt (pending, active, grace, retired) through row-level
+--                  security, so it never sees the history of destroyed keys; creates the first
 --                  DEK of a new scope; appends to the audit log but can never change or
---                  delete a row of it. It cannot rotate, retire or rewrap anything.
+--                  delete a row of it; appends the uses of retired DEKs (which cancel their
+--                  destruction). It cannot rotate, retire, restore or rewrap anything.
 -- keyrotor_worker  `keyrotor worker` and `keyrotor scheduler`: rotation, retirement, rewrap,
 --                  migration. Every keyrotor table, all DEK rows, but it too only appends to
 --                  the audit log. Pruning the audit log stays with the owner.
@@ -45,6 +46,8 @@ GRANT UPDATE (encryptions) ON data_keys TO keyrotor_app;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_app;
 GRANT SELECT ON encryption_grants, managed_columns, rotations TO keyrotor_app;
 GRANT USAGE ON SEQUENCE secrets_id_seq, key_scopes_id_seq, data_keys_id_seq TO keyrotor_app;
+-- A decrypt that needed a retired DEK records it (keyrotor/keys.py): append only, never read.
+GRANT INSERT ON retired_key_uses TO keyrotor_app;
 
 -- The worker and scheduler -------------------------------------------------------------------
 GRANT SELECT, INSERT, UPDATE, DELETE
@@ -52,6 +55,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE
        encryption_grants
     TO keyrotor_worker;
 GRANT SELECT ON alembic_version TO keyrotor_worker;
+-- The retirement proof and the destruction window (keyrotor/retire.py, keyrotor/destruction.py):
+-- it reads where values went and locks these tables in SHARE mode while it counts.
+GRANT SELECT, INSERT, UPDATE, DELETE ON key_locations, location_acks, retired_key_uses TO keyrotor_worker;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO keyrotor_worker;
 -- Replication tables, where that migration has run.
@@ -70,7 +76,7 @@ $$;
 ALTER TABLE data_keys ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS keyrotor_app_live_keys ON data_keys;
 CREATE POLICY keyrotor_app_live_keys ON data_keys FOR SELECT TO keyrotor_app
-    USING (state IN ('pending', 'active', 'grace'));
+    USING (state IN ('pending', 'active', 'grace', 'retired'));
 DROP POLICY IF EXISTS keyrotor_app_first_key ON data_keys;
 CREATE POLICY keyrotor_app_first_key ON data_keys FOR INSERT TO keyrotor_app
     WITH CHECK (state IN ('pending', 'active'));

@@ -135,15 +135,20 @@ def rotate_kek(
 
 def retire(
     scope: Annotated[str, typer.Argument(help="the scope")],
-    version: Annotated[int, typer.Argument(help="the DEK version to destroy", min=1)],
+    version: Annotated[int, typer.Argument(help="the DEK version to retire", min=1)],
     force_now: Annotated[
-        bool, typer.Option("--force-now", help="skip the wait for the grace period (never the proof)")
+        bool,
+        typer.Option(
+            "--force-now",
+            help="skip the wait for the grace period (never the proof nor the destruction window)",
+        ),
     ] = False,
     json_out: JsonOpt = False,
     timeout: TimeoutOpt = None,
     request_id: RequestIdOpt = None,
 ) -> None:
-    """Destroy an old DEK version: re-encrypt stragglers, prove no row uses it, erase it."""
+    """Retire an old DEK version: re-encrypt stragglers, prove no value needs it, make it
+    decrypt-only. Its key is erased after KEYROTOR_DESTROY_AFTER_DAYS unless used meanwhile."""
     check_scope(scope)
     if request_id is not None:
         check_request_id(request_id)
@@ -157,6 +162,12 @@ def retire(
 
     r, handle = run(go)
     _finish(r, handle, wait=True, json_out=json_out)
+    if not json_out:
+        err_console.print(
+            f"{scope} v{version} is retired: it decrypts (each use is audited and cancels its "
+            f"destruction), its key is erased after {Settings.from_env().destroy_after_days} days unused; "
+            f"`keyrotor keys restore {scope} {version}` brings it back"
+        )
 
 
 def runs_cmd(
