@@ -47,10 +47,28 @@ _EVENTS_BEFORE = (
 _EVENTS = (*_EVENTS_BEFORE, "retired_key_use")
 
 
-def _event_check(events: Sequence[str]) -> None:
+def _drop_checks_on(table: str, column: str) -> None:
+    # Earlier revisions named these constraints through the naming convention (which doubled the
+    # prefix in some), so they are found by what they check rather than by name.
     op.execute(
-        "ALTER TABLE encryption_audit_log DROP CONSTRAINT IF EXISTS ck_encryption_audit_log_event_type"
+        f"""
+        DO $$
+        DECLARE c text;
+        BEGIN
+            FOR c IN SELECT conname FROM pg_constraint
+                     WHERE conrelid = '{table}'::regclass AND contype = 'c'
+                       AND pg_get_constraintdef(oid) LIKE '%({column} %'
+            LOOP
+                EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', c);
+            END LOOP;
+        END
+        $$;
+        """
     )
+
+
+def _event_check(events: Sequence[str]) -> None:
+    _drop_checks_on("encryption_audit_log", "event_type")
     op.execute(
         "ALTER TABLE encryption_audit_log ADD CONSTRAINT ck_encryption_audit_log_event_type "
         "CHECK (event_type IN (" + ", ".join(f"'{e}'" for e in events) + "))"
@@ -58,7 +76,7 @@ def _event_check(events: Sequence[str]) -> None:
 
 
 def _replica_states(states: str) -> None:
-    op.execute("ALTER TABLE replica_keys DROP CONSTRAINT IF EXISTS ck_replica_keys_state")
+    _drop_checks_on("replica_keys", "state")
     op.execute(f"ALTER TABLE replica_keys ADD CONSTRAINT ck_replica_keys_state CHECK (state IN ({states}))")
 
 
