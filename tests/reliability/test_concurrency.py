@@ -122,8 +122,8 @@ async def test_app_writes_and_deletes_through_rotation_and_retirement(
     assert per_version == {2: len(expected)}
     names = {r[0] for r in await fetch(s.database_url, "SELECT name FROM secrets")}
     assert not names & deleted
-    key = (await fetch(s.database_url, "SELECT state FROM data_keys WHERE version = 1"))[0]
-    assert key["state"] == "destroyed"
+    key = (await fetch(s.database_url, "SELECT state, destroy_after FROM data_keys WHERE version = 1"))[0]
+    assert key["state"] == "retired" and key["destroy_after"] is not None  # erased after its window
     await assert_no_open_runs(s.database_url)
     record(
         "concurrency",

@@ -240,7 +240,8 @@ async def test_retire_dek_survives_sigkills(
     assert run["kind"] == "retire" and run["rows_done"] == stragglers
     assert await check_values(s, "openai", values) == {2: n + stragglers}
     key = (await fetch(s.database_url, "SELECT * FROM data_keys WHERE version = 1"))[0]
-    assert key["state"] == "destroyed" and key["encrypted_dek"] is None
+    # Retired (decrypt-only), its wrapped key kept for the destruction window.
+    assert key["state"] == "retired" and key["encrypted_dek"] is not None and key["destroy_after"] is not None
     audit = await fetch(
         s.database_url, "SELECT count(*) FROM encryption_audit_log WHERE event_type = 'retire'"
     )
