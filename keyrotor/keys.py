@@ -692,13 +692,14 @@ class KeyManager:
         """A decrypt needed retired ``version``: it succeeds, and is audited (each call), counted,
         logged and recorded in ``retired_key_uses`` (once per location and interval, before the
         value is returned), which cancels the version's pending destruction."""
+        scope_id = self._retired.get((scope, version))
         location = location_of(context)
         metrics.RETIRED_KEY_USES.labels(scope, str(version)).inc()
         meta = metadata_json({"location": clean_text(location, MAX_CONTEXT_CHARS)})
         await self._emit(("retired_key_use", scope, version, True, *who, None, meta, now_us()))
         key = (scope, version, location)
         now = time.monotonic()
-        if now < self._retired_noted.get(key, 0.0):
+        if scope_id is None or now < self._retired_noted.get(key, 0.0):
             return
         if len(self._retired_noted) >= 10_000:
             self._retired_noted.clear()
@@ -712,7 +713,7 @@ class KeyManager:
             async with db.transaction(self.sessions) as session:
                 await session.execute(
                     _RETIRED_USE_SQL,
-                    {"s": self._retired[(scope, version)], "v": version, "l": location, "a": who[0]},
+                    {"s": scope_id, "v": version, "l": location, "a": who[0]},
                 )
         except Exception as exc:  # the value decrypted; the next use records it
             self._retired_noted.pop(key, None)

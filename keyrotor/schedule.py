@@ -618,25 +618,26 @@ async def plan_scan(
             plan.rotations.append(
                 RotationPlan(d.scope, d.from_version, d.to_version, per_version, plan.rate, due=d)
             )
-        after = (_START, 0)
         seen: set[int] = set()
-        while True:
-            rows = (
-                await session.execute(
-                    text(DUE_GRACE_SQL),
-                    {"now": now, "after_at": after[0], "after_id": after[1], "batch": cfg.batch},
-                )
-            ).all()
-            for row in sorted(rows, key=lambda r: (r[1], r[3])):
-                ret = _retirement(row, now, cfg)
-                if ret.skip is None and ret.scope_id in seen:
-                    ret = _other_version(ret)
-                if ret.skip is None:
-                    seen.add(ret.scope_id)
-                (plan.skipped if ret.skip else plan.retirements).append(ret)
-            if len(rows) < cfg.batch:
-                break
-            after = (rows[-1][4], rows[-1][0])
+        for destroy, sql in ((False, DUE_GRACE_SQL), (True, DUE_DESTROY_SQL)):
+            after = (_START, 0)
+            while True:
+                rows = (
+                    await session.execute(
+                        text(sql),
+                        {"now": now, "after_at": after[0], "after_id": after[1], "batch": cfg.batch},
+                    )
+                ).all()
+                for row in sorted(rows, key=lambda r: (r[1], r[3])):
+                    ret = _retirement(row, now, cfg, destroy=destroy)
+                    if ret.skip is None and ret.scope_id in seen:
+                        ret = _other_version(ret)
+                    if ret.skip is None:
+                        seen.add(ret.scope_id)
+                    (plan.skipped if ret.skip else plan.retirements).append(ret)
+                if len(rows) < cfg.batch:
+                    break
+                after = (rows[-1][4], rows[-1][0])
     return plan
 
 

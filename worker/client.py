@@ -27,6 +27,7 @@ from typing import Self
 from arq.connections import ArqRedis
 from arq.jobs import Job, SerializationError
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jobs.common import connect_queue, enqueue_driver
@@ -252,6 +253,21 @@ class KeyrotorClient:
             KeyChange("restored", scope, version)
         )
         return restored
+
+    async def destroy_after(self, scope: str, version: int) -> str | None:
+        """When retired DEK ``version`` of ``scope`` may be erased (ISO 8601), or None if it is
+        not retired or its destruction was cancelled."""
+        async with db.transaction(self.sessions) as session:
+            value = (
+                await session.execute(
+                    text(
+                        "SELECT d.destroy_after FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                        "WHERE s.name = :n AND d.version = :v AND d.state = 'retired'"
+                    ),
+                    {"n": scope, "v": version},
+                )
+            ).scalar_one_or_none()
+        return value.isoformat() if value is not None else None
 
     async def status(self, run_id: int) -> RunInfo:
         """One run.

@@ -96,6 +96,10 @@ async def test_scheduler_destroys_a_retired_version_only_after_its_window(
     assert (await key_row(s.database_url, SCOPE, 1))["state"] == "retired"
 
     await expire_window(s.database_url, SCOPE, 1)
+    plan = await sched.plan()  # the dry run shows it, and writes nothing
+    assert [(r.scope, r.version, r.destroy) for r in plan.retirements] == [(SCOPE, 1, True)]
+    dry = keyrotor("scheduler", "--dry-run", env={**senv, "COLUMNS": "200"})
+    assert dry.returncode == 0 and "destroy_dek" in dry.stdout and "window ended" in dry.stdout, dry.stderr
     report = await sched.scan()
     (run,) = report.destructions
     assert any(":destroy_dek:" in j for j in report.enqueued)

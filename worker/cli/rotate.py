@@ -153,20 +153,21 @@ def retire(
     if request_id is not None:
         check_request_id(request_id)
 
-    async def go() -> tuple[RunInfo, RunHandle]:
+    async def go() -> tuple[RunInfo, RunHandle, str | None]:
         async with _client() as client:
             handle = await client.retire(
                 scope, version, force_now=force_now, trigger="cli", request_id=request_id
             )
-            return await handle.wait(timeout), handle
+            done = await handle.wait(timeout)
+            return done, handle, await client.destroy_after(scope, version)
 
-    r, handle = run(go)
+    r, handle, destroy_after = run(go)
     _finish(r, handle, wait=True, json_out=json_out)
-    if not json_out:
+    if not json_out and destroy_after is not None:
         err_console.print(
-            f"{scope} v{version} is retired: it decrypts (each use is audited and cancels its "
-            f"destruction), its key is erased after {Settings.from_env().destroy_after_days} days unused; "
-            f"`keyrotor keys restore {scope} {version}` brings it back"
+            f"{scope} v{version} is retired: it decrypts (each use is audited and cancels its destruction); "
+            f"its key is erased after {destroy_after[:19]} if unused; `keyrotor keys restore {scope} "
+            f"{version}` brings it back"
         )
 
 
