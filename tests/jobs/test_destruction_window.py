@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import KeyVersionTooOld
+from keyrotor.errors import ConfigurationError, KeyVersionTooOld
 from keyrotor.retire import LocationNotCovered
 from keyrotor.runs import RunFailed
 from tests.destruction_helpers import (
@@ -272,3 +272,17 @@ async def test_restore_brings_a_retired_version_back_to_grace(
     await wait_run(s, run.id)
     refused = keyrotor("keys", "restore", SCOPE, "1", env=env)
     assert refused.returncode == 1 and "is destroyed: its key is erased" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("days", ["6", "0", "-1", "3651", "thirty"])
+def test_a_window_shorter_than_a_week_is_a_configuration_error(days: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.from_env({"KEYROTOR_DESTROY_AFTER_DAYS": days})
+    assert str(refused.value).startswith("invalid configuration: KEYROTOR_DESTROY_AFTER_DAYS: ")
+    assert "\n" not in str(refused.value)
+    assert Settings.from_env({}).destroy_after_days == 30
+    assert Settings.from_env({"KEYROTOR_DESTROY_AFTER_DAYS": "7"}).destroy_after_days == 7
+    cli = keyrotor("status", env={"KEYROTOR_DESTROY_AFTER_DAYS": days})
+    assert cli.returncode == 2 and cli.stderr.startswith(
+        "keyrotor: error: invalid configuration: KEYROTOR_DESTROY"
+    )
