@@ -4,6 +4,11 @@ Every figure is a ratio against a ceiling measured in the same run: absolute tim
 shared 2-core machine are noise. Target: KeyManager decrypt within 5x of the raw AESGCM
 decrypt call on the same bytes.
 
+The location record (keyrotor.locations): after a location's first sighting, an encrypt finds
+the location of its context and counts per location instead of per DEK. Its cost is
+the difference of those two paths over the same contexts, as a share of an encrypt's time in
+paired chunks (target < 5%).
+
     .venv/bin/python -m bench.bench_keymanager [--json]
 """
 
@@ -77,6 +82,8 @@ async def measure(
             best[f"km_{op}"] = chunk / min(k for _, k in timings)
             best[f"{op}_ratio"] = statistics.median(k / r for r, k in timings)
 
+        best.update(await _location_cost(km, chunk, pairs_n))
+
         # Bulk import through the same path `keyrotor secrets import` uses.
         rows = [(f"user-{i}", API_KEY) for i in range(import_rows)]
         t = time.perf_counter()
@@ -85,6 +92,39 @@ async def measure(
         best["import_rows_per_s"] = len(rows) / (time.perf_counter() - t)
         best["cache_hit_rate"] = km.cache.stats.hit_rate
     return best
+
+
+async def _location_cost(km: KeyManager, chunk: int, pairs_n: int) -> dict[str, float]:
+    """Encrypts to ``users.api_key:<i>`` and the share of their time the location record takes."""
+    contexts = [f"users.api_key:{i}" for i in range(chunk)]
+    token = await km.encrypt("anthropic", API_KEY, context=contexts[0])  # the first sighting
+    scope_id, version = km._active["anthropic"][0], envelope.peek_version(token)
+    usage = km.usage
+
+    async def encrypts() -> float:
+        t = time.perf_counter()
+        for c in contexts:
+            await km.encrypt("anthropic", API_KEY, context=c)
+        return time.perf_counter() - t
+
+    def located() -> float:  # what an encrypt does now, after the first sighting
+        t = time.perf_counter()
+        for c in contexts:
+            if usage.count_context(scope_id, version, c) is not None:
+                raise AssertionError("the location was recorded already")
+        return time.perf_counter() - t
+
+    def per_dek() -> float:  # what it did before locations were recorded
+        t = time.perf_counter()
+        for _ in contexts:
+            usage.add(scope_id, version)
+        return time.perf_counter() - t
+
+    runs = [(await encrypts(), located(), per_dek()) for _ in range(pairs_n)]
+    return {
+        "km_encrypt_located": chunk / min(e for e, _, _ in runs),
+        "location_cost": statistics.median((loc - dek) / e for e, loc, dek in runs),
+    }
 
 
 def main() -> None:
@@ -100,6 +140,8 @@ def main() -> None:
         "raw_aesgcm_encrypt_ops_s": round(r["raw_encrypt"]),
         "keymanager_encrypt_ops_s": round(r["km_encrypt"]),
         "encrypt_slowdown_x": round(r["encrypt_ratio"], 2),
+        "keymanager_encrypt_contexts_ops_s": round(r["km_encrypt_located"]),
+        "location_record_cost_pct": round(100 * r["location_cost"], 2),
         "import_rows_s": round(r["import_rows_per_s"]),
         "target_decrypt_slowdown_x": 5.0,
     }
@@ -115,6 +157,10 @@ def main() -> None:
     print(
         f"encrypt  raw AESGCM {out['raw_aesgcm_encrypt_ops_s']:>10,}/s   KeyManager "
         f"{out['keymanager_encrypt_ops_s']:>10,}/s   slowdown {out['encrypt_slowdown_x']}x"
+    )
+    print(
+        f"encrypt  to users.api_key:<i> {out['keymanager_encrypt_contexts_ops_s']:>10,}/s   location "
+        f"record {out['location_record_cost_pct']}% of it (median of paired runs; target < 5%)"
     )
     print(f"import   {out['import_rows_s']:,} rows/s (batches of 2,000, one transaction each)")
 

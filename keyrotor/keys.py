@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -315,7 +316,11 @@ class KeyManager:
                 await self._authorize(who, scope, _ENCRYPT)
             scope_id, version, cipher = await self._encryption_key(scope)
             token = envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
-            self.usage.add(scope_id, version)
+            # Counts the encryption; a location new to this process is recorded (committed)
+            # before the ciphertext leaves, so no stored value has a location nobody knows.
+            location = self.usage.count_context(scope_id, version, context)
+            if location is not None:
+                await self.usage.record(scope_id, version, location)
         except Exception as exc:
             await self._audit_failure("encrypt", who, scope, None, context, exc)
             raise
@@ -532,9 +537,11 @@ class KeyManager:
             )
             for name, value in items
         ]
+        for location, n in Counter(location_of(_secret_context(name)) for name, _ in items).items():
+            if not self.usage.count(scope_id, version, location, n):
+                await self.usage.record(scope_id, version, location, n)
         async with db.transaction(self.sessions) as session:
             await repo.put_secrets(session, scope_id, rows, version)
-        self.usage.add(scope_id, version, len(rows))
         return version
 
     async def get_secret(

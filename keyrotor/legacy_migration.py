@@ -53,6 +53,7 @@ from keyrotor.errors import (
 )
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.keys import KeyManager
+from keyrotor.locations import location_of
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import MAX_ID, _quote, raw_connection
 from keyrotor.runs import RunInfo
@@ -401,7 +402,9 @@ async def seal_batch(
             if len(rep.failed) < MAX_LISTED:
                 rep.failed.append({"id": row_id, "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        km.usage.add(scope_id, version)
+        location = location_of(context)  # recorded (committed) before the value is written
+        if not km.usage.count(scope_id, version, location):
+            await km.usage.record(scope_id, version, location)
         out.ids.append(row_id)
         out.olds.append(value)
         out.news.append(sealed)

@@ -20,8 +20,9 @@ unregistered location is never destroyed (:func:`uncovered_locations`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -140,3 +141,20 @@ RECORD_SQL = text(
     "INSERT INTO key_locations (scope_id, dek_version, location) VALUES (:s, :v, :l) "
     "ON CONFLICT (scope_id, dek_version, location) DO UPDATE SET last_seen = now()"
 )
+
+# keyrotor's own writers of new ciphertexts (rotation, retirement sweeps): one statement per batch,
+# in the batch's own transaction, so the locations commit with the values (asyncpg parameters).
+_RECORD_BATCH = (
+    "INSERT INTO key_locations AS k (scope_id, dek_version, location, encryptions) "
+    "SELECT $1::bigint, $2::int, u.loc, u.n FROM unnest($3::text[], $4::bigint[]) AS u(loc, n) "
+    "ORDER BY u.loc ON CONFLICT (scope_id, dek_version, location) DO UPDATE "
+    "SET encryptions = k.encryptions + excluded.encryptions, last_seen = now()"
+)
+
+
+async def record_batch(apg: Any, scope_id: int, version: int, counts: Mapping[str, int]) -> None:
+    """Record ``counts`` (location -> values sealed there) of a batch under ``scope_id``
+    v``version``, inside the caller's transaction (``apg``: its asyncpg connection)."""
+    if counts:
+        locations = sorted(counts)
+        await apg.execute(_RECORD_BATCH, scope_id, version, locations, [counts[loc] for loc in locations])

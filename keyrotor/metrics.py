@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from keyrotor import census
 from keyrotor.cache import DekCache
 
 ROTATIONS_STARTED = Counter(
@@ -51,6 +52,12 @@ ROWS_PER_VERSION = Gauge(
     "keyrotor_rows_per_dek_version",
     "Rows of keyrotor's secrets table per scope and DEK version (refreshed by the scheduler's scan).",
     ["scope", "version"],
+)
+UNREGISTERED_LOCATIONS = Gauge(
+    "keyrotor_unregistered_locations",
+    "Locations (scope, encrypt context up to its last ':') holding values of DEK versions not "
+    "destroyed that no registered column covers and no operator acknowledged: their versions "
+    "are never destroyed (`keyrotor columns list`). Refreshed by the scheduler's scan.",
 )
 DECRYPT_FAILURES = Counter(
     "keyrotor_decrypt_failures_total",
@@ -159,3 +166,11 @@ async def refresh_rows_per_version(
     for (scope, version), n in series.items():
         ROWS_PER_VERSION.labels(scope, version).set(n)
     return len(series)
+
+
+async def refresh_unregistered_locations(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Count the unregistered locations (keyrotor.census) into ``keyrotor_unregistered_locations``."""
+    async with sessions() as session:
+        n = len(await census.unregistered_locations(session))
+    UNREGISTERED_LOCATIONS.set(n)
+    return n

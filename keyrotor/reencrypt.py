@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import envelope, metrics
 from keyrotor.errors import ConfigurationError, DecryptionFailed, KeyrotorError, KeyVersionTooOld
 from keyrotor.kek.base import WrappedDek
+from keyrotor.locations import location_of, record_batch
 
 MIN_ID = -(2**63)
 MAX_ID = 2**63 - 1
@@ -320,6 +321,7 @@ async def reencrypt_batch(
     olds: list[str] = []
     news: list[str] = []
     split, open_raw, seal = envelope.split, envelope.open_raw, envelope.seal
+    located: dict[str, int] = {}  # where the new values go (keyrotor.locations)
     for row in rows:
         row_id, value = row[0], row[1]
         try:
@@ -340,9 +342,12 @@ async def reencrypt_batch(
         except (DecryptionFailed, KeyVersionTooOld) as exc:
             metrics.decrypt_failed(exc)
             raise RowFailed(target.name, row_id, exc) from exc
+        location = location_of(context)
+        located[location] = located.get(location, 0) + 1
         ids.append(row_id)
         olds.append(value)
         news.append(sealed)
+    await record_batch(apg, keys.scope_id, new_version, located)
     if sql.has_version_param:
         status = await apg.execute(sql.update, ids, olds, news, new_version)
     else:

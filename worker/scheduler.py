@@ -521,8 +521,9 @@ class Scheduler:
             log.exception("scan_crashed", error=type(exc).__name__)
 
     async def refresh_metrics(self) -> None:
-        """Recount rows per DEK version for ``keyrotor_rows_per_dek_version`` (leader only), at
-        most every ``KEYROTOR_ROWS_METRIC_INTERVAL_SECONDS``: the count reads the whole index."""
+        """Recount rows per DEK version for ``keyrotor_rows_per_dek_version`` and the census's
+        ``keyrotor_unregistered_locations`` (leader only), at most every
+        ``KEYROTOR_ROWS_METRIC_INTERVAL_SECONDS``: the count reads the whole index."""
         now = time.monotonic()
         if now - self._rows_counted_at < self.settings.rows_metric_interval_s:
             return
@@ -533,6 +534,10 @@ class Scheduler:
             )
         except Exception as exc:  # metrics never stop the scan
             log.warning("rows_per_version_failed", error=type(exc).__name__)
+        try:
+            await metrics.refresh_unregistered_locations(self.sessions)
+        except Exception as exc:
+            log.warning("unregistered_locations_failed", error=type(exc).__name__)
 
     def ops_server(self) -> ops.OpsServer:
         """/metrics, /healthz and /readyz of this scheduler (ready as leader or standby)."""

@@ -9,9 +9,10 @@
 -- roles to your IAM/certificate users. Re-running it is harmless. tests/reliability/
 -- test_privileges.py runs this file (role names suffixed) and checks every line below.
 --
--- keyrotor_app     the application (KeyManager). Reads and writes `secrets`; reads only the
---                  DEKs that decrypt (pending, active, grace, retired) through row-level
---                  security, so it never sees the history of destroyed keys; creates the first
+-- keyrotor_app     the application (KeyManager). Reads and writes `secrets`; records where its
+--                  values live (`key_locations`, counts only); reads only the DEKs that
+--                  decrypt (pending, active, grace, retired) through row-level security, so it
+--                  never sees the history of destroyed keys; creates the first
 --                  DEK of a new scope; appends to the audit log but can never change or
 --                  delete a row of it; appends the uses of retired DEKs (which cancel their
 --                  destruction). It cannot rotate, retire, restore or rewrap anything.
@@ -45,19 +46,23 @@ GRANT SELECT, INSERT ON data_keys TO keyrotor_app;
 GRANT UPDATE (encryptions) ON data_keys TO keyrotor_app;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_app;
 GRANT SELECT ON encryption_grants, managed_columns, rotations TO keyrotor_app;
-GRANT USAGE ON SEQUENCE secrets_id_seq, key_scopes_id_seq, data_keys_id_seq TO keyrotor_app;
--- A decrypt that needed a retired DEK records it (keyrotor/keys.py): append only, never read.
+-- The census of where values live (keyrotor/locations.py): each encrypt records its location
+-- and the usage counter adds counts; nothing else of a row, and never a delete. The
+-- acknowledged locations are the operator's (`keyrotor columns ignore`, worker role).
+GRANT SELECT, INSERT ON key_locations TO keyrotor_app;
+GRANT UPDATE (encryptions, last_seen) ON key_locations TO keyrotor_app;
+GRANT SELECT ON location_acks TO keyrotor_app;
+-- A decrypt with a retired DEK version is recorded (it cancels that version's destruction);
+-- the application only appends.
 GRANT INSERT ON retired_key_uses TO keyrotor_app;
+GRANT USAGE ON SEQUENCE secrets_id_seq, key_scopes_id_seq, data_keys_id_seq TO keyrotor_app;
 
 -- The worker and scheduler -------------------------------------------------------------------
 GRANT SELECT, INSERT, UPDATE, DELETE
     ON secrets, key_scopes, data_keys, rotations, rotation_ranges, managed_columns,
-       encryption_grants
+       encryption_grants, key_locations, location_acks, retired_key_uses
     TO keyrotor_worker;
 GRANT SELECT ON alembic_version TO keyrotor_worker;
--- The retirement proof and the destruction window (keyrotor/retire.py, keyrotor/destruction.py):
--- it reads where values went and locks these tables in SHARE mode while it counts.
-GRANT SELECT, INSERT, UPDATE, DELETE ON key_locations, location_acks, retired_key_uses TO keyrotor_worker;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO keyrotor_worker;
 -- Replication tables, where that migration has run.

@@ -124,6 +124,30 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         "WHERE k.name = 'anthropic'",
     )
     assert [tuple(r) for r in counted] == [(1, 1)]
+    # Where the values live: recorded by the application's encrypts and the worker's rotation,
+    # counted by the application's usage flush.
+    located = await fetch(
+        wenv["DATABASE_URL"],
+        "SELECT s.name, l.dek_version, l.location, l.encryptions FROM key_locations l "
+        "JOIN key_scopes s ON s.id = l.scope_id ORDER BY 1, 2",
+    )
+    assert [tuple(r) for r in located] == [
+        ("anthropic", 1, "secret", 1),
+        ("openai", 1, "secret", 50),
+        ("openai", 2, "secret", 50),
+    ]
+    await fetch(roles.app_url, "SELECT count(*) FROM location_acks")
+    await fetch(
+        roles.app_url,
+        "INSERT INTO retired_key_uses (scope_id, dek_version, location) "
+        "SELECT id, 1, 'x' FROM key_scopes LIMIT 1",
+    )
+    # The operator's acknowledgements are the worker role's to write.
+    await fetch(
+        roles.worker_url,
+        "INSERT INTO location_acks (location, reason, actor) VALUES ('legacy.values', 'dropped', 'ops')",
+    )
+    await fetch(roles.worker_url, "DELETE FROM location_acks WHERE location = 'legacy.values'")
 
     # History: the owner sees the destroyed v1; the application does not.
     owner = await fetch(wenv["DATABASE_URL"], "SELECT count(*) FROM data_keys WHERE state = 'destroyed'")
@@ -164,6 +188,16 @@ async def test_app_and_worker_roles_have_only_what_they_need(
             "UPDATE data_keys SET destroy_after = NULL",
             "UPDATE key_scopes SET next_rotation_at = next_rotation_at + interval '1 year'",
             "UPDATE key_scopes SET next_rotation_at = NULL",
+            # The census: the application adds locations and counts, and nothing else.
+            "DELETE FROM key_locations",
+            "UPDATE key_locations SET location = 'elsewhere'",
+            "UPDATE key_locations SET dek_version = 99",
+            "UPDATE key_locations SET first_seen = now()",
+            "INSERT INTO location_acks (location, reason, actor) VALUES ('x', 'y', 'z')",
+            "DELETE FROM location_acks",
+            "SELECT * FROM retired_key_uses",
+            "DELETE FROM retired_key_uses",
+            "UPDATE data_keys SET destroy_after = now()",
         ]
     }
     refused_worker = {

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from keyrotor import Settings
+from keyrotor import KeyManager, Settings
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.factory import open_provider
 from tests.conftest import MASTER_KEY
@@ -76,6 +76,7 @@ ALL_GREEN = {
     "worker": "ok",
     "scheduler": "ok",
     "replicas": "not_configured",
+    "census": "ok",
 }
 
 
@@ -276,7 +277,8 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
 ) -> None:
     """A rotation that meets a tampered row fails: ``rotations_failed`` and ``decrypt_failures``
     move on the worker, ``arq_jobs{outcome="failed"}`` too; the leading scheduler's scrape shows
-    rows per DEK version; no label anywhere carries a value, a ciphertext or a key."""
+    rows per DEK version and the unregistered locations; no label anywhere carries a value, a
+    ciphertext or a key."""
     settings = Settings.from_env(wenv)
     values = await seed(settings, SCOPE, 12)
     await fetch(
@@ -286,6 +288,9 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
         "'\\1' || CASE WHEN substr(ciphertext, 7, 1) = 'A' THEN 'B' ELSE 'A' END) "
         "WHERE id = (SELECT min(id) FROM secrets)",
     )
+    # A value in a table nobody registered: the leader's census gauge counts its location.
+    async with KeyManager(settings) as km:
+        await km.encrypt(SCOPE, "sk-proj-unregistered-0123456789", context="orders.card_token:1")
     wport, sport = free_port(), free_port()
     worker = WorkerProcess(
         {**wenv, "KEYROTOR_METRICS_PORT": str(wport), "KEYROTOR_METRICS_HOST": "127.0.0.1"},
@@ -324,7 +329,10 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
             _, sbody = get(sport, "/metrics")
         except OSError:  # the scheduler's server is not listening yet (a loaded machine)
             assert sched.poll() is None, (tmp_path / "scheduler.log").read_text()[-3000:]
-        if sample(sbody, "keyrotor_rows_per_dek_version", scope=SCOPE, version="1") == 12:
+        if (
+            sample(sbody, "keyrotor_rows_per_dek_version", scope=SCOPE, version="1") == 12
+            and sample(sbody, "keyrotor_unregistered_locations") == 1
+        ):
             break
         assert time.monotonic() < deadline, sbody[-3000:]
         await asyncio.sleep(0.5)

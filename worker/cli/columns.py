@@ -1,4 +1,5 @@
-"""``keyrotor columns register|list|unregister``: application-owned ciphertext columns."""
+"""``keyrotor columns register|list|unregister|ignore|unignore``: application-owned ciphertext
+columns, and every location where values were sealed (keyrotor.census)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor import columns
+from keyrotor import census, columns
+from keyrotor.audit import check_actor
+from keyrotor.locations import display
 from keyrotor.store import db
 from worker.cli.common import err_console, out_console, print_json, run, settings
 
@@ -72,15 +75,16 @@ def register(
 
 @app.command("list")
 def list_cmd(json_out: JsonOpt = False) -> None:
-    """The registered columns."""
+    """The registered columns, and every location values were sealed for and how it is covered."""
 
     async def go(s: async_sessionmaker[AsyncSession]) -> list[columns.ManagedColumn]:
         async with db.transaction(s) as session:
             return await columns.list_columns(session)
 
     found: list[columns.ManagedColumn] = run(lambda: _with_sessions(go))
+    located: list[census.LocationView] = run(lambda: _with_sessions(_locations))
     if json_out:
-        print_json({"columns": [c.as_dict() for c in found]})
+        print_json({"columns": [c.as_dict() for c in found], "locations": [v.as_dict() for v in located]})
         return
     table = Table(title="managed columns")
     for name in ("column", "key", "scope", "context", "registered"):
@@ -90,6 +94,7 @@ def list_cmd(json_out: JsonOpt = False) -> None:
         registered = c.registered_at.isoformat()[:19] if c.registered_at else "-"
         table.add_row(c.name, c.pk_column, where, c.context_template, registered)
     out_console.print(table)
+    _print_locations(located)
 
 
 @app.command("unregister")
@@ -97,3 +102,82 @@ def unregister(column: Annotated[str, typer.Argument(help="TABLE.COLUMN")]) -> N
     """Stop covering a column (its values are left as they are)."""
     run(lambda: _with_sessions(lambda s: columns.unregister(s, column)))
     err_console.print(f"unregistered {column}")
+
+
+async def _locations(s: async_sessionmaker[AsyncSession]) -> list[census.LocationView]:
+    async with db.transaction(s) as session:
+        return await census.list_locations(session)
+
+
+_COVERAGE = {
+    "keyrotor": "keyrotor's own table ({by})",
+    "registered": "registered column {by}",
+    "acknowledged": "[yellow]acknowledged[/yellow]",
+    "unregistered": "[red]UNREGISTERED[/red]",
+}
+
+
+def _print_locations(located: list[census.LocationView]) -> None:
+    if not located:
+        err_console.print("no locations recorded yet (every encrypt records where its value goes)")
+        return
+    table = Table(title="locations (where values were sealed)")
+    for name in ("scope", "location", "coverage", "DEK versions: encryptions", "last seen (UTC)"):
+        table.add_column(name)
+    for v in located:
+        versions = ", ".join(
+            f"v{u.version}" + (f" ({u.state})" if u.state else "") + f": {u.encryptions:,}"
+            for u in v.versions
+        )
+        coverage = _COVERAGE[v.coverage].format(by=v.by)
+        table.add_row(v.scope, display(v.location), coverage, versions, v.last_seen.isoformat()[:19])
+    out_console.print(table)
+    found = census.unregistered(located)
+    if found:
+        err_console.print(f"[yellow]warning:[/yellow] {census.advice(found)}")
+
+
+AsOpt = Annotated[
+    str | None, typer.Option("--as", help="who makes the change (default: KEYROTOR_DEFAULT_ACTOR)")
+]
+LocationArg = Annotated[str, typer.Argument(help="a location from `columns list` ('(no context)': none)")]
+
+
+@app.command("ignore")
+def ignore(
+    location: LocationArg,
+    reason: Annotated[str, typer.Option("--reason", help="why its values may be lost (audited)")],
+    as_: AsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Acknowledge a location the census cannot count: its values may be lost when their DEK
+    version is destroyed (a ``config_change`` audit event)."""
+    census.parse_location(location)
+    actor = check_actor(as_ if as_ is not None else settings().default_actor)
+
+    async def go(s: async_sessionmaker[AsyncSession]) -> dict[str, object]:
+        async with db.transaction(s) as session:
+            return await census.ignore(session, location, reason=reason, actor=actor)
+
+    ack = run(lambda: _with_sessions(go))
+    if json_out:
+        print_json({"acknowledged": ack})
+        return
+    err_console.print(f"acknowledged {display(str(ack['location']))}: its values may be lost")
+
+
+@app.command("unignore")
+def unignore(location: LocationArg, as_: AsOpt = None, json_out: JsonOpt = False) -> None:
+    """Take back ``columns ignore``: the location again keeps its DEK versions from destruction."""
+    census.parse_location(location)
+    actor = check_actor(as_ if as_ is not None else settings().default_actor)
+
+    async def go(s: async_sessionmaker[AsyncSession]) -> dict[str, object]:
+        async with db.transaction(s) as session:
+            return await census.unignore(session, location, actor=actor)
+
+    removed = run(lambda: _with_sessions(go))
+    if json_out:
+        print_json({"removed": removed})
+        return
+    err_console.print(f"no longer acknowledged: {display(str(removed['location']))}")

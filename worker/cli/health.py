@@ -11,6 +11,9 @@ Checks, each bounded by a timeout and reported with its own status:
 - ``replicas``: every secondary region's last replica check (``kek_replicas``) says
   ``in_sync`` and is no older than two check intervals; ``not_configured`` without
   ``KEYROTOR_REGIONS`` (neither green nor red).
+- ``census``: ``warn`` (not a failure) while values of a DEK version that is not destroyed were
+  sealed for a location that no registered column covers and no operator acknowledged
+  (``keyrotor columns list``): that version is never destroyed until it is registered or ignored.
 
 Errors name the failure's class (and for our own typed errors their message), never a key or
 a URL's credentials: the database and Redis URLs are not shown at all, and a KEK provider's own
@@ -56,7 +59,7 @@ async def _bounded(fn: Callable[[], Awaitable[Result]]) -> Result:
 
 
 async def collect(settings: Settings) -> dict[str, Result]:
-    """Run every check concurrently. Each result has ``status``: ``ok``, ``fail`` or
+    """Run every check concurrently. Each result has ``status``: ``ok``, ``fail``, ``warn`` or
     ``not_configured``, and a ``detail`` or an ``error``."""
     import redis.asyncio as aioredis
     from sqlalchemy import text
@@ -108,6 +111,9 @@ async def collect(settings: Settings) -> dict[str, Result]:
     async def replicas() -> Result:
         return await replica_health(settings)
 
+    async def census_check() -> Result:
+        return await census_health(settings)
+
     checks = {
         "postgres": postgres,
         "redis": redis_ping,
@@ -115,6 +121,7 @@ async def collect(settings: Settings) -> dict[str, Result]:
         "worker": worker,
         "scheduler": scheduler,
         "replicas": replicas,
+        "census": census_check,
     }
     try:
         results = await asyncio.gather(*(_bounded(fn) for fn in checks.values()))
@@ -152,8 +159,24 @@ async def replica_health(settings: Settings) -> Result:
     return {"status": "ok", "detail": summary}
 
 
+async def census_health(settings: Settings) -> Result:
+    """The ``census`` check: ``warn`` while an unregistered location holds values of a live version."""
+    from keyrotor import census
+    from keyrotor.store import db
+
+    engine = db.create_engine(settings.database_url, pool_size=1)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            found = await census.unregistered_locations(session)
+    finally:
+        await engine.dispose()
+    if found:
+        return {"status": "warn", "error": census.advice(found)}
+    return {"status": "ok", "detail": "every location is registered, keyrotor's own or acknowledged"}
+
+
 def healthy(results: dict[str, Result]) -> bool:
-    """Green when no check failed (``not_configured`` is not a failure, and not a pass)."""
+    """Green when no check failed (``warn`` and ``not_configured`` are not failures)."""
     return all(r["status"] != "fail" for r in results.values())
 
 
@@ -174,7 +197,7 @@ def health(json_out: Annotated[bool, typer.Option("--json", help="print JSON for
         )
         for col in ("check", "status", "detail"):
             table.add_column(col)
-        colour = {"ok": "green", "fail": "red", "not_configured": "yellow"}
+        colour = {"ok": "green", "fail": "red", "warn": "yellow", "not_configured": "yellow"}
         for name, r in results.items():
             status = r["status"]
             table.add_row(

@@ -9,7 +9,7 @@ import typer
 from redis.exceptions import RedisError
 from rich.table import Table
 
-from keyrotor import KeyManager, columns, replication
+from keyrotor import KeyManager, census, columns, replication
 from keyrotor.errors import ScopeNotFound
 from keyrotor.policy import check_scope
 from keyrotor.settings import Settings
@@ -32,13 +32,20 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
         async with db.transaction(km.sessions) as session:
             scopes = await repo.status(session, scope)
             managed = await columns.census(session)
+            unregistered = await census.unregistered_locations(session)
         await mark_queued(km.settings, scopes)
         replicas = await replica_status(km)
     if scope is not None and not scopes:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
     for s in scopes:
         s["next_rotation_at"] = s["policy"]["next_rotation_at"] if s["policy"]["enabled"] else None
-    return {"scopes": scopes, "columns": managed, "replicas": replicas}
+    if scope is not None:
+        unregistered = [v for v in unregistered if v.scope == scope]
+    locations = {
+        "unregistered": [v.as_dict() for v in unregistered],
+        "warning": census.advice(unregistered) if unregistered else None,
+    }
+    return {"scopes": scopes, "columns": managed, "replicas": replicas, "locations": locations}
 
 
 async def replica_status(km: KeyManager) -> dict[str, Any]:
@@ -129,6 +136,8 @@ def status(
             where = c["scope"] or f"column {c['scope_column']}"
             cols.add_row(c["column"], where, str(c["legacy"]), by_version)
         out_console.print(cols)
+    if doc["locations"]["warning"]:
+        err_console.print(f"[yellow]warning:[/yellow] {doc['locations']['warning']}")
 
 
 def _key_line(k: dict[str, Any]) -> str:

@@ -1,0 +1,257 @@
+"""Every encrypt records where its value lives: on real Postgres, seen from a second connection."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from keyrotor import KeyManager, Settings
+from keyrotor.locations import location_of
+from keyrotor.usage import UsageCounter
+from tests.rotation_helpers import cleanup_queue, run_burst_worker, seed, worker_env
+from worker.client import KeyrotorClient
+
+_ROWS = (
+    "SELECT s.name AS scope, k.dek_version, k.location, k.encryptions, k.first_seen, k.last_seen "
+    "FROM key_locations k JOIN key_scopes s ON s.id = k.scope_id ORDER BY 1, 2, 3"
+)
+
+
+async def _rows(url: str) -> dict[tuple[str, int, str], int]:
+    """``(scope, version, location) -> encryptions`` read on a connection of its own."""
+    conn = await asyncpg.connect(url)
+    try:
+        return {
+            (r["scope"], r["dek_version"], r["location"]): r["encryptions"] for r in await conn.fetch(_ROWS)
+        }
+    finally:
+        await conn.close()
+
+
+def _quiet(env: dict[str, str], **extra: Any) -> Settings:
+    # No background flush during the test: counts arrive only when the test flushes or closes.
+    return Settings.from_env({**env, "KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS": "3600"}, **extra)
+
+
+@pytest.mark.parametrize("context", ["users.api_key:42", "settings.api_key:a:b", "plain", "", ":x", "x:"])
+def test_the_encrypt_path_finds_the_same_location(context: str) -> None:
+    usage = UsageCounter(lambda: pytest.fail("no database"), default_max=10, interval_s=60)
+    assert usage.count_context(1, 1, context) == location_of(context)  # new: to be recorded
+
+
+@pytest.mark.parametrize("seen_max", [1, 2, 3, 1000])
+@pytest.mark.parametrize("seed", range(10))
+def test_counts_per_location_match_a_plain_count(
+    seen_max: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encrypt path's shortcut (the previous location again) counts exactly like a Counter,
+    across prefixes of one another, contexts without ':', scopes, versions and evictions."""
+    monkeypatch.setattr("keyrotor.usage.SEEN_MAX", seen_max)
+    usage = UsageCounter(lambda: pytest.fail("no database"), default_max=10, interval_s=60)
+    rnd = random.Random(seed)
+    contexts = ["ab", "abc", "ab:1", "ab:2", "abc:1", "ab:c:1", "ab:c", "", ":", "x:", "users.api_key:7"]
+    expected: collections.Counter[tuple[int, int, str]] = collections.Counter()
+    for _ in range(5_000):
+        sid, ver, context = rnd.choice([1, 2]), rnd.choice([1, 2]), rnd.choice(contexts)
+        expected[(sid, ver, location_of(context))] += 1
+        new = usage.count_context(sid, ver, context)
+        if new is not None:  # what record() does once its row is written
+            assert new == location_of(context)
+            usage._remember((sid, ver, new), 1)
+        if rnd.random() < 0.01:
+            usage._split()  # a flush moves the counts on, any time
+    assert usage.pending_locations == dict(expected)
+    assert sum(usage.pending.values()) == 5_000
+
+
+async def test_first_sighting_is_committed_before_encrypt_returns(env: dict[str, str]) -> None:
+    url = env["DATABASE_URL"]
+    async with KeyManager(_quiet(env)) as km:
+        await km.encrypt("anthropic", "sk-ant-warm", context="warm:1")  # creates the scope and v1
+        # A second connection holds the table: the first encrypt to a new location must wait
+        # for its row to commit, so it cannot return while the row cannot be written.
+        blocker = await asyncpg.connect(url)
+        try:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("LOCK TABLE key_locations IN EXCLUSIVE MODE")
+            pending = asyncio.ensure_future(km.encrypt("anthropic", "sk-ant-1", context="users.api_key:42"))
+            done, _ = await asyncio.wait({pending}, timeout=1.0)
+            assert not done, "encrypt returned before its location was written"
+            await tx.rollback()
+        finally:
+            await blocker.close()
+        token = await asyncio.wait_for(pending, timeout=10)
+        assert token.startswith("kr1:1:")
+        # Returned: the row is there for anyone to see, before any flush.
+        assert ("anthropic", 1, "users.api_key") in await _rows(url)
+        assert await km.decrypt("anthropic", token, context="users.api_key:42") == "sk-ant-1"
+
+
+async def test_repeats_write_nothing_and_counts_arrive_with_the_flush(env: dict[str, str]) -> None:
+    url = env["DATABASE_URL"]
+    async with KeyManager(_quiet(env)) as km:
+        for i in range(5):
+            await km.encrypt("anthropic", f"sk-ant-{i}", context=f"users.api_key:{i}")
+        await km.encrypt("anthropic", "sk-ant-plain")  # no context
+        await km.encrypt("openai", "sk-oa", context="plain")
+        conn = await asyncpg.connect(url)
+        try:
+            first = {r["location"]: r["first_seen"] for r in await conn.fetch(_ROWS)}
+            # Repeats write nothing: the table stays as the first sightings left it.
+            for i in range(5, 50):
+                await km.encrypt("anthropic", f"sk-ant-{i}", context=f"users.api_key:{i}")
+            assert await _rows(url) == {
+                ("anthropic", 1, ""): 0,
+                ("anthropic", 1, "users.api_key"): 0,
+                ("openai", 1, "plain"): 0,
+            }
+            assert km.usage.pending_locations[(_sid(km, "anthropic"), 1, "users.api_key")] == 50
+            await km.usage.flush()
+            assert await _rows(url) == {
+                ("anthropic", 1, ""): 1,
+                ("anthropic", 1, "users.api_key"): 50,
+                ("openai", 1, "plain"): 1,
+            }
+            await km.encrypt("anthropic", "sk-ant-late", context="users.api_key:99")
+            seen = {r["location"]: r for r in await conn.fetch(_ROWS)}
+            assert {loc: r["first_seen"] for loc, r in seen.items()} == first
+            used = await conn.fetchval(
+                "SELECT d.encryptions FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                "WHERE s.name = 'anthropic' AND d.version = 1"
+            )
+            assert used == 51  # the data_keys count is flushed from the same in-memory counts
+        finally:
+            await conn.close()
+    # close() flushed the last one.
+    assert (await _rows(url))[("anthropic", 1, "users.api_key")] == 51
+
+
+def _sid(km: KeyManager, scope: str) -> int:
+    return km._active[scope][0]
+
+
+async def test_put_secrets_record_the_secret_location(env: dict[str, str]) -> None:
+    url = env["DATABASE_URL"]
+    async with KeyManager(_quiet(env)) as km:
+        await km.put_secret("anthropic", "prod", "sk-ant-prod")
+        assert await _rows(url) == {("anthropic", 1, "secret"): 0}  # committed with no flush yet
+        await km.put_secrets("anthropic", [("a", "sk-a"), ("b", "sk-b")])
+    assert await _rows(url) == {("anthropic", 1, "secret"): 3}
+
+
+async def _count_writes(conn: asyncpg.Connection) -> None:
+    """Log every row written to key_locations (insert or upsert) into ``location_writes``."""
+    await conn.execute("CREATE TABLE location_writes (location text)")
+    await conn.execute(
+        "CREATE FUNCTION log_location_write() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO location_writes VALUES (NEW.location); RETURN NEW; END $$"
+    )
+    await conn.execute(
+        "CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON key_locations "
+        "FOR EACH ROW EXECUTE FUNCTION log_location_write()"
+    )
+
+
+async def test_concurrent_first_sightings_share_one_write(env: dict[str, str]) -> None:
+    url = env["DATABASE_URL"]
+    conn = await asyncpg.connect(url)
+    try:
+        await _count_writes(conn)
+        async with KeyManager(_quiet(env)) as km:
+            await asyncio.gather(
+                *(km.encrypt("anthropic", f"sk-{i}", context=f"orgs.key:{i}") for i in range(20))
+            )
+            for i in range(20, 40):
+                await km.encrypt("anthropic", f"sk-{i}", context=f"orgs.key:{i}")
+            writes = await conn.fetchval("SELECT count(*) FROM location_writes")
+            assert writes == 1  # one insert for forty encrypts, twenty of them concurrent first ones
+        # close() adds the count: one more write, for all forty.
+        assert await conn.fetchval("SELECT count(*) FROM location_writes") == 2
+    finally:
+        await conn.close()
+    assert (await _rows(url))[("anthropic", 1, "orgs.key")] == 40
+
+
+async def test_a_forgotten_location_costs_a_repeat_write_and_no_count(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("keyrotor.usage.SEEN_MAX", 2)
+    url = env["DATABASE_URL"]
+    async with KeyManager(_quiet(env)) as km:
+        for loc in ("a", "b", "c", "a", "b", "c"):  # each one evicts the oldest
+            await km.encrypt("anthropic", "sk-x", context=f"{loc}:1")
+        assert len(km.usage._located) == 2
+    assert await _rows(url) == {("anthropic", 1, "a"): 2, ("anthropic", 1, "b"): 2, ("anthropic", 1, "c"): 2}
+
+
+async def test_a_failed_first_write_fails_the_encrypt(env: dict[str, str]) -> None:
+    """No ciphertext leaves whose location could not be recorded."""
+    async with KeyManager(_quiet(env)) as km:
+        await km.encrypt("anthropic", "sk-warm")
+        conn = await asyncpg.connect(env["DATABASE_URL"])
+        try:
+            # The table refuses writes: the encrypt must fail, not return an unrecorded value.
+            await conn.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+            )
+            await conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON key_locations FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+            with pytest.raises(Exception, match="refused"):
+                await km.encrypt("anthropic", "sk-lost", context="users.api_key:1")
+            assert (_sid(km, "anthropic"), 1, "users.api_key") not in km.usage.pending_locations
+            await conn.execute("DROP TRIGGER refuse ON key_locations")
+        finally:
+            await conn.close()
+        await km.encrypt("anthropic", "sk-ok", context="users.api_key:1")
+    assert (await _rows(env["DATABASE_URL"]))[("anthropic", 1, "users.api_key")] == 1
+
+
+@pytest.fixture
+async def wenv(env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
+    e = worker_env(env)
+    yield e
+    await cleanup_queue(e["KEYROTOR_QUEUE_NAME"])
+
+
+async def test_rotation_records_where_it_wrote_the_new_version(wenv: dict[str, str]) -> None:
+    s = Settings.from_env(wenv)
+    await seed(s, "anthropic", 12)
+    async with KeyrotorClient(s) as client:
+        handle = await client.rotate("anthropic")
+        await run_burst_worker(s)
+        run = await handle.result(timeout_s=10)
+    assert run.state == "completed"
+    rows = await _rows(s.database_url)
+    assert rows[("anthropic", 1, "secret")] == 12
+    assert rows[("anthropic", 2, "secret")] == 12  # committed with the re-encrypted batch
+
+
+async def test_legacy_migration_records_the_column_it_seals_into(wenv: dict[str, str]) -> None:
+    from keyrotor import columns, legacy_migration
+    from tests.jobs.test_legacy_migration import _app
+    from tests.legacy_helpers import legacy_rows
+
+    s = _quiet(wenv, listen_key_changes=False)
+    await _app(s, legacy_rows(6))
+    async with KeyManager(s) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        report = await legacy_migration.migrate_legacy(km, workers=1, batch_rows=16)
+        assert report.failed == 0 and report.columns["settings.api_key"].migrated == 6
+        # Recorded (committed) before the values were written; the counts follow with the flush.
+        assert await _rows(s.database_url) == {
+            ("anthropic", 1, "settings.api_key"): 0,
+            ("openai", 1, "settings.api_key"): 0,
+        }
+    assert await _rows(s.database_url) == {
+        ("anthropic", 1, "settings.api_key"): 3,
+        ("openai", 1, "settings.api_key"): 3,
+    }
