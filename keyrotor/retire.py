@@ -20,6 +20,7 @@ with no use, and after the same proof once more.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ from keyrotor.store import db
 log = structlog.get_logger("keyrotor.retire")
 
 PROOF_ATTEMPTS = 3
+# A location that names a column `keyrotor columns register` accepts (TABLE.COLUMN, SCHEMA.TABLE.COLUMN).
+_TABLE_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*){1,2}")
 LOCK_TIMEOUT = "5s"
 
 
@@ -74,14 +77,18 @@ class LocationNotCovered(Conflict):
 
 
 def not_covered(scope: str, version: int, locations: Sequence[str]) -> LocationNotCovered:
-    """The refusal naming ``locations`` and the two commands that resolve one (one line)."""
+    """The refusal naming ``locations`` and the commands that resolve one (one line)."""
     names = [display(loc) for loc in locations]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     first = shlex.quote(names[0])
+    ignore = f"acknowledge it (`keyrotor columns ignore {first} --reason TEXT`)"
+    if _TABLE_COLUMN.fullmatch(locations[0]):
+        fix = f"register it (`keyrotor columns register {first} --pk PK_COLUMN --scope {scope}`) or {ignore}"
+    else:  # not a table's column (no context, or a free-form one): only an acknowledgement counts
+        fix = f"move those values to a registered column or {ignore}"
     return LocationNotCovered(
         f"{scope}: DEK v{version} is kept: values of it were encrypted for {shown}, which the census "
-        f"cannot count; register it (`keyrotor columns register {first} --pk PK_COLUMN --scope {scope}`) "
-        f"or acknowledge it (`keyrotor columns ignore {first} --reason TEXT`), then retire again"
+        f"cannot count; {fix}, then retire again"
     )
 
 

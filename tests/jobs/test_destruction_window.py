@@ -62,7 +62,8 @@ async def _rotated_with_app_value(s: Settings) -> tuple[dict[str, str], str]:
     values = await seed(s, SCOPE, 10)
     async with KeyManager(s) as km:
         kept = await km.encrypt(SCOPE, "sk-app-value-0123456789", context=APP_CONTEXT)
-    await record_location(s.database_url, SCOPE, 1, "users.api_key")  # as the encrypt records it
+    recorded = await fetch(s.database_url, "SELECT location FROM key_locations WHERE dek_version = 1")
+    assert {r[0] for r in recorded} == {"secret", "users.api_key"}  # the encrypt recorded where it went
     async with KeyrotorClient(s) as client:
         await (await client.rotate(SCOPE)).result(timeout_s=60)
     return values, kept
@@ -118,6 +119,25 @@ async def test_retirement_refuses_a_location_the_census_cannot_count(
     await acknowledge(s.database_url, "billing.token", "test: nothing is stored there")
     await _retired(s)
     assert await check_values(s, SCOPE, values) == {2: 10}
+
+
+async def test_a_value_without_context_is_refused_with_the_command_that_acknowledges_it(
+    wenv: dict[str, str], worker: WorkerProcess
+) -> None:
+    s = _settings(wenv)
+    async with KeyManager(s) as km:
+        await km.encrypt(SCOPE, "sk-no-context-0123456789")
+    async with KeyrotorClient(s) as client:
+        await (await client.rotate(SCOPE)).result(timeout_s=60)
+        with pytest.raises(LocationNotCovered) as refused:
+            await client.retire(SCOPE, 1, force_now=True)
+    message = str(refused.value)
+    assert "encrypted for (no context)" in message and "columns register" not in message
+    assert "`keyrotor columns ignore '(no context)' --reason TEXT`" in message
+    env = {**wenv, "KEYROTOR_DESTROY_AFTER_DAYS": str(WINDOW_DAYS)}
+    ignored = keyrotor("columns", "ignore", "(no context)", "--reason", "a test value, never stored", env=env)
+    assert ignored.returncode == 0, ignored.stderr
+    await _retired(s)
 
 
 async def test_a_retired_version_decrypts_and_each_use_is_audited_logged_counted_and_recorded(

@@ -23,6 +23,7 @@ async def _rotated(s: Settings, scope: str, n: int) -> tuple[dict[str, str], str
     """Seed, keep one v1 ciphertext aside (its location acknowledged), rotate. Returns (values,
     old ciphertext)."""
     await acknowledge(s.database_url, "user", "the test keeps this value itself")
+    await acknowledge(s.database_url, "", "warm-up values, never stored")
     values = await seed(s, scope, n)
     async with KeyManager(s.model_copy(update={"listen_key_changes": False})) as km:
         old = await km.encrypt(scope, "sk-old-value", context="user:1")

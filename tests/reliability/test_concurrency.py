@@ -100,7 +100,9 @@ async def test_app_writes_and_deletes_through_rotation_and_retirement(
         KeyManager(stale_s) as km3,
         KeyrotorClient(s) as client,
     ):
-        await km3.encrypt("anthropic", "warm-up")  # caches v1 as the active version
+        await km3.encrypt(
+            "anthropic", "warm-up", context="secret:warm-up"
+        )  # caches v1 as active (a location the census counts)
         writers = [asyncio.create_task(app(km1, 0)), asyncio.create_task(app(km2, 1))]
         stale = asyncio.create_task(stale_app(km3, stop))
         try:

@@ -211,7 +211,7 @@ async def test_retire_dek_survives_sigkills(
     stragglers = sized(1_000, 20_000)
     s = Settings.from_env({**wenv, "KEYROTOR_ACTIVE_VERSION_TTL_SECONDS": "3600"})
     async with KeyManager(_quiet(s)) as stale:
-        await stale.encrypt("openai", "warm-up")  # caches v1 as active for an hour
+        await stale.encrypt("openai", "warm-up", context="secret:warm-up")  # caches v1 as active for an hour
         values = await seed(s, "openai", n)
         async with KeyrotorClient(s) as client:
             handle = await client.rotate("openai")

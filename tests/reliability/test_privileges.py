@@ -133,7 +133,7 @@ async def test_app_and_worker_roles_have_only_what_they_need(
     )
     assert [tuple(r) for r in located] == [
         ("anthropic", 1, "secret", 1),
-        ("openai", 1, "secret", 50),
+        ("openai", 1, "secret", 51),  # and the value the caller keeps itself
         ("openai", 2, "secret", 50),
     ]
     await fetch(roles.app_url, "SELECT count(*) FROM location_acks")

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from keyrotor import KeyManager, Settings
-from tests.destruction_helpers import acknowledge, expire_window, key_row, record_location, wait_run
+from tests.destruction_helpers import acknowledge, expire_window, key_row, wait_run
 from tests.rotation_helpers import WorkerProcess, keyrotor, seed
 from tests.scheduler.conftest import sql
 from worker.client import KeyrotorClient
@@ -37,7 +37,6 @@ async def _grace_over(s: Settings) -> None:
     await seed(s, SCOPE, 5)
     async with KeyManager(s) as km:
         await km.encrypt(SCOPE, "sk-ant-app-value-0123456789", context="users.api_key:7")
-    await record_location(s.database_url, SCOPE, 1, "users.api_key")  # as the encrypt records it
     async with KeyrotorClient(s) as client:
         await (await client.rotate(SCOPE)).result(timeout_s=60)
     await sql(
