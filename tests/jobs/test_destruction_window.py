@@ -9,8 +9,10 @@ after the proof holds once more; ``keyrotor keys restore`` brings a retired vers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -306,3 +308,23 @@ def test_a_window_shorter_than_a_week_is_a_configuration_error(days: str) -> Non
     assert cli.returncode == 2 and cli.stderr.startswith(
         "keyrotor: error: invalid configuration: KEYROTOR_DESTROY"
     )
+
+
+async def test_a_running_process_notices_the_retirement_through_the_announcement(
+    wenv: dict[str, str], worker: WorkerProcess
+) -> None:
+    s = _settings(wenv)
+    _, kept = await _rotated_with_app_value(s)
+    await acknowledge(s.database_url, "users.api_key", "test")
+    async with KeyManager(s.model_copy(update={"listen_key_changes": True})) as km:
+        assert (
+            await km.decrypt(SCOPE, kept, context=APP_CONTEXT) == "sk-app-value-0123456789"
+        )  # grace: cached
+        await _retired(s)  # announces `retired`: the listener drops the scope's cached DEKs
+        deadline = time.monotonic() + 15
+        while not await fetch(s.database_url, "SELECT 1 FROM retired_key_uses"):
+            assert time.monotonic() < deadline, "the retirement was never noticed"
+            assert await km.decrypt(SCOPE, kept, context=APP_CONTEXT) == "sk-app-value-0123456789"
+            await asyncio.sleep(0.05)
+        await km.flush_audit()
+    assert len(await audit_events(s.database_url, "retired_key_use")) >= 1
