@@ -139,11 +139,7 @@ async def _decide(
         ).one()
         key_id, state, retired_at, destroy_after, due, scope_id = key
         if state != "retired" or destroy_after is None or not due:
-            outcome = (
-                ALREADY_DESTROYED if state == "destroyed" else NOT_RETIRED if state != "retired" else NOT_DUE
-            )
-            if state == "retired" and destroy_after is None:
-                outcome = CANCELLED
+            outcome = _nothing_to_erase(state, destroy_after is None)
             await _complete(session, run, outcome)
             return outcome, None
         await session.execute(text("LOCK TABLE retired_key_uses IN SHARE MODE"))
@@ -173,6 +169,14 @@ async def _decide(
         await _event(session, run, scope, version, True, DESTROYED, retired_at=retired_at.isoformat())
         await _complete(session, run, DESTROYED)
     return DESTROYED, None
+
+
+def _nothing_to_erase(state: str, cancelled: bool) -> str:
+    if state == "destroyed":
+        return ALREADY_DESTROYED
+    if state != "retired":  # restored meanwhile
+        return NOT_RETIRED
+    return CANCELLED if cancelled else NOT_DUE
 
 
 async def uses_since(session: AsyncSession, scope_id: int, version: int, since: datetime) -> dict[str, int]:
