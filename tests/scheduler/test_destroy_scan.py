@@ -31,24 +31,25 @@ async def worker(senv: dict[str, str], tmp_path: Path) -> AsyncIterator[WorkerPr
         proc.close()
 
 
-async def _grace_over(s: Settings) -> None:
+async def _grace_over(s: Settings) -> str:
     """Secrets and one value in the application's ``users.api_key`` on v1, rotated to v2, and
-    v1's grace period over."""
+    v1's grace period over. Returns the application's ciphertext."""
     await seed(s, SCOPE, 5)
     async with KeyManager(s) as km:
-        await km.encrypt(SCOPE, "sk-ant-app-value-0123456789", context="users.api_key:7")
+        kept = await km.encrypt(SCOPE, "sk-ant-app-value-0123456789", context="users.api_key:7")
     async with KeyrotorClient(s) as client:
         await (await client.rotate(SCOPE)).result(timeout_s=60)
     await sql(
         s.database_url, "UPDATE data_keys SET grace_until = now() - interval '1 minute' WHERE version = 1"
     )
+    return kept
 
 
 async def test_refused_retirement_backs_off_and_shows_in_status(
     sched: Scheduler, senv: dict[str, str], worker: WorkerProcess
 ) -> None:
     s = Settings.from_env(senv)
-    await _grace_over(s)
+    kept = await _grace_over(s)
     report = await sched.scan()
     (run,) = report.retirements
     failed = await wait_run(s, run.id)
@@ -58,6 +59,8 @@ async def test_refused_retirement_backs_off_and_shows_in_status(
         and "users.api_key" in failed.error
     )
     assert (await key_row(s.database_url, SCOPE, 1))["state"] == "grace"
+    async with KeyManager(s) as km:  # the value in the unregistered table survives the scan
+        assert await km.decrypt(SCOPE, kept, context="users.api_key:7") == "sk-ant-app-value-0123456789"
 
     with capture_logs() as logs:
         again = await sched.scan()
