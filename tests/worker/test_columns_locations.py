@@ -224,3 +224,11 @@ async def test_values_from_before_the_census_are_named_with_what_to_run(env: dic
     _json(env, "columns", "ignore", "(unrecorded)", "--reason", "every table is registered")
     left = _json(env, "status", "openai")["locations"]["unregistered"]
     assert [v["location"] for v in left] == ["orgs.key"]
+
+
+async def test_locations_are_printed_as_text_not_markup(env: dict[str, str]) -> None:
+    async with KeyManager(Settings.from_env(env)) as km:
+        await km.encrypt("anthropic", "sk-ant-1", context="[bold]odd.name:1")
+    done = keyrotor("columns", "list", env={**env, "COLUMNS": "250"})
+    assert done.returncode == 0, done.stderr
+    assert "[bold]odd.name" in done.stdout and "[bold]odd.name" in done.stderr

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -129,12 +130,15 @@ def _print_locations(located: list[census.LocationView]) -> None:
             f"v{u.version}" + (f" ({u.state})" if u.state else "") + f": {u.encryptions:,}"
             for u in v.versions
         )
-        coverage = _COVERAGE[v.coverage].format(by=v.by)
-        table.add_row(v.scope, display(v.location), coverage, versions, v.last_seen.isoformat()[:19])
+        coverage = _COVERAGE[v.coverage].format(by=escape(v.by))
+        # Locations are the application's text: never read as rich markup.
+        table.add_row(
+            escape(v.scope), escape(display(v.location)), coverage, versions, v.last_seen.isoformat()[:19]
+        )
     out_console.print(table)
     found = census.unregistered(located)
     if found:
-        err_console.print(f"[yellow]warning:[/yellow] {census.advice(found)}")
+        err_console.print(f"[yellow]warning:[/yellow] {escape(census.advice(found))}")
 
 
 AsOpt = Annotated[
@@ -163,7 +167,7 @@ def ignore(
     if json_out:
         print_json({"acknowledged": ack})
         return
-    err_console.print(f"acknowledged {display(str(ack['location']))}: its values may be lost")
+    err_console.print(f"acknowledged {escape(display(str(ack['location'])))}: its values may be lost")
 
 
 @app.command("unignore")
@@ -180,4 +184,4 @@ def unignore(location: LocationArg, as_: AsOpt = None, json_out: JsonOpt = False
     if json_out:
         print_json({"removed": removed})
         return
-    err_console.print(f"no longer acknowledged: {display(str(removed['location']))}")
+    err_console.print(f"no longer acknowledged: {escape(display(str(removed['location'])))}")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
+from rich.markup import escape
 from rich.table import Table
 
 from keyrotor import KeyManager, census, columns, replication
@@ -137,7 +138,7 @@ def status(
             cols.add_row(c["column"], where, str(c["legacy"]), by_version)
         out_console.print(cols)
     if doc["locations"]["warning"]:
-        err_console.print(f"[yellow]warning:[/yellow] {doc['locations']['warning']}")
+        err_console.print(f"[yellow]warning:[/yellow] {escape(doc['locations']['warning'])}")
 
 
 def _key_line(k: dict[str, Any]) -> str:
