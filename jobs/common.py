@@ -89,6 +89,8 @@ def driver_call(run: RunInfo) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         return "rotate_kek", (), {"trigger": run.trigger, "run_id": run.id}
     if run.kind == "kek_migrate":
         return "migrate_kek", (), {"trigger": run.trigger, "run_id": run.id}
+    if run.kind == "retire" and run.detail.get("destroy"):
+        return "destroy_dek", (run.scope, run.from_version), {"trigger": run.trigger, "run_id": run.id}
     if run.kind == "retire":
         force = bool(run.detail.get("force_now", False))
         return (

@@ -18,7 +18,7 @@ from keyrotor.replication import Replication
 log = structlog.get_logger("jobs.replicas")
 
 # Jobs after which the regions must follow at once: each creates, promotes, rewraps or destroys DEKs.
-FOLLOWED = ("rotate_dek", "retire_dek", "rotate_kek", "migrate_kek")
+FOLLOWED = ("rotate_dek", "retire_dek", "destroy_dek", "rotate_kek", "migrate_kek")
 
 
 def _replication(ctx: dict[str, Any]) -> Replication | None:

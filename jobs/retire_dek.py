@@ -1,4 +1,4 @@
-"""``retire_dek(scope, version)``: destroy an old DEK version once nothing needs it."""
+"""``retire_dek(scope, version)``: retire an old DEK version (decrypt-only) once nothing needs it."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ async def retire_dek(
     trigger: str = "api",
     run_id: int | None = None,
 ) -> dict[str, Any]:
-    """Re-encrypt stragglers, prove no row uses ``version``, destroy it. Refusals
-    (``GraceNotOver``, ``KeyStillInUse``, ``NotRetirable``) are permanent: the job fails with
-    the reason."""
+    """Re-encrypt stragglers, prove no value needs ``version``, retire it (its wrapped key is
+    kept until ``destroy_after``). Refusals (``GraceNotOver``, ``KeyStillInUse``,
+    ``LocationNotCovered``, ``NotRetirable``) are permanent: the job fails with the reason."""
     d = deps(ctx)
     structlog.contextvars.bind_contextvars(scope=scope, run_id=run_id)
     try:

@@ -55,6 +55,7 @@ EventType = Literal[
     "config_change",
     "replica_check",
     "failover",
+    "retired_key_use",  # a decrypt needed a retired DEK version (keyrotor.keys)
     "anchor",  # written by `keyrotor audit prune` only
 ]
 EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]

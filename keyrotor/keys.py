@@ -7,9 +7,11 @@
         api_key = await km.decrypt("anthropic", token, context="user:42")
 
 Each scope has one active DEK; new values are sealed with it (``keyrotor.envelope``). Values
-sealed under any DEK version that still decrypts (pending, active, grace) open, as do legacy
-values of the old Node backend (scrypt runs off the event loop). Unwrapped DEKs are cached
-for ``KEYROTOR_DEK_CACHE_TTL_SECONDS`` (default 30 minutes), bounded by count.
+sealed under any DEK version that still decrypts (pending, active, grace, retired) open, as do
+legacy values of the old Node backend (scrypt runs off the event loop). A use of a retired
+version is audited (``retired_key_use``), logged, counted and cancels its pending destruction.
+Unwrapped DEKs are cached for ``KEYROTOR_DEK_CACHE_TTL_SECONDS`` (default 30 minutes), bounded
+by count.
 
 Every call is checked against the grants (``keyrotor.grants``) and recorded in the audit log
 (``keyrotor.audit``): who (``actor=``/``ip=``/``user_agent=``, else the innermost
@@ -34,6 +36,7 @@ from typing import Any, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import envelope, legacy, metrics
@@ -68,7 +71,7 @@ from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.kek.factory import open_provider
 from keyrotor.locations import location_of
 from keyrotor.notify import KeyChange, KeyChangeListener
-from keyrotor.policy import RotationPolicy, check_decryptable, check_scope
+from keyrotor.policy import KeyState, RotationPolicy, check_decryptable, check_scope
 from keyrotor.replication import Replication
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
@@ -91,6 +94,12 @@ _split, _aad, _NONCE = envelope.split, envelope.aad, envelope.NONCE_BYTES
 # AES-GCM call. Ciphertext is not secret; the memo holds only (version, nonce||ciphertext||tag),
 # is bounded (about 2 MB at this size for API-key-sized values) and is emptied when full.
 _PARSED_MAX = 4096
+# A use of a retired DEK version is written to retired_key_uses (which cancels its destruction)
+# once per (scope, version, location) per process in this many seconds; each call is audited.
+RETIRED_USE_INTERVAL_S = 60.0
+_RETIRED_USE_SQL = text(
+    "INSERT INTO retired_key_uses (scope_id, dek_version, location, actor) VALUES (:s, :v, :l, :a)"
+)
 # Event metadata is queued as JSON text (keyrotor.audit.Row).
 _OPERATION_METADATA = ('{"operation":"encrypt"}', '{"operation":"decrypt"}')
 
@@ -133,6 +142,10 @@ class KeyManager:
         self._inflight: dict[tuple[str, int], asyncio.Future[AESGCM]] = {}
         self._valid_scopes: set[str] = set()
         self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_MAX
+        # Retired DEK versions this process loaded: (scope, version) -> scope id. Empty in the
+        # normal case, so the decrypt path pays one truth test for it.
+        self._retired: dict[tuple[str, int], int] = {}
+        self._retired_noted: dict[tuple[str, int, str], float] = {}  # -> monotonic time of next write
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self._audit: AuditWriter | None = None
         try:
@@ -354,7 +367,7 @@ class KeyManager:
             AccessDenied: no grant lets the actor decrypt in this scope.
             MalformedCiphertext: not a ciphertext at all.
             DecryptionFailed: wrong scope or context, tampered, or not UTF-8.
-            KeyVersionUnknown, KeyVersionTooOld: the DEK version is unknown or retired.
+            KeyVersionUnknown, KeyVersionTooOld: the DEK version is unknown or destroyed.
             ScopeNotFound: the scope does not exist.
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
@@ -382,6 +395,9 @@ class KeyManager:
                     raise envelope.authentication_failed(version) from None
                 except UnicodeDecodeError:
                     raise DecryptionFailed("decrypted value is not valid UTF-8") from None
+            if self._retired and (scope, version) in self._retired:
+                # (a legacy value's version None is never a key of _retired)
+                await self._retired_use(who, scope, version, context)  # type: ignore[arg-type]
         except Exception as exc:
             metrics.decrypt_failed(exc)
             await self._audit_failure("failed_decrypt", who, scope, _peek_version(ciphertext), context, exc)
@@ -569,6 +585,8 @@ class KeyManager:
                 raise SecretNotFound(f"no secret {name!r} in scope {scope!r}")
             version = _peek_version(row.ciphertext)
             value, version = await self._decrypt_value(scope, row.ciphertext, context)
+            if self._retired and version is not None and (scope, version) in self._retired:
+                await self._retired_use(who, scope, version, context)
         except Exception as exc:
             await self._audit_failure("failed_decrypt", who, scope, version, context, exc)
             raise
@@ -690,6 +708,37 @@ class KeyManager:
         except ConfigurationError:  # closed meanwhile: keep the caller's own error, say so loudly
             log.error("audit writer closed: a %s event (%s) was not recorded", event_type, type(exc).__name__)
 
+    async def _retired_use(self, who: _Who, scope: str, version: int, context: str) -> None:
+        """A decrypt needed retired ``version``: it succeeds, and is audited (each call), counted,
+        logged and recorded in ``retired_key_uses`` (once per location and interval, before the
+        value is returned), which cancels the version's pending destruction."""
+        scope_id = self._retired.get((scope, version))
+        location = location_of(context)
+        metrics.RETIRED_KEY_USES.labels(scope, str(version)).inc()
+        meta = metadata_json({"location": clean_text(location, MAX_CONTEXT_CHARS)})
+        await self._emit(("retired_key_use", scope, version, True, *who, None, meta, now_us()))
+        key = (scope, version, location)
+        now = time.monotonic()
+        if scope_id is None or now < self._retired_noted.get(key, 0.0):
+            return
+        if len(self._retired_noted) >= 10_000:
+            self._retired_noted.clear()
+        self._retired_noted[key] = now + RETIRED_USE_INTERVAL_S
+        log.warning(
+            "retired DEK used: scope=%s version=%d location=%r (its destruction is cancelled; "
+            "re-encrypt that value or `keyrotor keys restore %s %d`)",
+            scope, version, location, scope, version,
+        )  # fmt: skip
+        try:
+            async with db.transaction(self.sessions) as session:
+                await session.execute(
+                    _RETIRED_USE_SQL,
+                    {"s": scope_id, "v": version, "l": location, "a": who[0]},
+                )
+        except Exception as exc:  # the value decrypted; the next use records it
+            self._retired_noted.pop(key, None)
+            log.error("retired DEK use of %s v%d not recorded: %s", scope, version, type(exc).__name__)
+
     # --- cache control ---------------------------------------------------------------------
 
     def on_key_change(self, change: KeyChange) -> None:
@@ -710,8 +759,11 @@ class KeyManager:
         self.cache.invalidate(scope)
         if scope is None:
             self._active.clear()
+            self._retired.clear()
         else:
             self._active.pop(scope, None)
+            for key in [k for k in self._retired if k[0] == scope]:
+                del self._retired[key]
 
     async def _failover_event(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
         """Record a ``failover`` audit event (DEK reads left the primary region, or returned)."""
@@ -799,6 +851,10 @@ class KeyManager:
             raise KeyVersionUnknown(f"{scope}: DEK v{version} is unknown")
         check_decryptable(scope, version, record.state, record.latest_version)
         assert record.wrapped is not None  # decryptable states always keep their wrapped key
+        if record.state == KeyState.RETIRED:  # decrypts, and each use is noticed (_retired_use)
+            self._retired[(scope, version)] = record.scope_id
+        else:
+            self._retired.pop((scope, version), None)
         dek = await self.kek.unwrap(record.wrapped, WrapContext(scope, version))
         cipher = AESGCM(dek)
         self.cache.put(scope, version, cipher)

@@ -64,6 +64,11 @@ DECRYPT_FAILURES = Counter(
     "Values that failed to decrypt (KeyManager.decrypt and rotation batches), by error class.",
     ["reason"],
 )
+RETIRED_KEY_USES = Counter(
+    "keyrotor_retired_key_uses_total",
+    "Decrypts that needed a retired DEK version (each cancels that version's pending destruction).",
+    ["scope", "version"],
+)
 DEK_REFRESHES = Counter(
     "keyrotor_dek_cache_refreshes_total",
     "Background refreshes of cached DEKs near their expiry (refresh-ahead), by outcome.",

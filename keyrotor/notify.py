@@ -5,6 +5,8 @@ Rotation announces each change of a scope's keys on one channel (``KEYROTOR_NOTI
 ``pending``   a new DEK is stored; it decrypts everywhere and encrypts nowhere yet.
 ``active``    the new DEK encrypts from now on (the old one is in grace).
 ``rotated``   the rotation is complete (rows re-encrypted).
+``retired``  a DEK version was retired: it decrypts (each use audited), never encrypts.
+``restored`` a retired DEK version went back to grace.
 ``destroyed`` a DEK version was destroyed: nothing may use it any more.
 ``rewrapped`` DEKs were rewrapped under a new KEK version (their bytes did not change).
 
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
 # redis-py is imported when first used: importing keyrotor (every application and CLI call)
 # should not pay for it.
 
-Event = Literal["pending", "active", "rotated", "destroyed", "rewrapped", "resync"]
-EVENTS: tuple[str, ...] = ("pending", "active", "rotated", "destroyed", "rewrapped", "resync")
+Event = Literal["pending", "active", "rotated", "retired", "restored", "destroyed", "rewrapped", "resync"]
+EVENTS: tuple[str, ...] = Event.__args__  # type: ignore[attr-defined]
 
 log = logging.getLogger("keyrotor.notify")
 

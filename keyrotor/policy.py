@@ -44,7 +44,8 @@ class KeyState(StrEnum):
     ``pending``: stored and announced, decrypts, does not encrypt yet.
     ``active``: the one version that encrypts; decrypts.
     ``grace``: superseded; still decrypts until ``grace_until`` and until no row needs it.
-    ``retired``: no longer decrypts; its wrapped key is still stored.
+    ``retired``: proven unused; never encrypts, still decrypts (each use is audited and cancels
+    the pending destruction); its wrapped key is kept until ``destroy_after``.
     ``destroyed``: its wrapped key is erased; nothing can decrypt with it again.
     """
 
@@ -57,7 +58,7 @@ class KeyState(StrEnum):
     @property
     def decrypts(self) -> bool:
         """Whether values under a key in this state may be decrypted."""
-        return self in (KeyState.PENDING, KeyState.ACTIVE, KeyState.GRACE)
+        return self is not KeyState.DESTROYED
 
 
 def check_decryptable(scope: str, version: int, state: KeyState | None, latest_version: int) -> None:
@@ -65,7 +66,7 @@ def check_decryptable(scope: str, version: int, state: KeyState | None, latest_v
 
     Raises:
         KeyVersionUnknown: no such version (or newer than any known).
-        KeyVersionTooOld: the version was retired or destroyed.
+        KeyVersionTooOld: the version was destroyed.
     """
     if state is None or version > latest_version:
         raise KeyVersionUnknown(f"{scope}: DEK v{version} is unknown")

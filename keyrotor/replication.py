@@ -2,13 +2,13 @@
 the consistency check that grades them, repair, failover reads and promotion.
 
 What is copied. Every DEK version of the primary that still decrypts (``pending``, ``active``,
-``grace``) is unwrapped with the primary's KEK and wrapped again under the region's own
-wrapping key (any provider: local keyring, AWS KMS in that region, Vault), bound to the same
-scope and DEK version (:class:`~keyrotor.kek.base.WrapContext`). One scheme serves every
-primary provider, including those whose KEK never leaves KMS or Vault. Each copy records the
-KEK version of the primary's copy it follows and a fingerprint: a key check value,
-``HMAC-SHA256(dek, "keyrotor/replica-fingerprint/v1")`` truncated to 128 bits, which reveals
-nothing of the DEK.
+``grace``, and ``retired``, which decrypts until it is destroyed) is unwrapped with the
+primary's KEK and wrapped again under the region's own wrapping key (any provider: local
+keyring, AWS KMS in that region, Vault), bound to the same scope and DEK version
+(:class:`~keyrotor.kek.base.WrapContext`). One scheme serves every primary provider, including
+those whose KEK never leaves KMS or Vault. Each copy records the KEK version of the primary's
+copy it follows and a fingerprint: a key check value, ``HMAC-SHA256(dek,
+"keyrotor/replica-fingerprint/v1")`` truncated to 128 bits, which reveals nothing of the DEK.
 
 Where. A region is its own Postgres database with keyrotor's schema; copies live in its
 ``replica_keys`` table. The primary keeps the result of each region's last check in
@@ -19,7 +19,7 @@ Grading (one region, in this order; the region gets its worst copy's grade):
 ``unreachable``  its database or its wrapping key cannot be used now;
 ``missing``      a usable primary DEK has no copy;
 ``stale``        a copy follows an older KEK version or state of the primary's DEK, or the
-                 region still holds a DEK the primary retired;
+                 region still holds a DEK the primary destroyed;
 ``drifted``      a copy's recorded fingerprint differs from the primary's;
 ``corrupt``      a copy does not unwrap with the region's key, or unwraps to other bytes than
                  its fingerprint says;
@@ -323,7 +323,7 @@ class Replication:
         sql = (
             "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek "
             "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
-            "WHERE d.state IN ('pending', 'active', 'grace')"
+            "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
         )
         params: dict[str, Any] = {}
         if scope is not None:
@@ -491,7 +491,7 @@ class Replication:
     async def _repair(
         self, region: Region, sources: Mapping[tuple[str, int], _Source], scope: str | None
     ) -> int:
-        """Re-replicate every faulty copy (verified before writing); drop copies the primary retired."""
+        """Re-replicate every faulty copy (verified before writing); drop copies the primary destroyed."""
         if await region.promotion() is not None:
             raise Conflict(f"region {region.name} was promoted to primary; refusing to overwrite its keys")
         copies = await region.copies(scope)
@@ -710,7 +710,7 @@ class Replication:
 
         Raises:
             whatever the primary raised, if no secondary could serve the DEK either;
-            permanent errors of the primary (unknown scope or version, retired key) at once.
+            permanent errors of the primary (unknown scope or version, destroyed key) at once.
         """
         now = time.monotonic()
         cause: BaseException | None = None

@@ -1,19 +1,28 @@
-"""Retirement of an old DEK version: re-encrypt stragglers, prove nothing needs it, destroy it.
+"""Retirement of an old DEK version: re-encrypt stragglers, prove nothing needs it, retire it.
 
 :func:`retire_dek` runs only once the version's grace period is over (``force_now`` skips that
-wait, never the proof):
+wait, never the proof nor the destruction window):
 
 1. re-encrypt stragglers: rows still on the version (written by a process whose cache still
    named it as active) move to the scope's active DEK, a batch a transaction;
-2. in ONE transaction: lock the ``data_keys`` row, lock every target table in ``SHARE`` mode
-   (concurrent writers wait a moment; nobody can add a row on the old version behind the
-   count), count the rows on the version -- zero, or refuse -- then destroy the wrapped key
-   (``destroyed``, ``encrypted_dek`` NULL, ``destroyed_at``) and write the ``retire`` audit event;
-3. announce it, so every process drops the DEK from its cache.
+2. in ONE transaction (:func:`prove_unused`): lock the ``data_keys`` row, lock every target
+   table and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a moment; nobody can
+   add a row or a location on the old version behind the count), count the rows on the version
+   -- zero, or refuse -- and list the locations that received values of it which the census
+   cannot count (:func:`keyrotor.locations.uncovered_locations`) -- none, or refuse with
+   :class:`LocationNotCovered`. Then the version becomes ``retired``: its wrapped key is kept, it
+   decrypts but never encrypts, and ``destroy_after`` = now + ``KEYROTOR_DESTROY_AFTER_DAYS``;
+3. announce it, so every process reloads the DEK and notices each use of it.
+
+The wrapped key is erased only later, by :mod:`keyrotor.destruction`, after that window passed
+with no use, and after the same proof once more.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +38,7 @@ from keyrotor.context import RotationContext, run_to_commit
 from keyrotor.envelope import MAX_VERSION
 from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
 from keyrotor.key_ranges import Key
+from keyrotor.locations import display, uncovered_locations
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import (
@@ -46,6 +56,8 @@ from keyrotor.store import db
 log = structlog.get_logger("keyrotor.retire")
 
 PROOF_ATTEMPTS = 3
+# A location that names a column `keyrotor columns register` accepts (TABLE.COLUMN, SCHEMA.TABLE.COLUMN).
+_TABLE_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*){1,2}")
 LOCK_TIMEOUT = "5s"
 
 
@@ -61,6 +73,62 @@ class NotRetirable(Conflict):
     """The DEK version cannot be retired in its current state."""
 
 
+class LocationNotCovered(Conflict):
+    """Values of the DEK version went to a location the census cannot count."""
+
+
+def not_covered(scope: str, version: int, locations: Sequence[str]) -> LocationNotCovered:
+    """The refusal naming ``locations`` and the commands that resolve one (one line)."""
+    names = [display(loc) for loc in locations]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    first = shlex.quote(names[0])
+    ignore = f"acknowledge it (`keyrotor columns ignore {first} --reason TEXT`)"
+    if _TABLE_COLUMN.fullmatch(locations[0]):
+        fix = f"register it (`keyrotor columns register {first} --pk PK_COLUMN --scope {scope}`) or {ignore}"
+    else:  # not a table's column (no context, or a free-form one): only an acknowledgement counts
+        fix = f"move those values to a registered column or {ignore}"
+    return LocationNotCovered(
+        f"{scope}: DEK v{version} is kept: values of it were encrypted for {shown}, which the census "
+        f"cannot count; {fix}, then retire again"
+    )
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What the census found on a DEK version: rows per target, and uncovered locations."""
+
+    rows: dict[str, int]
+    uncovered: list[str]
+
+    def refusal(self, scope: str, version: int) -> PermanentError | None:
+        """The error that refuses retirement or destruction, or None if nothing needs the key."""
+        if self.uncovered:
+            return not_covered(scope, version, self.uncovered)
+        if self.rows:
+            counts = ", ".join(f"{t}: {n}" for t, n in sorted(self.rows.items()))
+            return KeyStillInUse(f"{scope}: rows still use DEK v{version} ({counts}); the key is kept")
+        return None
+
+
+async def prove_unused(
+    rc: RotationContext, session: AsyncSession, scope: str, scope_id: int, version: int
+) -> Proof:
+    """Lock every target and ``key_locations`` in SHARE mode and count, inside the caller's
+    transaction (which holds the ``data_keys`` row). The locks last until it ends, so nothing
+    can add a row or a location of ``version`` between this proof and the caller's commit."""
+    apg = await raw_connection(session)
+    rows: dict[str, int] = {}
+    for target in rc.targets_for(scope):
+        await apg.execute(target.sql.lock_table)
+        n = await count_version(apg, target, scope_id, version)
+        if n:
+            rows[target.name] = n
+    # After the targets: a writer that records its location in its row's transaction takes
+    # the tables in that order too.
+    await session.execute(text("LOCK TABLE key_locations IN SHARE MODE"))
+    return Proof(rows, await uncovered_locations(session, scope_id, scope, version))
+
+
 @dataclass(frozen=True)
 class RetireResult:
     """The outcome of a retirement."""
@@ -70,6 +138,7 @@ class RetireResult:
     version: int
     stragglers: int
     already_destroyed: bool = False
+    destroy_after: datetime | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,6 +148,7 @@ class RetireResult:
             "state": self.run.state,
             "stragglers_reencrypted": self.stragglers,
             "already_destroyed": self.already_destroyed,
+            "destroy_after": self.destroy_after.isoformat() if self.destroy_after else None,
         }
 
 
@@ -136,18 +206,24 @@ async def request_retirement(
     """Open (or join) the retirement run of ``scope`` v``version`` after the early checks,
     recording ``request_id`` on it.
 
+    A location the census cannot count is refused here already (the run is opened and marked
+    failed with the refusal, so it shows in ``runs`` and ``status``); the worker's proof checks
+    again in its transaction.
+
     Raises:
         InvalidRequestId: ``request_id`` is not valid.
         GraceNotOver, NotRetirable, KeyVersionUnknown, ScopeNotFound: see :func:`check_retirable`.
-        Conflict: the retirement of another version of the scope is open.
+        LocationNotCovered: values of the version went to a location the census cannot count.
+        Conflict: the retirement (or destruction) of another version of the scope is open.
     """
     check_scope(scope)
-    await check_retirable(sessions, scope, version, force_now=force_now)
+    state = await check_retirable(sessions, scope, version, force_now=force_now)
+    refusal: LocationNotCovered | None = None
     async with db.transaction(sessions) as session:
         sid = (
             await session.execute(text("SELECT id FROM key_scopes WHERE name = :n"), {"n": scope})
         ).scalar_one()
-        run, _ = await runs.open_run(
+        run, created = await runs.open_run(
             session,
             "retire",
             sid,
@@ -156,8 +232,21 @@ async def request_retirement(
             detail={"force_now": force_now},
             request_id=request_id,
         )
+        if run.from_version == version and not run.detail.get("destroy") and state != "destroyed":
+            uncovered = await uncovered_locations(session, sid, scope, version)
+            if uncovered:
+                refusal = not_covered(scope, version, uncovered)
+                await runs.fail_run(session, run.id, refusal)
+    if refusal is not None:
+        log.warning("retire_refused", scope=scope, version=version, error=str(refusal))
+        raise refusal
     if run.from_version != version:
         raise Conflict(f"{scope}: the retirement of v{run.from_version} (run {run.id}) is still open")
+    if run.detail.get("destroy") and not created:
+        raise Conflict(
+            f"{scope}: the destruction of v{version} (run {run.id}) is running; "
+            "retire it again after that run ends"
+        )
     return run
 
 
@@ -171,11 +260,14 @@ async def retire_dek(
     run_id: int | None = None,
     job_id: str | None = None,
 ) -> RetireResult:
-    """Destroy DEK ``version`` of ``scope`` once nothing needs it. Idempotent.
+    """Retire DEK ``version`` of ``scope`` once nothing needs it: decrypt-only, its wrapped key
+    kept until ``destroy_after``. Idempotent; retiring a retired version proves again and
+    starts a new destruction window.
 
     Raises:
         GraceNotOver: the grace period is not over (and ``force_now`` is False).
         NotRetirable: the version is pending or active.
+        LocationNotCovered: values of the version went to a location the census cannot count.
         KeyStillInUse: rows still reference the version after re-encrypting stragglers (for
             example one that does not decrypt, named in the message); the key is kept.
         KekMismatch: this process's KEK cannot unwrap the scope's DEKs.
@@ -203,9 +295,11 @@ async def retire_dek(
                 run = await runs.require_run(session, run.id)
             return RetireResult(run, scope, version, 0, already_destroyed=True)
         stragglers = 0
+        destroy_after: datetime | None = None
         for _attempt in range(PROOF_ATTEMPTS):
             stragglers += await _reencrypt_stragglers(rc, run, scope, version)
-            if await run_to_commit(_prove_and_destroy(rc, run, scope, version, force_now)):
+            destroy_after = await run_to_commit(_prove_and_retire(rc, run, scope, version, force_now))
+            if destroy_after is not None:
                 break
         else:
             raise KeyStillInUse(
@@ -216,11 +310,11 @@ async def retire_dek(
         if not isinstance(exc, ConfigurationError):
             await fail(rc, run, exc)
         raise
-    await rc.announce(KeyChange("destroyed", scope, version))
+    await rc.announce(KeyChange("retired", scope, version))
     async with db.transaction(rc.sessions) as session:
         run = await runs.require_run(session, run.id)
-    log.info("dek_destroyed", version=version, stragglers=stragglers)
-    return RetireResult(run, scope, version, stragglers)
+    log.info("dek_retired", version=version, stragglers=stragglers, destroy_after=destroy_after.isoformat())
+    return RetireResult(run, scope, version, stragglers, destroy_after=destroy_after)
 
 
 async def _reencrypt_stragglers(rc: RotationContext, run: RunInfo, scope: str, version: int) -> int:
@@ -260,9 +354,15 @@ async def _reencrypt_stragglers(rc: RotationContext, run: RunInfo, scope: str, v
     return written
 
 
-async def _prove_and_destroy(
+async def _prove_and_retire(
     rc: RotationContext, run: RunInfo, scope: str, version: int, force_now: bool
-) -> bool:
+) -> datetime | None:
+    """The proof and the retirement, in one transaction. Returns ``destroy_after``, or None if
+    rows appeared on the version (nothing written: the caller re-encrypts them and tries again).
+
+    Raises:
+        LocationNotCovered: a location of the version's values is neither counted nor acknowledged.
+    """
     async with db.transaction(rc.sessions) as session:
         await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         key = (
@@ -275,28 +375,24 @@ async def _prove_and_destroy(
             )
         ).one()
         key_id, state, scope_id = key
-        if state == "destroyed":
-            await runs.complete_run(session, run.id)
-            return True
         if state not in ("grace", "retired"):
             raise NotRetirable(f"{scope}: DEK v{version} is {state}")
-        apg = await raw_connection(session)
-        in_use: dict[str, int] = {}
-        for target in rc.targets_for(scope):
-            await apg.execute(target.sql.lock_table)
-            n = await count_version(apg, target, scope_id, version)
-            if n:
-                in_use[target.name] = n
-        if in_use:
-            log.warning("dek_still_in_use", version=version, rows=in_use)
-            return False  # nothing written; the caller re-encrypts the newcomers and tries again
-        await session.execute(
-            text(
-                "UPDATE data_keys SET state = 'destroyed', encrypted_dek = NULL, "
-                "retired_at = coalesce(retired_at, now()), destroyed_at = now() WHERE id = :id"
-            ),
-            {"id": key_id},
-        )
+        proof = await prove_unused(rc, session, scope, scope_id, version)
+        if proof.uncovered:
+            raise not_covered(scope, version, proof.uncovered)
+        if proof.rows:
+            log.warning("dek_still_in_use", version=version, rows=proof.rows)
+            return None
+        destroy_after = (
+            await session.execute(
+                text(
+                    "UPDATE data_keys SET state = 'retired', retired_at = now(), "
+                    "destroy_after = now() + make_interval(days => :days) WHERE id = :id "
+                    "RETURNING destroy_after"
+                ),
+                {"id": key_id, "days": rc.settings.destroy_after_days},
+            )
+        ).scalar_one()
         done = await runs.require_run(session, run.id)
         await write_event(
             session,
@@ -307,6 +403,8 @@ async def _prove_and_destroy(
                 success=True,
                 metadata={
                     "run_id": run.id,
+                    "state": "retired",
+                    "destroy_after": destroy_after.isoformat(),
                     "stragglers": done.rows_done,
                     "force_now": force_now,
                     "trigger": run.trigger,
@@ -316,4 +414,4 @@ async def _prove_and_destroy(
         )
         await runs.complete_run(session, run.id)
     rc.ciphers.invalidate(scope, version)
-    return True
+    return destroy_after  # type: ignore[no-any-return]

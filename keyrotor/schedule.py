@@ -5,6 +5,8 @@ A scan finds
 - **rotations**: scopes whose ``next_rotation_at`` has passed (the policy's interval, or a DEK
   that reached its encryption limit, see :mod:`keyrotor.usage`), and
 - **retirements**: DEKs in ``grace`` whose ``grace_until`` has passed,
+- **destructions**: ``retired`` DEKs whose ``destroy_after`` has passed (a ``retire`` run with
+  ``destroy`` in its detail, driven by ``destroy_dek``, which proves again and may cancel),
 
 and opens a run (a ``rotations`` row, trigger ``schedule``) for each, exactly as the enqueue
 client does for an on-demand request. The caller (``worker/scheduler.py``) then enqueues the
@@ -101,16 +103,18 @@ class DueRetirement:
     scope_id: int
     scope: str
     version: int
-    grace_until: datetime
+    grace_until: datetime  # for a destruction: its destroy_after
     failures: int = 0
     skip: str | None = None  # "open_run" | "backoff" | "other_version"
     retry_at: datetime | None = None
+    destroy: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "scope": self.scope,
             "version": self.version,
-            "grace_until": self.grace_until.isoformat(),
+            ("destroy_after" if self.destroy else "grace_until"): self.grace_until.isoformat(),
+            "destroy": self.destroy,
             "failures": self.failures,
             "skip": self.skip,
             "retry_at": self.retry_at.isoformat() if self.retry_at else None,
@@ -157,6 +161,17 @@ DUE_GRACE_SQL = (
     f"{_FAILURES.format(kind='retire', sid='d.scope_id')} "
     "WHERE d.state = 'grace' AND d.grace_until <= :now AND (d.grace_until, d.id) > (:after_at, :after_id) "
     "ORDER BY d.grace_until, d.id LIMIT :batch"
+)
+# Retired DEKs whose destruction window has passed (a use since retired_at is the job's to find:
+# it cancels the window in the same transaction that would erase the key).
+DUE_DESTROY_SQL = (
+    "SELECT d.id, d.scope_id, s.name, d.version, d.destroy_after, "
+    f"{_HAS_OPEN.format(kind='retire', sid='d.scope_id')}, f.failures, f.last_failed_at "
+    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+    f"{_FAILURES.format(kind='retire', sid='d.scope_id')} "
+    "WHERE d.state = 'retired' AND d.destroy_after <= :now "
+    "AND (d.destroy_after, d.id) > (:after_at, :after_id) "
+    "ORDER BY d.destroy_after, d.id LIMIT :batch"
 )
 _LOCK_SCOPES = " FOR UPDATE OF s SKIP LOCKED"
 _LOCK_KEYS = " FOR UPDATE OF d SKIP LOCKED"
@@ -223,7 +238,9 @@ def _rotation(row: Sequence[Any], now: datetime, cfg: ScanConfig) -> DueRotation
     )
 
 
-def _retirement(row: Sequence[Any], now: datetime, cfg: ScanConfig) -> DueRetirement:
+def _retirement(
+    row: Sequence[Any], now: datetime, cfg: ScanConfig, *, destroy: bool = False
+) -> DueRetirement:
     _id, sid, name, version, grace_until, has_open, failures, last_failed = row
     retry_at = cfg.retry_at(failures or 0, last_failed)
     skip = "open_run" if has_open else ("backoff" if retry_at is not None and retry_at > now else None)
@@ -235,12 +252,21 @@ def _retirement(row: Sequence[Any], now: datetime, cfg: ScanConfig) -> DueRetire
         failures=int(failures or 0),
         skip=skip,
         retry_at=retry_at if skip == "backoff" else None,
+        destroy=destroy,
     )
 
 
 def _other_version(due: DueRetirement) -> DueRetirement:
     # One retirement a scope at a time: a later scan takes the next version.
-    return DueRetirement(due.scope_id, due.scope, due.version, due.grace_until, due.failures, "other_version")
+    return DueRetirement(
+        due.scope_id,
+        due.scope,
+        due.version,
+        due.grace_until,
+        due.failures,
+        "other_version",
+        destroy=due.destroy,
+    )
 
 
 async def _open_runs(
@@ -323,6 +349,27 @@ async def open_due_retirements(
     Raises:
         StoreUnavailable: the database is unavailable.
     """
+    async for batch in _open_due_keys(sessions, now, cfg, destroy=False):
+        yield batch
+
+
+async def open_due_destructions(
+    sessions: async_sessionmaker[AsyncSession], now: datetime, cfg: ScanConfig
+) -> AsyncIterator[Batch]:
+    """Open a destruction run (kind ``retire``, ``destroy`` in its detail) for every retired DEK
+    whose ``destroy_after`` passed by ``now``; yields each page. Shares the one-open-retirement-
+    a-scope rule and the backoff of failed retirements.
+
+    Raises:
+        StoreUnavailable: the database is unavailable.
+    """
+    async for batch in _open_due_keys(sessions, now, cfg, destroy=True):
+        yield batch
+
+
+async def _open_due_keys(
+    sessions: async_sessionmaker[AsyncSession], now: datetime, cfg: ScanConfig, *, destroy: bool
+) -> AsyncIterator[Batch]:
     after: tuple[datetime, int] = (_START, 0)
     seen: set[int] = set()
     while True:
@@ -330,27 +377,41 @@ async def open_due_retirements(
         async with db.transaction(sessions) as session:
             rows = (
                 await session.execute(
-                    text(DUE_GRACE_SQL + _LOCK_KEYS),
+                    text((DUE_DESTROY_SQL if destroy else DUE_GRACE_SQL) + _LOCK_KEYS),
                     {"now": now, "after_at": after[0], "after_id": after[1], "batch": cfg.batch},
                 )
             ).all()
             batch.candidates = len(rows)
             todo: list[tuple[int, str, int, dict[str, Any]]] = []
             for row in sorted(rows, key=lambda r: (r[1], r[3])):  # oldest version of a scope first
-                due = _retirement(row, now, cfg)
+                due = _retirement(row, now, cfg, destroy=destroy)
                 if due.skip is None and due.scope_id in seen:
                     due = _other_version(due)
                 if due.skip:
                     batch.skipped.append(due)
                     continue
                 seen.add(due.scope_id)
-                detail = {"force_now": False, "grace_until": due.grace_until.isoformat()}
+                detail: dict[str, Any] = {"force_now": False, "grace_until": due.grace_until.isoformat()}
+                if destroy:
+                    detail = {"destroy": True, "destroy_after": due.grace_until.isoformat()}
                 todo.append((due.scope_id, due.scope, due.version, detail))
             batch.opened = await _open_runs(session, "retire", todo)
         yield batch
         if len(rows) < cfg.batch:
             return
         after = (rows[-1][4], rows[-1][0])
+
+
+async def last_retire_errors(session: AsyncSession, scope_ids: Sequence[int]) -> dict[int, str]:
+    """The error of each scope's latest failed retirement run (what it backs off from)."""
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT ON (scope_id) scope_id, error FROM rotations "
+            "WHERE kind = 'retire' AND state = 'failed' AND scope_id = ANY(:ids) ORDER BY scope_id, id DESC"
+        ),
+        {"ids": list(scope_ids)},
+    )
+    return {sid: str(err) for sid, err in rows.all() if err}
 
 
 # --- dry runs: the same questions, nothing locked or written --------------------------------
@@ -557,25 +618,26 @@ async def plan_scan(
             plan.rotations.append(
                 RotationPlan(d.scope, d.from_version, d.to_version, per_version, plan.rate, due=d)
             )
-        after = (_START, 0)
         seen: set[int] = set()
-        while True:
-            rows = (
-                await session.execute(
-                    text(DUE_GRACE_SQL),
-                    {"now": now, "after_at": after[0], "after_id": after[1], "batch": cfg.batch},
-                )
-            ).all()
-            for row in sorted(rows, key=lambda r: (r[1], r[3])):
-                ret = _retirement(row, now, cfg)
-                if ret.skip is None and ret.scope_id in seen:
-                    ret = _other_version(ret)
-                if ret.skip is None:
-                    seen.add(ret.scope_id)
-                (plan.skipped if ret.skip else plan.retirements).append(ret)
-            if len(rows) < cfg.batch:
-                break
-            after = (rows[-1][4], rows[-1][0])
+        for destroy, sql in ((False, DUE_GRACE_SQL), (True, DUE_DESTROY_SQL)):
+            after = (_START, 0)
+            while True:
+                rows = (
+                    await session.execute(
+                        text(sql),
+                        {"now": now, "after_at": after[0], "after_id": after[1], "batch": cfg.batch},
+                    )
+                ).all()
+                for row in sorted(rows, key=lambda r: (r[1], r[3])):
+                    ret = _retirement(row, now, cfg, destroy=destroy)
+                    if ret.skip is None and ret.scope_id in seen:
+                        ret = _other_version(ret)
+                    if ret.skip is None:
+                        seen.add(ret.scope_id)
+                    (plan.skipped if ret.skip else plan.retirements).append(ret)
+                if len(rows) < cfg.batch:
+                    break
+                after = (rows[-1][4], rows[-1][0])
     return plan
 
 

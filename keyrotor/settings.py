@@ -104,6 +104,9 @@ class Settings(BaseSettings):
         default=90, ge=1, le=365, validation_alias="KEYROTOR_DEFAULT_INTERVAL_DAYS"
     )
     default_grace_days: int = Field(default=7, ge=0, le=365, validation_alias="KEYROTOR_DEFAULT_GRACE_DAYS")
+    # How long a retired DEK keeps its wrapped key (decrypt-only) before it may be erased; any use
+    # meanwhile cancels the erasure. At least a week, as AWS KMS's pending deletion.
+    destroy_after_days: int = Field(default=30, ge=7, le=3650, validation_alias="KEYROTOR_DESTROY_AFTER_DAYS")
     # Rotate a DEK early once it has encrypted this many values (a scope's `max_encryptions`
     # overrides it). Random 96-bit GCM nonces stay safe well below 2**32 encryptions a key.
     max_encryptions_per_dek: int = Field(

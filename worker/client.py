@@ -27,11 +27,13 @@ from typing import Self
 from arq.connections import ArqRedis
 from arq.jobs import Job, SerializationError
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jobs.common import connect_queue, enqueue_driver
-from keyrotor import kek_rotation, retire, rotation, runs
+from keyrotor import destruction, kek_rotation, retire, rotation, runs
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
+from keyrotor.notify import KeyChange, Notifier
 from keyrotor.runs import RunFailed, RunInfo
 from keyrotor.settings import Settings
 from keyrotor.store import db
@@ -219,18 +221,53 @@ class KeyrotorClient:
         trigger: str = "api",
         request_id: str | None = None,
     ) -> RunHandle:
-        """Destroy DEK ``version`` of ``scope`` once nothing needs it.
+        """Retire DEK ``version`` of ``scope`` once nothing needs it: decrypt-only, its wrapped
+        key erased after ``KEYROTOR_DESTROY_AFTER_DAYS`` unless used meanwhile.
 
         Raises:
             InvalidRequestId: ``request_id`` is not valid (nothing is written).
             GraceNotOver: its grace period is not over (``force_now`` skips the wait).
             NotRetirable: it is the active (or a pending) version.
+            LocationNotCovered: values of it went to a location the census cannot count (the
+                run is opened and marked failed with the same message).
         """
         _check(request_id)
         run = await retire.request_retirement(
             self.sessions, scope, version, force_now=force_now, trigger=trigger, request_id=request_id
         )
         return await self._handle(run, True)
+
+    async def restore(self, scope: str, version: int, *, actor: str | None = None) -> destruction.Restored:
+        """Bring retired DEK ``version`` of ``scope`` back to grace (``config_change`` by
+        ``actor``, default ``KEYROTOR_DEFAULT_ACTOR``), and announce it.
+
+        Raises:
+            NotRestorable: the version is not retired (destroyed, active, pending, grace).
+            ScopeNotFound, KeyVersionUnknown: no such scope or version.
+        """
+        async with db.transaction(self.sessions) as session:
+            restored = await destruction.restore_dek(
+                session, scope, version, actor=actor or self.settings.default_actor
+            )
+        await Notifier(self.redis, self.settings.notify_channel).publish(
+            KeyChange("restored", scope, version)
+        )
+        return restored
+
+    async def destroy_after(self, scope: str, version: int) -> str | None:
+        """When retired DEK ``version`` of ``scope`` may be erased (ISO 8601), or None if it is
+        not retired or its destruction was cancelled."""
+        async with db.transaction(self.sessions) as session:
+            value = (
+                await session.execute(
+                    text(
+                        "SELECT d.destroy_after FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                        "WHERE s.name = :n AND d.version = :v AND d.state = 'retired'"
+                    ),
+                    {"n": scope, "v": version},
+                )
+            ).scalar_one_or_none()
+        return value.isoformat() if value is not None else None
 
     async def status(self, run_id: int) -> RunInfo:
         """One run.

@@ -41,6 +41,7 @@ from arq.worker import Function, Retry, func
 from sqlalchemy import text
 
 from jobs.common import Deps, enqueue_driver
+from jobs.destroy_dek import destroy_dek
 from jobs.migrate_kek import migrate_kek
 from jobs.migrate_legacy import migrate_legacy
 from jobs.migrate_legacy_range import migrate_legacy_range
@@ -80,6 +81,7 @@ def functions(settings: Settings) -> list[Function]:
             _counted(reencrypt_range), name="reencrypt_range", timeout=timeout, max_tries=tries, keep_result=0
         ),
         func(_counted(retire_dek), name="retire_dek", timeout=timeout, max_tries=tries),
+        func(_counted(destroy_dek), name="destroy_dek", timeout=timeout, max_tries=tries),
         func(_counted(rotate_kek), name="rotate_kek", timeout=timeout, max_tries=tries),
         func(_counted(migrate_kek), name="migrate_kek", timeout=timeout, max_tries=tries),
         func(_counted(migrate_legacy), name="migrate_legacy", timeout=timeout, max_tries=tries),

@@ -106,6 +106,7 @@ class ScanReport:
     now: datetime
     rotations: list[RunInfo] = field(default_factory=list)
     retirements: list[RunInfo] = field(default_factory=list)
+    destructions: list[RunInfo] = field(default_factory=list)
     enqueued: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     candidates: int = 0
@@ -116,7 +117,9 @@ class ScanReport:
     def add(self, batch: Batch, kind: str) -> None:
         self.batches += 1
         self.candidates += batch.candidates
-        (self.rotations if kind == "dek" else self.retirements).extend(batch.opened)
+        {"dek": self.rotations, "retire": self.retirements, "destroy": self.destructions}[kind].extend(
+            batch.opened
+        )
         for item in batch.skipped:
             key = f"{kind}:{item.skip}"
             self.skipped[key] = self.skipped.get(key, 0) + 1
@@ -130,6 +133,9 @@ class ScanReport:
             ],
             "retirements": [
                 {"scope": r.scope, "run_id": r.id, "version": r.from_version} for r in self.retirements
+            ],
+            "destructions": [
+                {"scope": r.scope, "run_id": r.id, "version": r.from_version} for r in self.destructions
             ],
             "enqueued": self.enqueued,
             "skipped": self.skipped,
@@ -334,19 +340,44 @@ class Scheduler:
         async for batch in schedule.open_due_rotations(self.sessions, now, self.cfg):
             report.add(batch, "dek")
             report.enqueued += await self._enqueue(batch.opened)
+        waiting: list[schedule.DueRetirement] = []
         async for batch in schedule.open_due_retirements(self.sessions, now, self.cfg):
             report.add(batch, "retire")
             report.enqueued += await self._enqueue(batch.opened)
+            waiting += [
+                d for d in batch.skipped if isinstance(d, schedule.DueRetirement) and d.skip == "backoff"
+            ]
+        async for batch in schedule.open_due_destructions(self.sessions, now, self.cfg):
+            report.add(batch, "destroy")
+            report.enqueued += await self._enqueue(batch.opened)
+        await self._log_refusals(waiting)
         report.duration_s = time.perf_counter() - started
-        if report.rotations or report.retirements or report.skipped:
+        if report.rotations or report.retirements or report.destructions or report.skipped:
             log.info(
                 "scan_done",
                 rotations=len(report.rotations),
                 retirements=len(report.retirements),
+                destructions=len(report.destructions),
                 skipped=report.skipped,
                 duration_s=round(report.duration_s, 3),
             )
         return report
+
+    async def _log_refusals(self, waiting: list[schedule.DueRetirement]) -> None:
+        """Say why each retirement backing off failed (a refusal waits for an operator)."""
+        if not waiting:
+            return
+        async with db.transaction(self.sessions) as session:
+            errors = await schedule.last_retire_errors(session, [d.scope_id for d in waiting])
+        for d in waiting:
+            log.warning(
+                "retirement_backing_off",
+                scope=d.scope,
+                version=d.version,
+                failures=d.failures,
+                retry_at=d.retry_at.isoformat() if d.retry_at else None,
+                error=errors.get(d.scope_id),
+            )
 
     async def _enqueue(self, opened: list[RunInfo]) -> list[str]:
         if not opened:

@@ -10,11 +10,12 @@
 -- test_privileges.py runs this file (role names suffixed) and checks every line below.
 --
 -- keyrotor_app     the application (KeyManager). Reads and writes `secrets`; records where its
---                  values live (`key_locations`, counts only); reads only the
---                  live DEKs (pending, active, grace) through row-level security, so it
---                  never sees the history of retired or destroyed keys; creates the first
+--                  values live (`key_locations`, counts only); reads only the DEKs that
+--                  decrypt (pending, active, grace, retired) through row-level security, so it
+--                  never sees the history of destroyed keys; creates the first
 --                  DEK of a new scope; appends to the audit log but can never change or
---                  delete a row of it. It cannot rotate, retire or rewrap anything.
+--                  delete a row of it; appends the uses of retired DEKs (which cancel their
+--                  destruction). It cannot rotate, retire, restore or rewrap anything.
 -- keyrotor_worker  `keyrotor worker` and `keyrotor scheduler`: rotation, retirement, rewrap,
 --                  migration. Every keyrotor table, all DEK rows, but it too only appends to
 --                  the audit log. Pruning the audit log stays with the owner.
@@ -80,7 +81,7 @@ $$;
 ALTER TABLE data_keys ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS keyrotor_app_live_keys ON data_keys;
 CREATE POLICY keyrotor_app_live_keys ON data_keys FOR SELECT TO keyrotor_app
-    USING (state IN ('pending', 'active', 'grace'));
+    USING (state IN ('pending', 'active', 'grace', 'retired'));
 DROP POLICY IF EXISTS keyrotor_app_first_key ON data_keys;
 CREATE POLICY keyrotor_app_first_key ON data_keys FOR INSERT TO keyrotor_app
     WITH CHECK (state IN ('pending', 'active'));

@@ -368,7 +368,7 @@ class ReplicaKey(Base):
 
     __table_args__ = (
         UniqueConstraint("scope", "dek_version"),
-        CheckConstraint("state IN ('pending', 'active', 'grace')", name="state"),
+        CheckConstraint("state IN ('pending', 'active', 'grace', 'retired')", name="state"),
     )
 
 

@@ -181,6 +181,7 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
             run_by_scope.setdefault(
                 scope_id, {"id": run_id, "state": state, "rows_done": rows_done, "rows_total": rows_total}
             )
+    refused = await _refused_retirements(session, ids)
     keys_by_scope: dict[int, list[DataKey]] = {}
     for k in keys:
         keys_by_scope.setdefault(k.scope_id, []).append(k)
@@ -215,6 +216,8 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
                         "created_at": _iso(k.created_at),
                         "activated_at": _iso(k.activated_at),
                         "grace_until": _iso(k.grace_until),
+                        "retired_at": _iso(k.retired_at),
+                        "destroy_after": _iso(k.destroy_after),
                         "destroyed_at": _iso(k.destroyed_at),
                     }
                     for k in scope_keys
@@ -222,9 +225,28 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
                 "rows_by_version": dict(sorted(rows.items(), key=lambda kv: int(kv[0]))),
                 "rows_total": sum(rows.values()),
                 "run": run_by_scope.get(s.id),
+                "retirement_refused": refused.get(s.id),
             }
         )
     return out
+
+
+async def _refused_retirements(session: AsyncSession, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Each scope's latest retirement (or destruction) run, where it failed: the refusal the
+    scheduler backs off from until an operator acts on it."""
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT ON (scope_id) scope_id, id, from_version, error, finished_at FROM rotations "
+            "WHERE kind = 'retire' AND scope_id = ANY(:ids) AND state IN ('completed', 'failed') "
+            "ORDER BY scope_id, id DESC"
+        ),
+        {"ids": list(ids)},
+    )
+    return {
+        sid: {"run_id": rid, "version": version, "error": error, "at": _iso(at)}
+        for sid, rid, version, error, at in rows.all()
+        if error is not None
+    }
 
 
 def _iso(value: datetime | None) -> str | None:

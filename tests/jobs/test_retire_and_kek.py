@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
+
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import KeyVersionTooOld
 from keyrotor.retire import GraceNotOver, KeyStillInUse, NotRetirable
 from keyrotor.runs import RunFailed
 from tests.conftest import MASTER_KEY
+from tests.destruction_helpers import acknowledge
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
 from worker.client import KeyrotorClient
@@ -17,7 +20,10 @@ NEW_KEY = "second-master-key-4b8e2a6c0d9f1e3a5c7b9d0e2f4a6c8e"
 
 
 async def _rotated(s: Settings, scope: str, n: int) -> tuple[dict[str, str], str]:
-    """Seed, keep one v1 ciphertext aside, rotate. Returns (values, old ciphertext)."""
+    """Seed, keep one v1 ciphertext aside (its location acknowledged), rotate. Returns (values,
+    old ciphertext)."""
+    await acknowledge(s.database_url, "user", "the test keeps this value itself")
+    await acknowledge(s.database_url, "", "warm-up values, never stored")
     values = await seed(s, scope, n)
     async with KeyManager(s.model_copy(update={"listen_key_changes": False})) as km:
         old = await km.encrypt(scope, "sk-old-value", context="user:1")
@@ -52,13 +58,18 @@ async def test_grace_then_retirement_with_stragglers(wenv: dict[str, str]) -> No
         run = await handle.result(timeout_s=5)
     assert run.kind == "retire" and run.rows_done == 2  # the two stragglers
     assert await check_values(s, "anthropic", values) == {2: 22}
+    # Retired, not destroyed: the wrapped key is kept for the destruction window.
     key = (await fetch(s.database_url, "SELECT * FROM data_keys WHERE version = 1"))[0]
-    assert key["state"] == "destroyed" and key["encrypted_dek"] is None and key["destroyed_at"] is not None
-    async with KeyManager(quiet) as km:
-        with pytest.raises(KeyVersionTooOld):
-            await km.decrypt("anthropic", old, context="user:1")
+    assert key["state"] == "retired" and key["encrypted_dek"] is not None and key["destroyed_at"] is None
+    assert key["destroy_after"] - key["retired_at"] == timedelta(days=s.destroy_after_days)
+    async with KeyManager(
+        quiet
+    ) as km:  # a retired version still decrypts (audited, see test_destruction_window)
+        assert await km.decrypt("anthropic", old, context="user:1") == "sk-old-value"
+        assert (await km.encrypt("anthropic", "sk-new")).startswith("kr1:2:")  # never encrypts
     audit = await fetch(s.database_url, "SELECT * FROM encryption_audit_log WHERE event_type = 'retire'")
     assert len(audit) == 1 and audit[0]["key_version"] == 1 and audit[0]["success"]
+    assert json.loads(audit[0]["metadata"])["state"] == "retired"
 
 
 async def test_retirement_refused_while_a_row_still_needs_the_key(wenv: dict[str, str]) -> None:

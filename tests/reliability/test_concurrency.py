@@ -100,7 +100,9 @@ async def test_app_writes_and_deletes_through_rotation_and_retirement(
         KeyManager(stale_s) as km3,
         KeyrotorClient(s) as client,
     ):
-        await km3.encrypt("anthropic", "warm-up")  # caches v1 as the active version
+        await km3.encrypt(
+            "anthropic", "warm-up", context="secret:warm-up"
+        )  # caches v1 as active (a location the census counts)
         writers = [asyncio.create_task(app(km1, 0)), asyncio.create_task(app(km2, 1))]
         stale = asyncio.create_task(stale_app(km3, stop))
         try:
@@ -122,8 +124,8 @@ async def test_app_writes_and_deletes_through_rotation_and_retirement(
     assert per_version == {2: len(expected)}
     names = {r[0] for r in await fetch(s.database_url, "SELECT name FROM secrets")}
     assert not names & deleted
-    key = (await fetch(s.database_url, "SELECT state FROM data_keys WHERE version = 1"))[0]
-    assert key["state"] == "destroyed"
+    key = (await fetch(s.database_url, "SELECT state, destroy_after FROM data_keys WHERE version = 1"))[0]
+    assert key["state"] == "retired" and key["destroy_after"] is not None  # erased after its window
     await assert_no_open_runs(s.database_url)
     record(
         "concurrency",

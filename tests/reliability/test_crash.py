@@ -211,7 +211,7 @@ async def test_retire_dek_survives_sigkills(
     stragglers = sized(1_000, 20_000)
     s = Settings.from_env({**wenv, "KEYROTOR_ACTIVE_VERSION_TTL_SECONDS": "3600"})
     async with KeyManager(_quiet(s)) as stale:
-        await stale.encrypt("openai", "warm-up")  # caches v1 as active for an hour
+        await stale.encrypt("openai", "warm-up", context="secret:warm-up")  # caches v1 as active for an hour
         values = await seed(s, "openai", n)
         async with KeyrotorClient(s) as client:
             handle = await client.rotate("openai")
@@ -240,7 +240,8 @@ async def test_retire_dek_survives_sigkills(
     assert run["kind"] == "retire" and run["rows_done"] == stragglers
     assert await check_values(s, "openai", values) == {2: n + stragglers}
     key = (await fetch(s.database_url, "SELECT * FROM data_keys WHERE version = 1"))[0]
-    assert key["state"] == "destroyed" and key["encrypted_dek"] is None
+    # Retired (decrypt-only), its wrapped key kept for the destruction window.
+    assert key["state"] == "retired" and key["encrypted_dek"] is not None and key["destroy_after"] is not None
     audit = await fetch(
         s.database_url, "SELECT count(*) FROM encryption_audit_log WHERE event_type = 'retire'"
     )

@@ -218,7 +218,7 @@ async def test_connections_killed_mid_batch_during_retirement_and_kek_rewrap(
     base = Settings.from_env({**wenv, "KEYROTOR_ACTIVE_VERSION_TTL_SECONDS": "3600"})
     n, late_n = sized(1_000, 20_000), sized(1_500, 20_000)
     async with KeyManager(base.model_copy(update={"listen_key_changes": False})) as stale:
-        await stale.encrypt("openai", "warm-up")
+        await stale.encrypt("openai", "warm-up", context="secret:warm-up")  # a location the census counts
         values = await seed(base, "openai", n)
         async with KeyrotorClient(base) as client:
             handle = await client.rotate("openai")

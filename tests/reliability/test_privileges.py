@@ -1,9 +1,10 @@
 """Least privilege: deploy/postgres/roles.sql, applied to a test database and checked line by line.
 
 Roles are cluster-wide, so each test suffixes the role names with a tag of its own and drops
-them afterwards. The application role works (new scope, encrypt, decrypt, audit) and cannot
-see destroyed DEKs or rewrite the audit log; the worker role rotates and retires, and cannot
-rewrite the audit log either.
+them afterwards. The application role works (new scope, encrypt, decrypt, audit, decrypt with a
+retired DEK and record that use) and cannot see destroyed DEKs, read or change the recorded uses,
+or rewrite the audit log; the worker role rotates, retires and destroys, and cannot rewrite the
+audit log either.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from keyrotor import KeyManager, Settings
 from tests.conftest import PG_ADMIN
+from tests.destruction_helpers import expire_window, open_destructions, wait_run
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
 from worker.client import KeyrotorClient
 
@@ -83,6 +85,8 @@ async def test_app_and_worker_roles_have_only_what_they_need(
     app_s = Settings.from_env({**wenv, "DATABASE_URL": roles.app_url, "KEYROTOR_LISTEN_KEY_CHANGES": "false"})
     # The application creates a scope and stores values with its own role.
     values = await seed(app_s, "openai", 50)
+    async with KeyManager(app_s) as km:  # a v1 value the caller keeps itself (location "secret")
+        kept = await km.encrypt("openai", "sk-kept-by-the-caller-0123456789", context="secret:kept")
     # The worker role rotates and then retires v1 (in-process worker, same code as the process).
     async with KeyrotorClient(worker_s) as client:
         handle = await client.rotate("openai")
@@ -91,8 +95,23 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         handle = await client.retire("openai", 1, force_now=True)
         await run_burst_worker(worker_s)
         assert (await handle.result(timeout_s=10)).state == "completed"
-    # The application still reads and writes everything live.
+    # The application still reads and writes everything live, sees the retired v1 and records
+    # its use (which cancels its destruction).
     assert await check_values(app_s, "openai", values) == {2: 50}
+    assert (await fetch(roles.app_url, "SELECT count(*) FROM data_keys WHERE state = 'retired'"))[0][0] == 1
+    async with KeyManager(app_s) as km:
+        assert await km.decrypt("openai", kept, context="secret:kept") == "sk-kept-by-the-caller-0123456789"
+    uses = await fetch(wenv["DATABASE_URL"], "SELECT dek_version, location FROM retired_key_uses")
+    assert [tuple(r) for r in uses] == [(1, "secret")]
+    # The worker role retires it again (a new window, after that use) and destroys it.
+    async with KeyrotorClient(worker_s) as client:
+        handle = await client.retire("openai", 1, force_now=True)
+        await run_burst_worker(worker_s)
+        assert (await handle.result(timeout_s=10)).state == "completed"
+    await expire_window(wenv["DATABASE_URL"], "openai", 1)
+    (destruction,) = await open_destructions(worker_s)
+    await run_burst_worker(worker_s)
+    assert (await wait_run(worker_s, destruction.id)).detail["outcome"] == "destroyed"
     async with KeyManager(app_s) as km:
         await km.put_secret("anthropic", "prod", "sk-ant-api03-privileges-0123456789")
         assert await km.get_secret("anthropic", "prod") == "sk-ant-api03-privileges-0123456789"
@@ -114,7 +133,7 @@ async def test_app_and_worker_roles_have_only_what_they_need(
     )
     assert [tuple(r) for r in located] == [
         ("anthropic", 1, "secret", 1),
-        ("openai", 1, "secret", 50),
+        ("openai", 1, "secret", 51),  # and the value the caller keeps itself
         ("openai", 2, "secret", 50),
     ]
     await fetch(roles.app_url, "SELECT count(*) FROM location_acks")
@@ -162,6 +181,11 @@ async def test_app_and_worker_roles_have_only_what_they_need(
             # Granted columns, but only one way (migration 0007): a count never goes down, and
             # the application may make a rotation due sooner, never later.
             "UPDATE data_keys SET encryptions = 0",
+            # The uses of retired DEKs: append only (a use must not be undone or read back).
+            "SELECT * FROM retired_key_uses",
+            "UPDATE retired_key_uses SET used_at = now() - interval '1 year'",
+            "DELETE FROM retired_key_uses",
+            "UPDATE data_keys SET destroy_after = NULL",
             "UPDATE key_scopes SET next_rotation_at = next_rotation_at + interval '1 year'",
             "UPDATE key_scopes SET next_rotation_at = NULL",
             # The census: the application adds locations and counts, and nothing else.
@@ -201,5 +225,11 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         "privileges",
         app_refused=len(refused_app),
         worker_refused=len(refused_worker),
-        app_can=["secrets rw", "live DEKs r", "first DEK of a scope", "audit append"],
+        app_can=[
+            "secrets rw",
+            "live and retired DEKs r",
+            "first DEK of a scope",
+            "audit append",
+            "retired-key uses append",
+        ],
     )

@@ -20,6 +20,7 @@ from worker.cli import db as db_cmd
 from worker.cli import demo as demo_cmd
 from worker.cli import health as health_cmd
 from worker.cli import kek as kek_cmd
+from worker.cli import keys as keys_cmd
 from worker.cli import legacy as legacy_cmd
 from worker.cli import policy as policy_cmd
 from worker.cli import replicas as replicas_cmd
@@ -39,6 +40,7 @@ app.add_typer(db_cmd.app, name="db")
 app.add_typer(secrets_cmd.app, name="secrets")
 app.add_typer(columns_cmd.app, name="columns")
 app.add_typer(legacy_cmd.app, name="legacy")
+app.add_typer(keys_cmd.app, name="keys")
 status_cmd.register(app)
 app.command("demo")(demo_cmd.demo)
 audit_cmd.register(app)

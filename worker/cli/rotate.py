@@ -168,28 +168,40 @@ def rotate_kek(
 
 def retire(
     scope: Annotated[str, typer.Argument(help="the scope")],
-    version: Annotated[int, typer.Argument(help="the DEK version to destroy", min=1)],
+    version: Annotated[int, typer.Argument(help="the DEK version to retire", min=1)],
     force_now: Annotated[
-        bool, typer.Option("--force-now", help="skip the wait for the grace period (never the proof)")
+        bool,
+        typer.Option(
+            "--force-now",
+            help="skip the wait for the grace period (never the proof nor the destruction window)",
+        ),
     ] = False,
     json_out: JsonOpt = False,
     timeout: RetireTimeoutOpt = None,
     request_id: RequestIdOpt = None,
 ) -> None:
-    """Destroy an old DEK version: re-encrypt stragglers, prove no row uses it, erase it."""
+    """Retire an old DEK version: re-encrypt stragglers, prove no value needs it, make it
+    decrypt-only. Its key is erased after KEYROTOR_DESTROY_AFTER_DAYS unless used meanwhile."""
     check_scope(scope)
     if request_id is not None:
         check_request_id(request_id)
 
-    async def go() -> tuple[RunInfo, RunHandle]:
+    async def go() -> tuple[RunInfo, RunHandle, str | None]:
         async with _client() as client:
             handle = await client.retire(
                 scope, version, force_now=force_now, trigger="cli", request_id=request_id
             )
-            return await wait_run(handle, timeout), handle
+            done = await wait_run(handle, timeout)
+            return done, handle, await client.destroy_after(scope, version)
 
-    r, handle = run(go)
+    r, handle, destroy_after = run(go)
     _finish(r, handle, wait=True, json_out=json_out)
+    if not json_out and destroy_after is not None:
+        err_console.print(
+            f"{scope} v{version} is retired: it decrypts (each use is audited and cancels its destruction); "
+            f"its key is erased after {destroy_after[:19]} if unused; `keyrotor keys restore {scope} "
+            f"{version}` brings it back"
+        )
 
 
 def runs_cmd(

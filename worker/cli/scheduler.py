@@ -74,9 +74,11 @@ def _print_plan(doc: dict[str, Any]) -> None:
             _fmt_s(p["estimated_seconds"]),
         )
     for r in doc["retirements"]:
-        table.add_row(
-            "retire_dek", r["scope"], f"v{r['version']}", f"grace ended {r['grace_until'][:19]}", "", ""
-        )
+        if r["destroy"]:  # a retired version whose window passed: destroy_dek proves again first
+            why, job = f"window ended {r['destroy_after'][:19]}", "destroy_dek"
+        else:
+            why, job = f"grace ended {r['grace_until'][:19]}", "retire_dek"
+        table.add_row(job, r["scope"], f"v{r['version']}", why, "", "")
     table.add_row("check_replicas", "-", "-", "hourly", "", "")
     out_console.print(table)
     for s in doc["skipped"]:

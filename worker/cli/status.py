@@ -18,6 +18,7 @@ from keyrotor.store import db, repo
 from keyrotor.verify import verify_columns, verify_secrets
 from worker.cli.common import err_console, manager, out_console, print_json, progress, run
 
+_DRIVERS = ("rotate_dek", "retire_dek", "destroy_dek")  # the jobs that drive a scope's open run
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
@@ -71,7 +72,7 @@ async def mark_queued(settings: Settings, scopes: list[dict[str, Any]]) -> None:
     try:
         async with client.pipeline(transaction=False) as pipe:
             for s in open_runs:
-                for name in ("rotate_dek", "retire_dek"):
+                for name in _DRIVERS:
                     pipe.zscore(settings.queue_name, job_id(settings, name, s["scope"], s["run"]["id"]))
             scores = await pipe.execute()
     except (RedisError, OSError):
@@ -81,7 +82,7 @@ async def mark_queued(settings: Settings, scopes: list[dict[str, Any]]) -> None:
     finally:
         await client.aclose()
     for i, s in enumerate(open_runs):
-        s["queued"] = scores[2 * i] is not None or scores[2 * i + 1] is not None
+        s["queued"] = any(score is not None for score in scores[len(_DRIVERS) * i : len(_DRIVERS) * (i + 1)])
 
 
 def status(
@@ -116,15 +117,15 @@ def status(
     ):
         table.add_column(col)
     for s in doc["scopes"]:
-        keys = "\n".join(
-            f"v{k['version']} {k['state']}" + (f" until {k['grace_until'][:19]}" if k["grace_until"] else "")
-            for k in s["keys"]
-        )
+        keys = "\n".join(_key_line(k) for k in s["keys"])
         rows = ", ".join(f"v{v}: {n}" for v, n in s["rows_by_version"].items()) or "-"
         policy = s["policy"]
         nxt = (policy["next_rotation_at"] or "")[:19] if policy["enabled"] else "disabled"
         if s.get("run"):  # an open rotation or retirement: queued (its job waits for a worker) or running
             nxt = f"{nxt or '-'}\n{_run_state(s['run'], s.get('queued'))}"
+        if s.get("retirement_refused"):
+            r = s["retirement_refused"]
+            keys += f"\n[red]retirement of v{r['version']} refused (run {r['run_id']}):[/red] {r['error']}"
         table.add_row(s["scope"], f"v{s['active_version']}", keys, rows, str(s["rotation_count"]), nxt or "-")
     out_console.print(table)
     if doc["columns"]:
@@ -138,6 +139,14 @@ def status(
         out_console.print(cols)
     if doc["locations"]["warning"]:
         err_console.print(f"[yellow]warning:[/yellow] {escape(doc['locations']['warning'])}")
+
+
+def _key_line(k: dict[str, Any]) -> str:
+    line = f"v{k['version']} {k['state']}"
+    if k["state"] == "retired":  # decrypt-only; erased after destroy_after unless used meanwhile
+        after = k.get("destroy_after")
+        return line + (f", destroy after {after[:19]}" if after else ", destruction cancelled")
+    return line + (f" until {k['grace_until'][:19]}" if k["grace_until"] else "")
 
 
 def _run_state(r: dict[str, Any], queued: bool | None) -> str:

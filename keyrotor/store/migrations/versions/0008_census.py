@@ -17,10 +17,12 @@ in a table it never registered was destroyed with its key. Three tables close th
   destruction of that version. The application role only appends to it.
 
 ``data_keys.destroy_after`` is when a retired version's wrapped key may be erased (NULL: no
-destruction is pending). Versions that exist when this migration runs were written before
-locations were recorded, so each gets a ``(unrecorded)`` location: retiring them needs an
-operator's ``columns ignore '(unrecorded)'`` once every table holding their values is registered.
-"""
+destruction is pending). A retired version keeps decrypting, so its regional copies stay
+(``replica_keys`` accepts ``retired``), and each use is audited as ``retired_key_use``.
+
+Versions that exist when this migration runs were written before locations were recorded, so
+each gets a ``(unrecorded)`` location: retiring them needs an operator's ``columns ignore
+'(unrecorded)'`` once every table holding their values is registered."""
 
 from __future__ import annotations
 
@@ -35,6 +37,47 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 UNRECORDED = "(unrecorded)"
+
+# The audit event types as of this revision (0002 read them from keyrotor.audit; spelled out
+# here so that this revision means the same thing whatever the code says later).
+_EVENTS_BEFORE = (
+    "encrypt", "decrypt", "failed_decrypt", "rotate", "rewrap", "retire", "unauthorized",
+    "config_change", "replica_check", "failover", "anchor",
+)  # fmt: skip
+_EVENTS = (*_EVENTS_BEFORE, "retired_key_use")
+
+
+def _drop_checks_on(table: str, column: str) -> None:
+    # Earlier revisions named these constraints through the naming convention (which doubled the
+    # prefix in some), so they are found by what they check rather than by name.
+    op.execute(
+        f"""
+        DO $$
+        DECLARE c text;
+        BEGIN
+            FOR c IN SELECT conname FROM pg_constraint
+                     WHERE conrelid = '{table}'::regclass AND contype = 'c'
+                       AND pg_get_constraintdef(oid) LIKE '%({column} %'
+            LOOP
+                EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', c);
+            END LOOP;
+        END
+        $$;
+        """
+    )
+
+
+def _event_check(events: Sequence[str]) -> None:
+    _drop_checks_on("encryption_audit_log", "event_type")
+    op.execute(
+        "ALTER TABLE encryption_audit_log ADD CONSTRAINT ck_encryption_audit_log_event_type "
+        "CHECK (event_type IN (" + ", ".join(f"'{e}'" for e in events) + "))"
+    )
+
+
+def _replica_states(states: str) -> None:
+    _drop_checks_on("replica_keys", "state")
+    op.execute(f"ALTER TABLE replica_keys ADD CONSTRAINT ck_replica_keys_state CHECK (state IN ({states}))")
 
 
 def upgrade() -> None:
@@ -88,9 +131,14 @@ def upgrade() -> None:
             "SELECT scope_id, version, :loc, encryptions FROM data_keys WHERE state <> 'destroyed'"
         ).bindparams(loc=UNRECORDED)
     )
+    _event_check(_EVENTS)
+    _replica_states("'pending', 'active', 'grace', 'retired'")
 
 
 def downgrade() -> None:
+    op.execute("DELETE FROM replica_keys WHERE state = 'retired'")  # copies the old code would not keep
+    _replica_states("'pending', 'active', 'grace'")
+    _event_check(_EVENTS_BEFORE)  # fails if retired_key_use events exist: the log is append-only
     op.drop_column("data_keys", "destroy_after")
     op.drop_index("ix_retired_key_uses_scope_version", table_name="retired_key_uses")
     op.drop_table("retired_key_uses")

@@ -1,0 +1,30 @@
+"""``destroy_dek(scope, version)``: erase a retired DEK version whose destruction window passed unused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from jobs import replicas
+from jobs.common import deps, is_transient, retry
+from keyrotor import destruction
+
+
+async def destroy_dek(
+    ctx: dict[str, Any], scope: str, version: int, *, trigger: str = "schedule", run_id: int
+) -> dict[str, Any]:
+    """Re-prove and erase the retired ``version`` (or cancel its erasure after a use, or a
+    failed proof). Idempotent: a run already ended returns its outcome. Refusals are permanent:
+    the job fails with the reason."""
+    d = deps(ctx)
+    structlog.contextvars.bind_contextvars(scope=scope, run_id=run_id, trigger=trigger)
+    try:
+        result = await destruction.destroy_dek(d.rc, scope, version, run_id=run_id, job_id=ctx.get("job_id"))
+    except Exception as exc:
+        if is_transient(exc):
+            raise retry(ctx, exc) from exc
+        raise
+    if result.outcome == destruction.DESTROYED:
+        await replicas.follow(ctx, "destroy_dek", scope, f"v{version}")  # the regions drop their copies
+    return result.summary()
