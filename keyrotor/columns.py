@@ -29,6 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.errors import Conflict, InvalidInput, NotFound
+from keyrotor.locations import SECRETS_TEMPLATE
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import SECRETS, Target, _quote
 from keyrotor.store import db
@@ -270,7 +271,8 @@ async def register(
     Raises:
         InvalidInput: bad names, both or neither scope source, or see :func:`validate`.
         ColumnNotFound: the table or a column does not exist.
-        Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
+        Conflict: the column is registered already, is keyrotor's own ``secrets`` table, or its
+            context template could give a context of that table (``secret:<name>``).
     """
     table, column = parse_column(spec)
     _ident(pk, "key column")
@@ -286,6 +288,18 @@ async def register(
     template = context_template if context_template is not None else f"{table}.{column}:{PK_PLACEHOLDER}"
     if PK_PLACEHOLDER not in template:
         raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
+    # keyrotor seals its own secrets with the context `secret:<name>` (SECRETS_TEMPLATE), and a
+    # name may be any printable text, digits included. A template whose contexts may start with
+    # that prefix would bind a row of this column to the same AAD as a named secret, so a value
+    # could be moved between the two and still open. The key is an integer (see validate), so
+    # only the literal text before the first {pk} can spell the prefix.
+    secrets_prefix = SECRETS_TEMPLATE.split(PK_PLACEHOLDER)[0]
+    if template.split(PK_PLACEHOLDER)[0].startswith(secrets_prefix):
+        raise Conflict(
+            f"context template {template!r} collides with keyrotor's own secrets table "
+            f"(contexts {SECRETS_TEMPLATE!r}): choose another prefix, e.g. the default "
+            "<table>.<column>:{pk}"
+        )
     col = ManagedColumn(table, column, pk, scope_column, scope, template)
     async with db.transaction(sessions) as session:
         await validate(session, col)
