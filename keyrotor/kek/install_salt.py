@@ -33,6 +33,10 @@ async def read_install_salt(database_url: str) -> bytes | None:
             if not await conn.fetchval("SELECT to_regclass('install_salt') IS NOT NULL"):
                 return None
             salt = await conn.fetchval("SELECT salt FROM install_salt WHERE id = 1")
+        except asyncpg.InsufficientPrivilegeError:
+            raise ConfigurationError(
+                "this database role may not read install_salt: apply deploy/postgres/roles.sql again"
+            ) from None
         finally:
             await conn.close()
     if not isinstance(salt, bytes) or len(salt) != SALT_BYTES:
