@@ -269,10 +269,11 @@ async def register(
         The registered column.
 
     Raises:
-        InvalidInput: bad names, both or neither scope source, or see :func:`validate`.
+        InvalidInput: bad names, both or neither scope source, a context template that could
+            give a context of keyrotor's own ``secrets`` table (``secret:<name>``), or see
+            :func:`validate`.
         ColumnNotFound: the table or a column does not exist.
-        Conflict: the column is registered already, is keyrotor's own ``secrets`` table, or its
-            context template could give a context of that table (``secret:<name>``).
+        Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
     """
     table, column = parse_column(spec)
     _ident(pk, "key column")
@@ -295,7 +296,7 @@ async def register(
     # only the literal text before the first {pk} can spell the prefix.
     secrets_prefix = SECRETS_TEMPLATE.split(PK_PLACEHOLDER)[0]
     if template.split(PK_PLACEHOLDER)[0].startswith(secrets_prefix):
-        raise Conflict(
+        raise InvalidInput(
             f"context template {template!r} collides with keyrotor's own secrets table "
             f"(contexts {SECRETS_TEMPLATE!r}): choose another prefix, e.g. the default "
             "<table>.<column>:{pk}"

@@ -27,8 +27,9 @@ import yaml
 from prometheus_client import REGISTRY, generate_latest
 
 from keyrotor import KeyManager, Settings, columns, envelope, legacy, metrics
-from keyrotor.errors import CiphertextTooLarge, Conflict, DecryptionFailed, LegacyDecryptThrottled
+from keyrotor.errors import CiphertextTooLarge, DecryptionFailed, InvalidInput, LegacyDecryptThrottled
 from keyrotor.keys import _PARSED_BUDGET_BYTES, max_ciphertext_chars
+from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY
 from tests.rotation_helpers import fetch
 
@@ -213,10 +214,15 @@ async def test_context_template_that_collides_with_secrets_is_refused(
     )
     refused = ["secret:{pk}", "secret:x{pk}", "secret:{pk}:api", "secret::{pk}"]
     for template in refused:
-        with pytest.raises(Conflict, match="collides"):
+        with pytest.raises(InvalidInput, match="collides"):
             await columns.register(
                 km.sessions, "app_tokens.token", pk="id", scope="openai", context_template=template
             )
+    done = keyrotor(
+        "columns", "register", "app_tokens.token", "--pk", "id", "--scope", "openai",
+        "--context-template", "secret:{pk}", env=env,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "collides" in done.stderr, done.stderr
     # Near misses that cannot produce `secret:<name>` are accepted.
     col = await columns.register(
         km.sessions, "app_tokens.token", pk="id", scope="openai", context_template="secrets:{pk}"
@@ -225,7 +231,7 @@ async def test_context_template_that_collides_with_secrets_is_refused(
     record(
         "security",
         finding=10,
-        what="context templates colliding with secret:{pk} refused",
-        tries=len(refused) + 1,
-        held=len(refused) + 1,
+        what="context templates colliding with secret:{pk} refused (library and CLI, exit 2)",
+        tries=len(refused) + 2,
+        held=len(refused) + 2,
     )
