@@ -274,6 +274,8 @@ def render_security(doc: dict[str, Any]) -> str:
             "real `keyrotor` CLI where it says so); *tries* is how often it was attempted, *held* how often",
             "it was stopped. Replayed against the code before the fixes (`27aa15a`), every one of these",
             "attacks succeeded. Findings 1, 2, 4, 5 and 6 are not covered here yet (see SECURITY.md).",
+            "For finding 9 a real worker's loopback bind and hashed labels are also tested in",
+            "`tests/worker/test_ops.py`, the deploy examples' explicit binds in `tests/deploy/`.",
             "",
             _table(
                 ["finding", "attack", "tries", "held", "figures", "result"],
