@@ -26,7 +26,8 @@ from keyrotor.kek.local import KEY_BYTES, KEY_PREFIX, LocalKeyring, check_master
 from keyrotor.store import db
 from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY, PG_ADMIN
-from tests.rotation_helpers import fetch
+from tests.rotation_helpers import fetch, run_burst_worker
+from worker.client import KeyrotorClient
 
 WEAK_KEYS = ["0123456789abcdef0123456789abcdef", "my-company-production-encryption-key-2024"]
 
@@ -161,14 +162,50 @@ async def test_deks_wrapped_the_old_way_still_open_and_rewrap_to_v2(
         ]
         rewrapped = await ring.rewrap(items)
     assert all(w.kek_id.startswith("local:v2:") for w in rewrapped)
-    for new, (_, ctx) in zip(rewrapped, items, strict=True):
-        assert ring.unwrap_sync(new, ctx) == old_ring.unwrap_sync(
-            items[[c for _, c in items].index(ctx)][0], ctx
-        )
+    for new, (old, ctx) in zip(rewrapped, items, strict=True):
+        assert ring.unwrap_sync(new, ctx) == old_ring.unwrap_sync(old, ctx)
     record(
         "security",
         finding=7,
         what="DEKs wrapped by the pre-salt derivation open, and rewrap to v2",
         tries=3,
         held=3,
+    )
+
+
+async def test_the_documented_move_rewraps_pre_salt_deks_with_rotate_kek(
+    wenv: dict[str, str], record: Callable[..., None]
+) -> None:
+    """docs/providers.md: upgrade, keep the old key as previous, a keygen key as v2, rotate-kek."""
+    s = Settings.from_env(wenv)
+    old_ring = LocalKeyring.from_keys({1: MASTER_KEY}, current=1, install_salt=None)
+    async with KeyManager(s, kek=old_ring) as km:
+        tokens = {f"tenant-{i}/openai": await km.encrypt(f"tenant-{i}/openai", f"sk-{i}") for i in range(4)}
+    new_key = keyrotor("keygen", env={}).stdout.strip()
+    moved = Settings.from_env(
+        {
+            **wenv,
+            "ENCRYPTION_KEY": new_key,
+            "ENCRYPTION_KEY_VERSION": "2",
+            "ENCRYPTION_KEYS_PREVIOUS": f'{{"1": "{MASTER_KEY}"}}',
+        }
+    )
+    async with KeyrotorClient(moved) as client:
+        handle = await client.rotate_kek()
+        await run_burst_worker(moved)
+        run = await handle.result(timeout_s=30)
+    assert run.rows_done == run.rows_total == len(tokens)
+    keys = await fetch(wenv["DATABASE_URL"], "SELECT kek_version, kek_id FROM data_keys")
+    assert {k["kek_version"] for k in keys} == {2}
+    assert all(k["kek_id"].startswith("local:v2:") for k in keys)
+    only_new = Settings.from_env({**wenv, "ENCRYPTION_KEY": new_key, "ENCRYPTION_KEY_VERSION": "2"})
+    async with KeyManager(only_new) as km:
+        for scope, token in tokens.items():
+            assert await km.decrypt(scope, token) == "sk-" + scope.split("-")[1].split("/")[0]
+    record(
+        "security",
+        finding=7,
+        what="the documented move: rotate-kek rewraps pre-salt DEKs under a keygen key",
+        tries=len(tokens),
+        held=len(tokens),
     )

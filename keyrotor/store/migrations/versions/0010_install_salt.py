@@ -33,9 +33,9 @@ def upgrade() -> None:
         sa.CheckConstraint("id = 1", name="ck_install_salt_one_row"),
         sa.CheckConstraint("length(salt) = 32", name="ck_install_salt_length"),
     )
+    # Every role that opens the KEK provider reads it (deploy/postgres/roles.sql grants SELECT);
+    # only the owner may change it.
     op.bulk_insert(table, [{"id": 1, "salt": os.urandom(32)}])
-    # Every role that opens the KEK provider reads it; nobody but the owner may change it.
-    op.execute("REVOKE UPDATE, DELETE, TRUNCATE ON install_salt FROM PUBLIC")
 
 
 def downgrade() -> None:
