@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.key_ranges import INTEGER_KEY, KeyType, key_type_of
+from keyrotor.locations import SECRETS_TEMPLATE
 from keyrotor.policy import check_scope
 from keyrotor.reencrypt import SECRETS, Target, _quote
 from keyrotor.store import db
@@ -287,6 +288,28 @@ async def _refuse_composite(session: AsyncSession, regclass: str, col: ManagedCo
         )
 
 
+def _refuse_secrets_collision(template: str, key_type: KeyType) -> None:
+    """Refuse a template whose contexts could be those of keyrotor's own ``secrets`` table.
+
+    keyrotor seals its secrets with the context ``secret:<name>`` (``SECRETS_TEMPLATE``), and a
+    name may be any printable text. A template that can spell that prefix would bind a row of the
+    column to the AAD of a named secret, so a value could be moved between the two and still
+    open. The literal text before the first ``{pk}`` can spell it; so can a text or uuid key
+    that follows a shorter literal (``{pk}``, ``se{pk}``); an integer key cannot.
+
+    Raises:
+        InvalidInput: the template collides.
+    """
+    prefix = SECRETS_TEMPLATE.split(PK_PLACEHOLDER)[0]
+    before = template.split(PK_PLACEHOLDER)[0]
+    if before.startswith(prefix) or (not key_type.integer and prefix.startswith(before)):
+        raise InvalidInput(
+            f"context template {template!r} collides with keyrotor's own secrets table "
+            f"(contexts {SECRETS_TEMPLATE!r}): choose another prefix, e.g. the default "
+            "<table>.<column>:{pk}"
+        )
+
+
 async def register(
     sessions: async_sessionmaker[AsyncSession],
     spec: str,
@@ -312,7 +335,9 @@ async def register(
         The registered column.
 
     Raises:
-        InvalidInput: bad names, both or neither scope source, or see :func:`validate`.
+        InvalidInput: bad names, both or neither scope source, a context template that could
+            give a context of keyrotor's own ``secrets`` table (``secret:<name>``), or see
+            :func:`validate`.
         ColumnNotFound: the table or a column does not exist.
         Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
     """
@@ -333,6 +358,7 @@ async def register(
     col = ManagedColumn(table, column, pk, scope_column, scope, template)
     async with db.transaction(sessions) as session:
         key_type = await validate(session, col)
+        _refuse_secrets_collision(template, key_type)
         inserted = (
             await session.execute(
                 text(

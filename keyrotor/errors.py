@@ -67,6 +67,10 @@ class MalformedCiphertext(DecryptionFailed):
     """The value is not a well-formed ciphertext."""
 
 
+class CiphertextTooLarge(MalformedCiphertext):
+    """The value is longer than any ciphertext of ``KEYROTOR_MAX_VALUE_BYTES``; refused unread."""
+
+
 class KeyVersionUnknown(PermanentError):
     """The key version is unknown (newer than any stored key)."""
 
@@ -93,6 +97,15 @@ class KekError(PermanentError):
 
 class AccessDenied(PermanentError, PermissionError):
     """The actor is not allowed to do this."""
+
+
+class LegacyDecryptThrottled(AccessDenied):
+    """Too many failed legacy decrypts by this actor in the current window; refused without scrypt.
+
+    ``first_in_window`` is True on the window's first refusal: the one that is audited.
+    """
+
+    first_in_window: bool = False
 
 
 class Conflict(PermanentError):

@@ -56,12 +56,14 @@ from keyrotor.audit_writer import AuditWriter
 from keyrotor.cache import DekCache
 from keyrotor.errors import (
     AccessDenied,
+    CiphertextTooLarge,
     ConfigurationError,
     DecryptionFailed,
     InvalidInput,
     InvalidValue,
     KeyrotorError,
     KeyVersionUnknown,
+    LegacyDecryptThrottled,
     MalformedCiphertext,
     ScopeNotFound,
     SecretNotFound,
@@ -69,6 +71,7 @@ from keyrotor.errors import (
 from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
 from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.kek.factory import open_provider
+from keyrotor.legacy_guard import LegacyGuard
 from keyrotor.locations import location_of
 from keyrotor.notify import KeyChange, KeyChangeListener
 from keyrotor.policy import KeyState, RotationPolicy, check_decryptable, check_scope
@@ -92,8 +95,13 @@ _split, _aad, _NONCE = envelope.split, envelope.aad, envelope.NONCE_BYTES
 # Parsed kr1 values kept by KeyManager.decrypt, keyed by their text. A stored value is decrypted
 # again on every request that uses it, and parsing it (strict base64url) costs about twice the
 # AES-GCM call. Ciphertext is not secret; the memo holds only (version, nonce||ciphertext||tag),
-# is bounded (about 2 MB at this size for API-key-sized values) and is emptied when full.
-_PARSED_MAX = 4096
+# and only of values that authenticated, so a caller cannot fill it with forgeries. It is bounded
+# in bytes, not entries (an entry is charged its text, its bytes and _PARSED_OVERHEAD for the
+# objects and the dict slot), and emptied when full; values longer than _PARSED_MAX_CHARS (far
+# beyond an API key) are not kept at all, as parsing is then small beside the AES-GCM call.
+_PARSED_BUDGET_BYTES = 4 * 1024 * 1024
+_PARSED_MAX_CHARS = 4096
+_PARSED_OVERHEAD = 256
 # A use of a retired DEK version is written to retired_key_uses (which cancels its destruction)
 # once per (scope, version, location) per process in this many seconds; each call is audited.
 RETIRED_USE_INTERVAL_S = 60.0
@@ -141,7 +149,12 @@ class KeyManager:
         self._active: dict[str, tuple[int, int, float]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future[AESGCM]] = {}
         self._valid_scopes: set[str] = set()
-        self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_MAX
+        self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_BUDGET_BYTES
+        self._parsed_bytes = 0
+        self._max_ciphertext_chars = max_ciphertext_chars(settings.max_value_bytes)
+        self.legacy_guard = LegacyGuard(
+            settings.legacy_decrypt_concurrency, settings.legacy_failures_per_minute
+        )
         # Retired DEK versions this process loaded: (scope, version) -> scope id. Empty in the
         # normal case, so the decrypt path pays one truth test for it.
         self._retired: dict[tuple[str, int], int] = {}
@@ -241,6 +254,7 @@ class KeyManager:
         if self._owns_kek and self._kek is not None:
             await self._kek.aclose()
             self._kek = None
+        self.legacy_guard.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -374,6 +388,11 @@ class KeyManager:
         who = self._who(actor, ip, user_agent)
         version: int | None
         try:
+            if ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars:
+                raise CiphertextTooLarge(
+                    f"ciphertext of {len(ciphertext)} characters is longer than any value of "
+                    f"KEYROTOR_MAX_VALUE_BYTES={self.settings.max_value_bytes} ({self._max_ciphertext_chars})"
+                )
             if scope not in self._valid_scopes:
                 self._check_scope(scope)
             allowed = self.grants.cached(who[0], scope)
@@ -381,11 +400,11 @@ class KeyManager:
                 await self._authorize(who, scope, _DECRYPT)
             # A kr1 value runs inline (no coroutine of its own, no second scope check, its parse
             # memoised); a legacy or malformed one goes through _decrypt_value.
-            parsed = self._parsed.get(ciphertext) if ciphertext.__class__ is str else None
+            parsed = memo = self._parsed.get(ciphertext) if ciphertext.__class__ is str else None
             if parsed is None:
                 parsed = self._parse(ciphertext)
             if parsed is None:  # legacy, or malformed
-                value, version = await self._decrypt_value(scope, ciphertext, context)
+                value, version = await self._decrypt_value(scope, ciphertext, context, who)
             else:
                 version, raw = parsed
                 cipher = self.cache.get(scope, version) or await self._load(scope, version)
@@ -395,6 +414,8 @@ class KeyManager:
                     raise envelope.authentication_failed(version) from None
                 except UnicodeDecodeError:
                     raise DecryptionFailed("decrypted value is not valid UTF-8") from None
+                if memo is None:
+                    self._remember(ciphertext, parsed)
             if self._retired and (scope, version) in self._retired:
                 # (a legacy value's version None is never a key of _retired)
                 await self._retired_use(who, scope, version, context)  # type: ignore[arg-type]
@@ -440,19 +461,30 @@ class KeyManager:
         finally:
             self._refreshing.pop((scope, version), None)
 
-    def _parse(self, ciphertext: str) -> tuple[int, bytes] | None:
-        """Parse a kr1 value into the memo (None if it is not one; _decrypt_value says why)."""
+    @staticmethod
+    def _parse(ciphertext: str) -> tuple[int, bytes] | None:
+        """Parse a kr1 value (None if it is not one; _decrypt_value says why)."""
         try:
-            parsed = _split(ciphertext)
+            return _split(ciphertext)
         except MalformedCiphertext:
             return None
-        if len(self._parsed) >= _PARSED_MAX:
-            self._parsed.clear()
-        self._parsed[ciphertext] = parsed
-        return parsed
 
-    async def _decrypt_value(self, scope: str, ciphertext: str, context: str) -> tuple[str, int | None]:
-        """The plaintext and its DEK version (None for a legacy value): no grant check, no audit."""
+    def _remember(self, ciphertext: str, parsed: tuple[int, bytes]) -> None:
+        """Keep the parse of a value that authenticated (see _PARSED_BUDGET_BYTES)."""
+        if len(ciphertext) > _PARSED_MAX_CHARS:
+            return
+        size = len(ciphertext) + len(parsed[1]) + _PARSED_OVERHEAD
+        if self._parsed_bytes + size > _PARSED_BUDGET_BYTES:
+            self._parsed.clear()
+            self._parsed_bytes = 0
+        self._parsed[ciphertext] = parsed
+        self._parsed_bytes += size
+
+    async def _decrypt_value(
+        self, scope: str, ciphertext: str, context: str, who: _Who | None = None
+    ) -> tuple[str, int | None]:
+        """The plaintext and its DEK version (None for a legacy value): no grant check, no audit
+        (but a legacy decrypt refused for too many failures records one ``unauthorized`` event)."""
         if scope not in self._valid_scopes:
             self._check_scope(scope)
         try:
@@ -460,7 +492,7 @@ class KeyManager:
         except MalformedCiphertext:
             if isinstance(ciphertext, str) and not ciphertext.startswith(envelope.PREFIX):
                 if legacy.is_legacy(ciphertext):
-                    return await self._decrypt_legacy(ciphertext), None
+                    return await self._decrypt_legacy(ciphertext, who or self._default_who), None
                 raise MalformedCiphertext("not a kr1 or legacy ciphertext") from None
             raise
         cipher = self.cache.get(scope, version) or await self._load(scope, version)
@@ -470,13 +502,19 @@ class KeyManager:
         except UnicodeDecodeError:
             raise DecryptionFailed("decrypted value is not valid UTF-8") from None
 
-    async def _decrypt_legacy(self, ciphertext: str) -> str:
+    async def _decrypt_legacy(self, ciphertext: str, who: _Who) -> str:
         key = self.settings.legacy_key
         if not key:
             raise ConfigurationError(
                 "a legacy value needs ENCRYPTION_KEY (or KEYROTOR_LEGACY_KEY) to decrypt"
             )
-        return await legacy.decrypt_async(ciphertext, key)
+        try:
+            return await self.legacy_guard.decrypt(who[0], ciphertext, key)
+        except LegacyDecryptThrottled as exc:
+            if exc.first_in_window:  # one event a window, however many attempts follow
+                meta = '{"operation":"decrypt","format":"legacy"}'
+                await self._emit(("unauthorized", None, None, False, *who, str(exc), meta, now_us()))
+            raise
 
     # --- secrets table ---------------------------------------------------------------------
 
@@ -900,6 +938,17 @@ class KeyManager:
             raise InvalidInput(
                 f"secret names are 1-{MAX_NAME_CHARS} printable characters without surrounding spaces"
             )
+
+
+def max_ciphertext_chars(max_value_bytes: int) -> int:
+    """The longest text a value of ``max_value_bytes`` can be stored as, kr1 or legacy.
+
+    kr1: ``kr1:`` + a version (10 digits at most) + ``:`` + unpadded base64url of
+    nonce || ciphertext || tag. Legacy: padded base64 of salt || iv || tag || ciphertext.
+    """
+    kr1 = 4 + 10 + 1 + -(-(envelope.NONCE_BYTES + max_value_bytes + envelope.TAG_BYTES) * 4 // 3)
+    old = 4 * -(-(legacy.HEADER_LEN + max_value_bytes) // 3)
+    return max(kr1, old)
 
 
 def _secret_context(name: str) -> str:

@@ -1,7 +1,9 @@
 """Prometheus metrics the library emits (prometheus_client's default registry).
 
 Labels are bounded and never secret: ``scope`` (a validated identifier such as ``anthropic`` or
-``tenant-42/openai``, checked by :func:`keyrotor.policy.check_scope` before any run exists),
+``tenant-42/openai``, checked by :func:`keyrotor.policy.check_scope` before any run exists;
+``KEYROTOR_METRICS_SCOPE_LABELS=hashed`` shows ``h:`` and 12 hex digits of its SHA-256 instead,
+``off`` one ``-`` for all scopes: see :func:`scope_label`),
 ``version`` (a DEK version number), ``reason`` (an error class name), ``region``. Never a key
 id, a ciphertext, a value or anything derived from key material.
 
@@ -15,6 +17,7 @@ The re-encryption rate is derived, not a gauge: ``rate(keyrotor_rows_reencrypted
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -27,6 +30,42 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import census
 from keyrotor.cache import DekCache
+
+SCOPE_LABEL_MODES = ("plain", "hashed", "off")
+_scope_mode = "plain"
+_hashed: dict[str, str] = {}
+
+
+def configure_scope_labels(mode: str) -> None:
+    """Choose how scope names appear in labels (``KEYROTOR_METRICS_SCOPE_LABELS``).
+
+    ``plain``: the name. ``hashed``: ``h:`` + 12 hex digits of SHA-256(name), stable across
+    processes, so dashboards still split by scope without showing tenant ids to whoever can
+    read ``/metrics``; a name that can be guessed can still be confirmed by hashing the guess.
+    ``off``: ``-`` for every scope (totals only).
+
+    Raises:
+        ValueError: an unknown mode (settings validation refuses it first).
+    """
+    global _scope_mode
+    if mode not in SCOPE_LABEL_MODES:
+        raise ValueError(f"scope label mode must be one of {SCOPE_LABEL_MODES}, not {mode!r}")
+    _scope_mode = mode
+
+
+def scope_label(scope: str) -> str:
+    """The ``scope`` label value for ``scope`` under the configured mode."""
+    if _scope_mode == "plain":
+        return scope
+    if _scope_mode == "off":
+        return "-"
+    label = _hashed.get(scope)
+    if label is None:
+        label = "h:" + hashlib.sha256(scope.encode()).hexdigest()[:12]
+        if len(_hashed) < 100_000:
+            _hashed[scope] = label
+    return label
+
 
 ROTATIONS_STARTED = Counter(
     "keyrotor_rotations_started_total", "DEK rotations that generated and stored a new DEK.", ["scope"]
@@ -120,9 +159,9 @@ def dek_refreshed(ok: bool) -> None:
 
 def rotation_completed(scope: str, seconds: float | None) -> None:
     """Count a completed DEK rotation and observe its duration."""
-    ROTATIONS_COMPLETED.labels(scope).inc()
+    ROTATIONS_COMPLETED.labels(scope_label(scope)).inc()
     if seconds is not None and seconds >= 0:
-        ROTATION_SECONDS.labels(scope).observe(seconds)
+        ROTATION_SECONDS.labels(scope_label(scope)).observe(seconds)
 
 
 OTHER_SCOPES = "(other)"
@@ -160,7 +199,8 @@ async def refresh_rows_per_version(
             )
     series: dict[tuple[str, str], int] = {}
     for scope_id, version, n in groups:
-        key = (names.get(scope_id, OTHER_SCOPES), str(version))
+        name = names.get(scope_id)
+        key = (OTHER_SCOPES if name is None else scope_label(name), str(version))
         series[key] = series.get(key, 0) + n
     ROWS_PER_VERSION.clear()
     for (scope, version), n in series.items():

@@ -401,7 +401,7 @@ async def reencrypt_batch(
     else:
         status = await apg.execute(sql.update, ids, olds, news)
     written = int(status.rsplit(" ", 1)[-1])
-    metrics.ROWS_REENCRYPTED.labels(scope).inc(written)
+    metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(scope)).inc(written)
     return Batch(len(rows), written, ids[-1])
 
 

@@ -134,7 +134,9 @@ async def open_region_kek(cfg: RegionConfig) -> KekProvider:
 
     settings = region_settings(cfg)
     try:
-        return await open_provider(settings, {**cfg.env, "DATABASE_URL": cfg.database_url})
+        return await open_provider(
+            settings, {**cfg.env, "DATABASE_URL": cfg.database_url}, install_salt=False
+        )
     except ConfigurationError as exc:
         raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
 

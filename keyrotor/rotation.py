@@ -229,7 +229,7 @@ async def fail(rc: RotationContext, run: RunInfo, exc: PermanentError) -> None:
     """Mark a run failed and audit it (in a transaction of its own: the work rolled back)."""
     async with db.transaction(rc.sessions) as session:
         await runs.fail_run(session, run.id, exc)
-        metrics.ROTATIONS_FAILED.labels(run.scope or "-", run.kind).inc()
+        metrics.ROTATIONS_FAILED.labels(metrics.scope_label(run.scope or "-"), run.kind).inc()
         event = {"dek": "rotate", "kek": "rewrap", "retire": "retire"}.get(run.kind, "rotate")
         await write_event(
             session,
@@ -345,7 +345,7 @@ async def _prepare(rc: RotationContext, scope: str, run: RunInfo) -> RunInfo:
         await runs.set_versions(session, run.id, sc.active_version, version)
         run = await runs.require_run(session, run.id)
     rc.ciphers.put(scope, version, AESGCM(dek))
-    metrics.ROTATIONS_STARTED.labels(scope).inc()
+    metrics.ROTATIONS_STARTED.labels(metrics.scope_label(scope)).inc()
     log.info("dek_pending", to_version=version, kek_id=wrapped.kek_id, kek_version=wrapped.kek_version)
     return run
 

@@ -214,12 +214,25 @@ class Settings(BaseSettings):
     legacy_range_rows: int = Field(
         default=2_000, ge=0, le=10_000_000, validation_alias="KEYROTOR_LEGACY_RANGE_ROWS"
     )
+    # KeyManager.decrypt of legacy values (one scrypt each): at most this many at once, in a pool
+    # of their own, and an actor's failures beyond the budget a minute are refused without scrypt.
+    legacy_decrypt_concurrency: int = Field(
+        default=2, ge=1, le=64, validation_alias="KEYROTOR_LEGACY_DECRYPT_CONCURRENCY"
+    )
+    legacy_failures_per_minute: int = Field(
+        default=10, ge=1, le=100_000, validation_alias="KEYROTOR_LEGACY_FAILURES_PER_MINUTE"
+    )
     # Test only: sleep between re-encryption batches, to open a window for crash tests.
     test_batch_delay_s: float = Field(default=0, ge=0, le=60, validation_alias="KEYROTOR_TEST_BATCH_DELAY_S")
 
     # /metrics, /healthz, /readyz of the worker and the scheduler (worker/http.py); port 0: off.
     metrics_port: int = Field(default=9108, ge=0, le=65_535, validation_alias="KEYROTOR_METRICS_PORT")
-    metrics_host: str = Field(default="0.0.0.0", validation_alias="KEYROTOR_METRICS_HOST")  # noqa: S104
+    # Loopback by default: /metrics has no authentication and its labels name scopes (tenants).
+    # Deployments that scrape from another host or probe over the pod network bind 0.0.0.0.
+    metrics_host: str = Field(default="127.0.0.1", validation_alias="KEYROTOR_METRICS_HOST")
+    metrics_scope_labels: Literal["plain", "hashed", "off"] = Field(
+        default="plain", validation_alias="KEYROTOR_METRICS_SCOPE_LABELS"
+    )
     # How long /readyz trusts its last KEK provider check.
     kek_check_ttl_s: float = Field(
         default=30.0, gt=0, le=30.0, validation_alias="KEYROTOR_KEK_CHECK_TTL_SECONDS"

@@ -1,7 +1,7 @@
 """The operations endpoint of the worker and the scheduler: ``/metrics``, ``/healthz``, ``/readyz``.
 
 A small aiohttp server on ``KEYROTOR_METRICS_HOST:KEYROTOR_METRICS_PORT`` (default
-``0.0.0.0:9108``; port 0 disables it), inside the process's own event loop:
+``127.0.0.1:9108``; port 0 disables it), inside the process's own event loop:
 
 - ``/metrics``: prometheus_client's default registry (the library's metrics, the KEK provider's,
   the audit queue's) plus the arq queue depth, read from Redis at scrape time.

@@ -51,7 +51,7 @@ from jobs.retire_dek import retire_dek
 from jobs.rotate_dek import rotate_dek
 from jobs.rotate_kek import rotate_kek
 from jobs.serialization import ARQ_SERIALIZERS
-from keyrotor import runs
+from keyrotor import metrics, runs
 from keyrotor.budget import SharedRateBudget, kek_budget_key
 from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, KeyrotorError
@@ -265,6 +265,7 @@ async def start_ops_server(ctx: dict[str, Any]) -> ops.OpsServer:
     async def redis_ping() -> None:
         await redis.ping()
 
+    metrics.configure_scope_labels(settings.metrics_scope_labels)
     server = ops.OpsServer(
         role="worker",
         host=settings.metrics_host,

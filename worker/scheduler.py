@@ -551,6 +551,7 @@ class Scheduler:
         async def redis_ping() -> None:
             await self.redis.ping()
 
+        metrics.configure_scope_labels(self.settings.metrics_scope_labels)
         return ops.OpsServer(
             role="scheduler",
             host=self.settings.metrics_host,

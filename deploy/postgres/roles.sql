@@ -65,6 +65,15 @@ GRANT SELECT, INSERT, UPDATE, DELETE
 GRANT SELECT ON alembic_version TO keyrotor_worker;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO keyrotor_worker;
+-- The install salt of the local KEK derivation (migration 0010): every process that opens the
+-- KEK provider reads it; nobody but the owner writes it.
+DO $$
+BEGIN
+    IF to_regclass('public.install_salt') IS NOT NULL THEN
+        GRANT SELECT ON install_salt TO keyrotor_app, keyrotor_worker;
+    END IF;
+END
+$$;
 -- Replication tables, where that migration has run.
 DO $$
 DECLARE t text;

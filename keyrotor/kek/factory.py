@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
-from keyrotor.errors import ConfigurationError
+from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.kek.base import KekProvider
-from keyrotor.kek.local import LocalKeyring
+from keyrotor.kek.install_salt import DeferredLocalKeyring, read_install_salt
+from keyrotor.kek.local import LocalKeyring, check_master_key
 from keyrotor.settings import Settings
 
 
-def local_keyring(settings: Settings) -> LocalKeyring:
+def local_keyring(settings: Settings, install_salt: bytes | None = None) -> LocalKeyring:
     """The local keyring from ``ENCRYPTION_KEY`` (+ ``ENCRYPTION_KEYS_PREVIOUS``).
+
+    ``install_salt`` is this install's salt (:func:`keyrotor.kek.install_salt.read_install_salt`;
+    :func:`open_provider` reads it); None keeps passphrase keys on the pre-salt derivation.
 
     Raises:
         WeakKeyError: ``ENCRYPTION_KEY`` missing or weak.
@@ -26,19 +31,24 @@ def local_keyring(settings: Settings) -> LocalKeyring:
     keys[settings.encryption_key_version] = (
         settings.encryption_key.get_secret_value() if settings.encryption_key else ""
     )
-    return LocalKeyring.from_keys(keys, current=settings.encryption_key_version)
+    return LocalKeyring.from_keys(keys, current=settings.encryption_key_version, install_salt=install_salt)
 
 
-async def open_provider(settings: Settings, environ: Mapping[str, str] | None = None) -> KekProvider:
+async def open_provider(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, install_salt: bool = True
+) -> KekProvider:
     """Open the provider ``settings.secrets_provider`` names.
 
     ``local`` is built from ``settings``; ``aws`` and ``vault`` read their own variables from
     ``environ`` (default ``os.environ``; see the README's configuration reference). With
     ``KEYROTOR_KEK_READ_PROVIDERS`` set, the result is a :class:`~keyrotor.kek.routing.RoutingKek`
     that also unwraps DEKs those providers wrapped (during a provider migration).
+
+    The local keyring is salted with the install salt of ``settings.database_url``; a regional
+    keyring (``install_salt=False``) is not, since its database holds only copies.
     """
     env = os.environ if environ is None else environ
-    primary = await _open_one(settings.secrets_provider, settings, env)
+    primary = await _open_one(settings.secrets_provider, settings, env, install_salt)
     names = read_providers(settings)
     if not names:
         return primary
@@ -47,7 +57,7 @@ async def open_provider(settings: Settings, environ: Mapping[str, str] | None = 
     readers: dict[str, KekProvider] = {}
     try:
         for name in names:
-            reader = await _open_one(name, settings, env)
+            reader = await _open_one(name, settings, env, install_salt)
             readers[reader.name] = reader
     except BaseException:
         for reader in readers.values():
@@ -72,9 +82,19 @@ def read_providers(settings: Settings) -> list[str]:
     return [n for n in dict.fromkeys(names) if n != settings.secrets_provider]
 
 
-async def _open_one(name: str, settings: Settings, environ: Mapping[str, str]) -> KekProvider:
+async def _open_one(
+    name: str, settings: Settings, environ: Mapping[str, str], install_salt: bool
+) -> KekProvider:
     if name == "local":
-        return local_keyring(settings)
+        check_master_key(settings.encryption_key.get_secret_value() if settings.encryption_key else None)
+        if not install_salt:
+            return local_keyring(settings)
+        try:
+            salt = await read_install_salt(settings.database_url)
+        except StoreUnavailable:
+            # Start anyway, as without the salt nothing needs the KEK: it is read on first use.
+            return DeferredLocalKeyring(functools.partial(local_keyring, settings), settings.database_url)
+        return local_keyring(settings, salt)
     from keyrotor.kek.remote import open_remote_provider
 
     return await open_remote_provider(name, environ)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Text,
     UniqueConstraint,
     func,
@@ -382,3 +383,18 @@ class ReplicaPromotion(Base):
     previous_primary: Mapped[str] = mapped_column(Text)
     promoted_by: Mapped[str] = mapped_column(Text)
     keys: Mapped[int] = mapped_column(Integer)
+
+
+class InstallSalt(Base):
+    """This install's salt for the local KEK derivation (one row, written by migration 0010)."""
+
+    __tablename__ = "install_salt"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("1"))
+    salt: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("id = 1", name="one_row"),
+        CheckConstraint("length(salt) = 32", name="length"),
+    )

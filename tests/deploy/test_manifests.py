@@ -394,3 +394,18 @@ def test_dockerignore_lets_in_exactly_what_the_image_copies() -> None:
     assert copied == allowed, (sorted(copied), sorted(allowed))
     for path in copied:
         assert (ROOT / path).exists(), path
+
+
+def test_metrics_bind_every_interface_only_where_a_scraper_needs_it() -> None:
+    """The default bind is loopback (#19 finding 9); the examples that are scraped and probed
+    over a network bind 0.0.0.0 explicitly, and say why next to it."""
+    assert Settings.model_fields["metrics_host"].default == "127.0.0.1"
+    assert _compose()["x-keyrotor"]["environment"]["KEYROTOR_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
+    (configmap,) = [d for d in _by_kind("ConfigMap") if d["metadata"]["name"] == "keyrotor-config"]
+    assert configmap["data"]["KEYROTOR_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
+    for path in (ROOT / "docker-compose.yml", K8S / "configmap.yaml"):
+        lines = path.read_text().splitlines()
+        at = next(i for i, line in enumerate(lines) if "KEYROTOR_METRICS_HOST" in line)
+        assert "unauthenticated" in " ".join(lines[max(0, at - 4) : at]), path
+    # The Dockerfile and systemd leave the default alone: one host, loopback.
+    assert "KEYROTOR_METRICS_HOST=0" not in (DEPLOY / "Dockerfile").read_text()

@@ -272,8 +272,9 @@ async def test_parse_memo_never_bypasses_authentication(
     """The decrypt path memoises parsed values (ciphertext only): every call still authenticates."""
     from keyrotor import keys
 
-    monkeypatch.setattr(keys, "_PARSED_MAX", 3)  # the memo empties itself many times below
     tokens = [await km.encrypt("anthropic", f"{ANTHROPIC}-{i}", context=f"user:{i}") for i in range(5)]
+    # Room for 3 entries (text + raw bytes + overhead): the memo empties itself many times below.
+    monkeypatch.setattr(keys, "_PARSED_BUDGET_BYTES", 3 * (2 * len(tokens[0]) + keys._PARSED_OVERHEAD))
     for _ in range(3):
         for i, token in enumerate(tokens):
             assert await km.decrypt("anthropic", token, context=f"user:{i}") == f"{ANTHROPIC}-{i}"

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from keyrotor import KeyManager, Settings
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
+from keyrotor.kek.install_salt import read_install_salt
 from tests.rotation_helpers import WORKER_REDIS_URL, WorkerProcess, fetch, value_for
 
 SLOW = os.environ.get("KEYROTOR_SLOW_TESTS") == "1"
@@ -164,7 +165,7 @@ async def key_material(settings: Settings, *, extra_master_keys: Iterable[str] =
     deks = await fetch(
         settings.database_url, "SELECT k.name, d.* FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id"
     )
-    keyring = local_keyring(settings)
+    keyring = local_keyring(settings, await read_install_salt(settings.database_url))
     for d in deks:
         if d["encrypted_dek"] is None:
             continue

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -350,3 +352,44 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
     sched.send_signal(signal.SIGTERM)
     assert sched.wait(30) == 0
     assert worker.terminate() == 0
+
+
+def _non_loopback_addresses() -> list[str]:
+    """IPv4 addresses of this host other than 127.0.0.0/8 (where a 0.0.0.0 bind would answer)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(str(info[4][0]))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.254", 9))  # no packet is sent: picks the outgoing interface's address
+        found.add(s.getsockname()[0])
+    return sorted(a for a in found if not a.startswith("127."))
+
+
+async def test_metrics_bind_loopback_by_default_and_hash_scope_labels(
+    wenv: dict[str, str], tmp_path: Path, procs: list[Any]
+) -> None:
+    """#19 finding 9: /metrics is unauthenticated, so it answers on loopback only unless told
+    otherwise, and with KEYROTOR_METRICS_SCOPE_LABELS=hashed it never shows a scope's name."""
+    others = _non_loopback_addresses()
+    if not others:
+        pytest.skip("this host has no non-loopback IPv4 address to probe")
+    settings = Settings.from_env(wenv)
+    await seed(settings, SCOPE, 5)
+    port = free_port()
+    env = {k: v for k, v in wenv.items() if k != "KEYROTOR_METRICS_HOST"}
+    env |= {"KEYROTOR_METRICS_PORT": str(port), "KEYROTOR_METRICS_SCOPE_LABELS": "hashed"}
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    procs.append(worker)
+    await worker.wait_started()
+    async with KeyrotorClient(settings) as client:
+        run = await (await client.rotate(SCOPE)).result(timeout_s=30)
+    assert run.rows_done == 5
+    status, text = get(port, "/metrics")
+    assert status == 200
+    hashed = "h:" + hashlib.sha256(SCOPE.encode()).hexdigest()[:12]
+    assert sample(text, "keyrotor_rotations_completed_total", scope=hashed) == 1
+    assert SCOPE not in text and "tenant-7" not in text
+    for address in others:
+        with pytest.raises(OSError), socket.create_connection((address, port), timeout=2):
+            pass

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from keyrotor import Settings
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
+from keyrotor.kek.install_salt import read_install_salt
 from tests.conftest import MASTER_KEY
 from tests.rotation_helpers import (
     BIN,
@@ -134,7 +135,7 @@ async def test_cli_end_to_end_with_secrets_hygiene(
     deks = await fetch(
         settings.database_url, "SELECT k.name, d.* FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id"
     )
-    keyring = local_keyring(settings)
+    keyring = local_keyring(settings, await read_install_salt(settings.database_url))
     forbidden = [MASTER_KEY] + [v for vals in values.values() for v in vals.values()]
     for d in deks:
         if d["encrypted_dek"] is not None:

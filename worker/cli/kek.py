@@ -1,4 +1,4 @@
-"""``keyrotor kek status`` and ``keyrotor kek migrate``."""
+"""``keyrotor kek status``, ``keyrotor kek migrate`` and ``keyrotor keygen``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from keyrotor import kek_migration, runs
 from keyrotor.errors import KekError, KekUnavailable
 from keyrotor.kek.base import PROVIDER_SETTING, KekProvider
 from keyrotor.kek.factory import open_provider
+from keyrotor.kek.local import generate_key
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
 from keyrotor.store import db
@@ -25,6 +26,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="kek")
+    root.command("keygen")(keygen)
+
+
+def keygen() -> None:
+    """Print a new master key for ENCRYPTION_KEY: `krk1_` and 32 random bytes (base64url).
+
+    The documented way to make a local KEK: such a key needs no stretching and passes the
+    strength check by construction. Keep it where you keep other secrets; it is printed once.
+    """
+    out_console.print(generate_key(), highlight=False, soft_wrap=True)
 
 
 @app.command("status")
