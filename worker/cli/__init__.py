@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     except (InvalidInput, NotFound, ConfigurationError) as exc:
         _fail(str(exc), 2)
     except KeyrotorError as exc:
+        # A database error the user fixes with one command (no database, no schema) comes
+        # through the store as StoreRejected: say what to run, as a usage error.
+        fix = _database_hint(exc)
+        if fix is not None:
+            _fail(fix, 2)
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
