@@ -272,3 +272,16 @@ async def test_open_default_is_reported_and_lock_down_replaces_it(
         held=1,
         lock_down_s=round(elapsed, 2),
     )
+
+
+async def test_scheduler_start_up_warns_of_the_open_default(settings: Settings) -> None:
+    from structlog.testing import capture_logs
+
+    from worker.scheduler import Scheduler
+
+    with capture_logs() as logs:
+        async with Scheduler(settings):
+            pass
+    warned = [e for e in logs if e.get("event") == "open_default_grant"]
+    assert len(warned) == 1 and warned[0]["log_level"] == "warning"
+    assert warned[0]["detail"] == OPEN_GRANT_WARNING
