@@ -163,6 +163,26 @@ async def test_the_right_scope_context_and_grant_open_a_legacy_value(world: Worl
     assert ("decrypt", "tenant-a", True) in await _events(world.url, "alice")
 
 
+async def test_text_and_uuid_keys_bind_too(world: World) -> None:
+    km, url = world.km, world.url
+    await fetch(url, "CREATE TABLE tk (k text PRIMARY KEY, scope text NOT NULL, v text)")
+    await fetch(url, "INSERT INTO tk VALUES ('cus:é1', 'tenant-a', $1)", world.legacy_a)
+    await columns.register(km.sessions, "tk.v", pk="k", scope_column="scope")
+    assert await km.decrypt("tenant-a", world.legacy_a, context="tk.v:cus:é1", actor="alice") == TENANT_KEY
+    with pytest.raises(AccessDenied):
+        await km.decrypt("public", world.legacy_a, context="tk.v:cus:é1", actor="bob")
+    await fetch(url, "CREATE TABLE uk (id uuid PRIMARY KEY, v text)")
+    (row,) = await fetch(
+        url, "INSERT INTO uk VALUES (gen_random_uuid(), $1) RETURNING id::text", world.legacy_a
+    )
+    await columns.register(km.sessions, "uk.v", pk="id", scope="tenant-a")
+    good = f"uk.v:{row[0]}"
+    assert await km.decrypt("tenant-a", world.legacy_a, context=good, actor="alice") == TENANT_KEY
+    for bad in (f"uk.v:{row[0].upper()}", "uk.v:not-a-uuid", "uk.v:"):  # no row, and no SQL error
+        with pytest.raises(AccessDenied):
+            await km.decrypt("tenant-a", world.legacy_a, context=bad, actor="alice")
+
+
 async def test_legacy_decrypt_off_refuses(world: World, settings: Settings) -> None:
     s = settings.model_copy(update={"legacy_decrypt": "off", "listen_key_changes": False})
     assert (
