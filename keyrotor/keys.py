@@ -532,7 +532,17 @@ class KeyManager:
             return
         message = f"actor {who[0]!r} may not decrypt this legacy value in scope {scope!r}: {reason}"
         meta = '{"operation":"decrypt","format":"legacy"}'
-        await self._emit(("unauthorized", scope, None, False, *who, message, meta, now_us()))
+        row: Row = (
+            "unauthorized",
+            scope,
+            None,
+            False,
+            *who,
+            clean_text(message, MAX_ERROR_CHARS),
+            meta,
+            now_us(),
+        )
+        await self._emit(row)
         raise AccessDenied(message)
 
     async def _decrypt_legacy(self, ciphertext: str, who: _Who) -> str:
