@@ -43,6 +43,10 @@ class ConfigurationError(PermanentError):
     """keyrotor is misconfigured."""
 
 
+class LegacyDecryptDisabled(ConfigurationError):
+    """A legacy value was given while ``KEYROTOR_LEGACY_DECRYPT=off``."""
+
+
 class WeakKeyError(ConfigurationError):
     """The master key is missing or too weak."""
 

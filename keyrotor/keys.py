@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor import envelope, legacy, metrics
+from keyrotor import envelope, legacy, legacy_scope, lockdown, metrics
 from keyrotor.audit import (
     CALLER,
     MAX_ERROR_CHARS,
@@ -63,6 +63,7 @@ from keyrotor.errors import (
     InvalidValue,
     KeyrotorError,
     KeyVersionUnknown,
+    LegacyDecryptDisabled,
     LegacyDecryptThrottled,
     MalformedCiphertext,
     ScopeNotFound,
@@ -121,6 +122,10 @@ class KeyManager:
         engine: an async SQLAlchemy engine; by default one for ``settings.database_url``.
             Objects passed in are not closed by the manager.
     """
+
+    # open() logs one warning while the open default grant ``* *`` is in place. One-shot CLI
+    # commands turn it off: ``status`` and ``health`` report it, and their stderr is one line.
+    warn_open_grants = True
 
     def __init__(
         self,
@@ -224,6 +229,8 @@ class KeyManager:
                 self.settings, self._sessions, self._kek, self._environ, on_failover=self._failover_event
             )
         self.usage.start()
+        if self.warn_open_grants and await lockdown.still_open(self._sessions):
+            log.warning(lockdown.OPEN_GRANT_WARNING)  # the open default grant '* *': say so once
 
     async def close(self) -> None:
         """Release what the manager opened, after writing every queued audit event.
@@ -492,7 +499,9 @@ class KeyManager:
         except MalformedCiphertext:
             if isinstance(ciphertext, str) and not ciphertext.startswith(envelope.PREFIX):
                 if legacy.is_legacy(ciphertext):
-                    return await self._decrypt_legacy(ciphertext, who or self._default_who), None
+                    who = who or self._default_who
+                    await self._bind_legacy(scope, ciphertext, context, who)
+                    return await self._decrypt_legacy(ciphertext, who), None
                 raise MalformedCiphertext("not a kr1 or legacy ciphertext") from None
             raise
         cipher = self.cache.get(scope, version) or await self._load(scope, version)
@@ -501,6 +510,40 @@ class KeyManager:
             return data.decode(), version
         except UnicodeDecodeError:
             raise DecryptionFailed("decrypted value is not valid UTF-8") from None
+
+    async def _bind_legacy(self, scope: str, ciphertext: str, context: str, who: _Who) -> None:
+        """Refuse a legacy value unless ``context`` names its row and that row is ``scope``'s.
+
+        A legacy value carries no scope or context of its own, so without this a grant on any
+        scope would read every scope's legacy values (``keyrotor.legacy_scope``).
+
+        Raises:
+            LegacyDecryptDisabled: ``KEYROTOR_LEGACY_DECRYPT=off``.
+            AccessDenied: the value does not belong where the caller says (audited ``unauthorized``).
+        """
+        if self.settings.legacy_decrypt == "off":
+            raise LegacyDecryptDisabled(
+                "legacy values are not decrypted (KEYROTOR_LEGACY_DECRYPT=off): run "
+                "`keyrotor legacy migrate`, or set KEYROTOR_LEGACY_DECRYPT=on"
+            )
+        async with db.transaction(self.sessions) as session:
+            reason = await legacy_scope.refusal(session, scope, context, ciphertext)
+        if reason is None:
+            return
+        message = f"actor {who[0]!r} may not decrypt this legacy value in scope {scope!r}: {reason}"
+        meta = '{"operation":"decrypt","format":"legacy"}'
+        row: Row = (
+            "unauthorized",
+            scope,
+            None,
+            False,
+            *who,
+            clean_text(message, MAX_ERROR_CHARS),
+            meta,
+            now_us(),
+        )
+        await self._emit(row)
+        raise AccessDenied(message)
 
     async def _decrypt_legacy(self, ciphertext: str, who: _Who) -> str:
         key = self.settings.legacy_key
@@ -622,7 +665,7 @@ class KeyManager:
             if row is None:
                 raise SecretNotFound(f"no secret {name!r} in scope {scope!r}")
             version = _peek_version(row.ciphertext)
-            value, version = await self._decrypt_value(scope, row.ciphertext, context)
+            value, version = await self._decrypt_value(scope, row.ciphertext, context, who)
             if self._retired and version is not None and (scope, version) in self._retired:
                 await self._retired_use(who, scope, version, context)
         except Exception as exc:

@@ -219,6 +219,9 @@ class Settings(BaseSettings):
     legacy_decrypt_concurrency: int = Field(
         default=2, ge=1, le=64, validation_alias="KEYROTOR_LEGACY_DECRYPT_CONCURRENCY"
     )
+    # Whether KeyManager opens legacy values at all (only through their registered row, see
+    # keyrotor.legacy_scope). "off" once `keyrotor legacy migrate` reports none left.
+    legacy_decrypt: Literal["on", "off"] = Field(default="on", validation_alias="KEYROTOR_LEGACY_DECRYPT")
     legacy_failures_per_minute: int = Field(
         default=10, ge=1, le=100_000, validation_alias="KEYROTOR_LEGACY_FAILURES_PER_MINUTE"
     )

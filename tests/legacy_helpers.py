@@ -9,6 +9,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from keyrotor import legacy
 from tests.conftest import MASTER_KEY
 
@@ -40,3 +42,20 @@ def legacy_rows(n: int = 200) -> list[tuple[str, str, str]]:
 def vectors() -> list[dict[str, Any]]:
     """The Node vectors (skipped by callers when the shared folder is absent)."""
     return [json.loads(line) for line in VECTORS.read_text().splitlines() if line.strip()]
+
+
+async def store_legacy_secret(database_url: str, scope: str, name: str, value: str) -> None:
+    """Put a legacy ``value`` in keyrotor's ``secrets`` as secret ``name`` of ``scope`` (which must
+    exist), as the old backend's rows were imported: a legacy value opens only through its row."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO secrets (scope_id, name, ciphertext, dek_version) "
+            "SELECT id, $2, $3, 0 FROM key_scopes WHERE name = $1 "
+            "ON CONFLICT (scope_id, name) DO UPDATE SET ciphertext = EXCLUDED.ciphertext",
+            scope,
+            name,
+            value,
+        )
+    finally:
+        await conn.close()

@@ -55,7 +55,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jobs.common import connect_queue, enqueue_driver, job_id
-from keyrotor import metrics, schedule
+from keyrotor import lockdown, metrics, schedule
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.runs import RunInfo
 from keyrotor.schedule import Batch, ScanConfig, ScanPlan
@@ -284,6 +284,8 @@ class Scheduler:
         if self._engine is None:
             self._engine = db.create_engine(self.settings.database_url, pool_size=2, max_overflow=2)
         self._sessions = db.sessionmaker(self._engine)
+        if await lockdown.still_open(self._sessions):
+            log.warning("open_default_grant", detail=lockdown.OPEN_GRANT_WARNING)
 
     async def close(self) -> None:
         """Step down (release the lock, clear the leader key if it is ours) and disconnect."""

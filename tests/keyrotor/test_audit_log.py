@@ -40,6 +40,7 @@ from keyrotor.errors import (
 from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.keyrotor.audit_helpers import rows, tamper, verify
+from tests.legacy_helpers import store_legacy_secret
 
 ANTHROPIC = "sk-ant-api03-" + "Q7w" * 30 + "zz"
 OPENAI = "sk-proj-" + "m4K" * 16
@@ -117,8 +118,10 @@ async def test_secrets_table_calls_are_audited(km: KeyManager, database_url: str
 async def test_legacy_decrypt_is_audited(settings: Settings, database_url: str) -> None:
     blob = legacy.encrypt("sk-old-value", MASTER_KEY)
     async with KeyManager(settings) as km:
-        assert await km.decrypt("openai", blob) == "sk-old-value"
-    (row,) = await rows(database_url)
+        await km.encrypt("openai", "sk-new")  # the scope exists
+        await store_legacy_secret(database_url, "openai", "old", blob)  # opens only through its row
+        assert await km.decrypt("openai", blob, context="secret:old") == "sk-old-value"
+    (row,) = [r for r in await rows(database_url) if r["event_type"] != "encrypt"]
     assert row["event_type"] == "decrypt" and row["key_version"] is None
     assert json.loads(row["metadata"]) == {"format": "legacy"}
 
@@ -208,7 +211,8 @@ async def test_nothing_secret_in_any_column(km: KeyManager, database_url: str) -
     await km.put_secret("anthropic", "prod", ANTHROPIC)
     assert await km.get_secret("anthropic", "prod") == ANTHROPIC
     blob = legacy.encrypt(plaintexts[3], MASTER_KEY)
-    assert await km.decrypt("openai", blob) == plaintexts[3]
+    await store_legacy_secret(database_url, "anthropic", "old", blob)  # opens only through its row
+    assert await km.decrypt("anthropic", blob, context="secret:old") == plaintexts[3]
     await km.flush_audit()
 
     conn = await asyncpg.connect(database_url)

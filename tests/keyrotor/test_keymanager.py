@@ -30,6 +30,7 @@ from keyrotor.errors import (
 )
 from keyrotor.kek.base import WrapContext, WrappedDek
 from tests.conftest import MASTER_KEY
+from tests.legacy_helpers import store_legacy_secret
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors" / "legacy-node.jsonl"
 ANTHROPIC = "sk-ant-api03-" + "A1b2C3d4" * 11 + "xyzw1234"
@@ -139,17 +140,23 @@ async def test_node_vectors_decrypt_through_keymanager(database_url: str, env: d
         pytest.skip(f"shared vectors not found at {VECTORS}")
     env = {**env, "KEYROTOR_LEGACY_KEY": "shared-master-key-2025-10-27"}
     async with KeyManager.from_env(env) as km:
-        for line in VECTORS.read_text().splitlines():
+        for i, line in enumerate(VECTORS.read_text().splitlines()):
             v = json.loads(line)
             if v.get("kind") == "encrypted_dek":
                 continue
-            assert await km.decrypt(v["provider"], v["ciphertext"]) == v["plaintext"]
+            # A legacy value opens only through the row it lives in (here a secret of its scope).
+            await km.encrypt(v["provider"], "warm-up")
+            await store_legacy_secret(database_url, v["provider"], f"v{i}", v["ciphertext"])
+            context = f"secret:v{i}"
+            assert await km.decrypt(v["provider"], v["ciphertext"], context=context) == v["plaintext"]
 
 
-async def test_legacy_wrong_key(km: KeyManager) -> None:
+async def test_legacy_wrong_key(km: KeyManager, database_url: str) -> None:
     blob = legacy.encrypt("sk-old", "another-master-key-that-is-long-enough!!")
+    await km.encrypt("openai", "sk-new")
+    await store_legacy_secret(database_url, "openai", "old", blob)
     with pytest.raises(DecryptionFailed):
-        await km.decrypt("openai", blob)
+        await km.decrypt("openai", blob, context="secret:old")
 
 
 async def test_cache_hits_and_ttl(settings: Settings) -> None:

@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "reliability" / "results" / "latest.json"
 SLOW_RESULTS = ROOT / "tests" / "reliability" / "results" / "slow.json"
 SECURITY_RESULTS = ROOT / "tests" / "reliability" / "results" / "security.json"
-SECURITY_TESTS = ["tests/reliability/test_security_kek.py", "tests/reliability/test_security_inputs.py"]
+SECURITY_TESTS = [
+    "tests/reliability/test_security_kek.py",
+    "tests/reliability/test_security_inputs.py",
+    "tests/reliability/test_security_legacy.py",
+]
 OUT = ROOT / "RELIABILITY.md"
 
 
@@ -273,8 +277,10 @@ def render_security(doc: dict[str, Any]) -> str:
             f"{len(tests)} tests passed.",
             "Each row is an attack as the review reproduced it, against a real database (and the",
             "real `keyrotor` CLI where it says so); *tries* is how often it was attempted, *held* how often",
-            "it was stopped. Replayed against the code before the fixes (`27aa15a`), every one of these",
-            "attacks succeeded. Findings 1, 2, 4, 5 and 6 are not covered here yet (see SECURITY.md).",
+            "it was stopped. Replayed against the code before the fixes (`27aa15a`; findings 1 and 4:",
+            "`09d8be5`), every one of these",
+            "attacks succeeded. Findings 2, 5 and 6 are not covered here yet (see SECURITY.md); for",
+            "finding 4 the open default is reported and replaceable, the actor of an HTTP call is #16's.",
             "For finding 9 a real worker's loopback bind and hashed labels are also tested in",
             "`tests/worker/test_ops.py`, the deploy examples' explicit binds in `tests/deploy/`.",
             "",

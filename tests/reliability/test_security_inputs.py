@@ -31,6 +31,7 @@ from keyrotor.errors import CiphertextTooLarge, DecryptionFailed, InvalidInput, 
 from keyrotor.keys import _PARSED_BUDGET_BYTES, max_ciphertext_chars
 from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY
+from tests.legacy_helpers import store_legacy_secret
 from tests.rotation_helpers import fetch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +124,13 @@ async def test_legacy_failures_are_bounded_and_throttled_per_actor(
     good = legacy.encrypt("sk-ant-legacy", MASTER_KEY)
     async with KeyManager(s) as km:
         await km.encrypt("openai", "sk-real")
+        # A legacy value opens only through the row it lives in (finding 1): the forgeries are
+        # stored as secrets, as a writer of the table could, so each reaches the scrypt.
+        attempts = 30
+        forged = [_forged_legacy() for _ in range(attempts + 50)]
+        for i, value in enumerate(forged):
+            await store_legacy_secret(env["DATABASE_URL"], "openai", f"f{i}", value)
+        await store_legacy_secret(env["DATABASE_URL"], "openai", "good", good)
         threads: set[str] = set()
         stop = False
 
@@ -133,10 +141,12 @@ async def test_legacy_failures_are_bounded_and_throttled_per_actor(
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        attempts = 30
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(km.decrypt("openai", _forged_legacy(), actor="mallory") for _ in range(attempts)),
+            *(
+                km.decrypt("openai", forged[i], context=f"secret:f{i}", actor="mallory")
+                for i in range(attempts)
+            ),
             return_exceptions=True,
         )
         elapsed = time.perf_counter() - t0
@@ -150,13 +160,13 @@ async def test_legacy_failures_are_bounded_and_throttled_per_actor(
         assert not any(t.startswith("asyncio_") for t in threads)  # never the default executor
         # Refused fast from now on: no scrypt.
         t1 = time.perf_counter()
-        for _ in range(50):
+        for i in range(attempts, attempts + 50):
             with pytest.raises(LegacyDecryptThrottled):
-                await km.decrypt("openai", _forged_legacy(), actor="mallory")
+                await km.decrypt("openai", forged[i], context=f"secret:f{i}", actor="mallory")
         refused_ms = (time.perf_counter() - t1) * 1000 / 50
         assert refused_ms < 5
         # Another actor is not affected; its legacy value opens.
-        assert await km.decrypt("openai", good, actor="alice") == "sk-ant-legacy"
+        assert await km.decrypt("openai", good, context="secret:good", actor="alice") == "sk-ant-legacy"
         await km.flush_audit()
     rows = await fetch(
         env["DATABASE_URL"],

@@ -22,6 +22,7 @@ from worker.cli import health as health_cmd
 from worker.cli import kek as kek_cmd
 from worker.cli import keys as keys_cmd
 from worker.cli import legacy as legacy_cmd
+from worker.cli import lockdown as lockdown_cmd
 from worker.cli import policy as policy_cmd
 from worker.cli import replicas as replicas_cmd
 from worker.cli import rotate as rotate_cmd
@@ -50,6 +51,7 @@ scheduler_cmd.register(app)
 health_cmd.register(app)
 kek_cmd.register(app)
 replicas_cmd.register(app)
+lockdown_cmd.register(app)
 
 
 def _fail(message: str, code: int) -> NoReturn:

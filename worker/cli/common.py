@@ -42,8 +42,14 @@ def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def manager() -> KeyManager:
-    """A KeyManager from the environment; use with ``async with``."""
-    return KeyManager(settings())
+    """A KeyManager from the environment; use with ``async with``.
+
+    It does not log the open-default-grant warning: a command's stderr is its own result or one
+    error line, and ``status``/``health`` report the grant.
+    """
+    km = KeyManager(settings())
+    km.warn_open_grants = False
+    return km
 
 
 def print_json(data: Any) -> None:

@@ -14,6 +14,8 @@ Checks, each bounded by a timeout and reported with its own status:
 - ``census``: ``warn`` (not a failure) while values of a DEK version that is not destroyed were
   sealed for a location that no registered column covers and no operator acknowledged
   (``keyrotor columns list``): that version is never destroyed until it is registered or ignored.
+- ``grants``: ``warn`` (not a failure) while the open default grant ``* *`` is in place
+  (``keyrotor lock-down`` replaces it with named grants).
 
 Errors name the failure's class (and for our own typed errors their message), never a key or
 a URL's credentials: the database and Redis URLs are not shown at all, and a KEK provider's own
@@ -114,6 +116,9 @@ async def collect(settings: Settings) -> dict[str, Result]:
     async def census_check() -> Result:
         return await census_health(settings)
 
+    async def grants_check() -> Result:
+        return await grants_health(settings)
+
     checks = {
         "postgres": postgres,
         "redis": redis_ping,
@@ -122,6 +127,7 @@ async def collect(settings: Settings) -> dict[str, Result]:
         "scheduler": scheduler,
         "replicas": replicas,
         "census": census_check,
+        "grants": grants_check,
     }
     try:
         results = await asyncio.gather(*(_bounded(fn) for fn in checks.values()))
@@ -173,6 +179,22 @@ async def census_health(settings: Settings) -> Result:
     if found:
         return {"status": "warn", "error": census.advice(found)}
     return {"status": "ok", "detail": "every location is registered, keyrotor's own or acknowledged"}
+
+
+async def grants_health(settings: Settings) -> Result:
+    """The ``grants`` check: ``warn`` while the open default grant ``* *`` is in place."""
+    from keyrotor import lockdown
+    from keyrotor.store import db
+
+    engine = db.create_engine(settings.database_url, pool_size=1)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            still_open = await lockdown.wildcard_grant(session)
+    finally:
+        await engine.dispose()
+    if still_open:
+        return {"status": "warn", "error": lockdown.OPEN_GRANT_WARNING}
+    return {"status": "ok", "detail": "no wildcard grant: only named actors may encrypt or decrypt"}
 
 
 def healthy(results: dict[str, Result]) -> bool:

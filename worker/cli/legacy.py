@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from redis.exceptions import RedisError
 
-from keyrotor import KeyManager, legacy_migration
+from keyrotor import KeyManager, legacy_migration, legacy_scope
 from keyrotor.errors import Conflict, QueueUnavailable
 from keyrotor.legacy_migration import LegacyReport
 from keyrotor.policy import check_scope
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
+from keyrotor.store import db
 from worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
 from worker.cli.rotate import wait_run
 
@@ -88,12 +89,17 @@ def migrate(
                     )
 
         report = run(dry)
-        _print_report(report, json_out=json_out)
+        still = run(_remaining)
+        if json_out:
+            print_json({**report.as_dict(), **_remaining_doc(still)})
+        else:
+            _print_report(report, json_out=False)
+            err_console.print(_remaining_line(still))
         if report.failed:
             raise typer.Exit(1)
         return
 
-    async def go() -> tuple[RunInfo, bool]:
+    async def go() -> tuple[RunInfo, bool, int | None]:
         from worker.client import KeyrotorClient, RunHandle
 
         async with KeyrotorClient(Settings.from_env()) as client:
@@ -102,21 +108,27 @@ def migrate(
             job = await _drive(client, r)
             handle = RunHandle(client, r.id, job, created)
             if not wait:
-                return await handle.status(), created
+                return await handle.status(), created, None
             with progress() as bar:
                 task = bar.add_task("migrating legacy values", total=None)
 
                 def update(info: RunInfo) -> None:
                     bar.update(task, completed=info.rows_done, total=info.rows_total or None)
 
-                return await wait_run(handle, timeout, update), created
+                ended = await wait_run(handle, timeout, update)
+            return ended, created, await _remaining()
 
-    r, created = run(go)
+    r, created, left = run(go)
     report = legacy_migration.report_of(r)
     if json_out:
-        print_json({**report.as_dict(), "joined": not created, "rows_done": r.rows_done, "error": r.error})
+        extra = _remaining_doc(left) if left is not None else {}
+        print_json(
+            {**report.as_dict(), "joined": not created, "rows_done": r.rows_done, "error": r.error, **extra}
+        )
     elif wait:
         _print_report(report, json_out=False)
+        if left is not None:
+            err_console.print(_remaining_line(left))
     else:
         joined = "" if created else " (joined the open run)"
         err_console.print(f"run {r.id}: legacy migration {r.state}{joined}; follow it with `keyrotor runs`")
@@ -124,6 +136,28 @@ def migrate(
         raise RunFailed(f"run {r.id} {r.state}: {r.error or 'no reason recorded'}")
     if wait and report.failed:
         raise typer.Exit(1)
+
+
+SAFE_TO_DISABLE = (
+    "no legacy value remains in secrets or any registered column: "
+    "it is now safe to set KEYROTOR_LEGACY_DECRYPT=off"
+)
+
+
+async def _remaining() -> int:
+    """Legacy values left in ``secrets`` and every registered column."""
+    async with manager() as km, db.transaction(km.sessions) as session:
+        return await legacy_scope.legacy_remaining(session)
+
+
+def _remaining_line(left: int) -> str:
+    if left == 0:
+        return SAFE_TO_DISABLE
+    return f"{left} legacy values remain: keep KEYROTOR_LEGACY_DECRYPT=on until they are migrated"
+
+
+def _remaining_doc(left: int) -> dict[str, Any]:
+    return {"legacy_remaining": left, "safe_to_disable_legacy_decrypt": left == 0}
 
 
 async def _open_run(km: KeyManager, request_id: str | None) -> tuple[RunInfo, bool]:

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from rich.markup import escape
 from rich.table import Table
 
-from keyrotor import KeyManager, census, columns, replication
+from keyrotor import KeyManager, census, columns, legacy_scope, lockdown, replication
 from keyrotor.errors import ScopeNotFound
 from keyrotor.policy import check_scope
 from keyrotor.settings import Settings
@@ -34,6 +34,8 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
             scopes = await repo.status(session, scope)
             managed = await columns.census(session)
             unregistered = await census.unregistered_locations(session)
+            legacy_left = await legacy_scope.legacy_remaining(session, managed)
+            open_grant = await lockdown.wildcard_grant(session)
         await mark_queued(km.settings, scopes)
         replicas = await replica_status(km)
     if scope is not None and not scopes:
@@ -46,7 +48,15 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
         "unregistered": [v.as_dict() for v in unregistered],
         "warning": census.advice(unregistered) if unregistered else None,
     }
-    return {"scopes": scopes, "columns": managed, "replicas": replicas, "locations": locations}
+    grants = {"wildcard": open_grant, "warning": lockdown.OPEN_GRANT_WARNING if open_grant else None}
+    return {
+        "scopes": scopes,
+        "columns": managed,
+        "replicas": replicas,
+        "locations": locations,
+        "legacy": {"remaining": legacy_left},
+        "grants": grants,
+    }
 
 
 async def replica_status(km: KeyManager) -> dict[str, Any]:
@@ -96,6 +106,13 @@ def status(
     if json_out:
         print_json(doc)
         return
+    if doc["grants"]["warning"]:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(doc['grants']['warning'])}")
+    if doc["legacy"]["remaining"]:
+        err_console.print(
+            f"legacy values remaining: {doc['legacy']['remaining']} "
+            "(`keyrotor legacy migrate` moves them to kr1)"
+        )
     if doc["replicas"]["regions"]:
         from worker.cli.replicas import region_table
 
