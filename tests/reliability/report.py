@@ -26,7 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "reliability" / "results" / "latest.json"
 SLOW_RESULTS = ROOT / "tests" / "reliability" / "results" / "slow.json"
 SECURITY_RESULTS = ROOT / "tests" / "reliability" / "results" / "security.json"
-SECURITY_TESTS = ["tests/reliability/test_security_kek.py", "tests/reliability/test_security_inputs.py"]
+SECURITY_TESTS = [
+    "tests/reliability/test_security_kek.py",
+    "tests/reliability/test_security_inputs.py",
+    "tests/reliability/test_security_usage.py",
+    "tests/reliability/test_security_destroyed.py",
+]
 OUT = ROOT / "RELIABILITY.md"
 
 
@@ -274,7 +279,8 @@ def render_security(doc: dict[str, Any]) -> str:
             "Each row is an attack as the review reproduced it, against a real database (and the",
             "real `keyrotor` CLI where it says so); *tries* is how often it was attempted, *held* how often",
             "it was stopped. Replayed against the code before the fixes (`27aa15a`), every one of these",
-            "attacks succeeded. Findings 1, 2, 4, 5 and 6 are not covered here yet (see SECURITY.md).",
+            "attacks succeeded. Findings 1, 2 and 4 are not covered here yet (see SECURITY.md).",
+            "For finding 6 the regions' copies are tested in `tests/replication/test_destroyed_copies.py`.",
             "For finding 9 a real worker's loopback bind and hashed labels are also tested in",
             "`tests/worker/test_ops.py`, the deploy examples' explicit binds in `tests/deploy/`.",
             "",
