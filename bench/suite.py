@@ -92,6 +92,9 @@ async def keymanager(size: Size) -> list[Row]:
             r["raw_encrypt"], 1 / r["encrypt_ratio"]),
         Row(b, "location record, share of an encrypt (%)", 100 * r["location_cost"], "%",
             "encrypt to users.api_key:<i> (ops/s)", r["km_encrypt_located"], r["location_cost"], "<= 0.05"),
+        Row(b, "usage reservation, share of an encrypt (%)", 100 * r["reservation_cost"], "%",
+            "encrypt to users.api_key:<i> (ops/s)", r["km_encrypt_located"], r["reservation_cost"],
+            "<= 0.05"),
     ]  # fmt: skip
 
 

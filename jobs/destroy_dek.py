@@ -26,5 +26,9 @@ async def destroy_dek(
             raise retry(ctx, exc) from exc
         raise
     if result.outcome == destruction.DESTROYED:
-        await replicas.follow(ctx, "destroy_dek", scope, f"v{version}")  # the regions drop their copies
+        # The regions' copies go now (best effort), so no failover read can serve the key; the
+        # replication enqueued after deletes whatever a region that was down still holds.
+        if d.km.replication is not None:
+            await d.km.replication.drop_destroyed(scope, version)
+        await replicas.follow(ctx, "destroy_dek", scope, f"v{version}")
     return result.summary()

@@ -83,6 +83,10 @@ class KeyVersionTooOld(PermanentError):
     """The key version has been retired and can no longer decrypt."""
 
 
+class KeyExhausted(PermanentError):
+    """The DEK has made as many encryptions as it safely may: rotate the scope (``keyrotor rotate``)."""
+
+
 class NotFound(PermanentError, LookupError):
     """The requested object does not exist."""
 

@@ -61,6 +61,7 @@ from keyrotor.errors import (
     DecryptionFailed,
     InvalidInput,
     InvalidValue,
+    KeyExhausted,
     KeyrotorError,
     KeyVersionUnknown,
     LegacyDecryptDisabled,
@@ -68,6 +69,7 @@ from keyrotor.errors import (
     MalformedCiphertext,
     ScopeNotFound,
     SecretNotFound,
+    StoreUnavailable,
 )
 from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
 from keyrotor.kek.base import KekProvider, WrapContext
@@ -164,6 +166,11 @@ class KeyManager:
         # normal case, so the decrypt path pays one truth test for it.
         self._retired: dict[tuple[str, int], int] = {}
         self._retired_noted: dict[tuple[str, int, str], float] = {}  # -> monotonic time of next write
+        # Cached DEK versions loaded in a state that leads to destruction (grace, retired) ->
+        # monotonic time their state is read again (_confirm): a process that missed the
+        # announcement of a destruction stops using the key within KEYROTOR_ACTIVE_VERSION_TTL_SECONDS,
+        # not the cache's TTL. Empty while only active keys are in use: one truth test a decrypt.
+        self._unconfirmed: dict[tuple[str, int], float] = {}
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self._audit: AuditWriter | None = None
         try:
@@ -331,6 +338,7 @@ class KeyManager:
         Raises:
             InvalidScope, InvalidValue, InvalidInput: bad input.
             AccessDenied: no grant lets the actor encrypt in this scope.
+            KeyExhausted: the scope's DEK made as many encryptions as it may; rotate the scope.
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
         who = self._who(actor, ip, user_agent)
@@ -342,6 +350,8 @@ class KeyManager:
             if allowed is None or not allowed[_ENCRYPT]:
                 await self._authorize(who, scope, _ENCRYPT)
             scope_id, version, cipher = await self._encryption_key(scope)
+            if not self.usage.take(scope_id, version):  # reserved before use (keyrotor.usage)
+                scope_id, version, cipher = await self._reserve(scope, scope_id, version, cipher)
             token = envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
             # Counts the encryption; a location new to this process is recorded (committed)
             # before the ciphertext leaves, so no stored value has a location nobody knows.
@@ -415,6 +425,8 @@ class KeyManager:
             else:
                 version, raw = parsed
                 cipher = self.cache.get(scope, version) or await self._load(scope, version)
+                if self._unconfirmed and (scope, version) in self._unconfirmed:
+                    await self._confirm(scope, version)
                 try:
                     value = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(scope, version, context)).decode()
                 except InvalidTag:
@@ -505,6 +517,8 @@ class KeyManager:
                 raise MalformedCiphertext("not a kr1 or legacy ciphertext") from None
             raise
         cipher = self.cache.get(scope, version) or await self._load(scope, version)
+        if self._unconfirmed and (scope, version) in self._unconfirmed:
+            await self._confirm(scope, version)
         data = envelope.open_raw(raw, cipher=cipher, scope=scope, dek_version=version, context=context)
         try:
             return data.decode(), version
@@ -618,6 +632,7 @@ class KeyManager:
         self._check_scope(scope)
         await self._authorize(who, scope, _ENCRYPT)
         scope_id, version, cipher = await self._encryption_key(scope)
+        scope_id, version, cipher = await self._reserve(scope, scope_id, version, cipher, len(items))
         rows = [
             (
                 name,
@@ -841,10 +856,13 @@ class KeyManager:
         if scope is None:
             self._active.clear()
             self._retired.clear()
+            self._unconfirmed.clear()
         else:
             self._active.pop(scope, None)
             for key in [k for k in self._retired if k[0] == scope]:
                 del self._retired[key]
+            for key in [k for k in self._unconfirmed if k[0] == scope]:
+                del self._unconfirmed[key]
 
     async def _failover_event(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
         """Record a ``failover`` audit event (DEK reads left the primary region, or returned)."""
@@ -873,6 +891,27 @@ class KeyManager:
         )
         cipher = self.cache.get(scope, record.version) or await self._load(scope, record.version)
         return record.scope_id, record.version, cipher
+
+    async def _reserve(
+        self, scope: str, scope_id: int, version: int, cipher: AESGCM, n: int = 1
+    ) -> tuple[int, int, AESGCM]:
+        """Reserve ``n`` encryptions of the active DEK (keyrotor.usage). If it is exhausted or
+        no longer takes values, the active version is read again once: a rotation may have
+        replaced it since this process last looked. Returns the DEK to use.
+
+        Raises:
+            KeyExhausted: the scope's active DEK reached its hard stop.
+        """
+        try:
+            await self.usage.acquire(scope_id, version, n, scope=scope)
+            return scope_id, version, cipher
+        except (KeyExhausted, KeyVersionUnknown):
+            self._active.pop(scope, None)
+            fresh = await self._encryption_key(scope)
+            if fresh[1] == version:
+                raise
+        await self.usage.acquire(fresh[0], fresh[1], n, scope=scope)
+        return fresh
 
     async def _active_record(self, scope: str) -> repo.KeyRecord:
         async with db.transaction(self.sessions) as session:
@@ -932,14 +971,52 @@ class KeyManager:
             raise KeyVersionUnknown(f"{scope}: DEK v{version} is unknown")
         check_decryptable(scope, version, record.state, record.latest_version)
         assert record.wrapped is not None  # decryptable states always keep their wrapped key
-        if record.state == KeyState.RETIRED:  # decrypts, and each use is noticed (_retired_use)
-            self._retired[(scope, version)] = record.scope_id
-        else:
-            self._retired.pop((scope, version), None)
+        self._note_state(scope, version, record.state, record.scope_id)
         dek = await self.kek.unwrap(record.wrapped, WrapContext(scope, version))
         cipher = AESGCM(dek)
         self.cache.put(scope, version, cipher)
         return cipher
+
+    def _note_state(self, scope: str, version: int, state: KeyState | None, scope_id: int) -> None:
+        """Remember what the loaded state of a cached DEK asks of its later uses."""
+        key = (scope, version)
+        if state == KeyState.RETIRED:  # decrypts, and each use is noticed (_retired_use)
+            self._retired[key] = scope_id
+        else:
+            self._retired.pop(key, None)
+        if state in (KeyState.GRACE, KeyState.RETIRED):
+            self._unconfirmed[key] = time.monotonic() + self.settings.active_version_ttl_s
+        else:
+            self._unconfirmed.pop(key, None)
+
+    async def _confirm(self, scope: str, version: int) -> None:
+        """Read the state of a cached grace or retired DEK again if its check is due: a destroyed
+        (or unknown) one is dropped from the cache and refused.
+
+        Raises:
+            KeyVersionTooOld, KeyVersionUnknown: the version was destroyed meanwhile.
+            StoreUnavailable: a retired version's state cannot be read now (a grace version is
+                used on: it cannot be destroyed without first being retired for days).
+        """
+        key = (scope, version)
+        if time.monotonic() < self._unconfirmed.get(key, 0.0):
+            return
+        try:
+            async with db.transaction(self.sessions) as session:
+                record = await repo.get_key(session, scope, version)
+        except StoreUnavailable:
+            if key in self._retired:
+                raise
+            self._unconfirmed[key] = time.monotonic() + self.settings.active_version_ttl_s
+            return
+        if record is None or not record.state.decrypts:
+            self.cache.invalidate(scope, version)
+            self._unconfirmed.pop(key, None)
+            self._retired.pop(key, None)
+            log.warning("cached DEK %s v%d is no longer usable: dropped", scope, version)
+            check_decryptable(scope, version, None if record is None else record.state, version)
+        assert record is not None
+        self._note_state(scope, version, record.state, record.scope_id)
 
     def _check_scope(self, scope: str) -> None:
         if scope in self._valid_scopes:

@@ -415,6 +415,8 @@ async def seal_batch(
                 # The active DEK (the scope is created with v1 if it does not exist yet).
                 keys[scope] = await km._encryption_key(scope)
             scope_id, version, cipher = keys[scope]
+            if not km.usage.take(scope_id, version):  # reserved before use (keyrotor.usage)
+                await km.usage.acquire(scope_id, version, scope=scope)
             plaintext = result.encode("utf-8")
             sealed = envelope.seal(
                 plaintext, cipher=cipher, scope=scope, dek_version=version, context=context

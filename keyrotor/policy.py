@@ -114,8 +114,9 @@ class RotationPolicy:
 
 # --- stored policies, due dates and retries (the scheduler's rules) -----------------------
 
-# Random 96-bit GCM nonces: NIST SP 800-38D bounds one key at 2**32 encryptions.
-MAX_ENCRYPTIONS_PER_DEK = 2**32
+# Random 96-bit GCM nonces: NIST SP 800-38D bounds one key at 2**32 encryptions. A limit may be
+# at most half of that, and no DEK ever encrypts more (keyrotor.usage: HARD_CEILING).
+MAX_ENCRYPTIONS_PER_DEK = 2**31
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,10 @@ def check_max_encryptions(value: int) -> int:
     """Validate a per-DEK encryption limit and return it.
 
     Raises:
-        InvalidInput: below 1 or above 2**32.
+        InvalidInput: below 1 or above 2**31.
     """
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ENCRYPTIONS_PER_DEK:
-        raise InvalidInput(f"max encryptions must be 1-{MAX_ENCRYPTIONS_PER_DEK} (2**32), got {value}")
+        raise InvalidInput(f"max encryptions must be 1-{MAX_ENCRYPTIONS_PER_DEK} (2**31), got {value}")
     return value
 
 

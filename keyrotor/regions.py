@@ -217,8 +217,11 @@ class Region:
             ).first()
         return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
 
-    async def unwrap_copy(self, scope: str, version: int) -> bytes | None:
-        """The DEK from the region's copy, verified against its fingerprint; None if it has none.
+    async def unwrap_copy(
+        self, scope: str, version: int, *, states: Sequence[str] | None = None
+    ) -> bytes | None:
+        """The DEK from the region's copy, verified against its fingerprint; None if it has none
+        (or, with ``states``, none in one of those states).
 
         Raises:
             StoreUnavailable, KekUnavailable: the region cannot serve it now.
@@ -229,13 +232,13 @@ class Region:
                 await session.execute(
                     text(
                         "SELECT wrapped_dek, region_kek_id, region_kek_version, "
-                        "fingerprint FROM replica_keys "
+                        "fingerprint, state FROM replica_keys "
                         "WHERE scope = :s AND dek_version = :v"
                     ),
                     {"s": scope, "v": version},
                 )
             ).first()
-        if row is None:
+        if row is None or (states is not None and row[4] not in states):
             return None
         kek = await self.kek()
         dek = await kek.unwrap(WrappedDek(row[1], row[2], row[0]), WrapContext(scope, version))
@@ -244,6 +247,16 @@ class Region:
                 f"region {self.name}: the copy of {scope} v{version} does not match its fingerprint"
             )
         return dek
+
+    async def drop_copy(self, scope: str, version: int) -> int:
+        """Delete the region's copy of one DEK version (the primary destroyed it). Returns how
+        many rows went (0 or 1). Raises StoreUnavailable if the region is down."""
+        async with db.transaction(self.sessions) as session:
+            res = await session.execute(
+                text("DELETE FROM replica_keys WHERE scope = :s AND dek_version = :v"),
+                {"s": scope, "v": version},
+            )
+        return int(getattr(res, "rowcount", 0) or 0)
 
     async def aclose(self) -> None:
         """Dispose of the engine and close the wrapping key provider this region opened."""

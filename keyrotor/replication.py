@@ -32,7 +32,13 @@ compare-and-swap (a row changed meanwhile is left alone and graded at the next c
 Failover. :meth:`Replication.fetch` is KeyManager's DEK-unwrap path when regions are
 configured: the primary first (bounded by ``KEYROTOR_FAILOVER_TIMEOUT_SECONDS``); if its store
 or KEK provider is unavailable, the first healthy secondary's copy, with a ``failover`` audit
-event when reads leave the primary and another when they return.
+event when reads leave the primary and another when they return. Only copies of versions that
+were ``pending``, ``active`` or ``grace`` when last copied are served (:data:`FAILOVER_STATES`):
+a ``retired`` version may have been destroyed on the primary since, and its uses must be
+recorded there (they cancel its destruction), so it waits for the primary. A grace version
+cannot be destroyed without first being retired for at least a week, long past any copy's
+next check. Destruction deletes the regions' copies in its own job (:meth:`Replication.drop_destroyed`,
+best effort), and the replication it enqueues deletes whatever that missed.
 
 No plaintext key material ever goes to a log, an error, a job argument or result, or a metric
 label: only scope names, versions, counts, region names and error class names.
@@ -120,6 +126,9 @@ FAILOVER_ACTIVE = Gauge(
 FAILOVER_READS = PromCounter(
     "keyrotor_failover_unwraps_total", "DEKs unwrapped through a secondary region's copy.", ["region"]
 )
+
+# The states a regional copy must have been copied in for a failover read to serve it.
+FAILOVER_STATES = ("pending", "active", "grace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,6 +709,26 @@ class Replication:
         except Exception as exc:
             log.warning("replication of scope %s failed: %s", scope, error_text(exc))
 
+    async def drop_destroyed(self, scope: str, version: int) -> list[str]:
+        """Delete every region's copy of a DEK version the primary just destroyed. Best effort:
+        a region that cannot be reached is logged and left to the replication job that follows
+        the destruction. Returns the regions that hold no copy any more."""
+        done = []
+        for region in self.regions:
+            try:
+                await asyncio.wait_for(region.drop_copy(scope, version), self.settings.failover_timeout_s)
+            except Exception as exc:
+                log.warning(
+                    "region %s keeps its copy of destroyed %s v%d until the next replication: %s",
+                    region.name,
+                    scope,
+                    version,
+                    error_text(exc),
+                )
+                continue
+            done.append(region.name)
+        return done
+
     # --- failover reads ---------------------------------------------------------------------
 
     async def fetch(
@@ -711,6 +740,7 @@ class Replication:
         Raises:
             whatever the primary raised, if no secondary could serve the DEK either;
             permanent errors of the primary (unknown scope or version, destroyed key) at once.
+            (A version no region holds in one of :data:`FAILOVER_STATES` gets the primary's error.)
         """
         now = time.monotonic()
         cause: BaseException | None = None
@@ -743,7 +773,8 @@ class Replication:
         for region in self._failover_order():
             try:
                 dek = await asyncio.wait_for(
-                    region.unwrap_copy(scope, version), self.settings.failover_timeout_s
+                    region.unwrap_copy(scope, version, states=FAILOVER_STATES),
+                    self.settings.failover_timeout_s,
                 )
             except (StoreUnavailable, KekUnavailable, TimeoutError, KekError, OSError) as exc:
                 region.down_until = time.monotonic() + self.settings.failover_retry_s

@@ -108,9 +108,10 @@ class Settings(BaseSettings):
     # meanwhile cancels the erasure. At least a week, as AWS KMS's pending deletion.
     destroy_after_days: int = Field(default=30, ge=7, le=3650, validation_alias="KEYROTOR_DESTROY_AFTER_DAYS")
     # Rotate a DEK early once it has encrypted this many values (a scope's `max_encryptions`
-    # overrides it). Random 96-bit GCM nonces stay safe well below 2**32 encryptions a key.
+    # overrides it); encrypt refuses past it when rotation is disabled, and past twice it (at
+    # most 2**31) otherwise (keyrotor.usage). Random 96-bit GCM nonces: NIST's bound is 2**32.
     max_encryptions_per_dek: int = Field(
-        default=2**30, ge=1, le=2**32, validation_alias="KEYROTOR_MAX_ENCRYPTIONS_PER_DEK"
+        default=2**30, ge=1, le=2**31, validation_alias="KEYROTOR_MAX_ENCRYPTIONS_PER_DEK"
     )
     # How often a KeyManager adds its in-process encryption counts to `data_keys.encryptions`.
     usage_flush_interval_s: float = Field(

@@ -67,7 +67,6 @@ def test_counts_per_location_match_a_plain_count(
         if rnd.random() < 0.01:
             usage._split()  # a flush moves the counts on, any time
     assert usage.pending_locations == dict(expected)
-    assert sum(usage.pending.values()) == 5_000
 
 
 async def test_first_sighting_is_committed_before_encrypt_returns(env: dict[str, str]) -> None:
@@ -126,7 +125,9 @@ async def test_repeats_write_nothing_and_counts_arrive_with_the_flush(env: dict[
                 "SELECT d.encryptions FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
                 "WHERE s.name = 'anthropic' AND d.version = 1"
             )
-            assert used == 51  # the data_keys count is flushed from the same in-memory counts
+            # The per-DEK count is reserved before use, in blocks of 16, 32, 64 (keyrotor.usage):
+            # never below what was made.
+            assert used == 16 + 32 + 64 >= 51
         finally:
             await conn.close()
     # close() flushed the last one.

@@ -117,13 +117,14 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         assert await km.get_secret("anthropic", "prod") == "sk-ant-api03-privileges-0123456789"
         await km.flush_audit()
 
-    # The application's encryptions were counted against its DEKs' limits (keyrotor.usage).
+    # The application's encryptions were counted against its DEKs' limits (keyrotor.usage), by
+    # the app role, reserved before use: a first block of 16 for its one encrypt.
     counted = await fetch(
         wenv["DATABASE_URL"],
         "SELECT d.version, d.encryptions FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
         "WHERE k.name = 'anthropic'",
     )
-    assert [tuple(r) for r in counted] == [(1, 1)]
+    assert [tuple(r) for r in counted] == [(1, 16)]
     # Where the values live: recorded by the application's encrypts and the worker's rotation,
     # counted by the application's usage flush.
     located = await fetch(

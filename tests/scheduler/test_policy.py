@@ -40,7 +40,7 @@ def test_interval_presets_and_any_whole_number() -> None:
         ({"grace_days": 91}, "cannot be longer than the interval"),
         ({"interval_days": 5}, "cannot be longer than the interval"),  # grace 7 > 5
         ({"max_encryptions": 0}, "max encryptions must be"),
-        ({"max_encryptions": 2**32 + 1}, "max encryptions must be"),
+        ({"max_encryptions": 2**31 + 1}, "max encryptions must be"),
         ({"enabled": False, "next_rotation_at": NOW}, "needs rotation enabled"),
         ({"next_rotation_at": datetime(2030, 1, 1)}, "time zone"),
     ],
@@ -183,7 +183,7 @@ BAD_INPUT = [
     (("--next-rotation-at", "tomorrow"), "invalid time 'tomorrow'"),
     (("--disable", "--next-rotation-at", "now"), "needs rotation enabled"),
     (("--max-encryptions", "-1"), "max encryptions cannot be negative"),
-    (("--max-encryptions", str(2**32 + 1)), "max encryptions must be 1-4294967296"),
+    (("--max-encryptions", str(2**31 + 1)), "max encryptions must be 1-2147483648"),
     ((), "nothing to change"),
 ]
 

@@ -281,18 +281,21 @@ async def test_retire_is_enqueued_once_grace_has_ended(
 
 
 async def test_usage_limit_makes_a_scope_due(senv: dict[str, str]) -> None:
+    # Reservations (keyrotor.usage): with a limit of 5 and rotation enabled the hard stop is 10,
+    # and each block is at most a quarter of what is left: openai reserves 2, 2, 1 for its
+    # encrypts; the reservation that reaches 5 makes the scope due at once, with no flush.
     settings = Settings.from_env(
         {**senv, "KEYROTOR_MAX_ENCRYPTIONS_PER_DEK": "5", "KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS": "3600"}
     )
+    due = "SELECT s.name FROM key_scopes s WHERE s.next_rotation_at <= now() ORDER BY s.name"
     async with KeyManager(settings) as km:
         for i in range(4):
             await km.encrypt("openai", f"sk-{i}")
         await km.put_secrets("anthropic", [("a", "sk-a"), ("b", "sk-b")])
-        assert await km.usage.flush() == []  # openai at 4 of 5; anthropic at 2
-        assert km.usage.pending == {}
+        assert await sql(settings.database_url, due) == []  # openai at 4 of 5; anthropic at 2
         await km.encrypt("openai", "sk-4")
-        assert await km.usage.flush() == [("openai", 1)]
-        await km.encrypt("google", "sk-g")  # counted, flushed by close()
+        assert [r[0] for r in await sql(settings.database_url, due)] == ["openai"]
+        await km.encrypt("google", "sk-g")  # reserves 2 (a quarter of 10), uses 1
     rows = {
         r[0]: (r[1], r[2])
         for r in await sql(
@@ -301,7 +304,7 @@ async def test_usage_limit_makes_a_scope_due(senv: dict[str, str]) -> None:
             "JOIN data_keys d ON d.scope_id = s.id",
         )
     }
-    assert rows == {"openai": (5, True), "anthropic": (2, False), "google": (1, False)}
+    assert rows == {"openai": (5, True), "anthropic": (2, False), "google": (2, False)}
     async with Scheduler(settings) as s:
         report = await s.scan()
     assert [(r.scope, r.detail["reason"]) for r in report.rotations] == [("openai", "usage")]

@@ -99,7 +99,7 @@ def set_(
         int | None,
         typer.Option(
             "--max-encryptions",
-            help="rotate early after N encryptions by one DEK (1..2**32; 0: the global default)",
+            help="rotate early after N encryptions by one DEK (1..2**31; 0: the global default)",
         ),
     ] = None,
     as_: Annotated[
