@@ -394,7 +394,9 @@ async def test_leadership_moves_when_the_leaders_connection_dies(senv: dict[str,
         # The leader's connection dies (a crash, a network cut): its session lock goes with it.
         await sql(
             url,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+            # The timeout makes Postgres wait until the backend is gone (and its lock with it):
+            # without it the standby could ask while the killed leader still holds the lock.
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = "
             "'keyrotor-scheduler' AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
             # The lock holder in this test's own database (other tests' schedulers may hold
             # advisory locks in theirs on the same server).
