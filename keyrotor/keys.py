@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor import envelope, legacy, metrics
+from keyrotor import audit_key, envelope, legacy, metrics
 from keyrotor.audit import (
     CALLER,
     MAX_ERROR_CHARS,
@@ -51,7 +51,9 @@ from keyrotor.audit import (
     normalize_metadata,
     now_us,
 )
+from keyrotor.audit_checkpoint import Checkpointer
 from keyrotor.audit_durable import DurableAuditWriter
+from keyrotor.audit_key import AuditKey
 from keyrotor.audit_writer import AuditWriter
 from keyrotor.cache import DekCache
 from keyrotor.errors import (
@@ -161,6 +163,8 @@ class KeyManager:
         self._retired_noted: dict[tuple[str, int, str], float] = {}  # -> monotonic time of next write
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self._audit: AuditWriter | None = None
+        self._audit_key: AuditKey | None = None
+        self._checkpoints: Checkpointer | None = None
         try:
             default_actor = check_actor(settings.default_actor)
         except InvalidInput as exc:
@@ -205,6 +209,16 @@ class KeyManager:
                 self.settings.redis_url, self.settings.notify_channel, self.on_key_change
             )
             self.key_listener.start()
+        # The audit chain's key (HMAC), created on first use; also what the jobs' events use.
+        self._audit_key = await audit_key.ensure_key(self._sessions, self._kek)
+        if self._checkpoints is None:
+            self._checkpoints = Checkpointer(
+                self._sessions,
+                self._audit_key,
+                interval_s=self.settings.audit_checkpoint_interval_s,
+                path=self.settings.audit_checkpoint_file,
+            )
+            self._checkpoints.start()
         if not self.settings.audit_enabled:
             log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
         elif self._audit is None:
@@ -217,6 +231,7 @@ class KeyManager:
                 flush_interval_s=self.settings.audit_flush_interval_s,
                 close_timeout_s=self.settings.audit_close_timeout_s,
                 put_timeout_s=self.settings.audit_put_timeout_s,
+                key=self._audit_key,
             )
             await self._audit.start()
         if self.settings.regions and self.replication is None:
@@ -243,6 +258,9 @@ class KeyManager:
             self._audit = None
             # A closed manager must not go on decrypting unaudited (its caches could allow it).
             self._sessions = None
+        if self._checkpoints is not None:  # after the last event: it signs the final head
+            await self._checkpoints.close()
+            self._checkpoints = None
         if self.key_listener is not None:
             await self.key_listener.stop()
             self.key_listener = None
