@@ -1,14 +1,16 @@
-"""The audit log: who did what to which key, hash-chained so that edits are detectable.
+"""The audit log: who did what to which key, chained and keyed so that edits are detectable.
 
 Each row of ``encryption_audit_log`` has an ``id`` that is its position in the chain (1, 2, 3,
 ... with no gaps; a gap means a deleted row) and
 
-    row_hash = SHA-256(prev_hash || canonical(row))        prev_hash = row_hash of id - 1
+    row_hash = HMAC-SHA256(audit key, prev_hash || canonical(row))   prev_hash = row_hash of id - 1
 
 where ``canonical`` (below) is the row's other columns as one line of PostgreSQL's COPY text
 format (which the writer sends anyway, so one string per row is both hashed and sent), and
 the first row's ``prev_hash`` is 32 zero bytes (or, after ``keyrotor audit prune``, the hash of
-the last pruned row, vouched for by an ``anchor`` row). Appends are serialised by a
+the last pruned row, vouched for by an ``anchor`` row). The audit key is wrapped by the KEK
+(:mod:`keyrotor.audit_key`); rows written before it existed are plain SHA-256 (format ``kra1``)
+and stay valid up to its switch point. Appends are serialised by a
 transaction-scoped advisory lock, so writers in many processes keep one unbroken chain: take
 the lock, read the head, hash and insert the new rows, commit.
 

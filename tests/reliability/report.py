@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "reliability" / "results" / "latest.json"
 SLOW_RESULTS = ROOT / "tests" / "reliability" / "results" / "slow.json"
 SECURITY_RESULTS = ROOT / "tests" / "reliability" / "results" / "security.json"
-SECURITY_TESTS = ["tests/reliability/test_security_kek.py", "tests/reliability/test_security_inputs.py"]
+SECURITY_TESTS = [
+    "tests/reliability/test_security_kek.py",
+    "tests/reliability/test_security_inputs.py",
+    "tests/reliability/test_security_audit.py",
+]
 OUT = ROOT / "RELIABILITY.md"
 
 

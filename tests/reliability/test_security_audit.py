@@ -15,6 +15,8 @@ import hmac
 import json
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -287,3 +289,40 @@ async def test_old_unkeyed_rows_verify_and_a_downgrade_after_the_switch_is_caugh
     done = keyrotor("audit", "verify", env=env)
     assert done.returncode == 1 and "OK" not in done.stdout, done.stdout + done.stderr
     record("security", finding=2, what="audit tail downgraded to the unkeyed format", tries=2, held=2)
+
+
+_KEYLESS_WRITER = """
+import asyncio, sys
+from keyrotor.audit import AuditEvent, write_event
+from keyrotor.errors import ConfigurationError
+from keyrotor.store import db
+
+async def main() -> None:
+    engine = db.create_engine(sys.argv[1])
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            await write_event(session, AuditEvent("config_change", actor="keyless"))
+    except ConfigurationError as exc:
+        print("refused:", exc)
+    finally:
+        await engine.dispose()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_without_the_audit_key_cannot_append_after_the_switch(
+    settings: Settings, env: dict[str, str], record: Callable[..., None]
+) -> None:
+    await _events(settings, 1)
+    before = await _count(env["DATABASE_URL"])
+    done = subprocess.run(
+        [sys.executable, "-c", _KEYLESS_WRITER, env["DATABASE_URL"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.startswith("refused: the audit chain is keyed"), done.stdout + done.stderr
+    assert await _count(env["DATABASE_URL"]) == before
+    record("security", finding=2, what="unkeyed append by a process without the audit key", tries=1, held=1)
