@@ -22,7 +22,7 @@ import contextlib
 import hmac
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,13 +192,15 @@ class Checkpointer:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        key: AuditKey,
+        key: AuditKey | None,
         *,
         interval_s: float,
         path: str | None,
+        key_loader: Callable[[], Awaitable[AuditKey]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._key = key
+        self._key_loader = key_loader
         self._interval_s = interval_s
         self._path = path
         self._task: asyncio.Task[None] | None = None
@@ -216,6 +218,10 @@ class Checkpointer:
     async def checkpoint(self) -> Checkpoint | None:
         """Write one checkpoint now; None if it failed (logged)."""
         try:
+            if self._key is None and self._key_loader is not None:
+                self._key = await self._key_loader()
+            if self._key is None:
+                return None
             return await write_checkpoint(self._sessions, self._key, self._path)
         except Exception as exc:  # the type only: a driver message may quote parameters
             log.warning("audit_checkpoint_failed", error=type(exc).__name__)

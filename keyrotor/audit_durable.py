@@ -253,7 +253,7 @@ class DurableAuditWriter(AuditWriter):
         written the ordinary way (reading the head under the lock), and the next few batches read it too.
         """
         head, self._head = self._head, None
-        key = self._current_key()
+        key = await self._load_key()
         # Without a key, every batch goes the way that checks the chain is not keyed yet.
         if head is None or key is None or self._unsure is not None or self._read_head_for > 0:
             self._read_head_for = max(0, self._read_head_for - 1)

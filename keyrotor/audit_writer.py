@@ -40,7 +40,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,6 +154,8 @@ class AuditWriter:
             event (counted and logged); 0 waits as long as it takes.
         key: the audit key rows are MACed with (``keyrotor.audit_key``); by default the one
             loaded for the engine's database, if any.
+        key_loader: loads the key before a write when there is none yet (KeyManager passes one
+            when the database or the KEK was unreachable at open); a failure fails that write.
     """
 
     def __init__(
@@ -169,9 +171,11 @@ class AuditWriter:
         statement_timeout_s: float = 30.0,
         put_timeout_s: float = 0.0,
         key: AuditKey | None = None,
+        key_loader: Callable[[], Awaitable[AuditKey]] | None = None,
     ) -> None:
         self._engine = engine
         self._key = key
+        self._key_loader = key_loader
         self._max = queue_max
         self._batch_size = batch_size
         self._interval = flush_interval_s
@@ -468,6 +472,7 @@ class AuditWriter:
         )
 
     async def _write(self, batch: list[Row], prepared: _Prepared | None) -> None:
+        await self._load_key()
         try:
             pg = await self._connect()
             started = time.perf_counter()
@@ -505,6 +510,12 @@ class AuditWriter:
         """The audit key: given, or loaded for this database by its KeyManager (cached)."""
         if self._key is None:
             self._key = audit_key.key_for(self._engine.url)
+        return self._key
+
+    async def _load_key(self) -> AuditKey | None:
+        """:meth:`_current_key`, loaded through ``key_loader`` if there is none yet."""
+        if self._current_key() is None and self._key_loader is not None:
+            self._key = await self._key_loader()
         return self._key
 
     async def _insert(

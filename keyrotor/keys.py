@@ -26,6 +26,7 @@ cannot be; ``KEYROTOR_AUDIT=async`` (``keyrotor.audit_writer``) returns once it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -69,6 +70,7 @@ from keyrotor.errors import (
     MalformedCiphertext,
     ScopeNotFound,
     SecretNotFound,
+    TransientError,
 )
 from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
 from keyrotor.kek.base import KekProvider, WrapContext
@@ -210,13 +212,20 @@ class KeyManager:
             )
             self.key_listener.start()
         # The audit chain's key (HMAC), created on first use; also what the jobs' events use.
-        self._audit_key = await audit_key.ensure_key(self._sessions, self._kek)
+        # A wrong KEK fails here; an outage defers it to the first write (which fails meanwhile).
+        sessions, kek = self._sessions, self._kek
+        load_key = functools.partial(audit_key.ensure_key, sessions, kek)
+        try:
+            self._audit_key = await load_key()
+        except TransientError as exc:
+            log.warning("audit key not loaded yet (%s): audited calls fail until it is", type(exc).__name__)
         if self._checkpoints is None:
             self._checkpoints = Checkpointer(
                 self._sessions,
                 self._audit_key,
                 interval_s=self.settings.audit_checkpoint_interval_s,
                 path=self.settings.audit_checkpoint_file,
+                key_loader=load_key,
             )
             self._checkpoints.start()
         if not self.settings.audit_enabled:
@@ -232,6 +241,7 @@ class KeyManager:
                 close_timeout_s=self.settings.audit_close_timeout_s,
                 put_timeout_s=self.settings.audit_put_timeout_s,
                 key=self._audit_key,
+                key_loader=load_key,
             )
             await self._audit.start()
         if self.settings.regions and self.replication is None:
