@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -28,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -38,7 +38,9 @@ from keyrotor.audit_verify import ChainReport, verify_chain
 from keyrotor.errors import InvalidInput
 from keyrotor.store import db
 
-log = structlog.get_logger("keyrotor.audit")
+# Through the stdlib logger: the processes render it as the structured event ``audit_checkpoint``
+# (worker.logs), and a CLI command's stdout (its values, its --json) stays clean.
+log = logging.getLogger("keyrotor.audit")
 
 FORMAT = "krcp1"
 _HEAD_SQL = text(f"SELECT id, row_hash, (SELECT min(id) FROM {TABLE}) FROM {TABLE} ORDER BY id DESC LIMIT 1")
@@ -120,7 +122,7 @@ def _append(path: Path, line: str) -> None:
 
 async def emit(checkpoint: Checkpoint, path: str | None) -> None:
     """Deliver a checkpoint: the ``audit_checkpoint`` log event, and the file sink if set."""
-    log.info("audit_checkpoint", **checkpoint.as_dict())
+    log.info("audit_checkpoint", extra=checkpoint.as_dict())
     if path:
         line = json.dumps(checkpoint.as_dict(), sort_keys=True, separators=(",", ":")) + "\n"
         await asyncio.to_thread(_append, Path(path), line)
@@ -224,14 +226,16 @@ class Checkpointer:
                 return None
             return await write_checkpoint(self._sessions, self._key, self._path)
         except Exception as exc:  # the type only: a driver message may quote parameters
-            log.warning("audit_checkpoint_failed", error=type(exc).__name__)
+            log.warning("audit_checkpoint_failed", extra={"error": type(exc).__name__})
             return None
 
     async def close(self) -> None:
-        """Stop the periodic task and write the closing checkpoint."""
+        """Stop the periodic task and write the closing checkpoint (none if the key was never
+        loaded: the database or the KEK was away all along, and this process wrote nothing)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.checkpoint()
+        if self._key is not None:
+            await self.checkpoint()

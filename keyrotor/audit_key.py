@@ -30,7 +30,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.errors import ConfigurationError
+from keyrotor.context import KekMismatch
+from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.store import db
 
@@ -192,11 +193,25 @@ async def _load_or_create(session: AsyncSession, kek: KekProvider) -> AuditKey:
     return AuditKey(1, raw, int(head))
 
 
+class AuditKeyMismatch(KekMismatch, KekError):
+    """This process's KEK cannot unwrap the audit key: the wrong KEK, or ``audit_keys`` was
+    altered (its switch point moved, its wrap replaced)."""
+
+
 async def _unwrap(kek: KekProvider, row: Sequence[Any]) -> AuditKey:
     key_id, switch_after, kek_id, kek_version, blob = row
-    raw = await kek.unwrap(
-        WrappedDek(str(kek_id), int(kek_version), bytes(blob)), _context(int(key_id), int(switch_after))
-    )
+    try:
+        raw = await kek.unwrap(
+            WrappedDek(str(kek_id), int(kek_version), bytes(blob)), _context(int(key_id), int(switch_after))
+        )
+    except KekUnavailable:
+        raise
+    except KekError as exc:
+        raise AuditKeyMismatch(
+            f"this process's KEK cannot unwrap audit key {key_id} (wrapped by {kek_id}, KEK version "
+            f"{kek_version}): check ENCRYPTION_KEY / ENCRYPTION_KEYS_PREVIOUS (or the provider settings), "
+            f"or audit_keys was altered. Cause: {exc}"
+        ) from None
     return AuditKey(int(key_id), raw, int(switch_after))
 
 
@@ -218,5 +233,32 @@ async def rewrap_keys(session: AsyncSession, kek: KekProvider) -> int:
         await session.execute(
             text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w WHERE id = :id"),
             {"kek_id": w.kek_id, "v": w.kek_version, "w": w.blob, "id": int(r[0])},
+        )
+    return len(rows)
+
+
+async def migrate_keys(
+    session: AsyncSession, source: KekProvider, target: KekProvider, target_id: str
+) -> int:
+    """Move every audit key not yet wrapped by ``target`` (kek_id ``target_id``) from ``source`` to
+    it, proving the new wrap opens to the same key first (with a KEK provider migration); how many.
+
+    Raises:
+        KekError: a key does not unwrap under ``source``, or the new wrap does not verify.
+    """
+    rows = (
+        await session.execute(
+            text(f"{_SELECT_KEYS} WHERE kek_id <> :t ORDER BY id FOR UPDATE"), {"t": target_id}
+        )
+    ).all()
+    for r in rows:
+        ctx = _context(int(r[0]), int(r[1]))
+        raw = await source.unwrap(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), ctx)
+        new = await target.wrap(raw, ctx)
+        if not hmac.compare_digest(await target.unwrap(new, ctx), raw):
+            raise KekError(f"the migrated audit key {int(r[0])} unwraps to another key under {target.name}")
+        await session.execute(
+            text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w WHERE id = :id"),
+            {"kek_id": new.kek_id, "v": new.kek_version, "w": new.blob, "id": int(r[0])},
         )
     return len(rows)

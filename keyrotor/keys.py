@@ -70,6 +70,7 @@ from keyrotor.errors import (
     MalformedCiphertext,
     ScopeNotFound,
     SecretNotFound,
+    StoreRejected,
     TransientError,
 )
 from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
@@ -217,8 +218,8 @@ class KeyManager:
         load_key = functools.partial(audit_key.ensure_key, sessions, kek)
         try:
             self._audit_key = await load_key()
-        except TransientError as exc:
-            log.warning("audit key not loaded yet (%s): audited calls fail until it is", type(exc).__name__)
+        except (TransientError, StoreRejected) as exc:  # the calls report it (an unmigrated database)
+            log.info("audit key not loaded yet (%s): audited calls fail until it is", type(exc).__name__)
         if self._checkpoints is None:
             self._checkpoints = Checkpointer(
                 self._sessions,

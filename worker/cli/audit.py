@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import audit_checkpoint as checkpoints
 from keyrotor.audit import AuditQuery, check_actor, parse_time, query_events, tail_events
-from keyrotor.audit_key import load_keys
+from keyrotor.audit_key import AuditKeyMismatch, load_keys
 from keyrotor.audit_verify import ChainReport, parse_checkpoint, prune, verify_chain
 from keyrotor.grants import Grant, grant_access, list_grants, revoke_access
 from keyrotor.kek.factory import open_provider
@@ -160,6 +160,8 @@ def verify(
         kek = await open_provider(settings())
         try:
             keys = await load_keys(sessions, kek)
+        except AuditKeyMismatch as exc:  # a wrong KEK, or audit_keys altered: the check fails
+            return ChainReport().fail(0, "edited", str(exc))
         finally:
             await kek.aclose()
         with progress(transient=True) as bar:
