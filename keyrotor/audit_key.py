@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.context import KekMismatch
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
-from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
+from keyrotor.kek.base import ForeignKek, KekProvider, WrapContext, WrappedDek
 from keyrotor.store import db
 
 KEY_TABLE = "audit_keys"
@@ -204,7 +204,7 @@ async def _unwrap(kek: KekProvider, row: Sequence[Any]) -> AuditKey:
         raw = await kek.unwrap(
             WrappedDek(str(kek_id), int(kek_version), bytes(blob)), _context(int(key_id), int(switch_after))
         )
-    except KekUnavailable:
+    except (KekUnavailable, ForeignKek):  # an outage; another provider (it names both and what to do)
         raise
     except KekError as exc:
         raise AuditKeyMismatch(
