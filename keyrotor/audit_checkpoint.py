@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -32,10 +33,13 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from keyrotor import audit_key
 from keyrotor.audit import TABLE
 from keyrotor.audit_key import AuditKey
 from keyrotor.audit_verify import ChainReport, verify_chain
-from keyrotor.errors import InvalidInput
+from keyrotor.errors import InvalidInput, StoreRejected, TransientError
+from keyrotor.kek.base import KekProvider
+from keyrotor.settings import Settings
 from keyrotor.store import db
 
 # Through the stdlib logger: the processes render it as the structured event ``audit_checkpoint``
@@ -239,3 +243,29 @@ class Checkpointer:
                 await task
         if self._key is not None:
             await self.checkpoint()
+
+
+async def open_audit_key(
+    sessions: async_sessionmaker[AsyncSession], kek: KekProvider, settings: Settings
+) -> tuple[AuditKey | None, Callable[[], Awaitable[AuditKey]], Checkpointer]:
+    """What a KeyManager opens for its audit log: the audit key (created on first use), how to
+    load it later, and a started :class:`Checkpointer`.
+
+    A wrong KEK raises here (``AuditKeyMismatch``, ``ForeignKek``); an outage or a database not
+    yet migrated leaves the key None, to be loaded by the first write (whose calls fail meanwhile).
+    """
+    load_key = functools.partial(audit_key.ensure_key, sessions, kek)
+    key: AuditKey | None = None
+    try:
+        key = await load_key()
+    except (TransientError, StoreRejected) as exc:
+        log.info("audit key not loaded yet (%s): audited calls fail until it is", type(exc).__name__)
+    checkpoints = Checkpointer(
+        sessions,
+        key,
+        interval_s=settings.audit_checkpoint_interval_s,
+        path=settings.audit_checkpoint_file,
+        key_loader=load_key,
+    )
+    checkpoints.start()
+    return key, load_key, checkpoints

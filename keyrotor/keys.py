@@ -26,11 +26,10 @@ cannot be; ``KEYROTOR_AUDIT=async`` (``keyrotor.audit_writer``) returns once it 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor import audit_key, envelope, legacy, metrics
+from keyrotor import envelope, legacy, metrics
 from keyrotor.audit import (
     CALLER,
     MAX_ERROR_CHARS,
@@ -52,7 +51,7 @@ from keyrotor.audit import (
     normalize_metadata,
     now_us,
 )
-from keyrotor.audit_checkpoint import Checkpointer
+from keyrotor.audit_checkpoint import Checkpointer, open_audit_key
 from keyrotor.audit_durable import DurableAuditWriter
 from keyrotor.audit_key import AuditKey
 from keyrotor.audit_writer import AuditWriter
@@ -70,8 +69,6 @@ from keyrotor.errors import (
     MalformedCiphertext,
     ScopeNotFound,
     SecretNotFound,
-    StoreRejected,
-    TransientError,
 )
 from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
 from keyrotor.kek.base import KekProvider, WrapContext
@@ -167,6 +164,7 @@ class KeyManager:
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self._audit: AuditWriter | None = None
         self._audit_key: AuditKey | None = None
+        self._load_audit_key: Callable[[], Awaitable[AuditKey]] | None = None
         self._checkpoints: Checkpointer | None = None
         try:
             default_actor = check_actor(settings.default_actor)
@@ -212,23 +210,11 @@ class KeyManager:
                 self.settings.redis_url, self.settings.notify_channel, self.on_key_change
             )
             self.key_listener.start()
-        # The audit chain's key (HMAC), created on first use; also what the jobs' events use.
-        # A wrong KEK fails here; an outage defers it to the first write (which fails meanwhile).
-        sessions, kek = self._sessions, self._kek
-        load_key = functools.partial(audit_key.ensure_key, sessions, kek)
-        try:
-            self._audit_key = await load_key()
-        except (TransientError, StoreRejected) as exc:  # the calls report it (an unmigrated database)
-            log.info("audit key not loaded yet (%s): audited calls fail until it is", type(exc).__name__)
+        # The audit chain's key (keyrotor.audit_key) and its signed checkpoints.
         if self._checkpoints is None:
-            self._checkpoints = Checkpointer(
-                self._sessions,
-                self._audit_key,
-                interval_s=self.settings.audit_checkpoint_interval_s,
-                path=self.settings.audit_checkpoint_file,
-                key_loader=load_key,
+            self._audit_key, self._load_audit_key, self._checkpoints = await open_audit_key(
+                self._sessions, self._kek, self.settings
             )
-            self._checkpoints.start()
         if not self.settings.audit_enabled:
             log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
         elif self._audit is None:
@@ -242,7 +228,7 @@ class KeyManager:
                 close_timeout_s=self.settings.audit_close_timeout_s,
                 put_timeout_s=self.settings.audit_put_timeout_s,
                 key=self._audit_key,
-                key_loader=load_key,
+                key_loader=self._load_audit_key,
             )
             await self._audit.start()
         if self.settings.regions and self.replication is None:
