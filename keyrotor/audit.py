@@ -1,14 +1,16 @@
-"""The audit log: who did what to which key, hash-chained so that edits are detectable.
+"""The audit log: who did what to which key, chained and keyed so that edits are detectable.
 
 Each row of ``encryption_audit_log`` has an ``id`` that is its position in the chain (1, 2, 3,
 ... with no gaps; a gap means a deleted row) and
 
-    row_hash = SHA-256(prev_hash || canonical(row))        prev_hash = row_hash of id - 1
+    row_hash = HMAC-SHA256(audit key, prev_hash || canonical(row))   prev_hash = row_hash of id - 1
 
 where ``canonical`` (below) is the row's other columns as one line of PostgreSQL's COPY text
 format (which the writer sends anyway, so one string per row is both hashed and sent), and
 the first row's ``prev_hash`` is 32 zero bytes (or, after ``keyrotor audit prune``, the hash of
-the last pruned row, vouched for by an ``anchor`` row). Appends are serialised by a
+the last pruned row, vouched for by an ``anchor`` row). The audit key is wrapped by the KEK
+(:mod:`keyrotor.audit_key`); rows written before it existed are plain SHA-256 (format ``kra1``)
+and stay valid up to its switch point. Appends are serialised by a
 transaction-scoped advisory lock, so writers in many processes keep one unbroken chain: take
 the lock, read the head, hash and insert the new rows, commit.
 
@@ -34,7 +36,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -42,6 +44,8 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor import audit_key
+from keyrotor.audit_key import AuditKey
 from keyrotor.errors import InvalidInput
 
 EventType = Literal[
@@ -65,7 +69,10 @@ TABLE = "encryption_audit_log"
 CHAIN_LOCK = 0x6B72_6175_6469_74  # "kraudit"
 GENESIS = b"\x00" * 32
 # Bumped if the canonical form ever changes; it is the first element of every hashed document.
+# kra1: SHA-256, rows written before the audit key existed; kra2: HMAC-SHA256 under the audit
+# key (keyrotor.audit_key), the key's id following the tag.
 CHAIN_FORMAT = "kra1"
+KEYED_FORMAT = "kra2"
 
 # Column limits: longer values are cut (and marked), never refused, so that one odd event
 # can never block the writer's queue.
@@ -339,8 +346,12 @@ def canonical(
     error_message: str | None,
     created_at: datetime,
     metadata_json: str,
+    key_id: int | None = None,
 ) -> bytes:
     """The bytes a row's hash covers: the chain format tag, then the row as COPY text.
+
+    With ``key_id`` (a keyed row) the tag is ``kra2 TAB key_id`` and the row's hash is the
+    HMAC-SHA256 of ``prev_hash || canonical`` under that audit key.
 
     ``kra1 TAB id TAB event_type TAB scope TAB key_version TAB t|f TAB actor TAB ip_address
     TAB user_agent TAB error_message TAB metadata TAB created_at`` in UTF-8, each field in
@@ -349,8 +360,9 @@ def canonical(
     ``metadata`` as sorted-key ASCII JSON. Any language can rebuild it from a row's values.
     """
     kv = "\\N" if key_version is None else str(int(key_version))
+    tag = CHAIN_FORMAT if key_id is None else f"{KEYED_FORMAT}\t{int(key_id)}"
     return (
-        f"{CHAIN_FORMAT}\t{row_id}\t{copy_field(event_type)}\t{copy_field(scope)}\t"
+        f"{tag}\t{row_id}\t{copy_field(event_type)}\t{copy_field(scope)}\t"
         f"{kv}\t{'t' if success else 'f'}\t"
         f"{copy_field(actor)}\t{copy_field(ip_address)}\t{copy_field(user_agent)}\t"
         f"{copy_field(error_message)}\t{copy_field(metadata_json)}\t{_Clock().text(to_us(created_at))}"
@@ -362,10 +374,12 @@ def metadata_json(metadata: dict[str, Any]) -> str:
     return _ENC.encode(metadata) if metadata else "{}"
 
 
-def chain_hash(prev_hash: bytes, event: AuditEvent, seq: int) -> bytes:
-    """``SHA-256(prev_hash || canonical(event at position seq))``."""
+def chain_hash(prev_hash: bytes, event: AuditEvent, seq: int, key: AuditKey | None = None) -> bytes:
+    """``SHA-256(prev_hash || canonical(event at position seq))``, or its HMAC under ``key``."""
     r = event_row(event)
-    return _sha256(prev_hash + canonical(seq, *r[:8], from_us(r[9]), r[8])).digest()
+    if key is None:
+        return _sha256(prev_hash + canonical(seq, *r[:8], from_us(r[9]), r[8])).digest()
+    return key.mac(prev_hash + canonical(seq, *r[:8], from_us(r[9]), r[8], key.key_id))
 
 
 # A chained record, in the column order of COLUMNS (created_at in microseconds).
@@ -383,6 +397,7 @@ Record = tuple[
     int,
     bytes,
     bytes,
+    int | None,
 ]
 # The order of the hashed fields and of the COPY columns.
 COLUMNS = (
@@ -399,6 +414,7 @@ COLUMNS = (
     "created_at",
     "prev_hash",
     "row_hash",
+    "audit_key_id",
 )
 _TAG = CHAIN_FORMAT.encode() + b"\t"
 # The COPY fields event_type .. metadata of rows seen, by their values (see _chain).
@@ -423,50 +439,68 @@ def _middle(values: tuple[Any, ...]) -> str:
 
 
 def _chain(
-    last_id: int, prev_hash: bytes, rows: Sequence[Row], records: list[Record] | None
+    last_id: int, prev_hash: bytes, rows: Sequence[Row], records: list[Record] | None, key: AuditKey | None
 ) -> tuple[bytes, int, bytes]:
     # The writer's hot loop: one f-string a row is both what is hashed and what is sent. The
     # fields between id and created_at repeat from event to event (the same caller decrypting
     # the same scope), so their COPY spelling is looked up by the row's values, built once.
     lines: list[str] = []
     append = lines.append
-    sha256 = _sha256
     middles = _MIDDLES
     clock = _Clock()
-    tag, hex_prefix = _TAG, "\\\\x"  # bytea in COPY text: \\x<hex>
+    hex_prefix = "\\\\x"  # bytea in COPY text: \\x<hex>
+    digest: Callable[[bytes], bytes]
+    if key is None:
+        tag, key_id, key_field = _TAG, None, "\\N"
+
+        def digest(data: bytes) -> bytes:
+            return _sha256(data).digest()
+
+    else:
+        key_id = key.key_id
+        tag, key_field = f"{KEYED_FORMAT}\t{key_id}\t".encode(), str(key_id)
+        digest = key.mac
     prev_hex = prev_hash.hex()
     for row in rows:
-        key = row[:9]
-        middle = middles.get(key)
+        row_key = row[:9]
+        middle = middles.get(row_key)
         if middle is None:
-            middle = _middle(key)
+            middle = _middle(row_key)
             if len(middles) < _COPIED_MAX:
-                middles[key] = middle
+                middles[row_key] = middle
         last_id += 1
         fields = f"{last_id}\t{middle}\t{clock.text(row[9])}"
-        row_hash = sha256(prev_hash + tag + fields.encode()).digest()
+        row_hash = digest(prev_hash + tag + fields.encode())
         row_hex = row_hash.hex()
-        append(f"{fields}\t{hex_prefix}{prev_hex}\t{hex_prefix}{row_hex}\n")
+        append(f"{fields}\t{hex_prefix}{prev_hex}\t{hex_prefix}{row_hex}\t{key_field}\n")
         if records is not None:
-            records.append((last_id, *row, prev_hash, row_hash))
+            records.append((last_id, *row, prev_hash, row_hash, key_id))
         prev_hash, prev_hex = row_hash, row_hex
     return "".join(lines).encode(), last_id, prev_hash
 
 
-def chain_records(last_id: int, prev_hash: bytes, rows: Sequence[Row]) -> list[Record]:
-    """Number and hash ``rows`` after the chain head ``(last_id, prev_hash)``, as records."""
+def chain_records(
+    last_id: int, prev_hash: bytes, rows: Sequence[Row], key: AuditKey | None = None
+) -> list[Record]:
+    """Number and hash ``rows`` after the chain head ``(last_id, prev_hash)``, as records.
+
+    With ``key`` the rows are keyed (``kra2``: HMAC-SHA256 under the audit key); without, they
+    are ``kra1`` rows, valid only before the audit key exists (``keyrotor.audit_key``).
+    """
     records: list[Record] = []
-    _chain(last_id, prev_hash, rows, records)
+    _chain(last_id, prev_hash, rows, records, key)
     return records
 
 
-def chain_copy(last_id: int, prev_hash: bytes, rows: Sequence[Row]) -> tuple[bytes, int, bytes]:
+def chain_copy(
+    last_id: int, prev_hash: bytes, rows: Sequence[Row], key: AuditKey | None = None
+) -> tuple[bytes, int, bytes]:
     """Number and hash ``rows`` after the chain head, straight into COPY text data.
 
     Returns:
         ``(COPY data, id of the last row, row_hash of the last row)``.
     """
-    return _chain(last_id, prev_hash, rows, None)
+    return _chain(last_id, prev_hash, rows, None, key)
 
 
 HEAD_SQL = f"SELECT id, row_hash FROM {TABLE} ORDER BY id DESC LIMIT 1"
@@ -481,6 +515,7 @@ async def write_event(session: AsyncSession, *events: AuditEvent) -> None:
 
     Raises:
         InvalidInput: an unknown event type.
+        ConfigurationError: the chain is keyed and this process cannot load the audit key.
     """
     await write_events(session, events)
 
@@ -491,14 +526,15 @@ async def write_events(session: AsyncSession, events: Sequence[AuditEvent]) -> l
         return []
     rows = [event_row(e) for e in events]
     await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK})
+    key = await audit_key.key_in_session(session)
     head = (await session.execute(text(HEAD_SQL))).first()
     last_id, prev = (int(head[0]), bytes(head[1])) if head else (0, GENESIS)
-    records = chain_records(last_id, prev, rows)
+    records = chain_records(last_id, prev, rows, key)
     await session.execute(
         text(
             f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES (:id, :event_type, :scope, "
             ":key_version, :success, :actor, :ip_address, :user_agent, :error_message, "
-            "CAST(:metadata AS json), :created_at, :prev_hash, :row_hash)"
+            "CAST(:metadata AS json), :created_at, :prev_hash, :row_hash, :audit_key_id)"
         ),
         [{**dict(zip(COLUMNS, r, strict=True)), "created_at": from_us(r[10])} for r in records],
     )

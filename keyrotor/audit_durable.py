@@ -46,11 +46,11 @@ log = logging.getLogger(__name__)
 _INSERT_ON_HEAD = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
     "SELECT u.id, u.et, u.sc, u.kv, u.ok, u.ac, u.ip, u.ua, u.em, u.md::json, "
-    "'epoch'::timestamptz + u.us * interval '1 microsecond', u.ph, u.rh "
+    "'epoch'::timestamptz + u.us * interval '1 microsecond', u.ph, u.rh, u.ki "
     f"FROM (SELECT pg_advisory_xact_lock({CHAIN_LOCK})) AS chain_lock, "
     "unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], "
-    "$8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[], $13::bytea[]) "
-    "AS u(id, et, sc, kv, ok, ac, ip, ua, em, md, us, ph, rh)"
+    "$8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[], $13::bytea[], $14::int[]) "
+    "AS u(id, et, sc, kv, ok, ac, ip, ua, em, md, us, ph, rh, ki)"
 )
 _READ_HEAD_AFTER_CONFLICT = 16
 
@@ -253,14 +253,16 @@ class DurableAuditWriter(AuditWriter):
         written the ordinary way (reading the head under the lock), and the next few batches read it too.
         """
         head, self._head = self._head, None
-        if head is None or self._unsure is not None or self._read_head_for > 0:
+        key = await self._load_key()
+        # Without a key, every batch goes the way that checks the chain is not keyed yet.
+        if head is None or key is None or self._unsure is not None or self._read_head_for > 0:
             self._read_head_for = max(0, self._read_head_for - 1)
             self._left = None
             await super()._write(batch, None)
             self._head = self._left
             return
-        records = chain_records(*head, batch)
-        last_id, last_hash = records[-1][0], records[-1][-1]
+        records = chain_records(*head, batch, key)
+        last_id, last_hash = records[-1][0], records[-1][12]
         try:
             pg = await self._connect()
             started = time.perf_counter()

@@ -10,12 +10,19 @@ stops at the first row that is wrong, saying what is wrong with it:
     ids jump (rows were removed from the middle), or the oldest rows are missing and no
     ``anchor`` row vouches for a prune;
 ``reordered``
-    the row's hash matches its content only at another position: rows were moved or swapped.
+    the row's hash matches its content only at another position: rows were moved or swapped;
+``downgraded``
+    a row after the switch to the keyed format (``keyrotor.audit_key``) is unkeyed, or a row
+    claims a key the chain did not have yet.
 
-What a chain cannot show by itself: the newest rows deleted, or the whole log rewritten with
-fresh hashes. Keep the head that ``verify`` prints (``id`` and ``row_hash``) somewhere else
-and pass it back as a checkpoint (``keyrotor audit verify --checkpoint ID:HASH``): a head that
-is gone or changed is reported.
+Rows after the switch point are HMAC-SHA256 under the audit key, so verifying them needs the
+key (``keyrotor.audit_key.load_keys``, through the KEK), and a database writer without it
+cannot rewrite them so that they verify. Rows up to the switch point are plain SHA-256.
+
+What a chain cannot show by itself: the newest rows deleted. Signed checkpoints written
+outside the database (``keyrotor.audit_checkpoint``) record the head; pass the latest back
+(``keyrotor audit verify --checkpoint-file F`` or ``--checkpoint ID:HASH``): a head that is
+gone or changed is reported.
 
 :func:`prune` deletes the oldest rows (a prefix of the chain) and appends an ``anchor`` event
 recording the id and hash of the last deleted row, so the remaining chain still verifies.
@@ -26,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -43,10 +50,11 @@ from keyrotor.audit import (
     utc,
     write_events,
 )
+from keyrotor.audit_key import KEY_TABLE, AuditKey, key_for
 from keyrotor.errors import InvalidInput
 from keyrotor.store import db
 
-Problem = Literal["edited", "deleted", "reordered"]
+Problem = Literal["edited", "deleted", "reordered", "downgraded"]
 PAGE_ROWS = 5_000
 # How far a moved row is looked for (hash recomputations, only once a row is already wrong).
 REORDER_WINDOW = 1_000
@@ -62,6 +70,9 @@ class ChainReport:
     head_id: int | None = None
     head_hash: str | None = None
     anchored: bool = False  # the oldest rows were pruned, and an anchor vouches for it
+    switch_after: int | None = None  # rows after this id are keyed (None: no audit key yet)
+    keyed: int = 0  # rows checked with the audit key
+    checkpoint: str | None = None  # the signed checkpoint checked against: "ID:HASH at TIME"
     bad_id: int | None = None
     problem: Problem | None = None
     detail: str | None = None
@@ -92,8 +103,10 @@ def parse_checkpoint(value: str) -> tuple[int, bytes]:
     return int(row_id), digest
 
 
-def _hash(row: Any, row_id: int | None = None) -> bytes:
-    """The row_hash a row should have (at position ``row_id``, default its own id)."""
+def _hash(row: Any, keys: Mapping[int, AuditKey], row_id: int | None = None) -> bytes | None:
+    """The row_hash a row should have (at position ``row_id``, default its own id); None if
+    it names an audit key that is not known."""
+    key_id = row[13]
     body = canonical(
         row[0] if row_id is None else row_id,
         row[1],
@@ -106,19 +119,26 @@ def _hash(row: Any, row_id: int | None = None) -> bytes:
         row[8],
         row[10],
         row[9],
+        key_id,
     )
-    return hashlib.sha256(bytes(row[11]) + body).digest()
+    if key_id is None:
+        return hashlib.sha256(bytes(row[11]) + body).digest()
+    key = keys.get(int(key_id))
+    return None if key is None else key.mac(bytes(row[11]) + body)
 
 
 _PAGE_SQL = text(
     "SELECT id, event_type, scope, key_version, success, actor, ip_address, user_agent, error_message, "
-    f"metadata::text, created_at, prev_hash, row_hash FROM {TABLE} WHERE id > :after ORDER BY id LIMIT :n"
+    f"metadata::text, created_at, prev_hash, row_hash, audit_key_id FROM {TABLE} "
+    "WHERE id > :after ORDER BY id LIMIT :n"
 )
+_SWITCH_SQL = text(f"SELECT min(switch_after) FROM {KEY_TABLE}")
 
 
 async def verify_chain(
     sessions: async_sessionmaker[AsyncSession],
     *,
+    keys: Mapping[int, AuditKey] | None = None,
     checkpoint: tuple[int, bytes] | None = None,
     page_rows: int = PAGE_ROWS,
     on_progress: Callable[[int], None] | None = None,
@@ -126,11 +146,20 @@ async def verify_chain(
     """Check every row's hash and link, oldest first; stop at the first problem.
 
     Args:
+        keys: the audit keys by id (``keyrotor.audit_key.load_keys``); by default the key this
+            process loaded for the database, if any. A keyed row whose key is not given fails.
         checkpoint: ``(id, row_hash)`` of a head recorded earlier: that row must still be
             there with that hash (unless it was pruned away).
         on_progress: called with the number of rows of each page checked.
     """
     report = ChainReport()
+    if keys is None:
+        loaded = key_for(sessions.kw["bind"].url) if sessions.kw.get("bind") is not None else None
+        keys = {} if loaded is None else {loaded.key_id: loaded}
+    async with db.transaction(sessions) as session:
+        switch = (await session.execute(_SWITCH_SQL)).scalar_one()
+    # The switch point the KEK vouches for (it is bound into each key's wrap) wins over the table's.
+    report.switch_after = min((k.switch_after for k in keys.values()), default=switch)
     after = 0
     expected_id: int | None = None
     prev_hash = b""
@@ -158,10 +187,14 @@ async def verify_chain(
                     "deleted",
                     f"row(s) {missing} are missing: ids jump from {expected_id - 1} to {row_id}",
                 )
-            content_ok = hmac.compare_digest(_hash(row), stored_hash)
+            bad_format = _format_problem(row, report.switch_after, keys)
+            if bad_format is not None:
+                return report.fail(row_id, *bad_format)
+            expected = _hash(row, keys)
+            content_ok = expected is not None and hmac.compare_digest(expected, stored_hash)
             link_ok = expected_id is None or hmac.compare_digest(stored_prev, prev_hash)
             if not content_ok:
-                return report.fail(row_id, *_explain(row, link_ok))
+                return report.fail(row_id, *_explain(row, keys, link_ok))
             if not link_ok:
                 return report.fail(
                     row_id - 1,
@@ -174,6 +207,7 @@ async def verify_chain(
                 return report.fail(row_id, "edited", f"row {row_id} no longer has the checkpoint's hash")
             prev_hash, expected_id = stored_hash, row_id + 1
             report.checked += 1
+            report.keyed += row[13] is not None
         after = int(page[-1][0])
         if on_progress is not None:
             on_progress(len(page))
@@ -211,14 +245,35 @@ def _vouches(metadata_text: str, needs: tuple[int, bytes]) -> bool:
     )
 
 
-def _explain(row: Any, link_ok: bool) -> tuple[Problem, str]:
+def _format_problem(
+    row: Any, switch_after: int | None, keys: Mapping[int, AuditKey]
+) -> tuple[Problem, str] | None:
+    """A row in the wrong format for its position: unkeyed after the switch (a downgrade), keyed
+    before it, or keyed with a key that is not known."""
+    row_id, key_id = int(row[0]), row[13]
+    if key_id is None:
+        if switch_after is not None and row_id > switch_after:
+            return (
+                "downgraded",
+                f"row {row_id} is unkeyed, but every row after {switch_after} must carry the audit key's MAC",
+            )
+        return None
+    if switch_after is None or row_id <= switch_after:
+        return "downgraded", f"row {row_id} claims audit key {key_id} before the chain was keyed"
+    if int(key_id) not in keys:
+        return "edited", f"row {row_id} names audit key {key_id}, which is not known (or not loaded)"
+    return None
+
+
+def _explain(row: Any, keys: Mapping[int, AuditKey], link_ok: bool) -> tuple[Problem, str]:
     row_id = int(row[0])
     if not link_ok:
         # Hashed at another position? Then the row was moved (swapped, renumbered).
         stored = bytes(row[12])
         for delta in range(1, REORDER_WINDOW + 1):
             for candidate in (row_id + delta, row_id - delta):
-                if candidate > 0 and hmac.compare_digest(_hash(row, candidate), stored):
+                moved = _hash(row, keys, candidate) if candidate > 0 else None
+                if moved is not None and hmac.compare_digest(moved, stored):
                     return (
                         "reordered",
                         f"row {row_id} was written as row {candidate}: rows were moved or swapped",

@@ -40,7 +40,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ import tenacity
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from keyrotor import audit_key
 from keyrotor.audit import (
     CHAIN_LOCK,
     COLUMNS,
@@ -61,6 +62,7 @@ from keyrotor.audit import (
     event_row,
     from_us,
 )
+from keyrotor.audit_key import KEY_TABLE, AuditKey
 from keyrotor.errors import ConfigurationError
 from keyrotor.store import db
 
@@ -106,6 +108,7 @@ _UNNEST_TYPES = (
     "timestamptz",
     "bytea",
     "bytea",
+    "integer",
 )
 _INSERT_SQL = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT * FROM unnest("
@@ -116,6 +119,7 @@ YIELD_EVERY = 100
 _BEGIN_AND_LOCK = f"BEGIN; SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
 MAX_BATCHES_PER_WRITE = 5
 _EXISTS_SQL = f"SELECT 1 FROM {TABLE} WHERE id = $1 AND row_hash = $2"
+_KEYED_SQL = f"SELECT EXISTS (SELECT 1 FROM {KEY_TABLE})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,10 @@ class AuditWriter:
         statement_timeout_s: a flush attempt that hangs longer than this is retried.
         put_timeout_s: how long ``put`` waits for room in a full queue before it drops the
             event (counted and logged); 0 waits as long as it takes.
+        key: the audit key rows are MACed with (``keyrotor.audit_key``); by default the one
+            loaded for the engine's database, if any.
+        key_loader: loads the key before a write when there is none yet (KeyManager passes one
+            when the database or the KEK was unreachable at open); a failure fails that write.
     """
 
     def __init__(
@@ -162,8 +170,12 @@ class AuditWriter:
         retry_max_s: float = 5.0,
         statement_timeout_s: float = 30.0,
         put_timeout_s: float = 0.0,
+        key: AuditKey | None = None,
+        key_loader: Callable[[], Awaitable[AuditKey]] | None = None,
     ) -> None:
         self._engine = engine
+        self._key = key
+        self._key_loader = key_loader
         self._max = queue_max
         self._batch_size = batch_size
         self._interval = flush_interval_s
@@ -405,9 +417,12 @@ class AuditWriter:
         """
         if self._prepared is not None or len(self._buf) < self._batch_size or self._method != "copy":
             return
+        key = self._current_key()
+        if key is None:
+            return
         rows = self._take()
         try:
-            data, last_id, last_hash = chain_copy(base_id, base_hash, rows)
+            data, last_id, last_hash = chain_copy(base_id, base_hash, rows, key)
         except BaseException:  # back in the queue, in order: nothing taken is lost
             self._buf.extendleft(reversed(rows))
             self._in_flight -= len(rows)
@@ -457,6 +472,7 @@ class AuditWriter:
         )
 
     async def _write(self, batch: list[Row], prepared: _Prepared | None) -> None:
+        await self._load_key()
         try:
             pg = await self._connect()
             started = time.perf_counter()
@@ -470,6 +486,10 @@ class AuditWriter:
                 self._unsure = None
                 self._count_written(len(batch), started)
                 return
+            if self._current_key() is None and await pg.fetchval(_KEYED_SQL, timeout=self._timeout_s):
+                raise ConfigurationError(
+                    "the audit chain is keyed and this writer has no audit key (keyrotor.audit_key)"
+                )
             head = await pg.fetchrow(HEAD_SQL, timeout=self._timeout_s)
             last_id, prev = (int(head[0]), bytes(head[1])) if head else (0, GENESIS)
             await self._insert(pg, last_id, prev, batch, prepared)
@@ -486,14 +506,27 @@ class AuditWriter:
         EVENTS_WRITTEN.inc(n)
         FLUSH_SECONDS.observe(time.perf_counter() - started)
 
+    def _current_key(self) -> AuditKey | None:
+        """The audit key: given, or loaded for this database by its KeyManager (cached)."""
+        if self._key is None:
+            self._key = audit_key.key_for(self._engine.url)
+        return self._key
+
+    async def _load_key(self) -> AuditKey | None:
+        """:meth:`_current_key`, loaded through ``key_loader`` if there is none yet."""
+        if self._current_key() is None and self._key_loader is not None:
+            self._key = await self._key_loader()
+        return self._key
+
     async def _insert(
         self, pg: Any, last_id: int, prev: bytes, batch: list[Row], prepared: _Prepared | None
     ) -> None:
+        key = self._current_key()
         if self._method == "copy":
             if prepared is not None and prepared.base == (last_id, prev):
                 data, head = prepared.data, prepared.head
             else:
-                data, head_id, head_hash = chain_copy(last_id, prev, batch)
+                data, head_id, head_hash = chain_copy(last_id, prev, batch, key)
                 head = (head_id, head_hash)
             self._unsure = head
 
@@ -506,7 +539,7 @@ class AuditWriter:
                 TABLE, source=source(), columns=COLUMNS, format="text", timeout=self._timeout_s
             )
         else:
-            records = chain_records(last_id, prev, batch)
+            records = chain_records(last_id, prev, batch, key)
             self._unsure = (records[-1][0], records[-1][12])
             columns: list[list[Any]] = [list(c) for c in zip(*records, strict=True)]
             columns[10] = [from_us(us) for us in columns[10]]

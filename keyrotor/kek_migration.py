@@ -32,7 +32,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor import runs
+from keyrotor import audit_key, runs
 from keyrotor.audit import AuditEvent, write_event, write_events
 from keyrotor.context import run_to_commit
 from keyrotor.errors import ConfigurationError, Conflict, KekError, PermanentError
@@ -226,6 +226,8 @@ async def migrate_kek(
             async with db.transaction(sessions) as session:
                 remaining = await _count_left(session, target_id)
                 if remaining == 0 or passes >= _MAX_PASSES:
+                    # The audit chain's key moves with the DEKs: a process on the target opens it.
+                    await audit_key.migrate_keys(session, source, target, target_id)
                     await runs.complete_run(session, run.id)
                     await runs.update_detail(
                         session, run.id, next_step=next_step(dst_name), remaining=remaining

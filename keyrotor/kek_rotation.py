@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from sqlalchemy import text
 
-from keyrotor import runs
+from keyrotor import audit_key, runs
 from keyrotor.audit import AuditEvent, write_events
 from keyrotor.context import RotationContext, kek_mismatch, run_to_commit
 from keyrotor.errors import ConfigurationError, KekError, PermanentError
@@ -138,6 +138,8 @@ async def rotate_kek(
             rewrapped += n
             after = last_id
             log.info("deks_rewrapped", rows=n, kek_version=target)
+        async with db.transaction(rc.sessions) as session:  # the audit chain's key, as a DEK
+            await audit_key.rewrap_keys(session, rc.kek)
         retired = await _retire_old_versions(rc)
         async with db.transaction(rc.sessions) as session:
             if retired is not None:
@@ -217,7 +219,11 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
         await session.execute(text("LOCK TABLE data_keys IN SHARE MODE"))
         lowest = (
             await session.execute(
-                text("SELECT min(kek_version) FROM data_keys WHERE state <> 'destroyed' AND kek_id = :kid"),
+                text(
+                    "SELECT least((SELECT min(kek_version) FROM data_keys "
+                    "WHERE state <> 'destroyed' AND kek_id = :kid), "
+                    "(SELECT min(kek_version) FROM audit_keys WHERE kek_id = :kid))"
+                ),
                 {"kid": provider.kek_id},
             )
         ).scalar_one()

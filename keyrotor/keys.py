@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -51,7 +51,9 @@ from keyrotor.audit import (
     normalize_metadata,
     now_us,
 )
+from keyrotor.audit_checkpoint import Checkpointer, open_audit_key
 from keyrotor.audit_durable import DurableAuditWriter
+from keyrotor.audit_key import AuditKey
 from keyrotor.audit_writer import AuditWriter
 from keyrotor.cache import DekCache
 from keyrotor.errors import (
@@ -173,6 +175,9 @@ class KeyManager:
         self._unconfirmed: dict[tuple[str, int], float] = {}
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self._audit: AuditWriter | None = None
+        self._audit_key: AuditKey | None = None
+        self._load_audit_key: Callable[[], Awaitable[AuditKey]] | None = None
+        self._checkpoints: Checkpointer | None = None
         try:
             default_actor = check_actor(settings.default_actor)
         except InvalidInput as exc:
@@ -217,6 +222,11 @@ class KeyManager:
                 self.settings.redis_url, self.settings.notify_channel, self.on_key_change
             )
             self.key_listener.start()
+        # The audit chain's key (keyrotor.audit_key) and its signed checkpoints.
+        if self._checkpoints is None:
+            self._audit_key, self._load_audit_key, self._checkpoints = await open_audit_key(
+                self._sessions, self._kek, self.settings
+            )
         if not self.settings.audit_enabled:
             log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
         elif self._audit is None:
@@ -229,6 +239,8 @@ class KeyManager:
                 flush_interval_s=self.settings.audit_flush_interval_s,
                 close_timeout_s=self.settings.audit_close_timeout_s,
                 put_timeout_s=self.settings.audit_put_timeout_s,
+                key=self._audit_key,
+                key_loader=self._load_audit_key,
             )
             await self._audit.start()
         if self.settings.regions and self.replication is None:
@@ -257,6 +269,9 @@ class KeyManager:
             self._audit = None
             # A closed manager must not go on decrypting unaudited (its caches could allow it).
             self._sessions = None
+        if self._checkpoints is not None:  # after the last event: it signs the final head
+            await self._checkpoints.close()
+            self._checkpoints = None
         if self.key_listener is not None:
             await self.key_listener.stop()
             self.key_listener = None

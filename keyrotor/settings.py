@@ -294,6 +294,12 @@ class Settings(BaseSettings):
         default=10.0, ge=0, validation_alias="KEYROTOR_AUDIT_CLOSE_TIMEOUT_SECONDS"
     )
     audit_api_token: SecretStr | None = Field(default=None, validation_alias="KEYROTOR_AUDIT_API_TOKEN")
+    # Signed checkpoints of the chain's head (keyrotor.audit_checkpoint): every this many seconds
+    # (0: only when a KeyManager closes), and appended to this file when set.
+    audit_checkpoint_interval_s: float = Field(
+        default=3600.0, ge=0, validation_alias="KEYROTOR_AUDIT_CHECKPOINT_INTERVAL_SECONDS"
+    )
+    audit_checkpoint_file: str | None = Field(default=None, validation_alias="KEYROTOR_AUDIT_CHECKPOINT_FILE")
     grants_ttl_s: float = Field(default=30.0, ge=0, validation_alias="KEYROTOR_GRANTS_TTL_SECONDS")
     default_actor: str = Field(
         default="system", min_length=1, max_length=200, validation_alias="KEYROTOR_DEFAULT_ACTOR"

@@ -3,7 +3,8 @@
     GET /audit/events?event=&scope=&actor=&since=&until=&limit=&after_id=
         {"events": [...], "next_after_id": <id of the last event, or null when the page is short>}
     GET /audit/verify
-        the chain report of ``keyrotor.audit_verify.verify_chain`` ({"ok": true, ...})
+        the chain report of ``keyrotor.audit_verify.verify_chain`` ({"ok": true, ...}); keyed
+        rows are checked with the audit key, so the server opens the KEK provider
 
 Every request needs ``Authorization: Bearer <KEYROTOR_AUDIT_API_TOKEN>`` (compared in
 constant time); the app refuses to be built without a token. Bad parameters give 400 with
@@ -21,8 +22,11 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.audit import AuditQuery, query_events
+from keyrotor.audit_key import load_keys
 from keyrotor.audit_verify import verify_chain
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, TransientError
+from keyrotor.kek.base import KekProvider
+from keyrotor.kek.factory import open_provider
 from keyrotor.settings import Settings
 from keyrotor.store import db
 
@@ -31,6 +35,7 @@ MAX_PAGE = 1_000
 
 _SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
 _VERIFY_LOCK = web.AppKey("verify_lock", asyncio.Lock)
+_KEK = web.AppKey("kek", KekProvider)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,9 +90,11 @@ def create_app(
         own = engine is None
         eng = db.create_engine(settings.database_url) if engine is None else engine
         app[_SESSIONS] = db.sessionmaker(eng)
+        app[_KEK] = await open_provider(settings)
         try:
             yield
         finally:
+            await app[_KEK].aclose()
             if own:
                 await eng.dispose()
 
@@ -122,5 +129,7 @@ async def _events(request: web.Request) -> web.Response:
 async def _verify(request: web.Request) -> web.Response:
     # One walk at a time: it reads the whole table.
     async with request.app[_VERIFY_LOCK]:
-        report = await verify_chain(request.app[_SESSIONS])
+        sessions = request.app[_SESSIONS]
+        keys = await load_keys(sessions, request.app[_KEK])
+        report = await verify_chain(sessions, keys=keys)
     return web.json_response(report.as_dict())

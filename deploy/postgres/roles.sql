@@ -74,6 +74,16 @@ BEGIN
     END IF;
 END
 $$;
+-- The audit key (migration 0011): wrapped by the KEK; the first process to open the provider
+-- creates it, every writer reads it; nobody but the owner changes or removes it.
+DO $$
+BEGIN
+    IF to_regclass('public.audit_keys') IS NOT NULL THEN
+        GRANT SELECT, INSERT ON audit_keys TO keyrotor_app, keyrotor_worker;
+        GRANT UPDATE (kek_id, kek_version, wrapped) ON audit_keys TO keyrotor_worker;
+    END IF;
+END
+$$;
 -- Replication tables, where that migration has run.
 DO $$
 DECLARE t text;

@@ -295,6 +295,8 @@ class AuditLogRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     prev_hash: Mapped[bytes] = mapped_column(LargeBinary)
     row_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    # The audit key the row's hash is keyed with (migration 0011); NULL: the old unkeyed format.
+    audit_key_id: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         CheckConstraint("id > 0", name="id"),
@@ -398,3 +400,18 @@ class InstallSalt(Base):
         CheckConstraint("id = 1", name="one_row"),
         CheckConstraint("length(salt) = 32", name="length"),
     )
+
+
+class AuditKeyRow(Base):
+    """An audit key, wrapped by the KEK (``keyrotor.audit_key``; migration 0011_audit_keyed)."""
+
+    __tablename__ = "audit_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    switch_after: Mapped[int] = mapped_column(BigInteger)
+    kek_id: Mapped[str] = mapped_column(Text)
+    kek_version: Mapped[int] = mapped_column(Integer)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("id > 0 AND switch_after >= 0", name="ids"),)

@@ -243,12 +243,15 @@ async def test_migration_local_aws_vault_local(
         _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": dst})
         await _check_all(settings_of(wenv, SECRETS_PROVIDER=dst), values)
 
-        # A fresh process still on the old provider gets the clear error naming both ...
+        # A fresh process still on the old provider gets the clear error naming both (when it
+        # opens: the audit chain's key moved with the DEKs) ...
         _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": src})
-        async with KeyManager(settings_of(wenv, SECRETS_PROVIDER=src, KEYROTOR_LISTEN_KEY_CHANGES="0")) as km:
-            with pytest.raises(
-                ForeignKek, match=f"wrapped by the {names[dst]} KEK provider.*configured with {names[src]}"
-            ):
+        with pytest.raises(
+            ForeignKek, match=f"wrapped by the {names[dst]} KEK provider.*configured with {names[src]}"
+        ):
+            async with KeyManager(
+                settings_of(wenv, SECRETS_PROVIDER=src, KEYROTOR_LISTEN_KEY_CHANGES="0")
+            ) as km:
                 await km.get_secret(SCOPES[1], "k000000")
         # ... unless it may read the new provider's DEKs (the switch-over setting).
         _use_env(monkeypatch, {**remote, "SECRETS_PROVIDER": src, "KEYROTOR_KEK_READ_PROVIDERS": dst})

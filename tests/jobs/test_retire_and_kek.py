@@ -114,6 +114,9 @@ async def test_rotate_kek_rewraps_every_dek_under_the_new_local_key(wenv: dict[s
     assert run.kind == "kek" and run.to_version == 2 and run.rows_done == run.rows_total == 3
     keys = await fetch(s.database_url, "SELECT kek_version, kek_id FROM data_keys")
     assert {k["kek_version"] for k in keys} == {2} and len({k["kek_id"] for k in keys}) == 1
+    # The audit chain's key is rewrapped with the DEKs (a KeyManager on the new key alone opens).
+    audit_keys = await fetch(s.database_url, "SELECT kek_version FROM audit_keys")
+    assert [k["kek_version"] for k in audit_keys] == [2]
     # Only the new key now: every value still decrypts (no secret was re-encrypted).
     only_new = settings_of(wenv, ENCRYPTION_KEY=NEW_KEY, ENCRYPTION_KEY_VERSION="2")
     assert await check_values(only_new, "anthropic", a) == {2: 30}

@@ -312,10 +312,14 @@ async def test_worker_with_the_wrong_kek_refuses(wenv: dict[str, str], scope_row
     wrong = settings_of(wenv, ENCRYPTION_KEY="another-master-key-5c1e9a7b3d2f4e6a8b0c1d2e3f4a5b6c")
     with pytest.raises(KekMismatch, match="ENCRYPTION_KEY"):
         await run_burst_worker(wrong)
-    async with KeyManager(wrong.model_copy(update={"listen_key_changes": False})) as km:
-        rc = RotationContext(km.sessions, local_keyring(wrong), wrong)
+    # (A KeyManager with the wrong KEK does not open: the audit chain's key does not unwrap.)
+    engine = db.create_engine(wrong.database_url)
+    try:
+        rc = RotationContext(db.sessionmaker(engine), local_keyring(wrong), wrong)
         with pytest.raises(KekMismatch, match="cannot unwrap DEK v1 of scope 'anthropic'"):
             await rotation.rotate_dek(rc, "anthropic")
+    finally:
+        await engine.dispose()
     run = (await fetch(s.database_url, "SELECT state, attempts FROM rotations"))[0]
     assert tuple(run) == ("pending", 0)  # untouched: a correctly configured worker will run it
     assert len(await fetch(s.database_url, "SELECT * FROM data_keys")) == 1

@@ -343,7 +343,8 @@ def test_the_writer_hashes_exactly_the_canonical_line(values: list[tuple[Any, ..
     rows = [(*v[:8], '{"k":"v"}', v[8]) for v in values] * 2  # repeats: the cached spellings
     prev = GENESIS
     for record in chain_records(0, GENESIS, rows):
-        row_id, et, scope, kv, ok, actor, ip, agent, error, meta, micros, prev_hash, row_hash = record
+        row_id, et, scope, kv, ok, actor, ip, agent, error, meta, micros, prev_hash, row_hash, key_id = record
+        assert key_id is None
         body = canonical(row_id, et, scope, kv, ok, actor, ip, agent, error, from_us(micros), meta)
         assert prev_hash == prev and row_hash == hashlib.sha256(prev + body).digest()
         prev = row_hash

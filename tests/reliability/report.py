@@ -32,6 +32,7 @@ SECURITY_TESTS = [
     "tests/reliability/test_security_legacy.py",
     "tests/reliability/test_security_usage.py",
     "tests/reliability/test_security_destroyed.py",
+    "tests/reliability/test_security_audit.py",
 ]
 OUT = ROOT / "RELIABILITY.md"
 
@@ -280,8 +281,9 @@ def render_security(doc: dict[str, Any]) -> str:
             "Each row is an attack as the review reproduced it, against a real database (and the",
             "real `keyrotor` CLI where it says so); *tries* is how often it was attempted, *held* how often",
             "it was stopped. Replayed against the code before the fixes (`27aa15a`; findings 1, 4, 5",
-            "and 6: `09d8be5`), every one of these attacks succeeded. Finding 2 is not covered here yet",
-            "(see SECURITY.md); for finding 4 the open default is reported and replaceable, the actor of",
+            "and 6: `09d8be5`), every one of these attacks succeeded; finding 2's need the new audit key",
+            "table and so were not replayed on the old code, where the review saw `audit verify` accept",
+            "them. For finding 4 the open default is reported and replaceable, the actor of",
             "an HTTP call is #16's. Findings 5 and 6: 10 of 10 encryptions went through with a limit of 3",
             "(now 3), and the destroyed key went on decrypting from the cache (test failed with the",
             "re-check disabled). For finding 6 the regions' copies are tested in",

@@ -13,7 +13,10 @@ from typing import NoReturn
 
 import typer
 
+from keyrotor import audit_key
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from keyrotor.kek.factory import open_provider
+from keyrotor.settings import Settings
 from worker.cli import audit as audit_cmd
 from worker.cli import columns as columns_cmd
 from worker.cli import db as db_cmd
@@ -88,6 +91,9 @@ def _database_hint(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``keyrotor`` console script."""
+    # Commands that append audit events without a KeyManager (grant, prune, policy, ...) load
+    # the audit chain's key through the KEK when they first need it.
+    audit_key.set_kek_opener(lambda: open_provider(Settings.from_env()))
     try:
         # With standalone_mode=False click returns the code of a `typer.Exit` instead of exiting.
         code = app(args=argv, standalone_mode=False)

@@ -18,9 +18,12 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from keyrotor import audit_checkpoint as checkpoints
 from keyrotor.audit import AuditQuery, check_actor, parse_time, query_events, tail_events
+from keyrotor.audit_key import AuditKeyMismatch, load_keys
 from keyrotor.audit_verify import ChainReport, parse_checkpoint, prune, verify_chain
 from keyrotor.grants import Grant, grant_access, list_grants, revoke_access
+from keyrotor.kek.factory import open_provider
 from keyrotor.store import db
 from worker.cli.common import err_console, out_console, print_json, progress, run, settings
 
@@ -139,14 +142,34 @@ def verify(
         str | None,
         typer.Option("--checkpoint", help="ID:HASH of a head printed earlier; it must still be there"),
     ] = None,
+    checkpoint_file: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint-file",
+            help="a file of signed checkpoints (KEYROTOR_AUDIT_CHECKPOINT_FILE): its latest must verify "
+            "and its head must still be in the chain",
+        ),
+    ] = None,
 ) -> None:
-    """Walk the whole hash chain; exit 1 naming the first row that was edited, deleted or moved."""
+    """Walk the whole chain (keyed rows with the audit key, through the KEK); exit 1 naming the
+    first row that was edited, deleted, moved or downgraded, or a checkpoint that does not hold."""
     cp = parse_checkpoint(checkpoint) if checkpoint else None
+    signed = checkpoints.latest(checkpoint_file) if checkpoint_file else None
 
     async def go(sessions: async_sessionmaker[AsyncSession]) -> ChainReport:
+        kek = await open_provider(settings())
+        try:
+            keys = await load_keys(sessions, kek)
+        except AuditKeyMismatch as exc:  # a wrong KEK, or audit_keys altered: the check fails
+            return ChainReport().fail(0, "edited", str(exc))
+        finally:
+            await kek.aclose()
         with progress(transient=True) as bar:
             task = bar.add_task("verifying the audit chain", total=None)
-            return await verify_chain(sessions, checkpoint=cp, on_progress=lambda k: bar.advance(task, k))
+            advance: Callable[[int], None] = lambda k: bar.advance(task, k)  # noqa: E731
+            if signed is not None:
+                return await checkpoints.verify_against(sessions, keys, signed, on_progress=advance)
+            return await verify_chain(sessions, keys=keys, checkpoint=cp, on_progress=advance)
 
     report = run(lambda: _with_sessions(go))
     if json_out:
@@ -154,7 +177,8 @@ def verify(
     elif report.ok:
         head = f"head {report.head_id}:{report.head_hash}" if report.head_id else "empty log"
         pruned = f", pruned before id {report.first_id} (anchored)" if report.anchored else ""
-        print(f"audit chain OK: {report.checked} rows{pruned}; {head}")
+        used = f"; checkpoint {report.checkpoint}" if report.checkpoint else ""
+        print(f"audit chain OK: {report.checked} rows ({report.keyed} keyed){pruned}; {head}{used}")
     else:
         print(f"audit chain BROKEN at row {report.bad_id} ({report.problem}): {report.detail}")
     if not report.ok:
