@@ -103,7 +103,6 @@ async def miss_latency(kek: KekProvider, url: str) -> dict[str, float]:
 
 
 async def measure(n: int) -> dict[str, Any]:
-    url = await fresh_database("keyrotor_bench_kek")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         servers: list[ServerProcess] = []
@@ -127,6 +126,9 @@ async def measure(n: int) -> dict[str, Any]:
                 ("vault", lambda: open_remote_provider("vault", vault_env(bao))),
             ]
             for name, opener in providers:
+                # A database of its own: its audit key is wrapped by the provider that first
+                # opens it, and a KeyManager refuses a database whose keys another provider holds.
+                url = await fresh_database(f"keyrotor_bench_kek_{name.replace('-', '_')}")
                 kek = await opener()
                 try:
                     count = n if name != "aws-kms" else min(n, 1000)

@@ -90,11 +90,11 @@ async def keymanager(size: Size) -> list[Row]:
             r["raw_decrypt"], 1 / r["decrypt_ratio"], ">= 0.2"),
         Row(b, "encrypt, warm cache, audit off (ops/s)", r["km_encrypt"], "/s", "raw AESGCM.encrypt",
             r["raw_encrypt"], 1 / r["encrypt_ratio"]),
-        Row(b, "location record, share of an encrypt (%)", 100 * r["location_cost"], "%",
-            "encrypt to users.api_key:<i> (ops/s)", r["km_encrypt_located"], r["location_cost"], "<= 0.05"),
-        Row(b, "usage reservation, share of an encrypt (%)", 100 * r["reservation_cost"], "%",
-            "encrypt to users.api_key:<i> (ops/s)", r["km_encrypt_located"], r["reservation_cost"],
-            "<= 0.05"),
+        # Shares are fractions (the "%" unit prints them as percentages), against the 5% goal.
+        Row(b, "location record, share of an encrypt to users.api_key:<i> (%)", r["location_cost"], "%",
+            "the goal", 0.05, r["location_cost"] / 0.05, "<= 1"),
+        Row(b, "usage reservation, share of an encrypt to users.api_key:<i> (%)", r["reservation_cost"],
+            "%", "the goal", 0.05, r["reservation_cost"] / 0.05, "<= 1"),
     ]  # fmt: skip
 
 
