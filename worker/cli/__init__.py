@@ -95,6 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     # the audit chain's key through the KEK when they first need it.
     audit_key.set_kek_opener(lambda: open_provider(Settings.from_env()))
     try:
+        _run(argv)
+    finally:
+        # The opener is this command's: a process that calls main() in-process (tests, an
+        # embedding application) must not keep reading ENCRYPTION_KEY from its environment.
+        audit_key.set_kek_opener(None)
+
+
+def _run(argv: list[str] | None) -> None:
+    try:
         # With standalone_mode=False click returns the code of a `typer.Exit` instead of exiting.
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
