@@ -33,7 +33,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import runs
-from keyrotor.audit import AuditEvent, check_actor, record_config_change, write_event
+from keyrotor.audit import check_actor, record_config_change
 from keyrotor.columns import refresh_targets
 from keyrotor.context import RotationContext, run_to_commit
 from keyrotor.envelope import MAX_VERSION
@@ -41,7 +41,7 @@ from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, Per
 from keyrotor.locations import display
 from keyrotor.notify import KeyChange
 from keyrotor.policy import check_scope
-from keyrotor.retire import LOCK_TIMEOUT, prove_unused
+from keyrotor.retire import LOCK_TIMEOUT, prove_unused, retire_event
 from keyrotor.rotation import fail
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
@@ -147,8 +147,15 @@ async def _decide(
         if uses:
             await _cancel(session, key_id)
             locations = sorted(uses)
-            await _event(
-                session, run, scope, version, True, CANCELLED, used_from=locations, uses=sum(uses.values())
+            await retire_event(
+                session,
+                run,
+                scope,
+                version,
+                success=True,
+                state=CANCELLED,
+                used_from=locations,
+                uses=sum(uses.values()),
             )
             await _complete(session, run, CANCELLED, used_from=[display(loc) for loc in locations])
             log.warning(
@@ -166,7 +173,9 @@ async def _decide(
             ),
             {"id": key_id},
         )
-        await _event(session, run, scope, version, True, DESTROYED, retired_at=retired_at.isoformat())
+        await retire_event(
+            session, run, scope, version, success=True, state=DESTROYED, retired_at=retired_at.isoformat()
+        )
         await _complete(session, run, DESTROYED)
     return DESTROYED, None
 
@@ -201,28 +210,6 @@ async def _complete(session: AsyncSession, run: RunInfo, outcome: str, **detail:
         {"id": run.id, "d": json.dumps({"outcome": outcome, **detail})},
     )
     await runs.complete_run(session, run.id)
-
-
-async def _event(
-    session: AsyncSession, run: RunInfo, scope: str, version: int, success: bool, outcome: str, **meta: Any
-) -> None:
-    done = await runs.require_run(session, run.id)
-    await write_event(
-        session,
-        AuditEvent(
-            event_type="retire",
-            scope=scope,
-            key_version=version,
-            success=success,
-            metadata={
-                "run_id": run.id,
-                "state": outcome,
-                "trigger": run.trigger,
-                **meta,
-                **runs.request_context(done.request_ids),
-            },
-        ),
-    )
 
 
 @dataclass(frozen=True)

@@ -393,25 +393,51 @@ async def _prove_and_retire(
                 {"id": key_id, "days": rc.settings.destroy_after_days},
             )
         ).scalar_one()
-        done = await runs.require_run(session, run.id)
-        await write_event(
+        await retire_event(
             session,
-            AuditEvent(
-                event_type="retire",
-                scope=scope,
-                key_version=version,
-                success=True,
-                metadata={
-                    "run_id": run.id,
-                    "state": "retired",
-                    "destroy_after": destroy_after.isoformat(),
-                    "stragglers": done.rows_done,
-                    "force_now": force_now,
-                    "trigger": run.trigger,
-                    **runs.request_context(done.request_ids),
-                },
-            ),
+            run,
+            scope,
+            version,
+            success=True,
+            state="retired",
+            destroy_after=destroy_after.isoformat(),
+            force_now=force_now,
+            count_stragglers=True,
         )
         await runs.complete_run(session, run.id)
     rc.ciphers.invalidate(scope, version)
     return destroy_after  # type: ignore[no-any-return]
+
+
+async def retire_event(
+    session: AsyncSession,
+    run: RunInfo,
+    scope: str,
+    version: int,
+    *,
+    success: bool,
+    state: str,
+    count_stragglers: bool = False,
+    **meta: Any,
+) -> None:
+    """Write the ``retire`` audit event of a retirement or destruction run (``state`` is what it
+    did: ``retired``, ``destroyed``, ``cancelled``...), in the caller's transaction."""
+    done = await runs.require_run(session, run.id)
+    if count_stragglers:
+        meta["stragglers"] = done.rows_done
+    await write_event(
+        session,
+        AuditEvent(
+            event_type="retire",
+            scope=scope,
+            key_version=version,
+            success=success,
+            metadata={
+                "run_id": run.id,
+                "state": state,
+                **meta,
+                "trigger": run.trigger,
+                **runs.request_context(done.request_ids),
+            },
+        ),
+    )

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.errors import KeyrotorError
 from keyrotor.settings import Settings
 from worker.cli.common import out_console, print_json, run
+
+T = TypeVar("T")
 
 TIMEOUT_S = 5.0
 HEALTH_CHECK_SUFFIX = ":health-check"  # arq.constants.health_check_key_suffix
@@ -165,17 +168,23 @@ async def replica_health(settings: Settings) -> Result:
     return {"status": "ok", "detail": summary}
 
 
-async def census_health(settings: Settings) -> Result:
-    """The ``census`` check: ``warn`` while an unregistered location holds values of a live version."""
-    from keyrotor import census
+async def _read(settings: Settings, query: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """One read of a check, in a transaction on an engine of its own (closed after)."""
     from keyrotor.store import db
 
     engine = db.create_engine(settings.database_url, pool_size=1)
     try:
         async with db.transaction(db.sessionmaker(engine)) as session:
-            found = await census.unregistered_locations(session)
+            return await query(session)
     finally:
         await engine.dispose()
+
+
+async def census_health(settings: Settings) -> Result:
+    """The ``census`` check: ``warn`` while an unregistered location holds values of a live version."""
+    from keyrotor import census
+
+    found = await _read(settings, census.unregistered_locations)
     if found:
         return {"status": "warn", "error": census.advice(found)}
     return {"status": "ok", "detail": "every location is registered, keyrotor's own or acknowledged"}
@@ -184,14 +193,8 @@ async def census_health(settings: Settings) -> Result:
 async def grants_health(settings: Settings) -> Result:
     """The ``grants`` check: ``warn`` while the open default grant ``* *`` is in place."""
     from keyrotor import lockdown
-    from keyrotor.store import db
 
-    engine = db.create_engine(settings.database_url, pool_size=1)
-    try:
-        async with db.transaction(db.sessionmaker(engine)) as session:
-            still_open = await lockdown.wildcard_grant(session)
-    finally:
-        await engine.dispose()
+    still_open = await _read(settings, lockdown.wildcard_grant)
     if still_open:
         return {"status": "warn", "error": lockdown.OPEN_GRANT_WARNING}
     return {"status": "ok", "detail": "no wildcard grant: only named actors may encrypt or decrypt"}
