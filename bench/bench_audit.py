@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from bench.common import bench_settings, fresh_database, machine
 from keyrotor import KeyManager
-from keyrotor.audit import Row, now_us
-from keyrotor.audit_writer import AuditWriter
+from keyrotor.audit.log import Row, now_us
+from keyrotor.audit.writer import AuditWriter
 from keyrotor.store import db
 
 API_KEY = "sk-ant-api03-" + "x" * 95

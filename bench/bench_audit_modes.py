@@ -31,9 +31,9 @@ import asyncpg
 
 from bench.common import bench_settings, fresh_database, machine
 from keyrotor import KeyManager
-from keyrotor.audit import Row, now_us
-from keyrotor.audit_durable import DurableAuditWriter
-from keyrotor.audit_writer import AuditWriter
+from keyrotor.audit.durable import DurableAuditWriter
+from keyrotor.audit.log import Row, now_us
+from keyrotor.audit.writer import AuditWriter
 from keyrotor.store import db
 
 API_KEY = "sk-ant-api03-" + "x" * 95

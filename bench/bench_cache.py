@@ -8,7 +8,7 @@ take seconds and the 30-minute TTL (the default, as in the seed) really expires:
   50/35/15), tenant popularity Zipf-like (weight 1/rank^s);
 - requests arrive as a Poisson stream; 85% decrypt a value of the scope, 15% encrypt a new one;
 - some rotations during the trace (scopes picked by popularity), through the real
-  ``keyrotor.rotation`` code and the real Redis key-change notice, which drops the scope's DEKs
+  ``keyrotor.rotation.dek`` code and the real Redis key-change notice, which drops the scope's DEKs
   from the cache; the application's values of that scope are then on the new version (as the
   rotation's re-encryption leaves them);
 - the process starts cold (empty cache), as a freshly started application does.
@@ -38,12 +38,14 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.common import bench_settings, fresh_database, machine
-from keyrotor import KeyManager, envelope, rotation
+from keyrotor import KeyManager
 from keyrotor.cache import DekCache
-from keyrotor.context import RotationContext
+from keyrotor.crypto import envelope
 from keyrotor.kek.base import WrapContext
 from keyrotor.notify import Notifier
-from keyrotor.policy import RotationPolicy
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation.context import RotationContext
+from keyrotor.schedule.rules import RotationPolicy
 from keyrotor.store import db, repo
 
 API_KEY = "sk-ant-api03-" + "x" * 95

@@ -4,8 +4,8 @@ Every figure is a ratio against a ceiling measured in the same run: absolute tim
 shared 2-core machine are noise. Target: KeyManager decrypt within 5x of the raw AESGCM
 decrypt call on the same bytes.
 
-The location record (keyrotor.locations): after a location's first sighting, an encrypt finds
-the location of its context and counts it. The usage limit (keyrotor.usage): an encrypt uses one
+The location record (keyrotor.census.locations): after a location's first sighting, an encrypt finds
+the location of its context and counts it. The usage limit (keyrotor.census.usage): an encrypt uses one
 of the encryptions its process reserved (one decrement; a database round trip once a block,
 which the encrypt figures include). Each cost is its loop over the same contexts less the bare
 loop, as a share of an encrypt's time in paired chunks (target < 5%).
@@ -22,7 +22,8 @@ import statistics
 import time
 
 from bench.common import bench_settings, fresh_database, machine
-from keyrotor import KeyManager, envelope
+from keyrotor import KeyManager
+from keyrotor.crypto import envelope
 
 API_KEY = "sk-ant-api03-" + "x" * 95  # 108 characters, like an Anthropic key
 CHUNK = 5_000

@@ -1,6 +1,6 @@
 """Legacy migration throughput: process pool versus one at a time, against scrypt's own cost.
 
-Figures (legacy values migrated per second, the real ``keyrotor.legacy_migration`` path:
+Figures (legacy values migrated per second, the real ``keyrotor.legacy.migration`` path:
 keyset read, scrypt decrypt, seal under the active DEK, verify, compare-and-swap write, cursor):
 
 - **process pool**: scrypt in a ``ProcessPoolExecutor`` of one process a core (the default);
@@ -31,7 +31,10 @@ import secrets
 import asyncpg
 
 from bench.common import BENCH_KEY, bench_settings, fresh_database, machine, timer
-from keyrotor import KeyManager, columns, legacy, legacy_migration
+from keyrotor import KeyManager
+from keyrotor.census import columns
+from keyrotor.crypto import legacy_format as legacy
+from keyrotor.legacy import migration as legacy_migration
 
 
 def _chunk(items: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ The same N values (108-character API keys) both ways, on this machine, in one ru
 - **OpenBao through Postgres**: the rewrap again, now as a re-encryption of a table would use it:
   read a batch of rows, rewrap them in requests of 249 (2 in flight), write them back with one
   ``UPDATE ... FROM unnest(...)`` a batch, one transaction a batch.
-- **keyrotor**: ``keyrotor.rotation`` of a scope of N rows in ``secrets`` (promote, batched
+- **keyrotor**: ``keyrotor.rotation.dek`` of a scope of N rows in ``secrets`` (promote, batched
   ``SELECT ... FOR UPDATE SKIP LOCKED``, decrypt/encrypt/verify, compare-and-swap write), 1 and 2
   range streams in one process (the best is kept).
 

@@ -31,11 +31,12 @@ import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.common import BENCH_KEY, PG, fresh_database, machine
-from keyrotor import KeyManager, Settings, envelope
-from keyrotor.envelope import new_dek
+from keyrotor import KeyManager, Settings
+from keyrotor.crypto import envelope
+from keyrotor.crypto.envelope import new_dek
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.factory import local_keyring
-from keyrotor.replication import env_prefix
+from keyrotor.replication.check import env_prefix
 
 REGIONS = ("eu-west-1", "ap-south-1", "sa-east-1")
 REGION_KEYS = {

@@ -2,7 +2,7 @@
 
 Figures (rows re-encrypted per second):
 
-- **rotation**: the real code path (``keyrotor.rotation``: promote, plan id ranges, batched
+- **rotation**: the real code path (``keyrotor.rotation.dek``: promote, plan id ranges, batched
   ``SELECT ... FOR UPDATE SKIP LOCKED`` + decrypt/encrypt/verify + ``UPDATE ... FROM unnest``
   compare-and-swap, progress counters), one stream in one process;
 - **database ceiling**: exactly the same code and statements with the crypto stubbed out
@@ -43,9 +43,12 @@ import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.common import bench_settings, fresh_database, machine
-from keyrotor import KeyManager, envelope, reencrypt, rotation
-from keyrotor.context import RotationContext
+from keyrotor import KeyManager
+from keyrotor.crypto import envelope
 from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import reencrypt
+from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
 
 BIN = Path(sys.executable).parent / "keyrotor"
@@ -194,7 +197,7 @@ async def with_workers(
     ]
     try:
         await asyncio.sleep(settle_s)  # let them start (imports, KEK check) before the clock runs
-        from worker.client import KeyrotorClient
+        from keyrotor.queue.client import KeyrotorClient
 
         async with KeyrotorClient(Settings.from_env(env)) as client:
             t0 = time.perf_counter()

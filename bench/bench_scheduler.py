@@ -39,9 +39,9 @@ import redis.asyncio as aioredis
 from sqlalchemy import event, text
 
 from bench.common import bench_settings, fresh_database, machine
-from keyrotor import schedule
+from keyrotor.schedule import scan as schedule
 from keyrotor.store import db
-from worker.scheduler import Scheduler
+from keyrotor.worker.scheduler import Scheduler
 
 QUEUE = "keyrotor_bench_sched:queue"
 REDIS_URL = "redis://127.0.0.1:6379/14"

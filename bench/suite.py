@@ -360,7 +360,8 @@ DESCRIPTIONS = {
     "callers, median of paired chunks (goal at 64: >= 0.5); a lone durable decrypt's p50 latency (goal "
     "<= 2 ms; it is bounded below by the database's WAL flush, `fdatasync`); async audited decrypt vs "
     "the COPY writer alone writing the same events (goal >= 0.7).",
-    "rotation": "`bench/bench_rotation.py`: `keyrotor.rotation` in process vs the same code and statements "
+    "rotation": "`bench/bench_rotation.py`: `keyrotor.rotation.dek` in process vs the same code and "
+    "statements "
     "with the crypto stubbed out (what the database alone allows; target: within 2x) and vs a naive "
     "row-by-row loop (target 20x); `keyrotor worker` subprocesses through Redis; peak RSS (`VmHWM`) of "
     "a worker rotating a small and a large scope (flat: target <= 1.25x). Then rotation, ceiling and "
@@ -374,7 +375,7 @@ DESCRIPTIONS = {
     "flight). Transit's figures touch no database: the caller would still read and store every value, "
     "which the third row does (read a batch from Postgres, rewrap, `UPDATE ... FROM unnest`).",
     "legacy": "`bench/bench_legacy.py`: migration of Node-format values (scrypt N=16384 each) through "
-    "`keyrotor.legacy_migration`, process pool and one at a time, vs scrypt derivations alone on one core "
+    "`keyrotor.legacy.migration`, process pool and one at a time, vs scrypt derivations alone on one core "
     "(a pool of 2 processes can exceed 1.0).",
     "scheduler": "`bench/bench_scheduler.py`: one scheduler scan over N scopes (1% due), idle, busy and "
     "catch-up, in units of one Postgres round trip measured in the same run.",

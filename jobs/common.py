@@ -1,35 +1,26 @@
-"""What every job shares: its dependencies from ``ctx``, retry with backoff, job ids, enqueueing.
+"""What every job shares: its dependencies from ``ctx`` and retry with backoff.
 
-Job ids are deterministic, so a duplicate enqueue (two clients, a client and the scheduler, a
-driver re-run after a crash) is a no-op: ``enqueue_job`` returns None while a job with that id
-is queued, running, or has its result kept. They start with the queue name, so deployments
-sharing one Redis (different ``KEYROTOR_QUEUE_NAME``) never collide.
+Job ids and enqueueing live in :mod:`keyrotor.queue.enqueue`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import structlog
-from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.jobs import Job, JobStatus
 from arq.worker import Retry
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from jobs.serialization import ARQ_SERIALIZERS
-from keyrotor.context import RotationContext
-from keyrotor.errors import QueueUnavailable, TransientError
+from keyrotor.errors import TransientError
 from keyrotor.kek.base import KekProvider
 from keyrotor.keys import KeyManager
-from keyrotor.legacy_ranges import LegacyRange
-from keyrotor.rotation import RangeJob
-from keyrotor.runs import RunInfo
+from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
 
 log = structlog.get_logger("jobs")
@@ -74,102 +65,3 @@ def retry(ctx: dict[str, Any], exc: BaseException) -> Retry:
     defer = min(settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0)
     log.warning("job_retry", error=f"{type(exc).__name__}: {exc}", defer_s=round(defer, 2))
     return Retry(defer=timedelta(seconds=defer))
-
-
-def job_id(settings: Settings, *parts: object) -> str:
-    """``<queue>:<part>:<part>...``"""
-    return ":".join([settings.queue_name, *(str(p) for p in parts)])
-
-
-def driver_call(run: RunInfo) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """The job (name, args, kwargs) that drives a run forward."""
-    if run.kind == "dek":
-        return "rotate_dek", (run.scope,), {"trigger": run.trigger, "run_id": run.id}
-    if run.kind == "kek":
-        return "rotate_kek", (), {"trigger": run.trigger, "run_id": run.id}
-    if run.kind == "kek_migrate":
-        return "migrate_kek", (), {"trigger": run.trigger, "run_id": run.id}
-    if run.kind == "retire" and run.detail.get("destroy"):
-        return "destroy_dek", (run.scope, run.from_version), {"trigger": run.trigger, "run_id": run.id}
-    if run.kind == "retire":
-        force = bool(run.detail.get("force_now", False))
-        return (
-            "retire_dek",
-            (run.scope, run.from_version),
-            {"force_now": force, "trigger": run.trigger, "run_id": run.id},
-        )
-    if run.kind == "legacy":
-        return "migrate_legacy", (run.id,), {}
-    raise ValueError(f"no job drives runs of kind {run.kind!r}")
-
-
-async def enqueue_driver(
-    redis: ArqRedis, settings: Settings, run: RunInfo, *, redrive_after: timedelta | None = None
-) -> Job:
-    """Enqueue the job that drives ``run``, or find the one already queued or running.
-
-    If that job has finished (its result is kept) while the run is still open -- it fanned out
-    into ranges, or gave up after its tries -- a new driver is enqueued (under an id of the
-    current minute), unless ``redrive_after`` is given and the run made progress more recently.
-
-    Raises:
-        QueueUnavailable: Redis cannot be reached.
-    """
-    name, args, kwargs = driver_call(run)
-    jid = job_id(settings, name, run.scope or "-", run.id)
-    try:
-        job = await redis.enqueue_job(name, *args, _job_id=jid, _queue_name=settings.queue_name, **kwargs)
-        if job is not None:
-            return job
-        existing = Job(jid, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)
-        if await existing.status() != JobStatus.complete or run.terminal:
-            return existing
-        if redrive_after is not None and datetime.now(UTC) - run.updated_at < redrive_after:
-            return existing
-        # One re-drive a minute at most: clients asking at once share it.
-        again = f"{jid}:r{int(datetime.now(UTC).timestamp() // 60)}"
-        job = await redis.enqueue_job(name, *args, _job_id=again, _queue_name=settings.queue_name, **kwargs)
-        return job or Job(again, redis, _queue_name=settings.queue_name, _deserializer=redis.job_deserializer)
-    except (RedisError, OSError) as exc:
-        raise QueueUnavailable(f"cannot enqueue on Redis: {type(exc).__name__}") from exc
-
-
-async def enqueue_range(
-    redis: ArqRedis,
-    settings: Settings,
-    r: RangeJob | LegacyRange,
-    *,
-    function: str = "reencrypt_range",
-    tag: str = "reencrypt",
-) -> bool:
-    """Enqueue the job of one id range of a fanned-out run (a no-op if it is queued or running).
-
-    ``function`` is the range job (``reencrypt_range`` or ``migrate_legacy_range``); ``tag``
-    names its job ids.
-    """
-    job = await redis.enqueue_job(
-        function,
-        r.run_id,
-        r.lo,
-        r.hi,
-        target=r.target,
-        _job_id=job_id(settings, tag, r.run_id, r.target, r.lo),
-        _queue_name=settings.queue_name,
-    )
-    return job is not None
-
-
-async def connect_queue(settings: Settings) -> ArqRedis:
-    """An arq pool on ``REDIS_URL`` for ``KEYROTOR_QUEUE_NAME``, with keyrotor's JSON serializer.
-
-    Raises:
-        QueueUnavailable: Redis cannot be reached.
-    """
-    try:
-        return await create_pool(
-            RedisSettings.from_dsn(settings.redis_url),
-            default_queue_name=settings.queue_name,
-            **ARQ_SERIALIZERS,
-        )
-    except (RedisError, OSError) as exc:
-        raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc

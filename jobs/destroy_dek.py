@@ -6,9 +6,9 @@ from typing import Any
 
 import structlog
 
-from jobs import replicas
-from jobs.common import deps, is_transient, retry
-from keyrotor import destruction
+from keyrotor.jobs import replicas
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.rotation import destruction
 
 
 async def destroy_dek(

@@ -7,10 +7,11 @@ from typing import Any
 
 import structlog
 
-from jobs import replicas
-from jobs.common import deps, is_transient, retry
-from keyrotor import kek_migration, runs
+from keyrotor import runs
+from keyrotor.jobs import replicas
+from keyrotor.jobs.common import deps, is_transient, retry
 from keyrotor.kek.base import PROVIDER_SETTING, KekProvider
+from keyrotor.rotation import kek_migration
 from keyrotor.store import db
 
 

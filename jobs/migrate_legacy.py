@@ -6,8 +6,10 @@ from typing import Any
 
 import structlog
 
-from jobs.common import deps, enqueue_range, is_transient, retry
-from keyrotor import legacy_migration, legacy_ranges
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import ranges as legacy_ranges
+from keyrotor.queue.enqueue import enqueue_range
 
 
 async def migrate_legacy(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:

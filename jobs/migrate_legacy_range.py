@@ -8,8 +8,9 @@ from typing import Any
 
 import structlog
 
-from jobs.common import deps, is_transient, retry
-from keyrotor import legacy_migration, legacy_ranges
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import ranges as legacy_ranges
 
 # One scrypt pool a worker process, shared by the range jobs it runs at once (a pool each would
 # start cores x jobs processes). Replaced if a pool process died.

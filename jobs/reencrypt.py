@@ -6,8 +6,8 @@ from typing import Any
 
 import structlog
 
-from jobs.common import deps, is_transient, retry
-from keyrotor import rotation
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.rotation import dek as rotation
 
 
 async def reencrypt_range(

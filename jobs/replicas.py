@@ -1,6 +1,6 @@
 """``check_replicas`` (hourly, from the scheduler) and ``replicate_keys`` (after every key change).
 
-Both grade every secondary region's DEK copies against the primary (``keyrotor.replication``);
+Both grade every secondary region's DEK copies against the primary (``keyrotor.replication.check``);
 ``replicate_keys`` always repairs, ``check_replicas`` repairs unless ``KEYROTOR_REPLICA_REPAIR``
 is false. Results carry region names, statuses, versions and counts: never key material.
 """
@@ -12,10 +12,11 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from jobs.common import deps, is_transient, job_id, retry
-from keyrotor.replication import Replication
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.queue.enqueue import job_id
+from keyrotor.replication.check import Replication
 
-log = structlog.get_logger("jobs.replicas")
+log = structlog.get_logger("keyrotor.jobs.replicas")
 
 # Jobs after which the regions must follow at once: each creates, promotes, rewraps or destroys DEKs.
 FOLLOWED = ("rotate_dek", "retire_dek", "destroy_dek", "rotate_kek", "migrate_kek")

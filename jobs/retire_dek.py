@@ -6,9 +6,9 @@ from typing import Any
 
 import structlog
 
-from jobs import replicas
-from jobs.common import deps, is_transient, retry
-from keyrotor import retire
+from keyrotor.jobs import replicas
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.rotation import retire
 
 
 async def retire_dek(

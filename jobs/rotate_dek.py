@@ -6,9 +6,10 @@ from typing import Any
 
 import structlog
 
-from jobs import replicas
-from jobs.common import deps, enqueue_range, is_transient, retry
-from keyrotor import rotation
+from keyrotor.jobs import replicas
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.queue.enqueue import enqueue_range
+from keyrotor.rotation import dek as rotation
 
 
 async def rotate_dek(

@@ -6,9 +6,9 @@ from typing import Any
 
 import structlog
 
-from jobs import replicas
-from jobs.common import deps, is_transient, retry
-from keyrotor import kek_rotation
+from keyrotor.jobs import replicas
+from keyrotor.jobs.common import deps, is_transient, retry
+from keyrotor.rotation import kek as kek_rotation
 
 
 async def rotate_kek(

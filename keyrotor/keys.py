@@ -6,21 +6,21 @@
         token = await km.encrypt("anthropic", api_key, context="user:42")
         api_key = await km.decrypt("anthropic", token, context="user:42")
 
-Each scope has one active DEK; new values are sealed with it (``keyrotor.envelope``). Values
+Each scope has one active DEK; new values are sealed with it (``keyrotor.crypto.envelope``). Values
 sealed under any DEK version that still decrypts (pending, active, grace, retired) open, as do
 legacy values of the old Node backend (scrypt runs off the event loop). A use of a retired
 version is audited (``retired_key_use``), logged, counted and cancels its pending destruction.
 Unwrapped DEKs are cached for ``KEYROTOR_DEK_CACHE_TTL_SECONDS`` (default 30 minutes), bounded
 by count.
 
-Every call is checked against the grants (``keyrotor.grants``) and recorded in the audit log
-(``keyrotor.audit``): who (``actor=``/``ip=``/``user_agent=``, else the innermost
-``keyrotor.audit.actor_context``, else ``KEYROTOR_DEFAULT_ACTOR``), when, which scope and DEK
+Every call is checked against the grants (``keyrotor.audit.grants``) and recorded in the audit log
+(``keyrotor.audit.log``): who (``actor=``/``ip=``/``user_agent=``, else the innermost
+``keyrotor.audit.log.actor_context``, else ``KEYROTOR_DEFAULT_ACTOR``), when, which scope and DEK
 version, and for failures the error's class and message, never a value or a ciphertext. Events
 go through a batched background writer started by ``open()`` and flushed by ``close()``. By
-default (``KEYROTOR_AUDIT=durable``, ``keyrotor.audit_durable``) a call returns only once its
+default (``KEYROTOR_AUDIT=durable``, ``keyrotor.audit.durable``) a call returns only once its
 event is committed, concurrent calls sharing one commit, and raises ``StoreUnavailable`` if it
-cannot be; ``KEYROTOR_AUDIT=async`` (``keyrotor.audit_writer``) returns once it is queued.
+cannot be; ``KEYROTOR_AUDIT=async`` (``keyrotor.audit.writer``) returns once it is queued.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor import envelope, legacy, legacy_scope, lockdown, metrics
-from keyrotor.audit import (
+from keyrotor import metrics
+from keyrotor.audit import lockdown
+from keyrotor.audit.checkpoint import Checkpointer, open_audit_key
+from keyrotor.audit.durable import DurableAuditWriter
+from keyrotor.audit.grants import Grant, GrantCache, grant_access, revoke_access
+from keyrotor.audit.key import AuditKey
+from keyrotor.audit.log import (
     CALLER,
     MAX_ERROR_CHARS,
     Row,
@@ -51,11 +56,12 @@ from keyrotor.audit import (
     normalize_metadata,
     now_us,
 )
-from keyrotor.audit_checkpoint import Checkpointer, open_audit_key
-from keyrotor.audit_durable import DurableAuditWriter
-from keyrotor.audit_key import AuditKey
-from keyrotor.audit_writer import AuditWriter
+from keyrotor.audit.writer import AuditWriter
 from keyrotor.cache import DekCache
+from keyrotor.census.locations import location_of
+from keyrotor.census.usage import UsageCounter
+from keyrotor.crypto import envelope
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     AccessDenied,
     CiphertextTooLarge,
@@ -73,17 +79,15 @@ from keyrotor.errors import (
     SecretNotFound,
     StoreUnavailable,
 )
-from keyrotor.grants import Grant, GrantCache, grant_access, revoke_access
 from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.kek.factory import open_provider
-from keyrotor.legacy_guard import LegacyGuard
-from keyrotor.locations import location_of
+from keyrotor.legacy import scope as legacy_scope
+from keyrotor.legacy.guard import LegacyGuard
 from keyrotor.notify import KeyChange, KeyChangeListener
-from keyrotor.policy import KeyState, RotationPolicy, check_decryptable, check_scope
-from keyrotor.replication import Replication
+from keyrotor.replication.check import Replication
+from keyrotor.schedule.rules import KeyState, RotationPolicy, check_decryptable, check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
-from keyrotor.usage import UsageCounter
 
 MAX_NAME_CHARS = 200
 MAX_CONTEXT_CHARS = 1024
@@ -113,7 +117,7 @@ RETIRED_USE_INTERVAL_S = 60.0
 _RETIRED_USE_SQL = text(
     "INSERT INTO retired_key_uses (scope_id, dek_version, location, actor) VALUES (:s, :v, :l, :a)"
 )
-# Event metadata is queued as JSON text (keyrotor.audit.Row).
+# Event metadata is queued as JSON text (keyrotor.audit.log.Row).
 _OPERATION_METADATA = ('{"operation":"encrypt"}', '{"operation":"decrypt"}')
 
 
@@ -187,9 +191,9 @@ class KeyManager:
         self._plain_whos: dict[str, _Who] = {default_actor: self._default_who}  # validated actors
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self.key_listener: KeyChangeListener | None = None
-        # Multi-region replication and failover reads (keyrotor.replication), when configured.
+        # Multi-region replication and failover reads (keyrotor.replication.check), when configured.
         self.replication: Replication | None = None
-        # Encryptions per DEK, counted in memory and flushed in batches (keyrotor.usage).
+        # Encryptions per DEK, counted in memory and flushed in batches (keyrotor.census.usage).
         self.usage = UsageCounter(
             lambda: self.sessions,
             default_max=settings.max_encryptions_per_dek,
@@ -222,7 +226,7 @@ class KeyManager:
                 self.settings.redis_url, self.settings.notify_channel, self.on_key_change
             )
             self.key_listener.start()
-        # The audit chain's key (keyrotor.audit_key) and its signed checkpoints.
+        # The audit chain's key (keyrotor.audit.key) and its signed checkpoints.
         if self._checkpoints is None:
             self._audit_key, self._load_audit_key, self._checkpoints = await open_audit_key(
                 self._sessions, self._kek, self.settings
@@ -230,7 +234,7 @@ class KeyManager:
         if not self.settings.audit_enabled:
             log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
         elif self._audit is None:
-            # durable: a call returns once its event is committed (keyrotor.audit_durable).
+            # durable: a call returns once its event is committed (keyrotor.audit.durable).
             writer = DurableAuditWriter if self.settings.audit_mode == "durable" else AuditWriter
             self._audit = writer(
                 self._engine,
@@ -365,7 +369,7 @@ class KeyManager:
             if allowed is None or not allowed[_ENCRYPT]:
                 await self._authorize(who, scope, _ENCRYPT)
             scope_id, version, cipher = await self._encryption_key(scope)
-            if not self.usage.take(scope_id, version):  # reserved before use (keyrotor.usage)
+            if not self.usage.take(scope_id, version):  # reserved before use (keyrotor.census.usage)
                 scope_id, version, cipher = await self._reserve(scope, scope_id, version, cipher)
             token = envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
             # Counts the encryption; a location new to this process is recorded (committed)
@@ -544,7 +548,7 @@ class KeyManager:
         """Refuse a legacy value unless ``context`` names its row and that row is ``scope``'s.
 
         A legacy value carries no scope or context of its own, so without this a grant on any
-        scope would read every scope's legacy values (``keyrotor.legacy_scope``).
+        scope would read every scope's legacy values (``keyrotor.legacy.scope``).
 
         Raises:
             LegacyDecryptDisabled: ``KEYROTOR_LEGACY_DECRYPT=off``.
@@ -724,7 +728,9 @@ class KeyManager:
     async def revoke(
         self, actor: str, scope: str, *, encrypt: bool = False, decrypt: bool = False, by: str | None = None
     ) -> Grant | None:
-        """Remove a grant, or only its ``encrypt``/``decrypt`` permission (see ``keyrotor.grants.revoke``).
+        """Remove a grant, or only its ``encrypt``/``decrypt`` permission.
+
+        See ``keyrotor.audit.grants.revoke``.
 
         Raises:
             NotFound: no grant for exactly that actor and pattern.
@@ -910,7 +916,7 @@ class KeyManager:
     async def _reserve(
         self, scope: str, scope_id: int, version: int, cipher: AESGCM, n: int = 1
     ) -> tuple[int, int, AESGCM]:
-        """Reserve ``n`` encryptions of the active DEK (keyrotor.usage). If it is exhausted or
+        """Reserve ``n`` encryptions of the active DEK (keyrotor.census.usage). If it is exhausted or
         no longer takes values, the active version is read again once: a rotation may have
         replaced it since this process last looked. Returns the DEK to use.
 

@@ -1,15 +1,16 @@
 """Prometheus metrics the library emits (prometheus_client's default registry).
 
 Labels are bounded and never secret: ``scope`` (a validated identifier such as ``anthropic`` or
-``tenant-42/openai``, checked by :func:`keyrotor.policy.check_scope` before any run exists;
+``tenant-42/openai``, checked by :func:`keyrotor.schedule.rules.check_scope` before any run exists;
 ``KEYROTOR_METRICS_SCOPE_LABELS=hashed`` shows ``h:`` and 12 hex digits of its SHA-256 instead,
 ``off`` one ``-`` for all scopes: see :func:`scope_label`),
 ``version`` (a DEK version number), ``reason`` (an error class name), ``region``. Never a key
 id, a ciphertext, a value or anything derived from key material.
 
 Defined elsewhere and served by the same registry: KEK provider calls, latency, errors and
-circuit state (:mod:`keyrotor.kek.metrics`), and the audit queue (:mod:`keyrotor.audit_writer`).
-The worker adds the arq queue depth and job outcomes (:mod:`worker.http`, :mod:`worker.main`).
+circuit state (:mod:`keyrotor.kek.metrics`), and the audit queue (:mod:`keyrotor.audit.writer`).
+The worker adds the arq queue depth and job outcomes (:mod:`keyrotor.worker.http`,
+:mod:`keyrotor.worker.main`).
 
 The re-encryption rate is derived, not a gauge: ``rate(keyrotor_rows_reencrypted_total[1m])``
 (a gauge sampled at scrape time would miss bursts between scrapes).
@@ -28,8 +29,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor import census
 from keyrotor.cache import DekCache
+from keyrotor.census import report as census
 
 SCOPE_LABEL_MODES = ("plain", "hashed", "off")
 _scope_mode = "plain"
@@ -209,7 +210,7 @@ async def refresh_rows_per_version(
 
 
 async def refresh_unregistered_locations(sessions: async_sessionmaker[AsyncSession]) -> int:
-    """Count the unregistered locations (keyrotor.census) into ``keyrotor_unregistered_locations``."""
+    """Count the unregistered locations (keyrotor.census.report) into ``keyrotor_unregistered_locations``."""
     async with sessions() as session:
         n = len(await census.unregistered_locations(session))
     UNREGISTERED_LOCATIONS.set(n)

@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     destroy_after_days: int = Field(default=30, ge=7, le=3650, validation_alias="KEYROTOR_DESTROY_AFTER_DAYS")
     # Rotate a DEK early once it has encrypted this many values (a scope's `max_encryptions`
     # overrides it); encrypt refuses past it when rotation is disabled, and past twice it (at
-    # most 2**31) otherwise (keyrotor.usage). Random 96-bit GCM nonces: NIST's bound is 2**32.
+    # most 2**31) otherwise (keyrotor.census.usage). Random 96-bit GCM nonces: NIST's bound is 2**32.
     max_encryptions_per_dek: int = Field(
         default=2**30, ge=1, le=2**31, validation_alias="KEYROTOR_MAX_ENCRYPTIONS_PER_DEK"
     )
@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     reencrypt_range_rows: int = Field(default=50_000, ge=1, validation_alias="KEYROTOR_REENCRYPT_RANGE_ROWS")
     # Budgets; 0 means unlimited, fractions are fine (0.5: one every 2 s), NaN/inf are refused.
     # The row budget is per worker process (it caps one worker's load on the database); the KEK
-    # call budget is one for all the workers of a queue on a Redis (keyrotor/budget.py), because
+    # call budget is one for all the workers of a queue on a Redis (keyrotor/kek/budget.py), because
     # a KMS quota is the account's.
     reencrypt_rows_per_second: float = Field(
         default=0,
@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, validation_alias="KEYROTOR_LEGACY_DECRYPT_CONCURRENCY"
     )
     # Whether KeyManager opens legacy values at all (only through their registered row, see
-    # keyrotor.legacy_scope). "off" once `keyrotor legacy migrate` reports none left.
+    # keyrotor.legacy.scope). "off" once `keyrotor legacy migrate` reports none left.
     legacy_decrypt: Literal["on", "off"] = Field(default="on", validation_alias="KEYROTOR_LEGACY_DECRYPT")
     legacy_failures_per_minute: int = Field(
         default=10, ge=1, le=100_000, validation_alias="KEYROTOR_LEGACY_FAILURES_PER_MINUTE"
@@ -294,7 +294,7 @@ class Settings(BaseSettings):
         default=10.0, ge=0, validation_alias="KEYROTOR_AUDIT_CLOSE_TIMEOUT_SECONDS"
     )
     audit_api_token: SecretStr | None = Field(default=None, validation_alias="KEYROTOR_AUDIT_API_TOKEN")
-    # Signed checkpoints of the chain's head (keyrotor.audit_checkpoint): every this many seconds
+    # Signed checkpoints of the chain's head (keyrotor.audit.checkpoint): every this many seconds
     # (0: only when a KeyManager closes), and appended to this file when set.
     audit_checkpoint_interval_s: float = Field(
         default=3600.0, ge=0, validation_alias="KEYROTOR_AUDIT_CHECKPOINT_INTERVAL_SECONDS"

@@ -10,9 +10,10 @@ from typing import Any
 
 import asyncpg
 
-from jobs.common import connect_queue, enqueue_driver
-from keyrotor import Settings, runs, schedule
+from keyrotor import Settings, runs
+from keyrotor.queue.enqueue import connect_queue, enqueue_driver
 from keyrotor.runs import RunInfo
+from keyrotor.schedule import scan as schedule
 from keyrotor.store import db
 from tests.rotation_helpers import fetch
 

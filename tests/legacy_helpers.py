@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from keyrotor import legacy
+from keyrotor.crypto import legacy_format as legacy
 from tests.conftest import MASTER_KEY
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "legacy-node.jsonl"

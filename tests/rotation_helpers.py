@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from arq.worker import Worker
 
 from keyrotor import KeyManager, Settings
-from worker.main import worker_settings
+from keyrotor.worker.main import worker_settings
 
 BIN = Path(sys.executable).parent / "keyrotor"
 # A Redis database of its own: other suites flush theirs (db 13) while these run.

@@ -3,7 +3,7 @@
     GET /audit/events?event=&scope=&actor=&since=&until=&limit=&after_id=
         {"events": [...], "next_after_id": <id of the last event, or null when the page is short>}
     GET /audit/verify
-        the chain report of ``keyrotor.audit_verify.verify_chain`` ({"ok": true, ...}); keyed
+        the chain report of ``keyrotor.audit.verify.verify_chain`` ({"ok": true, ...}); keyed
         rows are checked with the audit key, so the server opens the KEK provider
 
 Every request needs ``Authorization: Bearer <KEYROTOR_AUDIT_API_TOKEN>`` (compared in
@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor.audit import AuditQuery, query_events
-from keyrotor.audit_key import load_keys
-from keyrotor.audit_verify import verify_chain
+from keyrotor.audit.key import load_keys
+from keyrotor.audit.log import AuditQuery, query_events
+from keyrotor.audit.verify import verify_chain
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, TransientError
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, gen
 
 # Registered on import: a scrape shows every family (at zero) even before first use, e.g. the
 # KEK provider metrics of a process on the local keyring, which never calls a remote KEK.
-import keyrotor.audit_writer
+import keyrotor.audit.writer
 import keyrotor.kek.metrics
 import keyrotor.metrics  # noqa: F401
 

@@ -81,7 +81,7 @@ class Redactor:
 
 # Environment variables holding credentials that are not Settings fields: the KEK providers'
 # (keyrotor/kek/) and, behind `KEYROTOR_REGION_<NAME>__`, every secondary region's own key
-# (keyrotor/regions.py). Pattern matching alone would miss some (an AppRole secret id is a
+# (keyrotor/replication/regions.py). Pattern matching alone would miss some (an AppRole secret id is a
 # lowercase UUID), so their values are blanked verbatim too.
 _SECRET_VARIABLES = (
     "ENCRYPTION_KEY",

@@ -3,7 +3,7 @@
 Run it either way::
 
     keyrotor worker [--burst]
-    arq worker.main.WorkerSettings
+    arq keyrotor.worker.main.WorkerSettings
 
 ``Settings.from_env()`` runs once here; its values reach the jobs through ``ctx``
 (``ctx["deps"]``, and ``engine``, ``sessionmaker``, ``kek``, ``km``, ``settings``, ``rc``).
@@ -14,7 +14,7 @@ must unwrap the stored DEKs (a worker with the wrong ``ENCRYPTION_KEY`` says so 
 Crash safety:
 
 - **SIGTERM**: arq cancels running jobs; each finishes the batch in hand
-  (:func:`keyrotor.context.run_to_commit`) and the job goes back to the queue to resume.
+  (:func:`keyrotor.rotation.context.run_to_commit`) and the job goes back to the queue to resume.
 - **SIGKILL**: nothing is lost -- every batch is a transaction and the run state is in
   Postgres. arq marks a running job with an "in progress" key that expires only after the job
   timeout; here each worker holds it as a short lease (``KEYROTOR_JOB_LEASE_SECONDS``) and
@@ -40,30 +40,31 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Function, Retry, func
 from sqlalchemy import text
 
-from jobs.common import Deps, enqueue_driver
-from jobs.destroy_dek import destroy_dek
-from jobs.migrate_kek import migrate_kek
-from jobs.migrate_legacy import migrate_legacy
-from jobs.migrate_legacy_range import migrate_legacy_range
-from jobs.reencrypt import reencrypt_range
-from jobs.replicas import check_replicas, replicate_keys
-from jobs.retire_dek import retire_dek
-from jobs.rotate_dek import rotate_dek
-from jobs.rotate_kek import rotate_kek
-from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor import metrics, runs
-from keyrotor.budget import SharedRateBudget, kek_budget_key
-from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, KeyrotorError
+from keyrotor.jobs.common import Deps
+from keyrotor.jobs.destroy_dek import destroy_dek
+from keyrotor.jobs.migrate_kek import migrate_kek
+from keyrotor.jobs.migrate_legacy import migrate_legacy
+from keyrotor.jobs.migrate_legacy_range import migrate_legacy_range
+from keyrotor.jobs.reencrypt import reencrypt_range
+from keyrotor.jobs.replicas import check_replicas, replicate_keys
+from keyrotor.jobs.retire_dek import retire_dek
+from keyrotor.jobs.rotate_dek import rotate_dek
+from keyrotor.jobs.rotate_kek import rotate_kek
 from keyrotor.kek.base import KekProvider
+from keyrotor.kek.budget import SharedRateBudget, kek_budget_key
 from keyrotor.kek.factory import open_provider
+from keyrotor.kek.throttle import ThrottledKek
 from keyrotor.keys import KeyManager
 from keyrotor.notify import Notifier
+from keyrotor.queue.enqueue import enqueue_driver
+from keyrotor.queue.serialization import ARQ_SERIALIZERS
+from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from keyrotor.throttle import ThrottledKek
-from worker import http as ops
-from worker.logs import configure_logging
+from keyrotor.worker import http as ops
+from keyrotor.worker.logs import configure_logging
 
 log = structlog.get_logger("keyrotor.worker")
 
@@ -176,7 +177,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    # `arq worker.main.WorkerSettings` reads the environment when arq imports the name, not
+    # `arq keyrotor.worker.main.WorkerSettings` reads the environment when arq imports the name, not
     # when this module is imported.
     if name == "WorkerSettings":
         return type("WorkerSettings", (), worker_settings(Settings.from_env()))

@@ -7,9 +7,9 @@
     keyrotor scheduler --dry-run    # what one scan would enqueue; writes nothing
 
 Every ``KEYROTOR_SCAN_INTERVAL_SECONDS`` (APScheduler ``IntervalTrigger``) the leader scans
-(:mod:`keyrotor.schedule`): a ``rotate_dek`` run for each scope whose rotation is due, a
+(:mod:`keyrotor.schedule.scan`): a ``rotate_dek`` run for each scope whose rotation is due, a
 ``retire_dek`` run for each DEK whose grace period is over. Each run is opened in Postgres, then
-its driver job is enqueued with :func:`jobs.common.enqueue_driver` -- the same deterministic id
+its driver job is enqueued with :func:`keyrotor.queue.enqueue.enqueue_driver` -- the same deterministic id
 (``<queue>:rotate_dek:<scope>:<run id>``) an on-demand request for that run would use, so a
 duplicate enqueue is a no-op in arq and a duplicate run is impossible in Postgres. Every
 ``KEYROTOR_REPLICA_CHECK_INTERVAL_SECONDS`` (an hour) it enqueues ``check_replicas`` under
@@ -54,14 +54,16 @@ from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from jobs.common import connect_queue, enqueue_driver, job_id
-from keyrotor import lockdown, metrics, schedule
+from keyrotor import metrics
+from keyrotor.audit import lockdown
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
+from keyrotor.queue.enqueue import connect_queue, enqueue_driver, job_id
 from keyrotor.runs import RunInfo
-from keyrotor.schedule import Batch, ScanConfig, ScanPlan
+from keyrotor.schedule import scan as schedule
+from keyrotor.schedule.scan import Batch, ScanConfig, ScanPlan
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker import http as ops
+from keyrotor.worker import http as ops
 
 log = structlog.get_logger("keyrotor.scheduler")
 

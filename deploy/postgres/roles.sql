@@ -38,15 +38,15 @@ REVOKE ALL ON ALL TABLES IN SCHEMA public FROM keyrotor_app, keyrotor_worker;
 -- The application ---------------------------------------------------------------------------
 GRANT SELECT, INSERT, UPDATE, DELETE ON secrets TO keyrotor_app;
 GRANT SELECT, INSERT ON key_scopes TO keyrotor_app;
--- The usage counter makes a scope due early (keyrotor/usage.py); nothing else of a scope.
+-- The usage counter makes a scope due early (keyrotor/census/usage.py); nothing else of a scope.
 GRANT UPDATE (next_rotation_at, updated_at) ON key_scopes TO keyrotor_app;
 GRANT SELECT, INSERT ON data_keys TO keyrotor_app;
 -- The usage counter adds the application's encryptions to its live DEKs' counts, which the
--- per-DEK encryption limit reads (keyrotor/usage.py); no other column of a DEK.
+-- per-DEK encryption limit reads (keyrotor/census/usage.py); no other column of a DEK.
 GRANT UPDATE (encryptions) ON data_keys TO keyrotor_app;
 GRANT SELECT, INSERT ON encryption_audit_log TO keyrotor_app;
 GRANT SELECT ON encryption_grants, managed_columns, rotations TO keyrotor_app;
--- The census of where values live (keyrotor/locations.py): each encrypt records its location
+-- The census of where values live (keyrotor/census/locations.py): each encrypt records its location
 -- and the usage counter adds counts; nothing else of a row, and never a delete. The
 -- acknowledged locations are the operator's (`keyrotor columns ignore`, worker role).
 GRANT SELECT, INSERT ON key_locations TO keyrotor_app;

@@ -75,7 +75,7 @@ class KeyScope(Base):
         CheckConstraint("interval_days BETWEEN 1 AND 365", name="interval_days"),
         CheckConstraint("grace_period_days >= 0 AND grace_period_days <= interval_days", name="grace"),
         CheckConstraint("active_version >= 1 AND latest_version >= active_version", name="versions"),
-        # The scheduler's due scan (keyrotor.schedule): one index range scan.
+        # The scheduler's due scan (keyrotor.schedule.scan): one index range scan.
         Index(
             "ix_key_scopes_due",
             "next_rotation_at",
@@ -272,9 +272,9 @@ class RetiredKeyUse(Base):
 
 
 class AuditLogRow(Base):
-    """One event of the hash-chained audit log (``keyrotor.audit``; migration 0002_audit).
+    """One event of the hash-chained audit log (``keyrotor.audit.log``; migration 0002_audit).
 
-    Written only by :mod:`keyrotor.audit_writer` and :func:`keyrotor.audit.write_event` (COPY
+    Written only by :mod:`keyrotor.audit.writer` and :func:`keyrotor.audit.log.write_event` (COPY
     under the chain's advisory lock); the append-only trigger and the event-type check live in
     the migration. Declared here so that autogenerate sees the table and never drops it.
     """
@@ -312,7 +312,7 @@ class AuditLogRow(Base):
 
 
 class Grant(Base):
-    """Who may encrypt/decrypt in which scopes (``keyrotor.grants``; migration 0002_audit)."""
+    """Who may encrypt/decrypt in which scopes (``keyrotor.audit.grants``; migration 0002_audit)."""
 
     __tablename__ = "encryption_grants"
 
@@ -403,7 +403,7 @@ class InstallSalt(Base):
 
 
 class AuditKeyRow(Base):
-    """An audit key, wrapped by the KEK (``keyrotor.audit_key``; migration 0011_audit_keyed)."""
+    """An audit key, wrapped by the KEK (``keyrotor.audit.key``; migration 0011_audit_keyed)."""
 
     __tablename__ = "audit_keys"
 

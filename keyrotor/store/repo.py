@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.kek.base import WrappedDek
-from keyrotor.policy import KeyState, RotationPolicy
+from keyrotor.schedule.rules import KeyState, RotationPolicy
 from keyrotor.store.models import DataKey, KeyScope, Rotation, Secret
 
 

@@ -16,13 +16,13 @@ import pytest
 import typer.main
 import yaml
 
-import keyrotor.audit_writer
+import keyrotor.audit.writer
 import keyrotor.kek.metrics
 import keyrotor.metrics
-import keyrotor.replication
-import worker.http
+import keyrotor.replication.check
+import keyrotor.worker.http
 from keyrotor.settings import Settings
-from worker.cli import app
+from keyrotor.worker.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -209,10 +209,10 @@ def test_one_image_and_one_port_everywhere() -> None:
 def test_probes_point_at_paths_the_server_serves() -> None:
     for doc in _by_kind("Deployment"):
         for c in _containers(doc):
-            assert c["livenessProbe"]["httpGet"]["path"] == worker.http.HEALTHZ_PATH
-            assert c["readinessProbe"]["httpGet"]["path"] == worker.http.READYZ_PATH
+            assert c["livenessProbe"]["httpGet"]["path"] == keyrotor.worker.http.HEALTHZ_PATH
+            assert c["readinessProbe"]["httpGet"]["path"] == keyrotor.worker.http.READYZ_PATH
             for probe in ("livenessProbe", "readinessProbe"):
-                assert c[probe]["httpGet"]["path"] in worker.http.PATHS
+                assert c[probe]["httpGet"]["path"] in keyrotor.worker.http.PATHS
                 assert c[probe]["httpGet"]["port"] == "metrics"
 
 
@@ -306,8 +306,8 @@ def test_dashboard_queries_name_registered_metrics() -> None:
 def test_the_modules_defining_metrics_are_imported() -> None:
     # Keeps the imports above meaningful (they register the metrics this file checks).
     assert keyrotor.metrics.ROTATIONS_STARTED and keyrotor.kek.metrics.KEK_CALLS
-    assert keyrotor.audit_writer.QUEUE_DEPTH and worker.http.ARQ_JOBS
-    assert keyrotor.replication.REPLICA_KEYS and keyrotor.replication.FAILOVER_ACTIVE
+    assert keyrotor.audit.writer.QUEUE_DEPTH and keyrotor.worker.http.ARQ_JOBS
+    assert keyrotor.replication.check.REPLICA_KEYS and keyrotor.replication.check.FAILOVER_ACTIVE
 
 
 # --- every file, and the variables they set ------------------------------------------------

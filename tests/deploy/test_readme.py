@@ -101,7 +101,7 @@ def test_every_variable_the_code_reads_is_in_the_configuration_reference() -> No
 
 
 def test_the_configuration_reference_lists_no_variable_the_code_ignores() -> None:
-    # The per-region prefix is a pattern (keyrotor/regions.py), not a variable of its own.
+    # The per-region prefix is a pattern (keyrotor/replication/regions.py), not a variable of its own.
     stale = sorted(n for n in documented_variables() - code_variables() if "<" not in n)
     assert not stale, f"in README.md's configuration table but read nowhere: {stale}"
 

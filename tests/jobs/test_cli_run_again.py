@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from keyrotor import KeyManager, columns
+from keyrotor import KeyManager
+from keyrotor.census import columns
+from keyrotor.queue.client import KeyrotorClient
 from tests.jobs.conftest import settings_of
 from tests.jobs.test_legacy_migration import _app, _quiet
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import WorkerProcess, fetch, keyrotor, run_burst_worker
-from worker.client import KeyrotorClient
 
 WRONG = "not-the-old-backends-master-key-at-all"
 

@@ -22,7 +22,8 @@ from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import ConfigurationError, KeyVersionTooOld
-from keyrotor.retire import LocationNotCovered
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.rotation.retire import LocationNotCovered
 from keyrotor.runs import RunFailed
 from tests.destruction_helpers import (
     acknowledge,
@@ -35,7 +36,6 @@ from tests.destruction_helpers import (
 )
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, seed
-from worker.client import KeyrotorClient
 
 SCOPE = "openai"
 APP_CONTEXT = "users.api_key:42"  # the README's example: a value in the application's own table

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 
 from keyrotor import KeyManager
+from keyrotor.queue.client import KeyrotorClient
 from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
 from tests.kek.test_budget import SLACK_S, assert_paced
 from tests.rotation_helpers import WorkerProcess
-from worker.client import KeyrotorClient
 
 RATE = 8.0
 

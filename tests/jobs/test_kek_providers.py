@@ -19,6 +19,7 @@ from keyrotor import KeyManager, Settings
 from keyrotor.errors import KekError, KekUnavailable
 from keyrotor.kek.base import ForeignKek, WrapContext, WrappedDek
 from keyrotor.kek.factory import open_provider
+from keyrotor.queue.client import KeyrotorClient
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, run_burst_worker, seed
 from tests.servers import (
@@ -33,7 +34,6 @@ from tests.servers import (
     spawn_server,
     vault_env,
 )
-from worker.client import KeyrotorClient
 
 __all__ = ["bao_server", "moto_server", "spawn_server"]
 
@@ -292,10 +292,10 @@ class _PauseOnRewrap:
 async def test_provider_down_during_rotate_kek(
     wenv: dict[str, str], spawn_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jobs.common import is_transient
-    from keyrotor import kek_rotation
-    from keyrotor.context import RotationContext
+    from keyrotor.jobs.common import is_transient
     from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
     from keyrotor.store import db
     from tests.kek.conftest import fast_policy
 
@@ -343,7 +343,7 @@ async def test_provider_down_during_rotate_kek(
 
 async def test_migrate_refuses_bad_targets_and_a_concurrent_kek_rotation(wenv: dict[str, str]) -> None:
     from keyrotor.errors import Conflict
-    from keyrotor.kek_migration import request_migration
+    from keyrotor.rotation.kek_migration import request_migration
     from keyrotor.store import db
 
     env = {**wenv, "AWS_SECRETS_REGION": "us-east-1"}
@@ -401,8 +401,8 @@ class _FailingWrap:
 async def test_migration_resumes_after_an_outage(
     wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from keyrotor import kek_migration
     from keyrotor.kek.routing import RoutingKek
+    from keyrotor.rotation import kek_migration
     from keyrotor.store import db
 
     remote = vault_env(bao_server)
@@ -451,9 +451,9 @@ async def test_migration_resumes_after_an_outage(
 async def test_vault_old_versions_are_cut_off_only_once_no_dek_needs_them(
     wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from keyrotor import kek_rotation
-    from keyrotor.context import RotationContext
-    from keyrotor.kek_migration import kek_status
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
+    from keyrotor.rotation.kek_migration import kek_status
     from keyrotor.store import db
 
     penv = _provider_env("vault", None, bao_server)
@@ -502,9 +502,9 @@ async def test_half_working_vault_does_not_rotate(
 ) -> None:
     """A token that may decrypt and rotate, but not encrypt or rewrap: the run fails before the
     key is rotated, with an error naming the provider and the cause; nothing is written."""
-    from keyrotor import kek_rotation
-    from keyrotor.context import RotationContext
     from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
     from keyrotor.store import db
     from tests.kek.conftest import fast_policy
 
@@ -582,11 +582,11 @@ async def test_throttling_storm_stops_rotate_kek_before_it_rotates(
     pre-flight wrap is throttled through its retries, rotate_kek raises a transient error (the
     job retries it) with the key not rotated and no DEK touched, and it completes once the storm
     is over."""
-    from jobs.common import is_transient
-    from keyrotor import kek_rotation
-    from keyrotor.context import RotationContext
+    from keyrotor.jobs.common import is_transient
     from keyrotor.kek.remote import open_remote_provider
     from keyrotor.kek.resilience import Throttled
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
     from keyrotor.store import db
     from tests.kek.conftest import fast_policy
 

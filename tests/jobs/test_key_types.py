@@ -19,12 +19,15 @@ from typing import Any
 
 import pytest
 
-from keyrotor import KeyManager, Settings, columns, legacy_migration, rotation
-from keyrotor.context import RotationContext
-from keyrotor.key_ranges import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets
-from keyrotor.legacy_migration import column_source
-from keyrotor.reencrypt import raw_connection
+from keyrotor import KeyManager, Settings
+from keyrotor.census import columns
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy.migration import column_source
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation.context import RotationContext
+from keyrotor.rotation.reencrypt import raw_connection
 from keyrotor.store import db
+from keyrotor.store.key_ranges import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, seed

@@ -1,7 +1,7 @@
 """Legacy ciphertexts in application-owned columns: registration, migration, rotation, retirement.
 
 Real Postgres (and Redis and `keyrotor worker` processes for the crash test). Legacy values are
-made with keyrotor.legacy.encrypt in a process pool once per session; the Node vectors prove the
+made with keyrotor.crypto.legacy_format.encrypt in a process pool once per session; the Node vectors prove the
 format itself.
 """
 
@@ -17,20 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from keyrotor import (
-    KeyManager,
-    Settings,
-    columns,
-    legacy,
-    legacy_migration,
-    legacy_ranges,
-    retire,
-    rotation,
-    runs,
-)
-from keyrotor.context import RotationContext
+from keyrotor import KeyManager, Settings, runs
+from keyrotor.census import columns
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, Conflict, InvalidInput
-from keyrotor.retire import KeyStillInUse
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import ranges as legacy_ranges
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import retire
+from keyrotor.rotation.context import RotationContext
+from keyrotor.rotation.retire import KeyStillInUse
 from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of

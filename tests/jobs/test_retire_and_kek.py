@@ -8,13 +8,13 @@ from datetime import timedelta
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.retire import GraceNotOver, KeyStillInUse, NotRetirable
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.rotation.retire import GraceNotOver, KeyStillInUse, NotRetirable
 from keyrotor.runs import RunFailed
 from tests.conftest import MASTER_KEY
 from tests.destruction_helpers import acknowledge
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
-from worker.client import KeyrotorClient
 
 NEW_KEY = "second-master-key-4b8e2a6c0d9f1e3a5c7b9d0e2f4a6c8e"
 

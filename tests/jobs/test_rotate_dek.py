@@ -8,13 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from keyrotor import KeyManager, rotation
-from keyrotor.context import RotationContext
+from keyrotor import KeyManager
 from keyrotor.kek.factory import local_keyring
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation.context import RotationContext
 from keyrotor.store import db, repo
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
-from worker.client import KeyrotorClient
 
 
 async def test_small_scope_rotates_in_one_transaction(wenv: dict[str, str]) -> None:
@@ -305,7 +306,7 @@ async def test_kek_call_budget_paces_a_kek_rotation(wenv: dict[str, str]) -> Non
 
 @pytest.mark.parametrize("scope_rows", [5])
 async def test_worker_with_the_wrong_kek_refuses(wenv: dict[str, str], scope_rows: int) -> None:
-    from keyrotor.context import KekMismatch
+    from keyrotor.rotation.context import KekMismatch
 
     s = settings_of(wenv)
     await seed(s, "anthropic", scope_rows)

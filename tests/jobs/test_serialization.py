@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import pytest
 from arq.jobs import DeserializationError, deserialize_job_raw, serialize_job
 
-from jobs.serialization import RemoteJobError, deserialize, serialize
-from keyrotor.context import KekMismatch
 from keyrotor.errors import DecryptionFailed, KeyrotorError
+from keyrotor.queue.serialization import RemoteJobError, deserialize, serialize
+from keyrotor.rotation.context import KekMismatch
 
 
 def test_job_payload_round_trip() -> None:

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from keyrotor import KeyManager, rotation
-from keyrotor.context import RotationContext
+from keyrotor import KeyManager
 from keyrotor.errors import ConfigurationError
-from keyrotor.reencrypt import SECRETS, Target
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation.context import RotationContext
+from keyrotor.rotation.reencrypt import SECRETS, Target
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import check_values, fetch, seed
 

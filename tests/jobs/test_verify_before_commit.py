@@ -14,10 +14,11 @@ from typing import cast
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyrotor import KeyManager, Settings, rotation
-from keyrotor.context import RotationContext
+from keyrotor import KeyManager, Settings
 from keyrotor.kek.base import WrappedDek
-from keyrotor.reencrypt import RowFailed
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation.context import RotationContext
+from keyrotor.rotation.reencrypt import RowFailed
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import fetch, keyrotor
 

@@ -1,4 +1,4 @@
-"""The shared KEK call budget (keyrotor/budget.py) against the real Redis.
+"""The shared KEK call budget (keyrotor/kek/budget.py) against the real Redis.
 
 Timing tolerance: the schedule is exact in Redis's clock; what a test sees is the moment each
 caller woke up from its sleep, which lags by event-loop scheduling and a Redis round trip (well
@@ -23,12 +23,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from keyrotor import Settings
-from keyrotor.budget import SharedRateBudget, check_rate, kek_budget_key
-from keyrotor.context import RotationContext
 from keyrotor.errors import ConfigurationError, QueueUnavailable
 from keyrotor.kek.base import WrapContext
+from keyrotor.kek.budget import SharedRateBudget, check_rate, kek_budget_key
 from keyrotor.kek.factory import local_keyring
-from keyrotor.throttle import ThrottledKek
+from keyrotor.kek.throttle import ThrottledKek
+from keyrotor.rotation.context import RotationContext
 from tests.conftest import MASTER_KEY, REDIS_URL
 from tests.rotation_helpers import keyrotor
 
@@ -101,8 +101,8 @@ async def test_concurrent_coroutines_with_their_own_connections_share_one_pace(
 _CHILD = """
 import asyncio, json, sys, time
 import redis.asyncio as aioredis
-from keyrotor.context import RotationContext
-from keyrotor.budget import SharedRateBudget
+from keyrotor.rotation.context import RotationContext
+from keyrotor.kek.budget import SharedRateBudget
 
 async def main() -> None:
     client = aioredis.Redis.from_url(sys.argv[1])

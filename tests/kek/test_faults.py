@@ -26,7 +26,7 @@ from keyrotor.kek.aws_secrets import AwsSecretsConfig, AwsSecretsKek
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.remote import open_remote_provider
 from keyrotor.kek.resilience import CircuitOpen, Throttled
-from keyrotor.kek_rotation import preflight
+from keyrotor.rotation.kek import preflight
 from tests.kek.conftest import attempt_failures, fast_policy
 from tests.servers import (
     AWS_REGION,

@@ -7,7 +7,7 @@ from typing import Any
 import asyncpg
 
 from keyrotor import KeyManager
-from keyrotor.audit_verify import ChainReport, verify_chain
+from keyrotor.audit.verify import ChainReport, verify_chain
 
 
 async def rows(database_url: str, where: str = "true") -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
-from keyrotor.audit import CHAIN_LOCK, AuditEvent, write_event
-from keyrotor.audit_durable import DurableAuditWriter
+from keyrotor.audit.durable import DurableAuditWriter
+from keyrotor.audit.log import CHAIN_LOCK, AuditEvent, write_event
 from keyrotor.errors import ConfigurationError, DecryptionFailed, StoreUnavailable
 from keyrotor.store import db
 from tests.conftest import PG_ADMIN

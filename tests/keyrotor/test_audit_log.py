@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from keyrotor import KeyManager, Settings, legacy
-from keyrotor.audit import (
+from keyrotor import KeyManager, Settings
+from keyrotor.audit.log import (
     EVENT_TYPES,
     GENESIS,
     AuditEvent,
@@ -28,7 +28,8 @@ from keyrotor.audit import (
     tail_events,
     write_event,
 )
-from keyrotor.audit_verify import parse_checkpoint, prune, verify_chain
+from keyrotor.audit.verify import parse_checkpoint, prune, verify_chain
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     AccessDenied,
     ConfigurationError,

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
-from keyrotor.audit import CHAIN_LOCK, AuditEvent, write_event
-from keyrotor.audit_writer import AuditWriter
+from keyrotor.audit.log import CHAIN_LOCK, AuditEvent, write_event
+from keyrotor.audit.writer import AuditWriter
 from keyrotor.store import db
 from tests.conftest import PG_ADMIN
 from tests.keyrotor.audit_helpers import rows, verify
@@ -158,7 +158,7 @@ async def test_close_gives_up_loudly_after_its_timeout(
             await km.decrypt("openai", token)
         writer = km.audit
         assert writer is not None
-        with caplog.at_level(logging.ERROR, logger="keyrotor.audit_writer"):
+        with caplog.at_level(logging.ERROR, logger="keyrotor.audit.writer"):
             await asyncio.wait_for(km.close(), 10)
         assert writer.dropped == 5
         assert "5 events unwritten" in caplog.text
@@ -304,7 +304,7 @@ async def test_copy_text_escaping_round_trips(km: KeyManager, database_url: str)
 
 
 def test_copy_and_records_hash_alike() -> None:
-    from keyrotor.audit import GENESIS, chain_copy, chain_records, event_row
+    from keyrotor.audit.log import GENESIS, chain_copy, chain_records, event_row
 
     events = [
         AuditEvent("decrypt", scope="s", key_version=i, actor=f"a\t{i}", metadata={"i": i}) for i in range(5)
@@ -338,7 +338,7 @@ _FIELD = st.none() | st.text(alphabet=st.sampled_from("ab\t\n\r\\N é€"), max_
 )
 def test_the_writer_hashes_exactly_the_canonical_line(values: list[tuple[Any, ...]]) -> None:
     """What the batched writer hashes (its cached COPY spellings included) is ``canonical``."""
-    from keyrotor.audit import GENESIS, canonical, chain_records, from_us
+    from keyrotor.audit.log import GENESIS, canonical, chain_records, from_us
 
     rows = [(*v[:8], '{"k":"v"}', v[8]) for v in values] * 2  # repeats: the cached spellings
     prev = GENESIS

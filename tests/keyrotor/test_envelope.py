@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyrotor import envelope
+from keyrotor.crypto import envelope
 from keyrotor.errors import DecryptionFailed, InvalidValue, MalformedCiphertext
 
 DEK = bytes(range(32))

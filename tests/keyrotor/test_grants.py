@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.audit.grants import Grant, check_pattern, list_grants, pattern_matches
 from keyrotor.errors import AccessDenied, InvalidInput, NotFound
-from keyrotor.grants import Grant, check_pattern, list_grants, pattern_matches
 from keyrotor.store import db
 from tests.keyrotor.audit_helpers import rows
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from keyrotor import KeyManager, Settings, legacy
+from keyrotor import KeyManager, Settings
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     DecryptionFailed,
     InvalidInput,

@@ -1,4 +1,4 @@
-"""Tests for keyrotor.legacy: the old Node backend's first-phase ciphertext.
+"""Tests for keyrotor.crypto.legacy_format: the old Node backend's first-phase ciphertext.
 
 No mocks: every test runs the real scrypt and AES-GCM. One scrypt costs ~30-60 ms, so the
 tests that decrypt are counted carefully and hypothesis runs few examples there.
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from keyrotor import legacy
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import DecryptionFailed, InvalidValue, MalformedCiphertext, WeakKeyError
 
 # tests/keyrotor/test_legacy.py -> parents[2] is the project root; shared/ sits beside it.
@@ -434,7 +434,7 @@ def test_decrypt_many_keeps_order_and_per_value_errors() -> None:
 
 
 def test_decrypt_many_in_a_process_pool() -> None:
-    # spawn, not fork: the child must import keyrotor.legacy by name and unpickle the results,
+    # spawn, not fork: the child must import keyrotor.crypto.legacy_format by name and unpickle the results,
     # as a migration's worker processes would.
     assert pickle.loads(pickle.dumps(legacy.decrypt_many)) is legacy.decrypt_many  # noqa: S301
     ctx = multiprocessing.get_context("spawn")

@@ -7,8 +7,9 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyrotor import columns, legacy_migration
+from keyrotor.census import columns
 from keyrotor.errors import DecryptionFailed, InvalidInput, MalformedCiphertext
+from keyrotor.legacy import migration as legacy_migration
 
 
 def test_second_phase_layout_round_trips_and_fails_loudly() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from keyrotor.audit.lockdown import NamedGrant, parse_grant
 from keyrotor.errors import InvalidInput
-from keyrotor.legacy_scope import key_in_context
-from keyrotor.lockdown import NamedGrant, parse_grant
+from keyrotor.legacy.scope import key_in_context
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.locations import location_of
-from keyrotor.usage import UsageCounter
+from keyrotor.census.locations import location_of
+from keyrotor.census.usage import UsageCounter
+from keyrotor.queue.client import KeyrotorClient
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, seed, worker_env
-from worker.client import KeyrotorClient
 
 _ROWS = (
     "SELECT s.name AS scope, k.dek_version, k.location, k.encryptions, k.first_seen, k.last_seen "
@@ -52,7 +52,7 @@ def test_counts_per_location_match_a_plain_count(
 ) -> None:
     """The encrypt path's shortcut (the previous location again) counts exactly like a Counter,
     across prefixes of one another, contexts without ':', scopes, versions and evictions."""
-    monkeypatch.setattr("keyrotor.usage.SEEN_MAX", seen_max)
+    monkeypatch.setattr("keyrotor.census.usage.SEEN_MAX", seen_max)
     usage = UsageCounter(lambda: pytest.fail("no database"), default_max=10, interval_s=60)
     rnd = random.Random(seed)
     contexts = ["ab", "abc", "ab:1", "ab:2", "abc:1", "ab:c:1", "ab:c", "", ":", "x:", "users.api_key:7"]
@@ -125,7 +125,7 @@ async def test_repeats_write_nothing_and_counts_arrive_with_the_flush(env: dict[
                 "SELECT d.encryptions FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
                 "WHERE s.name = 'anthropic' AND d.version = 1"
             )
-            # The per-DEK count is reserved before use, in blocks of 16, 32, 64 (keyrotor.usage):
+            # The per-DEK count is reserved before use, in blocks of 16, 32, 64 (keyrotor.census.usage):
             # never below what was made.
             assert used == 16 + 32 + 64 >= 51
         finally:
@@ -183,7 +183,7 @@ async def test_concurrent_first_sightings_share_one_write(env: dict[str, str]) -
 async def test_a_forgotten_location_costs_a_repeat_write_and_no_count(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("keyrotor.usage.SEEN_MAX", 2)
+    monkeypatch.setattr("keyrotor.census.usage.SEEN_MAX", 2)
     url = env["DATABASE_URL"]
     async with KeyManager(_quiet(env)) as km:
         for loc in ("a", "b", "c", "a", "b", "c"):  # each one evicts the oldest
@@ -237,7 +237,8 @@ async def test_rotation_records_where_it_wrote_the_new_version(wenv: dict[str, s
 
 
 async def test_legacy_migration_records_the_column_it_seals_into(wenv: dict[str, str]) -> None:
-    from keyrotor import columns, legacy_migration
+    from keyrotor.census import columns
+    from keyrotor.legacy import migration as legacy_migration
     from tests.jobs.test_legacy_migration import _app
     from tests.legacy_helpers import legacy_rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from keyrotor.locations import (
+from keyrotor.census.locations import (
     ACKNOWLEDGED,
     COVERED_BY_COLUMN,
     COVERED_BY_KEYROTOR,

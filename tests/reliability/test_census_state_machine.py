@@ -30,9 +30,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from keyrotor import KeyManager, Settings, census, columns, destruction, retire, rotation, schedule
-from keyrotor.context import RotationContext
+from keyrotor import KeyManager, Settings
+from keyrotor.census import columns
+from keyrotor.census import report as census
 from keyrotor.errors import PermanentError
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import destruction, retire
+from keyrotor.rotation.context import RotationContext
+from keyrotor.schedule import scan as schedule
 from keyrotor.store import db
 from tests.conftest import MASTER_KEY, REDIS_URL, _admin, _url
 

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from keyrotor import KeyManager, Settings, columns, legacy_migration
+from keyrotor import KeyManager, Settings
+from keyrotor.census import columns
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.queue.client import KeyrotorClient
 from tests.legacy_helpers import legacy_rows
 from tests.reliability.harness import Workers, assert_no_open_runs, seed_scopes, sized, wait_run
 from tests.rotation_helpers import check_values, cleanup_queue, fetch, seed, value_for
 from tests.scheduler.conftest import Proc, scheduler_env
-from worker.client import KeyrotorClient
 
 
 def _quiet(s: Settings) -> Settings:

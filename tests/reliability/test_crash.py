@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from keyrotor import KeyManager, Settings, columns
+from keyrotor import KeyManager, Settings
+from keyrotor.census import columns
+from keyrotor.queue.client import KeyrotorClient, RunHandle
 from tests.conftest import MASTER_KEY
 from tests.legacy_helpers import legacy_rows
 from tests.reliability.harness import (
@@ -39,7 +41,6 @@ from tests.reliability.harness import (
 )
 from tests.rotation_helpers import check_values, fetch, keyrotor, run_burst_worker, seed
 from tests.servers import free_port
-from worker.client import KeyrotorClient, RunHandle
 
 KILLS = sized(5, 20)
 NEW_KEY = "crash-suite-master-key-v2-7e1d9c3b5a4f6e8d0c2b"

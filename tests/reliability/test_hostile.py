@@ -2,7 +2,8 @@
 
 Every parser either returns a correct result or raises its typed keyrotor error: never another
 exception, never garbage, never a message that echoes a value. Parsers: the kr1 envelope
-(keyrotor/envelope.py), the legacy format (keyrotor/legacy.py), scope names, the JSON-lines
+(keyrotor/crypto/envelope.py), the legacy format (keyrotor/crypto/legacy_format.py), scope names, the
+JSON-lines
 import (worker/cli/secrets.py), environment configuration (keyrotor/settings.py), and the
 CLI's arguments against a real database.
 """
@@ -22,7 +23,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from keyrotor import KeyManager, Settings, envelope, legacy
+from keyrotor import KeyManager, Settings
+from keyrotor.crypto import envelope
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     ConfigurationError,
     DecryptionFailed,
@@ -31,12 +34,12 @@ from keyrotor.errors import (
     KeyrotorError,
     MalformedCiphertext,
 )
-from keyrotor.policy import check_scope
+from keyrotor.schedule.rules import check_scope
+from keyrotor.worker.cli import main as cli_main
+from keyrotor.worker.cli.secrets import read_rows
 from tests.conftest import MASTER_KEY
 from tests.reliability.harness import SLOW
 from tests.rotation_helpers import fetch
-from worker.cli import main as cli_main
-from worker.cli.secrets import read_rows
 
 DEK = bytes(range(32))
 CIPHER = AESGCM(DEK)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import asyncpg
 
 from keyrotor import KeyManager, Settings
+from keyrotor.queue.client import KeyrotorClient
 from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.reliability.harness import (
@@ -39,7 +40,6 @@ from tests.reliability.harness import (
 )
 from tests.reliability.pg_cluster import throwaway_cluster
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
-from worker.client import KeyrotorClient
 
 OUTAGE_S = sized(5, 30)
 CLK_TCK = os.sysconf("SC_CLK_TCK")

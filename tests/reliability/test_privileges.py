@@ -19,10 +19,10 @@ import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.queue.client import KeyrotorClient
 from tests.conftest import PG_ADMIN
 from tests.destruction_helpers import expire_window, open_destructions, wait_run
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
-from worker.client import KeyrotorClient
 
 ROLES_SQL = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "roles.sql"
 
@@ -117,7 +117,7 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         assert await km.get_secret("anthropic", "prod") == "sk-ant-api03-privileges-0123456789"
         await km.flush_audit()
 
-    # The application's encryptions were counted against its DEKs' limits (keyrotor.usage), by
+    # The application's encryptions were counted against its DEKs' limits (keyrotor.census.usage), by
     # the app role, reserved before use: a first block of 16 for its one encrypt.
     counted = await fetch(
         wenv["DATABASE_URL"],
@@ -220,7 +220,7 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         "UndefinedColumnError",
         "CheckViolationError",
     }
-    # ... while bringing a rotation closer stays the application's right (keyrotor.usage does).
+    # ... while bringing a rotation closer stays the application's right (keyrotor.census.usage does).
     await fetch(roles.app_url, "UPDATE key_scopes SET next_rotation_at = now() WHERE name = 'anthropic'")
     record(
         "privileges",

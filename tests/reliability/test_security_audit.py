@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.audit import GENESIS, AuditEvent, canonical, write_event
+from keyrotor.audit.log import GENESIS, AuditEvent, canonical, write_event
 from keyrotor.store import db
 from tests.cli_helpers import keyrotor
 from tests.conftest import PG_ADMIN
@@ -293,7 +293,7 @@ async def test_old_unkeyed_rows_verify_and_a_downgrade_after_the_switch_is_caugh
 
 _KEYLESS_WRITER = """
 import asyncio, sys
-from keyrotor.audit import AuditEvent, write_event
+from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import ConfigurationError
 from keyrotor.store import db
 

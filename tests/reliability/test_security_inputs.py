@@ -26,7 +26,10 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY, generate_latest
 
-from keyrotor import KeyManager, Settings, columns, envelope, legacy, metrics
+from keyrotor import KeyManager, Settings, metrics
+from keyrotor.census import columns
+from keyrotor.crypto import envelope
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import CiphertextTooLarge, DecryptionFailed, InvalidInput, LegacyDecryptThrottled
 from keyrotor.keys import _PARSED_BUDGET_BYTES, max_ciphertext_chars
 from tests.cli_helpers import keyrotor

@@ -23,11 +23,11 @@ from keyrotor.errors import WeakKeyError
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.install_salt import read_install_salt
 from keyrotor.kek.local import KEY_BYTES, KEY_PREFIX, LocalKeyring, check_master_key
+from keyrotor.queue.client import KeyrotorClient
 from keyrotor.store import db
 from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY, PG_ADMIN
 from tests.rotation_helpers import fetch, run_burst_worker
-from worker.client import KeyrotorClient
 
 WEAK_KEYS = ["0123456789abcdef0123456789abcdef", "my-company-production-encryption-key-2024"]
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from keyrotor import KeyManager, Settings, columns, legacy, legacy_migration
+from keyrotor import KeyManager, Settings
+from keyrotor.audit.lockdown import OPEN_GRANT_WARNING
+from keyrotor.census import columns
+from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import AccessDenied, LegacyDecryptDisabled
-from keyrotor.lockdown import OPEN_GRANT_WARNING
+from keyrotor.legacy import migration as legacy_migration
 from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY
 from tests.legacy_helpers import store_legacy_secret
@@ -297,7 +300,7 @@ async def test_open_default_is_reported_and_lock_down_replaces_it(
 async def test_scheduler_start_up_warns_of_the_open_default(settings: Settings) -> None:
     from structlog.testing import capture_logs
 
-    from worker.scheduler import Scheduler
+    from keyrotor.worker.scheduler import Scheduler
 
     with capture_logs() as logs:
         async with Scheduler(settings):

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.census.usage import BLOCK_FIRST, HARD_CEILING
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyExhausted
-from keyrotor.policy import check_max_encryptions
-from keyrotor.usage import BLOCK_FIRST, HARD_CEILING
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.schedule.rules import check_max_encryptions
 from tests.rotation_helpers import fetch, run_burst_worker
-from worker.client import KeyrotorClient
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-ant-api03-" + "v" * 95

@@ -15,7 +15,7 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import KekUnavailable
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
-from keyrotor.replication import CheckReport, Replication, env_prefix
+from keyrotor.replication.check import CheckReport, Replication, env_prefix
 from tests.conftest import _admin, _url
 from tests.replication.proxy import PgProxy
 

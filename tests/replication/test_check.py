@@ -9,12 +9,12 @@ import os
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.envelope import new_dek
+from keyrotor.crypto.envelope import new_dek
 from keyrotor.errors import ConfigurationError
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
 from keyrotor.metrics import REPLICA_STATUS
-from keyrotor.replication import env_prefix, fingerprint, init_regions, parse_regions
+from keyrotor.replication.check import env_prefix, fingerprint, init_regions, parse_regions
 from tests.conftest import MASTER_KEY, _admin
 from tests.replication.conftest import (
     PRIMARY,
@@ -79,7 +79,7 @@ def test_region_configuration_is_validated_without_echoing_urls() -> None:
         assert "hunter2" not in str(info.value)
     # A region without its wrapping key is refused at start-up, naming the variables to set.
     s = Settings.from_env({**base, "KEYROTOR_REGIONS": "eu-west-1=postgresql://h/a"})
-    from keyrotor.replication import Replication
+    from keyrotor.replication.check import Replication
 
     with pytest.raises(ConfigurationError, match="KEYROTOR_REGION_EU_WEST_1__"):
         Replication.open(s, None, None, {})  # type: ignore[arg-type]

@@ -8,9 +8,9 @@ import json
 import os
 
 from keyrotor import KeyManager, Settings
+from keyrotor.worker.cli.health import replica_health
 from tests.cli_helpers import BIN
 from tests.replication.conftest import settle, sql
-from worker.cli.health import replica_health
 
 
 async def keyrotor(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

@@ -13,10 +13,10 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import KekUnavailable
 from keyrotor.kek.factory import local_keyring
+from keyrotor.queue.client import KeyrotorClient
 from tests.destruction_helpers import expire_window, open_destructions, wait_run
 from tests.replication.conftest import FailingKek, rep_of, settle, sql
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, worker_env
-from worker.client import KeyrotorClient
 
 OLD, LIVE = "sk-ant-api03-destroyed-copy-0123456789", "sk-proj-live-copy-0123456789"
 
@@ -66,7 +66,7 @@ async def test_destruction_deletes_the_copies_in_its_own_job(
         async def no_follow_up(*args: object, **kwargs: object) -> None:
             return None  # the replication job the destruction enqueues: here it never comes
 
-        monkeypatch.setattr("jobs.replicas.follow", no_follow_up)
+        monkeypatch.setattr("keyrotor.jobs.replicas.follow", no_follow_up)
         await run_burst_worker(s)
         assert (await wait_run(s, run.id)).detail["outcome"] == "destroyed"
         for url in region_urls.values():

@@ -9,7 +9,7 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import Conflict, KekUnavailable
 from keyrotor.kek.factory import local_keyring
-from keyrotor.replication import FAILOVER_READS
+from keyrotor.replication.check import FAILOVER_READS
 from tests.conftest import _url
 from tests.replication.conftest import (
     PRIMARY,

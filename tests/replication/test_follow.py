@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from keyrotor import KeyManager, Settings
+from keyrotor.worker.scheduler import Scheduler
 from tests.replication.conftest import sql
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, worker_env
-from worker.scheduler import Scheduler
 
 
 async def test_a_scope_the_application_could_not_replicate_is_copied_after_the_next_scan(

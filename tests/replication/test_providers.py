@@ -7,7 +7,7 @@ import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.kek.factory import local_keyring
-from keyrotor.replication import env_prefix
+from keyrotor.replication.check import env_prefix
 from tests.replication.conftest import FailingKek, rep_of, settle, sql, statuses, unreachable
 from tests.replication.proxy import PgProxy
 from tests.servers import ServerProcess, aws_env, bao_server, create_kms_key, moto_server, vault_env

@@ -4,10 +4,10 @@ destroyed one's copies are removed, by the replication its destruction enqueues.
 from __future__ import annotations
 
 from keyrotor import KeyManager, Settings
+from keyrotor.queue.client import KeyrotorClient
 from tests.destruction_helpers import expire_window, open_destructions, wait_run
 from tests.replication.conftest import rep_of, settle, sql, statuses
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, worker_env
-from worker.client import KeyrotorClient
 
 
 async def _copies(region_urls: dict[str, str]) -> list[list[tuple[int, str]]]:

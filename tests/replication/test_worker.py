@@ -8,12 +8,12 @@ import json
 from arq import create_pool
 from arq.connections import RedisSettings
 
-from jobs.serialization import ARQ_SERIALIZERS
 from keyrotor import KeyManager, Settings
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.queue.serialization import ARQ_SERIALIZERS
 from tests.conftest import MASTER_KEY
 from tests.replication.conftest import rep_of, settle, sql, statuses
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, worker_env
-from worker.client import KeyrotorClient
 
 KEY_2 = "second-master-key-4b8e2a6c0d9f1e3a5c7b9d0e2f4a6c8e"
 KEY_3 = "third-master-key-9e1c3a5b7d0f2e4a6c8b0d1f3e5a7c9b2"

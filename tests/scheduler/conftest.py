@@ -20,8 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from keyrotor import Settings
+from keyrotor.worker.scheduler import Scheduler
 from tests.rotation_helpers import BIN, WORKER_REDIS_URL, cleanup_queue, worker_env
-from worker.scheduler import Scheduler
 
 
 def scheduler_env(env: Mapping[str, str], **extra: str) -> dict[str, str]:

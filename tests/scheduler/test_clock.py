@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from keyrotor import Settings, schedule
+from keyrotor import Settings
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.schedule import scan as schedule
+from keyrotor.worker.scheduler import Scheduler
 from tests.rotation_helpers import check_values, run_burst_worker, seed
 from tests.scheduler.conftest import sql
-from worker.client import KeyrotorClient
-from worker.scheduler import Scheduler
 
 
 async def test_on_demand_rotation_resets_the_clock_and_measures_the_rate(senv: dict[str, str]) -> None:

@@ -12,11 +12,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from keyrotor import KeyManager, Settings
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.worker.scheduler import Scheduler
 from tests.destruction_helpers import acknowledge, expire_window, key_row, wait_run
 from tests.rotation_helpers import WorkerProcess, keyrotor, seed
 from tests.scheduler.conftest import sql
-from worker.client import KeyrotorClient
-from worker.scheduler import Scheduler
 
 SCOPE = "anthropic"
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from keyrotor.errors import InvalidInput
-from keyrotor.policy import ScopePolicy, change_policy, retry_delay
+from keyrotor.schedule.rules import ScopePolicy, change_policy, retry_delay
+from keyrotor.worker.cli import main
 from tests.rotation_helpers import keyrotor
 from tests.scheduler.conftest import seed_scopes, sql
-from worker.cli import main
 
 NOW = datetime(2030, 6, 1, 12, tzinfo=UTC)
 ANCHOR = NOW - timedelta(days=40)  # last rotation

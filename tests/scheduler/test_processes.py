@@ -209,10 +209,10 @@ async def test_scheduler_killed_mid_scan_and_restarted_queues_each_rotation_once
     """SIGKILL a `scheduler --once` in the middle of a large catch-up, run it again: every due scope
     has exactly one run and at most one queued job; the workers' adoption (the same enqueue, run
     here for every open run) queues the runs the dead process opened but never enqueued, once."""
-    from jobs.common import enqueue_driver
     from keyrotor import runs
+    from keyrotor.queue.enqueue import enqueue_driver
     from keyrotor.store import db
-    from worker.scheduler import Scheduler
+    from keyrotor.worker.scheduler import Scheduler
 
     url, queue = senv["DATABASE_URL"], senv["KEYROTOR_QUEUE_NAME"]
     due = await seed_scopes(url, 4_000, due_at=datetime.now(UTC) - timedelta(hours=1))

@@ -10,13 +10,14 @@ from typing import Any
 from arq.jobs import Job
 from sqlalchemy import event, text
 
-from jobs.common import enqueue_driver
-from jobs.serialization import deserialize
-from keyrotor import KeyManager, Settings, schedule
+from keyrotor import KeyManager, Settings
+from keyrotor.queue.enqueue import enqueue_driver
+from keyrotor.queue.serialization import deserialize
+from keyrotor.schedule import scan as schedule
 from keyrotor.store import db
+from keyrotor.worker.scheduler import Leadership, Scheduler, replica_job_id, scan_config
 from tests.rotation_helpers import keyrotor
 from tests.scheduler.conftest import queued_jobs, seed_scopes, sql
-from worker.scheduler import Leadership, Scheduler, replica_job_id, scan_config
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)  # the tests' "now": every due date is set relative to it
 
@@ -172,7 +173,7 @@ async def test_completed_rotation_is_not_due_again(sched: Scheduler, senv: dict[
 async def test_on_demand_open_run_is_joined_not_duplicated(sched: Scheduler, senv: dict[str, str]) -> None:
     url = senv["DATABASE_URL"]
     (name,) = await seed_scopes(url, 1, due_at=T0 - timedelta(days=1))
-    from keyrotor.rotation import request_rotation
+    from keyrotor.rotation.dek import request_rotation
 
     async with db.transaction(sched.sessions) as session:
         _run, created = await request_rotation(session, name, trigger="cli")
@@ -281,7 +282,7 @@ async def test_retire_is_enqueued_once_grace_has_ended(
 
 
 async def test_usage_limit_makes_a_scope_due(senv: dict[str, str]) -> None:
-    # Reservations (keyrotor.usage): with a limit of 5 and rotation enabled the hard stop is 10,
+    # Reservations (keyrotor.census.usage): with a limit of 5 and rotation enabled the hard stop is 10,
     # and each block is at most a quarter of what is left: openai reserves 2, 2, 1 for its
     # encrypts; the reservation that reaches 5 makes the scope due at once, with no flush.
     settings = Settings.from_env(
@@ -417,7 +418,7 @@ async def test_status_shows_next_rotation_and_whether_a_run_is_queued(
     sched: Scheduler, senv: dict[str, str], rq: Any
 ) -> None:
     from keyrotor.store import repo
-    from worker.cli.status import mark_queued
+    from keyrotor.worker.cli.status import mark_queued
 
     url = senv["DATABASE_URL"]
     (due,) = await seed_scopes(url, 1, due_at=T0 - timedelta(days=1))

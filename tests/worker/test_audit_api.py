@@ -10,8 +10,8 @@ from pydantic import SecretStr
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import ConfigurationError
+from keyrotor.worker.audit_api import create_app
 from tests.keyrotor.audit_helpers import tamper
-from worker.audit_api import create_app
 
 TOKEN = "audit-api-token-" + "7" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.audit import AuditEvent, write_event
+from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.store import db
 from tests.cli_helpers import BIN, keyrotor
 from tests.keyrotor.audit_helpers import rows, tamper

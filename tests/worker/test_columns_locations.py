@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings, metrics
+from keyrotor.worker.cli.health import census_health, healthy
 from tests.cli_helpers import keyrotor
-from worker.cli.health import census_health, healthy
 
 
 def _json(env: dict[str, str], *args: str) -> Any:

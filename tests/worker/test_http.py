@@ -9,7 +9,7 @@ import socket
 
 import aiohttp
 
-from worker.http import KekCheckCache, OpsServer
+from keyrotor.worker.http import KekCheckCache, OpsServer
 
 
 def _port() -> int:

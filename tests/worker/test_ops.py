@@ -28,6 +28,7 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.factory import open_provider
+from keyrotor.queue.client import KeyrotorClient
 from tests.conftest import MASTER_KEY
 from tests.rotation_helpers import (
     BIN,
@@ -38,7 +39,6 @@ from tests.rotation_helpers import (
     seed,
     worker_env,
 )
-from worker.client import KeyrotorClient
 
 SCOPE = "tenant-7/anthropic"
 

@@ -13,7 +13,7 @@ import structlog
 
 from keyrotor import Settings
 from keyrotor.redaction import REDACTED
-from worker.logs import Redactor, configure_logging, known_secrets
+from keyrotor.worker.logs import Redactor, configure_logging, known_secrets
 
 ANTHROPIC = "sk-ant-api03-" + "Ab3_x-" * 16
 OPENAI = "sk-proj-" + "Zq9xY8wV7uT6sR5q" * 3
@@ -133,7 +133,7 @@ def test_configured_logging_redacts_stdlib_structlog_and_exceptions(
 _TTY_SCRIPT = """
 import logging, structlog
 from keyrotor import Settings
-from worker.logs import configure_logging
+from keyrotor.worker.logs import configure_logging
 configure_logging(Settings.from_env())
 structlog.get_logger("t").info("stored", value=%r, scope="anthropic", run_id=7)
 logging.getLogger("arq.worker").info("job done")

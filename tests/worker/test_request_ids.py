@@ -17,9 +17,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from keyrotor import KeyManager, Settings, columns, runs
+from keyrotor import KeyManager, Settings, runs
+from keyrotor.census import columns
+from keyrotor.queue.client import KeyrotorClient
 from keyrotor.runs import InvalidRequestId
 from keyrotor.store import db
+from keyrotor.worker.logs import Redactor
 from tests.conftest import MASTER_KEY
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import (
@@ -31,8 +34,6 @@ from tests.rotation_helpers import (
     run_burst_worker,
     seed,
 )
-from worker.client import KeyrotorClient
-from worker.logs import Redactor
 
 SCOPE = "tenant-9/openai"
 CREATOR = "checkout-api:7f3a/req-0001"

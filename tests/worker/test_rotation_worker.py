@@ -401,7 +401,7 @@ async def test_arq_cli_runs_the_same_worker_settings(wenv: dict[str, str]) -> No
     assert asked.returncode == 0, asked.stderr
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **wenv}
     proc = subprocess.run(
-        [str(BIN.parent / "arq"), "worker.main.WorkerSettings", "--burst"],
+        [str(BIN.parent / "arq"), "keyrotor.worker.main.WorkerSettings", "--burst"],
         env=full_env,
         capture_output=True,
         text=True,

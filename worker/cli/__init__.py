@@ -13,25 +13,25 @@ from typing import NoReturn
 
 import typer
 
-from keyrotor import audit_key
+from keyrotor.audit import key as audit_key
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
 from keyrotor.kek.factory import open_provider
 from keyrotor.settings import Settings
-from worker.cli import audit as audit_cmd
-from worker.cli import columns as columns_cmd
-from worker.cli import db as db_cmd
-from worker.cli import demo as demo_cmd
-from worker.cli import health as health_cmd
-from worker.cli import kek as kek_cmd
-from worker.cli import keys as keys_cmd
-from worker.cli import legacy as legacy_cmd
-from worker.cli import lockdown as lockdown_cmd
-from worker.cli import policy as policy_cmd
-from worker.cli import replicas as replicas_cmd
-from worker.cli import rotate as rotate_cmd
-from worker.cli import scheduler as scheduler_cmd
-from worker.cli import secrets as secrets_cmd
-from worker.cli import status as status_cmd
+from keyrotor.worker.cli import audit as audit_cmd
+from keyrotor.worker.cli import columns as columns_cmd
+from keyrotor.worker.cli import db as db_cmd
+from keyrotor.worker.cli import demo as demo_cmd
+from keyrotor.worker.cli import health as health_cmd
+from keyrotor.worker.cli import kek as kek_cmd
+from keyrotor.worker.cli import keys as keys_cmd
+from keyrotor.worker.cli import legacy as legacy_cmd
+from keyrotor.worker.cli import lockdown as lockdown_cmd
+from keyrotor.worker.cli import policy as policy_cmd
+from keyrotor.worker.cli import replicas as replicas_cmd
+from keyrotor.worker.cli import rotate as rotate_cmd
+from keyrotor.worker.cli import scheduler as scheduler_cmd
+from keyrotor.worker.cli import secrets as secrets_cmd
+from keyrotor.worker.cli import status as status_cmd
 
 app = typer.Typer(
     name="keyrotor",

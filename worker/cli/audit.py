@@ -18,14 +18,14 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor import audit_checkpoint as checkpoints
-from keyrotor.audit import AuditQuery, check_actor, parse_time, query_events, tail_events
-from keyrotor.audit_key import AuditKeyMismatch, load_keys
-from keyrotor.audit_verify import ChainReport, parse_checkpoint, prune, verify_chain
-from keyrotor.grants import Grant, grant_access, list_grants, revoke_access
+from keyrotor.audit import checkpoint as checkpoints
+from keyrotor.audit.grants import Grant, grant_access, list_grants, revoke_access
+from keyrotor.audit.key import AuditKeyMismatch, load_keys
+from keyrotor.audit.log import AuditQuery, check_actor, parse_time, query_events, tail_events
+from keyrotor.audit.verify import ChainReport, parse_checkpoint, prune, verify_chain
 from keyrotor.kek.factory import open_provider
 from keyrotor.store import db
-from worker.cli.common import err_console, out_console, print_json, progress, run, settings
+from keyrotor.worker.cli.common import err_console, out_console, print_json, progress, run, settings
 
 T = TypeVar("T")
 
@@ -219,7 +219,7 @@ def serve(
     """Serve the read-only HTTP API (GET /audit/events, GET /audit/verify); needs KEYROTOR_AUDIT_API_TOKEN."""
     from aiohttp import web
 
-    from worker.audit_api import create_app
+    from keyrotor.worker.audit_api import create_app
 
     application = create_app(settings())
     err_console.print(f"audit API on http://{host}:{port}/audit/ (bearer token required)")

@@ -1,5 +1,5 @@
 """``keyrotor columns register|list|unregister|ignore|unignore``: application-owned ciphertext
-columns, and every location where values were sealed (keyrotor.census)."""
+columns, and every location where values were sealed (keyrotor.census.report)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor import census, columns
-from keyrotor.audit import check_actor
-from keyrotor.locations import display
+from keyrotor.audit.log import check_actor
+from keyrotor.census import columns
+from keyrotor.census import report as census
+from keyrotor.census.locations import display
 from keyrotor.store import db
-from worker.cli.common import err_console, out_console, print_json, run, settings
+from keyrotor.worker.cli.common import err_console, out_console, print_json, run, settings
 
 T = TypeVar("T")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from keyrotor.store import db
-from worker.cli.common import err_console, run, settings
+from keyrotor.worker.cli.common import err_console, run, settings
 
 app = typer.Typer(help="Database schema.", no_args_is_help=True)
 

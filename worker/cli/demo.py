@@ -38,8 +38,8 @@ import typer
 
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import err_console, manager, out_console, progress, run, settings
-from worker.cli.status import status
+from keyrotor.worker.cli.common import err_console, manager, out_console, progress, run, settings
+from keyrotor.worker.cli.status import status
 
 
 def _random(n: int) -> str:
@@ -86,7 +86,7 @@ class _Process:
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from worker.cli import main; main()", *args],
+            [sys.executable, "-c", "from keyrotor.worker.cli import main; main()", *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -112,7 +112,7 @@ class _Process:
 async def _wait_ready(cfg: Settings, procs: list[_Process]) -> None:
     import redis.asyncio as aioredis
 
-    from worker.cli.health import HEALTH_CHECK_SUFFIX
+    from keyrotor.worker.cli.health import HEALTH_CHECK_SUFFIX
 
     client: Any = aioredis.from_url(cfg.redis_url)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -138,7 +138,7 @@ def _tenant_keys(provider: str, n: int) -> list[tuple[str, str]]:
 
 def _replicas_line(cfg: Settings) -> str | None:
     """What to say about replicas when the status command shows no region table."""
-    from keyrotor import replication
+    from keyrotor.replication import check as replication
 
     if replication.parse_regions(cfg):
         return None  # `status` printed the regions' table
@@ -146,8 +146,8 @@ def _replicas_line(cfg: Settings) -> str | None:
 
 
 async def _rotate_all(cfg: Settings, worker: _Process) -> None:
+    from keyrotor.queue.client import KeyrotorClient
     from keyrotor.runs import RunInfo
-    from worker.client import KeyrotorClient
 
     async with KeyrotorClient(cfg) as client:
         handles = {scope: await client.rotate(scope, trigger="cli") for scope in DEMO_KEYS}
@@ -187,8 +187,8 @@ async def _audit_excerpt(cfg: Settings, n: int) -> tuple[list[str], int]:
     (thousands of them would hide the rotations); returns the lines and how many were left out."""
     from sqlalchemy import text
 
-    from keyrotor.audit import TABLE, AuditQuery, query_events
-    from worker.cli.audit import _line
+    from keyrotor.audit.log import TABLE, AuditQuery, query_events
+    from keyrotor.worker.cli.audit import _line
 
     bulk = "event_type = 'encrypt' AND (metadata->>'context') LIKE 'secret:tenant-%'"
     engine = db.create_engine(cfg.database_url, pool_size=1)

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.errors import KeyrotorError
 from keyrotor.settings import Settings
-from worker.cli.common import out_console, print_json, run
+from keyrotor.worker.cli.common import out_console, print_json, run
 
 T = TypeVar("T")
 
@@ -143,7 +143,7 @@ async def replica_health(settings: Settings) -> Result:
     """The ``replicas`` check: ok when every region's last check was in sync and recent."""
     from datetime import UTC, datetime, timedelta
 
-    from keyrotor import replication
+    from keyrotor.replication import check as replication
     from keyrotor.store import db
 
     configured = [r.name for r in replication.parse_regions(settings)]
@@ -182,7 +182,7 @@ async def _read(settings: Settings, query: Callable[[AsyncSession], Awaitable[T]
 
 async def census_health(settings: Settings) -> Result:
     """The ``census`` check: ``warn`` while an unregistered location holds values of a live version."""
-    from keyrotor import census
+    from keyrotor.census import report as census
 
     found = await _read(settings, census.unregistered_locations)
     if found:
@@ -192,7 +192,7 @@ async def census_health(settings: Settings) -> Result:
 
 async def grants_health(settings: Settings) -> Result:
     """The ``grants`` check: ``warn`` while the open default grant ``* *`` is in place."""
-    from keyrotor import lockdown
+    from keyrotor.audit import lockdown
 
     still_open = await _read(settings, lockdown.wildcard_grant)
     if still_open:

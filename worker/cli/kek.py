@@ -9,15 +9,16 @@ import structlog
 import typer
 from rich.table import Table
 
-from keyrotor import kek_migration, runs
+from keyrotor import runs
 from keyrotor.errors import KekError, KekUnavailable
 from keyrotor.kek.base import PROVIDER_SETTING, KekProvider
 from keyrotor.kek.factory import open_provider
 from keyrotor.kek.local import generate_key
+from keyrotor.rotation import kek_migration
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
+from keyrotor.worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
 
 app = typer.Typer(help="The KEK: its provider, the DEKs it wraps, migration to another provider.")
 
@@ -147,7 +148,7 @@ def _log_to_stderr(settings: Settings) -> None:
     import logging
     import sys
 
-    from worker.logs import configure_logging
+    from keyrotor.worker.logs import configure_logging
 
     configure_logging(settings)
     for handler in logging.getLogger().handlers:
@@ -184,8 +185,8 @@ def target_name(provider: KekProvider) -> str:
 async def _enqueued(
     settings: Settings, src: str, dst: str, *, wait: bool, timeout_s: float | None, request_id: str | None
 ) -> tuple[RunInfo, str | None]:
-    from jobs.common import enqueue_driver
-    from worker.client import KeyrotorClient, RunHandle
+    from keyrotor.queue.client import KeyrotorClient, RunHandle
+    from keyrotor.queue.enqueue import enqueue_driver
 
     async with KeyrotorClient(settings) as client:
         async with db.transaction(client.sessions) as session:

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from keyrotor.destruction import Restored
-from keyrotor.policy import check_scope
-from worker.cli.common import err_console, print_json, run, settings
+from keyrotor.rotation.destruction import Restored
+from keyrotor.schedule.rules import check_scope
+from keyrotor.worker.cli.common import err_console, print_json, run, settings
 
 app = typer.Typer(help="One DEK version: bring a retired one back.")
 
@@ -25,7 +25,7 @@ def restore(
 ) -> None:
     """Bring a retired DEK version back to grace (its pending destruction is cancelled)."""
     check_scope(scope)
-    from worker.client import KeyrotorClient
+    from keyrotor.queue.client import KeyrotorClient
 
     async def go() -> Restored:
         async with KeyrotorClient(settings()) as client:

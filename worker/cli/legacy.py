@@ -10,20 +10,22 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from redis.exceptions import RedisError
 
-from keyrotor import KeyManager, legacy_migration, legacy_scope
+from keyrotor import KeyManager
 from keyrotor.errors import Conflict, QueueUnavailable
-from keyrotor.legacy_migration import LegacyReport
-from keyrotor.policy import check_scope
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import scope as legacy_scope
+from keyrotor.legacy.migration import LegacyReport
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
+from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
-from worker.cli.rotate import wait_run
+from keyrotor.worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
+from keyrotor.worker.cli.rotate import wait_run
 
 if TYPE_CHECKING:
     from arq.jobs import Job
 
-    from worker.client import KeyrotorClient
+    from keyrotor.queue.client import KeyrotorClient
 
 app = typer.Typer(help="Migrate the old backend's legacy ciphertexts and DEKs.")
 
@@ -100,7 +102,7 @@ def migrate(
         return
 
     async def go() -> tuple[RunInfo, bool, int | None]:
-        from worker.client import KeyrotorClient, RunHandle
+        from keyrotor.queue.client import KeyrotorClient, RunHandle
 
         async with KeyrotorClient(Settings.from_env()) as client:
             async with manager() as km:
@@ -187,7 +189,7 @@ async def _drive(client: KeyrotorClient, r: RunInfo) -> Job:
     """
     from arq.jobs import SerializationError
 
-    from jobs.common import driver_call, enqueue_driver
+    from keyrotor.queue.enqueue import driver_call, enqueue_driver
 
     job = await enqueue_driver(client.redis, client.settings, r)
     if r.terminal:

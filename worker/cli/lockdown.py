@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit import check_actor
-from keyrotor.lockdown import LockDownResult, lock_down, parse_grant
+from keyrotor.audit.lockdown import LockDownResult, lock_down, parse_grant
+from keyrotor.audit.log import check_actor
 from keyrotor.store import db
-from worker.cli.common import err_console, print_json, run, settings
+from keyrotor.worker.cli.common import err_console, print_json, run, settings
 
 
 def register(app: typer.Typer) -> None:

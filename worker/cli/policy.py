@@ -16,12 +16,12 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit import check_actor
+from keyrotor.audit.log import check_actor
 from keyrotor.errors import InvalidInput
-from keyrotor.policies import PolicyView, count_scopes, get_policy, list_policies, set_policy
-from keyrotor.policy import PRESET_INTERVAL_DAYS, check_scope
+from keyrotor.schedule.policies import PolicyView, count_scopes, get_policy, list_policies, set_policy
+from keyrotor.schedule.rules import PRESET_INTERVAL_DAYS, check_scope
 from keyrotor.store import db
-from worker.cli.common import err_console, out_console, print_json, run, settings
+from keyrotor.worker.cli.common import err_console, out_console, print_json, run, settings
 
 T = TypeVar("T")
 

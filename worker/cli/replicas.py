@@ -9,14 +9,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from keyrotor import replication
 from keyrotor.errors import ConfigurationError, KekUnavailable
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
-from keyrotor.replication import Replication
+from keyrotor.replication import check as replication
+from keyrotor.replication.check import Replication
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import err_console, out_console, print_json, run
+from keyrotor.worker.cli.common import err_console, out_console, print_json, run
 
 app = typer.Typer(help="Copies of the primary's DEKs in the secondary regions: check, repair, promote.")
 

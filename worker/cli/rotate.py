@@ -9,18 +9,18 @@ import typer
 from rich.table import Table
 
 from keyrotor.errors import KeyrotorError
-from keyrotor.policy import check_scope
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
+from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
-from worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
+from keyrotor.worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
 
 if TYPE_CHECKING:
-    from worker.client import KeyrotorClient, RunHandle
+    from keyrotor.queue.client import KeyrotorClient, RunHandle
 
 
 def _client() -> KeyrotorClient:
     # Imported here: arq and the jobs are not needed by the other commands.
-    from worker.client import KeyrotorClient
+    from keyrotor.queue.client import KeyrotorClient
 
     return KeyrotorClient(Settings.from_env())
 
@@ -77,8 +77,8 @@ def worker(
     """Run a rotation worker (arq) until SIGTERM/SIGINT; any number may share Redis and Postgres."""
     from arq.worker import Worker
 
-    from worker.logs import configure_logging
-    from worker.main import worker_settings
+    from keyrotor.worker.logs import configure_logging
+    from keyrotor.worker.main import worker_settings
 
     settings = Settings.from_env()
     configure_logging(settings)
@@ -133,7 +133,7 @@ def rotate(
     if request_id is not None:
         check_request_id(request_id)
     if dry_run:
-        from worker.cli.scheduler import rotate_dry_run
+        from keyrotor.worker.cli.scheduler import rotate_dry_run
 
         rotate_dry_run(scope, json_out=json_out)
         return

@@ -11,13 +11,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from keyrotor import schedule
 from keyrotor.errors import InvalidInput
+from keyrotor.schedule import scan as schedule
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from worker.cli.common import err_console, out_console, print_json, run
+from keyrotor.worker.cli.common import err_console, out_console, print_json, run
 
-# worker.scheduler (APScheduler, arq) is imported by the commands that need it: every CLI
+# keyrotor.worker.scheduler (APScheduler, arq) is imported by the commands that need it: every CLI
 # invocation imports this module.
 
 
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _logs_to_stderr(settings: Settings) -> None:
-    from worker.logs import configure_logging
+    from keyrotor.worker.logs import configure_logging
 
     configure_logging(settings)
     for handler in logging.getLogger().handlers:
@@ -44,7 +44,7 @@ def _fmt_s(seconds: float) -> str:
 
 async def dry_run(settings: Settings, now: datetime) -> dict[str, Any]:
     """The document ``scheduler --dry-run`` prints: what one scan at ``now`` would enqueue."""
-    from worker.scheduler import replica_job_id, scan_config
+    from keyrotor.worker.scheduler import replica_job_id, scan_config
 
     engine = db.create_engine(settings.database_url, pool_size=1, max_overflow=1)
     try:
@@ -105,7 +105,7 @@ def scheduler(
     Without --once it runs until SIGTERM/SIGINT: any number may run; one leads (a Postgres
     advisory lock), the others take over within one scan interval if it dies.
     """
-    from worker.scheduler import ScanReport, Scheduler
+    from keyrotor.worker.scheduler import ScanReport, Scheduler
 
     if json_out and not (once or dry_run_):
         raise InvalidInput("--json needs --once or --dry-run (the long-running scheduler prints logs)")
@@ -136,7 +136,7 @@ def scheduler(
                 + (f"; enqueued {replica}" if replica else "")
             )
         return
-    from worker.logs import configure_logging
+    from keyrotor.worker.logs import configure_logging
 
     configure_logging(settings)
 
@@ -149,7 +149,7 @@ def scheduler(
 
 def rotate_dry_run(scope: str, *, json_out: bool) -> None:
     """``keyrotor rotate SCOPE --dry-run``: what rotating the scope now would do; writes nothing."""
-    from worker.scheduler import scan_config
+    from keyrotor.worker.scheduler import scan_config
 
     settings = Settings.from_env()
 

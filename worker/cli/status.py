@@ -10,13 +10,18 @@ from redis.exceptions import RedisError
 from rich.markup import escape
 from rich.table import Table
 
-from keyrotor import KeyManager, census, columns, legacy_scope, lockdown, replication
+from keyrotor import KeyManager
+from keyrotor.audit import lockdown
+from keyrotor.census import columns
+from keyrotor.census import report as census
 from keyrotor.errors import ScopeNotFound
-from keyrotor.policy import check_scope
+from keyrotor.legacy import scope as legacy_scope
+from keyrotor.replication import check as replication
+from keyrotor.rotation.verify import verify_columns, verify_secrets
+from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
-from keyrotor.verify import verify_columns, verify_secrets
-from worker.cli.common import err_console, manager, out_console, print_json, progress, run
+from keyrotor.worker.cli.common import err_console, manager, out_console, print_json, progress, run
 
 _DRIVERS = ("rotate_dek", "retire_dek", "destroy_dek")  # the jobs that drive a scope's open run
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -69,7 +74,7 @@ async def replica_status(km: KeyManager) -> dict[str, Any]:
 async def mark_queued(settings: Settings, scopes: list[dict[str, Any]]) -> None:
     """Set ``queued`` on each scope: whether its open run's driver job waits in the arq queue
     (False with no open run, None if Redis cannot be asked). One pipelined round trip."""
-    from jobs.common import job_id
+    from keyrotor.queue.enqueue import job_id
 
     for s in scopes:
         s["queued"] = False
@@ -114,7 +119,7 @@ def status(
             "(`keyrotor legacy migrate` moves them to kr1)"
         )
     if doc["replicas"]["regions"]:
-        from worker.cli.replicas import region_table
+        from keyrotor.worker.cli.replicas import region_table
 
         primary = doc["replicas"]["primary"]
         out_console.print(

@@ -3,13 +3,13 @@
 Revision ID: 0002_audit
 Revises: 0001_initial
 
-``encryption_audit_log``: the hash-chained audit log (``keyrotor.audit``). ``id`` is the row's
+``encryption_audit_log``: the hash-chained audit log (``keyrotor.audit.log``). ``id`` is the row's
 position in the chain, assigned by the writer under the chain's advisory lock (1, 2, 3, ...;
 a gap is a deleted row). A statement trigger refuses UPDATE and TRUNCATE, and DELETE unless
 the transaction set ``keyrotor.audit_prune`` (``keyrotor audit prune`` does): a guard against
 accidents; tampering by someone who can bypass it is what the hash chain detects.
 
-``encryption_grants``: who may encrypt/decrypt in which scopes (``keyrotor.grants``). A new
+``encryption_grants``: who may encrypt/decrypt in which scopes (``keyrotor.audit.grants``). A new
 install starts with one wildcard grant (every actor, every scope) so the first run works.
 """
 

@@ -38,7 +38,7 @@ depends_on: str | Sequence[str] | None = None
 
 UNRECORDED = "(unrecorded)"
 
-# The audit event types as of this revision (0002 read them from keyrotor.audit; spelled out
+# The audit event types as of this revision (0002 read them from keyrotor.audit.log; spelled out
 # here so that this revision means the same thing whatever the code says later).
 _EVENTS_BEFORE = (
     "encrypt", "decrypt", "failed_decrypt", "rotate", "rewrap", "retire", "unauthorized",

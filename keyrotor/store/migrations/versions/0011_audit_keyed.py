@@ -3,7 +3,7 @@
 Revision ID: 0011_audit_keyed
 Revises: 0010_install_salt
 
-``audit_keys``: the audit key(s) that make the chain keyed (HMAC-SHA256, ``keyrotor.audit_key``),
+``audit_keys``: the audit key(s) that make the chain keyed (HMAC-SHA256, ``keyrotor.audit.key``),
 each wrapped by the KEK and bound to its id and its switch point (the last row written before
 it). Created by the first process that opens the KEK provider, not here: a migration has no KEK.
 

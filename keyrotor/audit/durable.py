@@ -1,0 +1,302 @@
+"""Durable audit (``KEYROTOR_AUDIT=durable``, the default): a call returns once its event is committed.
+
+Each caller appends its event and one future, then waits. The writer task takes everything
+queued since its last commit and writes it as one batch, exactly as the asynchronous writer
+does (one transaction: the chain lock, the head, one COPY, COMMIT; once the writer knows the
+head, one statement that locks, inserts and commits), then resolves every
+waiting caller's future. That is group commit: concurrent callers share one transaction and one
+WAL flush, and callers arriving while a commit is in flight form the next batch. There is no
+timer: a lone caller's event is written at once.
+
+If a batch cannot be committed (the database is down, the kept connection died and a fresh one
+fails too), its callers raise :class:`~keyrotor.errors.StoreUnavailable` (transient): no
+plaintext or ciphertext is returned whose event is not in the log (fail closed). When the
+commit's fate is unknown (the connection died during COMMIT), the event may be in the log of a
+call that raised; it is never missing from the log of a call that returned.
+
+A caller cancelled while it waits does not disturb the batch: its event is still written, its
+future is simply not resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from keyrotor.audit.log import CHAIN_LOCK, COLUMNS, TABLE, Row, chain_records
+from keyrotor.audit.writer import MAX_BATCHES_PER_WRITE, AuditWriter
+from keyrotor.errors import ConfigurationError, StoreUnavailable
+from keyrotor.store import db
+
+log = logging.getLogger(__name__)
+
+# A batch on the known head in ONE round trip: an implicit transaction (autocommit) that takes
+# the chain lock, then inserts the rows, and commits at the statement's end. BEGIN, COPY and
+# COMMIT would be three round trips, and a commit's round trips are what bound durable
+# throughput (every waiting caller sits idle through them). The lock is taken before the first
+# row is produced: the rows come out of a join with the one-row locking subquery.
+_INSERT_ON_HEAD = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
+    "SELECT u.id, u.et, u.sc, u.kv, u.ok, u.ac, u.ip, u.ua, u.em, u.md::json, "
+    "'epoch'::timestamptz + u.us * interval '1 microsecond', u.ph, u.rh, u.ki "
+    f"FROM (SELECT pg_advisory_xact_lock({CHAIN_LOCK})) AS chain_lock, "
+    "unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], "
+    "$8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[], $13::bytea[], $14::int[]) "
+    "AS u(id, et, sc, kv, ok, ac, ip, ua, em, md, us, ph, rh, ki)"
+)
+_READ_HEAD_AFTER_CONFLICT = 16
+
+
+class DurableAuditWriter(AuditWriter):
+    """An :class:`AuditWriter` whose ``put`` returns only once the event is committed.
+
+    Takes the same arguments; ``queue_max``, ``flush_interval_s`` and ``put_timeout_s`` do not
+    apply (every caller waits for its own commit, so the queue holds at most one event per
+    waiting call). ``statement_timeout_s`` bounds each attempt, connecting included.
+
+    Attributes:
+        commits: batches committed so far (compare with ``written`` for the group-commit factor).
+        commit_failures: batches whose callers were failed with ``StoreUnavailable``.
+    """
+
+    def __init__(self, engine: AsyncEngine, **options: Any) -> None:
+        super().__init__(engine, **options)
+        # One a queued event, in order; None for an event no call waits for (put_nowait).
+        self._waiters: deque[asyncio.Future[None] | None] = deque()
+        self._detached = 0  # queued events without a waiter
+        self._pause = 0.0  # after a failed batch of such events: wait this long before the next try
+        self._failed_calls = 0  # calls failed since the last log line
+        self._last_fail_log = -1e9
+        self._head: tuple[int, bytes] | None = None  # the chain head our last commit left
+        self._left: tuple[int, bytes] | None = None
+        self._read_head_for = 0  # batches that read the head again (another writer appends too)
+        self.commits = 0
+        self.commit_failures = 0
+
+    def __repr__(self) -> str:
+        return f"DurableAuditWriter(depth={self.depth}, written={self.written}, commits={self.commits})"
+
+    def offer(self, row: Row) -> bool:
+        """Always False: every durable event is awaited through :meth:`put`."""
+        return False
+
+    async def put(self, row: Row) -> None:
+        """Queue ``row`` and return once the batch holding it is committed.
+
+        Raises:
+            StoreUnavailable: the batch could not be committed (the event may be missing).
+            ConfigurationError: the writer is closed.
+        """
+        if self._closing or self._task is None:
+            raise ConfigurationError("the audit writer is closed (or was never started)")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buf.append(row)
+        self._waiters.append(fut)
+        self._queued += 1
+        self._wake.set()
+        await fut
+
+    async def put_many(self, rows: Sequence[Row]) -> None:
+        """Queue ``rows`` in order and return once all of them are committed.
+
+        Raises:
+            StoreUnavailable: a batch holding one of them could not be committed.
+            ConfigurationError: the writer is closed.
+        """
+        if self._closing:
+            raise ConfigurationError("the audit writer is closed")
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[None]] = []
+        for row in rows:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._buf.append(row)
+            self._waiters.append(fut)
+            futs.append(fut)
+        self._queued += len(futs)
+        self._wake.set()
+        await asyncio.gather(*futs)
+
+    def _prebuild(self, base_id: int, base_hash: bytes) -> None:
+        # Each event has a waiter: batches are only ever taken with their futures, in _run.
+        return
+
+    def put_nowait(self, row: Row) -> None:
+        """Queue an event that no call waits for (a ``failover`` event): written with the next
+        batch and, if that fails, kept and retried with backoff until it is written or
+        ``close()`` gives up on it (``keyrotor_audit_events_dropped_total{reason="close"}``).
+
+        Raises:
+            ConfigurationError: the writer is closed.
+        """
+        if self._closing:
+            raise ConfigurationError("the audit writer is closed")
+        self._buf.append(row)
+        self._waiters.append(None)
+        self._detached += 1
+        self._queued += 1
+        self._wake.set()
+
+    async def _run(self) -> None:
+        buf, waiters = self._buf, self._waiters
+        cap = self._batch_size * MAX_BATCHES_PER_WRITE
+        while True:
+            if not buf:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._pause and len(buf) == self._detached:
+                # Only events nobody waits for, and the last try failed: back off (a caller's
+                # event ends the wait at once; it is written together with them).
+                self._wake.clear()
+                if self._closing:
+                    await asyncio.sleep(self._pause)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._pause):
+                            await self._wake.wait()
+            n = min(len(buf), cap)
+            if n == len(buf):
+                rows, futs = list(buf), list(waiters)
+                buf.clear()
+                waiters.clear()
+            else:
+                rows = [buf.popleft() for _ in range(n)]
+                futs = [waiters.popleft() for _ in range(n)]
+            self._in_flight = n
+            try:
+                error = await self._commit(rows)
+            except BaseException:  # cancelled (close() gave up waiting): none of these is known written
+                self._in_flight = 0
+                self._requeue_detached(rows, futs)
+                self._fail(futs, "the audit writer stopped before the event was committed")
+                raise
+            self._in_flight = 0
+            self._done += n
+            if error is None:
+                self.commits += 1
+                self._pause = 0.0
+                self._detached -= sum(1 for fut in futs if fut is None)
+                for fut in futs:
+                    if fut is not None and not fut.done():  # a cancelled caller's is done already
+                        fut.set_result(None)
+            else:
+                self.commit_failures += 1
+                self._done -= self._requeue_detached(rows, futs)
+                self._fail(futs, f"the audit log could not be written ({type(error).__name__})")
+            self._progress.set()
+
+    def _requeue_detached(self, rows: list[Row], futs: list[asyncio.Future[None] | None]) -> int:
+        """Put the failed batch's events that no call waits for back in front; how many."""
+        kept = [row for row, fut in zip(rows, futs, strict=True) if fut is None]
+        if kept:
+            self._buf.extendleft(reversed(kept))
+            self._waiters.extendleft([None] * len(kept))
+            self._pause = min(max(self._pause * 2, 0.1), self._retry_max_s)
+        return len(kept)
+
+    async def _commit(self, rows: list[Row]) -> Exception | None:
+        """Write and commit one batch; the error that stopped it, or None."""
+        try:
+            await self._attempt(rows)
+            return None
+        except Exception as exc:
+            error: Exception = exc
+        self._count_failure()
+        if db._is_transient(error):
+            # The kept connection may have died while idle (a restarted server, an idle-session
+            # timeout), or the answer to COMMIT was lost: no outage yet, so one more attempt at
+            # once, on a fresh connection. If the first COMMIT did land, the retry finds the
+            # batch's last row instead of writing it twice. A second failure is an outage.
+            try:
+                await self._attempt(rows)
+                return None
+            except Exception as exc:
+                error = exc
+            self._count_failure()
+        # The batch is abandoned (its callers are told): the next batch must not take this
+        # one's last row, should it turn up, as its own.
+        self._unsure = None
+        self._failed_calls += len(rows)
+        now = time.monotonic()
+        if now - self._last_fail_log >= 5.0:  # an outage fails batch after batch: one line per 5 s
+            self._last_fail_log = now
+            log.log(
+                logging.WARNING if db._is_transient(error) else logging.ERROR,
+                "audit commit failed (%s): %d calls failed with StoreUnavailable since the last report",
+                type(error).__name__,
+                self._failed_calls,
+            )
+            self._failed_calls = 0
+        return error
+
+    async def _attempt(self, rows: list[Row]) -> None:
+        # Each statement has its own timeout; this one also bounds connecting.
+        async with asyncio.timeout(self._timeout_s):
+            await self._write(rows, None)
+
+    async def _write(self, batch: list[Row], prepared: object) -> None:
+        """Write one batch; on the chain head this writer left, if it still is the head.
+
+        While this process is the only appender, the head it left is the head: reading it again
+        would cost a round trip of every commit. ``id`` is the primary key, so if another writer
+        appended meanwhile the batch's first id exists and the insert fails; the batch is then
+        written the ordinary way (reading the head under the lock), and the next few batches read it too.
+        """
+        head, self._head = self._head, None
+        key = await self._load_key()
+        # Without a key, every batch goes the way that checks the chain is not keyed yet.
+        if head is None or key is None or self._unsure is not None or self._read_head_for > 0:
+            self._read_head_for = max(0, self._read_head_for - 1)
+            self._left = None
+            await super()._write(batch, None)
+            self._head = self._left
+            return
+        records = chain_records(*head, batch, key)
+        last_id, last_hash = records[-1][0], records[-1][12]
+        try:
+            pg = await self._connect()
+            started = time.perf_counter()
+            self._unsure = (last_id, last_hash)
+            try:
+                await pg.execute(_INSERT_ON_HEAD, *zip(*records, strict=True), timeout=self._timeout_s)
+            except asyncpg.UniqueViolationError:
+                # Another writer appended since this writer's last commit: nothing was written
+                # (the statement was its own transaction); read the head under the lock.
+                self._unsure = None
+                self._read_head_for = _READ_HEAD_AFTER_CONFLICT
+                await self._write(batch, None)
+                return
+            self._unsure = None
+        except BaseException:
+            await self._disconnect(invalidate=True)
+            raise
+        self._count_written(len(batch), started)
+        self._head = (last_id, last_hash)
+
+    async def _insert(self, pg: Any, last_id: int, prev: bytes, batch: list[Row], prepared: Any) -> None:
+        await super()._insert(pg, last_id, prev, batch, prepared)
+        self._left = self._unsure  # the head this batch leaves, once committed
+
+    def _fail(self, futs: list[asyncio.Future[None] | None], message: str) -> None:
+        for fut in futs:
+            if fut is not None and not fut.done():
+                fut.set_exception(StoreUnavailable(f"{message}: the call was not completed"))
+
+    def _give_up(self, left: int) -> None:
+        # Events close() could not write belong to calls still waiting: they fail, nothing is lost.
+        futs = list(self._waiters)
+        self._waiters.clear()
+        self._fail(futs, "the audit writer closed before the event was committed")
+        if self._detached:  # events no call waited for: lost, so counted as async mode's are
+            super()._give_up(self._detached)
+            self._detached = 0

@@ -1,0 +1,345 @@
+"""Verify the audit chain, and prune old rows without breaking it.
+
+:func:`verify_chain` walks the whole log in id order, in keyset pages (memory stays flat), and
+stops at the first row that is wrong, saying what is wrong with it:
+
+``edited``
+    the row's content no longer matches its ``row_hash`` (or its ``row_hash`` was recomputed
+    after an edit, so the next row's ``prev_hash`` no longer matches it);
+``deleted``
+    ids jump (rows were removed from the middle), or the oldest rows are missing and no
+    ``anchor`` row vouches for a prune;
+``reordered``
+    the row's hash matches its content only at another position: rows were moved or swapped;
+``downgraded``
+    a row after the switch to the keyed format (``keyrotor.audit.key``) is unkeyed, or a row
+    claims a key the chain did not have yet.
+
+Rows after the switch point are HMAC-SHA256 under the audit key, so verifying them needs the
+key (``keyrotor.audit.key.load_keys``, through the KEK), and a database writer without it
+cannot rewrite them so that they verify. Rows up to the switch point are plain SHA-256.
+
+What a chain cannot show by itself: the newest rows deleted. Signed checkpoints written
+outside the database (``keyrotor.audit.checkpoint``) record the head; pass the latest back
+(``keyrotor audit verify --checkpoint-file F`` or ``--checkpoint ID:HASH``): a head that is
+gone or changed is reported.
+
+:func:`prune` deletes the oldest rows (a prefix of the chain) and appends an ``anchor`` event
+recording the id and hash of the last deleted row, so the remaining chain still verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from keyrotor.audit.key import KEY_TABLE, AuditKey, key_for
+from keyrotor.audit.log import (
+    CHAIN_LOCK,
+    GENESIS,
+    TABLE,
+    AuditEvent,
+    canonical,
+    utc,
+    write_events,
+)
+from keyrotor.errors import InvalidInput
+from keyrotor.store import db
+
+Problem = Literal["edited", "deleted", "reordered", "downgraded"]
+PAGE_ROWS = 5_000
+# How far a moved row is looked for (hash recomputations, only once a row is already wrong).
+REORDER_WINDOW = 1_000
+
+
+@dataclass
+class ChainReport:
+    """The outcome of :func:`verify_chain`. ``ok`` is False at the first problem found."""
+
+    ok: bool = True
+    checked: int = 0
+    first_id: int | None = None
+    head_id: int | None = None
+    head_hash: str | None = None
+    anchored: bool = False  # the oldest rows were pruned, and an anchor vouches for it
+    switch_after: int | None = None  # rows after this id are keyed (None: no audit key yet)
+    keyed: int = 0  # rows checked with the audit key
+    checkpoint: str | None = None  # the signed checkpoint checked against: "ID:HASH at TIME"
+    bad_id: int | None = None
+    problem: Problem | None = None
+    detail: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fail(self, row_id: int, problem: Problem, detail: str) -> ChainReport:
+        self.ok, self.bad_id, self.problem, self.detail = False, row_id, problem, detail
+        return self
+
+
+def parse_checkpoint(value: str) -> tuple[int, bytes]:
+    """Parse ``ID:HEX`` (a head printed by an earlier ``verify``).
+
+    Raises:
+        InvalidInput: not of that form.
+    """
+    row_id, sep, hex_hash = value.partition(":")
+    try:
+        if not sep or not row_id.isdigit():
+            raise ValueError
+        digest = bytes.fromhex(hex_hash)
+        if len(digest) != 32:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput("a checkpoint is ID:HASH, the id and 64-hex-digit row_hash of a row") from None
+    return int(row_id), digest
+
+
+def _hash(row: Any, keys: Mapping[int, AuditKey], row_id: int | None = None) -> bytes | None:
+    """The row_hash a row should have (at position ``row_id``, default its own id); None if
+    it names an audit key that is not known."""
+    key_id = row[13]
+    body = canonical(
+        row[0] if row_id is None else row_id,
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[10],
+        row[9],
+        key_id,
+    )
+    if key_id is None:
+        return hashlib.sha256(bytes(row[11]) + body).digest()
+    key = keys.get(int(key_id))
+    return None if key is None else key.mac(bytes(row[11]) + body)
+
+
+_PAGE_SQL = text(
+    "SELECT id, event_type, scope, key_version, success, actor, ip_address, user_agent, error_message, "
+    f"metadata::text, created_at, prev_hash, row_hash, audit_key_id FROM {TABLE} "
+    "WHERE id > :after ORDER BY id LIMIT :n"
+)
+_SWITCH_SQL = text(f"SELECT min(switch_after) FROM {KEY_TABLE}")
+
+
+async def verify_chain(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    keys: Mapping[int, AuditKey] | None = None,
+    checkpoint: tuple[int, bytes] | None = None,
+    page_rows: int = PAGE_ROWS,
+    on_progress: Callable[[int], None] | None = None,
+) -> ChainReport:
+    """Check every row's hash and link, oldest first; stop at the first problem.
+
+    Args:
+        keys: the audit keys by id (``keyrotor.audit.key.load_keys``); by default the key this
+            process loaded for the database, if any. A keyed row whose key is not given fails.
+        checkpoint: ``(id, row_hash)`` of a head recorded earlier: that row must still be
+            there with that hash (unless it was pruned away).
+        on_progress: called with the number of rows of each page checked.
+    """
+    report = ChainReport()
+    if keys is None:
+        loaded = key_for(sessions.kw["bind"].url) if sessions.kw.get("bind") is not None else None
+        keys = {} if loaded is None else {loaded.key_id: loaded}
+    async with db.transaction(sessions) as session:
+        switch = (await session.execute(_SWITCH_SQL)).scalar_one()
+    # The switch point the KEK vouches for (it is bound into each key's wrap) wins over the table's.
+    report.switch_after = min((k.switch_after for k in keys.values()), default=switch)
+    after = 0
+    expected_id: int | None = None
+    prev_hash = b""
+    # (first id, its prev_hash): what an anchor must vouch for when rows 1..first-1 are gone
+    needs_anchor: tuple[int, bytes] | None = None
+    while True:
+        async with db.transaction(sessions) as session:
+            page = (await session.execute(_PAGE_SQL, {"after": after, "n": page_rows})).all()
+        if not page:
+            break
+        for row in page:
+            row_id = int(row[0])
+            stored_prev, stored_hash = bytes(row[11]), bytes(row[12])
+            if expected_id is None:
+                report.first_id = row_id
+                if row_id == 1:
+                    if stored_prev != GENESIS:
+                        return report.fail(row_id, "edited", "row 1 does not start from the genesis hash")
+                else:
+                    needs_anchor = (row_id, stored_prev)
+            elif row_id != expected_id:
+                missing = f"{expected_id}" if row_id == expected_id + 1 else f"{expected_id}..{row_id - 1}"
+                return report.fail(
+                    expected_id,
+                    "deleted",
+                    f"row(s) {missing} are missing: ids jump from {expected_id - 1} to {row_id}",
+                )
+            bad_format = _format_problem(row, report.switch_after, keys)
+            if bad_format is not None:
+                return report.fail(row_id, *bad_format)
+            expected = _hash(row, keys)
+            content_ok = expected is not None and hmac.compare_digest(expected, stored_hash)
+            link_ok = expected_id is None or hmac.compare_digest(stored_prev, prev_hash)
+            if not content_ok:
+                return report.fail(row_id, *_explain(row, keys, link_ok))
+            if not link_ok:
+                return report.fail(
+                    row_id - 1,
+                    "edited",
+                    f"row {row_id - 1} was changed and re-hashed: row {row_id} recorded another hash for it",
+                )
+            if needs_anchor is not None and row[1] == "anchor" and _vouches(row[9], needs_anchor):
+                report.anchored = True
+            if checkpoint is not None and row_id == checkpoint[0] and stored_hash != checkpoint[1]:
+                return report.fail(row_id, "edited", f"row {row_id} no longer has the checkpoint's hash")
+            prev_hash, expected_id = stored_hash, row_id + 1
+            report.checked += 1
+            report.keyed += row[13] is not None
+        after = int(page[-1][0])
+        if on_progress is not None:
+            on_progress(len(page))
+    if expected_id is not None:
+        report.head_id, report.head_hash = expected_id - 1, prev_hash.hex()
+    if needs_anchor is not None and not report.anchored:
+        first = needs_anchor[0]
+        return report.fail(
+            first,
+            "deleted",
+            f"rows 1..{first - 1} are missing and no anchor row records pruning them",
+        )
+    if checkpoint is not None:
+        cp_id = checkpoint[0]
+        if report.head_id is None or cp_id > report.head_id:
+            return report.fail(
+                cp_id,
+                "deleted",
+                f"the log ends at id {report.head_id or 0}, before the checkpoint's id {cp_id}: "
+                "the newest rows were deleted",
+            )
+    return report
+
+
+def _vouches(metadata_text: str, needs: tuple[int, bytes]) -> bool:
+    try:
+        metadata = json.loads(metadata_text)
+    except ValueError:
+        return False
+    if not isinstance(metadata, dict):
+        return False
+    return (
+        metadata.get("pruned_through_id") == needs[0] - 1
+        and metadata.get("pruned_head_hash") == needs[1].hex()
+    )
+
+
+def _format_problem(
+    row: Any, switch_after: int | None, keys: Mapping[int, AuditKey]
+) -> tuple[Problem, str] | None:
+    """A row in the wrong format for its position: unkeyed after the switch (a downgrade), keyed
+    before it, or keyed with a key that is not known."""
+    row_id, key_id = int(row[0]), row[13]
+    if key_id is None:
+        if switch_after is not None and row_id > switch_after:
+            return (
+                "downgraded",
+                f"row {row_id} is unkeyed, but every row after {switch_after} must carry the audit key's MAC",
+            )
+        return None
+    if switch_after is None or row_id <= switch_after:
+        return "downgraded", f"row {row_id} claims audit key {key_id} before the chain was keyed"
+    if int(key_id) not in keys:
+        return "edited", f"row {row_id} names audit key {key_id}, which is not known (or not loaded)"
+    return None
+
+
+def _explain(row: Any, keys: Mapping[int, AuditKey], link_ok: bool) -> tuple[Problem, str]:
+    row_id = int(row[0])
+    if not link_ok:
+        # Hashed at another position? Then the row was moved (swapped, renumbered).
+        stored = bytes(row[12])
+        for delta in range(1, REORDER_WINDOW + 1):
+            for candidate in (row_id + delta, row_id - delta):
+                moved = _hash(row, keys, candidate) if candidate > 0 else None
+                if moved is not None and hmac.compare_digest(moved, stored):
+                    return (
+                        "reordered",
+                        f"row {row_id} was written as row {candidate}: rows were moved or swapped",
+                    )
+    return "edited", f"row {row_id}'s content does not match its hash: it was edited"
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune` did."""
+
+    deleted: int
+    through_id: int | None
+    anchor_id: int | None
+
+
+async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *, actor: str) -> PruneResult:
+    """Delete the oldest rows created before ``before``, and record an ``anchor``.
+
+    Deletes the longest prefix of the chain whose rows were all created before ``before`` (a
+    row of a slow clock does not punch a hole in the chain), then appends an ``anchor`` event
+    (by ``actor``) holding the id and hash of the last deleted row and the count, in one
+    transaction under the chain lock.
+    """
+    before = utc(before)
+    async with db.transaction(sessions) as session:
+        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK})
+        first_young = (
+            await session.execute(
+                text(f"SELECT min(id) FROM {TABLE} WHERE created_at >= :before"), {"before": before}
+            )
+        ).scalar_one()
+        bounds = (await session.execute(text(f"SELECT min(id), max(id) FROM {TABLE}"))).one()
+        if bounds[0] is None:
+            return PruneResult(0, None, None)
+        through = int(bounds[1]) if first_young is None else int(first_young) - 1
+        if through < int(bounds[0]):
+            return PruneResult(0, None, None)
+        head_hash = (
+            await session.execute(text(f"SELECT row_hash FROM {TABLE} WHERE id = :id"), {"id": through})
+        ).scalar_one()
+        # The anchor first: appended after the current head, it is never among the deleted rows,
+        # and the chain continues from the head even when every older row goes.
+        (anchor_id,) = await write_events(
+            session,
+            [
+                AuditEvent(
+                    "anchor",
+                    actor=actor,
+                    metadata={
+                        "pruned_through_id": through,
+                        "pruned_head_hash": bytes(head_hash).hex(),
+                        "pruned_rows": through - int(bounds[0]) + 1,
+                        "before": before.isoformat(),
+                    },
+                )
+            ],
+        )
+        await session.execute(text("SELECT set_config('keyrotor.audit_prune', 'on', true)"))
+        deleted = (
+            await session.execute(text(f"DELETE FROM {TABLE} WHERE id <= :id"), {"id": through})
+        ).rowcount  # type: ignore[attr-defined]
+        await session.execute(text("SELECT set_config('keyrotor.audit_prune', 'off', true)"))
+    return PruneResult(int(deleted), through, anchor_id)
+
+
+async def count_rows(session: AsyncSession) -> int:
+    """How many rows the log holds."""
+    return int((await session.execute(text(f"SELECT count(*) FROM {TABLE}"))).scalar_one())

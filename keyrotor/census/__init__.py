@@ -1,0 +1,1 @@
+"""Where values live: registered columns, recorded locations, per-DEK usage, and the census report."""

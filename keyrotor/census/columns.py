@@ -1,0 +1,432 @@
+"""Managed columns: application-owned ``kr1`` columns that keyrotor rotates, retires and verifies.
+
+An application that keeps ciphertexts in its own tables registers each column once::
+
+    keyrotor columns register settings.api_key --pk id --scope-column provider
+
+and then seals values with the row's context (default ``<table>.<column>:<pk>``)::
+
+    token = await km.encrypt(row.provider, api_key, context=f"settings.api_key:{row.id}")
+    api_key = await km.decrypt(row.provider, token, context=f"settings.api_key:{row.id}")
+
+Every registered column becomes a :class:`keyrotor.rotation.reencrypt.Target`, so a DEK rotation
+re-encrypts it, a retirement proves no row of it still uses the old version, ``verify`` opens
+every value, and ``keyrotor legacy migrate`` converts its legacy values.
+
+Identifiers are validated against ``information_schema`` and always quoted (never formatted into
+SQL unquoted). The key must be one column with a unique index of its own, of type smallint,
+integer, bigint, uuid, text or varchar (:class:`keyrotor.store.key_ranges.KeyType`): rotation splits a
+table into key ranges, pages it in key order and writes back with ``unnest($keys::<type>[])``.
+A composite primary key is refused: a row must be named by one column.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from keyrotor.census.locations import SECRETS_TEMPLATE
+from keyrotor.errors import Conflict, InvalidInput, NotFound
+from keyrotor.rotation.reencrypt import SECRETS, Target, _quote
+from keyrotor.schedule.rules import check_scope
+from keyrotor.store import db
+from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of
+
+if TYPE_CHECKING:
+    from keyrotor.rotation.context import RotationContext
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_KEY_TYPES = "smallint, integer, bigint, uuid, text or varchar"
+PK_PLACEHOLDER = "{pk}"
+
+
+class ColumnNotFound(NotFound):
+    """The table or column does not exist."""
+
+
+class ColumnNotRegistered(NotFound):
+    """The column is not registered."""
+
+
+def _ident(name: str, what: str) -> str:
+    if not _IDENT.fullmatch(name):
+        raise InvalidInput(f"{what} {name[:80]!r} is not a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return name
+
+
+def parse_column(spec: str) -> tuple[str, str]:
+    """Split ``TABLE.COLUMN`` or ``SCHEMA.TABLE.COLUMN`` into ``(table, column)``.
+
+    Raises:
+        InvalidInput: not two or three plain identifiers joined by dots.
+    """
+    parts = spec.split(".")
+    if len(parts) not in (2, 3):
+        raise InvalidInput(f"expected TABLE.COLUMN or SCHEMA.TABLE.COLUMN, got {spec[:80]!r}")
+    for p in parts:
+        _ident(p, "name")
+    return ".".join(parts[:-1]), parts[-1]
+
+
+@dataclass(frozen=True)
+class ManagedColumn:
+    """One row of ``managed_columns``."""
+
+    table: str
+    column: str
+    pk_column: str
+    scope_column: str | None
+    scope: str | None
+    context_template: str
+    registered_at: datetime | None = None
+    key_type: KeyType = INTEGER_KEY  # read from the catalog (:func:`list_columns`), not stored
+
+    @property
+    def name(self) -> str:
+        """``table.column``: the target's name in runs, ranges and reports."""
+        return f"{self.table}.{self.column}"
+
+    def context(self, pk: object) -> str:
+        """The AAD context of the row whose key is ``pk``."""
+        return self.context_template.replace(PK_PLACEHOLDER, str(pk))
+
+    def target(self) -> Target:
+        """The rotation target of this column (the version is read from the ``kr1:`` prefix)."""
+        template = self.context_template
+
+        def context(row_id: object, _extra: tuple[Any, ...]) -> str:
+            return template.replace(PK_PLACEHOLDER, str(row_id))
+
+        return ManagedTarget(
+            name=self.name,
+            table=self.table,
+            id_column=self.pk_column,
+            value_column=self.column,
+            context=context,
+            scope=self.scope,
+            scope_name_column=self.scope_column,
+            key_type=self.key_type,
+        )
+
+    def page_sql(self, where: str = "TRUE", *, first: bool = False) -> str:
+        """``SELECT pk, value, scope`` of one keyset page: ``$1`` the last key seen, ``$2`` the size.
+
+        ``first``: the first page, with no ``$1`` (a text key has no smallest value to start
+        after); the page size is then ``$1``. The key is compared in its own type and ordered by
+        the same expression, so the key's index serves both. ``scope`` is NULL for a fixed-scope
+        column (use :meth:`scope_of`). ``where`` is keyrotor's own SQL (never user input).
+        """
+        kt = self.key_type
+        pk, val = _quote(self.pk_column), _quote(self.column)
+        scope = f"{_quote(self.scope_column)}::text" if self.scope_column else "NULL::text"
+        after = "" if first else f" AND {pk} > $1::{kt.sql}"
+        return (
+            f"SELECT {kt.select(pk)}, {val}, {scope} FROM {_quote(self.table)} WHERE {val} IS NOT NULL "
+            f"AND ({where}){after} ORDER BY {pk} LIMIT ${1 if first else 2}"
+        )
+
+    def scope_of(self, row_scope: str | None) -> str | None:
+        """The scope of a row, given the scope column's value from :meth:`page_sql`."""
+        return self.scope if self.scope is not None else row_scope
+
+    def index_sql(self) -> str:
+        """The expression index that makes "rows on DEK version N" an index scan."""
+        short = re.sub(r"[^A-Za-z0-9_]", "_", self.name)[:40]
+        return (
+            f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_kr_{short}_dek_version" ON {_quote(self.table)} '
+            f"((split_part({_quote(self.column)}, ':', 2)))"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.name,
+            "table": self.table,
+            "value_column": self.column,
+            "pk": self.pk_column,
+            "scope_column": self.scope_column,
+            "scope": self.scope,
+            "context_template": self.context_template,
+            "registered_at": self.registered_at.isoformat() if self.registered_at else None,
+            "index_recommendation": self.index_sql(),
+        }
+
+
+@dataclass(frozen=True)
+class ManagedTarget(Target):
+    """A target built from a ``managed_columns`` row (replaced on every refresh)."""
+
+
+_SELECT = (
+    "SELECT table_name, column_name, pk_column, scope_column, scope, context_template, registered_at "
+    "FROM managed_columns"
+)
+
+
+async def list_columns(session: AsyncSession) -> list[ManagedColumn]:
+    """Every registered column, by name, each with its key's type as the catalog has it now."""
+    rows = (await session.execute(text(_SELECT + " ORDER BY table_name, column_name"))).all()
+    out = []
+    for row in rows:
+        col = ManagedColumn(*row)
+        pk_type = await _column_type(session, _quote(col.table), col.pk_column)
+        # A key whose type changed to one not supported (or a dropped table) keeps the integer
+        # statements: they fail, naming the column, rather than the column silently dropping out.
+        kt = key_type_of(pk_type) if pk_type is not None else None
+        out.append(replace(col, key_type=kt or INTEGER_KEY))
+    return out
+
+
+async def load_targets(sessions: async_sessionmaker[AsyncSession]) -> list[Target]:
+    """The targets of every registered column."""
+    async with db.transaction(sessions) as session:
+        return [c.target() for c in await list_columns(session)]
+
+
+async def refresh_targets(rc: RotationContext) -> None:
+    """Bring ``rc``'s targets up to date with ``managed_columns`` (one query).
+
+    Targets given in code (``secrets``, :func:`keyrotor.rotation.reencrypt.register_target`, tests) stay;
+    the managed ones are replaced, so a column registered after the worker started is covered
+    by the next rotation, retirement or range job.
+    """
+    loaded = await load_targets(rc.sessions)
+    kept = [t for t in rc.all_targets if not isinstance(t, ManagedTarget)]
+    names = {t.name for t in kept}
+    rc.targets = kept + [t for t in loaded if t.name not in names]
+
+
+async def _column_type(session: AsyncSession, regclass: str, column: str) -> str | None:
+    return (
+        await session.execute(
+            text(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND a.attnum > 0 "
+                "AND NOT a.attisdropped"
+            ),
+            {"t": regclass, "c": column},
+        )
+    ).scalar_one_or_none()
+
+
+async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
+    """Check that the table, the columns and a unique single-column key of a supported type exist.
+
+    Returns:
+        The key's type.
+
+    Raises:
+        ColumnNotFound: the table or a column does not exist.
+        InvalidInput: the value column is not text, the key's type is not supported, the key is
+            part of a composite primary key with no unique index of its own, or not unique, or
+            the scope column is not text.
+    """
+    regclass = _quote(col.table)
+    exists = (await session.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": regclass})).scalar_one()
+    if not exists:
+        raise ColumnNotFound(f"table {col.table!r} does not exist")
+    value_type = await _column_type(session, regclass, col.column)
+    if value_type is None:
+        raise ColumnNotFound(f"column {col.name!r} does not exist")
+    if value_type not in ("text", "character varying") and not value_type.startswith("character varying"):
+        raise InvalidInput(f"column {col.name!r} is {value_type}, not text")
+    pk_type = await _column_type(session, regclass, col.pk_column)
+    if pk_type is None:
+        raise ColumnNotFound(f"key column {col.table}.{col.pk_column} does not exist")
+    key_type = key_type_of(pk_type)
+    if key_type is None:
+        raise InvalidInput(f"key column {col.table}.{col.pk_column} is {pk_type}; it must be {_KEY_TYPES}")
+    unique = (
+        await session.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a "
+                "ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+                "WHERE i.indrelid = to_regclass(:t) AND i.indisunique AND i.indnatts = 1 "
+                "AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = :c)"
+            ),
+            {"t": regclass, "c": col.pk_column},
+        )
+    ).scalar_one()
+    if not unique:
+        await _refuse_composite(session, regclass, col)
+        raise InvalidInput(
+            f"key column {col.table}.{col.pk_column} is not unique "
+            "(no primary key or unique index on it alone)"
+        )
+    if col.scope_column is not None:
+        scope_type = await _column_type(session, regclass, col.scope_column)
+        if scope_type is None:
+            raise ColumnNotFound(f"scope column {col.table}.{col.scope_column} does not exist")
+        if scope_type not in ("text",) and not scope_type.startswith("character varying"):
+            raise InvalidInput(f"scope column {col.table}.{col.scope_column} is {scope_type}, not text")
+    return key_type
+
+
+async def _refuse_composite(session: AsyncSession, regclass: str, col: ManagedColumn) -> None:
+    """Refuse, in one line that says what to do, a key column that is part of a composite key."""
+    columns = (
+        await session.execute(
+            text(
+                "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i "
+                "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary"
+            ),
+            {"t": regclass},
+        )
+    ).scalar_one_or_none()
+    if columns and len(columns) > 1:
+        raise InvalidInput(
+            f"{col.table} has a composite primary key ({', '.join(columns)}); composite keys are not "
+            f"supported: add a single-column unique key (e.g. CREATE UNIQUE INDEX ON {col.table} "
+            f"({col.pk_column}) if {col.pk_column} alone is unique, or a uuid/bigserial column) and "
+            "register with --pk naming it"
+        )
+
+
+def _refuse_secrets_collision(template: str, key_type: KeyType) -> None:
+    """Refuse a template whose contexts could be those of keyrotor's own ``secrets`` table.
+
+    keyrotor seals its secrets with the context ``secret:<name>`` (``SECRETS_TEMPLATE``), and a
+    name may be any printable text. A template that can spell that prefix would bind a row of the
+    column to the AAD of a named secret, so a value could be moved between the two and still
+    open. The literal text before the first ``{pk}`` can spell it; so can a text or uuid key
+    that follows a shorter literal (``{pk}``, ``se{pk}``); an integer key cannot.
+
+    Raises:
+        InvalidInput: the template collides.
+    """
+    prefix = SECRETS_TEMPLATE.split(PK_PLACEHOLDER)[0]
+    before = template.split(PK_PLACEHOLDER)[0]
+    if before.startswith(prefix) or (not key_type.integer and prefix.startswith(before)):
+        raise InvalidInput(
+            f"context template {template!r} collides with keyrotor's own secrets table "
+            f"(contexts {SECRETS_TEMPLATE!r}): choose another prefix, e.g. the default "
+            "<table>.<column>:{pk}"
+        )
+
+
+async def register(
+    sessions: async_sessionmaker[AsyncSession],
+    spec: str,
+    *,
+    pk: str,
+    scope_column: str | None = None,
+    scope: str | None = None,
+    context_template: str | None = None,
+    create_index: bool = False,
+) -> ManagedColumn:
+    """Register ``TABLE.COLUMN`` (see the module docstring).
+
+    Args:
+        spec: ``table.column`` or ``schema.table.column``.
+        pk: the unique key column (smallint, integer, bigint, uuid, text or varchar).
+        scope_column: a text column of the row naming its scope -- or, instead:
+        scope: the one scope of every row.
+        context_template: the AAD context with ``{pk}`` for the row's key; default
+            ``<table>.<column>:{pk}``.
+        create_index: also create the recommended expression index (``CONCURRENTLY``).
+
+    Returns:
+        The registered column.
+
+    Raises:
+        InvalidInput: bad names, both or neither scope source, a context template that could
+            give a context of keyrotor's own ``secrets`` table (``secret:<name>``), or see
+            :func:`validate`.
+        ColumnNotFound: the table or a column does not exist.
+        Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
+    """
+    table, column = parse_column(spec)
+    _ident(pk, "key column")
+    if (scope_column is None) == (scope is None):
+        raise InvalidInput("give exactly one of --scope-column COLUMN and --scope NAME")
+    if scope_column is not None:
+        _ident(scope_column, "scope column")
+    if scope is not None:
+        check_scope(scope)
+    bare = table.split(".")[-1]
+    if bare in ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations"):
+        raise Conflict(f"{table!r} is keyrotor's own table; it is covered already")
+    template = context_template if context_template is not None else f"{table}.{column}:{PK_PLACEHOLDER}"
+    if PK_PLACEHOLDER not in template:
+        raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
+    col = ManagedColumn(table, column, pk, scope_column, scope, template)
+    async with db.transaction(sessions) as session:
+        key_type = await validate(session, col)
+        _refuse_secrets_collision(template, key_type)
+        inserted = (
+            await session.execute(
+                text(
+                    "INSERT INTO managed_columns (table_name, column_name, pk_column, scope_column, scope, "
+                    "context_template) VALUES (:t, :c, :pk, :sc, :s, :ct) "
+                    "ON CONFLICT (table_name, column_name) DO NOTHING RETURNING registered_at"
+                ),
+                {"t": table, "c": column, "pk": pk, "sc": scope_column, "s": scope, "ct": template},
+            )
+        ).scalar_one_or_none()
+    if inserted is None:
+        raise Conflict(f"column {col.name!r} is registered already (unregister it first to change it)")
+    if create_index:
+        engine: AsyncEngine = sessions.kw["bind"]
+        async with engine.connect() as conn:  # CONCURRENTLY cannot run inside a transaction
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(text(col.index_sql()))
+    return ManagedColumn(table, column, pk, scope_column, scope, template, inserted, key_type)
+
+
+async def unregister(sessions: async_sessionmaker[AsyncSession], spec: str) -> None:
+    """Stop covering ``TABLE.COLUMN`` (its values and the table are left alone).
+
+    Raises:
+        ColumnNotRegistered: it is not registered.
+    """
+    table, column = parse_column(spec)
+    async with db.transaction(sessions) as session:
+        gone = (
+            await session.execute(
+                text("DELETE FROM managed_columns WHERE table_name = :t AND column_name = :c RETURNING id"),
+                {"t": table, "c": column},
+            )
+        ).scalar_one_or_none()
+    if gone is None:
+        raise ColumnNotRegistered(f"column {table}.{column} is not registered")
+
+
+def all_legacy_targets(managed: list[Target]) -> list[Target]:
+    """``secrets`` and the managed columns: where legacy values may live."""
+    return [SECRETS, *managed]
+
+
+async def census(session: AsyncSession) -> list[dict[str, Any]]:
+    """Per registered column: legacy values left and ``kr1`` rows by DEK version (``status``).
+
+    One grouped scan a column (the expression index of :meth:`ManagedColumn.index_sql` does not
+    help a full census; it serves "rows on version N").
+    """
+    out = []
+    for col in await list_columns(session):
+        val = _quote(col.column)
+        rows = (
+            await session.execute(
+                text(
+                    f"SELECT CASE WHEN {val} LIKE 'kr1:%' THEN split_part({val}, ':', 2) ELSE '' END AS v, "
+                    f"count(*) FROM {_quote(col.table)} WHERE {val} IS NOT NULL GROUP BY 1"
+                )
+            )
+        ).all()
+        by_version = {str(v): int(n) for v, n in rows if v}
+        out.append(
+            {
+                "column": col.name,
+                "scope": col.scope,
+                "scope_column": col.scope_column,
+                "legacy": sum(int(n) for v, n in rows if not v),
+                "rows_by_version": dict(sorted(by_version.items(), key=lambda kv: (len(kv[0]), kv[0]))),
+            }
+        )
+    return out

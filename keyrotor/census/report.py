@@ -1,0 +1,231 @@
+"""The census as operators see it: every recorded location, how it is covered, and acknowledgements.
+
+:mod:`keyrotor.census.locations` says what a location is and whether the census covers it; this module
+reads ``key_locations`` for ``keyrotor columns list``, ``status``, ``health`` and the
+``keyrotor_unregistered_locations`` gauge, and writes ``location_acks`` for
+``keyrotor columns ignore|unignore`` (each change a ``config_change`` audit event in the same
+transaction).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyrotor.audit.log import record_config_change
+from keyrotor.census.locations import (
+    NO_CONTEXT,
+    UNRECORDED,
+    UNREGISTERED,
+    acknowledged_locations,
+    classify,
+    display,
+    registered_covers,
+)
+from keyrotor.errors import InvalidInput, NotFound
+
+MAX_LOCATION_CHARS = 1024  # an encrypt context is at most 1024 characters (KeyManager)
+MAX_REASON_CHARS = 500
+_COLUMN_LIKE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}")
+
+_LOCATIONS = text(
+    "SELECT s.name, k.location, k.dek_version, d.state, k.encryptions, k.first_seen, k.last_seen "
+    "FROM key_locations k JOIN key_scopes s ON s.id = k.scope_id "
+    "LEFT JOIN data_keys d ON d.scope_id = k.scope_id AND d.version = k.dek_version "
+    "ORDER BY s.name, k.location, k.dek_version"
+)
+
+
+@dataclass(frozen=True)
+class VersionUse:
+    """Values of one DEK version sealed for a location."""
+
+    version: int
+    state: str | None  # None: the data_keys row is not visible (another role's view, or gone)
+    encryptions: int
+    first_seen: datetime
+    last_seen: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "state": self.state,
+            "encryptions": self.encryptions,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+
+@dataclass
+class LocationView:
+    """One location of one scope: how the census covers it, and the versions sealed there."""
+
+    scope: str
+    location: str
+    coverage: str  # keyrotor | registered | acknowledged | unregistered (keyrotor.census.locations)
+    by: str  # the table or column that covers it, or the acknowledged location
+    versions: list[VersionUse] = field(default_factory=list)
+
+    @property
+    def live_versions(self) -> list[int]:
+        """Versions whose key still exists: their values can still be lost by destroying it."""
+        return [v.version for v in self.versions if v.state != "destroyed"]
+
+    @property
+    def encryptions(self) -> int:
+        return sum(v.encryptions for v in self.versions)
+
+    @property
+    def last_seen(self) -> datetime:
+        return max(v.last_seen for v in self.versions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "location": self.location,
+            "display": display(self.location),
+            "coverage": self.coverage,
+            "by": self.by,
+            "encryptions": self.encryptions,
+            "last_seen": self.last_seen.isoformat(),
+            "versions": [v.as_dict() for v in self.versions],
+        }
+
+
+async def list_locations(session: AsyncSession) -> list[LocationView]:
+    """Every recorded (scope, location), by scope and location, with its coverage."""
+    covers = await registered_covers(session)
+    acks = await acknowledged_locations(session)
+    views: dict[tuple[str, str], LocationView] = {}
+    for scope, location, version, state, n, first, last in (await session.execute(_LOCATIONS)).all():
+        view = views.get((scope, location))
+        if view is None:
+            coverage, by = classify(scope, location, covers, acks)
+            view = views[(scope, location)] = LocationView(scope, location, coverage, by)
+        view.versions.append(VersionUse(version, state, n, first, last))
+    return list(views.values())
+
+
+def unregistered(views: list[LocationView]) -> list[LocationView]:
+    """Locations the census cannot count, holding values of versions not destroyed."""
+    return [v for v in views if v.coverage == UNREGISTERED and v.live_versions]
+
+
+async def unregistered_locations(session: AsyncSession) -> list[LocationView]:
+    """:func:`unregistered` of every recorded location."""
+    return unregistered(await list_locations(session))
+
+
+def advice(found: list[LocationView], *, limit: int = 5) -> str:
+    """One line: which locations are unregistered, and what to run about them."""
+    named = ", ".join(
+        f"{display(v.location)} ({v.scope} " + ", ".join(f"v{n}" for n in v.live_versions) + ")"
+        for v in found[:limit]
+    )
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    # A location shaped like TABLE.COLUMN (the README's convention) gets its own command.
+    column = next((v for v in found if _COLUMN_LIKE.fullmatch(v.location)), None)
+    register = (
+        f"keyrotor columns register {column.location} --pk ID --scope {column.scope}"
+        if column is not None
+        else "keyrotor columns register TABLE.COLUMN --pk ID --scope SCOPE"
+    )
+    unrecorded = (
+        f". {UNRECORDED} stands for values sealed before keyrotor recorded locations: once every "
+        f"table holding them is registered, `keyrotor columns ignore '{UNRECORDED}' --reason TEXT`"
+        if any(v.location == UNRECORDED for v in found)
+        else ""
+    )
+    return (
+        f"{len(found)} unregistered location(s) hold values keyrotor cannot count: {named}{more}; "
+        f"their DEK versions will not be destroyed. Register each table that stores them "
+        f"(`{register}`) or, if its values may be lost, "
+        f"`keyrotor columns ignore LOCATION --reason TEXT`{unrecorded}"
+    )
+
+
+def parse_location(name: str) -> str:
+    """A location as an operator names it (``(no context)`` or ``''`` for the empty one).
+
+    Raises:
+        InvalidInput: too long, or not printable text.
+    """
+    if name == display(NO_CONTEXT):
+        return NO_CONTEXT
+    if len(name) > MAX_LOCATION_CHARS or not name.isprintable():
+        raise InvalidInput(f"a location is printable text of at most {MAX_LOCATION_CHARS} characters")
+    return name
+
+
+def _check_reason(reason: str) -> str:
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("--reason must say why the values there may be lost")
+    if len(reason) > MAX_REASON_CHARS or not reason.isprintable():
+        raise InvalidInput(f"--reason is printable text of at most {MAX_REASON_CHARS} characters")
+    return reason
+
+
+async def _ack(session: AsyncSession, location: str) -> dict[str, Any] | None:
+    row = (
+        await session.execute(
+            text("SELECT reason, actor, acknowledged_at FROM location_acks WHERE location = :l FOR UPDATE"),
+            {"l": location},
+        )
+    ).first()
+    if row is None:
+        return None
+    return {"location": location, "reason": row[0], "actor": row[1], "acknowledged_at": row[2].isoformat()}
+
+
+async def ignore(session: AsyncSession, location: str, *, reason: str, actor: str) -> dict[str, Any]:
+    """Acknowledge ``location`` (its values may be lost); audited. Returns the acknowledgement.
+
+    Raises:
+        InvalidInput: bad location or reason.
+        NotFound: no value was ever recorded at that location (a typo would acknowledge nothing).
+    """
+    location, reason = parse_location(location), _check_reason(reason)
+    recorded = (
+        await session.execute(
+            text("SELECT 1 FROM key_locations WHERE location = :l LIMIT 1"), {"l": location}
+        )
+    ).first()
+    if recorded is None:
+        raise NotFound(
+            f"no value was recorded at location {display(location)!r}: see `keyrotor columns list`"
+        )
+    before = await _ack(session, location)
+    await session.execute(
+        text(
+            "INSERT INTO location_acks (location, reason, actor) VALUES (:l, :r, :a) "
+            "ON CONFLICT (location) DO UPDATE SET reason = excluded.reason, actor = excluded.actor, "
+            "acknowledged_at = now()"
+        ),
+        {"l": location, "r": reason, "a": actor},
+    )
+    after = await _ack(session, location)
+    assert after is not None
+    await record_config_change(session, actor, "location_ack", before, after)
+    return after
+
+
+async def unignore(session: AsyncSession, location: str, *, actor: str) -> dict[str, Any]:
+    """Take back the acknowledgement of ``location``; audited. Returns what was removed.
+
+    Raises:
+        InvalidInput: bad location.
+        NotFound: the location is not acknowledged.
+    """
+    location = parse_location(location)
+    before = await _ack(session, location)
+    if before is None:
+        raise NotFound(f"location {display(location)!r} is not acknowledged: see `keyrotor columns list`")
+    await session.execute(text("DELETE FROM location_acks WHERE location = :l"), {"l": location})
+    await record_config_change(session, actor, "location_ack", before, None)
+    return before

@@ -1,0 +1,83 @@
+"""A rate budget in front of a KEK provider (``KEYROTOR_KEK_CALLS_PER_SECOND``).
+
+Rotation makes bursts of KEK calls (unwrapping a scope's DEKs, rewrapping every DEK); a KMS
+quota is shared with the applications and with every other worker. :class:`ThrottledKek` spends
+one unit of a :class:`~keyrotor.kek.budget.RateBudget` per DEK handled before it calls the
+provider. The worker gives it a :class:`~keyrotor.kek.budget.SharedRateBudget`, so all the workers
+of a deployment together stay within the one budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
+from keyrotor.kek.budget import RateBudget
+
+log = structlog.get_logger("keyrotor.kek.throttle")
+
+
+class ThrottledKek:
+    """A :class:`KekProvider` that waits for its budget before each call.
+
+    A rewrap of many DEKs is sent in chunks of at most one second's budget (at least one DEK),
+    each chunk spending as many units as it has DEKs: the provider never sees more than that
+    many calls at once.
+
+    Args:
+        inner: the provider.
+        budget: the budget (shared across processes in the worker).
+    """
+
+    def __init__(self, inner: KekProvider, budget: RateBudget) -> None:
+        self.inner = inner
+        self.budget = budget
+        self._chunk = max(1, int(budget.rate))
+
+    def __repr__(self) -> str:
+        return f"ThrottledKek({self.inner!r}, budget={self.budget!r})"
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    async def _spend(self, operation: str, units: int = 1) -> None:
+        waited = await self.budget.acquire(units)
+        # The moment the call is let through: what the two-worker test reads to check the
+        # budget across processes (debug level, so nothing is logged by default).
+        log.debug(
+            "kek_budget_spent", operation=operation, units=units, waited_s=round(waited, 4), at=time.time()
+        )
+
+    async def current_version(self) -> int:
+        return await self.inner.current_version()
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        await self._spend("wrap")
+        return await self.inner.wrap(dek, context)
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        await self._spend("unwrap")
+        return await self.inner.unwrap(wrapped, context)
+
+    async def rewrap(self, items: Sequence[tuple[WrappedDek, WrapContext]]) -> list[WrappedDek]:
+        out: list[WrappedDek] = []
+        for i in range(0, len(items), self._chunk):
+            chunk = items[i : i + self._chunk]
+            await self._spend("rewrap", len(chunk))
+            out.extend(await self.inner.rewrap(chunk))
+        return out
+
+    async def rotate(self) -> int:
+        await self._spend("rotate")
+        return await self.inner.rotate()
+
+    async def check(self) -> None:
+        await self._spend("check")
+        await self.inner.check()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

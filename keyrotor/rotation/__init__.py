@@ -1,0 +1,2 @@
+"""Key rotation: the eight DEK steps, re-encryption, retirement and destruction, KEK rotation
+and migration."""

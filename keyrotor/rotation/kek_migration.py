@@ -1,0 +1,440 @@
+"""KEK provider migration: rewrap every DEK from one provider (say ``local``) to another (``aws``).
+
+No secret is decrypted, only the DEKs, one batch at a time, and a DEK's plaintext lives only in
+memory for the duration of its rewrap. A run is a ``rotations`` row of kind ``kek_migrate``
+(``detail``: ``from``/``to`` provider) whose cursor makes it resumable:
+
+1. read a batch of non-destroyed DEKs whose ``kek_id`` is not the target's, after the cursor
+   (no transaction is held across a provider call);
+2. for each: unwrap with the source, wrap with the target under the same context (scope, DEK
+   version), unwrap the new wrapping with the target and compare it with the source's DEK;
+3. in one transaction: write each new wrapping with compare-and-swap on ``encrypted_dek`` and
+   ``kek_id`` (a DEK rotated or rewrapped meanwhile is left alone and picked up by the final
+   pass), one ``rewrap`` audit event per DEK (metadata: from/to provider, KEK ids and versions),
+   and advance the cursor.
+
+A final pass from the start catches DEKs skipped by a CAS miss or created meanwhile by processes
+still on the source provider. DEKs made by such processes after the run completes stay on the
+source until the operator switches ``SECRETS_PROVIDER`` and runs ``keyrotor kek migrate --from
+<source> --to <target>`` once more (``keyrotor kek status`` shows any left).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from keyrotor import runs
+from keyrotor.audit import key as audit_key
+from keyrotor.audit.log import AuditEvent, write_event, write_events
+from keyrotor.errors import ConfigurationError, Conflict, KekError, PermanentError
+from keyrotor.kek.base import (
+    PROVIDER_SETTING,
+    KekProvider,
+    WrapContext,
+    WrappedDek,
+    provider_layers,
+    provider_of,
+)
+from keyrotor.rotation.context import run_to_commit
+from keyrotor.runs import RunInfo
+from keyrotor.settings import Settings
+from keyrotor.store import db
+
+log = structlog.get_logger("keyrotor.rotation.kek_migration")
+
+KIND = cast(runs.RunKind, "kek_migrate")
+PROVIDERS = ("local", "aws", "vault")
+# A fixed probe context: the target's kek_id is learnt from a probe wrap.
+_PROBE = WrapContext("keyrotor/migration-probe", 1)
+# DEKs handled at once (unwrap + wrap + verify are network calls on remote providers).
+_CONCURRENCY = 8
+# Full passes before a run completes although DEKs are still being created on the source.
+_MAX_PASSES = 3
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """The outcome of a migration run."""
+
+    run: RunInfo
+    source: str
+    target: str
+    target_kek_id: str
+    migrated: int
+    remaining: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run.id,
+            "state": self.run.state,
+            "from": self.source,
+            "to": self.target,
+            "target_kek_id": self.target_kek_id,
+            "migrated": self.migrated,
+            "remaining": self.remaining,
+            "next_step": next_step(self.target),
+        }
+
+
+def next_step(target: str) -> str:
+    """What the operator changes once a migration to ``target`` completed."""
+    return (
+        f"set SECRETS_PROVIDER={target} (keep its variables) in every keyrotor process and restart "
+        "them; keep the old provider's configuration until `keyrotor kek status` shows no DEK on it"
+    )
+
+
+def check_provider_setting(name: str) -> str:
+    """Refuse a provider name that is not ``local``, ``aws`` or ``vault`` (ConfigurationError)."""
+    if name not in PROVIDERS:
+        raise ConfigurationError(f"unknown KEK provider {name!r} (expected one of: {', '.join(PROVIDERS)})")
+    return name
+
+
+async def open_named_provider(
+    name: str, settings: Settings, environ: Mapping[str, str] | None = None
+) -> KekProvider:
+    """Open provider ``name`` (``local``, ``aws``, ``vault``) from the same variables as
+    ``SECRETS_PROVIDER=name`` would (``ENCRYPTION_KEY*``, ``AWS_*``, ``VAULT_*``).
+
+    Raises:
+        ConfigurationError: a variable the provider needs is missing (named in the message).
+        KekError, KekUnavailable: the provider refused or cannot be reached.
+    """
+    from keyrotor.kek.factory import open_provider
+
+    check_provider_setting(name)
+    env = os.environ if environ is None else environ
+    return await open_provider(settings.model_copy(update={"secrets_provider": name}), env)
+
+
+# Serialises opening KEK rotations and migrations (they rewrap the same DEKs), per transaction.
+_KEK_RUNS_LOCK = 0x6B72_6B65_6B72_756E  # "krkekrun"
+
+
+async def refuse_if_open(session: AsyncSession, kind: str, what: str) -> None:
+    """Raise Conflict if a run of ``kind`` (``kek`` or ``kek_migrate``) is open.
+
+    Takes a transaction-scoped advisory lock first, so a rotation and a migration requested at
+    the same moment cannot both open.
+    """
+    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _KEK_RUNS_LOCK})
+    other = await runs.find_open_run(session, cast(runs.RunKind, kind), None)
+    if other is not None:
+        raise Conflict(f"{what} (run {other.id}) is open: let it finish (or fail) first")
+
+
+async def request_migration(
+    session: AsyncSession, source: str, target: str, *, trigger: str = "api", request_id: str | None = None
+) -> tuple[RunInfo, bool]:
+    """Open the migration run (or join the open one, if it goes to the same target), recording
+    ``request_id`` on it.
+
+    Raises:
+        InvalidRequestId: ``request_id`` is not valid.
+        Conflict: a migration to another target, or a KEK rotation, is open.
+        ConfigurationError: unknown provider, or source and target are the same.
+    """
+    check_provider_setting(source)
+    check_provider_setting(target)
+    if source == target:
+        raise ConfigurationError(
+            f"the DEKs are on {source} already (source and target are the same provider)"
+        )
+    await refuse_if_open(session, "kek", "a KEK rotation")
+    run, created = await runs.open_run(
+        session, KIND, None, trigger=trigger, detail={"from": source, "to": target}, request_id=request_id
+    )
+    if not created and (run.detail.get("to") != target or run.detail.get("from") != source):
+        raise Conflict(
+            f"migration run {run.id} from {run.detail.get('from')} to {run.detail.get('to')} is open: "
+            "let it finish (or fail) first"
+        )
+    return run, created
+
+
+async def migrate_kek(
+    sessions: async_sessionmaker[AsyncSession],
+    source: KekProvider,
+    target: KekProvider,
+    *,
+    run_id: int,
+    batch_size: int = 100,
+    job_id: str | None = None,
+) -> MigrationResult:
+    """Drive migration run ``run_id``: rewrap every DEK not on ``target`` from ``source`` to it.
+
+    Idempotent and resumable (the run's cursor); safe to run again after a crash.
+
+    Args:
+        sessions: the keyrotor database.
+        source: the provider the DEKs are on now.
+        target: the provider they move to.
+        run_id: the run (:func:`request_migration`).
+        batch_size: DEKs a transaction.
+        job_id: the arq job driving it, recorded on the run.
+
+    Returns:
+        The outcome; ``remaining`` counts DEKs still not on the target (0 when it completed).
+
+    Raises:
+        KekError: a DEK does not unwrap under the source (a ``ForeignKek`` names the provider
+            that wrapped it), or a new wrapping did not verify. The run fails; nothing of the
+            batch is written.
+        KekUnavailable, StoreUnavailable: an outage; run again and it resumes.
+    """
+    async with db.transaction(sessions) as session:
+        run = await runs.require_run(session, run_id)
+    src_name = str(run.detail.get("from", PROVIDER_SETTING.get(source.name, source.name)))
+    dst_name = str(run.detail.get("to", PROVIDER_SETTING.get(target.name, target.name)))
+    if run.terminal:
+        tid = str(run.detail.get("target_kek_id", ""))
+        return MigrationResult(run, src_name, dst_name, tid, run.rows_done, 0)
+    # Prove the target works before anything is written, and learn its kek_id.
+    target_id = (await target.wrap(os.urandom(32), _PROBE)).kek_id
+    await target.check()
+    async with db.transaction(sessions) as session:
+        run = await runs.start_attempt(session, run.id, job_id)
+        total = await _count_left(session, target_id)
+        if run.rows_total is None:
+            await session.execute(
+                text("UPDATE rotations SET rows_total = :n WHERE id = :id"), {"n": total, "id": run.id}
+            )
+        await runs.update_detail(session, run.id, target_kek_id=target_id, source_provider=source.name)
+    structlog.contextvars.bind_contextvars(run_id=run.id)
+    log.info("kek_migration_started", source=source.name, target=target.name, deks=total)
+    migrated = 0
+    try:
+        after, passes = run.cursor, 0
+        while True:
+            n, last_id = await run_to_commit(
+                _migrate_batch(sessions, run, source, target, target_id, after, batch_size)
+            )
+            if last_id is not None:
+                migrated += n
+                after = last_id
+                log.info("deks_migrated", rows=n, target=target.name)
+                continue
+            async with db.transaction(sessions) as session:
+                remaining = await _count_left(session, target_id)
+                if remaining == 0 or passes >= _MAX_PASSES:
+                    # The audit chain's key moves with the DEKs: a process on the target opens it.
+                    await audit_key.migrate_keys(session, source, target, target_id)
+                    await runs.complete_run(session, run.id)
+                    await runs.update_detail(
+                        session, run.id, next_step=next_step(dst_name), remaining=remaining
+                    )
+                    run = await runs.require_run(session, run.id)
+                    break
+            # Another pass from the start: DEKs skipped by a CAS miss (rotated or rewrapped
+            # meanwhile) or created meanwhile by processes still on the source provider.
+            after, passes = 0, passes + 1
+    except PermanentError as exc:
+        if isinstance(exc, ConfigurationError):
+            raise  # a misconfigured process leaves the run be for a well-configured one
+        async with db.transaction(sessions) as session:
+            await runs.fail_run(session, run.id, exc)
+            await write_event(
+                session,
+                AuditEvent(
+                    "rewrap",
+                    success=False,
+                    error_message=f"{type(exc).__name__}: {exc}"[:1000],
+                    metadata={
+                        "run_id": run.id,
+                        "from_provider": source.name,
+                        "to_provider": target.name,
+                        **runs.request_context(run.request_ids),
+                    },
+                ),
+            )
+        log.error("kek_migration_failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    log.info("kek_migration_completed", migrated=migrated, remaining=remaining, state=run.state)
+    return MigrationResult(run, src_name, dst_name, target_id, migrated, remaining)
+
+
+async def _count_left(session: AsyncSession, target_id: str) -> int:
+    result = await session.execute(
+        text("SELECT count(*) FROM data_keys WHERE state <> 'destroyed' AND kek_id <> :tid"),
+        {"tid": target_id},
+    )
+    return int(result.scalar_one())
+
+
+async def _rewrap_one(
+    source: KekProvider, target: KekProvider, old: WrappedDek, ctx: WrapContext, limit: asyncio.Semaphore
+) -> WrappedDek:
+    async with limit:
+        dek = await source.unwrap(old, ctx)
+        try:
+            new = await target.wrap(dek, ctx)
+            # Prove the target opens its wrapping to the very same DEK before it replaces the old.
+            if not hmac.compare_digest(await target.unwrap(new, ctx), dek):
+                raise KekError(
+                    f"migrated DEK v{ctx.dek_version} of {ctx.scope!r} unwraps to another key under "
+                    f"{target.name}"
+                )
+        finally:
+            del dek
+        return new
+
+
+async def _migrate_batch(
+    sessions: async_sessionmaker[AsyncSession],
+    run: RunInfo,
+    source: KekProvider,
+    target: KekProvider,
+    target_id: str,
+    after: int,
+    batch_size: int,
+) -> tuple[int, int | None]:
+    async with db.transaction(sessions) as session:
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT d.id, s.name, d.version, d.kek_id, d.kek_version, d.encrypted_dek "
+                    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                    "WHERE d.state <> 'destroyed' AND d.kek_id <> :tid AND d.id > :after "
+                    "ORDER BY d.id LIMIT :n"
+                ),
+                {"tid": target_id, "after": after, "n": batch_size},
+            )
+        ).all()
+    if not rows:
+        return 0, None
+    items = [
+        (WrappedDek(kek_id, kek_version, bytes(blob)), WrapContext(scope, version))
+        for _id, scope, version, kek_id, kek_version, blob in rows
+    ]
+    limit = asyncio.Semaphore(_CONCURRENCY)
+    tasks = [asyncio.ensure_future(_rewrap_one(source, target, old, ctx, limit)) for old, ctx in items]
+    try:
+        fresh = list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    written = 0
+    events: list[AuditEvent] = []
+    async with db.transaction(sessions) as session:
+        for (row_id, scope, version, *_rest), (old, _ctx), new in zip(rows, items, fresh, strict=True):
+            result: Any = await session.execute(
+                text(
+                    "UPDATE data_keys SET encrypted_dek = :new, kek_id = :kid, kek_version = :kv "
+                    "WHERE id = :id AND encrypted_dek = :old AND kek_id = :old_kid AND state <> 'destroyed'"
+                ),
+                {
+                    "id": row_id,
+                    "new": new.blob,
+                    "kid": new.kek_id,
+                    "kv": new.kek_version,
+                    "old": old.blob,
+                    "old_kid": old.kek_id,
+                },
+            )
+            if result.rowcount:
+                written += 1
+                events.append(
+                    AuditEvent(
+                        event_type="rewrap",
+                        scope=scope,
+                        key_version=version,
+                        metadata={
+                            "run_id": run.id,
+                            "migration": True,
+                            "from_provider": provider_of(old.kek_id),
+                            "to_provider": target.name,
+                            "from_kek_id": old.kek_id,
+                            "from_kek_version": old.kek_version,
+                            "to_kek_id": new.kek_id,
+                            "to_kek_version": new.kek_version,
+                            **runs.request_context(run.request_ids),
+                        },
+                    )
+                )
+        await write_events(session, events)
+        await runs.add_progress(session, run.id, written, cursor=rows[-1][0])
+    return written, rows[-1][0]
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+async def kek_census(session: AsyncSession) -> list[dict[str, Any]]:
+    """Non-destroyed DEKs per ``(kek_id, kek_version)``, with the provider each id belongs to."""
+    rows = (
+        await session.execute(
+            text(
+                "SELECT kek_id, kek_version, count(*) FROM data_keys WHERE state <> 'destroyed' "
+                "GROUP BY kek_id, kek_version ORDER BY kek_id, kek_version"
+            )
+        )
+    ).all()
+    return [
+        {"kek_id": kid, "provider": provider_of(kid), "kek_version": int(kv), "deks": int(n)}
+        for kid, kv, n in rows
+    ]
+
+
+async def kek_status(
+    sessions: async_sessionmaker[AsyncSession], kek: KekProvider | str, open_error: Exception | None = None
+) -> dict[str, Any]:
+    """What ``keyrotor kek status --json`` prints: the provider, its versions, DEKs per KEK, check.
+
+    Args:
+        sessions: the keyrotor database.
+        kek: the open provider, or the name of the one that could not be opened.
+        open_error: why it could not be opened.
+
+    The provider check and the version read never raise: their failure is reported, so status
+    works during a provider outage.
+    """
+    if isinstance(kek, str):
+        name = kek  # not opened: for aws, which mode is not known
+        doc: dict[str, Any] = {"provider": name, "setting": kek, "current_kek_version": None}
+        doc["check"] = {"ok": False, "error": f"{type(open_error).__name__}: {open_error}"}
+    else:
+        name = kek.name
+        doc = {"provider": name, "setting": PROVIDER_SETTING.get(name, name)}
+        try:
+            doc["current_kek_version"] = await kek.current_version()
+            # Vault transit: the oldest KEK version it still unwraps with (rotate_kek raises it).
+            for layer in provider_layers(kek):
+                key_info = getattr(layer, "key_info", None)
+                if key_info is not None:
+                    doc["min_decryption_version"] = (await key_info()).min_decryption_version
+                    break
+        except Exception as exc:  # reported, not raised
+            doc["current_kek_version"] = None
+            doc["version_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            await kek.check()
+            doc["check"] = {"ok": True, "error": None}
+        except Exception as exc:
+            doc["check"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    async with db.transaction(sessions) as session:
+        census = await kek_census(session)
+        open_runs = [
+            r.as_dict()
+            for r in await runs.list_runs(session, limit=50, open_only=True)
+            if r.kind in ("kek", "kek_migrate")
+        ]
+    mine = {c["provider"] for c in census if PROVIDER_SETTING.get(c["provider"]) == doc["setting"]}
+    if not isinstance(kek, str):
+        mine = {kek.name}
+    doc["deks"] = census
+    doc["kek_versions_in_use"] = sorted({c["kek_version"] for c in census if c["provider"] in mine})
+    doc["deks_on_other_providers"] = sum(c["deks"] for c in census if c["provider"] not in mine)
+    doc["open_runs"] = open_runs
+    return doc

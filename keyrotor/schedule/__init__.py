@@ -1,0 +1,1 @@
+"""Rotation policies and the scheduler's scans: what is due, and when."""
