@@ -35,7 +35,7 @@ import boto3
 import hvac
 import pytest
 
-from keyrotor.kek.aws_secrets import new_secret_string, rotation_token
+from keyrotor.kek.aws_secret_material import new_secret_string, rotation_token
 
 _BIN = Path(sys.executable).parent
 MOTO_SERVER = shutil.which("moto_server", path=str(_BIN)) or shutil.which("moto_server")

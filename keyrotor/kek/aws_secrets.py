@@ -1,15 +1,14 @@
 """The AWS Secrets Manager KEK provider: KEK material kept in a secret, wrapping done locally.
 
-The secret ``AWS_SECRET_ID`` holds the KEK versions as JSON, one secret version per KEK version::
+The secret ``AWS_SECRET_ID`` holds the KEK versions as JSON, one secret version per KEK version
+(the format, and the wrapping, are :mod:`keyrotor.kek.aws_secret_material`)::
 
     {"version": 3, "key": "<base64 of 32 random bytes>"}
 
 ``AWSCURRENT`` wraps new DEKs; ``AWSPREVIOUS`` (and any older version that Secrets Manager still
-keeps, looked up by its deterministic ``VersionId``) still unwraps. A wrapped DEK is
-``nonce(12) || AES-256-GCM(key, nonce, dek, aad=WrapContext.as_aad())`` as in the local keyring;
-``kek_id`` is ``aws-sm:<secret name>`` and ``kek_version`` the JSON's ``version``. Fetched
-material is cached for ``cache_ttl_s`` (default 5 minutes), so a revoked version stops working
-within that time.
+keeps, looked up by its deterministic ``VersionId``) still unwraps. ``kek_id`` is
+``aws-sm:<secret name>`` and ``kek_version`` the JSON's ``version``. Fetched material is cached
+for ``cache_ttl_s`` (default 5 minutes), so a revoked version stops working within that time.
 
 Rotation (:meth:`AwsSecretsKek.rotate`) follows Secrets Manager's own protocol, so an
 interrupted run can be finished by the next one:
@@ -25,13 +24,12 @@ otherwise removes the label (rolls it back) and starts afresh; ``AWSPENDING`` st
 ``AWSCURRENT`` version means a run died at its last step, which is then completed.
 
 Failover: reads go to the primary region first, then to each region of
-``AWS_SECRETS_FAILOVER_REGIONS`` (replicas made with Secrets Manager replication) when the
-previous one is unavailable (transient errors only: access denied is not fixed by another
-region). Each region has its own circuit breaker. Rotation writes only to the primary: replicas
-are read-only.
+``AWS_SECRETS_FAILOVER_REGIONS`` when the previous one is unavailable
+(:mod:`keyrotor.kek.aws_secret_regions`). Rotation writes only to the primary: replicas are
+read-only.
 
-Create the secret once with :func:`new_secret_string` (e.g. ``aws secretsmanager create-secret
---secret-string "$(python -c 'from keyrotor.kek.aws_secrets import new_secret_string as n; print(n())')"``).
+Create the secret once with :func:`~keyrotor.kek.aws_secret_material.new_secret_string` (the
+command is in ``docs/providers.md``).
 
 moto note: moto (server mode) keeps replicas in step with the primary and supports version
 stages, ``UpdateSecretVersionStage`` and ``GetSecretValue`` by ``VersionId``. Unlike AWS, it
@@ -42,67 +40,39 @@ finishes or rolls back an existing ``AWSPENDING`` before it puts anything.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import structlog
 from aiolimiter import AsyncLimiter
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyrotor.errors import KekError, KekUnavailable
-from keyrotor.kek.aws_kms import (
-    DEK_BYTES,
-    AwsConnection,
-    aws_error_code,
-    aws_translator,
-    check_dek,
-    env_required,
-    env_value,
-    open_aws_client,
+from keyrotor.errors import KekError
+from keyrotor.kek.aws_client import AwsConnection, aws_error_code
+from keyrotor.kek.aws_secret_material import (
+    NONCE_BYTES,
+    WRAPPED_BYTES,
+    Material,
+    new_secret_string,
+    parse_material,
+    rotation_token,
 )
-from keyrotor.kek.base import WrapContext, WrappedDek, foreign_kek
+from keyrotor.kek.aws_secret_regions import SecretRegion, open_regions, read_first
+from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
+from keyrotor.kek.environ import env_required, env_value
 from keyrotor.kek.metrics import CallObserver, PrometheusObserver
-from keyrotor.kek.resilience import Resilience, ResiliencePolicy
+from keyrotor.kek.resilience import ResiliencePolicy
 
 log = structlog.get_logger(__name__)
 
 CURRENT = "AWSCURRENT"
 PREVIOUS = "AWSPREVIOUS"
 PENDING = "AWSPENDING"
-_NONCE_BYTES = 12
-_WRAPPED_BYTES = _NONCE_BYTES + DEK_BYTES + 16
-_TOKEN_NAMESPACE = uuid.UUID("6d0b3c4e-4f55-4b7c-9a55-0c1f3b3e7a11")
 _PROBE_CONTEXT = WrapContext("keyrotor/health", 1)
-
-
-def new_secret_string(version: int = 1, *, random: Callable[[int], bytes] = os.urandom) -> str:
-    """The JSON of a fresh KEK version: ``{"version": n, "key": base64 of 32 random bytes}``."""
-    return json.dumps({"version": version, "key": base64.b64encode(random(32)).decode()})
-
-
-def rotation_token(secret_name: str, version: int) -> str:
-    """The ``ClientRequestToken`` (= ``VersionId``) of KEK version ``version`` of a secret."""
-    return str(uuid.uuid5(_TOKEN_NAMESPACE, f"keyrotor/aws-sm/{secret_name}/v{version}"))
-
-
-def _secret_id_in(secret_id: str, region: str) -> str:
-    # A replica has the primary's name; an ARN differs only in its region field.
-    if secret_id.startswith("arn:"):
-        parts = secret_id.split(":", 6)
-        if len(parts) == 7:
-            parts[3] = region
-            return ":".join(parts)
-    return secret_id
 
 
 @dataclass(frozen=True)
@@ -141,21 +111,6 @@ class AwsSecretsConfig:
         return (self.connection.region, *self.failover_regions)
 
 
-@dataclass(frozen=True)
-class _Material:
-    version: int
-    version_id: str
-    key: bytes = field(repr=False)
-
-
-@dataclass
-class _Region:
-    name: str
-    client: Any
-    secret_id: str
-    resilience: Resilience
-
-
 class AwsSecretsKek:
     """KEK provider whose material lives in a Secrets Manager secret. Build it with :meth:`open`."""
 
@@ -163,7 +118,7 @@ class AwsSecretsKek:
         self,
         *,
         config: AwsSecretsConfig,
-        regions: list[_Region],
+        regions: list[SecretRegion],
         stack: AsyncExitStack,
         observer: CallObserver,
         clock: Callable[[], float] = time.monotonic,
@@ -176,7 +131,7 @@ class AwsSecretsKek:
         self._clock = clock
         self._random = random
         self._secret_name = ""
-        self._materials: dict[int, tuple[_Material, float]] = {}
+        self._materials: dict[int, tuple[Material, float]] = {}
         self._current: tuple[int, float] | None = None
 
     @classmethod
@@ -206,28 +161,16 @@ class AwsSecretsKek:
         observer = observer or PrometheusObserver()
         stack = AsyncExitStack()
         try:
-            regions: list[_Region] = []
-            for name in config.regions:
-                endpoint = config.region_endpoint_urls.get(name, config.connection.endpoint_url)
-                connection = AwsConnection(
-                    region=name,
-                    endpoint_url=endpoint,
-                    access_key_id=config.connection.access_key_id,
-                    secret_access_key=config.connection.secret_access_key,
-                )
-                client = await open_aws_client(
-                    stack, "secretsmanager", connection, region=name, timeout_s=policy.timeout_s
-                )
-                target = f"aws-sm ({name})"
-                resilience = Resilience(
-                    "aws-sm",
-                    policy,
-                    aws_translator(target),
-                    target=target,
-                    limiter=limiter,
-                    observer=observer,
-                )
-                regions.append(_Region(name, client, _secret_id_in(config.secret_id, name), resilience))
+            regions = await open_regions(
+                stack,
+                config.connection,
+                config.secret_id,
+                config.regions,
+                config.region_endpoint_urls,
+                policy=policy,
+                limiter=limiter,
+                observer=observer,
+            )
             provider = cls(config=config, regions=regions, stack=stack, observer=observer, clock=clock)
             await provider.current_version()
             return provider
@@ -245,65 +188,27 @@ class AwsSecretsKek:
         return f"aws-sm:{self._secret_name}"
 
     @property
-    def primary(self) -> _Region:
+    def primary(self) -> SecretRegion:
         return self._regions[0]
 
     # --- reading material ---------------------------------------------------------------
 
-    def _parse(self, response: Mapping[str, Any], where: str) -> _Material:
+    def _parse(self, response: Mapping[str, Any], where: str) -> Material:
         self._secret_name = self._secret_name or str(response.get("Name") or self.config.secret_id)
-        what = f"aws-sm: secret {self._secret_name} ({where})"
-        try:
-            document = json.loads(response["SecretString"])
-            version = document["version"]
-            key = base64.b64decode(document["key"], validate=True)
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-            # Name the shape, never the content: it is key material.
-            raise KekError(
-                f'{what} is not keyrotor KEK material (want JSON {{"version": n, "key": base64 of 32 bytes}})'
-            ) from exc
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise KekError(f"{what}: 'version' must be an integer >= 1")
-        if len(key) != 32:
-            raise KekError(f"{what}: 'key' must be 32 bytes, has {len(key)}")
-        return _Material(version=version, version_id=str(response.get("VersionId") or ""), key=key)
+        return parse_material(response, f"aws-sm: secret {self._secret_name} ({where})")
 
-    async def _get(self, region: _Region, **selector: str) -> Mapping[str, Any]:
-        request = partial(region.client.get_secret_value, SecretId=region.secret_id, **selector)
-        response: Mapping[str, Any] = await region.resilience.call("get_secret_value", request)
-        return response
-
-    async def _fetch(self, where: str, **selector: str) -> _Material:
+    async def _fetch(self, where: str, **selector: str) -> Material:
         """GetSecretValue (with failover), parsed and cached."""
         return self._remember(self._parse(await self._fetch_response(where, **selector), where))
 
     async def _fetch_response(self, where: str, **selector: str) -> Mapping[str, Any]:
-        """GetSecretValue from the first region that answers (failover on transient errors only)."""
-        failures: list[str] = []
-        last: KekUnavailable | None = None
-        for index, region in enumerate(self._regions):
-            try:
-                response = await self._get(region, **selector)
-            except KekUnavailable as err:
-                failures.append(region.name)
-                last = err
-                continue
-            if index:
-                self._observer.failed_over("aws-sm", "get_secret_value")
-                log.warning(
-                    "kek_failover", provider="aws-sm", region=region.name, unavailable=failures, read=where
-                )
-            return response
-        raise KekUnavailable(
-            f"aws-sm: secret {self.config.secret_id} is unavailable in every region "
-            f"({', '.join(failures)}): {last}"
-        ) from last
+        return await read_first(self._regions, self._observer, self.config.secret_id, where, **selector)
 
-    def _remember(self, material: _Material) -> _Material:
+    def _remember(self, material: Material) -> Material:
         self._materials[material.version] = (material, self._clock())
         return material
 
-    def _cached(self, version: int) -> _Material | None:
+    def _cached(self, version: int) -> Material | None:
         entry = self._materials.get(version)
         if entry is None:
             return None
@@ -313,7 +218,7 @@ class AwsSecretsKek:
             return None
         return material
 
-    async def _current_material(self) -> _Material:
+    async def _current_material(self) -> Material:
         if self._current is not None:
             version, read_at = self._current
             material = self._cached(version)
@@ -323,7 +228,7 @@ class AwsSecretsKek:
         self._current = (material.version, self._clock())
         return material
 
-    async def _material(self, version: int) -> _Material:
+    async def _material(self, version: int) -> Material:
         cached = self._cached(version)
         if cached is not None:
             return cached
@@ -363,9 +268,8 @@ class AwsSecretsKek:
     async def current_version(self) -> int:
         return (await self._current_material()).version
 
-    def _seal(self, material: _Material, dek: bytes, context: WrapContext) -> WrappedDek:
-        nonce = self._random(_NONCE_BYTES)
-        blob = nonce + AESGCM(material.key).encrypt(nonce, dek, context.as_aad())
+    def _seal(self, material: Material, dek: bytes, context: WrapContext) -> WrappedDek:
+        blob = material.seal(dek, context, self._random(NONCE_BYTES))
         return WrappedDek(kek_id=self.kek_id, kek_version=material.version, blob=blob)
 
     async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
@@ -381,12 +285,11 @@ class AwsSecretsKek:
                 f"aws-sm: DEK was wrapped by {wrapped.kek_id}, this provider uses {self.kek_id} "
                 "(AWS_SECRET_ID names another secret)"
             )
-        if len(wrapped.blob) != _WRAPPED_BYTES:
+        if len(wrapped.blob) != WRAPPED_BYTES:
             raise KekError(f"aws-sm: wrapped DEK for {context.scope} v{context.dek_version} is malformed")
         material = await self._material(wrapped.kek_version)
-        nonce, body = wrapped.blob[:_NONCE_BYTES], wrapped.blob[_NONCE_BYTES:]
         try:
-            return AESGCM(material.key).decrypt(nonce, body, context.as_aad())
+            return material.open(wrapped.blob, context)
         except InvalidTag as exc:
             raise KekError(
                 f"aws-sm: wrapped DEK for {context.scope} v{context.dek_version} does not unwrap "
@@ -411,28 +314,17 @@ class AwsSecretsKek:
 
     # --- rotation ------------------------------------------------------------------------------
 
-    def _probe(self, material: _Material) -> None:
+    def _probe(self, material: Material) -> None:
         probe = self._random(DEK_BYTES)
-        wrapped = self._seal(material, probe, _PROBE_CONTEXT)
-        nonce, body = wrapped.blob[:_NONCE_BYTES], wrapped.blob[_NONCE_BYTES:]
-        try:
-            ok = AESGCM(material.key).decrypt(nonce, body, _PROBE_CONTEXT.as_aad()) == probe
-        except InvalidTag:
-            ok = False
-        if not ok:
+        if not material.round_trips(probe, _PROBE_CONTEXT, self._random(NONCE_BYTES)):
             raise KekError(
                 f"aws-sm: KEK v{material.version} of secret {self._secret_name} failed its round trip"
             )
 
-    async def _primary_call(self, operation: str, method: str, **kwargs: Any) -> Any:
-        region = self.primary
-        request = partial(getattr(region.client, method), SecretId=region.secret_id, **kwargs)
-        return await region.resilience.call(operation, request)
-
-    async def _primary_get(self, where: str, **selector: str) -> _Material:
+    async def _primary_get(self, where: str, **selector: str) -> Material:
         # Rotation reads the primary only: a replica may lag behind it. Not cached: a pending
         # version may yet be rolled back, and must never stand in for the real version n+1.
-        return self._parse(await self._get(self.primary, **selector), where)
+        return self._parse(await self.primary.get(**selector), where)
 
     async def _stages(self) -> dict[str, list[str]]:
         """VersionId -> staging labels, for every labelled version."""
@@ -440,7 +332,7 @@ class AwsSecretsKek:
         token: str | None = None
         while True:
             extra = {"NextToken": token} if token else {}
-            page = await self._primary_call("list_secret_version_ids", "list_secret_version_ids", **extra)
+            page = await self.primary.call("list_secret_version_ids", "list_secret_version_ids", **extra)
             for version in page.get("Versions", []):
                 stages[str(version["VersionId"])] = list(version.get("VersionStages") or [])
             token = page.get("NextToken")
@@ -455,7 +347,7 @@ class AwsSecretsKek:
             kwargs["RemoveFromVersionId"] = remove_from
         if move_to:
             kwargs["MoveToVersionId"] = move_to
-        await self._primary_call("update_secret_version_stage", "update_secret_version_stage", **kwargs)
+        await self.primary.call("update_secret_version_stage", "update_secret_version_stage", **kwargs)
 
     async def rotate(self) -> int:
         """Create KEK version n+1, test it, make it AWSCURRENT, return n+1.
@@ -483,26 +375,37 @@ class AwsSecretsKek:
 
         target = current.version + 1
         if pending_id is not None:
-            pending: _Material | None
-            try:
-                pending = await self._primary_get(PENDING, VersionId=pending_id)
-            except KekError:
-                pending = None  # not KEK material: roll it back
-            if pending is not None and pending.version == target:
-                log.info("kek_rotation_resumed", provider="aws-sm", step="promote", version=target)
-                return await self._finish(pending, current_id)
-            await self._move_stage(PENDING, remove_from=pending_id)
-            log.warning(
-                "kek_pending_rolled_back",
-                provider="aws-sm",
-                version_id=pending_id,
-                found_version=pending.version if pending else None,
-                expected_version=target,
-            )
+            resumed = await self._resume_pending(pending_id, current_id, target)
+            if resumed is not None:
+                return resumed
+        return await self._finish(await self._put_pending(target), current_id)
 
+    async def _resume_pending(self, pending_id: str, current_id: str, target: int) -> int | None:
+        """Finish the ``AWSPENDING`` version an interrupted run left if it holds ``target``
+        (returns it), else roll it back (returns None)."""
+        pending: Material | None
+        try:
+            pending = await self._primary_get(PENDING, VersionId=pending_id)
+        except KekError:
+            pending = None  # not KEK material: roll it back
+        if pending is not None and pending.version == target:
+            log.info("kek_rotation_resumed", provider="aws-sm", step="promote", version=target)
+            return await self._finish(pending, current_id)
+        await self._move_stage(PENDING, remove_from=pending_id)
+        log.warning(
+            "kek_pending_rolled_back",
+            provider="aws-sm",
+            version_id=pending_id,
+            found_version=pending.version if pending else None,
+            expected_version=target,
+        )
+        return None
+
+    async def _put_pending(self, target: int) -> Material:
+        """Put KEK version ``target`` as ``AWSPENDING`` (idempotent by its token) and read it back."""
         token = rotation_token(self._secret_name, target)
         try:
-            await self._primary_call(
+            await self.primary.call(
                 "put_secret_value",
                 "put_secret_value",
                 ClientRequestToken=token,
@@ -521,9 +424,9 @@ class AwsSecretsKek:
                 f"aws-sm: version {token} of secret {self._secret_name} holds KEK v{pending.version}, "
                 f"expected v{target}"
             )
-        return await self._finish(pending, current_id)
+        return pending
 
-    async def _finish(self, pending: _Material, current_id: str) -> int:
+    async def _finish(self, pending: Material, current_id: str) -> int:
         self._probe(pending)  # test: the stored material, as read back, round-trips
         try:
             await self._move_stage(CURRENT, move_to=pending.version_id, remove_from=current_id)
@@ -535,7 +438,7 @@ class AwsSecretsKek:
         log.info("kek_rotated", provider="aws-sm", version=pending.version)
         return self._promoted(pending)
 
-    def _promoted(self, material: _Material) -> int:
+    def _promoted(self, material: Material) -> int:
         self._remember(material)
         self._current = (material.version, self._clock())
         return material.version

@@ -17,6 +17,14 @@ from typing import Protocol, runtime_checkable
 
 from keyrotor.errors import KekError
 
+DEK_BYTES = 32
+
+
+def check_dek(provider: str, dek: bytes) -> None:
+    """Refuse to wrap anything but a 32-byte DEK (KekError)."""
+    if len(dek) != DEK_BYTES:
+        raise KekError(f"{provider}: refusing to wrap a DEK of {len(dek)} bytes (need {DEK_BYTES})")
+
 
 @dataclass(frozen=True, slots=True)
 class WrapContext:

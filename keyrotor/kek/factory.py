@@ -10,6 +10,7 @@ from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.install_salt import DeferredLocalKeyring, read_install_salt
 from keyrotor.kek.local import LocalKeyring, check_master_key
+from keyrotor.kek.routing import RoutingKek
 from keyrotor.settings import Settings
 
 
@@ -52,8 +53,6 @@ async def open_provider(
     names = read_providers(settings)
     if not names:
         return primary
-    from keyrotor.kek.routing import RoutingKek
-
     readers: dict[str, KekProvider] = {}
     try:
         for name in names:
@@ -95,6 +94,8 @@ async def _open_one(
             # Start anyway, as without the salt nothing needs the KEK: it is read on first use.
             return DeferredLocalKeyring(functools.partial(local_keyring, settings), settings.database_url)
         return local_keyring(settings, salt)
+    # Imported here: the remote providers load the AWS and Vault clients (aiobotocore, hvac),
+    # which a process on the local keyring never needs.
     from keyrotor.kek.remote import open_remote_provider
 
     return await open_remote_provider(name, environ)

@@ -12,6 +12,7 @@ import asyncpg
 from keyrotor.errors import ConfigurationError
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.local import LocalKeyring
+from keyrotor.store import kek as kek_store
 from keyrotor.store.db import async_url, wrap_exceptions
 
 SALT_BYTES = 32
@@ -30,9 +31,9 @@ async def read_install_salt(database_url: str) -> bytes | None:
     with wrap_exceptions():
         conn = await asyncpg.connect(url.render_as_string(hide_password=False), timeout=10)
         try:
-            if not await conn.fetchval("SELECT to_regclass('install_salt') IS NOT NULL"):
+            if not await kek_store.install_salt_table_exists(conn):
                 return None
-            salt = await conn.fetchval("SELECT salt FROM install_salt WHERE id = 1")
+            salt = await kek_store.fetch_install_salt(conn)
         except asyncpg.InsufficientPrivilegeError:
             raise ConfigurationError(
                 "this database role may not read install_salt: apply deploy/postgres/roles.sql again"

@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from aiolimiter import AsyncLimiter
 
 from keyrotor.errors import ConfigurationError
-from keyrotor.kek.aws_kms import AwsKmsConfig, AwsKmsKek, env_value
+from keyrotor.kek.aws_kms import AwsKmsConfig, AwsKmsKek
 from keyrotor.kek.aws_secrets import AwsSecretsConfig, AwsSecretsKek
 from keyrotor.kek.base import KekProvider
+from keyrotor.kek.environ import env_value
 from keyrotor.kek.metrics import CallObserver
 from keyrotor.kek.resilience import ResiliencePolicy
-from keyrotor.kek.vault import VaultConfig, VaultTransitKek
+from keyrotor.kek.vault import VaultTransitKek
+from keyrotor.kek.vault_client import VaultConfig
 
 KINDS = ("aws", "vault")
 

@@ -18,11 +18,7 @@ or not derived, is refused (ConfigurationError) instead of silently losing the b
 - :meth:`VaultTransitKek.set_min_decryption_version` retires old versions; call it only after
   every DEK has been rewrapped past them.
 
-Authentication: ``VAULT_TOKEN``, or AppRole (``VAULT_ROLE_ID`` + ``VAULT_SECRET_ID``, which wins
-if both are set). Before each request the token is renewed once less than half of its TTL is
-left; when it cannot be renewed any more (max TTL reached, or revoked) an AppRole login is
-repeated. A static token that expires cannot be replaced: requests then fail with KekError
-(permission denied). ``VAULT_NAMESPACE`` sets the namespace (OpenBao has namespaces since 2.3).
+Authentication and the token's renewal: :mod:`keyrotor.kek.vault_client`.
 
 hvac is synchronous (requests): each request runs in a worker thread, with hvac's own timeout
 equal to the policy's, so a timed-out request does not hold its thread for long.
@@ -35,24 +31,21 @@ import base64
 import binascii
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import hvac
 import hvac.exceptions as hv
-import requests  # type: ignore[import-untyped, unused-ignore]
 from aiolimiter import AsyncLimiter
 
-from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
-from keyrotor.kek.aws_kms import DEK_BYTES, check_dek, env_required, env_value
-from keyrotor.kek.base import WrapContext, WrappedDek, foreign_kek
+from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
+from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import CircuitOpen, Resilience, ResiliencePolicy, Throttled, Translator
+from keyrotor.kek.resilience import CircuitOpen, Resilience, ResiliencePolicy
+from keyrotor.kek.vault_client import TokenKeeper, VaultConfig, response_data, shown_address, vault_translator
 
 T = TypeVar("T")
 
@@ -63,65 +56,6 @@ _VERSION_PREFIX = re.compile(r"^vault:v(\d+):")
 _PROBE_CONTEXT = WrapContext("keyrotor/health", 1)
 
 
-def shown_address(addr: str) -> str:
-    """``VAULT_ADDR`` as errors and health output show it: without any ``user:password@`` part."""
-    parts = urlsplit(addr)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=host)) if host else addr
-
-
-@dataclass(frozen=True)
-class VaultConfig:
-    """Configuration of the transit provider.
-
-    ``mount_point`` (transit engine path), ``approle_mount`` and ``verify_tls`` are not read from
-    the environment.
-    """
-
-    addr: str
-    transit_key: str = "keyrotor"
-    namespace: str | None = None
-    token: str | None = field(default=None, repr=False)
-    role_id: str | None = field(default=None, repr=False)
-    secret_id: str | None = field(default=None, repr=False)
-    mount_point: str = "transit"
-    approle_mount: str = "approle"
-    verify_tls: bool | str = True
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> VaultConfig:
-        """Read ``VAULT_ADDR``, ``VAULT_NAMESPACE``, ``VAULT_TOKEN`` or ``VAULT_ROLE_ID`` +
-        ``VAULT_SECRET_ID``, and ``VAULT_TRANSIT_KEY``.
-
-        Raises:
-            ConfigurationError: naming the missing variable.
-        """
-        addr = env_required(environ, "VAULT_ADDR")
-        token = env_value(environ, "VAULT_TOKEN")
-        role_id = env_value(environ, "VAULT_ROLE_ID")
-        secret_id = env_value(environ, "VAULT_SECRET_ID")
-        if role_id and not secret_id:
-            raise ConfigurationError("VAULT_SECRET_ID is not set (VAULT_ROLE_ID is)")
-        if secret_id and not role_id:
-            raise ConfigurationError("VAULT_ROLE_ID is not set (VAULT_SECRET_ID is)")
-        if not token and not role_id:
-            raise ConfigurationError(
-                "VAULT_TOKEN is not set (nor VAULT_ROLE_ID and VAULT_SECRET_ID for AppRole)"
-            )
-        return cls(
-            addr=addr.rstrip("/"),
-            transit_key=env_value(environ, "VAULT_TRANSIT_KEY") or "keyrotor",
-            namespace=env_value(environ, "VAULT_NAMESPACE"),
-            token=None if role_id else token,
-            role_id=role_id,
-            secret_id=secret_id,
-        )
-
-    @property
-    def uses_approle(self) -> bool:
-        return self.role_id is not None
-
-
 @dataclass(frozen=True)
 class TransitKeyInfo:
     """What transit says about the key's versions."""
@@ -129,41 +63,6 @@ class TransitKeyInfo:
     latest_version: int
     min_decryption_version: int
     min_encryption_version: int
-
-
-def vault_translator(target: str) -> Translator:
-    """Translate hvac/requests exceptions of the client behind ``target`` into keyrotor errors."""
-
-    def translate(exc: BaseException, operation: str) -> KeyrotorError | None:
-        if isinstance(exc, hv.VaultError):
-            cause = (
-                "; ".join(str(e) for e in exc.errors)
-                if isinstance(exc.errors, list)
-                else str(exc.errors or "")
-            )
-            cause = " ".join(cause.split())  # OpenBao's "1 error occurred:\n\t* ..." on one line
-            text = f"{target} {operation}: {type(exc).__name__}" + (f" ({cause})" if cause else "")
-            if isinstance(exc, hv.RateLimitExceeded):
-                return Throttled(text)
-            if isinstance(
-                exc,
-                (
-                    hv.InternalServerError,
-                    hv.VaultDown,
-                    hv.BadGateway,
-                    hv.PreconditionFailed,
-                    hv.UnexpectedError,
-                ),
-            ):
-                return KekUnavailable(text)
-            if isinstance(exc, (hv.Forbidden, hv.Unauthorized)):
-                return KekError(f"{text}: the token lacks permission, or has expired or been revoked")
-            return KekError(text)
-        if isinstance(exc, (requests.exceptions.RequestException, ConnectionError)):
-            return KekUnavailable(f"{target} {operation}: cannot reach the server ({type(exc).__name__})")
-        return None
-
-    return translate
 
 
 def ciphertext_version(ciphertext: str) -> int:
@@ -178,93 +77,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-class _TokenKeeper:
-    """Keeps the client's token valid: renew at half-life, AppRole login again when that fails.
-
-    ``ttl_s`` is the token's full TTL (at login, or its creation TTL) and sets the cadence: once
-    less than half of it is left, the next request first renews the token. A renewal capped by
-    the token's max TTL to less than half a TTL means the token is near its end: an AppRole
-    logs in afresh; a static token keeps what it got and is not renewed again.
-    Runs in the worker threads, under a lock.
-    """
-
-    def __init__(self, client: hvac.Client, config: VaultConfig, clock: Callable[[], float]) -> None:
-        self._client = client
-        self._config = config
-        self._clock = clock
-        self._lock = threading.Lock()
-        self.expires_at: float | None = None  # monotonic; None: never expires
-        self.ttl_s = 0.0
-        self.renewable = False
-        self.accessor: str | None = None
-        self.renewals = 0
-        self.logins = 0
-
-    def start(self) -> None:
-        with self._lock:
-            if self._config.uses_approle:
-                self._login()
-                return
-            self._client.token = self._config.token or ""
-            data = _data(self._client.auth.token.lookup_self())
-            remaining = int(data.get("ttl") or 0)
-            self.ttl_s = float(data.get("creation_ttl") or remaining)
-            self.expires_at = self._clock() + remaining if remaining > 0 else None
-            self.renewable = bool(data.get("renewable"))
-            self.accessor = str(data.get("accessor") or "") or None
-
-    def _login(self) -> None:
-        auth = self._client.auth.approle.login(
-            self._config.role_id, self._config.secret_id, mount_point=self._config.approle_mount
-        )["auth"]
-        lease = int(auth.get("lease_duration") or 0)
-        self.ttl_s = float(lease)
-        self.expires_at = self._clock() + lease if lease > 0 else None
-        self.renewable = bool(auth.get("renewable"))
-        self.accessor = str(auth.get("accessor") or "") or None
-        self.logins += 1
-
-    def relogin(self) -> bool:
-        """Log in again after a permission error; False if there is no AppRole to do it with."""
-        if not self._config.uses_approle:
-            return False
-        with self._lock:
-            self._login()
-        return True
-
-    def ensure(self) -> None:
-        if self.expires_at is None:
-            return
-        with self._lock:
-            now = self._clock()
-            if self.expires_at is None or self.expires_at - now > self.ttl_s / 2:
-                return
-            if self.renewable and self.expires_at > now:
-                try:
-                    auth = self._client.auth.token.renew_self()["auth"]
-                except hv.VaultError:
-                    # Revoked, or past its max TTL (OpenBao answers that with a 500 "past the max
-                    # TTL, cannot renew"). Connection errors are not VaultErrors: they propagate.
-                    auth = None
-                    self.renewable = False
-                if auth is not None:
-                    granted = int(auth.get("lease_duration") or 0)
-                    self.renewals += 1
-                    if granted > self.ttl_s / 2 or not self._config.uses_approle:
-                        self.expires_at = now + granted
-                        self.renewable = bool(auth.get("renewable")) and granted > self.ttl_s / 2
-                        return
-            if self._config.uses_approle:
-                self._login()
-
-
-def _data(response: Any) -> dict[str, Any]:
-    data = response["data"]
-    if not isinstance(data, dict):
-        raise KekError("vault: unexpected response (no data object)")
-    return data
-
-
 class VaultTransitKek:
     """KEK provider backed by a Vault/OpenBao transit key. Build it with :meth:`open`."""
 
@@ -273,7 +85,7 @@ class VaultTransitKek:
         *,
         config: VaultConfig,
         client: hvac.Client,
-        tokens: _TokenKeeper,
+        tokens: TokenKeeper,
         resilience: Resilience,
         version_ttl_s: float,
         batch_size: int,
@@ -330,7 +142,7 @@ class VaultTransitKek:
         resilience = Resilience(
             "vault", policy, vault_translator(target), target=target, limiter=limiter, observer=observer
         )
-        tokens = _TokenKeeper(client, config, time.monotonic)
+        tokens = TokenKeeper(client, config, time.monotonic)
         provider = cls(
             config=config,
             client=client,
@@ -392,7 +204,7 @@ class VaultTransitKek:
     async def _ensure_key(self) -> None:
         name, mount = self.config.transit_key, self.config.mount_point
         try:
-            data = _data(
+            data = response_data(
                 await self._call("read_key", lambda: self._transit.read_key(name, mount_point=mount))
             )
         except KekError as err:
@@ -410,7 +222,7 @@ class VaultTransitKek:
                     f"vault: cannot create transit key {name} at {mount}/ (is a transit engine mounted "
                     f"there, and may the token create keys?): {create_err}"
                 ) from create_err
-            data = _data(
+            data = response_data(
                 await self._call("read_key", lambda: self._transit.read_key(name, mount_point=mount))
             )
         if data.get("type") != "aes256-gcm96" or not data.get("derived"):
@@ -460,7 +272,9 @@ class VaultTransitKek:
         """Read the key's latest, min decryption and min encryption versions."""
         name, mount = self.config.transit_key, self.config.mount_point
         info = self._info(
-            _data(await self._call("read_key", lambda: self._transit.read_key(name, mount_point=mount)))
+            response_data(
+                await self._call("read_key", lambda: self._transit.read_key(name, mount_point=mount))
+            )
         )
         self._remember(info.latest_version)
         return info
@@ -481,7 +295,7 @@ class VaultTransitKek:
                 name, plaintext=plaintext, context=derivation, mount_point=mount
             ),
         )
-        ciphertext = str(_data(response)["ciphertext"])
+        ciphertext = str(response_data(response)["ciphertext"])
         version = ciphertext_version(ciphertext)
         self._remember(version)
         return WrappedDek(kek_id=self._kek_id, kek_version=version, blob=ciphertext.encode("ascii"))
@@ -503,7 +317,7 @@ class VaultTransitKek:
                 f"(wrapped for another scope or version, tampered, or its KEK version retired): {err}"
             ) from err
         try:
-            dek = base64.b64decode(_data(response)["plaintext"], validate=True)
+            dek = base64.b64decode(response_data(response)["plaintext"], validate=True)
         except (KeyError, binascii.Error):
             raise KekError(f"vault: decrypt of the DEK for {context.scope} returned no plaintext") from None
         if len(dek) != DEK_BYTES:
@@ -520,7 +334,7 @@ class VaultTransitKek:
             batch = [{"ciphertext": ciphertexts[i], "context": _b64(items[i][1].as_aad())} for i in chunk]
             request = partial(self._transit.rewrap_data, name, None, batch_input=batch, mount_point=mount)
             response = await self._call("rewrap", request)
-            results = _data(response).get("batch_results") or []
+            results = response_data(response).get("batch_results") or []
             if len(results) != len(batch):
                 raise KekError(f"vault: rewrap returned {len(results)} results for {len(batch)} items")
             for i, result in zip(chunk, results, strict=True):

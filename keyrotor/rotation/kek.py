@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import runs
 from keyrotor.audit import key as audit_key
@@ -38,10 +38,13 @@ from keyrotor.audit.log import AuditEvent, write_events
 from keyrotor.errors import ConfigurationError, KekError, PermanentError
 from keyrotor.kek.base import KekProvider, RetiresKekVersions, WrapContext, WrappedDek, provider_layers
 from keyrotor.notify import KeyChange
-from keyrotor.rotation.context import RotationContext, kek_mismatch, run_to_commit
+from keyrotor.rotation.context import RotationContext, kek_mismatch
 from keyrotor.rotation.dek import fail
+from keyrotor.rotation.rewrap import Item, Rewrap, refuse_if_open
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
+from keyrotor.store import kek as kek_store
+from keyrotor.store.kek import DekToRewrap
 
 log = structlog.get_logger("keyrotor.rotation.kek")
 
@@ -72,8 +75,6 @@ async def request_kek_rotation(
         Conflict: a KEK provider migration is open (the two would rewrap the same DEKs).
         InvalidRequestId: ``request_id`` is not valid.
     """
-    from keyrotor.rotation.kek_migration import refuse_if_open
-
     await refuse_if_open(session, "kek_migrate", "a KEK provider migration")
     return await runs.open_run(session, "kek", None, trigger=trigger, request_id=request_id)
 
@@ -100,70 +101,10 @@ async def rotate_kek(
         run = await runs.start_attempt(session, run.id, job_id)
     structlog.contextvars.bind_contextvars(run_id=run.id)
     try:
-        target = run.to_version
-        if target is None:
-            await preflight(rc.kek)
-            target = await _target_version(rc)
-            async with db.transaction(rc.sessions) as session:
-                locked = await runs.require_run(session, run.id, for_update=True)
-                if locked.to_version is None:
-                    total = (
-                        await session.execute(
-                            text(
-                                "SELECT count(*) FROM data_keys "
-                                "WHERE state <> 'destroyed' AND kek_version < :t"
-                            ),
-                            {"t": target},
-                        )
-                    ).scalar_one()
-                    await session.execute(
-                        text(
-                            "UPDATE rotations SET to_version = :t, rows_total = :n, updated_at = now() "
-                            "WHERE id = :id"
-                        ),
-                        {"t": target, "n": total, "id": run.id},
-                    )
-                else:
-                    target = locked.to_version
+        target = run.to_version if run.to_version is not None else await _fix_target(rc, run)
         log.info("kek_rotation_started", kek_version=target, provider=rc.kek.name)
-        rewrapped = 0
-        after = run.cursor
-        restarted = False
-        while True:
-            n, last_id = await run_to_commit(_rewrap_batch(rc, run, target, after))
-            if last_id is None:
-                if restarted or after == 0:
-                    break
-                after, restarted = 0, True  # one last pass from the start: rows skipped by a CAS miss
-                continue
-            rewrapped += n
-            after = last_id
-            log.info("deks_rewrapped", rows=n, kek_version=target)
-        async with db.transaction(rc.sessions) as session:  # the audit chain's key, as a DEK
-            await audit_key.rewrap_keys(session, rc.kek)
-        retired = await _retire_old_versions(rc)
-        async with db.transaction(rc.sessions) as session:
-            if retired is not None:
-                kek_id, before, after = retired
-                await runs.update_detail(session, run.id, kek_min_decryption_version=after)
-                await write_events(
-                    session,
-                    [
-                        AuditEvent(
-                            "config_change",
-                            metadata={
-                                "what": "kek_min_decryption_version",
-                                "kek_id": kek_id,
-                                "before": before,
-                                "after": after,
-                                "run_id": run.id,
-                                **runs.request_context(run.request_ids),
-                            },
-                        )
-                    ],
-                )
-            await runs.complete_run(session, run.id)
-            run = await runs.require_run(session, run.id)
+        rewrapped = await _rewrap(rc, run, target).all_passes(_one_more_pass)
+        run = await _complete(rc, run)
     except PermanentError as exc:
         if not isinstance(exc, ConfigurationError):  # a misconfigured process leaves the run be
             await fail(rc, run, exc)
@@ -171,6 +112,110 @@ async def rotate_kek(
     await rc.announce(KeyChange("rewrapped", None, target))
     log.info("kek_rotation_completed", kek_version=target, rewrapped=rewrapped)
     return KekRotationResult(run, target, run.rows_done)
+
+
+async def _fix_target(rc: RotationContext, run: RunInfo) -> int:
+    """Rotate the provider (after its preflight) and record the target version on the run, once.
+
+    A run that another attempt gave a target meanwhile keeps that one.
+    """
+    await preflight(rc.kek)
+    target = await _target_version(rc)
+    async with db.transaction(rc.sessions) as session:
+        locked = await runs.require_run(session, run.id, for_update=True)
+        if locked.to_version is not None:
+            return locked.to_version
+        total = await kek_store.count_deks_below_kek_version(session, target)
+        await kek_store.set_kek_run_target(session, run.id, target, total)
+    return target
+
+
+def _rewrap(rc: RotationContext, run: RunInfo, target: int) -> Rewrap:
+    async def select(session: AsyncSession, after: int, limit: int) -> list[DekToRewrap]:
+        return await kek_store.deks_below_kek_version(session, target, after=after, limit=limit)
+
+    async def rewrap(items: list[Item]) -> list[WrappedDek]:
+        return await _rewrap_verified(rc.kek, items, target)
+
+    def metadata(old: WrappedDek, new: WrappedDek) -> dict[str, Any]:
+        return {
+            "from_kek_version": old.kek_version,
+            "to_kek_version": new.kek_version,
+            "kek_id": new.kek_id,
+        }
+
+    return Rewrap(
+        rc.sessions,
+        run,
+        select,
+        rewrap,
+        metadata,
+        batch_size=rc.settings.kek_rewrap_batch,
+        progress_event="deks_rewrapped",
+        progress_fields={"kek_version": target},
+    )
+
+
+async def _one_more_pass(passes: int, last_id: int) -> bool:
+    # One last pass from the start picks up rows skipped by a CAS miss; none is needed when
+    # the only pass started at the first id and found nothing.
+    return passes > 0 or last_id == 0
+
+
+async def _rewrap_verified(kek: KekProvider, items: list[Item], target: int) -> list[WrappedDek]:
+    """Rewrap ``items`` and prove each new wrapping opens to the same DEK as the old one."""
+    try:
+        fresh = await kek.rewrap(items)
+    except KekError as exc:
+        old, ctx = items[0]
+        raise kek_mismatch(ctx.scope, ctx.dek_version, old, exc) from exc
+    for (old, ctx), new in zip(items, fresh, strict=True):
+        try:
+            same = hmac.compare_digest(await kek.unwrap(new, ctx), await kek.unwrap(old, ctx))
+        except KekError as exc:
+            raise KekError(
+                f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} does not unwrap: {exc}"
+            ) from exc
+        if not same or new.kek_version != target:
+            raise KekError(
+                f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} did not verify "
+                f"(KEK version {new.kek_version}, expected {target})"
+            )
+    return fresh
+
+
+async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
+    """Rewrap the audit chain's key, retire old KEK versions where the provider can, complete."""
+    async with db.transaction(rc.sessions) as session:  # the audit chain's key, as a DEK
+        await audit_key.rewrap_keys(session, rc.kek)
+    retired = await _retire_old_versions(rc)
+    async with db.transaction(rc.sessions) as session:
+        if retired is not None:
+            await _record_retirement(session, run, *retired)
+        await runs.complete_run(session, run.id)
+        return await runs.require_run(session, run.id)
+
+
+async def _record_retirement(
+    session: AsyncSession, run: RunInfo, kek_id: str, before: int, after: int
+) -> None:
+    await runs.update_detail(session, run.id, kek_min_decryption_version=after)
+    await write_events(
+        session,
+        [
+            AuditEvent(
+                "config_change",
+                metadata={
+                    "what": "kek_min_decryption_version",
+                    "kek_id": kek_id,
+                    "before": before,
+                    "after": after,
+                    "run_id": run.id,
+                    **runs.request_context(run.request_ids),
+                },
+            )
+        ],
+    )
 
 
 _PROBE = WrapContext("keyrotor/kek-rotation-probe", 1)
@@ -216,22 +261,12 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
         # old version and being inserted right now is counted, not cut off; and it is held
         # until the provider has answered, so none can be inserted between the count and the
         # cut-off (DEK writers wait one provider call, once a KEK rotation).
-        await session.execute(text("SET LOCAL lock_timeout = '10s'"))
-        await session.execute(text("LOCK TABLE data_keys IN SHARE MODE"))
-        lowest = (
-            await session.execute(
-                text(
-                    "SELECT least((SELECT min(kek_version) FROM data_keys "
-                    "WHERE state <> 'destroyed' AND kek_id = :kid), "
-                    "(SELECT min(kek_version) FROM audit_keys WHERE kek_id = :kid))"
-                ),
-                {"kid": provider.kek_id},
-            )
-        ).scalar_one()
+        await kek_store.lock_deks_against_writes(session)
+        lowest = await kek_store.lowest_kek_version_in_use(session, provider.kek_id)
         if lowest is None:
             return None
         try:
-            before = await provider.raise_min_decryption_version(int(lowest))
+            before = await provider.raise_min_decryption_version(lowest)
         except KekError as exc:
             log.warning(
                 "kek_versions_not_retired", kek_id=provider.kek_id, error=f"{type(exc).__name__}: {exc}"
@@ -239,10 +274,8 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
             return None
     if before is None:
         return None
-    log.info(
-        "kek_versions_retired", kek_id=provider.kek_id, min_decryption_version=int(lowest), previous=before
-    )
-    return provider.kek_id, before, int(lowest)
+    log.info("kek_versions_retired", kek_id=provider.kek_id, min_decryption_version=lowest, previous=before)
+    return provider.kek_id, before, lowest
 
 
 async def _target_version(rc: RotationContext) -> int:
@@ -250,73 +283,3 @@ async def _target_version(rc: RotationContext) -> int:
         return await rc.kek.current_version()
     # Not retried on a timeout: a blind retry could rotate twice (the provider says so too).
     return await rc.kek.rotate()
-
-
-async def _rewrap_batch(rc: RotationContext, run: RunInfo, target: int, after: int) -> tuple[int, int | None]:
-    async with db.transaction(rc.sessions) as session:
-        rows = (
-            await session.execute(
-                text(
-                    "SELECT d.id, s.name, d.version, d.kek_id, d.kek_version, d.encrypted_dek "
-                    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-                    "WHERE d.state <> 'destroyed' AND d.kek_version < :t "
-                    "AND d.id > :after ORDER BY d.id LIMIT :n"
-                ),
-                {"t": target, "after": after, "n": rc.settings.kek_rewrap_batch},
-            )
-        ).all()
-    if not rows:
-        return 0, None
-    items = [
-        (WrappedDek(kek_id, kek_version, bytes(blob)), WrapContext(scope, version))
-        for _id, scope, version, kek_id, kek_version, blob in rows
-    ]
-    try:
-        fresh = await rc.kek.rewrap(items)
-    except KekError as exc:
-        old, ctx = items[0]
-        raise kek_mismatch(ctx.scope, ctx.dek_version, old, exc) from exc
-    for (old, ctx), new in zip(items, fresh, strict=True):
-        # Prove the new wrapping opens to the same DEK before the old one is replaced.
-        try:
-            same = hmac.compare_digest(await rc.kek.unwrap(new, ctx), await rc.kek.unwrap(old, ctx))
-        except KekError as exc:
-            raise KekError(
-                f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} does not unwrap: {exc}"
-            ) from exc
-        if not same or new.kek_version != target:
-            raise KekError(
-                f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} did not verify "
-                f"(KEK version {new.kek_version}, expected {target})"
-            )
-    written = 0
-    events: list[AuditEvent] = []
-    async with db.transaction(rc.sessions) as session:
-        for (row_id, scope, version, *_rest), (old, _ctx), new in zip(rows, items, fresh, strict=True):
-            result: Any = await session.execute(
-                text(
-                    "UPDATE data_keys SET encrypted_dek = :new, kek_id = :kid, kek_version = :kv "
-                    "WHERE id = :id AND encrypted_dek = :old AND state <> 'destroyed'"
-                ),
-                {"id": row_id, "new": new.blob, "kid": new.kek_id, "kv": new.kek_version, "old": old.blob},
-            )
-            if result.rowcount:
-                written += 1
-                events.append(
-                    AuditEvent(
-                        event_type="rewrap",
-                        scope=scope,
-                        key_version=version,
-                        success=True,
-                        metadata={
-                            "run_id": run.id,
-                            "from_kek_version": old.kek_version,
-                            "to_kek_version": new.kek_version,
-                            "kek_id": new.kek_id,
-                            **runs.request_context(run.request_ids),
-                        },
-                    )
-                )
-        await write_events(session, events)
-        await runs.add_progress(session, run.id, written, cursor=rows[-1][0])
-    return written, rows[-1][0]

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import runs
 from keyrotor.audit import key as audit_key
-from keyrotor.audit.log import AuditEvent, write_event, write_events
+from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import ConfigurationError, Conflict, KekError, PermanentError
 from keyrotor.kek.base import (
     PROVIDER_SETTING,
@@ -44,10 +43,13 @@ from keyrotor.kek.base import (
     provider_layers,
     provider_of,
 )
-from keyrotor.rotation.context import run_to_commit
+from keyrotor.kek.factory import open_provider
+from keyrotor.rotation.rewrap import Item, Rewrap, refuse_if_open
 from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store import kek as kek_store
+from keyrotor.store.kek import DekToRewrap
 
 log = structlog.get_logger("keyrotor.rotation.kek_migration")
 
@@ -110,27 +112,9 @@ async def open_named_provider(
         ConfigurationError: a variable the provider needs is missing (named in the message).
         KekError, KekUnavailable: the provider refused or cannot be reached.
     """
-    from keyrotor.kek.factory import open_provider
-
     check_provider_setting(name)
     env = os.environ if environ is None else environ
     return await open_provider(settings.model_copy(update={"secrets_provider": name}), env)
-
-
-# Serialises opening KEK rotations and migrations (they rewrap the same DEKs), per transaction.
-_KEK_RUNS_LOCK = 0x6B72_6B65_6B72_756E  # "krkekrun"
-
-
-async def refuse_if_open(session: AsyncSession, kind: str, what: str) -> None:
-    """Raise Conflict if a run of ``kind`` (``kek`` or ``kek_migrate``) is open.
-
-    Takes a transaction-scoped advisory lock first, so a rotation and a migration requested at
-    the same moment cannot both open.
-    """
-    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _KEK_RUNS_LOCK})
-    other = await runs.find_open_run(session, cast(runs.RunKind, kind), None)
-    if other is not None:
-        raise Conflict(f"{what} (run {other.id}) is open: let it finish (or fail) first")
 
 
 async def request_migration(
@@ -199,76 +183,142 @@ async def migrate_kek(
     if run.terminal:
         tid = str(run.detail.get("target_kek_id", ""))
         return MigrationResult(run, src_name, dst_name, tid, run.rows_done, 0)
-    # Prove the target works before anything is written, and learn its kek_id.
-    target_id = (await target.wrap(os.urandom(32), _PROBE)).kek_id
-    await target.check()
-    async with db.transaction(sessions) as session:
-        run = await runs.start_attempt(session, run.id, job_id)
-        total = await _count_left(session, target_id)
-        if run.rows_total is None:
-            await session.execute(
-                text("UPDATE rotations SET rows_total = :n WHERE id = :id"), {"n": total, "id": run.id}
-            )
-        await runs.update_detail(session, run.id, target_kek_id=target_id, source_provider=source.name)
-    structlog.contextvars.bind_contextvars(run_id=run.id)
-    log.info("kek_migration_started", source=source.name, target=target.name, deks=total)
-    migrated = 0
+    run, target_id = await _start(sessions, run, source, target, job_id)
+    migration = _Migration(sessions, run, source, target, target_id, dst_name)
     try:
-        after, passes = run.cursor, 0
-        while True:
-            n, last_id = await run_to_commit(
-                _migrate_batch(sessions, run, source, target, target_id, after, batch_size)
-            )
-            if last_id is not None:
-                migrated += n
-                after = last_id
-                log.info("deks_migrated", rows=n, target=target.name)
-                continue
-            async with db.transaction(sessions) as session:
-                remaining = await _count_left(session, target_id)
-                if remaining == 0 or passes >= _MAX_PASSES:
-                    # The audit chain's key moves with the DEKs: a process on the target opens it.
-                    await audit_key.migrate_keys(session, source, target, target_id)
-                    await runs.complete_run(session, run.id)
-                    await runs.update_detail(
-                        session, run.id, next_step=next_step(dst_name), remaining=remaining
-                    )
-                    run = await runs.require_run(session, run.id)
-                    break
-            # Another pass from the start: DEKs skipped by a CAS miss (rotated or rewrapped
-            # meanwhile) or created meanwhile by processes still on the source provider.
-            after, passes = 0, passes + 1
+        migrated = await migration.rewrap(batch_size).all_passes(migration.finished)
     except PermanentError as exc:
-        if isinstance(exc, ConfigurationError):
-            raise  # a misconfigured process leaves the run be for a well-configured one
-        async with db.transaction(sessions) as session:
-            await runs.fail_run(session, run.id, exc)
-            await write_event(
-                session,
-                AuditEvent(
-                    "rewrap",
-                    success=False,
-                    error_message=f"{type(exc).__name__}: {exc}"[:1000],
-                    metadata={
-                        "run_id": run.id,
-                        "from_provider": source.name,
-                        "to_provider": target.name,
-                        **runs.request_context(run.request_ids),
-                    },
-                ),
-            )
-        log.error("kek_migration_failed", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, ConfigurationError):  # a misconfigured process leaves the run be
+            await _fail(sessions, run, source, target, exc)
         raise
+    run, remaining = migration.run, migration.remaining
     log.info("kek_migration_completed", migrated=migrated, remaining=remaining, state=run.state)
     return MigrationResult(run, src_name, dst_name, target_id, migrated, remaining)
 
 
-async def _count_left(session: AsyncSession, target_id: str) -> int:
-    result = await session.execute(
-        text("SELECT count(*) FROM data_keys WHERE state <> 'destroyed' AND kek_id <> :tid"),
-        {"tid": target_id},
-    )
-    return int(result.scalar_one())
+async def _start(
+    sessions: async_sessionmaker[AsyncSession],
+    run: RunInfo,
+    source: KekProvider,
+    target: KekProvider,
+    job_id: str | None,
+) -> tuple[RunInfo, str]:
+    """Prove the target works before anything is written, learn its kek_id, start the attempt."""
+    target_id = (await target.wrap(os.urandom(32), _PROBE)).kek_id
+    await target.check()
+    async with db.transaction(sessions) as session:
+        run = await runs.start_attempt(session, run.id, job_id)
+        total = await kek_store.count_deks_not_on_kek(session, target_id)
+        if run.rows_total is None:
+            await kek_store.set_run_total(session, run.id, total)
+        await runs.update_detail(session, run.id, target_kek_id=target_id, source_provider=source.name)
+    structlog.contextvars.bind_contextvars(run_id=run.id)
+    log.info("kek_migration_started", source=source.name, target=target.name, deks=total)
+    return run, target_id
+
+
+@dataclass
+class _Migration:
+    """What a migration run's rewrap does its own way: the DEKs, their rewrap, the audit, the end.
+
+    ``run`` is the completed run once :meth:`finished` said so; ``remaining`` the DEKs it left
+    off the target.
+    """
+
+    sessions: async_sessionmaker[AsyncSession]
+    run: RunInfo
+    source: KekProvider
+    target: KekProvider
+    target_id: str
+    dst_name: str
+    remaining: int = 0
+
+    def rewrap(self, batch_size: int) -> Rewrap:
+        return Rewrap(
+            self.sessions,
+            self.run,
+            self.select,
+            self.rewrap_items,
+            self.metadata,
+            batch_size=batch_size,
+            progress_event="deks_migrated",
+            progress_fields={"target": self.target.name},
+            match_kek_id=True,
+        )
+
+    async def select(self, session: AsyncSession, after: int, limit: int) -> list[DekToRewrap]:
+        return await kek_store.deks_not_on_kek(session, self.target_id, after=after, limit=limit)
+
+    async def rewrap_items(self, items: list[Item]) -> list[WrappedDek]:
+        limit = asyncio.Semaphore(_CONCURRENCY)
+        tasks = [
+            asyncio.ensure_future(_rewrap_one(self.source, self.target, old, ctx, limit))
+            for old, ctx in items
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def metadata(self, old: WrappedDek, new: WrappedDek) -> dict[str, Any]:
+        return {
+            "migration": True,
+            "from_provider": provider_of(old.kek_id),
+            "to_provider": self.target.name,
+            "from_kek_id": old.kek_id,
+            "from_kek_version": old.kek_version,
+            "to_kek_id": new.kek_id,
+            "to_kek_version": new.kek_version,
+        }
+
+    async def finished(self, passes: int, _last_id: int) -> bool:
+        """Complete the run once no DEK is left off the target, or after ``_MAX_PASSES`` more passes.
+
+        Another pass picks up DEKs skipped by a CAS miss (rotated or rewrapped meanwhile) or
+        created meanwhile by processes still on the source provider.
+        """
+        async with db.transaction(self.sessions) as session:
+            self.remaining = await kek_store.count_deks_not_on_kek(session, self.target_id)
+            if self.remaining and passes < _MAX_PASSES:
+                return False
+            # The audit chain's key moves with the DEKs: a process on the target opens it.
+            await audit_key.migrate_keys(session, self.source, self.target, self.target_id)
+            await runs.complete_run(session, self.run.id)
+            await runs.update_detail(
+                session, self.run.id, next_step=next_step(self.dst_name), remaining=self.remaining
+            )
+            self.run = await runs.require_run(session, self.run.id)
+        return True
+
+
+async def _fail(
+    sessions: async_sessionmaker[AsyncSession],
+    run: RunInfo,
+    source: KekProvider,
+    target: KekProvider,
+    exc: PermanentError,
+) -> None:
+    """Mark the run failed and audit the failed rewrap (in a transaction of its own)."""
+    async with db.transaction(sessions) as session:
+        await runs.fail_run(session, run.id, exc)
+        await write_event(
+            session,
+            AuditEvent(
+                "rewrap",
+                success=False,
+                error_message=f"{type(exc).__name__}: {exc}"[:1000],
+                metadata={
+                    "run_id": run.id,
+                    "from_provider": source.name,
+                    "to_provider": target.name,
+                    **runs.request_context(run.request_ids),
+                },
+            ),
+        )
+    log.error("kek_migration_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 async def _rewrap_one(
@@ -289,101 +339,14 @@ async def _rewrap_one(
         return new
 
 
-async def _migrate_batch(
-    sessions: async_sessionmaker[AsyncSession],
-    run: RunInfo,
-    source: KekProvider,
-    target: KekProvider,
-    target_id: str,
-    after: int,
-    batch_size: int,
-) -> tuple[int, int | None]:
-    async with db.transaction(sessions) as session:
-        rows = (
-            await session.execute(
-                text(
-                    "SELECT d.id, s.name, d.version, d.kek_id, d.kek_version, d.encrypted_dek "
-                    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-                    "WHERE d.state <> 'destroyed' AND d.kek_id <> :tid AND d.id > :after "
-                    "ORDER BY d.id LIMIT :n"
-                ),
-                {"tid": target_id, "after": after, "n": batch_size},
-            )
-        ).all()
-    if not rows:
-        return 0, None
-    items = [
-        (WrappedDek(kek_id, kek_version, bytes(blob)), WrapContext(scope, version))
-        for _id, scope, version, kek_id, kek_version, blob in rows
-    ]
-    limit = asyncio.Semaphore(_CONCURRENCY)
-    tasks = [asyncio.ensure_future(_rewrap_one(source, target, old, ctx, limit)) for old, ctx in items]
-    try:
-        fresh = list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    written = 0
-    events: list[AuditEvent] = []
-    async with db.transaction(sessions) as session:
-        for (row_id, scope, version, *_rest), (old, _ctx), new in zip(rows, items, fresh, strict=True):
-            result: Any = await session.execute(
-                text(
-                    "UPDATE data_keys SET encrypted_dek = :new, kek_id = :kid, kek_version = :kv "
-                    "WHERE id = :id AND encrypted_dek = :old AND kek_id = :old_kid AND state <> 'destroyed'"
-                ),
-                {
-                    "id": row_id,
-                    "new": new.blob,
-                    "kid": new.kek_id,
-                    "kv": new.kek_version,
-                    "old": old.blob,
-                    "old_kid": old.kek_id,
-                },
-            )
-            if result.rowcount:
-                written += 1
-                events.append(
-                    AuditEvent(
-                        event_type="rewrap",
-                        scope=scope,
-                        key_version=version,
-                        metadata={
-                            "run_id": run.id,
-                            "migration": True,
-                            "from_provider": provider_of(old.kek_id),
-                            "to_provider": target.name,
-                            "from_kek_id": old.kek_id,
-                            "from_kek_version": old.kek_version,
-                            "to_kek_id": new.kek_id,
-                            "to_kek_version": new.kek_version,
-                            **runs.request_context(run.request_ids),
-                        },
-                    )
-                )
-        await write_events(session, events)
-        await runs.add_progress(session, run.id, written, cursor=rows[-1][0])
-    return written, rows[-1][0]
-
-
 # --- status ------------------------------------------------------------------------------------
 
 
 async def kek_census(session: AsyncSession) -> list[dict[str, Any]]:
     """Non-destroyed DEKs per ``(kek_id, kek_version)``, with the provider each id belongs to."""
-    rows = (
-        await session.execute(
-            text(
-                "SELECT kek_id, kek_version, count(*) FROM data_keys WHERE state <> 'destroyed' "
-                "GROUP BY kek_id, kek_version ORDER BY kek_id, kek_version"
-            )
-        )
-    ).all()
     return [
-        {"kek_id": kid, "provider": provider_of(kid), "kek_version": int(kv), "deks": int(n)}
-        for kid, kv, n in rows
+        {"kek_id": kid, "provider": provider_of(kid), "kek_version": kv, "deks": n}
+        for kid, kv, n in await kek_store.deks_per_kek(session)
     ]
 
 

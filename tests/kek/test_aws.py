@@ -14,15 +14,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from structlog.testing import capture_logs
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
-from keyrotor.kek.aws_kms import AwsConnection, AwsKmsConfig, AwsKmsKek
+from keyrotor.kek.aws_client import AwsConnection
+from keyrotor.kek.aws_kms import AwsKmsConfig, AwsKmsKek
+from keyrotor.kek.aws_secret_material import new_secret_string, rotation_token
 from keyrotor.kek.aws_secrets import (
     CURRENT,
     PENDING,
     PREVIOUS,
     AwsSecretsConfig,
     AwsSecretsKek,
-    new_secret_string,
-    rotation_token,
 )
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.remote import open_remote_provider

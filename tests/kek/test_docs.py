@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keyrotor.kek.vault import VaultConfig
+from keyrotor.kek.vault_client import VaultConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIABLES = (

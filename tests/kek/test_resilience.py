@@ -19,12 +19,12 @@ from aiolimiter import AsyncLimiter
 from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
-from keyrotor.kek.aws_kms import aws_error_code, aws_translator
+from keyrotor.kek.aws_client import aws_error_code, aws_translator
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.metrics import KEK_CIRCUIT_OPEN
 from keyrotor.kek.remote import open_remote_provider
 from keyrotor.kek.resilience import CircuitBreaker, CircuitOpen, Resilience, ResiliencePolicy, Throttled
-from keyrotor.kek.vault import vault_translator
+from keyrotor.kek.vault_client import vault_translator
 from tests.kek.conftest import fast_policy
 from tests.servers import ServerProcess, aws_env, create_kms_key, vault_env
 

@@ -15,7 +15,8 @@ import pytest
 from keyrotor.errors import ConfigurationError, KekError
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.remote import open_remote_provider
-from keyrotor.kek.vault import MAX_BATCH, VaultConfig, VaultTransitKek, ciphertext_version
+from keyrotor.kek.vault import MAX_BATCH, VaultTransitKek, ciphertext_version
+from keyrotor.kek.vault_client import VaultConfig
 from tests.kek.conftest import calls, fast_policy
 from tests.servers import BAO_ROOT_TOKEN, ServerProcess, bao_approle, bao_root, vault_env
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from typing import Annotated, Any
 
 import structlog
@@ -19,6 +21,7 @@ from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
+from keyrotor.worker.logs import configure_logging
 
 app = typer.Typer(help="The KEK: its provider, the DEKs it wraps, migration to another provider.")
 
@@ -145,11 +148,6 @@ def migrate(
 
 def _log_to_stderr(settings: Settings) -> None:
     # The run logs its batches; stdout stays for --json.
-    import logging
-    import sys
-
-    from keyrotor.worker.logs import configure_logging
-
     configure_logging(settings)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
@@ -185,6 +183,8 @@ def target_name(provider: KekProvider) -> str:
 async def _enqueued(
     settings: Settings, src: str, dst: str, *, wait: bool, timeout_s: float | None, request_id: str | None
 ) -> tuple[RunInfo, str | None]:
+    # Imported here: the queue client loads arq and redis, which `kek status` and an inline
+    # migration never need.
     from keyrotor.queue.client import KeyrotorClient, RunHandle
     from keyrotor.queue.enqueue import enqueue_driver
 
