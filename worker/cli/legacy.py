@@ -73,54 +73,9 @@ def migrate(
     if request_id is not None:
         check_request_id(request_id)
     if dry_run:
-
-        async def dry() -> LegacyReport:
-            async with manager() as km:
-                with progress() as bar:
-                    task = bar.add_task("decrypting legacy values", total=None)
-
-                    def update(done: int, total: int) -> None:
-                        bar.update(task, completed=done, total=total)
-
-                    return await legacy_migration.migrate_legacy(
-                        km,
-                        dry_run=True,
-                        workers=km.settings.legacy_workers,
-                        batch_rows=km.settings.legacy_batch_rows,
-                        on_progress=update,
-                    )
-
-        report = run(dry)
-        still = run(_remaining)
-        if json_out:
-            print_json({**report.as_dict(), **_remaining_doc(still)})
-        else:
-            _print_report(report, json_out=False)
-            err_console.print(_remaining_line(still))
-        if report.failed:
-            raise typer.Exit(1)
+        _dry_run(json_out=json_out)
         return
-
-    async def go() -> tuple[RunInfo, bool, int | None]:
-        from keyrotor.queue.client import KeyrotorClient, RunHandle
-
-        async with KeyrotorClient(Settings.from_env()) as client:
-            async with manager() as km:
-                r, created = await _open_run(km, request_id)
-            job = await _drive(client, r)
-            handle = RunHandle(client, r.id, job, created)
-            if not wait:
-                return await handle.status(), created, None
-            with progress() as bar:
-                task = bar.add_task("migrating legacy values", total=None)
-
-                def update(info: RunInfo) -> None:
-                    bar.update(task, completed=info.rows_done, total=info.rows_total or None)
-
-                ended = await wait_run(handle, timeout, update)
-            return ended, created, await _remaining()
-
-    r, created, left = run(go)
+    r, created, left = run(lambda: _queue_run(request_id, wait=wait, wait_s=timeout))
     report = legacy_migration.report_of(r)
     if json_out:
         extra = _remaining_doc(left) if left is not None else {}
@@ -138,6 +93,64 @@ def migrate(
         raise RunFailed(f"run {r.id} {r.state}: {r.error or 'no reason recorded'}")
     if wait and report.failed:
         raise typer.Exit(1)
+
+
+def _dry_run(*, json_out: bool) -> None:
+    """Decrypt and report here, writing nothing; exit 1 if any value failed."""
+
+    async def dry() -> LegacyReport:
+        async with manager() as km:
+            with progress() as bar:
+                task = bar.add_task("decrypting legacy values", total=None)
+
+                def update(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                return await legacy_migration.migrate_legacy(
+                    km,
+                    dry_run=True,
+                    workers=km.settings.legacy_workers,
+                    batch_rows=km.settings.legacy_batch_rows,
+                    on_progress=update,
+                )
+
+    report = run(dry)
+    still = run(_remaining)
+    if json_out:
+        print_json({**report.as_dict(), **_remaining_doc(still)})
+    else:
+        _print_report(report, json_out=False)
+        err_console.print(_remaining_line(still))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+async def _queue_run(
+    request_id: str | None, *, wait: bool, wait_s: float | None
+) -> tuple[RunInfo, bool, int | None]:
+    """Open (or join) the run and have a worker drive it; with ``wait``, follow it to its end
+    (at most ``wait_s`` seconds, if given).
+
+    Returns the run, whether this call opened it, and (after a wait) the legacy values left.
+    """
+    # Imported here: the queue client brings arq and Redis, which no other command needs.
+    from keyrotor.queue.client import KeyrotorClient, RunHandle
+
+    async with KeyrotorClient(Settings.from_env()) as client:
+        async with manager() as km:
+            r, created = await _open_run(km, request_id)
+        job = await _drive(client, r)
+        handle = RunHandle(client, r.id, job, created)
+        if not wait:
+            return await handle.status(), created, None
+        with progress() as bar:
+            task = bar.add_task("migrating legacy values", total=None)
+
+            def update(info: RunInfo) -> None:
+                bar.update(task, completed=info.rows_done, total=info.rows_total or None)
+
+            ended = await wait_run(handle, wait_s, update)
+        return ended, created, await _remaining()
 
 
 SAFE_TO_DISABLE = (
@@ -187,6 +200,7 @@ async def _drive(client: KeyrotorClient, r: RunInfo) -> Job:
     Raises:
         QueueUnavailable: Redis cannot be reached.
     """
+    # Imported here, as in _queue_run: arq and the queue modules only for the commands that enqueue.
     from arq.jobs import SerializationError
 
     from keyrotor.queue.enqueue import driver_call, enqueue_driver
