@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
+from arq.jobs import Job, SerializationError
 from redis.exceptions import RedisError
 
 from keyrotor import KeyManager
@@ -15,17 +16,14 @@ from keyrotor.errors import Conflict, QueueUnavailable
 from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import scope as legacy_scope
 from keyrotor.legacy.migration import LegacyReport
+from keyrotor.queue.client import KeyrotorClient, RunHandle
+from keyrotor.queue.enqueue import driver_call, enqueue_driver
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
 from keyrotor.worker.cli.rotate import wait_run
-
-if TYPE_CHECKING:
-    from arq.jobs import Job
-
-    from keyrotor.queue.client import KeyrotorClient
 
 app = typer.Typer(help="Migrate the old backend's legacy ciphertexts and DEKs.")
 
@@ -133,9 +131,6 @@ async def _queue_run(
 
     Returns the run, whether this call opened it, and (after a wait) the legacy values left.
     """
-    # Imported here: the queue client brings arq and Redis, which no other command needs.
-    from keyrotor.queue.client import KeyrotorClient, RunHandle
-
     async with KeyrotorClient(Settings.from_env()) as client:
         async with manager() as km:
             r, created = await _open_run(km, request_id)
@@ -200,11 +195,6 @@ async def _drive(client: KeyrotorClient, r: RunInfo) -> Job:
     Raises:
         QueueUnavailable: Redis cannot be reached.
     """
-    # Imported here, as in _queue_run: arq and the queue modules only for the commands that enqueue.
-    from arq.jobs import SerializationError
-
-    from keyrotor.queue.enqueue import driver_call, enqueue_driver
-
     job = await enqueue_driver(client.redis, client.settings, r)
     if r.terminal:
         return job
