@@ -171,8 +171,8 @@ async def run(scopes: int, misses: int) -> dict[str, Any]:
             # (what every read meets during an outage once the first one has failed over).
             await _misses(km, tokens, 50)  # warm the pools
             via_primary = _stats(await _misses(km, tokens, misses))
-            rep._primary_down_until = time.monotonic() + 3600
-            rep.failing_over = True
+            rep.failover._primary_down_until = time.monotonic() + 3600
+            rep.failover.failing_over = True
             via_secondary = _stats(await _misses(km, tokens, misses))
         copies = scopes * len(REGIONS)
         warm_s = min(warm_runs)

@@ -9,8 +9,8 @@ from typing import Any
 import structlog
 
 from keyrotor.jobs.common import deps, is_transient, retry
-from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import ranges as legacy_ranges
+from keyrotor.legacy.batch import make_executor
 
 # One scrypt pool a worker process, shared by the range jobs it runs at once (a pool each would
 # start cores x jobs processes). Replaced if a pool process died.
@@ -20,7 +20,7 @@ _pool: concurrent.futures.ProcessPoolExecutor | None = None
 def _shared_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     global _pool
     if _pool is None or getattr(_pool, "_broken", False):
-        _pool = legacy_migration.make_executor(workers)
+        _pool = make_executor(workers)
     return _pool
 
 

@@ -25,33 +25,22 @@ from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import runs
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
-from keyrotor.legacy.migration import (
-    MAX_LISTED,
-    MODE,
-    ColumnReport,
-    SealedBatch,
-    Source,
-    check_wrong_key,
-    fetch_rows,
-    make_executor,
-    merged_columns,
-    open_batch,
-    report_after,
-    sources,
-    swap_values,
-)
+from keyrotor.legacy.batch import check_wrong_key, make_executor, open_batch
+from keyrotor.legacy.report import MAX_LISTED, MODE, ColumnReport, merged_columns, report_after
+from keyrotor.legacy.sources import sources
 from keyrotor.rotation.context import run_to_commit
 from keyrotor.rotation.reencrypt import raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
+from keyrotor.store import legacy as store
 from keyrotor.store.key_ranges import Key, PlannedRange, insert_range, range_bounds, ranges_from_buckets
+from keyrotor.store.legacy import SealedBatch, Source
 
 log = structlog.get_logger("keyrotor.legacy.ranges")
 
@@ -132,19 +121,17 @@ async def fan_out(
         if range_rows <= 0 or "cursors" in run.detail:
             return None  # fan-out off, or begun on one worker: it goes on that way
         apg = await raw_connection(session)
-        counts = {src.name: tuple(await apg.fetchrow(src.count)) for src in srcs}
-        total = sum(int(c[0]) for c in counts.values())
+        counts = {src.name: await store.count_values(apg, src) for src in srcs}
+        total = sum(c[0] for c in counts.values())
         if total < 2 * range_rows:
             return None
         planned: list[LegacyRange] = []
         for src in srcs:
-            for p in await _plan(apg, src, int(counts[src.name][0]), range_rows):
+            for p in await _plan(apg, src, counts[src.name][0], range_rows):
                 await insert_range(session, run.id, src.name, p, version=0)
                 planned.append(LegacyRange(run.id, src.name, p.lo, p.hi))
         base = [
-            ColumnReport(
-                src.name, legacy_found=int(counts[src.name][0]), already_migrated=int(counts[src.name][1])
-            )
+            ColumnReport(src.name, legacy_found=counts[src.name][0], already_migrated=counts[src.name][1])
             for src in srcs
         ]
         await runs.start_attempt(session, run.id, job_id)
@@ -172,20 +159,11 @@ async def _plan(apg: Any, src: Source, n: int, range_rows: int) -> list[PlannedR
     if n == 0:
         return []
     k = max(1, -(-n // range_rows))
-    return ranges_from_buckets(src.key_type, await apg.fetch(src.plan, k))
+    return ranges_from_buckets(src.key_type, await store.plan_buckets(apg, src, k))
 
 
 async def _pending(session: AsyncSession, run_id: int) -> list[LegacyRange]:
-    rows = (
-        await session.execute(
-            text(
-                "SELECT target, lo, hi FROM rotation_ranges WHERE run_id = :r AND state = 'pending' "
-                "ORDER BY target, lo"
-            ),
-            {"r": run_id},
-        )
-    ).all()
-    return [LegacyRange(run_id, t, int(lo), int(hi)) for t, lo, hi in rows]
+    return [LegacyRange(run_id, t, lo, hi) for t, lo, hi in await store.pending_ranges(session, run_id)]
 
 
 async def complete_if_done(km: KeyManager, run_id: int) -> bool:
@@ -198,13 +176,7 @@ async def _complete_if_done(session: AsyncSession, run_id: int) -> bool:
     run = await runs.require_run(session, run_id, for_update=True)
     if run.state != "running" or run.detail.get("mode") != MODE:
         return False
-    left = (
-        await session.execute(
-            text("SELECT count(*) FROM rotation_ranges WHERE run_id = :r AND state = 'pending'"),
-            {"r": run_id},
-        )
-    ).scalar_one()
-    if left:
+    if await store.count_pending_ranges(session, run_id):
         return False
     columns = merged_columns(run.detail)
     await runs.update_detail(session, run_id, columns=[c.as_dict() for c in columns])
@@ -294,7 +266,7 @@ async def _migrate_range(
     second: dict[str, list[AESGCM]] = {}
     while src is not None:  # None: the column was unregistered meanwhile; nothing left to do
         async with db.transaction(km.sessions) as session:
-            rows = await fetch_rows(session, src, cursor, batch_rows, upper)
+            rows = await store.fetch_rows(await raw_connection(session), src, cursor, batch_rows, upper)
         if not rows:
             break
         sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
@@ -314,18 +286,10 @@ async def _migrate_range(
 
 async def _range_row(session: AsyncSession, rng: LegacyRange) -> tuple[int, str, Any]:
     """The range's id, state and ``(cursor, after_key, hi_key, cursor_key)``."""
-    row = (
-        await session.execute(
-            text(
-                "SELECT id, state, cursor, after_key, hi_key, cursor_key FROM rotation_ranges "
-                "WHERE run_id = :r AND target = :t AND lo = :lo"
-            ),
-            {"r": rng.run_id, "t": rng.target, "lo": rng.lo},
-        )
-    ).first()
+    row = await store.range_row(session, rng.run_id, rng.target, rng.lo)
     if row is None:
         raise InvalidInput(f"run {rng.run_id} has no {rng.target} range starting at {rng.lo}")
-    return int(row[0]), str(row[1]), tuple(row[2:])
+    return row
 
 
 async def _write(
@@ -342,41 +306,14 @@ async def _write(
     Returns the ids written, or None (nothing written) if the run is no longer running.
     """
     async with db.transaction(km.sessions) as session:
-        state = (
-            await session.execute(
-                text(
-                    "SELECT r.state FROM rotation_ranges g JOIN rotations r ON r.id = g.run_id "
-                    "WHERE g.id = :g FOR UPDATE OF g"
-                ),
-                {"g": range_id},
-            )
-        ).scalar_one()
-        if state != "running":
+        if await store.lock_range_run_state(session, range_id) != "running":
             return None
-        written = await swap_values(await raw_connection(session), src, sealed)
+        written = await store.swap_values(await raw_connection(session), src, sealed)
         after = report_after(rep, sealed, written)
-        integer = src.key_type.integer
-        await session.execute(
-            text(
-                "UPDATE rotation_ranges SET cursor = coalesce(:c, cursor), cursor_key = :ck, "
-                "rows_done = rows_done + :n, updated_at = now() WHERE id = :g"
-            ),
-            {
-                "g": range_id,
-                "c": last_id if integer else None,
-                "ck": None if integer else str(last_id),
-                "n": len(written),
-            },
+        await store.advance_range(
+            session, range_id, last_id, integer=src.key_type.integer, written=len(written)
         )
-        # One key of the run's detail, set in place: ranges committing at once never lose each
-        # other's parts (the UPDATE works on the row's latest version under its lock).
-        await session.execute(
-            text(
-                "UPDATE rotations SET detail = jsonb_set(detail, ARRAY['range_reports', :k], "
-                "CAST(:part AS jsonb), true) WHERE id = :r"
-            ),
-            {"r": rng.run_id, "k": rng.key, "part": json.dumps(after)},
-        )
+        await store.set_range_report(session, rng.run_id, rng.key, json.dumps(after))
         await runs.add_progress(session, rng.run_id, len(written))
     return written
 
@@ -384,8 +321,5 @@ async def _write(
 async def _finish(km: KeyManager, rng: LegacyRange, range_id: int) -> bool:
     """Mark the range done; the last range to finish completes the run. Returns True if this one did."""
     async with db.transaction(km.sessions) as session:
-        await session.execute(
-            text("UPDATE rotation_ranges SET state = 'done', updated_at = now() WHERE id = :g"),
-            {"g": range_id},
-        )
+        await store.finish_range(session, range_id)
         return await _complete_if_done(session, rng.run_id)

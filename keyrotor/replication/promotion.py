@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
-from keyrotor.replication.regions import ReplicaCopy, fingerprint
+from keyrotor.replication.grading import grade_region
+from keyrotor.replication.primary import PrimaryKeys
+from keyrotor.replication.regions import Region, fingerprint
+from keyrotor.settings import Settings
 from keyrotor.store import db
-
-if TYPE_CHECKING:
-    from keyrotor.replication.check import Replication
+from keyrotor.store import replication as store
+from keyrotor.store.replication import ReplicaCopy
 
 log = logging.getLogger("keyrotor.replication.check")
 
 
-async def promote(rep: Replication, name: str, *, by: str = "system") -> dict[str, Any]:
-    """Make secondary ``name`` a primary store: its verified copies become its ``data_keys``.
+async def promote(
+    primary: PrimaryKeys, region: Region, settings: Settings, *, by: str = "system"
+) -> dict[str, Any]:
+    """Make secondary ``region`` a primary store: its verified copies become its ``data_keys``.
 
     The region's database then holds ``key_scopes`` and ``data_keys`` wrapped under the
     region's own key, so a keyrotor configured with ``DATABASE_URL`` = the region's database
@@ -37,96 +41,21 @@ async def promote(rep: Replication, name: str, *, by: str = "system") -> dict[st
     must prove itself (unwrap to the bytes its fingerprint names).
 
     Raises:
-        NotFound: no such region.
         Conflict: the region is not in sync, holds corrupt copies, was promoted already,
             or already has scopes of its own.
         StoreUnavailable, KekUnavailable: the region cannot be used now.
     """
-    region = rep.region(name)
+    name = region.name
     if await region.promotion() is not None:
         raise Conflict(f"region {name} was promoted already")
-    try:
-        sources = await rep.sources(None)
-    except (StoreUnavailable, KekUnavailable):
-        sources = None
-    if sources is not None:
-        graded = await rep.grade_region(region, sources, None)
-        if graded.status != "in_sync":
-            raise Conflict(
-                f"region {name} is {graded.status} ({graded.detail}): "
-                "run `keyrotor replicas check --repair` first"
-            )
-    copies = await region.copies()
-    kek = await region.kek()
-    for c in copies.values():
-        try:
-            dek = await kek.unwrap(
-                WrappedDek(c.region_kek_id, c.region_kek_version, c.wrapped),
-                WrapContext(c.scope, c.version),
-            )
-        except KekUnavailable:
-            raise
-        except KekError as exc:
-            raise Conflict(
-                f"region {name}: the copy of {c.scope} v{c.version} is corrupt; not promoted"
-            ) from exc
-        if not hmac.compare_digest(fingerprint(dek), c.fingerprint):
-            raise Conflict(f"region {name}: the copy of {c.scope} v{c.version} is corrupt; not promoted")
-    by_scope: dict[str, list[ReplicaCopy]] = {}
-    for c in copies.values():
-        by_scope.setdefault(c.scope, []).append(c)
+    reachable = await _in_sync_if_reachable(primary, region)
+    copies = list((await region.copies()).values())
+    await _verify(region, copies)
     async with db.transaction(region.sessions) as session:
-        if (await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one():
+        if await store.count_scopes(session):
             raise Conflict(f"region {name} already has scopes of its own; not promoted")
-        scopes = 0
-        for scope, cs in sorted(by_scope.items()):
-            active = [c.version for c in cs if c.state == "active"]
-            latest = max(c.version for c in cs)
-            scope_id = (
-                await session.execute(
-                    text(
-                        "INSERT INTO key_scopes (name, active_version, latest_version, rotation_enabled, "
-                        "interval_days, grace_period_days, next_rotation_at) VALUES "
-                        "(:n, :a, :l, :e, :i, :g, "
-                        "now() + make_interval(days => :i)) RETURNING id"
-                    ),
-                    {
-                        "n": scope,
-                        "a": active[0] if active else latest,
-                        "l": latest,
-                        "e": rep.settings.default_rotation_enabled,
-                        "i": rep.settings.default_interval_days,
-                        "g": min(rep.settings.default_grace_days, rep.settings.default_interval_days),
-                    },
-                )
-            ).scalar_one()
-            for c in cs:
-                await session.execute(
-                    text(
-                        "INSERT INTO data_keys (scope_id, version, state, "
-                        "encrypted_dek, kek_id, kek_version, "
-                        "activated_at, grace_until) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
-                        "CASE WHEN :st IN ('active', 'grace') THEN now() END, "
-                        "CASE WHEN :st = 'grace' THEN now() + make_interval(days => :g) END)"
-                    ),
-                    {
-                        "sid": scope_id,
-                        "v": c.version,
-                        "st": c.state,
-                        "blob": c.wrapped,
-                        "kid": c.region_kek_id,
-                        "kv": c.region_kek_version,
-                        "g": rep.settings.default_grace_days,
-                    },
-                )
-            scopes += 1
-        await session.execute(
-            text(
-                "INSERT INTO replica_promotions (region, previous_primary, promoted_by, keys) "
-                "VALUES (:r, :p, :b, :k)"
-            ),
-            {"r": name, "p": rep.primary, "b": by, "k": len(copies)},
-        )
+        scopes = await _adopt(session, copies, settings)
+        await store.record_promotion(session, name, previous_primary=primary.name, by=by, keys=len(copies))
         await write_event(
             session,
             AuditEvent(
@@ -135,7 +64,7 @@ async def promote(rep: Replication, name: str, *, by: str = "system") -> dict[st
                 metadata={
                     "state": "promoted",
                     "region": name,
-                    "previous_primary": rep.primary,
+                    "previous_primary": primary.name,
                     "keys": len(copies),
                 },
             ),
@@ -143,12 +72,78 @@ async def promote(rep: Replication, name: str, *, by: str = "system") -> dict[st
     log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, len(copies))
     return {
         "region": name,
-        "previous_primary": rep.primary,
+        "previous_primary": primary.name,
         "scopes": scopes,
         "deks": len(copies),
-        "primary_reachable": sources is not None,
+        "primary_reachable": reachable,
         "next": (
             f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
             f"{region.cfg.prefix}* provider variables as the primary's (SECRETS_PROVIDER, ...)"
         ),
     }
+
+
+async def _in_sync_if_reachable(primary: PrimaryKeys, region: Region) -> bool:
+    """Whether the primary could be read; if it could, the region must be in sync with it.
+
+    Raises:
+        Conflict: the primary is reachable and the region is not in sync.
+    """
+    try:
+        sources = await primary.sources(None)
+    except (StoreUnavailable, KekUnavailable):
+        return False
+    graded = await grade_region(region, sources, None)
+    if graded.status != "in_sync":
+        raise Conflict(
+            f"region {region.name} is {graded.status} ({graded.detail}): "
+            "run `keyrotor replicas check --repair` first"
+        )
+    return True
+
+
+async def _verify(region: Region, copies: list[ReplicaCopy]) -> None:
+    """Every copy must unwrap with the region's key to the DEK its fingerprint names.
+
+    Raises:
+        Conflict: a copy is corrupt.
+        KekUnavailable: the region's key provider cannot be reached.
+    """
+    kek = await region.kek()
+    for c in copies:
+        corrupt = Conflict(
+            f"region {region.name}: the copy of {c.scope} v{c.version} is corrupt; not promoted"
+        )
+        try:
+            dek = await kek.unwrap(
+                WrappedDek(c.region_kek_id, c.region_kek_version, c.wrapped),
+                WrapContext(c.scope, c.version),
+            )
+        except KekUnavailable:
+            raise
+        except KekError as exc:
+            raise corrupt from exc
+        if not hmac.compare_digest(fingerprint(dek), c.fingerprint):
+            raise corrupt
+
+
+async def _adopt(session: AsyncSession, copies: list[ReplicaCopy], settings: Settings) -> int:
+    """Write the copies as the region's own scopes and DEKs; returns the scopes written."""
+    by_scope: dict[str, list[ReplicaCopy]] = {}
+    for c in copies:
+        by_scope.setdefault(c.scope, []).append(c)
+    for scope, cs in sorted(by_scope.items()):
+        active = [c.version for c in cs if c.state == "active"]
+        latest = max(c.version for c in cs)
+        scope_id = await store.insert_promoted_scope(
+            session,
+            scope,
+            active=active[0] if active else latest,
+            latest=latest,
+            enabled=settings.default_rotation_enabled,
+            interval_days=settings.default_interval_days,
+            grace_days=min(settings.default_grace_days, settings.default_interval_days),
+        )
+        for c in cs:
+            await store.insert_promoted_dek(session, scope_id, c, settings.default_grace_days)
+    return len(by_scope)

@@ -18,14 +18,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
+from keyrotor.kek.factory import open_provider
 from keyrotor.kek.local import LocalKeyring
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store import replication as store
+from keyrotor.store.replication import ReplicaCopy
 
 _FINGERPRINT_LABEL = b"keyrotor/replica-fingerprint/v1"
 _REGION_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -130,8 +132,6 @@ async def open_region_kek(cfg: RegionConfig) -> KekProvider:
         ConfigurationError: missing or weak key, or bad provider variables (names the region).
         KekUnavailable: the provider cannot be reached now.
     """
-    from keyrotor.kek.factory import open_provider
-
     settings = region_settings(cfg)
     try:
         return await open_provider(
@@ -139,21 +139,6 @@ async def open_region_kek(cfg: RegionConfig) -> KekProvider:
         )
     except ConfigurationError as exc:
         raise ConfigurationError(f"region {cfg.name} ({cfg.prefix}*): {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaCopy:
-    """One region's copy of one primary DEK, as read from ``replica_keys``."""
-
-    id: int
-    scope: str
-    version: int
-    state: str
-    kek_version: int
-    wrapped: bytes = field(repr=False)
-    region_kek_id: str
-    region_kek_version: int
-    fingerprint: str
 
 
 class Region:
@@ -195,27 +180,13 @@ class Region:
 
     async def copies(self, scope: str | None = None) -> dict[tuple[str, int], ReplicaCopy]:
         """Every copy in the region (or one scope's). Raises StoreUnavailable if it is down."""
-        sql = (
-            "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
-            "region_kek_version, fingerprint FROM replica_keys"
-        )
-        params: dict[str, Any] = {}
-        if scope is not None:
-            sql += " WHERE scope = :scope"
-            params["scope"] = scope
         async with db.transaction(self.sessions) as session:
-            rows = (await session.execute(text(sql), params)).all()
-        return {(r[1], r[2]): ReplicaCopy(*r) for r in rows}
+            return await store.region_copies(session, scope)
 
     async def promotion(self) -> dict[str, Any] | None:
         """The region's promotion record, if it was promoted to primary."""
         async with db.transaction(self.sessions) as session:
-            row = (
-                await session.execute(
-                    text("SELECT region, promoted_at, previous_primary FROM replica_promotions LIMIT 1")
-                )
-            ).first()
-        return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
+            return await store.promotion_record(session)
 
     async def unwrap_copy(
         self, scope: str, version: int, *, states: Sequence[str] | None = None
@@ -228,21 +199,14 @@ class Region:
             KekError: the copy does not unwrap (corrupt, or the wrong regional key).
         """
         async with db.transaction(self.sessions) as session:
-            row = (
-                await session.execute(
-                    text(
-                        "SELECT wrapped_dek, region_kek_id, region_kek_version, "
-                        "fingerprint, state FROM replica_keys "
-                        "WHERE scope = :s AND dek_version = :v"
-                    ),
-                    {"s": scope, "v": version},
-                )
-            ).first()
-        if row is None or (states is not None and row[4] not in states):
+            row = await store.region_copy(session, scope, version)
+        if row is None or (states is not None and row.state not in states):
             return None
         kek = await self.kek()
-        dek = await kek.unwrap(WrappedDek(row[1], row[2], row[0]), WrapContext(scope, version))
-        if not hmac.compare_digest(fingerprint(dek), row[3]):
+        dek = await kek.unwrap(
+            WrappedDek(row.region_kek_id, row.region_kek_version, row.wrapped), WrapContext(scope, version)
+        )
+        if not hmac.compare_digest(fingerprint(dek), row.fingerprint):
             raise KekError(
                 f"region {self.name}: the copy of {scope} v{version} does not match its fingerprint"
             )
@@ -252,11 +216,7 @@ class Region:
         """Delete the region's copy of one DEK version (the primary destroyed it). Returns how
         many rows went (0 or 1). Raises StoreUnavailable if the region is down."""
         async with db.transaction(self.sessions) as session:
-            res = await session.execute(
-                text("DELETE FROM replica_keys WHERE scope = :s AND dek_version = :v"),
-                {"s": scope, "v": version},
-            )
-        return int(getattr(res, "rowcount", 0) or 0)
+            return await store.delete_copy(session, scope, version)
 
     async def aclose(self) -> None:
         """Dispose of the engine and close the wrapping key provider this region opened."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
+from arq.jobs import Job, SerializationError
 from redis.exceptions import RedisError
 
 from keyrotor import KeyManager
@@ -15,17 +16,14 @@ from keyrotor.errors import Conflict, QueueUnavailable
 from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import scope as legacy_scope
 from keyrotor.legacy.migration import LegacyReport
+from keyrotor.queue.client import KeyrotorClient, RunHandle
+from keyrotor.queue.enqueue import driver_call, enqueue_driver
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run
 from keyrotor.worker.cli.rotate import wait_run
-
-if TYPE_CHECKING:
-    from arq.jobs import Job
-
-    from keyrotor.queue.client import KeyrotorClient
 
 app = typer.Typer(help="Migrate the old backend's legacy ciphertexts and DEKs.")
 
@@ -73,54 +71,9 @@ def migrate(
     if request_id is not None:
         check_request_id(request_id)
     if dry_run:
-
-        async def dry() -> LegacyReport:
-            async with manager() as km:
-                with progress() as bar:
-                    task = bar.add_task("decrypting legacy values", total=None)
-
-                    def update(done: int, total: int) -> None:
-                        bar.update(task, completed=done, total=total)
-
-                    return await legacy_migration.migrate_legacy(
-                        km,
-                        dry_run=True,
-                        workers=km.settings.legacy_workers,
-                        batch_rows=km.settings.legacy_batch_rows,
-                        on_progress=update,
-                    )
-
-        report = run(dry)
-        still = run(_remaining)
-        if json_out:
-            print_json({**report.as_dict(), **_remaining_doc(still)})
-        else:
-            _print_report(report, json_out=False)
-            err_console.print(_remaining_line(still))
-        if report.failed:
-            raise typer.Exit(1)
+        _dry_run(json_out=json_out)
         return
-
-    async def go() -> tuple[RunInfo, bool, int | None]:
-        from keyrotor.queue.client import KeyrotorClient, RunHandle
-
-        async with KeyrotorClient(Settings.from_env()) as client:
-            async with manager() as km:
-                r, created = await _open_run(km, request_id)
-            job = await _drive(client, r)
-            handle = RunHandle(client, r.id, job, created)
-            if not wait:
-                return await handle.status(), created, None
-            with progress() as bar:
-                task = bar.add_task("migrating legacy values", total=None)
-
-                def update(info: RunInfo) -> None:
-                    bar.update(task, completed=info.rows_done, total=info.rows_total or None)
-
-                ended = await wait_run(handle, timeout, update)
-            return ended, created, await _remaining()
-
-    r, created, left = run(go)
+    r, created, left = run(lambda: _queue_run(request_id, wait=wait, wait_s=timeout))
     report = legacy_migration.report_of(r)
     if json_out:
         extra = _remaining_doc(left) if left is not None else {}
@@ -138,6 +91,61 @@ def migrate(
         raise RunFailed(f"run {r.id} {r.state}: {r.error or 'no reason recorded'}")
     if wait and report.failed:
         raise typer.Exit(1)
+
+
+def _dry_run(*, json_out: bool) -> None:
+    """Decrypt and report here, writing nothing; exit 1 if any value failed."""
+
+    async def dry() -> LegacyReport:
+        async with manager() as km:
+            with progress() as bar:
+                task = bar.add_task("decrypting legacy values", total=None)
+
+                def update(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                return await legacy_migration.migrate_legacy(
+                    km,
+                    dry_run=True,
+                    workers=km.settings.legacy_workers,
+                    batch_rows=km.settings.legacy_batch_rows,
+                    on_progress=update,
+                )
+
+    report = run(dry)
+    still = run(_remaining)
+    if json_out:
+        print_json({**report.as_dict(), **_remaining_doc(still)})
+    else:
+        _print_report(report, json_out=False)
+        err_console.print(_remaining_line(still))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+async def _queue_run(
+    request_id: str | None, *, wait: bool, wait_s: float | None
+) -> tuple[RunInfo, bool, int | None]:
+    """Open (or join) the run and have a worker drive it; with ``wait``, follow it to its end
+    (at most ``wait_s`` seconds, if given).
+
+    Returns the run, whether this call opened it, and (after a wait) the legacy values left.
+    """
+    async with KeyrotorClient(Settings.from_env()) as client:
+        async with manager() as km:
+            r, created = await _open_run(km, request_id)
+        job = await _drive(client, r)
+        handle = RunHandle(client, r.id, job, created)
+        if not wait:
+            return await handle.status(), created, None
+        with progress() as bar:
+            task = bar.add_task("migrating legacy values", total=None)
+
+            def update(info: RunInfo) -> None:
+                bar.update(task, completed=info.rows_done, total=info.rows_total or None)
+
+            ended = await wait_run(handle, wait_s, update)
+        return ended, created, await _remaining()
 
 
 SAFE_TO_DISABLE = (
@@ -187,10 +195,6 @@ async def _drive(client: KeyrotorClient, r: RunInfo) -> Job:
     Raises:
         QueueUnavailable: Redis cannot be reached.
     """
-    from arq.jobs import SerializationError
-
-    from keyrotor.queue.enqueue import driver_call, enqueue_driver
-
     job = await enqueue_driver(client.redis, client.settings, r)
     if r.terminal:
         return job

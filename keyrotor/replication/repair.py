@@ -1,0 +1,102 @@
+"""Repair of a region: fresh, verified copies of its faulty DEK copies, and the removal of
+copies the primary no longer keeps.
+
+A fresh copy is unwrapped again with the region's key and compared with the primary's DEK
+before it is written, and it replaces the old copy by compare-and-swap (a row changed meanwhile
+is left alone and graded at the next check).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Sequence
+
+from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
+from keyrotor.kek.base import KekProvider, WrapContext
+from keyrotor.replication.grading import Sources, faults_of
+from keyrotor.replication.primary import PrimaryKeys
+from keyrotor.replication.regions import Region, bounded_map, error_text, fingerprint
+from keyrotor.store import db
+from keyrotor.store import replication as store
+from keyrotor.store.replication import CopyWrite, ReplicaCopy
+
+log = logging.getLogger("keyrotor.replication.check")
+
+_WRITE_BATCH = 1_000
+
+
+async def repair_region(primary: PrimaryKeys, region: Region, sources: Sources, scope: str | None) -> int:
+    """Re-replicate every faulty copy (verified before writing); drop copies the primary destroyed.
+
+    Returns the copies written or removed.
+
+    Raises:
+        Conflict: the region was promoted to primary.
+        StoreUnavailable, KekUnavailable: the primary or the region cannot be used now.
+    """
+    if await region.promotion() is not None:
+        raise Conflict(f"region {region.name} was promoted to primary; refusing to overwrite its keys")
+    copies = await region.copies(scope)
+    faults = await faults_of(region, sources, copies)
+    kek = await region.kek()
+    rewrite = [k for k in faults if k in sources]
+    drop = [copies[k] for k in faults if k not in sources]
+
+    async def make(key: tuple[str, int]) -> CopyWrite:
+        return await _fresh_copy(primary, region.name, kek, sources, key, copies.get(key))
+
+    writes: list[CopyWrite] = []
+    for res in await bounded_map(make, rewrite):
+        if isinstance(res, KekUnavailable | StoreUnavailable):
+            raise res
+        if isinstance(res, BaseException):
+            log.warning("replica copy not written for region %s: %s", region.name, error_text(res))
+            continue
+        writes.append(res)
+    return await _write(region, writes, drop)
+
+
+async def _fresh_copy(
+    primary: PrimaryKeys,
+    region: str,
+    kek: KekProvider,
+    sources: Sources,
+    key: tuple[str, int],
+    old: ReplicaCopy | None,
+) -> CopyWrite:
+    """A copy of the primary's DEK ``key`` wrapped under the region's key, proven to round-trip."""
+    src = sources[key]
+    ctx = WrapContext(*key)
+    dek = await primary.kek.unwrap(src.wrapped, ctx)
+    if not hmac.compare_digest(fingerprint(dek), src.fingerprint):
+        raise Conflict(f"primary DEK {key[0]} v{key[1]} changed during the check")
+    new = await kek.wrap(dek, ctx)
+    # Never write an unverified copy: it must unwrap, with the region's key, to this DEK.
+    if not hmac.compare_digest(await kek.unwrap(new, ctx), dek):
+        raise KekError(f"region {region}: a fresh copy of {key[0]} v{key[1]} does not round-trip")
+    return CopyWrite(
+        scope=key[0],
+        version=key[1],
+        state=src.state,
+        kek_version=src.kek_version,
+        source_kek_id=src.wrapped.kek_id,
+        source_region=primary.name,
+        wrapped=new.blob,
+        region_kek_id=new.kek_id,
+        region_kek_version=new.kek_version,
+        fingerprint=src.fingerprint,
+        old=old,
+    )
+
+
+async def _write(region: Region, writes: Sequence[CopyWrite], drop: Sequence[ReplicaCopy]) -> int:
+    """Write in batches, a transaction each: new copies, replaced copies and dropped ones."""
+    inserts = [w for w in writes if w.old is None]
+    updates = [w for w in writes if w.old is not None]
+    written = 0
+    for i in range(0, max(len(inserts), len(updates), len(drop)), _WRITE_BATCH):
+        batch = [*inserts[i : i + _WRITE_BATCH], *updates[i : i + _WRITE_BATCH]]
+        async with db.transaction(region.sessions) as session:
+            written += await store.write_copies(session, batch, drop[i : i + _WRITE_BATCH])
+    return written

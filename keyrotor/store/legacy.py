@@ -1,0 +1,311 @@
+"""Statements of the legacy migration: where legacy values live (:class:`Source`), their
+batches, the compare-and-swap that replaces them, the ranges of a fanned-out run, and the DEKs
+the old backend's second phase left behind.
+
+The batch statements run on the asyncpg connection of the caller's transaction (``apg``): a
+batch is one prepared statement a round, keyset-paged on the source's key::
+
+    SELECT pk, value, scope FROM t WHERE value NOT LIKE 'kr1:%' AND pk > $1 ORDER BY pk LIMIT $n
+    UPDATE t SET value = u.new FROM unnest(ids, olds, news) u
+      WHERE t.pk = u.id AND t.value = u.old RETURNING pk       -- compare-and-swap
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
+
+_LEGACY = "NOT LIKE 'kr1:%'"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place legacy values may live: ``secrets`` or a registered column."""
+
+    name: str
+    # -> (id, value, scope name, context text); ``{bounds}`` (see :meth:`select_sql`), ``{limit}``
+    # and ``{scope}`` (a fixed scope) are the parameter placeholders.
+    select: str
+    update: str  # unnest($1 ids, $2 olds, $3 news[, $4 versions]) ... RETURNING id
+    count: str  # -> (legacy candidates, kr1 values)
+    plan: str  # $1 buckets -> (first id, last id, legacy rows) of equal-sized id ranges
+    has_version: bool
+    key_column: str = "s.id"
+    key_type: KeyType = INTEGER_KEY
+
+    def select_sql(self, *, after: bool, upper: bool) -> str:
+        """The batch SELECT with the bounds given (``$1``, ``$2``), then the limit and the scope.
+
+        An integer key binds both bounds always (``MIN_ID``/``MAX_ID`` when open).
+        """
+        if self.key_type.integer:
+            after = upper = True
+        bounds, n = key_bounds(self.key_column, self.key_type, 1, after=after, upper=upper)
+        return self.select.format(bounds=bounds, limit=f"${n}", scope=f"${n + 1}::text")
+
+
+SECRETS_SOURCE = Source(
+    name="secrets",
+    select=(
+        "SELECT s.id, s.ciphertext, k.name, 'secret:' || s.name FROM secrets s "
+        f"JOIN key_scopes k ON k.id = s.scope_id WHERE s.ciphertext {_LEGACY}{{bounds}} "
+        "ORDER BY s.id LIMIT {limit}"
+    ),
+    update=(
+        "UPDATE secrets AS t SET ciphertext = u.new, dek_version = u.ver, updated_at = now() "
+        "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[]) AS u(id, old, new, ver) "
+        "WHERE t.id = u.id AND t.ciphertext = u.old RETURNING t.id"
+    ),
+    count=(
+        f"SELECT count(*) FILTER (WHERE ciphertext {_LEGACY}), "
+        "count(*) FILTER (WHERE ciphertext LIKE 'kr1:%') FROM secrets"
+    ),
+    plan=(
+        "SELECT min(id), max(id), count(*) FROM (SELECT id, ntile($1) OVER (ORDER BY id) AS b "
+        f"FROM secrets WHERE ciphertext {_LEGACY}) q GROUP BY b ORDER BY b"
+    ),
+    has_version=True,
+)
+
+
+@dataclass(frozen=True)
+class ColumnSource(Source):
+    """A registered column: a fixed scope (or None: the row's scope column) and a context template."""
+
+    fixed_scope: str | None = None
+    template: str | None = None
+
+
+def column_source(
+    name: str,
+    *,
+    table: str,
+    pk: str,
+    value: str,
+    scope_column: str | None,
+    key_type: KeyType,
+    fixed_scope: str | None,
+    template: str | None,
+) -> ColumnSource:
+    """The statements of a registered column; ``table``, ``pk``, ``value`` and ``scope_column``
+    are quoted identifiers (their braces impossible, so the statements are safe to format)."""
+    kt = key_type
+    scope = f"{scope_column}::text" if scope_column else "{scope}"
+    return ColumnSource(
+        name=name,
+        select=(
+            f"SELECT {kt.select(pk)}, {value}, {scope}, NULL::text FROM {table} "
+            f"WHERE {value} IS NOT NULL AND {value} {_LEGACY}{{bounds}} ORDER BY {pk} LIMIT {{limit}}"
+        ),
+        update=(
+            f"UPDATE {table} AS t SET {value} = u.new FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) "
+            f"AS u(id, old, new) WHERE t.{pk} = u.id AND t.{value} = u.old RETURNING {kt.select(f't.{pk}')}"
+        ),
+        count=(
+            f"SELECT count(*) FILTER (WHERE {value} {_LEGACY}), count(*) FILTER (WHERE {value} LIKE 'kr1:%') "
+            f"FROM {table}"
+        ),
+        plan=(
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
+            f"(SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
+            f"FROM {table} WHERE {value} IS NOT NULL AND {value} {_LEGACY}) q GROUP BY b ORDER BY b"
+        ),
+        has_version=False,
+        key_column=pk,
+        key_type=kt,
+        fixed_scope=fixed_scope,
+        template=template,
+    )
+
+
+@dataclass
+class SealedBatch:
+    """One batch's compare-and-swap arguments: ids, old values, new kr1 values, DEK versions."""
+
+    ids: list[Key] = field(default_factory=list)
+    olds: list[str] = field(default_factory=list)
+    news: list[str] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+# --- batches (asyncpg: the hot statements) --------------------------------------------------
+
+
+async def fetch_rows(
+    apg: Any, src: Source, after: Key | None, limit: int, hi: Key | None = None
+) -> list[Any]:
+    """The next ``limit`` legacy rows of ``src`` with ``after < id <= hi``, in key order.
+
+    ``after`` None: from the first key; ``hi`` None: to the last.
+    """
+    if src.key_type.integer:
+        bounds: list[Key] = [MIN_ID if after is None else after, MAX_ID if hi is None else hi]
+    else:
+        bounds = [b for b in (after, hi) if b is not None]
+    sql = src.select_sql(after=after is not None, upper=hi is not None)
+    if isinstance(src, ColumnSource) and src.fixed_scope is not None:
+        return list(await apg.fetch(sql, *bounds, limit, src.fixed_scope))
+    return list(await apg.fetch(sql, *bounds, limit))
+
+
+async def swap_values(apg: Any, src: Source, sealed: SealedBatch) -> set[Key]:
+    """The batch's compare-and-swap UPDATE: the ids written (a row changed meanwhile is not)."""
+    if not sealed.ids:
+        return set()
+    if src.has_version:
+        rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.versions)
+    else:
+        rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news)
+    return {src.key_type.key(r[0]) for r in rows}
+
+
+async def count_values(apg: Any, src: Source) -> tuple[int, int]:
+    """``(legacy candidates, kr1 values)`` of ``src``."""
+    row = await apg.fetchrow(src.count)
+    return int(row[0]), int(row[1])
+
+
+async def plan_buckets(apg: Any, src: Source, buckets: int) -> list[Any]:
+    """``(first key, last key, legacy rows)`` of ``buckets`` equal shares of ``src``'s legacy rows."""
+    return list(await apg.fetch(src.plan, buckets))
+
+
+# --- ranges of a fanned-out run ------------------------------------------------------------
+
+
+async def pending_ranges(session: AsyncSession, run_id: int) -> list[tuple[str, int, int]]:
+    """``(target, lo, hi)`` of the run's ranges still to do, in order."""
+    rows = (
+        await session.execute(
+            text(
+                "SELECT target, lo, hi FROM rotation_ranges WHERE run_id = :r AND state = 'pending' "
+                "ORDER BY target, lo"
+            ),
+            {"r": run_id},
+        )
+    ).all()
+    return [(str(t), int(lo), int(hi)) for t, lo, hi in rows]
+
+
+async def count_pending_ranges(session: AsyncSession, run_id: int) -> int:
+    """How many of the run's ranges are still to do."""
+    left = await session.execute(
+        text("SELECT count(*) FROM rotation_ranges WHERE run_id = :r AND state = 'pending'"),
+        {"r": run_id},
+    )
+    return int(left.scalar_one())
+
+
+async def range_row(session: AsyncSession, run_id: int, target: str, lo: int) -> tuple[int, str, Any] | None:
+    """The range's id, state and ``(cursor, after_key, hi_key, cursor_key)``, or None."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT id, state, cursor, after_key, hi_key, cursor_key FROM rotation_ranges "
+                "WHERE run_id = :r AND target = :t AND lo = :lo"
+            ),
+            {"r": run_id, "t": target, "lo": lo},
+        )
+    ).first()
+    return None if row is None else (int(row[0]), str(row[1]), tuple(row[2:]))
+
+
+async def lock_range_run_state(session: AsyncSession, range_id: int) -> str:
+    """The state of the range's run, the range row locked until the transaction ends."""
+    state = await session.execute(
+        text(
+            "SELECT r.state FROM rotation_ranges g JOIN rotations r ON r.id = g.run_id "
+            "WHERE g.id = :g FOR UPDATE OF g"
+        ),
+        {"g": range_id},
+    )
+    return str(state.scalar_one())
+
+
+async def advance_range(
+    session: AsyncSession, range_id: int, last: Key, *, integer: bool, written: int
+) -> None:
+    """Move the range's cursor to ``last`` and count the rows written."""
+    await session.execute(
+        text(
+            "UPDATE rotation_ranges SET cursor = coalesce(:c, cursor), cursor_key = :ck, "
+            "rows_done = rows_done + :n, updated_at = now() WHERE id = :g"
+        ),
+        {
+            "g": range_id,
+            "c": last if integer else None,
+            "ck": None if integer else str(last),
+            "n": written,
+        },
+    )
+
+
+async def set_range_report(session: AsyncSession, run_id: int, key: str, part: str) -> None:
+    """Set one range's part (JSON text) of the run's ``detail.range_reports``.
+
+    One key set in place: ranges committing at once never lose each other's parts (the UPDATE
+    works on the row's latest version under its lock).
+    """
+    await session.execute(
+        text(
+            "UPDATE rotations SET detail = jsonb_set(detail, ARRAY['range_reports', :k], "
+            "CAST(:part AS jsonb), true) WHERE id = :r"
+        ),
+        {"r": run_id, "k": key, "part": part},
+    )
+
+
+async def finish_range(session: AsyncSession, range_id: int) -> None:
+    """Mark a range done."""
+    await session.execute(
+        text("UPDATE rotation_ranges SET state = 'done', updated_at = now() WHERE id = :g"),
+        {"g": range_id},
+    )
+
+
+# --- the old second phase's DEKs -----------------------------------------------------------
+
+
+async def decrypting_deks(session: AsyncSession, scope: str) -> list[tuple[int, str, bytes, str, int]]:
+    """``(version, state, wrapped blob, kek id, kek version)`` of every DEK of ``scope`` that
+    still decrypts, newest first."""
+    rows = (
+        await session.execute(
+            text(
+                "SELECT d.version, d.state, d.encrypted_dek, d.kek_id, d.kek_version FROM data_keys d "
+                "JOIN key_scopes s ON s.id = d.scope_id WHERE s.name = :n AND d.state <> 'destroyed' "
+                "ORDER BY d.version DESC"
+            ),
+            {"n": scope},
+        )
+    ).all()
+    return [(int(v), str(st), bytes(blob), str(kid), int(kv)) for v, st, blob, kid, kv in rows]
+
+
+async def insert_grace_dek(
+    session: AsyncSession, scope_id: int, version: int, *, blob: bytes, kek_id: str, kek_version: int
+) -> datetime | None:
+    """Add a decrypt-only DEK version in ``grace`` for the scope's grace period, as the scope's
+    latest version. Returns the end of its grace."""
+    row = (
+        await session.execute(
+            text(
+                "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, "
+                "grace_until) VALUES (:s, :v, 'grace', :blob, :kid, :kv, now() + make_interval(days => "
+                "(SELECT grace_period_days FROM key_scopes WHERE id = :s))) RETURNING grace_until"
+            ),
+            {"s": scope_id, "v": version, "blob": blob, "kid": kek_id, "kv": kek_version},
+        )
+    ).one()
+    await session.execute(
+        text("UPDATE key_scopes SET latest_version = :v, updated_at = now() WHERE id = :s"),
+        {"s": scope_id, "v": version},
+    )
+    grace_until: datetime | None = row[0]
+    return grace_until

@@ -1,0 +1,373 @@
+"""Statements of multi-region replication: the primary's DEKs as replication reads them, the
+check results it keeps (``kek_replicas``), and a region's copies (``replica_keys``) and promotion.
+
+Every function takes the session of a transaction the caller opened. The repair writes
+(:func:`write_copies`) are one ``unnest`` statement a kind per batch, compare-and-swap for
+updates and deletes: a copy changed since it was graded is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCopy:
+    """One region's copy of one primary DEK, as read from ``replica_keys``."""
+
+    id: int
+    scope: str
+    version: int
+    state: str
+    kek_version: int
+    wrapped: bytes = field(repr=False)
+    region_kek_id: str
+    region_kek_version: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryDek:
+    """One DEK of the primary that still decrypts, as stored (wrapped under the primary's KEK)."""
+
+    scope: str
+    version: int
+    state: str
+    kek_id: str
+    kek_version: int
+    wrapped: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyWrite:
+    """A verified copy to write into a region: new (``old`` None) or replacing ``old``."""
+
+    scope: str
+    version: int
+    state: str
+    kek_version: int
+    source_kek_id: str
+    source_region: str
+    wrapped: bytes = field(repr=False)
+    region_kek_id: str
+    region_kek_version: int
+    fingerprint: str
+    old: ReplicaCopy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRecord:
+    """One region's check result as ``kek_replicas`` keeps it."""
+
+    region: str
+    status: str
+    kek_version: int | None
+    keys_total: int
+    counts: str  # JSON text
+    detail: str
+    checked_at: datetime
+    last_ok_at: datetime | None
+
+
+# --- the primary -----------------------------------------------------------------------------
+
+
+async def replicated_deks(session: AsyncSession, scope: str | None) -> list[PrimaryDek]:
+    """The primary's DEKs that still decrypt (all, or one scope's): what every region copies."""
+    sql = (
+        "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek "
+        "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+        "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
+    )
+    params: dict[str, Any] = {}
+    if scope is not None:
+        sql += " AND k.name = :scope"
+        params["scope"] = scope
+    rows = (await session.execute(text(sql), params)).all()
+    return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+
+async def last_ok_times(session: AsyncSession) -> dict[str, datetime | None]:
+    """When each region was last found in sync."""
+    rows = (await session.execute(text("SELECT region, last_ok_at FROM kek_replicas"))).all()
+    return {r[0]: r[1] for r in rows}
+
+
+async def record_check(session: AsyncSession, rec: CheckRecord) -> None:
+    """Keep a region's check result (``last_ok_at`` None keeps the one recorded before)."""
+    await session.execute(
+        text(
+            "INSERT INTO kek_replicas (region, status, kek_version, keys_total, counts, detail, "
+            "checked_at, last_ok_at) VALUES (:r, :st, :kv, :n, CAST(:c AS jsonb), :d, :at, :ok) "
+            "ON CONFLICT (region) DO UPDATE SET status = EXCLUDED.status, "
+            "kek_version = EXCLUDED.kek_version, keys_total = EXCLUDED.keys_total, "
+            "counts = EXCLUDED.counts, detail = EXCLUDED.detail, "
+            "checked_at = EXCLUDED.checked_at, "
+            "last_ok_at = COALESCE(EXCLUDED.last_ok_at, kek_replicas.last_ok_at)"
+        ),
+        {
+            "r": rec.region,
+            "st": rec.status,
+            "kv": rec.kek_version,
+            "n": rec.keys_total,
+            "c": rec.counts,
+            "d": rec.detail,
+            "at": rec.checked_at,
+            "ok": rec.last_ok_at,
+        },
+    )
+
+
+async def stored_checks(session: AsyncSession) -> list[dict[str, Any]]:
+    """Every region's last recorded check, by region name (times in ISO form)."""
+    rows = (
+        await session.execute(
+            text(
+                "SELECT region, status, kek_version, keys_total, counts, detail, checked_at, last_ok_at "
+                "FROM kek_replicas ORDER BY region"
+            )
+        )
+    ).all()
+    return [
+        {
+            "region": r[0],
+            "status": r[1],
+            "kek_version": r[2],
+            "keys_total": r[3],
+            "counts": r[4],
+            "detail": r[5],
+            "checked_at": r[6].isoformat(),
+            "last_ok_at": r[7].isoformat() if r[7] else None,
+        }
+        for r in rows
+    ]
+
+
+# --- a region's copies -----------------------------------------------------------------------
+
+
+async def region_copies(session: AsyncSession, scope: str | None) -> dict[tuple[str, int], ReplicaCopy]:
+    """Every copy a region holds (or one scope's), by ``(scope, version)``."""
+    sql = (
+        "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
+        "region_kek_version, fingerprint FROM replica_keys"
+    )
+    params: dict[str, Any] = {}
+    if scope is not None:
+        sql += " WHERE scope = :scope"
+        params["scope"] = scope
+    rows = (await session.execute(text(sql), params)).all()
+    return {(r[1], r[2]): ReplicaCopy(*r) for r in rows}
+
+
+class CopyBlob(NamedTuple):
+    """What a failover read needs of a region's copy."""
+
+    wrapped: bytes
+    region_kek_id: str
+    region_kek_version: int
+    fingerprint: str
+    state: str
+
+
+async def region_copy(session: AsyncSession, scope: str, version: int) -> CopyBlob | None:
+    """A region's copy of one DEK version, or None."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT wrapped_dek, region_kek_id, region_kek_version, "
+                "fingerprint, state FROM replica_keys "
+                "WHERE scope = :s AND dek_version = :v"
+            ),
+            {"s": scope, "v": version},
+        )
+    ).first()
+    return None if row is None else CopyBlob(*row)
+
+
+async def delete_copy(session: AsyncSession, scope: str, version: int) -> int:
+    """Delete a region's copy of one DEK version; returns the rows deleted (0 or 1)."""
+    res = await session.execute(
+        text("DELETE FROM replica_keys WHERE scope = :s AND dek_version = :v"),
+        {"s": scope, "v": version},
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp")
+
+
+def _write_params(w: CopyWrite) -> dict[str, Any]:
+    return {
+        "s": w.scope,
+        "v": w.version,
+        "state": w.state,
+        "kv": w.kek_version,
+        "skid": w.source_kek_id,
+        "src": w.source_region,
+        "blob": w.wrapped,
+        "rkid": w.region_kek_id,
+        "rkv": w.region_kek_version,
+        "fp": w.fingerprint,
+        "old_id": w.old.id if w.old else None,
+        "old_blob": w.old.wrapped if w.old else None,
+        "old_fp": w.old.fingerprint if w.old else None,
+    }
+
+
+def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, list[Any]]:
+    return {c: [r[c] for r in rows] for c in names}
+
+
+async def _insert_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
+    res = await session.execute(
+        text(
+            "INSERT INTO replica_keys (scope, dek_version, state, "
+            "kek_version, source_kek_id, "
+            "source_region, wrapped_dek, region_kek_id, region_kek_version, fingerprint) "
+            "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:v AS int[]), "
+            "CAST(:state AS text[]), "
+            "CAST(:kv AS int[]), CAST(:skid AS text[]), CAST(:src AS "
+            "text[]), CAST(:blob AS bytea[]), "
+            "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[])) "
+            "ON CONFLICT (scope, dek_version) DO NOTHING"
+        ),
+        _columns(rows, ("s", "v", *_WRITE_COLUMNS)),
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+async def _swap_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
+    res = await session.execute(
+        text(
+            "UPDATE replica_keys r SET state = u.state, kek_version = u.kv, "
+            "source_kek_id = u.skid, "
+            "source_region = u.src, wrapped_dek = u.blob, region_kek_id = u.rkid, "
+            "region_kek_version = u.rkv, fingerprint = u.fp, replicated_at = now() "
+            "FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:kv AS int[]), "
+            "CAST(:skid AS text[]), CAST(:src AS text[]), CAST(:blob AS bytea[]), "
+            "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
+            "CAST(:old_blob AS bytea[]), CAST(:old_fp AS text[])) "
+            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, old_blob, old_fp) "
+            "WHERE r.id = u.id AND r.wrapped_dek = u.old_blob AND r.fingerprint = u.old_fp"
+        ),
+        {"id": [r["old_id"] for r in rows], **_columns(rows, (*_WRITE_COLUMNS, "old_blob", "old_fp"))},
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+async def _drop_copies(session: AsyncSession, copies: Sequence[ReplicaCopy]) -> int:
+    res = await session.execute(
+        text(
+            "DELETE FROM replica_keys r USING unnest(CAST(:id AS bigint[]), "
+            "CAST(:blob AS bytea[])) "
+            "AS d(id, blob) WHERE r.id = d.id AND r.wrapped_dek = d.blob"
+        ),
+        {"id": [c.id for c in copies], "blob": [c.wrapped for c in copies]},
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+async def write_copies(
+    session: AsyncSession, writes: Sequence[CopyWrite], drops: Sequence[ReplicaCopy]
+) -> int:
+    """Insert new copies, replace old ones and delete dropped ones, each unchanged since it was
+    read (compare-and-swap). Returns the rows written or deleted."""
+    rows = [_write_params(w) for w in writes]
+    inserts = [r for r in rows if r["old_id"] is None]
+    updates = [r for r in rows if r["old_id"] is not None]
+    written = 0
+    if inserts:
+        written += await _insert_copies(session, inserts)
+    if updates:
+        written += await _swap_copies(session, updates)
+    if drops:
+        written += await _drop_copies(session, drops)
+    return written
+
+
+# --- promotion ------------------------------------------------------------------------------
+
+
+async def promotion_record(session: AsyncSession) -> dict[str, Any] | None:
+    """The region's promotion record, if it was promoted to primary."""
+    row = (
+        await session.execute(
+            text("SELECT region, promoted_at, previous_primary FROM replica_promotions LIMIT 1")
+        )
+    ).first()
+    return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
+
+
+async def count_scopes(session: AsyncSession) -> int:
+    """How many scopes the database holds."""
+    return int((await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one())
+
+
+async def insert_promoted_scope(
+    session: AsyncSession,
+    name: str,
+    *,
+    active: int,
+    latest: int,
+    enabled: bool,
+    interval_days: int,
+    grace_days: int,
+) -> int:
+    """Create a scope of a promoted region (its next rotation an interval from now); returns its id."""
+    return int(
+        (
+            await session.execute(
+                text(
+                    "INSERT INTO key_scopes (name, active_version, latest_version, rotation_enabled, "
+                    "interval_days, grace_period_days, next_rotation_at) VALUES "
+                    "(:n, :a, :l, :e, :i, :g, "
+                    "now() + make_interval(days => :i)) RETURNING id"
+                ),
+                {"n": name, "a": active, "l": latest, "e": enabled, "i": interval_days, "g": grace_days},
+            )
+        ).scalar_one()
+    )
+
+
+async def insert_promoted_dek(
+    session: AsyncSession, scope_id: int, copy: ReplicaCopy, grace_days: int
+) -> None:
+    """Make a region's copy a DEK of its own store (wrapped under the region's key), in its state."""
+    await session.execute(
+        text(
+            "INSERT INTO data_keys (scope_id, version, state, "
+            "encrypted_dek, kek_id, kek_version, "
+            "activated_at, grace_until) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
+            "CASE WHEN :st IN ('active', 'grace') THEN now() END, "
+            "CASE WHEN :st = 'grace' THEN now() + make_interval(days => :g) END)"
+        ),
+        {
+            "sid": scope_id,
+            "v": copy.version,
+            "st": copy.state,
+            "blob": copy.wrapped,
+            "kid": copy.region_kek_id,
+            "kv": copy.region_kek_version,
+            "g": grace_days,
+        },
+    )
+
+
+async def record_promotion(
+    session: AsyncSession, region: str, *, previous_primary: str, by: str, keys: int
+) -> None:
+    """Fence a promoted region: replication never writes to it again."""
+    await session.execute(
+        text(
+            "INSERT INTO replica_promotions (region, previous_primary, promoted_by, keys) "
+            "VALUES (:r, :p, :b, :k)"
+        ),
+        {"r": region, "p": previous_primary, "b": by, "k": keys},
+    )
