@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from keyrotor.errors import InvalidInput
-from keyrotor.schedule import scan as schedule
+from keyrotor.schedule import plan as schedule
+from keyrotor.schedule.scan import ScanReport
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.worker.cli.common import err_console, out_console, print_json, run
@@ -105,7 +106,7 @@ def scheduler(
     Without --once it runs until SIGTERM/SIGINT: any number may run; one leads (a Postgres
     advisory lock), the others take over within one scan interval if it dies.
     """
-    from keyrotor.worker.scheduler import ScanReport, Scheduler
+    from keyrotor.worker.scheduler import Scheduler
 
     if json_out and not (once or dry_run_):
         raise InvalidInput("--json needs --once or --dry-run (the long-running scheduler prints logs)")
