@@ -19,11 +19,11 @@ Leadership: one scheduler scans at a time. It holds a session-level ``pg_try_adv
 a dedicated connection; the others are hot standbys that try the lock every interval. The lock
 dies with its connection, so when the leader dies (even SIGKILL) a standby takes over within
 one scan interval; a leader that hangs (SIGSTOP, a wedged event loop) loses it after
-``KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS`` without a ping (:class:`Leadership`). The leader
-also writes its instance id to the Redis key ``KEYROTOR_SCHEDULER_LEADER_KEY`` with an expiry
-(for health checks). The lock is an economy,
-not the safety: two schedulers scanning at once (a split brain, ``--once`` next to a leader)
-still open and enqueue every run exactly once.
+``KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS`` without a ping
+(:class:`keyrotor.worker.leadership.Leadership`). The leader also writes its instance id to the
+Redis key ``KEYROTOR_SCHEDULER_LEADER_KEY`` with an expiry (for health checks). The lock is an
+economy, not the safety: two schedulers scanning at once (a split brain, ``--once`` next to a
+leader) still open and enqueue every run exactly once.
 
 After downtime the first scan catches up: everything that came due meanwhile is due now, and is
 opened once. The scheduler never touches a key, a ciphertext or a secret row.
@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar, cast
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -67,6 +67,7 @@ from keyrotor.worker import http as ops
 from keyrotor.worker.leadership import Leadership
 
 log = structlog.get_logger("keyrotor.scheduler")
+T = TypeVar("T")
 
 REPLICA_JOB = "check_replicas"
 _DELETE_IF_OURS = (
@@ -124,9 +125,8 @@ class Scheduler:
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.cfg = scan_config(settings)
         self._redis = redis
-        self._owns_redis = redis is None
         self._engine = engine
-        self._owns_engine = engine is None
+        self._owned = contextlib.AsyncExitStack()  # closes the clients this scheduler opened
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self.leadership = Leadership(settings.database_url, timeout_s=settings.scheduler_leader_timeout_s)
         self._lock = asyncio.Lock()
@@ -137,8 +137,10 @@ class Scheduler:
         """Connect to Redis and Postgres."""
         if self._redis is None:
             self._redis = await connect_queue(self.settings)
+            self._owned.push_async_callback(self._redis.aclose, close_connection_pool=True)
         if self._engine is None:
             self._engine = db.create_engine(self.settings.database_url, pool_size=2, max_overflow=2)
+            self._owned.push_async_callback(self._engine.dispose)
         self._sessions = db.sessionmaker(self._engine)
         if await lockdown.still_open(self._sessions):
             log.warning("open_default_grant", detail=lockdown.OPEN_GRANT_WARNING)
@@ -154,12 +156,8 @@ class Scheduler:
                     ),
                 )
         await self.leadership.release()
-        if self._owns_redis and self._redis is not None:
-            await self._redis.aclose(close_connection_pool=True)
-        self._redis = None
-        if self._owns_engine and self._engine is not None:
-            await self._engine.dispose()
-        self._engine = None
+        self._redis, self._engine = None, None
+        await self._owned.aclose()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -172,15 +170,11 @@ class Scheduler:
 
     @property
     def redis(self) -> ArqRedis:
-        if self._redis is None:
-            raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
-        return self._redis
+        return _opened(self._redis)
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
-        if self._sessions is None:
-            raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
-        return self._sessions
+        return _opened(self._sessions)
 
     # --- one scan -------------------------------------------------------------------------
 
@@ -473,3 +467,9 @@ class Scheduler:
                     await self._lock.acquire()
                     self._lock.release()
             log.info("scheduler_stopped", instance=self.instance_id, was_leader=self.leadership.leading)
+
+
+def _opened(client: T | None) -> T:
+    if client is None:
+        raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
+    return client

@@ -25,8 +25,9 @@ A scope (or DEK) whose consecutive runs failed waits ``retry_delay(failures)`` a
 failure (exponential, capped): a broken scope is retried, not hammered every scan.
 
 Scans page through candidates in ``(next_rotation_at, id)`` order over the partial index
-``ix_key_scopes_due`` (keyset pagination, ``batch`` rows a transaction), so a scan reads only
-due rows, never the whole table. Nothing here touches a key or a ciphertext.
+``ix_key_scopes_due`` (keyset pagination, ``batch`` rows a transaction; the statements are in
+:mod:`keyrotor.store.schedule`), so a scan reads only due rows, never the whole table. Nothing
+here touches a key or a ciphertext. What a scan *would* do is :mod:`keyrotor.schedule.plan`'s.
 """
 
 from __future__ import annotations
