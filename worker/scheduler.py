@@ -19,11 +19,11 @@ Leadership: one scheduler scans at a time. It holds a session-level ``pg_try_adv
 a dedicated connection; the others are hot standbys that try the lock every interval. The lock
 dies with its connection, so when the leader dies (even SIGKILL) a standby takes over within
 one scan interval; a leader that hangs (SIGSTOP, a wedged event loop) loses it after
-``KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS`` without a ping (:class:`Leadership`). The leader
-also writes its instance id to the Redis key ``KEYROTOR_SCHEDULER_LEADER_KEY`` with an expiry
-(for health checks). The lock is an economy,
-not the safety: two schedulers scanning at once (a split brain, ``--once`` next to a leader)
-still open and enqueue every run exactly once.
+``KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS`` without a ping
+(:class:`keyrotor.worker.leadership.Leadership`). The leader also writes its instance id to the
+Redis key ``KEYROTOR_SCHEDULER_LEADER_KEY`` with an expiry (for health checks). The lock is an
+economy, not the safety: two schedulers scanning at once (a split brain, ``--once`` next to a
+leader) still open and enqueue every run exactly once.
 
 After downtime the first scan catches up: everything that came due meanwhile is due now, and is
 opened once. The scheduler never touches a key, a ciphertext or a secret row.
@@ -40,18 +40,15 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar, cast
 
-import asyncpg
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
@@ -60,16 +57,18 @@ from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.queue.enqueue import connect_queue, enqueue_driver, job_id
 from keyrotor.runs import RunInfo
 from keyrotor.schedule import scan as schedule
-from keyrotor.schedule.scan import Batch, ScanConfig, ScanPlan
+from keyrotor.schedule.plan import ScanPlan, plan_scan
+from keyrotor.schedule.scan import ScanConfig, ScanReport
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store import schedule as store
+from keyrotor.store.runs import last_retire_errors
 from keyrotor.worker import http as ops
+from keyrotor.worker.leadership import Leadership
 
 log = structlog.get_logger("keyrotor.scheduler")
+T = TypeVar("T")
 
-# pg_try_advisory_lock key of the leader ("krsched"). Advisory locks are per database, so
-# deployments on different databases never contend.
-LEADER_LOCK = 0x6B72_7363_6865_64
 REPLICA_JOB = "check_replicas"
 _DELETE_IF_OURS = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -101,152 +100,8 @@ def replica_job_id(settings: Settings, now: datetime) -> str:
     return job_id(settings, REPLICA_JOB, slot.strftime("%Y%m%dT%H%M%SZ"))
 
 
-@dataclass
-class ScanReport:
-    """What one scan did."""
-
-    now: datetime
-    rotations: list[RunInfo] = field(default_factory=list)
-    retirements: list[RunInfo] = field(default_factory=list)
-    destructions: list[RunInfo] = field(default_factory=list)
-    enqueued: list[str] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
-    candidates: int = 0
-    batches: int = 0
-    replica_job: str | None = None
-    duration_s: float = 0.0
-
-    def add(self, batch: Batch, kind: str) -> None:
-        self.batches += 1
-        self.candidates += batch.candidates
-        {"dek": self.rotations, "retire": self.retirements, "destroy": self.destructions}[kind].extend(
-            batch.opened
-        )
-        for item in batch.skipped:
-            key = f"{kind}:{item.skip}"
-            self.skipped[key] = self.skipped.get(key, 0) + 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "now": self.now.isoformat(),
-            "rotations": [
-                {"scope": r.scope, "run_id": r.id, "from_version": r.from_version, **r.detail}
-                for r in self.rotations
-            ],
-            "retirements": [
-                {"scope": r.scope, "run_id": r.id, "version": r.from_version} for r in self.retirements
-            ],
-            "destructions": [
-                {"scope": r.scope, "run_id": r.id, "version": r.from_version} for r in self.destructions
-            ],
-            "enqueued": self.enqueued,
-            "skipped": self.skipped,
-            "candidates": self.candidates,
-            "batches": self.batches,
-            "replica_job": self.replica_job,
-            "duration_s": round(self.duration_s, 4),
-        }
-
-
 # New scopes followed to the regions one job each, up to this many a scan; more: one full pass.
 FOLLOW_MAX_SCOPES = 100
-
-
-class Leadership:
-    """A session-level advisory lock held on a connection of its own.
-
-    ``ensure()`` returns whether this process leads now: it pings the connection if it holds the
-    lock (the lock lives exactly as long as the connection), else tries to take it.
-
-    A leader that dies closes its connection (or TCP keepalives notice the host is gone), which
-    frees the lock. A leader that *hangs* -- SIGSTOP, a wedged event loop -- keeps its socket
-    open; so once leading, the connection gets ``idle_session_timeout = timeout_s`` and a task
-    pings it every ``timeout_s / 4``. If the pings stop, Postgres closes the session after
-    ``timeout_s`` and a standby takes the lock at its next try; the old leader, if it wakes up,
-    finds its connection gone and becomes a standby. (Postgres 14+; on older servers the setting
-    is refused, logged once, and only dead leaders are replaced.)
-    """
-
-    def __init__(self, database_url: str, *, key: int = LEADER_LOCK, timeout_s: float = 30.0) -> None:
-        url = db.async_url(database_url).set(drivername="postgresql")
-        self._dsn = url.render_as_string(hide_password=False)
-        self._key = key
-        self._timeout_s = timeout_s
-        self._conn: asyncpg.Connection | None = None
-        self._io = asyncio.Lock()  # one statement at a time on the connection
-        self._pinger: asyncio.Task[None] | None = None
-        self.leading = False
-
-    async def ensure(self) -> bool:
-        async with self._io:
-            try:
-                conn = self._conn
-                if conn is None or conn.is_closed():
-                    await self._drop()
-                    conn = self._conn = await asyncpg.connect(
-                        self._dsn,
-                        timeout=10,
-                        server_settings={
-                            "application_name": "keyrotor-scheduler",
-                            # Notice a vanished peer in ~25 s on TCP (a SIGKILL closes the socket at once).
-                            "tcp_keepalives_idle": "10",
-                            "tcp_keepalives_interval": "5",
-                            "tcp_keepalives_count": "3",
-                        },
-                    )
-                if self.leading:
-                    await conn.fetchval("SELECT 1", timeout=10)
-                else:
-                    self.leading = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key))
-                    if self.leading:
-                        await self._lease(conn)
-            except Exception as exc:  # whatever broke, this connection (and any lock on it) is gone
-                if self.leading:
-                    log.warning("scheduler_lost_leadership", error=f"{type(exc).__name__}: {exc}")
-                await self._drop()
-            return self.leading
-
-    async def _lease(self, conn: asyncpg.Connection) -> None:
-        """Make the lock lapse if this process stops pinging (see the class docstring)."""
-        try:
-            await conn.execute(f"SET idle_session_timeout = {math.ceil(self._timeout_s * 1000)}")
-        except asyncpg.UndefinedObjectError:  # Postgres < 14
-            log.warning("scheduler_lease_unsupported", detail="idle_session_timeout needs Postgres 14")
-            return
-        self._pinger = asyncio.create_task(self._ping(conn), name="scheduler-leader-ping")
-
-    async def _ping(self, conn: asyncpg.Connection) -> None:
-        while True:
-            await asyncio.sleep(self._timeout_s / 4)
-            async with self._io:
-                if not self.leading or id(self._conn) != id(conn):  # dropped, or another connection
-                    return
-                try:
-                    await conn.fetchval("SELECT 1", timeout=self._timeout_s / 2)
-                except Exception as exc:
-                    log.warning("scheduler_lost_leadership", error=f"{type(exc).__name__}: {exc}")
-                    await self._drop()
-                    return
-
-    async def _drop(self) -> None:
-        conn, self._conn, self.leading = self._conn, None, False
-        pinger, self._pinger = self._pinger, None
-        if pinger is not None and pinger is not asyncio.current_task():
-            pinger.cancel()
-        if conn is not None:
-            conn.terminate()
-
-    async def release(self) -> None:
-        """Give the lock up (closing the connection releases it)."""
-        pinger, self._pinger = self._pinger, None
-        if pinger is not None:
-            pinger.cancel()
-        conn, self._conn, self.leading = self._conn, None, False
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 5)
-            except Exception:
-                conn.terminate()
 
 
 class Scheduler:
@@ -270,9 +125,8 @@ class Scheduler:
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.cfg = scan_config(settings)
         self._redis = redis
-        self._owns_redis = redis is None
         self._engine = engine
-        self._owns_engine = engine is None
+        self._owned = contextlib.AsyncExitStack()  # closes the clients this scheduler opened
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self.leadership = Leadership(settings.database_url, timeout_s=settings.scheduler_leader_timeout_s)
         self._lock = asyncio.Lock()
@@ -283,8 +137,10 @@ class Scheduler:
         """Connect to Redis and Postgres."""
         if self._redis is None:
             self._redis = await connect_queue(self.settings)
+            self._owned.push_async_callback(self._redis.aclose, close_connection_pool=True)
         if self._engine is None:
             self._engine = db.create_engine(self.settings.database_url, pool_size=2, max_overflow=2)
+            self._owned.push_async_callback(self._engine.dispose)
         self._sessions = db.sessionmaker(self._engine)
         if await lockdown.still_open(self._sessions):
             log.warning("open_default_grant", detail=lockdown.OPEN_GRANT_WARNING)
@@ -300,12 +156,8 @@ class Scheduler:
                     ),
                 )
         await self.leadership.release()
-        if self._owns_redis and self._redis is not None:
-            await self._redis.aclose(close_connection_pool=True)
-        self._redis = None
-        if self._owns_engine and self._engine is not None:
-            await self._engine.dispose()
-        self._engine = None
+        self._redis, self._engine = None, None
+        await self._owned.aclose()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -318,15 +170,11 @@ class Scheduler:
 
     @property
     def redis(self) -> ArqRedis:
-        if self._redis is None:
-            raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
-        return self._redis
+        return _opened(self._redis)
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
-        if self._sessions is None:
-            raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
-        return self._sessions
+        return _opened(self._sessions)
 
     # --- one scan -------------------------------------------------------------------------
 
@@ -372,7 +220,7 @@ class Scheduler:
         if not waiting:
             return
         async with db.transaction(self.sessions) as session:
-            errors = await schedule.last_retire_errors(session, [d.scope_id for d in waiting])
+            errors = await last_retire_errors(session, [d.scope_id for d in waiting])
         for d in waiting:
             log.warning(
                 "retirement_backing_off",
@@ -408,7 +256,7 @@ class Scheduler:
 
     async def plan(self, now: datetime | None = None) -> ScanPlan:
         """What :meth:`scan` would do at ``now``; writes nothing."""
-        return await schedule.plan_scan(
+        return await plan_scan(
             self.sessions,
             now or datetime.now(UTC),
             self.cfg,
@@ -470,31 +318,7 @@ class Scheduler:
         if not self.settings.regions:
             return []
         try:
-            async with db.transaction(self.sessions) as session:
-                if self._dek_watermark is None:
-                    newest = (await session.execute(text("SELECT max(id) FROM data_keys"))).scalar_one()
-                    self._dek_watermark = int(newest or 0)
-                    return []
-                rows = (
-                    await session.execute(
-                        text(
-                            "SELECT d.id, k.name FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
-                            "WHERE d.id > :w ORDER BY d.id LIMIT :n"
-                        ),
-                        {"w": self._dek_watermark, "n": FOLLOW_MAX_SCOPES + 1},
-                    )
-                ).all()
-                if not rows:
-                    return []
-                calls: list[tuple[str | None, int]]
-                if len(rows) > FOLLOW_MAX_SCOPES:
-                    newest = (await session.execute(text("SELECT max(id) FROM data_keys"))).scalar_one()
-                    calls = [(None, int(newest))]
-                else:
-                    last: dict[str, int] = {}
-                    for dek_id, scope in rows:
-                        last[scope] = int(dek_id)
-                    calls = [(scope, dek_id) for scope, dek_id in last.items()]
+            calls = await self._new_dek_calls()
             queued = []
             for scope, dek_id in calls:
                 jid = job_id(self.settings, "replicate_keys", "new_dek", scope or "-", dek_id)
@@ -507,13 +331,29 @@ class Scheduler:
                 )
                 if job is not None:
                     queued.append(jid)
-            self._dek_watermark = max(dek_id for _, dek_id in calls)
+            if calls:
+                self._dek_watermark = max(dek_id for _, dek_id in calls)
         except (KeyrotorError, RedisError, OSError) as exc:  # the next scan tries again
             log.warning("follow_new_deks_failed", error=type(exc).__name__)
             return []
         if queued:
             log.info("new_deks_followed", jobs=len(queued))
         return queued
+
+    async def _new_dek_calls(self) -> list[tuple[str | None, int]]:
+        """``(scope, newest DEK id)`` a new scope since the watermark; ``(None, newest id)`` for a
+        full pass when too many appeared. The first call of a lead only sets the watermark."""
+        async with db.transaction(self.sessions) as session:
+            if self._dek_watermark is None:
+                self._dek_watermark = await store.newest_dek_id(session)
+                return []
+            rows = await store.deks_after(session, self._dek_watermark, limit=FOLLOW_MAX_SCOPES + 1)
+            if len(rows) > FOLLOW_MAX_SCOPES:
+                return [(None, await store.newest_dek_id(session))]
+        last: dict[str, int] = {}
+        for dek_id, scope in rows:
+            last[scope] = dek_id
+        return list(last.items())
 
     async def _tick_job(self) -> None:
         try:
@@ -549,8 +389,7 @@ class Scheduler:
 
         async def postgres() -> None:
             assert engine is not None
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            await store.ping_engine(engine)
 
         async def redis_ping() -> None:
             await self.redis.ping()
@@ -628,3 +467,9 @@ class Scheduler:
                     await self._lock.acquire()
                     self._lock.release()
             log.info("scheduler_stopped", instance=self.instance_id, was_leader=self.leadership.leading)
+
+
+def _opened(client: T | None) -> T:
+    if client is None:
+        raise ConfigurationError("Scheduler is not open: use `async with Scheduler(...)`")
+    return client

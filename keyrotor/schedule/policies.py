@@ -8,25 +8,17 @@ commit or roll back together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit.log import check_actor, record_config_change
 from keyrotor.errors import ScopeNotFound
 from keyrotor.schedule.rules import ScopePolicy, change_policy, check_scope
-
-_SELECT = (
-    "SELECT s.id, s.name, s.rotation_enabled, s.interval_days, s.grace_period_days, s.max_encryptions, "
-    "s.next_rotation_at, s.last_rotation_at, s.active_version, s.created_at, "
-    "d.activated_at, coalesce(d.encryptions, 0), "
-    "EXISTS (SELECT 1 FROM rotations o WHERE o.kind = 'dek' AND coalesce(o.scope_id, 0) = s.id "
-    "AND o.state IN ('pending', 'running')) "
-    "FROM key_scopes s LEFT JOIN data_keys d ON d.scope_id = s.id AND d.version = s.active_version"
-)
+from keyrotor.store import policies as store
+from keyrotor.store.policies import count_scopes as count_scopes
 
 
 @dataclass(frozen=True)
@@ -99,8 +91,7 @@ async def get_policy(
         ScopeNotFound: no such scope.
     """
     check_scope(scope)
-    sql = _SELECT + " WHERE s.name = :name" + (" FOR UPDATE OF s" if for_update else "")
-    row = (await session.execute(text(sql), {"name": scope})).first()
+    row = await store.policy_row(session, scope, for_update=for_update)
     if row is None:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
     return _view(row, default_max)
@@ -108,13 +99,7 @@ async def get_policy(
 
 async def list_policies(session: AsyncSession, *, default_max: int, limit: int = 10_000) -> list[PolicyView]:
     """The policies of the first ``limit`` scopes by name (see :func:`count_scopes` for the total)."""
-    rows = (await session.execute(text(_SELECT + " ORDER BY s.name LIMIT :limit"), {"limit": limit})).all()
-    return [_view(r, default_max) for r in rows]
-
-
-async def count_scopes(session: AsyncSession) -> int:
-    """How many scopes there are."""
-    return int((await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one())
+    return [_view(r, default_max) for r in await store.policy_rows(session, limit=limit)]
 
 
 async def set_policy(
@@ -157,31 +142,15 @@ async def set_policy(
     )
     if new == before.policy:
         return before, before
-    await session.execute(
-        text(
-            "UPDATE key_scopes SET rotation_enabled = :enabled, interval_days = :interval, "
-            "grace_period_days = :grace, max_encryptions = :max_enc, next_rotation_at = :next_at, "
-            "updated_at = now() WHERE id = :id"
-        ),
-        {
-            "id": before.scope_id,
-            "enabled": new.enabled,
-            "interval": new.interval_days,
-            "grace": new.grace_days,
-            "max_enc": new.max_encryptions,
-            "next_at": new.next_rotation_at,
-        },
+    await store.update_policy(
+        session,
+        before.scope_id,
+        enabled=new.enabled,
+        interval_days=new.interval_days,
+        grace_days=new.grace_days,
+        max_encryptions=new.max_encryptions,
+        next_rotation_at=new.next_rotation_at,
     )
-    after = PolicyView(
-        scope_id=before.scope_id,
-        scope=before.scope,
-        policy=new,
-        last_rotation_at=before.last_rotation_at,
-        active_version=before.active_version,
-        anchor=before.anchor,
-        encryptions=before.encryptions,
-        encryption_limit=new.encryption_limit(default_max),
-        open_run=before.open_run,
-    )
+    after = replace(before, policy=new, encryption_limit=new.encryption_limit(default_max))
     await record_config_change(session, actor, "policy", before.stored(), after.stored(), scope=scope)
     return before, after

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from keyrotor import Settings
 from keyrotor.queue.client import KeyrotorClient
-from keyrotor.schedule import scan as schedule
+from keyrotor.schedule import plan as schedule
 from keyrotor.worker.scheduler import Scheduler
 from tests.rotation_helpers import check_values, run_burst_worker, seed
 from tests.scheduler.conftest import sql

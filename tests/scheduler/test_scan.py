@@ -15,7 +15,8 @@ from keyrotor.queue.enqueue import enqueue_driver
 from keyrotor.queue.serialization import deserialize
 from keyrotor.schedule import scan as schedule
 from keyrotor.store import db
-from keyrotor.worker.scheduler import Leadership, Scheduler, replica_job_id, scan_config
+from keyrotor.worker.leadership import Leadership
+from keyrotor.worker.scheduler import Scheduler, replica_job_id, scan_config
 from tests.rotation_helpers import keyrotor
 from tests.scheduler.conftest import queued_jobs, seed_scopes, sql
 

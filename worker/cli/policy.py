@@ -113,13 +113,7 @@ def set_(
     actor = check_actor(as_ if as_ is not None else cfg.default_actor)
     now = datetime.now(UTC)
     when = parse_when(next_rotation_at, now=now) if next_rotation_at is not None else None
-    if max_encryptions is not None and max_encryptions < 0:
-        raise InvalidInput(f"max encryptions cannot be negative, got {max_encryptions}")
-    if all(v is None for v in (interval_days, grace_days, enable, when, max_encryptions)):
-        raise InvalidInput(
-            "nothing to change: give --interval-days, --grace-days, --enable/--disable, "
-            "--next-rotation-at or --max-encryptions"
-        )
+    _check_change(interval_days, grace_days, enable, when, max_encryptions)
 
     async def go(sessions: async_sessionmaker[AsyncSession]) -> tuple[PolicyView, PolicyView]:
         async with db.transaction(sessions) as session:
@@ -138,6 +132,26 @@ def set_(
             )
 
     before, after = run(lambda: _with_sessions(go))
+    _print_change(before, after, now, json_out=json_out)
+
+
+def _check_change(
+    interval_days: int | None,
+    grace_days: int | None,
+    enable: bool | None,
+    when: datetime | None,
+    max_encryptions: int | None,
+) -> None:
+    if max_encryptions is not None and max_encryptions < 0:
+        raise InvalidInput(f"max encryptions cannot be negative, got {max_encryptions}")
+    if all(v is None for v in (interval_days, grace_days, enable, when, max_encryptions)):
+        raise InvalidInput(
+            "nothing to change: give --interval-days, --grace-days, --enable/--disable, "
+            "--next-rotation-at or --max-encryptions"
+        )
+
+
+def _print_change(before: PolicyView, after: PolicyView, now: datetime, *, json_out: bool) -> None:
     changed = before.policy != after.policy
     if json_out:
         print_json({"changed": changed, "before": before.as_dict(now), "after": after.as_dict(now)})

@@ -12,10 +12,12 @@ import typer
 from rich.table import Table
 
 from keyrotor.errors import InvalidInput
-from keyrotor.schedule import scan as schedule
+from keyrotor.schedule.plan import RotationPlan, plan_rotation, plan_scan
+from keyrotor.schedule.scan import ScanReport
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.worker.cli.common import err_console, out_console, print_json, run
+from keyrotor.worker.logs import configure_logging
 
 # keyrotor.worker.scheduler (APScheduler, arq) is imported by the commands that need it: every CLI
 # invocation imports this module.
@@ -26,8 +28,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _logs_to_stderr(settings: Settings) -> None:
-    from keyrotor.worker.logs import configure_logging
-
     configure_logging(settings)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
@@ -48,7 +48,7 @@ async def dry_run(settings: Settings, now: datetime) -> dict[str, Any]:
 
     engine = db.create_engine(settings.database_url, pool_size=1, max_overflow=1)
     try:
-        plan = await schedule.plan_scan(
+        plan = await plan_scan(
             db.sessionmaker(engine),
             now,
             scan_config(settings),
@@ -105,7 +105,7 @@ def scheduler(
     Without --once it runs until SIGTERM/SIGINT: any number may run; one leads (a Postgres
     advisory lock), the others take over within one scan interval if it dies.
     """
-    from keyrotor.worker.scheduler import ScanReport, Scheduler
+    from keyrotor.worker.scheduler import Scheduler
 
     if json_out and not (once or dry_run_):
         raise InvalidInput("--json needs --once or --dry-run (the long-running scheduler prints logs)")
@@ -136,8 +136,6 @@ def scheduler(
                 + (f"; enqueued {replica}" if replica else "")
             )
         return
-    from keyrotor.worker.logs import configure_logging
-
     configure_logging(settings)
 
     async def forever() -> None:
@@ -153,10 +151,10 @@ def rotate_dry_run(scope: str, *, json_out: bool) -> None:
 
     settings = Settings.from_env()
 
-    async def go() -> schedule.RotationPlan:
+    async def go() -> RotationPlan:
         engine = db.create_engine(settings.database_url, pool_size=1, max_overflow=1)
         try:
-            return await schedule.plan_rotation(
+            return await plan_rotation(
                 db.sessionmaker(engine),
                 scope,
                 now=datetime.now(UTC),
