@@ -8,7 +8,8 @@ Labels are bounded and never secret: ``scope`` (a validated identifier such as `
 id, a ciphertext, a value or anything derived from key material.
 
 Defined elsewhere and served by the same registry: KEK provider calls, latency, errors and
-circuit state (:mod:`keyrotor.kek.metrics`), and the audit queue (:mod:`keyrotor.audit.writer`).
+circuit state (:mod:`keyrotor.kek.metrics`), and the audit queue and its writes
+(:mod:`keyrotor.audit.writer`, :mod:`keyrotor.audit.append`).
 The worker adds the arq queue depth and job outcomes (:mod:`keyrotor.worker.http`,
 :mod:`keyrotor.worker.main`).
 

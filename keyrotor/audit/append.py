@@ -27,10 +27,9 @@ from typing import Any, Literal
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from keyrotor.audit import key as audit_key
 from keyrotor.audit.chain import GENESIS, chain_copy, chain_records
 from keyrotor.audit.events import Row, from_us
-from keyrotor.audit.key import AuditKey
+from keyrotor.audit.key import AuditKey, key_for
 from keyrotor.errors import ConfigurationError
 from keyrotor.store import audit as store
 
@@ -130,7 +129,7 @@ class ChainAppender:
     def _current_key(self) -> AuditKey | None:
         """The audit key: given, or loaded for this database by its KeyManager (cached)."""
         if self._key is None:
-            self._key = audit_key.key_for(self._engine.url)
+            self._key = key_for(self._engine.url)
         return self._key
 
     async def _load_key(self) -> AuditKey | None:

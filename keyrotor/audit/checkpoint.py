@@ -32,8 +32,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit import key as audit_key
-from keyrotor.audit.key import AuditKey
+from keyrotor.audit.key import AuditKey, ensure_key
 from keyrotor.audit.verify import ChainReport, verify_chain
 from keyrotor.errors import InvalidInput, StoreRejected, TransientError
 from keyrotor.kek.base import KekProvider
@@ -252,7 +251,7 @@ async def open_audit_key(
     A wrong KEK raises here (``AuditKeyMismatch``, ``ForeignKek``); an outage or a database not
     yet migrated leaves the key None, to be loaded by the first write (whose calls fail meanwhile).
     """
-    load_key = functools.partial(audit_key.ensure_key, sessions, kek)
+    load_key = functools.partial(ensure_key, sessions, kek)
     key: AuditKey | None = None
     try:
         key = await load_key()

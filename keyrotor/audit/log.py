@@ -30,7 +30,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.audit import key as audit_key
 from keyrotor.audit.actors import CALLER, Caller, actor_context, check_actor, check_pattern, current_caller
 from keyrotor.audit.chain import (
     CHAIN_FORMAT,
@@ -62,6 +61,7 @@ from keyrotor.audit.events import (
     to_us,
     utc,
 )
+from keyrotor.audit.key import key_in_session
 from keyrotor.errors import InvalidInput
 from keyrotor.store import audit as store
 from keyrotor.store.audit import CHAIN_LOCK, COLUMNS, TABLE
@@ -133,7 +133,7 @@ async def write_events(session: AsyncSession, events: Sequence[AuditEvent]) -> l
         return []
     rows = [event_row(e) for e in events]
     await store.lock_chain(session)
-    key = await audit_key.key_in_session(session)
+    key = await key_in_session(session)
     last_id, prev = await store.chain_head(session) or (0, GENESIS)
     records = chain_records(last_id, prev, rows, key)
     await store.insert_events(

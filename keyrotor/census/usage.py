@@ -206,7 +206,7 @@ class UsageCounter:
         (new to this process) the caller must ``await record(...)`` before it hands out the
         ciphertext.
         """
-        # Runs on every encrypt (bench_keymanager measures it). Encrypts of a process mostly go
+        # Runs on every encrypt, so it must stay cheap. Encrypts of a process mostly go
         # to the location of the previous one: that case builds no string and no key.
         last = self._last
         if (
