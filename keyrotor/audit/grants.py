@@ -45,6 +45,7 @@ __all__ = [
     "pattern_matches",
     "revoke_access",
 ]
+
 # While the database is down, the grants last loaded stay in force; a reload is tried this often.
 _OUTAGE_RETRY_S = 5.0
 
