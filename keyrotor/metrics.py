@@ -8,7 +8,8 @@ Labels are bounded and never secret: ``scope`` (a validated identifier such as `
 id, a ciphertext, a value or anything derived from key material.
 
 Defined elsewhere and served by the same registry: KEK provider calls, latency, errors and
-circuit state (:mod:`keyrotor.kek.metrics`), and the audit queue (:mod:`keyrotor.audit.writer`).
+circuit state (:mod:`keyrotor.kek.metrics`), and the audit queue and its writes
+(:mod:`keyrotor.audit.writer`, :mod:`keyrotor.audit.append`).
 The worker adds the arq queue depth and job outcomes (:mod:`keyrotor.worker.http`,
 :mod:`keyrotor.worker.main`).
 
@@ -26,11 +27,11 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.cache import DekCache
 from keyrotor.census import report as census
+from keyrotor.store import census as store
 
 SCOPE_LABEL_MODES = ("plain", "hashed", "off")
 _scope_mode = "plain"
@@ -180,24 +181,12 @@ async def refresh_rows_per_version(
     that no longer have rows disappear from the gauge. Returns how many series were set.
     """
     async with sessions() as session:
-        groups = (
-            await session.execute(
-                text("SELECT scope_id, dek_version, count(*) FROM secrets GROUP BY scope_id, dek_version")
-            )
-        ).all()
+        groups = await store.secrets_per_version(session)
         totals: dict[int, int] = {}
         for scope_id, _version, n in groups:
             totals[scope_id] = totals.get(scope_id, 0) + n
         shown = sorted(totals, key=lambda sid: (-totals[sid], sid))[:max_scopes]
-        names: dict[int, str] = {}
-        if shown:
-            names = dict(
-                (
-                    await session.execute(
-                        text("SELECT id, name FROM key_scopes WHERE id = ANY(:ids)"), {"ids": shown}
-                    )
-                ).all()
-            )
+        names = await store.scope_names(session, shown) if shown else {}
     series: dict[tuple[str, str], int] = {}
     for scope_id, version, n in groups:
         name = names.get(scope_id)

@@ -37,8 +37,8 @@ from keyrotor.errors import QueueUnavailable
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-# redis-py is imported when first used: importing keyrotor (every application and CLI call)
-# should not pay for it.
+# redis-py is imported where it is first used, not here: importing keyrotor (every application
+# and CLI call) should not pay for it.
 
 Event = Literal["pending", "active", "rotated", "retired", "restored", "destroyed", "rewrapped", "resync"]
 EVENTS: tuple[str, ...] = Event.__args__  # type: ignore[attr-defined]
@@ -92,7 +92,7 @@ class Notifier:
         Raises:
             QueueUnavailable: Redis cannot be reached (transient).
         """
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError  # imported on first use: see the note above Event
 
         try:
             return int(await self._redis.publish(self.channel, change.encode()))
@@ -138,6 +138,7 @@ class KeyChangeListener:
         self.subscribed.clear()
 
     async def _run(self) -> None:
+        # Imported on first use: see the note above Event.
         import redis.asyncio as aioredis
         from redis.exceptions import RedisError
 

@@ -1,5 +1,5 @@
-"""Who may do what, and the record of what they did: the audit log, its writers, its key and
-checkpoints, its verification, and the grants.
+"""Who may do what, and the record of what they did: the audit log (events, actors, the chain),
+its writers, its key and checkpoints, its verification, and the grants.
 
 ``keyrotor.audit`` keeps the names applications use (``actor_context``, ``AuditEvent``,
 ``write_event``); the rest lives in the modules of this package.

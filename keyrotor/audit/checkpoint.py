@@ -30,16 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit import key as audit_key
-from keyrotor.audit.key import AuditKey
-from keyrotor.audit.log import TABLE
+from keyrotor.audit.key import AuditKey, ensure_key
 from keyrotor.audit.verify import ChainReport, verify_chain
 from keyrotor.errors import InvalidInput, StoreRejected, TransientError
 from keyrotor.kek.base import KekProvider
 from keyrotor.settings import Settings
+from keyrotor.store import audit as store
 from keyrotor.store import db
 
 # Through the stdlib logger: the processes render it as the structured event ``audit_checkpoint``
@@ -47,7 +45,6 @@ from keyrotor.store import db
 log = logging.getLogger("keyrotor.audit.log")
 
 FORMAT = "krcp1"
-_HEAD_SQL = text(f"SELECT id, row_hash, (SELECT min(id) FROM {TABLE}) FROM {TABLE} ORDER BY id DESC LIMIT 1")
 MAX_LINE_CHARS = 4_096
 
 
@@ -103,12 +100,12 @@ class Checkpoint:
 
 async def make_checkpoint(session: AsyncSession, key: AuditKey) -> Checkpoint:
     """Sign the chain's current head (an empty chain: id 0, no hash)."""
-    row = (await session.execute(_HEAD_SQL)).first()
-    if row is None:
+    found = await store.head_and_first_id(session)
+    if found is None:
         head_id, head_hash, rows = 0, "", 0
     else:
-        head_id, head_hash = int(row[0]), bytes(row[1]).hex()
-        rows = head_id - int(row[2]) + 1  # ids have no gaps
+        head_id, head_hash = found[0], found[1].hex()
+        rows = head_id - found[2] + 1  # ids have no gaps
     at = datetime.now(UTC).isoformat(timespec="microseconds")
     unsigned = Checkpoint(head_id, head_hash, rows, at, key.key_id, "")
     return Checkpoint(head_id, head_hash, rows, at, key.key_id, key.checkpoint_mac(unsigned.body()).hex())
@@ -254,7 +251,7 @@ async def open_audit_key(
     A wrong KEK raises here (``AuditKeyMismatch``, ``ForeignKek``); an outage or a database not
     yet migrated leaves the key None, to be loaded by the first write (whose calls fail meanwhile).
     """
-    load_key = functools.partial(audit_key.ensure_key, sessions, kek)
+    load_key = functools.partial(ensure_key, sessions, kek)
     key: AuditKey | None = None
     try:
         key = await load_key()

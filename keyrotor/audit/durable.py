@@ -3,7 +3,8 @@
 Each caller appends its event and one future, then waits. The writer task takes everything
 queued since its last commit and writes it as one batch, exactly as the asynchronous writer
 does (one transaction: the chain lock, the head, one COPY, COMMIT; once the writer knows the
-head, one statement that locks, inserts and commits), then resolves every
+head, one statement that locks, inserts and commits: ``keyrotor.store.audit.insert_on_head``),
+then resolves every
 waiting caller's future. That is group commit: concurrent callers share one transaction and one
 WAL flush, and callers arriving while a commit is in flight form the next batch. There is no
 timer: a lone caller's event is written at once.
@@ -31,27 +32,15 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keyrotor.audit.log import CHAIN_LOCK, COLUMNS, TABLE, Row, chain_records
+from keyrotor.audit.chain import chain_records
+from keyrotor.audit.events import Row
 from keyrotor.audit.writer import MAX_BATCHES_PER_WRITE, AuditWriter
 from keyrotor.errors import ConfigurationError, StoreUnavailable
+from keyrotor.store import audit as store
 from keyrotor.store import db
 
 log = logging.getLogger(__name__)
 
-# A batch on the known head in ONE round trip: an implicit transaction (autocommit) that takes
-# the chain lock, then inserts the rows, and commits at the statement's end. BEGIN, COPY and
-# COMMIT would be three round trips, and a commit's round trips are what bound durable
-# throughput (every waiting caller sits idle through them). The lock is taken before the first
-# row is produced: the rows come out of a join with the one-row locking subquery.
-_INSERT_ON_HEAD = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
-    "SELECT u.id, u.et, u.sc, u.kv, u.ok, u.ac, u.ip, u.ua, u.em, u.md::json, "
-    "'epoch'::timestamptz + u.us * interval '1 microsecond', u.ph, u.rh, u.ki "
-    f"FROM (SELECT pg_advisory_xact_lock({CHAIN_LOCK})) AS chain_lock, "
-    "unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], "
-    "$8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[], $13::bytea[], $14::int[]) "
-    "AS u(id, et, sc, kv, ok, ac, ip, ua, em, md, us, ph, rh, ki)"
-)
 _READ_HEAD_AFTER_CONFLICT = 16
 
 
@@ -268,7 +257,7 @@ class DurableAuditWriter(AuditWriter):
             started = time.perf_counter()
             self._unsure = (last_id, last_hash)
             try:
-                await pg.execute(_INSERT_ON_HEAD, *zip(*records, strict=True), timeout=self._timeout_s)
+                await store.insert_on_head(pg, zip(*records, strict=True), self._timeout_s)
             except asyncpg.UniqueViolationError:
                 # Another writer appended since this writer's last commit: nothing was written
                 # (the statement was its own transaction); read the head under the lock.

@@ -25,16 +25,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit.log import check_actor, record_config_change
+from keyrotor.audit.actors import WILDCARD, check_actor, check_pattern, pattern_matches
+from keyrotor.audit.log import record_config_change
 from keyrotor.errors import ConfigurationError, InvalidInput, NotFound, StoreRejected, StoreUnavailable
-from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
+from keyrotor.store import grants as store
 
-TABLE = "encryption_grants"
-WILDCARD = "*"
+__all__ = [
+    "WILDCARD",
+    "Grant",
+    "GrantCache",
+    "check_pattern",
+    "generation",
+    "grant_access",
+    "list_grants",
+    "pattern_matches",
+    "revoke_access",
+]
+
 # While the database is down, the grants last loaded stay in force; a reload is tried this often.
 _OUTAGE_RETRY_S = 5.0
 
@@ -92,56 +103,17 @@ class Grant:
         }
 
 
-def check_pattern(pattern: str) -> str:
-    """Validate a scope pattern (``*``, a scope, or ``prefix/*``) and return it.
-
-    Raises:
-        InvalidInput: anything else.
-    """
-    if pattern == WILDCARD:
-        return pattern
-    try:
-        check_scope(pattern[:-2] if isinstance(pattern, str) and pattern.endswith("/*") else pattern)
-    except InvalidInput:
-        shown = str(pattern)[:40].encode("ascii", "backslashreplace").decode()
-        raise InvalidInput(
-            f"invalid scope pattern {shown!r}: use a scope (anthropic), a prefix (tenant-42/*) or *"
-        ) from None
-    return pattern
-
-
-def pattern_matches(pattern: str, scope: str) -> bool:
-    """Whether ``scope`` falls under ``pattern``."""
-    if pattern in (WILDCARD, scope):
-        return True
-    return pattern.endswith("/*") and scope.startswith(pattern[:-1])
-
-
 def _grant(row: Any) -> Grant:
     return Grant(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
 async def list_grants(session: AsyncSession) -> list[Grant]:
     """Every grant, ordered by actor then pattern."""
-    rows = await session.execute(
-        text(
-            f"SELECT actor, scope_pattern, can_encrypt, can_decrypt, created_at, updated_at FROM {TABLE} "
-            "ORDER BY actor, scope_pattern"
-        )
-    )
-    return [_grant(r) for r in rows.all()]
+    return [_grant(r) for r in await store.all_grants(session)]
 
 
 async def _get(session: AsyncSession, actor: str, pattern: str) -> Grant | None:
-    row = (
-        await session.execute(
-            text(
-                f"SELECT actor, scope_pattern, can_encrypt, can_decrypt, created_at, updated_at FROM {TABLE} "
-                "WHERE actor = :a AND scope_pattern = :p FOR UPDATE"
-            ),
-            {"a": actor, "p": pattern},
-        )
-    ).first()
+    row = await store.grant_for_update(session, actor, pattern)
     return _grant(row) if row else None
 
 
@@ -166,19 +138,7 @@ async def grant_access(
     if not (encrypt or decrypt):
         raise InvalidInput("grant what? give --encrypt and/or --decrypt")
     before = await _get(session, actor, scope)
-    row = (
-        await session.execute(
-            text(
-                f"INSERT INTO {TABLE} AS g (actor, scope_pattern, can_encrypt, can_decrypt) "
-                "VALUES (:a, :p, :e, :d) ON CONFLICT (actor, scope_pattern) DO UPDATE SET "
-                "can_encrypt = g.can_encrypt OR EXCLUDED.can_encrypt, "
-                "can_decrypt = g.can_decrypt OR EXCLUDED.can_decrypt, updated_at = now() "
-                "RETURNING actor, scope_pattern, can_encrypt, can_decrypt, created_at, updated_at"
-            ),
-            {"a": actor, "p": scope, "e": encrypt, "d": decrypt},
-        )
-    ).one()
-    after = _grant(row)
+    after = _grant(await store.add_permissions(session, actor, scope, encrypt=encrypt, decrypt=decrypt))
     await record_config_change(
         session, by, "grant", before._state() if before else None, after._state(), scope=_scope_of(scope)
     )
@@ -216,21 +176,12 @@ async def revoke_access(
         keep_encrypt = before.can_encrypt and not encrypt
         keep_decrypt = before.can_decrypt and not decrypt
         if keep_encrypt or keep_decrypt:
-            row = (
-                await session.execute(
-                    text(
-                        f"UPDATE {TABLE} SET can_encrypt = :e, can_decrypt = :d, updated_at = now() "
-                        "WHERE actor = :a AND scope_pattern = :p "
-                        "RETURNING actor, scope_pattern, can_encrypt, can_decrypt, created_at, updated_at"
-                    ),
-                    {"a": actor, "p": scope, "e": keep_encrypt, "d": keep_decrypt},
-                )
-            ).one()
+            row = await store.set_permissions(
+                session, actor, scope, encrypt=keep_encrypt, decrypt=keep_decrypt
+            )
             after = _grant(row)
     if after is None:
-        await session.execute(
-            text(f"DELETE FROM {TABLE} WHERE actor = :a AND scope_pattern = :p"), {"a": actor, "p": scope}
-        )
+        await store.delete_grant(session, actor, scope)
     await record_config_change(
         session, by, "revoke", before._state(), after._state() if after else None, scope=_scope_of(scope)
     )

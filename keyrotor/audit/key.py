@@ -26,24 +26,20 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
 from keyrotor.kek.base import ForeignKek, KekProvider, WrapContext, WrappedDek
 from keyrotor.rotation.context import KekMismatch
+from keyrotor.store import audit as store
 from keyrotor.store import db
 
-KEY_TABLE = "audit_keys"
 KEY_BYTES = 32
 # The wrap's context: a name no scope can have (scopes never start with "_"), so the wrapped
 # audit key can never be taken for a DEK, and the switch point is part of what the KEK binds.
 _SCOPE_PREFIX = "_keyrotor_audit_key:"
-# Same lock as keyrotor.audit.log.CHAIN_LOCK (not imported: keyrotor.audit.log imports this module).
-_CHAIN_LOCK = 0x6B72_6175_6469_74
 _BLOCK = 64
-_SELECT_KEYS = f"SELECT id, switch_after, kek_id, kek_version, wrapped FROM {KEY_TABLE}"
 
 
 class AuditKey:
@@ -144,8 +140,7 @@ async def key_in_session(session: AsyncSession) -> AuditKey | None:
             await kek.aclose()
         register(url, key)
         return key
-    exists = (await session.execute(text(f"SELECT EXISTS (SELECT 1 FROM {KEY_TABLE})"))).scalar_one()
-    if exists:
+    if await store.chain_keyed(session):
         raise ConfigurationError(
             "the audit chain is keyed and this process has not loaded the audit key: "
             "open a KeyManager (or keyrotor.audit.key.ensure_key) before writing audit events"
@@ -166,31 +161,20 @@ async def ensure_key(sessions: async_sessionmaker[AsyncSession], kek: KekProvide
 
 
 async def _load_or_create(session: AsyncSession, kek: KekProvider) -> AuditKey:
-    row = (await session.execute(text(f"{_SELECT_KEYS} ORDER BY id DESC LIMIT 1"))).first()
+    row = await store.newest_key(session)
     if row is not None:
         return await _unwrap(kek, row)
     # Under the chain lock: no row can be appended between reading the head and recording it
     # as the switch point.
-    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK})
-    row = (await session.execute(text(f"{_SELECT_KEYS} ORDER BY id DESC LIMIT 1"))).first()
+    await store.lock_chain(session)
+    row = await store.newest_key(session)
     if row is not None:  # another process created it while we waited for the lock
         return await _unwrap(kek, row)
-    head = (await session.execute(text("SELECT coalesce(max(id), 0) FROM encryption_audit_log"))).scalar_one()
+    head = await store.last_event_id(session)
     raw = os.urandom(KEY_BYTES)
-    wrapped = await kek.wrap(raw, _context(1, int(head)))
-    await session.execute(
-        text(
-            f"INSERT INTO {KEY_TABLE} (id, switch_after, kek_id, kek_version, wrapped) "
-            "VALUES (1, :switch_after, :kek_id, :kek_version, :wrapped)"
-        ),
-        {
-            "switch_after": int(head),
-            "kek_id": wrapped.kek_id,
-            "kek_version": wrapped.kek_version,
-            "wrapped": wrapped.blob,
-        },
-    )
-    return AuditKey(1, raw, int(head))
+    wrapped = await kek.wrap(raw, _context(1, head))
+    await store.insert_first_key(session, head, wrapped.kek_id, wrapped.kek_version, wrapped.blob)
+    return AuditKey(1, raw, head)
 
 
 class AuditKeyMismatch(KekMismatch, KekError):
@@ -218,22 +202,19 @@ async def _unwrap(kek: KekProvider, row: Sequence[Any]) -> AuditKey:
 async def load_keys(sessions: async_sessionmaker[AsyncSession], kek: KekProvider) -> Mapping[int, AuditKey]:
     """Every audit key of the database, unwrapped, by id (what verification needs)."""
     async with db.transaction(sessions) as session:
-        rows = (await session.execute(text(f"{_SELECT_KEYS} ORDER BY id"))).all()
+        rows = await store.all_keys(session)
     return {int(r[0]): await _unwrap(kek, r) for r in rows}
 
 
 async def rewrap_keys(session: AsyncSession, kek: KekProvider) -> int:
     """Rewrap every audit key under the KEK's current version (with a KEK rotation); how many."""
-    rows = (await session.execute(text(f"{_SELECT_KEYS} ORDER BY id FOR UPDATE"))).all()
+    rows = await store.all_keys(session, for_update=True)
     if not rows:
         return 0
     items = [(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), _context(int(r[0]), int(r[1]))) for r in rows]
     fresh = await kek.rewrap(items)
     for r, w in zip(rows, fresh, strict=True):
-        await session.execute(
-            text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w WHERE id = :id"),
-            {"kek_id": w.kek_id, "v": w.kek_version, "w": w.blob, "id": int(r[0])},
-        )
+        await store.set_key_wrap(session, int(r[0]), w.kek_id, w.kek_version, w.blob)
     return len(rows)
 
 
@@ -246,19 +227,12 @@ async def migrate_keys(
     Raises:
         KekError: a key does not unwrap under ``source``, or the new wrap does not verify.
     """
-    rows = (
-        await session.execute(
-            text(f"{_SELECT_KEYS} WHERE kek_id <> :t ORDER BY id FOR UPDATE"), {"t": target_id}
-        )
-    ).all()
+    rows = await store.keys_not_wrapped_by(session, target_id)
     for r in rows:
         ctx = _context(int(r[0]), int(r[1]))
         raw = await source.unwrap(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), ctx)
         new = await target.wrap(raw, ctx)
         if not hmac.compare_digest(await target.unwrap(new, ctx), raw):
             raise KekError(f"the migrated audit key {int(r[0])} unwraps to another key under {target.name}")
-        await session.execute(
-            text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w WHERE id = :id"),
-            {"kek_id": new.kek_id, "v": new.kek_version, "w": new.blob, "id": int(r[0])},
-        )
+        await store.set_key_wrap(session, int(r[0]), new.kek_id, new.kek_version, new.blob)
     return len(rows)

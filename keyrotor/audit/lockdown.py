@@ -12,21 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit.grants import (
-    TABLE,
-    WILDCARD,
-    Grant,
-    check_pattern,
-    grant_access,
-    list_grants,
-    revoke_access,
-)
-from keyrotor.audit.log import check_actor, record_config_change
+from keyrotor.audit.actors import WILDCARD, check_actor, check_pattern
+from keyrotor.audit.grants import Grant, grant_access, list_grants, revoke_access
+from keyrotor.audit.log import record_config_change
 from keyrotor.errors import InvalidInput
 from keyrotor.store import db
+from keyrotor.store import grants as store
 
 OPEN_GRANT_WARNING = (
     "the wildcard grant '* *' is in place: any actor may encrypt and decrypt in every scope; "
@@ -85,10 +78,7 @@ def parse_grant(spec: str) -> NamedGrant:
 
 async def wildcard_grant(session: AsyncSession) -> bool:
     """Whether the open default ``* *`` (any permission) is still granted."""
-    found = await session.execute(
-        text(f"SELECT 1 FROM {TABLE} WHERE actor = :w AND scope_pattern = :w"), {"w": WILDCARD}
-    )
-    return found.first() is not None
+    return await store.grant_exists(session, WILDCARD, WILDCARD)
 
 
 async def still_open(sessions: async_sessionmaker[AsyncSession]) -> bool:

@@ -38,20 +38,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.audit.key import KEY_TABLE, AuditKey, key_for
-from keyrotor.audit.log import (
-    CHAIN_LOCK,
-    GENESIS,
-    TABLE,
-    AuditEvent,
-    canonical,
-    utc,
-    write_events,
-)
+from keyrotor.audit.chain import GENESIS, canonical
+from keyrotor.audit.events import AuditEvent, utc
+from keyrotor.audit.key import AuditKey, key_for
+from keyrotor.audit.log import write_events
 from keyrotor.errors import InvalidInput
+from keyrotor.store import audit as store
 from keyrotor.store import db
 
 Problem = Literal["edited", "deleted", "reordered", "downgraded"]
@@ -127,12 +121,96 @@ def _hash(row: Any, keys: Mapping[int, AuditKey], row_id: int | None = None) -> 
     return None if key is None else key.mac(bytes(row[11]) + body)
 
 
-_PAGE_SQL = text(
-    "SELECT id, event_type, scope, key_version, success, actor, ip_address, user_agent, error_message, "
-    f"metadata::text, created_at, prev_hash, row_hash, audit_key_id FROM {TABLE} "
-    "WHERE id > :after ORDER BY id LIMIT :n"
-)
-_SWITCH_SQL = text(f"SELECT min(switch_after) FROM {KEY_TABLE}")
+class _Walk:
+    """The state of one walk along the chain, row by row, oldest first."""
+
+    def __init__(
+        self, keys: Mapping[int, AuditKey], switch_after: int | None, checkpoint: tuple[int, bytes] | None
+    ) -> None:
+        self.report = ChainReport(switch_after=switch_after)
+        self.keys = keys
+        self.checkpoint = checkpoint
+        self.expected_id: int | None = None
+        self.prev_hash = b""
+        # (first id, its prev_hash): what an anchor must vouch for when rows 1..first-1 are gone
+        self.needs_anchor: tuple[int, bytes] | None = None
+
+    def check(self, row: Any) -> bool:
+        """Check the next row; False (and the report failed) at a problem."""
+        row_id = int(row[0])
+        stored_hash = bytes(row[12])
+        if not self._in_place(row_id, bytes(row[11])):
+            return False
+        report = self.report
+        bad_format = _format_problem(row, report.switch_after, self.keys)
+        if bad_format is not None:
+            report.fail(row_id, *bad_format)
+            return False
+        expected = _hash(row, self.keys)
+        content_ok = expected is not None and hmac.compare_digest(expected, stored_hash)
+        link_ok = self.expected_id is None or hmac.compare_digest(bytes(row[11]), self.prev_hash)
+        if not content_ok:
+            report.fail(row_id, *_explain(row, self.keys, link_ok))
+            return False
+        if not link_ok:
+            report.fail(
+                row_id - 1,
+                "edited",
+                f"row {row_id - 1} was changed and re-hashed: row {row_id} recorded another hash for it",
+            )
+            return False
+        if self.needs_anchor is not None and row[1] == "anchor" and _vouches(row[9], self.needs_anchor):
+            report.anchored = True
+        if self.checkpoint is not None and row_id == self.checkpoint[0] and stored_hash != self.checkpoint[1]:
+            report.fail(row_id, "edited", f"row {row_id} no longer has the checkpoint's hash")
+            return False
+        self.prev_hash, self.expected_id = stored_hash, row_id + 1
+        report.checked += 1
+        report.keyed += row[13] is not None
+        return True
+
+    def _in_place(self, row_id: int, stored_prev: bytes) -> bool:
+        """Whether the row starts the chain rightly or follows the previous one without a gap."""
+        expected_id = self.expected_id
+        if expected_id is None:
+            self.report.first_id = row_id
+            if row_id != 1:
+                self.needs_anchor = (row_id, stored_prev)
+            elif stored_prev != GENESIS:
+                self.report.fail(row_id, "edited", "row 1 does not start from the genesis hash")
+                return False
+        elif row_id != expected_id:
+            missing = f"{expected_id}" if row_id == expected_id + 1 else f"{expected_id}..{row_id - 1}"
+            self.report.fail(
+                expected_id,
+                "deleted",
+                f"row(s) {missing} are missing: ids jump from {expected_id - 1} to {row_id}",
+            )
+            return False
+        return True
+
+    def finish(self) -> ChainReport:
+        """The report once every row is checked: the head, and what the chain's ends must show."""
+        report = self.report
+        if self.expected_id is not None:
+            report.head_id, report.head_hash = self.expected_id - 1, self.prev_hash.hex()
+        if self.needs_anchor is not None and not report.anchored:
+            first = self.needs_anchor[0]
+            return report.fail(
+                first,
+                "deleted",
+                f"rows 1..{first - 1} are missing and no anchor row records pruning them",
+            )
+        if self.checkpoint is not None:
+            cp_id = self.checkpoint[0]
+            if report.head_id is None or cp_id > report.head_id:
+                return report.fail(
+                    cp_id,
+                    "deleted",
+                    f"the log ends at id {report.head_id or 0}, before the checkpoint's id {cp_id}: "
+                    "the newest rows were deleted",
+                )
+        return report
 
 
 async def verify_chain(
@@ -152,84 +230,26 @@ async def verify_chain(
             there with that hash (unless it was pruned away).
         on_progress: called with the number of rows of each page checked.
     """
-    report = ChainReport()
     if keys is None:
         loaded = key_for(sessions.kw["bind"].url) if sessions.kw.get("bind") is not None else None
         keys = {} if loaded is None else {loaded.key_id: loaded}
     async with db.transaction(sessions) as session:
-        switch = (await session.execute(_SWITCH_SQL)).scalar_one()
+        switch = await store.key_switch_point(session)
     # The switch point the KEK vouches for (it is bound into each key's wrap) wins over the table's.
-    report.switch_after = min((k.switch_after for k in keys.values()), default=switch)
+    walk = _Walk(keys, min((k.switch_after for k in keys.values()), default=switch), checkpoint)
     after = 0
-    expected_id: int | None = None
-    prev_hash = b""
-    # (first id, its prev_hash): what an anchor must vouch for when rows 1..first-1 are gone
-    needs_anchor: tuple[int, bytes] | None = None
     while True:
         async with db.transaction(sessions) as session:
-            page = (await session.execute(_PAGE_SQL, {"after": after, "n": page_rows})).all()
+            page = await store.chain_page(session, after, page_rows)
         if not page:
             break
         for row in page:
-            row_id = int(row[0])
-            stored_prev, stored_hash = bytes(row[11]), bytes(row[12])
-            if expected_id is None:
-                report.first_id = row_id
-                if row_id == 1:
-                    if stored_prev != GENESIS:
-                        return report.fail(row_id, "edited", "row 1 does not start from the genesis hash")
-                else:
-                    needs_anchor = (row_id, stored_prev)
-            elif row_id != expected_id:
-                missing = f"{expected_id}" if row_id == expected_id + 1 else f"{expected_id}..{row_id - 1}"
-                return report.fail(
-                    expected_id,
-                    "deleted",
-                    f"row(s) {missing} are missing: ids jump from {expected_id - 1} to {row_id}",
-                )
-            bad_format = _format_problem(row, report.switch_after, keys)
-            if bad_format is not None:
-                return report.fail(row_id, *bad_format)
-            expected = _hash(row, keys)
-            content_ok = expected is not None and hmac.compare_digest(expected, stored_hash)
-            link_ok = expected_id is None or hmac.compare_digest(stored_prev, prev_hash)
-            if not content_ok:
-                return report.fail(row_id, *_explain(row, keys, link_ok))
-            if not link_ok:
-                return report.fail(
-                    row_id - 1,
-                    "edited",
-                    f"row {row_id - 1} was changed and re-hashed: row {row_id} recorded another hash for it",
-                )
-            if needs_anchor is not None and row[1] == "anchor" and _vouches(row[9], needs_anchor):
-                report.anchored = True
-            if checkpoint is not None and row_id == checkpoint[0] and stored_hash != checkpoint[1]:
-                return report.fail(row_id, "edited", f"row {row_id} no longer has the checkpoint's hash")
-            prev_hash, expected_id = stored_hash, row_id + 1
-            report.checked += 1
-            report.keyed += row[13] is not None
+            if not walk.check(row):
+                return walk.report
         after = int(page[-1][0])
         if on_progress is not None:
             on_progress(len(page))
-    if expected_id is not None:
-        report.head_id, report.head_hash = expected_id - 1, prev_hash.hex()
-    if needs_anchor is not None and not report.anchored:
-        first = needs_anchor[0]
-        return report.fail(
-            first,
-            "deleted",
-            f"rows 1..{first - 1} are missing and no anchor row records pruning them",
-        )
-    if checkpoint is not None:
-        cp_id = checkpoint[0]
-        if report.head_id is None or cp_id > report.head_id:
-            return report.fail(
-                cp_id,
-                "deleted",
-                f"the log ends at id {report.head_id or 0}, before the checkpoint's id {cp_id}: "
-                "the newest rows were deleted",
-            )
-    return report
+    return walk.finish()
 
 
 def _vouches(metadata_text: str, needs: tuple[int, bytes]) -> bool:
@@ -300,21 +320,15 @@ async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *,
     """
     before = utc(before)
     async with db.transaction(sessions) as session:
-        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK})
-        first_young = (
-            await session.execute(
-                text(f"SELECT min(id) FROM {TABLE} WHERE created_at >= :before"), {"before": before}
-            )
-        ).scalar_one()
-        bounds = (await session.execute(text(f"SELECT min(id), max(id) FROM {TABLE}"))).one()
-        if bounds[0] is None:
+        await store.lock_chain(session)
+        first_young = await store.first_id_since(session, before)
+        bounds = await store.id_bounds(session)
+        if bounds is None:
             return PruneResult(0, None, None)
-        through = int(bounds[1]) if first_young is None else int(first_young) - 1
-        if through < int(bounds[0]):
+        through = bounds[1] if first_young is None else first_young - 1
+        if through < bounds[0]:
             return PruneResult(0, None, None)
-        head_hash = (
-            await session.execute(text(f"SELECT row_hash FROM {TABLE} WHERE id = :id"), {"id": through})
-        ).scalar_one()
+        head_hash = await store.row_hash_of(session, through)
         # The anchor first: appended after the current head, it is never among the deleted rows,
         # and the chain continues from the head even when every older row goes.
         (anchor_id,) = await write_events(
@@ -325,21 +339,12 @@ async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *,
                     actor=actor,
                     metadata={
                         "pruned_through_id": through,
-                        "pruned_head_hash": bytes(head_hash).hex(),
-                        "pruned_rows": through - int(bounds[0]) + 1,
+                        "pruned_head_hash": head_hash.hex(),
+                        "pruned_rows": through - bounds[0] + 1,
                         "before": before.isoformat(),
                     },
                 )
             ],
         )
-        await session.execute(text("SELECT set_config('keyrotor.audit_prune', 'on', true)"))
-        deleted = (
-            await session.execute(text(f"DELETE FROM {TABLE} WHERE id <= :id"), {"id": through})
-        ).rowcount  # type: ignore[attr-defined]
-        await session.execute(text("SELECT set_config('keyrotor.audit_prune', 'off', true)"))
-    return PruneResult(int(deleted), through, anchor_id)
-
-
-async def count_rows(session: AsyncSession) -> int:
-    """How many rows the log holds."""
-    return int((await session.execute(text(f"SELECT count(*) FROM {TABLE}"))).scalar_one())
+        deleted = await store.delete_through(session, through)
+    return PruneResult(deleted, through, anchor_id)

@@ -2,28 +2,19 @@
 the default, durable mode is its subclass in ``keyrotor.audit.durable``).
 
 Callers put events in a bounded in-memory queue (a tuple and a deque append); one background
-task writes them in batches, each batch one transaction on a connection the writer keeps::
-
-    BEGIN; SELECT pg_advisory_xact_lock(chain)          -- one round trip
-    SELECT id, row_hash ... ORDER BY id DESC LIMIT 1    -- the chain head
-    COPY encryption_audit_log (...) FROM STDIN          -- the whole batch, text format
-    COMMIT
-
-so a batch costs four round trips whatever its size, and writers in any number of processes
-keep one chain (``keyrotor.audit.log``). The COPY text of a batch is built in the same pass that
-hashes it, and while the database inserts one batch the next is already chained on the head
-that batch will leave (used if the head is still that when its turn comes, rebuilt if another
-process appended meanwhile). Under load batches grow (up to ``MAX_BATCHES_PER_WRITE`` times
-``KEYROTOR_AUDIT_BATCH_SIZE``), sharing the lock and the commit among more events. COPY beat a
-multi-row ``INSERT ... SELECT FROM unnest(...)`` by about 2x (bench/bench_audit.py).
+task writes them in batches, each batch one transaction on a connection the writer keeps
+(:mod:`keyrotor.audit.append`). While the database inserts one batch the next is already
+chained on the head that batch will leave (used if the head is still that when its turn comes,
+rebuilt if another process appended meanwhile). Under load batches grow (up to
+``MAX_BATCHES_PER_WRITE`` times ``KEYROTOR_AUDIT_BATCH_SIZE``), sharing the lock and the commit
+among more events.
 
 In this asynchronous mode a call returns once its event is queued, so what is queued is lost
 if the process dies (SIGKILL, OOM), uncounted: at most the queue, typically the events of the
 last flush interval. Nothing else is dropped silently:
 
 - a failed flush is retried with jittered exponential backoff (tenacity), on a new connection,
-  until it succeeds; if the commit's fate is unknown (the connection died during COMMIT), the
-  retry first looks for the batch's last row and its hash, so a batch is never written twice;
+  until it succeeds; a batch whose commit's fate is unknown is never written twice;
 - if the queue is full (the database is slow or down), callers wait for space: back-pressure,
   counted in ``keyrotor_audit_callers_blocked_total`` and logged; past ``put_timeout_s`` (when
   set) the event is dropped, counted in ``keyrotor_audit_events_dropped_total{reason="queue_full"}``;
@@ -40,29 +31,17 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import tenacity
-from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from prometheus_client import Counter, Gauge
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keyrotor.audit import key as audit_key
-from keyrotor.audit.key import KEY_TABLE, AuditKey
-from keyrotor.audit.log import (
-    CHAIN_LOCK,
-    COLUMNS,
-    GENESIS,
-    HEAD_SQL,
-    TABLE,
-    AuditEvent,
-    Row,
-    chain_copy,
-    chain_records,
-    event_row,
-    from_us,
-)
+from keyrotor.audit.append import ChainAppender, Prepared
+from keyrotor.audit.chain import chain_copy
+from keyrotor.audit.events import AuditEvent, Row, event_row
+from keyrotor.audit.key import AuditKey
 from keyrotor.errors import ConfigurationError
 from keyrotor.store import db
 
@@ -72,8 +51,6 @@ _WRITERS: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
 
 QUEUE_DEPTH = Gauge("keyrotor_audit_queue_depth", "Audit events queued in this process, not yet written.")
 QUEUE_DEPTH.set_function(lambda: float(sum(w.depth for w in list(_WRITERS))))
-EVENTS_WRITTEN = Counter("keyrotor_audit_events_written_total", "Audit events written to the database.")
-FLUSH_FAILURES = Counter("keyrotor_audit_flush_failures_total", "Failed audit flush attempts (each retried).")
 CALLERS_BLOCKED = Counter(
     "keyrotor_audit_callers_blocked_total", "Calls that waited for space in a full audit queue."
 )
@@ -88,51 +65,11 @@ EVENTS_DROPPED = Counter(
 )
 for _reason in DROP_REASONS:
     EVENTS_DROPPED.labels(reason=_reason)
-FLUSH_SECONDS = Histogram(
-    "keyrotor_audit_flush_duration_seconds",
-    "Duration of one successful audit batch write.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
-
-_UNNEST_TYPES = (
-    "bigint",
-    "text",
-    "text",
-    "bigint",
-    "boolean",
-    "text",
-    "text",
-    "text",
-    "text",
-    "json",
-    "timestamptz",
-    "bytea",
-    "bytea",
-    "integer",
-)
-_INSERT_SQL = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_UNNEST_TYPES))
-    + ")"
-)
 YIELD_EVERY = 100
-_BEGIN_AND_LOCK = f"BEGIN; SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
 MAX_BATCHES_PER_WRITE = 5
-_EXISTS_SQL = f"SELECT 1 FROM {TABLE} WHERE id = $1 AND row_hash = $2"
-_KEYED_SQL = f"SELECT EXISTS (SELECT 1 FROM {KEY_TABLE})"
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A batch chained ahead of time on an assumed chain head ``base``."""
-
-    rows: list[Row]
-    base: tuple[int, bytes]
-    data: bytes
-    head: tuple[int, bytes]
-
-
-class AuditWriter:
+class AuditWriter(ChainAppender):
     """Queue audit events and write them in batches from a background task.
 
     Args:
@@ -147,7 +84,7 @@ class AuditWriter:
         close_timeout_s: how long ``close()`` retries before it gives up loudly.
         method: ``copy`` (COPY in text format, built while hashing) or ``insert`` (one
             ``INSERT ... SELECT FROM unnest``); both one round trip a batch, ``copy`` is the
-            faster (bench/bench_audit.py).
+            faster.
         retry_max_s: the longest wait between two attempts.
         statement_timeout_s: a flush attempt that hangs longer than this is retried.
         put_timeout_s: how long ``put`` waits for room in a full queue before it drops the
@@ -173,39 +110,33 @@ class AuditWriter:
         key: AuditKey | None = None,
         key_loader: Callable[[], Awaitable[AuditKey]] | None = None,
     ) -> None:
-        self._engine = engine
-        self._key = key
-        self._key_loader = key_loader
+        super().__init__(
+            engine, method=method, statement_timeout_s=statement_timeout_s, key=key, key_loader=key_loader
+        )
         self._max = queue_max
         self._batch_size = batch_size
         self._interval = flush_interval_s
         self._close_timeout_s = close_timeout_s
-        self._method = method
         self._retry_max_s = retry_max_s
-        self._timeout_s = statement_timeout_s
         self._put_timeout_s = put_timeout_s
         self._buf: deque[Row] = deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._conn: AsyncConnection | None = None
         self._closing = False
         self._closed = False
         self._deadline: float | None = None
         self._queued = 0  # events accepted so far
         self._done = 0  # events written (or given up on at close) so far
         self._in_flight = 0
-        self._prepared: _Prepared | None = None  # the next batch, chained while this one is written
-        self._unsure: tuple[int, bytes] | None = None  # last row of an attempt whose commit may have landed
+        self._prepared: Prepared | None = None  # the next batch, chained while this one is written
         self._last_block_log = 0.0
         self._last_drop_log = 0.0
         # Callers that never await anything else (a tight loop of cache-hit decrypts) let the
         # writer task run every this many events; it needs the loop at each of its round trips.
         self._yield_every = max(1, min(batch_size, YIELD_EVERY))
         self._next_yield = min(self._yield_every, queue_max)  # queue length at which offer() defers
-        self.written = 0
-        self.flush_failures = 0
         self.blocked = 0
         self.dropped = 0
         _WRITERS.add(self)
@@ -427,9 +358,9 @@ class AuditWriter:
             self._buf.extendleft(reversed(rows))
             self._in_flight -= len(rows)
             raise
-        self._prepared = _Prepared(rows, (base_id, base_hash), data, (last_id, last_hash))
+        self._prepared = Prepared(rows, (base_id, base_hash), data, (last_id, last_hash))
 
-    async def _write_with_retry(self, batch: list[Row], prepared: _Prepared | None) -> bool:
+    async def _write_with_retry(self, batch: list[Row], prepared: Prepared | None) -> bool:
         def stop(state: tenacity.RetryCallState) -> bool:
             return self._deadline is not None and time.monotonic() >= self._deadline
 
@@ -450,10 +381,6 @@ class AuditWriter:
             return False
         return True
 
-    def _count_failure(self) -> None:
-        self.flush_failures += 1
-        FLUSH_FAILURES.inc()
-
     def _failed(self, state: tenacity.RetryCallState) -> None:
         self._count_failure()
         exc = state.outcome.exception() if state.outcome else None
@@ -470,94 +397,3 @@ class AuditWriter:
             wait,
             self.depth,
         )
-
-    async def _write(self, batch: list[Row], prepared: _Prepared | None) -> None:
-        await self._load_key()
-        try:
-            pg = await self._connect()
-            started = time.perf_counter()
-            # BEGIN and the lock in one round trip (simple query protocol: constants only).
-            await pg.execute(_BEGIN_AND_LOCK, timeout=self._timeout_s)
-            if self._unsure is not None and await pg.fetchval(
-                _EXISTS_SQL, *self._unsure, timeout=self._timeout_s
-            ):
-                # The previous attempt committed after all; only its answer was lost.
-                await pg.execute("COMMIT", timeout=self._timeout_s)
-                self._unsure = None
-                self._count_written(len(batch), started)
-                return
-            if self._current_key() is None and await pg.fetchval(_KEYED_SQL, timeout=self._timeout_s):
-                raise ConfigurationError(
-                    "the audit chain is keyed and this writer has no audit key (keyrotor.audit.key)"
-                )
-            head = await pg.fetchrow(HEAD_SQL, timeout=self._timeout_s)
-            last_id, prev = (int(head[0]), bytes(head[1])) if head else (0, GENESIS)
-            await self._insert(pg, last_id, prev, batch, prepared)
-            await pg.execute("COMMIT", timeout=self._timeout_s)
-            self._unsure = None
-        except BaseException:
-            # The connection is in an unknown state (mid-transaction at best): never reuse it.
-            await self._disconnect(invalidate=True)
-            raise
-        self._count_written(len(batch), started)
-
-    def _count_written(self, n: int, started: float) -> None:
-        self.written += n
-        EVENTS_WRITTEN.inc(n)
-        FLUSH_SECONDS.observe(time.perf_counter() - started)
-
-    def _current_key(self) -> AuditKey | None:
-        """The audit key: given, or loaded for this database by its KeyManager (cached)."""
-        if self._key is None:
-            self._key = audit_key.key_for(self._engine.url)
-        return self._key
-
-    async def _load_key(self) -> AuditKey | None:
-        """:meth:`_current_key`, loaded through ``key_loader`` if there is none yet."""
-        if self._current_key() is None and self._key_loader is not None:
-            self._key = await self._key_loader()
-        return self._key
-
-    async def _insert(
-        self, pg: Any, last_id: int, prev: bytes, batch: list[Row], prepared: _Prepared | None
-    ) -> None:
-        key = self._current_key()
-        if self._method == "copy":
-            if prepared is not None and prepared.base == (last_id, prev):
-                data, head = prepared.data, prepared.head
-            else:
-                data, head_id, head_hash = chain_copy(last_id, prev, batch, key)
-                head = (head_id, head_hash)
-            self._unsure = head
-
-            async def source() -> AsyncIterator[bytes]:
-                yield data
-                # The data is handed over; the server parses and inserts it now.
-                self._prebuild(*head)
-
-            await pg.copy_to_table(
-                TABLE, source=source(), columns=COLUMNS, format="text", timeout=self._timeout_s
-            )
-        else:
-            records = chain_records(last_id, prev, batch, key)
-            self._unsure = (records[-1][0], records[-1][12])
-            columns: list[list[Any]] = [list(c) for c in zip(*records, strict=True)]
-            columns[10] = [from_us(us) for us in columns[10]]
-            await pg.execute(_INSERT_SQL, *columns, timeout=self._timeout_s)
-
-    async def _connect(self) -> Any:
-        if self._conn is None:
-            self._conn = await self._engine.connect()
-        raw = await self._conn.get_raw_connection()
-        return raw.driver_connection
-
-    async def _disconnect(self, *, invalidate: bool) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if invalidate:
-                await conn.invalidate()
-            await conn.close()
-        except Exception:  # a dead connection may fail to close; the pool forgets it anyway
-            log.debug("audit writer connection did not close cleanly", exc_info=True)

@@ -27,13 +27,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor.census.locations import SECRETS_TEMPLATE
+from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE
 from keyrotor.errors import Conflict, InvalidInput, NotFound
-from keyrotor.rotation.reencrypt import SECRETS, Target, _quote
+from keyrotor.rotation.reencrypt import Target
 from keyrotor.schedule.rules import check_scope
+from keyrotor.store import columns as store
 from keyrotor.store import db
 from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of
 
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _KEY_TYPES = "smallint, integer, bigint, uuid, text or varchar"
-PK_PLACEHOLDER = "{pk}"
+# keyrotor's own tables: covered already, never registered.
+_OWN_TABLES = ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations")
 
 
 class ColumnNotFound(NotFound):
@@ -114,20 +115,11 @@ class ManagedColumn:
         )
 
     def page_sql(self, where: str = "TRUE", *, first: bool = False) -> str:
-        """``SELECT pk, value, scope`` of one keyset page: ``$1`` the last key seen, ``$2`` the size.
-
-        ``first``: the first page, with no ``$1`` (a text key has no smallest value to start
-        after); the page size is then ``$1``. The key is compared in its own type and ordered by
-        the same expression, so the key's index serves both. ``scope`` is NULL for a fixed-scope
-        column (use :meth:`scope_of`). ``where`` is keyrotor's own SQL (never user input).
-        """
-        kt = self.key_type
-        pk, val = _quote(self.pk_column), _quote(self.column)
-        scope = f"{_quote(self.scope_column)}::text" if self.scope_column else "NULL::text"
-        after = "" if first else f" AND {pk} > $1::{kt.sql}"
-        return (
-            f"SELECT {kt.select(pk)}, {val}, {scope} FROM {_quote(self.table)} WHERE {val} IS NOT NULL "
-            f"AND ({where}){after} ORDER BY {pk} LIMIT ${1 if first else 2}"
+        """``SELECT pk, value, scope`` of one keyset page (:func:`keyrotor.store.columns.page_sql`):
+        ``$1`` the last key seen, ``$2`` the size; with ``first``, the size is ``$1``. ``scope``
+        is NULL for a fixed-scope column (use :meth:`scope_of`)."""
+        return store.page_sql(
+            self.table, self.pk_column, self.column, self.scope_column, self.key_type, where, first=first
         )
 
     def scope_of(self, row_scope: str | None) -> str | None:
@@ -136,11 +128,7 @@ class ManagedColumn:
 
     def index_sql(self) -> str:
         """The expression index that makes "rows on DEK version N" an index scan."""
-        short = re.sub(r"[^A-Za-z0-9_]", "_", self.name)[:40]
-        return (
-            f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_kr_{short}_dek_version" ON {_quote(self.table)} '
-            f"((split_part({_quote(self.column)}, ':', 2)))"
-        )
+        return store.version_index_sql(self.name, self.table, self.column)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -161,19 +149,12 @@ class ManagedTarget(Target):
     """A target built from a ``managed_columns`` row (replaced on every refresh)."""
 
 
-_SELECT = (
-    "SELECT table_name, column_name, pk_column, scope_column, scope, context_template, registered_at "
-    "FROM managed_columns"
-)
-
-
 async def list_columns(session: AsyncSession) -> list[ManagedColumn]:
     """Every registered column, by name, each with its key's type as the catalog has it now."""
-    rows = (await session.execute(text(_SELECT + " ORDER BY table_name, column_name"))).all()
     out = []
-    for row in rows:
+    for row in await store.managed_columns(session):
         col = ManagedColumn(*row)
-        pk_type = await _column_type(session, _quote(col.table), col.pk_column)
+        pk_type = await store.column_type(session, col.table, col.pk_column)
         # A key whose type changed to one not supported (or a dropped table) keeps the integer
         # statements: they fail, naming the column, rather than the column silently dropping out.
         kt = key_type_of(pk_type) if pk_type is not None else None
@@ -200,19 +181,6 @@ async def refresh_targets(rc: RotationContext) -> None:
     rc.targets = kept + [t for t in loaded if t.name not in names]
 
 
-async def _column_type(session: AsyncSession, regclass: str, column: str) -> str | None:
-    return (
-        await session.execute(
-            text(
-                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND a.attnum > 0 "
-                "AND NOT a.attisdropped"
-            ),
-            {"t": regclass, "c": column},
-        )
-    ).scalar_one_or_none()
-
-
 async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
     """Check that the table, the columns and a unique single-column key of a supported type exist.
 
@@ -225,40 +193,27 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
             part of a composite primary key with no unique index of its own, or not unique, or
             the scope column is not text.
     """
-    regclass = _quote(col.table)
-    exists = (await session.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": regclass})).scalar_one()
-    if not exists:
+    if not await store.table_exists(session, col.table):
         raise ColumnNotFound(f"table {col.table!r} does not exist")
-    value_type = await _column_type(session, regclass, col.column)
+    value_type = await store.column_type(session, col.table, col.column)
     if value_type is None:
         raise ColumnNotFound(f"column {col.name!r} does not exist")
     if value_type not in ("text", "character varying") and not value_type.startswith("character varying"):
         raise InvalidInput(f"column {col.name!r} is {value_type}, not text")
-    pk_type = await _column_type(session, regclass, col.pk_column)
+    pk_type = await store.column_type(session, col.table, col.pk_column)
     if pk_type is None:
         raise ColumnNotFound(f"key column {col.table}.{col.pk_column} does not exist")
     key_type = key_type_of(pk_type)
     if key_type is None:
         raise InvalidInput(f"key column {col.table}.{col.pk_column} is {pk_type}; it must be {_KEY_TYPES}")
-    unique = (
-        await session.execute(
-            text(
-                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a "
-                "ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
-                "WHERE i.indrelid = to_regclass(:t) AND i.indisunique AND i.indnatts = 1 "
-                "AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = :c)"
-            ),
-            {"t": regclass, "c": col.pk_column},
-        )
-    ).scalar_one()
-    if not unique:
-        await _refuse_composite(session, regclass, col)
+    if not await store.unique_alone(session, col.table, col.pk_column):
+        await _refuse_composite(session, col)
         raise InvalidInput(
             f"key column {col.table}.{col.pk_column} is not unique "
             "(no primary key or unique index on it alone)"
         )
     if col.scope_column is not None:
-        scope_type = await _column_type(session, regclass, col.scope_column)
+        scope_type = await store.column_type(session, col.table, col.scope_column)
         if scope_type is None:
             raise ColumnNotFound(f"scope column {col.table}.{col.scope_column} does not exist")
         if scope_type not in ("text",) and not scope_type.startswith("character varying"):
@@ -266,20 +221,10 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
     return key_type
 
 
-async def _refuse_composite(session: AsyncSession, regclass: str, col: ManagedColumn) -> None:
+async def _refuse_composite(session: AsyncSession, col: ManagedColumn) -> None:
     """Refuse, in one line that says what to do, a key column that is part of a composite key."""
-    columns = (
-        await session.execute(
-            text(
-                "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i "
-                "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
-                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-                "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary"
-            ),
-            {"t": regclass},
-        )
-    ).scalar_one_or_none()
-    if columns and len(columns) > 1:
+    columns = await store.primary_key_columns(session, col.table)
+    if len(columns) > 1:
         raise InvalidInput(
             f"{col.table} has a composite primary key ({', '.join(columns)}); composite keys are not "
             f"supported: add a single-column unique key (e.g. CREATE UNIQUE INDEX ON {col.table} "
@@ -308,6 +253,26 @@ def _refuse_secrets_collision(template: str, key_type: KeyType) -> None:
             f"(contexts {SECRETS_TEMPLATE!r}): choose another prefix, e.g. the default "
             "<table>.<column>:{pk}"
         )
+
+
+def _new_column(
+    spec: str, pk: str, scope_column: str | None, scope: str | None, context_template: str | None
+) -> ManagedColumn:
+    """The column ``register`` is asked for, its names and template checked (not yet the database)."""
+    table, column = parse_column(spec)
+    _ident(pk, "key column")
+    if (scope_column is None) == (scope is None):
+        raise InvalidInput("give exactly one of --scope-column COLUMN and --scope NAME")
+    if scope_column is not None:
+        _ident(scope_column, "scope column")
+    if scope is not None:
+        check_scope(scope)
+    if table.split(".")[-1] in _OWN_TABLES:
+        raise Conflict(f"{table!r} is keyrotor's own table; it is covered already")
+    template = context_template if context_template is not None else f"{table}.{column}:{PK_PLACEHOLDER}"
+    if PK_PLACEHOLDER not in template:
+        raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
+    return ManagedColumn(table, column, pk, scope_column, scope, template)
 
 
 async def register(
@@ -341,42 +306,25 @@ async def register(
         ColumnNotFound: the table or a column does not exist.
         Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
     """
-    table, column = parse_column(spec)
-    _ident(pk, "key column")
-    if (scope_column is None) == (scope is None):
-        raise InvalidInput("give exactly one of --scope-column COLUMN and --scope NAME")
-    if scope_column is not None:
-        _ident(scope_column, "scope column")
-    if scope is not None:
-        check_scope(scope)
-    bare = table.split(".")[-1]
-    if bare in ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations"):
-        raise Conflict(f"{table!r} is keyrotor's own table; it is covered already")
-    template = context_template if context_template is not None else f"{table}.{column}:{PK_PLACEHOLDER}"
-    if PK_PLACEHOLDER not in template:
-        raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
-    col = ManagedColumn(table, column, pk, scope_column, scope, template)
+    col = _new_column(spec, pk, scope_column, scope, context_template)
     async with db.transaction(sessions) as session:
         key_type = await validate(session, col)
-        _refuse_secrets_collision(template, key_type)
-        inserted = (
-            await session.execute(
-                text(
-                    "INSERT INTO managed_columns (table_name, column_name, pk_column, scope_column, scope, "
-                    "context_template) VALUES (:t, :c, :pk, :sc, :s, :ct) "
-                    "ON CONFLICT (table_name, column_name) DO NOTHING RETURNING registered_at"
-                ),
-                {"t": table, "c": column, "pk": pk, "sc": scope_column, "s": scope, "ct": template},
-            )
-        ).scalar_one_or_none()
+        _refuse_secrets_collision(col.context_template, key_type)
+        inserted = await store.insert_managed_column(
+            session,
+            col.table,
+            col.column,
+            pk=pk,
+            scope_column=scope_column,
+            scope=scope,
+            context_template=col.context_template,
+        )
     if inserted is None:
         raise Conflict(f"column {col.name!r} is registered already (unregister it first to change it)")
     if create_index:
         engine: AsyncEngine = sessions.kw["bind"]
-        async with engine.connect() as conn:  # CONCURRENTLY cannot run inside a transaction
-            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await autocommit.execute(text(col.index_sql()))
-    return ManagedColumn(table, column, pk, scope_column, scope, template, inserted, key_type)
+        await store.create_index_concurrently(engine, col.index_sql())
+    return replace(col, registered_at=inserted, key_type=key_type)
 
 
 async def unregister(sessions: async_sessionmaker[AsyncSession], spec: str) -> None:
@@ -387,19 +335,9 @@ async def unregister(sessions: async_sessionmaker[AsyncSession], spec: str) -> N
     """
     table, column = parse_column(spec)
     async with db.transaction(sessions) as session:
-        gone = (
-            await session.execute(
-                text("DELETE FROM managed_columns WHERE table_name = :t AND column_name = :c RETURNING id"),
-                {"t": table, "c": column},
-            )
-        ).scalar_one_or_none()
-    if gone is None:
+        gone = await store.delete_managed_column(session, table, column)
+    if not gone:
         raise ColumnNotRegistered(f"column {table}.{column} is not registered")
-
-
-def all_legacy_targets(managed: list[Target]) -> list[Target]:
-    """``secrets`` and the managed columns: where legacy values may live."""
-    return [SECRETS, *managed]
 
 
 async def census(session: AsyncSession) -> list[dict[str, Any]]:
@@ -410,15 +348,7 @@ async def census(session: AsyncSession) -> list[dict[str, Any]]:
     """
     out = []
     for col in await list_columns(session):
-        val = _quote(col.column)
-        rows = (
-            await session.execute(
-                text(
-                    f"SELECT CASE WHEN {val} LIKE 'kr1:%' THEN split_part({val}, ':', 2) ELSE '' END AS v, "
-                    f"count(*) FROM {_quote(col.table)} WHERE {val} IS NOT NULL GROUP BY 1"
-                )
-            )
-        ).all()
+        rows = await store.values_by_version(session, col.table, col.column)
         by_version = {str(v): int(n) for v, n in rows if v}
         out.append(
             {

@@ -24,8 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyrotor.store import census as store
 
 PK_PLACEHOLDER = "{pk}"
 # The context template of keyrotor's own secrets table (keys.py seals them as ``secret:<name>``).
@@ -105,51 +106,22 @@ def classify(
 
 async def registered_covers(session: AsyncSession) -> list[Cover]:
     """The covers of every registered column."""
-    rows = (
-        await session.execute(
-            text("SELECT table_name, column_name, scope, context_template FROM managed_columns")
-        )
-    ).all()
+    rows = await store.covers(session)
     return [Cover(template, scope, f"{table}.{column}") for table, column, scope, template in rows]
 
 
 async def acknowledged_locations(session: AsyncSession) -> set[str]:
     """Locations an operator acknowledged with ``keyrotor columns ignore``."""
-    return set((await session.execute(text("SELECT location FROM location_acks"))).scalars())
+    return await store.acknowledged_locations(session)
 
 
 async def uncovered_locations(session: AsyncSession, scope_id: int, scope: str, version: int) -> list[str]:
     """Locations that received values of ``scope`` v``version`` which the census cannot count
     and no operator acknowledged: while any is listed, that version must not be destroyed."""
-    recorded = (
-        await session.execute(
-            text(
-                "SELECT location FROM key_locations WHERE scope_id = :s AND dek_version = :v "
-                "ORDER BY location"
-            ),
-            {"s": scope_id, "v": version},
-        )
-    ).scalars()
+    recorded = await store.recorded_locations(session, scope_id, version)
     covers = await registered_covers(session)
     acks = await acknowledged_locations(session)
     return [loc for loc in recorded if classify(scope, loc, covers, acks)[0] == UNREGISTERED]
-
-
-# First sighting of a (scope, version, location) in a process: one row, committed before the
-# ciphertext is returned. Later encrypts only add to the in-memory count.
-RECORD_SQL = text(
-    "INSERT INTO key_locations (scope_id, dek_version, location) VALUES (:s, :v, :l) "
-    "ON CONFLICT (scope_id, dek_version, location) DO UPDATE SET last_seen = now()"
-)
-
-# keyrotor's own writers of new ciphertexts (rotation, retirement sweeps): one statement per batch,
-# in the batch's own transaction, so the locations commit with the values (asyncpg parameters).
-_RECORD_BATCH = (
-    "INSERT INTO key_locations AS k (scope_id, dek_version, location, encryptions) "
-    "SELECT $1::bigint, $2::int, u.loc, u.n FROM unnest($3::text[], $4::bigint[]) AS u(loc, n) "
-    "ORDER BY u.loc ON CONFLICT (scope_id, dek_version, location) DO UPDATE "
-    "SET encryptions = k.encryptions + excluded.encryptions, last_seen = now()"
-)
 
 
 async def record_batch(apg: Any, scope_id: int, version: int, counts: Mapping[str, int]) -> None:
@@ -157,4 +129,6 @@ async def record_batch(apg: Any, scope_id: int, version: int, counts: Mapping[st
     v``version``, inside the caller's transaction (``apg``: its asyncpg connection)."""
     if counts:
         locations = sorted(counts)
-        await apg.execute(_RECORD_BATCH, scope_id, version, locations, [counts[loc] for loc in locations])
+        await store.record_location_counts(
+            apg, scope_id, version, locations, [counts[loc] for loc in locations]
+        )

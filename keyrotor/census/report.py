@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit.log import record_config_change
@@ -28,17 +27,11 @@ from keyrotor.census.locations import (
     registered_covers,
 )
 from keyrotor.errors import InvalidInput, NotFound
+from keyrotor.store import census as store
 
 MAX_LOCATION_CHARS = 1024  # an encrypt context is at most 1024 characters (KeyManager)
 MAX_REASON_CHARS = 500
 _COLUMN_LIKE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}")
-
-_LOCATIONS = text(
-    "SELECT s.name, k.location, k.dek_version, d.state, k.encryptions, k.first_seen, k.last_seen "
-    "FROM key_locations k JOIN key_scopes s ON s.id = k.scope_id "
-    "LEFT JOIN data_keys d ON d.scope_id = k.scope_id AND d.version = k.dek_version "
-    "ORDER BY s.name, k.location, k.dek_version"
-)
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ async def list_locations(session: AsyncSession) -> list[LocationView]:
     covers = await registered_covers(session)
     acks = await acknowledged_locations(session)
     views: dict[tuple[str, str], LocationView] = {}
-    for scope, location, version, state, n, first, last in (await session.execute(_LOCATIONS)).all():
+    for scope, location, version, state, n, first, last in await store.location_versions(session):
         view = views.get((scope, location))
         if view is None:
             coverage, by = classify(scope, location, covers, acks)
@@ -172,12 +165,7 @@ def _check_reason(reason: str) -> str:
 
 
 async def _ack(session: AsyncSession, location: str) -> dict[str, Any] | None:
-    row = (
-        await session.execute(
-            text("SELECT reason, actor, acknowledged_at FROM location_acks WHERE location = :l FOR UPDATE"),
-            {"l": location},
-        )
-    ).first()
+    row = await store.acknowledgement(session, location)
     if row is None:
         return None
     return {"location": location, "reason": row[0], "actor": row[1], "acknowledged_at": row[2].isoformat()}
@@ -191,24 +179,12 @@ async def ignore(session: AsyncSession, location: str, *, reason: str, actor: st
         NotFound: no value was ever recorded at that location (a typo would acknowledge nothing).
     """
     location, reason = parse_location(location), _check_reason(reason)
-    recorded = (
-        await session.execute(
-            text("SELECT 1 FROM key_locations WHERE location = :l LIMIT 1"), {"l": location}
-        )
-    ).first()
-    if recorded is None:
+    if not await store.location_recorded(session, location):
         raise NotFound(
             f"no value was recorded at location {display(location)!r}: see `keyrotor columns list`"
         )
     before = await _ack(session, location)
-    await session.execute(
-        text(
-            "INSERT INTO location_acks (location, reason, actor) VALUES (:l, :r, :a) "
-            "ON CONFLICT (location) DO UPDATE SET reason = excluded.reason, actor = excluded.actor, "
-            "acknowledged_at = now()"
-        ),
-        {"l": location, "r": reason, "a": actor},
-    )
+    await store.acknowledge(session, location, reason, actor)
     after = await _ack(session, location)
     assert after is not None
     await record_config_change(session, actor, "location_ack", before, after)
@@ -226,6 +202,6 @@ async def unignore(session: AsyncSession, location: str, *, actor: str) -> dict[
     before = await _ack(session, location)
     if before is None:
         raise NotFound(f"location {display(location)!r} is not acknowledged: see `keyrotor columns list`")
-    await session.execute(text("DELETE FROM location_acks WHERE location = :l"), {"l": location})
+    await store.drop_acknowledgement(session, location)
     await record_config_change(session, actor, "location_ack", before, None)
     return before

@@ -45,11 +45,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.census.locations import RECORD_SQL
 from keyrotor.errors import KeyExhausted, KeyVersionUnknown
+from keyrotor.store import census as store
 from keyrotor.store import db
 
 log = structlog.get_logger("keyrotor.census.usage")
@@ -58,46 +57,10 @@ HARD_CEILING = 2**31
 """No DEK ever encrypts more values than this (half of NIST's 2**32 bound for random nonces)."""
 BLOCK_FIRST = 16
 """The first block a process reserves for a DEK; each next one doubles, up to BLOCK_MAX."""
-# A reservation is a transaction (~1-7 ms on a loaded 2-core machine); at 300,000 encrypts a
-# second, blocks of 1,024 cost 3 us an encrypt, as much as the encrypt itself (bench_keymanager).
-# 65,536 makes it negligible; a process that dies wastes at most that, 1/16,384 of 2**30.
+# A reservation is a transaction: blocks must be large enough that its cost, shared by the
+# encrypts of a block, stays negligible next to an encrypt. A process that dies wastes at most
+# one block, 1/16,384 of 2**30.
 BLOCK_MAX = 65_536
-
-# One round trip: lock the key row, compute the hard stop, reserve what is asked for (at least
-# :need, all or nothing; at most :want and a quarter of what is left), return what was reserved.
-# The scope row is only read (not locked), so this never deadlocks with a rotation.
-_RESERVE = text(
-    "WITH c AS (SELECT d.id, d.encryptions AS used, "
-    "LEAST(coalesce(s.max_encryptions, :default_max), :ceiling) AS lim, "
-    "s.rotation_enabled AND s.active_version = d.version AS rotates "
-    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-    "WHERE d.scope_id = :sid AND d.version = :ver FOR UPDATE OF d), "
-    "h AS (SELECT c.*, CASE WHEN rotates THEN LEAST(2 * lim, :ceiling) ELSE lim END AS hard FROM c), "
-    "g AS (SELECT h.*, CASE WHEN hard - used < :need THEN 0 "
-    "ELSE LEAST(hard - used, GREATEST(:need, LEAST(:want, (hard - used) / 4))) END AS n FROM h) "
-    "UPDATE data_keys d SET encryptions = d.encryptions + g.n FROM g WHERE d.id = g.id "
-    "RETURNING g.n, d.encryptions, g.lim, g.hard, g.rotates"
-)
-# In a transaction of its own (after the reservation committed): locking the scope row while
-# holding the data_keys row could deadlock with a rotation, which locks them the other way round.
-_MARK_DUE = text(
-    "UPDATE key_scopes s SET next_rotation_at = :now, updated_at = now() "
-    "WHERE s.id = :sid AND s.active_version = :ver AND s.rotation_enabled "
-    "AND (s.next_rotation_at IS NULL OR s.next_rotation_at > :now) "
-    "RETURNING s.name"
-)
-
-# Per-location counts, batched. An upsert, so a row that was evicted from (or never entered) the
-# seen set still lands; rows are taken in key order so concurrent flushes never deadlock, and a
-# scope deleted meanwhile drops its counts instead of failing every flush.
-_ADD_LOCATIONS = text(
-    "INSERT INTO key_locations AS k (scope_id, dek_version, location, encryptions) "
-    "SELECT u.sid, u.ver, u.loc, u.n FROM unnest(CAST(:sids AS bigint[]), CAST(:vers AS int[]), "
-    "CAST(:locs AS text[]), CAST(:ns AS bigint[])) AS u(sid, ver, loc, n) "
-    "JOIN key_scopes s ON s.id = u.sid ORDER BY u.sid, u.ver, u.loc "
-    "ON CONFLICT (scope_id, dek_version, location) DO UPDATE "
-    "SET encryptions = k.encryptions + excluded.encryptions, last_seen = now()"
-)
 
 SEEN_MAX = 65_536
 """Locations a process remembers as recorded; the oldest is forgotten first."""
@@ -183,23 +146,19 @@ class UsageCounter:
         """Reserve at least ``need`` encryptions of ``key`` in the database; returns how many."""
         want = self._block.get(key, BLOCK_FIRST)
         async with db.transaction(self._sessions()) as session:
-            row = (
-                await session.execute(
-                    _RESERVE,
-                    {
-                        "sid": key[0],
-                        "ver": key[1],
-                        "need": need,
-                        "want": max(want, need),
-                        "default_max": self._default_max,
-                        "ceiling": HARD_CEILING,
-                    },
-                )
-            ).first()
+            row = await store.reserve_encryptions(
+                session,
+                key[0],
+                key[1],
+                need=need,
+                want=max(want, need),
+                default_max=self._default_max,
+                ceiling=HARD_CEILING,
+            )
         name = scope or f"scope id {key[0]}"
         if row is None:
             raise KeyVersionUnknown(f"{name}: DEK v{key[1]} cannot encrypt new values")
-        got, total, lim, hard, rotates = int(row[0]), int(row[1]), int(row[2]), int(row[3]), bool(row[4])
+        got, total, lim, hard, rotates = row
         self._block[key] = min(want * 2, BLOCK_MAX)
         if rotates and total >= lim:
             await self._mark_due(key)
@@ -213,17 +172,19 @@ class UsageCounter:
 
     async def _mark_due(self, key: tuple[int, int]) -> None:
         """The active DEK reached its limit: make its scope due now (once; an outage is logged,
-        and the next reservation tries again)."""
+        and the next reservation tries again).
+
+        In a transaction of its own, after the reservation committed: locking the scope row while
+        holding the data_keys row could deadlock with a rotation, which locks them the other way round.
+        """
         try:
             async with db.transaction(self._sessions()) as session:
-                marked = (
-                    await session.execute(_MARK_DUE, {"sid": key[0], "ver": key[1], "now": datetime.now(UTC)})
-                ).first()
+                marked = await store.mark_scope_due(session, key[0], key[1], datetime.now(UTC))
         except Exception as exc:
             log.warning("usage_mark_due_failed", error=f"{type(exc).__name__}: {exc}")
             return
         if marked is not None:
-            log.info("dek_usage_limit_reached", scope=marked[0], version=key[1])
+            log.info("dek_usage_limit_reached", scope=marked, version=key[1])
 
     def count(self, scope_id: int, version: int, location: str, n: int = 1) -> bool:
         """Count ``n`` encryptions to ``location`` (no I/O) if this process recorded it already.
@@ -245,7 +206,7 @@ class UsageCounter:
         (new to this process) the caller must ``await record(...)`` before it hands out the
         ciphertext.
         """
-        # Runs on every encrypt (bench_keymanager measures it). Encrypts of a process mostly go
+        # Runs on every encrypt, so it must stay cheap. Encrypts of a process mostly go
         # to the location of the previous one: that case builds no string and no key.
         last = self._last
         if (
@@ -303,7 +264,7 @@ class UsageCounter:
 
     async def _write_first(self, key: Located) -> None:
         async with db.transaction(self._sessions()) as session:
-            await session.execute(RECORD_SQL, {"s": key[0], "v": key[1], "l": key[2]})
+            await store.record_location(session, *key)
         self._remember(key, 0)
 
     def _remember(self, key: Located, n: int) -> None:
@@ -388,12 +349,4 @@ class UsageCounter:
             return
         keys = sorted(locs)
         async with db.transaction(self._sessions()) as session:
-            await session.execute(
-                _ADD_LOCATIONS,
-                {
-                    "sids": [k[0] for k in keys],
-                    "vers": [k[1] for k in keys],
-                    "locs": [k[2] for k in keys],
-                    "ns": [locs[k] for k in keys],
-                },
-            )
+            await store.add_location_counts(session, keys, [locs[k] for k in keys])

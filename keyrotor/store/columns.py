@@ -1,0 +1,163 @@
+"""``managed_columns`` (application columns keyrotor covers) and the catalog facts registering one needs.
+
+Identifiers reach SQL only through :func:`quote_ident`: validated as plain identifiers, then
+double-quoted, so a name is never formatted into a statement unquoted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from keyrotor.errors import ConfigurationError
+from keyrotor.store.key_ranges import KeyType
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_SELECT = (
+    "SELECT table_name, column_name, pk_column, scope_column, scope, context_template, registered_at "
+    "FROM managed_columns"
+)
+_COLUMN_TYPE = text(
+    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+    "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND a.attnum > 0 "
+    "AND NOT a.attisdropped"
+)
+_UNIQUE_ALONE = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a "
+    "ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+    "WHERE i.indrelid = to_regclass(:t) AND i.indisunique AND i.indnatts = 1 "
+    "AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = :c)"
+)
+_PRIMARY_KEY = text(
+    "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i "
+    "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+    "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+    "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary"
+)
+
+
+def quote_ident(name: str) -> str:
+    """``name`` (or ``schema.name``) double-quoted.
+
+    Raises:
+        ConfigurationError: not one or two plain identifiers joined by a dot.
+    """
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 2 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise ConfigurationError(f"not a plain SQL identifier: {name[:80]!r}")
+    return ".".join(f'"{p}"' for p in parts)
+
+
+async def managed_columns(session: AsyncSession) -> Sequence[Sequence[Any]]:
+    """Every registered column as ``(table, column, pk_column, scope_column, scope, context_template,
+    registered_at)``, by table and column."""
+    return (await session.execute(text(_SELECT + " ORDER BY table_name, column_name"))).all()
+
+
+async def insert_managed_column(
+    session: AsyncSession,
+    table: str,
+    column: str,
+    *,
+    pk: str,
+    scope_column: str | None,
+    scope: str | None,
+    context_template: str,
+) -> datetime | None:
+    """Register a column; its ``registered_at``, or None if it was registered already."""
+    stmt = text(
+        "INSERT INTO managed_columns (table_name, column_name, pk_column, scope_column, scope, "
+        "context_template) VALUES (:t, :c, :pk, :sc, :s, :ct) "
+        "ON CONFLICT (table_name, column_name) DO NOTHING RETURNING registered_at"
+    )
+    params = {"t": table, "c": column, "pk": pk, "sc": scope_column, "s": scope, "ct": context_template}
+    found: datetime | None = (await session.execute(stmt, params)).scalar_one_or_none()
+    return found
+
+
+async def delete_managed_column(session: AsyncSession, table: str, column: str) -> bool:
+    """Unregister a column; False if it was not registered."""
+    stmt = text("DELETE FROM managed_columns WHERE table_name = :t AND column_name = :c RETURNING id")
+    return (await session.execute(stmt, {"t": table, "c": column})).scalar_one_or_none() is not None
+
+
+async def table_exists(session: AsyncSession, table: str) -> bool:
+    """Whether ``table`` (``schema.table`` allowed) exists."""
+    found = await session.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": quote_ident(table)})
+    return bool(found.scalar_one())
+
+
+async def column_type(session: AsyncSession, table: str, column: str) -> str | None:
+    """The column's type as ``format_type`` spells it; None if the table or column does not exist."""
+    found = await session.execute(_COLUMN_TYPE, {"t": quote_ident(table), "c": column})
+    value: str | None = found.scalar_one_or_none()
+    return value
+
+
+async def unique_alone(session: AsyncSession, table: str, column: str) -> bool:
+    """Whether a unique index (no predicate, no expression) covers ``column`` alone."""
+    found = await session.execute(_UNIQUE_ALONE, {"t": quote_ident(table), "c": column})
+    return bool(found.scalar_one())
+
+
+async def primary_key_columns(session: AsyncSession, table: str) -> list[str]:
+    """The columns of the table's primary key, in key order (empty without one)."""
+    found = (await session.execute(_PRIMARY_KEY, {"t": quote_ident(table)})).scalar_one_or_none()
+    return list(found or [])
+
+
+async def values_by_version(session: AsyncSession, table: str, column: str) -> Sequence[Sequence[Any]]:
+    """``(DEK version as text, count)`` of a column's non-NULL values; version ``''`` counts the
+    values that are not ``kr1`` (legacy). One grouped scan."""
+    val = quote_ident(column)
+    stmt = text(
+        f"SELECT CASE WHEN {val} LIKE 'kr1:%' THEN split_part({val}, ':', 2) ELSE '' END AS v, "
+        f"count(*) FROM {quote_ident(table)} WHERE {val} IS NOT NULL GROUP BY 1"
+    )
+    return (await session.execute(stmt)).all()
+
+
+def page_sql(
+    table: str,
+    pk_column: str,
+    column: str,
+    scope_column: str | None,
+    key_type: KeyType,
+    where: str = "TRUE",
+    *,
+    first: bool = False,
+) -> str:
+    """``SELECT pk, value, scope`` of one keyset page of a column (asyncpg parameters): ``$1`` the
+    last key seen, ``$2`` the size; with ``first``, no ``$1`` and the size is ``$1``.
+
+    The key is compared in its own type and ordered by the same expression, so the key's index
+    serves both. ``scope`` is NULL without a ``scope_column``. ``where`` is keyrotor's own SQL.
+    """
+    pk, val = quote_ident(pk_column), quote_ident(column)
+    scope = f"{quote_ident(scope_column)}::text" if scope_column else "NULL::text"
+    after = "" if first else f" AND {pk} > $1::{key_type.sql}"
+    return (
+        f"SELECT {key_type.select(pk)}, {val}, {scope} FROM {quote_ident(table)} WHERE {val} IS NOT NULL "
+        f"AND ({where}){after} ORDER BY {pk} LIMIT ${1 if first else 2}"
+    )
+
+
+def version_index_sql(name: str, table: str, column: str) -> str:
+    """The expression index that makes "rows on DEK version N" of a column an index scan."""
+    short = re.sub(r"[^A-Za-z0-9_]", "_", name)[:40]
+    return (
+        f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_kr_{short}_dek_version" ON {quote_ident(table)} '
+        f"((split_part({quote_ident(column)}, ':', 2)))"
+    )
+
+
+async def create_index_concurrently(engine: AsyncEngine, index_sql: str) -> None:
+    """Run a ``CREATE INDEX CONCURRENTLY`` statement (outside any transaction, as it must be)."""
+    async with engine.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await autocommit.execute(text(index_sql))
