@@ -15,10 +15,12 @@ constant time); the app refuses to be built without a token. Bad parameters give
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.audit.key import load_keys
@@ -53,12 +55,26 @@ def create_app(
     Raises:
         ConfigurationError: no token, or one shorter than 16 characters.
     """
+    app = web.Application(middlewares=[_authenticator(_token(settings)), _typed_errors])
+    app[_VERIFY_LOCK] = asyncio.Lock()
+    app.cleanup_ctx.append(functools.partial(_resources, settings, engine))
+    app.router.add_get(f"{prefix}/events", _events)
+    app.router.add_get(f"{prefix}/verify", _verify)
+    return app
+
+
+def _token(settings: Settings) -> str:
     token = settings.audit_api_token.get_secret_value() if settings.audit_api_token else ""
     if len(token) < MIN_TOKEN_CHARS:
         raise ConfigurationError(
             f"the audit API needs KEYROTOR_AUDIT_API_TOKEN (at least {MIN_TOKEN_CHARS} characters); "
             "refusing to serve the audit log without authentication"
         )
+    return token
+
+
+def _authenticator(token: str) -> Middleware:
+    """A middleware refusing (401) every request without ``Authorization: Bearer <token>``."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -72,36 +88,35 @@ def create_app(
             )
         return await handler(request)
 
-    @web.middleware
-    async def typed_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except InvalidInput as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        except TransientError as exc:
-            return web.json_response({"error": str(exc)}, status=503)
-        except KeyrotorError as exc:
-            return web.json_response({"error": str(exc)}, status=500)
+    return authenticate
 
-    app = web.Application(middlewares=[authenticate, typed_errors])
-    app[_VERIFY_LOCK] = asyncio.Lock()
 
-    async def database(app: web.Application) -> AsyncIterator[None]:
-        own = engine is None
-        eng = db.create_engine(settings.database_url) if engine is None else engine
-        app[_SESSIONS] = db.sessionmaker(eng)
-        app[_KEK] = await open_provider(settings)
-        try:
-            yield
-        finally:
-            await app[_KEK].aclose()
-            if own:
-                await eng.dispose()
+@web.middleware
+async def _typed_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except InvalidInput as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except TransientError as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+    except KeyrotorError as exc:
+        return web.json_response({"error": str(exc)}, status=500)
 
-    app.cleanup_ctx.append(database)
-    app.router.add_get(f"{prefix}/events", _events)
-    app.router.add_get(f"{prefix}/verify", _verify)
-    return app
+
+async def _resources(
+    settings: Settings, engine: AsyncEngine | None, app: web.Application
+) -> AsyncIterator[None]:
+    """The app's sessions and KEK provider while it runs; an engine of its own unless given one."""
+    own = engine is None
+    eng = db.create_engine(settings.database_url) if engine is None else engine
+    app[_SESSIONS] = db.sessionmaker(eng)
+    app[_KEK] = await open_provider(settings)
+    try:
+        yield
+    finally:
+        await app[_KEK].aclose()
+        if own:
+            await eng.dispose()
 
 
 async def _events(request: web.Request) -> web.Response:

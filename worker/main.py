@@ -38,7 +38,6 @@ import structlog
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import Function, Retry, func
-from sqlalchemy import text
 
 from keyrotor import metrics, runs
 from keyrotor.errors import ConfigurationError, KeyrotorError
@@ -63,6 +62,7 @@ from keyrotor.queue.serialization import ARQ_SERIALIZERS
 from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store.ops import ping
 from keyrotor.worker import http as ops
 from keyrotor.worker.logs import configure_logging
 
@@ -261,7 +261,7 @@ async def start_ops_server(ctx: dict[str, Any]) -> ops.OpsServer:
 
     async def postgres() -> None:
         async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            await ping(conn)
 
     async def redis_ping() -> None:
         await redis.ping()

@@ -11,10 +11,10 @@ from keyrotor.kek.base import KekProvider
 from keyrotor.kek.install_salt import DeferredLocalKeyring, read_install_salt
 from keyrotor.kek.local import LocalKeyring, check_master_key
 from keyrotor.kek.routing import RoutingKek
-from keyrotor.settings import Settings
+from keyrotor.settings import KekSettings
 
 
-def local_keyring(settings: Settings, install_salt: bytes | None = None) -> LocalKeyring:
+def local_keyring(settings: KekSettings, install_salt: bytes | None = None) -> LocalKeyring:
     """The local keyring from ``ENCRYPTION_KEY`` (+ ``ENCRYPTION_KEYS_PREVIOUS``).
 
     ``install_salt`` is this install's salt (:func:`keyrotor.kek.install_salt.read_install_salt`;
@@ -36,7 +36,7 @@ def local_keyring(settings: Settings, install_salt: bytes | None = None) -> Loca
 
 
 async def open_provider(
-    settings: Settings, environ: Mapping[str, str] | None = None, *, install_salt: bool = True
+    settings: KekSettings, environ: Mapping[str, str] | None = None, *, install_salt: bool = True
 ) -> KekProvider:
     """Open the provider ``settings.secrets_provider`` names.
 
@@ -66,7 +66,7 @@ async def open_provider(
     return RoutingKek(primary, readers)
 
 
-def read_providers(settings: Settings) -> list[str]:
+def read_providers(settings: KekSettings) -> list[str]:
     """``KEYROTOR_KEK_READ_PROVIDERS`` as a list, without ``SECRETS_PROVIDER`` itself.
 
     Raises:
@@ -82,7 +82,7 @@ def read_providers(settings: Settings) -> list[str]:
 
 
 async def _open_one(
-    name: str, settings: Settings, environ: Mapping[str, str], install_salt: bool
+    name: str, settings: KekSettings, environ: Mapping[str, str], install_salt: bool
 ) -> KekProvider:
     if name == "local":
         check_master_key(settings.encryption_key.get_secret_value() if settings.encryption_key else None)

@@ -60,7 +60,8 @@ def _actor(as_: str | None) -> str:
     return check_actor(as_ if as_ is not None else settings().default_actor)
 
 
-def _line(e: dict[str, Any]) -> str:
+def event_line(e: dict[str, Any]) -> str:
+    """One audit event as the one-line text `audit tail` and `audit query` print."""
     when = datetime.fromisoformat(e["created_at"]).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     parts = [when, f"#{e['id']}", f"{e['event_type']:<14}", e["scope"] or "-"]
     if e["key_version"] is not None:
@@ -76,7 +77,7 @@ def _line(e: dict[str, Any]) -> str:
 
 def _print_events(events: list[dict[str, Any]], json_lines: bool) -> None:
     for e in events:
-        sys.stdout.write((json.dumps(e) if json_lines else _line(e)) + "\n")
+        sys.stdout.write((json.dumps(e) if json_lines else event_line(e)) + "\n")
     sys.stdout.flush()
 
 
@@ -217,6 +218,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port to listen on")] = 8087,
 ) -> None:
     """Serve the read-only HTTP API (GET /audit/events, GET /audit/verify); needs KEYROTOR_AUDIT_API_TOKEN."""
+    # Imported here: aiohttp takes about a third of a second to import, and only this command
+    # serves HTTP, so every other command starts without it.
     from aiohttp import web
 
     from keyrotor.worker.audit_api import create_app

@@ -34,11 +34,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 import typer
 
+from keyrotor.audit.log import AuditQuery, query_events
+from keyrotor.queue.client import KeyrotorClient
+from keyrotor.replication import check as replication
+from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
-from keyrotor.store import db
+from keyrotor.store import db, ops
+from keyrotor.worker.cli.audit import event_line
 from keyrotor.worker.cli.common import err_console, manager, out_console, progress, run, settings
+from keyrotor.worker.cli.health import HEALTH_CHECK_SUFFIX
 from keyrotor.worker.cli.status import status
 
 
@@ -110,10 +117,6 @@ class _Process:
 
 
 async def _wait_ready(cfg: Settings, procs: list[_Process]) -> None:
-    import redis.asyncio as aioredis
-
-    from keyrotor.worker.cli.health import HEALTH_CHECK_SUFFIX
-
     client: Any = aioredis.from_url(cfg.redis_url)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:
@@ -138,17 +141,12 @@ def _tenant_keys(provider: str, n: int) -> list[tuple[str, str]]:
 
 def _replicas_line(cfg: Settings) -> str | None:
     """What to say about replicas when the status command shows no region table."""
-    from keyrotor.replication import check as replication
-
     if replication.parse_regions(cfg):
         return None  # `status` printed the regions' table
     return "replicas: not configured (no KEYROTOR_REGIONS; docs/replication.md)"
 
 
 async def _rotate_all(cfg: Settings, worker: _Process) -> None:
-    from keyrotor.queue.client import KeyrotorClient
-    from keyrotor.runs import RunInfo
-
     async with KeyrotorClient(cfg) as client:
         handles = {scope: await client.rotate(scope, trigger="cli") for scope in DEMO_KEYS}
         with progress() as bar:
@@ -185,31 +183,11 @@ def _scrape(port: int) -> list[str]:
 async def _audit_excerpt(cfg: Settings, n: int) -> tuple[list[str], int]:
     """The newest ``n`` audit events, leaving out the per-tenant demo keys' ``encrypt`` events
     (thousands of them would hide the rotations); returns the lines and how many were left out."""
-    from sqlalchemy import text
-
-    from keyrotor.audit.log import TABLE, AuditQuery, query_events
-    from keyrotor.worker.cli.audit import _line
-
-    bulk = "event_type = 'encrypt' AND (metadata->>'context') LIKE 'secret:tenant-%'"
     engine = db.create_engine(cfg.database_url, pool_size=1)
     try:
         async with db.transaction(db.sessionmaker(engine)) as session:
-            ids = (
-                (
-                    await session.execute(
-                        text(f"SELECT id FROM {TABLE} WHERE NOT ({bulk}) ORDER BY id DESC LIMIT :n"), {"n": n}
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            skipped = 0
-            if ids:
-                skipped = (
-                    await session.execute(
-                        text(f"SELECT count(*) FROM {TABLE} WHERE id > :lo AND {bulk}"), {"lo": min(ids)}
-                    )
-                ).scalar_one()
+            ids = await ops.newest_audit_ids_but_demo_bulk(session, n)
+            skipped = await ops.count_demo_bulk_after(session, min(ids)) if ids else 0
             events = [
                 e
                 for i in sorted(ids)
@@ -217,7 +195,79 @@ async def _audit_excerpt(cfg: Settings, n: int) -> tuple[list[str], int]:
             ]
     finally:
         await engine.dispose()
-    return [_line(e) for e in events], int(skipped)
+    return [event_line(e) for e in events], skipped
+
+
+async def _store_demo_keys(url: str, rows: int) -> None:
+    """Steps 1 and 2: the schema, then each provider's demo key (read back) and its tenants' keys."""
+    if await db.ensure_database(url):
+        err_console.print("created the database")
+    engine = db.create_engine(url)
+    try:
+        await db.upgrade(engine)
+    finally:
+        await engine.dispose()
+    err_console.print("[bold]1.[/bold] schema is up to date")
+    async with manager() as km:
+        for provider, make in DEMO_KEYS.items():
+            value = make()
+            await km.put_secret(provider, "demo", value)
+            back = await km.get_secret(provider, "demo")
+            if back != value:
+                raise RuntimeError(f"{provider}/demo did not read back")
+            err_console.print(f"[bold]2.[/bold] stored and read back {provider}/demo = {_masked(value)}")
+            if rows:
+                await km.put_secrets(provider, _tenant_keys(provider, rows))
+                err_console.print(f"   and {rows} per-tenant {provider} keys ({provider}/tenant-00001 ...)")
+
+
+def _start_processes(procs: list[_Process], log_dir: Path, port: int) -> None:
+    """Step 3: a worker (metrics on ``port``, small batches so the bar moves) and a fast-scanning
+    scheduler, appended to ``procs`` as they start so the caller stops whichever did."""
+    base = {**os.environ, "KEYROTOR_LOG_FORMAT": "json"}
+    worker_env = {
+        **base,
+        "KEYROTOR_METRICS_PORT": str(port),
+        "KEYROTOR_METRICS_HOST": "127.0.0.1",
+        "KEYROTOR_REENCRYPT_BATCH_ROWS": str(DEMO_BATCH_ROWS),
+    }
+    sched_env = {**base, "KEYROTOR_METRICS_PORT": "0", "KEYROTOR_SCAN_INTERVAL_SECONDS": "2"}
+    procs.append(_Process("worker", ["worker"], worker_env, log_dir))
+    procs.append(_Process("scheduler", ["scheduler"], sched_env, log_dir))
+    err_console.print(
+        f"[bold]3.[/bold] started a worker (pid {procs[0].proc.pid}, metrics on 127.0.0.1:{port}) "
+        f"and a scheduler (pid {procs[1].proc.pid}); logs in {log_dir}"
+    )
+
+
+def _show_results(cfg: Settings, port: int) -> None:
+    """Step 5: the status table, the replicas, the worker's counters and the audit excerpt."""
+    err_console.print("[bold]5.[/bold] status:")
+    status(scope=None, json_out=False)
+    replicas = _replicas_line(cfg)
+    if replicas is not None:
+        out_console.print(replicas)
+    with contextlib.suppress(OSError):
+        out_console.print("worker metrics (excerpt):")
+        for line in _scrape(port):
+            out_console.print("  " + line, markup=False, highlight=False)
+    lines, skipped = run(lambda: _audit_excerpt(cfg, 10))
+    out_console.print(
+        "audit log (last 10 events"
+        + (f"; {skipped} encrypt events of the tenant keys among them left out" if skipped else "")
+        + "):"
+    )
+    for line in lines:
+        out_console.print("  " + line, markup=False, highlight=False)
+
+
+def _stop(procs: list[_Process]) -> None:
+    """Step 6: SIGTERM each process, the scheduler first, and wait for it."""
+    codes = {p.name: p.stop() for p in reversed(procs)}
+    if codes:
+        err_console.print(
+            "[bold]6.[/bold] stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items())
+        )
 
 
 def demo(
@@ -230,78 +280,19 @@ def demo(
 ) -> None:
     """Migrate, store demo API keys, start a worker and a scheduler, rotate, show status and audit, stop."""
     cfg = settings()
-    url = cfg.database_url
-
-    async def prepare() -> None:
-        if await db.ensure_database(url):
-            err_console.print("created the database")
-        engine = db.create_engine(url)
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
-        err_console.print("[bold]1.[/bold] schema is up to date")
-        async with manager() as km:
-            for provider, make in DEMO_KEYS.items():
-                value = make()
-                await km.put_secret(provider, "demo", value)
-                back = await km.get_secret(provider, "demo")
-                if back != value:
-                    raise RuntimeError(f"{provider}/demo did not read back")
-                err_console.print(f"[bold]2.[/bold] stored and read back {provider}/demo = {_masked(value)}")
-                if rows:
-                    await km.put_secrets(provider, _tenant_keys(provider, rows))
-                    err_console.print(
-                        f"   and {rows} per-tenant {provider} keys ({provider}/tenant-00001 ...)"
-                    )
-
-    run(prepare)
+    run(lambda: _store_demo_keys(cfg.database_url, rows))
     if store_only:
         status(scope=None, json_out=False)
         return
-
     log_dir = Path(tempfile.mkdtemp(prefix="keyrotor-demo-"))
     port = _free_port()
-    base = {**os.environ, "KEYROTOR_LOG_FORMAT": "json"}
-    worker_env = {
-        **base,
-        "KEYROTOR_METRICS_PORT": str(port),
-        "KEYROTOR_METRICS_HOST": "127.0.0.1",
-        "KEYROTOR_REENCRYPT_BATCH_ROWS": str(DEMO_BATCH_ROWS),
-    }
-    sched_env = {**base, "KEYROTOR_METRICS_PORT": "0", "KEYROTOR_SCAN_INTERVAL_SECONDS": "2"}
     procs: list[_Process] = []
     try:
-        procs.append(_Process("worker", ["worker"], worker_env, log_dir))
-        procs.append(_Process("scheduler", ["scheduler"], sched_env, log_dir))
-        err_console.print(
-            f"[bold]3.[/bold] started a worker (pid {procs[0].proc.pid}, metrics on 127.0.0.1:{port}) "
-            f"and a scheduler (pid {procs[1].proc.pid}); logs in {log_dir}"
-        )
+        _start_processes(procs, log_dir, port)
         run(lambda: _wait_ready(cfg, procs))
         err_console.print("   both reported in (arq health-check key, scheduler leader heartbeat)")
         err_console.print("[bold]4.[/bold] rotating every demo scope's DEK on demand:")
         run(lambda: _rotate_all(cfg, procs[0]))
-        err_console.print("[bold]5.[/bold] status:")
-        status(scope=None, json_out=False)
-        replicas = _replicas_line(cfg)
-        if replicas is not None:
-            out_console.print(replicas)
-        with contextlib.suppress(OSError):
-            out_console.print("worker metrics (excerpt):")
-            for line in _scrape(port):
-                out_console.print("  " + line, markup=False, highlight=False)
-        lines, skipped = run(lambda: _audit_excerpt(cfg, 10))
-        out_console.print(
-            "audit log (last 10 events"
-            + (f"; {skipped} encrypt events of the tenant keys among them left out" if skipped else "")
-            + "):"
-        )
-        for line in lines:
-            out_console.print("  " + line, markup=False, highlight=False)
+        _show_results(cfg, port)
     finally:
-        codes = {p.name: p.stop() for p in reversed(procs)}
-        if codes:
-            err_console.print(
-                "[bold]6.[/bold] stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items())
-            )
+        _stop(procs)

@@ -26,14 +26,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
+import redis.asyncio as aioredis
 import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.audit import lockdown
+from keyrotor.census import report as census
 from keyrotor.errors import KeyrotorError
+from keyrotor.kek.factory import open_provider
+from keyrotor.replication import check as replication
 from keyrotor.settings import Settings
+from keyrotor.store import db, ops
 from keyrotor.worker.cli.common import out_console, print_json, run
 
 T = TypeVar("T")
@@ -66,71 +73,18 @@ async def _bounded(fn: Callable[[], Awaitable[Result]]) -> Result:
 async def collect(settings: Settings) -> dict[str, Result]:
     """Run every check concurrently. Each result has ``status``: ``ok``, ``fail``, ``warn`` or
     ``not_configured``, and a ``detail`` or an ``error``."""
-    import redis.asyncio as aioredis
-    from sqlalchemy import text
-
-    from keyrotor.kek.factory import open_provider
-    from keyrotor.store import db
-
     redis: Any = aioredis.from_url(  # type: ignore[no-untyped-call]
         settings.redis_url, socket_connect_timeout=2, socket_timeout=2, retry_on_timeout=False
     )
-
-    async def postgres() -> Result:
-        engine = db.create_engine(settings.database_url, pool_size=1)
-        try:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            missing = db.head_revisions() - await db.current_revisions(engine)
-        finally:
-            await engine.dispose()
-        if missing:
-            return {"status": "fail", "error": "schema not up to date: run `keyrotor db upgrade`"}
-        return {"status": "ok", "detail": "reachable, schema up to date"}
-
-    async def redis_ping() -> Result:
-        await redis.ping()
-        return {"status": "ok", "detail": "reachable"}
-
-    async def kek() -> Result:
-        provider = await open_provider(settings)
-        try:
-            await provider.check()
-        finally:
-            await provider.aclose()
-        return {"status": "ok", "detail": f"{provider.name}: probe round trip ok"}
-
-    async def worker() -> Result:
-        key = settings.queue_name + HEALTH_CHECK_SUFFIX
-        value = await redis.get(key)
-        if value is None:
-            return {"status": "fail", "error": f"no worker has reported lately ({key} is not set)"}
-        return {"status": "ok", "detail": value.decode(errors="replace")}
-
-    async def scheduler() -> Result:
-        value = await redis.get(settings.scheduler_leader_key)
-        if value is None:
-            return {"status": "fail", "error": "no scheduler leads (its heartbeat key is not set)"}
-        return {"status": "ok", "detail": f"leader {value.decode(errors='replace')}"}
-
-    async def replicas() -> Result:
-        return await replica_health(settings)
-
-    async def census_check() -> Result:
-        return await census_health(settings)
-
-    async def grants_check() -> Result:
-        return await grants_health(settings)
-
-    checks = {
-        "postgres": postgres,
-        "redis": redis_ping,
-        "kek": kek,
-        "worker": worker,
-        "scheduler": scheduler,
-        "replicas": replicas,
-        "census": census_check,
-        "grants": grants_check,
+    checks: dict[str, Callable[[], Awaitable[Result]]] = {
+        "postgres": lambda: postgres_health(settings),
+        "redis": lambda: redis_health(redis),
+        "kek": lambda: kek_health(settings),
+        "worker": lambda: worker_health(settings, redis),
+        "scheduler": lambda: scheduler_health(settings, redis),
+        "replicas": lambda: replica_health(settings),
+        "census": lambda: census_health(settings),
+        "grants": lambda: grants_health(settings),
     }
     try:
         results = await asyncio.gather(*(_bounded(fn) for fn in checks.values()))
@@ -139,13 +93,55 @@ async def collect(settings: Settings) -> dict[str, Result]:
     return dict(zip(checks, results, strict=True))
 
 
+async def postgres_health(settings: Settings) -> Result:
+    """The ``postgres`` check: reachable, and the schema at the migrations' head."""
+    engine = db.create_engine(settings.database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            await ops.ping(conn)
+        missing = db.head_revisions() - await db.current_revisions(engine)
+    finally:
+        await engine.dispose()
+    if missing:
+        return {"status": "fail", "error": "schema not up to date: run `keyrotor db upgrade`"}
+    return {"status": "ok", "detail": "reachable, schema up to date"}
+
+
+async def redis_health(redis: Any) -> Result:
+    """The ``redis`` check: it answers a ping."""
+    await redis.ping()
+    return {"status": "ok", "detail": "reachable"}
+
+
+async def kek_health(settings: Settings) -> Result:
+    """The ``kek`` check: the provider's probe round trip."""
+    provider = await open_provider(settings)
+    try:
+        await provider.check()
+    finally:
+        await provider.aclose()
+    return {"status": "ok", "detail": f"{provider.name}: probe round trip ok"}
+
+
+async def worker_health(settings: Settings, redis: Any) -> Result:
+    """The ``worker`` check: a worker wrote arq's health-check key lately."""
+    key = settings.queue_name + HEALTH_CHECK_SUFFIX
+    value = await redis.get(key)
+    if value is None:
+        return {"status": "fail", "error": f"no worker has reported lately ({key} is not set)"}
+    return {"status": "ok", "detail": value.decode(errors="replace")}
+
+
+async def scheduler_health(settings: Settings, redis: Any) -> Result:
+    """The ``scheduler`` check: a scheduler leads (its heartbeat key is set)."""
+    value = await redis.get(settings.scheduler_leader_key)
+    if value is None:
+        return {"status": "fail", "error": "no scheduler leads (its heartbeat key is not set)"}
+    return {"status": "ok", "detail": f"leader {value.decode(errors='replace')}"}
+
+
 async def replica_health(settings: Settings) -> Result:
     """The ``replicas`` check: ok when every region's last check was in sync and recent."""
-    from datetime import UTC, datetime, timedelta
-
-    from keyrotor.replication import check as replication
-    from keyrotor.store import db
-
     configured = [r.name for r in replication.parse_regions(settings)]
     if not configured:
         return {"status": "not_configured", "detail": "no secondary regions (KEYROTOR_REGIONS)"}
@@ -170,8 +166,6 @@ async def replica_health(settings: Settings) -> Result:
 
 async def _read(settings: Settings, query: Callable[[AsyncSession], Awaitable[T]]) -> T:
     """One read of a check, in a transaction on an engine of its own (closed after)."""
-    from keyrotor.store import db
-
     engine = db.create_engine(settings.database_url, pool_size=1)
     try:
         async with db.transaction(db.sessionmaker(engine)) as session:
@@ -182,8 +176,6 @@ async def _read(settings: Settings, query: Callable[[AsyncSession], Awaitable[T]
 
 async def census_health(settings: Settings) -> Result:
     """The ``census`` check: ``warn`` while an unregistered location holds values of a live version."""
-    from keyrotor.census import report as census
-
     found = await _read(settings, census.unregistered_locations)
     if found:
         return {"status": "warn", "error": census.advice(found)}
@@ -192,8 +184,6 @@ async def census_health(settings: Settings) -> Result:
 
 async def grants_health(settings: Settings) -> Result:
     """The ``grants`` check: ``warn`` while the open default grant ``* *`` is in place."""
-    from keyrotor.audit import lockdown
-
     still_open = await _read(settings, lockdown.wildcard_grant)
     if still_open:
         return {"status": "warn", "error": lockdown.OPEN_GRANT_WARNING}

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from keyrotor.queue.client import KeyrotorClient
 from keyrotor.rotation.destruction import Restored
 from keyrotor.schedule.rules import check_scope
 from keyrotor.worker.cli.common import err_console, print_json, run, settings
@@ -25,7 +26,6 @@ def restore(
 ) -> None:
     """Bring a retired DEK version back to grace (its pending destruction is cancelled)."""
     check_scope(scope)
-    from keyrotor.queue.client import KeyrotorClient
 
     async def go() -> Restored:
         async with KeyrotorClient(settings()) as client:

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
+from arq.worker import Worker
 from rich.table import Table
 
 from keyrotor.errors import KeyrotorError
+from keyrotor.queue.client import KeyrotorClient, RunHandle
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
-
-if TYPE_CHECKING:
-    from keyrotor.queue.client import KeyrotorClient, RunHandle
+from keyrotor.worker.cli.scheduler import rotate_dry_run
+from keyrotor.worker.logs import configure_logging
 
 
 def _client() -> KeyrotorClient:
-    # Imported here: arq and the jobs are not needed by the other commands.
-    from keyrotor.queue.client import KeyrotorClient
-
     return KeyrotorClient(Settings.from_env())
 
 
@@ -75,9 +73,8 @@ def worker(
     burst: Annotated[bool, typer.Option("--burst", help="exit once the queue is empty")] = False,
 ) -> None:
     """Run a rotation worker (arq) until SIGTERM/SIGINT; any number may share Redis and Postgres."""
-    from arq.worker import Worker
-
-    from keyrotor.worker.logs import configure_logging
+    # Imported here: the worker brings every job and its HTTP server (aiohttp, about a third of
+    # a second to import), which no other command needs.
     from keyrotor.worker.main import worker_settings
 
     settings = Settings.from_env()
@@ -133,8 +130,6 @@ def rotate(
     if request_id is not None:
         check_request_id(request_id)
     if dry_run:
-        from keyrotor.worker.cli.scheduler import rotate_dry_run
-
         rotate_dry_run(scope, json_out=json_out)
         return
 

@@ -16,12 +16,14 @@ from keyrotor.census import columns
 from keyrotor.census import report as census
 from keyrotor.errors import ScopeNotFound
 from keyrotor.legacy import scope as legacy_scope
+from keyrotor.queue.enqueue import job_id
 from keyrotor.replication import check as replication
 from keyrotor.rotation.verify import verify_columns, verify_secrets
 from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
 from keyrotor.worker.cli.common import err_console, manager, out_console, print_json, progress, run
+from keyrotor.worker.cli.replicas import region_table
 
 _DRIVERS = ("rotate_dek", "retire_dek", "destroy_dek")  # the jobs that drive a scope's open run
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -74,8 +76,6 @@ async def replica_status(km: KeyManager) -> dict[str, Any]:
 async def mark_queued(settings: Settings, scopes: list[dict[str, Any]]) -> None:
     """Set ``queued`` on each scope: whether its open run's driver job waits in the arq queue
     (False with no open run, None if Redis cannot be asked). One pipelined round trip."""
-    from keyrotor.queue.enqueue import job_id
-
     for s in scopes:
         s["queued"] = False
     open_runs = [s for s in scopes if s.get("run")]
@@ -111,6 +111,19 @@ def status(
     if json_out:
         print_json(doc)
         return
+    _print_notes(doc)
+    if not doc["scopes"]:
+        err_console.print("no scopes yet: store a value with `keyrotor secrets put SCOPE NAME`")
+        return
+    out_console.print(_scopes_table(doc["scopes"]))
+    if doc["columns"]:
+        out_console.print(_columns_table(doc["columns"]))
+    if doc["locations"]["warning"]:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(doc['locations']['warning'])}")
+
+
+def _print_notes(doc: dict[str, Any]) -> None:
+    """What comes before the scopes: the open grant, legacy values left, the replicas' table."""
     if doc["grants"]["warning"]:
         err_console.print(f"[yellow]warning:[/yellow] {escape(doc['grants']['warning'])}")
     if doc["legacy"]["remaining"]:
@@ -119,15 +132,13 @@ def status(
             "(`keyrotor legacy migrate` moves them to kr1)"
         )
     if doc["replicas"]["regions"]:
-        from keyrotor.worker.cli.replicas import region_table
-
         primary = doc["replicas"]["primary"]
         out_console.print(
             region_table(doc["replicas"]["regions"], f"replicas of primary {primary} (last check)")
         )
-    if not doc["scopes"]:
-        err_console.print("no scopes yet: store a value with `keyrotor secrets put SCOPE NAME`")
-        return
+
+
+def _scopes_table(scopes: list[dict[str, Any]]) -> Table:
     table = Table(title="keyrotor status")
     for col in (
         "scope",
@@ -138,7 +149,7 @@ def status(
         "next rotation",
     ):
         table.add_column(col)
-    for s in doc["scopes"]:
+    for s in scopes:
         keys = "\n".join(_key_line(k) for k in s["keys"])
         rows = ", ".join(f"v{v}: {n}" for v, n in s["rows_by_version"].items()) or "-"
         policy = s["policy"]
@@ -149,18 +160,18 @@ def status(
             r = s["retirement_refused"]
             keys += f"\n[red]retirement of v{r['version']} refused (run {r['run_id']}):[/red] {r['error']}"
         table.add_row(s["scope"], f"v{s['active_version']}", keys, rows, str(s["rotation_count"]), nxt or "-")
-    out_console.print(table)
-    if doc["columns"]:
-        cols = Table(title="application columns")
-        for col in ("column", "scope", "legacy values", "rows by version"):
-            cols.add_column(col)
-        for c in doc["columns"]:
-            by_version = ", ".join(f"v{v}: {n}" for v, n in c["rows_by_version"].items()) or "-"
-            where = c["scope"] or f"column {c['scope_column']}"
-            cols.add_row(c["column"], where, str(c["legacy"]), by_version)
-        out_console.print(cols)
-    if doc["locations"]["warning"]:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(doc['locations']['warning'])}")
+    return table
+
+
+def _columns_table(managed: list[dict[str, Any]]) -> Table:
+    cols = Table(title="application columns")
+    for col in ("column", "scope", "legacy values", "rows by version"):
+        cols.add_column(col)
+    for c in managed:
+        by_version = ", ".join(f"v{v}: {n}" for v, n in c["rows_by_version"].items()) or "-"
+        where = c["scope"] or f"column {c['scope_column']}"
+        cols.add_row(c["column"], where, str(c["legacy"]), by_version)
+    return cols
 
 
 def _key_line(k: dict[str, Any]) -> str:
