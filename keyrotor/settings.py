@@ -305,6 +305,25 @@ class Settings(BaseSettings):
         default="system", min_length=1, max_length=200, validation_alias="KEYROTOR_DEFAULT_ACTOR"
     )
 
+    # the HTTP API (`keyrotor serve`, keyrotor.api): where it listens, TLS, which peers may
+    # name the client in X-Forwarded-For (comma-separated addresses or CIDRs), and its bounds
+    api_host: str = Field(default="127.0.0.1", validation_alias="KEYROTOR_API_HOST")
+    api_port: int = Field(default=8180, ge=0, le=65_535, validation_alias="KEYROTOR_API_PORT")
+    api_tls_cert: str | None = Field(default=None, validation_alias="KEYROTOR_API_TLS_CERT")
+    api_tls_key: str | None = Field(default=None, validation_alias="KEYROTOR_API_TLS_KEY")
+    api_trusted_proxies: str = Field(default="", validation_alias="KEYROTOR_API_TRUSTED_PROXIES")
+    api_max_body_bytes: int = Field(
+        default=1_048_576, ge=1_024, le=64 * 1_048_576, validation_alias="KEYROTOR_API_MAX_BODY_BYTES"
+    )
+    api_max_batch_items: int = Field(
+        default=1_000, ge=1, le=100_000, validation_alias="KEYROTOR_API_MAX_BATCH_ITEMS"
+    )
+    api_rate_per_second: float = Field(default=2_000.0, ge=0, validation_alias="KEYROTOR_API_RATE_PER_SECOND")
+    api_rate_burst: int = Field(default=4_000, ge=1, validation_alias="KEYROTOR_API_RATE_BURST")
+    api_token_cache_s: float = Field(
+        default=5.0, ge=0, le=300, validation_alias="KEYROTOR_API_TOKEN_CACHE_SECONDS"
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
