@@ -99,3 +99,8 @@ async def find_by_hash(session: AsyncSession, token_hash: bytes) -> tuple[TokenR
     if row is None:
         return None
     return _record(row[:6]), bytes(row[6])
+
+
+async def reachable(session: AsyncSession) -> None:
+    """One read of the table: the database answers and has the API's schema."""
+    await session.execute(select(ApiToken.id).limit(1))

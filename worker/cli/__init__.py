@@ -31,6 +31,7 @@ from keyrotor.worker.cli import replicas as replicas_cmd
 from keyrotor.worker.cli import rotate as rotate_cmd
 from keyrotor.worker.cli import scheduler as scheduler_cmd
 from keyrotor.worker.cli import secrets as secrets_cmd
+from keyrotor.worker.cli import serve as serve_cmd
 from keyrotor.worker.cli import status as status_cmd
 from keyrotor.worker.cli import tokens as tokens_cmd
 
@@ -57,6 +58,7 @@ health_cmd.register(app)
 kek_cmd.register(app)
 replicas_cmd.register(app)
 lockdown_cmd.register(app)
+serve_cmd.register(app)
 
 
 def _fail(message: str, code: int) -> NoReturn:
