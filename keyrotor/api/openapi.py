@@ -114,6 +114,10 @@ def _schemas() -> dict[str, Any]:
 
 
 def _paths() -> dict[str, Any]:
+    return _value_paths() | _management_paths()
+
+
+def _value_paths() -> dict[str, Any]:
     secret = {
         "parameters": [_SCOPE_PARAM, _NAME_PARAM],
         "get": _op("Read and decrypt one of keyrotor's own secrets", _ref("Secret")),
@@ -145,6 +149,11 @@ def _paths() -> dict[str, Any]:
             )
         },
         "/v1/secrets/{scope}/{name}": secret,
+    }
+
+
+def _management_paths() -> dict[str, Any]:
+    return {
         "/v1/rotate/{scope}": {
             "parameters": [_SCOPE_PARAM],
             "post": _op(

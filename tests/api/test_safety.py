@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -15,7 +16,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.api import tokens
-from keyrotor.api.app import create_app
+from keyrotor.api.app import check_tls, create_app
 from keyrotor.api.limits import RateLimiter, client_ip, parse_proxies
 from keyrotor.errors import ConfigurationError
 from tests.api.conftest import Api
@@ -151,3 +152,39 @@ async def test_any_bytes_get_json_never_500(api: Api, raw: bytes) -> None:
     resp = await api.client.post("/v1/decrypt", data=raw, headers=api.auth())
     assert resp.status in (200, 400), await resp.text()
     assert "error" in await resp.json() or resp.status == 200
+
+
+def test_tls_needs_both_files_and_loads_them(settings: Settings, tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    assert check_tls(settings) is None
+    with pytest.raises(ConfigurationError):
+        check_tls(settings.model_copy(update={"api_tls_cert": "/nonexistent.pem"}))
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    files = {"api_tls_cert": str(tmp_path / "c.pem"), "api_tls_key": str(tmp_path / "k.pem")}
+    assert check_tls(settings.model_copy(update=files)) is not None
+    with pytest.raises(ConfigurationError):
+        check_tls(settings.model_copy(update={**files, "api_tls_key": str(tmp_path / "c.pem")}))
