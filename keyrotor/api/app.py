@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from keyrotor.api import errors, openapi, routes
-from keyrotor.api.limits import RateLimiter, parse_proxies
+from keyrotor.api.limits import RateLimiter, client_ip, parse_proxies
 from keyrotor.api.routes import CALLER, SERVICE
 from keyrotor.api.service import Service
 from keyrotor.api.tokens import TokenVerifier
@@ -88,9 +88,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if request.path in PUBLIC and request.method == "GET":
         return await handler(request)
     svc = request.app[SERVICE]
+    # The client's address (through trusted proxies), so one bad client behind a balancer does
+    # not lock out the others.
+    peer = client_ip(request.remote, request.headers.get("X-Forwarded-For"), svc.proxies) or "?"
+    if not svc.auth_failures.available(peer):
+        raise errors.ApiError(
+            429, "rate_limited", "too many failed authentications from this address; retry later",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     bearer = await svc.verifier.verify(token.strip()) if scheme.lower() == "bearer" else None
     if bearer is None:
+        svc.auth_failures.take(peer)
         raise errors.ApiError(
             401,
             "unauthenticated",

@@ -71,9 +71,17 @@ class RateLimiter:
         self._rate = rate
         self._burst = float(burst)
         self._clock = clock
-        self._buckets: dict[int, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._buckets: dict[int | str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: int, units: int = 1) -> float:
+    def available(self, key: int | str) -> bool:
+        """Whether ``key`` could spend one unit now (spends nothing)."""
+        if self._rate <= 0:
+            return True
+        now = self._clock()
+        tokens, at = self._buckets.get(key, (self._burst, now))
+        return min(self._burst, tokens + (now - at) * self._rate) >= 1
+
+    def take(self, key: int | str, units: int = 1) -> float:
         """Spend ``units`` for ``key``: 0.0 if allowed, else the seconds to wait before retrying."""
         if self._rate <= 0:
             return 0.0

@@ -19,6 +19,9 @@ from keyrotor.settings import Settings
 from keyrotor.store import db
 
 MAX_USER_AGENT_CHARS = 300
+# Failed authentications a client address may make: a second each, 20 at once. Beyond that its
+# requests are refused before any token lookup, so guessing tokens costs the database nothing.
+AUTH_FAILURES_PER_SECOND, AUTH_FAILURES_BURST = 1.0, 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,9 @@ class Service:
     client: KeyrotorClient | None = None
     owns_client: bool = True
     _client_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    auth_failures: RateLimiter = field(
+        default_factory=lambda: RateLimiter(AUTH_FAILURES_PER_SECOND, AUTH_FAILURES_BURST)
+    )
 
     async def rotation_client(self) -> KeyrotorClient:
         """The enqueue client, connected on first use (so Redis being down does not stop

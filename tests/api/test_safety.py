@@ -188,3 +188,15 @@ def test_tls_needs_both_files_and_loads_them(settings: Settings, tmp_path: Path)
     assert check_tls(settings.model_copy(update=files)) is not None
     with pytest.raises(ConfigurationError):
         check_tls(settings.model_copy(update={**files, "api_tls_key": str(tmp_path / "c.pem")}))
+
+
+async def test_token_guessing_is_throttled_per_address(api: Api) -> None:
+    wrong = {"Authorization": "Bearer krt_" + "B" * 43}
+    statuses = []
+    for _ in range(25):
+        resp = await api.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=wrong)
+        statuses.append(resp.status)
+    assert statuses[:20] == [401] * 20 and statuses[-1] == 429
+    # a valid token from the same address is refused too until the bucket refills: no oracle
+    resp = await api.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=api.auth())
+    assert resp.status == 429
