@@ -6,6 +6,7 @@ from typing import Any
 
 import asyncpg
 
+from keyrotor.api import tokens
 from keyrotor.audit.grants import revoke_access
 from keyrotor.store import db
 from tests.api.conftest import Api
@@ -72,8 +73,6 @@ async def test_authentication(api: Api) -> None:
 
 
 async def test_revoked_and_expired_tokens(api: Api, database_url: str) -> None:
-    from keyrotor.api import tokens
-
     token = await api.token_for("svc", days=1)
     issued_id = (await tokens.list_tokens(api.km.sessions))[-1].id
     assert (await _post(api, "/v1/encrypt", {"scope": "s", "plaintext": "v"}, token))[0] == 200

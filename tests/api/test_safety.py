@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -77,8 +83,6 @@ async def test_rate_limit_answers_429(limited: Api) -> None:
 
 
 async def test_trusted_proxy_sets_the_audited_ip(limited: Api, database_url: str) -> None:
-    import asyncpg
-
     headers = {**limited.auth(), "X-Forwarded-For": "203.0.113.9"}
     resp = await limited.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=headers)
     assert resp.status == 200
@@ -155,13 +159,6 @@ async def test_any_bytes_get_json_never_500(api: Api, raw: bytes) -> None:
 
 
 def test_tls_needs_both_files_and_loads_them(settings: Settings, tmp_path: Path) -> None:
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     assert check_tls(settings) is None
     with pytest.raises(ConfigurationError):
         check_tls(settings.model_copy(update={"api_tls_cert": "/nonexistent.pem"}))

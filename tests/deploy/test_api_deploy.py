@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+
 from keyrotor.api.routes import add_routes
 from keyrotor.settings import Settings
 from tests.deploy.test_manifests import DEPLOY, IMAGE, _by_kind, _compose, _containers, _unit
@@ -14,8 +16,6 @@ HEALTH = "/v1/health"
 
 
 def _routes() -> set[str]:
-    from aiohttp import web
-
     app = web.Application()
     add_routes(app)
     return {r.resource.canonical for r in app.router.routes() if r.resource is not None}
