@@ -109,3 +109,13 @@ CREATE POLICY keyrotor_app_count_usage ON data_keys FOR UPDATE TO keyrotor_app
     USING (state IN ('pending', 'active', 'grace')) WITH CHECK (state IN ('pending', 'active', 'grace'));
 DROP POLICY IF EXISTS keyrotor_worker_all_keys ON data_keys;
 CREATE POLICY keyrotor_worker_all_keys ON data_keys TO keyrotor_worker USING (true) WITH CHECK (true);
+-- API tokens (migration 0012): `keyrotor serve` (the app role) reads them by hash;
+-- `keyrotor tokens create|revoke` runs as the worker role or the owner.
+DO $$
+BEGIN
+    IF to_regclass('public.api_tokens') IS NOT NULL THEN
+        GRANT SELECT ON api_tokens TO keyrotor_app;
+        GRANT SELECT, INSERT, UPDATE ON api_tokens TO keyrotor_worker;
+    END IF;
+END
+$$;

@@ -11,7 +11,8 @@ The fields are grouped by concern, each part defined and documented in a module 
   application's process, made of :class:`KekSettings` (``kek``: the connections and the KEK),
   :class:`AuditSettings` (``audit``) and :class:`ReplicationSettings` (``replication``);
 - :class:`WorkerSettings` (``worker``): the worker process's jobs, metrics server and logs;
-- :class:`SchedulerSettings` (``scheduler``): the scheduler process.
+- :class:`SchedulerSettings` (``scheduler``): the scheduler process;
+- :class:`ApiSettings` (``api``): the HTTP API process, ``keyrotor serve``.
 
 :class:`Settings` is all of them, so one object configures any process and every field keeps
 its flat name (``settings.job_lease_s``). Code that needs one concern only takes that part
@@ -20,6 +21,7 @@ its flat name (``settings.job_lease_s``). Code that needs one concern only takes
 
 from __future__ import annotations
 
+from keyrotor.settings.api import ApiSettings
 from keyrotor.settings.audit import AuditSettings
 from keyrotor.settings.base import SettingsPart
 from keyrotor.settings.kek import ConnectionSettings, KekSettings
@@ -29,6 +31,7 @@ from keyrotor.settings.scheduler import SchedulerSettings
 from keyrotor.settings.worker import WorkerSettings
 
 __all__ = [
+    "ApiSettings",
     "AuditSettings",
     "ConnectionSettings",
     "KekSettings",
@@ -43,5 +46,5 @@ __all__ = [
 
 # pydantic lists inherited fields from the last base to the first: this order puts the
 # connections and the KEK first, as in the README's configuration reference.
-class Settings(SchedulerSettings, WorkerSettings, LibrarySettings):
+class Settings(ApiSettings, SchedulerSettings, WorkerSettings, LibrarySettings):
     """All of keyrotor's configuration. Frozen: build a new one to change anything."""

@@ -415,3 +415,23 @@ class AuditKeyRow(Base):
     created_at: Mapped[datetime] = _now()
 
     __table_args__ = (CheckConstraint("id > 0 AND switch_after >= 0", name="ids"),)
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API, stored as its SHA-256 only (``keyrotor.store.tokens``;
+    migration 0012_api_tokens)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    actor: Mapped[str] = mapped_column(Text)
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("length(token_hash) = 32", name="hash_length"),
+        CheckConstraint("actor <> '*'", name="no_wildcard"),
+    )

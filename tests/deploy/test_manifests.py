@@ -196,7 +196,7 @@ def test_one_image_and_one_port_everywhere() -> None:
     for doc in _by_kind("Deployment") + _by_kind("Job"):
         for c in _containers(doc):
             assert c["image"] == IMAGE, doc["metadata"]["name"]
-    for doc in _by_kind("Deployment"):
+    for doc in _ops_deployments():
         annotations = doc["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(PORT)
         for c in _containers(doc):
@@ -206,8 +206,13 @@ def test_one_image_and_one_port_everywhere() -> None:
 # --- kubernetes ----------------------------------------------------------------------------
 
 
+def _ops_deployments() -> list[dict[str, Any]]:
+    """The worker and scheduler Deployments (the API has a port and probes of its own)."""
+    return [d for d in _by_kind("Deployment") if d["metadata"]["name"] != "keyrotor-api"]
+
+
 def test_probes_point_at_paths_the_server_serves() -> None:
-    for doc in _by_kind("Deployment"):
+    for doc in _ops_deployments():
         for c in _containers(doc):
             assert c["livenessProbe"]["httpGet"]["path"] == keyrotor.worker.http.HEALTHZ_PATH
             assert c["readinessProbe"]["httpGet"]["path"] == keyrotor.worker.http.READYZ_PATH
@@ -226,7 +231,7 @@ def test_deployments_are_hardened_and_hpa_ready() -> None:
         d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
         for d in _by_kind("PodDisruptionBudget")
     }
-    assert pdbs == {"worker", "scheduler"}
+    assert pdbs == {"worker", "scheduler", "api"}
     for doc in [*deployments.values(), *_by_kind("Job")]:
         pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -253,13 +258,18 @@ def test_secrets_are_referenced_never_included() -> None:
 
 def test_systemd_units() -> None:
     names = {p.name for p in (DEPLOY / "systemd").glob("*.service")}
-    assert names == {"keyrotor-worker@.service", "keyrotor-scheduler.service", "keyrotor-migrate.service"}
+    assert names == {
+        "keyrotor-worker@.service",
+        "keyrotor-scheduler.service",
+        "keyrotor-migrate.service",
+        "keyrotor-api@.service",
+    }
     for name in names:
         svc = _unit(name)["Service"]
         assert svc["EnvironmentFile"] == "/etc/keyrotor/keyrotor.env"
         assert svc["User"] == "keyrotor"
     assert _unit("keyrotor-migrate.service")["Service"]["Type"] == "oneshot"
-    for name in ("keyrotor-worker@.service", "keyrotor-scheduler.service"):
+    for name in ("keyrotor-worker@.service", "keyrotor-scheduler.service", "keyrotor-api@.service"):
         assert "keyrotor-migrate.service" in _unit(name)["Unit"]["Requires"]
     assert _unit("keyrotor-worker@.service")["Service"]["Environment"] == "KEYROTOR_METRICS_PORT=%i"
 
@@ -318,6 +328,9 @@ CHECKED = {
     "deploy/Dockerfile.dockerignore",
     "deploy/compose.env.example",
     "deploy/grafana/keyrotor.json",
+    "deploy/k8s/api-deployment.yaml",
+    "deploy/k8s/api-pdb.yaml",
+    "deploy/k8s/api-service.yaml",
     "deploy/k8s/configmap.yaml",
     "deploy/k8s/kustomization.yaml",
     "deploy/k8s/migrate-job.yaml",
@@ -328,6 +341,7 @@ CHECKED = {
     "deploy/k8s/worker-hpa.yaml",
     "deploy/k8s/worker-pdb.yaml",
     "deploy/postgres/roles.sql",  # applied and checked by tests/reliability/test_privileges.py
+    "deploy/systemd/keyrotor-api@.service",
     "deploy/systemd/keyrotor-migrate.service",
     "deploy/systemd/keyrotor-scheduler.service",
     "deploy/systemd/keyrotor-worker@.service",

@@ -31,7 +31,9 @@ from keyrotor.worker.cli import replicas as replicas_cmd
 from keyrotor.worker.cli import rotate as rotate_cmd
 from keyrotor.worker.cli import scheduler as scheduler_cmd
 from keyrotor.worker.cli import secrets as secrets_cmd
+from keyrotor.worker.cli import serve as serve_cmd
 from keyrotor.worker.cli import status as status_cmd
+from keyrotor.worker.cli import tokens as tokens_cmd
 
 app = typer.Typer(
     name="keyrotor",
@@ -45,6 +47,7 @@ app.add_typer(secrets_cmd.app, name="secrets")
 app.add_typer(columns_cmd.app, name="columns")
 app.add_typer(legacy_cmd.app, name="legacy")
 app.add_typer(keys_cmd.app, name="keys")
+app.add_typer(tokens_cmd.app, name="tokens")
 status_cmd.register(app)
 app.command("demo")(demo_cmd.demo)
 audit_cmd.register(app)
@@ -55,6 +58,7 @@ health_cmd.register(app)
 kek_cmd.register(app)
 replicas_cmd.register(app)
 lockdown_cmd.register(app)
+serve_cmd.register(app)
 
 
 def _fail(message: str, code: int) -> NoReturn:

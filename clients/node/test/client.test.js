@@ -1,0 +1,58 @@
+// KeyrotorClient against a real `keyrotor serve`: started by tests/api/test_node.py, which passes
+// KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on scope "node"), KEYROTOR_DENIED_TOKEN
+// (no grants), KEYROTOR_FROM_PYTHON (values Python wrote) and KEYROTOR_NODE_OUT (where to leave
+// values for Python to read). Skipped when KEYROTOR_URL is not set.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import {
+  KeyrotorClient,
+  KeyrotorError,
+  AuthenticationError,
+  PermissionDeniedError,
+  InvalidRequestError,
+  NotFoundError,
+} from '../index.js';
+
+const url = process.env.KEYROTOR_URL;
+const skip = url ? false : 'KEYROTOR_URL is not set (run through tests/api/test_node.py)';
+const kr = url ? new KeyrotorClient({ url, token: process.env.KEYROTOR_TOKEN }) : null;
+
+test('round trip, and values Python wrote', { skip }, async () => {
+  const ct = await kr.encrypt('node', 'sk-from-node', { context: 'settings.api_key:1' });
+  assert.match(ct, /^kr1:\d+:/);
+  assert.equal(await kr.decrypt('node', ct, { context: 'settings.api_key:1' }), 'sk-from-node');
+  for (const v of JSON.parse(readFileSync(process.env.KEYROTOR_FROM_PYTHON, 'utf8'))) {
+    assert.equal(await kr.decrypt(v.scope, v.ciphertext, { context: v.context }), v.plaintext);
+  }
+  writeFileSync(process.env.KEYROTOR_NODE_OUT, JSON.stringify([{ scope: 'node', context: 'settings.api_key:1', ciphertext: ct, plaintext: 'sk-from-node' }]));
+});
+
+test('batches carry per-item errors', { skip }, async () => {
+  const enc = await kr.encryptBatch('node', ['a', { plaintext: 'b', context: 'c:2' }, '']);
+  assert.ok(enc[0].ciphertext && enc[1].ciphertext);
+  assert.equal(enc[2].error.code, 'invalid_input');
+  const dec = await kr.decryptBatch('node', [enc[0].ciphertext, { ciphertext: enc[1].ciphertext, context: 'c:2' }, 'kr1:1:xx']);
+  assert.deepEqual(dec.slice(0, 2), [{ plaintext: 'a' }, { plaintext: 'b' }]);
+  assert.ok(dec[2].error);
+});
+
+test('secrets', { skip }, async () => {
+  await kr.putSecret('node', 'openai', 'sk-secret');
+  assert.equal(await kr.getSecret('node', 'openai'), 'sk-secret');
+  await assert.rejects(kr.getSecret('node', 'missing'), NotFoundError);
+});
+
+test('typed errors carry the HTTP status', { skip }, async () => {
+  const ct = await kr.encrypt('node', 'v', { context: 'a:1' });
+  await assert.rejects(kr.decrypt('node', ct, { context: 'a:2' }), (e) => e instanceof InvalidRequestError && e.status === 400 && e.code === 'decryption_failed');
+  const bad = new KeyrotorClient({ url, token: 'krt_' + 'A'.repeat(43) });
+  await assert.rejects(bad.encrypt('node', 'v'), (e) => e instanceof AuthenticationError && e.status === 401);
+  const denied = new KeyrotorClient({ url, token: process.env.KEYROTOR_DENIED_TOKEN });
+  await assert.rejects(denied.decrypt('node', ct, { context: 'a:1' }), (e) => e instanceof PermissionDeniedError && e.status === 403 && e instanceof KeyrotorError);
+  assert.ok(!JSON.stringify(kr).includes(process.env.KEYROTOR_TOKEN));
+});
+
+test('health needs no token', { skip }, async () => {
+  assert.deepEqual(await kr.health(), { status: 'ok' });
+});

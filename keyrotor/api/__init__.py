@@ -1,0 +1,1 @@
+"""keyrotor over HTTP: `keyrotor serve` (aiohttp), its API tokens, errors and OpenAPI document."""

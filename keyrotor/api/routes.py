@@ -1,0 +1,201 @@
+"""The handlers of ``keyrotor serve``. Every one acts as the caller its token names
+(``request[CALLER]``); the grants of that actor decide each scope, through ``KeyManager``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from keyrotor.api import bodies
+from keyrotor.api.errors import ApiError, bad_request, from_keyrotor
+from keyrotor.api.service import Caller, Service
+from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
+from keyrotor.runs import RunNotFound
+from keyrotor.store import db, repo
+from keyrotor.store import tokens as token_store
+
+SERVICE = web.AppKey("service", Service)
+CALLER = web.RequestKey("caller", Caller)
+
+_ENCRYPT = frozenset({"scope", "plaintext", "context"})
+_DECRYPT = frozenset({"scope", "ciphertext", "context"})
+_BATCH = frozenset({"scope", "items"})
+_ENCRYPT_ITEM = frozenset({"plaintext", "context"})
+_DECRYPT_ITEM = frozenset({"ciphertext", "context"})
+
+
+def _ctx(request: web.Request) -> tuple[Service, Caller]:
+    return request.app[SERVICE], request[CALLER]
+
+
+async def encrypt(request: web.Request) -> web.Response:
+    svc, caller = _ctx(request)
+    doc = await bodies.read_object(request, _ENCRYPT)
+    scope, plaintext = bodies.text(doc, "scope"), bodies.text(doc, "plaintext")
+    context = bodies.text(doc, "context", required=False)
+    ciphertext = await svc.km.encrypt(scope, plaintext, context=context, **caller.who())
+    return web.json_response({"ciphertext": ciphertext})
+
+
+async def decrypt(request: web.Request) -> web.Response:
+    svc, caller = _ctx(request)
+    doc = await bodies.read_object(request, _DECRYPT)
+    scope, ciphertext = bodies.text(doc, "scope"), bodies.text(doc, "ciphertext")
+    context = bodies.text(doc, "context", required=False)
+    plaintext = await svc.km.decrypt(scope, ciphertext, context=context, **caller.who())
+    return web.json_response({"plaintext": plaintext})
+
+
+Op = Callable[[str, str, str], Awaitable[str]]
+
+
+async def _batch(request: web.Request, *, decrypting: bool) -> web.Response:
+    svc, caller = _ctx(request)
+    doc = await bodies.read_object(request, _BATCH)
+    scope = bodies.text(doc, "scope")
+    items = bodies.items(doc, svc.settings.api_max_batch_items)
+    svc.spend(caller, len(items) - 1)  # the request itself paid for one
+    field, out, allowed = (
+        ("ciphertext", "plaintext", _DECRYPT_ITEM)
+        if decrypting
+        else ("plaintext", "ciphertext", _ENCRYPT_ITEM)
+    )
+    km = svc.km
+
+    async def op(scope: str, value: str, context: str) -> str:
+        if decrypting:
+            return await km.decrypt(scope, value, context=context, **caller.who())
+        return await km.encrypt(scope, value, context=context, **caller.who())
+
+    # Refused scopes fail the whole batch with one audited denial, not one per item.
+    can_encrypt, can_decrypt = await km.grants.permissions(caller.actor, scope)
+    if not (can_decrypt if decrypting else can_encrypt):
+        verb = "decrypt" if decrypting else "encrypt"
+        raise await svc.refuse(caller, scope, verb, f"{caller.actor!r} may not {verb} in {scope!r}"[:300])
+
+    async def one(item: Any) -> dict[str, Any]:
+        try:
+            return {out: await op(scope, *_item(item, allowed, field))}
+        except ApiError as exc:
+            return {"error": {"code": exc.code, "message": exc.message}}
+        except (TransientError, AccessDenied):
+            raise
+        except KeyrotorError as exc:
+            err = from_keyrotor(exc)
+            return {"error": {"code": err.code, "message": err.message}}
+
+    results = await asyncio.gather(*(one(i) for i in items))
+    return web.json_response({"results": results})
+
+
+def _item(item: Any, allowed: frozenset[str], field: str) -> tuple[str, str]:
+    if not isinstance(item, dict):
+        raise bad_request("each item must be a JSON object")
+    bodies.check_keys(item, allowed, "item")
+    return bodies.text(item, field), bodies.text(item, "context", required=False)
+
+
+async def encrypt_batch(request: web.Request) -> web.Response:
+    return await _batch(request, decrypting=False)
+
+
+async def decrypt_batch(request: web.Request) -> web.Response:
+    return await _batch(request, decrypting=True)
+
+
+async def get_secret(request: web.Request) -> web.Response:
+    svc, caller = _ctx(request)
+    scope, name = bodies.path_text(request, "scope"), bodies.path_text(request, "name")
+    value = await svc.km.get_secret(scope, name, **caller.who())
+    return web.json_response({"scope": scope, "name": name, "value": value})
+
+
+async def put_secret(request: web.Request) -> web.Response:
+    svc, caller = _ctx(request)
+    scope, name = bodies.path_text(request, "scope"), bodies.path_text(request, "name")
+    doc = await bodies.read_object(request, frozenset({"value"}))
+    await svc.km.put_secret(scope, name, bodies.text(doc, "value"), **caller.who())
+    return web.json_response({"scope": scope, "name": name})
+
+
+async def _require(svc: Service, caller: Caller, scope: str | None, operation: str) -> None:
+    """Rotating a scope or reading its runs needs both permissions on it."""
+    if scope is not None:
+        can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
+        if can_encrypt and can_decrypt:
+            return
+    reason = f"{caller.actor!r} may not {operation} scope {scope!r}: it needs encrypt and decrypt"
+    raise await svc.refuse(caller, scope, operation, reason[:300])
+
+
+async def rotate(request: web.Request) -> web.Response:
+    svc, caller = _ctx(request)
+    scope = bodies.path_text(request, "scope")
+    await _require(svc, caller, scope, "rotate")
+    client = await svc.rotation_client()
+    handle = await client.rotate(scope, trigger=f"api:{caller.actor}"[:200])
+    run = await handle.status()
+    return web.json_response(
+        {"run_id": handle.run_id, "created": handle.created, "state": run.state}, status=202
+    )
+
+
+async def get_run(request: web.Request) -> web.Response:
+    svc, caller = _ctx(request)
+    try:
+        run_id = int(request.match_info["id"])
+    except ValueError:
+        raise bad_request("a run id is a number") from None
+    client = await svc.rotation_client()
+    try:
+        run = await client.status(run_id)
+    except RunNotFound:
+        raise ApiError(404, "not_found", f"no run {run_id}") from None
+    await _require(svc, caller, run.scope, "read runs of")
+    return web.json_response(run.as_dict())
+
+
+async def status(request: web.Request) -> web.Response:
+    """The scopes the caller may use (encrypt or decrypt), with their keys and open runs."""
+    svc, caller = _ctx(request)
+    async with db.transaction(svc.km.sessions) as session:
+        scopes = await repo.status(session)
+    visible = []
+    for s in scopes:
+        if any(await svc.km.grants.permissions(caller.actor, s["scope"])):
+            visible.append(s)
+    return web.json_response({"actor": caller.actor, "scopes": visible}, dumps=_dumps)
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, default=str)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Unauthenticated: ``ok`` when the database answers; nothing else is said."""
+    svc = request.app[SERVICE]
+    try:
+        async with asyncio.timeout(3.0):
+            async with db.transaction(svc.km.sessions) as session:
+                await token_store.reachable(session)
+    except (TimeoutError, KeyrotorError, OSError):
+        return web.json_response({"status": "unavailable"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/encrypt", encrypt)
+    r.add_post("/v1/decrypt", decrypt)
+    r.add_post("/v1/encrypt/batch", encrypt_batch)
+    r.add_post("/v1/decrypt/batch", decrypt_batch)
+    r.add_get("/v1/secrets/{scope:.+}/{name:[^/]+}", get_secret)
+    r.add_put("/v1/secrets/{scope:.+}/{name:[^/]+}", put_secret)
+    r.add_post("/v1/rotate/{scope:.+}", rotate)
+    r.add_get("/v1/runs/{id}", get_run)
+    r.add_get("/v1/status", status)
+    r.add_get("/v1/health", health)

@@ -1,0 +1,88 @@
+"""Two ``keyrotor serve`` processes and a worker together: every decrypt succeeds, through either
+process, while a rotation changes the DEK underneath."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from keyrotor import KeyManager, Settings
+from keyrotor.api import tokens
+from tests.api.processes import ServeProcess
+from tests.rotation_helpers import WorkerProcess, cleanup_queue, worker_env
+
+N = 40
+
+
+@pytest.fixture
+def cluster_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    wenv = worker_env(env)
+    yield wenv
+    asyncio.run(cleanup_queue(wenv["KEYROTOR_QUEUE_NAME"]))
+
+
+async def test_decrypts_succeed_through_two_servers_during_a_rotation(
+    cluster_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = Settings.from_env(cluster_env)
+    async with KeyManager(settings) as km:
+        token = (await tokens.create_token(km.sessions, "app", by="admin")).token
+        await km.put_secrets("openai", [(f"k{i}", f"sk-{i}") for i in range(N)])
+        held = [(await km.encrypt("openai", f"held-{i}", context=f"c:{i}"), i) for i in range(N)]
+    servers = [ServeProcess(cluster_env, tmp_path / f"serve{n}.log") for n in (1, 2)]
+    worker = WorkerProcess(cluster_env, tmp_path / "worker.log")
+    try:
+        for s in servers:
+            s.wait_ready()
+        await worker.wait_started(60)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=20)) as http:
+            failures: list[str] = []
+            done = asyncio.Event()
+            count = 0
+
+            async def reader() -> None:
+                nonlocal count
+                for s, (ct, i) in zip(itertools.cycle(servers), itertools.cycle(held), strict=False):
+                    if done.is_set():
+                        return
+                    body = {"scope": "openai", "ciphertext": ct, "context": f"c:{i}"}
+                    async with http.post(s.url + "/v1/decrypt", json=body) as r:
+                        doc = await r.json()
+                        if r.status != 200 or doc.get("plaintext") != f"held-{i}":
+                            failures.append(f"{r.status} {doc}")
+                    async with http.get(f"{s.url}/v1/secrets/openai/k{i}") as r:
+                        doc = await r.json()
+                        if r.status != 200 or doc.get("value") != f"sk-{i}":
+                            failures.append(f"{r.status} {doc}")
+                    count += 1
+
+            readers = [asyncio.create_task(reader()) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            async with http.post(servers[0].url + "/v1/rotate/openai") as r:
+                assert r.status == 202, await r.text()
+                run_id = (await r.json())["run_id"]
+            deadline = time.monotonic() + 90
+            state = "pending"
+            while state not in ("completed", "failed") and time.monotonic() < deadline:
+                async with http.get(f"{servers[1].url}/v1/runs/{run_id}") as r:
+                    state = (await r.json())["state"]
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)  # reads after the switch too
+            done.set()
+            await asyncio.wait_for(asyncio.gather(*readers), 30)
+            assert state == "completed", worker.output()[-3000:]
+            assert failures == [] and count > N
+            async with http.get(servers[1].url + "/v1/status") as r:
+                (scope,) = (await r.json())["scopes"]
+            assert scope["active_version"] == 2
+    finally:
+        worker.terminate(30)
+        for s in servers:
+            s.stop()
