@@ -43,7 +43,7 @@ from keyrotor.cache import DekCache
 from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
-from keyrotor.crypto import legacy_format as legacy
+from keyrotor.crypto.legacy_format import HEADER_LEN as LEGACY_HEADER_LEN
 from keyrotor.errors import CiphertextTooLarge, ConfigurationError
 from keyrotor.inputs import check_context, value_bytes
 from keyrotor.kek.base import KekProvider
@@ -140,7 +140,7 @@ class KeyManager(SecretsTable, GrantsAdmin):
         self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
         self.calls = CallAudit(settings, self.grants, self._valid_scopes)
         self._who, self._failover_event = self.calls.who, self.calls.failover
-        self.legacy = LegacyReader(settings, lambda: self.sessions, self.calls.emit)
+        self.legacy_reader = LegacyReader(settings, lambda: self.sessions, self.calls.emit)
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self.key_listener: KeyChangeListener | None = None
         # Multi-region replication and failover reads (keyrotor.replication.check), when configured.
@@ -205,7 +205,7 @@ class KeyManager(SecretsTable, GrantsAdmin):
         if self._owns_kek and self._kek is not None:
             await self._kek.aclose()
             self._kek = None
-        self.legacy.close()
+        self.legacy_reader.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -382,7 +382,7 @@ class KeyManager(SecretsTable, GrantsAdmin):
         if parsed is None:
             parsed = _split_kr1(ciphertext)
             if parsed is None:  # not kr1: a legacy value, or nothing
-                return await self.legacy.decrypt(scope, ciphertext, context, who), None
+                return await self.legacy_reader.decrypt(scope, ciphertext, context, who), None
             cipher = self.cache.get(scope, parsed[0])
         version, raw = parsed
         cipher = await self.ring.usable(scope, version, cipher)
@@ -448,5 +448,5 @@ def max_ciphertext_chars(max_value_bytes: int) -> int:
     nonce || ciphertext || tag. Legacy: padded base64 of salt || iv || tag || ciphertext.
     """
     kr1 = 4 + 10 + 1 + -(-(envelope.NONCE_BYTES + max_value_bytes + envelope.TAG_BYTES) * 4 // 3)
-    old = 4 * -(-(legacy.HEADER_LEN + max_value_bytes) // 3)
+    old = 4 * -(-(LEGACY_HEADER_LEN + max_value_bytes) // 3)
     return max(kr1, old)
