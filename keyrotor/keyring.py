@@ -21,13 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
+from keyrotor.audit import calls
+from keyrotor.audit.calls import Who
+from keyrotor.audit.log import Row
 from keyrotor.cache import DekCache
+from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.errors import KeyExhausted, KeyVersionUnknown, ScopeNotFound, StoreUnavailable
 from keyrotor.kek.base import KekProvider, WrapContext
@@ -51,6 +55,7 @@ class KeyRing:
         cache: the manager's DEK cache.
         usage: the manager's encryption counter (reservations of the active DEK).
         sessions, kek, replication: read from the manager at each use (they exist once it is open).
+        emit: queues an audit row (a ``retired_key_use`` event).
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class KeyRing:
         sessions: Callable[[], async_sessionmaker[AsyncSession]],
         kek: Callable[[], KekProvider],
         replication: Callable[[], Replication | None],
+        emit: Callable[[Row], Awaitable[None]],
     ) -> None:
         self._ttl_s = settings.active_version_ttl_s
         self.settings = settings
@@ -70,6 +76,7 @@ class KeyRing:
         self._sessions = sessions
         self._kek = kek
         self._replication = replication
+        self._emit = emit
         self.active: dict[str, tuple[int, int, float]] = {}  # scope -> (id, active version, expiry)
         self._inflight: dict[tuple[str, int], asyncio.Future[AESGCM]] = {}
         # Background refreshes of cached DEKs near their expiry (DekCache.due), one a key.
@@ -176,7 +183,7 @@ class KeyRing:
     def _note_state(self, scope: str, version: int, state: KeyState | None, scope_id: int) -> None:
         """Remember what the loaded state of a cached DEK asks of its later uses."""
         key = (scope, version)
-        if state == KeyState.RETIRED:  # decrypts, and each use is noticed (note_retired_use)
+        if state == KeyState.RETIRED:  # decrypts, and each use is noticed (retired_use)
             self.retired[key] = scope_id
         else:
             self.retired.pop(key, None)
@@ -214,9 +221,13 @@ class KeyRing:
         assert record is not None
         self._note_state(scope, version, record.state, record.scope_id)
 
-    async def note_retired_use(self, scope: str, version: int, location: str, actor: str) -> None:
-        """Record a use of retired ``version`` in ``retired_key_uses``, once per location and
-        interval, before the value is returned: it cancels the version's pending destruction."""
+    async def retired_use(self, who: Who, scope: str, version: int, context: str) -> None:
+        """A decrypt needed retired ``version``: it succeeds, and is audited (each call), counted,
+        logged and recorded in ``retired_key_uses`` (once per location and interval, before the
+        value is returned), which cancels the version's pending destruction."""
+        location = location_of(context)
+        metrics.RETIRED_KEY_USES.labels(scope, str(version)).inc()
+        await self._emit(calls.retired_use(who, scope, version, location))
         scope_id = self.retired.get((scope, version))
         key = (scope, version, location)
         now = time.monotonic()
@@ -232,7 +243,7 @@ class KeyRing:
         )  # fmt: skip
         try:
             async with db.transaction(self._sessions()) as session:
-                await repo.record_retired_use(session, scope_id, version, location, actor)
+                await repo.record_retired_use(session, scope_id, version, location, who[0])
         except Exception as exc:  # the value decrypted; the next use records it
             self._retired_noted.pop(key, None)
             log.error("retired DEK use of %s v%d not recorded: %s", scope, version, type(exc).__name__)

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
@@ -40,7 +41,6 @@ from keyrotor.audit.grants import GrantCache
 from keyrotor.audit.log import Row, now_us
 from keyrotor.audit.writer import AuditWriter
 from keyrotor.cache import DekCache
-from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
 from keyrotor.crypto.legacy_format import HEADER_LEN as LEGACY_HEADER_LEN
@@ -105,6 +105,10 @@ class KeyManager(SecretsTable, GrantsAdmin):
         self._kek, self._owns_kek = kek, kek is None
         self._engine, self._owns_engine = engine, engine is None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._valid_scopes: set[str] = set()
+        self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
+        self.calls = CallAudit(settings, self.grants, self._valid_scopes)
+        self._who, self._failover_event = self.calls.who, self.calls.failover
         self.cache = DekCache(
             ttl_s=settings.dek_cache_ttl_s,
             max_entries=settings.dek_cache_max_entries,
@@ -124,22 +128,15 @@ class KeyManager(SecretsTable, GrantsAdmin):
             sessions=lambda: self.sessions,
             kek=lambda: self.kek,
             replication=lambda: self.replication,
+            emit=self.calls.emit,
         )
         # The ring's state the hot path tests in place (empty dicts in the normal case).
-        self._active, self._retired, self._unconfirmed = (
-            self.ring.active,
-            self.ring.retired,
-            self.ring.unconfirmed,
-        )
-        self._refreshing = self.ring.refreshing
+        self._active, self._refreshing = self.ring.active, self.ring.refreshing
+        self._retired, self._unconfirmed = self.ring.retired, self.ring.unconfirmed
         self._encryption_key, self._active_record = self.ring.encryption_key, self.ring.active_record
-        self._valid_scopes: set[str] = set()
         self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_BUDGET_BYTES
         self._parsed_bytes = 0
         self._max_ciphertext_chars = max_ciphertext_chars(settings.max_value_bytes)
-        self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
-        self.calls = CallAudit(settings, self.grants, self._valid_scopes)
-        self._who, self._failover_event = self.calls.who, self.calls.failover
         self.legacy_reader = LegacyReader(settings, lambda: self.sessions, self.calls.emit)
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self.key_listener: KeyChangeListener | None = None
@@ -373,11 +370,11 @@ class KeyManager(SecretsTable, GrantsAdmin):
         context: str,
         who: Who,
         memo: tuple[int, bytes] | None = None,
-        cipher: Any = None,
+        cipher: AESGCM | None = None,
     ) -> tuple[str, int | None]:
         """The plaintext and its DEK version (None for a legacy value); no grant check, no audit
         of its own. The value is parsed once here, unless ``memo`` is its parse, with ``cipher``
-        what the DEK cache held for it. A use of a retired DEK is recorded (_retired_use)."""
+        what the DEK cache held for it. A use of a retired DEK is recorded (KeyRing.retired_use)."""
         parsed = memo
         if parsed is None:
             parsed = _split_kr1(ciphertext)
@@ -390,7 +387,7 @@ class KeyManager(SecretsTable, GrantsAdmin):
         if memo is None:
             self._remember(ciphertext, parsed)
         if self._retired and (scope, version) in self._retired:
-            await self._retired_use(who, scope, version, context)
+            await self.ring.retired_use(who, scope, version, context)
         return value, version
 
     def _remember(self, ciphertext: str, parsed: tuple[int, bytes]) -> None:
@@ -404,7 +401,7 @@ class KeyManager(SecretsTable, GrantsAdmin):
         self._parsed[ciphertext] = parsed
         self._parsed_bytes += size
 
-    # --- callers, checks and audit ---------------------------------------------------------
+    # --- checks ----------------------------------------------------------------------------
 
     def _check_scope(self, scope: str) -> None:
         if scope in self._valid_scopes:
@@ -412,14 +409,6 @@ class KeyManager(SecretsTable, GrantsAdmin):
         check_scope(scope)
         if len(self._valid_scopes) < _MAX_SCOPES:
             self._valid_scopes.add(scope)
-
-    async def _retired_use(self, who: Who, scope: str, version: int, context: str) -> None:
-        """A decrypt needed retired ``version``: it succeeds, and is audited (each call), counted,
-        logged and recorded in ``retired_key_uses`` (KeyRing.note_retired_use)."""
-        location = location_of(context)
-        metrics.RETIRED_KEY_USES.labels(scope, str(version)).inc()
-        await self.calls.emit(calls.retired_use(who, scope, version, location))
-        await self.ring.note_retired_use(scope, version, location, who[0])
 
     # --- cache control ---------------------------------------------------------------------
 
