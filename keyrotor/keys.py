@@ -25,82 +25,43 @@ cannot be; ``KEYROTOR_AUDIT=async`` (``keyrotor.audit.writer``) returns once it 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
-from keyrotor.audit import lockdown
-from keyrotor.audit.checkpoint import Checkpointer, open_audit_key
-from keyrotor.audit.durable import DurableAuditWriter
-from keyrotor.audit.grants import Grant, GrantCache, grant_access, revoke_access
-from keyrotor.audit.key import AuditKey
-from keyrotor.audit.log import (
-    CALLER,
-    MAX_ERROR_CHARS,
-    Row,
-    check_actor,
-    clean_short,
-    clean_text,
-    metadata_json,
-    normalize_metadata,
-    now_us,
-)
+from keyrotor.audit import calls, lockdown
+from keyrotor.audit.admin import GrantsAdmin
+from keyrotor.audit.calls import DECRYPT, ENCRYPT, LEGACY_METADATA, CallAudit, Who
+from keyrotor.audit.grants import GrantCache
+from keyrotor.audit.log import Row, now_us
 from keyrotor.audit.writer import AuditWriter
 from keyrotor.cache import DekCache
-from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
-from keyrotor.crypto import legacy_format as legacy
-from keyrotor.errors import (
-    AccessDenied,
-    CiphertextTooLarge,
-    ConfigurationError,
-    DecryptionFailed,
-    InvalidInput,
-    InvalidValue,
-    KeyExhausted,
-    KeyrotorError,
-    KeyVersionUnknown,
-    LegacyDecryptDisabled,
-    LegacyDecryptThrottled,
-    MalformedCiphertext,
-    ScopeNotFound,
-    SecretNotFound,
-    StoreUnavailable,
-)
-from keyrotor.kek.base import KekProvider, WrapContext
+from keyrotor.crypto.legacy_format import HEADER_LEN as LEGACY_HEADER_LEN
+from keyrotor.errors import CiphertextTooLarge, ConfigurationError
+from keyrotor.inputs import check_context, value_bytes
+from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
-from keyrotor.legacy import scope as legacy_scope
-from keyrotor.legacy.guard import LegacyGuard
+from keyrotor.keyring import KeyRing
+from keyrotor.legacy.reader import LegacyReader
 from keyrotor.notify import KeyChange, KeyChangeListener
 from keyrotor.replication.check import Replication
-from keyrotor.schedule.rules import KeyState, RotationPolicy, check_decryptable, check_scope
+from keyrotor.schedule.rules import check_scope
+from keyrotor.secrets import SecretsTable
 from keyrotor.settings import Settings
-from keyrotor.store import db, repo
-
-MAX_NAME_CHARS = 200
-MAX_CONTEXT_CHARS = 1024
+from keyrotor.store import db
 
 log = logging.getLogger(__name__)
 
-# (actor, ip, user agent) of a call
-_Who = tuple[str, str | None, str | None]
-_ENCRYPT, _DECRYPT = 0, 1
-_OPERATION = ("encrypt", "decrypt")
-_current_caller = CALLER.get  # the innermost actor_context, read on every call
+_context_metadata = calls.context_metadata
 # The decrypt hot path's helpers, bound once.
-_split, _aad, _NONCE = envelope.split, envelope.aad, envelope.NONCE_BYTES
+_split_kr1, _open_text = envelope.split_kr1, envelope.open_text
 # Parsed kr1 values kept by KeyManager.decrypt, keyed by their text. A stored value is decrypted
 # again on every request that uses it, and parsing it (strict base64url) costs about twice the
 # AES-GCM call. Ciphertext is not secret; the memo holds only (version, nonce||ciphertext||tag),
@@ -111,18 +72,14 @@ _split, _aad, _NONCE = envelope.split, envelope.aad, envelope.NONCE_BYTES
 _PARSED_BUDGET_BYTES = 4 * 1024 * 1024
 _PARSED_MAX_CHARS = 4096
 _PARSED_OVERHEAD = 256
-# A use of a retired DEK version is written to retired_key_uses (which cancels its destruction)
-# once per (scope, version, location) per process in this many seconds; each call is audited.
-RETIRED_USE_INTERVAL_S = 60.0
-_RETIRED_USE_SQL = text(
-    "INSERT INTO retired_key_uses (scope_id, dek_version, location, actor) VALUES (:s, :v, :l, :a)"
-)
-# Event metadata is queued as JSON text (keyrotor.audit.log.Row).
-_OPERATION_METADATA = ('{"operation":"encrypt"}', '{"operation":"decrypt"}')
+_MAX_SCOPES = 100_000  # validated scope names kept
 
 
-class KeyManager:
+class KeyManager(SecretsTable, GrantsAdmin):
     """Encrypts and decrypts values for scopes. Use as an async context manager.
+
+    It also stores named values in keyrotor's own ``secrets`` table (:class:`SecretsTable`) and
+    administers the grants (:class:`GrantsAdmin`).
 
     Args:
         settings: configuration (``Settings.from_env()`` or built in code).
@@ -145,60 +102,46 @@ class KeyManager:
     ) -> None:
         self.settings = settings
         self._environ = environ
-        self._kek = kek
-        self._owns_kek = kek is None
-        self._engine = engine
-        self._owns_engine = engine is None
+        self._kek, self._owns_kek = kek, kek is None
+        self._engine, self._owns_engine = engine, engine is None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._valid_scopes: set[str] = set()
+        self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
+        self.calls = CallAudit(settings, self.grants, self._valid_scopes)
+        self._who, self._failover_event = self.calls.who, self.calls.failover
         self.cache = DekCache(
             ttl_s=settings.dek_cache_ttl_s,
             max_entries=settings.dek_cache_max_entries,
             refresh_ahead=settings.dek_cache_refresh_ahead,
         )
-        # Background refreshes of cached DEKs near their expiry (DekCache.due), one a key.
-        self._refreshing: dict[tuple[str, int], asyncio.Task[None]] = {}
         metrics.track_cache(self.cache)
-        # scope -> (scope id, active version, monotonic expiry)
-        self._active: dict[str, tuple[int, int, float]] = {}
-        self._inflight: dict[tuple[str, int], asyncio.Future[AESGCM]] = {}
-        self._valid_scopes: set[str] = set()
-        self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_BUDGET_BYTES
-        self._parsed_bytes = 0
-        self._max_ciphertext_chars = max_ciphertext_chars(settings.max_value_bytes)
-        self.legacy_guard = LegacyGuard(
-            settings.legacy_decrypt_concurrency, settings.legacy_failures_per_minute
-        )
-        # Retired DEK versions this process loaded: (scope, version) -> scope id. Empty in the
-        # normal case, so the decrypt path pays one truth test for it.
-        self._retired: dict[tuple[str, int], int] = {}
-        self._retired_noted: dict[tuple[str, int, str], float] = {}  # -> monotonic time of next write
-        # Cached DEK versions loaded in a state that leads to destruction (grace, retired) ->
-        # monotonic time their state is read again (_confirm): a process that missed the
-        # announcement of a destruction stops using the key within KEYROTOR_ACTIVE_VERSION_TTL_SECONDS,
-        # not the cache's TTL. Empty while only active keys are in use: one truth test a decrypt.
-        self._unconfirmed: dict[tuple[str, int], float] = {}
-        self.grants = GrantCache(lambda: self.sessions, ttl_s=settings.grants_ttl_s)
-        self._audit: AuditWriter | None = None
-        self._audit_key: AuditKey | None = None
-        self._load_audit_key: Callable[[], Awaitable[AuditKey]] | None = None
-        self._checkpoints: Checkpointer | None = None
-        try:
-            default_actor = check_actor(settings.default_actor)
-        except InvalidInput as exc:
-            raise ConfigurationError(f"KEYROTOR_DEFAULT_ACTOR: {exc}") from None
-        self._default_who: _Who = (default_actor, None, None)
-        self._actors: set[str] = {default_actor}
-        self._plain_whos: dict[str, _Who] = {default_actor: self._default_who}  # validated actors
-        # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
-        self.key_listener: KeyChangeListener | None = None
-        # Multi-region replication and failover reads (keyrotor.replication.check), when configured.
-        self.replication: Replication | None = None
         # Encryptions per DEK, counted in memory and flushed in batches (keyrotor.census.usage).
         self.usage = UsageCounter(
             lambda: self.sessions,
             default_max=settings.max_encryptions_per_dek,
             interval_s=settings.usage_flush_interval_s,
         )
+        self.ring = KeyRing(
+            settings,
+            self.cache,
+            self.usage,
+            sessions=lambda: self.sessions,
+            kek=lambda: self.kek,
+            replication=lambda: self.replication,
+            emit=self.calls.emit,
+        )
+        # The ring's state the hot path tests in place (empty dicts in the normal case).
+        self._active, self._refreshing = self.ring.active, self.ring.refreshing
+        self._retired, self._unconfirmed = self.ring.retired, self.ring.unconfirmed
+        self._encryption_key, self._active_record = self.ring.encryption_key, self.ring.active_record
+        self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_BUDGET_BYTES
+        self._parsed_bytes = 0
+        self._max_ciphertext_chars = max_ciphertext_chars(settings.max_value_bytes)
+        self.legacy_reader = LegacyReader(settings, lambda: self.sessions, self.calls.emit)
+        # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
+        self.key_listener: KeyChangeListener | None = None
+        # Multi-region replication and failover reads (keyrotor.replication.check), when configured.
+        self.replication: Replication | None = None
 
     def __repr__(self) -> str:
         return f"KeyManager(provider={self.settings.secrets_provider!r}, cache={self.cache!r})"
@@ -226,30 +169,10 @@ class KeyManager:
                 self.settings.redis_url, self.settings.notify_channel, self.on_key_change
             )
             self.key_listener.start()
-        # The audit chain's key (keyrotor.audit.key) and its signed checkpoints.
-        if self._checkpoints is None:
-            self._audit_key, self._load_audit_key, self._checkpoints = await open_audit_key(
-                self._sessions, self._kek, self.settings
-            )
-        if not self.settings.audit_enabled:
-            log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
-        elif self._audit is None:
-            # durable: a call returns once its event is committed (keyrotor.audit.durable).
-            writer = DurableAuditWriter if self.settings.audit_mode == "durable" else AuditWriter
-            self._audit = writer(
-                self._engine,
-                queue_max=self.settings.audit_queue_max,
-                batch_size=self.settings.audit_batch_size,
-                flush_interval_s=self.settings.audit_flush_interval_s,
-                close_timeout_s=self.settings.audit_close_timeout_s,
-                put_timeout_s=self.settings.audit_put_timeout_s,
-                key=self._audit_key,
-                key_loader=self._load_audit_key,
-            )
-            await self._audit.start()
+        await self.calls.open(self._sessions, self._engine, self._kek)
         if self.settings.regions and self.replication is None:
             self.replication = Replication.open(
-                self.settings, self._sessions, self._kek, self._environ, on_failover=self._failover_event
+                self.settings, self._sessions, self._kek, self._environ, on_failover=self.calls.failover
             )
         self.usage.start()
         if self.warn_open_grants and await lockdown.still_open(self._sessions):
@@ -260,22 +183,14 @@ class KeyManager:
 
         Cached DEKs are dropped.
         """
-        for task in list(self._refreshing.values()):
-            task.cancel()
-        if self._refreshing:
-            await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
+        await self.ring.stop_refreshes()
         await self.usage.close()
         if self.replication is not None:
             await self.replication.aclose()
             self.replication = None
-        if self._audit is not None:
-            await self._audit.close()
-            self._audit = None
+        if await self.calls.close():
             # A closed manager must not go on decrypting unaudited (its caches could allow it).
             self._sessions = None
-        if self._checkpoints is not None:  # after the last event: it signs the final head
-            await self._checkpoints.close()
-            self._checkpoints = None
         if self.key_listener is not None:
             await self.key_listener.stop()
             self.key_listener = None
@@ -287,7 +202,7 @@ class KeyManager:
         if self._owns_kek and self._kek is not None:
             await self._kek.aclose()
             self._kek = None
-        self.legacy_guard.close()
+        self.legacy_reader.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -322,12 +237,12 @@ class KeyManager:
     @property
     def audit(self) -> AuditWriter | None:
         """The audit writer (after ``open``; None when ``KEYROTOR_AUDIT=off``)."""
-        return self._audit
+        return self.calls.writer
 
     async def flush_audit(self) -> None:
         """Wait until every audit event of this manager queued so far is written."""
-        if self._audit is not None:
-            await self._audit.flush()
+        if self.calls.writer is not None:
+            await self.calls.writer.flush()
 
     # --- encrypt / decrypt -----------------------------------------------------------------
 
@@ -362,15 +277,15 @@ class KeyManager:
         """
         who = self._who(actor, ip, user_agent)
         try:
-            data = self._plaintext_bytes(plaintext)
+            data = value_bytes(plaintext, self.settings.max_value_bytes)
             self._check_scope(scope)
-            self._check_context(context)
+            check_context(context)
             allowed = self.grants.cached(who[0], scope)
-            if allowed is None or not allowed[_ENCRYPT]:
-                await self._authorize(who, scope, _ENCRYPT)
+            if allowed is None or not allowed[ENCRYPT]:
+                await self.calls.authorize(who, scope, ENCRYPT)
             scope_id, version, cipher = await self._encryption_key(scope)
             if not self.usage.take(scope_id, version):  # reserved before use (keyrotor.census.usage)
-                scope_id, version, cipher = await self._reserve(scope, scope_id, version, cipher)
+                scope_id, version, cipher = await self.ring.reserve(scope, scope_id, version, cipher)
             token = envelope.seal(data, cipher=cipher, scope=scope, dek_version=version, context=context)
             # Counts the encryption; a location new to this process is recorded (committed)
             # before the ciphertext leaves, so no stored value has a location nobody knows.
@@ -378,24 +293,15 @@ class KeyManager:
             if location is not None:
                 await self.usage.record(scope_id, version, location)
         except Exception as exc:
-            await self._audit_failure("encrypt", who, scope, None, context, exc)
+            await self.calls.failure("encrypt", who, scope, None, context, exc)
             raise
-        audit = self._audit
+        audit = self.calls.writer
         if audit is not None:
-            row: Row = (
-                "encrypt",
-                scope,
-                version,
-                True,
-                *who,
-                None,
-                _context_metadata(context),
-                now_us(),
-            )
+            row: Row = ("encrypt", scope, version, True, *who, None, _context_metadata(context), now_us())
             if not audit.offer(row):
                 await audit.put(row)
         if self.cache.due:
-            self._refresh_due()
+            self.ring.refresh_due(self._sessions is not None)
         return token
 
     async def decrypt(
@@ -422,7 +328,6 @@ class KeyManager:
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
         who = self._who(actor, ip, user_agent)
-        version: int | None
         try:
             if ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars:
                 raise CiphertextTooLarge(
@@ -432,80 +337,58 @@ class KeyManager:
             if scope not in self._valid_scopes:
                 self._check_scope(scope)
             allowed = self.grants.cached(who[0], scope)
-            if allowed is None or not allowed[_DECRYPT]:
-                await self._authorize(who, scope, _DECRYPT)
-            # A kr1 value runs inline (no coroutine of its own, no second scope check, its parse
-            # memoised); a legacy or malformed one goes through _decrypt_value.
-            parsed = memo = self._parsed.get(ciphertext) if ciphertext.__class__ is str else None
-            if parsed is None:
-                parsed = self._parse(ciphertext)
-            if parsed is None:  # legacy, or malformed
-                value, version = await self._decrypt_value(scope, ciphertext, context, who)
+            if allowed is None or not allowed[DECRYPT]:
+                await self.calls.authorize(who, scope, DECRYPT)
+            # The hot path, inline: a value that authenticated before (its parse memoised) under a
+            # cached DEK whose state needs no check. Everything else: _decrypt_value.
+            memo = self._parsed.get(ciphertext) if ciphertext.__class__ is str else None
+            cipher = None if memo is None else self.cache.get(scope, memo[0])
+            if memo is None or cipher is None or self._unconfirmed or self._retired:
+                value, version = await self._decrypt_value(scope, ciphertext, context, who, memo, cipher)
             else:
-                version, raw = parsed
-                cipher = self.cache.get(scope, version) or await self._load(scope, version)
-                if self._unconfirmed and (scope, version) in self._unconfirmed:
-                    await self._confirm(scope, version)
-                try:
-                    value = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(scope, version, context)).decode()
-                except InvalidTag:
-                    raise envelope.authentication_failed(version) from None
-                except UnicodeDecodeError:
-                    raise DecryptionFailed("decrypted value is not valid UTF-8") from None
-                if memo is None:
-                    self._remember(ciphertext, parsed)
-            if self._retired and (scope, version) in self._retired:
-                # (a legacy value's version None is never a key of _retired)
-                await self._retired_use(who, scope, version, context)  # type: ignore[arg-type]
+                version = memo[0]
+                value = _open_text(memo[1], cipher, scope, version, context)
         except Exception as exc:
             metrics.decrypt_failed(exc)
-            await self._audit_failure("failed_decrypt", who, scope, _peek_version(ciphertext), context, exc)
+            version = envelope.version_or_none(ciphertext)
+            await self.calls.failure("failed_decrypt", who, scope, version, context, exc)
             raise
-        audit = self._audit
+        audit = self.calls.writer
         if audit is not None:
-            row: Row = (
-                "decrypt",
-                scope,
-                version,
-                True,
-                *who,
-                None,
-                _context_metadata(context) if version is not None else _LEGACY_METADATA,
-                now_us(),
-            )
+            meta = _context_metadata(context) if version is not None else LEGACY_METADATA
+            row: Row = ("decrypt", scope, version, True, *who, None, meta, now_us())
             if not audit.offer(row):
                 await audit.put(row)
         if self.cache.due:
-            self._refresh_due()
+            self.ring.refresh_due(self._sessions is not None)
         return value
 
-    def _refresh_due(self) -> None:
-        """Start a background unwrap of each cached DEK a hit found near its expiry."""
-        for key in self.cache.take_due():
-            if key not in self._refreshing and self._sessions is not None:
-                task = asyncio.get_running_loop().create_task(self._refresh(*key))
-                self._refreshing[key] = task
-
-    async def _refresh(self, scope: str, version: int) -> None:
-        try:
-            await self._load(scope, version)  # puts the DEK back with a new TTL
-            metrics.dek_refreshed(True)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # The entry keeps its remaining life; the next miss tries again (and raises there).
-            metrics.dek_refreshed(False)
-            log.warning("dek_refresh_failed scope=%s version=%s error=%s", scope, version, type(exc).__name__)
-        finally:
-            self._refreshing.pop((scope, version), None)
-
-    @staticmethod
-    def _parse(ciphertext: str) -> tuple[int, bytes] | None:
-        """Parse a kr1 value (None if it is not one; _decrypt_value says why)."""
-        try:
-            return _split(ciphertext)
-        except MalformedCiphertext:
-            return None
+    async def _decrypt_value(
+        self,
+        scope: str,
+        ciphertext: str,
+        context: str,
+        who: Who,
+        memo: tuple[int, bytes] | None = None,
+        cipher: AESGCM | None = None,
+    ) -> tuple[str, int | None]:
+        """The plaintext and its DEK version (None for a legacy value); no grant check, no audit
+        of its own. The value is parsed once here, unless ``memo`` is its parse, with ``cipher``
+        what the DEK cache held for it. A use of a retired DEK is recorded (KeyRing.retired_use)."""
+        parsed = memo
+        if parsed is None:
+            parsed = _split_kr1(ciphertext)
+            if parsed is None:  # not kr1: a legacy value, or nothing
+                return await self.legacy_reader.decrypt(scope, ciphertext, context, who), None
+            cipher = self.cache.get(scope, parsed[0])
+        version, raw = parsed
+        cipher = await self.ring.usable(scope, version, cipher)
+        value = _open_text(raw, cipher, scope, version, context)
+        if memo is None:
+            self._remember(ciphertext, parsed)
+        if self._retired and (scope, version) in self._retired:
+            await self.ring.retired_use(who, scope, version, context)
+        return value, version
 
     def _remember(self, ciphertext: str, parsed: tuple[int, bytes]) -> None:
         """Keep the parse of a value that authenticated (see _PARSED_BUDGET_BYTES)."""
@@ -518,343 +401,14 @@ class KeyManager:
         self._parsed[ciphertext] = parsed
         self._parsed_bytes += size
 
-    async def _decrypt_value(
-        self, scope: str, ciphertext: str, context: str, who: _Who | None = None
-    ) -> tuple[str, int | None]:
-        """The plaintext and its DEK version (None for a legacy value): no grant check, no audit
-        (but a legacy decrypt refused for too many failures records one ``unauthorized`` event)."""
-        if scope not in self._valid_scopes:
-            self._check_scope(scope)
-        try:
-            version, raw = envelope.split(ciphertext)
-        except MalformedCiphertext:
-            if isinstance(ciphertext, str) and not ciphertext.startswith(envelope.PREFIX):
-                if legacy.is_legacy(ciphertext):
-                    who = who or self._default_who
-                    await self._bind_legacy(scope, ciphertext, context, who)
-                    return await self._decrypt_legacy(ciphertext, who), None
-                raise MalformedCiphertext("not a kr1 or legacy ciphertext") from None
-            raise
-        cipher = self.cache.get(scope, version) or await self._load(scope, version)
-        if self._unconfirmed and (scope, version) in self._unconfirmed:
-            await self._confirm(scope, version)
-        data = envelope.open_raw(raw, cipher=cipher, scope=scope, dek_version=version, context=context)
-        try:
-            return data.decode(), version
-        except UnicodeDecodeError:
-            raise DecryptionFailed("decrypted value is not valid UTF-8") from None
+    # --- checks ----------------------------------------------------------------------------
 
-    async def _bind_legacy(self, scope: str, ciphertext: str, context: str, who: _Who) -> None:
-        """Refuse a legacy value unless ``context`` names its row and that row is ``scope``'s.
-
-        A legacy value carries no scope or context of its own, so without this a grant on any
-        scope would read every scope's legacy values (``keyrotor.legacy.scope``).
-
-        Raises:
-            LegacyDecryptDisabled: ``KEYROTOR_LEGACY_DECRYPT=off``.
-            AccessDenied: the value does not belong where the caller says (audited ``unauthorized``).
-        """
-        if self.settings.legacy_decrypt == "off":
-            raise LegacyDecryptDisabled(
-                "legacy values are not decrypted (KEYROTOR_LEGACY_DECRYPT=off): run "
-                "`keyrotor legacy migrate`, or set KEYROTOR_LEGACY_DECRYPT=on"
-            )
-        async with db.transaction(self.sessions) as session:
-            reason = await legacy_scope.refusal(session, scope, context, ciphertext)
-        if reason is None:
+    def _check_scope(self, scope: str) -> None:
+        if scope in self._valid_scopes:
             return
-        message = f"actor {who[0]!r} may not decrypt this legacy value in scope {scope!r}: {reason}"
-        meta = '{"operation":"decrypt","format":"legacy"}'
-        row: Row = (
-            "unauthorized",
-            scope,
-            None,
-            False,
-            *who,
-            clean_text(message, MAX_ERROR_CHARS),
-            meta,
-            now_us(),
-        )
-        await self._emit(row)
-        raise AccessDenied(message)
-
-    async def _decrypt_legacy(self, ciphertext: str, who: _Who) -> str:
-        key = self.settings.legacy_key
-        if not key:
-            raise ConfigurationError(
-                "a legacy value needs ENCRYPTION_KEY (or KEYROTOR_LEGACY_KEY) to decrypt"
-            )
-        try:
-            return await self.legacy_guard.decrypt(who[0], ciphertext, key)
-        except LegacyDecryptThrottled as exc:
-            if exc.first_in_window:  # one event a window, however many attempts follow
-                meta = '{"operation":"decrypt","format":"legacy"}'
-                await self._emit(("unauthorized", None, None, False, *who, str(exc), meta, now_us()))
-            raise
-
-    # --- secrets table ---------------------------------------------------------------------
-
-    async def put_secret(
-        self,
-        scope: str,
-        name: str,
-        value: str,
-        *,
-        actor: str | None = None,
-        ip: str | None = None,
-        user_agent: str | None = None,
-    ) -> None:
-        """Store (or replace) a named value in keyrotor's ``secrets`` table.
-
-        Raises:
-            InvalidScope, InvalidValue, InvalidInput: bad input.
-            AccessDenied: no grant lets the actor encrypt in this scope.
-        """
-        await self.put_secrets(scope, [(name, value)], actor=actor, ip=ip, user_agent=user_agent)
-
-    async def put_secrets(
-        self,
-        scope: str,
-        items: Sequence[tuple[str, str]],
-        *,
-        actor: str | None = None,
-        ip: str | None = None,
-        user_agent: str | None = None,
-    ) -> int:
-        """Store many ``(name, value)`` pairs of one scope in one transaction. Returns the count.
-
-        Each value is one ``encrypt`` audit event (context ``secret:<name>``).
-        """
-        who = self._who(actor, ip, user_agent)
-        try:
-            version = await self._put_secrets(who, scope, items)
-        except Exception as exc:
-            await self._audit_failure("encrypt", who, scope, None, "", exc, {"values": len(items)})
-            raise
-        audit = self._audit
-        if audit is not None:
-            now = now_us()
-            rows: list[Row] = [
-                ("encrypt", scope, version, True, *who, None, _context_metadata(_secret_context(name)), now)
-                for name, _ in items
-            ]
-            if isinstance(audit, DurableAuditWriter):
-                await audit.put_many(rows)  # one commit for all, not one per value
-            else:
-                for row in rows:
-                    await self._emit(row)
-        return len(items)
-
-    async def _put_secrets(self, who: _Who, scope: str, items: Sequence[tuple[str, str]]) -> int:
-        for name, _ in items:
-            self._check_name(name)
-        self._check_scope(scope)
-        await self._authorize(who, scope, _ENCRYPT)
-        scope_id, version, cipher = await self._encryption_key(scope)
-        scope_id, version, cipher = await self._reserve(scope, scope_id, version, cipher, len(items))
-        rows = [
-            (
-                name,
-                envelope.seal(
-                    self._plaintext_bytes(value),
-                    cipher=cipher,
-                    scope=scope,
-                    dek_version=version,
-                    context=_secret_context(name),
-                ),
-            )
-            for name, value in items
-        ]
-        for location, n in Counter(location_of(_secret_context(name)) for name, _ in items).items():
-            if not self.usage.count(scope_id, version, location, n):
-                await self.usage.record(scope_id, version, location, n)
-        async with db.transaction(self.sessions) as session:
-            await repo.put_secrets(session, scope_id, rows, version)
-        return version
-
-    async def get_secret(
-        self,
-        scope: str,
-        name: str,
-        *,
-        actor: str | None = None,
-        ip: str | None = None,
-        user_agent: str | None = None,
-    ) -> str:
-        """Read and decrypt a named value (audited as a ``decrypt`` of context ``secret:<name>``).
-
-        Raises:
-            SecretNotFound: no such secret in that scope.
-            AccessDenied: no grant lets the actor decrypt in this scope.
-        """
-        who = self._who(actor, ip, user_agent)
-        context = _secret_context(name) if isinstance(name, str) else ""
-        version: int | None = None
-        try:
-            self._check_scope(scope)
-            self._check_name(name)
-            await self._authorize(who, scope, _DECRYPT)
-            async with db.transaction(self.sessions) as session:
-                row = await repo.get_secret(session, scope, name)
-            if row is None:
-                raise SecretNotFound(f"no secret {name!r} in scope {scope!r}")
-            version = _peek_version(row.ciphertext)
-            value, version = await self._decrypt_value(scope, row.ciphertext, context, who)
-            if self._retired and version is not None and (scope, version) in self._retired:
-                await self._retired_use(who, scope, version, context)
-        except Exception as exc:
-            await self._audit_failure("failed_decrypt", who, scope, version, context, exc)
-            raise
-        await self._emit(("decrypt", scope, version, True, *who, None, _context_metadata(context), now_us()))
-        return value
-
-    # --- grants ----------------------------------------------------------------------------
-
-    async def grant(
-        self, actor: str, scope: str, *, encrypt: bool = False, decrypt: bool = False, by: str | None = None
-    ) -> Grant:
-        """Allow ``actor`` (or ``*``) to encrypt and/or decrypt in scopes matching ``scope``.
-
-        Recorded as a ``config_change`` by ``by`` (default: the current caller). Takes effect
-        in this process at once, in others within ``KEYROTOR_GRANTS_TTL_SECONDS``.
-
-        Raises:
-            InvalidInput: bad actor or scope pattern, or neither permission.
-        """
-        by = by or self._who(None, None, None)[0]
-        async with db.transaction(self.sessions) as session:
-            return await grant_access(session, actor, scope, encrypt=encrypt, decrypt=decrypt, by=by)
-
-    async def revoke(
-        self, actor: str, scope: str, *, encrypt: bool = False, decrypt: bool = False, by: str | None = None
-    ) -> Grant | None:
-        """Remove a grant, or only its ``encrypt``/``decrypt`` permission.
-
-        See ``keyrotor.audit.grants.revoke``.
-
-        Raises:
-            NotFound: no grant for exactly that actor and pattern.
-        """
-        by = by or self._who(None, None, None)[0]
-        async with db.transaction(self.sessions) as session:
-            return await revoke_access(session, actor, scope, encrypt=encrypt, decrypt=decrypt, by=by)
-
-    # --- audit helpers ---------------------------------------------------------------------
-
-    def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> _Who:
-        """The caller: keyword arguments, else the innermost actor_context, else the default actor."""
-        ctx = _current_caller()
-        if ip is None and user_agent is None:
-            if actor is None:
-                return self._default_who if ctx is None else ctx.who
-            if ctx is None:
-                who = self._plain_whos.get(actor)
-                if who is not None:
-                    return who
-        if actor is None:
-            name = self._default_who[0] if ctx is None else ctx.actor
-        elif actor in self._actors:
-            name = actor
-        else:
-            name = check_actor(actor)
-            if len(self._actors) < 10_000:
-                self._actors.add(name)
-                self._plain_whos[name] = (name, None, None)
-        return (
-            name,
-            clean_short(ip) if ip is not None else (ctx.ip if ctx else None),
-            clean_short(user_agent) if user_agent is not None else (ctx.user_agent if ctx else None),
-        )
-
-    async def _authorize(self, who: _Who, scope: str, operation: int) -> None:
-        """Raise AccessDenied (and record ``unauthorized``) unless a grant allows the call."""
-        if (await self.grants.permissions(who[0], scope))[operation]:
-            return
-        message = f"actor {who[0]!r} may not {_OPERATION[operation]} in scope {scope!r}"
-        await self._emit(
-            (
-                "unauthorized",
-                scope,
-                None,
-                False,
-                *who,
-                message,
-                _OPERATION_METADATA[operation],
-                now_us(),
-            )
-        )
-        raise AccessDenied(message)
-
-    async def _emit(self, row: Row) -> None:
-        audit = self._audit
-        if audit is not None and not audit.offer(row):
-            await audit.put(row)
-
-    async def _audit_failure(
-        self,
-        event_type: str,
-        who: _Who,
-        scope: object,
-        version: int | None,
-        context: object,
-        exc: Exception,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        if self._audit is None or isinstance(exc, AccessDenied):
-            return  # a denial was recorded as `unauthorized` already
-        # The typed errors' messages never hold values or ciphertexts; anything else may
-        # quote data, so only its class is kept.
-        if isinstance(exc, KeyrotorError):
-            error = f"{type(exc).__name__}: {clean_text(str(exc), MAX_ERROR_CHARS)}"
-        else:
-            error = f"{type(exc).__name__} (unexpected error)"
-        metadata: dict[str, Any] = {"context": context} if isinstance(context, str) and context else {}
-        metadata.update(extra or {})
-        row: Row = (
-            event_type,
-            scope if isinstance(scope, str) and scope in self._valid_scopes else None,
-            version,
-            False,
-            *who,
-            error,
-            metadata_json(normalize_metadata(metadata)),
-            now_us(),
-        )
-        try:
-            await self._emit(row)
-        except ConfigurationError:  # closed meanwhile: keep the caller's own error, say so loudly
-            log.error("audit writer closed: a %s event (%s) was not recorded", event_type, type(exc).__name__)
-
-    async def _retired_use(self, who: _Who, scope: str, version: int, context: str) -> None:
-        """A decrypt needed retired ``version``: it succeeds, and is audited (each call), counted,
-        logged and recorded in ``retired_key_uses`` (once per location and interval, before the
-        value is returned), which cancels the version's pending destruction."""
-        scope_id = self._retired.get((scope, version))
-        location = location_of(context)
-        metrics.RETIRED_KEY_USES.labels(scope, str(version)).inc()
-        meta = metadata_json({"location": clean_text(location, MAX_CONTEXT_CHARS)})
-        await self._emit(("retired_key_use", scope, version, True, *who, None, meta, now_us()))
-        key = (scope, version, location)
-        now = time.monotonic()
-        if scope_id is None or now < self._retired_noted.get(key, 0.0):
-            return
-        if len(self._retired_noted) >= 10_000:
-            self._retired_noted.clear()
-        self._retired_noted[key] = now + RETIRED_USE_INTERVAL_S
-        log.warning(
-            "retired DEK used: scope=%s version=%d location=%r (its destruction is cancelled; "
-            "re-encrypt that value or `keyrotor keys restore %s %d`)",
-            scope, version, location, scope, version,
-        )  # fmt: skip
-        try:
-            async with db.transaction(self.sessions) as session:
-                await session.execute(
-                    _RETIRED_USE_SQL,
-                    {"s": scope_id, "v": version, "l": location, "a": who[0]},
-                )
-        except Exception as exc:  # the value decrypted; the next use records it
-            self._retired_noted.pop(key, None)
-            log.error("retired DEK use of %s v%d not recorded: %s", scope, version, type(exc).__name__)
+        check_scope(scope)
+        if len(self._valid_scopes) < _MAX_SCOPES:
+            self._valid_scopes.add(scope)
 
     # --- cache control ---------------------------------------------------------------------
 
@@ -873,212 +427,7 @@ class KeyManager:
 
         Rotation calls this in every process (through Redis) when a scope's keys change.
         """
-        self.cache.invalidate(scope)
-        if scope is None:
-            self._active.clear()
-            self._retired.clear()
-            self._unconfirmed.clear()
-        else:
-            self._active.pop(scope, None)
-            for key in [k for k in self._retired if k[0] == scope]:
-                del self._retired[key]
-            for key in [k for k in self._unconfirmed if k[0] == scope]:
-                del self._unconfirmed[key]
-
-    async def _failover_event(self, success: bool, metadata: dict[str, Any], error: str | None) -> None:
-        """Record a ``failover`` audit event (DEK reads left the primary region, or returned)."""
-        meta = metadata_json(normalize_metadata(metadata))
-        row: Row = ("failover", None, None, success, *self._default_who, error, meta, now_us())
-        if isinstance(self._audit, DurableAuditWriter):
-            # Not a caller's event, and the audit database may be what is down: kept until written.
-            self._audit.put_nowait(row)
-        else:
-            await self._emit(row)
-
-    # --- internals -------------------------------------------------------------------------
-
-    async def _encryption_key(self, scope: str) -> tuple[int, int, AESGCM]:
-        """(scope id, active version, cipher) for new values of ``scope``."""
-        entry = self._active.get(scope)
-        if entry is not None and time.monotonic() < entry[2]:
-            cipher = self.cache.get(scope, entry[1])
-            if cipher is not None:
-                return entry[0], entry[1], cipher
-        record = await self._active_record(scope)
-        self._active[scope] = (
-            record.scope_id,
-            record.version,
-            time.monotonic() + self.settings.active_version_ttl_s,
-        )
-        cipher = self.cache.get(scope, record.version) or await self._load(scope, record.version)
-        return record.scope_id, record.version, cipher
-
-    async def _reserve(
-        self, scope: str, scope_id: int, version: int, cipher: AESGCM, n: int = 1
-    ) -> tuple[int, int, AESGCM]:
-        """Reserve ``n`` encryptions of the active DEK (keyrotor.census.usage). If it is exhausted or
-        no longer takes values, the active version is read again once: a rotation may have
-        replaced it since this process last looked. Returns the DEK to use.
-
-        Raises:
-            KeyExhausted: the scope's active DEK reached its hard stop.
-        """
-        try:
-            await self.usage.acquire(scope_id, version, n, scope=scope)
-            return scope_id, version, cipher
-        except (KeyExhausted, KeyVersionUnknown):
-            self._active.pop(scope, None)
-            fresh = await self._encryption_key(scope)
-            if fresh[1] == version:
-                raise
-        await self.usage.acquire(fresh[0], fresh[1], n, scope=scope)
-        return fresh
-
-    async def _active_record(self, scope: str) -> repo.KeyRecord:
-        async with db.transaction(self.sessions) as session:
-            record = await repo.get_key(session, scope)
-        if record is not None:
-            return record
-        # First use: create the scope with DEK v1. Wrap outside any transaction (a KEK call
-        # may take a network round trip), then insert; a concurrent creator wins harmlessly.
-        dek = envelope.new_dek()
-        wrapped = await self.kek.wrap(dek, WrapContext(scope, 1))
-        policy = RotationPolicy(
-            enabled=self.settings.default_rotation_enabled,
-            interval_days=self.settings.default_interval_days,
-            grace_days=min(self.settings.default_grace_days, self.settings.default_interval_days),
-        )
-        async with db.transaction(self.sessions) as session:
-            created = await repo.create_scope(session, scope, wrapped, policy, datetime.now(UTC))
-            record = await repo.get_key(session, scope)
-        if created:
-            self.cache.put(scope, 1, AESGCM(dek))
-            if self.replication is not None:
-                self.replication.follow(scope)  # copy the new DEK to every region now
-        if record is None:  # pragma: no cover - the row was just written or read
-            raise ScopeNotFound(f"scope {scope!r} could not be created")
-        return record
-
-    async def _load(self, scope: str, version: int) -> AESGCM:
-        """Fetch and unwrap one DEK; concurrent misses for the same key share one fetch."""
-        key = (scope, version)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[AESGCM] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            if self.replication is None:
-                cipher = await self._fetch(scope, version)
-            else:  # the primary, or a secondary region's copy if the primary is unavailable
-                cipher = await self.replication.fetch(scope, version, self._fetch)
-                self.cache.put(scope, version, cipher)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        else:
-            future.set_result(cipher)
-            return cipher
-        finally:
-            del self._inflight[key]
-
-    async def _fetch(self, scope: str, version: int) -> AESGCM:
-        async with db.transaction(self.sessions) as session:
-            record = await repo.get_key(session, scope, version)
-            if record is None and await repo.get_scope(session, scope) is None:
-                raise ScopeNotFound(f"scope {scope!r} does not exist")
-        if record is None:
-            raise KeyVersionUnknown(f"{scope}: DEK v{version} is unknown")
-        check_decryptable(scope, version, record.state, record.latest_version)
-        assert record.wrapped is not None  # decryptable states always keep their wrapped key
-        self._note_state(scope, version, record.state, record.scope_id)
-        dek = await self.kek.unwrap(record.wrapped, WrapContext(scope, version))
-        cipher = AESGCM(dek)
-        self.cache.put(scope, version, cipher)
-        return cipher
-
-    def _note_state(self, scope: str, version: int, state: KeyState | None, scope_id: int) -> None:
-        """Remember what the loaded state of a cached DEK asks of its later uses."""
-        key = (scope, version)
-        if state == KeyState.RETIRED:  # decrypts, and each use is noticed (_retired_use)
-            self._retired[key] = scope_id
-        else:
-            self._retired.pop(key, None)
-        if state in (KeyState.GRACE, KeyState.RETIRED):
-            self._unconfirmed[key] = time.monotonic() + self.settings.active_version_ttl_s
-        else:
-            self._unconfirmed.pop(key, None)
-
-    async def _confirm(self, scope: str, version: int) -> None:
-        """Read the state of a cached grace or retired DEK again if its check is due: a destroyed
-        (or unknown) one is dropped from the cache and refused.
-
-        Raises:
-            KeyVersionTooOld, KeyVersionUnknown: the version was destroyed meanwhile.
-            StoreUnavailable: a retired version's state cannot be read now (a grace version is
-                used on: it cannot be destroyed without first being retired for days).
-        """
-        key = (scope, version)
-        if time.monotonic() < self._unconfirmed.get(key, 0.0):
-            return
-        try:
-            async with db.transaction(self.sessions) as session:
-                record = await repo.get_key(session, scope, version)
-        except StoreUnavailable:
-            if key in self._retired:
-                raise
-            self._unconfirmed[key] = time.monotonic() + self.settings.active_version_ttl_s
-            return
-        if record is None or not record.state.decrypts:
-            self.cache.invalidate(scope, version)
-            self._unconfirmed.pop(key, None)
-            self._retired.pop(key, None)
-            log.warning("cached DEK %s v%d is no longer usable: dropped", scope, version)
-            check_decryptable(scope, version, None if record is None else record.state, version)
-        assert record is not None
-        self._note_state(scope, version, record.state, record.scope_id)
-
-    def _check_scope(self, scope: str) -> None:
-        if scope in self._valid_scopes:
-            return
-        check_scope(scope)
-        if len(self._valid_scopes) < 100_000:
-            self._valid_scopes.add(scope)
-
-    def _plaintext_bytes(self, plaintext: str) -> bytes:
-        if not isinstance(plaintext, str):
-            raise InvalidValue("value must be text (str)")
-        if not plaintext:
-            raise InvalidValue("value is empty")
-        try:
-            data = plaintext.encode()
-        except UnicodeEncodeError:
-            raise InvalidValue("value is not valid Unicode (lone surrogates)") from None
-        if len(data) > self.settings.max_value_bytes:
-            raise InvalidValue(
-                f"value is too large ({len(data)} bytes; limit {self.settings.max_value_bytes}, "
-                "KEYROTOR_MAX_VALUE_BYTES)"
-            )
-        return data
-
-    @staticmethod
-    def _check_context(context: str) -> None:
-        if not isinstance(context, str) or len(context) > 1024:
-            raise InvalidInput("context must be text of at most 1024 characters")
-
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if (
-            not isinstance(name, str)
-            or not name
-            or len(name) > MAX_NAME_CHARS
-            or not name.isprintable()
-            or name != name.strip()
-        ):
-            raise InvalidInput(
-                f"secret names are 1-{MAX_NAME_CHARS} printable characters without surrounding spaces"
-            )
+        self.ring.invalidate(scope)
 
 
 def max_ciphertext_chars(max_value_bytes: int) -> int:
@@ -1088,33 +437,5 @@ def max_ciphertext_chars(max_value_bytes: int) -> int:
     nonce || ciphertext || tag. Legacy: padded base64 of salt || iv || tag || ciphertext.
     """
     kr1 = 4 + 10 + 1 + -(-(envelope.NONCE_BYTES + max_value_bytes + envelope.TAG_BYTES) * 4 // 3)
-    old = 4 * -(-(legacy.HEADER_LEN + max_value_bytes) // 3)
+    old = 4 * -(-(LEGACY_HEADER_LEN + max_value_bytes) // 3)
     return max(kr1, old)
-
-
-def _secret_context(name: str) -> str:
-    return f"secret:{name}"
-
-
-_LEGACY_METADATA = '{"format":"legacy"}'
-# context -> its metadata JSON: contexts repeat (a service decrypts the same rows again and again)
-_CONTEXT_JSON: dict[str, str] = {"": "{}"}
-
-
-def _context_metadata(context: str) -> str:
-    meta = _CONTEXT_JSON.get(context)
-    if meta is None:
-        meta = metadata_json({"context": clean_text(context, MAX_CONTEXT_CHARS)})
-        if len(_CONTEXT_JSON) < 10_000:
-            _CONTEXT_JSON[context] = meta
-    return meta
-
-
-def _peek_version(ciphertext: object) -> int | None:
-    """The DEK version a ciphertext names, if it is a readable kr1 value (for failure events)."""
-    if not isinstance(ciphertext, str):
-        return None
-    try:
-        return envelope.peek_version(ciphertext)
-    except KeyrotorError:
-        return None

@@ -44,8 +44,10 @@ __all__ = [
     "decrypt_async",
     "decrypt_dek",
     "decrypt_many",
+    "decrypt_parsed",
     "encrypt",
     "is_legacy",
+    "parse",
 ]
 
 SALT_LEN = 32
@@ -69,13 +71,9 @@ _MAX_PLAINTEXT_BYTES = MAX_VALUE_CHARS // 4 * 3 - HEADER_LEN
 _KR1_PREFIX = "kr1:"
 _AUTH_FAILED = "legacy value failed authentication: wrong ENCRYPTION_KEY or tampered"
 
-# Both scrypt implementations release the GIL. Measured on this 2-core machine (Python 3.11,
-# cryptography 50.0.2, N=16384 r=8 p=1): four derivations took 205-245 ms one after another
-# and 119-139 ms on four threads (1.7-1.95x, the most two cores allow), for hashlib.scrypt and
-# for cryptography's Scrypt alike; Scrypt was ~10% faster (~52 ms vs ~59 ms each). We use
-# Scrypt: it is faster here, and it does not depend on how CPython's OpenSSL was built. Since
-# the GIL is released, a thread pool is enough to keep scrypt off the event loop and to use
-# every core; decrypt_many() still works in a process pool, for a migration that wants one.
+# scrypt releases the GIL (cryptography's Scrypt, used here as it does not depend on how CPython's
+# OpenSSL was built, as well as hashlib.scrypt), so a thread pool keeps it off the event loop and
+# uses every core; decrypt_many() also works in a process pool, for a migration that wants one.
 
 
 def decrypt(blob: str, master_key: str) -> str:
@@ -97,14 +95,16 @@ def decrypt(blob: str, master_key: str) -> str:
             or it decrypted to bytes that are not valid UTF-8.
     """
     password = _password(master_key)
-    raw = _parse(blob)
-    plaintext = _open(raw, password)
-    try:
-        return plaintext.decode("utf-8")
-    except UnicodeDecodeError:
-        # from None: a UnicodeDecodeError holds the whole plaintext (.object) and prints a
-        # byte of it, so it must not travel as the cause.
-        raise DecryptionFailed("legacy value decrypted, but its plaintext is not valid UTF-8") from None
+    return _text(_open(parse(blob), password))
+
+
+def decrypt_parsed(raw: bytes, master_key: str) -> str:
+    """Decrypt the bytes :func:`parse` returned for a legacy value (no second parse).
+
+    Raises:
+        WeakKeyError, DecryptionFailed: as :func:`decrypt`.
+    """
+    return _text(_open(raw, _password(master_key)))
 
 
 def decrypt_dek(blob: str, master_key: str) -> bytes:
@@ -166,7 +166,7 @@ def is_legacy(value: str) -> bool:
         ``kr1:`` values and anything that is not a string. It never raises.
     """
     try:
-        _parse(value)
+        parse(value)
     except MalformedCiphertext:
         return False
     return True
@@ -229,6 +229,35 @@ def decrypt_many(blobs: Iterable[str], master_key: str) -> list[str | Decryption
     return results
 
 
+def parse(blob: str) -> bytes:
+    """Check the shape of a legacy value, cheaply (no scrypt), and return its decoded bytes.
+
+    Raises:
+        MalformedCiphertext: not a legacy value (see :func:`decrypt`). The message never
+            echoes the value.
+    """
+    if not isinstance(blob, str):
+        raise MalformedCiphertext(f"legacy value must be str, not {type(blob).__name__}")
+    # Length first, so an oversized value costs nothing more.
+    if len(blob) > MAX_VALUE_CHARS:
+        raise MalformedCiphertext(
+            f"legacy value is too long: {len(blob)} characters, limit {MAX_VALUE_CHARS}"
+        )
+    if blob.startswith(_KR1_PREFIX):
+        raise MalformedCiphertext("value is a kr1 envelope ciphertext, not a legacy value")
+    if "\x00" in blob:
+        raise MalformedCiphertext("legacy value contains NUL characters")
+    try:
+        raw = _strict_b64decode(blob)
+    except ValueError as exc:  # binascii.Error names the problem, never the data
+        raise MalformedCiphertext("legacy value is not canonical standard base64") from exc
+    if len(raw) < HEADER_LEN:
+        raise MalformedCiphertext(
+            f"legacy value is too short: {len(raw)} bytes, need at least {HEADER_LEN} (salt, IV, tag)"
+        )
+    return raw
+
+
 # --- private ------------------------------------------------------------------------------
 
 
@@ -254,6 +283,15 @@ def _seal(data: bytes, master_key: str, salt: bytes, iv: bytes) -> str:
     return base64.b64encode(salt + iv + tag + ciphertext).decode("ascii")
 
 
+def _text(plaintext: bytes) -> str:
+    try:
+        return plaintext.decode("utf-8")
+    except UnicodeDecodeError:
+        # from None: a UnicodeDecodeError holds the whole plaintext (.object) and prints a
+        # byte of it, so it must not travel as the cause.
+        raise DecryptionFailed("legacy value decrypted, but its plaintext is not valid UTF-8") from None
+
+
 def _open(raw: bytes, password: bytes) -> bytes:
     salt = raw[:SALT_LEN]
     iv = raw[SALT_LEN : SALT_LEN + IV_LEN]
@@ -277,30 +315,6 @@ def _password(master_key: str) -> bytes:
     except UnicodeEncodeError:
         # from None: the UnicodeEncodeError holds the key (.object).
         raise WeakKeyError("legacy master key (ENCRYPTION_KEY) is not valid Unicode text") from None
-
-
-def _parse(blob: str) -> bytes:
-    """Check the shape of a legacy value, cheaply, and return its decoded bytes."""
-    if not isinstance(blob, str):
-        raise MalformedCiphertext(f"legacy value must be str, not {type(blob).__name__}")
-    # Length first, so an oversized value costs nothing more.
-    if len(blob) > MAX_VALUE_CHARS:
-        raise MalformedCiphertext(
-            f"legacy value is too long: {len(blob)} characters, limit {MAX_VALUE_CHARS}"
-        )
-    if blob.startswith(_KR1_PREFIX):
-        raise MalformedCiphertext("value is a kr1 envelope ciphertext, not a legacy value")
-    if "\x00" in blob:
-        raise MalformedCiphertext("legacy value contains NUL characters")
-    try:
-        raw = _strict_b64decode(blob)
-    except ValueError as exc:  # binascii.Error names the problem, never the data
-        raise MalformedCiphertext("legacy value is not canonical standard base64") from exc
-    if len(raw) < HEADER_LEN:
-        raise MalformedCiphertext(
-            f"legacy value is too short: {len(raw)} bytes, need at least {HEADER_LEN} (salt, IV, tag)"
-        )
-    return raw
 
 
 def _strict_b64decode(text: str) -> bytes:

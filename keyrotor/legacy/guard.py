@@ -14,7 +14,8 @@ every core busy with forged values, and each attempt wrote an audit row. So:
   one row a window, not one an attempt. Once an actor has failed, its decrypts under way count
   against the budget too, so concurrent attempts cannot overshoot it.
 
-Malformed values never reach scrypt (``legacy.is_legacy`` is checked first) and do not count.
+Malformed values never reach scrypt (the guard takes values ``legacy.parse`` already decoded) and
+do not count.
 The actor is whoever the caller names; one who varies it meets the concurrency bound still.
 """
 
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from keyrotor.crypto import legacy_format as legacy
-from keyrotor.errors import DecryptionFailed, LegacyDecryptThrottled, MalformedCiphertext
+from keyrotor.errors import DecryptionFailed, LegacyDecryptThrottled
 
 WINDOW_S = 60.0
 _MAX_ACTORS = 10_000
@@ -90,12 +91,12 @@ class LegacyGuard:
         exc.first_in_window = first
         raise exc
 
-    async def decrypt(self, actor: str, blob: str, master_key: str) -> str:
-        """``legacy.decrypt`` within the bounds (see the module docstring).
+    async def decrypt(self, actor: str, raw: bytes, master_key: str) -> str:
+        """``legacy.decrypt_parsed`` of a value's decoded bytes, within the bounds (module docstring).
 
         Raises:
             LegacyDecryptThrottled: the actor is over its failure budget.
-            MalformedCiphertext, DecryptionFailed: as ``legacy.decrypt``.
+            WeakKeyError, DecryptionFailed: as ``legacy.decrypt_parsed``.
         """
         self.check(actor)
         async with self._semaphore:
@@ -103,9 +104,8 @@ class LegacyGuard:
             self.check(actor, self._running.get(actor, 0))
             self._running[actor] = self._running.get(actor, 0) + 1
             try:
-                return await legacy.decrypt_async(blob, master_key, executor=self._pool())
-            except MalformedCiphertext:
-                raise
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._pool(), legacy.decrypt_parsed, raw, master_key)
             except DecryptionFailed:
                 self._failed(actor)
                 raise

@@ -23,20 +23,14 @@ import re
 import uuid
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.census.columns import ManagedColumn, list_columns
+from keyrotor.census.columns import ManagedColumn, census, list_columns
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, display, location_of
-from keyrotor.rotation.reencrypt import _quote
+from keyrotor.store import app_rows, repo
 from keyrotor.store.key_ranges import Key
 
 _SECRET_PREFIX = SECRETS_TEMPLATE.split(PK_PLACEHOLDER)[0]
-
-_SECRET_SQL = text(
-    "SELECT s.ciphertext FROM secrets s JOIN key_scopes k ON k.id = s.scope_id "
-    "WHERE k.name = :scope AND s.name = :name"
-)
 
 
 def key_in_context(template: str, context: str) -> str | None:
@@ -68,21 +62,6 @@ def _typed_key(col: ManagedColumn, raw: str) -> Key | None:
     return raw
 
 
-async def _column_row(session: AsyncSession, col: ManagedColumn, key: Key) -> tuple[str | None, str] | None:
-    """``(row scope, stored value)`` of the row with ``key``, or None if there is none."""
-    scope = f"{_quote(col.scope_column)}::text" if col.scope_column else "NULL::text"
-    row = (
-        await session.execute(
-            text(
-                f"SELECT {scope}, {_quote(col.column)} FROM {_quote(col.table)} "
-                f"WHERE {_quote(col.pk_column)} = CAST(:k AS {col.key_type.sql})"
-            ),
-            {"k": key},
-        )
-    ).first()
-    return None if row is None else (row[0], row[1])
-
-
 async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: str) -> str | None:
     """Why the legacy value ``ciphertext`` may not open in ``scope`` with ``context`` (None: it may).
 
@@ -90,9 +69,7 @@ async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: s
     """
     where = display(location_of(context))
     if context.startswith(_SECRET_PREFIX):
-        stored = (
-            await session.execute(_SECRET_SQL, {"scope": scope, "name": context[len(_SECRET_PREFIX) :]})
-        ).scalar_one_or_none()
+        stored = await repo.secret_ciphertext(session, scope, context[len(_SECRET_PREFIX) :])
         if stored is None:
             return f"no secret of that name in scope {scope!r}"
         return None if stored == ciphertext else "it is not the value stored in that secret"
@@ -102,7 +79,15 @@ async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: s
         key = None if raw is None else _typed_key(col, raw)
         if key is None:
             continue
-        found = await _column_row(session, col, key)
+        found = await app_rows.scope_and_value(
+            session,
+            table=col.table,
+            column=col.column,
+            pk_column=col.pk_column,
+            key_sql_type=col.key_type.sql,
+            key=key,
+            scope_column=col.scope_column,
+        )
         if found is None:
             reasons.append(f"no row of {col.name} has that key")
         elif col.scope_of(found[0]) != scope:
@@ -119,17 +104,9 @@ async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: s
     )
 
 
-async def legacy_secrets(session: AsyncSession) -> int:
-    """Legacy (not ``kr1``) values left in keyrotor's own ``secrets`` table."""
-    found = await session.execute(text("SELECT count(*) FROM secrets WHERE ciphertext NOT LIKE 'kr1:%'"))
-    return int(found.scalar_one())
-
-
 async def legacy_remaining(session: AsyncSession, managed: list[dict[str, Any]] | None = None) -> int:
     """Legacy values left in ``secrets`` and every registered column (``managed``: a census
     already taken by :func:`keyrotor.census.columns.census`)."""
     if managed is None:
-        from keyrotor.census.columns import census
-
         managed = await census(session)
-    return await legacy_secrets(session) + sum(int(c["legacy"]) for c in managed)
+    return await repo.count_legacy_secrets(session) + sum(int(c["legacy"]) for c in managed)

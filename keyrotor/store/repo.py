@@ -16,6 +16,14 @@ from keyrotor.kek.base import WrappedDek
 from keyrotor.schedule.rules import KeyState, RotationPolicy
 from keyrotor.store.models import DataKey, KeyScope, Rotation, Secret
 
+_RETIRED_USE_SQL = text(
+    "INSERT INTO retired_key_uses (scope_id, dek_version, location, actor) VALUES (:s, :v, :l, :a)"
+)
+_SECRET_CIPHERTEXT_SQL = text(
+    "SELECT s.ciphertext FROM secrets s JOIN key_scopes k ON k.id = s.scope_id "
+    "WHERE k.name = :scope AND s.name = :name"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
@@ -100,6 +108,13 @@ async def get_key(session: AsyncSession, scope: str, version: int | None = None)
     return _record(row[0], row[1]) if row else None
 
 
+async def record_retired_use(
+    session: AsyncSession, scope_id: int, version: int, location: str, actor: str
+) -> None:
+    """Record a use of a retired DEK version (it cancels the version's pending destruction)."""
+    await session.execute(_RETIRED_USE_SQL, {"s": scope_id, "v": version, "l": location, "a": actor})
+
+
 async def put_secrets(
     session: AsyncSession, scope_id: int, rows: Sequence[tuple[str, str]], dek_version: int
 ) -> int:
@@ -128,6 +143,18 @@ async def get_secret(session: AsyncSession, scope: str, name: str) -> Secret | N
         .where(KeyScope.name == scope, Secret.name == name)
     )
     return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def secret_ciphertext(session: AsyncSession, scope: str, name: str) -> str | None:
+    """The stored text of one secret of ``scope``, or None."""
+    found = await session.execute(_SECRET_CIPHERTEXT_SQL, {"scope": scope, "name": name})
+    return found.scalar_one_or_none()
+
+
+async def count_legacy_secrets(session: AsyncSession) -> int:
+    """Legacy (not ``kr1``) values left in the ``secrets`` table."""
+    found = await session.execute(text("SELECT count(*) FROM secrets WHERE ciphertext NOT LIKE 'kr1:%'"))
+    return int(found.scalar_one())
 
 
 async def iter_secrets_page(
@@ -160,6 +187,62 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
         .scalars()
         .all()
     )
+    keys_by_scope: dict[int, list[DataKey]] = {}
+    for k in keys:
+        keys_by_scope.setdefault(k.scope_id, []).append(k)
+    rows_by_scope = await _rows_by_version(session, ids)
+    run_by_scope = await _open_runs(session, ids)
+    refused = await _refused_retirements(session, ids)
+    out = []
+    for s in scopes:
+        scope_keys = keys_by_scope.get(s.id, [])
+        rows = {str(k.version): 0 for k in scope_keys if KeyState(k.state).decrypts}
+        rows.update(rows_by_scope.get(s.id, {}))
+        out.append(
+            {
+                "scope": s.name,
+                "active_version": s.active_version,
+                "latest_version": s.latest_version,
+                "rotation_count": s.dek_rotation_count,
+                "policy": _policy_dict(s),
+                "keys": [_key_dict(k) for k in scope_keys],
+                "rows_by_version": dict(sorted(rows.items(), key=lambda kv: int(kv[0]))),
+                "rows_total": sum(rows.values()),
+                "run": run_by_scope.get(s.id),
+                "retirement_refused": refused.get(s.id),
+            }
+        )
+    return out
+
+
+def _policy_dict(s: KeyScope) -> dict[str, Any]:
+    return {
+        "enabled": s.rotation_enabled,
+        "interval_days": s.interval_days,
+        "grace_period_days": s.grace_period_days,
+        "max_encryptions": s.max_encryptions,
+        "next_rotation_at": _iso(s.next_rotation_at),
+        "last_rotation_at": _iso(s.last_rotation_at),
+    }
+
+
+def _key_dict(k: DataKey) -> dict[str, Any]:
+    return {
+        "version": k.version,
+        "state": k.state,
+        "kek_id": k.kek_id,
+        "kek_version": k.kek_version,
+        "created_at": _iso(k.created_at),
+        "activated_at": _iso(k.activated_at),
+        "grace_until": _iso(k.grace_until),
+        "retired_at": _iso(k.retired_at),
+        "destroy_after": _iso(k.destroy_after),
+        "destroyed_at": _iso(k.destroyed_at),
+    }
+
+
+async def _rows_by_version(session: AsyncSession, ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """Rows of keyrotor's ``secrets`` table per scope and DEK version."""
     counts = (
         await session.execute(
             select(Secret.scope_id, Secret.dek_version, func.count())
@@ -167,7 +250,14 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
             .group_by(Secret.scope_id, Secret.dek_version)
         )
     ).all()
-    # The open (queued or running) run of each scope: its DEK rotation, else its retirement.
+    rows_by_scope: dict[int, dict[str, int]] = {}
+    for scope_id, version, n in counts:
+        rows_by_scope.setdefault(scope_id, {})[str(version)] = int(n)
+    return rows_by_scope
+
+
+async def _open_runs(session: AsyncSession, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The open (queued or running) run of each scope: its DEK rotation, else its retirement."""
     open_runs = (
         await session.execute(
             select(Rotation.scope_id, Rotation.id, Rotation.state, Rotation.rows_done, Rotation.rows_total)
@@ -181,54 +271,7 @@ async def status(session: AsyncSession, scope: str | None = None) -> list[dict[s
             run_by_scope.setdefault(
                 scope_id, {"id": run_id, "state": state, "rows_done": rows_done, "rows_total": rows_total}
             )
-    refused = await _refused_retirements(session, ids)
-    keys_by_scope: dict[int, list[DataKey]] = {}
-    for k in keys:
-        keys_by_scope.setdefault(k.scope_id, []).append(k)
-    rows_by_scope: dict[int, dict[str, int]] = {}
-    for scope_id, version, n in counts:
-        rows_by_scope.setdefault(scope_id, {})[str(version)] = int(n)
-    out = []
-    for s in scopes:
-        scope_keys = keys_by_scope.get(s.id, [])
-        rows = {str(k.version): 0 for k in scope_keys if KeyState(k.state).decrypts}
-        rows.update(rows_by_scope.get(s.id, {}))
-        out.append(
-            {
-                "scope": s.name,
-                "active_version": s.active_version,
-                "latest_version": s.latest_version,
-                "rotation_count": s.dek_rotation_count,
-                "policy": {
-                    "enabled": s.rotation_enabled,
-                    "interval_days": s.interval_days,
-                    "grace_period_days": s.grace_period_days,
-                    "max_encryptions": s.max_encryptions,
-                    "next_rotation_at": _iso(s.next_rotation_at),
-                    "last_rotation_at": _iso(s.last_rotation_at),
-                },
-                "keys": [
-                    {
-                        "version": k.version,
-                        "state": k.state,
-                        "kek_id": k.kek_id,
-                        "kek_version": k.kek_version,
-                        "created_at": _iso(k.created_at),
-                        "activated_at": _iso(k.activated_at),
-                        "grace_until": _iso(k.grace_until),
-                        "retired_at": _iso(k.retired_at),
-                        "destroy_after": _iso(k.destroy_after),
-                        "destroyed_at": _iso(k.destroyed_at),
-                    }
-                    for k in scope_keys
-                ],
-                "rows_by_version": dict(sorted(rows.items(), key=lambda kv: int(kv[0]))),
-                "rows_total": sum(rows.values()),
-                "run": run_by_scope.get(s.id),
-                "retirement_refused": refused.get(s.id),
-            }
-        )
-    return out
+    return run_by_scope
 
 
 async def _refused_retirements(session: AsyncSession, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
