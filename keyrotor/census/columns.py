@@ -32,10 +32,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.census.locations import SECRETS_TEMPLATE
 from keyrotor.errors import Conflict, InvalidInput, NotFound
-from keyrotor.rotation.reencrypt import SECRETS, Target, _quote
 from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
 from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of
+from keyrotor.store.targets import SECRETS, Target
+from keyrotor.store.targets import quote_ident as _quote
 
 if TYPE_CHECKING:
     from keyrotor.rotation.context import RotationContext

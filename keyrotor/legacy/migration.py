@@ -57,11 +57,12 @@ from keyrotor.errors import (
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.keys import KeyManager
 from keyrotor.rotation.context import run_to_commit
-from keyrotor.rotation.reencrypt import _quote, raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
 from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
+from keyrotor.store.targets import quote_ident as _quote
+from keyrotor.store.targets import raw_connection
 
 log = structlog.get_logger("keyrotor.legacy.migration")
 

@@ -48,10 +48,10 @@ from keyrotor.legacy.migration import (
     swap_values,
 )
 from keyrotor.rotation.context import run_to_commit
-from keyrotor.rotation.reencrypt import raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store.key_ranges import Key, PlannedRange, insert_range, range_bounds, ranges_from_buckets
+from keyrotor.store.targets import raw_connection
 
 log = structlog.get_logger("keyrotor.legacy.ranges")
 

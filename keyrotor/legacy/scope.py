@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.census.columns import ManagedColumn, list_columns
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, display, location_of
-from keyrotor.rotation.reencrypt import _quote
 from keyrotor.store.key_ranges import Key
+from keyrotor.store.targets import quote_ident as _quote
 
 _SECRET_PREFIX = SECRETS_TEMPLATE.split(PK_PLACEHOLDER)[0]
 

@@ -542,7 +542,7 @@ def _kind(item: DueRotation | DueRetirement) -> str:
 
 async def rows_by_version(session: AsyncSession, scope_ids: Sequence[int]) -> dict[int, dict[int, int]]:
     """Rows per DEK version of each scope, over keyrotor's ``secrets`` and the registered targets."""
-    from keyrotor.rotation.reencrypt import SECRETS, default_targets, raw_connection
+    from keyrotor.store.targets import SECRETS, default_targets, raw_connection
 
     out: dict[int, dict[int, int]] = {sid: {} for sid in scope_ids}
     if not scope_ids:
