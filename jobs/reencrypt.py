@@ -7,7 +7,7 @@ from typing import Any
 import structlog
 
 from keyrotor.jobs.common import deps, is_transient, retry
-from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import ranges
 
 
 async def reencrypt_range(
@@ -18,7 +18,7 @@ async def reencrypt_range(
     d = deps(ctx)
     structlog.contextvars.bind_contextvars(run_id=run_id)
     try:
-        progress = await rotation.reencrypt_range(d.rc, run_id, lo, hi, target=target)
+        progress = await ranges.reencrypt_range(d.rc, run_id, lo, hi, target=target)
     except Exception as exc:
         if is_transient(exc):
             raise retry(ctx, exc) from exc

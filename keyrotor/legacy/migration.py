@@ -46,12 +46,12 @@ from keyrotor.legacy.second_phase import (
 )
 from keyrotor.legacy.sources import column_source, sources
 from keyrotor.rotation.context import run_to_commit
-from keyrotor.rotation.reencrypt import raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import legacy as store
 from keyrotor.store.key_ranges import Key
 from keyrotor.store.legacy import SealedBatch, Source
+from keyrotor.store.targets import raw_connection
 
 log = structlog.get_logger("keyrotor.legacy.migration")
 

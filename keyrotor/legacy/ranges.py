@@ -35,12 +35,12 @@ from keyrotor.legacy.batch import check_wrong_key, make_executor, open_batch
 from keyrotor.legacy.report import MAX_LISTED, MODE, ColumnReport, merged_columns, report_after
 from keyrotor.legacy.sources import sources
 from keyrotor.rotation.context import run_to_commit
-from keyrotor.rotation.reencrypt import raw_connection
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import legacy as store
 from keyrotor.store.key_ranges import Key, PlannedRange, insert_range, range_bounds, ranges_from_buckets
 from keyrotor.store.legacy import SealedBatch, Source
+from keyrotor.store.targets import raw_connection
 
 log = structlog.get_logger("keyrotor.legacy.ranges")
 

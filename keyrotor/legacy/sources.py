@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from keyrotor.census.columns import ManagedColumn, list_columns
 from keyrotor.keys import KeyManager
-from keyrotor.rotation.reencrypt import _quote
 from keyrotor.store import db
+from keyrotor.store.identifiers import quote_ident as _quote
 from keyrotor.store.key_ranges import Key
 from keyrotor.store.legacy import SECRETS_SOURCE, ColumnSource, Source
 from keyrotor.store.legacy import column_source as _column_statements

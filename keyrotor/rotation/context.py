@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 from aiolimiter import AsyncLimiter
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.cache import DekCache
@@ -24,10 +23,11 @@ from keyrotor.errors import ConfigurationError, KekError
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store import rotation as store
+from keyrotor.store.targets import Target, default_targets
 
 if TYPE_CHECKING:
     from keyrotor.notify import KeyChange, Notifier
-    from keyrotor.rotation.reencrypt import Target
 
 T = TypeVar("T")
 
@@ -58,8 +58,6 @@ class RotationContext:
 
     def __post_init__(self) -> None:
         if self.targets is None:
-            from keyrotor.rotation.reencrypt import default_targets
-
             self.targets = default_targets()
         rate = self.settings.reencrypt_rows_per_second
         if self.row_budget is None and rate > 0:
@@ -142,18 +140,8 @@ class RotationContext:
         Raises:
             KekMismatch: naming the scope, version and KEK id that did not unwrap.
         """
-        sql = (
-            "SELECT DISTINCT ON (d.kek_id, d.kek_version) s.name, d.version, d.kek_id, d.kek_version, "
-            "d.encrypted_dek FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-            "WHERE d.state <> 'destroyed'"
-        )
-        params: dict[str, object] = {}
-        if scope is not None:
-            sql += " AND s.name = :scope"
-            params["scope"] = scope
-        sql += " ORDER BY d.kek_id, d.kek_version, d.id DESC"
         async with db.transaction(self.sessions) as session:
-            rows = (await session.execute(text(sql), params)).all()
+            rows = await store.one_dek_per_kek(session, scope)
         for name, version, kek_id, kek_version, blob in rows:
             wrapped = WrappedDek(kek_id=kek_id, kek_version=kek_version, blob=bytes(blob))
             try:

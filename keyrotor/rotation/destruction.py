@@ -23,28 +23,26 @@ committed before is seen, one after waits for this decision); then
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import runs
 from keyrotor.audit.log import check_actor, record_config_change
-from keyrotor.census.columns import refresh_targets
 from keyrotor.census.locations import display
 from keyrotor.crypto.envelope import MAX_VERSION
-from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, run_to_commit
-from keyrotor.rotation.dek import fail
-from keyrotor.rotation.retire import LOCK_TIMEOUT, prove_unused, retire_event
+from keyrotor.rotation.lifecycle import begin_attempt, failing_run
+from keyrotor.rotation.retire import prove_unused, retire_event
 from keyrotor.runs import RunInfo
 from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
+from keyrotor.store import retire as store
 
 log = structlog.get_logger("keyrotor.rotation.destruction")
 
@@ -101,18 +99,11 @@ async def destroy_dek(
         raise Conflict(f"run {run_id} is not the destruction of {scope} v{version}")
     if run.terminal:
         return DestroyResult(run, scope, version, str(run.detail.get("outcome", run.state)))
-    await refresh_targets(rc)  # the proof covers every registered application column
-    async with db.transaction(rc.sessions) as session:
-        run = await runs.start_attempt(session, run.id, job_id)
-    structlog.contextvars.bind_contextvars(run_id=run.id, scope=scope)
-    try:
+    run = await begin_attempt(rc, run, scope, job_id)  # the proof covers every registered column
+    async with failing_run(rc, run):
         outcome, refusal = await run_to_commit(_decide(rc, run, scope, version))
         if refusal is not None:
             raise refusal
-    except PermanentError as exc:
-        if not isinstance(exc, ConfigurationError):
-            await fail(rc, run, exc)
-        raise
     if outcome == DESTROYED:
         rc.ciphers.invalidate(scope, version)
         await rc.announce(KeyChange("destroyed", scope, version))
@@ -126,26 +117,18 @@ async def _decide(
     rc: RotationContext, run: RunInfo, scope: str, version: int
 ) -> tuple[str, PermanentError | None]:
     async with db.transaction(rc.sessions) as session:
-        await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        key = (
-            await session.execute(
-                text(
-                    "SELECT d.id, d.state, d.retired_at, d.destroy_after, d.destroy_after <= now(), s.id "
-                    "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-                    "WHERE s.name = :n AND d.version = :v FOR UPDATE OF d"
-                ),
-                {"n": scope, "v": version},
-            )
-        ).one()
-        key_id, state, retired_at, destroy_after, due, scope_id = key
+        await store.limit_lock_wait(session)
+        key_id, state, retired_at, destroy_after, due, scope_id = await store.lock_dek_to_destroy(
+            session, scope, version
+        )
         if state != "retired" or destroy_after is None or not due:
             outcome = _nothing_to_erase(state, destroy_after is None)
             await _complete(session, run, outcome)
             return outcome, None
-        await session.execute(text("LOCK TABLE retired_key_uses IN SHARE MODE"))
-        uses = await uses_since(session, scope_id, version, retired_at)
+        await store.lock_retired_key_uses(session)
+        uses = await store.uses_since(session, scope_id, version, retired_at)
         if uses:
-            await _cancel(session, key_id)
+            await store.cancel_destruction(session, key_id)
             locations = sorted(uses)
             await retire_event(
                 session,
@@ -164,15 +147,9 @@ async def _decide(
             return CANCELLED, None
         refusal = (await prove_unused(rc, session, scope, scope_id, version)).refusal(scope, version)
         if refusal is not None:
-            await _cancel(session, key_id)  # committed; the caller fails the run with the reason
+            await store.cancel_destruction(session, key_id)  # committed; the caller fails the run
             return CANCELLED, type(refusal)(f"{refusal}; its destruction is cancelled (retire it again)")
-        await session.execute(
-            text(
-                "UPDATE data_keys SET state = 'destroyed', encrypted_dek = NULL, destroyed_at = now() "
-                "WHERE id = :id"
-            ),
-            {"id": key_id},
-        )
+        await store.erase_dek(session, key_id)
         await retire_event(
             session, run, scope, version, success=True, state=DESTROYED, retired_at=retired_at.isoformat()
         )
@@ -188,27 +165,8 @@ def _nothing_to_erase(state: str, cancelled: bool) -> str:
     return CANCELLED if cancelled else NOT_DUE
 
 
-async def uses_since(session: AsyncSession, scope_id: int, version: int, since: datetime) -> dict[str, int]:
-    """Recorded uses of a retired version since ``since``, counted by location."""
-    rows = await session.execute(
-        text(
-            "SELECT location, count(*) FROM retired_key_uses "
-            "WHERE scope_id = :s AND dek_version = :v AND used_at >= :since GROUP BY location"
-        ),
-        {"s": scope_id, "v": version, "since": since},
-    )
-    return {loc: int(n) for loc, n in rows.all()}
-
-
-async def _cancel(session: AsyncSession, key_id: int) -> None:
-    await session.execute(text("UPDATE data_keys SET destroy_after = NULL WHERE id = :id"), {"id": key_id})
-
-
 async def _complete(session: AsyncSession, run: RunInfo, outcome: str, **detail: Any) -> None:
-    await session.execute(
-        text("UPDATE rotations SET detail = detail || CAST(:d AS jsonb) WHERE id = :id"),
-        {"id": run.id, "d": json.dumps({"outcome": outcome, **detail})},
-    )
+    await runs.update_detail(session, run.id, outcome=outcome, **detail)
     await runs.complete_run(session, run.id)
 
 
@@ -243,24 +201,13 @@ async def restore_dek(session: AsyncSession, scope: str, version: int, *, actor:
     actor = check_actor(actor)
     if not 0 < version <= MAX_VERSION:
         raise KeyVersionUnknown(f"{scope}: DEK v{version} does not exist")
-    row = (
-        await session.execute(
-            text(
-                "SELECT s.grace_period_days, d.id, d.retired_at, d.destroy_after "
-                "FROM key_scopes s LEFT JOIN data_keys d ON d.scope_id = s.id AND d.version = :v "
-                "WHERE s.name = :n FOR UPDATE OF s"
-            ),
-            {"n": scope, "v": version},
-        )
-    ).first()
+    row = await store.lock_scope_and_dek(session, scope, version)
     if row is None:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
     grace_days, key_id, retired_at, destroy_after = row
     if key_id is None:
         raise KeyVersionUnknown(f"{scope}: DEK v{version} does not exist")
-    state = (
-        await session.execute(text("SELECT state FROM data_keys WHERE id = :id FOR UPDATE"), {"id": key_id})
-    ).scalar_one()
+    state = await store.lock_dek_state(session, key_id)
     if state != "retired":
         why = (
             "its key is erased; nothing can bring it back"
@@ -268,15 +215,7 @@ async def restore_dek(session: AsyncSession, scope: str, version: int, *, actor:
             else "only a retired one can be"
         )
         raise NotRestorable(f"{scope}: DEK v{version} is {state}: {why}")
-    grace_until = (
-        await session.execute(
-            text(
-                "UPDATE data_keys SET state = 'grace', grace_until = now() + make_interval(days => :g), "
-                "retired_at = NULL, destroy_after = NULL WHERE id = :id RETURNING grace_until"
-            ),
-            {"id": key_id, "g": grace_days},
-        )
-    ).scalar_one()
+    grace_until = await store.restore_to_grace(session, key_id, grace_days)
     before = {
         "version": version,
         "state": "retired",

@@ -39,7 +39,7 @@ from keyrotor.errors import ConfigurationError, KekError, PermanentError
 from keyrotor.kek.base import KekProvider, RetiresKekVersions, WrapContext, WrappedDek, provider_layers
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, kek_mismatch
-from keyrotor.rotation.dek import fail
+from keyrotor.rotation.lifecycle import fail
 from keyrotor.rotation.rewrap import Item, Rewrap, refuse_if_open
 from keyrotor.runs import RunInfo
 from keyrotor.store import db

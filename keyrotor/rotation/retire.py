@@ -28,37 +28,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import runs
 from keyrotor.audit.log import AuditEvent, write_event
-from keyrotor.census.columns import refresh_targets
 from keyrotor.census.locations import display, uncovered_locations
 from keyrotor.crypto.envelope import MAX_VERSION
-from keyrotor.errors import ConfigurationError, Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, run_to_commit
-from keyrotor.rotation.dek import fail
-from keyrotor.rotation.reencrypt import (
-    RowFailed,
-    count_version,
-    load_keys,
-    raw_connection,
-    reencrypt_batch,
-    relax_commit,
-)
+from keyrotor.rotation.lifecycle import begin_attempt, failing_run, require_scope
+from keyrotor.rotation.reencrypt import RowFailed, load_keys, reencrypt_batch
 from keyrotor.runs import RunInfo
 from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
+from keyrotor.store import retire as store
 from keyrotor.store.key_ranges import Key
+from keyrotor.store.targets import Target, count_version, lock_target, raw_connection, relax_commit
 
 log = structlog.get_logger("keyrotor.rotation.retire")
 
 PROOF_ATTEMPTS = 3
 # A location that names a column `keyrotor columns register` accepts (TABLE.COLUMN, SCHEMA.TABLE.COLUMN).
 _TABLE_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*){1,2}")
-LOCK_TIMEOUT = "5s"
 
 
 class GraceNotOver(Conflict):
@@ -119,13 +111,13 @@ async def prove_unused(
     apg = await raw_connection(session)
     rows: dict[str, int] = {}
     for target in rc.targets_for(scope):
-        await apg.execute(target.sql.lock_table)
+        await lock_target(apg, target)
         n = await count_version(apg, target, scope_id, version)
         if n:
             rows[target.name] = n
     # After the targets: a writer that records its location in its row's transaction takes
     # the tables in that order too.
-    await session.execute(text("LOCK TABLE key_locations IN SHARE MODE"))
+    await store.lock_key_locations(session)
     return Proof(rows, await uncovered_locations(session, scope_id, scope, version))
 
 
@@ -166,15 +158,7 @@ async def check_retirable(
         # Not sent to Postgres: an integer column refuses it with an untyped DataError.
         raise KeyVersionUnknown(f"{scope}: DEK v{version} does not exist")
     async with db.transaction(sessions) as session:
-        row = (
-            await session.execute(
-                text(
-                    "SELECT d.state, d.grace_until, s.active_version FROM key_scopes s "
-                    "LEFT JOIN data_keys d ON d.scope_id = s.id AND d.version = :v WHERE s.name = :n"
-                ),
-                {"n": scope, "v": version},
-            )
-        ).first()
+        row = await store.retirement_facts(session, scope, version)
     if row is None:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
     state, grace_until, active = row
@@ -217,12 +201,24 @@ async def request_retirement(
         Conflict: the retirement (or destruction) of another version of the scope is open.
     """
     check_scope(scope)
+    return await _open_retirement(
+        sessions, scope, version, force_now=force_now, trigger=trigger, request_id=request_id
+    )
+
+
+async def _open_retirement(
+    sessions: async_sessionmaker[AsyncSession],
+    scope: str,
+    version: int,
+    *,
+    force_now: bool,
+    trigger: str,
+    request_id: str | None = None,
+) -> RunInfo:
     state = await check_retirable(sessions, scope, version, force_now=force_now)
     refusal: LocationNotCovered | None = None
     async with db.transaction(sessions) as session:
-        sid = (
-            await session.execute(text("SELECT id FROM key_scopes WHERE name = :n"), {"n": scope})
-        ).scalar_one()
+        sid = (await require_scope(session, scope)).id
         run, created = await runs.open_run(
             session,
             "retire",
@@ -274,7 +270,7 @@ async def retire_dek(
     """
     check_scope(scope)
     if run_id is None:
-        run = await request_retirement(rc.sessions, scope, version, force_now=force_now, trigger=trigger)
+        run = await _open_retirement(rc.sessions, scope, version, force_now=force_now, trigger=trigger)
     else:
         async with db.transaction(rc.sessions) as session:
             run = await runs.require_run(session, run_id)
@@ -283,38 +279,40 @@ async def retire_dek(
     if run.terminal:
         return RetireResult(run, scope, version, 0)
     await rc.check_kek(scope)
-    await refresh_targets(rc)  # the proof covers every registered application column
-    async with db.transaction(rc.sessions) as session:
-        run = await runs.start_attempt(session, run.id, job_id)
-    structlog.contextvars.bind_contextvars(run_id=run.id, scope=scope)
-    try:
-        state = await check_retirable(rc.sessions, scope, version, force_now=force_now)
-        if state == "destroyed":
+    run = await begin_attempt(rc, run, scope, job_id)  # the proof covers every registered column
+    async with failing_run(rc, run):
+        if await check_retirable(rc.sessions, scope, version, force_now=force_now) == "destroyed":
             async with db.transaction(rc.sessions) as session:
                 await runs.complete_run(session, run.id)
                 run = await runs.require_run(session, run.id)
             return RetireResult(run, scope, version, 0, already_destroyed=True)
-        stragglers = 0
-        destroy_after: datetime | None = None
-        for _attempt in range(PROOF_ATTEMPTS):
-            stragglers += await _reencrypt_stragglers(rc, run, scope, version)
-            destroy_after = await run_to_commit(_prove_and_retire(rc, run, scope, version, force_now))
-            if destroy_after is not None:
-                break
-        else:
-            raise KeyStillInUse(
-                f"{scope}: rows keep being written under DEK v{version}; a process still encrypts with it "
-                "(a stale cache?). The key is kept; retire again later"
-            )
-    except PermanentError as exc:
-        if not isinstance(exc, ConfigurationError):
-            await fail(rc, run, exc)
-        raise
+        stragglers, destroy_after = await _retire(rc, run, scope, version, force_now)
     await rc.announce(KeyChange("retired", scope, version))
     async with db.transaction(rc.sessions) as session:
         run = await runs.require_run(session, run.id)
     log.info("dek_retired", version=version, stragglers=stragglers, destroy_after=destroy_after.isoformat())
     return RetireResult(run, scope, version, stragglers, destroy_after=destroy_after)
+
+
+async def _retire(
+    rc: RotationContext, run: RunInfo, scope: str, version: int, force_now: bool
+) -> tuple[int, datetime]:
+    """Re-encrypt stragglers and prove, until the proof holds (:data:`PROOF_ATTEMPTS` times at
+    most). Returns ``(stragglers, destroy_after)``.
+
+    Raises:
+        KeyStillInUse: rows keep appearing on the version.
+    """
+    stragglers = 0
+    for _attempt in range(PROOF_ATTEMPTS):
+        stragglers += await _reencrypt_stragglers(rc, run, scope, version)
+        destroy_after = await run_to_commit(_prove_and_retire(rc, run, scope, version, force_now))
+        if destroy_after is not None:
+            return stragglers, destroy_after
+    raise KeyStillInUse(
+        f"{scope}: rows keep being written under DEK v{version}; a process still encrypts with it "
+        "(a stale cache?). The key is kept; retire again later"
+    )
 
 
 async def _reencrypt_stragglers(rc: RotationContext, run: RunInfo, scope: str, version: int) -> int:
@@ -323,35 +321,30 @@ async def _reencrypt_stragglers(rc: RotationContext, run: RunInfo, scope: str, v
         after: Key | None = None  # from the first key, whatever the key's type
         while True:
             await rc.spend_rows(rc.batch_rows)
-
-            async def batch(after: Key | None = after, target: Any = target) -> tuple[Key | None, int]:
-                async with db.transaction(rc.sessions) as session:
-                    sc = (
-                        await session.execute(
-                            text("SELECT id, active_version FROM key_scopes WHERE name = :n"), {"n": scope}
-                        )
-                    ).one()
-                    keys = await load_keys(session, rc.cipher, scope, sc[0], sc[1], only=[version])
-                    apg = await raw_connection(session)
-                    await relax_commit(apg)  # the proof's transaction below commits synchronously
-                    try:
-                        b = await reencrypt_batch(
-                            apg, target, keys, version, after=after, limit=rc.batch_rows
-                        )
-                    except RowFailed as exc:
-                        raise KeyStillInUse(
-                            f"{scope}: DEK v{version} is still needed: {exc}; the key is kept"
-                        ) from exc
-                    if b.written:
-                        await runs.add_progress(session, run.id, b.written)
-                    return b.last_id, b.written
-
-            last_id, n = await run_to_commit(batch())
+            last_id, n = await run_to_commit(_straggler_batch(rc, run, target, scope, version, after))
             if last_id is None:
                 break
             written += n
             after = last_id
     return written
+
+
+async def _straggler_batch(
+    rc: RotationContext, run: RunInfo, target: Target, scope: str, version: int, after: Key | None
+) -> tuple[Key | None, int]:
+    """One batch of ``target``'s rows on ``version`` moved to the active DEK: ``(last id, rows)``."""
+    async with db.transaction(rc.sessions) as session:
+        sc = await require_scope(session, scope)
+        keys = await load_keys(session, rc.cipher, scope, sc.id, sc.active_version, only=[version])
+        apg = await raw_connection(session)
+        await relax_commit(apg)  # the proof's transaction below commits synchronously
+        try:
+            b = await reencrypt_batch(apg, target, keys, version, after=after, limit=rc.batch_rows)
+        except RowFailed as exc:
+            raise KeyStillInUse(f"{scope}: DEK v{version} is still needed: {exc}; the key is kept") from exc
+        if b.written:
+            await runs.add_progress(session, run.id, b.written)
+        return b.last_id, b.written
 
 
 async def _prove_and_retire(
@@ -364,17 +357,8 @@ async def _prove_and_retire(
         LocationNotCovered: a location of the version's values is neither counted nor acknowledged.
     """
     async with db.transaction(rc.sessions) as session:
-        await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        key = (
-            await session.execute(
-                text(
-                    "SELECT d.id, d.state, s.id FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-                    "WHERE s.name = :n AND d.version = :v FOR UPDATE OF d"
-                ),
-                {"n": scope, "v": version},
-            )
-        ).one()
-        key_id, state, scope_id = key
+        await store.limit_lock_wait(session)
+        key_id, state, scope_id = await store.lock_dek_to_retire(session, scope, version)
         if state not in ("grace", "retired"):
             raise NotRetirable(f"{scope}: DEK v{version} is {state}")
         proof = await prove_unused(rc, session, scope, scope_id, version)
@@ -383,16 +367,7 @@ async def _prove_and_retire(
         if proof.rows:
             log.warning("dek_still_in_use", version=version, rows=proof.rows)
             return None
-        destroy_after = (
-            await session.execute(
-                text(
-                    "UPDATE data_keys SET state = 'retired', retired_at = now(), "
-                    "destroy_after = now() + make_interval(days => :days) WHERE id = :id "
-                    "RETURNING destroy_after"
-                ),
-                {"id": key_id, "days": rc.settings.destroy_after_days},
-            )
-        ).scalar_one()
+        destroy_after = await store.retire_dek(session, key_id, rc.settings.destroy_after_days)
         await retire_event(
             session,
             run,
@@ -406,7 +381,7 @@ async def _prove_and_retire(
         )
         await runs.complete_run(session, run.id)
     rc.ciphers.invalidate(scope, version)
-    return destroy_after  # type: ignore[no-any-return]
+    return destroy_after
 
 
 async def retire_event(

@@ -10,6 +10,7 @@ from keyrotor.errors import KeyrotorError
 from keyrotor.keys import KeyManager
 from keyrotor.store import db, repo
 from keyrotor.store.key_ranges import Key
+from keyrotor.store.targets import read_page
 
 
 @dataclass
@@ -91,12 +92,10 @@ async def verify_columns(
         after: Key | None = None  # from the first key, whatever the key's type
         while True:
             async with db.transaction(km.sessions) as session:
-                apg = (await (await session.connection()).get_raw_connection()).driver_connection
-                assert apg is not None
                 if after is None:
-                    page = await apg.fetch(col.page_sql(first=True), page_size)
+                    page = await read_page(session, col.page_sql(first=True), page_size)
                 else:
-                    page = await apg.fetch(col.page_sql(), after, page_size)
+                    page = await read_page(session, col.page_sql(), after, page_size)
             if not page:
                 break
             for row_id, value, row_scope in page:

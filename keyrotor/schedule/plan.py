@@ -15,7 +15,6 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.errors import ScopeNotFound
-from keyrotor.rotation.reencrypt import SECRETS, count_version, default_targets, raw_connection
 from keyrotor.schedule.rules import KeyState, check_scope
 from keyrotor.schedule.scan import (
     START,
@@ -29,6 +28,7 @@ from keyrotor.schedule.scan import (
 from keyrotor.store import db
 from keyrotor.store import schedule as store
 from keyrotor.store.runs import RunInfo, find_open_run, median_rotation_rate
+from keyrotor.store.targets import SECRETS, count_version, default_targets, raw_connection
 
 # The rate a dry run estimates with comes from the latest completed rotations that moved enough
 # rows, for long enough, to measure: rows_done / (finished_at - started_at), wall clock, however

@@ -6,27 +6,11 @@ checked to be a plain SQL identifier before it is quoted into a statement.
 
 from __future__ import annotations
 
-import re
-
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.errors import ConfigurationError
+from keyrotor.store.identifiers import quote_ident
 from keyrotor.store.key_ranges import Key
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-
-
-def quote_ident(name: str) -> str:
-    """``name`` (``column`` or ``schema.table``) as a quoted SQL identifier.
-
-    Raises:
-        ConfigurationError: not one or two plain identifiers joined by a dot.
-    """
-    parts = name.split(".")
-    if not 1 <= len(parts) <= 2 or not all(_IDENT.fullmatch(p) for p in parts):
-        raise ConfigurationError(f"not a plain SQL identifier: {name[:80]!r}")
-    return ".".join(f'"{p}"' for p in parts)
 
 
 async def scope_and_value(

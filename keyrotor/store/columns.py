@@ -14,10 +14,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from keyrotor.errors import ConfigurationError
+from keyrotor.store.identifiers import quote_ident
 from keyrotor.store.key_ranges import KeyType
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SELECT = (
     "SELECT table_name, column_name, pk_column, scope_column, scope, context_template, registered_at "
     "FROM managed_columns"
@@ -39,18 +38,6 @@ _PRIMARY_KEY = text(
     "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
     "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary"
 )
-
-
-def quote_ident(name: str) -> str:
-    """``name`` (or ``schema.name``) double-quoted.
-
-    Raises:
-        ConfigurationError: not one or two plain identifiers joined by a dot.
-    """
-    parts = name.split(".")
-    if not 1 <= len(parts) <= 2 or not all(_IDENT.fullmatch(p) for p in parts):
-        raise ConfigurationError(f"not a plain SQL identifier: {name[:80]!r}")
-    return ".".join(f'"{p}"' for p in parts)
 
 
 async def managed_columns(session: AsyncSession) -> Sequence[Sequence[Any]]:

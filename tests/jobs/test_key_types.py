@@ -25,9 +25,9 @@ from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy.migration import column_source
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation.context import RotationContext
-from keyrotor.rotation.reencrypt import raw_connection
 from keyrotor.store import db
 from keyrotor.store.key_ranges import INTEGER_KEY, TEXT_KEY, UUID_KEY, ranges_from_buckets
+from keyrotor.store.targets import raw_connection
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, seed

@@ -1,0 +1,234 @@
+"""Steps 4-5 of a fanned-out DEK rotation: re-encrypt one key range, a batch a transaction.
+
+A large scope's rows are split into key ranges (``rotation_ranges`` rows, planned when the new
+DEK is promoted) that workers re-encrypt in parallel. Each transaction of a range locks its row,
+re-encrypts one batch after the range's cursor on its current old version and advances the
+cursor and the run's counters. At the end of a pass the range moves on to the next old version,
+or goes round again if rows were skipped as locked, or is done; the range finishing last
+completes the run (:mod:`keyrotor.rotation.completion`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyrotor import runs
+from keyrotor.census.columns import refresh_targets
+from keyrotor.errors import ConfigurationError, InvalidInput, TransientError
+from keyrotor.rotation.completion import announce_completed, complete
+from keyrotor.rotation.context import RotationContext, run_to_commit
+from keyrotor.rotation.lifecycle import failing_run
+from keyrotor.rotation.reencrypt import RotationKeys, exists_in_range, load_keys, reencrypt_batch
+from keyrotor.runs import RunInfo
+from keyrotor.store import db
+from keyrotor.store import rotation as store
+from keyrotor.store.key_ranges import Key, range_bounds
+from keyrotor.store.targets import Target, raw_connection, relax_commit
+
+log = structlog.get_logger("keyrotor.rotation.ranges")
+
+# How long a range waits for rows locked by others (application transactions) before it
+# gives up for now (a transient error: the job retries later).
+LOCKED_ROWS_PATIENCE_S = 30.0
+
+
+class RowsLocked(TransientError):
+    """Rows to re-encrypt stay locked by other transactions; try again later."""
+
+
+@dataclass(frozen=True)
+class RangeProgress:
+    """What one :func:`reencrypt_range` call did."""
+
+    run_id: int
+    target: str
+    lo: int
+    hi: int
+    rows: int
+    batches: int
+    state: str  # the range's: "done", or the run's when it is not running
+    completed_run: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "target": self.target,
+            "lo": self.lo,
+            "hi": self.hi,
+            "rows": self.rows,
+            "batches": self.batches,
+            "state": self.state,
+            "completed_run": self.completed_run,
+        }
+
+
+async def reencrypt_range(
+    rc: RotationContext, run_id: int, lo: int, hi: int, *, target: str = "secrets"
+) -> RangeProgress:
+    """Re-encrypt one id range of a fanned-out run, a batch a transaction. Idempotent.
+
+    Resumes from the range's cursor; stops early when the run is no longer running (another
+    range failed). Whoever finishes the last range completes the run (steps 6-8).
+
+    Raises:
+        RowFailed: a value did not decrypt; the run is marked failed naming it.
+        RowsLocked, TransientError: retry later; the range resumes where it stopped.
+    """
+    await refresh_targets(rc)
+    async with db.transaction(rc.sessions) as session:
+        run = await runs.require_run(session, run_id)
+        if run.state != "running":
+            return RangeProgress(run_id, target, lo, hi, 0, 0, run.state)
+        assert run.scope is not None and run.scope_id is not None and run.to_version is not None
+        keys = await load_keys(session, rc.cipher, run.scope, run.scope_id, run.to_version)
+    structlog.contextvars.bind_contextvars(run_id=run_id, scope=run.scope, step="reencrypt")
+    tgt = next((t for t in rc.all_targets if t.name == target), None)
+    if tgt is None:
+        # A worker without the application's registered targets: leave the run to one that has them.
+        raise ConfigurationError(f"no re-encryption target named {target!r} is registered in this process")
+    async with failing_run(rc, run):
+        rows, batches, step = await _batches(rc, run, keys, tgt, lo, hi)
+    if step.stopped is not None:
+        return RangeProgress(run_id, target, lo, hi, rows, batches, step.stopped)
+    if step.completed_run:
+        await announce_completed(rc, run, mode="ranges")
+    return RangeProgress(run_id, target, lo, hi, rows, batches, "done", step.completed_run)
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """What one transaction of a range did."""
+
+    written: int = 0
+    finished: bool = False
+    blocked: bool = False
+    stopped: str | None = None
+    completed_run: bool = False
+
+
+async def _batches(
+    rc: RotationContext, run: RunInfo, keys: RotationKeys, target: Target, lo: int, hi: int
+) -> tuple[int, int, _Step]:
+    """Run the range's transactions until it is done or the run stops: ``(rows, batches, last step)``.
+
+    Raises:
+        RowsLocked: rows stayed locked by others for :data:`LOCKED_ROWS_PATIENCE_S`.
+    """
+    rows = batches = 0
+    waited = 0.0
+    while True:
+        await rc.spend_rows(rc.batch_rows)
+        step = await run_to_commit(_range_step(rc, run, keys, target, lo, hi))
+        if step.stopped is not None:
+            return rows, batches, step
+        rows += step.written
+        if step.written:
+            batches += 1
+            waited = 0.0
+            log.info(
+                "batch_reencrypted", target=target.name, lo=lo, rows=step.written, to_version=run.to_version
+            )
+            await rc.test_pause()
+        if step.finished:
+            return rows, batches, step
+        if step.blocked:
+            if waited >= LOCKED_ROWS_PATIENCE_S:
+                raise RowsLocked(
+                    f"{target.name} rows of run {run.id} in ids {lo}..{hi} stay locked by others"
+                )
+            await asyncio.sleep(0.1)
+            waited += 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """A locked range row: its current pass over ``version``, bounds and cursor."""
+
+    id: int
+    target: Target
+    lo: int
+    version: int
+    start: Key | None  # the exclusive lower bound a pass begins after
+    cursor: Key | None  # the last key done of this pass
+    upper: Key | None  # the inclusive upper bound
+
+
+async def _range_step(
+    rc: RotationContext, run: RunInfo, keys: RotationKeys, target: Target, lo: int, hi: int
+) -> _Step:
+    """One transaction of a range: one batch, or moving to the next version, or finishing."""
+    async with db.transaction(rc.sessions) as session:
+        row = await store.lock_range(session, run.id, target.name, lo)
+        if row is None:
+            raise InvalidInput(f"run {run.id} has no {target.name} range starting at {lo}")
+        range_id, range_state, version, run_state = row[:4]
+        if run_state != "running":
+            return _Step(stopped=run_state)
+        if range_state == "done":
+            return _Step(finished=True)
+        rng = _Range(range_id, target, lo, version, *range_bounds(target.key_type, lo, hi, row[4:]))
+        apg = await raw_connection(session)
+        await relax_commit(apg)
+        if version in keys.old_versions:
+            step = await _next_batch(session, apg, rc, run, keys, rng)
+            if step is not None:
+                return step
+        return await _end_of_pass(session, apg, rc, run, keys, rng)
+
+
+async def _next_batch(
+    session: AsyncSession, apg: Any, rc: RotationContext, run: RunInfo, keys: RotationKeys, rng: _Range
+) -> _Step | None:
+    """Re-encrypt the batch after the range's cursor; None if the pass has no rows left."""
+    batch = await reencrypt_batch(
+        apg,
+        rng.target,
+        keys,
+        rng.version,
+        after=rng.cursor,
+        hi=rng.upper,
+        limit=rc.batch_rows,
+        skip_locked=True,
+    )
+    if batch.last_id is None:
+        return None
+    integer = rng.target.key_type.integer
+    await store.advance_range(
+        session,
+        rng.id,
+        cursor=int(batch.last_id) if integer else None,
+        cursor_key=None if integer else str(batch.last_id),
+        rows=batch.written,
+    )
+    # Last statement before the commit: the run row is the one every range updates.
+    await runs.add_progress(session, run.id, batch.written)
+    return _Step(written=batch.written)
+
+
+async def _end_of_pass(
+    session: AsyncSession, apg: Any, rc: RotationContext, run: RunInfo, keys: RotationKeys, rng: _Range
+) -> _Step:
+    """Start a pass over the next old version, or go round again, or finish the range."""
+    versions = keys.old_versions
+    later = [v for v in versions if v > rng.version]
+    if later:
+        await store.restart_range(session, rng.id, later[0], rng.lo - 1)
+        return _Step()
+    if await exists_in_range(apg, rng.target, keys, rng.start, rng.upper):
+        # Rows skipped as locked (or written behind the cursor): go round again from the start.
+        await store.restart_range(session, rng.id, versions[0], rng.lo - 1)
+        return _Step(blocked=True)
+    await store.finish_range(session, rng.id)
+    # Count the ranges left in the database, with the run row locked, so that exactly one
+    # of the ranges finishing at the same moment completes the run.
+    await runs.require_run(session, run.id, for_update=True)
+    if await store.count_pending_ranges(session, run.id):
+        return _Step(finished=True)
+    assert run.scope is not None
+    await complete(session, apg, rc, run.id, keys, rc.targets_for(run.scope))
+    return _Step(finished=True, completed_run=True)

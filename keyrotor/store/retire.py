@@ -1,0 +1,158 @@
+"""The statements of retiring, destroying and restoring an old DEK version.
+
+Each function runs in the caller's transaction (``keyrotor.store.db.transaction``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+# How long the proof's transaction waits for a lock before it gives up (a transient error).
+LOCK_TIMEOUT = "5s"
+
+
+async def limit_lock_wait(session: AsyncSession) -> None:
+    """Make the transaction's lock waits fail after :data:`LOCK_TIMEOUT`."""
+    await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+
+
+async def retirement_facts(session: AsyncSession, scope: str, version: int) -> Any:
+    """``(state, grace_until, scope's active version)`` of one DEK version (``state`` None if the
+    version does not exist), or None if the scope does not exist."""
+    return (
+        await session.execute(
+            text(
+                "SELECT d.state, d.grace_until, s.active_version FROM key_scopes s "
+                "LEFT JOIN data_keys d ON d.scope_id = s.id AND d.version = :v WHERE s.name = :n"
+            ),
+            {"n": scope, "v": version},
+        )
+    ).first()
+
+
+async def lock_dek_to_retire(session: AsyncSession, scope: str, version: int) -> Any:
+    """Lock one DEK row: ``(key id, state, scope id)``."""
+    return (
+        await session.execute(
+            text(
+                "SELECT d.id, d.state, s.id FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                "WHERE s.name = :n AND d.version = :v FOR UPDATE OF d"
+            ),
+            {"n": scope, "v": version},
+        )
+    ).one()
+
+
+async def lock_key_locations(session: AsyncSession) -> None:
+    """Lock ``key_locations`` in SHARE mode until the transaction ends (recorders wait)."""
+    await session.execute(text("LOCK TABLE key_locations IN SHARE MODE"))
+
+
+async def retire_dek(session: AsyncSession, key_id: int, destroy_after_days: int) -> datetime:
+    """Mark a DEK ``retired`` with its destruction window. Returns ``destroy_after``."""
+    destroy_after: datetime = (
+        await session.execute(
+            text(
+                "UPDATE data_keys SET state = 'retired', retired_at = now(), "
+                "destroy_after = now() + make_interval(days => :days) WHERE id = :id "
+                "RETURNING destroy_after"
+            ),
+            {"id": key_id, "days": destroy_after_days},
+        )
+    ).scalar_one()
+    return destroy_after
+
+
+# --- destruction ----------------------------------------------------------------------------
+
+
+async def lock_dek_to_destroy(session: AsyncSession, scope: str, version: int) -> Any:
+    """Lock one DEK row: ``(key id, state, retired_at, destroy_after, whether it is due, scope id)``."""
+    return (
+        await session.execute(
+            text(
+                "SELECT d.id, d.state, d.retired_at, d.destroy_after, d.destroy_after <= now(), s.id "
+                "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                "WHERE s.name = :n AND d.version = :v FOR UPDATE OF d"
+            ),
+            {"n": scope, "v": version},
+        )
+    ).one()
+
+
+async def lock_retired_key_uses(session: AsyncSession) -> None:
+    """Lock ``retired_key_uses`` in SHARE mode until the transaction ends (recorders wait)."""
+    await session.execute(text("LOCK TABLE retired_key_uses IN SHARE MODE"))
+
+
+async def uses_since(session: AsyncSession, scope_id: int, version: int, since: datetime) -> dict[str, int]:
+    """Recorded uses of a retired version since ``since``, counted by location."""
+    rows = await session.execute(
+        text(
+            "SELECT location, count(*) FROM retired_key_uses "
+            "WHERE scope_id = :s AND dek_version = :v AND used_at >= :since GROUP BY location"
+        ),
+        {"s": scope_id, "v": version, "since": since},
+    )
+    return {loc: int(n) for loc, n in rows.all()}
+
+
+async def cancel_destruction(session: AsyncSession, key_id: int) -> None:
+    """Take a retired DEK off the destruction schedule (it stays retired)."""
+    await session.execute(text("UPDATE data_keys SET destroy_after = NULL WHERE id = :id"), {"id": key_id})
+
+
+async def erase_dek(session: AsyncSession, key_id: int) -> None:
+    """Erase a DEK's wrapped key: ``destroyed`` for good."""
+    await session.execute(
+        text(
+            "UPDATE data_keys SET state = 'destroyed', encrypted_dek = NULL, destroyed_at = now() "
+            "WHERE id = :id"
+        ),
+        {"id": key_id},
+    )
+
+
+# --- restore --------------------------------------------------------------------------------
+
+
+async def lock_scope_and_dek(session: AsyncSession, scope: str, version: int) -> Any:
+    """Lock the scope row: ``(grace_period_days, key id, retired_at, destroy_after)`` of one DEK
+    version (key id None if it does not exist), or None if the scope does not exist."""
+    return (
+        await session.execute(
+            text(
+                "SELECT s.grace_period_days, d.id, d.retired_at, d.destroy_after "
+                "FROM key_scopes s LEFT JOIN data_keys d ON d.scope_id = s.id AND d.version = :v "
+                "WHERE s.name = :n FOR UPDATE OF s"
+            ),
+            {"n": scope, "v": version},
+        )
+    ).first()
+
+
+async def lock_dek_state(session: AsyncSession, key_id: int) -> str:
+    """Lock one DEK row and return its state."""
+    state: str = (
+        await session.execute(text("SELECT state FROM data_keys WHERE id = :id FOR UPDATE"), {"id": key_id})
+    ).scalar_one()
+    return state
+
+
+async def restore_to_grace(session: AsyncSession, key_id: int, grace_days: int) -> datetime:
+    """Bring a retired DEK back to ``grace`` for ``grace_days``, off the destruction schedule.
+    Returns ``grace_until``."""
+    grace_until: datetime = (
+        await session.execute(
+            text(
+                "UPDATE data_keys SET state = 'grace', grace_until = now() + make_interval(days => :g), "
+                "retired_at = NULL, destroy_after = NULL WHERE id = :id RETURNING grace_until"
+            ),
+            {"id": key_id, "g": grace_days},
+        )
+    ).scalar_one()
+    return grace_until

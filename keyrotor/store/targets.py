@@ -1,0 +1,306 @@
+"""The ciphertext columns rotation covers, and their statements on the asyncpg fast path.
+
+A :class:`Target` describes one column of ``kr1`` ciphertexts: its table, key column, value
+column, which scope its rows belong to, and how to compute the AAD context of a row. keyrotor's
+own ``secrets`` table is the first target (:data:`SECRETS`); applications register their own
+columns the same way (:func:`register_target`).
+
+A target's key is one column of any type :class:`KeyType` covers (smallint, integer, bigint,
+uuid, text, varchar); every statement binds its parameters in the key's own type. The
+statements run on the raw asyncpg connection of the SQLAlchemy session (prepared once per
+connection): the measured fast path of re-encryption. One batch is::
+
+    SELECT id, value, ... FROM t WHERE <scope> AND <version = v> AND id > :after AND id <= :hi
+      ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED
+    UPDATE t SET value = u.new FROM unnest(:ids, :old, :new) AS u(id, old, new)
+      WHERE t.id = u.id AND t.value = u.old            -- compare-and-swap
+
+One version at a time, so the query is an exact, ordered range of the
+``(scope_id, dek_version, id)`` index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyrotor.errors import ConfigurationError
+from keyrotor.store.identifiers import quote_ident
+from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
+
+
+@dataclass(frozen=True)
+class Target:
+    """A column of ``kr1`` ciphertexts that rotation re-encrypts.
+
+    Args:
+        name: stable name (in range rows, job ids and error messages), e.g. ``secrets``.
+        table: the table (``schema.table`` allowed).
+        id_column: the single-column key (unique); its type is ``key_type``.
+        value_column: the ``kr1`` text column.
+        context: ``context(row_id, extra)`` -> the AAD context the value was sealed with;
+            ``extra`` holds the values of ``context_columns``.
+        context_columns: more columns the context needs (``("name",)`` for secrets).
+        scope_id_column: the column holding ``key_scopes.id`` -- or, instead:
+        scope: the one scope every row of the table belongs to -- or:
+        scope_name_column: a text column holding the scope's *name* (application tables,
+            e.g. ``settings.provider``).
+        version_column: an integer column kept equal to the value's DEK version (indexed with
+            the scope column for fast lookups); None: the version is read from the value's prefix.
+        key_type: the key's type (:data:`INTEGER_KEY` for smallint, integer and bigint keys).
+    """
+
+    name: str
+    table: str
+    id_column: str
+    value_column: str
+    context: Callable[[Any, tuple[Any, ...]], str] = field(compare=False)
+    context_columns: tuple[str, ...] = ()
+    scope_id_column: str | None = None
+    scope: str | None = None
+    version_column: str | None = None
+    scope_name_column: str | None = None
+    key_type: KeyType = INTEGER_KEY
+
+    def __post_init__(self) -> None:
+        sources = (self.scope_id_column, self.scope, self.scope_name_column)
+        if sum(s is not None for s in sources) != 1:
+            raise ConfigurationError(
+                f"target {self.name!r}: give exactly one of scope_id_column, scope_name_column and scope"
+            )
+        for ident in (self.table, self.id_column, self.value_column, *self.context_columns):
+            quote_ident(ident)
+        for optional in (self.scope_id_column, self.version_column, self.scope_name_column):
+            if optional is not None:
+                quote_ident(optional)
+
+    def covers(self, scope: str) -> bool:
+        """Whether rows of ``scope`` may live in this target."""
+        return self.scope is None or self.scope == scope
+
+    @cached_property
+    def sql(self) -> TargetSql:
+        """The statements of this target."""
+        return TargetSql(self)
+
+
+class TargetSql:
+    """The statements of one target, with asyncpg ``$n`` parameters. ``$1`` is always the scope id.
+
+    An integer key always binds both bounds (``MIN_ID``/``MAX_ID`` when open): one statement, as
+    fast as it ever was for ``secrets``. Other keys have no such bounds, so a range open at one
+    end gets a statement without that side (:meth:`select`, :meth:`exists_in_range`).
+    """
+
+    def __init__(self, t: Target) -> None:
+        table, idc, val = quote_ident(t.table), quote_ident(t.id_column), quote_ident(t.value_column)
+        kt = self.key_type = t.key_type
+        extra = "".join(f", {quote_ident(c)}" for c in t.context_columns)
+        scope = f"{quote_ident(t.scope_id_column)} = $1" if t.scope_id_column else "$1::bigint IS NOT NULL"
+        if t.scope_name_column:
+            # An uncorrelated subquery: evaluated once, so an index on the name column still serves.
+            scope = (
+                f"{quote_ident(t.scope_name_column)} = (SELECT name FROM key_scopes WHERE id = $1::bigint)"
+            )
+        if t.version_column:
+            ver = quote_ident(t.version_column)
+            is_v = f"{ver} = $2"
+            older = f"{ver} < $2"
+            set_version = f", {ver} = $4"
+        else:
+            is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
+            older = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int < $2"
+            set_version = ""
+        self._idc = idc
+        self._base = base = f"FROM {table} WHERE {scope} AND {is_v}"
+        self._select_head = f"SELECT {kt.select(idc)}, {val}{extra} {base}"
+        self._selects: dict[tuple[bool, bool, bool], str] = {}
+        self._exists: dict[tuple[bool, bool], str] = {}
+        self.update = (
+            f"UPDATE {table} AS t SET {val} = u.new{set_version} "
+            f"FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) AS u(id, old, new) "
+            f"WHERE t.{idc} = u.id AND t.{val} = u.old"
+        )
+        self.has_version_param = bool(t.version_column)
+        self.count_version = f"SELECT count(*) {base}"
+        self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
+        # k contiguous key buckets of about equal row counts over the rows still to do.
+        self.plan = (
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
+            f"(SELECT {idc} AS id, ntile($3) OVER (ORDER BY {idc}) AS b "
+            f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY b"
+        )
+        self.lock_table = f"LOCK TABLE {table} IN SHARE MODE"
+
+    def select(self, *, after: bool, upper: bool, skip_locked: bool) -> str:
+        """``SELECT id, value, extra...`` of one batch: ``$3``/``$4`` the bounds given, then the limit."""
+        if self.key_type.integer:
+            after = upper = True
+        k = (after, upper, skip_locked)
+        if k not in self._selects:
+            bounds, n = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
+            sql = f"{self._select_head}{bounds} ORDER BY {self._idc} LIMIT ${n} FOR UPDATE"
+            self._selects[k] = sql + " SKIP LOCKED" if skip_locked else sql
+        return self._selects[k]
+
+    def exists_in_range(self, *, after: bool, upper: bool) -> str:
+        """Whether a row on version ``$2`` lies after ``$3`` and up to ``$4`` (the bounds given)."""
+        if self.key_type.integer:
+            after = upper = True
+        k = (after, upper)
+        if k not in self._exists:
+            bounds, _ = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
+            self._exists[k] = f"SELECT EXISTS (SELECT 1 {self._base}{bounds})"
+        return self._exists[k]
+
+
+def _secret_context(_row_id: int, extra: tuple[Any, ...]) -> str:
+    return f"secret:{extra[0]}"
+
+
+SECRETS = Target(
+    name="secrets",
+    table="secrets",
+    id_column="id",
+    value_column="ciphertext",
+    context=_secret_context,
+    context_columns=("name",),
+    scope_id_column="scope_id",
+    version_column="dek_version",
+)
+"""keyrotor's own table; values are sealed with context ``secret:<name>``."""
+
+_registered: list[Target] = []
+
+
+def register_target(target: Target) -> None:
+    """Register an application-owned ciphertext column for every rotation of this process.
+
+    Raises:
+        ConfigurationError: another target has the same name.
+    """
+    if any(t.name == target.name for t in (SECRETS, *_registered)):
+        raise ConfigurationError(f"a target named {target.name!r} is registered already")
+    _registered.append(target)
+
+
+def default_targets() -> list[Target]:
+    """``secrets`` plus the registered targets."""
+    return [SECRETS, *_registered]
+
+
+# --- the connection ---------------------------------------------------------------------
+
+
+async def raw_connection(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session's transaction (which must have begun)."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    apg = raw.driver_connection
+    if apg is None or not apg.is_in_transaction():
+        # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement.
+        await session.execute(text("SELECT 1"))
+    return apg
+
+
+async def relax_commit(apg: Any) -> None:
+    """Let this batch's commit return before its WAL reaches disk (``synchronous_commit = off``).
+
+    Safe for a re-encryption batch: a crash may lose the last few committed batches, but only
+    whole transactions -- rows and the cursor that counts them revert together to values the
+    old DEK (kept in grace) still opens, and the run redoes them. It saves a disk flush per
+    batch. Transactions that must survive a crash (completing a run, destroying a key) do not
+    use it.
+    """
+    await apg.execute("SET LOCAL synchronous_commit = off")
+
+
+async def durable_commit(apg: Any) -> None:
+    """Make this transaction's commit wait for its WAL on disk, whatever the session default."""
+    await apg.execute("SET LOCAL synchronous_commit = on")
+
+
+# --- the statements of a target -----------------------------------------------------------
+
+
+def _bound_args(target: Target, after: Key | None, hi: Key | None) -> tuple[bool, bool, list[Key]]:
+    """Which bounds a statement of ``target`` binds, and their values (integer keys: always both)."""
+    if target.key_type.integer:
+        return True, True, [MIN_ID if after is None else after, MAX_ID if hi is None else hi]
+    return after is not None, hi is not None, [b for b in (after, hi) if b is not None]
+
+
+async def lock_batch(
+    apg: Any,
+    target: Target,
+    scope_id: int,
+    version: int,
+    *,
+    after: Key | None,
+    hi: Key | None,
+    limit: int,
+    skip_locked: bool,
+) -> list[Any]:
+    """Lock and read up to ``limit`` rows on ``version`` with ``after < id <= hi``, in key order:
+    ``(id, value, *context_columns)`` records."""
+    has_after, has_hi, bounds = _bound_args(target, after, hi)
+    select = target.sql.select(after=has_after, upper=has_hi, skip_locked=skip_locked)
+    rows: list[Any] = await apg.fetch(select, scope_id, version, *bounds, limit)
+    return rows
+
+
+async def swap_values(
+    apg: Any, target: Target, ids: list[Key], olds: list[str], news: list[str], new_version: int
+) -> int:
+    """Write ``news`` over the rows whose value is still the matching ``olds`` (compare-and-swap
+    against application writes). Returns the rows written."""
+    sql = target.sql
+    if sql.has_version_param:
+        status = await apg.execute(sql.update, ids, olds, news, new_version)
+    else:
+        status = await apg.execute(sql.update, ids, olds, news)
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def count_older(apg: Any, target: Target, scope_id: int, version: int) -> int:
+    """Rows of ``target`` in the scope on a version older than ``version``."""
+    return int(await apg.fetchval(target.sql.count_older, scope_id, version))
+
+
+async def count_version(apg: Any, target: Target, scope_id: int, version: int) -> int:
+    """Rows of ``target`` in the scope on exactly ``version``."""
+    return int(await apg.fetchval(target.sql.count_version, scope_id, version))
+
+
+async def key_buckets(apg: Any, target: Target, scope_id: int, new_version: int, k: int) -> Sequence[Any]:
+    """``k`` contiguous ``(first key, last key, rows)`` buckets of the rows older than ``new_version``."""
+    buckets: Sequence[Any] = await apg.fetch(target.sql.plan, scope_id, new_version, k)
+    return buckets
+
+
+async def any_in_range(
+    apg: Any, target: Target, scope_id: int, version: int, after: Key | None, hi: Key | None
+) -> bool:
+    """Whether a row of ``target`` with ``after < id <= hi`` is on ``version``."""
+    has_after, has_hi, bounds = _bound_args(target, after, hi)
+    sql = target.sql.exists_in_range(after=has_after, upper=has_hi)
+    return bool(await apg.fetchval(sql, scope_id, version, *bounds))
+
+
+async def lock_target(apg: Any, target: Target) -> None:
+    """Lock ``target``'s table in SHARE mode until the transaction ends (writers wait)."""
+    await apg.execute(target.sql.lock_table)
+
+
+async def read_page(session: AsyncSession, sql: str, *args: Any) -> list[Any]:
+    """The rows of one keyset page read with ``sql`` (asyncpg parameters ``args``) on the
+    session's connection, in the caller's transaction."""
+    apg = (await (await session.connection()).get_raw_connection()).driver_connection
+    assert apg is not None
+    rows: list[Any] = await apg.fetch(sql, *args)
+    return rows
