@@ -27,7 +27,6 @@ from typing import Self
 from arq.connections import ArqRedis
 from arq.jobs import Job, SerializationError
 from redis.exceptions import RedisError
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import runs
@@ -40,6 +39,7 @@ from keyrotor.rotation import kek as kek_rotation
 from keyrotor.runs import RunFailed, RunInfo
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store import retire as store_retire
 
 
 @dataclass
@@ -261,15 +261,7 @@ class KeyrotorClient:
         """When retired DEK ``version`` of ``scope`` may be erased (ISO 8601), or None if it is
         not retired or its destruction was cancelled."""
         async with db.transaction(self.sessions) as session:
-            value = (
-                await session.execute(
-                    text(
-                        "SELECT d.destroy_after FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-                        "WHERE s.name = :n AND d.version = :v AND d.state = 'retired'"
-                    ),
-                    {"n": scope, "v": version},
-                )
-            ).scalar_one_or_none()
+            value = await store_retire.destroy_after(session, scope, version)
         return value.isoformat() if value is not None else None
 
     async def status(self, run_id: int) -> RunInfo:

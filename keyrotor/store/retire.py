@@ -156,3 +156,18 @@ async def restore_to_grace(session: AsyncSession, key_id: int, grace_days: int) 
         )
     ).scalar_one()
     return grace_until
+
+
+async def destroy_after(session: AsyncSession, scope: str, version: int) -> datetime | None:
+    """When retired DEK ``version`` of ``scope`` may be erased; None if it is not retired or its
+    destruction was cancelled."""
+    value: datetime | None = (
+        await session.execute(
+            text(
+                "SELECT d.destroy_after FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
+                "WHERE s.name = :n AND d.version = :v AND d.state = 'retired'"
+            ),
+            {"n": scope, "v": version},
+        )
+    ).scalar_one_or_none()
+    return value
