@@ -43,6 +43,10 @@ class ConfigurationError(PermanentError):
     """keyrotor is misconfigured."""
 
 
+class KekMismatch(ConfigurationError):
+    """This process's KEK cannot unwrap the stored DEKs (wrong ENCRYPTION_KEY?)."""
+
+
 class LegacyDecryptDisabled(ConfigurationError):
     """A legacy value was given while ``KEYROTOR_LEGACY_DECRYPT=off``."""
 

@@ -1,14 +1,38 @@
-"""Checks of what callers hand to KeyManager: values, contexts and secret names.
+"""Checks of what callers hand to keyrotor: scope names, values, contexts and secret names.
 
 Each refusal is a typed error whose message never echoes the value.
 """
 
 from __future__ import annotations
 
-from keyrotor.errors import InvalidInput, InvalidValue
+import re
+
+from keyrotor.errors import InvalidInput, InvalidScope, InvalidValue
 
 MAX_CONTEXT_CHARS = 1024
 MAX_NAME_CHARS = 200
+_SCOPE_RE = re.compile(
+    r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?(?:/[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?){0,3}"
+)
+MAX_SCOPE_CHARS = 200
+
+
+def check_scope(scope: str) -> str:
+    """Validate a scope name and return it.
+
+    A scope is 1-4 segments separated by ``/``; each segment is lower-case letters, digits,
+    ``.``, ``_`` and ``-``, starting and ending with a letter or digit.
+
+    Raises:
+        InvalidScope: anything else (the message quotes a sanitised version only).
+    """
+    if not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS or not _SCOPE_RE.fullmatch(scope):
+        shown = scope[:40].encode("ascii", "backslashreplace").decode() if isinstance(scope, str) else "?"
+        raise InvalidScope(
+            f"invalid scope name {shown!r}: use lower-case letters, digits, '.', '_', '-' "
+            "and up to 4 '/'-separated segments, like 'anthropic' or 'tenant-42/openai'"
+        )
+    return scope
 
 
 def value_bytes(plaintext: str, max_bytes: int) -> bytes:

@@ -45,14 +45,13 @@ from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
 from keyrotor.crypto.legacy_format import HEADER_LEN as LEGACY_HEADER_LEN
 from keyrotor.errors import CiphertextTooLarge, ConfigurationError
-from keyrotor.inputs import check_context, value_bytes
+from keyrotor.inputs import check_context, check_scope, value_bytes
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
 from keyrotor.keyring import KeyRing
 from keyrotor.legacy.reader import LegacyReader
 from keyrotor.notify import KeyChange, KeyChangeListener
 from keyrotor.replication.check import Replication
-from keyrotor.schedule.rules import check_scope
 from keyrotor.secrets import SecretsTable
 from keyrotor.settings import Settings
 from keyrotor.store import db

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from keyrotor.audit.events import MAX_ACTOR_CHARS, clean_short
 from keyrotor.errors import InvalidInput
-from keyrotor.schedule.rules import check_scope
+from keyrotor.inputs import check_scope
 
 WILDCARD = "*"
 

@@ -29,9 +29,8 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
+from keyrotor.errors import ConfigurationError, KekError, KekMismatch, KekUnavailable
 from keyrotor.kek.base import ForeignKek, KekProvider, WrapContext, WrappedDek
-from keyrotor.rotation.context import KekMismatch
 from keyrotor.store import audit as store
 from keyrotor.store import db
 

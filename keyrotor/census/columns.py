@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE
 from keyrotor.errors import Conflict, InvalidInput, NotFound
-from keyrotor.schedule.rules import check_scope
+from keyrotor.inputs import check_scope
 from keyrotor.store import columns as store
 from keyrotor.store import db
 from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of

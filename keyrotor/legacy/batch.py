@@ -24,11 +24,11 @@ from keyrotor.census.locations import location_of
 from keyrotor.crypto import envelope
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, DecryptionFailed, PermanentError
+from keyrotor.inputs import check_scope
 from keyrotor.keys import KeyManager
 from keyrotor.legacy.report import MAX_LISTED, ColumnReport
 from keyrotor.legacy.second_phase import second_ciphers, try_second_phase
 from keyrotor.legacy.sources import row_context
-from keyrotor.schedule.rules import check_scope
 from keyrotor.store.key_ranges import Key
 from keyrotor.store.legacy import SealedBatch, Source
 

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, Conflict, DecryptionFailed, MalformedCiphertext, ScopeNotFound
+from keyrotor.inputs import check_scope
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.keys import KeyManager
-from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db, repo
 from keyrotor.store import legacy as store
 

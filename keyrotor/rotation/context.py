@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.cache import DekCache
-from keyrotor.errors import ConfigurationError, KekError
+from keyrotor.errors import KekError, KekMismatch
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.settings import Settings
 from keyrotor.store import db
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from keyrotor.notify import KeyChange, Notifier
 
 T = TypeVar("T")
-
-
-class KekMismatch(ConfigurationError):
-    """This process's KEK cannot unwrap the stored DEKs (wrong ENCRYPTION_KEY?)."""
 
 
 @dataclass

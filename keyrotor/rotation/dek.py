@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import metrics, runs
 from keyrotor.crypto import envelope
 from keyrotor.errors import Conflict, InvalidInput
+from keyrotor.inputs import check_scope
 from keyrotor.kek.base import WrapContext
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.completion import announce_completed, complete, complete_if_done
@@ -51,7 +52,6 @@ from keyrotor.rotation.lifecycle import begin_attempt, failing_run, require_scop
 from keyrotor.rotation.ranges import reencrypt_range as reencrypt_range
 from keyrotor.rotation.reencrypt import RotationKeys, load_keys, plan_ranges, sweep
 from keyrotor.runs import RunInfo
-from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
 from keyrotor.store import rotation as store
 from keyrotor.store.key_ranges import insert_range

@@ -35,12 +35,12 @@ from keyrotor.audit.log import check_actor, record_config_change
 from keyrotor.census.locations import display
 from keyrotor.crypto.envelope import MAX_VERSION
 from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.inputs import check_scope
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, run_to_commit
 from keyrotor.rotation.lifecycle import begin_attempt, failing_run
 from keyrotor.rotation.retire import prove_unused, retire_event
 from keyrotor.runs import RunInfo
-from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
 from keyrotor.store import retire as store
 

@@ -35,12 +35,12 @@ from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.census.locations import display, uncovered_locations
 from keyrotor.crypto.envelope import MAX_VERSION
 from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
+from keyrotor.inputs import check_scope
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, run_to_commit
 from keyrotor.rotation.lifecycle import begin_attempt, failing_run, require_scope
 from keyrotor.rotation.reencrypt import RowFailed, load_keys, reencrypt_batch
 from keyrotor.runs import RunInfo
-from keyrotor.schedule.rules import check_scope
 from keyrotor.store import db
 from keyrotor.store import retire as store
 from keyrotor.store.key_ranges import Key

@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.errors import ScopeNotFound
-from keyrotor.schedule.rules import KeyState, check_scope
+from keyrotor.inputs import check_scope
+from keyrotor.schedule.rules import KeyState
 from keyrotor.schedule.scan import (
     START,
     DueRetirement,

@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit.log import check_actor, record_config_change
 from keyrotor.errors import ScopeNotFound
-from keyrotor.schedule.rules import ScopePolicy, change_policy, check_scope
+from keyrotor.inputs import check_scope
+from keyrotor.schedule.rules import ScopePolicy, change_policy
 from keyrotor.store import policies as store
 from keyrotor.store.policies import count_scopes as count_scopes
 

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from keyrotor.errors import InvalidInput, InvalidScope, KeyVersionTooOld, KeyVersionUnknown
+from keyrotor.errors import InvalidInput, KeyVersionTooOld, KeyVersionUnknown
 
 # Scope names are path-like: `anthropic`, `tenant-42/openai`. They appear in AAD, logs,
 # metric labels and job ids, so they are kept to a small, printable alphabet.
-_SCOPE_RE = re.compile(
-    r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?(?:/[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?){0,3}"
-)
-MAX_SCOPE_CHARS = 200
 MIN_INTERVAL_DAYS = 1
 MAX_INTERVAL_DAYS = 365
 PRESET_INTERVAL_DAYS = (30, 60, 90)
-
-
-def check_scope(scope: str) -> str:
-    """Validate a scope name and return it.
-
-    A scope is 1-4 segments separated by ``/``; each segment is lower-case letters, digits,
-    ``.``, ``_`` and ``-``, starting and ending with a letter or digit.
-
-    Raises:
-        InvalidScope: anything else (the message quotes a sanitised version only).
-    """
-    if not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS or not _SCOPE_RE.fullmatch(scope):
-        shown = scope[:40].encode("ascii", "backslashreplace").decode() if isinstance(scope, str) else "?"
-        raise InvalidScope(
-            f"invalid scope name {shown!r}: use lower-case letters, digits, '.', '_', '-' "
-            "and up to 4 '/'-separated segments, like 'anthropic' or 'tenant-42/openai'"
-        )
-    return scope
 
 
 class KeyState(StrEnum):

@@ -306,7 +306,7 @@ async def test_kek_call_budget_paces_a_kek_rotation(wenv: dict[str, str]) -> Non
 
 @pytest.mark.parametrize("scope_rows", [5])
 async def test_worker_with_the_wrong_kek_refuses(wenv: dict[str, str], scope_rows: int) -> None:
-    from keyrotor.rotation.context import KekMismatch
+    from keyrotor.errors import KekMismatch
 
     s = settings_of(wenv)
     await seed(s, "anthropic", scope_rows)

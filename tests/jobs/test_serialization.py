@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from arq.jobs import DeserializationError, deserialize_job_raw, serialize_job
 
-from keyrotor.errors import DecryptionFailed, KeyrotorError
+from keyrotor.errors import DecryptionFailed, KekMismatch, KeyrotorError
 from keyrotor.queue.serialization import RemoteJobError, deserialize, serialize
-from keyrotor.rotation.context import KekMismatch
 
 
 def test_job_payload_round_trip() -> None:

@@ -34,7 +34,7 @@ from keyrotor.errors import (
     KeyrotorError,
     MalformedCiphertext,
 )
-from keyrotor.schedule.rules import check_scope
+from keyrotor.inputs import check_scope
 from keyrotor.worker.cli import main as cli_main
 from keyrotor.worker.cli.secrets import read_rows
 from tests.conftest import MASTER_KEY

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
+from keyrotor.inputs import check_scope
 from keyrotor.queue.client import KeyrotorClient
 from keyrotor.rotation.destruction import Restored
-from keyrotor.schedule.rules import check_scope
 from keyrotor.worker.cli.common import err_console, print_json, run, settings
 
 app = typer.Typer(help="One DEK version: bring a retired one back.")

@@ -13,13 +13,13 @@ from redis.exceptions import RedisError
 
 from keyrotor import KeyManager
 from keyrotor.errors import Conflict, QueueUnavailable
+from keyrotor.inputs import check_scope
 from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import scope as legacy_scope
 from keyrotor.legacy.migration import LegacyReport
 from keyrotor.queue.client import KeyrotorClient, RunHandle
 from keyrotor.queue.enqueue import driver_call, enqueue_driver
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
-from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.worker.cli.common import RequestIdOpt, err_console, manager, print_json, progress, run

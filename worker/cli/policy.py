@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit.log import check_actor
 from keyrotor.errors import InvalidInput
+from keyrotor.inputs import check_scope
 from keyrotor.schedule.policies import PolicyView, count_scopes, get_policy, list_policies, set_policy
-from keyrotor.schedule.rules import PRESET_INTERVAL_DAYS, check_scope
+from keyrotor.schedule.rules import PRESET_INTERVAL_DAYS
 from keyrotor.store import db
 from keyrotor.worker.cli.common import err_console, out_console, print_json, run, settings
 

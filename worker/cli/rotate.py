@@ -10,9 +10,9 @@ from arq.worker import Worker
 from rich.table import Table
 
 from keyrotor.errors import KeyrotorError
+from keyrotor.inputs import check_scope
 from keyrotor.queue.client import KeyrotorClient, RunHandle
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
-from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
 from keyrotor.worker.cli.scheduler import rotate_dry_run

@@ -14,7 +14,7 @@ import typer
 
 from keyrotor import KeyManager
 from keyrotor.errors import InvalidInput
-from keyrotor.schedule.rules import check_scope
+from keyrotor.inputs import check_scope
 from keyrotor.worker.cli.common import err_console, manager, print_json, progress, run
 
 app = typer.Typer(help="Encrypted values in keyrotor's own table.", no_args_is_help=True)

@@ -15,11 +15,11 @@ from keyrotor.audit import lockdown
 from keyrotor.census import columns
 from keyrotor.census import report as census
 from keyrotor.errors import ScopeNotFound
+from keyrotor.inputs import check_scope
 from keyrotor.legacy import scope as legacy_scope
 from keyrotor.queue.enqueue import job_id
 from keyrotor.replication import check as replication
 from keyrotor.rotation.verify import verify_columns, verify_secrets
-from keyrotor.schedule.rules import check_scope
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
 from keyrotor.worker.cli.common import err_console, manager, out_console, print_json, progress, run
