@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.common import bench_settings, fresh_database, machine
 from keyrotor import KeyManager
-from keyrotor.cache import DekCache
+from keyrotor.cache import CacheStats, DekCache
 from keyrotor.crypto import envelope
 from keyrotor.kek.base import WrapContext
 from keyrotor.notify import Notifier
@@ -148,16 +148,17 @@ async def measure(w: Workload) -> dict[str, Any]:
     # ``writer`` stands for the rotation worker: it re-encrypts the application's values, so
     # the measured process meets the new DEK only when its traffic does.
     writer_settings = bench_settings(url, audit_mode="off", listen_key_changes=False)
-    async with KeyManager(settings) as km, KeyManager(writer_settings) as writer:
+    cache = DekCache(
+        ttl_s=settings.dek_cache_ttl_s,
+        max_entries=settings.dek_cache_max_entries,
+        refresh_ahead=settings.dek_cache_refresh_ahead,
+        clock=lambda: now,
+    )
+    async with KeyManager(settings, cache=cache) as km, KeyManager(writer_settings) as writer:
         scopes = sorted({e.scope for e in events})
         tokens = await create_scopes(km, scopes)  # every scope exists before the trace starts
-        km.cache = DekCache(
-            ttl_s=settings.dek_cache_ttl_s,
-            max_entries=settings.dek_cache_max_entries,
-            refresh_ahead=settings.dek_cache_refresh_ahead,
-            clock=lambda: now,
-        )
         km.invalidate()
+        cache.stats = CacheStats()  # count the trace only, not the set-up
         redis: Any = aioredis.from_url(settings.redis_url)  # type: ignore[no-untyped-call]
         try:
             rc = RotationContext(km.sessions, km.kek, settings, notifier=Notifier(redis, channel))
