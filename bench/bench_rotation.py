@@ -91,19 +91,20 @@ async def rotate_in_process(settings: Settings, scope: str, streams: int) -> tup
     return seconds, run.rows_done
 
 
+class _StubResealer:
+    """:class:`keyrotor.crypto.envelope.Resealer` without the crypto: the body is carried over,
+    only the version changes (values keep their length)."""
+
+    def __init__(self, *, new_version: int, **_: Any) -> None:
+        self._prefix = f"kr1:{new_version}:"
+
+    def reseal(self, value: str, context: str) -> str:
+        return self._prefix + value.split(":", 2)[2]
+
+
 def _stub_envelope() -> types.SimpleNamespace:
-    """Same interface, no crypto: the value body is carried over, only the version changes."""
-
-    def split(value: str) -> tuple[int, str]:
-        return int(value.split(":", 2)[1]), value
-
-    def open_raw(raw: str, **_: Any) -> str:
-        return raw.split(":", 2)[2]
-
-    def seal(plaintext: str, *, dek_version: int, **_: Any) -> str:
-        return f"kr1:{dek_version}:{plaintext}"
-
-    return types.SimpleNamespace(split=split, open_raw=open_raw, seal=seal)
+    """The part of :mod:`keyrotor.crypto.envelope` re-encryption uses, with no crypto."""
+    return types.SimpleNamespace(Resealer=_StubResealer)
 
 
 async def ceiling_in_process(settings: Settings, scope: str, streams: int) -> tuple[float, int]:
