@@ -7,6 +7,12 @@ Figures (rows re-encrypted per second):
   compare-and-swap, progress counters), one stream in one process;
 - **database ceiling**: exactly the same code and statements with the crypto stubbed out
   (values keep their length), so the ratio is what the crypto costs;
+- **plain loop**: the second ceiling, :mod:`bench.plain_loop`: the same values in a table with
+  only its primary key, rewritten by a plain keyset ``SELECT`` + ``UPDATE ... FROM unnest``
+  batch loop (no crypto, no keyrotor); the first ceiling divided by it is what keyrotor's own
+  statements cost;
+- **CPU per row**: this process's CPU time (``time.process_time``) over a 1-stream rotation,
+  per row: the Python a row costs, drivers and event loop included;
 - **naive**: row by row, ``SELECT`` + decrypt + encrypt + ``UPDATE`` in autocommit, measured on
   a 5,000-row sample and taken as a rate;
 - **over a network**: the same rotation, ceiling and naive loop once more with the database
@@ -42,6 +48,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bench import plain_loop
 from bench.common import bench_settings, fresh_database, machine
 from keyrotor import KeyManager
 from keyrotor.crypto import envelope
@@ -91,19 +98,20 @@ async def rotate_in_process(settings: Settings, scope: str, streams: int) -> tup
     return seconds, run.rows_done
 
 
+class _StubResealer:
+    """:class:`keyrotor.crypto.envelope.Resealer` without the crypto: the body is carried over,
+    only the version changes (values keep their length)."""
+
+    def __init__(self, *, new_version: int, **_: Any) -> None:
+        self._prefix = f"kr1:{new_version}:"
+
+    def reseal(self, value: str, context: str) -> str:
+        return self._prefix + value.split(":", 2)[2]
+
+
 def _stub_envelope() -> types.SimpleNamespace:
-    """Same interface, no crypto: the value body is carried over, only the version changes."""
-
-    def split(value: str) -> tuple[int, str]:
-        return int(value.split(":", 2)[1]), value
-
-    def open_raw(raw: str, **_: Any) -> str:
-        return raw.split(":", 2)[2]
-
-    def seal(plaintext: str, *, dek_version: int, **_: Any) -> str:
-        return f"kr1:{dek_version}:{plaintext}"
-
-    return types.SimpleNamespace(split=split, open_raw=open_raw, seal=seal)
+    """The part of :mod:`keyrotor.crypto.envelope` re-encryption uses, with no crypto."""
+    return types.SimpleNamespace(Resealer=_StubResealer)
 
 
 async def ceiling_in_process(settings: Settings, scope: str, streams: int) -> tuple[float, int]:
@@ -265,14 +273,41 @@ async def networked(url: str, rows: int, naive_rows: int, rtt_ms: float) -> dict
     return out
 
 
-async def _vacuum(url: str) -> None:
+async def _vacuum(url: str, table: str = "secrets") -> None:
     # Each rotation leaves a dead version of every row; autovacuum would clean them up between
     # rotations in real life. Here every measurement starts from the same clean state.
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("VACUUM ANALYZE secrets")
+        await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
         await conn.close()
+
+
+async def plain_rates(url: str, scope: str, batch: int) -> dict[str, float]:
+    """The second ceiling (:mod:`bench.plain_loop`) over a copy of ``scope``'s values, 1 and 2 streams."""
+    values = [
+        r[0]
+        for r in await _fetch(
+            url,
+            "SELECT ciphertext FROM secrets WHERE scope_id = (SELECT id FROM key_scopes WHERE name = $1) "
+            "ORDER BY id",
+            scope,
+        )
+    ]
+    await plain_loop.load(url, values)
+    out: dict[str, float] = {}
+    for streams in (1, 2):
+        await _vacuum(url, plain_loop.TABLE)
+        out[f"plain_{streams}"] = await plain_loop.rate(url, len(values), streams=streams, batch=batch)
+    return out
+
+
+async def timed_rotation(fn: Any, settings: Settings, scope: str, streams: int) -> tuple[float, float]:
+    """``fn`` (:func:`rotate_in_process` or :func:`ceiling_in_process`): ``(rows/s, this process's
+    CPU per row in microseconds)``: the Python a row costs, drivers and event loop included."""
+    cpu0 = time.process_time()
+    secs, done = await fn(settings, scope, streams)
+    return done / secs, (time.process_time() - cpu0) / done * 1e6
 
 
 async def measure(
@@ -302,10 +337,12 @@ async def measure(
 
     naive_rate = await naive(settings, "naive")
     rate: dict[str, float] = {}
+    cpu_us: dict[str, float] = {}
     for streams in (1, 2):
         await _vacuum(url)
-        secs, done = await rotate_in_process(settings, "big", streams)
-        rate[f"rotation_{streams}"] = done / secs
+        rate[f"rotation_{streams}"], cpu_us[f"rotation_{streams}"] = await timed_rotation(
+            rotate_in_process, settings, "big", streams
+        )
     rss: dict[int, float] = {}
     one_worker: dict[int, float] = {}
     for n, scope in rss_scopes.items():
@@ -317,10 +354,12 @@ async def measure(
     if two_workers:
         await _vacuum(url)
         w2_big = await with_workers(settings, "big", 2, settle_s=settle_s)
+    rate.update(await plain_rates(url, "big", settings.reencrypt_batch_rows))
     for streams in (1, 2):  # last: the stub leaves values no DEK opens
         await _vacuum(url)
-        secs, done = await ceiling_in_process(settings, "big", streams)
-        rate[f"ceiling_{streams}"] = done / secs
+        rate[f"ceiling_{streams}"], cpu_us[f"ceiling_{streams}"] = await timed_rotation(
+            ceiling_in_process, settings, "big", streams
+        )
     small, large = rss_rows
     out: dict[str, Any] = {
         "machine": machine(),
@@ -331,6 +370,9 @@ async def measure(
         **{f"{k}_rows_per_s": round(v) for k, v in rate.items()},
         "rotation_vs_ceiling_1": round(rate["rotation_1"] / rate["ceiling_1"], 2),
         "rotation_vs_ceiling_2": round(rate["rotation_2"] / rate["ceiling_2"], 2),
+        "ceiling_vs_plain_1": round(rate["ceiling_1"] / rate["plain_1"], 2),
+        "ceiling_vs_plain_2": round(rate["ceiling_2"] / rate["plain_2"], 2),
+        **{f"{k}_cpu_us_per_row": round(v, 1) for k, v in cpu_us.items()},
         "rotation_vs_naive_1": round(rate["rotation_1"] / naive_rate, 1),
         "rotation_vs_naive_2": round(rate["rotation_2"] / naive_rate, 1),
         "rss_rows": [small, large],
@@ -367,6 +409,16 @@ def report(r: dict[str, Any]) -> None:
             f"   -> {r[f'rotation_vs_ceiling_{streams}']:.2f} of ceiling, "
             f"{r[f'rotation_vs_naive_{streams}']:.1f}x naive"
         )
+    for streams in (1, 2):
+        print(
+            f"  plain UPDATE ... FROM unnest loop, {streams} stream(s): "
+            f"{r[f'plain_{streams}_rows_per_s']:>8,}"
+            f"   -> ceiling at {r[f'ceiling_vs_plain_{streams}']:.2f} of it"
+        )
+    print(
+        f"  CPU of this process per row, 1 stream: {r['rotation_1_cpu_us_per_row']} us "
+        f"(crypto stubbed out: {r['ceiling_1_cpu_us_per_row']} us)"
+    )
     best_c = max(r["rotation_vs_ceiling_1"], r["rotation_vs_ceiling_2"])
     best_n = max(r["rotation_vs_naive_1"], r["rotation_vs_naive_2"])
     print(f"  target: within 2x of the ceiling (>= 0.50): {'ok' if best_c >= 0.5 else 'MISSED'}; ", end="")

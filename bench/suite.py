@@ -178,6 +178,14 @@ async def rotation(size: Size) -> list[Row]:
             "same code, crypto stubbed out (DB ceiling)", r["ceiling_2_rows_per_s"], target=">= 0.5"),
         Row(b, "rotation, best of 1-2 streams (rows/s)", best, "/s",
             "naive row-by-row SELECT + UPDATE, autocommit", r["naive_rows_per_s"], target=">= 20"),
+        *(
+            Row(b, f"same code, crypto stubbed out, {k} stream(s) (rows/s)", r[f"ceiling_{k}_rows_per_s"],
+                "/s", "plain SELECT + UPDATE ... FROM unnest loop, primary key only",
+                r[f"plain_{k}_rows_per_s"], target=">= 0.8")
+            for k in (1, 2)
+        ),
+        Row(b, "CPU of the rotating process per row, 1 stream (µs)", r["rotation_1_cpu_us_per_row"], "µs",
+            "goal of 5 µs", 5.0, target="<= 1"),
     ]  # fmt: skip
     if "two_workers_rows_per_s" in r:
         rows.append(

@@ -175,8 +175,8 @@ async def refresh_rows_per_version(
 ) -> int:
     """Recount rows per (scope, DEK version) of the ``secrets`` table into the gauge.
 
-    One grouped query over the ``(scope_id, dek_version, id)`` index. The ``max_scopes`` scopes
-    with the most rows get a series per version; the others are summed per version under
+    One grouped query over the table (no index holds ``dek_version``: migration 0013). The
+    ``max_scopes`` scopes with the most rows get a series per version; the others are summed per version under
     ``scope="(other)"``, which bounds the gauge's cardinality with a scope per tenant. Versions
     that no longer have rows disappear from the gauge. Returns how many series were set.
     """

@@ -112,25 +112,14 @@ class Batch:
     last_id: Key | None
 
 
-def _reseal(keys: RotationKeys, old: AESGCM | None, version: int, value: str, context: str) -> str:
-    """``value`` (sealed under ``version``) sealed again under the new DEK, proven to open to the
-    same bytes before the old value is overwritten."""
-    scope, new_cipher, new_version = keys.scope, keys.new_cipher, keys.new_version
-    split, open_raw = envelope.split, envelope.open_raw
+def _resealer(keys: RotationKeys, version: int) -> envelope.Resealer:
+    """What re-seals a batch of values on ``version`` under the new DEK, verifying each."""
+    old = keys.old.get(version)
     if old is None:
-        raise KeyVersionTooOld(f"{scope}: DEK v{version} no longer decrypts")
-    found, raw = split(value)
-    if found != version:
-        raise DecryptionFailed(f"the row says DEK v{version} but its value says v{found}")
-    plaintext = open_raw(raw, cipher=old, scope=scope, dek_version=version, context=context)
-    sealed = envelope.seal(
-        plaintext, cipher=new_cipher, scope=scope, dek_version=new_version, context=context
+        raise KeyVersionTooOld(f"{keys.scope}: DEK v{version} no longer decrypts")
+    return envelope.Resealer(
+        scope=keys.scope, old=old, old_version=version, new=keys.new_cipher, new_version=keys.new_version
     )
-    _, new_raw = split(sealed)
-    reopened = open_raw(new_raw, cipher=new_cipher, scope=scope, dek_version=new_version, context=context)
-    if reopened != plaintext:
-        raise DecryptionFailed("the re-encrypted value did not verify")
-    return sealed
 
 
 async def reencrypt_batch(
@@ -161,18 +150,23 @@ async def reencrypt_batch(
     )
     if not rows:
         return Batch(0, 0, None)
-    old = keys.old.get(version)
     context_of = target.context
     ids: list[Key] = []
     olds: list[str] = []
     news: list[str] = []
     located: dict[str, int] = {}  # where the new values go (keyrotor.census.locations)
+    row_id: Key = rows[0][0]
+    try:
+        reseal = _resealer(keys, version).reseal
+    except KeyVersionTooOld as exc:
+        metrics.decrypt_failed(exc)
+        raise RowFailed(target.name, row_id, exc) from exc
     for row in rows:
         row_id, value = row[0], row[1]
         try:
             context = context_of(row_id, tuple(row)[2:])
-            sealed = _reseal(keys, old, version, value, context)
-        except (DecryptionFailed, KeyVersionTooOld) as exc:
+            sealed = reseal(value, context)
+        except DecryptionFailed as exc:
             metrics.decrypt_failed(exc)
             raise RowFailed(target.name, row_id, exc) from exc
         location = location_of(context)

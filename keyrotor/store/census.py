@@ -201,7 +201,7 @@ async def mark_scope_due(session: AsyncSession, scope_id: int, version: int, now
 
 
 async def secrets_per_version(session: AsyncSession) -> Sequence[Sequence[Any]]:
-    """``(scope id, DEK version, rows)`` of the ``secrets`` table (over its index)."""
+    """``(scope id, DEK version, rows)`` of the ``secrets`` table."""
     stmt = text("SELECT scope_id, dek_version, count(*) FROM secrets GROUP BY scope_id, dek_version")
     return (await session.execute(stmt)).all()
 

@@ -15,8 +15,9 @@ connection): the measured fast path of re-encryption. One batch is::
     UPDATE t SET value = u.new FROM unnest(:ids, :old, :new) AS u(id, old, new)
       WHERE t.id = u.id AND t.value = u.old            -- compare-and-swap
 
-One version at a time, so the query is an exact, ordered range of the
-``(scope_id, dek_version, id)`` index.
+One version at a time. For ``secrets`` the query is an ordered range of the ``(scope_id, id)``
+index filtered on the version: no index holds ``dek_version``, so the update is a HOT update
+(migration 0013).
 """
 
 from __future__ import annotations
