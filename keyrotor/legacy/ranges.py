@@ -38,6 +38,7 @@ from keyrotor.rotation.context import run_to_commit
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import legacy as store
+from keyrotor.store import rotation as ranges_store
 from keyrotor.store.key_ranges import Key, PlannedRange, insert_range, range_bounds, ranges_from_buckets
 from keyrotor.store.legacy import SealedBatch, Source
 from keyrotor.store.targets import raw_connection
@@ -163,7 +164,9 @@ async def _plan(apg: Any, src: Source, n: int, range_rows: int) -> list[PlannedR
 
 
 async def _pending(session: AsyncSession, run_id: int) -> list[LegacyRange]:
-    return [LegacyRange(run_id, t, lo, hi) for t, lo, hi in await store.pending_ranges(session, run_id)]
+    return [
+        LegacyRange(run_id, t, lo, hi) for t, lo, hi in await ranges_store.pending_ranges(session, run_id)
+    ]
 
 
 async def complete_if_done(km: KeyManager, run_id: int) -> bool:
@@ -176,7 +179,7 @@ async def _complete_if_done(session: AsyncSession, run_id: int) -> bool:
     run = await runs.require_run(session, run_id, for_update=True)
     if run.state != "running" or run.detail.get("mode") != MODE:
         return False
-    if await store.count_pending_ranges(session, run_id):
+    if await ranges_store.count_pending_ranges(session, run_id):
         return False
     columns = merged_columns(run.detail)
     await runs.update_detail(session, run_id, columns=[c.as_dict() for c in columns])
@@ -310,8 +313,13 @@ async def _write(
             return None
         written = await store.swap_values(await raw_connection(session), src, sealed)
         after = report_after(rep, sealed, written)
-        await store.advance_range(
-            session, range_id, last_id, integer=src.key_type.integer, written=len(written)
+        integer = src.key_type.integer
+        await ranges_store.advance_range(
+            session,
+            range_id,
+            cursor=int(last_id) if integer else None,
+            cursor_key=None if integer else str(last_id),
+            rows=len(written),
         )
         await store.set_range_report(session, rng.run_id, rng.key, json.dumps(after))
         await runs.add_progress(session, rng.run_id, len(written))
@@ -321,5 +329,5 @@ async def _write(
 async def _finish(km: KeyManager, rng: LegacyRange, range_id: int) -> bool:
     """Mark the range done; the last range to finish completes the run. Returns True if this one did."""
     async with db.transaction(km.sessions) as session:
-        await store.finish_range(session, range_id)
+        await ranges_store.finish_range(session, range_id)
         return await _complete_if_done(session, rng.run_id)

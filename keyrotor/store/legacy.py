@@ -179,29 +179,6 @@ async def plan_buckets(apg: Any, src: Source, buckets: int) -> list[Any]:
 # --- ranges of a fanned-out run ------------------------------------------------------------
 
 
-async def pending_ranges(session: AsyncSession, run_id: int) -> list[tuple[str, int, int]]:
-    """``(target, lo, hi)`` of the run's ranges still to do, in order."""
-    rows = (
-        await session.execute(
-            text(
-                "SELECT target, lo, hi FROM rotation_ranges WHERE run_id = :r AND state = 'pending' "
-                "ORDER BY target, lo"
-            ),
-            {"r": run_id},
-        )
-    ).all()
-    return [(str(t), int(lo), int(hi)) for t, lo, hi in rows]
-
-
-async def count_pending_ranges(session: AsyncSession, run_id: int) -> int:
-    """How many of the run's ranges are still to do."""
-    left = await session.execute(
-        text("SELECT count(*) FROM rotation_ranges WHERE run_id = :r AND state = 'pending'"),
-        {"r": run_id},
-    )
-    return int(left.scalar_one())
-
-
 async def range_row(session: AsyncSession, run_id: int, target: str, lo: int) -> tuple[int, str, Any] | None:
     """The range's id, state and ``(cursor, after_key, hi_key, cursor_key)``, or None."""
     row = (
@@ -228,24 +205,6 @@ async def lock_range_run_state(session: AsyncSession, range_id: int) -> str:
     return str(state.scalar_one())
 
 
-async def advance_range(
-    session: AsyncSession, range_id: int, last: Key, *, integer: bool, written: int
-) -> None:
-    """Move the range's cursor to ``last`` and count the rows written."""
-    await session.execute(
-        text(
-            "UPDATE rotation_ranges SET cursor = coalesce(:c, cursor), cursor_key = :ck, "
-            "rows_done = rows_done + :n, updated_at = now() WHERE id = :g"
-        ),
-        {
-            "g": range_id,
-            "c": last if integer else None,
-            "ck": None if integer else str(last),
-            "n": written,
-        },
-    )
-
-
 async def set_range_report(session: AsyncSession, run_id: int, key: str, part: str) -> None:
     """Set one range's part (JSON text) of the run's ``detail.range_reports``.
 
@@ -258,14 +217,6 @@ async def set_range_report(session: AsyncSession, run_id: int, key: str, part: s
             "CAST(:part AS jsonb), true) WHERE id = :r"
         ),
         {"r": run_id, "k": key, "part": part},
-    )
-
-
-async def finish_range(session: AsyncSession, range_id: int) -> None:
-    """Mark a range done."""
-    await session.execute(
-        text("UPDATE rotation_ranges SET state = 'done', updated_at = now() WHERE id = :g"),
-        {"g": range_id},
     )
 
 
