@@ -20,7 +20,21 @@ from keyrotor import KeyManager, Settings
 from keyrotor.store import db
 
 PG_ADMIN = os.environ.get("KEYROTOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("KEYROTOR_TEST_REDIS", "redis://127.0.0.1:6379/13")
+
+
+def redis_db_of_this_process(url: str) -> str:
+    """``url`` with its database number moved down by two per pytest-xdist worker (gw0 keeps it,
+    gw1 takes two below), so parallel workers never flush each other's Redis database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    base, number = url.rsplit("/", 1)
+    moved = int(number) - 2 * index
+    if moved < 0:
+        raise RuntimeError(f"no Redis database left for xdist worker {worker} below {url}")
+    return f"{base}/{moved}"
+
+
+REDIS_URL = redis_db_of_this_process(os.environ.get("KEYROTOR_TEST_REDIS", "redis://127.0.0.1:6379/13"))
 # One template per test session (pid), so concurrent sessions on one server never collide.
 TEMPLATE = f"keyrotor_test_template_{os.getpid()}"
 # A strong test-only master key (never used outside tests).

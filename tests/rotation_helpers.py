@@ -21,10 +21,13 @@ from arq.worker import Worker
 
 from keyrotor import KeyManager, Settings
 from keyrotor.worker.main import worker_settings
+from tests.conftest import redis_db_of_this_process
 
 BIN = Path(sys.executable).parent / "keyrotor"
 # A Redis database of its own: other suites flush theirs (db 13) while these run.
-WORKER_REDIS_URL = os.environ.get("KEYROTOR_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/12")
+WORKER_REDIS_URL = redis_db_of_this_process(
+    os.environ.get("KEYROTOR_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/12")
+)
 
 
 def worker_env(env: Mapping[str, str], **extra: str) -> dict[str, str]:

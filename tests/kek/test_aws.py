@@ -239,7 +239,10 @@ async def test_sm_stuck_pending_of_the_next_version_is_finished(
 
 
 @pytest.mark.parametrize(
-    "garbage", ["not json at all", new_secret_string(7), '{"version": 2, "key": "c2hvcnQ="}']
+    "garbage",
+    ["not json at all", new_secret_string(7), '{"version": 2, "key": "c2hvcnQ="}'],
+    # Fixed ids: the second value is random, and parallel test processes must collect the same names.
+    ids=["not-json", "wrong-version", "short-key"],
 )
 async def test_sm_stuck_pending_that_is_unusable_is_rolled_back(
     moto_server: ServerProcess, secret_name: str, sm: AwsSecretsKek, garbage: str

@@ -167,7 +167,12 @@ async def test_legacy_failures_are_bounded_and_throttled_per_actor(
             with pytest.raises(LegacyDecryptThrottled):
                 await km.decrypt("openai", forged[i], context=f"secret:f{i}", actor="mallory")
         refused_ms = (time.perf_counter() - t1) * 1000 / 50
-        assert refused_ms < 5
+        # A refusal runs no scrypt: it costs a small part of one scrypt measured now, on the same
+        # machine under the same load (a fixed bound in ms fails on a busy machine).
+        t2 = time.perf_counter()
+        legacy.decrypt(good, MASTER_KEY)
+        scrypt_ms = (time.perf_counter() - t2) * 1000
+        assert refused_ms < max(5.0, scrypt_ms / 4), (refused_ms, scrypt_ms)
         # Another actor is not affected; its legacy value opens.
         assert await km.decrypt("openai", good, context="secret:good", actor="alice") == "sk-ant-legacy"
         await km.flush_audit()

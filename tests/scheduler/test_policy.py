@@ -12,7 +12,7 @@ import pytest
 
 from keyrotor.errors import InvalidInput
 from keyrotor.schedule.rules import ScopePolicy, change_policy, retry_delay
-from keyrotor.worker.cli import main
+from keyrotor.worker.cli import common, main
 from tests.rotation_helpers import keyrotor
 from tests.scheduler.conftest import seed_scopes, sql
 
@@ -98,6 +98,9 @@ def cli(
     Returns (exit code, stdout, stderr). The console script itself is run once per test below."""
     for key, value in {**senv, "COLUMNS": "200"}.items():
         monkeypatch.setenv(key, value)
+    # The consoles read COLUMNS when first imported (pytest-xdist workers set it to 80): widen them.
+    for console in (common.out_console, common.err_console):
+        monkeypatch.setattr(console, "width", 200)
 
     async def call(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()

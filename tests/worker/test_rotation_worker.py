@@ -175,7 +175,7 @@ async def test_cli_end_to_end_with_secrets_hygiene(
 async def test_sigkill_mid_run_loses_nothing(
     wenv: dict[str, str], workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
-    n = 100_000 if SLOW else 20_000
+    n = 100_000 if SLOW else 10_000
     env = {
         **wenv,
         "KEYROTOR_REENCRYPT_RANGE_ROWS": str(n // 4),
