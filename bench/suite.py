@@ -362,6 +362,22 @@ async def http(size: Size) -> list[Row]:
         Row(b, "single, 1 client, async audit, p50 (ms)", quick["single_1"]["p50_ms"], "ms",
             "transit decrypt, 1 client, p50", bao["single_1"]["p50_ms"]),
     ]  # fmt: skip
+    bare, bare_durable = r["bare"], r["bare_durable"]
+    ceiling = "bare aiohttp + one AES-GCM decrypt"
+    rows += [
+        Row(b, "single, 32 clients, durable audit (req/s)", kr["single_32"]["req_s"], "/s",
+            f"{ceiling}, 32 clients (ceiling)", bare["single_32"]["req_s"]),
+        Row(b, "single, 1 client, p50 (ms)", kr["single_1"]["p50_ms"], "ms",
+            f"{ceiling}, 1 client, p50 (floor)", bare["single_1"]["p50_ms"]),
+        Row(b, f"{ceiling}, 32 clients (req/s)", bare["single_32"]["req_s"], "/s",
+            "transit decrypt, 32 clients, no audit device", bao["single_32"]["req_s"]),
+        Row(b, f"{ceiling}, 1 client, p50 (ms)", bare["single_1"]["p50_ms"], "ms",
+            "transit decrypt, 1 client, p50", bao["single_1"]["p50_ms"]),
+        Row(b, f"{ceiling} + INSERT+COMMIT, 32 clients (req/s)", bare_durable["single_32"]["req_s"], "/s",
+            f"{ceiling}, 32 clients", bare["single_32"]["req_s"]),
+        Row(b, f"{ceiling} + INSERT+COMMIT, 1 client, p50 (ms)", bare_durable["single_1"]["p50_ms"], "ms",
+            f"{ceiling}, 1 client, p50", bare["single_1"]["p50_ms"]),
+    ]  # fmt: skip
     if "bao_audit" in r:
         audited = r["bao_audit"]
         rows.append(
@@ -426,7 +442,10 @@ DESCRIPTIONS = {
     "http": "`bench/bench_http.py`: `keyrotor serve` (its own process, durable audit, rate limit off) "
     "`/v1/decrypt` and `/v1/decrypt/batch` vs a real OpenBao dev server's `transit/decrypt` of the same "
     "values (single and `batch_input` of 100), without and with a file audit device, with one Python "
-    "aiohttp load generator of 1 and 32 closed-loop clients.",
+    "aiohttp load generator of 1 and 32 closed-loop clients; the same with `KEYROTOR_AUDIT=async`. The "
+    "ceilings, `bench/bare_http.py` in its own process: a bare aiohttp endpoint that reads the same body "
+    "and makes one AES-GCM decrypt (no token, grant, audit or log), and the same plus one `INSERT` and "
+    "`COMMIT` a request (what one durable write costs on this database, without group commit).",
     "replicas": "`bench/bench_replicas.py`: multi-region replication (its own module's figures).",
 }
 
