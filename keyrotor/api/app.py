@@ -196,14 +196,22 @@ def create_app(
 
 
 async def serve(
-    settings: Settings, *, host: str, port: int, ready: Callable[[str], None] | None = None
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT. ``reuse_port``: bind with ``SO_REUSEPORT``, so several
+    processes share the port and the kernel spreads connections over them (``--workers``)."""
     tls = check_tls(settings)
     runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, ssl_context=tls, reuse_address=True, reuse_port=reuse_port or None
+        )
         await site.start()
         scheme = "https" if tls else "http"
         bound = runner.addresses[0][1] if runner.addresses else port
