@@ -442,7 +442,9 @@ DESCRIPTIONS = {
     "http": "`bench/bench_http.py`: `keyrotor serve` (its own process, durable audit, rate limit off) "
     "`/v1/decrypt` and `/v1/decrypt/batch` vs a real OpenBao dev server's `transit/decrypt` of the same "
     "values (single and `batch_input` of 100), without and with a file audit device, with one Python "
-    "aiohttp load generator of 1 and 32 closed-loop clients; the same with `KEYROTOR_AUDIT=async`. The "
+    "aiohttp load generator of 1 and 32 closed-loop clients; the same with `KEYROTOR_AUDIT=async`. All "
+    "servers run at once and take turns on each figure (3 turns, alternating order, the turn of median "
+    "rate kept), so a machine whose load drifts moves every figure alike. The "
     "ceilings, `bench/bare_http.py` in its own process: a bare aiohttp endpoint that reads the same body "
     "and makes one AES-GCM decrypt (no token, grant, audit or log), and the same plus one `INSERT` and "
     "`COMMIT` a request (what one durable write costs on this database, without group commit).",
