@@ -1,9 +1,11 @@
 """The HTTP ceiling of bench/bench_http.py: a bare aiohttp server, in its own process, whose
 ``POST /v1/decrypt`` reads the same JSON body as ``keyrotor serve``'s, decrypts the value with one
 AES-GCM call (the AAD of the same length) and answers ``{"plaintext": ...}``; nothing else (no
-token, no grant, no audit, no log). With ``--durable DSN`` each request also INSERTs one row and
-COMMITs it (autocommit, on a pool of connections) before it answers: what one durable write a
-request costs on this database, without keyrotor's group commit.
+token, no grant, no audit, no log). ``POST /v1/decrypt/batch`` does the same for each item of a
+batch. With ``--durable DSN`` each request also INSERTs one row and
+COMMITs it (autocommit, on a pool of connections) before it answers, a batch one row an item in
+one transaction: what one durable write a request costs on this database, without keyrotor's
+group commit.
 
     .venv/bin/python -m bench.bare_http --port 8199 --key HEX [--durable postgresql://...]
 
@@ -38,11 +40,24 @@ def make_app(key: bytes, pool: asyncpg.Pool | None) -> web.Application:
             await pool.execute(INSERT, doc["scope"], doc["context"])
         return web.json_response({"plaintext": plaintext})
 
+    async def decrypt_batch(request: web.Request) -> web.Response:
+        doc = json.loads(await request.read())
+        results = []
+        for item in doc["items"]:
+            raw = base64.urlsafe_b64decode(item["ciphertext"] + "==")
+            aad = (doc["scope"] + "\x00" + item["context"]).encode()
+            results.append({"plaintext": cipher.decrypt(raw[:12], raw[12:], aad).decode()})
+        if pool is not None:
+            rows = [(doc["scope"], item["context"]) for item in doc["items"]]
+            await pool.executemany(INSERT, rows)  # one transaction: executemany is atomic
+        return web.json_response({"results": results})
+
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     app = web.Application()
     app.router.add_post("/v1/decrypt", decrypt)
+    app.router.add_post("/v1/decrypt/batch", decrypt_batch)
     app.router.add_get("/v1/health", health)
     return app
 

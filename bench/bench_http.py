@@ -175,7 +175,7 @@ async def keyrotor_target(stack: ExitStack, tmp: Path, audit: str = "durable") -
 
 
 async def bare_target(stack: ExitStack, tmp: Path, durable: bool) -> dict[str, Call]:
-    """The ceilings: bench/bare_http.py, single decrypts of the same plaintext, stopped with ``stack``."""
+    """The ceilings: bench/bare_http.py, decrypts of the same plaintext, stopped with ``stack``."""
     key = os.urandom(32)
     cts = [(f"t.c:{i}", seal(key, PLAIN, SCOPE, f"t.c:{i}", os.urandom(12))) for i in range(VALUES)]
     port = free_port()
@@ -194,7 +194,13 @@ async def bare_target(stack: ExitStack, tmp: Path, durable: bool) -> dict[str, C
         async with session.post(url + "/v1/decrypt", json=body) as r:
             await _ok(r)
 
-    return {"single": single}
+    async def batch(session: aiohttp.ClientSession, i: int) -> None:
+        lo = (i * BATCH) % len(cts)
+        items = [{"ciphertext": c, "context": x} for x, c in (cts[(lo + j) % len(cts)] for j in range(BATCH))]
+        async with session.post(url + "/v1/decrypt/batch", json={"scope": SCOPE, "items": items}) as r:
+            await _ok(r)
+
+    return {"single": single, "batch": batch}
 
 
 def _start(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
