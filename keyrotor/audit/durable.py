@@ -4,9 +4,10 @@ Each caller appends its event and one future, then waits. The writer task takes 
 queued since its last commit and writes it as one batch, exactly as the asynchronous writer
 does (one transaction: the chain lock, the head, one COPY, COMMIT; once the writer knows the
 head, a batch of fewer than ``COPY_FROM_ROWS`` events is one statement that locks, inserts and
-commits: ``keyrotor.store.audit.insert_on_head``), then resolves every waiting caller's future. That is group commit: concurrent callers share one transaction and one
-WAL flush, and callers arriving while a commit is in flight form the next batch. There is no
-timer: a lone caller's event is written at once.
+commits: ``keyrotor.store.audit.insert_on_head``), then resolves every waiting caller's future.
+That is group commit: concurrent callers share one transaction and one WAL flush, and callers
+arriving while a commit is in flight form the next batch. There is no timer: a lone caller's
+event is written at once.
 
 If a batch cannot be committed (the database is down, the kept connection died and a fresh one
 fails too), its callers raise :class:`~keyrotor.errors.StoreUnavailable` (transient): no
