@@ -362,6 +362,27 @@ async def http(size: Size) -> list[Row]:
         Row(b, "single, 1 client, async audit, p50 (ms)", quick["single_1"]["p50_ms"], "ms",
             "transit decrypt, 1 client, p50", bao["single_1"]["p50_ms"]),
     ]  # fmt: skip
+    bare, bare_durable = r["bare"], r["bare_durable"]
+    ceiling = "bare aiohttp + one AES-GCM decrypt"
+    bare_batch = bare["batch_32"]["req_s"] * batch
+    rows += [
+        Row(b, "single, 32 clients, durable audit (req/s)", kr["single_32"]["req_s"], "/s",
+            f"{ceiling}, 32 clients (ceiling)", bare["single_32"]["req_s"]),
+        Row(b, "single, 1 client, p50 (ms)", kr["single_1"]["p50_ms"], "ms",
+            f"{ceiling}, 1 client, p50 (floor)", bare["single_1"]["p50_ms"]),
+        Row(b, f"{ceiling}, 32 clients (req/s)", bare["single_32"]["req_s"], "/s",
+            "transit decrypt, 32 clients, no audit device", bao["single_32"]["req_s"]),
+        Row(b, f"{ceiling}, 1 client, p50 (ms)", bare["single_1"]["p50_ms"], "ms",
+            "transit decrypt, 1 client, p50", bao["single_1"]["p50_ms"]),
+        Row(b, f"batch of {batch}, 32 clients (values/s)", kr["batch_32"]["req_s"] * batch, "/s",
+            f"{ceiling} per item, batch of {batch}, 32 clients (ceiling)", bare_batch),
+        Row(b, f"{ceiling} per item, batch of {batch}, 32 clients (values/s)", bare_batch, "/s",
+            f"transit batch_input {batch}, 32 clients, no audit device", bao["batch_32"]["req_s"] * batch),
+        Row(b, f"{ceiling} + INSERT+COMMIT, 32 clients (req/s)", bare_durable["single_32"]["req_s"], "/s",
+            f"{ceiling}, 32 clients", bare["single_32"]["req_s"]),
+        Row(b, f"{ceiling} + INSERT+COMMIT, 1 client, p50 (ms)", bare_durable["single_1"]["p50_ms"], "ms",
+            f"{ceiling}, 1 client, p50", bare["single_1"]["p50_ms"]),
+    ]  # fmt: skip
     if "bao_audit" in r:
         audited = r["bao_audit"]
         rows.append(
@@ -426,7 +447,13 @@ DESCRIPTIONS = {
     "http": "`bench/bench_http.py`: `keyrotor serve` (its own process, durable audit, rate limit off) "
     "`/v1/decrypt` and `/v1/decrypt/batch` vs a real OpenBao dev server's `transit/decrypt` of the same "
     "values (single and `batch_input` of 100), without and with a file audit device, with one Python "
-    "aiohttp load generator of 1 and 32 closed-loop clients.",
+    "aiohttp load generator of 1 and 32 closed-loop clients; the same with `KEYROTOR_AUDIT=async`. All "
+    "servers run at once and take turns on each figure (3 turns, alternating order, the turn of median "
+    "rate kept), so a machine whose load drifts moves every figure alike. The "
+    "ceilings, `bench/bare_http.py` in its own process: a bare aiohttp endpoint that reads the same body "
+    "and makes one AES-GCM decrypt (a batch: one an item; no token, grant, audit or log), and the same "
+    "plus one `INSERT` and `COMMIT` a request (what one durable write costs on this database, without "
+    "group commit).",
     "replicas": "`bench/bench_replicas.py`: multi-region replication (its own module's figures).",
 }
 

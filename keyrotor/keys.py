@@ -40,6 +40,7 @@ from keyrotor.audit.calls import DECRYPT, ENCRYPT, LEGACY_METADATA, CallAudit, W
 from keyrotor.audit.grants import GrantCache
 from keyrotor.audit.log import Row, now_us
 from keyrotor.audit.writer import AuditWriter
+from keyrotor.batches import BatchCalls
 from keyrotor.cache import DekCache
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
@@ -74,11 +75,12 @@ _PARSED_OVERHEAD = 256
 _MAX_SCOPES = 100_000  # validated scope names kept
 
 
-class KeyManager(SecretsTable, GrantsAdmin):
+class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
     """Encrypts and decrypts values for scopes. Use as an async context manager.
 
-    It also stores named values in keyrotor's own ``secrets`` table (:class:`SecretsTable`) and
-    administers the grants (:class:`GrantsAdmin`).
+    It also stores named values in keyrotor's own ``secrets`` table (:class:`SecretsTable`),
+    decrypts many values of a scope in one call (:class:`BatchCalls`) and administers the grants
+    (:class:`GrantsAdmin`).
 
     Args:
         settings: configuration (``Settings.from_env()`` or built in code).
@@ -331,13 +333,10 @@ class KeyManager(SecretsTable, GrantsAdmin):
         """
         who = self._who(actor, ip, user_agent)
         try:
-            if ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars:
-                raise CiphertextTooLarge(
-                    f"ciphertext of {len(ciphertext)} characters is longer than any value of "
-                    f"KEYROTOR_MAX_VALUE_BYTES={self.settings.max_value_bytes} ({self._max_ciphertext_chars})"
-                )
-            if scope not in self._valid_scopes:
-                self._check_scope(scope)
+            if scope not in self._valid_scopes or (
+                ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars
+            ):
+                self._decrypt_checks(scope, ciphertext)
             allowed = self.grants.cached(who[0], scope)
             if allowed is None or not allowed[DECRYPT]:
                 await self.calls.authorize(who, scope, DECRYPT)
@@ -364,6 +363,15 @@ class KeyManager(SecretsTable, GrantsAdmin):
         if self.cache.due:
             self.ring.refresh_due(self._sessions is not None)
         return value
+
+    def _decrypt_checks(self, scope: str, ciphertext: str) -> None:
+        """The checks a decrypt makes before any work: the length bound, then the scope's name."""
+        if ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars:
+            raise CiphertextTooLarge(
+                f"ciphertext of {len(ciphertext)} characters is longer than any value of "
+                f"KEYROTOR_MAX_VALUE_BYTES={self.settings.max_value_bytes} ({self._max_ciphertext_chars})"
+            )
+        self._check_scope(scope)
 
     async def _decrypt_value(
         self,

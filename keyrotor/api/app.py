@@ -13,10 +13,12 @@ the actor and the duration; never a token, a value or a body.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -33,6 +35,7 @@ from keyrotor.queue.client import KeyrotorClient
 from keyrotor.settings import Settings
 
 log = structlog.get_logger("keyrotor.api")
+_debug_log = logging.getLogger("keyrotor.api")  # where structlog's lines go: its level decides
 
 PUBLIC = frozenset({"/v1/health", openapi.PATH})
 API_REQUESTS = Counter(
@@ -50,11 +53,32 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "(unmatched)"
 
 
+class _Requests:
+    """``keyrotor_api_requests_total``'s children by (route, status), looked up once each."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, int], Any] = {}
+
+    def inc(self, route: str, status: int) -> None:
+        child = self._children.get((route, status))
+        if child is None:
+            child = self._children[(route, status)] = API_REQUESTS.labels(route, str(status))
+        child.inc()
+
+
+_requests = _Requests()
+
+
 @web.middleware
-async def handle_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware: authentication, then the handler, its errors as JSON, the counter."""
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        if request.path in PUBLIC and request.method == "GET":
+            response = await handler(request)
+        else:
+            await _authenticate(request)
+            response = await handler(request)
     except errors.ApiError as exc:
         response = errors.response(exc)
     except KeyrotorError as exc:
@@ -68,25 +92,24 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         # The type only: an exception's text may quote the request.
         log.error("api_error", route=_route(request), error=type(exc).__name__)
         response = errors.response(errors.ApiError(500, "internal_error", "internal error"))
-    API_REQUESTS.labels(_route(request), str(response.status)).inc()
-    caller = request.get(CALLER)
-    # DEBUG: a line a request costs about as much as the decrypt it reports; the counter above
-    # and the audit log keep the record.
-    log.debug(
-        "api_request",
-        method=request.method,
-        route=_route(request),
-        status=response.status,
-        actor=caller.actor if caller is not None else None,
-        ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+    route = _route(request)
+    _requests.inc(route, response.status)
+    # DEBUG only, and only built when enabled: a line a request costs about as much as the
+    # decrypt it reports; the counter above and the audit log keep the record.
+    if _debug_log.isEnabledFor(logging.DEBUG):
+        caller = request.get(CALLER)
+        log.debug(
+            "api_request",
+            method=request.method,
+            route=route,
+            status=response.status,
+            actor=caller.actor if caller is not None else None,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
     return response
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC and request.method == "GET":
-        return await handler(request)
+async def _authenticate(request: web.Request) -> None:
     svc = request.app[SERVICE]
     # The client's address (through trusted proxies), so one bad client behind a balancer does
     # not lock out the others.
@@ -109,7 +132,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     caller = svc.caller(request, bearer)
     request[CALLER] = caller
     svc.spend(caller, 1)
-    return await handler(request)
 
 
 def check_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -144,9 +166,7 @@ def create_app(
         ConfigurationError: bad ``KEYROTOR_API_TRUSTED_PROXIES``.
     """
     proxies = parse_proxies(settings.api_trusted_proxies)
-    app = web.Application(
-        middlewares=[handle_errors, authenticate], client_max_size=settings.api_max_body_bytes
-    )
+    app = web.Application(middlewares=[handle], client_max_size=settings.api_max_body_bytes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         manager = km if km is not None else KeyManager(settings)
@@ -176,14 +196,22 @@ def create_app(
 
 
 async def serve(
-    settings: Settings, *, host: str, port: int, ready: Callable[[str], None] | None = None
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT. ``reuse_port``: bind with ``SO_REUSEPORT``, so several
+    processes share the port and the kernel spreads connections over them (``--workers``)."""
     tls = check_tls(settings)
     runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, ssl_context=tls, reuse_address=True, reuse_port=reuse_port or None
+        )
         await site.start()
         scheme = "https" if tls else "http"
         bound = runner.addresses[0][1] if runner.addresses else port

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -50,46 +49,52 @@ async def decrypt(request: web.Request) -> web.Response:
     return web.json_response({"plaintext": plaintext})
 
 
-Op = Callable[[str, str, str], Awaitable[str]]
-
-
 async def _batch(request: web.Request, *, decrypting: bool) -> web.Response:
     svc, caller = _ctx(request)
     doc = await bodies.read_object(request, _BATCH)
     scope = bodies.text(doc, "scope")
     items = bodies.items(doc, svc.settings.api_max_batch_items)
     svc.spend(caller, len(items) - 1)  # the request itself paid for one
-    field, out, allowed = (
-        ("ciphertext", "plaintext", _DECRYPT_ITEM)
-        if decrypting
-        else ("plaintext", "ciphertext", _ENCRYPT_ITEM)
-    )
-    km = svc.km
-
-    async def op(scope: str, value: str, context: str) -> str:
-        if decrypting:
-            return await km.decrypt(scope, value, context=context, **caller.who())
-        return await km.encrypt(scope, value, context=context, **caller.who())
-
     # Refused scopes fail the whole batch with one audited denial, not one per item.
-    can_encrypt, can_decrypt = await km.grants.permissions(caller.actor, scope)
+    can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
     if not (can_decrypt if decrypting else can_encrypt):
         verb = "decrypt" if decrypting else "encrypt"
         raise await svc.refuse(caller, scope, verb, f"{caller.actor!r} may not {verb} in {scope!r}"[:300])
-
-    async def one(item: Any) -> dict[str, Any]:
+    # A malformed item is answered on its own and never reaches KeyManager.
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    valid: list[tuple[int, tuple[str, str]]] = []
+    allowed, field = (_DECRYPT_ITEM, "ciphertext") if decrypting else (_ENCRYPT_ITEM, "plaintext")
+    for i, item in enumerate(items):
         try:
-            return {out: await op(scope, *_item(item, allowed, field))}
+            valid.append((i, _item(item, allowed, field)))
         except ApiError as exc:
-            return {"error": {"code": exc.code, "message": exc.message}}
-        except (TransientError, AccessDenied):
-            raise
-        except KeyrotorError as exc:
-            err = from_keyrotor(exc)
-            return {"error": {"code": err.code, "message": err.message}}
+            results[i] = {"error": {"code": exc.code, "message": exc.message}}
+    if decrypting:
+        # One pass, its audit events committed together (KeyManager.decrypt_many).
+        done = await svc.km.decrypt_many(scope, [pair for _, pair in valid], **caller.who())
+        for (i, _), outcome in zip(valid, done, strict=True):
+            results[i] = {"plaintext": outcome} if isinstance(outcome, str) else _item_error(outcome)
+    else:
+        done_enc = await asyncio.gather(*(_encrypt_one(svc, caller, scope, pair) for _, pair in valid))
+        for (i, _), result in zip(valid, done_enc, strict=True):
+            results[i] = result
+    return web.json_response(
+        {"results": results},
+    )
 
-    results = await asyncio.gather(*(one(i) for i in items))
-    return web.json_response({"results": results})
+
+async def _encrypt_one(svc: Service, caller: Caller, scope: str, pair: tuple[str, str]) -> dict[str, Any]:
+    try:
+        return {"ciphertext": await svc.km.encrypt(scope, pair[0], context=pair[1], **caller.who())}
+    except (TransientError, AccessDenied):
+        raise
+    except KeyrotorError as exc:
+        return _item_error(exc)
+
+
+def _item_error(exc: KeyrotorError) -> dict[str, Any]:
+    err = from_keyrotor(exc)
+    return {"error": {"code": err.code, "message": err.message}}
 
 
 def _item(item: Any, allowed: frozenset[str], field: str) -> tuple[str, str]:

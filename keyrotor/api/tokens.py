@@ -9,6 +9,7 @@ Creating and revoking tokens are ``config_change`` audit events (the token itsel
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -155,6 +156,7 @@ class TokenVerifier:
         self._ttl_s = ttl_s
         self._clock = clock
         self._cache: dict[bytes, tuple[float, store.TokenRecord | None]] = {}
+        self._pending: dict[bytes, asyncio.Future[store.TokenRecord | None]] = {}
 
     async def verify(self, token: str) -> Bearer | None:
         """The bearer a token names, or None if it is unknown, revoked or expired."""
@@ -173,6 +175,21 @@ class TokenVerifier:
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
+        # One lookup a token at a time: when a busy token's entry expires, the requests in
+        # flight share one query instead of each taking a connection for the same row.
+        task = self._pending.get(digest)
+        if task is None:
+            task = self._pending[digest] = asyncio.ensure_future(self._fetch(digest, now))
+            task.add_done_callback(lambda done: self._settled(digest, done))
+        # Shielded: a request that goes away does not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    def _settled(self, digest: bytes, task: asyncio.Future[store.TokenRecord | None]) -> None:
+        self._pending.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters, if any are left, raise it themselves
+
+    async def _fetch(self, digest: bytes, now: float) -> store.TokenRecord | None:
         async with db.transaction(self._sessions) as session:
             found = await store.find_by_hash(session, digest)
         record = None

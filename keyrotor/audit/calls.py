@@ -222,6 +222,33 @@ class CallAudit:
         if audit is not None and not audit.offer(row):
             await audit.put(row)
 
+    async def emit_many(self, rows: list[Row]) -> None:
+        """Queue ``rows`` together (nothing when auditing is off): in durable mode, return once
+        all of them are committed, in the same group commit when they fit in one."""
+        audit = self.writer
+        if audit is None or not rows:
+            return
+        if isinstance(audit, DurableAuditWriter):
+            await audit.put_many(rows)
+            return
+        for row in rows:
+            if not audit.offer(row):
+                await audit.put(row)
+
+    def failure_row(
+        self,
+        event_type: str,
+        who: Who,
+        scope: object,
+        version: int | None,
+        context: object,
+        exc: Exception,
+        extra: dict[str, Any] | None = None,
+    ) -> Row:
+        """The row of a call that failed with ``exc``; it names the scope only if it is valid."""
+        known = scope if isinstance(scope, str) and scope in self._valid_scopes else None
+        return failure(event_type, who, known, version, context, exc, extra)
+
     async def failure(
         self,
         event_type: str,
@@ -235,9 +262,8 @@ class CallAudit:
         """Record a call that failed with ``exc`` (a denial was recorded as ``unauthorized`` already)."""
         if self.writer is None or isinstance(exc, AccessDenied):
             return
-        known = scope if isinstance(scope, str) and scope in self._valid_scopes else None
         try:
-            await self.emit(failure(event_type, who, known, version, context, exc, extra))
+            await self.emit(self.failure_row(event_type, who, scope, version, context, exc, extra))
         except ConfigurationError:  # closed meanwhile: keep the caller's own error, say so loudly
             log.error("audit writer closed: a %s event (%s) was not recorded", event_type, type(exc).__name__)
 

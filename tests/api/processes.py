@@ -17,14 +17,14 @@ BIN = Path(sys.executable).parent / "keyrotor"
 
 
 class ServeProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(self.port)],
+            [str(BIN), "serve", "--port", str(self.port), *args],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.api import tokens
 from tests.api.processes import ServeProcess
+from tests.keyrotor.audit_helpers import verify
 from tests.rotation_helpers import WorkerProcess, cleanup_queue, worker_env
 
 N = 40
@@ -86,3 +88,33 @@ async def test_decrypts_succeed_through_two_servers_during_a_rotation(
         worker.terminate(30)
         for s in servers:
             s.stop()
+
+
+async def test_workers_share_one_port_and_stop_together(env: dict[str, str], tmp_path: Path) -> None:
+    settings = Settings.from_env(env)
+    async with KeyManager(settings) as km:
+        token = (await tokens.create_token(km.sessions, "app", by="admin")).token
+        held = [(await km.encrypt("openai", f"held-{i}", context=f"c:{i}"), i) for i in range(N)]
+    server = ServeProcess(env, tmp_path / "serve.log", "--workers", "2")
+    try:
+        server.wait_ready()
+        headers = {"Authorization": f"Bearer {token}"}
+        timeout = aiohttp.ClientTimeout(total=20)
+        for ct, i in held:  # a connection each: the kernel spreads them over both processes
+            async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+                body = {"scope": "openai", "ciphertext": ct, "context": f"c:{i}"}
+                async with http.post(server.url + "/v1/decrypt", json=body) as r:
+                    assert (r.status, await r.json()) == (200, {"plaintext": f"held-{i}"})
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()[-2000:]
+    async with KeyManager(settings) as km:
+        report = await verify(km)  # two writers, one chain
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    try:
+        decrypts = await conn.fetchval(
+            "SELECT count(*) FROM encryption_audit_log WHERE event_type = 'decrypt'"
+        )
+    finally:
+        await conn.close()
+    assert report.ok and decrypts == N

@@ -7,6 +7,7 @@ import json
 
 import asyncpg
 import pytest
+from sqlalchemy import event
 
 from keyrotor.api import tokens
 from keyrotor.api.tokens import TokenVerifier, token_hash
@@ -79,5 +80,31 @@ async def test_verifier(database_url: str) -> None:
             await tokens.revoke_token(sessions, 12345, by="admin")
         with pytest.raises(InvalidInput):
             await tokens.create_token(sessions, "*", by="admin")
+    finally:
+        await engine.dispose()
+
+
+async def test_cached_answers_expire_and_concurrent_misses_share_one_lookup(database_url: str) -> None:
+    engine = db.create_engine(database_url)
+    sessions = db.sessionmaker(engine)
+    statements: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    now = [100.0]
+    try:
+        issued = await tokens.create_token(sessions, "app-1", by="admin")
+        verifier = TokenVerifier(sessions, ttl_s=5.0, clock=lambda: now[0])
+        statements.clear()
+        # 32 requests in flight when the entry is missing: one query between them.
+        found = await asyncio.wait_for(
+            asyncio.gather(*(verifier.verify(issued.token) for _ in range(32))), 30
+        )
+        assert {b.actor for b in found if b is not None} == {"app-1"} and len(found) == 32
+        lookups = [s for s in statements if "api_tokens" in s]
+        assert len(lookups) == 1
+        await tokens.revoke_token(sessions, issued.id, by="admin")
+        now[0] += 4.9  # within the TTL the cached answer stands ...
+        assert await verifier.verify(issued.token) is not None
+        now[0] += 0.2  # ... and past it the revocation is seen
+        assert await verifier.verify(issued.token) is None
     finally:
         await engine.dispose()

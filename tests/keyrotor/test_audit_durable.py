@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
-from keyrotor.audit.durable import DurableAuditWriter
+from keyrotor.audit.durable import COPY_FROM_ROWS, DurableAuditWriter
 from keyrotor.audit.log import CHAIN_LOCK, AuditEvent, write_event
 from keyrotor.errors import ConfigurationError, DecryptionFailed, StoreUnavailable
 from keyrotor.store import db
@@ -303,3 +303,24 @@ def test_the_old_override_name_still_turns_audit_off(env: dict[str, str]) -> Non
     assert Settings.from_env(env, audit_enabled=False).audit_mode == "off"
     assert Settings.from_env(env, audit_enabled=True).audit_mode == "durable"
     assert Settings.from_env(env, audit_mode="async").audit_mode == "async"
+
+
+async def test_large_batches_go_by_copy_and_keep_one_chain(settings: Settings, database_url: str) -> None:
+    # A batch of COPY_FROM_ROWS or more is written in a transaction with COPY, small ones by the
+    # one-statement insert; mixed, and with another appender in between, the chain stays one.
+    async with KeyManager(settings) as km, KeyManager(settings) as other:
+        token = await km.encrypt("openai", OPENAI)
+        writer = _writer(km)
+        big = [(token, "")] * (COPY_FROM_ROWS + 5)
+        for _ in range(3):
+            await km.decrypt("openai", token, actor="small")
+            commits = writer.commits
+            assert await asyncio.wait_for(km.decrypt_many("openai", big, actor="big"), 60) == [OPENAI] * len(
+                big
+            )
+            assert writer.commits == commits + 1
+            await other.decrypt("openai", token, actor="other")
+        assert (await verify(km)).ok
+    assert await _count(database_url, "big") == 3 * len(big)
+    assert await _count(database_url, "small") == 3
+    assert await _count(database_url, "other") == 3

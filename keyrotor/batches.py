@@ -1,0 +1,119 @@
+"""Many values of one scope in one call: ``KeyManager.decrypt_many`` (:class:`BatchCalls`).
+
+``keyrotor serve``'s ``/v1/decrypt/batch`` is its caller. A batch is one pass over its items,
+with no task or future of its own per item: one grant check for the scope, then each value as
+``KeyManager.decrypt`` opens it (the parse memo and the DEK cache first, ``_decrypt_value`` for
+anything else), and all of the batch's audit events queued at once. In durable mode they then
+share one group commit (one statement) instead of each waiting for its own place in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotor import metrics
+from keyrotor.audit import calls
+from keyrotor.audit.calls import DECRYPT, LEGACY_METADATA, CallAudit, Who
+from keyrotor.audit.grants import GrantCache
+from keyrotor.audit.log import Row, now_us
+from keyrotor.cache import DekCache
+from keyrotor.crypto import envelope
+from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
+from keyrotor.keyring import KeyRing
+
+
+class Manager(Protocol):
+    """What a batch uses of its KeyManager: the caller checks, the caches, the audit."""
+
+    grants: GrantCache
+    calls: CallAudit
+    cache: DekCache
+    ring: KeyRing
+    _parsed: dict[str, tuple[int, bytes]]
+    _valid_scopes: set[str]
+    _max_ciphertext_chars: int
+    _unconfirmed: dict[tuple[str, int], float]
+    _retired: dict[tuple[str, int], int]
+
+    @property
+    def _sessions(self) -> object: ...
+
+    def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> Who: ...
+
+    def _decrypt_checks(self, scope: str, ciphertext: str) -> None: ...
+
+    async def _decrypt_value(
+        self,
+        scope: str,
+        ciphertext: str,
+        context: str,
+        who: Who,
+        memo: tuple[int, bytes] | None = None,
+        cipher: AESGCM | None = None,
+    ) -> tuple[str, int | None]: ...
+
+
+class BatchCalls:
+    """KeyManager's calls over many values of one scope."""
+
+    async def decrypt_many(
+        self: Manager,
+        scope: str,
+        items: Sequence[tuple[str, str]],
+        *,
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> list[str | KeyrotorError]:
+        """Decrypt ``(ciphertext, context)`` pairs of one scope in one pass.
+
+        One grant check for the scope; each value is decrypted and audited as :meth:`decrypt`
+        does it (a ``decrypt`` or ``failed_decrypt`` event each), and the events are queued
+        together: in durable mode the call returns once all of them are committed, in one
+        group commit when they fit.
+
+        Returns:
+            Each item's plaintext, or the permanent error that refused it (in order).
+
+        Raises:
+            AccessDenied: no grant lets the actor decrypt in this scope (nothing is decrypted).
+            StoreUnavailable, KekUnavailable: an outage (transient); no plaintext is returned.
+        """
+        who = self._who(actor, ip, user_agent)
+        allowed = self.grants.cached(who[0], scope)
+        if allowed is None or not allowed[DECRYPT]:
+            await self.calls.authorize(who, scope, DECRYPT)
+        results: list[str | KeyrotorError] = []
+        rows: list[Row] = []
+        parsed, get = self._parsed.get, self.cache.get
+        for ciphertext, context in items:
+            try:
+                if len(ciphertext) > self._max_ciphertext_chars or scope not in self._valid_scopes:
+                    self._decrypt_checks(scope, ciphertext)
+                memo = parsed(ciphertext)
+                cipher = None if memo is None else get(scope, memo[0])
+                if memo is None or cipher is None or self._unconfirmed or self._retired:
+                    value, version = await self._decrypt_value(scope, ciphertext, context, who, memo, cipher)
+                else:
+                    version, value = memo[0], envelope.open_text(memo[1], cipher, scope, memo[0], context)
+            except Exception as exc:
+                metrics.decrypt_failed(exc)
+                if not isinstance(exc, AccessDenied):  # a denial is recorded as `unauthorized`
+                    version = envelope.version_or_none(ciphertext)
+                    rows.append(self.calls.failure_row("failed_decrypt", who, scope, version, context, exc))
+                if not isinstance(exc, KeyrotorError) or isinstance(exc, TransientError | AccessDenied):
+                    # The whole call fails (no plaintext leaves), and what it did is recorded.
+                    await self.calls.emit_many(rows)
+                    raise
+                results.append(exc)
+                continue
+            meta = calls.context_metadata(context) if version is not None else LEGACY_METADATA
+            rows.append(("decrypt", scope, version, True, *who, None, meta, now_us()))
+            results.append(value)
+        await self.calls.emit_many(rows)
+        if self.cache.due:
+            self.ring.refresh_due(self._sessions is not None)
+        return results
