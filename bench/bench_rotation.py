@@ -108,6 +108,10 @@ class _StubResealer:
     def reseal(self, value: str, context: str) -> str:
         return self._prefix + value.split(":", 2)[2]
 
+    def reseal_all(self, values: list[str], contexts: list[str]) -> list[str]:
+        prefix = self._prefix
+        return [prefix + value.split(":", 2)[2] for value in values]
+
 
 def _stub_envelope() -> types.SimpleNamespace:
     """The part of :mod:`keyrotor.crypto.envelope` re-encryption uses, with no crypto."""
