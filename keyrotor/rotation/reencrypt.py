@@ -166,9 +166,11 @@ async def reencrypt_batch(
         metrics.decrypt_failed(exc)
         failed = resealer.failed_at
         raise RowFailed(target.name, ids[failed if failed is not None else 0], exc) from exc
-    # Where the new values go (keyrotor.census.locations), recorded with the batch.
-    await record_batch(apg, keys.scope_id, keys.new_version, Counter(map(location_of, contexts)))
     written = await swap_values(apg, target, ids, olds, news, keys.new_version)
+    # Where the new values go (keyrotor.census.locations), in the same transaction. After the
+    # rows: every range of a run upserts this one row, and its lock is held until the commit,
+    # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.
+    await record_batch(apg, keys.scope_id, keys.new_version, Counter(map(location_of, contexts)))
     metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(keys.scope)).inc(written)
     return Batch(len(rows), written, ids[-1])
 
