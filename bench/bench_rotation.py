@@ -19,6 +19,10 @@ Figures (rows re-encrypted per second):
   behind :mod:`bench.latency_proxy` (``--rtt-ms``, default 0.5 ms: two hosts in one availability
   zone). On loopback a round trip is nearly free, so the naive loop is as fast as it will ever
   be; across a network it pays the round trips batching saves;
+- **rotate and wait**: a rotation of a 100,000-row scope through one ``keyrotor worker``,
+  requested and waited for through the queue client as ``keyrotor rotate --wait`` does (its
+  interpreter start aside), against one ``UPDATE`` rewriting the same rows' ciphertext and
+  version column (timed, then rolled back);
 - **worker processes**: ``keyrotor worker`` subprocesses rotating through Redis, 1 and 2 at
   once, with the peak RSS (``VmHWM``) of each worker on a 50,000- and a 200,000-row scope:
   re-encryption streams in batches, so memory does not grow with the table.
@@ -64,6 +68,7 @@ NAIVE_ROWS = 5_000
 MID_ROWS = 50_000
 NET_ROWS = 50_000
 RTT_MS = 0.5
+WAIT_ROWS = 100_000
 API_KEY = "sk-ant-api03-{:06d}-" + "x" * 87  # 108 characters, like an Anthropic key
 
 
@@ -107,6 +112,10 @@ class _StubResealer:
 
     def reseal(self, value: str, context: str) -> str:
         return self._prefix + value.split(":", 2)[2]
+
+    def reseal_all(self, values: list[str], contexts: list[str]) -> list[str]:
+        prefix = self._prefix
+        return [prefix + value.split(":", 2)[2] for value in values]
 
 
 def _stub_envelope() -> types.SimpleNamespace:
@@ -178,6 +187,27 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+async def one_update_seconds(url: str, scope: str) -> float:
+    """Seconds of one ``UPDATE`` that rewrites every row of ``scope`` as a rotation does (its
+    ciphertext and version column; the body is kept, so values keep their length), rolled back:
+    what the database needs to rewrite those rows once, with no reading out and no crypto."""
+    conn = await asyncpg.connect(url)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        t0 = time.perf_counter()
+        await conn.execute(
+            "UPDATE secrets SET ciphertext = 'kr1:' || (dek_version + 1) || ':' || "
+            "split_part(ciphertext, ':', 3), dek_version = dek_version + 1 "
+            "WHERE scope_id = (SELECT id FROM key_scopes WHERE name = $1)",
+            scope,
+        )
+        return time.perf_counter() - t0
+    finally:
+        await tx.rollback()
+        await conn.close()
 
 
 async def with_workers(
@@ -319,10 +349,13 @@ async def measure(
     settle_s: float = 3.0,
     net_rows: int = NET_ROWS,
     rtt_ms: float = RTT_MS,
+    wait_rows: int = WAIT_ROWS,
 ) -> dict[str, Any]:
     """Rotate a ``rows``-row scope in process (rotation, ceiling), a naive sample, and through
     ``keyrotor worker`` subprocesses on scopes of ``rss_rows`` rows (peak RSS of each); then, with
-    ``rtt_ms`` > 0, rotation, ceiling and naive loop on a ``net_rows``-row scope across a network."""
+    ``rtt_ms`` > 0, rotation, ceiling and naive loop on a ``net_rows``-row scope across a network.
+    ``wait_rows`` > 0: a rotation of a scope that size through one worker, waited for as
+    ``keyrotor rotate --wait`` does, against one ``UPDATE`` of the same rows."""
     url = await fresh_database("keyrotor_bench_rotation")
     settings = bench_settings(url, audit_mode="off", listen_key_changes=False, small_scope_rows=1_000)
     t0 = time.perf_counter()
@@ -332,6 +365,8 @@ async def measure(
         if scope != "big":
             await seed(settings, scope, n)
     await seed(settings, "naive", naive_rows)
+    if wait_rows:
+        await seed(settings, "wait", wait_rows)
     seeded = time.perf_counter() - t0
     await _vacuum(url)
 
@@ -350,6 +385,12 @@ async def measure(
         secs, done, peaks = await with_workers(settings, scope, 1, settle_s=settle_s)
         rss[n] = peaks[0]
         one_worker[n] = done / secs
+    wait: dict[str, float] = {}
+    if wait_rows:
+        await _vacuum(url)
+        wait["update_s"] = await one_update_seconds(url, "wait")
+        await _vacuum(url)
+        wait["rotate_wait_s"] = (await with_workers(settings, "wait", 1, settle_s=settle_s))[0]
     w2_big: tuple[float, int, list[float]] | None = None
     if two_workers:
         await _vacuum(url)
@@ -380,6 +421,10 @@ async def measure(
         "worker_peak_rss_mb_small": round(rss[small], 1),
         "worker_peak_rss_mb_large": round(rss[large], 1),
     }
+    if wait:
+        out["wait_rows"] = wait_rows
+        out["rotate_wait_seconds"] = round(wait["rotate_wait_s"], 3)
+        out["one_update_seconds"] = round(wait["update_s"], 3)
     if w2_big is not None:
         out["two_workers_rows_per_s"] = round(w2_big[1] / w2_big[0])
         out["two_workers_peak_rss_mb"] = [round(x, 1) for x in w2_big[2]]
@@ -424,6 +469,11 @@ def report(r: dict[str, Any]) -> None:
     print(f"  target: within 2x of the ceiling (>= 0.50): {'ok' if best_c >= 0.5 else 'MISSED'}; ", end="")
     print(f">= 20x naive: {'ok' if best_n >= 20 else 'MISSED'}")
     print(f"  1 `keyrotor worker` via Redis            : {r['one_worker_rows_per_s']:>8,}")
+    if "wait_rows" in r:
+        print(
+            f"  rotate + wait of {r['wait_rows']:,} rows, 1 worker: {r['rotate_wait_seconds']} s; "
+            f"one UPDATE of the same rows: {r['one_update_seconds']} s"
+        )
     if "two_workers_rows_per_s" in r:
         print(f"  2 `keyrotor worker`s via Redis           : {r['two_workers_rows_per_s']:>8,}")
     small, large = r["rss_rows"]
@@ -459,6 +509,9 @@ if __name__ == "__main__":
         "--rtt-ms", type=float, default=RTT_MS, help="round trip of the networked run (0: skip it)"
     )
     parser.add_argument("--net-rows", type=int, default=NET_ROWS, help="rows of the networked run's scope")
+    parser.add_argument(
+        "--wait-rows", type=int, default=WAIT_ROWS, help="rows of the rotate-and-wait scope (0: skip it)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import logging
@@ -467,7 +520,13 @@ if __name__ == "__main__":
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     result = asyncio.run(
-        measure(args.rows, rss_rows=(args.rss_rows, args.rows), net_rows=args.net_rows, rtt_ms=args.rtt_ms)
+        measure(
+            args.rows,
+            rss_rows=(args.rss_rows, args.rows),
+            net_rows=args.net_rows,
+            rtt_ms=args.rtt_ms,
+            wait_rows=args.wait_rows,
+        )
     )
     if args.json:
         print(json.dumps(result, indent=2))

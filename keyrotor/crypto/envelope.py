@@ -25,6 +25,7 @@ from __future__ import annotations
 import binascii
 import os
 import struct
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -124,6 +125,15 @@ def split_kr1(value: str) -> tuple[int, bytes] | None:
     if not sep:
         raise MalformedCiphertext("kr1 ciphertext has no version field")
     version = _SMALL_VERSIONS.get(version_text) or parse_version(version_text)
+    return version, _body(b64)
+
+
+def _body(b64: str) -> bytes:
+    """The bytes of a ``kr1`` value's base64url field, decoded strictly.
+
+    Raises:
+        MalformedCiphertext: not canonical base64url, or too short to hold a nonce and a tag.
+    """
     rem = len(b64) % 4
     try:
         raw = binascii.a2b_base64(b64.encode("ascii").translate(_TO_STD) + _PAD[rem], strict_mode=True)
@@ -135,7 +145,7 @@ def split_kr1(value: str) -> tuple[int, bytes] | None:
         # Non-zero unused trailing bits: a second spelling of the same bytes. Refused so that
         # one value has exactly one text.
         raise MalformedCiphertext("kr1 ciphertext body is not canonical base64url")
-    return version, raw
+    return raw
 
 
 def parse(value: str) -> Sealed:
@@ -286,7 +296,18 @@ class Resealer:
     returned.
     """
 
-    __slots__ = ("_new", "_new_head", "_nonces", "_old", "_old_head", "_prefix", "old_version", "scope")
+    __slots__ = (
+        "_new",
+        "_new_head",
+        "_nonces",
+        "_old",
+        "_old_head",
+        "_old_prefix",
+        "_prefix",
+        "failed_at",
+        "old_version",
+        "scope",
+    )
 
     def __init__(self, *, scope: str, old: AESGCM, old_version: int, new: AESGCM, new_version: int) -> None:
         for version in (old_version, new_version):
@@ -299,7 +320,10 @@ class Resealer:
         self._old, self._old_head = old, head + _U32(old_version)
         self._new, self._new_head = new, head + _U32(new_version)
         self._prefix = f"{PREFIX}{new_version}:"
+        self._old_prefix = f"{PREFIX}{old_version}:"
         self._nonces: list[bytes] = []
+        # The index in its batch of the value the last reseal_all failed on, or None.
+        self.failed_at: int | None = None
 
     def _nonce(self) -> bytes:
         if not self._nonces:
@@ -335,3 +359,57 @@ class Resealer:
         if reopened != plaintext:
             raise DecryptionFailed("the re-encrypted value did not verify")
         return sealed
+
+    def reseal_all(self, values: Sequence[str], contexts: Sequence[str]) -> list[str]:
+        """Every one of ``values`` (each sealed under the old version for the matching context)
+        sealed under the new one, in order: :meth:`reseal` of each pair, for a whole batch.
+
+        The version field is checked as part of one prefix string (a canonical value of the old
+        version starts with exactly ``kr1:<old>:``), the nonces come from one draw of the OS for
+        the batch, and the per-value work runs in one loop with its lookups bound once. Each new
+        text is read back as a decrypt reads it (prefix, strict base64url) and opened with the
+        new DEK before the batch is returned.
+
+        Raises:
+            MalformedCiphertext, DecryptionFailed: as :meth:`reseal` raises for the first value
+                that fails (its index in ``failed_at``); nothing is returned then.
+        """
+        self.failed_at = None
+        old_prefix, skip = self._old_prefix, len(self._old_prefix)
+        prefix, new_skip = self._prefix, len(self._prefix)
+        old_head, new_head = self._old_head, self._new_head
+        old_decrypt, new_encrypt, new_decrypt = self._old.decrypt, self._new.encrypt, self._new.decrypt
+        pool = os.urandom(NONCE_BYTES * len(values))
+        out: list[str] = []
+        for i, (value, context) in enumerate(zip(values, contexts, strict=True)):
+            c = context.encode()
+            tail = _U32(len(c)) + c
+            try:
+                if type(value) is not str or not value.startswith(old_prefix):
+                    raise MalformedCiphertext
+                if len(value) > MAX_SEALED_CHARS:
+                    raise MalformedCiphertext
+                raw = _body(value[skip:])
+                plaintext = old_decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], old_head + tail)
+            except (MalformedCiphertext, InvalidTag):
+                # The single-value path names what is wrong (malformed, another version, tampered).
+                self.failed_at = i
+                out.append(self.reseal(value, context))
+                self.failed_at = None
+                continue
+            nonce = pool[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
+            new_aad = new_head + tail
+            sealed = prefix + _b64url(nonce + new_encrypt(nonce, plaintext, new_aad))
+            try:
+                if len(sealed) > MAX_SEALED_CHARS:
+                    raise MalformedCiphertext
+                new_raw = _body(sealed[new_skip:])
+                reopened = new_decrypt(new_raw[:NONCE_BYTES], new_raw[NONCE_BYTES:], new_aad)
+            except (MalformedCiphertext, InvalidTag):
+                self.failed_at = i
+                raise DecryptionFailed("the re-encrypted value did not verify") from None
+            if reopened != plaintext:
+                self.failed_at = i
+                raise DecryptionFailed("the re-encrypted value did not verify")
+            out.append(sealed)
+        return out

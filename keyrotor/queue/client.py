@@ -41,6 +41,9 @@ from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.store import retire as store_retire
 
+# The first re-read of a run being waited for; the interval doubles from there (RunHandle.wait).
+_FIRST_POLL_S = 0.02
+
 
 @dataclass
 class RunHandle:
@@ -64,12 +67,17 @@ class RunHandle:
     ) -> RunInfo:
         """Wait until the run is completed or failed, and return it.
 
+        The run is read again after 20 ms, then at twice the interval each time up to ``poll_s``:
+        a rotation of a few seconds is seen done within a few percent of its time, and a long
+        one costs one status query every ``poll_s``.
+
         Raises:
             TimeoutError: still open after ``timeout_s`` seconds.
             KeyrotorError: the driving job failed before it could record anything on the run
                 (e.g. ``KekMismatch``: the worker's KEK cannot unwrap the DEKs).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay_s = min(poll_s, _FIRST_POLL_S)
         while True:
             run = await self.status()
             if on_progress is not None:
@@ -79,7 +87,8 @@ class RunHandle:
             await self._raise_if_job_failed()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.run_id} is still {run.state} after {timeout_s}s")
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(poll_s, delay_s * 2)
 
     async def result(self, timeout_s: float | None = None) -> RunInfo:
         """Wait for the run and return it if it completed.

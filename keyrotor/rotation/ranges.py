@@ -175,14 +175,14 @@ async def _range_step(
         apg = await raw_connection(session)
         await relax_commit(apg)
         if version in keys.old_versions:
-            step = await _next_batch(session, apg, rc, run, keys, rng)
+            step = await _next_batch(apg, rc, run, keys, rng)
             if step is not None:
                 return step
         return await _end_of_pass(session, apg, rc, run, keys, rng)
 
 
 async def _next_batch(
-    session: AsyncSession, apg: Any, rc: RotationContext, run: RunInfo, keys: RotationKeys, rng: _Range
+    apg: Any, rc: RotationContext, run: RunInfo, keys: RotationKeys, rng: _Range
 ) -> _Step | None:
     """Re-encrypt the batch after the range's cursor; None if the pass has no rows left."""
     batch = await reencrypt_batch(
@@ -198,15 +198,15 @@ async def _next_batch(
     if batch.last_id is None:
         return None
     integer = rng.target.key_type.integer
-    await store.advance_range(
-        session,
+    # Last before the commit: the run row is the one every range updates.
+    await store.advance_range_and_run(
+        apg,
         rng.id,
+        run.id,
         cursor=int(batch.last_id) if integer else None,
         cursor_key=None if integer else str(batch.last_id),
         rows=batch.written,
     )
-    # Last statement before the commit: the run row is the one every range updates.
-    await runs.add_progress(session, run.id, batch.written)
     return _Step(written=batch.written)
 
 

@@ -15,6 +15,7 @@ naming the table and row key, and nothing of its batch is written.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,32 +151,26 @@ async def reencrypt_batch(
     )
     if not rows:
         return Batch(0, 0, None)
-    context_of = target.context
-    ids: list[Key] = []
-    olds: list[str] = []
-    news: list[str] = []
-    located: dict[str, int] = {}  # where the new values go (keyrotor.census.locations)
-    row_id: Key = rows[0][0]
     try:
-        reseal = _resealer(keys, version).reseal
+        resealer = _resealer(keys, version)
     except KeyVersionTooOld as exc:
         metrics.decrypt_failed(exc)
-        raise RowFailed(target.name, row_id, exc) from exc
-    for row in rows:
-        row_id, value = row[0], row[1]
-        try:
-            context = context_of(row_id, tuple(row)[2:])
-            sealed = reseal(value, context)
-        except DecryptionFailed as exc:
-            metrics.decrypt_failed(exc)
-            raise RowFailed(target.name, row_id, exc) from exc
-        location = location_of(context)
-        located[location] = located.get(location, 0) + 1
-        ids.append(row_id)
-        olds.append(value)
-        news.append(sealed)
-    await record_batch(apg, keys.scope_id, keys.new_version, located)
+        raise RowFailed(target.name, rows[0][0], exc) from exc
+    context_of = target.context
+    ids: list[Key] = [row[0] for row in rows]
+    olds: list[str] = [row[1] for row in rows]
+    contexts = [context_of(row[0], row[2:]) for row in rows]
+    try:
+        news = resealer.reseal_all(olds, contexts)
+    except DecryptionFailed as exc:
+        metrics.decrypt_failed(exc)
+        failed = resealer.failed_at
+        raise RowFailed(target.name, ids[failed if failed is not None else 0], exc) from exc
     written = await swap_values(apg, target, ids, olds, news, keys.new_version)
+    # Where the new values go (keyrotor.census.locations), in the same transaction. After the
+    # rows: every range of a run upserts this one row, and its lock is held until the commit,
+    # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.
+    await record_batch(apg, keys.scope_id, keys.new_version, Counter(map(location_of, contexts)))
     metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(keys.scope)).inc(written)
     return Batch(len(rows), written, ids[-1])
 

@@ -21,7 +21,7 @@ class WorkerSettings(SettingsPart):
     reencrypt_batch_rows: int = Field(
         default=2_000, ge=1, le=50_000, validation_alias="KEYROTOR_REENCRYPT_BATCH_ROWS"
     )
-    reencrypt_range_rows: int = Field(default=50_000, ge=1, validation_alias="KEYROTOR_REENCRYPT_RANGE_ROWS")
+    reencrypt_range_rows: int = Field(default=10_000, ge=1, validation_alias="KEYROTOR_REENCRYPT_RANGE_ROWS")
     # Budgets; 0 means unlimited, fractions are fine (0.5: one every 2 s), NaN/inf are refused.
     # The row budget is per worker process (it caps one worker's load on the database); the KEK
     # call budget is one for all the workers of a queue on a Redis (keyrotor/kek/budget.py), because

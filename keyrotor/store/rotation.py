@@ -189,6 +189,24 @@ async def advance_range(
     )
 
 
+# The range's cursor and counter, then the run's: one round trip, the shared run row last.
+_ADVANCE_RANGE_AND_RUN = (
+    "WITH g AS (UPDATE rotation_ranges SET cursor = coalesce($2, cursor), cursor_key = $3, "
+    "rows_done = rows_done + $4, updated_at = now() WHERE id = $1) "
+    "UPDATE rotations SET rows_done = rows_done + $4, "
+    "rows_total = greatest(coalesce(rows_total, 0), rows_done + $4), updated_at = now() WHERE id = $5"
+)
+
+
+async def advance_range_and_run(
+    apg: Any, range_id: int, run_id: int, *, cursor: int | None, cursor_key: str | None, rows: int
+) -> None:
+    """:func:`advance_range`, then the run's counters as ``keyrotor.store.runs.add_progress``
+    advances them, in one statement on the asyncpg connection ``apg`` of the caller's
+    transaction: a batch's last statement before its commit."""
+    await apg.execute(_ADVANCE_RANGE_AND_RUN, range_id, cursor, cursor_key, rows, run_id)
+
+
 async def restart_range(session: AsyncSession, range_id: int, version: int, cursor: int) -> None:
     """Start a new pass over a range, on ``version``, from its start."""
     await session.execute(
