@@ -14,7 +14,7 @@ from keyrotor.audit.grants import revoke_access
 from keyrotor.audit.log import CHAIN_LOCK
 from keyrotor.errors import AccessDenied, DecryptionFailed, MalformedCiphertext, StoreUnavailable
 from keyrotor.store import db
-from tests.conftest import PG_ADMIN
+from tests.conftest import _admin
 from tests.keyrotor.audit_helpers import rows, verify
 
 KEY = "sk-ant-api03-" + "k" * 40
@@ -80,11 +80,3 @@ async def test_an_outage_returns_no_plaintext(settings: Settings, database_url: 
             await holder.close()
         assert await asyncio.wait_for(km.decrypt_many("anthropic", [(token, "u.k:1")]), 60) == [KEY]
     assert await rows(database_url, "actor = 'outage'") == []
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
