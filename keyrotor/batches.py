@@ -21,7 +21,7 @@ from keyrotor.audit.grants import GrantCache
 from keyrotor.audit.log import Row, now_us
 from keyrotor.cache import DekCache
 from keyrotor.crypto import envelope
-from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
+from keyrotor.errors import AccessDenied, InvalidScope, KeyrotorError, TransientError
 from keyrotor.keyring import KeyRing
 
 
@@ -33,7 +33,6 @@ class Manager(Protocol):
     cache: DekCache
     ring: KeyRing
     _parsed: dict[str, tuple[int, bytes]]
-    _valid_scopes: set[str]
     _max_ciphertext_chars: int
     _unconfirmed: dict[tuple[str, int], float]
     _retired: dict[tuple[str, int], int]
@@ -44,6 +43,8 @@ class Manager(Protocol):
     def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> Who: ...
 
     def _decrypt_checks(self, scope: str, ciphertext: str) -> None: ...
+
+    def _check_scope(self, scope: str) -> None: ...
 
     async def _decrypt_value(
         self,
@@ -79,10 +80,19 @@ class BatchCalls:
             Each item's plaintext, or the permanent error that refused it (in order).
 
         Raises:
+            InvalidScope: ``scope`` is not a scope name (nothing is decrypted).
             AccessDenied: no grant lets the actor decrypt in this scope (nothing is decrypted).
             StoreUnavailable, KekUnavailable: an outage (transient); no plaintext is returned.
         """
         who = self._who(actor, ip, user_agent)
+        try:
+            # The name before the grants, as decrypt does: text that is not a scope name never
+            # reaches a grant lookup, a denial's message or an `unauthorized` event.
+            self._check_scope(scope)
+        except InvalidScope as exc:
+            metrics.decrypt_failed(exc)
+            await self.calls.failure("failed_decrypt", who, None, None, "", exc)
+            raise
         allowed = self.grants.cached(who[0], scope)
         if allowed is None or not allowed[DECRYPT]:
             await self.calls.authorize(who, scope, DECRYPT)
@@ -91,7 +101,7 @@ class BatchCalls:
         parsed, get = self._parsed.get, self.cache.get
         for ciphertext, context in items:
             try:
-                if len(ciphertext) > self._max_ciphertext_chars or scope not in self._valid_scopes:
+                if len(ciphertext) > self._max_ciphertext_chars:
                     self._decrypt_checks(scope, ciphertext)
                 memo = parsed(ciphertext)
                 cipher = None if memo is None else get(scope, memo[0])

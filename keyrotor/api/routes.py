@@ -55,6 +55,7 @@ async def _batch(request: web.Request, *, decrypting: bool) -> web.Response:
     scope = bodies.text(doc, "scope")
     items = bodies.items(doc, svc.settings.api_max_batch_items)
     svc.spend(caller, len(items) - 1)  # the request itself paid for one
+    await svc.valid_scope(caller, scope, "failed_decrypt" if decrypting else "encrypt")
     # Refused scopes fail the whole batch with one audited denial, not one per item.
     can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
     if not (can_decrypt if decrypting else can_encrypt):
@@ -139,7 +140,7 @@ async def _require(svc: Service, caller: Caller, scope: str | None, operation: s
 
 async def rotate(request: web.Request) -> web.Response:
     svc, caller = _ctx(request)
-    scope = bodies.path_text(request, "scope")
+    scope = await svc.valid_scope(caller, bodies.path_text(request, "scope"), "rotate")
     await _require(svc, caller, scope, "rotate")
     client = await svc.rotation_client()
     handle = await client.rotate(scope, trigger=f"api:{caller.actor}"[:200])

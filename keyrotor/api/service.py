@@ -13,6 +13,8 @@ from keyrotor.api.errors import ApiError
 from keyrotor.api.limits import Network, RateLimiter, client_ip, retry_after
 from keyrotor.api.tokens import Bearer, TokenVerifier
 from keyrotor.audit.log import AuditEvent, write_event
+from keyrotor.errors import InvalidScope
+from keyrotor.inputs import check_scope
 from keyrotor.keys import KeyManager
 from keyrotor.queue.client import KeyrotorClient
 from keyrotor.settings import Settings
@@ -87,6 +89,24 @@ class Service:
                 "this token is over its rate limit (KEYROTOR_API_RATE_PER_SECOND); retry later",
                 headers={"Retry-After": retry_after(wait)},
             )
+
+    async def valid_scope(self, caller: Caller, scope: str, event_type: str) -> str:
+        """``scope`` if it is a scope name; otherwise record a failed ``event_type`` naming no
+        scope and raise.
+
+        Routes that check grants themselves call this first, as a single encrypt or decrypt does:
+        text that is not a scope name (a pasted key, say) never reaches a grant lookup, a
+        denial's message or an ``unauthorized`` event.
+
+        Raises:
+            InvalidScope: not a scope name (400).
+        """
+        try:
+            return check_scope(scope)
+        except InvalidScope as exc:
+            who = (caller.actor, caller.ip, caller.user_agent)
+            await self.km.calls.failure(event_type, who, None, None, "", exc, {"via": "http"})
+            raise
 
     async def refuse(self, caller: Caller, scope: str | None, operation: str, reason: str) -> ApiError:
         """Audit an ``unauthorized`` event for an operation the caller's grants do not allow, and

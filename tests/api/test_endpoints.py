@@ -123,6 +123,39 @@ async def test_grants_decide_and_denials_are_audited(api: Api, database_url: str
     assert written == 0
 
 
+async def test_text_that_is_not_a_scope_is_refused_before_the_grants(api: Api, database_url: str) -> None:
+    """Batch and rotate routes check grants themselves; an invalid scope name (here with a key
+    pasted into it) is a 400 like a single call's, and never reaches a denial or its event."""
+    async with db.transaction(api.km.sessions) as session:
+        await revoke_access(session, "*", "*", encrypt=True, decrypt=True, by="admin")
+    api.km.grants.invalidate()
+    bob = await api.token_for("bob")
+    pasted = "sk-live-PASTED-KEY-0123456789abcdef"
+    scope = "Not A Scope Name At All, Really Not One " + pasted  # the message quotes 40 characters
+    calls = [
+        ("/v1/encrypt/batch", {"scope": scope, "items": [{"plaintext": "v"}]}),
+        ("/v1/decrypt/batch", {"scope": scope, "items": [{"ciphertext": "kr1:1:AAAA"}]}),
+        ("/v1/encrypt", {"scope": scope, "plaintext": "v"}),
+        (f"/v1/rotate/{scope.replace(' ', '%20')}", None),
+    ]
+    answers = []
+    for path, doc in calls:
+        resp = await api.client.post(path, json=doc, headers=api.auth(bob))
+        answers.append(await resp.text())
+        assert resp.status == 400, (path, answers[-1])
+        assert (await resp.json())["error"]["code"] == "invalid_input"
+    await api.km.flush_audit()
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT * FROM encryption_audit_log WHERE actor = 'bob'")
+    finally:
+        await conn.close()
+    assert sorted(r["event_type"] for r in rows) == ["encrypt", "encrypt", "failed_decrypt", "rotate"]
+    assert all(not r["success"] and r["scope"] is None for r in rows)
+    assert all(r["error_message"].startswith("InvalidScope") for r in rows)
+    assert all(pasted not in text for text in [*answers, *map(repr, rows)])
+
+
 async def test_bad_requests_are_json(api: Api) -> None:
     resp = await api.client.post("/v1/encrypt", data=b"{not json", headers=api.auth())
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"

@@ -12,7 +12,13 @@ from keyrotor import KeyManager, Settings
 from keyrotor.audit.durable import DurableAuditWriter
 from keyrotor.audit.grants import revoke_access
 from keyrotor.audit.log import CHAIN_LOCK
-from keyrotor.errors import AccessDenied, DecryptionFailed, MalformedCiphertext, StoreUnavailable
+from keyrotor.errors import (
+    AccessDenied,
+    DecryptionFailed,
+    InvalidScope,
+    MalformedCiphertext,
+    StoreUnavailable,
+)
 from keyrotor.store import db
 from tests.conftest import _admin
 from tests.keyrotor.audit_helpers import rows, verify
@@ -54,6 +60,19 @@ async def test_an_actor_without_a_grant_gets_nothing_and_is_audited(
         await km.flush_audit()
     logged = await rows(database_url, "actor = 'mallory'")
     assert [r["event_type"] for r in logged] == ["unauthorized"]
+
+
+async def test_an_invalid_scope_is_refused_before_the_grants(settings: Settings, database_url: str) -> None:
+    async with KeyManager(settings) as km:
+        async with db.transaction(km.sessions) as session:
+            await revoke_access(session, "*", "*", encrypt=True, decrypt=True, by="admin")
+        km.grants.invalidate()
+        with pytest.raises(InvalidScope):
+            await km.decrypt_many(f"pasted {KEY}", [("kr1:1:AAAA", "")], actor="mallory")
+        await km.flush_audit()
+    logged = await rows(database_url, "actor = 'mallory'")
+    assert [(r["event_type"], r["scope"]) for r in logged] == [("failed_decrypt", None)]
+    assert KEY not in repr(logged)
 
 
 async def test_an_outage_returns_no_plaintext(settings: Settings, database_url: str) -> None:
