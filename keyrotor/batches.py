@@ -2,17 +2,15 @@
 
 ``keyrotor serve``'s ``/v1/decrypt/batch`` is its caller. A batch is one pass over its items,
 with no task or future of its own per item: one grant check for the scope, then each value as
-``KeyManager.decrypt`` opens it (the parse memo and the DEK cache first, ``_decrypt_value`` for
-anything else), and all of the batch's audit events queued at once. In durable mode they then
-share one group commit (one statement) instead of each waiting for its own place in one.
+``KeyManager.decrypt`` opens it (:class:`keyrotor.opening.ValueOpener`), and all of the batch's
+audit events queued at once. In durable mode they then share one group commit (one statement)
+instead of each waiting for its own place in one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
-
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotor import metrics
 from keyrotor.audit import calls
@@ -23,6 +21,7 @@ from keyrotor.cache import DekCache
 from keyrotor.crypto import envelope
 from keyrotor.errors import AccessDenied, InvalidScope, KeyrotorError, TransientError
 from keyrotor.keyring import KeyRing
+from keyrotor.opening import ValueOpener
 
 
 class Manager(Protocol):
@@ -32,10 +31,8 @@ class Manager(Protocol):
     calls: CallAudit
     cache: DekCache
     ring: KeyRing
-    _parsed: dict[str, tuple[int, bytes]]
+    opener: ValueOpener
     _max_ciphertext_chars: int
-    _unconfirmed: dict[tuple[str, int], float]
-    _retired: dict[tuple[str, int], int]
 
     @property
     def _sessions(self) -> object: ...
@@ -45,16 +42,6 @@ class Manager(Protocol):
     def _decrypt_checks(self, scope: str, ciphertext: str) -> None: ...
 
     def _check_scope(self, scope: str) -> None: ...
-
-    async def _decrypt_value(
-        self,
-        scope: str,
-        ciphertext: str,
-        context: str,
-        who: Who,
-        memo: tuple[int, bytes] | None = None,
-        cipher: AESGCM | None = None,
-    ) -> tuple[str, int | None]: ...
 
 
 class BatchCalls:
@@ -85,30 +72,19 @@ class BatchCalls:
             StoreUnavailable, KekUnavailable: an outage (transient); no plaintext is returned.
         """
         who = self._who(actor, ip, user_agent)
-        try:
-            # The name before the grants, as decrypt does: text that is not a scope name never
-            # reaches a grant lookup, a denial's message or an `unauthorized` event.
-            self._check_scope(scope)
-        except InvalidScope as exc:
-            metrics.decrypt_failed(exc)
-            await self.calls.failure("failed_decrypt", who, None, None, "", exc)
-            raise
+        await _check_scope(self, scope, who)
         allowed = self.grants.cached(who[0], scope)
         if allowed is None or not allowed[DECRYPT]:
             await self.calls.authorize(who, scope, DECRYPT)
         results: list[str | KeyrotorError] = []
         rows: list[Row] = []
-        parsed, get = self._parsed.get, self.cache.get
+        cached, full = self.opener.cached, self.opener.open
         for ciphertext, context in items:
             try:
                 if len(ciphertext) > self._max_ciphertext_chars:
                     self._decrypt_checks(scope, ciphertext)
-                memo = parsed(ciphertext)
-                cipher = None if memo is None else get(scope, memo[0])
-                if memo is None or cipher is None or self._unconfirmed or self._retired:
-                    value, version = await self._decrypt_value(scope, ciphertext, context, who, memo, cipher)
-                else:
-                    version, value = memo[0], envelope.open_text(memo[1], cipher, scope, memo[0], context)
+                hit = cached(scope, ciphertext, context)
+                value, version = await full(scope, ciphertext, context, who) if hit is None else hit
             except Exception as exc:
                 metrics.decrypt_failed(exc)
                 if not isinstance(exc, AccessDenied):  # a denial is recorded as `unauthorized`
@@ -127,3 +103,14 @@ class BatchCalls:
         if self.cache.due:
             self.ring.refresh_due(self._sessions is not None)
         return results
+
+
+async def _check_scope(km: Manager, scope: str, who: Who) -> None:
+    """The scope's name, checked before its grants as ``decrypt`` does: text that is not a scope
+    name never reaches a grant lookup, a denial's message or an ``unauthorized`` event."""
+    try:
+        km._check_scope(scope)
+    except InvalidScope as exc:
+        metrics.decrypt_failed(exc)
+        await km.calls.failure("failed_decrypt", who, None, None, "", exc)
+        raise

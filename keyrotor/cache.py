@@ -65,8 +65,9 @@ class DekCache:
     def __repr__(self) -> str:
         return f"DekCache(entries={len(self._entries)}, ttl_s={self._ttl_s}, max_entries={self._max})"
 
-    def get(self, scope: str, version: int) -> AESGCM | None:
-        """The cached cipher, or None (counted as a miss) if absent or expired."""
+    def probe(self, scope: str, version: int) -> AESGCM | None:
+        """The cached cipher (a hit is counted), or None without counting a miss: for a fast
+        path whose miss is counted by the :meth:`get` of the path it falls back to."""
         # On the decrypt hot path: one dict probe, one clock read and two comparisons on a hit.
         entry = self._entries.get((scope, version))
         if entry is not None:
@@ -77,8 +78,14 @@ class DekCache:
                     self.due.add((scope, version))
                 return entry[0]
             del self._entries[(scope, version)]
-        self.stats.misses += 1
         return None
+
+    def get(self, scope: str, version: int) -> AESGCM | None:
+        """The cached cipher, or None (counted as a miss) if absent or expired."""
+        cipher = self.probe(scope, version)
+        if cipher is None:
+            self.stats.misses += 1
+        return cipher
 
     def put(self, scope: str, version: int, cipher: AESGCM) -> None:
         """Cache a cipher for ``ttl_s``; evict the least recently stored entry past ``max_entries``."""

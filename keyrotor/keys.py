@@ -30,13 +30,12 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
 from keyrotor.audit import calls, lockdown
 from keyrotor.audit.admin import GrantsAdmin
-from keyrotor.audit.calls import DECRYPT, ENCRYPT, LEGACY_METADATA, CallAudit, Who
+from keyrotor.audit.calls import DECRYPT, ENCRYPT, LEGACY_METADATA, CallAudit
 from keyrotor.audit.grants import GrantCache
 from keyrotor.audit.log import Row, now_us
 from keyrotor.audit.writer import AuditWriter
@@ -52,6 +51,7 @@ from keyrotor.kek.factory import open_provider
 from keyrotor.keyring import KeyRing
 from keyrotor.legacy.reader import LegacyReader
 from keyrotor.notify import KeyChange, KeyChangeListener
+from keyrotor.opening import ValueOpener
 from keyrotor.replication.check import Replication
 from keyrotor.secrets import SecretsTable
 from keyrotor.settings import Settings
@@ -60,18 +60,6 @@ from keyrotor.store import db
 log = logging.getLogger(__name__)
 
 _context_metadata = calls.context_metadata
-# The decrypt hot path's helpers, bound once.
-_split_kr1, _open_text = envelope.split_kr1, envelope.open_text
-# Parsed kr1 values kept by KeyManager.decrypt, keyed by their text. A stored value is decrypted
-# again on every request that uses it, and parsing it (strict base64url) costs about twice the
-# AES-GCM call. Ciphertext is not secret; the memo holds only (version, nonce||ciphertext||tag),
-# and only of values that authenticated, so a caller cannot fill it with forgeries. It is bounded
-# in bytes, not entries (an entry is charged its text, its bytes and _PARSED_OVERHEAD for the
-# objects and the dict slot), and emptied when full; values longer than _PARSED_MAX_CHARS (far
-# beyond an API key) are not kept at all, as parsing is then small beside the AES-GCM call.
-_PARSED_BUDGET_BYTES = 4 * 1024 * 1024
-_PARSED_MAX_CHARS = 4096
-_PARSED_OVERHEAD = 256
 _MAX_SCOPES = 100_000  # validated scope names kept
 
 
@@ -136,12 +124,12 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
         )
         # The ring's state the hot path tests in place (empty dicts in the normal case).
         self._active, self._refreshing = self.ring.active, self.ring.refreshing
-        self._retired, self._unconfirmed = self.ring.retired, self.ring.unconfirmed
         self._encryption_key, self._active_record = self.ring.encryption_key, self.ring.active_record
-        self._parsed: dict[str, tuple[int, bytes]] = {}  # see _PARSED_BUDGET_BYTES
-        self._parsed_bytes = 0
         self._max_ciphertext_chars = max_ciphertext_chars(settings.max_value_bytes)
         self.legacy_reader = LegacyReader(settings, lambda: self.sessions, self.calls.emit)
+        # What opens a stored value, for decrypt, decrypt_many and the secrets table.
+        self.opener = ValueOpener(self.cache, self.ring, self.legacy_reader)
+        self._open_cached, self._open = self.opener.cached, self.opener.open  # bound once: hot path
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self.key_listener: KeyChangeListener | None = None
         # Multi-region replication and failover reads (keyrotor.replication.check), when configured.
@@ -340,15 +328,8 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
             allowed = self.grants.cached(who[0], scope)
             if allowed is None or not allowed[DECRYPT]:
                 await self.calls.authorize(who, scope, DECRYPT)
-            # The hot path, inline: a value that authenticated before (its parse memoised) under a
-            # cached DEK whose state needs no check. Everything else: _decrypt_value.
-            memo = self._parsed.get(ciphertext) if ciphertext.__class__ is str else None
-            cipher = None if memo is None else self.cache.get(scope, memo[0])
-            if memo is None or cipher is None or self._unconfirmed or self._retired:
-                value, version = await self._decrypt_value(scope, ciphertext, context, who, memo, cipher)
-            else:
-                version = memo[0]
-                value = _open_text(memo[1], cipher, scope, version, context)
+            hit = self._open_cached(scope, ciphertext, context)
+            value, version = await self._open(scope, ciphertext, context, who) if hit is None else hit
         except Exception as exc:
             metrics.decrypt_failed(exc)
             version = envelope.version_or_none(ciphertext)
@@ -372,44 +353,6 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
                 f"KEYROTOR_MAX_VALUE_BYTES={self.settings.max_value_bytes} ({self._max_ciphertext_chars})"
             )
         self._check_scope(scope)
-
-    async def _decrypt_value(
-        self,
-        scope: str,
-        ciphertext: str,
-        context: str,
-        who: Who,
-        memo: tuple[int, bytes] | None = None,
-        cipher: AESGCM | None = None,
-    ) -> tuple[str, int | None]:
-        """The plaintext and its DEK version (None for a legacy value); no grant check, no audit
-        of its own. The value is parsed once here, unless ``memo`` is its parse, with ``cipher``
-        what the DEK cache held for it. A use of a retired DEK is recorded (KeyRing.retired_use)."""
-        parsed = memo
-        if parsed is None:
-            parsed = _split_kr1(ciphertext)
-            if parsed is None:  # not kr1: a legacy value, or nothing
-                return await self.legacy_reader.decrypt(scope, ciphertext, context, who), None
-            cipher = self.cache.get(scope, parsed[0])
-        version, raw = parsed
-        cipher = await self.ring.usable(scope, version, cipher)
-        value = _open_text(raw, cipher, scope, version, context)
-        if memo is None:
-            self._remember(ciphertext, parsed)
-        if self._retired and (scope, version) in self._retired:
-            await self.ring.retired_use(who, scope, version, context)
-        return value, version
-
-    def _remember(self, ciphertext: str, parsed: tuple[int, bytes]) -> None:
-        """Keep the parse of a value that authenticated (see _PARSED_BUDGET_BYTES)."""
-        if len(ciphertext) > _PARSED_MAX_CHARS:
-            return
-        size = len(ciphertext) + len(parsed[1]) + _PARSED_OVERHEAD
-        if self._parsed_bytes + size > _PARSED_BUDGET_BYTES:
-            self._parsed.clear()
-            self._parsed_bytes = 0
-        self._parsed[ciphertext] = parsed
-        self._parsed_bytes += size
 
     # --- checks ----------------------------------------------------------------------------
 

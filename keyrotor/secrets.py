@@ -24,6 +24,7 @@ from keyrotor.crypto import envelope
 from keyrotor.errors import SecretNotFound
 from keyrotor.inputs import check_name, value_bytes
 from keyrotor.keyring import KeyRing
+from keyrotor.opening import ValueOpener
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
 
@@ -44,9 +45,7 @@ class Manager(Protocol):
 
     def _check_scope(self, scope: str) -> None: ...
 
-    async def _decrypt_value(
-        self, scope: str, ciphertext: str, context: str, who: Who
-    ) -> tuple[str, int | None]: ...
+    opener: ValueOpener
 
 
 def secret_context(name: str) -> str:
@@ -117,7 +116,7 @@ class SecretsTable:
             if row is None:
                 raise SecretNotFound(f"no secret {name!r} in scope {scope!r}")
             version = envelope.version_or_none(row.ciphertext)
-            value, version = await self._decrypt_value(scope, row.ciphertext, context, who)
+            value, version = await self.opener.open(scope, row.ciphertext, context, who)
         except Exception as exc:
             await self.calls.failure("failed_decrypt", who, scope, version, context, exc)
             raise

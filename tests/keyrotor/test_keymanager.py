@@ -279,17 +279,17 @@ async def test_parse_memo_never_bypasses_authentication(
     km: KeyManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The decrypt path memoises parsed values (ciphertext only): every call still authenticates."""
-    from keyrotor import keys
+    from keyrotor import opening
 
     tokens = [await km.encrypt("anthropic", f"{ANTHROPIC}-{i}", context=f"user:{i}") for i in range(5)]
     # Room for 3 entries (text + raw bytes + overhead): the memo empties itself many times below.
-    monkeypatch.setattr(keys, "_PARSED_BUDGET_BYTES", 3 * (2 * len(tokens[0]) + keys._PARSED_OVERHEAD))
+    monkeypatch.setattr(opening, "PARSED_BUDGET_BYTES", 3 * (2 * len(tokens[0]) + opening.PARSED_OVERHEAD))
     for _ in range(3):
         for i, token in enumerate(tokens):
             assert await km.decrypt("anthropic", token, context=f"user:{i}") == f"{ANTHROPIC}-{i}"
-    assert 0 < len(km._parsed) <= 3
-    memo = repr(km._parsed).encode() + b"".join(raw for _, raw in km._parsed.values())
-    assert ANTHROPIC.encode() not in memo and ANTHROPIC not in repr(km._parsed)
+    assert 0 < len(km.opener._parsed) <= 3
+    memo = repr(km.opener._parsed).encode() + b"".join(raw for _, raw in km.opener._parsed.values())
+    assert ANTHROPIC.encode() not in memo and ANTHROPIC not in repr(km.opener._parsed)
     # A memoised value decrypts only in its own scope and context.
     with pytest.raises(DecryptionFailed):
         await km.decrypt("anthropic", tokens[4], context="user:3")

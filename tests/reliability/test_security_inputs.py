@@ -31,7 +31,8 @@ from keyrotor.census import columns
 from keyrotor.crypto import envelope
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import CiphertextTooLarge, DecryptionFailed, InvalidInput, LegacyDecryptThrottled
-from keyrotor.keys import _PARSED_BUDGET_BYTES, max_ciphertext_chars
+from keyrotor.keys import max_ciphertext_chars
+from keyrotor.opening import PARSED_BUDGET_BYTES
 from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY
 from tests.legacy_helpers import store_legacy_secret
@@ -46,7 +47,8 @@ def _forged_kr1(n_bytes: int) -> str:
 
 
 def _memo_bytes(km: KeyManager) -> int:
-    return sum(sys.getsizeof(k) + sys.getsizeof(v) + sys.getsizeof(v[1]) for k, v in km._parsed.items())
+    memo = km.opener._parsed
+    return sum(sys.getsizeof(k) + sys.getsizeof(v) + sys.getsizeof(v[1]) for k, v in memo.items())
 
 
 async def test_forged_large_values_are_refused_unread(km: KeyManager, record: Callable[..., None]) -> None:
@@ -60,7 +62,7 @@ async def test_forged_large_values_are_refused_unread(km: KeyManager, record: Ca
         with pytest.raises(CiphertextTooLarge):
             await km.decrypt("openai", value)
         worst = max(worst, time.perf_counter() - t0)
-    assert not km._parsed
+    assert not km.opener._parsed
     # Parsing a 1.4 M character value (strict base64url) alone takes milliseconds; refused
     # before any work, a call costs a length check and its audit event.
     assert worst < 0.05
@@ -92,15 +94,15 @@ async def test_memo_keeps_nothing_forged_and_stays_in_budget(
         retained = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert not km._parsed
+    assert not km.opener._parsed
     assert retained < 2 * 1024 * 1024, retained  # today's code kept ~9 MB of these 200
     # Authentic values are kept, within the byte budget however many there are.
     tokens = [await km.encrypt("openai", f"sk-{i:06d}-" + "k" * 100) for i in range(3000)]
     for token in tokens:
         await km.decrypt("openai", token)
     held = _memo_bytes(km)
-    assert len(km._parsed) > 0 and held <= _PARSED_BUDGET_BYTES
-    assert km._parsed_bytes <= _PARSED_BUDGET_BYTES
+    assert len(km.opener._parsed) > 0 and held <= PARSED_BUDGET_BYTES
+    assert km.opener._parsed_bytes <= PARSED_BUDGET_BYTES
     record(
         "security",
         finding=3,
@@ -109,7 +111,7 @@ async def test_memo_keeps_nothing_forged_and_stays_in_budget(
         held=200,
         retained_kib=round(retained / 1024),
         memo_kib=round(held / 1024),
-        budget_kib=_PARSED_BUDGET_BYTES // 1024,
+        budget_kib=PARSED_BUDGET_BYTES // 1024,
     )
 
 
