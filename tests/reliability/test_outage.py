@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.queue.client import KeyrotorClient
@@ -212,6 +213,7 @@ async def _terminate_loop(database_url: str, stop: asyncio.Event, rng: random.Ra
     return killed
 
 
+@pytest.mark.timeout(sized(600, 1200))
 async def test_connections_killed_mid_batch_during_retirement_and_kek_rewrap(
     wenv: dict[str, str], workers: Workers, rng: random.Random, record: Callable[..., None]
 ) -> None:
@@ -244,7 +246,9 @@ async def test_connections_killed_mid_batch_during_retirement_and_kek_rewrap(
         stop = asyncio.Event()
         killer = asyncio.create_task(_terminate_loop(base.database_url, stop, rng))
         try:
-            return await wait_run(base.database_url, run_id, terminal=True, timeout_s=120)
+            # At full size the retirement sweeps 20,000 stragglers at 500 rows/s (40 s of
+            # throttle alone) while its batches are killed: the deadline grows with the size.
+            return await wait_run(base.database_url, run_id, terminal=True, timeout_s=sized(120, 360))
         finally:
             stop.set()
             killed += await killer
