@@ -19,8 +19,13 @@ async def wenv(env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
 
 @pytest.fixture
 def workers() -> Iterator[list[WorkerProcess]]:
-    """Worker processes started by the test; all killed at the end."""
+    """Worker processes started by the test; all killed at the end.
+
+    The end of each one's log is printed at teardown: pytest shows it only when the test
+    failed, so a stall seen once on a busy machine can be read, not guessed at."""
     started: list[WorkerProcess] = []
     yield started
-    for w in started:
+    for i, w in enumerate(started):
         w.close()
+        tail = w.output().splitlines()[-40:]
+        print(f"--- worker {i} (exit {w.proc.returncode}), last {len(tail)} lines ---", *tail, sep="\n")
