@@ -30,13 +30,15 @@ function main() {
   const url = new URL(spec.url);
   // Encoded once: the generator's per-request work is sending bytes, not building them.
   const bodies = spec.bodies.map((b) => Buffer.from(b, "utf8"));
+  const headers = bodies.map((b) => ({ ...spec.headers, "Content-Length": b.length }));
   // One socket per client at most, kept open between requests; Nagle off, as aiohttp sets it.
   const agent = new http.Agent({ keepAlive: true, maxSockets: clients, noDelay: true });
 
   const stats = { latencies: [], errors: 0, error: null };
 
   function send(i) {
-    const body = bodies[i % bodies.length];
+    const k = i % bodies.length;
+    const body = bodies[k];
     return new Promise((resolve) => {
       const req = http.request(
         {
@@ -45,20 +47,22 @@ function main() {
           hostname: url.hostname,
           port: url.port,
           path: url.pathname + url.search,
-          headers: { ...spec.headers, "Content-Length": body.length },
+          headers: headers[k],
         },
         (res) => {
+          res.on("error", (err) => resolve(`${err.code || err.name}`));
+          if (res.statusCode === 200) {
+            // Read to its end (the connection is reused only then), keeping nothing.
+            res.on("end", () => resolve(null));
+            res.resume();
+            return;
+          }
           const chunks = [];
           res.on("data", (chunk) => chunks.push(chunk));
           res.on("end", () => {
-            if (res.statusCode === 200) {
-              resolve(null);
-            } else {
-              const text = Buffer.concat(chunks).toString("utf8", 0, 120);
-              resolve(`HTTP ${res.statusCode}: ${text}`);
-            }
+            const text = Buffer.concat(chunks).toString("utf8", 0, 120);
+            resolve(`HTTP ${res.statusCode}: ${text}`);
           });
-          res.on("error", (err) => resolve(`${err.code || err.name}`));
         },
       );
       req.on("error", (err) => resolve(`${err.code || err.name}`));
