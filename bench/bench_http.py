@@ -9,12 +9,21 @@ same load generator, same run.
 - **The ceilings**: ``bench/bare_http.py`` in its own process, a bare aiohttp endpoint doing one
   AES-GCM decrypt of the same value (what any Python aiohttp server can do here), and the same
   plus one durable ``INSERT`` + ``COMMIT`` a request (what a durable write costs on this database).
-- **The load generator**: Python aiohttp, C closed-loop clients (1 and 32), each sending its next
-  request when the previous one answered, for a fixed time; requests/s, values/s, p50 and p99.
+- **The load generator**: C closed-loop clients (1 and 32) over keep-alive connections, each
+  sending its next request when the previous one answered, for a fixed time; requests/s,
+  values/s, p50 and p99 of the answered requests. A non-200 answer or a failed connection is an
+  error, never throughput, and a figure with any stops the run. Two implementations of the same
+  loop, sending the same bytes: ``--loadgen node`` (the default when ``node`` is on PATH),
+  ``bench/loadgen.mjs`` spawned once a figure, and ``--loadgen python``, ``load()`` below
+  (aiohttp, in this process). Either shares the 2 cores with the servers it measures, and costs
+  about as much CPU a request as the bare endpoint serving it (at 32 clients, measured
+  interleaved: Node 66-85 us, Python 78-91 us, the endpoint 65-77 us; mostly loopback TCP, which
+  any client pays), so Node takes back only a little of the cores; each figure records its
+  generator's own CPU (``cpu_s``, ``cpu_cores``), and the output names the generator used.
   Every server is up for the whole run and they take turns on each figure, interleaved (see
   ``measure``), so the ratios compare figures taken side by side.
 
-    .venv/bin/python -m bench.bench_http [--seconds 5] [--json]
+    .venv/bin/python -m bench.bench_http [--seconds 5] [--loadgen node|python] [--json]
 """
 
 from __future__ import annotations
