@@ -95,8 +95,8 @@ def _batches(n: int) -> range:
 
 
 def default_loadgen() -> str:
-    """Node when it is on PATH (a Python client at 32 clients takes about as much CPU as the server
-    it measures, on the same cores), else Python."""
+    """Node when it is on PATH, else Python. Node runs outside this process; per request it costs
+    about what aiohttp does here (docs/design-notes.md, "keyrotor serve's speed")."""
     return "node" if shutil.which("node") else "python"
 
 
