@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -363,7 +364,10 @@ async def http(size: Size) -> list[Row]:
     from bench import bench_http
 
     r = await bench_http.measure({"smoke": 0.5, "default": 5.0, "full": 10.0}[size])
-    kr, bao, b = r["keyrotor"], r["bao"], "HTTP decrypt vs OpenBao transit"
+    # Which generator sent the requests moves every figure (it shares the cores with the
+    # servers), so every row of the section names it.
+    generator = {"node": "Node load generator", "python": "Python load generator"}[r["loadgen"]]
+    kr, bao, b = r["keyrotor"], r["bao"], f"HTTP decrypt vs OpenBao transit ({generator})"
     batch = bench_http.BATCH
     rows = [
         Row(b, "single, 32 clients, durable audit (req/s)", kr["single_32"]["req_s"], "/s",
@@ -402,6 +406,10 @@ async def http(size: Size) -> list[Row]:
         Row(b, f"{ceiling} + INSERT+COMMIT, 1 client, p50 (ms)", bare_durable["single_1"]["p50_ms"], "ms",
             f"{ceiling}, 1 client, p50", bare["single_1"]["p50_ms"]),
     ]  # fmt: skip
+    rows.append(
+        Row(b, "the load generator's own CPU, keyrotor single, 32 clients (cores)",
+            kr["single_32"]["cpu_cores"], "cores", "the machine's cores", os.cpu_count() or 1)
+    )  # fmt: skip
     if "bao_audit" in r:
         audited = r["bao_audit"]
         rows.append(
@@ -470,8 +478,10 @@ DESCRIPTIONS = {
     "seed's per-provider cache replayed on the same trace, and a cache that never forgets.",
     "http": "`bench/bench_http.py`: `keyrotor serve` (its own process, durable audit, rate limit off) "
     "`/v1/decrypt` and `/v1/decrypt/batch` vs a real OpenBao dev server's `transit/decrypt` of the same "
-    "values (single and `batch_input` of 100), without and with a file audit device, with one Python "
-    "aiohttp load generator of 1 and 32 closed-loop clients; the same with `KEYROTOR_AUDIT=async`. All "
+    "values (single and `batch_input` of 100), without and with a file audit device, with one load "
+    "generator of 1 and 32 closed-loop clients over keep-alive connections (`bench/loadgen.mjs` on Node "
+    "when `node` is on PATH, else Python aiohttp; the rows name it, and one row gives its own CPU: on 2 "
+    "cores it shares the CPUs with the servers it measures); the same with `KEYROTOR_AUDIT=async`. All "
     "servers run at once and take turns on each figure (3 turns, alternating order, the turn of median "
     "rate kept), so a machine whose load drifts moves every figure alike. The "
     "ceilings, `bench/bare_http.py` in its own process: a bare aiohttp endpoint that reads the same body "
@@ -596,6 +606,12 @@ def machine_description() -> dict[str, str]:
         "Python": platform.python_version(),
     }
     info.update(asyncio.run(_service_versions()))
+    node = shutil.which("node")
+    if node:  # the HTTP benchmark's load generator (bench/loadgen.mjs)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["Node"] = subprocess.run(
+                [node, "--version"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
     if BAO:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             first = subprocess.run([BAO, "version"], capture_output=True, text=True, timeout=10).stdout
