@@ -15,7 +15,6 @@ naming the table and row key, and nothing of its batch is written.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import metrics
-from keyrotor.census.locations import location_of, record_batch
+from keyrotor.census.locations import count_locations, record_batch
 from keyrotor.crypto import envelope
 from keyrotor.errors import DecryptionFailed, KeyrotorError, KeyVersionTooOld
 from keyrotor.kek.base import WrappedDek
@@ -156,10 +155,13 @@ async def reencrypt_batch(
     except KeyVersionTooOld as exc:
         metrics.decrypt_failed(exc)
         raise RowFailed(target.name, rows[0][0], exc) from exc
-    context_of = target.context
     ids: list[Key] = [row[0] for row in rows]
     olds: list[str] = [row[1] for row in rows]
-    contexts = [context_of(row[0], row[2:]) for row in rows]
+    # A target whose contexts are a prefix and the key text: built, and their locations
+    # counted, per batch (keyrotor.census.locations.count_locations) rather than per row.
+    prefix = target.context_prefix
+    texts = target.key_texts(rows) if prefix is not None else ()
+    contexts = [prefix + text for text in texts] if prefix is not None else target.contexts(rows)
     try:
         news = resealer.reseal_all(olds, contexts)
     except DecryptionFailed as exc:
@@ -170,7 +172,9 @@ async def reencrypt_batch(
     # Where the new values go (keyrotor.census.locations), in the same transaction. After the
     # rows: every range of a run upserts this one row, and its lock is held until the commit,
     # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.
-    await record_batch(apg, keys.scope_id, keys.new_version, Counter(map(location_of, contexts)))
+    await record_batch(
+        apg, keys.scope_id, keys.new_version, count_locations(contexts, prefix=prefix, keys=texts)
+    )
     metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(keys.scope)).inc(written)
     return Batch(len(rows), written, ids[-1])
 

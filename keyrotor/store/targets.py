@@ -34,6 +34,9 @@ from keyrotor.errors import ConfigurationError
 from keyrotor.store.identifiers import quote_ident
 from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
 
+# Joins the values of one batch into one parameter: a character no ``kr1`` value contains.
+SEPARATOR = ","
+
 
 @dataclass(frozen=True)
 class Target:
@@ -54,6 +57,10 @@ class Target:
         version_column: an integer column kept equal to the value's DEK version (indexed with
             the scope column for fast lookups); None: the version is read from the value's prefix.
         key_type: the key's type (:data:`INTEGER_KEY` for smallint, integer and bigint keys).
+        context_prefix: when every row's context is this text followed by its key text (the
+            first of ``context_columns`` if any, else the row key as ``str``), that text: a
+            batch's contexts are then built without a call a row (:meth:`contexts`). It must
+            agree with ``context``; None: ``context`` is called for each row.
     """
 
     name: str
@@ -67,6 +74,7 @@ class Target:
     version_column: str | None = None
     scope_name_column: str | None = None
     key_type: KeyType = INTEGER_KEY
+    context_prefix: str | None = None
 
     def __post_init__(self) -> None:
         sources = (self.scope_id_column, self.scope, self.scope_name_column)
@@ -83,6 +91,21 @@ class Target:
     def covers(self, scope: str) -> bool:
         """Whether rows of ``scope`` may live in this target."""
         return self.scope is None or self.scope == scope
+
+    def key_texts(self, rows: Sequence[Any]) -> list[str]:
+        """The text after :attr:`context_prefix` in each row's context (rows as :func:`lock_batch`
+        returns them); only for a target with a ``context_prefix``."""
+        if self.context_columns:
+            return [row[2] for row in rows]
+        return [str(row[0]) for row in rows]
+
+    def contexts(self, rows: Sequence[Any]) -> list[str]:
+        """The AAD context of each of ``rows`` (as :func:`lock_batch` returns them), in order."""
+        prefix = self.context_prefix
+        if prefix is None:
+            context_of = self.context
+            return [context_of(row[0], row[2:]) for row in rows]
+        return [prefix + text for text in self.key_texts(rows)]
 
     @cached_property
     def sql(self) -> TargetSql:
@@ -125,6 +148,14 @@ class TargetSql:
         self.update = (
             f"UPDATE {table} AS t SET {val} = u.new{set_version} "
             f"FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) AS u(id, old, new) "
+            f"WHERE t.{idc} = u.id AND t.{val} = u.old"
+        )
+        # The same, with the old and new values each sent as one text joined by SEPARATOR
+        # (asyncpg checks every element of a text[] parameter against three ABCs in Python).
+        self.update_joined = (
+            f"UPDATE {table} AS t SET {val} = u.new{set_version} "
+            f"FROM unnest($1::{kt.sql}[], string_to_array($2::text, '{SEPARATOR}'), "
+            f"string_to_array($3::text, '{SEPARATOR}')) AS u(id, old, new) "
             f"WHERE t.{idc} = u.id AND t.{val} = u.old"
         )
         self.has_version_param = bool(t.version_column)
@@ -173,6 +204,7 @@ SECRETS = Target(
     context_columns=("name",),
     scope_id_column="scope_id",
     version_column="dek_version",
+    context_prefix="secret:",
 )
 """keyrotor's own table; values are sealed with context ``secret:<name>``."""
 
@@ -255,16 +287,29 @@ async def lock_batch(
     return rows
 
 
+def _joined(values: list[str]) -> str | None:
+    """``values`` joined by :data:`SEPARATOR`, or None unless ``string_to_array`` gives them back
+    exactly: every value non-empty and free of the separator (``kr1`` values always are)."""
+    joined = SEPARATOR.join(values)
+    if joined.count(SEPARATOR) != len(values) - 1 or not all(values):
+        return None
+    return joined
+
+
 async def swap_values(
     apg: Any, target: Target, ids: list[Key], olds: list[str], news: list[str], new_version: int
 ) -> int:
     """Write ``news`` over the rows whose value is still the matching ``olds`` (compare-and-swap
     against application writes). Returns the rows written."""
     sql = target.sql
+    old_text, new_text = _joined(olds), _joined(news)
+    statement = sql.update
+    args: tuple[object, ...] = (ids, olds, news)
+    if old_text is not None and new_text is not None:
+        statement, args = sql.update_joined, (ids, old_text, new_text)
     if sql.has_version_param:
-        status = await apg.execute(sql.update, ids, olds, news, new_version)
-    else:
-        status = await apg.execute(sql.update, ids, olds, news)
+        args += (new_version,)
+    status = await apg.execute(statement, *args)
     return int(status.rsplit(" ", 1)[-1])
 
 
