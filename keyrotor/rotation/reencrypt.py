@@ -31,7 +31,7 @@ from keyrotor.store import rotation as store
 from keyrotor.store.key_ranges import Key, PlannedRange, ranges_from_buckets, show_key
 from keyrotor.store.targets import SECRETS as SECRETS
 from keyrotor.store.targets import Target as Target
-from keyrotor.store.targets import any_in_range, count_older, key_buckets, lock_batch, swap_values
+from keyrotor.store.targets import count_older, key_buckets, lock_batch, swap_values, versions_in_range
 from keyrotor.store.targets import default_targets as default_targets
 from keyrotor.store.targets import register_target as register_target
 
@@ -187,8 +187,13 @@ async def sweep(
     Used inside one transaction: for a small scope (all of it) and when a run completes
     (stragglers written by processes whose cache still named the old DEK). Returns rows written.
     """
+    if versions is None:
+        # One read of the scope finds the least old version its rows still hold, if any: usually
+        # none at all, when a run completes, and no pass is spent on versions nobody holds.
+        _, least = await versions_in_range(apg, target, keys.scope_id, keys.old_versions, 0, None, None)
+        versions = [] if least is None else [v for v in keys.old_versions if v >= least]
     written = 0
-    for version in versions if versions is not None else keys.old_versions:
+    for version in versions:
         after: Key | None = None
         while True:
             batch = await reencrypt_batch(
@@ -213,13 +218,3 @@ async def plan_ranges(
         return []
     k = max(1, -(-total // range_rows))
     return ranges_from_buckets(target.key_type, await key_buckets(apg, target, scope_id, new_version, k))
-
-
-async def exists_in_range(
-    apg: Any, target: Target, keys: RotationKeys, after: Key | None, hi: Key | None
-) -> bool:
-    """Whether any row of ``target`` with ``after < id <= hi`` is still on an older version."""
-    for version in keys.old_versions:
-        if await any_in_range(apg, target, keys.scope_id, version, after, hi):
-            return True
-    return False

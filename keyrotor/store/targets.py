@@ -118,7 +118,7 @@ class TargetSql:
 
     An integer key always binds both bounds (``MIN_ID``/``MAX_ID`` when open): one statement, as
     fast as it ever was for ``secrets``. Other keys have no such bounds, so a range open at one
-    end gets a statement without that side (:meth:`select`, :meth:`exists_in_range`).
+    end gets a statement without that side (:meth:`select`, :meth:`versions_in_range`).
     """
 
     def __init__(self, t: Target) -> None:
@@ -134,17 +134,19 @@ class TargetSql:
         if t.version_column:
             ver = quote_ident(t.version_column)
             is_v = f"{ver} = $2"
-            older = f"{ver} < $2"
             set_version = f", {ver} = $4"
         else:
+            ver = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int"
             is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
-            older = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int < $2"
             set_version = ""
+        older = f"{ver} < $2"
+        self._version_expr = ver
         self._idc = idc
-        self._base = base = f"FROM {table} WHERE {scope} AND {is_v}"
+        self._table, self._scope = table, scope
+        base = f"FROM {table} WHERE {scope} AND {is_v}"
         self._select_head = f"SELECT {kt.select(idc)}, {val}{extra} {base}"
         self._selects: dict[tuple[bool, bool, bool], str] = {}
-        self._exists: dict[tuple[bool, bool], str] = {}
+        self._versions: dict[tuple[bool, bool], str] = {}
         self.update = (
             f"UPDATE {table} AS t SET {val} = u.new{set_version} "
             f"FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) AS u(id, old, new) "
@@ -161,10 +163,11 @@ class TargetSql:
         self.has_version_param = bool(t.version_column)
         self.count_version = f"SELECT count(*) {base}"
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
-        # k contiguous key buckets of about equal row counts over the rows still to do.
+        # k contiguous key buckets of about equal row counts over the rows still to do, each with
+        # the least version its rows hold (where a range's first pass starts).
         self.plan = (
-            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
-            f"(SELECT {idc} AS id, ntile($3) OVER (ORDER BY {idc}) AS b "
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*), min(v) FROM "
+            f"(SELECT {idc} AS id, {ver} AS v, ntile($3) OVER (ORDER BY {idc}) AS b "
             f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY b"
         )
         self.lock_table = f"LOCK TABLE {table} IN SHARE MODE"
@@ -180,15 +183,20 @@ class TargetSql:
             self._selects[k] = sql + " SKIP LOCKED" if skip_locked else sql
         return self._selects[k]
 
-    def exists_in_range(self, *, after: bool, upper: bool) -> str:
-        """Whether a row on version ``$2`` lies after ``$3`` and up to ``$4`` (the bounds given)."""
+    def versions_in_range(self, *, after: bool, upper: bool) -> str:
+        """The least version of ``$3`` (an ``int[]``) above ``$2`` that a row of the range holds, and
+        the least of any; the range's bounds from ``$4``. One read of the range for both."""
         if self.key_type.integer:
             after = upper = True
         k = (after, upper)
-        if k not in self._exists:
-            bounds, _ = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
-            self._exists[k] = f"SELECT EXISTS (SELECT 1 {self._base}{bounds})"
-        return self._exists[k]
+        if k not in self._versions:
+            bounds, _ = key_bounds(self._idc, self.key_type, 4, after=after, upper=upper)
+            ver = self._version_expr
+            self._versions[k] = (
+                f"SELECT min(v) FILTER (WHERE v > $2), min(v) FROM (SELECT {ver} AS v "
+                f"FROM {self._table} WHERE {self._scope} AND {ver} = ANY($3::int[]){bounds}) AS s"
+            )
+        return self._versions[k]
 
 
 def _secret_context(_row_id: int, extra: tuple[Any, ...]) -> str:
@@ -324,18 +332,27 @@ async def count_version(apg: Any, target: Target, scope_id: int, version: int) -
 
 
 async def key_buckets(apg: Any, target: Target, scope_id: int, new_version: int, k: int) -> Sequence[Any]:
-    """``k`` contiguous ``(first key, last key, rows)`` buckets of the rows older than ``new_version``."""
+    """``k`` contiguous ``(first key, last key, rows, least version)`` buckets of the rows older
+    than ``new_version``."""
     buckets: Sequence[Any] = await apg.fetch(target.sql.plan, scope_id, new_version, k)
     return buckets
 
 
-async def any_in_range(
-    apg: Any, target: Target, scope_id: int, version: int, after: Key | None, hi: Key | None
-) -> bool:
-    """Whether a row of ``target`` with ``after < id <= hi`` is on ``version``."""
+async def versions_in_range(
+    apg: Any,
+    target: Target,
+    scope_id: int,
+    versions: Sequence[int],
+    current: int,
+    after: Key | None,
+    hi: Key | None,
+) -> tuple[int | None, int | None]:
+    """Of ``versions``, the least that a row of ``target`` with ``after < id <= hi`` holds above
+    ``current``, and the least it holds at all (None: no such row)."""
     has_after, has_hi, bounds = _bound_args(target, after, hi)
-    sql = target.sql.exists_in_range(after=has_after, upper=has_hi)
-    return bool(await apg.fetchval(sql, scope_id, version, *bounds))
+    sql = target.sql.versions_in_range(after=has_after, upper=has_hi)
+    row = await apg.fetchrow(sql, scope_id, current, list(versions), *bounds)
+    return row[0], row[1]
 
 
 async def lock_target(apg: Any, target: Target) -> None:
