@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE
+from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
 from keyrotor.store import columns as store
@@ -112,6 +112,7 @@ class ManagedColumn:
             scope=self.scope,
             scope_name_column=self.scope_column,
             key_type=self.key_type,
+            context_prefix=context_prefix(template),
         )
 
     def page_sql(self, where: str = "TRUE", *, first: bool = False) -> str:

@@ -20,7 +20,8 @@ unregistered location is never destroyed (:func:`uncovered_locations`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,29 @@ def location_of(context: str) -> str:
     """The location of a value sealed with ``context``: the context up to its last ``:``."""
     head, sep, _ = context.rpartition(":")
     return head if sep else context
+
+
+def context_prefix(template: str) -> str | None:
+    """The text before the key when ``template`` is that text followed by one ``{pk}`` and
+    nothing else (``settings.api_key:{pk}`` -> ``settings.api_key:``), else None."""
+    head, placeholder, tail = template.partition(PK_PLACEHOLDER)
+    if not placeholder or tail or PK_PLACEHOLDER in head:
+        return None
+    return head
+
+
+def count_locations(
+    contexts: Sequence[str], *, prefix: str | None = None, keys: Sequence[str] = ()
+) -> dict[str, int]:
+    """How many of ``contexts`` have each location: ``Counter(map(location_of, contexts))``.
+
+    With ``prefix`` and ``keys`` (each context is ``prefix + key``, in order), a batch whose
+    prefix holds a ``:`` and whose keys hold none has one location, found without a look at
+    each context: the usual case of a rotation batch.
+    """
+    if prefix is not None and ":" in prefix and contexts and ":" not in "".join(keys):
+        return {prefix[: prefix.rfind(":")]: len(contexts)}
+    return dict(Counter(map(location_of, contexts)))
 
 
 def display(location: str) -> str:

@@ -55,6 +55,16 @@ _FROM_STD = bytes.maketrans(b"+/", b"-_")
 _PAD = (b"", b"", b"==", b"=")
 _B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _B64URL_INDEX = {c: i for i, c in enumerate(_B64URL)}
+# By the length of a body modulo 4 (2 or 3), whether a last byte leaves non-zero unused bits:
+# the test of _body's canonical check, as a table lookup on the value's bytes.
+_NON_CANONICAL: tuple[bytes, ...] = (
+    b"",
+    b"",
+    *(
+        bytes(1 if chr(b) in _B64URL_INDEX and _B64URL_INDEX[chr(b)] & mask else 0 for b in range(256))
+        for mask in (0x0F, 0x03)
+    ),
+)
 # Version texts seen in practice, parsed once (the strict parser runs for the rest).
 _SMALL_VERSIONS = {str(v): v for v in range(1, 10_000)}
 
@@ -366,50 +376,67 @@ class Resealer:
 
         The version field is checked as part of one prefix string (a canonical value of the old
         version starts with exactly ``kr1:<old>:``), the nonces come from one draw of the OS for
-        the batch, and the per-value work runs in one loop with its lookups bound once. Each new
-        text is read back as a decrypt reads it (prefix, strict base64url) and opened with the
-        new DEK before the batch is returned.
+        the batch, and one loop does the per-value work, the strict reading of :func:`split`
+        written out in it. Each new value's base64url bytes (the text after the prefix the
+        resealer writes) are read back as a decrypt reads them and opened with the new DEK.
 
         Raises:
             MalformedCiphertext, DecryptionFailed: as :meth:`reseal` raises for the first value
                 that fails (its index in ``failed_at``); nothing is returned then.
         """
         self.failed_at = None
-        old_prefix, skip = self._old_prefix, len(self._old_prefix)
-        prefix, new_skip = self._prefix, len(self._prefix)
+        old_prefix, skip, max_chars = self._old_prefix, len(self._old_prefix), MAX_SEALED_CHARS
+        prefix, max_body = self._prefix, MAX_SEALED_CHARS - len(self._prefix)
         old_head, new_head = self._old_head, self._new_head
         old_decrypt, new_encrypt, new_decrypt = self._old.decrypt, self._new.encrypt, self._new.decrypt
+        a2b, b2a, u32 = binascii.a2b_base64, binascii.b2a_base64, _U32
+        to_std, from_std, pad, non_canonical = _TO_STD, _FROM_STD, _PAD, _NON_CANONICAL
         pool = os.urandom(NONCE_BYTES * len(values))
         out: list[str] = []
+        append = out.append
         for i, (value, context) in enumerate(zip(values, contexts, strict=True)):
             c = context.encode()
-            tail = _U32(len(c)) + c
+            tail = u32(len(c)) + c
             try:
-                if type(value) is not str or not value.startswith(old_prefix):
+                if type(value) is not str or not value.startswith(old_prefix) or len(value) > max_chars:
                     raise MalformedCiphertext
-                if len(value) > MAX_SEALED_CHARS:
+                # What _body does: strict base64url, long enough, canonical trailing bits.
+                b64 = value[skip:].encode("ascii")
+                rem = len(b64) & 3
+                raw = a2b(b64.translate(to_std) + pad[rem], strict_mode=True)
+                if len(raw) < NONCE_BYTES + TAG_BYTES or (rem and non_canonical[rem][b64[-1]]):
                     raise MalformedCiphertext
-                raw = _body(value[skip:])
                 plaintext = old_decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], old_head + tail)
-            except (MalformedCiphertext, InvalidTag):
-                # The single-value path names what is wrong (malformed, another version, tampered).
-                self.failed_at = i
-                out.append(self.reseal(value, context))
-                self.failed_at = None
+            except (MalformedCiphertext, InvalidTag, UnicodeEncodeError, binascii.Error, ValueError):
+                append(self._reseal_failed(i, value, context))
                 continue
             nonce = pool[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
             new_aad = new_head + tail
-            sealed = prefix + _b64url(nonce + new_encrypt(nonce, plaintext, new_aad))
+            # The new text is the prefix and exactly these ASCII bytes: reading them back is
+            # reading back the value written.
+            sealed = nonce + new_encrypt(nonce, plaintext, new_aad)
+            body = b2a(sealed, newline=False).translate(from_std).rstrip(b"=")
             try:
-                if len(sealed) > MAX_SEALED_CHARS:
+                rem = len(body) & 3
+                if len(body) > max_body or (rem and non_canonical[rem][body[-1]]):
                     raise MalformedCiphertext
-                new_raw = _body(sealed[new_skip:])
+                new_raw = a2b(body.translate(to_std) + pad[rem], strict_mode=True)
                 reopened = new_decrypt(new_raw[:NONCE_BYTES], new_raw[NONCE_BYTES:], new_aad)
-            except (MalformedCiphertext, InvalidTag):
-                self.failed_at = i
-                raise DecryptionFailed("the re-encrypted value did not verify") from None
+            except (MalformedCiphertext, InvalidTag, binascii.Error, ValueError):
+                raise self._unverified(i) from None
             if reopened != plaintext:
-                self.failed_at = i
-                raise DecryptionFailed("the re-encrypted value did not verify")
-            out.append(sealed)
+                raise self._unverified(i)
+            append(prefix + body.decode("ascii"))
         return out
+
+    def _reseal_failed(self, i: int, value: str, context: str) -> str:
+        """The value at index ``i`` of a batch through the single-value path, whose error names
+        what is wrong with it (malformed, another version, tampered)."""
+        self.failed_at = i
+        sealed = self.reseal(value, context)
+        self.failed_at = None
+        return sealed
+
+    def _unverified(self, i: int) -> DecryptionFailed:
+        self.failed_at = i
+        return DecryptionFailed("the re-encrypted value did not verify")

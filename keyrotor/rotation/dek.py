@@ -289,7 +289,9 @@ async def _fan_out(
     first_version = keys.old_versions[0] if keys.old_versions else run.to_version - 1
     for target in targets:
         for p in await plan_ranges(apg, target, keys.scope_id, run.to_version, range_rows=rc.range_rows):
-            await insert_range(session, run.id, target.name, p, version=first_version)
+            # A range's first pass is over the oldest version its rows hold, not the scope's.
+            version = p.least_version if p.least_version in keys.old else first_version
+            await insert_range(session, run.id, target.name, p, version=version)
             planned += 1
     await runs.update_detail(session, run.id, mode="ranges", ranges=planned)
     return planned

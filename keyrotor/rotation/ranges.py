@@ -23,12 +23,12 @@ from keyrotor.errors import ConfigurationError, InvalidInput, TransientError
 from keyrotor.rotation.completion import announce_completed, complete
 from keyrotor.rotation.context import RotationContext, run_to_commit
 from keyrotor.rotation.lifecycle import failing_run
-from keyrotor.rotation.reencrypt import RotationKeys, exists_in_range, load_keys, reencrypt_batch
+from keyrotor.rotation.reencrypt import RotationKeys, load_keys, reencrypt_batch
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import rotation as store
 from keyrotor.store.key_ranges import Key, range_bounds
-from keyrotor.store.targets import Target, raw_connection, relax_commit
+from keyrotor.store.targets import Target, raw_connection, relax_commit, versions_in_range
 
 log = structlog.get_logger("keyrotor.rotation.ranges")
 
@@ -213,15 +213,20 @@ async def _next_batch(
 async def _end_of_pass(
     session: AsyncSession, apg: Any, rc: RotationContext, run: RunInfo, keys: RotationKeys, rng: _Range
 ) -> _Step:
-    """Start a pass over the next old version, or go round again, or finish the range."""
-    versions = keys.old_versions
-    later = [v for v in versions if v > rng.version]
-    if later:
-        await store.restart_range(session, rng.id, later[0], rng.lo - 1)
+    """Start a pass over the next old version, or go round again, or finish the range.
+
+    Versions no row of the range holds get no pass: one read of the range finds the next one
+    that has rows (a scope rotated many times has many old versions, most of them empty).
+    """
+    later, least = await versions_in_range(
+        apg, rng.target, keys.scope_id, keys.old_versions, rng.version, rng.start, rng.upper
+    )
+    if later is not None:
+        await store.restart_range(session, rng.id, later, rng.lo - 1)
         return _Step()
-    if await exists_in_range(apg, rng.target, keys, rng.start, rng.upper):
+    if least is not None:
         # Rows skipped as locked (or written behind the cursor): go round again from the start.
-        await store.restart_range(session, rng.id, versions[0], rng.lo - 1)
+        await store.restart_range(session, rng.id, least, rng.lo - 1)
         return _Step(blocked=True)
     await store.finish_range(session, rng.id)
     # Count the ranges left in the database, with the run row locked, so that exactly one

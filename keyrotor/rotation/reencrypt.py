@@ -15,7 +15,6 @@ naming the table and row key, and nothing of its batch is written.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import metrics
-from keyrotor.census.locations import location_of, record_batch
+from keyrotor.census.locations import count_locations, record_batch
 from keyrotor.crypto import envelope
 from keyrotor.errors import DecryptionFailed, KeyrotorError, KeyVersionTooOld
 from keyrotor.kek.base import WrappedDek
@@ -32,7 +31,7 @@ from keyrotor.store import rotation as store
 from keyrotor.store.key_ranges import Key, PlannedRange, ranges_from_buckets, show_key
 from keyrotor.store.targets import SECRETS as SECRETS
 from keyrotor.store.targets import Target as Target
-from keyrotor.store.targets import any_in_range, count_older, key_buckets, lock_batch, swap_values
+from keyrotor.store.targets import count_older, key_buckets, lock_batch, swap_values, versions_in_range
 from keyrotor.store.targets import default_targets as default_targets
 from keyrotor.store.targets import register_target as register_target
 
@@ -156,10 +155,13 @@ async def reencrypt_batch(
     except KeyVersionTooOld as exc:
         metrics.decrypt_failed(exc)
         raise RowFailed(target.name, rows[0][0], exc) from exc
-    context_of = target.context
     ids: list[Key] = [row[0] for row in rows]
     olds: list[str] = [row[1] for row in rows]
-    contexts = [context_of(row[0], row[2:]) for row in rows]
+    # A target whose contexts are a prefix and the key text: built, and their locations
+    # counted, per batch (keyrotor.census.locations.count_locations) rather than per row.
+    prefix = target.context_prefix
+    texts = target.key_texts(rows) if prefix is not None else ()
+    contexts = [prefix + text for text in texts] if prefix is not None else target.contexts(rows)
     try:
         news = resealer.reseal_all(olds, contexts)
     except DecryptionFailed as exc:
@@ -170,7 +172,9 @@ async def reencrypt_batch(
     # Where the new values go (keyrotor.census.locations), in the same transaction. After the
     # rows: every range of a run upserts this one row, and its lock is held until the commit,
     # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.
-    await record_batch(apg, keys.scope_id, keys.new_version, Counter(map(location_of, contexts)))
+    await record_batch(
+        apg, keys.scope_id, keys.new_version, count_locations(contexts, prefix=prefix, keys=texts)
+    )
     metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(keys.scope)).inc(written)
     return Batch(len(rows), written, ids[-1])
 
@@ -183,8 +187,13 @@ async def sweep(
     Used inside one transaction: for a small scope (all of it) and when a run completes
     (stragglers written by processes whose cache still named the old DEK). Returns rows written.
     """
+    if versions is None:
+        # One read of the scope finds the least old version its rows still hold, if any: usually
+        # none at all, when a run completes, and no pass is spent on versions nobody holds.
+        _, least = await versions_in_range(apg, target, keys.scope_id, keys.old_versions, 0, None, None)
+        versions = [] if least is None else [v for v in keys.old_versions if v >= least]
     written = 0
-    for version in versions if versions is not None else keys.old_versions:
+    for version in versions:
         after: Key | None = None
         while True:
             batch = await reencrypt_batch(
@@ -209,13 +218,3 @@ async def plan_ranges(
         return []
     k = max(1, -(-total // range_rows))
     return ranges_from_buckets(target.key_type, await key_buckets(apg, target, scope_id, new_version, k))
-
-
-async def exists_in_range(
-    apg: Any, target: Target, keys: RotationKeys, after: Key | None, hi: Key | None
-) -> bool:
-    """Whether any row of ``target`` with ``after < id <= hi`` is still on an older version."""
-    for version in keys.old_versions:
-        if await any_in_range(apg, target, keys.scope_id, version, after, hi):
-            return True
-    return False

@@ -106,10 +106,12 @@ class PlannedRange(NamedTuple):
     rows: int
     after_key: str | None = None
     hi_key: str | None = None
+    least_version: int | None = None  # the oldest version its rows held when planned, if known
 
 
 def ranges_from_buckets(kt: KeyType, buckets: Sequence[Sequence[Any]]) -> list[PlannedRange]:
-    """Contiguous ranges covering every key, from ``(first, last, rows)`` buckets in key order.
+    """Contiguous ranges covering every key, from ``(first, last, rows[, least version])``
+    buckets in key order.
 
     Integer keys: the first range starts at the smallest key or 0 (a cursor is ``lo - 1``), the
     last ends at the largest bigint. Other keys: a boundary after each bucket's last key (taken
@@ -118,15 +120,22 @@ def ranges_from_buckets(kt: KeyType, buckets: Sequence[Sequence[Any]]) -> list[P
     """
     if not buckets:
         return []
+    # A fourth column, when the buckets have one: the least version of each bucket's rows.
+    least = [int(b[3]) if len(b) > 3 and b[3] is not None else None for b in buckets]
     if kt.integer:
         los = [min(0, int(buckets[0][0])), *(int(b[0]) for b in buckets[1:])]
         return [
-            PlannedRange(lo, (los[i + 1] - 1) if i + 1 < len(los) else MAX_ID, int(b[2]))
+            PlannedRange(
+                lo, (los[i + 1] - 1) if i + 1 < len(los) else MAX_ID, int(b[2]), least_version=least[i]
+            )
             for i, (lo, b) in enumerate(zip(los, buckets, strict=True))
         ]
     lasts: list[str | None] = [str(b[1]) for b in buckets[:-1]]
     afters, his = [None, *lasts], [*lasts, None]
-    return [PlannedRange(i, i, int(b[2]), after_key=afters[i], hi_key=his[i]) for i, b in enumerate(buckets)]
+    return [
+        PlannedRange(i, i, int(b[2]), after_key=afters[i], hi_key=his[i], least_version=least[i])
+        for i, b in enumerate(buckets)
+    ]
 
 
 async def insert_range(

@@ -34,6 +34,9 @@ from keyrotor.errors import ConfigurationError
 from keyrotor.store.identifiers import quote_ident
 from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
 
+# Joins the values of one batch into one parameter: a character no ``kr1`` value contains.
+SEPARATOR = ","
+
 
 @dataclass(frozen=True)
 class Target:
@@ -54,6 +57,10 @@ class Target:
         version_column: an integer column kept equal to the value's DEK version (indexed with
             the scope column for fast lookups); None: the version is read from the value's prefix.
         key_type: the key's type (:data:`INTEGER_KEY` for smallint, integer and bigint keys).
+        context_prefix: when every row's context is this text followed by its key text (the
+            first of ``context_columns`` if any, else the row key as ``str``), that text: a
+            batch's contexts are then built without a call a row (:meth:`contexts`). It must
+            agree with ``context``; None: ``context`` is called for each row.
     """
 
     name: str
@@ -67,6 +74,7 @@ class Target:
     version_column: str | None = None
     scope_name_column: str | None = None
     key_type: KeyType = INTEGER_KEY
+    context_prefix: str | None = None
 
     def __post_init__(self) -> None:
         sources = (self.scope_id_column, self.scope, self.scope_name_column)
@@ -84,6 +92,21 @@ class Target:
         """Whether rows of ``scope`` may live in this target."""
         return self.scope is None or self.scope == scope
 
+    def key_texts(self, rows: Sequence[Any]) -> list[str]:
+        """The text after :attr:`context_prefix` in each row's context (rows as :func:`lock_batch`
+        returns them); only for a target with a ``context_prefix``."""
+        if self.context_columns:
+            return [row[2] for row in rows]
+        return [str(row[0]) for row in rows]
+
+    def contexts(self, rows: Sequence[Any]) -> list[str]:
+        """The AAD context of each of ``rows`` (as :func:`lock_batch` returns them), in order."""
+        prefix = self.context_prefix
+        if prefix is None:
+            context_of = self.context
+            return [context_of(row[0], row[2:]) for row in rows]
+        return [prefix + text for text in self.key_texts(rows)]
+
     @cached_property
     def sql(self) -> TargetSql:
         """The statements of this target."""
@@ -95,7 +118,7 @@ class TargetSql:
 
     An integer key always binds both bounds (``MIN_ID``/``MAX_ID`` when open): one statement, as
     fast as it ever was for ``secrets``. Other keys have no such bounds, so a range open at one
-    end gets a statement without that side (:meth:`select`, :meth:`exists_in_range`).
+    end gets a statement without that side (:meth:`select`, :meth:`versions_in_range`).
     """
 
     def __init__(self, t: Target) -> None:
@@ -111,29 +134,40 @@ class TargetSql:
         if t.version_column:
             ver = quote_ident(t.version_column)
             is_v = f"{ver} = $2"
-            older = f"{ver} < $2"
             set_version = f", {ver} = $4"
         else:
+            ver = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int"
             is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
-            older = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int < $2"
             set_version = ""
+        older = f"{ver} < $2"
+        self._version_expr = ver
         self._idc = idc
-        self._base = base = f"FROM {table} WHERE {scope} AND {is_v}"
+        self._table, self._scope = table, scope
+        base = f"FROM {table} WHERE {scope} AND {is_v}"
         self._select_head = f"SELECT {kt.select(idc)}, {val}{extra} {base}"
         self._selects: dict[tuple[bool, bool, bool], str] = {}
-        self._exists: dict[tuple[bool, bool], str] = {}
+        self._versions: dict[tuple[bool, bool], str] = {}
         self.update = (
             f"UPDATE {table} AS t SET {val} = u.new{set_version} "
             f"FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) AS u(id, old, new) "
             f"WHERE t.{idc} = u.id AND t.{val} = u.old"
         )
+        # The same, with the old and new values each sent as one text joined by SEPARATOR
+        # (asyncpg checks every element of a text[] parameter against three ABCs in Python).
+        self.update_joined = (
+            f"UPDATE {table} AS t SET {val} = u.new{set_version} "
+            f"FROM unnest($1::{kt.sql}[], string_to_array($2::text, '{SEPARATOR}'), "
+            f"string_to_array($3::text, '{SEPARATOR}')) AS u(id, old, new) "
+            f"WHERE t.{idc} = u.id AND t.{val} = u.old"
+        )
         self.has_version_param = bool(t.version_column)
         self.count_version = f"SELECT count(*) {base}"
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
-        # k contiguous key buckets of about equal row counts over the rows still to do.
+        # k contiguous key buckets of about equal row counts over the rows still to do, each with
+        # the least version its rows hold (where a range's first pass starts).
         self.plan = (
-            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
-            f"(SELECT {idc} AS id, ntile($3) OVER (ORDER BY {idc}) AS b "
+            f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*), min(v) FROM "
+            f"(SELECT {idc} AS id, {ver} AS v, ntile($3) OVER (ORDER BY {idc}) AS b "
             f"FROM {table} WHERE {scope} AND {older}) AS s GROUP BY b ORDER BY b"
         )
         self.lock_table = f"LOCK TABLE {table} IN SHARE MODE"
@@ -149,15 +183,20 @@ class TargetSql:
             self._selects[k] = sql + " SKIP LOCKED" if skip_locked else sql
         return self._selects[k]
 
-    def exists_in_range(self, *, after: bool, upper: bool) -> str:
-        """Whether a row on version ``$2`` lies after ``$3`` and up to ``$4`` (the bounds given)."""
+    def versions_in_range(self, *, after: bool, upper: bool) -> str:
+        """The least version of ``$3`` (an ``int[]``) above ``$2`` that a row of the range holds, and
+        the least of any; the range's bounds from ``$4``. One read of the range for both."""
         if self.key_type.integer:
             after = upper = True
         k = (after, upper)
-        if k not in self._exists:
-            bounds, _ = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
-            self._exists[k] = f"SELECT EXISTS (SELECT 1 {self._base}{bounds})"
-        return self._exists[k]
+        if k not in self._versions:
+            bounds, _ = key_bounds(self._idc, self.key_type, 4, after=after, upper=upper)
+            ver = self._version_expr
+            self._versions[k] = (
+                f"SELECT min(v) FILTER (WHERE v > $2), min(v) FROM (SELECT {ver} AS v "
+                f"FROM {self._table} WHERE {self._scope} AND {ver} = ANY($3::int[]){bounds}) AS s"
+            )
+        return self._versions[k]
 
 
 def _secret_context(_row_id: int, extra: tuple[Any, ...]) -> str:
@@ -173,6 +212,7 @@ SECRETS = Target(
     context_columns=("name",),
     scope_id_column="scope_id",
     version_column="dek_version",
+    context_prefix="secret:",
 )
 """keyrotor's own table; values are sealed with context ``secret:<name>``."""
 
@@ -255,16 +295,29 @@ async def lock_batch(
     return rows
 
 
+def _joined(values: list[str]) -> str | None:
+    """``values`` joined by :data:`SEPARATOR`, or None unless ``string_to_array`` gives them back
+    exactly: every value non-empty and free of the separator (``kr1`` values always are)."""
+    joined = SEPARATOR.join(values)
+    if joined.count(SEPARATOR) != len(values) - 1 or not all(values):
+        return None
+    return joined
+
+
 async def swap_values(
     apg: Any, target: Target, ids: list[Key], olds: list[str], news: list[str], new_version: int
 ) -> int:
     """Write ``news`` over the rows whose value is still the matching ``olds`` (compare-and-swap
     against application writes). Returns the rows written."""
     sql = target.sql
+    old_text, new_text = _joined(olds), _joined(news)
+    statement = sql.update
+    args: tuple[object, ...] = (ids, olds, news)
+    if old_text is not None and new_text is not None:
+        statement, args = sql.update_joined, (ids, old_text, new_text)
     if sql.has_version_param:
-        status = await apg.execute(sql.update, ids, olds, news, new_version)
-    else:
-        status = await apg.execute(sql.update, ids, olds, news)
+        args += (new_version,)
+    status = await apg.execute(statement, *args)
     return int(status.rsplit(" ", 1)[-1])
 
 
@@ -279,18 +332,27 @@ async def count_version(apg: Any, target: Target, scope_id: int, version: int) -
 
 
 async def key_buckets(apg: Any, target: Target, scope_id: int, new_version: int, k: int) -> Sequence[Any]:
-    """``k`` contiguous ``(first key, last key, rows)`` buckets of the rows older than ``new_version``."""
+    """``k`` contiguous ``(first key, last key, rows, least version)`` buckets of the rows older
+    than ``new_version``."""
     buckets: Sequence[Any] = await apg.fetch(target.sql.plan, scope_id, new_version, k)
     return buckets
 
 
-async def any_in_range(
-    apg: Any, target: Target, scope_id: int, version: int, after: Key | None, hi: Key | None
-) -> bool:
-    """Whether a row of ``target`` with ``after < id <= hi`` is on ``version``."""
+async def versions_in_range(
+    apg: Any,
+    target: Target,
+    scope_id: int,
+    versions: Sequence[int],
+    current: int,
+    after: Key | None,
+    hi: Key | None,
+) -> tuple[int | None, int | None]:
+    """Of ``versions``, the least that a row of ``target`` with ``after < id <= hi`` holds above
+    ``current``, and the least it holds at all (None: no such row)."""
     has_after, has_hi, bounds = _bound_args(target, after, hi)
-    sql = target.sql.exists_in_range(after=has_after, upper=has_hi)
-    return bool(await apg.fetchval(sql, scope_id, version, *bounds))
+    sql = target.sql.versions_in_range(after=has_after, upper=has_hi)
+    row = await apg.fetchrow(sql, scope_id, current, list(versions), *bounds)
+    return row[0], row[1]
 
 
 async def lock_target(apg: Any, target: Target) -> None:

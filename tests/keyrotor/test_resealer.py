@@ -83,3 +83,33 @@ def test_reseal_all_refuses_a_wrong_context() -> None:
     assert r.failed_at == 1
     assert r.reseal_all(values, contexts)  # a later batch starts clean
     assert r.failed_at is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "kr1:3:" + "A" * 39 + "B",  # length 0 modulo 4: no unused bits; parses, fails authentication
+        "kr1:3:" + "A" * 41 + "B",  # length 2 modulo 4: four unused bits
+        "kr1:3:" + "A" * 42 + "B",  # length 3 modulo 4: two unused bits
+        "kr1:3:" + "A" * 38 + "é",  # not ASCII
+        "kr1:3:" + "A" * 38 + "==",  # padding is not base64url
+        "kr1:3:" + "A" * 20,  # shorter than a nonce and a tag
+        "kr1:3:",
+    ],
+)
+def test_reseal_all_reads_a_value_as_strictly_as_a_decrypt(bad: str) -> None:
+    values, contexts, _ = batch(4)
+    values[3] = bad
+    r = resealer()
+    try:
+        envelope.split(bad)
+    except MalformedCiphertext as exc:
+        expected: type[Exception] = type(exc)
+    else:
+        expected = DecryptionFailed  # parses, and fails authentication
+    with pytest.raises(expected) as batch_error:
+        r.reseal_all(values, contexts)
+    assert r.failed_at == 3
+    with pytest.raises(expected) as single_error:
+        r.reseal(bad, contexts[3])
+    assert str(batch_error.value) == str(single_error.value)
