@@ -222,7 +222,6 @@ async def with_workers(
         "ENCRYPTION_KEY": settings.encryption_key.get_secret_value() if settings.encryption_key else "",
         "KEYROTOR_QUEUE_NAME": queue,
         "KEYROTOR_NOTIFY_CHANNEL": queue + ":keys",
-        "KEYROTOR_WORKER_POLL_DELAY_SECONDS": "0.02",
         "KEYROTOR_WORKER_MAX_JOBS": "2",
         "KEYROTOR_LOG_LEVEL": "WARNING",
         "KEYROTOR_AUDIT": "false",

@@ -38,8 +38,12 @@ class WorkerSettings(SettingsPart):
     )
     kek_rewrap_batch: int = Field(default=100, ge=1, le=1_000, validation_alias="KEYROTOR_KEK_REWRAP_BATCH")
     worker_max_jobs: int = Field(default=4, ge=1, le=100, validation_alias="KEYROTOR_WORKER_MAX_JOBS")
+    # arq waits this long between looks at the queue, also when a job has just finished: a
+    # fanned-out rotation's next wave of range jobs waited up to 0.5 s a wave at arq's default.
+    # A look is one Redis command (plus a few per queued job it tries to start): 20 a second
+    # per idle worker is a rounding error for Redis.
     worker_poll_delay_s: float = Field(
-        default=0.5, gt=0, le=60, validation_alias="KEYROTOR_WORKER_POLL_DELAY_SECONDS"
+        default=0.05, gt=0, le=60, validation_alias="KEYROTOR_WORKER_POLL_DELAY_SECONDS"
     )
     job_timeout_s: float = Field(default=1_800, gt=0, validation_alias="KEYROTOR_JOB_TIMEOUT_SECONDS")
     job_max_tries: int = Field(default=20, ge=1, validation_alias="KEYROTOR_JOB_MAX_TRIES")
