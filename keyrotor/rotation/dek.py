@@ -244,15 +244,15 @@ async def _promote(rc: RotationContext, scope: str, run: RunInfo) -> bool:
         keys = await load_keys(session, rc.cipher, scope, sc.id, run.to_version)
         apg = await raw_connection(session)
         targets = rc.targets_for(scope)
-        total = 0
-        for target in targets:
-            total += await count_older(apg, target, sc.id, run.to_version)
+        # Counted once here, then handed to the range planner, which would otherwise count again.
+        counts = {t.name: await count_older(apg, t, sc.id, run.to_version) for t in targets}
+        total = sum(counts.values())
         await store.promote_dek(session, sc.id, run.to_version)
         await runs.add_progress(session, run.id, 0, total=total)
         if total < rc.settings.small_scope_rows:
             await _rotate_whole(session, apg, rc, run.id, keys, targets)
             return True
-        planned = await _fan_out(session, apg, rc, run, keys, targets)
+        planned = await _fan_out(session, apg, rc, run, keys, targets, counts)
         log.info("rotation_fanned_out", rows_total=total, ranges=planned, to_version=run.to_version)
         return False
 
@@ -281,14 +281,18 @@ async def _fan_out(
     run: RunInfo,
     keys: RotationKeys,
     targets: list[Target],
+    counts: dict[str, int],
 ) -> int:
-    """Split a large scope's rows into ``rotation_ranges`` rows, in the promoting transaction.
-    Returns how many."""
+    """Split a large scope's rows into ``rotation_ranges`` rows, in the promoting transaction
+    (``counts``: each target's rows still to do, counted in it). Returns how many."""
     assert run.to_version is not None
     planned = 0
     first_version = keys.old_versions[0] if keys.old_versions else run.to_version - 1
     for target in targets:
-        for p in await plan_ranges(apg, target, keys.scope_id, run.to_version, range_rows=rc.range_rows):
+        plan = await plan_ranges(
+            apg, target, keys.scope_id, run.to_version, range_rows=rc.range_rows, total=counts[target.name]
+        )
+        for p in plan:
             # A range's first pass is over the oldest version its rows hold, not the scope's.
             version = p.least_version if p.least_version in keys.old else first_version
             await insert_range(session, run.id, target.name, p, version=version)

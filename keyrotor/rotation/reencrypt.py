@@ -207,13 +207,15 @@ async def sweep(
 
 
 async def plan_ranges(
-    apg: Any, target: Target, scope_id: int, new_version: int, *, range_rows: int
+    apg: Any, target: Target, scope_id: int, new_version: int, *, range_rows: int, total: int | None = None
 ) -> list[PlannedRange]:
     """Split the rows still to do into contiguous key ranges of about ``range_rows`` rows each.
 
-    See :func:`ranges_from_buckets` for how the ranges cover every key.
+    ``total``: those rows' count, if the caller counted them in this transaction (else counted
+    here). See :func:`ranges_from_buckets` for how the ranges cover every key.
     """
-    total = await count_older(apg, target, scope_id, new_version)
+    if total is None:
+        total = await count_older(apg, target, scope_id, new_version)
     if total == 0:
         return []
     k = max(1, -(-total // range_rows))
