@@ -113,7 +113,8 @@ async def _authenticate(request: web.Request) -> None:
     svc = request.app[SERVICE]
     # The client's address (through trusted proxies), so one bad client behind a balancer does
     # not lock out the others.
-    peer = client_ip(request.remote, request.headers.get("X-Forwarded-For"), svc.proxies) or "?"
+    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), svc.proxies)
+    peer = ip or "?"
     if not svc.auth_failures.available(peer):
         raise errors.ApiError(
             429, "rate_limited", "too many failed authentications from this address; retry later",
@@ -129,7 +130,7 @@ async def _authenticate(request: web.Request) -> None:
             "a valid bearer token is required (missing, unknown, expired or revoked)",
             headers={"WWW-Authenticate": 'Bearer realm="keyrotor"'},
         )
-    caller = svc.caller(request, bearer)
+    caller = svc.caller(request, bearer, ip)
     request[CALLER] = caller
     svc.spend(caller, 1)
 

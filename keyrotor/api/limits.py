@@ -77,8 +77,11 @@ class RateLimiter:
         """Whether ``key`` could spend one unit now (spends nothing)."""
         if self._rate <= 0:
             return True
+        bucket = self._buckets.get(key)
+        if bucket is None:  # a full bucket: no clock needed
+            return self._burst >= 1
         now = self._clock()
-        tokens, at = self._buckets.get(key, (self._burst, now))
+        tokens, at = bucket
         return min(self._burst, tokens + (now - at) * self._rate) >= 1
 
     def take(self, key: int | str, units: int = 1) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from keyrotor.api.errors import ApiError
-from keyrotor.api.limits import Network, RateLimiter, client_ip, retry_after
+from keyrotor.api.limits import Network, RateLimiter, retry_after
 from keyrotor.api.tokens import Bearer, TokenVerifier
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import InvalidScope
@@ -69,9 +69,9 @@ class Service:
             await self.client.close()
         self.client = None
 
-    def caller(self, request: web.Request, bearer: Bearer) -> Caller:
-        peer = request.remote
-        ip = client_ip(peer, request.headers.get("X-Forwarded-For"), self.proxies)
+    def caller(self, request: web.Request, bearer: Bearer, ip: str | None) -> Caller:
+        """The caller of ``request``: ``bearer``'s token and actor, ``ip`` (``client_ip``'s
+        answer for the request) and its User-Agent."""
         ua = request.headers.get("User-Agent")
         return Caller(bearer.token_id, bearer.actor, ip, ua[:MAX_USER_AGENT_CHARS] if ua else None)
 

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -155,48 +156,52 @@ class TokenVerifier:
         self._sessions = sessions
         self._ttl_s = ttl_s
         self._clock = clock
-        self._cache: dict[bytes, tuple[float, store.TokenRecord | None]] = {}
-        self._pending: dict[bytes, asyncio.Future[store.TokenRecord | None]] = {}
+        # digest -> (cached until, the bearer or None when unknown or revoked, its expiry as a
+        # Unix time or inf): what a request needs, decided once a lookup.
+        self._cache: dict[bytes, tuple[float, Bearer | None, float]] = {}
+        self._pending: dict[bytes, asyncio.Future[tuple[Bearer | None, float]]] = {}
 
     async def verify(self, token: str) -> Bearer | None:
         """The bearer a token names, or None if it is unknown, revoked or expired."""
         if not looks_like_token(token):
             return None
         digest = token_hash(token)
-        record = await self._lookup(digest)
-        if record is None or record.revoked_at is not None:
-            return None
-        if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
-            return None
-        return Bearer(record.id, record.actor)
-
-    async def _lookup(self, digest: bytes) -> store.TokenRecord | None:
-        now = self._clock()
         hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if hit is not None and hit[0] > self._clock():
+            bearer, expires = hit[1], hit[2]
+        else:
+            bearer, expires = await self._lookup(digest)
+        if bearer is None or expires <= time.time():
+            return None
+        return bearer
+
+    async def _lookup(self, digest: bytes) -> tuple[Bearer | None, float]:
         # One lookup a token at a time: when a busy token's entry expires, the requests in
         # flight share one query instead of each taking a connection for the same row.
         task = self._pending.get(digest)
         if task is None:
-            task = self._pending[digest] = asyncio.ensure_future(self._fetch(digest, now))
+            task = self._pending[digest] = asyncio.ensure_future(self._fetch(digest, self._clock()))
             task.add_done_callback(lambda done: self._settled(digest, done))
         # Shielded: a request that goes away does not cancel the others' lookup.
         return await asyncio.shield(task)
 
-    def _settled(self, digest: bytes, task: asyncio.Future[store.TokenRecord | None]) -> None:
+    def _settled(self, digest: bytes, task: asyncio.Future[tuple[Bearer | None, float]]) -> None:
         self._pending.pop(digest, None)
         if not task.cancelled():
             task.exception()  # retrieved: its waiters, if any are left, raise it themselves
 
-    async def _fetch(self, digest: bytes, now: float) -> store.TokenRecord | None:
+    async def _fetch(self, digest: bytes, now: float) -> tuple[Bearer | None, float]:
         async with db.transaction(self._sessions) as session:
             found = await store.find_by_hash(session, digest)
-        record = None
+        bearer, expires = None, math.inf
         if found is not None and hmac.compare_digest(found[1], digest):
             record = found[0]
+            if record.revoked_at is None:
+                bearer = Bearer(record.id, record.actor)
+                if record.expires_at is not None:
+                    expires = record.expires_at.timestamp()
         if self._ttl_s > 0:
             if len(self._cache) >= self._MAX_ENTRIES:
                 self._cache.clear()
-            self._cache[digest] = (now + self._ttl_s, record)
-        return record
+            self._cache[digest] = (now + self._ttl_s, bearer, expires)
+        return bearer, expires

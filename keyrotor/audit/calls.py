@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.audit.checkpoint import Checkpointer, open_audit_key
 from keyrotor.audit.durable import DurableAuditWriter
+from keyrotor.audit.events import MAX_SHORT_CHARS
 from keyrotor.audit.grants import GrantCache
 from keyrotor.audit.key import AuditKey
 from keyrotor.audit.log import (
@@ -142,6 +143,9 @@ class CallAudit:
         self.settings = settings
         self.default_who: Who = (default_actor, None, None)
         self._plain_whos: dict[str, Who] = {default_actor: self.default_who}  # validated actors
+        # (actor, ip, user agent) as given -> the cleaned caller: an HTTP client sends the same
+        # three on every request.
+        self._full_whos: dict[tuple[str, str | None, str | None], Who] = {}
         self._grants = grants
         self._valid_scopes = valid_scopes
         # The batched writer (None until open, after close, or with KEYROTOR_AUDIT=off).
@@ -194,6 +198,10 @@ class CallAudit:
                 who = self._plain_whos.get(actor)
                 if who is not None:
                     return who
+        elif ctx is None and actor is not None:
+            known = self._full_whos.get((actor, ip, user_agent))
+            if known is not None:
+                return known
         if actor is None:
             name = self.default_who[0] if ctx is None else ctx.actor
         elif actor in self._plain_whos:
@@ -202,11 +210,16 @@ class CallAudit:
             name = check_actor(actor)
             if len(self._plain_whos) < _MAX_ACTORS:
                 self._plain_whos[name] = (name, None, None)
-        return (
+        who = (
             name,
             clean_short(ip) if ip is not None else (ctx.ip if ctx else None),
             clean_short(user_agent) if user_agent is not None else (ctx.user_agent if ctx else None),
         )
+        if ctx is None and actor is not None and len(ip or "") + len(user_agent or "") <= 2 * MAX_SHORT_CHARS:
+            if len(self._full_whos) >= _MAX_ACTORS:
+                self._full_whos.clear()
+            self._full_whos[(actor, ip, user_agent)] = who
+        return who
 
     async def authorize(self, who: Who, scope: str, operation: int) -> None:
         """Raise AccessDenied (and record ``unauthorized``) unless a grant allows the call."""
