@@ -57,16 +57,18 @@ def context_prefix(template: str) -> str | None:
     return head
 
 
-def count_locations(
-    contexts: Sequence[str], *, prefix: str | None = None, keys: Sequence[str] = ()
-) -> dict[str, int]:
+def count_locations(contexts: Sequence[str], *, prefix: str | None = None) -> dict[str, int]:
     """How many of ``contexts`` have each location: ``Counter(map(location_of, contexts))``.
 
-    With ``prefix`` and ``keys`` (each context is ``prefix + key``, in order), a batch whose
-    prefix holds a ``:`` and whose keys hold none has one location, found without a look at
-    each context: the usual case of a rotation batch.
+    With ``prefix`` (each context is ``prefix`` and a key, as a target with a
+    ``context_prefix`` builds them), a batch whose prefix holds a ``:`` and whose keys hold none
+    has one location, found with one count over the batch instead of a look at each context:
+    the usual case of a rotation batch.
     """
-    if prefix is not None and ":" in prefix and contexts and ":" not in "".join(keys):
+    # Each context holds the prefix's colons and its key's: no more in all of them means no key
+    # holds one, so every location is the prefix up to its last ':'.
+    colons = prefix.count(":") if prefix else 0
+    if contexts and prefix and colons and "".join(contexts).count(":") == len(contexts) * colons:
         return {prefix[: prefix.rfind(":")]: len(contexts)}
     return dict(Counter(map(location_of, contexts)))
 

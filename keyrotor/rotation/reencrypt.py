@@ -157,11 +157,9 @@ async def reencrypt_batch(
         raise RowFailed(target.name, rows[0][0], exc) from exc
     ids: list[Key] = [row[0] for row in rows]
     olds: list[str] = [row[1] for row in rows]
-    # A target whose contexts are a prefix and the key text: built, and their locations
-    # counted, per batch (keyrotor.census.locations.count_locations) rather than per row.
-    prefix = target.context_prefix
-    texts = target.key_texts(rows) if prefix is not None else ()
-    contexts = [prefix + text for text in texts] if prefix is not None else target.contexts(rows)
+    # A target whose contexts are a prefix and the key text builds them, and their locations
+    # are counted, per batch (Target.contexts, count_locations) rather than per row.
+    contexts = target.contexts(rows)
     try:
         news = resealer.reseal_all(olds, contexts)
     except DecryptionFailed as exc:
@@ -172,9 +170,8 @@ async def reencrypt_batch(
     # Where the new values go (keyrotor.census.locations), in the same transaction. After the
     # rows: every range of a run upserts this one row, and its lock is held until the commit,
     # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.
-    await record_batch(
-        apg, keys.scope_id, keys.new_version, count_locations(contexts, prefix=prefix, keys=texts)
-    )
+    locations = count_locations(contexts, prefix=target.context_prefix)
+    await record_batch(apg, keys.scope_id, keys.new_version, locations)
     metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(keys.scope)).inc(written)
     return Batch(len(rows), written, ids[-1])
 

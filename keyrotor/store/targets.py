@@ -92,20 +92,16 @@ class Target:
         """Whether rows of ``scope`` may live in this target."""
         return self.scope is None or self.scope == scope
 
-    def key_texts(self, rows: Sequence[Any]) -> list[str]:
-        """The text after :attr:`context_prefix` in each row's context (rows as :func:`lock_batch`
-        returns them); only for a target with a ``context_prefix``."""
-        if self.context_columns:
-            return [row[2] for row in rows]
-        return [str(row[0]) for row in rows]
-
     def contexts(self, rows: Sequence[Any]) -> list[str]:
         """The AAD context of each of ``rows`` (as :func:`lock_batch` returns them), in order."""
         prefix = self.context_prefix
         if prefix is None:
             context_of = self.context
             return [context_of(row[0], row[2:]) for row in rows]
-        return [prefix + text for text in self.key_texts(rows)]
+        # The key text follows the prefix: the first context column if any, else the row key.
+        if self.context_columns:
+            return [prefix + row[2] for row in rows]
+        return [prefix + str(row[0]) for row in rows]
 
     @cached_property
     def sql(self) -> TargetSql:

@@ -54,10 +54,7 @@ def test_a_managed_targets_batch_contexts_and_locations_match_each_rows(
     rows = [(k, "kr1:1:AAAA") for k in keys]
     per_row = [target.context(k, ()) for k in keys]
     assert target.contexts(rows) == per_row
-    texts = target.key_texts(rows) if target.context_prefix is not None else ()
-    assert count_locations(per_row, prefix=target.context_prefix, keys=texts) == Counter(
-        map(location_of, per_row)
-    )
+    assert count_locations(per_row, prefix=target.context_prefix) == Counter(map(location_of, per_row))
 
 
 @pytest.mark.parametrize("names", [["prod", "dev"], ["a:b", "c"], [":", ""], []])
@@ -65,7 +62,7 @@ def test_secrets_batch_contexts_and_locations_match_each_rows(names: list[str]) 
     rows = [(i, "kr1:1:AAAA", name) for i, name in enumerate(names)]
     per_row = [SECRETS.context(row[0], row[2:]) for row in rows]
     assert SECRETS.contexts(rows) == per_row == [f"secret:{n}" for n in names]
-    counts = count_locations(per_row, prefix=SECRETS.context_prefix, keys=SECRETS.key_texts(rows))
+    counts = count_locations(per_row, prefix=SECRETS.context_prefix)
     assert counts == Counter(map(location_of, per_row))
 
 
