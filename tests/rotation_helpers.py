@@ -17,10 +17,9 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from arq.worker import Worker
 
 from keyrotor import KeyManager, Settings
-from keyrotor.worker.main import worker_settings
+from keyrotor.worker.main import LeasedWorker, worker_settings
 from tests.conftest import redis_db_of_this_process
 
 BIN = Path(sys.executable).parent / "keyrotor"
@@ -102,13 +101,13 @@ async def fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]
         await conn.close()
 
 
-async def run_burst_worker(settings: Settings, *, max_jobs: int | None = None) -> Worker:
+async def run_burst_worker(settings: Settings, *, max_jobs: int | None = None) -> LeasedWorker:
     """Run an in-process worker until the queue is empty."""
     kwargs = worker_settings(settings)
     kwargs["ctx"]["configure_logging"] = False
     if max_jobs is not None:
         kwargs["max_jobs"] = max_jobs
-    worker = Worker(**kwargs, burst=True, handle_signals=False)
+    worker = LeasedWorker(**kwargs, burst=True, handle_signals=False)
     try:
         await worker.main()
     finally:

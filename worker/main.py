@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
-from arq.worker import Function, Retry, func
+from arq.worker import Function, Retry, Worker, func
 
 from keyrotor import metrics, runs
 from keyrotor.errors import ConfigurationError, KeyrotorError
@@ -153,6 +153,21 @@ async def _bind_requesters(
         log.debug("request_ids_unavailable", run_id=run_id, error=type(exc).__name__)
         return
     structlog.contextvars.bind_contextvars(**runs.request_context(ids))
+
+
+class LeasedWorker(Worker):
+    """arq's worker, a started job's "in progress" marker living one lease from the start.
+
+    arq sets the marker to the job timeout plus 10 s (half an hour by default) when it takes a
+    job, and :func:`job_start` only then shortens it to a renewed lease. A worker killed in
+    between (SIGKILL, OOM) left that job blocked for the whole timeout, and its run stalled
+    with it. Started as a lease, the marker of a killed worker's job expires within
+    ``KEYROTOR_JOB_LEASE_SECONDS`` wherever the kill lands.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_progress_timeout_s = self.ctx["settings"].job_lease_s
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from arq.worker import Worker
 from rich.table import Table
 
 from keyrotor.errors import KeyrotorError
@@ -75,11 +74,11 @@ def worker(
     """Run a rotation worker (arq) until SIGTERM/SIGINT; any number may share Redis and Postgres."""
     # Imported here: the worker brings every job and its HTTP server (aiohttp, about a third of
     # a second to import), which no other command needs.
-    from keyrotor.worker.main import worker_settings
+    from keyrotor.worker.main import LeasedWorker, worker_settings
 
     settings = Settings.from_env()
     configure_logging(settings)
-    Worker(**worker_settings(settings), burst=burst).run()
+    LeasedWorker(**worker_settings(settings), burst=burst).run()
 
 
 def _describe(r: RunInfo) -> str:
