@@ -24,15 +24,60 @@ def check_scope(scope: str) -> str:
     ``.``, ``_`` and ``-``, starting and ending with a letter or digit.
 
     Raises:
-        InvalidScope: anything else (the message quotes a sanitised version only).
+        InvalidScope: anything else. The message says what is wrong and where, never the text:
+            what arrives in a scope field may be a key pasted into the wrong one, and the
+            message reaches HTTP answers, logs and the audit log.
     """
     if not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS or not _SCOPE_RE.fullmatch(scope):
-        shown = scope[:40].encode("ascii", "backslashreplace").decode() if isinstance(scope, str) else "?"
         raise InvalidScope(
-            f"invalid scope name {shown!r}: use lower-case letters, digits, '.', '_', '-' "
+            f"invalid scope name ({scope_fault(scope)}): use lower-case letters, digits, '.', '_', '-' "
             "and up to 4 '/'-separated segments, like 'anthropic' or 'tenant-42/openai'"
         )
     return scope
+
+
+_SCOPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-/")
+_SEGMENT_EDGE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_SEGMENT_CHARS = 64
+
+
+def _char_kind(c: str) -> str:
+    """A character named by its kind, not by itself (a letter or digit of a key is never shown)."""
+    if c.isupper():
+        return "an upper-case letter"
+    if c.isspace():
+        return "a space" if c == " " else "a whitespace character"
+    if not c.isascii():
+        return "a non-ASCII character"
+    if not c.isprintable():
+        return "a control character"
+    if c.isalnum():
+        return "a letter or digit"
+    return f"{c!r}"  # ASCII punctuation: one such character says nothing about a key
+
+
+def scope_fault(scope: object) -> str:
+    """What makes ``scope`` not a scope name, with positions (1-based) but none of its text."""
+    if not isinstance(scope, str):
+        return "not text"
+    if not scope:
+        return "empty"
+    if len(scope) > MAX_SCOPE_CHARS:
+        return f"{len(scope)} characters; at most {MAX_SCOPE_CHARS}"
+    for i, c in enumerate(scope, 1):
+        if c not in _SCOPE_CHARS:
+            return f"{_char_kind(c)} at position {i} of {len(scope)}"
+    segments = scope.split("/")
+    if len(segments) > 4:
+        return f"{len(segments)} segments; at most 4"
+    for n, seg in enumerate(segments, 1):
+        if not seg:
+            return f"segment {n} of {len(segments)} is empty"
+        if len(seg) > _SEGMENT_CHARS:
+            return f"segment {n} has {len(seg)} characters; at most {_SEGMENT_CHARS}"
+        if seg[0] not in _SEGMENT_EDGE or seg[-1] not in _SEGMENT_EDGE:
+            return f"segment {n} starts or ends with '.', '_' or '-'"
+    return "not a scope name"
 
 
 def value_bytes(plaintext: str, max_bytes: int) -> bytes:

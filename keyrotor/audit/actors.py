@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from keyrotor.audit.events import MAX_ACTOR_CHARS, clean_short
 from keyrotor.errors import InvalidInput
-from keyrotor.inputs import check_scope
+from keyrotor.inputs import check_scope, scope_fault
 
 WILDCARD = "*"
 
@@ -92,12 +92,14 @@ def check_pattern(pattern: str) -> str:
     """
     if pattern == WILDCARD:
         return pattern
+    scope = pattern[:-2] if isinstance(pattern, str) and pattern.endswith("/*") else pattern
     try:
-        check_scope(pattern[:-2] if isinstance(pattern, str) and pattern.endswith("/*") else pattern)
+        check_scope(scope)
     except InvalidInput:
-        shown = str(pattern)[:40].encode("ascii", "backslashreplace").decode()
+        # Said without the text, as check_scope does: it may be a key pasted into the wrong field.
         raise InvalidInput(
-            f"invalid scope pattern {shown!r}: use a scope (anthropic), a prefix (tenant-42/*) or *"
+            f"invalid scope pattern ({scope_fault(scope)}): use a scope (anthropic), "
+            "a prefix (tenant-42/*) or *"
         ) from None
     return pattern
 
