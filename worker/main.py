@@ -168,6 +168,27 @@ class LeasedWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = self.ctx["settings"].job_lease_s
+        self.ctx[LEASED_MARKERS] = True
+
+
+LEASED_MARKERS = "_leased_markers"
+
+
+def warn_unleased_markers(ctx: dict[str, Any]) -> bool:
+    """Warn when the worker was not started as a :class:`LeasedWorker` (``arq`` on the command line).
+
+    arq's own CLI builds a plain ``arq.Worker``, and nothing in the settings it reads can change
+    the marker it sets when it takes a job; such a worker runs every job correctly, but a job it
+    held when killed stays blocked for the job timeout. Returns whether it warned.
+    """
+    if ctx.get(LEASED_MARKERS):
+        return False
+    log.warning(
+        "worker_unleased_markers",
+        detail="started without `keyrotor worker`: a job held by this process when it is killed stays "
+        "blocked for the job timeout (KEYROTOR_JOB_TIMEOUT_SECONDS), not one job lease",
+    )
+    return True
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
@@ -236,6 +257,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["_background"] = asyncio.get_running_loop().create_task(_background(ctx), name="keyrotor-leases")
     if settings.metrics_port:
         ctx["_ops"] = await start_ops_server(ctx)
+    warn_unleased_markers(ctx)
     log.info(
         "worker_started",
         queue=settings.queue_name,

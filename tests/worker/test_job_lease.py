@@ -5,7 +5,7 @@ from __future__ import annotations
 from arq.worker import Worker
 
 from keyrotor import Settings
-from keyrotor.worker.main import LeasedWorker, worker_settings
+from keyrotor.worker.main import LeasedWorker, warn_unleased_markers, worker_settings
 
 
 def test_a_taken_jobs_marker_starts_as_the_lease(env: dict[str, str]) -> None:
@@ -15,3 +15,10 @@ def test_a_taken_jobs_marker_starts_as_the_lease(env: dict[str, str]) -> None:
     assert Worker(**worker_settings(settings)).in_progress_timeout_s == settings.job_timeout_s + 10
     # keyrotor's worker marks it for one lease, which job_start then keeps renewing.
     assert LeasedWorker(**worker_settings(settings)).in_progress_timeout_s == 7
+
+
+def test_a_worker_started_by_arqs_cli_says_what_it_lacks(env: dict[str, str]) -> None:
+    # `arq keyrotor.worker.main.WorkerSettings` builds a plain Worker: start-up warns, once.
+    settings = Settings.from_env(env)
+    assert warn_unleased_markers(Worker(**worker_settings(settings)).ctx)
+    assert not warn_unleased_markers(LeasedWorker(**worker_settings(settings)).ctx)
