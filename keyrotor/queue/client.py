@@ -18,11 +18,12 @@ audit events carry it. It is never part of a job id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, SerializationError
@@ -67,9 +68,11 @@ class RunHandle:
     ) -> RunInfo:
         """Wait until the run is completed or failed, and return it.
 
-        The run is read again after 20 ms, then at twice the interval each time up to ``poll_s``:
-        a rotation of a few seconds is seen done within a few percent of its time, and a long
-        one costs one status query every ``poll_s``.
+        The run is read again as soon as a key change is announced (``KEYROTOR_NOTIFY_CHANNEL``:
+        a completed rotation announces ``rotated``), and otherwise after 20 ms, then at twice
+        the interval each time up to ``poll_s``. So a completion is seen within milliseconds,
+        and a failure (which announces nothing), or a completion whose announcement was lost,
+        within ``poll_s``; a long run costs one status query every ``poll_s``.
 
         Raises:
             TimeoutError: still open after ``timeout_s`` seconds.
@@ -78,17 +81,19 @@ class RunHandle:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay_s = min(poll_s, _FIRST_POLL_S)
-        while True:
-            run = await self.status()
-            if on_progress is not None:
-                on_progress(run)
-            if run.terminal:
-                return run
-            await self._raise_if_job_failed()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"run {self.run_id} is still {run.state} after {timeout_s}s")
-            await asyncio.sleep(delay_s)
-            delay_s = min(poll_s, delay_s * 2)
+        # Subscribed before the first read, so an announcement after it cannot be missed.
+        async with _Announcements(self.client.redis, self.client.settings.notify_channel) as heard:
+            while True:
+                run = await self.status()
+                if on_progress is not None:
+                    on_progress(run)
+                if run.terminal:
+                    return run
+                await self._raise_if_job_failed()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"run {self.run_id} is still {run.state} after {timeout_s}s")
+                await heard.next(delay_s)
+                delay_s = min(poll_s, delay_s * 2)
 
     async def result(self, timeout_s: float | None = None) -> RunInfo:
         """Wait for the run and return it if it completed.
@@ -116,6 +121,53 @@ class RunHandle:
         if isinstance(info.result, KeyrotorError):
             raise info.result
         raise RunFailed(f"run {self.run_id}: its job {self.job.job_id} failed: {info.result!r}")
+
+
+class _Announcements:
+    """Key-change announcements heard while a run is waited for: a reason to read it again early.
+
+    Any message on the channel wakes the waiter (they are a few per rotation); the waiter then
+    reads the run itself, so a message is only ever a hint. Without Redis pub/sub (an outage, a
+    subscription refused) it falls back to sleeping: waiting must not fail for want of a hint.
+    """
+
+    def __init__(self, redis: ArqRedis, channel: str) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._pubsub: Any = None
+
+    async def __aenter__(self) -> Self:
+        pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self._channel)
+        except (RedisError, OSError):
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+        else:
+            self._pubsub = pubsub
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+    async def next(self, timeout_s: float) -> None:
+        """Return at the next announcement, or after ``timeout_s`` seconds."""
+        deadline = time.monotonic() + timeout_s
+        while self._pubsub is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                message = await self._pubsub.get_message(timeout=left)
+            except (RedisError, OSError):
+                await self.__aexit__()
+                self._pubsub = None  # the rest of the wait polls
+                break
+            if message is not None and message.get("type") == "message":
+                return
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
 
 def _check(request_id: str | None) -> None:

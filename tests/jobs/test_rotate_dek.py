@@ -13,6 +13,7 @@ from keyrotor.kek.factory import local_keyring
 from keyrotor.queue.client import KeyrotorClient
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation.context import RotationContext
+from keyrotor.runs import RunInfo
 from keyrotor.store import db, repo
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import check_values, fetch, run_burst_worker, seed
@@ -324,3 +325,43 @@ async def test_worker_with_the_wrong_kek_refuses(wenv: dict[str, str], scope_row
     run = (await fetch(s.database_url, "SELECT state, attempts FROM rotations"))[0]
     assert tuple(run) == ("pending", 0)  # untouched: a correctly configured worker will run it
     assert len(await fetch(s.database_url, "SELECT * FROM data_keys")) == 1
+
+
+async def test_a_waiter_hears_the_completion_instead_of_sleeping_out_its_poll(
+    wenv: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polls so far apart that only the "rotated" announcement can end the wait in time.
+    monkeypatch.setattr("keyrotor.queue.client._FIRST_POLL_S", 600.0)
+    s = settings_of(wenv)
+    await seed(s, "anthropic", 20)
+    reads: list[str] = []
+    first_read = asyncio.Event()
+
+    def seen(run: RunInfo) -> None:
+        reads.append(run.state)
+        first_read.set()
+
+    async with KeyrotorClient(s) as client:
+        handle = await client.rotate("anthropic")
+        waiter = asyncio.create_task(handle.wait(poll_s=600, on_progress=seen))
+        await asyncio.wait_for(first_read.wait(), 10)  # subscribed before this first read
+        await run_burst_worker(s)
+        run = await asyncio.wait_for(waiter, 30)
+    # Read once first, then once per announcement heard (pending, active, rotated) at most.
+    assert run.state == "completed" and reads[0] == "pending" and len(reads) <= 4
+
+
+async def test_a_waiter_without_pub_sub_still_polls(wenv: dict[str, str]) -> None:
+    from arq.connections import ArqRedis
+
+    from keyrotor.queue.client import _Announcements
+
+    unreachable = ArqRedis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    try:
+        async with _Announcements(unreachable, "nowhere") as heard:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await asyncio.wait_for(heard.next(0.05), 5)
+            assert loop.time() - t0 >= 0.04  # slept its interval, no error
+    finally:
+        await unreachable.aclose()
