@@ -618,9 +618,11 @@ def machine_description() -> dict[str, str]:
             info["OpenBao"] = first.split()[1] if first.split() else "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
         info["keyrotor commit"] = head.stdout.strip() + (
             " (working tree has changes)" if dirty.stdout.strip() else ""
         )
