@@ -344,6 +344,10 @@ async def _targets(stack: ExitStack, root: Path, result: dict[str, Any]) -> dict
         # The same with audit events queued, not committed before each answer: what the durable
         # commit (a WAL flush a group of calls) costs.
         "keyrotor_async_audit": await keyrotor_target(stack, root, "async"),
+        # And with no audit at all (not a configuration to run; the tokens, grants, JSON and
+        # crypto of a call without any audit work): how much of the gap to the bare ceiling
+        # the audit is.
+        "keyrotor_no_audit": await keyrotor_target(stack, root, "off"),
         "bare": await bare_target(stack, root, durable=False),
         "bare_durable": await bare_target(stack, root, durable=True),
     }
@@ -428,7 +432,9 @@ def main() -> None:
         "{:.2f} / {:.2f} / {:.2f}".format(*r[k]) for k in ("load_average_start", "load_average_end")
     )
     print(f"  load average (1/5/15 min): {start} at the start, {end} at the end")
-    for who in ("keyrotor", "keyrotor_async_audit", "bare", "bare_durable", "bao", "bao_audit"):
+    for who in (
+        "keyrotor", "keyrotor_async_audit", "keyrotor_no_audit", "bare", "bare_durable", "bao", "bao_audit"
+    ):  # fmt: skip
         for key, f in r.get(who, {}).items():
             per = BATCH if key.startswith("batch") else 1
             print(
