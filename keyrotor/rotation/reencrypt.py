@@ -10,12 +10,18 @@ One batch is one transaction (DESIGN.md, steps 3-5): lock a keyset page of rows 
 old version (``FOR UPDATE``), decrypt each with the old DEK, encrypt with the new, decrypt the
 new and compare, then write them with a compare-and-swap against the old values, so an
 application write in between wins. A value that fails to decrypt raises :class:`RowFailed`
-naming the table and row key, and nothing of its batch is written.
+naming the table and row key, and nothing of its batch commits.
+
+Within a batch this process and the server work side by side (a software pipeline, slices of
+:data:`PIPELINE_ROWS`): the rest of the batch is locked and read while its first slice is
+re-sealed, and each slice's UPDATE runs while the next slice is re-sealed. The connection still
+runs one statement at a time; what overlaps is the crypto here with the statement there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +40,11 @@ from keyrotor.store.targets import Target as Target
 from keyrotor.store.targets import count_older, key_buckets, lock_batch, swap_values, versions_in_range
 from keyrotor.store.targets import default_targets as default_targets
 from keyrotor.store.targets import register_target as register_target
+
+# A batch is re-sealed and written in slices of this many rows: the server reads the rest of the
+# batch, or runs the compare-and-swap UPDATE of one slice, while this process re-seals the next
+# (a few ms of crypto between two turns of the event loop, never tens).
+PIPELINE_ROWS = 500
 
 
 class RowFailed(DecryptionFailed):
@@ -143,11 +154,12 @@ async def reencrypt_batch(
 
     Raises:
         RowFailed: a value did not decrypt (or did not verify after re-encryption); nothing of
-            the batch has been written.
+            the batch may commit: slices written before it are undone by the caller's rollback.
     """
     rows = await lock_batch(
-        apg, target, keys.scope_id, version, after=after, hi=hi, limit=limit, skip_locked=skip_locked
-    )
+        apg, target, keys.scope_id, version, after=after, hi=hi, limit=min(limit, PIPELINE_ROWS),
+        skip_locked=skip_locked,
+    )  # fmt: skip
     if not rows:
         return Batch(0, 0, None)
     try:
@@ -155,25 +167,147 @@ async def reencrypt_batch(
     except KeyVersionTooOld as exc:
         metrics.decrypt_failed(exc)
         raise RowFailed(target.name, rows[0][0], exc) from exc
-    ids: list[Key] = [row[0] for row in rows]
-    olds: list[str] = [row[1] for row in rows]
-    # A target whose contexts are a prefix and the key text builds them, and their locations
-    # are counted, per batch (Target.contexts, count_locations) rather than per row.
-    contexts = target.contexts(rows)
-    try:
-        news = resealer.reseal_all(olds, contexts)
-    except DecryptionFailed as exc:
-        metrics.decrypt_failed(exc)
-        failed = resealer.failed_at
-        raise RowFailed(target.name, ids[failed if failed is not None else 0], exc) from exc
-    written = await swap_values(apg, target, ids, olds, news, keys.new_version)
+    ids, contexts, written = await _pipeline(
+        apg, target, keys, version, resealer, rows, hi=hi, limit=limit, skip_locked=skip_locked
+    )
     # Where the new values go (keyrotor.census.locations), in the same transaction. After the
     # rows: every range of a run upserts this one row, and its lock is held until the commit,
     # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.
     locations = count_locations(contexts, prefix=target.context_prefix)
     await record_batch(apg, keys.scope_id, keys.new_version, locations)
     metrics.ROWS_REENCRYPTED.labels(metrics.scope_label(keys.scope)).inc(written)
-    return Batch(len(rows), written, ids[-1])
+    return Batch(len(ids), written, ids[-1])
+
+
+async def _pipeline(
+    apg: Any,
+    target: Target,
+    keys: RotationKeys,
+    version: int,
+    resealer: envelope.Resealer,
+    rows: list[Any],
+    *,
+    hi: Key | None,
+    limit: int,
+    skip_locked: bool,
+) -> tuple[list[Key], list[str], int]:
+    """Re-seal and write the batch whose first slice is ``rows``, reading the rest of it (up to
+    ``limit`` rows in all) while that slice is re-sealed: ``(ids, contexts, rows written)``."""
+    flight = _InFlight()
+    try:
+        if len(rows) == PIPELINE_ROWS < limit:
+            # The rest of the batch is locked and read while its first slice is re-sealed.
+            rest = lock_batch(
+                apg, target, keys.scope_id, version, after=rows[-1][0], hi=hi,
+                limit=limit - PIPELINE_ROWS, skip_locked=skip_locked,
+            )  # fmt: skip
+            await flight.send(rest)
+        ids: list[Key] = [row[0] for row in rows]
+        olds: list[str] = [row[1] for row in rows]
+        # A target whose contexts are a prefix and the key text builds them, and their locations
+        # are counted, per batch (Target.contexts, count_locations) rather than per row.
+        contexts = target.contexts(rows)
+        news = _reseal(resealer, target, ids, olds, contexts, 0)
+        if flight.busy:
+            more: list[Any] = await flight.result()
+            ids += [row[0] for row in more]
+            olds += [row[1] for row in more]
+            contexts += target.contexts(more)
+        written = await _swap_slices(
+            flight, apg, target, keys.new_version, resealer, ids, olds, contexts, news
+        )
+    finally:
+        await flight.drain()
+    return ids, contexts, written
+
+
+class _InFlight:
+    """The one statement a batch has in flight on its connection while this process re-seals.
+
+    An asyncpg connection runs one statement at a time; the pipeline overlaps this process's
+    work with the server's, never two statements.
+    """
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: asyncio.Future[Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    async def send(self, statement: Coroutine[Any, Any, Any]) -> None:
+        """Start ``statement``: one turn of the event loop runs it up to its wait for the
+        server, so its bytes are sent and the server works while the caller goes on."""
+        self._task = asyncio.ensure_future(statement)
+        await asyncio.sleep(0)
+
+    async def result(self) -> Any:
+        """The statement's result, once the server has answered."""
+        task, self._task = self._task, None
+        assert task is not None
+        return await task
+
+    async def drain(self) -> None:
+        """Wait for a statement left in flight by an error (a slice that did not re-seal, a
+        cancellation): the rollback that follows needs the connection."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the error already being raised is the one that counts
+
+
+def _reseal(
+    resealer: envelope.Resealer,
+    target: Target,
+    ids: list[Key],
+    olds: list[str],
+    contexts: list[str],
+    start: int,
+) -> list[str]:
+    """The new values of ``olds`` (the slice of the batch ``ids`` from ``start``); RowFailed
+    naming the row if one does not re-seal."""
+    try:
+        return resealer.reseal_all(olds, contexts)
+    except DecryptionFailed as exc:
+        metrics.decrypt_failed(exc)
+        failed = resealer.failed_at
+        raise RowFailed(target.name, ids[start + (failed if failed is not None else 0)], exc) from exc
+
+
+async def _swap_slices(
+    flight: _InFlight,
+    apg: Any,
+    target: Target,
+    new_version: int,
+    resealer: envelope.Resealer,
+    ids: list[Key],
+    olds: list[str],
+    contexts: list[str],
+    news: list[str],
+) -> int:
+    """Write the batch a slice of :data:`PIPELINE_ROWS` at a time (compare-and-swap), each
+    slice's UPDATE running on the server while the next slice is re-sealed here; ``news`` are
+    the first slice's new values. Returns the rows written (the swaps' hits).
+
+    Raises:
+        RowFailed: as :func:`reencrypt_batch`; slices already written are in the caller's
+            transaction, which the error rolls back.
+    """
+    written = 0
+    for start in range(0, len(ids), PIPELINE_ROWS):
+        end = start + PIPELINE_ROWS
+        if start:
+            news = _reseal(resealer, target, ids, olds[start:end], contexts[start:end], start)
+            hits: int = await flight.result()
+            written += hits
+        await flight.send(swap_values(apg, target, ids[start:end], olds[start:end], news, new_version))
+    hits = await flight.result()
+    return written + hits
 
 
 async def sweep(

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keyrotor import KeyManager, Settings
 from keyrotor.kek.base import WrappedDek
 from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import reencrypt
 from keyrotor.rotation.context import RotationContext
 from keyrotor.rotation.reencrypt import RowFailed
 from tests.jobs.conftest import settings_of
@@ -31,14 +32,16 @@ class CorruptingCipher:
     What it seals no decrypt accepts (the tag no longer matches); ``decrypt`` is the real one.
     """
 
-    def __init__(self, real: AESGCM) -> None:
+    def __init__(self, real: AESGCM, good: int = 0) -> None:
         self._real = real
+        self._good = good  # seals left intact before the corruption starts
         self.sealed = 0
 
     def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
         out = bytearray(self._real.encrypt(nonce, data, associated_data))
-        out[-1] ^= 0x01
         self.sealed += 1
+        if self.sealed > self._good:
+            out[-1] ^= 0x01
         return bytes(out)
 
     def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
@@ -50,13 +53,14 @@ class CorruptingContext(RotationContext):
     """Rotation dependencies whose cipher for DEK ``corrupt_version`` is a :class:`CorruptingCipher`."""
 
     corrupt_version: int = 2
+    good: int = 0
     corrupted: CorruptingCipher | None = None
 
     async def cipher(self, scope: str, version: int, wrapped: WrappedDek) -> AESGCM:
         real = await super().cipher(scope, version, wrapped)
         if version != self.corrupt_version:
             return real
-        self.corrupted = CorruptingCipher(real)
+        self.corrupted = CorruptingCipher(real, self.good)
         return cast(AESGCM, self.corrupted)
 
 
@@ -68,10 +72,13 @@ async def _snapshot(s: Settings) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in await fetch(s.database_url, "SELECT id, api_key FROM accounts ORDER BY id")]
 
 
-@pytest.mark.parametrize("small", ["1000", "5"])  # one transaction, and fanned out into ranges
+# One transaction, and fanned out into ranges; the first row fails, or a row of a later slice
+# of its batch (slices of 4 rows): the UPDATEs of the slices before it were already sent.
+@pytest.mark.parametrize(("small", "good"), [("1000", 0), ("5", 0), ("1000", 10), ("5", 5)])
 async def test_a_value_that_does_not_verify_stops_the_run_and_writes_nothing(
-    wenv: dict[str, str], small: str
+    wenv: dict[str, str], small: str, good: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(reencrypt, "PIPELINE_ROWS", 4)
     s = settings_of(wenv, KEYROTOR_SMALL_SCOPE_ROWS=small, KEYROTOR_REENCRYPT_RANGE_ROWS="8")
     await fetch(s.database_url, "CREATE TABLE accounts (id text PRIMARY KEY, api_key text)")
     keys = [f"acct:{i:02d}:ü" for i in range(ROWS)]
@@ -83,10 +90,10 @@ async def test_a_value_that_does_not_verify_stops_the_run_and_writes_nothing(
     reg = keyrotor("columns", "register", "accounts.api_key", "--pk", "id", "--scope", "openai", env=wenv)
     assert reg.returncode == 0, reg.stderr
     before = await _snapshot(s)
-    first = before[0][0]  # the first row in key order: the first one re-encrypted
+    failing = before[good][0]  # in key order, as the rows are re-encrypted
 
     async with KeyManager(_quiet(s)) as km:
-        rc = CorruptingContext(km.sessions, km.kek, s)
+        rc = CorruptingContext(km.sessions, km.kek, s, good=good)
         if small == "1000":
             with pytest.raises(RowFailed) as caught:
                 await rotation.rotate_dek(rc, "openai")
@@ -102,7 +109,7 @@ async def test_a_value_that_does_not_verify_stops_the_run_and_writes_nothing(
                 assert stopped.state == "failed" and stopped.rows == 0
         assert rc.corrupted is not None and rc.corrupted.sealed >= 1  # the corrupt path really ran
 
-    named = f"accounts.api_key row id={first!r} could not be re-encrypted"
+    named = f"accounts.api_key row id={failing!r} could not be re-encrypted"
     assert named in str(caught.value)
     run = (await fetch(s.database_url, "SELECT state, error, rows_done FROM rotations"))[0]
     assert run["state"] == "failed" and named in run["error"] and run["rows_done"] == 0

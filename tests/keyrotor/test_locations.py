@@ -15,6 +15,7 @@ from keyrotor import KeyManager, Settings
 from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.queue.client import KeyrotorClient
+from keyrotor.rotation import reencrypt
 from tests.rotation_helpers import cleanup_queue, run_burst_worker, seed, worker_env
 
 _ROWS = (
@@ -234,6 +235,33 @@ async def test_rotation_records_where_it_wrote_the_new_version(wenv: dict[str, s
     rows = await _rows(s.database_url)
     assert rows[("anthropic", 1, "secret")] == 12
     assert rows[("anthropic", 2, "secret")] == 12  # committed with the re-encrypted batch
+
+
+@pytest.mark.parametrize("small", ["1000", "5"])  # one transaction, and fanned out into ranges
+async def test_a_batch_written_in_slices_counts_each_row_once(
+    wenv: dict[str, str], small: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches of 10 rows in slices of 4 (a first read of 4, the rest of 6 read behind it; the
+    # UPDATEs of 4, 4 and 2 rows each sent while the next slice is re-sealed), and a short last one.
+    monkeypatch.setattr(reencrypt, "PIPELINE_ROWS", 4)
+    s = Settings.from_env(
+        {
+            **wenv,
+            "KEYROTOR_SMALL_SCOPE_ROWS": small,
+            "KEYROTOR_REENCRYPT_RANGE_ROWS": "12",
+            "KEYROTOR_REENCRYPT_BATCH_ROWS": "10",
+        }
+    )
+    values = await seed(s, "anthropic", 23)
+    async with KeyrotorClient(s) as client:
+        handle = await client.rotate("anthropic")
+        await run_burst_worker(s)
+        run = await handle.result(timeout_s=30)
+    assert run.state == "completed" and run.rows_done == 23
+    assert (await _rows(s.database_url))[("anthropic", 2, "secret")] == 23
+    async with KeyManager(s.model_copy(update={"listen_key_changes": False})) as km:
+        for name, plain in values.items():
+            assert await km.get_secret("anthropic", name) == plain
 
 
 async def test_legacy_migration_records_the_column_it_seals_into(wenv: dict[str, str]) -> None:
