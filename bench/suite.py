@@ -165,6 +165,7 @@ async def rotation(size: Size) -> list[Row]:
             "settle_s": 0,
             "net_rows": 500,
             "wait_rows": 1_500,
+            "wait_turns": 1,
         },
         "default": {
             "rows": 50_000,
