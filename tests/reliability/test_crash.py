@@ -209,7 +209,11 @@ async def test_retire_dek_survives_sigkills(
     wenv: dict[str, str], workers: Workers, rng: random.Random, record: Callable[..., None]
 ) -> None:
     n = sized(1_000, 100_000)
-    stragglers = sized(1_000, 20_000)
+    # A restarted worker's row budget starts full: it may re-encrypt one second's worth (150
+    # rows) at once, before the next kill. 2,000 rows keep five such bursts after kill points
+    # of at most 0.7 short of the end, so every kill lands mid-run; with 1,000 the run could
+    # finish before the last kill.
+    stragglers = sized(2_000, 20_000)
     s = Settings.from_env({**wenv, "KEYROTOR_ACTIVE_VERSION_TTL_SECONDS": "3600"})
     async with KeyManager(_quiet(s)) as stale:
         await stale.encrypt("openai", "warm-up", context="secret:warm-up")  # caches v1 as active for an hour
