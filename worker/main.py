@@ -155,6 +155,10 @@ async def _bind_requesters(
     structlog.contextvars.bind_contextvars(**runs.request_context(ids))
 
 
+# Set in the worker's ctx by LeasedWorker: start-up tells a keyrotor worker from arq's CLI one.
+LEASED_MARKERS = "_leased_markers"
+
+
 class LeasedWorker(Worker):
     """arq's worker, a started job's "in progress" marker living one lease from the start.
 
@@ -169,9 +173,6 @@ class LeasedWorker(Worker):
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = self.ctx["settings"].job_lease_s
         self.ctx[LEASED_MARKERS] = True
-
-
-LEASED_MARKERS = "_leased_markers"
 
 
 def warn_unleased_markers(ctx: dict[str, Any]) -> bool:

@@ -137,20 +137,21 @@ class _Announcements:
         self._pubsub: Any = None
 
     async def __aenter__(self) -> Self:
-        pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self._channel)
+            await self._pubsub.subscribe(self._channel)
         except (RedisError, OSError):
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-        else:
-            self._pubsub = pubsub
+            await self._close()  # the whole wait polls
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._pubsub is not None:
+        await self._close()
+
+    async def _close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+                await pubsub.aclose()
 
     async def next(self, timeout_s: float) -> None:
         """Return at the next announcement, or after ``timeout_s`` seconds."""
@@ -162,8 +163,7 @@ class _Announcements:
             try:
                 message = await self._pubsub.get_message(timeout=left)
             except (RedisError, OSError):
-                await self.__aexit__()
-                self._pubsub = None  # the rest of the wait polls
+                await self._close()  # the rest of the wait polls
                 break
             if message is not None and message.get("type") == "message":
                 return

@@ -42,6 +42,20 @@ def test_reseal_all_of_nothing() -> None:
     assert resealer().reseal_all([], []) == []
 
 
+def _fails_as_reseal_does(n: int, at: int, bad: str, error: type[Exception]) -> None:
+    """A batch of ``n`` with ``bad`` at index ``at`` fails with ``error`` naming that index, with
+    the message :meth:`Resealer.reseal` gives for ``bad`` alone."""
+    values, contexts, _ = batch(n)
+    values[at] = bad
+    r = resealer()
+    with pytest.raises(error) as batch_error:
+        r.reseal_all(values, contexts)
+    assert r.failed_at == at
+    with pytest.raises(error) as single_error:
+        r.reseal(bad, contexts[at])
+    assert str(batch_error.value) == str(single_error.value)
+
+
 @pytest.mark.parametrize(
     ("bad", "error"),
     [
@@ -55,15 +69,7 @@ def test_reseal_all_of_nothing() -> None:
     ],
 )
 def test_reseal_all_fails_as_reseal_does_naming_the_index(bad: str, error: type[Exception]) -> None:
-    values, contexts, _ = batch(5)
-    values[2] = bad
-    r = resealer()
-    with pytest.raises(error) as batch_error:
-        r.reseal_all(values, contexts)
-    assert r.failed_at == 2
-    with pytest.raises(error) as single_error:
-        r.reseal(bad, contexts[2])
-    assert str(batch_error.value) == str(single_error.value)
+    _fails_as_reseal_does(5, 2, bad, error)
 
 
 def test_reseal_all_refuses_a_value_of_another_version() -> None:
@@ -98,18 +104,10 @@ def test_reseal_all_refuses_a_wrong_context() -> None:
     ],
 )
 def test_reseal_all_reads_a_value_as_strictly_as_a_decrypt(bad: str) -> None:
-    values, contexts, _ = batch(4)
-    values[3] = bad
-    r = resealer()
     try:
         envelope.split(bad)
     except MalformedCiphertext as exc:
         expected: type[Exception] = type(exc)
     else:
         expected = DecryptionFailed  # parses, and fails authentication
-    with pytest.raises(expected) as batch_error:
-        r.reseal_all(values, contexts)
-    assert r.failed_at == 3
-    with pytest.raises(expected) as single_error:
-        r.reseal(bad, contexts[3])
-    assert str(batch_error.value) == str(single_error.value)
+    _fails_as_reseal_does(4, 3, bad, expected)
