@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import signal
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -173,6 +174,21 @@ class LeasedWorker(Worker):
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = self.ctx["settings"].job_lease_s
         self.ctx[LEASED_MARKERS] = True
+
+    async def close(self) -> None:
+        """arq's close, waiting for the job tasks its shutdown cancelled without failing on them.
+
+        arq gathers those tasks without ``return_exceptions``: a job cancelled by SIGTERM while
+        it stored its result (a shielded write) raised CancelledError out of ``close()``, so the
+        worker exited 1 with a traceback and never ran ``on_shutdown`` (the KeyManager's close,
+        the audit flush). The tasks are waited for here, their outcomes already recorded by arq
+        (a cancelled job is retried), and arq's close then finds none left.
+        """
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)  # what arq's close does first: cancel the jobs
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        await super().close()
 
 
 def warn_unleased_markers(ctx: dict[str, Any]) -> bool:

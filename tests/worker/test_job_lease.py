@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 
 from keyrotor import Settings
@@ -22,3 +26,21 @@ def test_a_worker_started_by_arqs_cli_says_what_it_lacks(env: dict[str, str]) ->
     settings = Settings.from_env(env)
     assert warn_unleased_markers(Worker(**worker_settings(settings)).ctx)
     assert not warn_unleased_markers(LeasedWorker(**worker_settings(settings)).ctx)
+
+
+async def test_a_job_cancelled_by_shutdown_does_not_fail_the_close(env: dict[str, str]) -> None:
+    # SIGTERM cancels running jobs; one cancelled while storing its result left a cancelled
+    # task that arq's close() gathered and re-raised: exit 1, a traceback, no on_shutdown.
+    settings = Settings.from_env(env)
+    shut_down: list[bool] = []
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        shut_down.append(True)
+
+    worker = LeasedWorker(**{**worker_settings(settings), "on_shutdown": on_shutdown}, handle_signals=False)
+    worker._pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    job = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+    worker.tasks["job"] = job
+    await asyncio.sleep(0)
+    await asyncio.wait_for(worker.close(), 10)
+    assert job.cancelled() and shut_down == [True] and worker._pool is None
