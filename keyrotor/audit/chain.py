@@ -155,8 +155,13 @@ def _middle(values: tuple[Any, ...]) -> str:
 
 
 def _chain(
-    last_id: int, prev_hash: bytes, rows: Sequence[Row], records: list[Record] | None, key: AuditKey | None
-) -> tuple[bytes, int, bytes]:
+    last_id: int,
+    prev_hash: bytes,
+    rows: Sequence[Row],
+    records: list[Record] | None,
+    key: AuditKey | None,
+    hex_prefix: str = "\\\\x",  # bytea in COPY text: \\x<hex>
+) -> tuple[str, int, bytes]:
     # The writer's hot loop: one f-string a row is both what is hashed and what is sent. The
     # fields between id and created_at repeat from event to event (the same caller decrypting
     # the same scope), so their COPY spelling is looked up by the row's values, built once.
@@ -164,7 +169,6 @@ def _chain(
     append = lines.append
     middles = _MIDDLES
     clock = _Clock()
-    hex_prefix = "\\\\x"  # bytea in COPY text: \\x<hex>
     digest: Callable[[bytes], bytes]
     if key is None:
         tag, key_id, key_field = _TAG, None, "\\N"
@@ -192,7 +196,7 @@ def _chain(
         if records is not None:
             records.append((last_id, *row, prev_hash, row_hash, key_id))
         prev_hash, prev_hex = row_hash, row_hex
-    return "".join(lines).encode(), last_id, prev_hash
+    return "".join(lines), last_id, prev_hash
 
 
 def chain_records(
@@ -216,4 +220,28 @@ def chain_copy(
     Returns:
         ``(COPY data, id of the last row, row_hash of the last row)``.
     """
-    return _chain(last_id, prev_hash, rows, None, key)
+    data, last_id, last_hash = _chain(last_id, prev_hash, rows, None, key)
+    return data.encode(), last_id, last_hash
+
+
+def chain_lines(
+    last_id: int, prev_hash: bytes, rows: Sequence[Row], key: AuditKey | None = None
+) -> tuple[str | None, int, bytes]:
+    """Number and hash ``rows`` after the chain head, as one text for
+    ``keyrotor.store.audit.insert_lines_on_head``: the rows' COPY lines with the two hashes in
+    plain hex, split on the server by ``string_to_array`` (``\\N`` the NULL marker).
+
+    One text parameter, because asyncpg encodes the fourteen arrays of the column-wise insert
+    element by element in Python (about 8 us a row, more than the rest of the writer's work).
+    The split cannot undo COPY's backslash escapes, so when any field needed one (a tab or a
+    newline in a value, a backslash in metadata JSON: a context outside ASCII, say) the text is
+    None and the caller inserts the rows column-wise instead.
+
+    Returns:
+        ``(text or None, id of the last row, row_hash of the last row)``.
+    """
+    text, last_id, last_hash = _chain(last_id, prev_hash, rows, None, key, hex_prefix="")
+    # Unescaped, every backslash starts a NULL marker; an escape adds one that does not.
+    if text.count("\\") != text.count("\\N"):
+        return None, last_id, last_hash
+    return text[:-1], last_id, last_hash  # no empty element after the last newline

@@ -265,6 +265,18 @@ _INSERT_ON_HEAD = (
 )
 
 
+# insert_on_head's statement for rows given as one text (keyrotor.audit.chain.chain_lines): a line
+# a row, its COPY fields split on tabs, NULL spelled \N, the hashes in hex.
+_INSERT_LINES_ON_HEAD = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
+    "SELECT f[1]::bigint, f[2], f[3], f[4]::bigint, f[5]::boolean, f[6], f[7], f[8], f[9], "
+    "f[10]::json, f[11]::timestamptz, decode(f[12], 'hex'), decode(f[13], 'hex'), f[14]::integer "
+    f"FROM (SELECT pg_advisory_xact_lock({CHAIN_LOCK})) AS chain_lock, "
+    "unnest(string_to_array($1::text, E'\\n')) AS line, "
+    "LATERAL string_to_array(line, E'\\t', '\\N') AS f"
+)
+
+
 async def begin_locked(pg: Any, timeout_s: float) -> None:
     """Open a transaction on ``pg`` holding the chain lock."""
     await pg.execute(_BEGIN_AND_LOCK, timeout=timeout_s)
@@ -306,3 +318,8 @@ async def insert_on_head(pg: Any, columns: Iterable[Sequence[Any]], timeout_s: f
     created_at in microseconds since 1970). Raises asyncpg's UniqueViolationError, having written
     nothing, if the first id exists: another writer appended since the head the rows were chained on."""
     await pg.execute(_INSERT_ON_HEAD, *columns, timeout=timeout_s)
+
+
+async def insert_lines_on_head(pg: Any, lines: str, timeout_s: float) -> None:
+    """:func:`insert_on_head` for rows given as one text (``keyrotor.audit.chain.chain_lines``)."""
+    await pg.execute(_INSERT_LINES_ON_HEAD, lines, timeout=timeout_s)

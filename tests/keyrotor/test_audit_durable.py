@@ -4,12 +4,14 @@ commit, an outage fails calls closed; and what async mode promises instead, SIGK
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +21,7 @@ from keyrotor import KeyManager, Settings
 from keyrotor.audit.durable import COPY_FROM_ROWS, DurableAuditWriter
 from keyrotor.audit.log import CHAIN_LOCK, AuditEvent, write_event
 from keyrotor.errors import ConfigurationError, DecryptionFailed, StoreUnavailable
+from keyrotor.store import audit as audit_store
 from keyrotor.store import db
 from tests.conftest import PG_ADMIN
 from tests.keyrotor.audit_helpers import rows, verify
@@ -324,3 +327,72 @@ async def test_large_batches_go_by_copy_and_keep_one_chain(settings: Settings, d
     assert await _count(database_url, "big") == 3 * len(big)
     assert await _count(database_url, "small") == 3
     assert await _count(database_url, "other") == 3
+
+
+async def test_rows_go_as_one_text_unless_a_field_needs_an_escape(
+    settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small batches on the known head are sent as one text split on the server; a field that
+    # COPY escapes (tab, newline, backslash; metadata JSON of a context outside ASCII or with a
+    # quote) cannot be split back, and sends its batch column-wise. Both store exactly the values
+    # given, and the chain verifies.
+    odd = ["tab\there", "new\nline", "back\\slash", "caf\u00e9", 'say "hi"', "plain:1", "\\N", "x\\N"]
+    agents = [None, "curl/8", "ua\twith tab", "ua \\N"]
+    sent = {"text": 0, "columns": 0}
+
+    def counting(name: str, kind: str) -> None:
+        real = getattr(audit_store, name)
+
+        async def counted(*args: Any) -> None:
+            sent[kind] += 1
+            await real(*args)
+
+        monkeypatch.setattr(audit_store, name, counted)
+
+    counting("insert_lines_on_head", "text")
+    counting("insert_on_head", "columns")
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", OPENAI)
+        await km.decrypt("openai", token, actor="warm")  # the writer now knows the head
+        for i, context in enumerate(odd):
+            token_i = await km.encrypt("openai", OPENAI, context=context, actor="writer")
+            agent = agents[i % len(agents)]
+            who = {"actor": "reader", "ip": "10.0.0.1", "user_agent": agent}
+            await km.decrypt("openai", token_i, context=context, **who)
+            with pytest.raises(DecryptionFailed):
+                await km.decrypt("openai", token_i, context=context + "?", actor="reader", user_agent=agent)
+        got = await rows(database_url, "actor = 'reader'")
+        assert (await verify(km)).ok
+    # One commit a call (they come one at a time). As text: the decrypt after the head is known,
+    # and the encrypt, decrypt and failed decrypt of plain:1 (user agent curl/8); every other
+    # call of the loop has a field that needs an escape.
+    assert sent == {"text": 4, "columns": 21}
+    assert [(r["event_type"], json.loads(r["metadata"]).get("context"), r["user_agent"]) for r in got] == [
+        (kind, context + suffix, agents[i % len(agents)])
+        for i, context in enumerate(odd)
+        for kind, suffix in (("decrypt", ""), ("failed_decrypt", "?"))
+    ]
+    assert all(r["ip_address"] == "10.0.0.1" for r in got[::2])
+    assert all(r["success"] is (r["event_type"] == "decrypt") for r in got)
+    assert all(r["error_message"] is None for r in got[::2]) and all(r["error_message"] for r in got[1::2])
+
+
+def test_chain_lines_refuses_any_escaped_field() -> None:
+    from keyrotor.audit.chain import chain_copy, chain_lines
+    from keyrotor.audit.events import Row
+    from keyrotor.audit.key import AuditKey
+
+    key = AuditKey(1, b"k" * 32, 0)
+    meta = '{"context":"t:1"}'
+    plain: Row = ("decrypt", "openai", 2, True, "a", None, "ua", None, meta, 1_700_000_000_000_001)
+    text, last_id, last_hash = chain_lines(7, b"\0" * 32, [plain, plain], key)
+    copy, copy_id, copy_hash = chain_copy(7, b"\0" * 32, [plain, plain], key)
+    # The same rows and hashes as COPY's lines, the hashes' \\x prefixes aside.
+    assert text is not None and (last_id, last_hash) == (copy_id, copy_hash) == (9, copy_hash)
+    assert text + "\n" == copy.decode().replace("\\\\x", "")
+    assert text.split("\n")[0].split("\t")[6] == "\\N"  # ip_address: NULL
+    for field, value in ((4, "a\tb"), (6, "u\\N"), (7, "e\nr"), (8, '{"context":"caf\\u00e9"}'), (1, "o\\")):
+        odd: Row = (*plain[:field], value, *plain[field + 1 :])  # type: ignore[assignment]
+        rows_ = [plain, odd]
+        assert chain_lines(7, b"\0" * 32, rows_, key)[0] is None
+        assert chain_lines(7, b"\0" * 32, rows_, key)[1:] == chain_copy(7, b"\0" * 32, rows_, key)[1:]
