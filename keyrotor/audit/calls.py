@@ -48,9 +48,21 @@ _CONTEXT_JSON: dict[str, str] = {"": "{}"}
 
 
 def context_metadata(context: str) -> str:
-    """The metadata JSON of a call with ``context`` (memoised: it is built on every call)."""
+    """The metadata JSON of a call with ``context`` (built on every call: memoised, and spelled
+    out directly for a context JSON would not escape, which is most of them)."""
     meta = _CONTEXT_JSON.get(context)
     if meta is None:
+        # Printable ASCII without a quote or a backslash is its own JSON string (and clean_text
+        # leaves it alone): what the encoder would write, without a dict and an encoder call.
+        # Contexts often name a row ("users.api_key:42") and rarely repeat in a busy service.
+        if (
+            context.isascii()
+            and context.isprintable()
+            and '"' not in context
+            and "\\" not in context
+            and len(context) <= MAX_CONTEXT_CHARS
+        ):
+            return f'{{"context":"{context}"}}'
         meta = metadata_json({"context": clean_text(context, MAX_CONTEXT_CHARS)})
         if len(_CONTEXT_JSON) < 10_000:
             _CONTEXT_JSON[context] = meta

@@ -133,12 +133,12 @@ Record = tuple[
     int | None,
 ]
 _TAG = CHAIN_FORMAT.encode() + b"\t"
-# The COPY fields event_type .. metadata of rows seen, by their values (see _chain).
-_MIDDLES: dict[tuple[Any, ...], str] = {}
+# The COPY fields event_type .. error_message of rows seen, by their values (see _chain).
+_HEADS: dict[tuple[Any, ...], str] = {}
 
 
-def _middle(values: tuple[Any, ...]) -> str:
-    event_type, scope, key_version, success, actor, ip, agent, error, meta = values
+def _head(values: tuple[Any, ...]) -> str:
+    event_type, scope, key_version, success, actor, ip, agent, error = values
     return "\t".join(
         (
             copy_field(event_type),
@@ -149,7 +149,6 @@ def _middle(values: tuple[Any, ...]) -> str:
             copy_field(ip),
             copy_field(agent),
             copy_field(error),
-            copy_field(meta),
         )
     )
 
@@ -163,11 +162,14 @@ def _chain(
     hex_prefix: str = "\\\\x",  # bytea in COPY text: \\x<hex>
 ) -> tuple[str, int, bytes]:
     # The writer's hot loop: one f-string a row is both what is hashed and what is sent. The
-    # fields between id and created_at repeat from event to event (the same caller decrypting
-    # the same scope), so their COPY spelling is looked up by the row's values, built once.
+    # fields between id and the metadata repeat from event to event (the same caller decrypting
+    # the same scope), so their COPY spelling is looked up by the row's values, built once. The
+    # metadata is not part of that key: it holds the call's context, which a service decrypting
+    # for many users rarely repeats, and it needs no escape unless it holds a backslash (ASCII
+    # JSON has no tab or newline but as an escape).
     lines: list[str] = []
     append = lines.append
-    middles = _MIDDLES
+    heads = _HEADS
     clock = _Clock()
     digest: Callable[[bytes], bytes]
     if key is None:
@@ -182,14 +184,17 @@ def _chain(
         digest = key.mac
     prev_hex = prev_hash.hex()
     for row in rows:
-        row_key = row[:9]
-        middle = middles.get(row_key)
-        if middle is None:
-            middle = _middle(row_key)
-            if len(middles) < _COPIED_MAX:
-                middles[row_key] = middle
+        row_key = row[:8]
+        head = heads.get(row_key)
+        if head is None:
+            head = _head(row_key)
+            if len(heads) < _COPIED_MAX:
+                heads[row_key] = head
+        meta = row[8]
+        if "\\" in meta or "\t" in meta or "\n" in meta or "\r" in meta:
+            meta = copy_field(meta)
         last_id += 1
-        fields = f"{last_id}\t{middle}\t{clock.text(row[9])}"
+        fields = f"{last_id}\t{head}\t{meta}\t{clock.text(row[9])}"
         row_hash = digest(prev_hash + tag + fields.encode())
         row_hex = row_hash.hex()
         append(f"{fields}\t{hex_prefix}{prev_hex}\t{hex_prefix}{row_hex}\t{key_field}\n")

@@ -331,6 +331,7 @@ _FIELD = st.none() | st.text(alphabet=st.sampled_from("ab\t\n\r\\N é€"), max_
             _FIELD,
             _FIELD,
             st.integers(0, 4_000_000_000_000_000),
+            st.text(alphabet=st.sampled_from('{}":ab\t\n\r\\Né'), max_size=8),
         ),
         min_size=1,
         max_size=12,
@@ -340,7 +341,7 @@ def test_the_writer_hashes_exactly_the_canonical_line(values: list[tuple[Any, ..
     """What the batched writer hashes (its cached COPY spellings included) is ``canonical``."""
     from keyrotor.audit.log import GENESIS, canonical, chain_records, from_us
 
-    rows = [(*v[:8], '{"k":"v"}', v[8]) for v in values] * 2  # repeats: the cached spellings
+    rows = [(*v[:8], v[9], v[8]) for v in values] * 2  # repeats: the cached spellings
     prev = GENESIS
     for record in chain_records(0, GENESIS, rows):
         row_id, et, scope, kv, ok, actor, ip, agent, error, meta, micros, prev_hash, row_hash, key_id = record
@@ -348,3 +349,27 @@ def test_the_writer_hashes_exactly_the_canonical_line(values: list[tuple[Any, ..
         body = canonical(row_id, et, scope, kv, ok, actor, ip, agent, error, from_us(micros), meta)
         assert prev_hash == prev and row_hash == hashlib.sha256(prev + body).digest()
         prev = row_hash
+
+
+@given(
+    st.text(alphabet=st.sampled_from('ab9:._/ "\\\t\x00\x1f\x7fé€\ud800'), max_size=12)
+    | st.text(alphabet=st.characters(codec="ascii"), max_size=40)
+    | st.text(max_size=40)
+)
+def test_a_context_s_metadata_is_what_the_encoder_writes(context: str) -> None:
+    from keyrotor.audit.calls import context_metadata
+    from keyrotor.audit.log import clean_text, metadata_json
+    from keyrotor.inputs import MAX_CONTEXT_CHARS
+
+    expected = metadata_json({"context": clean_text(context, MAX_CONTEXT_CHARS)}) if context else "{}"
+    assert context_metadata(context) == expected
+    assert context_metadata(context) == expected  # and again, memoised or not
+
+
+def test_a_long_context_s_metadata_is_cut_as_the_encoder_cuts_it() -> None:
+    from keyrotor.audit.calls import context_metadata
+    from keyrotor.audit.log import clean_text, metadata_json
+    from keyrotor.inputs import MAX_CONTEXT_CHARS
+
+    for context in ("a" * (MAX_CONTEXT_CHARS + 1), "users.api_key:" + "9" * MAX_CONTEXT_CHARS):
+        assert context_metadata(context) == metadata_json({"context": clean_text(context, MAX_CONTEXT_CHARS)})
