@@ -40,7 +40,8 @@ class KeyManager:
     Args:
         settings: configuration (``Settings.from_env()`` or built in code).
         kek: a KEK provider (default: the one ``settings`` names).
-        timeout_s: the longest a call waits (None: as long as it takes).
+        timeout_s: the longest a call takes (None: as long as it takes); past it the call is
+            cancelled and raises ``TimeoutError``.
     """
 
     def __init__(
@@ -85,7 +86,13 @@ class KeyManager:
             coro.close()
             raise ConfigurationError("keyrotor.sync.KeyManager cannot be called from its own loop")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(self.timeout_s)
+        try:
+            return future.result(self.timeout_s)
+        except BaseException:
+            # The caller stops waiting (TimeoutError, KeyboardInterrupt): the call ends too, so
+            # nothing it would have written lands after the caller was told it failed.
+            future.cancel()
+            raise
 
     def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> dict[str, str | None]:
         caller = current_caller()
