@@ -26,7 +26,7 @@ from typing import Any, Self, TypeVar
 
 from keyrotor.audit.grants import Grant
 from keyrotor.audit.log import current_caller
-from keyrotor.errors import ConfigurationError
+from keyrotor.errors import ConfigurationError, KeyrotorError
 from keyrotor.kek.base import KekProvider
 from keyrotor.keys import KeyManager as AsyncKeyManager
 from keyrotor.settings import Settings
@@ -133,6 +133,19 @@ class KeyManager:
         """See :meth:`keyrotor.keys.KeyManager.decrypt`."""
         who = self._who(actor, ip, user_agent)
         return self._call(self._km.decrypt(scope, ciphertext, context=context, **who))
+
+    def decrypt_many(
+        self,
+        scope: str,
+        items: Sequence[tuple[str, str]],
+        *,
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> list[str | KeyrotorError]:
+        """See :meth:`keyrotor.keys.KeyManager.decrypt_many`."""
+        who = self._who(actor, ip, user_agent)
+        return self._call(self._km.decrypt_many(scope, items, **who))
 
     def put_secret(self, scope: str, name: str, value: str, *, actor: str | None = None) -> None:
         """See :meth:`keyrotor.keys.KeyManager.put_secret`."""

@@ -98,3 +98,18 @@ def test_a_call_that_times_out_is_cancelled_not_left_to_finish(settings: Setting
             time.sleep(0.2)
         km.put_secret("openai", "prod", "sk-new")  # the manager still works
         assert km.get_secret("openai", "prod") == "sk-new"
+
+
+def test_the_same_methods_as_the_async_manager(settings: Settings) -> None:
+    """README: ``keyrotor.sync.KeyManager``, the same methods: every public coroutine method of
+    the async manager has a blocking twin, and ``decrypt_many`` answers as the async one does."""
+    public = {
+        name
+        for name in dir(AsyncKeyManager)
+        if not name.startswith("_") and asyncio.iscoroutinefunction(getattr(AsyncKeyManager, name))
+    }
+    assert public - {"open", "close"} <= set(dir(KeyManager)), public - set(dir(KeyManager))
+    with KeyManager(settings) as km:
+        ct = km.encrypt("openai", "sk-1", context="c:1")
+        results = km.decrypt_many("openai", [(ct, "c:1"), (ct, "c:2")])
+        assert results[0] == "sk-1" and isinstance(results[1], DecryptionFailed)
