@@ -26,7 +26,7 @@ from typing import Any, Self, TypeVar
 
 from keyrotor.audit.grants import Grant
 from keyrotor.audit.log import current_caller
-from keyrotor.errors import ConfigurationError
+from keyrotor.errors import ConfigurationError, KeyrotorError
 from keyrotor.kek.base import KekProvider
 from keyrotor.keys import KeyManager as AsyncKeyManager
 from keyrotor.settings import Settings
@@ -40,7 +40,8 @@ class KeyManager:
     Args:
         settings: configuration (``Settings.from_env()`` or built in code).
         kek: a KEK provider (default: the one ``settings`` names).
-        timeout_s: the longest a call waits (None: as long as it takes).
+        timeout_s: the longest a call takes (None: as long as it takes); past it the call is
+            cancelled and raises ``TimeoutError``.
     """
 
     def __init__(
@@ -85,7 +86,13 @@ class KeyManager:
             coro.close()
             raise ConfigurationError("keyrotor.sync.KeyManager cannot be called from its own loop")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(self.timeout_s)
+        try:
+            return future.result(self.timeout_s)
+        except BaseException:
+            # The caller stops waiting (TimeoutError, KeyboardInterrupt): the call ends too, so
+            # nothing it would have written lands after the caller was told it failed.
+            future.cancel()
+            raise
 
     def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> dict[str, str | None]:
         caller = current_caller()
@@ -126,6 +133,19 @@ class KeyManager:
         """See :meth:`keyrotor.keys.KeyManager.decrypt`."""
         who = self._who(actor, ip, user_agent)
         return self._call(self._km.decrypt(scope, ciphertext, context=context, **who))
+
+    def decrypt_many(
+        self,
+        scope: str,
+        items: Sequence[tuple[str, str]],
+        *,
+        actor: str | None = None,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> list[str | KeyrotorError]:
+        """See :meth:`keyrotor.keys.KeyManager.decrypt_many`."""
+        who = self._who(actor, ip, user_agent)
+        return self._call(self._km.decrypt_many(scope, items, **who))
 
     def put_secret(self, scope: str, name: str, value: str, *, actor: str | None = None) -> None:
         """See :meth:`keyrotor.keys.KeyManager.put_secret`."""

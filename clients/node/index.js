@@ -77,6 +77,7 @@ export class KeyrotorClient {
     const headers = { Authorization: this._auth, Accept: 'application/json' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     let resp;
+    let text;
     try {
       resp = await this._fetch(this.url + path, {
         method,
@@ -84,10 +85,12 @@ export class KeyrotorClient {
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: AbortSignal.timeout(this.timeoutMs),
       });
+      // Inside the try: the timeout and a dropped connection can end the body as well as the
+      // headers, and either is the server not answering.
+      text = await resp.text();
     } catch (err) {
       throw new UnavailableError(`cannot reach keyrotor at ${this.url}: ${err && err.name}`, { cause: err });
     }
-    const text = await resp.text();
     let doc = null;
     try {
       doc = text ? JSON.parse(text) : null;
@@ -97,6 +100,14 @@ export class KeyrotorClient {
     if (!resp.ok) {
       const ra = resp.headers.get('Retry-After');
       throw errorFor(resp.status, doc, ra ? Number(ra) : null);
+    }
+    if (doc === null || typeof doc !== 'object') {
+      // keyrotor answers every success with a JSON object; anything else came from something
+      // else on the way (a proxy's page), and its text is not repeated.
+      throw new KeyrotorError(`keyrotor answered HTTP ${resp.status} without a JSON object`, {
+        status: resp.status,
+        code: 'invalid_response',
+      });
     }
     return doc;
   }

@@ -113,7 +113,11 @@ async def _authenticate(request: web.Request) -> None:
     svc = request.app[SERVICE]
     # The client's address (through trusted proxies), so one bad client behind a balancer does
     # not lock out the others.
-    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), svc.proxies)
+    # Every X-Forwarded-For line, in order: a proxy may add a line of its own after the client's
+    # (HAProxy does), and the lines are one list (RFC 9110, 5.3); the first line alone would be
+    # the client's to write.
+    forwarded = request.headers.getall("X-Forwarded-For", ())
+    ip = client_ip(request.remote, ",".join(forwarded) if forwarded else None, svc.proxies)
     peer = ip or "?"
     if not svc.auth_failures.available(peer):
         raise errors.ApiError(

@@ -16,8 +16,10 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.api import tokens
 from tests.api.processes import ServeProcess
+from tests.cli_helpers import keyrotor
 from tests.keyrotor.audit_helpers import verify
 from tests.rotation_helpers import WorkerProcess, cleanup_queue, worker_env
+from tests.servers import free_port
 
 N = 40
 
@@ -118,3 +120,24 @@ async def test_workers_share_one_port_and_stop_together(env: dict[str, str], tmp
     finally:
         await conn.close()
     assert report.ok and decrypts == N
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_reports_mistakes_in_one_line_with_any_number_of_workers(
+    env: dict[str, str], tmp_path: Path, workers: str
+) -> None:
+    """A configuration mistake or a missing database is a user's mistake: `keyrotor serve` says so in
+    one line and exits 2, whether it runs one process or starts several (`--workers`)."""
+    no_db = env["DATABASE_URL"].rsplit("/", 1)[0] + "/kr_no_such_database"
+    cases = [
+        ({**env, "KEYROTOR_API_TLS_CERT": str(tmp_path / "missing.pem")}, "KEYROTOR_API_TLS_KEY"),
+        ({**env, "KEYROTOR_API_TRUSTED_PROXIES": "not-a-proxy"}, "KEYROTOR_API_TRUSTED_PROXIES"),
+        ({**env, "DATABASE_URL": no_db}, "keyrotor db upgrade"),
+    ]
+    for case_env, says in cases:
+        proc = keyrotor("serve", "--port", str(free_port()), "--workers", workers, env=case_env, timeout=60)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert lines[0].startswith("keyrotor: error: ") and says in lines[0], lines
+        assert all(line.startswith("keyrotor") for line in lines), lines

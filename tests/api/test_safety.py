@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from prometheus_client import REGISTRY, generate_latest
 
 from keyrotor import KeyManager, Settings
@@ -93,6 +94,26 @@ async def test_trusted_proxy_sets_the_audited_ip(limited: Api, database_url: str
     finally:
         await conn.close()
     assert ip == "203.0.113.9"
+
+
+async def test_forwarded_for_split_over_header_lines_is_read_as_one_list(
+    limited: Api, database_url: str
+) -> None:
+    """A proxy that adds its own ``X-Forwarded-For`` line (HAProxy's ``option forwardfor``) after
+    the one the client sent: the lines are one list (RFC 9110, 5.3), read right to left, so the
+    client's own line cannot name the address it is audited under."""
+    headers = CIMultiDict(limited.auth())
+    headers.add("X-Forwarded-For", "198.51.100.66")  # written by the client: forged
+    headers.add("X-Forwarded-For", "203.0.113.7")  # added by the trusted proxy: the real peer
+    resp = await limited.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=headers)
+    assert resp.status == 200
+    await limited.km.flush_audit()
+    conn = await asyncpg.connect(database_url)
+    try:
+        ip = await conn.fetchval("SELECT ip_address FROM encryption_audit_log WHERE event_type = 'encrypt'")
+    finally:
+        await conn.close()
+    assert ip == "203.0.113.7"
 
 
 async def test_no_token_or_plaintext_in_logs_errors_or_metrics(

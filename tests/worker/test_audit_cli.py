@@ -60,6 +60,27 @@ def test_grants_round_trip(env: dict[str, str]) -> None:
     ]
 
 
+def test_grant_commands_print_actor_names_as_written(env: dict[str, str]) -> None:
+    """Actors are any printable text; the grant commands print them as text, never as console
+    markup: a name with brackets must neither fail a change that was made (exit 1 after the
+    commit) nor break `keyrotor grants` for everyone, nor show as another name."""
+    for actor in ("svc[/x]", "[red]ops"):
+        granted = keyrotor("grant", actor, "openai", "--decrypt", env=env)
+        assert granted.returncode == 0, granted.stderr
+        assert f"granted: {actor} on openai: decrypt" in granted.stderr
+    table = keyrotor("grants", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "svc[/x]" in table.stdout and "[red]ops" in table.stdout
+    revoked = keyrotor("revoke", "svc[/x]", "openai", env=env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked svc[/x] on openai" in revoked.stderr
+    locked = keyrotor("lock-down", "--grant", "[red]ops:openai:decrypt,encrypt", env=env)
+    assert locked.returncode == 0, locked.stderr
+    assert "granted: [red]ops on openai: encrypt+decrypt" in locked.stderr
+    listed = keyrotor("grants", "--json", env=env)
+    assert [(g["actor"], g["encrypt"]) for g in json.loads(listed.stdout)["grants"]] == [("[red]ops", True)]
+
+
 async def test_denied_by_cli_grants(env: dict[str, str], settings: Settings, database_url: str) -> None:
     assert keyrotor("revoke", "*", "*", env=env).returncode == 0
     assert keyrotor("grant", "alice", "openai", "--encrypt", "--decrypt", env=env).returncode == 0

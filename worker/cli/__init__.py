@@ -7,14 +7,9 @@ non-zero exit (1 for a failed operation, 2 for bad usage), never a traceback.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import NoReturn
-
 import typer
 
 from keyrotor.audit import key as audit_key
-from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
 from keyrotor.kek.factory import open_provider
 from keyrotor.settings import Settings
 from keyrotor.worker.cli import audit as audit_cmd
@@ -34,6 +29,7 @@ from keyrotor.worker.cli import secrets as secrets_cmd
 from keyrotor.worker.cli import serve as serve_cmd
 from keyrotor.worker.cli import status as status_cmd
 from keyrotor.worker.cli import tokens as tokens_cmd
+from keyrotor.worker.cli.common import fail, fail_with
 
 app = typer.Typer(
     name="keyrotor",
@@ -61,38 +57,6 @@ lockdown_cmd.register(app)
 serve_cmd.register(app)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    print(f"keyrotor: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-# Postgres errors a user fixes with configuration or one command, by SQLSTATE.
-_DATABASE_HINTS = {
-    "3D000": "the database in DATABASE_URL does not exist: `keyrotor db upgrade` creates it",
-    "42P01": "the database has no keyrotor schema (or an older one): run `keyrotor db upgrade`",
-    "42703": "the database's keyrotor schema is older than this keyrotor: run `keyrotor db upgrade`",
-    "28P01": "Postgres refused the credentials in DATABASE_URL",
-    "28000": "Postgres refused the role or host of DATABASE_URL (pg_hba.conf)",
-}
-
-
-def _database_hint(exc: BaseException) -> str | None:
-    """A one-line explanation for a database error a user can fix, found anywhere in the chain."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
-        if isinstance(code, str) and code in _DATABASE_HINTS:
-            return _DATABASE_HINTS[code]
-        orig = getattr(e, "orig", None)
-        todo += [e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None]
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``keyrotor`` console script."""
     # Commands that append audit events without a KeyManager (grant, prune, policy, ...) load
@@ -113,7 +77,7 @@ def _run(argv: list[str] | None) -> None:
         if isinstance(code, int) and code:
             raise SystemExit(code)
     except typer.Abort:
-        _fail("aborted", 130)
+        fail("aborted", 130)
     except typer.TyperException as exc:
         # Usage errors (typer vendors click; its ClickException derives from TyperException):
         # one line, like every other error, pointing at the command's help.
@@ -122,26 +86,11 @@ def _run(argv: list[str] | None) -> None:
             raise SystemExit(exc.exit_code) from None
         ctx = getattr(exc, "ctx", None)
         see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        _fail(f"{message}{see}", exc.exit_code)
-    except (InvalidInput, NotFound, ConfigurationError) as exc:
-        _fail(str(exc), 2)
-    except KeyrotorError as exc:
-        # A database error the user fixes with one command (no database, no schema) comes
-        # through the store as StoreRejected: say what to run, as a usage error.
-        fix = _database_hint(exc)
-        if fix is not None:
-            _fail(fix, 2)
-        _fail(str(exc), 1)
+        fail(f"{message}{see}", exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
     except Exception as exc:
-        if os.environ.get("KEYROTOR_DEBUG"):
-            raise
-        fix = _database_hint(exc)
-        if fix is not None:
-            _fail(fix, 2)
-        # An unexpected error's message may quote data; print its type only.
-        _fail(f"unexpected {type(exc).__name__} (set KEYROTOR_DEBUG=1 for the traceback)", 1)
+        fail_with(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -269,7 +270,9 @@ def revoke(
             return await revoke_access(session, actor, scope, encrypt=encrypt, decrypt=decrypt, by=by)
 
     left = run(lambda: _with_sessions(go))
-    err_console.print(f"revoked; left: {_describe(left)}" if left else f"revoked {actor} on {scope}")
+    err_console.print(
+        f"revoked; left: {_describe(left)}" if left else f"revoked {escape(actor)} on {escape(scope)}"
+    )
 
 
 def grants(json_out: JsonOpt = False) -> None:
@@ -291,8 +294,8 @@ def grants(json_out: JsonOpt = False) -> None:
         table.add_column(col)
     for g in rows:
         table.add_row(
-            g.actor,
-            g.scope,
+            escape(g.actor),
+            escape(g.scope),
             "yes" if g.can_encrypt else "-",
             "yes" if g.can_decrypt else "-",
             g.created_at.isoformat()[:19] if g.created_at else "-",
@@ -302,4 +305,5 @@ def grants(json_out: JsonOpt = False) -> None:
 
 def _describe(g: Grant) -> str:
     perms = "+".join(p for p, on in (("encrypt", g.can_encrypt), ("decrypt", g.can_decrypt)) if on)
-    return f"{g.actor} on {g.scope}: {perms}"
+    # Escaped: an actor is any printable text, and the console would read brackets as markup.
+    return f"{escape(g.actor)} on {escape(g.scope)}: {perms}"

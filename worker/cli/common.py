@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from keyrotor import KeyManager, Settings
+from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
 
 T = TypeVar("T")
 
@@ -29,6 +31,61 @@ RequestIdOpt = Annotated[
 # Tables and progress go to stderr, so stdout stays clean for values and --json.
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr (``keyrotor: error: ...``) and exit ``code``."""
+    print(f"keyrotor: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def fail_with(exc: Exception) -> NoReturn:
+    """End the command (or a process it started) on ``exc`` as the CLI does: one line and exit 2
+    for bad input or configuration, 1 for a failed operation; never a traceback (but with
+    ``KEYROTOR_DEBUG`` set, an unexpected error is raised again)."""
+    if isinstance(exc, InvalidInput | NotFound | ConfigurationError):
+        fail(str(exc), 2)
+    if isinstance(exc, KeyrotorError):
+        # A database error the user fixes with one command (no database, no schema) comes
+        # through the store as StoreRejected: say what to run, as a usage error.
+        fix = _database_hint(exc)
+        if fix is not None:
+            fail(fix, 2)
+        fail(str(exc), 1)
+    if os.environ.get("KEYROTOR_DEBUG"):
+        raise exc
+    fix = _database_hint(exc)
+    if fix is not None:
+        fail(fix, 2)
+    # An unexpected error's message may quote data; print its type only.
+    fail(f"unexpected {type(exc).__name__} (set KEYROTOR_DEBUG=1 for the traceback)", 1)
+
+
+# Postgres errors a user fixes with configuration or one command, by SQLSTATE.
+_DATABASE_HINTS = {
+    "3D000": "the database in DATABASE_URL does not exist: `keyrotor db upgrade` creates it",
+    "42P01": "the database has no keyrotor schema (or an older one): run `keyrotor db upgrade`",
+    "42703": "the database's keyrotor schema is older than this keyrotor: run `keyrotor db upgrade`",
+    "28P01": "Postgres refused the credentials in DATABASE_URL",
+    "28000": "Postgres refused the role or host of DATABASE_URL (pg_hba.conf)",
+}
+
+
+def _database_hint(exc: BaseException) -> str | None:
+    """A one-line explanation for a database error a user can fix, found anywhere in the chain."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if isinstance(code, str) and code in _DATABASE_HINTS:
+            return _DATABASE_HINTS[code]
+        orig = getattr(e, "orig", None)
+        todo += [e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None]
+    return None
 
 
 def settings() -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit.lockdown import LockDownResult, lock_down, parse_grant
@@ -57,7 +58,7 @@ def lock_down_cmd(
         return
     for g in result.granted:
         perms = "+".join(p for p, on in (("encrypt", g.can_encrypt), ("decrypt", g.can_decrypt)) if on)
-        err_console.print(f"granted: {g.actor} on {g.scope}: {perms}")
+        err_console.print(f"granted: {escape(g.actor)} on {escape(g.scope)}: {perms}")
     err_console.print(
         "removed the wildcard grant '* *'" if result.wildcard_removed else "no wildcard grant '* *' to remove"
     )

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from keyrotor.worker.cli.common import err_console, settings
+from keyrotor.worker.cli.common import err_console, fail_with, settings
 from keyrotor.worker.logs import configure_logging
 
 
@@ -68,14 +68,22 @@ def _run(host: str, port: int, *, reuse_port: bool, announce: bool) -> None:
     asyncio.run(run_server(s, host=host, port=port, ready=ready, reuse_port=reuse_port))
 
 
+def _serve_one(host: str, port: int, announce: bool) -> None:
+    """One process of ``--workers``: it ends on an error as the command does, in one line and
+    with the CLI's exit status (2 for a configuration mistake), never with a traceback."""
+    try:
+        _run(host, port, reuse_port=True, announce=announce)
+    except Exception as exc:
+        fail_with(exc)
+
+
 def _supervise(host: str, port: int, workers: int) -> int:
     """Run ``workers`` serving processes on one port until SIGTERM/SIGINT or until one of them
     dies (then the others are stopped too, and the exit status says so: a supervisor such as
     systemd or Kubernetes restarts the whole set)."""
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each: no inherited loop
     children: list[BaseProcess] = [
-        spawn.Process(target=_run, args=(host, port), kwargs={"reuse_port": True, "announce": n == 0})
-        for n in range(workers)
+        spawn.Process(target=_serve_one, args=(host, port, n == 0)) for n in range(workers)
     ]
     stopping = False
 
