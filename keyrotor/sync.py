@@ -89,8 +89,9 @@ class KeyManager:
         try:
             return future.result(self.timeout_s)
         except BaseException:
-            # The caller stops waiting (TimeoutError, KeyboardInterrupt): the call ends too, so
-            # nothing it would have written lands after the caller was told it failed.
+            # The caller stops waiting (TimeoutError, KeyboardInterrupt): the call is cancelled
+            # too, so it does not go on to write after the caller was told it failed (a call
+            # already committing may still land, as with any call whose answer is lost).
             future.cancel()
             raise
 

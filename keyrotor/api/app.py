@@ -74,7 +74,7 @@ async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one middleware: authentication, then the handler, its errors as JSON, the counter."""
     started = time.perf_counter()
     try:
-        if request.path in PUBLIC and request.method == "GET":
+        if request.path in PUBLIC and request.method in ("GET", "HEAD"):  # a balancer may probe with HEAD
             response = await handler(request)
         else:
             await _authenticate(request)

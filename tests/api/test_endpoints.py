@@ -70,6 +70,11 @@ async def test_authentication(api: Api) -> None:
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
     resp = await api.client.get("/v1/openapi.json")
     assert resp.status == 200
+    for path in ("/v1/health", "/v1/openapi.json"):  # a load balancer may probe with HEAD
+        resp = await api.client.head(path)
+        assert resp.status == 200, path
+    resp = await api.client.head("/v1/status")
+    assert resp.status == 401
 
 
 async def test_revoked_and_expired_tokens(api: Api, database_url: str) -> None:

@@ -34,6 +34,9 @@ def test_cli_create_list_revoke(env: dict[str, str], database_url: str) -> None:
     [row] = json.loads(keyrotor("tokens", "list", "--json", env=env).stdout)
     assert row["revoked_at"] is not None
     assert keyrotor("tokens", "revoke", "999", env=env).returncode == 2
+    for bad in ("0", str(2**63)):  # not an id at all: refused before the database, one line
+        refused = keyrotor("tokens", "revoke", bad, env=env)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
 
     async def stored() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
         conn = await asyncpg.connect(database_url)

@@ -82,7 +82,10 @@ def list_(json_out: JsonOpt = False) -> None:
 
 @app.command("revoke")
 def revoke(
-    token_id: Annotated[int, typer.Argument(metavar="ID", help="the token's id (`keyrotor tokens list`)")],
+    token_id: Annotated[
+        int,
+        typer.Argument(metavar="ID", min=1, max=2**63 - 1, help="the token's id (`keyrotor tokens list`)"),
+    ],
     as_: AsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
