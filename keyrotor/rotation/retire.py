@@ -5,8 +5,9 @@ wait, never the proof nor the destruction window):
 
 1. re-encrypt stragglers: rows still on the version (written by a process whose cache still
    named it as active) move to the scope's active DEK, a batch a transaction;
-2. in ONE transaction (:func:`prove_unused`): lock the ``data_keys`` row, lock every target
-   table and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a moment; nobody can
+2. in ONE transaction (:func:`prove_unused`): lock the ``data_keys`` row, lock the registered
+   columns (``managed_columns``, read again: what is counted is what the census covers), every
+   target table and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a moment; nobody can
    add a row or a location on the old version behind the count), count the rows on the version
    -- zero, or refuse -- and list the locations that received values of it which the census
    cannot count (:func:`keyrotor.census.locations.uncovered_locations`) -- none, or refuse with
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import runs
 from keyrotor.audit.log import AuditEvent, write_event
+from keyrotor.census.columns import freeze_targets
 from keyrotor.census.locations import display, uncovered_locations
 from keyrotor.crypto.envelope import MAX_VERSION
 from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
@@ -107,7 +109,12 @@ async def prove_unused(
 ) -> Proof:
     """Lock every target and ``key_locations`` in SHARE mode and count, inside the caller's
     transaction (which holds the ``data_keys`` row). The locks last until it ends, so nothing
-    can add a row or a location of ``version`` between this proof and the caller's commit."""
+    can add a row or a location of ``version`` between this proof and the caller's commit.
+
+    The targets are read again here, with the registry locked (:func:`freeze_targets`): a column
+    registered after the job started is covered by the census below, so it must be counted too.
+    """
+    await freeze_targets(rc, session)
     apg = await raw_connection(session)
     rows: dict[str, int] = {}
     for target in rc.targets_for(scope):
