@@ -8,6 +8,9 @@ census covers. A column registered between the two was covered but never counted
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,12 +20,16 @@ import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.census import columns
-from keyrotor.errors import KeyVersionTooOld
+from keyrotor.crypto import legacy_format
+from keyrotor.errors import KeyVersionTooOld, PermanentError
+from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import second_phase
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import destruction, retire
 from keyrotor.rotation.context import RotationContext
 from keyrotor.rotation.retire import KeyStillInUse
 from keyrotor.schedule import scan as schedule
+from tests.conftest import MASTER_KEY
 from tests.destruction_helpers import expire_window
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import fetch
@@ -95,3 +102,38 @@ async def test_a_column_registered_while_a_destruction_runs_is_counted_not_only_
         assert await km.decrypt(SCOPE, late, context=f"{COLUMN}:2") == "sk-row-2-in-flight"
     except KeyVersionTooOld:
         pytest.fail("v1 was destroyed while a registered column still held a value of it")
+
+
+async def test_an_imported_dek_is_kept_while_a_value_it_sealed_is_not_migrated(
+    app: tuple[Settings, KeyManager, RotationContext],
+) -> None:
+    s, km, rc = app
+    await columns.register(km.sessions, COLUMN, pk="id", scope=SCOPE)
+    dek = os.urandom(32)
+    wrapped = legacy_format.encrypt(
+        base64.b64encode(dek).decode("ascii"), MASTER_KEY
+    )  # the old encrypted_dek
+    imported = await second_phase.import_dek(km, SCOPE, wrapped)
+    assert (imported.version, imported.state) == (2, "grace")
+    # The old backend's second phase sealed this value with that DEK; `legacy migrate` not run yet.
+    await _write(s, 1, second_phase.encrypt_second_phase("sk-second-phase-0123456789", dek))
+
+    # The scheduler: the imported version's grace ends, then its destruction window.
+    await fetch(s.database_url, "UPDATE data_keys SET grace_until = now() - interval '1 second'")
+    cfg = schedule.ScanConfig()
+    async for batch in schedule.open_due_retirements(km.sessions, datetime.now(UTC), cfg):
+        for run in batch.opened:
+            with contextlib.suppress(PermanentError):
+                await retire.retire_dek(rc, SCOPE, 2, run_id=run.id)
+    with pytest.raises(KeyStillInUse, match=r"old backend sealed with DEK v2 .*app_keys\.api_key: 1"):
+        await retire.retire_dek(rc, SCOPE, 2, force_now=True)
+    await expire_window(s.database_url, SCOPE, 2)
+    async for batch in _due(km):
+        for run in batch.opened:
+            with contextlib.suppress(PermanentError):
+                await destruction.destroy_dek(rc, SCOPE, 2, run_id=run.id)
+
+    report = await legacy_migration.migrate_legacy(km, workers=1)
+    assert (report.migrated, report.failed) == (1, 0), "the imported DEK was erased under an unmigrated value"
+    # Migrated, nothing needs the imported DEK any more: it retires.
+    assert (await retire.retire_dek(rc, SCOPE, 2, force_now=True)).destroy_after is not None
