@@ -176,7 +176,19 @@ async def refresh_targets(rc: RotationContext) -> None:
     the managed ones are replaced, so a column registered after the worker started is covered
     by the next rotation, retirement or range job.
     """
-    loaded = await load_targets(rc.sessions)
+    _replace_managed(rc, await load_targets(rc.sessions))
+
+
+async def freeze_targets(rc: RotationContext, session: AsyncSession) -> None:
+    """Lock the registry (``managed_columns`` in SHARE mode) in the caller's transaction and bring
+    ``rc``'s targets up to date from it: until that transaction ends, no column is registered or
+    unregistered, so what it counts and what the census calls covered are the same columns.
+    """
+    await store.lock_managed_columns(session)
+    _replace_managed(rc, [c.target() for c in await list_columns(session)])
+
+
+def _replace_managed(rc: RotationContext, loaded: list[Target]) -> None:
     kept = [t for t in rc.all_targets if not isinstance(t, ManagedTarget)]
     names = {t.name for t in kept}
     rc.targets = kept + [t for t in loaded if t.name not in names]

@@ -16,7 +16,8 @@ breaks), as Node's ``Buffer.toString("base64")`` writes it, of these bytes::
 So 64 bytes (88 characters) is the shortest value: an empty plaintext. A 108-character
 Anthropic key gives 232 characters. The old service's second phase wrapped its DEKs the same
 way around the base64 text of the 32-byte DEK, which gives 144 characters
-(:func:`decrypt_dek`).
+(:func:`decrypt_dek`); values its second phase sealed directly with such a DEK open with
+:func:`open_second_phase` (no scrypt).
 
 Every value costs one scrypt (~30-60 ms of CPU and 16 MiB of memory), since each has its own
 salt. :func:`is_legacy` never runs it; :func:`decrypt_async` runs it off the event loop and
@@ -315,6 +316,46 @@ def _password(master_key: str) -> bytes:
     except UnicodeEncodeError:
         # from None: the UnicodeEncodeError holds the key (.object).
         raise WeakKeyError("legacy master key (ENCRYPTION_KEY) is not valid Unicode text") from None
+
+
+# The old backend's second phase: values sealed directly with one of its DEKs.
+SECOND_PHASE_IV = 16
+SECOND_PHASE_TAG = 16
+
+
+def open_second_phase(blob: str, cipher: AESGCM) -> bytes:
+    """The plaintext bytes of a value the old backend's second phase sealed with ``cipher``'s DEK.
+
+    ASSUMPTION (not covered by the shared vectors, which only hold a second-phase *wrapped DEK*):
+    the old second phase stored ``base64(iv(16) || tag(16) || data)``, AES-256-GCM under the
+    DEK with a 16-byte IV and no AAD -- the first phase's layout without the salt, as its DEKs
+    were wrapped. GCM authentication makes a wrong guess fail loudly, never return garbage.
+
+    Raises:
+        MalformedCiphertext: not base64 of at least 32 bytes.
+        DecryptionFailed: failed authentication under this DEK.
+    """
+    try:
+        raw = _strict_b64decode(blob)
+    except ValueError as exc:
+        raise MalformedCiphertext("second-phase value is not canonical base64") from exc
+    if len(raw) < SECOND_PHASE_IV + SECOND_PHASE_TAG:
+        raise MalformedCiphertext("second-phase value is too short")
+    iv, tag = raw[:SECOND_PHASE_IV], raw[SECOND_PHASE_IV : SECOND_PHASE_IV + SECOND_PHASE_TAG]
+    data = raw[SECOND_PHASE_IV + SECOND_PHASE_TAG :]
+    try:
+        return cipher.decrypt(iv, data + tag, None)
+    except InvalidTag as exc:
+        raise DecryptionFailed("second-phase value failed authentication under this DEK") from exc
+
+
+def sealed_by(blob: str, cipher: AESGCM) -> bool:
+    """Whether ``blob`` is a second-phase value of ``cipher``'s DEK (AES only, no scrypt)."""
+    try:
+        open_second_phase(blob, cipher)
+    except (MalformedCiphertext, DecryptionFailed):
+        return False
+    return True
 
 
 def _strict_b64decode(text: str) -> bytes:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotor.audit.log import AuditEvent, write_event
@@ -22,34 +21,19 @@ from keyrotor.keys import KeyManager
 from keyrotor.store import db, repo
 from keyrotor.store import legacy as store
 
-SECOND_PHASE_IV = 16
-SECOND_PHASE_TAG = 16
+SECOND_PHASE_IV = legacy.SECOND_PHASE_IV
+SECOND_PHASE_TAG = legacy.SECOND_PHASE_TAG
 
 
 def decrypt_second_phase(blob: str, cipher: AESGCM) -> str:
-    """Decrypt a value the old backend's second phase encrypted directly with a DEK.
-
-    ASSUMPTION (not covered by the shared vectors, which only hold a second-phase *wrapped DEK*):
-    the old second phase stored ``base64(iv(16) || tag(16) || data)``, AES-256-GCM under the
-    DEK with a 16-byte IV and no AAD -- the first phase's layout without the salt, as its DEKs
-    were wrapped. GCM authentication makes a wrong guess fail loudly, never return garbage.
+    """Decrypt a value the old backend's second phase encrypted directly with a DEK
+    (:func:`keyrotor.crypto.legacy_format.open_second_phase`, whose layout is an ASSUMPTION).
 
     Raises:
         MalformedCiphertext: not base64 of at least 32 bytes.
         DecryptionFailed: failed authentication, or the plaintext is not UTF-8.
     """
-    try:
-        raw = legacy._strict_b64decode(blob)
-    except ValueError as exc:
-        raise MalformedCiphertext("second-phase value is not canonical base64") from exc
-    if len(raw) < SECOND_PHASE_IV + SECOND_PHASE_TAG:
-        raise MalformedCiphertext("second-phase value is too short")
-    iv, tag = raw[:SECOND_PHASE_IV], raw[SECOND_PHASE_IV : SECOND_PHASE_IV + SECOND_PHASE_TAG]
-    data = raw[SECOND_PHASE_IV + SECOND_PHASE_TAG :]
-    try:
-        plaintext = cipher.decrypt(iv, data + tag, None)
-    except InvalidTag as exc:
-        raise DecryptionFailed("second-phase value failed authentication under this DEK") from exc
+    plaintext = legacy.open_second_phase(blob, cipher)
     try:
         return plaintext.decode("utf-8")
     except UnicodeDecodeError:

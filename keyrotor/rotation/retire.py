@@ -5,9 +5,11 @@ wait, never the proof nor the destruction window):
 
 1. re-encrypt stragglers: rows still on the version (written by a process whose cache still
    named it as active) move to the scope's active DEK, a batch a transaction;
-2. in ONE transaction (:func:`prove_unused`): lock the ``data_keys`` row, lock every target
-   table and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a moment; nobody can
+2. in ONE transaction (:func:`prove_unused`): lock the ``data_keys`` row, lock the registered
+   columns (``managed_columns``, read again: what is counted is what the census covers), every
+   target table and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a moment; nobody can
    add a row or a location on the old version behind the count), count the rows on the version
+   and the values not migrated from the old backend that its DEK opens (an imported DEK's)
    -- zero, or refuse -- and list the locations that received values of it which the census
    cannot count (:func:`keyrotor.census.locations.uncovered_locations`) -- none, or refuse with
    :class:`LocationNotCovered`. Then the version becomes ``retired``: its wrapped key is kept, it
@@ -23,16 +25,19 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor import runs
 from keyrotor.audit.log import AuditEvent, write_event
+from keyrotor.census.columns import freeze_targets
 from keyrotor.census.locations import display, uncovered_locations
+from keyrotor.crypto import legacy_format
 from keyrotor.crypto.envelope import MAX_VERSION
 from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
 from keyrotor.inputs import check_scope
@@ -44,7 +49,14 @@ from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import retire as store
 from keyrotor.store.key_ranges import Key
-from keyrotor.store.targets import Target, count_version, lock_target, raw_connection, relax_commit
+from keyrotor.store.targets import (
+    Target,
+    count_version,
+    legacy_values,
+    lock_target,
+    raw_connection,
+    relax_commit,
+)
 
 log = structlog.get_logger("keyrotor.rotation.retire")
 
@@ -85,17 +97,30 @@ def not_covered(scope: str, version: int, locations: Sequence[str]) -> LocationN
     )
 
 
+def not_migrated(scope: str, version: int, unmigrated: dict[str, int]) -> KeyStillInUse:
+    """The refusal naming the targets that hold values the old backend sealed with the DEK."""
+    counts = ", ".join(f"{t}: {n}" for t, n in sorted(unmigrated.items()))
+    return KeyStillInUse(
+        f"{scope}: values the old backend sealed with DEK v{version} are not migrated yet ({counts}); "
+        "run `keyrotor legacy migrate`, then retire again; the key is kept"
+    )
+
+
 @dataclass(frozen=True)
 class Proof:
-    """What the census found on a DEK version: rows per target, and uncovered locations."""
+    """What the census found on a DEK version: rows per target, uncovered locations, and values
+    the old backend's second phase sealed with it (an imported DEK) per target."""
 
     rows: dict[str, int]
     uncovered: list[str]
+    unmigrated: dict[str, int] = field(default_factory=dict)
 
     def refusal(self, scope: str, version: int) -> PermanentError | None:
         """The error that refuses retirement or destruction, or None if nothing needs the key."""
         if self.uncovered:
             return not_covered(scope, version, self.uncovered)
+        if self.unmigrated:
+            return not_migrated(scope, version, self.unmigrated)
         if self.rows:
             counts = ", ".join(f"{t}: {n}" for t, n in sorted(self.rows.items()))
             return KeyStillInUse(f"{scope}: rows still use DEK v{version} ({counts}); the key is kept")
@@ -107,18 +132,34 @@ async def prove_unused(
 ) -> Proof:
     """Lock every target and ``key_locations`` in SHARE mode and count, inside the caller's
     transaction (which holds the ``data_keys`` row). The locks last until it ends, so nothing
-    can add a row or a location of ``version`` between this proof and the caller's commit."""
+    can add a row or a location of ``version`` between this proof and the caller's commit.
+
+    The targets are read again here, with the registry locked (:func:`freeze_targets`): a column
+    registered after the job started is covered by the census below, so it must be counted too.
+    """
+    await freeze_targets(rc, session)
     apg = await raw_connection(session)
     rows: dict[str, int] = {}
+    unmigrated: dict[str, int] = {}
+    cipher: AESGCM | None = None
     for target in rc.targets_for(scope):
         await lock_target(apg, target)
         n = await count_version(apg, target, scope_id, version)
         if n:
             rows[target.name] = n
+        # A value the old backend's second phase sealed with this DEK (an imported one) carries
+        # no version: only the DEK finds it among the values `legacy migrate` has not moved yet.
+        old = await legacy_values(apg, target, scope_id)
+        if old:
+            if cipher is None:
+                cipher = (await load_keys(session, rc.cipher, scope, scope_id, version, only=())).new_cipher
+            sealed = sum(legacy_format.sealed_by(value, cipher) for value in old)
+            if sealed:
+                unmigrated[target.name] = sealed
     # After the targets: a writer that records its location in its row's transaction takes
     # the tables in that order too.
     await store.lock_key_locations(session)
-    return Proof(rows, await uncovered_locations(session, scope_id, scope, version))
+    return Proof(rows, await uncovered_locations(session, scope_id, scope, version), unmigrated)
 
 
 @dataclass(frozen=True)
@@ -364,6 +405,8 @@ async def _prove_and_retire(
         proof = await prove_unused(rc, session, scope, scope_id, version)
         if proof.uncovered:
             raise not_covered(scope, version, proof.uncovered)
+        if proof.unmigrated:
+            raise not_migrated(scope, version, proof.unmigrated)
         if proof.rows:
             log.warning("dek_still_in_use", version=version, rows=proof.rows)
             return None

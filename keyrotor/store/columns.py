@@ -46,6 +46,12 @@ async def managed_columns(session: AsyncSession) -> Sequence[Sequence[Any]]:
     return (await session.execute(text(_SELECT + " ORDER BY table_name, column_name"))).all()
 
 
+async def lock_managed_columns(session: AsyncSession) -> None:
+    """Lock ``managed_columns`` in SHARE mode until the transaction ends (registering and
+    unregistering a column wait)."""
+    await session.execute(text("LOCK TABLE managed_columns IN SHARE MODE"))
+
+
 async def insert_managed_column(
     session: AsyncSession,
     table: str,

@@ -158,6 +158,7 @@ class TargetSql:
         )
         self.has_version_param = bool(t.version_column)
         self.count_version = f"SELECT count(*) {base}"
+        self.legacy_values = f"SELECT {val} FROM {table} WHERE {scope} AND {val} NOT LIKE 'kr1:%'"
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
         # k contiguous key buckets of about equal row counts over the rows still to do, each with
         # the least version its rows hold (where a range's first pass starts).
@@ -325,6 +326,11 @@ async def count_older(apg: Any, target: Target, scope_id: int, version: int) -> 
 async def count_version(apg: Any, target: Target, scope_id: int, version: int) -> int:
     """Rows of ``target`` in the scope on exactly ``version``."""
     return int(await apg.fetchval(target.sql.count_version, scope_id, version))
+
+
+async def legacy_values(apg: Any, target: Target, scope_id: int) -> list[str]:
+    """The values of ``target`` in the scope that are not ``kr1`` (the old backend's)."""
+    return [r[0] for r in await apg.fetch(target.sql.legacy_values, scope_id)]
 
 
 async def key_buckets(apg: Any, target: Target, scope_id: int, new_version: int, k: int) -> Sequence[Any]:
