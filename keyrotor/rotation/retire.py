@@ -27,6 +27,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -51,8 +52,9 @@ from keyrotor.store import retire as store
 from keyrotor.store.key_ranges import Key
 from keyrotor.store.targets import (
     Target,
+    count_legacy_values,
     count_version,
-    legacy_values,
+    has_legacy_values,
     lock_target,
     raw_connection,
     relax_commit,
@@ -149,11 +151,12 @@ async def prove_unused(
             rows[target.name] = n
         # A value the old backend's second phase sealed with this DEK (an imported one) carries
         # no version: only the DEK finds it among the values `legacy migrate` has not moved yet.
-        old = await legacy_values(apg, target, scope_id)
-        if old:
-            if cipher is None:
-                cipher = (await load_keys(session, rc.cipher, scope, scope_id, version, only=())).new_cipher
-            sealed = sum(legacy_format.sealed_by(value, cipher) for value in old)
+        if cipher is None and await has_legacy_values(apg, target, scope_id):
+            cipher = (await load_keys(session, rc.cipher, scope, scope_id, version, only=())).new_cipher
+        if cipher is not None:
+            sealed = await count_legacy_values(
+                apg, target, scope_id, partial(legacy_format.sealed_by, cipher=cipher)
+            )
             if sealed:
                 unmigrated[target.name] = sealed
     # After the targets: a writer that records its location in its row's transaction takes

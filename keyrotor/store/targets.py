@@ -159,6 +159,7 @@ class TargetSql:
         self.has_version_param = bool(t.version_column)
         self.count_version = f"SELECT count(*) {base}"
         self.legacy_values = f"SELECT {val} FROM {table} WHERE {scope} AND {val} NOT LIKE 'kr1:%'"
+        self.has_legacy_values = f"SELECT EXISTS ({self.legacy_values})"
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
         # k contiguous key buckets of about equal row counts over the rows still to do, each with
         # the least version its rows hold (where a range's first pass starts).
@@ -328,9 +329,21 @@ async def count_version(apg: Any, target: Target, scope_id: int, version: int) -
     return int(await apg.fetchval(target.sql.count_version, scope_id, version))
 
 
-async def legacy_values(apg: Any, target: Target, scope_id: int) -> list[str]:
-    """The values of ``target`` in the scope that are not ``kr1`` (the old backend's)."""
-    return [r[0] for r in await apg.fetch(target.sql.legacy_values, scope_id)]
+async def has_legacy_values(apg: Any, target: Target, scope_id: int) -> bool:
+    """Whether ``target`` holds a value in the scope that is not ``kr1`` (the old backend's)."""
+    return bool(await apg.fetchval(target.sql.has_legacy_values, scope_id))
+
+
+async def count_legacy_values(
+    apg: Any, target: Target, scope_id: int, opens: Callable[[str], bool], *, page: int = 2_000
+) -> int:
+    """How many values of ``target`` in the scope are not ``kr1`` (the old backend's) and pass
+    ``opens``. Read through a cursor ``page`` values at a time, in the caller's transaction: a
+    table the old backend filled is not held in memory, and the event loop runs between pages."""
+    n = 0
+    async for record in apg.cursor(target.sql.legacy_values, scope_id, prefetch=page):
+        n += opens(record[0])
+    return n
 
 
 async def key_buckets(apg: Any, target: Target, scope_id: int, new_version: int, k: int) -> Sequence[Any]:
