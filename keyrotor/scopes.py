@@ -13,6 +13,7 @@ from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.schedule.rules import RotationPolicy
 from keyrotor.settings import Settings
 from keyrotor.store import db, repo
+from keyrotor.store import kek as kek_store
 
 
 def _default_policy(settings: Settings) -> RotationPolicy:
@@ -29,16 +30,18 @@ async def create_scope(
 ) -> tuple[repo.KeyRecord, AESGCM | None]:
     """Create ``scope`` with DEK v1 under the default policy, unless another caller just did.
 
-    The DEK is wrapped outside any transaction (a KEK call may take a network round trip), then
-    inserted; a concurrent creator wins harmlessly.
+    The DEK is wrapped inside the inserting transaction, after :func:`hold_off_kek_cutoff`: a KEK
+    rotation's cut-off cannot fall between the wrap and the insert (the transaction is held
+    open for one KEK call). A concurrent creator wins harmlessly.
 
     Returns:
         The scope's active DEK record, and the new DEK's cipher if this call created it (None
         if another did).
     """
     dek = envelope.new_dek()
-    wrapped = await kek.wrap(dek, WrapContext(scope, 1))
     async with db.transaction(sessions) as session:
+        await kek_store.hold_off_kek_cutoff(session)
+        wrapped = await kek.wrap(dek, WrapContext(scope, 1))
         created = await repo.create_scope(
             session, scope, wrapped, _default_policy(settings), datetime.now(UTC)
         )

@@ -33,6 +33,7 @@ from keyrotor.errors import ConfigurationError, KekError, KekMismatch, KekUnavai
 from keyrotor.kek.base import ForeignKek, KekProvider, WrapContext, WrappedDek
 from keyrotor.store import audit as store
 from keyrotor.store import db
+from keyrotor.store import kek as kek_store
 
 KEY_BYTES = 32
 # The wrap's context: a name no scope can have (scopes never start with "_"), so the wrapped
@@ -171,6 +172,7 @@ async def _load_or_create(session: AsyncSession, kek: KekProvider) -> AuditKey:
         return await _unwrap(kek, row)
     head = await store.last_event_id(session)
     raw = os.urandom(KEY_BYTES)
+    await kek_store.hold_off_kek_cutoff(session, "audit_keys")  # no KEK cut-off between wrap and insert
     wrapped = await kek.wrap(raw, _context(1, head))
     await store.insert_first_key(session, head, wrapped.kek_id, wrapped.kek_version, wrapped.blob)
     return AuditKey(1, raw, head)

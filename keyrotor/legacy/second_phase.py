@@ -19,6 +19,7 @@ from keyrotor.inputs import check_scope
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.keys import KeyManager
 from keyrotor.store import db, repo
+from keyrotor.store import kek as kek_store
 from keyrotor.store import legacy as store
 
 SECOND_PHASE_IV = legacy.SECOND_PHASE_IV
@@ -106,6 +107,7 @@ async def import_dek(km: KeyManager, scope: str, blob: str) -> ImportedDek:
             if existing == dek:
                 raise Conflict(f"{scope}: this legacy DEK is already v{version} ({state})")
         version = sc.latest_version + 1
+        await kek_store.hold_off_kek_cutoff(session)  # no KEK cut-off between the wrap and the insert
         wrapped = await km.kek.wrap(dek, WrapContext(scope, version))
         grace_until = await store.insert_grace_dek(
             session, sc.id, version, blob=wrapped.blob, kek_id=wrapped.kek_id, kek_version=wrapped.kek_version

@@ -3,8 +3,9 @@
 :func:`rotate_dek` drives a run forward from wherever it stands; running it twice, or after
 a crash at any point, is harmless:
 
-1-2. **prepare**: generate a DEK, wrap it with the KEK (outside any transaction: a KEK call may
-     be a network round trip), then store it ``pending`` and record its version on the run.
+1-2. **prepare**: generate a DEK, wrap it with the KEK and store it ``pending`` in one
+     transaction (held open for the KEK call, so that a KEK rotation's cut-off cannot fall
+     between the wrap and the insert), and record its version on the run.
      A crash before the commit loses only an unused DEK; after it, the run adopts the stored one.
      The pending DEK is announced on Redis (every process may decrypt with it; none encrypts).
 3.   **promote**, in one transaction with the scope row locked: new DEK ``active``, old one
@@ -53,6 +54,7 @@ from keyrotor.rotation.ranges import reencrypt_range as reencrypt_range
 from keyrotor.rotation.reencrypt import RotationKeys, load_keys, plan_ranges, sweep
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
+from keyrotor.store import kek as kek_store
 from keyrotor.store import rotation as store
 from keyrotor.store.key_ranges import insert_range
 from keyrotor.store.targets import Target, count_older, raw_connection
@@ -206,7 +208,6 @@ async def _prepare(rc: RotationContext, scope: str, run: RunInfo) -> RunInfo:
             return await runs.require_run(session, run.id)
     version = latest + 1
     dek = envelope.new_dek()
-    wrapped = await rc.kek.wrap(dek, WrapContext(scope, version))
     async with db.transaction(rc.sessions) as session:
         locked = await runs.require_run(session, run.id, for_update=True)
         if locked.to_version is not None:  # a concurrent job of the same run got here first
@@ -214,6 +215,9 @@ async def _prepare(rc: RotationContext, scope: str, run: RunInfo) -> RunInfo:
         sc = await require_scope(session, scope, for_update=True)
         if sc.latest_version != version - 1:
             raise Conflict(f"{scope}: DEK versions changed while preparing v{version}; run again")
+        # Wrapped in the inserting transaction: a KEK rotation's cut-off cannot fall between.
+        await kek_store.hold_off_kek_cutoff(session)
+        wrapped = await rc.kek.wrap(dek, WrapContext(scope, version))
         await store.insert_pending_dek(
             session, sc.id, version, blob=wrapped.blob, kek_id=wrapped.kek_id, kek_version=wrapped.kek_version
         )

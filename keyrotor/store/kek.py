@@ -131,12 +131,30 @@ async def lock_kek_runs(session: AsyncSession) -> None:
 
 
 async def lock_deks_against_writes(session: AsyncSession) -> None:
-    """Lock ``data_keys`` in SHARE mode (waiting at most 10 s) until the transaction ends.
+    """Lock ``data_keys`` and ``audit_keys`` in SHARE mode (waiting at most 10 s) until the
+    transaction ends.
 
-    SHARE waits for transactions writing DEKs to commit and keeps new ones out meanwhile.
+    SHARE waits for transactions writing keys to commit and keeps new ones out meanwhile; a
+    transaction that wraps a new key takes :func:`hold_off_kek_cutoff` before wrapping it.
     """
     await session.execute(text("SET LOCAL lock_timeout = '10s'"))
-    await session.execute(text("LOCK TABLE data_keys IN SHARE MODE"))
+    await session.execute(text("LOCK TABLE data_keys, audit_keys IN SHARE MODE"))
+
+
+async def hold_off_kek_cutoff(session: AsyncSession, table: str = "data_keys") -> None:
+    """Before wrapping a new key to store in ``table`` (``data_keys`` or ``audit_keys``): lock it
+    in ROW EXCLUSIVE mode (what the insert takes anyway) until the transaction ends.
+
+    A KEK rotation raises the provider's minimum decryption version to the lowest version a
+    stored key is wrapped under (:func:`lock_deks_against_writes`, SHARE, then the provider's
+    cut-off). A key wrapped before that cut-off and stored after it would be wrapped under a
+    version the provider no longer opens. With the lock taken first, a cut-off in progress ends
+    before the wrap (which then uses the new version), and one that starts later waits for this
+    transaction and counts the key.
+    """
+    if table not in ("data_keys", "audit_keys"):
+        raise ValueError(f"not a table of wrapped keys: {table!r}")
+    await session.execute(text(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE"))
 
 
 async def lowest_kek_version_in_use(session: AsyncSession, kek_id: str) -> int | None:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text as db_text
@@ -493,6 +493,56 @@ async def test_vault_old_versions_are_cut_off_only_once_no_dek_needs_them(
         assert (status["current_kek_version"], status["min_decryption_version"]) == (3, 3)
         assert status["kek_versions_in_use"] == [3] and status["check"]["ok"]
     finally:
+        await kek.aclose()
+        await engine.dispose()
+
+
+async def test_a_dek_wrapped_while_a_kek_rotation_cuts_old_versions_off_still_opens(
+    wenv: dict[str, str], bao_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new scope's DEK is wrapped under KEK v1; before it is stored, a whole KEK rotation runs:
+    # v2, every stored DEK rewrapped, and the cut-off (transit's min_decryption_version) raised to
+    # the lowest version in use. The new DEK must be counted by that cut-off (or wrapped after
+    # it), never stored under a version the provider no longer opens.
+    from keyrotor.kek.base import KekProvider
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
+    from keyrotor.scopes import create_scope
+    from keyrotor.store import db
+
+    penv = _provider_env("vault", None, bao_server)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    values = {"anthropic": await seed(s, "anthropic", 3)}
+    engine = db.create_engine(s.database_url)
+    kek = await open_provider(s, penv)
+    wrapped, go = asyncio.Event(), asyncio.Event()
+
+    class HeldAfterWrapping:
+        """The real provider, whose wrap answers only when the test says so."""
+
+        async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+            result = await kek.wrap(dek, context)
+            wrapped.set()
+            await go.wait()
+            return result
+
+    try:
+        sessions = db.sessionmaker(engine)
+        held = cast(KekProvider, HeldAfterWrapping())
+        creating = asyncio.create_task(create_scope(sessions, held, s, "late"))
+        await asyncio.wait_for(wrapped.wait(), 30)
+        rotating = asyncio.create_task(kek_rotation.rotate_kek(RotationContext(sessions, kek, s)))
+        await asyncio.wait({rotating}, timeout=5)  # it may finish meanwhile, or wait for the creation
+        go.set()
+        await asyncio.wait_for(creating, 30)
+        assert (await asyncio.wait_for(rotating, 60)).run.state == "completed"
+        async with KeyManager(s) as km:  # a fresh process: the stored DEK must unwrap
+            token = await km.encrypt("late", "sk-late")
+            assert await km.decrypt("late", token) == "sk-late"
+        await _check_all(s, values)
+    finally:
+        go.set()
         await kek.aclose()
         await engine.dispose()
 
