@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from keyrotor import KeyManager, Settings
+from keyrotor.crypto import envelope
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     DecryptionFailed,
@@ -29,6 +30,7 @@ from keyrotor.errors import (
     StoreUnavailable,
     WeakKeyError,
 )
+from keyrotor.inputs import MAX_CONTEXT_CHARS
 from keyrotor.kek.base import WrapContext, WrappedDek
 from tests.conftest import MASTER_KEY
 from tests.legacy_helpers import store_legacy_secret
@@ -114,6 +116,33 @@ async def test_garbage_ciphertexts(km: KeyManager) -> None:
             await km.decrypt("openai", bad)
     with pytest.raises(MalformedCiphertext):
         await km.decrypt("openai", None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "context", [None, 5, ["x"], b"u.k:1", "u.k:\ud800", "\udcff", "u.k:" + "9" * MAX_CONTEXT_CHARS]
+)
+async def test_bad_contexts_raise_typed_errors(km: KeyManager, context: object) -> None:
+    """A context that is not text, is not valid Unicode or is longer than any encrypt accepts is
+    refused as InvalidInput by every call that takes one, never a bare AttributeError, TypeError
+    or UnicodeEncodeError, and never remembered by the AAD memo."""
+    token = await km.encrypt("openai", "sk-1", context="u.k:1")
+    legacy_value = legacy.encrypt("sk-old", MASTER_KEY)
+    aad_entries = envelope.aad.cache_info().currsize
+    with pytest.raises(InvalidInput):
+        await km.encrypt("openai", "sk-1", context=context)  # type: ignore[arg-type]
+    for value in (token, legacy_value):
+        with pytest.raises(InvalidInput):
+            await km.decrypt("openai", value, context=context)  # type: ignore[arg-type]
+    results = await km.decrypt_many("openai", [(token, context), (token, "u.k:1")])  # type: ignore[list-item]
+    assert isinstance(results[0], InvalidInput) and results[1] == "sk-1"
+    assert envelope.aad.cache_info().currsize <= aad_entries
+
+
+async def test_decrypt_many_refuses_an_item_that_is_not_text_alone(km: KeyManager) -> None:
+    token = await km.encrypt("openai", "sk-1", context="u.k:1")
+    results = await km.decrypt_many("openai", [(5, "u.k:1"), (None, "u.k:1"), (token, "u.k:1")])  # type: ignore[list-item]
+    assert isinstance(results[0], MalformedCiphertext) and isinstance(results[1], MalformedCiphertext)
+    assert results[2] == "sk-1"
 
 
 async def test_put_get_secret(km: KeyManager) -> None:
