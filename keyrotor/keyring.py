@@ -147,11 +147,19 @@ class KeyRing:
         return cipher
 
     async def load(self, scope: str, version: int) -> AESGCM:
-        """Fetch and unwrap one DEK; concurrent misses for the same key share one fetch."""
+        """Fetch and unwrap one DEK; concurrent misses for the same key share one fetch.
+
+        If the caller that started the shared fetch is cancelled, the callers that joined it
+        are not: the first of them fetches again, the others join that fetch.
+        """
         key = (scope, version)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        while (pending := self._inflight.get(key)) is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller was cancelled
         future: asyncio.Future[AESGCM] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -161,6 +169,9 @@ class KeyRing:
             else:  # the primary, or a secondary region's copy if the primary is unavailable
                 cipher = await replication.fetch(scope, version, self._fetch)
                 self.cache.put(scope, version, cipher)
+        except asyncio.CancelledError:
+            future.cancel()  # this caller's cancellation, not the joined callers': they fetch again
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters, if any, re-raise it themselves

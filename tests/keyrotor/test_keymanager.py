@@ -231,6 +231,33 @@ async def test_concurrent_misses_share_one_unwrap(km: KeyManager) -> None:
     assert calls == 1
 
 
+async def test_a_cancelled_first_use_does_not_cancel_the_calls_that_joined_it(km: KeyManager) -> None:
+    """Concurrent misses share one unwrap; if the caller that started it is cancelled (its own
+    timeout, its client gone) while the KEK answers, the callers that joined it still get the
+    value, not a CancelledError nobody asked for."""
+    token = await km.encrypt("openai", "sk-1")
+    km.invalidate()
+    real = km.kek.unwrap
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(wrapped: WrappedDek, context: WrapContext) -> bytes:
+        entered.set()
+        await asyncio.wait_for(gate.wait(), timeout=10)  # a KMS round trip under way
+        return await real(wrapped, context)
+
+    km._kek = type("Slow", (), {"unwrap": staticmethod(slow), "aclose": km.kek.aclose})()
+    first = asyncio.create_task(km.decrypt("openai", token))
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    joined = asyncio.create_task(km.decrypt("openai", token))
+    await asyncio.sleep(0.05)  # joined is waiting on the shared unwrap
+    first.cancel()
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await asyncio.wait_for(joined, timeout=10) == "sk-1"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
 async def test_concurrent_encrypt_decrypt_many_tasks(km: KeyManager) -> None:
     async def worker(i: int) -> None:
         for j in range(20):
