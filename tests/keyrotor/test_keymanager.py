@@ -118,6 +118,17 @@ async def test_garbage_ciphertexts(km: KeyManager) -> None:
         await km.decrypt("openai", None)  # type: ignore[arg-type]
 
 
+async def test_put_secrets_refuses_a_name_given_twice_as_bad_input(km: KeyManager) -> None:
+    """Two values for one name in one call are the caller's mistake (InvalidInput), not a
+    database refusal (StoreRejected, whose driver error quotes the statement's ciphertexts)."""
+    with pytest.raises(InvalidInput) as info:
+        await km.put_secrets("openai", [("prod", "sk-one-0123456789"), ("prod", "sk-two-0123456789")])
+    assert "sk-one" not in str(info.value) and "kr1:" not in str(info.value)
+    assert info.value.__cause__ is None
+    with pytest.raises(SecretNotFound):  # nothing was stored
+        await km.get_secret("openai", "prod")
+
+
 @pytest.mark.parametrize(
     "context", [None, 5, ["x"], b"u.k:1", "u.k:\ud800", "\udcff", "u.k:" + "9" * MAX_CONTEXT_CHARS]
 )
