@@ -82,12 +82,8 @@ class BatchCalls:
         cached, full, max_chars = self.opener.cached, self.opener.open, self._max_ciphertext_chars
         for ciphertext, context in items:
             try:
-                if (
-                    ciphertext.__class__ is not str
-                    or len(ciphertext) > max_chars
-                    or context.__class__ is not str
-                    or len(context) > MAX_CONTEXT_CHARS
-                ):
+                texts = ciphertext.__class__ is str and context.__class__ is str
+                if not texts or len(ciphertext) > max_chars or len(context) > MAX_CONTEXT_CHARS:
                     self._decrypt_checks(scope, ciphertext, context)
                 hit = cached(scope, ciphertext, context)
                 value, version = await full(scope, ciphertext, context, who) if hit is None else hit
