@@ -20,6 +20,7 @@ from keyrotor.audit.log import Row, now_us
 from keyrotor.cache import DekCache
 from keyrotor.crypto import envelope
 from keyrotor.errors import AccessDenied, InvalidScope, KeyrotorError, TransientError
+from keyrotor.inputs import MAX_CONTEXT_CHARS
 from keyrotor.keyring import KeyRing
 from keyrotor.opening import ValueOpener
 
@@ -39,7 +40,7 @@ class Manager(Protocol):
 
     def _who(self, actor: str | None, ip: str | None, user_agent: str | None) -> Who: ...
 
-    def _decrypt_checks(self, scope: str, ciphertext: str) -> None: ...
+    def _decrypt_checks(self, scope: str, ciphertext: str, context: str) -> None: ...
 
     def _check_scope(self, scope: str) -> None: ...
 
@@ -78,11 +79,12 @@ class BatchCalls:
             await self.calls.authorize(who, scope, DECRYPT)
         results: list[str | KeyrotorError] = []
         rows: list[Row] = []
-        cached, full = self.opener.cached, self.opener.open
+        cached, full, max_chars = self.opener.cached, self.opener.open, self._max_ciphertext_chars
         for ciphertext, context in items:
             try:
-                if len(ciphertext) > self._max_ciphertext_chars:
-                    self._decrypt_checks(scope, ciphertext)
+                texts = ciphertext.__class__ is str and context.__class__ is str
+                if not texts or len(ciphertext) > max_chars or len(context) > MAX_CONTEXT_CHARS:
+                    self._decrypt_checks(scope, ciphertext, context)
                 hit = cached(scope, ciphertext, context)
                 value, version = await full(scope, ciphertext, context, who) if hit is None else hit
             except Exception as exc:

@@ -84,6 +84,9 @@ class KeyRing:
         self.retired: dict[tuple[str, int], int] = {}  # loaded retired versions -> scope id
         self._retired_noted: dict[tuple[str, int, str], float] = {}  # -> monotonic time of next write
         self.unconfirmed: dict[tuple[str, int], float] = {}  # grace/retired -> monotonic next check
+        # Counts invalidations: a read that one overtook (a key change announced while a DEK was
+        # fetched and unwrapped) must not leave what it read behind as if it were current.
+        self._generation = 0
 
     async def encryption_key(self, scope: str) -> tuple[int, int, AESGCM]:
         """(scope id, active version, cipher) for new values of ``scope`` (created on first use)."""
@@ -92,8 +95,10 @@ class KeyRing:
             cipher = self.cache.get(scope, entry[1])
             if cipher is not None:
                 return entry[0], entry[1], cipher
+        generation = self._generation
         record = await self.active_record(scope)
-        self.active[scope] = (record.scope_id, record.version, time.monotonic() + self._ttl_s)
+        if generation == self._generation:  # else a rotation was announced meanwhile: read again next time
+            self.active[scope] = (record.scope_id, record.version, time.monotonic() + self._ttl_s)
         cipher = self.cache.get(scope, record.version) or await self.load(scope, record.version)
         return record.scope_id, record.version, cipher
 
@@ -142,11 +147,19 @@ class KeyRing:
         return cipher
 
     async def load(self, scope: str, version: int) -> AESGCM:
-        """Fetch and unwrap one DEK; concurrent misses for the same key share one fetch."""
+        """Fetch and unwrap one DEK; concurrent misses for the same key share one fetch.
+
+        If the caller that started the shared fetch is cancelled, the callers that joined it
+        are not: the first of them fetches again, the others join that fetch.
+        """
         key = (scope, version)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        while (pending := self._inflight.get(key)) is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller was cancelled
         future: asyncio.Future[AESGCM] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -156,6 +169,9 @@ class KeyRing:
             else:  # the primary, or a secondary region's copy if the primary is unavailable
                 cipher = await replication.fetch(scope, version, self._fetch)
                 self.cache.put(scope, version, cipher)
+        except asyncio.CancelledError:
+            future.cancel()  # this caller's cancellation, not the joined callers': they fetch again
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
@@ -167,6 +183,7 @@ class KeyRing:
             del self._inflight[key]
 
     async def _fetch(self, scope: str, version: int) -> AESGCM:
+        generation = self._generation
         async with db.transaction(self._sessions()) as session:
             record = await repo.get_key(session, scope, version)
             if record is None and await repo.get_scope(session, scope) is None:
@@ -178,6 +195,11 @@ class KeyRing:
         self._note_state(scope, version, record.state, record.scope_id)
         cipher = AESGCM(await self._kek().unwrap(record.wrapped, WrapContext(scope, version)))
         self.cache.put(scope, version, cipher)
+        if generation != self._generation:
+            # Invalidated while the key was read and unwrapped (a retirement or destruction
+            # announced meanwhile dropped the state noted above): the state read may be stale,
+            # so it is read again before the key's next use (usable() -> confirm()).
+            self.unconfirmed[(scope, version)] = 0.0
         return cipher
 
     def _note_state(self, scope: str, version: int, state: KeyState | None, scope_id: int) -> None:
@@ -277,6 +299,7 @@ class KeyRing:
 
     def invalidate(self, scope: str | None = None) -> None:
         """Forget cached DEKs, active versions and loaded states (all, or one scope's)."""
+        self._generation += 1
         self.cache.invalidate(scope)
         if scope is None:
             self.active.clear()

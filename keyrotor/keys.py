@@ -45,7 +45,7 @@ from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
 from keyrotor.crypto.legacy_format import HEADER_LEN as LEGACY_HEADER_LEN
 from keyrotor.errors import CiphertextTooLarge, ConfigurationError
-from keyrotor.inputs import check_context, check_scope, value_bytes
+from keyrotor.inputs import MAX_CONTEXT_CHARS, check_context, check_scope, value_bytes
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
 from keyrotor.keyring import KeyRing
@@ -312,6 +312,8 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
         is audited: ``decrypt``, or ``failed_decrypt`` with the error's class and message.
 
         Raises:
+            InvalidScope, InvalidInput: bad input (a context that is not text of at most 1,024
+                characters, or not valid Unicode).
             AccessDenied: no grant lets the actor decrypt in this scope.
             MalformedCiphertext: not a ciphertext at all.
             DecryptionFailed: wrong scope or context, tampered, or not UTF-8.
@@ -321,10 +323,13 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
         """
         who = self._who(actor, ip, user_agent)
         try:
-            if scope not in self._valid_scopes or (
-                ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars
+            if (
+                scope not in self._valid_scopes
+                or (ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars)
+                or context.__class__ is not str
+                or len(context) > MAX_CONTEXT_CHARS
             ):
-                self._decrypt_checks(scope, ciphertext)
+                self._decrypt_checks(scope, ciphertext, context)
             allowed = self.grants.cached(who[0], scope)
             if allowed is None or not allowed[DECRYPT]:
                 await self.calls.authorize(who, scope, DECRYPT)
@@ -345,14 +350,17 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
             self.ring.refresh_due(self._sessions is not None)
         return value
 
-    def _decrypt_checks(self, scope: str, ciphertext: str) -> None:
-        """The checks a decrypt makes before any work: the length bound, then the scope's name."""
+    def _decrypt_checks(self, scope: str, ciphertext: str, context: str) -> None:
+        """The checks a decrypt makes before any work: the length bound, the scope's name, then
+        the context (text no longer than any encrypt accepts: a longer one names no value, and
+        would only fill the AAD memo)."""
         if ciphertext.__class__ is str and len(ciphertext) > self._max_ciphertext_chars:
             raise CiphertextTooLarge(
                 f"ciphertext of {len(ciphertext)} characters is longer than any value of "
                 f"KEYROTOR_MAX_VALUE_BYTES={self.settings.max_value_bytes} ({self._max_ciphertext_chars})"
             )
         self._check_scope(scope)
+        check_context(context)
 
     # --- checks ----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from keyrotor.audit.writer import AuditWriter
 from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
-from keyrotor.errors import SecretNotFound
+from keyrotor.errors import InvalidInput, SecretNotFound
 from keyrotor.inputs import check_name, value_bytes
 from keyrotor.keyring import KeyRing
 from keyrotor.opening import ValueOpener
@@ -86,6 +86,10 @@ class SecretsTable:
         """Store many ``(name, value)`` pairs of one scope in one transaction. Returns the count.
 
         Each value is one ``encrypt`` audit event (context ``secret:<name>``).
+
+        Raises:
+            InvalidScope, InvalidValue, InvalidInput: bad input (a name given twice, too).
+            AccessDenied: no grant lets the actor encrypt in this scope.
         """
         return await _put(self, self.calls.who(actor, ip, user_agent), scope, items)
 
@@ -149,6 +153,8 @@ async def _seal_and_store(km: Manager, who: Who, scope: str, items: Sequence[tup
     """Seal every value with the scope's active DEK and upsert them. Returns the DEK version."""
     for name, _ in items:
         check_name(name)
+    if len({name for name, _ in items}) != len(items):  # one statement cannot upsert a row twice
+        raise InvalidInput("put_secrets: a secret name is given more than once")
     km._check_scope(scope)
     await km.calls.authorize(who, scope, ENCRYPT)
     scope_id, version, cipher = await km.ring.encryption_key(scope)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyrotor.errors import DecryptionFailed, InvalidValue, MalformedCiphertext
+from keyrotor.errors import DecryptionFailed, InvalidInput, InvalidValue, MalformedCiphertext
 
 PREFIX = "kr1:"
 NONCE_BYTES = 12
@@ -97,9 +97,17 @@ _AAD_MID = struct.Struct(">II").pack
 # cache hit costs a third of building the bytes again. Bounded, so varied contexts are cheap too.
 @lru_cache(maxsize=4096)
 def aad(scope: str, dek_version: int, context: str) -> bytes:
-    """The AAD a value is bound to (see the module docstring)."""
-    s = scope.encode()
-    c = context.encode()
+    """The AAD a value is bound to (see the module docstring).
+
+    Raises:
+        InvalidInput: ``scope`` or ``context`` is not valid Unicode (lone surrogates). The
+            message never echoes it (from None: the encoding error holds the text).
+    """
+    try:
+        s = scope.encode()
+        c = context.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("scope and context must be valid Unicode text (lone surrogates)") from None
     return _AAD_HEAD(b"kr1", len(s)) + s + _AAD_MID(dek_version, len(c)) + c
 
 

@@ -23,6 +23,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     AccessDenied,
     ConfigurationError,
+    InvalidInput,
     LegacyDecryptDisabled,
     LegacyDecryptThrottled,
     MalformedCiphertext,
@@ -58,6 +59,7 @@ class LegacyReader:
 
         Raises:
             MalformedCiphertext: not a legacy value either.
+            InvalidInput: ``context`` is not valid Unicode.
             LegacyDecryptDisabled: ``KEYROTOR_LEGACY_DECRYPT=off``.
             AccessDenied: the value does not belong where the caller says (audited ``unauthorized``).
             ConfigurationError: no legacy key is configured.
@@ -68,6 +70,10 @@ class LegacyReader:
             raw = legacy.parse(ciphertext)
         except MalformedCiphertext:
             raise MalformedCiphertext("not a kr1 or legacy ciphertext") from None
+        try:
+            context.encode()  # the binding's lookup sends it to the database
+        except UnicodeEncodeError:
+            raise InvalidInput("context must be valid Unicode text (lone surrogates)") from None
         await self._bind(scope, ciphertext, context, who)
         return await self._open(raw, who)
 

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from keyrotor import KeyManager, Settings
+from keyrotor.crypto import envelope
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     DecryptionFailed,
@@ -29,6 +30,7 @@ from keyrotor.errors import (
     StoreUnavailable,
     WeakKeyError,
 )
+from keyrotor.inputs import MAX_CONTEXT_CHARS
 from keyrotor.kek.base import WrapContext, WrappedDek
 from tests.conftest import MASTER_KEY
 from tests.legacy_helpers import store_legacy_secret
@@ -116,6 +118,44 @@ async def test_garbage_ciphertexts(km: KeyManager) -> None:
         await km.decrypt("openai", None)  # type: ignore[arg-type]
 
 
+async def test_put_secrets_refuses_a_name_given_twice_as_bad_input(km: KeyManager) -> None:
+    """Two values for one name in one call are the caller's mistake (InvalidInput), not a
+    database refusal (StoreRejected, whose driver error quotes the statement's ciphertexts)."""
+    with pytest.raises(InvalidInput) as info:
+        await km.put_secrets("openai", [("prod", "sk-one-0123456789"), ("prod", "sk-two-0123456789")])
+    assert "sk-one" not in str(info.value) and "kr1:" not in str(info.value)
+    assert info.value.__cause__ is None
+    with pytest.raises(SecretNotFound):  # nothing was stored
+        await km.get_secret("openai", "prod")
+
+
+@pytest.mark.parametrize(
+    "context", [None, 5, ["x"], b"u.k:1", "u.k:\ud800", "\udcff", "u.k:" + "9" * MAX_CONTEXT_CHARS]
+)
+async def test_bad_contexts_raise_typed_errors(km: KeyManager, context: object) -> None:
+    """A context that is not text, is not valid Unicode or is longer than any encrypt accepts is
+    refused as InvalidInput by every call that takes one, never a bare AttributeError, TypeError
+    or UnicodeEncodeError, and never remembered by the AAD memo."""
+    token = await km.encrypt("openai", "sk-1", context="u.k:1")
+    legacy_value = legacy.encrypt("sk-old", MASTER_KEY)
+    aad_entries = envelope.aad.cache_info().currsize
+    with pytest.raises(InvalidInput):
+        await km.encrypt("openai", "sk-1", context=context)  # type: ignore[arg-type]
+    for value in (token, legacy_value):
+        with pytest.raises(InvalidInput):
+            await km.decrypt("openai", value, context=context)  # type: ignore[arg-type]
+    results = await km.decrypt_many("openai", [(token, context), (token, "u.k:1")])  # type: ignore[list-item]
+    assert isinstance(results[0], InvalidInput) and results[1] == "sk-1"
+    assert envelope.aad.cache_info().currsize <= aad_entries
+
+
+async def test_decrypt_many_refuses_an_item_that_is_not_text_alone(km: KeyManager) -> None:
+    token = await km.encrypt("openai", "sk-1", context="u.k:1")
+    results = await km.decrypt_many("openai", [(5, "u.k:1"), (None, "u.k:1"), (token, "u.k:1")])  # type: ignore[list-item]
+    assert isinstance(results[0], MalformedCiphertext) and isinstance(results[1], MalformedCiphertext)
+    assert results[2] == "sk-1"
+
+
 async def test_put_get_secret(km: KeyManager) -> None:
     await km.put_secret("anthropic", "prod", ANTHROPIC)
     await km.put_secret("anthropic", "prod", ANTHROPIC + "2")  # replace
@@ -200,6 +240,33 @@ async def test_concurrent_misses_share_one_unwrap(km: KeyManager) -> None:
     results = await asyncio.gather(*(km.decrypt("openai", token) for _ in range(50)))
     assert results == ["sk-1"] * 50
     assert calls == 1
+
+
+async def test_a_cancelled_first_use_does_not_cancel_the_calls_that_joined_it(km: KeyManager) -> None:
+    """Concurrent misses share one unwrap; if the caller that started it is cancelled (its own
+    timeout, its client gone) while the KEK answers, the callers that joined it still get the
+    value, not a CancelledError nobody asked for."""
+    token = await km.encrypt("openai", "sk-1")
+    km.invalidate()
+    real = km.kek.unwrap
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(wrapped: WrappedDek, context: WrapContext) -> bytes:
+        entered.set()
+        await asyncio.wait_for(gate.wait(), timeout=10)  # a KMS round trip under way
+        return await real(wrapped, context)
+
+    km._kek = type("Slow", (), {"unwrap": staticmethod(slow), "aclose": km.kek.aclose})()
+    first = asyncio.create_task(km.decrypt("openai", token))
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    joined = asyncio.create_task(km.decrypt("openai", token))
+    await asyncio.sleep(0.05)  # joined is waiting on the shared unwrap
+    first.cancel()
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await asyncio.wait_for(joined, timeout=10) == "sk-1"
+    with pytest.raises(asyncio.CancelledError):
+        await first
 
 
 async def test_concurrent_encrypt_decrypt_many_tasks(km: KeyManager) -> None:

@@ -11,6 +11,7 @@ copies: ``tests/replication/test_destroyed_copies.py``.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,9 @@ import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import KeyVersionTooOld
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
+from keyrotor.kek.factory import open_provider
+from keyrotor.notify import KeyChange
 from tests.rotation_helpers import fetch
 
 VALUE = "sk-ant-api03-destroyed-in-cache-0123456789"
@@ -86,3 +90,51 @@ async def test_a_cached_key_is_refused_soon_after_its_destruction(
         refused_after_s=round(refused_after, 2),
         served_meanwhile=served,
     )
+
+
+class _GatedKek:
+    """The real local keyring, whose unwraps wait at a gate the test opens (a KMS round trip
+    under way): what the process hears meanwhile arrives while the unwrap is in flight."""
+
+    def __init__(self, inner: KekProvider) -> None:
+        self.inner = inner
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str) -> object:  # name, wrap, check, ...: the keyring's own
+        return getattr(self.inner, name)
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        self.entered.set()
+        await asyncio.wait_for(self.gate.wait(), timeout=10)
+        return await self.inner.unwrap(wrapped, context)
+
+
+async def test_a_destruction_heard_during_the_unwrap_is_not_forgotten(env: dict[str, str]) -> None:
+    """The announcement of a destruction arrives while the first use of the retired key is
+    unwrapping it: the process must not cache the key as one whose state needs no more checks
+    (it would decrypt with the destroyed key for the cache's TTL, 30 minutes by default)."""
+    url = env["DATABASE_URL"]
+    settings = Settings.from_env({**env, "KEYROTOR_LISTEN_KEY_CHANGES": "false"})
+    kek = _GatedKek(await open_provider(settings, env))
+    try:
+        async with KeyManager(settings, kek=kek) as km:  # type: ignore[arg-type]
+            token = await km.encrypt("anthropic", VALUE, context="row:1")
+            await _supersede(url, "anthropic", "retired")
+            km.invalidate()
+            kek.gate.clear()
+            kek.entered.clear()
+            first = asyncio.create_task(km.decrypt("anthropic", token, context="row:1"))
+            await asyncio.wait_for(kek.entered.wait(), timeout=10)  # v1 read as retired, unwrapping
+            await _destroy(url, "anthropic")
+            km.on_key_change(KeyChange("destroyed", "anthropic", 1))  # what the listener would do
+            kek.gate.set()
+            # The call under way read the key before its destruction: either outcome is sound.
+            with contextlib.suppress(KeyVersionTooOld):
+                assert await asyncio.wait_for(first, timeout=10) == VALUE
+            with pytest.raises(KeyVersionTooOld):
+                await km.decrypt("anthropic", token, context="row:1")
+            assert km.cache.get("anthropic", 1) is None
+    finally:
+        await kek.inner.aclose()
