@@ -36,8 +36,18 @@ def async_url(database_url: str) -> URL:
 
 
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
-    """An async engine for ``database_url`` with keyrotor's pool defaults."""
-    options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 5, "max_overflow": 10}
+    """An async engine for ``database_url`` with keyrotor's pool defaults.
+
+    ``hide_parameters``: a driver error's text leaves out the statement's parameters, which
+    carry ciphertexts and wrapped DEKs; it is kept as the ``__cause__`` of keyrotor's errors,
+    and a logged traceback prints it.
+    """
+    options: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": 5,
+        "max_overflow": 10,
+        "hide_parameters": True,
+    }
     options.update(kwargs)
     return create_async_engine(async_url(database_url), **options)
 

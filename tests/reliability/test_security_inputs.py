@@ -255,3 +255,28 @@ async def test_context_template_that_collides_with_secrets_is_refused(
         tries=len(refused) + 2,
         held=len(refused) + 2,
     )
+
+
+async def test_a_database_error_never_quotes_the_statement_s_parameters(settings: Settings) -> None:
+    # keyrotor's errors keep the driver's error as their __cause__, and a logged traceback prints
+    # it. SQLAlchemy appends every parameter of the failed statement to that error's text: a
+    # failed batch would print its ciphertexts (thousands, in the compare-and-swap) and wrapped
+    # DEKs. The engine hides them.
+    import traceback
+
+    from sqlalchemy import text as sql_text
+
+    from keyrotor.errors import StoreRejected
+    from keyrotor.store import db
+
+    engine = db.create_engine(settings.database_url)
+    marker = "kr1:1:" + "Q" * 40
+    try:
+        with pytest.raises(StoreRejected) as caught:
+            async with db.transaction(db.sessionmaker(engine)) as session:
+                await session.execute(sql_text("SELECT length(:v) / 0"), {"v": marker})
+    finally:
+        await engine.dispose()
+    printed = "".join(traceback.format_exception(caught.value))
+    assert "division by zero" in printed and "parameters hidden" in printed
+    assert marker not in printed and "QQQQ" not in printed
