@@ -231,3 +231,13 @@ def test_a_bad_redis_url_is_a_configuration_error(
     assert_one_line_error(res, 2)
     assert "REDIS_URL" in res.stderr
     assert "hunter2" not in res.stderr + res.stdout
+
+
+def test_an_unknown_log_level_is_a_configuration_error(env: dict[str, str]) -> None:
+    """KEYROTOR_LOG_LEVEL=verbose (or a typo of DEBUG) used to be taken silently as INFO: the
+    operator who asked for debug logs got none, and no word of why."""
+    res = keyrotor("status", env={**env, "KEYROTOR_LOG_LEVEL": "verbose"})
+    assert_one_line_error(res, 2)
+    assert "KEYROTOR_LOG_LEVEL" in res.stderr
+    ok = keyrotor("status", env={**env, "KEYROTOR_LOG_LEVEL": "debug"})
+    assert ok.returncode == 0, ok.stderr
