@@ -1,12 +1,14 @@
 """A Redis that stops answering on the connections a process holds: the scheduler and the enqueue
-client carry on (a command fails after its timeout) instead of waiting for ever.
+client carry on (a command fails after its timeout), and a worker exits for its supervisor (as
+it does when Redis is lost), instead of waiting for ever.
 
 What the tests reproduce is a Redis failover or a network path that dies without a FIN or an RST
 (a moved address, a dropped NAT entry): the process's open connections to Redis go silent for
 good, while new connections reach the Redis that is back. Without a read timeout, a command
 sent on such a connection waits for ever: the leading scheduler's scan then never ends (and
 APScheduler skips every later one, ``max_instances=1``), while it keeps the leader lock, so the
-standby never takes over; a ``rotate --wait --timeout`` never returns.
+standby never takes over; a ``rotate --wait --timeout`` never returns; a worker stops taking
+jobs while its ``/healthz`` stays green, so nothing restarts it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +26,7 @@ import pytest
 
 from keyrotor import KeyManager, KeyrotorClient, Settings
 from keyrotor.worker.scheduler import Scheduler
-from tests.rotation_helpers import WORKER_REDIS_URL
+from tests.rotation_helpers import WORKER_REDIS_URL, WorkerProcess
 from tests.scheduler.conftest import queued_jobs, seed_scopes
 
 DEADLINE_S = 40.0  # every wait of these tests; a stalled command gives up well before
@@ -134,3 +137,33 @@ async def test_rotate_wait_keeps_its_deadline_when_redis_goes_silent(
             await asyncio.wait_for(handle.wait(timeout_s=2.0), DEADLINE_S)
         waited = time.monotonic() - started
     assert waited < 5.0, f"wait(timeout_s=2) returned after {waited:.1f}s"
+
+
+async def test_a_worker_whose_redis_connection_goes_silent_exits_and_its_restart_works(
+    senv: dict[str, str], proxy: StallingProxy, tmp_path: Path
+) -> None:
+    wenv = {**senv, "REDIS_URL": through(proxy), "KEYROTOR_METRICS_PORT": "0"}
+    workers = [WorkerProcess(wenv, tmp_path / "worker-0.log")]
+    try:
+        await workers[0].wait_started()
+        proxy.stall()
+        deadline = time.monotonic() + DEADLINE_S
+        while workers[0].proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        code = workers[0].proc.poll()
+        assert code is not None, "the worker went on waiting on a silent Redis connection"
+        assert code != 0
+        assert "keyrotor: error: lost Redis (TimeoutError)" in workers[0].output()
+        assert "Traceback" not in workers[0].output()
+
+        # Restarted, as its supervisor does, it reaches Redis again and rotates.
+        async with KeyManager(Settings.from_env(senv)) as km:
+            await km.encrypt("stall", "sk-test-value", context="secrets:1")
+        workers.append(WorkerProcess(wenv, tmp_path / "worker-1.log"))
+        await workers[1].wait_started()
+        async with KeyrotorClient(Settings.from_env(senv)) as client:
+            run = await (await client.rotate("stall")).result(timeout_s=DEADLINE_S)
+        assert run.state == "completed"
+    finally:
+        for w in workers:
+            w.close()
