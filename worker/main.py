@@ -20,6 +20,8 @@ Crash safety:
   timeout; here each worker holds it as a short lease (``KEYROTOR_JOB_LEASE_SECONDS``) and
   renews it while the job runs, so a killed worker's job is picked up by another worker (or its
   restart) within seconds.
+- **Redis not answering**: every Redis command is bounded (``connect_queue``); a worker whose
+  connection went silent exits non-zero (:meth:`LeasedWorker.main`) for its supervisor to restart.
 - **Redis losing jobs**: at start-up and every minute a worker re-enqueues the driver job of
   every open run (deterministic ids make this a no-op when the job exists).
 """
@@ -39,9 +41,10 @@ import structlog
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import Function, Retry, Worker, func
+from redis.exceptions import RedisError
 
 from keyrotor import metrics, runs
-from keyrotor.errors import ConfigurationError, KeyrotorError
+from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.jobs.common import Deps
 from keyrotor.jobs.destroy_dek import destroy_dek
 from keyrotor.jobs.migrate_kek import migrate_kek
@@ -58,7 +61,7 @@ from keyrotor.kek.factory import open_provider
 from keyrotor.kek.throttle import ThrottledKek
 from keyrotor.keys import KeyManager
 from keyrotor.notify import Notifier
-from keyrotor.queue.enqueue import enqueue_driver
+from keyrotor.queue.enqueue import connect_queue, enqueue_driver
 from keyrotor.queue.serialization import ARQ_SERIALIZERS
 from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
@@ -174,6 +177,27 @@ class LeasedWorker(Worker):
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = self.ctx["settings"].job_lease_s
         self.ctx[LEASED_MARKERS] = True
+
+    async def main(self) -> None:
+        """arq's main loop, on a pool whose every command is bounded (:func:`connect_queue`).
+
+        arq's own pool has no read timeout: a Redis connection that went silent (a failover, a
+        network path gone without a reset) left the worker polling it for ever, taking no job
+        while its ``/healthz`` stayed green. Now the poll fails after
+        ``REDIS_COMMAND_TIMEOUT_S`` and the worker exits non-zero for its supervisor to
+        restart, as it does when Redis is lost.
+
+        Raises:
+            QueueUnavailable: Redis cannot be reached or stopped answering.
+        """
+        try:
+            if self._pool is None:
+                self._pool = await connect_queue(self.ctx["settings"])
+            await super().main()
+        except RedisError as exc:
+            raise QueueUnavailable(
+                f"lost Redis ({type(exc).__name__}): the worker stops for its supervisor to restart it"
+            ) from exc
 
     async def close(self) -> None:
         """arq's close, waiting for the job tasks its shutdown cancelled without failing on them.

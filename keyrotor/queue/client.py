@@ -74,12 +74,35 @@ class RunHandle:
         and a failure (which announces nothing), or a completion whose announcement was lost,
         within ``poll_s``; a long run costs one status query every ``poll_s``.
 
+        ``timeout_s`` bounds the whole wait, the reads of Postgres and Redis included: a store
+        that stops answering ends it ``poll_s`` after the deadline at the latest.
+
         Raises:
-            TimeoutError: still open after ``timeout_s`` seconds.
+            TimeoutError: still open after ``timeout_s`` seconds (or not known to have ended).
             KeyrotorError: the driving job failed before it could record anything on the run
                 (e.g. ``KekMismatch``: the worker's KEK cannot unwrap the DEKs).
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if timeout_s is None:
+            return await self._wait(None, None, poll_s, on_progress)
+        bound = asyncio.timeout(timeout_s + poll_s)
+        try:
+            async with bound:
+                return await self._wait(time.monotonic() + timeout_s, timeout_s, poll_s, on_progress)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise TimeoutError(
+                f"run {self.run_id} is not known to have ended after {timeout_s}s "
+                "(Postgres or Redis did not answer in time)"
+            ) from None
+
+    async def _wait(
+        self,
+        deadline: float | None,
+        timeout_s: float | None,
+        poll_s: float,
+        on_progress: Callable[[RunInfo], None] | None,
+    ) -> RunInfo:
         delay_s = min(poll_s, _FIRST_POLL_S)
         # Subscribed before the first read, so an announcement after it cannot be missed.
         async with _Announcements(self.client.redis, self.client.settings.notify_channel) as heard:

@@ -8,16 +8,17 @@ sharing one Redis (different ``KEYROTOR_QUEUE_NAME``) never collide.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 from redis.exceptions import RedisError
 
 from keyrotor.errors import QueueUnavailable
 from keyrotor.legacy.ranges import LegacyRange
-from keyrotor.queue.serialization import ARQ_SERIALIZERS
+from keyrotor.queue.serialization import deserialize, serialize
 from keyrotor.rotation.dek import RangeJob
 from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
@@ -106,17 +107,42 @@ async def enqueue_range(
     return job is not None
 
 
+# A command on the queue's Redis that gets no answer for this long fails (QueueUnavailable) and
+# its connection is dropped, so the next command opens a new one. Without it, a connection that
+# went silent (a Redis failover, a network path gone without a FIN or an RST) kept a command
+# waiting for ever: the scheduler's scan never ended, and with it every later scan.
+REDIS_COMMAND_TIMEOUT_S = 10.0
+REDIS_CONNECT_TIMEOUT_S = 2.0
+# Tries to reach Redis when connecting, a second apart (as arq's create_pool did).
+CONNECT_TRIES = 5
+
+
 async def connect_queue(settings: Settings) -> ArqRedis:
-    """An arq pool on ``REDIS_URL`` for ``KEYROTOR_QUEUE_NAME``, with keyrotor's JSON serializer.
+    """An arq pool on ``REDIS_URL`` for ``KEYROTOR_QUEUE_NAME``, with keyrotor's JSON serializer
+    and a bound on every command (:data:`REDIS_COMMAND_TIMEOUT_S`).
 
     Raises:
         QueueUnavailable: Redis cannot be reached.
     """
-    try:
-        return await create_pool(
-            RedisSettings.from_dsn(settings.redis_url),
-            default_queue_name=settings.queue_name,
-            **ARQ_SERIALIZERS,
+    tries = 0
+    while True:
+        pool = cast(
+            ArqRedis,
+            ArqRedis.from_url(
+                settings.redis_url,
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                socket_timeout=REDIS_COMMAND_TIMEOUT_S,
+                socket_keepalive=True,
+            ),
         )
-    except (RedisError, OSError) as exc:
-        raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+        pool.job_serializer, pool.job_deserializer = serialize, deserialize
+        pool.default_queue_name = settings.queue_name
+        try:
+            await pool.ping()
+            return pool
+        except (RedisError, OSError) as exc:
+            await pool.aclose(close_connection_pool=True)
+            tries += 1
+            if tries >= CONNECT_TRIES:
+                raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+        await asyncio.sleep(1.0)

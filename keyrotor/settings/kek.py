@@ -9,6 +9,7 @@ The database belongs here because the local keyring is salted with the install s
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -23,6 +24,39 @@ class ConnectionSettings(SettingsPart):
     )
     # URLs may carry passwords: kept out of repr.
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL", repr=False)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        # Checked here, as arq's RedisSettings.from_dsn will read it, so that a URL the queue
+        # cannot use is a configuration error naming the variable (never the URL: it may hold a
+        # password) rather than an untyped error from inside arq, and `keyrotor health` cannot
+        # call a Redis "ok" that no worker can use.
+        problem = redis_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as the queue's Redis URL (arq and redis-py), or None."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not 0-65535
+    except ValueError:
+        return "is not a valid URL (redis://[:password@]host:port/db)"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must start with redis://, rediss:// or unix:// (redis://[:password@]host:port/db)"
+    db = parse_qs(parts.query).get("db")
+    if db is not None:
+        text = db[0]
+    elif parts.scheme == "unix":
+        return None
+    else:
+        text = parts.path.lstrip("/") if parts.path else "0"
+    if not text.isascii() or not text.isdigit():
+        return "must name its database by number (redis://host:6379/0), without a trailing slash"
+    return None
 
 
 class KekSettings(ConnectionSettings):

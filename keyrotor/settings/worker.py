@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from keyrotor.settings.base import SettingsPart
+
+# KEYROTOR_LOG_LEVEL's values (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class WorkerSettings(SettingsPart):
@@ -84,3 +87,12 @@ class WorkerSettings(SettingsPart):
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="KEYROTOR_LOG_FORMAT"
     )
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        # Refused rather than taken as INFO: an operator asking for DEBUG must not get INFO silently.
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level

@@ -207,3 +207,37 @@ def test_a_missing_or_unmigrated_database_says_what_to_run(env: dict[str, str]) 
         assert "no keyrotor schema" in bare.stderr and "keyrotor db upgrade" in bare.stderr
     finally:
         asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.mark.parametrize(
+    "redis_url",
+    [
+        "127.0.0.1:6379",  # no scheme
+        "http://127.0.0.1:6379/0",  # not Redis
+        "redis://:hunter2-pw@127.0.0.1:6379/",  # a trailing slash: arq reads int("")
+        "redis://:hunter2-pw@127.0.0.1:6379/queue",  # the database must be a number
+        "redis://127.0.0.1:99999/0",  # no such port
+    ],
+)
+@pytest.mark.parametrize("args", [("worker", "--burst"), ("rotate", "openai"), ("health",)])
+def test_a_bad_redis_url_is_a_configuration_error(
+    env: dict[str, str], redis_url: str, args: tuple[str, ...]
+) -> None:
+    """A REDIS_URL the queue cannot use is refused like any other bad setting: one line naming
+    the variable (never its value, which may hold a password), exit 2. It used to reach arq
+    as an "unexpected RuntimeError/ValueError" (exit 1), while `keyrotor health` called the same
+    Redis "ok"."""
+    res = keyrotor(*args, env={**env, "REDIS_URL": redis_url}, timeout=60)
+    assert_one_line_error(res, 2)
+    assert "REDIS_URL" in res.stderr
+    assert "hunter2" not in res.stderr + res.stdout
+
+
+def test_an_unknown_log_level_is_a_configuration_error(env: dict[str, str]) -> None:
+    """KEYROTOR_LOG_LEVEL=verbose (or a typo of DEBUG) used to be taken silently as INFO: the
+    operator who asked for debug logs got none, and no word of why."""
+    res = keyrotor("status", env={**env, "KEYROTOR_LOG_LEVEL": "verbose"})
+    assert_one_line_error(res, 2)
+    assert "KEYROTOR_LOG_LEVEL" in res.stderr
+    ok = keyrotor("status", env={**env, "KEYROTOR_LOG_LEVEL": "debug"})
+    assert ok.returncode == 0, ok.stderr
