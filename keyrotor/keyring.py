@@ -248,7 +248,7 @@ class KeyRing:
         logged and recorded in ``retired_key_uses`` (once per location and interval, before the
         value is returned), which cancels the version's pending destruction."""
         location = location_of(context)
-        metrics.RETIRED_KEY_USES.labels(scope, str(version)).inc()
+        metrics.RETIRED_KEY_USES.labels(metrics.scope_label(scope), str(version)).inc()
         await self._emit(calls.retired_use(who, scope, version, location))
         scope_id = self.retired.get((scope, version))
         key = (scope, version, location)

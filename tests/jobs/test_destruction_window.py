@@ -10,6 +10,7 @@ after the proof holds once more; ``keyrotor keys restore`` brings a retired vers
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from keyrotor import KeyManager, Settings
+from keyrotor import KeyManager, Settings, metrics
 from keyrotor.errors import ConfigurationError, KeyVersionTooOld
 from keyrotor.queue.client import KeyrotorClient
 from keyrotor.rotation.retire import LocationNotCovered
@@ -184,6 +185,17 @@ async def test_a_retired_version_decrypts_and_each_use_is_audited_logged_counted
     # Recorded once (per process, location and interval), before the value was returned.
     recorded = await fetch(s.database_url, "SELECT dek_version, location, actor FROM retired_key_uses")
     assert [tuple(r) for r in recorded] == [(1, "users.api_key", "svc-billing")]
+    # With KEYROTOR_METRICS_SCOPE_LABELS=hashed the counter names the scope by its hash too.
+    hashed = "h:" + hashlib.sha256(SCOPE.encode()).hexdigest()[:12]
+    labels = {"scope": hashed, "version": "1"}
+    metrics.configure_scope_labels("hashed")
+    try:
+        async with KeyManager(s) as km:
+            await km.decrypt(SCOPE, kept, context=APP_CONTEXT, actor="svc-billing")
+    finally:
+        metrics.configure_scope_labels("plain")
+    assert REGISTRY.get_sample_value("keyrotor_retired_key_uses_total", labels) == 1
+    assert uses() == counted + 5
 
 
 async def test_destruction_waits_for_the_window_then_proves_again_and_erases(
