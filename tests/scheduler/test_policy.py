@@ -184,6 +184,7 @@ BAD_INPUT = [
     (("--grace-days", "-1"), "grace period cannot be negative"),
     (("--next-rotation-at", "2030-13-01"), "invalid time '2030-13-01'"),
     (("--next-rotation-at", "tomorrow"), "invalid time 'tomorrow'"),
+    (("--next-rotation-at", "9999-12-31T23:00:00-05:00"), "invalid time '9999-12-31T23:00:00-05:00'"),
     (("--disable", "--next-rotation-at", "now"), "needs rotation enabled"),
     (("--max-encryptions", "-1"), "max encryptions cannot be negative"),
     (("--max-encryptions", str(2**31 + 1)), "max encryptions must be 1-2147483648"),

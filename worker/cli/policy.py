@@ -57,12 +57,13 @@ def parse_when(value: str, *, now: datetime) -> datetime:
         return now
     try:
         parsed = datetime.fromisoformat(text_)
-    except ValueError:
+        # OverflowError: a time at the edge of the calendar (9999-12-31T23:00-05:00) has no UTC.
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         shown = value[:40].encode("ascii", "backslashreplace").decode()
         raise InvalidInput(
             f"invalid time {shown!r}: use ISO 8601 (2026-01-31, 2026-01-31T12:00:00Z) or 'now'"
         ) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _when(value: str | None) -> str:
