@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -107,13 +108,19 @@ class KeyChangeListener:
     """Subscribes to the channel in a background task and calls ``on_change`` for each message.
 
     It reconnects with jittered backoff after any Redis error and, on every (re)subscription,
-    calls ``on_change(KeyChange("resync"))`` because messages sent meanwhile are lost.
+    calls ``on_change(KeyChange("resync"))`` because messages sent meanwhile are lost. A
+    connection that goes silent (a Redis failover, a network path gone without a reset) raises
+    no error: after :attr:`IDLE_PING_S` without a message the listener pings, and a ping left
+    unanswered for :attr:`PONG_WAIT_S` counts as a lost connection.
 
     Args:
         redis_url: where Redis is.
         channel: the pub/sub channel.
         on_change: called for each change (sync or async); its exceptions are logged.
     """
+
+    IDLE_PING_S = 30.0
+    PONG_WAIT_S = 10.0
 
     def __init__(self, redis_url: str, channel: str, on_change: OnChange) -> None:
         self._url = redis_url
@@ -140,6 +147,7 @@ class KeyChangeListener:
     async def _run(self) -> None:
         # Imported on first use: see the note above Event.
         import redis.asyncio as aioredis
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import RedisError
 
         delay = 0.5
@@ -152,13 +160,22 @@ class KeyChangeListener:
                 self.subscribed.set()
                 delay, failures = 0.5, 0
                 await self._deliver(KeyChange("resync"))
+                heard, pinged = time.monotonic(), None
                 while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    if message is not None and message.get("type") == "message":
-                        change = KeyChange.decode(message["data"])
-                        if change is not None:
-                            await self._deliver(change)
-                            self.received += 1
+                    message = await pubsub.get_message(timeout=min(5.0, self.IDLE_PING_S))
+                    now = time.monotonic()
+                    if message is not None:
+                        heard, pinged = now, None
+                        if message.get("type") == "message":
+                            change = KeyChange.decode(message["data"])
+                            if change is not None:
+                                await self._deliver(change)
+                                self.received += 1
+                    elif pinged is not None and now - pinged >= self.PONG_WAIT_S:
+                        raise RedisConnectionError("no answer to a ping on the key-change subscription")
+                    elif pinged is None and now - heard >= self.IDLE_PING_S:
+                        await pubsub.ping()
+                        pinged = now
             except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 failures += 1

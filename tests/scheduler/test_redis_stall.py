@@ -167,3 +167,41 @@ async def test_a_worker_whose_redis_connection_goes_silent_exits_and_its_restart
     finally:
         for w in workers:
             w.close()
+
+
+async def test_the_key_change_listener_notices_a_silent_connection_and_resubscribes(
+    proxy: StallingProxy,
+) -> None:
+    # A process's key-change subscription that went silent would never hear another rotation
+    # (its caches then wait for their TTLs). The listener pings an idle subscription and
+    # subscribes again, with a "resync" (caches dropped), when the ping goes unanswered.
+    import redis.asyncio as aioredis
+
+    from keyrotor.notify import KeyChange, KeyChangeListener, Notifier
+
+    heard: list[str] = []
+    listener = KeyChangeListener(through(proxy), "keyrotor-stall-test", lambda c: heard.append(c.event))
+    listener.IDLE_PING_S, listener.PONG_WAIT_S = 0.5, 1.0
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.subscribed.wait(), DEADLINE_S)
+        await asyncio.sleep(3.0)  # answered pings: the subscription is kept, no resync
+        assert heard == ["resync"]
+        proxy.stall()
+        deadline = time.monotonic() + DEADLINE_S
+        while heard.count("resync") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert heard.count("resync") == 2, "the listener kept waiting on a silent subscription"
+        await asyncio.wait_for(listener.subscribed.wait(), DEADLINE_S)
+        redis = aioredis.from_url(WORKER_REDIS_URL)
+        try:
+            notifier = Notifier(redis, "keyrotor-stall-test")
+            deadline = time.monotonic() + DEADLINE_S
+            while "rotated" not in heard and time.monotonic() < deadline:
+                await notifier.publish(KeyChange("rotated", "stall", 2))
+                await asyncio.sleep(0.2)
+        finally:
+            await redis.aclose()
+        assert "rotated" in heard
+    finally:
+        await listener.stop()
