@@ -5,10 +5,12 @@ carries it, and so do the run's audit events. An invalid id is refused, with not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import secrets
 import string
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -95,6 +97,12 @@ async def test_a_fanned_out_rotation_carries_its_requesters_ids_on_every_job_eve
         # A retirement requested by a third caller carries only that caller's id.
         retired = await client.retire(SCOPE, 1, force_now=True, request_id=RETIRER)
         assert (await retired.result(timeout_s=60)).request_ids == [RETIRER]
+        # The run is read as done at its announcement, which comes before the job's last log
+        # line: stopped at once, the worker may cancel the job before it logs.
+        deadline = time.monotonic() + 30
+        while not any(e.get("event") == "dek_retired" for e in worker.events()):
+            assert time.monotonic() < deadline, "the retirement job never logged dek_retired"
+            await asyncio.sleep(0.1)
     assert worker.terminate() == 0
 
     events = worker.events()
