@@ -75,7 +75,18 @@ async def test_events_with_filters_and_keyset_pages(client: TestClient, km: KeyM
 
 @pytest.mark.parametrize(
     "params",
-    [{"since": "not-a-date"}, {"event": "nope"}, {"limit": "100000"}, {"after_id": "-1"}, {"colour": "red"}],
+    [
+        {"since": "not-a-date"},
+        {"event": "nope"},
+        {"limit": "100000"},
+        {"after_id": "-1"},
+        {"colour": "red"},
+        # well-formed but out of datetime's range: an OverflowError, not a 500
+        {"since": "999999d"},
+        {"since": "999999999w"},
+        {"until": "9999-12-31T23:59:59-05:00"},
+        {"actor": "a\x00b"},
+    ],
 )
 async def test_bad_parameters_are_400(client: TestClient, params: dict[str, str]) -> None:  # type: ignore[type-arg]
     resp = await client.get("/audit/events", headers=AUTH, params=params)

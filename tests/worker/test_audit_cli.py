@@ -130,6 +130,9 @@ async def test_tail_and_query(env: dict[str, str], settings: Settings) -> None:
         ("audit", "query", "--scope", "UPPER"),
         ("audit", "query", "--limit", "0"),
         ("audit", "prune", "--before", "someday"),
+        ("audit", "query", "--since", "999999d"),
+        ("audit", "query", "--until", "9999-12-31T23:59:59-05:00"),
+        ("audit", "prune", "--before", "999999999w"),
         ("audit", "verify", "--checkpoint", "12:zz"),
     ],
 )
