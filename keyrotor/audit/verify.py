@@ -42,9 +42,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit.chain import GENESIS, canonical
 from keyrotor.audit.events import AuditEvent, utc
-from keyrotor.audit.key import AuditKey, key_for
+from keyrotor.audit.key import AuditKey, key_for, key_in_session
 from keyrotor.audit.log import write_events
-from keyrotor.errors import InvalidInput
+from keyrotor.errors import Conflict, InvalidInput
 from keyrotor.store import audit as store
 from keyrotor.store import db
 
@@ -317,6 +317,14 @@ async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *,
     row of a slow clock does not punch a hole in the chain), then appends an ``anchor`` event
     (by ``actor``) holding the id and hash of the last deleted row and the count, in one
     transaction under the chain lock.
+
+    The rows to delete are verified first (with the audit key, as :func:`verify_chain` does,
+    and, when older rows are already gone, the anchor that vouches for that): an anchor vouches
+    for what it follows, so pruning an edited row, a gap or an unanchored start would erase the
+    evidence and make the chain verify again.
+
+    Raises:
+        Conflict: the rows to delete do not verify; nothing was deleted.
     """
     before = utc(before)
     async with db.transaction(sessions) as session:
@@ -328,6 +336,7 @@ async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *,
         through = bounds[1] if first_young is None else first_young - 1
         if through < bounds[0]:
             return PruneResult(0, None, None)
+        await _check_prunable(session, bounds[0], through)
         head_hash = await store.row_hash_of(session, through)
         # The anchor first: appended after the current head, it is never among the deleted rows,
         # and the chain continues from the head even when every older row goes.
@@ -348,3 +357,44 @@ async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *,
         )
         deleted = await store.delete_through(session, through)
     return PruneResult(deleted, through, anchor_id)
+
+
+async def _check_prunable(session: AsyncSession, first: int, through: int) -> None:
+    """Verify rows ``first..through`` (the ones prune deletes) in the session, under the chain lock.
+
+    Raises:
+        Conflict: a row is edited, missing or moved, or the oldest rows are gone and no valid
+            anchor vouches for it.
+    """
+    key = await key_in_session(session)
+    keys = {} if key is None else {key.key_id: key}
+    switch = min((k.switch_after for k in keys.values()), default=await store.key_switch_point(session))
+    walk = _Walk(keys, switch, None)
+    after = first - 1
+    while after < through:
+        page = await store.chain_page(session, after, min(PAGE_ROWS, through - after))
+        if not page:
+            break
+        for row in page:
+            if not walk.check(row):
+                report = walk.report
+                raise Conflict(
+                    f"the audit chain is broken at row {report.bad_id} ({report.problem}): "
+                    "prune refused, nothing deleted (see `keyrotor audit verify`)"
+                )
+        after = int(page[-1][0])
+    needs = walk.needs_anchor
+    if needs is None or walk.report.anchored:
+        return
+    # The anchor of the prune that removed the older rows comes after the rows deleted now.
+    if not any(
+        _vouches(row[9], needs)
+        and _format_problem(row, switch, keys) is None
+        and (expected := _hash(row, keys)) is not None
+        and hmac.compare_digest(expected, bytes(row[12]))
+        for row in await store.anchor_rows(session, through)
+    ):
+        raise Conflict(
+            f"rows 1..{needs[0] - 1} are missing and no anchor row records pruning them: "
+            "prune refused, nothing deleted (see `keyrotor audit verify`)"
+        )

@@ -48,11 +48,12 @@ _SHOWN = (
     "SELECT id, event_type, scope, key_version, success, actor, ip_address, user_agent, "
     f"error_message, metadata, created_at, prev_hash, row_hash FROM {TABLE}"
 )
-_PAGE = text(
+_CHAIN_SELECT = (
     "SELECT id, event_type, scope, key_version, success, actor, ip_address, user_agent, error_message, "
     f"metadata::text, created_at, prev_hash, row_hash, audit_key_id FROM {TABLE} "
-    "WHERE id > :after ORDER BY id LIMIT :n"
 )
+_PAGE = text(_CHAIN_SELECT + "WHERE id > :after ORDER BY id LIMIT :n")
+_ANCHORS = text(_CHAIN_SELECT + "WHERE event_type = 'anchor' AND id > :after ORDER BY id")
 _HEAD_AND_FIRST = text(
     f"SELECT id, row_hash, (SELECT min(id) FROM {TABLE}) FROM {TABLE} ORDER BY id DESC LIMIT 1"
 )
@@ -129,6 +130,11 @@ async def newest_events(session: AsyncSession, n: int) -> Sequence[Sequence[Any]
 async def chain_page(session: AsyncSession, after: int, n: int) -> Sequence[Sequence[Any]]:
     """Up to ``n`` rows after id ``after``, every column in :data:`COLUMNS` order (metadata as text)."""
     return (await session.execute(_PAGE, {"after": after, "n": n})).all()
+
+
+async def anchor_rows(session: AsyncSession, after: int) -> Sequence[Sequence[Any]]:
+    """The ``anchor`` rows with ``id > after``, oldest first (columns as :func:`chain_page`)."""
+    return (await session.execute(_ANCHORS, {"after": after})).all()
 
 
 async def head_and_first_id(session: AsyncSession) -> tuple[int, bytes, int] | None:

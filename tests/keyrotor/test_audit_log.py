@@ -33,6 +33,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     AccessDenied,
     ConfigurationError,
+    Conflict,
     DecryptionFailed,
     InvalidInput,
     MalformedCiphertext,
@@ -448,6 +449,63 @@ async def test_prune_keeps_the_rest_verifiable(km: KeyManager, database_url: str
     # and deleting more of the head is still caught
     await tamper(database_url, "DELETE FROM encryption_audit_log WHERE id = 7")
     assert (await verify(km)).problem == "deleted"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "UPDATE encryption_audit_log SET actor = 'innocent' WHERE id = 3",  # edited
+        "DELETE FROM encryption_audit_log WHERE id = 4",  # a gap
+        "DELETE FROM encryption_audit_log WHERE id <= 2",  # oldest rows gone, no anchor
+    ],
+)
+async def test_prune_refuses_to_launder_a_broken_prefix(
+    km: KeyManager, database_url: str, attack: str
+) -> None:
+    # Rows 1-6 are old enough to prune, 7-10 are not. Someone with the database edits or deletes
+    # an old row; verify sees it. A routine prune must not delete the evidence and anchor the
+    # rest, which would make the chain verify again.
+    old = datetime.now(UTC) - timedelta(days=400)
+    async with db.transaction(km.sessions) as session:
+        await write_event(
+            session,
+            *(
+                AuditEvent("decrypt", scope="openai", actor="old", created_at=old + timedelta(minutes=i))
+                for i in range(6)
+            ),
+        )
+    await _some_events(km, 4)
+    await tamper(database_url, attack)
+    assert not (await verify(km)).ok
+    before = [r["id"] for r in await rows(database_url)]
+    with pytest.raises(Conflict, match="audit verify"):
+        await prune(km.sessions, datetime.now(UTC) - timedelta(days=365), actor="ops")
+    assert [r["id"] for r in await rows(database_url)] == before  # nothing deleted, no anchor
+    assert not (await verify(km)).ok
+
+
+async def test_a_second_prune_finds_the_first_prunes_anchor(km: KeyManager, database_url: str) -> None:
+    # The first prune's anchor is newer than the rows the second deletes: the second prune
+    # still finds that the chain's start is vouched for.
+    now = datetime.now(UTC)
+    async with db.transaction(km.sessions) as session:
+        await write_event(
+            session,
+            *(
+                AuditEvent("decrypt", scope="openai", actor="old", created_at=now - timedelta(days=400 - i))
+                for i in range(6)
+            ),
+            *(
+                AuditEvent("decrypt", scope="openai", actor="old", created_at=now - timedelta(days=300 - i))
+                for i in range(3)
+            ),
+        )
+    first = await prune(km.sessions, now - timedelta(days=365), actor="ops")
+    assert (first.deleted, first.anchor_id) == (6, 10)
+    second = await prune(km.sessions, now - timedelta(days=250), actor="ops")
+    assert (second.deleted, second.through_id, second.anchor_id) == (3, 9, 11)
+    report = await verify(km)
+    assert report.ok and report.anchored and report.first_id == 10
 
 
 async def test_prune_everything_then_keep_writing(km: KeyManager) -> None:
