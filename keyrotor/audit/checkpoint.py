@@ -93,7 +93,7 @@ class Checkpoint:
             )
             if len(bytes.fromhex(cp.head_hash)) not in (0, 32):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int(1e999)
             raise InvalidInput("not an audit checkpoint line (krcp1 JSON)") from None
         return cp
 

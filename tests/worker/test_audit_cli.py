@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +139,22 @@ async def test_tail_and_query(env: dict[str, str], settings: Settings) -> None:
 )
 def test_bad_input_is_one_line_exit_2(env: dict[str, str], args: tuple[str, ...]) -> None:
     assert_one_line_error(keyrotor(*args, env=env), 2)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "not json",
+        '{"format": "krcp1", "head_id": 1e999, "head_hash": "", "rows": 0, "at": "", "key_id": 1, "mac": ""}',
+        '{"format": "krcp1", "head_id": 1, "head_hash": "", "rows": 0, "at": "", "key_id": 1e999, "mac": ""}',
+    ],
+)
+def test_a_malformed_checkpoint_file_is_one_line_exit_2(
+    env: dict[str, str], tmp_path: Path, line: str
+) -> None:
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(line + "\n")
+    assert_one_line_error(keyrotor("audit", "verify", "--checkpoint-file", str(path), env=env), 2)
 
 
 async def test_verify_exit_codes(env: dict[str, str], settings: Settings, database_url: str) -> None:
