@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.store import census as store
+from keyrotor.store.columns import column_type
+from keyrotor.store.key_ranges import key_type_of
 
 PK_PLACEHOLDER = "{pk}"
 # The context template of keyrotor's own secrets table (keys.py seals them as ``secret:<name>``).
@@ -78,15 +80,26 @@ def display(location: str) -> str:
     return location if location else "(no context)"
 
 
-def template_covers(template: str, location: str) -> bool:
+def template_covers(template: str, location: str, key: str | None = None) -> bool:
     """Whether some key substituted into ``template`` (``{pk}`` placeholders) gives ``location``.
 
-    The key is any text, ``:`` included (text keys such as ``a:b`` exist), so a template ending
-    in ``:{pk}`` covers its prefix and everything under it.
+    ``key`` is a regular expression of the keys' text when it can hold no ``:`` (integer and
+    uuid keys: :attr:`keyrotor.store.key_ranges.KeyType.text_pattern`); None: any text, ``:``
+    included (text keys such as ``a:b`` exist), so a template ending in ``:{pk}`` covers its
+    prefix and everything under it. A template that starts with its key covers every location
+    only when that key may be any text: ``{pk}@settings`` of an integer key covers ``42@settings``,
+    never ``users.api_key``.
     """
     parts = template.split(PK_PLACEHOLDER)
     if len(parts) == 1:  # no key in the context: one fixed location
         return location_of(template) == location
+    if key is not None:
+        # No key holds a ':', so the context's last ':' is the template's last literal one.
+        last = max((i for i, p in enumerate(parts) if ":" in p), default=None)
+        if last is not None:
+            parts = [*parts[:last], parts[last][: parts[last].rfind(":")]]
+        pattern = f"(?:{key})".join(re.escape(p) for p in parts)
+        return re.fullmatch(pattern, location, re.DOTALL) is not None
     before, tail = parts[0], parts[-1]
     if ":" in tail:
         # The context's last ':' is in the literal text after the (last) key.
@@ -101,14 +114,18 @@ def template_covers(template: str, location: str) -> bool:
 
 @dataclass(frozen=True)
 class Cover:
-    """A place the census counts: a context template, and the one scope it holds (None: any)."""
+    """A place the census counts: a context template, the one scope it holds (None: any), and
+    the pattern of its keys' text (None: any text; see :func:`template_covers`)."""
 
     template: str
     scope: str | None
     name: str
+    key: str | None = None
 
     def covers(self, scope: str, location: str) -> bool:
-        return (self.scope is None or self.scope == scope) and template_covers(self.template, location)
+        return (self.scope is None or self.scope == scope) and template_covers(
+            self.template, location, self.key
+        )
 
 
 SECRETS_COVER = Cover(SECRETS_TEMPLATE, None, "secrets")
@@ -131,9 +148,14 @@ def classify(
 
 
 async def registered_covers(session: AsyncSession) -> list[Cover]:
-    """The covers of every registered column."""
-    rows = await store.covers(session)
-    return [Cover(template, scope, f"{table}.{column}") for table, column, scope, template in rows]
+    """The covers of every registered column, each with its key's pattern as the catalog has the
+    key's type now (a key whose table or type is gone: any text, as before)."""
+    out = []
+    for table, column, scope, template, pk in await store.covers(session):
+        pk_type = await column_type(session, table, pk)
+        kt = key_type_of(pk_type) if pk_type is not None else None
+        out.append(Cover(template, scope, f"{table}.{column}", kt.text_pattern if kt else None))
+    return out
 
 
 async def acknowledged_locations(session: AsyncSession) -> set[str]:

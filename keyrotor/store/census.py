@@ -97,8 +97,8 @@ async def location_versions(session: AsyncSession) -> Sequence[Sequence[Any]]:
 
 
 async def covers(session: AsyncSession) -> Sequence[Sequence[Any]]:
-    """``(table, column, scope, context_template)`` of every registered column."""
-    stmt = text("SELECT table_name, column_name, scope, context_template FROM managed_columns")
+    """``(table, column, scope, context_template, pk_column)`` of every registered column."""
+    stmt = text("SELECT table_name, column_name, scope, context_template, pk_column FROM managed_columns")
     return (await session.execute(stmt)).all()
 
 

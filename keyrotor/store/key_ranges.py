@@ -53,10 +53,21 @@ class KeyType:
         orders exactly as the uuid does."""
         return f'{fn}({column}::text COLLATE "C")' if self.sql == "uuid" else f"{fn}({column})"
 
+    @property
+    def text_pattern(self) -> str | None:
+        """A regular expression of every key as its text appears in a context (``str`` of an
+        integer, a uuid's canonical text); None for text keys, which may be any text."""
+        return _TEXT_PATTERNS.get(self.sql)
+
     def key(self, value: Any) -> Key:
         """A key read from the database or JSON, in its Python form."""
         return int(value) if self.integer else str(value)
 
+
+_TEXT_PATTERNS = {
+    "bigint": "-?[0-9]+",
+    "uuid": "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+}
 
 INTEGER_KEY = KeyType("bigint")
 UUID_KEY = KeyType("uuid")

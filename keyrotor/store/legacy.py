@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
+from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, Key, KeyType, key_bounds
 
 _LEGACY = "NOT LIKE 'kr1:%'"
 
@@ -42,10 +42,11 @@ class Source:
     def select_sql(self, *, after: bool, upper: bool) -> str:
         """The batch SELECT with the bounds given (``$1``, ``$2``), then the limit and the scope.
 
-        An integer key binds both bounds always (``MIN_ID``/``MAX_ID`` when open).
+        An integer key binds its upper bound always (``MAX_ID`` when open), its lower one unless
+        open (``> MIN_ID`` would skip the key ``MIN_ID``).
         """
         if self.key_type.integer:
-            after = upper = True
+            upper = True
         bounds, n = key_bounds(self.key_column, self.key_type, 1, after=after, upper=upper)
         return self.select.format(bounds=bounds, limit=f"${n}", scope=f"${n + 1}::text")
 
@@ -145,7 +146,7 @@ async def fetch_rows(
     ``after`` None: from the first key; ``hi`` None: to the last.
     """
     if src.key_type.integer:
-        bounds: list[Key] = [MIN_ID if after is None else after, MAX_ID if hi is None else hi]
+        bounds: list[Key] = [*([] if after is None else [after]), MAX_ID if hi is None else hi]
     else:
         bounds = [b for b in (after, hi) if b is not None]
     sql = src.select_sql(after=after is not None, upper=hi is not None)

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.errors import ConfigurationError
 from keyrotor.store.identifiers import quote_ident
-from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, MIN_ID, Key, KeyType, key_bounds
+from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, Key, KeyType, key_bounds
 
 # Joins the values of one batch into one parameter: a character no ``kr1`` value contains.
 SEPARATOR = ","
@@ -112,9 +112,10 @@ class Target:
 class TargetSql:
     """The statements of one target, with asyncpg ``$n`` parameters. ``$1`` is always the scope id.
 
-    An integer key always binds both bounds (``MIN_ID``/``MAX_ID`` when open): one statement, as
-    fast as it ever was for ``secrets``. Other keys have no such bounds, so a range open at one
-    end gets a statement without that side (:meth:`select`, :meth:`versions_in_range`).
+    An integer key always binds its upper bound (``MAX_ID`` when open) and its lower one unless
+    open (never ``> MIN_ID``: the key ``MIN_ID`` itself would be skipped). Other keys have no
+    such bounds, so a range open at one end gets a statement without that side (:meth:`select`,
+    :meth:`versions_in_range`).
     """
 
     def __init__(self, t: Target) -> None:
@@ -173,7 +174,7 @@ class TargetSql:
     def select(self, *, after: bool, upper: bool, skip_locked: bool) -> str:
         """``SELECT id, value, extra...`` of one batch: ``$3``/``$4`` the bounds given, then the limit."""
         if self.key_type.integer:
-            after = upper = True
+            upper = True
         k = (after, upper, skip_locked)
         if k not in self._selects:
             bounds, n = key_bounds(self._idc, self.key_type, 3, after=after, upper=upper)
@@ -185,7 +186,7 @@ class TargetSql:
         """The least version of ``$3`` (an ``int[]``) above ``$2`` that a row of the range holds, and
         the least of any; the range's bounds from ``$4``. One read of the range for both."""
         if self.key_type.integer:
-            after = upper = True
+            upper = True
         k = (after, upper)
         if k not in self._versions:
             bounds, _ = key_bounds(self._idc, self.key_type, 4, after=after, upper=upper)
@@ -268,9 +269,10 @@ async def durable_commit(apg: Any) -> None:
 
 
 def _bound_args(target: Target, after: Key | None, hi: Key | None) -> tuple[bool, bool, list[Key]]:
-    """Which bounds a statement of ``target`` binds, and their values (integer keys: always both)."""
+    """Which bounds a statement of ``target`` binds, and their values (integer keys: always the
+    upper one; an open lower side is left out, as ``id > MIN_ID`` would skip the key ``MIN_ID``)."""
     if target.key_type.integer:
-        return True, True, [MIN_ID if after is None else after, MAX_ID if hi is None else hi]
+        return after is not None, True, [*([] if after is None else [after]), MAX_ID if hi is None else hi]
     return after is not None, hi is not None, [b for b in (after, hi) if b is not None]
 
 

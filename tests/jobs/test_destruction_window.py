@@ -124,6 +124,42 @@ async def test_retirement_refuses_a_location_the_census_cannot_count(
     assert await check_values(s, SCOPE, values) == {2: 10}
 
 
+@pytest.mark.parametrize(
+    ("key_ddl", "template"),
+    [
+        ("id bigserial PRIMARY KEY", "{pk}@settings"),
+        ("id uuid PRIMARY KEY", "u{pk}"),
+        ("id int PRIMARY KEY", "{pk}"),
+    ],
+)
+async def test_a_column_whose_keys_cannot_spell_a_location_does_not_cover_it(
+    wenv: dict[str, str], worker: WorkerProcess, key_ddl: str, template: str
+) -> None:
+    """A registered column covers only the locations its own keys can produce: an integer or
+    uuid key never spells ``users.api_key``, so a template that does not start with a fixed
+    location (``{pk}@settings``) must not make another table's values look counted -- the
+    retirement would pass, and after the window the values there would be lost."""
+    s = _settings(wenv)
+    await fetch(s.database_url, f"CREATE TABLE settings ({key_ddl}, api_key text)")
+    env = {**wenv, "KEYROTOR_DESTROY_AFTER_DAYS": str(WINDOW_DAYS)}
+    cli = keyrotor(
+        "columns", "register", "settings.api_key", "--pk", "id", "--scope", SCOPE,
+        "--context-template", template, env=env,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    _, kept = await _rotated_with_app_value(s)
+    async with KeyrotorClient(s) as client:
+        with pytest.raises(LocationNotCovered, match=r"users\.api_key"):
+            await client.retire(SCOPE, 1, force_now=True)
+    assert (await key_row(s.database_url, SCOPE, 1))["state"] == "grace"
+    listed = keyrotor("columns", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    coverage = {v["location"]: v["coverage"] for v in json.loads(listed.stdout)["locations"]}
+    assert coverage["users.api_key"] == "unregistered"
+    async with KeyManager(s) as km:
+        assert await km.decrypt(SCOPE, kept, context=APP_CONTEXT) == "sk-app-value-0123456789"
+
+
 async def test_a_value_without_context_is_refused_with_the_command_that_acknowledges_it(
     wenv: dict[str, str], worker: WorkerProcess
 ) -> None:

@@ -15,6 +15,7 @@ from keyrotor.census.locations import (
     location_of,
     template_covers,
 )
+from keyrotor.store.key_ranges import INTEGER_KEY, UUID_KEY
 
 
 @pytest.mark.parametrize(
@@ -72,3 +73,31 @@ def test_classify_orders_keyrotor_column_acknowledged_unregistered() -> None:
     # Values written before locations were recorded are never proven covered by a template.
     assert classify("anthropic", UNRECORDED, [Cover("{pk}", None, "x")], [])[0] == UNREGISTERED
     assert classify("anthropic", UNRECORDED, covers, [UNRECORDED])[0] == ACKNOWLEDGED
+
+
+_INT = INTEGER_KEY.text_pattern
+_UUID = UUID_KEY.text_pattern
+
+
+@pytest.mark.parametrize(
+    ("template", "key", "location", "covered"),
+    [
+        ("{pk}@settings", _INT, "42@settings", True),
+        ("{pk}@settings", _INT, "-7@settings", True),
+        ("{pk}@settings", _INT, "users.api_key", False),
+        ("{pk}", _INT, "users.api_key", False),
+        ("{pk}", _INT, "42", True),
+        ("settings.api_key:{pk}", _INT, "settings.api_key", True),
+        ("settings.api_key:{pk}", _INT, "settings.api_key:a", False),
+        ("tenant:{pk}:apikey", _INT, "tenant:7", True),
+        ("tenant:{pk}:apikey", _INT, "tenant:x:y", False),
+        ("u{pk}", _UUID, "users.api_key", False),
+        ("u{pk}", _UUID, "u550e8400-e29b-41d4-a716-446655440000", True),
+        ("t:{pk}", _UUID, "t", True),
+        ("{pk}@settings", None, "users.api_key", True),  # a text key may be any text
+    ],
+)
+def test_a_key_that_holds_no_colon_covers_only_what_it_can_spell(
+    template: str, key: str | None, location: str, covered: bool
+) -> None:
+    assert template_covers(template, location, key) is covered
