@@ -175,6 +175,51 @@ async def test_verify_exit_codes(env: dict[str, str], settings: Settings, databa
     assert (bad_json["ok"], bad_json["bad_id"], bad_json["problem"]) == (False, 4, "edited")
 
 
+async def test_verify_warns_when_no_audit_key_vouches_for_the_rows(
+    env: dict[str, str], settings: Settings, database_url: str
+) -> None:
+    # A database writer deletes the audit key and rewrites every row in the unkeyed format, an
+    # actor changed: the chain alone verifies (it looks like a log older than the key), so
+    # verify says that only a checkpoint can tell.
+    from keyrotor.audit.chain import GENESIS, chain_records
+    from keyrotor.audit.events import to_us
+
+    await _events(settings, 3)
+    ok = keyrotor("audit", "verify", env=env)
+    assert ok.returncode == 0 and "warning" not in ok.stderr, ok.stderr
+    found = await rows(database_url)
+    forged = [
+        (
+            r["event_type"],
+            r["scope"],
+            r["key_version"],
+            r["success"],
+            "innocent" if r["actor"] == "reader-1" else r["actor"],
+            r["ip_address"],
+            r["user_agent"],
+            r["error_message"],
+            r["metadata"],
+            to_us(r["created_at"]),
+        )
+        for r in found
+    ]
+    records = chain_records(0, GENESIS, forged)
+    await tamper(
+        database_url,
+        "DELETE FROM audit_keys",
+        *(
+            f"UPDATE encryption_audit_log SET actor = {'NULL' if rec[5] is None else repr(rec[5])}, "
+            f"prev_hash = '\\x{rec[11].hex()}', row_hash = '\\x{rec[12].hex()}', audit_key_id = NULL "
+            f"WHERE id = {rec[0]}"
+            for rec in records
+        ),
+    )
+    forged_ok = keyrotor("audit", "verify", env=env)
+    assert forged_ok.returncode == 0, forged_ok.stdout + forged_ok.stderr
+    assert "(0 keyed)" in forged_ok.stdout
+    assert "no audit key and no keyed row" in forged_ok.stderr and "--checkpoint-file" in forged_ok.stderr
+
+
 async def test_verify_names_a_deleted_row(env: dict[str, str], settings: Settings, database_url: str) -> None:
     await _events(settings, 5)
     await tamper(database_url, "DELETE FROM encryption_audit_log WHERE id = 3")

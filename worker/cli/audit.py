@@ -181,6 +181,13 @@ def verify(
         pruned = f", pruned before id {report.first_id} (anchored)" if report.anchored else ""
         used = f"; checkpoint {report.checkpoint}" if report.checkpoint else ""
         print(f"audit chain OK: {report.checked} rows ({report.keyed} keyed){pruned}; {head}{used}")
+        if report.checked and report.switch_after is None and signed is None:
+            # Every row unkeyed and no audit key: a log written before the key existed, or one whose
+            # key a database writer deleted and whose rows it rewrote; only a checkpoint tells.
+            err_console.print(
+                "warning: no audit key and no keyed row: the chain alone cannot show that audit_keys "
+                "was not deleted and the rows rewritten; check with --checkpoint-file"
+            )
     else:
         print(f"audit chain BROKEN at row {report.bad_id} ({report.problem}): {report.detail}")
     if not report.ok:
