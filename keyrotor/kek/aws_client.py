@@ -17,15 +17,28 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     HTTPClientError,
+    InvalidRegionError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url, validate_region_name
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
 from keyrotor.kek.environ import env_required, env_value
 from keyrotor.kek.resilience import Throttled, Translator
+
+
+def check_region(region: str, variable: str) -> None:
+    """Refuse a region name botocore would refuse when the client is made (ConfigurationError
+    naming ``variable``, instead of botocore's InvalidRegionError at start-up)."""
+    try:
+        validate_region_name(region)
+    except InvalidRegionError:
+        raise ConfigurationError(
+            f"{variable}: {region!r} is not an AWS region name (e.g. eu-west-1)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -56,9 +69,18 @@ class AwsConnection:
             raise ConfigurationError("AWS_SECRET_ACCESS_KEY is not set (AWS_ACCESS_KEY_ID is)")
         if secret and not key_id:
             raise ConfigurationError("AWS_ACCESS_KEY_ID is not set (AWS_SECRET_ACCESS_KEY is)")
+        check_region(region, "AWS_SECRETS_REGION")
+        endpoint_url = env_value(environ, "AWS_ENDPOINT_URL")
+        if endpoint_url is not None and not (
+            is_valid_endpoint_url(endpoint_url) or is_valid_ipv6_endpoint_url(endpoint_url)
+        ):
+            raise ConfigurationError(
+                "AWS_ENDPOINT_URL is not an http:// or https:// URL with a host "
+                "(e.g. https://kms.eu-west-1.amazonaws.com)"
+            )
         return cls(
             region=region,
-            endpoint_url=env_value(environ, "AWS_ENDPOINT_URL"),
+            endpoint_url=endpoint_url,
             access_key_id=key_id,
             secret_access_key=secret,
         )

@@ -52,7 +52,7 @@ from aiolimiter import AsyncLimiter
 from cryptography.exceptions import InvalidTag
 
 from keyrotor.errors import KekError
-from keyrotor.kek.aws_client import AwsConnection, aws_error_code
+from keyrotor.kek.aws_client import AwsConnection, aws_error_code, check_region
 from keyrotor.kek.aws_secret_material import (
     NONCE_BYTES,
     WRAPPED_BYTES,
@@ -101,6 +101,8 @@ class AwsSecretsConfig:
         failover: list[str] = []
         for region in (env_value(environ, "AWS_SECRETS_FAILOVER_REGIONS") or "").split(","):
             region = region.strip()
+            if region:
+                check_region(region, "AWS_SECRETS_FAILOVER_REGIONS")
             if region and region != connection.region and region not in failover:
                 failover.append(region)
         return cls(connection=connection, secret_id=secret_id, failover_regions=tuple(failover))

@@ -31,6 +31,24 @@ def shown_address(addr: str) -> str:
     return urlunsplit(parts._replace(netloc=host)) if host else addr
 
 
+def check_vault_addr(addr: str) -> None:
+    """Refuse a ``VAULT_ADDR`` that is not an ``http(s)://host[:port]`` URL (ConfigurationError).
+
+    Without this, a missing scheme or a bad port reaches requests, whose refusal reads as a
+    transient "cannot reach the server" that is retried forever, and an unparseable URL is a
+    bare ValueError. The message never shows the value: it may hold ``user:password@``.
+    """
+    try:
+        parts = urlsplit(addr)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            "VAULT_ADDR is not an http:// or https:// URL with a host (e.g. https://vault.internal:8200)"
+        )
+
+
 @dataclass(frozen=True)
 class VaultConfig:
     """Configuration of the transit provider.
@@ -69,6 +87,7 @@ class VaultConfig:
             raise ConfigurationError(
                 "VAULT_TOKEN is not set (nor VAULT_ROLE_ID and VAULT_SECRET_ID for AppRole)"
             )
+        check_vault_addr(addr)
         return cls(
             addr=addr.rstrip("/"),
             transit_key=env_value(environ, "VAULT_TRANSIT_KEY") or "keyrotor",

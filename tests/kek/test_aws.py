@@ -57,6 +57,36 @@ def test_config_from_env_names_the_missing_variable() -> None:
         AwsConnection.from_env({"AWS_SECRETS_REGION": "us-east-1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"})
 
 
+@pytest.mark.parametrize(
+    ("variable", "env"),
+    [
+        ("AWS_SECRETS_REGION", {"AWS_SECRETS_REGION": "eu west 1", "AWS_KMS_KEY_ID": "alias/k"}),
+        ("AWS_SECRETS_REGION", {"AWS_SECRETS_REGION": "eu-west-1/", "AWS_SECRET_ID": "s"}),
+        (
+            "AWS_ENDPOINT_URL",
+            {"AWS_SECRETS_REGION": "eu-west-1", "AWS_KMS_KEY_ID": "alias/k", "AWS_ENDPOINT_URL": "not a url"},
+        ),
+        (
+            "AWS_SECRETS_FAILOVER_REGIONS",
+            {
+                "AWS_SECRETS_REGION": "eu-west-1",
+                "AWS_SECRET_ID": "s",
+                "AWS_SECRETS_FAILOVER_REGIONS": "us east",
+            },
+        ),
+    ],
+)
+async def test_a_malformed_region_or_endpoint_is_a_configuration_error(
+    variable: str, env: dict[str, str]
+) -> None:
+    # botocore refuses these when the client is created, with its own InvalidRegionError or a
+    # bare ValueError ("unexpected ValueError" from the CLI): one line naming the variable instead.
+    creds = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret-access-key"}
+    with pytest.raises(ConfigurationError, match=variable) as caught:
+        await open_remote_provider("aws", {**env, **creds}, policy=fast_policy())
+    assert "very-secret-access-key" not in str(caught.value)
+
+
 def test_config_reads_exactly_its_variables_and_hides_secrets() -> None:
     config = AwsSecretsConfig.from_env(
         {

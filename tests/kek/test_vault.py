@@ -70,6 +70,29 @@ def test_config_from_env() -> None:
     assert "secret-id-value" not in repr(approle) and "role-id-value" not in repr(approle)
 
 
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "vault.internal:8200",  # no scheme: requests has no adapter for it
+        "ftp://vault.internal",
+        "http://127.0.0.1:99999",  # port out of range
+        "http://[::1",  # unparseable: a bare ValueError
+        "https://ops:hunter2-pw@[::1",  # and the password it holds is never shown
+        "http://",
+    ],
+)
+async def test_a_malformed_vault_addr_is_a_configuration_error(addr: str) -> None:
+    # A mistyped VAULT_ADDR is a configuration mistake: a one-line ConfigurationError naming the
+    # variable, not a transient KekUnavailable that workers retry forever, nor a bare ValueError.
+    env = {"VAULT_ADDR": addr, "VAULT_TOKEN": "hvs.secret-token-value"}
+    with pytest.raises(ConfigurationError, match="VAULT_ADDR") as caught:
+        await open_remote_provider("vault", env, policy=fast_policy())
+    chain: BaseException | None = caught.value
+    while chain is not None:
+        assert "hunter2" not in str(chain) and "hvs.secret-token-value" not in str(chain)
+        chain = chain.__cause__ or chain.__context__
+
+
 def test_ciphertext_version() -> None:
     assert ciphertext_version("vault:v12:abc") == 12
     with pytest.raises(KekError):
