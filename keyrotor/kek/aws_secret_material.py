@@ -74,11 +74,16 @@ def parse_material(response: Mapping[str, Any], what: str) -> Material:
         document = json.loads(response["SecretString"])
         version = document["version"]
         key = base64.b64decode(document["key"], validate=True)
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-        # Name the shape, never the content: it is key material.
+        shaped = True
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        shaped = False
+    if not shaped:
+        # Name the shape, never the content: it is key material. Raised outside the except block
+        # so that the parser's error is neither the cause nor the context (a JSONDecodeError
+        # holds the whole secret string in its ``doc``).
         raise KekError(
             f'{what} is not keyrotor KEK material (want JSON {{"version": n, "key": base64 of 32 bytes}})'
-        ) from exc
+        )
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise KekError(f"{what}: 'version' must be an integer >= 1")
     if len(key) != 32:

@@ -371,6 +371,18 @@ async def test_sm_malformed_secret_names_the_shape_not_the_content(moto_server: 
     with pytest.raises(KekError, match="not keyrotor KEK material") as info:
         await open_remote_provider("aws", aws_env(moto_server, AWS_SECRET_ID=name), policy=fast_policy())
     assert content not in str(info.value)
+    # Nor anywhere in the chain of exceptions behind it, attributes included: a JSONDecodeError
+    # keeps the whole document it failed on (``doc``), and error trackers record the chain.
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [info.value]
+    while pending:
+        exc = pending.pop()
+        if exc is None or any(exc is s for s in seen):
+            continue
+        seen.append(exc)
+        assert all(content not in repr(v) for v in vars(exc).values()), type(exc).__name__
+        assert content not in repr(exc.args)
+        pending += [exc.__cause__, exc.__context__]
 
 
 async def test_sm_fails_over_to_the_replica_region(moto_server: ServerProcess) -> None:
