@@ -125,9 +125,10 @@ def ranges_from_buckets(kt: KeyType, buckets: Sequence[Sequence[Any]]) -> list[P
     buckets in key order.
 
     Integer keys: the first range starts at the smallest key or 0 (a cursor is ``lo - 1``), the
-    last ends at the largest bigint. Other keys: a boundary after each bucket's last key (taken
-    from the data), the first and last ranges open-ended. Either way a row written during the
-    run, below, between or above the planned keys, falls in a range.
+    last ends at the largest bigint, so a negative key written during the run below the smallest
+    planned one falls in no range: the completion's sweep re-encrypts it. Other keys: a boundary
+    after each bucket's last key (taken from the data), the first and last ranges open-ended, so
+    a row written during the run, below, between or above the planned keys, falls in a range.
     """
     if not buckets:
         return []
