@@ -155,10 +155,9 @@ async def list_columns(session: AsyncSession) -> list[ManagedColumn]:
     out = []
     for row in await store.managed_columns(session):
         col = ManagedColumn(*row)
-        pk_type = await store.column_type(session, col.table, col.pk_column)
         # A key whose type changed to one not supported (or a dropped table) keeps the integer
         # statements: they fail, naming the column, rather than the column silently dropping out.
-        kt = key_type_of(pk_type) if pk_type is not None else None
+        kt = await store.key_type(session, col.table, col.pk_column)
         out.append(replace(col, key_type=kt or INTEGER_KEY))
     return out
 

@@ -28,8 +28,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.store import census as store
-from keyrotor.store.columns import column_type
-from keyrotor.store.key_ranges import key_type_of
+from keyrotor.store.columns import key_type
 
 PK_PLACEHOLDER = "{pk}"
 # The context template of keyrotor's own secrets table (keys.py seals them as ``secret:<name>``).
@@ -152,8 +151,7 @@ async def registered_covers(session: AsyncSession) -> list[Cover]:
     key's type now (a key whose table or type is gone: any text, as before)."""
     out = []
     for table, column, scope, template, pk in await store.covers(session):
-        pk_type = await column_type(session, table, pk)
-        kt = key_type_of(pk_type) if pk_type is not None else None
+        kt = await key_type(session, table, pk)
         out.append(Cover(template, scope, f"{table}.{column}", kt.text_pattern if kt else None))
     return out
 

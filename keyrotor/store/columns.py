@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from keyrotor.store.identifiers import quote_ident
-from keyrotor.store.key_ranges import KeyType
+from keyrotor.store.key_ranges import KeyType, key_type_of
 
 _SELECT = (
     "SELECT table_name, column_name, pk_column, scope_column, scope, context_template, registered_at "
@@ -90,6 +90,13 @@ async def column_type(session: AsyncSession, table: str, column: str) -> str | N
     found = await session.execute(_COLUMN_TYPE, {"t": quote_ident(table), "c": column})
     value: str | None = found.scalar_one_or_none()
     return value
+
+
+async def key_type(session: AsyncSession, table: str, column: str) -> KeyType | None:
+    """The :class:`KeyType` of a key column as the catalog has it now; None if the table or
+    column is gone, or its type is not one keyrotor supports."""
+    pk_type = await column_type(session, table, column)
+    return key_type_of(pk_type) if pk_type is not None else None
 
 
 async def unique_alone(session: AsyncSession, table: str, column: str) -> bool:

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -83,17 +84,24 @@ async def test_rate_limit_answers_429(limited: Api) -> None:
     assert (await resp.json())["error"]["code"] == "rate_limited"
 
 
-async def test_trusted_proxy_sets_the_audited_ip(limited: Api, database_url: str) -> None:
-    headers = {**limited.auth(), "X-Forwarded-For": "203.0.113.9"}
-    resp = await limited.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=headers)
+async def _audited_ip(api: Api, database_url: str, headers: Any) -> str | None:
+    """The ``ip_address`` audited for one encrypt sent with ``headers``."""
+    resp = await api.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=headers)
     assert resp.status == 200
-    await limited.km.flush_audit()
+    await api.km.flush_audit()
     conn = await asyncpg.connect(database_url)
     try:
-        ip = await conn.fetchval("SELECT ip_address FROM encryption_audit_log WHERE event_type = 'encrypt'")
+        ip: str | None = await conn.fetchval(
+            "SELECT ip_address FROM encryption_audit_log WHERE event_type = 'encrypt'"
+        )
     finally:
         await conn.close()
-    assert ip == "203.0.113.9"
+    return ip
+
+
+async def test_trusted_proxy_sets_the_audited_ip(limited: Api, database_url: str) -> None:
+    headers = {**limited.auth(), "X-Forwarded-For": "203.0.113.9"}
+    assert await _audited_ip(limited, database_url, headers) == "203.0.113.9"
 
 
 async def test_forwarded_for_split_over_header_lines_is_read_as_one_list(
@@ -105,15 +113,7 @@ async def test_forwarded_for_split_over_header_lines_is_read_as_one_list(
     headers = CIMultiDict(limited.auth())
     headers.add("X-Forwarded-For", "198.51.100.66")  # written by the client: forged
     headers.add("X-Forwarded-For", "203.0.113.7")  # added by the trusted proxy: the real peer
-    resp = await limited.client.post("/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=headers)
-    assert resp.status == 200
-    await limited.km.flush_audit()
-    conn = await asyncpg.connect(database_url)
-    try:
-        ip = await conn.fetchval("SELECT ip_address FROM encryption_audit_log WHERE event_type = 'encrypt'")
-    finally:
-        await conn.close()
-    assert ip == "203.0.113.7"
+    assert await _audited_ip(limited, database_url, headers) == "203.0.113.7"
 
 
 async def test_no_token_or_plaintext_in_logs_errors_or_metrics(

@@ -422,16 +422,21 @@ async def test_verify_pages_through_a_long_chain(km: KeyManager, database_url: s
     assert (await verify(km, page_rows=300)).bad_id == 2222
 
 
-async def test_prune_keeps_the_rest_verifiable(km: KeyManager, database_url: str) -> None:
+async def _old_events(km: KeyManager, n: int) -> None:
+    """``n`` decrypt events dated 400 days ago, a minute apart: old enough for a 365-day prune."""
     old = datetime.now(UTC) - timedelta(days=400)
     async with db.transaction(km.sessions) as session:
         await write_event(
             session,
             *(
                 AuditEvent("decrypt", scope="openai", actor="old", created_at=old + timedelta(minutes=i))
-                for i in range(6)
+                for i in range(n)
             ),
         )
+
+
+async def test_prune_keeps_the_rest_verifiable(km: KeyManager, database_url: str) -> None:
+    await _old_events(km, 6)
     await _some_events(km, 4)
     result = await prune(km.sessions, datetime.now(UTC) - timedelta(days=365), actor="ops")
     assert (result.deleted, result.through_id, result.anchor_id) == (6, 6, 11)
@@ -465,15 +470,7 @@ async def test_prune_refuses_to_launder_a_broken_prefix(
     # Rows 1-6 are old enough to prune, 7-10 are not. Someone with the database edits or deletes
     # an old row; verify sees it. A routine prune must not delete the evidence and anchor the
     # rest, which would make the chain verify again.
-    old = datetime.now(UTC) - timedelta(days=400)
-    async with db.transaction(km.sessions) as session:
-        await write_event(
-            session,
-            *(
-                AuditEvent("decrypt", scope="openai", actor="old", created_at=old + timedelta(minutes=i))
-                for i in range(6)
-            ),
-        )
+    await _old_events(km, 6)
     await _some_events(km, 4)
     await tamper(database_url, attack)
     assert not (await verify(km)).ok
