@@ -24,7 +24,14 @@ pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 @pytest.fixture
 def served(env: dict[str, str], tmp_path: Path) -> Iterator[ServeProcess]:
-    locked = keyrotor("lock-down", "--grant", "node-app:node:decrypt,encrypt", env=env)
+    locked = keyrotor(
+        "lock-down",
+        "--grant",
+        "node-app:node:decrypt,encrypt",
+        "--grant",
+        "node-app:tenant-1/*:decrypt,encrypt",
+        env=env,
+    )
     assert locked.returncode == 0, locked.stderr
     server = ServeProcess({**env, "KEYROTOR_API_TOKEN_CACHE_SECONDS": "0"}, tmp_path / "serve.log")
     try:

@@ -1,5 +1,5 @@
 // KeyrotorClient against a real `keyrotor serve`: started by tests/api/test_node.py, which passes
-// KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on scope "node"), KEYROTOR_DENIED_TOKEN
+// KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on "node" and "tenant-1/*"), KEYROTOR_DENIED_TOKEN
 // (no grants), KEYROTOR_FROM_PYTHON (values Python wrote) and KEYROTOR_NODE_OUT (where to leave
 // values for Python to read). Skipped when KEYROTOR_URL is not set.
 import { test } from 'node:test';
@@ -41,6 +41,21 @@ test('secrets', { skip }, async () => {
   await kr.putSecret('node', 'openai', 'sk-secret');
   assert.equal(await kr.getSecret('node', 'openai'), 'sk-secret');
   await assert.rejects(kr.getSecret('node', 'missing'), NotFoundError);
+});
+
+test('scopes and secret names reach the server as written, whatever their characters', { skip }, async () => {
+  // '/', '?', '#' and '%' would change the path or end it ('.' and '..' are refused: transport.test.js).
+  const names = ['a/b', '../status', 'a?b#c', '100%', '%2F', 'clé ключ', 'x..', '...'];
+  for (const [i, name] of names.entries()) {
+    await kr.putSecret('node', name, `sk-name-${i}`);
+  }
+  for (const [i, name] of names.entries()) {
+    assert.equal(await kr.getSecret('node', name), `sk-name-${i}`, name);
+  }
+  await kr.putSecret('tenant-1/openai', 'a/b', 'sk-tenant');
+  assert.equal(await kr.getSecret('tenant-1/openai', 'a/b'), 'sk-tenant');
+  assert.equal(await kr.getSecret('node', 'a/b'), 'sk-name-0');
+  await assert.rejects(kr.getSecret('node', 'b'), NotFoundError);
 });
 
 test('typed errors carry the HTTP status', { skip }, async () => {
