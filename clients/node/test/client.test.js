@@ -1,7 +1,8 @@
 // KeyrotorClient against a real `keyrotor serve`: started by tests/api/test_node.py, which passes
 // KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on "node" and "tenant-1/*"), KEYROTOR_DENIED_TOKEN
-// (no grants), KEYROTOR_FROM_PYTHON (values Python wrote) and KEYROTOR_NODE_OUT (where to leave
-// values for Python to read). Skipped when KEYROTOR_URL is not set.
+// (no grants), KEYROTOR_FROM_PYTHON (values Python wrote), KEYROTOR_NODE_OUT (where to leave
+// values for Python to read) and KEYROTOR_SETTINGS_ROWS (docs/node.md's settings rows, one
+// migrated by `legacy migrate`, one not yet). Skipped when KEYROTOR_URL is not set.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -26,6 +27,20 @@ test('round trip, and values Python wrote', { skip }, async () => {
     assert.equal(await kr.decrypt(v.scope, v.ciphertext, { context: v.context }), v.plaintext);
   }
   writeFileSync(process.env.KEYROTOR_NODE_OUT, JSON.stringify([{ scope: 'node', context: 'settings.api_key:1', ciphertext: ct, plaintext: 'sk-from-node' }]));
+});
+
+test("docs/node.md's settings service reads rows before and after legacy migrate, and saves them", { skip }, async () => {
+  const rows = JSON.parse(readFileSync(process.env.KEYROTOR_SETTINGS_ROWS, 'utf8'));
+  assert.equal(rows.length, 2);
+  for (const row of rows) {
+    // getApiKey, as written there.
+    assert.equal(await kr.decrypt(row.provider, row.api_key, { context: `settings.api_key:${row.id}` }), row.plaintext);
+  }
+  // setApiKey: the new value opens for its row only.
+  const row = rows[1];
+  const stored = await kr.encrypt(row.provider, 'sk-proj-rotated', { context: `settings.api_key:${row.id}` });
+  assert.equal(await kr.decrypt(row.provider, stored, { context: `settings.api_key:${row.id}` }), 'sk-proj-rotated');
+  await assert.rejects(kr.decrypt(row.provider, stored, { context: `settings.api_key:${rows[0].id}` }), InvalidRequestError);
 });
 
 test('batches carry per-item errors', { skip }, async () => {
