@@ -3,6 +3,9 @@
 import { createDecipheriv } from 'node:crypto';
 
 const PREFIX = 'kr1:';
+// fatal: bytes that authenticate but are not UTF-8 are refused, not turned into U+FFFD.
+// ignoreBOM: a leading U+FEFF is part of the value (keyrotor returns it), not a marker to drop.
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
 function u16(n) {
   const b = Buffer.alloc(2);
@@ -46,11 +49,11 @@ export function parseKr1(value) {
   return { version: Number(vText), nonce: raw.subarray(0, 12), body: raw.subarray(12, raw.length - 16), tag: raw.subarray(raw.length - 16) };
 }
 
-/** Open a kr1 value with its DEK (32 bytes); throws if it does not authenticate. */
+/** Open a kr1 value with its DEK (32 bytes); throws if it does not authenticate or is not UTF-8. */
 export function openKr1(dek, scope, context, value) {
   const { version, nonce, body, tag } = parseKr1(value);
   const d = createDecipheriv('aes-256-gcm', dek, nonce);
   d.setAAD(kr1Aad(scope, version, context));
   d.setAuthTag(tag);
-  return Buffer.concat([d.update(body), d.final()]).toString('utf8');
+  return UTF8.decode(Buffer.concat([d.update(body), d.final()]));
 }

@@ -6,7 +6,7 @@ export interface KeyrotorClientOptions {
   url: string;
   /** A token from `keyrotor tokens create ACTOR`. */
   token: string;
-  /** Per-request timeout (default 10000). */
+  /** Deadline of each call in milliseconds: connection, headers and body (default 10000). */
   timeoutMs?: number;
   /** A fetch implementation (default: the global one). */
   fetch?: typeof fetch;
@@ -41,12 +41,22 @@ export interface Run {
   [field: string]: unknown;
 }
 
+export interface KeyrotorErrorOptions {
+  status?: number;
+  code?: string;
+  retryAfter?: number | null;
+  cause?: unknown;
+}
+
+/** Every failure of a call (docs/node.md); subclasses by HTTP status. */
 export declare class KeyrotorError extends Error {
-  /** HTTP status; 0 when the server could not be reached. */
+  /** Defaults: status 0, code `unreachable`, retryAfter null. */
+  constructor(message: string, options?: KeyrotorErrorOptions);
+  /** HTTP status; 0 when no answer came (unreachable, timed out, or refused before sending). */
   readonly status: number;
   /** keyrotor's error code, e.g. `decryption_failed`, `forbidden`, `rate_limited`. */
   readonly code: string;
-  /** Seconds to wait before retrying (429), else null. */
+  /** Seconds to wait before retrying (429 with a readable `Retry-After`), else null. */
   readonly retryAfter: number | null;
 }
 export declare class InvalidRequestError extends KeyrotorError {}
@@ -60,11 +70,14 @@ export declare class UnavailableError extends KeyrotorError {}
 
 export declare class KeyrotorClient {
   constructor(options: KeyrotorClientOptions);
+  /** The base URL, without a trailing slash. */
   readonly url: string;
+  readonly timeoutMs: number;
   encrypt(scope: string, plaintext: string, options?: CallOptions): Promise<string>;
   decrypt(scope: string, ciphertext: string, options?: CallOptions): Promise<string>;
-  encryptBatch(scope: string, items: EncryptItem[]): Promise<EncryptResult[]>;
-  decryptBatch(scope: string, items: DecryptItem[]): Promise<DecryptResult[]>;
+  /** One result a item, in order; a bad item fails alone. */
+  encryptBatch(scope: string, items: readonly EncryptItem[]): Promise<EncryptResult[]>;
+  decryptBatch(scope: string, items: readonly DecryptItem[]): Promise<DecryptResult[]>;
   getSecret(scope: string, name: string): Promise<string>;
   putSecret(scope: string, name: string, value: string): Promise<void>;
   rotate(scope: string): Promise<RotateResult>;

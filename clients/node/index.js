@@ -45,7 +45,11 @@ const BY_STATUS = {
   409: ConflictError,
   413: PayloadTooLargeError,
   429: RateLimitError,
+  // 502 and 504 come from a load balancer or proxy in front of keyrotor that could not reach it
+  // or got no answer in time: the same "retry later" as keyrotor's own 503.
+  502: UnavailableError,
   503: UnavailableError,
+  504: UnavailableError,
 };
 
 function errorFor(status, body, retryAfter) {
@@ -55,26 +59,93 @@ function errorFor(status, body, retryAfter) {
   return new Cls(message, { status, code: typeof detail.code === 'string' ? detail.code : 'http_error', retryAfter });
 }
 
+/** `Retry-After` (RFC 9110: whole seconds, or an HTTP date) as seconds from now; null if absent or unreadable. */
+function retryAfterSeconds(header) {
+  if (header === null) return null;
+  const text = header.trim();
+  if (/^[0-9]+$/.test(text)) return Number(text);
+  // An HTTP date starts with the day's name; Date.parse alone also reads '-3' or '2024' as dates.
+  const at = /^[A-Za-z]{3}/.test(text) ? Date.parse(text) : NaN;
+  return Number.isNaN(at) ? null : Math.max(0, Math.ceil((at - Date.now()) / 1000));
+}
+
+function invalidResponse(status, what) {
+  // The answer came from something other than keyrotor (a proxy's page, a stub) or does not fit
+  // the call; its text is not repeated.
+  return new KeyrotorError(`keyrotor answered HTTP ${status} ${what}`, { status, code: 'invalid_response' });
+}
+
+/**
+ * One path segment, percent-encoded so that '/', '?', '#' and '%' stay inside it.
+ *
+ * '.' and '..' cannot be sent: every URL parser (fetch's included) resolves them, percent-encoded
+ * or not, as dot segments, so the request would reach another path (a secret named '..' would
+ * become GET /v1/secrets/, a 404 that reads as "no such secret"). Refused before sending.
+ */
+function segment(text) {
+  if (text === '.' || text === '..') {
+    throw new InvalidRequestError("a scope, secret name or run id of '.' or '..' cannot be a URL path segment", {
+      code: 'invalid_input',
+    });
+  }
+  return encodeURIComponent(text);
+}
+
 function itemsOf(values, field) {
+  if (!Array.isArray(values)) throw new TypeError('batch items must be an array');
   return values.map((v) => (typeof v === 'string' ? { [field]: v } : { [field]: v[field], context: v.context ?? '' }));
 }
 
+/** The base URL, checked: http(s), no credentials, query or fragment. Errors never echo it. */
+function baseUrl(url) {
+  let parsed;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw new TypeError('KeyrotorClient { url } is not an absolute URL (e.g. http://keyrotor-api:8180)');
+  }
+  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+    throw new TypeError('KeyrotorClient { url } must be http: or https:');
+  }
+  // fetch refuses credentials in a URL and quotes the URL in its error; the token authenticates.
+  if (parsed.username || parsed.password) throw new TypeError('KeyrotorClient { url } must not contain credentials');
+  if (parsed.search || parsed.hash) throw new TypeError('KeyrotorClient { url } must not have a query or fragment');
+  return parsed.href.replace(/\/+$/, '');
+}
+
+// The token's characters as the server reads them (it trims surrounding whitespace): visible
+// ASCII only. A line break inside would make fetch throw an error quoting the whole header.
+const TOKEN = /^[\x21-\x7e]+$/;
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
 export class KeyrotorClient {
+  // Private: no inspection of the client (util.inspect with showHidden, a logger's dump of a
+  // provider) can show it.
+  #auth;
+
   /**
    * @param {{url: string, token: string, timeoutMs?: number, fetch?: typeof fetch}} options
    */
   constructor({ url, token, timeoutMs = 10_000, fetch: fetchImpl } = {}) {
-    if (!url) throw new TypeError('KeyrotorClient needs { url }');
-    if (!token) throw new TypeError('KeyrotorClient needs { token }');
-    this.url = url.replace(/\/+$/, '');
-    this.timeoutMs = timeoutMs;
+    if (!url || typeof url !== 'string') throw new TypeError('KeyrotorClient needs { url }');
+    if (!token || typeof token !== 'string') throw new TypeError('KeyrotorClient needs { token }');
+    const bare = token.trim();
+    if (!TOKEN.test(bare)) {
+      throw new TypeError('KeyrotorClient { token } must be one line of visible ASCII (as `keyrotor tokens create` prints it)');
+    }
+    // Checked here: AbortSignal.timeout would throw on every call instead, reported as the
+    // server being unreachable. The bound is the largest delay a timer takes (about 24.8 days).
+    if (typeof timeoutMs !== 'number' || !(timeoutMs > 0 && timeoutMs <= MAX_TIMEOUT_MS)) {
+      throw new TypeError('KeyrotorClient { timeoutMs } must be a positive number of milliseconds');
+    }
+    this.url = baseUrl(url);
+    this.timeoutMs = Math.ceil(timeoutMs);
     this._fetch = fetchImpl || globalThis.fetch;
-    // Not an enumerable property: a logged or serialised client never shows the token.
-    Object.defineProperty(this, '_auth', { value: `Bearer ${token}`, enumerable: false });
+    this.#auth = `Bearer ${bare}`;
   }
 
   async _call(method, path, body) {
-    const headers = { Authorization: this._auth, Accept: 'application/json' };
+    const headers = { Authorization: this.#auth, Accept: 'application/json' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     let resp;
     let text;
@@ -97,29 +168,36 @@ export class KeyrotorClient {
     } catch {
       doc = null;
     }
-    if (!resp.ok) {
-      const ra = resp.headers.get('Retry-After');
-      throw errorFor(resp.status, doc, ra ? Number(ra) : null);
+    if (!resp.ok) throw errorFor(resp.status, doc, retryAfterSeconds(resp.headers.get('Retry-After')));
+    // keyrotor answers every success with a JSON object.
+    if (doc === null || typeof doc !== 'object' || Array.isArray(doc)) throw invalidResponse(resp.status, 'without a JSON object');
+    return { doc, status: resp.status };
+  }
+
+  /** The string `field` of the answer. */
+  async _text(method, path, body, field) {
+    const { doc, status } = await this._call(method, path, body);
+    if (typeof doc[field] !== 'string') throw invalidResponse(status, `without "${field}"`);
+    return doc[field];
+  }
+
+  /** The `results` of a batch answer: one a item, in order. */
+  async _batch(path, scope, items) {
+    const { doc, status } = await this._call('POST', path, { scope, items });
+    if (!Array.isArray(doc.results) || doc.results.length !== items.length) {
+      throw invalidResponse(status, 'without one result a item');
     }
-    if (doc === null || typeof doc !== 'object') {
-      // keyrotor answers every success with a JSON object; anything else came from something
-      // else on the way (a proxy's page), and its text is not repeated.
-      throw new KeyrotorError(`keyrotor answered HTTP ${resp.status} without a JSON object`, {
-        status: resp.status,
-        code: 'invalid_response',
-      });
-    }
-    return doc;
+    return doc.results;
   }
 
   /** Encrypt `plaintext` in `scope`; the same `context` must be given to decrypt it. */
   async encrypt(scope, plaintext, { context = '' } = {}) {
-    return (await this._call('POST', '/v1/encrypt', { scope, plaintext, context })).ciphertext;
+    return this._text('POST', '/v1/encrypt', { scope, plaintext, context }, 'ciphertext');
   }
 
   /** Decrypt a `kr1:` value (or a legacy value of the old backend) of `scope`. */
   async decrypt(scope, ciphertext, { context = '' } = {}) {
-    return (await this._call('POST', '/v1/decrypt', { scope, ciphertext, context })).plaintext;
+    return this._text('POST', '/v1/decrypt', { scope, ciphertext, context }, 'plaintext');
   }
 
   /**
@@ -127,41 +205,41 @@ export class KeyrotorClient {
    * Resolves to one result per item: `{ ciphertext }` or `{ error: { code, message } }`.
    */
   async encryptBatch(scope, items) {
-    return (await this._call('POST', '/v1/encrypt/batch', { scope, items: itemsOf(items, 'plaintext') })).results;
+    return this._batch('/v1/encrypt/batch', scope, itemsOf(items, 'plaintext'));
   }
 
   /** Decrypt many values of one scope: one `{ plaintext }` or `{ error }` per item. */
   async decryptBatch(scope, items) {
-    return (await this._call('POST', '/v1/decrypt/batch', { scope, items: itemsOf(items, 'ciphertext') })).results;
+    return this._batch('/v1/decrypt/batch', scope, itemsOf(items, 'ciphertext'));
   }
 
   /** Read one of keyrotor's own secrets. */
   async getSecret(scope, name) {
-    return (await this._call('GET', `/v1/secrets/${encodeURIComponent(scope)}/${encodeURIComponent(name)}`)).value;
+    return this._text('GET', `/v1/secrets/${segment(scope)}/${segment(name)}`, undefined, 'value');
   }
 
   /** Store (or replace) one of keyrotor's own secrets. */
   async putSecret(scope, name, value) {
-    await this._call('PUT', `/v1/secrets/${encodeURIComponent(scope)}/${encodeURIComponent(name)}`, { value });
+    await this._call('PUT', `/v1/secrets/${segment(scope)}/${segment(name)}`, { value });
   }
 
   /** Open (or join) a DEK rotation of `scope`: `{ run_id, created, state }`. */
   async rotate(scope) {
-    return this._call('POST', `/v1/rotate/${encodeURIComponent(scope)}`);
+    return (await this._call('POST', `/v1/rotate/${segment(scope)}`)).doc;
   }
 
   /** One run (as `GET /v1/runs/{id}` answers). */
   async run(id) {
-    return this._call('GET', `/v1/runs/${encodeURIComponent(String(id))}`);
+    return (await this._call('GET', `/v1/runs/${segment(String(id))}`)).doc;
   }
 
   /** The scopes this token's actor may use. */
   async status() {
-    return this._call('GET', '/v1/status');
+    return (await this._call('GET', '/v1/status')).doc;
   }
 
   /** `{ status: 'ok' }` when the server and its database answer. */
   async health() {
-    return this._call('GET', '/v1/health');
+    return (await this._call('GET', '/v1/health')).doc;
   }
 }

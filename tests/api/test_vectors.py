@@ -30,15 +30,19 @@ def test_values_open(v: dict[str, object]) -> None:
     assert (
         envelope.unseal(sealed, cipher=AESGCM(dek), scope=scope, context=context).decode() == v["plaintext"]
     )
+    # The text decrypt returns (a leading U+FEFF kept).
+    version, raw = envelope.split(str(v["ciphertext"]))
+    assert envelope.open_text(raw, AESGCM(dek), scope, version, context) == v["plaintext"]
 
 
 @pytest.mark.parametrize("v", VECTORS["refused"], ids=lambda v: str(v["why"]))
 def test_refused_values_do_not_open(v: dict[str, str]) -> None:
     dek = bytes.fromhex(VECTORS["dek_hex"])
+    # The path of a decrypt: strict parsing, then authentication and UTF-8 (bytes that
+    # authenticate but are not UTF-8 are refused too).
     with pytest.raises(DecryptionFailed):
-        envelope.unseal(
-            envelope.parse(v["ciphertext"]), cipher=AESGCM(dek), scope=v["scope"], context=v["context"]
-        )
+        version, raw = envelope.split(v["ciphertext"])
+        envelope.open_text(raw, AESGCM(dek), v["scope"], version, v["context"])
 
 
 @pytest.mark.parametrize("w", VECTORS["wrapped_deks"], ids=lambda w: str(w["scope"]))

@@ -1,7 +1,8 @@
 // KeyrotorClient against a real `keyrotor serve`: started by tests/api/test_node.py, which passes
-// KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on scope "node"), KEYROTOR_DENIED_TOKEN
-// (no grants), KEYROTOR_FROM_PYTHON (values Python wrote) and KEYROTOR_NODE_OUT (where to leave
-// values for Python to read). Skipped when KEYROTOR_URL is not set.
+// KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on "node" and "tenant-1/*"), KEYROTOR_DENIED_TOKEN
+// (no grants), KEYROTOR_FROM_PYTHON (values Python wrote), KEYROTOR_NODE_OUT (where to leave
+// values for Python to read) and KEYROTOR_SETTINGS_ROWS (docs/node.md's settings rows, one
+// migrated by `legacy migrate`, one not yet). Skipped when KEYROTOR_URL is not set.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -28,6 +29,20 @@ test('round trip, and values Python wrote', { skip }, async () => {
   writeFileSync(process.env.KEYROTOR_NODE_OUT, JSON.stringify([{ scope: 'node', context: 'settings.api_key:1', ciphertext: ct, plaintext: 'sk-from-node' }]));
 });
 
+test("docs/node.md's settings service reads rows before and after legacy migrate, and saves them", { skip }, async () => {
+  const rows = JSON.parse(readFileSync(process.env.KEYROTOR_SETTINGS_ROWS, 'utf8'));
+  assert.equal(rows.length, 2);
+  for (const row of rows) {
+    // getApiKey, as written there.
+    assert.equal(await kr.decrypt(row.provider, row.api_key, { context: `settings.api_key:${row.id}` }), row.plaintext);
+  }
+  // setApiKey: the new value opens for its row only.
+  const row = rows[1];
+  const stored = await kr.encrypt(row.provider, 'sk-proj-rotated', { context: `settings.api_key:${row.id}` });
+  assert.equal(await kr.decrypt(row.provider, stored, { context: `settings.api_key:${row.id}` }), 'sk-proj-rotated');
+  await assert.rejects(kr.decrypt(row.provider, stored, { context: `settings.api_key:${rows[0].id}` }), InvalidRequestError);
+});
+
 test('batches carry per-item errors', { skip }, async () => {
   const enc = await kr.encryptBatch('node', ['a', { plaintext: 'b', context: 'c:2' }, '']);
   assert.ok(enc[0].ciphertext && enc[1].ciphertext);
@@ -41,6 +56,21 @@ test('secrets', { skip }, async () => {
   await kr.putSecret('node', 'openai', 'sk-secret');
   assert.equal(await kr.getSecret('node', 'openai'), 'sk-secret');
   await assert.rejects(kr.getSecret('node', 'missing'), NotFoundError);
+});
+
+test('scopes and secret names reach the server as written, whatever their characters', { skip }, async () => {
+  // '/', '?', '#' and '%' would change the path or end it ('.' and '..' are refused: transport.test.js).
+  const names = ['a/b', '../status', 'a?b#c', '100%', '%2F', 'clé ключ', 'x..', '...'];
+  for (const [i, name] of names.entries()) {
+    await kr.putSecret('node', name, `sk-name-${i}`);
+  }
+  for (const [i, name] of names.entries()) {
+    assert.equal(await kr.getSecret('node', name), `sk-name-${i}`, name);
+  }
+  await kr.putSecret('tenant-1/openai', 'a/b', 'sk-tenant');
+  assert.equal(await kr.getSecret('tenant-1/openai', 'a/b'), 'sk-tenant');
+  assert.equal(await kr.getSecret('node', 'a/b'), 'sk-name-0');
+  await assert.rejects(kr.getSecret('node', 'b'), NotFoundError);
 });
 
 test('typed errors carry the HTTP status', { skip }, async () => {
