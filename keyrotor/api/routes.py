@@ -128,14 +128,22 @@ async def put_secret(request: web.Request) -> web.Response:
     return web.json_response({"scope": scope, "name": name})
 
 
+async def _may_manage(svc: Service, caller: Caller, scope: str | None) -> bool:
+    """Rotating a scope or reading its runs needs both permissions on it; a run of no scope
+    (a KEK rotation) is nobody's over HTTP."""
+    if scope is None:
+        return False
+    can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
+    return can_encrypt and can_decrypt
+
+
+def _denial(caller: Caller, scope: str | None, operation: str) -> str:
+    return f"{caller.actor!r} may not {operation} scope {scope!r}: it needs encrypt and decrypt"[:300]
+
+
 async def _require(svc: Service, caller: Caller, scope: str | None, operation: str) -> None:
-    """Rotating a scope or reading its runs needs both permissions on it."""
-    if scope is not None:
-        can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
-        if can_encrypt and can_decrypt:
-            return
-    reason = f"{caller.actor!r} may not {operation} scope {scope!r}: it needs encrypt and decrypt"
-    raise await svc.refuse(caller, scope, operation, reason[:300])
+    if not await _may_manage(svc, caller, scope):
+        raise await svc.refuse(caller, scope, operation, _denial(caller, scope, operation))
 
 
 async def rotate(request: web.Request) -> web.Response:
@@ -156,12 +164,18 @@ async def get_run(request: web.Request) -> web.Response:
         run_id = int(request.match_info["id"])
     except ValueError:
         raise bad_request("a run id is a number") from None
+    missing = ApiError(404, "not_found", f"no run {run_id}")
     client = await svc.rotation_client()
     try:
         run = await client.status(run_id)
     except RunNotFound:
-        raise ApiError(404, "not_found", f"no run {run_id}") from None
-    await _require(svc, caller, run.scope, "read runs of")
+        raise missing from None
+    if not await _may_manage(svc, caller, run.scope):
+        # The answer a missing run gets: a 403 would tell the caller that the id exists and
+        # which (tenant) scope it belongs to. The audit log keeps the refusal.
+        reason = _denial(caller, run.scope, "read runs of")
+        await svc.audit_denial(caller, run.scope, "read runs of", reason, run_id=run_id)
+        raise missing
     return web.json_response(run.as_dict())
 
 

@@ -111,6 +111,13 @@ class Service:
     async def refuse(self, caller: Caller, scope: str | None, operation: str, reason: str) -> ApiError:
         """Audit an ``unauthorized`` event for an operation the caller's grants do not allow, and
         return the 403 to raise."""
+        await self.audit_denial(caller, scope, operation, reason)
+        return ApiError(403, "forbidden", reason)
+
+    async def audit_denial(
+        self, caller: Caller, scope: str | None, operation: str, reason: str, **metadata: Any
+    ) -> None:
+        """Write the ``unauthorized`` event of a refused operation (``metadata`` adds to it)."""
         event = AuditEvent(
             "unauthorized",
             scope=scope,
@@ -119,8 +126,7 @@ class Service:
             ip_address=caller.ip,
             user_agent=caller.user_agent,
             error_message=reason,
-            metadata={"operation": operation, "via": "http"},
+            metadata={"operation": operation, "via": "http", **metadata},
         )
         async with db.transaction(self.km.sessions) as session:
             await write_event(session, event)
-        return ApiError(403, "forbidden", reason)
