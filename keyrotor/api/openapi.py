@@ -73,7 +73,14 @@ _SCOPE_PARAM = {
     "schema": _STR,
     "description": "a scope; a '/' in it may be sent as is or as %2F",
 }
-_NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": _STR}
+_NAME_PARAM = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": _STR,
+    "description": "a secret name (1-200 printable characters, not '.' or '..'), percent-encoded "
+    "as encodeURIComponent does: a '/' in it must be sent as %2F",
+}
 
 
 def _item_result(field: str) -> dict[str, Any]:
