@@ -104,9 +104,19 @@ class KeyManager:
             raise
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> KeyManager:
-        """A manager configured from environment variables (default ``os.environ``)."""
-        return cls(Settings.from_env(environ, **overrides), environ=environ)
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        kek: KekProvider | None = None,
+        timeout_s: float | None = 60.0,
+        **overrides: Any,
+    ) -> KeyManager:
+        """A manager configured from environment variables (default ``os.environ``).
+
+        ``kek`` and ``timeout_s`` are the constructor's; ``overrides`` are settings fields.
+        """
+        return cls(Settings.from_env(environ, **overrides), kek=kek, timeout_s=timeout_s, environ=environ)
 
     @staticmethod
     async def _make(

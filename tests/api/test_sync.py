@@ -193,3 +193,10 @@ def test_a_manager_given_a_kek_provider_refuses_to_cross_a_fork(settings: Settin
         assert issubclass(ManagerForked, ConfigurationError)
         ct = km.encrypt("openai", "sk-parent")
         assert km.decrypt("openai", ct) == "sk-parent"
+
+
+def test_from_env_takes_the_managers_own_arguments(env: dict[str, str]) -> None:
+    """``from_env(timeout_s=...)`` sets the call deadline; it is not handed to ``Settings``,
+    which would drop it without a word and leave the 60 s default."""
+    with KeyManager.from_env(env, timeout_s=0.5) as km:
+        assert km.timeout_s == 0.5
