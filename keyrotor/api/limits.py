@@ -61,8 +61,10 @@ def client_ip(peer: str | None, forwarded_for: str | None, proxies: Sequence[Net
 class RateLimiter:
     """A token bucket per API token, in this process: ``rate`` units a second, ``burst`` at most.
 
-    A unit is one value (a batch of 100 costs 100). With several ``serve`` processes behind a
-    load balancer, each has its own buckets. ``rate`` 0 turns the limit off.
+    A unit is one value (a batch of 100 costs 100). A request of more units than ``burst`` may
+    start once the bucket is full, and leaves the rest as debt that later requests wait out: the
+    rate holds however large a request is. With several ``serve`` processes behind a load
+    balancer, each has its own buckets. ``rate`` 0 turns the limit off.
     """
 
     _MAX_KEYS = 100_000
@@ -84,20 +86,25 @@ class RateLimiter:
         tokens, at = bucket
         return min(self._burst, tokens + (now - at) * self._rate) >= 1
 
-    def take(self, key: int | str, units: int = 1) -> float:
-        """Spend ``units`` for ``key``: 0.0 if allowed, else the seconds to wait before retrying."""
+    def take(self, key: int | str, units: int = 1, *, paid: int = 0) -> float:
+        """Spend ``units`` for ``key``: 0.0 if allowed, else the seconds to wait before retrying.
+
+        ``paid``: units the same request spent already (a batch's first, spent before its body
+        was read), so that a request larger than the burst starts from a full bucket, not never.
+        """
         if self._rate <= 0:
             return 0.0
         now = self._clock()
         tokens, at = self._buckets.get(key, (self._burst, now))
         tokens = min(self._burst, tokens + (now - at) * self._rate)
-        cost = min(float(units), self._burst)
-        if tokens < cost:
+        # What must be in the bucket to start; the whole cost is spent, below zero if need be.
+        need = min(float(units + paid), self._burst) - paid
+        if tokens < need:
             self._buckets[key] = (tokens, now)
-            return max((cost - tokens) / self._rate, 0.001)
+            return max((need - tokens) / self._rate, 0.001)
         if len(self._buckets) >= self._MAX_KEYS and key not in self._buckets:
             self._buckets.clear()
-        self._buckets[key] = (tokens - cost, now)
+        self._buckets[key] = (tokens - units, now)
         return 0.0
 
 

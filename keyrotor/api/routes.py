@@ -54,7 +54,7 @@ async def _batch(request: web.Request, *, decrypting: bool) -> web.Response:
     doc = await bodies.read_object(request, _BATCH)
     scope = bodies.text(doc, "scope")
     items = bodies.items(doc, svc.settings.api_max_batch_items)
-    svc.spend(caller, len(items) - 1)  # the request itself paid for one
+    svc.spend(caller, len(items) - 1, paid=1)  # the request itself paid for one
     await svc.valid_scope(caller, scope, "failed_decrypt" if decrypting else "encrypt")
     # Refused scopes fail the whole batch with one audited denial, not one per item.
     can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)

@@ -75,13 +75,13 @@ class Service:
         ua = request.headers.get("User-Agent")
         return Caller(bearer.token_id, bearer.actor, ip, ua[:MAX_USER_AGENT_CHARS] if ua else None)
 
-    def spend(self, caller: Caller, units: int) -> None:
-        """Charge ``units`` to the caller's token.
+    def spend(self, caller: Caller, units: int, *, paid: int = 0) -> None:
+        """Charge ``units`` to the caller's token; ``paid``: what the request was charged already.
 
         Raises:
             ApiError: 429 with ``Retry-After`` when the token is over its rate.
         """
-        wait = self.limiter.take(caller.token_id, units)
+        wait = self.limiter.take(caller.token_id, units, paid=paid)
         if wait > 0:
             raise ApiError(
                 429,
