@@ -186,7 +186,15 @@ def _management_paths() -> dict[str, Any]:
             ),
         },
         "/v1/runs/{id}": {
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "parameters": [
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                    "description": "the digits 0-9 only (no sign, spaces or separators)",
+                }
+            ],
             "get": _op(
                 "One run (rotation, retirement); needs encrypt and decrypt grants on its scope",
                 _ref("Run"),

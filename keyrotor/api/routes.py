@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from keyrotor.api import bodies
-from keyrotor.api.errors import ApiError, bad_request, from_keyrotor
+from keyrotor.api.errors import MAX_MESSAGE_CHARS, ApiError, bad_request, from_keyrotor
 from keyrotor.api.service import Caller, Service
 from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
 from keyrotor.runs import RunNotFound
@@ -25,6 +25,7 @@ _DECRYPT = frozenset({"scope", "ciphertext", "context"})
 _BATCH = frozenset({"scope", "items"})
 _ENCRYPT_ITEM = frozenset({"plaintext", "context"})
 _DECRYPT_ITEM = frozenset({"ciphertext", "context"})
+MAX_RUN_ID = 2**63 - 1  # rotations.id is a bigint
 
 
 def _ctx(request: web.Request) -> tuple[Service, Caller]:
@@ -160,11 +161,14 @@ async def rotate(request: web.Request) -> web.Response:
 
 async def get_run(request: web.Request) -> web.Response:
     svc, caller = _ctx(request)
-    try:
-        run_id = int(request.match_info["id"])
-    except ValueError:
-        raise bad_request("a run id is a number") from None
-    missing = ApiError(404, "not_found", f"no run {run_id}")
+    raw = request.match_info["id"]
+    # ASCII digits only: int() would also take a sign, spaces, '_' and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise bad_request("a run id is a whole number written in the digits 0-9")
+    missing = ApiError(404, "not_found", f"no run {raw}"[:MAX_MESSAGE_CHARS])
+    if len(raw) > len(str(MAX_RUN_ID)) or int(raw) > MAX_RUN_ID:
+        raise missing  # past the bigint of rotations.id: no such run can exist
+    run_id = int(raw)
     client = await svc.rotation_client()
     try:
         run = await client.status(run_id)

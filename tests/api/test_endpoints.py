@@ -229,3 +229,17 @@ async def test_a_run_out_of_reach_is_answered_as_a_missing_one(api: Api, databas
     await api.km.grant("bob", "tenant-secret-42", decrypt=True, by="admin")
     resp = await api.client.get(f"/v1/runs/{run_id}", headers=api.auth(bob))
     assert resp.status == 200 and (await resp.json())["scope"] == "tenant-secret-42"
+
+
+async def test_a_run_id_is_a_positive_bigint_read_strictly(api: Api) -> None:
+    """An id past bigint is a run that cannot exist (404, no statement sent, not the database's
+    refusal by its type name); text that is not ASCII digits is a 400, not read as a number
+    (int() takes '+5', ' 5', '1_0' and other scripts' digits)."""
+    for rid in ("9223372036854775808", "99999999999999999999"):
+        resp = await api.client.get(f"/v1/runs/{rid}", headers=api.auth())
+        assert resp.status == 404, await resp.text()
+        assert await resp.json() == {"error": {"code": "not_found", "message": f"no run {rid}"}}
+    for rid in ("%2B5", "%205", "1_0", "%D9%A3", "-1", "0x1", "abc"):
+        resp = await api.client.get(f"/v1/runs/{rid}", headers=api.auth())
+        assert resp.status == 400, (rid, await resp.text())
+        assert (await resp.json())["error"]["code"] == "invalid_request"
