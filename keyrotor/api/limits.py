@@ -58,6 +58,23 @@ def client_ip(peer: str | None, forwarded_for: str | None, proxies: Sequence[Net
     return hops[0] if hops else peer
 
 
+def client_key(ip: str | None) -> str:
+    """The key a client's failed authentications are counted under: an IPv4 address (also
+    when mapped into IPv6), or an IPv6 address's /64, which one host or site holds whole and
+    could otherwise walk through, one fresh address a failure."""
+    if ip is None:
+        return "?"
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 class RateLimiter:
     """A token bucket per API token, in this process: ``rate`` units a second, ``burst`` at most.
 

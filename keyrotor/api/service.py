@@ -21,8 +21,9 @@ from keyrotor.settings import Settings
 from keyrotor.store import db
 
 MAX_USER_AGENT_CHARS = 300
-# Failed authentications a client address may make: a second each, 20 at once. Beyond that its
-# requests are refused before any token lookup, so guessing tokens costs the database nothing.
+# Failed authentications a client address (an IPv6 /64: limits.client_key) may make: a second
+# each, 20 at once. Beyond that its requests are refused before any token lookup, so guessing
+# tokens costs the database nothing.
 AUTH_FAILURES_PER_SECOND, AUTH_FAILURES_BURST = 1.0, 20
 
 

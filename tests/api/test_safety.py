@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,30 @@ async def test_a_batch_is_charged_every_item_over_http(limited: Api) -> None:
         "/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=limited.auth()
     )
     assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 35, resp.headers.get("Retry-After")
+
+
+async def _failed_auth(api: Api, forwarded_for: str) -> int:
+    resp = await api.client.post(
+        "/v1/encrypt",
+        json={"scope": "s", "plaintext": "v"},
+        headers={"Authorization": "Bearer krt_" + "A" * 43, "X-Forwarded-For": forwarded_for},
+    )
+    return resp.status
+
+
+async def test_failed_authentications_are_counted_per_ipv6_64_not_per_address(limited: Api) -> None:
+    """One IPv6 host holds a whole /64 (2**64 addresses): counted per address, it could make a
+    fresh start at every failure and never meet the limit of 20. A /64 is one client; an IPv4
+    address, or one mapped into IPv6, is one client as it always was."""
+    started = time.monotonic()
+    statuses = [await _failed_auth(limited, f"2001:db8:1:2::{i:x}") for i in range(1, 31)]
+    refilled = int(time.monotonic() - started) + 1  # one failure a second comes back
+    assert statuses[-1] == 429 and statuses.count(401) <= 20 + refilled, statuses
+    assert await _failed_auth(limited, "2001:db8:1:3::1") == 401  # the next /64: another client
+    v4 = [await _failed_auth(limited, "192.0.2.10") for _ in range(30)]
+    assert v4[-1] == 429, v4
+    assert await _failed_auth(limited, "::ffff:192.0.2.10") == 429  # the same address, mapped
+    assert await _failed_auth(limited, "192.0.2.11") == 401
 
 
 async def _audited_ip(api: Api, database_url: str, headers: Any) -> str | None:
