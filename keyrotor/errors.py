@@ -79,6 +79,10 @@ class CiphertextTooLarge(MalformedCiphertext):
     """The value is longer than any ciphertext of ``KEYROTOR_MAX_VALUE_BYTES``; refused unread."""
 
 
+class ManagerForked(ConfigurationError):
+    """This manager was made before a fork() and cannot follow it: make one in this process."""
+
+
 class KeyVersionUnknown(PermanentError):
     """The key version is unknown (newer than any stored key)."""
 
@@ -149,3 +153,7 @@ class KekUnavailable(TransientError):
 
 class QueueUnavailable(TransientError):
     """Redis (the job queue) is unavailable."""
+
+
+class CallTimedOut(TransientError, TimeoutError):
+    """The call took longer than its timeout and was cancelled (one already committing may have landed)."""

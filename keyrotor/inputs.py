@@ -108,7 +108,10 @@ def check_context(context: str) -> None:
 
 
 def check_name(name: str) -> None:
-    """Refuse a secret name that is not 1-200 printable characters without surrounding spaces."""
+    """Refuse a secret name that is not 1-200 printable characters without surrounding spaces.
+
+    This is the check of a name read; a name stored must also pass :func:`check_new_name`.
+    """
     if (
         not isinstance(name, str)
         or not name
@@ -119,3 +122,18 @@ def check_name(name: str) -> None:
         raise InvalidInput(
             f"secret names are 1-{MAX_NAME_CHARS} printable characters without surrounding spaces"
         )
+
+
+# A path segment of "." or ".." (or its %2E form) is removed by URL parsers and proxies before
+# a request arrives, so a secret of such a name could never be reached over HTTP.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def check_new_name(name: str) -> None:
+    """Refuse a name to store a secret under: :func:`check_name`, and not ``.`` or ``..``.
+
+    Names stored before this rule still read (``check_name`` alone), so no value is stranded.
+    """
+    check_name(name)
+    if name in _DOT_SEGMENTS:
+        raise InvalidInput("secret names '.' and '..' are refused: a URL path cannot carry them")

@@ -22,7 +22,7 @@ from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
 from keyrotor.errors import InvalidInput, SecretNotFound
-from keyrotor.inputs import check_name, value_bytes
+from keyrotor.inputs import check_name, check_new_name, value_bytes
 from keyrotor.keyring import KeyRing
 from keyrotor.opening import ValueOpener
 from keyrotor.settings import Settings
@@ -67,6 +67,9 @@ class SecretsTable:
         user_agent: str | None = None,
     ) -> None:
         """Store (or replace) a named value in keyrotor's ``secrets`` table.
+
+        A name is 1-200 printable characters without surrounding spaces, and not ``.`` or ``..``
+        (no URL path can carry those, so ``GET /v1/secrets/{scope}/{name}`` could not reach it).
 
         Raises:
             InvalidScope, InvalidValue, InvalidInput: bad input.
@@ -152,7 +155,7 @@ async def _put(km: Manager, who: Who, scope: str, items: Sequence[tuple[str, str
 async def _seal_and_store(km: Manager, who: Who, scope: str, items: Sequence[tuple[str, str]]) -> int:
     """Seal every value with the scope's active DEK and upsert them. Returns the DEK version."""
     for name, _ in items:
-        check_name(name)
+        check_new_name(name)
     if len({name for name, _ in items}) != len(items):  # one statement cannot upsert a row twice
         raise InvalidInput("put_secrets: a secret name is given more than once")
     km._check_scope(scope)

@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from keyrotor.api import errors, openapi, routes
-from keyrotor.api.limits import RateLimiter, client_ip, parse_proxies
+from keyrotor.api.limits import RateLimiter, client_ip, client_key, parse_proxies
 from keyrotor.api.routes import CALLER, SERVICE
 from keyrotor.api.service import Service
 from keyrotor.api.tokens import TokenVerifier
@@ -118,7 +118,7 @@ async def _authenticate(request: web.Request) -> None:
     # the client's to write.
     forwarded = request.headers.getall("X-Forwarded-For", ())
     ip = client_ip(request.remote, ",".join(forwarded) if forwarded else None, svc.proxies)
-    peer = ip or "?"
+    peer = client_key(ip)
     if not svc.auth_failures.available(peer):
         raise errors.ApiError(
             429, "rate_limited", "too many failed authentications from this address; retry later",

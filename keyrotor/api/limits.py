@@ -58,11 +58,30 @@ def client_ip(peer: str | None, forwarded_for: str | None, proxies: Sequence[Net
     return hops[0] if hops else peer
 
 
+def client_key(ip: str | None) -> str:
+    """The key a client's failed authentications are counted under: an IPv4 address (also
+    when mapped into IPv6), or an IPv6 address's /64, which one host or site holds whole and
+    could otherwise walk through, one fresh address a failure."""
+    if ip is None:
+        return "?"
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 class RateLimiter:
     """A token bucket per API token, in this process: ``rate`` units a second, ``burst`` at most.
 
-    A unit is one value (a batch of 100 costs 100). With several ``serve`` processes behind a
-    load balancer, each has its own buckets. ``rate`` 0 turns the limit off.
+    A unit is one value (a batch of 100 costs 100). A request of more units than ``burst`` may
+    start once the bucket is full, and leaves the rest as debt that later requests wait out: the
+    rate holds however large a request is. With several ``serve`` processes behind a load
+    balancer, each has its own buckets. ``rate`` 0 turns the limit off.
     """
 
     _MAX_KEYS = 100_000
@@ -84,20 +103,25 @@ class RateLimiter:
         tokens, at = bucket
         return min(self._burst, tokens + (now - at) * self._rate) >= 1
 
-    def take(self, key: int | str, units: int = 1) -> float:
-        """Spend ``units`` for ``key``: 0.0 if allowed, else the seconds to wait before retrying."""
+    def take(self, key: int | str, units: int = 1, *, paid: int = 0) -> float:
+        """Spend ``units`` for ``key``: 0.0 if allowed, else the seconds to wait before retrying.
+
+        ``paid``: units the same request spent already (a batch's first, spent before its body
+        was read), so that a request larger than the burst starts from a full bucket, not never.
+        """
         if self._rate <= 0:
             return 0.0
         now = self._clock()
         tokens, at = self._buckets.get(key, (self._burst, now))
         tokens = min(self._burst, tokens + (now - at) * self._rate)
-        cost = min(float(units), self._burst)
-        if tokens < cost:
+        # What must be in the bucket to start; the whole cost is spent, below zero if need be.
+        need = min(float(units + paid), self._burst) - paid
+        if tokens < need:
             self._buckets[key] = (tokens, now)
-            return max((cost - tokens) / self._rate, 0.001)
+            return max((need - tokens) / self._rate, 0.001)
         if len(self._buckets) >= self._MAX_KEYS and key not in self._buckets:
             self._buckets.clear()
-        self._buckets[key] = (tokens - cost, now)
+        self._buckets[key] = (tokens - units, now)
         return 0.0
 
 

@@ -42,13 +42,24 @@ _ERRORS = {
 
 
 def _op(
-    summary: str, ok: dict[str, Any], *, body: dict[str, Any] | None = None, status: str = "200"
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    body: dict[str, Any] | None = None,
+    status: str = "200",
+    errors: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
+    """An operation answering ``_ERRORS``, with ``errors`` replacing (or, as None, removing) some."""
+    described = {**_ERRORS, **(errors or {})}
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"bearer": []}],
         "responses": {status: {"description": "success", **_json(ok)}}
-        | {code: {"description": text, **_json(_ref("Error"))} for code, text in _ERRORS.items()},
+        | {
+            code: {"description": text, **_json(_ref("Error"))}
+            for code, text in described.items()
+            if text is not None
+        },
     }
     if body is not None:
         op["requestBody"] = {"required": True, **_json(body)}
@@ -62,7 +73,14 @@ _SCOPE_PARAM = {
     "schema": _STR,
     "description": "a scope; a '/' in it may be sent as is or as %2F",
 }
-_NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": _STR}
+_NAME_PARAM = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": _STR,
+    "description": "a secret name (1-200 printable characters, not '.' or '..'), percent-encoded "
+    "as encodeURIComponent does: a '/' in it must be sent as %2F",
+}
 
 
 def _item_result(field: str) -> dict[str, Any]:
@@ -168,8 +186,26 @@ def _management_paths() -> dict[str, Any]:
             ),
         },
         "/v1/runs/{id}": {
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-            "get": _op("One run (rotation, retirement)", _ref("Run")),
+            "parameters": [
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                    "description": "the digits 0-9 only (no sign, spaces or separators)",
+                }
+            ],
+            "get": _op(
+                "One run (rotation, retirement); needs encrypt and decrypt grants on its scope",
+                _ref("Run"),
+                errors={
+                    "403": None,
+                    "404": "no such run, or a run the token's actor may not read (one of a scope "
+                    "it cannot both encrypt and decrypt in, or of no scope): the same answer, so "
+                    "an id says nothing about a run out of reach; the refusal of an existing run "
+                    "is audited as unauthorized",
+                },
+            ),
         },
         "/v1/status": {
             "get": _op(

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from keyrotor.api import bodies
-from keyrotor.api.errors import ApiError, bad_request, from_keyrotor
+from keyrotor.api.errors import MAX_MESSAGE_CHARS, ApiError, bad_request, from_keyrotor
 from keyrotor.api.service import Caller, Service
 from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
 from keyrotor.runs import RunNotFound
@@ -25,6 +25,7 @@ _DECRYPT = frozenset({"scope", "ciphertext", "context"})
 _BATCH = frozenset({"scope", "items"})
 _ENCRYPT_ITEM = frozenset({"plaintext", "context"})
 _DECRYPT_ITEM = frozenset({"ciphertext", "context"})
+MAX_RUN_ID = 2**63 - 1  # rotations.id is a bigint
 
 
 def _ctx(request: web.Request) -> tuple[Service, Caller]:
@@ -54,7 +55,7 @@ async def _batch(request: web.Request, *, decrypting: bool) -> web.Response:
     doc = await bodies.read_object(request, _BATCH)
     scope = bodies.text(doc, "scope")
     items = bodies.items(doc, svc.settings.api_max_batch_items)
-    svc.spend(caller, len(items) - 1)  # the request itself paid for one
+    svc.spend(caller, len(items) - 1, paid=1)  # the request itself paid for one
     await svc.valid_scope(caller, scope, "failed_decrypt" if decrypting else "encrypt")
     # Refused scopes fail the whole batch with one audited denial, not one per item.
     can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
@@ -128,14 +129,22 @@ async def put_secret(request: web.Request) -> web.Response:
     return web.json_response({"scope": scope, "name": name})
 
 
+async def _may_manage(svc: Service, caller: Caller, scope: str | None) -> bool:
+    """Rotating a scope or reading its runs needs both permissions on it; a run of no scope
+    (a KEK rotation) is nobody's over HTTP."""
+    if scope is None:
+        return False
+    can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
+    return can_encrypt and can_decrypt
+
+
+def _denial(caller: Caller, scope: str | None, operation: str) -> str:
+    return f"{caller.actor!r} may not {operation} scope {scope!r}: it needs encrypt and decrypt"[:300]
+
+
 async def _require(svc: Service, caller: Caller, scope: str | None, operation: str) -> None:
-    """Rotating a scope or reading its runs needs both permissions on it."""
-    if scope is not None:
-        can_encrypt, can_decrypt = await svc.km.grants.permissions(caller.actor, scope)
-        if can_encrypt and can_decrypt:
-            return
-    reason = f"{caller.actor!r} may not {operation} scope {scope!r}: it needs encrypt and decrypt"
-    raise await svc.refuse(caller, scope, operation, reason[:300])
+    if not await _may_manage(svc, caller, scope):
+        raise await svc.refuse(caller, scope, operation, _denial(caller, scope, operation))
 
 
 async def rotate(request: web.Request) -> web.Response:
@@ -152,16 +161,25 @@ async def rotate(request: web.Request) -> web.Response:
 
 async def get_run(request: web.Request) -> web.Response:
     svc, caller = _ctx(request)
-    try:
-        run_id = int(request.match_info["id"])
-    except ValueError:
-        raise bad_request("a run id is a number") from None
+    raw = request.match_info["id"]
+    # ASCII digits only: int() would also take a sign, spaces, '_' and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise bad_request("a run id is a whole number written in the digits 0-9")
+    missing = ApiError(404, "not_found", f"no run {raw}"[:MAX_MESSAGE_CHARS])
+    if len(raw) > len(str(MAX_RUN_ID)) or int(raw) > MAX_RUN_ID:
+        raise missing  # past the bigint of rotations.id: no such run can exist
+    run_id = int(raw)
     client = await svc.rotation_client()
     try:
         run = await client.status(run_id)
     except RunNotFound:
-        raise ApiError(404, "not_found", f"no run {run_id}") from None
-    await _require(svc, caller, run.scope, "read runs of")
+        raise missing from None
+    if not await _may_manage(svc, caller, run.scope):
+        # The answer a missing run gets: a 403 would tell the caller that the id exists and
+        # which (tenant) scope it belongs to. The audit log keeps the refusal.
+        reason = _denial(caller, run.scope, "read runs of")
+        await svc.audit_denial(caller, run.scope, "read runs of", reason, run_id=run_id)
+        raise missing
     return web.json_response(run.as_dict())
 
 

@@ -21,8 +21,9 @@ from keyrotor.settings import Settings
 from keyrotor.store import db
 
 MAX_USER_AGENT_CHARS = 300
-# Failed authentications a client address may make: a second each, 20 at once. Beyond that its
-# requests are refused before any token lookup, so guessing tokens costs the database nothing.
+# Failed authentications a client address (an IPv6 /64: limits.client_key) may make: a second
+# each, 20 at once. Beyond that its requests are refused before any token lookup, so guessing
+# tokens costs the database nothing.
 AUTH_FAILURES_PER_SECOND, AUTH_FAILURES_BURST = 1.0, 20
 
 
@@ -75,13 +76,13 @@ class Service:
         ua = request.headers.get("User-Agent")
         return Caller(bearer.token_id, bearer.actor, ip, ua[:MAX_USER_AGENT_CHARS] if ua else None)
 
-    def spend(self, caller: Caller, units: int) -> None:
-        """Charge ``units`` to the caller's token.
+    def spend(self, caller: Caller, units: int, *, paid: int = 0) -> None:
+        """Charge ``units`` to the caller's token; ``paid``: what the request was charged already.
 
         Raises:
             ApiError: 429 with ``Retry-After`` when the token is over its rate.
         """
-        wait = self.limiter.take(caller.token_id, units)
+        wait = self.limiter.take(caller.token_id, units, paid=paid)
         if wait > 0:
             raise ApiError(
                 429,
@@ -111,6 +112,13 @@ class Service:
     async def refuse(self, caller: Caller, scope: str | None, operation: str, reason: str) -> ApiError:
         """Audit an ``unauthorized`` event for an operation the caller's grants do not allow, and
         return the 403 to raise."""
+        await self.audit_denial(caller, scope, operation, reason)
+        return ApiError(403, "forbidden", reason)
+
+    async def audit_denial(
+        self, caller: Caller, scope: str | None, operation: str, reason: str, **metadata: Any
+    ) -> None:
+        """Write the ``unauthorized`` event of a refused operation (``metadata`` adds to it)."""
         event = AuditEvent(
             "unauthorized",
             scope=scope,
@@ -119,8 +127,7 @@ class Service:
             ip_address=caller.ip,
             user_agent=caller.user_agent,
             error_message=reason,
-            metadata={"operation": operation, "via": "http"},
+            metadata={"operation": operation, "via": "http", **metadata},
         )
         async with db.transaction(self.km.sessions) as session:
             await write_event(session, event)
-        return ApiError(403, "forbidden", reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import asyncpg
@@ -184,3 +185,61 @@ async def test_status_and_runs(api: Api) -> None:
     assert resp.status == 200 and doc["actor"] == "app" and [s["scope"] for s in doc["scopes"]] == ["openai"]
     resp = await api.client.get("/v1/runs/999999", headers=api.auth())
     assert resp.status == 404
+
+
+async def test_a_run_out_of_reach_is_answered_as_a_missing_one(api: Api, database_url: str) -> None:
+    """``GET /v1/runs/{id}`` without a grant on the run's scope: the same 404 as for an id that
+    does not exist, so run ids cannot be probed for their existence or their (tenant) scope; the
+    denial of an existing run is still audited, a miss is not."""
+    await api.km.encrypt("tenant-secret-42", "sk-1")
+    status, opened = await _post(api, "/v1/rotate/tenant-secret-42", None)
+    assert status == 202, opened
+    run_id = opened["run_id"]
+    async with db.transaction(api.km.sessions) as session:
+        await revoke_access(session, "*", "*", encrypt=True, decrypt=True, by="admin")
+    await api.km.grant("bob", "public", encrypt=True, decrypt=True, by="admin")
+    api.km.grants.invalidate()
+    bob = await api.token_for("bob")
+    missing = run_id + 1000
+    answers = {}
+    for rid in (run_id, missing):
+        resp = await api.client.get(f"/v1/runs/{rid}", headers=api.auth(bob))
+        answers[rid] = (resp.status, dict(resp.headers).get("Content-Type"), await resp.json())
+    assert answers[run_id][0] == 404, answers[run_id]
+    assert answers[run_id] == (
+        answers[missing][0],
+        answers[missing][1],
+        {"error": {"code": "not_found", "message": f"no run {run_id}"}},
+    )
+    assert answers[missing][2] == {"error": {"code": "not_found", "message": f"no run {missing}"}}
+    assert "tenant-secret-42" not in repr(answers)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT scope, metadata FROM encryption_audit_log "
+            "WHERE event_type = 'unauthorized' AND actor = 'bob'"
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == 1 and rows[0]["scope"] == "tenant-secret-42"
+    assert json.loads(rows[0]["metadata"])["run_id"] == run_id
+    await api.km.grant("bob", "tenant-secret-42", encrypt=True, by="admin")
+    resp = await api.client.get(f"/v1/runs/{run_id}", headers=api.auth(bob))
+    assert resp.status == 404  # encrypt alone is not enough
+    await api.km.grant("bob", "tenant-secret-42", decrypt=True, by="admin")
+    resp = await api.client.get(f"/v1/runs/{run_id}", headers=api.auth(bob))
+    assert resp.status == 200 and (await resp.json())["scope"] == "tenant-secret-42"
+
+
+async def test_a_run_id_is_a_positive_bigint_read_strictly(api: Api) -> None:
+    """An id past bigint is a run that cannot exist (404, no statement sent, not the database's
+    refusal by its type name); text that is not ASCII digits is a 400, not read as a number
+    (int() takes '+5', ' 5', '1_0' and other scripts' digits)."""
+    for rid in ("9223372036854775808", "99999999999999999999"):
+        resp = await api.client.get(f"/v1/runs/{rid}", headers=api.auth())
+        assert resp.status == 404, await resp.text()
+        assert await resp.json() == {"error": {"code": "not_found", "message": f"no run {rid}"}}
+    for rid in ("%2B5", "%205", "1_0", "%D9%A3", "-1", "0x1", "abc"):
+        resp = await api.client.get(f"/v1/runs/{rid}", headers=api.auth())
+        assert resp.status == 400, (rid, await resp.text())
+        assert (await resp.json())["error"]["code"] == "invalid_request"

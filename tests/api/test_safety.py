@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,22 @@ def test_rate_limiter() -> None:
     assert RateLimiter(0, 1).take(1, 10**6) == 0.0
 
 
+def test_a_request_of_more_units_than_the_burst_pays_for_all_of_them() -> None:
+    """A batch bigger than the burst cannot wait for a bucket that never holds it: it may start
+    from a full bucket and leaves the rest as debt. Charging it only the burst let a token send
+    batches of 100 at a rate of 10 values a second with a burst of 5: 200 values a second."""
+    now = [0.0]
+    limiter = RateLimiter(10, 5, clock=lambda: now[0])
+    assert limiter.take(1, 100) == 0.0
+    assert limiter.take(1) == pytest.approx((1 + 95) / 10)  # the debt first, then one unit
+    sent = 100
+    while now[0] < 60:
+        now[0] += 0.25
+        if limiter.take(1, 100) == 0.0:
+            sent += 100
+    assert sent <= 10 * 60 + 100, sent  # the rate holds, to within one batch
+
+
 @pytest.fixture
 async def limited(env: dict[str, str]) -> AsyncIterator[Api]:
     settings = Settings.from_env(
@@ -82,6 +99,44 @@ async def test_rate_limit_answers_429(limited: Api) -> None:
     )
     assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
     assert (await resp.json())["error"]["code"] == "rate_limited"
+
+
+async def test_a_batch_is_charged_every_item_over_http(limited: Api) -> None:
+    """1 value a second, a burst of 3: a batch of 40 passes from a full bucket, then the token
+    waits out the 40 values it sent, not the 3 of the burst."""
+    items = [{"plaintext": "v"}] * 40
+    resp = await limited.client.post(
+        "/v1/encrypt/batch", json={"scope": "s", "items": items}, headers=limited.auth()
+    )
+    assert resp.status == 200
+    resp = await limited.client.post(
+        "/v1/encrypt", json={"scope": "s", "plaintext": "v"}, headers=limited.auth()
+    )
+    assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 35, resp.headers.get("Retry-After")
+
+
+async def _failed_auth(api: Api, forwarded_for: str) -> int:
+    resp = await api.client.post(
+        "/v1/encrypt",
+        json={"scope": "s", "plaintext": "v"},
+        headers={"Authorization": "Bearer krt_" + "A" * 43, "X-Forwarded-For": forwarded_for},
+    )
+    return resp.status
+
+
+async def test_failed_authentications_are_counted_per_ipv6_64_not_per_address(limited: Api) -> None:
+    """One IPv6 host holds a whole /64 (2**64 addresses): counted per address, it could make a
+    fresh start at every failure and never meet the limit of 20. A /64 is one client; an IPv4
+    address, or one mapped into IPv6, is one client as it always was."""
+    started = time.monotonic()
+    statuses = [await _failed_auth(limited, f"2001:db8:1:2::{i:x}") for i in range(1, 31)]
+    refilled = int(time.monotonic() - started) + 1  # one failure a second comes back
+    assert statuses[-1] == 429 and statuses.count(401) <= 20 + refilled, statuses
+    assert await _failed_auth(limited, "2001:db8:1:3::1") == 401  # the next /64: another client
+    v4 = [await _failed_auth(limited, "192.0.2.10") for _ in range(30)]
+    assert v4[-1] == 429, v4
+    assert await _failed_auth(limited, "::ffff:192.0.2.10") == 429  # the same address, mapped
+    assert await _failed_auth(limited, "192.0.2.11") == 401
 
 
 async def _audited_ip(api: Api, database_url: str, headers: Any) -> str | None:

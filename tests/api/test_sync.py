@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -13,8 +18,18 @@ import pytest
 from keyrotor import KeyManager as AsyncKeyManager
 from keyrotor import Settings
 from keyrotor.audit.log import actor_context
-from keyrotor.errors import ConfigurationError, DecryptionFailed, SecretNotFound
+from keyrotor.errors import (
+    CallTimedOut,
+    ConfigurationError,
+    DecryptionFailed,
+    ManagerForked,
+    SecretNotFound,
+    TransientError,
+)
+from keyrotor.kek.factory import open_provider
 from keyrotor.sync import KeyManager
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_round_trips_and_errors(settings: Settings) -> None:
@@ -87,8 +102,11 @@ def test_a_call_that_times_out_is_cancelled_not_left_to_finish(settings: Setting
         holder.start()
         try:
             assert locked.wait(10)
-            with pytest.raises(TimeoutError):
+            with pytest.raises(CallTimedOut) as timed_out:
                 km.put_secret("openai", "prod", "sk-timed-out")
+            # keyrotor's own error, retryable, and still what `except TimeoutError` catches
+            assert isinstance(timed_out.value, TransientError) and isinstance(timed_out.value, TimeoutError)
+            assert "0.5 s" in str(timed_out.value) and "sk-" not in repr(timed_out.value)
         finally:
             release.set()
             holder.join(30)
@@ -113,3 +131,72 @@ def test_the_same_methods_as_the_async_manager(settings: Settings) -> None:
         ct = km.encrypt("openai", "sk-1", context="c:1")
         results = km.decrypt_many("openai", [(ct, "c:1"), (ct, "c:2")])
         assert results[0] == "sk-1" and isinstance(results[1], DecryptionFailed)
+
+
+def _run_forked(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env, **extra}
+    return subprocess.run(
+        [sys.executable, "-m", "tests.api.forked"],
+        env=full_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,  # each call inside has a 10 s deadline; this bounds the whole scenario
+    )
+
+
+@pytest.mark.parametrize(("child_closes", "child_aborts"), [("0", "0"), ("1", "0"), ("0", "1")])
+def test_a_forked_child_gets_a_manager_of_its_own(
+    env: dict[str, str], child_closes: str, child_aborts: str
+) -> None:
+    """A prefork server (gunicorn --preload, celery) forks after the manager was made. In the
+    child the inherited manager works, on a loop, connections and KEK provider of its own; and
+    neither its use, nor the child's exit (closed or not), nor the inherited connections being
+    torn down there as their finalizers would, disturbs the parent's connections."""
+    done = _run_forked(env, FORKED_CHILD_CLOSES=child_closes, FORKED_CHILD_ABORTS=child_aborts)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, (lines, done.stderr[-3000:])
+    assert lines == ["child: ok", "parent: child exited 0", "parent: ok"], lines
+
+
+def _call_in_child(km: KeyManager, answers: multiprocessing.Queue[str]) -> None:
+    try:
+        km.encrypt("openai", "sk-child")
+        answers.put("ok")
+    except Exception as exc:
+        answers.put(f"{type(exc).__name__}: {exc}")
+    try:
+        km.encrypt("openai", "sk-child")
+    except Exception as exc:
+        answers.put(type(exc).__name__)
+
+
+def test_a_manager_given_a_kek_provider_refuses_to_cross_a_fork(settings: Settings) -> None:
+    """A provider the caller made may hold the parent's connections (an AWS or Vault client), so
+    the child gets a clear ManagerForked saying where to make the manager, call after call,
+    instead of a hang; the parent's manager goes on working."""
+    kek = asyncio.run(open_provider(settings))
+    with KeyManager(settings, kek=kek, timeout_s=10) as km:
+        km.encrypt("openai", "sk-parent")
+        fork = multiprocessing.get_context("fork")
+        answers: multiprocessing.Queue[str] = fork.Queue()
+        child = fork.Process(target=_call_in_child, args=(km, answers))
+        child.start()
+        try:
+            first, second = answers.get(timeout=30), answers.get(timeout=30)
+        finally:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+        assert first.startswith("ManagerForked: ") and "post_fork" in first, first
+        assert second == "ManagerForked"
+        assert issubclass(ManagerForked, ConfigurationError)
+        ct = km.encrypt("openai", "sk-parent")
+        assert km.decrypt("openai", ct) == "sk-parent"
+
+
+def test_from_env_takes_the_managers_own_arguments(env: dict[str, str]) -> None:
+    """``from_env(timeout_s=...)`` sets the call deadline; it is not handed to ``Settings``,
+    which would drop it without a word and leave the 60 s default."""
+    with KeyManager.from_env(env, timeout_s=0.5) as km:
+        assert km.timeout_s == 0.5
