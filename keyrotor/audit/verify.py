@@ -12,8 +12,10 @@ stops at the first row that is wrong, saying what is wrong with it:
 ``reordered``
     the row's hash matches its content only at another position: rows were moved or swapped;
 ``downgraded``
-    a row after the switch to the keyed format (``keyrotor.audit.key``) is unkeyed, or a row
-    claims a key the chain did not have yet.
+    a row after the switch to the keyed format (``keyrotor.audit.key``) is unkeyed, a row
+    claims a key the chain did not have yet, or the chain ends before an audit key's switch
+    point (the rows up to it existed when the key was made: the keyed tail was cut off, and
+    older rows with it, so that what is left looks like a log from before the key).
 
 Rows after the switch point are HMAC-SHA256 under the audit key, so verifying them needs the
 key (``keyrotor.audit.key.load_keys``, through the KEK), and a database writer without it
@@ -125,11 +127,19 @@ class _Walk:
     """The state of one walk along the chain, row by row, oldest first."""
 
     def __init__(
-        self, keys: Mapping[int, AuditKey], switch_after: int | None, checkpoint: tuple[int, bytes] | None
+        self,
+        keys: Mapping[int, AuditKey],
+        switch_after: int | None,
+        checkpoint: tuple[int, bytes] | None,
+        *,
+        head_floor: int | None = None,
     ) -> None:
         self.report = ChainReport(switch_after=switch_after)
         self.keys = keys
         self.checkpoint = checkpoint
+        # The highest switch point of the audit keys: the chain had reached it when that key was
+        # made, and appends and prunes only ever move the head forward.
+        self.head_floor = head_floor
         self.expected_id: int | None = None
         self.prev_hash = b""
         # (first id, its prev_hash): what an anchor must vouch for when rows 1..first-1 are gone
@@ -210,6 +220,14 @@ class _Walk:
                     f"the log ends at id {report.head_id or 0}, before the checkpoint's id {cp_id}: "
                     "the newest rows were deleted",
                 )
+        head = report.head_id or 0
+        if self.head_floor is not None and head < self.head_floor:
+            return report.fail(
+                head + 1,
+                "downgraded",
+                f"the log ends at id {head}, before the audit key's switch point {self.head_floor}: "
+                "rows the key vouches for were deleted (the keyed tail cut off)",
+            )
         return report
 
 
@@ -235,8 +253,13 @@ async def verify_chain(
         keys = {} if loaded is None else {loaded.key_id: loaded}
     async with db.transaction(sessions) as session:
         switch = await store.key_switch_point(session)
-    # The switch point the KEK vouches for (it is bound into each key's wrap) wins over the table's.
-    walk = _Walk(keys, min((k.switch_after for k in keys.values()), default=switch), checkpoint)
+    # The switch points the KEK vouches for (each is bound into its key's wrap) win over the table's.
+    walk = _Walk(
+        keys,
+        min((k.switch_after for k in keys.values()), default=switch),
+        checkpoint,
+        head_floor=max((k.switch_after for k in keys.values()), default=switch),
+    )
     after = 0
     while True:
         async with db.transaction(sessions) as session:

@@ -399,6 +399,37 @@ async def test_verify_detects_deleted_oldest_rows_without_anchor(km: KeyManager,
     assert (report.ok, report.bad_id, report.problem) == (False, 3, "deleted")
 
 
+async def _upgraded_install(settings: Settings, database_url: str) -> None:
+    """Three rows written before the audit key existed, then a KeyManager (it creates the key:
+    switch point 3) and three keyed rows."""
+    engine = db.create_engine(database_url)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            for i in range(3):
+                await write_event(session, AuditEvent("config_change", actor=f"old:{i}"))
+    finally:
+        await engine.dispose()
+    async with KeyManager(settings) as km:
+        await _some_events(km, 3)
+
+
+@pytest.mark.parametrize(("cut_from", "bad_id"), [(3, 3), (1, 1)])
+async def test_verify_detects_a_chain_cut_below_the_audit_keys_switch_point(
+    settings: Settings, database_url: str, cut_from: int, bad_id: int
+) -> None:
+    # The keyed tail and older rows deleted: what is left is unkeyed and hashes rightly, but the
+    # audit key's wrap binds switch point 3, so rows 1..3 existed when it was made.
+    await _upgraded_install(settings, database_url)
+    async with KeyManager(settings) as km:
+        report = await verify(km)
+        assert report.ok and report.switch_after == 3 and report.keyed == 3, report
+        await tamper(database_url, f"DELETE FROM encryption_audit_log WHERE id >= {cut_from}")
+        report = await verify(km)
+    assert (report.ok, report.bad_id, report.problem) == (False, bad_id, "downgraded"), report
+    assert report.detail is not None and "switch point 3" in report.detail
+    assert "\n" not in report.detail
+
+
 async def test_checkpoint_catches_deleted_newest_rows(km: KeyManager, database_url: str) -> None:
     await _some_events(km)
     head = await verify(km)
