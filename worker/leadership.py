@@ -139,7 +139,15 @@ class Leadership:
         pinger, self._pinger = self._pinger, None
         if pinger is not None:
             pinger.cancel()
-        async with self._io:
+        try:  # a statement in flight on the connection ends first, within a bound
+            async with asyncio.timeout(15):
+                await self._io.acquire()
+        except TimeoutError:  # a wedged statement: stepping down must not wait for it
+            conn, self._conn, self.leading = self._conn, None, False
+            if conn is not None:
+                conn.terminate()
+            return
+        try:
             conn, self._conn, leading, self.leading = self._conn, None, self.leading, False
             if conn is None or conn.is_closed():
                 return
@@ -152,3 +160,5 @@ class Leadership:
                 await asyncio.wait_for(conn.close(), 5)
             except Exception:
                 conn.terminate()
+        finally:
+            self._io.release()
