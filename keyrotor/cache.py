@@ -7,7 +7,8 @@ because building one costs more than decrypting a short value with it.
 Refresh-ahead: a hit in the last ``refresh_ahead`` part of an entry's life marks the entry
 ``due``; its owner (KeyManager) unwraps it again in the background and puts it back with a new
 TTL, so a key in steady use never expires on a caller's path. Each refresh goes to the KEK
-provider again, so the TTL still bounds how long a revoked KEK grant goes unnoticed.
+provider again, so the TTL still bounds how long a revoked KEK grant goes unnoticed; a refresh
+that is refused (not an outage) drops the entry at once (``keyrotor.keyring``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ and when a cached key must be looked at again:
 - a cached key loaded in a state that leads to destruction (grace, retired) has its state read
   again within that TTL (:meth:`KeyRing.confirm`): a process that missed the announcement of a
   destruction stops using the key then, not at the cache's TTL;
+- a background refresh (refresh-ahead) that is refused (the version destroyed or unknown, the
+  KEK refusing to unwrap it) drops the cached key at once; one that fails on an outage leaves it
+  to serve out its TTL;
 - a use of a retired version is recorded in ``retired_key_uses`` (which cancels its pending
   destruction) once per (scope, version, location) per process in ``RETIRED_USE_INTERVAL_S``.
 
@@ -33,7 +36,7 @@ from keyrotor.audit.log import Row
 from keyrotor.cache import DekCache
 from keyrotor.census.locations import location_of
 from keyrotor.census.usage import UsageCounter
-from keyrotor.errors import KeyExhausted, KeyVersionUnknown, ScopeNotFound, StoreUnavailable
+from keyrotor.errors import KeyExhausted, KeyVersionUnknown, PermanentError, ScopeNotFound, StoreUnavailable
 from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.replication.check import Replication
 from keyrotor.schedule.rules import KeyState, check_decryptable
@@ -235,9 +238,7 @@ class KeyRing:
             self.unconfirmed[key] = time.monotonic() + self._ttl_s
             return
         if record is None or not record.state.decrypts:
-            self.cache.invalidate(scope, version)
-            self.unconfirmed.pop(key, None)
-            self.retired.pop(key, None)
+            self._forget(scope, version)
             log.warning("cached DEK %s v%d is no longer usable: dropped", scope, version)
             check_decryptable(scope, version, None if record is None else record.state, version)
         assert record is not None
@@ -283,12 +284,30 @@ class KeyRing:
             metrics.dek_refreshed(True)
         except asyncio.CancelledError:
             raise
+        except PermanentError as exc:
+            # A refusal, not an outage: the version was destroyed (or is gone), or the KEK no
+            # longer unwraps it. A miss would be refused now, so the cached key must not go on
+            # decrypting for the rest of its TTL.
+            metrics.dek_refreshed(False)
+            self._forget(scope, version)
+            log.warning(
+                "dek_refresh_refused scope=%s version=%s error=%s: dropped from the cache",
+                scope, version, type(exc).__name__,
+            )  # fmt: skip
         except Exception as exc:
-            # The entry keeps its remaining life; the next miss tries again (and raises there).
+            # An outage (the database, the KEK provider): serving the cached key through it is
+            # the point of the cache, so the entry keeps its remaining life; the next miss tries
+            # again (and raises there).
             metrics.dek_refreshed(False)
             log.warning("dek_refresh_failed scope=%s version=%s error=%s", scope, version, type(exc).__name__)
         finally:
             self.refreshing.pop((scope, version), None)
+
+    def _forget(self, scope: str, version: int) -> None:
+        """Drop one cached DEK and what was noted of its state."""
+        self.cache.invalidate(scope, version)
+        self.unconfirmed.pop((scope, version), None)
+        self.retired.pop((scope, version), None)
 
     async def stop_refreshes(self) -> None:
         """Cancel the background refreshes under way and wait for them to end."""

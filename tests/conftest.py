@@ -84,8 +84,11 @@ async def database_url(template_db: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def env(database_url: str) -> dict[str, str]:
-    """The environment a keyrotor process of this test sees."""
+    """The environment a keyrotor process of this test sees (with the run's ``PYTHONPATH``, if
+    set: a subprocess then imports the checkout under test, not the one installed in the venv)."""
+    source = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     return {
+        **source,
         "DATABASE_URL": database_url,
         "REDIS_URL": REDIS_URL,
         "ENCRYPTION_KEY": MASTER_KEY,

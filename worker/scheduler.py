@@ -20,10 +20,13 @@ a dedicated connection; the others are hot standbys that try the lock every inte
 dies with its connection, so when the leader dies (even SIGKILL) a standby takes over within
 one scan interval; a leader that hangs (SIGSTOP, a wedged event loop) loses it after
 ``KEYROTOR_SCHEDULER_LEADER_TIMEOUT_SECONDS`` without a ping
-(:class:`keyrotor.worker.leadership.Leadership`). The leader also writes its instance id to the
-Redis key ``KEYROTOR_SCHEDULER_LEADER_KEY`` with an expiry (for health checks). The lock is an
-economy, not the safety: two schedulers scanning at once (a split brain, ``--once`` next to a
-leader) still open and enqueue every run exactly once.
+(:class:`keyrotor.worker.leadership.Leadership`). A leader that stops cleanly (SIGTERM) hands
+over: it gives the lock up and notifies the standbys, and one of them takes the lead at once.
+The leader also writes its instance id to the Redis key ``KEYROTOR_SCHEDULER_LEADER_KEY`` with
+an expiry (for health checks); stopping cleanly, it marks its id there as stepping down, for
+one scan interval or until the new leader writes its own. The lock is an economy, not the
+safety: two schedulers scanning at once (a split brain, ``--once`` next to a leader) still open
+and enqueue every run exactly once.
 
 After downtime the first scan catches up: everything that came due meanwhile is due now, and is
 opened once. The scheduler never touches a key, a ciphertext or a secret row.
@@ -64,14 +67,16 @@ from keyrotor.store import db
 from keyrotor.store import schedule as store
 from keyrotor.store.runs import last_retire_errors
 from keyrotor.worker import http as ops
-from keyrotor.worker.leadership import Leadership
+from keyrotor.worker.leadership import STEPPING_DOWN, Leadership
 
 log = structlog.get_logger("keyrotor.scheduler")
 T = TypeVar("T")
 
 REPLICA_JOB = "check_replicas"
-_DELETE_IF_OURS = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# The leader key, if it still names this leader: marked as stepping down, with a short expiry.
+_STEP_DOWN_IF_OURS = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
 )
 # Enqueues in flight at once while a scan hands its runs to Redis.
 ENQUEUE_CONCURRENCY = 32
@@ -128,8 +133,12 @@ class Scheduler:
         self._engine = engine
         self._owned = contextlib.AsyncExitStack()  # closes the clients this scheduler opened
         self._sessions: async_sessionmaker[AsyncSession] | None = None
-        self.leadership = Leadership(settings.database_url, timeout_s=settings.scheduler_leader_timeout_s)
+        self.leadership = Leadership(
+            settings.database_url, timeout_s=settings.scheduler_leader_timeout_s, on_free=self._wake
+        )
         self._lock = asyncio.Lock()
+        self._running = False  # run() is scanning on its clock: a handover notice may wake it
+        self._woken: asyncio.Task[None] | None = None
         self._rows_counted_at = -math.inf
         self._dek_watermark: int | None = None  # the newest DEK id already followed to the regions
 
@@ -146,13 +155,20 @@ class Scheduler:
             log.warning("open_default_grant", detail=lockdown.OPEN_GRANT_WARNING)
 
     async def close(self) -> None:
-        """Step down (release the lock, clear the leader key if it is ours) and disconnect."""
+        """Step down (mark the leader key, if it is ours, as stepping down; release the lock and
+        wake the standbys) and disconnect."""
         if self.leadership.leading and self._redis is not None:
+            # Before the lock goes: the new leader's heartbeat must come after this, never before.
             with contextlib.suppress(RedisError, OSError):
                 await cast(
                     Awaitable[Any],
                     self._redis.eval(
-                        _DELETE_IF_OURS, 1, self.settings.scheduler_leader_key, self.instance_id
+                        _STEP_DOWN_IF_OURS,
+                        1,
+                        self.settings.scheduler_leader_key,
+                        self.instance_id,
+                        self.instance_id + STEPPING_DOWN,
+                        str(max(5_000, math.ceil(1_000 * self.settings.scan_interval_s))),
                     ),
                 )
         await self.leadership.release()
@@ -355,6 +371,11 @@ class Scheduler:
             last[scope] = dek_id
         return list(last.items())
 
+    def _wake(self) -> None:
+        """A leader handed over: try the lock now rather than at the next scan (see Leadership)."""
+        if self._running and (self._woken is None or self._woken.done()):
+            self._woken = asyncio.get_running_loop().create_task(self._tick_job(), name="scheduler-wake")
+
     async def _tick_job(self) -> None:
         try:
             if await self.tick() is not None:
@@ -455,15 +476,19 @@ class Scheduler:
         if server is not None:
             await server.start()
         aps.start()
+        self._running = True
         try:
             await stop.wait()
         finally:
+            self._running = False
             aps.shutdown(wait=False)
             if server is not None:
                 await server.stop()
             # Let a scan in progress finish its batch and enqueues (each batch commits alone).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(30):
+                    if self._woken is not None:
+                        await asyncio.wait([self._woken])
                     await self._lock.acquire()
                     self._lock.release()
             log.info("scheduler_stopped", instance=self.instance_id, was_leader=self.leadership.leading)

@@ -7,13 +7,16 @@ stops at the first row that is wrong, saying what is wrong with it:
     the row's content no longer matches its ``row_hash`` (or its ``row_hash`` was recomputed
     after an edit, so the next row's ``prev_hash`` no longer matches it);
 ``deleted``
-    ids jump (rows were removed from the middle), or the oldest rows are missing and no
-    ``anchor`` row vouches for a prune;
+    ids jump (rows were removed from the middle), or the oldest rows are missing, and no
+    ``anchor`` row vouches for a prune (the walk reads a page a transaction, so a prune that
+    commits meanwhile deletes rows ahead of it: its anchor, after the head, vouches for that gap);
 ``reordered``
     the row's hash matches its content only at another position: rows were moved or swapped;
 ``downgraded``
-    a row after the switch to the keyed format (``keyrotor.audit.key``) is unkeyed, or a row
-    claims a key the chain did not have yet.
+    a row after the switch to the keyed format (``keyrotor.audit.key``) is unkeyed, a row
+    claims a key the chain did not have yet, or the chain ends before an audit key's switch
+    point (the rows up to it existed when the key was made: the keyed tail was cut off, and
+    older rows with it, so that what is left looks like a log from before the key).
 
 Rows after the switch point are HMAC-SHA256 under the audit key, so verifying them needs the
 key (``keyrotor.audit.key.load_keys``, through the KEK), and a database writer without it
@@ -125,15 +128,30 @@ class _Walk:
     """The state of one walk along the chain, row by row, oldest first."""
 
     def __init__(
-        self, keys: Mapping[int, AuditKey], switch_after: int | None, checkpoint: tuple[int, bytes] | None
+        self,
+        keys: Mapping[int, AuditKey],
+        switch_after: int | None,
+        checkpoint: tuple[int, bytes] | None,
+        *,
+        head_floor: int | None = None,
+        concurrent_prunes: bool = False,
     ) -> None:
         self.report = ChainReport(switch_after=switch_after)
         self.keys = keys
         self.checkpoint = checkpoint
+        # The highest switch point of the audit keys: the chain had reached it when that key was
+        # made, and appends and prunes only ever move the head forward.
+        self.head_floor = head_floor
         self.expected_id: int | None = None
         self.prev_hash = b""
         # (first id, its prev_hash): what an anchor must vouch for when rows 1..first-1 are gone
         self.needs_anchor: tuple[int, bytes] | None = None
+        # A walk in many transactions (verify_chain) may see prunes that committed between two
+        # pages: the rows one deleted ahead of the walk are a gap that its anchor, appended after
+        # the head, must vouch for. Pending gaps: (row after it, its prev_hash, first missing id,
+        # what is missing).
+        self.concurrent_prunes = concurrent_prunes
+        self.gaps: list[tuple[int, bytes, int, str]] = []
 
     def check(self, row: Any) -> bool:
         """Check the next row; False (and the report failed) at a problem."""
@@ -144,25 +162,27 @@ class _Walk:
         report = self.report
         bad_format = _format_problem(row, report.switch_after, self.keys)
         if bad_format is not None:
-            report.fail(row_id, *bad_format)
+            self._fail(row_id, *bad_format)
             return False
         expected = _hash(row, self.keys)
         content_ok = expected is not None and hmac.compare_digest(expected, stored_hash)
         link_ok = self.expected_id is None or hmac.compare_digest(bytes(row[11]), self.prev_hash)
         if not content_ok:
-            report.fail(row_id, *_explain(row, self.keys, link_ok))
+            self._fail(row_id, *_explain(row, self.keys, link_ok))
             return False
         if not link_ok:
-            report.fail(
+            self._fail(
                 row_id - 1,
                 "edited",
                 f"row {row_id - 1} was changed and re-hashed: row {row_id} recorded another hash for it",
             )
             return False
-        if self.needs_anchor is not None and row[1] == "anchor" and _vouches(row[9], self.needs_anchor):
-            report.anchored = True
+        if row[1] == "anchor":
+            if self.needs_anchor is not None and _vouches(row[9], self.needs_anchor):
+                report.anchored = True
+            self.gaps = [g for g in self.gaps if not _vouches(row[9], (g[0], g[1]))]
         if self.checkpoint is not None and row_id == self.checkpoint[0] and stored_hash != self.checkpoint[1]:
-            report.fail(row_id, "edited", f"row {row_id} no longer has the checkpoint's hash")
+            self._fail(row_id, "edited", f"row {row_id} no longer has the checkpoint's hash")
             return False
         self.prev_hash, self.expected_id = stored_hash, row_id + 1
         report.checked += 1
@@ -181,19 +201,29 @@ class _Walk:
                 return False
         elif row_id != expected_id:
             missing = f"{expected_id}" if row_id == expected_id + 1 else f"{expected_id}..{row_id - 1}"
-            self.report.fail(
-                expected_id,
-                "deleted",
-                f"row(s) {missing} are missing: ids jump from {expected_id - 1} to {row_id}",
-            )
+            detail = f"row(s) {missing} are missing: ids jump from {expected_id - 1} to {row_id}"
+            if self.concurrent_prunes:
+                self.gaps.append((row_id, stored_prev, expected_id, detail))
+                self.prev_hash = stored_prev  # the link to the deleted row is the anchor's to vouch for
+                return True
+            self._fail(expected_id, "deleted", detail)
             return False
         return True
+
+    def _fail(self, row_id: int, problem: Problem, detail: str) -> ChainReport:
+        """Fail the report at the first problem: a gap no anchor has vouched for yet comes first."""
+        if self.gaps:
+            gap = self.gaps[0]
+            return self.report.fail(gap[2], "deleted", f"{gap[3]}, and no anchor row records pruning them")
+        return self.report.fail(row_id, problem, detail)
 
     def finish(self) -> ChainReport:
         """The report once every row is checked: the head, and what the chain's ends must show."""
         report = self.report
         if self.expected_id is not None:
             report.head_id, report.head_hash = self.expected_id - 1, self.prev_hash.hex()
+        if self.gaps:
+            return self._fail(0, "deleted", "")
         if self.needs_anchor is not None and not report.anchored:
             first = self.needs_anchor[0]
             return report.fail(
@@ -210,6 +240,14 @@ class _Walk:
                     f"the log ends at id {report.head_id or 0}, before the checkpoint's id {cp_id}: "
                     "the newest rows were deleted",
                 )
+        head = report.head_id or 0
+        if self.head_floor is not None and head < self.head_floor:
+            return report.fail(
+                head + 1,
+                "downgraded",
+                f"the log ends at id {head}, before the audit key's switch point {self.head_floor}: "
+                "rows the key vouches for were deleted (the keyed tail cut off)",
+            )
         return report
 
 
@@ -235,8 +273,14 @@ async def verify_chain(
         keys = {} if loaded is None else {loaded.key_id: loaded}
     async with db.transaction(sessions) as session:
         switch = await store.key_switch_point(session)
-    # The switch point the KEK vouches for (it is bound into each key's wrap) wins over the table's.
-    walk = _Walk(keys, min((k.switch_after for k in keys.values()), default=switch), checkpoint)
+    # The switch points the KEK vouches for (each is bound into its key's wrap) win over the table's.
+    walk = _Walk(
+        keys,
+        min((k.switch_after for k in keys.values()), default=switch),
+        checkpoint,
+        head_floor=max((k.switch_after for k in keys.values()), default=switch),
+        concurrent_prunes=True,
+    )
     after = 0
     while True:
         async with db.transaction(sessions) as session:

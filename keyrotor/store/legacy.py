@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.store.dates import days_from_now
 from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, Key, KeyType, key_bounds
 
 _LEGACY = "NOT LIKE 'kr1:%'"
@@ -249,8 +250,9 @@ async def insert_grace_dek(
         await session.execute(
             text(
                 "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, "
-                "grace_until) VALUES (:s, :v, 'grace', :blob, :kid, :kv, now() + make_interval(days => "
-                "(SELECT grace_period_days FROM key_scopes WHERE id = :s))) RETURNING grace_until"
+                "grace_until) VALUES (:s, :v, 'grace', :blob, :kid, :kv, "
+                f"{days_from_now('SELECT grace_period_days FROM key_scopes WHERE id = :s')}) "
+                "RETURNING grace_until"
             ),
             {"s": scope_id, "v": version, "blob": blob, "kid": kek_id, "kv": kek_version},
         )

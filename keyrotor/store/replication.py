@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.store.dates import days_from_now
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicaCopy:
@@ -328,7 +330,7 @@ async def insert_promoted_scope(
                     "INSERT INTO key_scopes (name, active_version, latest_version, rotation_enabled, "
                     "interval_days, grace_period_days, next_rotation_at) VALUES "
                     "(:n, :a, :l, :e, :i, :g, "
-                    "now() + make_interval(days => :i)) RETURNING id"
+                    f"{days_from_now(':i')}) RETURNING id"
                 ),
                 {"n": name, "a": active, "l": latest, "e": enabled, "i": interval_days, "g": grace_days},
             )
@@ -346,7 +348,7 @@ async def insert_promoted_dek(
             "encrypted_dek, kek_id, kek_version, "
             "activated_at, grace_until) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
             "CASE WHEN :st IN ('active', 'grace') THEN now() END, "
-            "CASE WHEN :st = 'grace' THEN now() + make_interval(days => :g) END)"
+            f"CASE WHEN :st = 'grace' THEN {days_from_now(':g')} END)"
         ),
         {
             "sid": scope_id,

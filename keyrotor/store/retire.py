@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.store.dates import days_from_now
+
 # How long the proof's transaction waits for a lock before it gives up (a transient error).
 LOCK_TIMEOUT = "5s"
 
@@ -58,7 +60,7 @@ async def retire_dek(session: AsyncSession, key_id: int, destroy_after_days: int
         await session.execute(
             text(
                 "UPDATE data_keys SET state = 'retired', retired_at = now(), "
-                "destroy_after = now() + make_interval(days => :days) WHERE id = :id "
+                f"destroy_after = {days_from_now(':days')} WHERE id = :id "
                 "RETURNING destroy_after"
             ),
             {"id": key_id, "days": destroy_after_days},
@@ -149,7 +151,7 @@ async def restore_to_grace(session: AsyncSession, key_id: int, grace_days: int) 
     grace_until: datetime = (
         await session.execute(
             text(
-                "UPDATE data_keys SET state = 'grace', grace_until = now() + make_interval(days => :g), "
+                f"UPDATE data_keys SET state = 'grace', grace_until = {days_from_now(':g')}, "
                 "retired_at = NULL, destroy_after = NULL WHERE id = :id RETURNING grace_until"
             ),
             {"id": key_id, "g": grace_days},

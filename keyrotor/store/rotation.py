@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.store.dates import days_from_now
+
 # --- DEK rows -----------------------------------------------------------------------------
 
 
@@ -66,8 +68,8 @@ async def promote_dek(session: AsyncSession, scope_id: int, version: int) -> Non
     await session.execute(
         text(
             "UPDATE data_keys SET state = 'grace', "
-            "grace_until = now() + make_interval(days => (SELECT grace_period_days FROM key_scopes "
-            "WHERE id = :s)) WHERE scope_id = :s AND state = 'active'"
+            f"grace_until = {days_from_now('SELECT grace_period_days FROM key_scopes WHERE id = :s')} "
+            "WHERE scope_id = :s AND state = 'active'"
         ),
         {"s": scope_id},
     )
@@ -89,7 +91,7 @@ async def record_rotation(session: AsyncSession, scope_id: int, version: int, ro
     await session.execute(
         text(
             "UPDATE key_scopes SET dek_rotation_count = dek_rotation_count + 1, last_rotation_at = now(), "
-            "next_rotation_at = CASE WHEN rotation_enabled THEN now() + make_interval(days => interval_days) "
+            f"next_rotation_at = CASE WHEN rotation_enabled THEN {days_from_now('interval_days')} "
             "END, updated_at = now() WHERE id = :s"
         ),
         {"s": scope_id},

@@ -185,6 +185,12 @@ async def try_leader_lock(conn: asyncpg.Connection, key: int) -> bool:
     return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
 
 
+async def release_leader_lock(conn: asyncpg.Connection, key: int, channel: str, *, timeout_s: float) -> None:
+    """Give the session-level advisory lock ``key`` up and NOTIFY ``channel`` (delivered once the
+    statement commits, so after the lock is free): standbys listening there try it at once."""
+    await conn.fetchval("SELECT pg_advisory_unlock($1), pg_notify($2, '')", key, channel, timeout=timeout_s)
+
+
 async def ping(conn: asyncpg.Connection, *, timeout_s: float) -> None:
     """A round trip on the connection (raises if it is gone)."""
     await conn.fetchval("SELECT 1", timeout=timeout_s)

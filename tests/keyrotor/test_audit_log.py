@@ -7,6 +7,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -28,7 +30,7 @@ from keyrotor.audit.log import (
     tail_events,
     write_event,
 )
-from keyrotor.audit.verify import parse_checkpoint, prune, verify_chain
+from keyrotor.audit.verify import PruneResult, parse_checkpoint, prune, verify_chain
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import (
     AccessDenied,
@@ -399,6 +401,37 @@ async def test_verify_detects_deleted_oldest_rows_without_anchor(km: KeyManager,
     assert (report.ok, report.bad_id, report.problem) == (False, 3, "deleted")
 
 
+async def _upgraded_install(settings: Settings, database_url: str) -> None:
+    """Three rows written before the audit key existed, then a KeyManager (it creates the key:
+    switch point 3) and three keyed rows."""
+    engine = db.create_engine(database_url)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            for i in range(3):
+                await write_event(session, AuditEvent("config_change", actor=f"old:{i}"))
+    finally:
+        await engine.dispose()
+    async with KeyManager(settings) as km:
+        await _some_events(km, 3)
+
+
+@pytest.mark.parametrize(("cut_from", "bad_id"), [(3, 3), (1, 1)])
+async def test_verify_detects_a_chain_cut_below_the_audit_keys_switch_point(
+    settings: Settings, database_url: str, cut_from: int, bad_id: int
+) -> None:
+    # The keyed tail and older rows deleted: what is left is unkeyed and hashes rightly, but the
+    # audit key's wrap binds switch point 3, so rows 1..3 existed when it was made.
+    await _upgraded_install(settings, database_url)
+    async with KeyManager(settings) as km:
+        report = await verify(km)
+        assert report.ok and report.switch_after == 3 and report.keyed == 3, report
+        await tamper(database_url, f"DELETE FROM encryption_audit_log WHERE id >= {cut_from}")
+        report = await verify(km)
+    assert (report.ok, report.bad_id, report.problem) == (False, bad_id, "downgraded"), report
+    assert report.detail is not None and "switch point 3" in report.detail
+    assert "\n" not in report.detail
+
+
 async def test_checkpoint_catches_deleted_newest_rows(km: KeyManager, database_url: str) -> None:
     await _some_events(km)
     head = await verify(km)
@@ -433,6 +466,61 @@ async def _old_events(km: KeyManager, n: int) -> None:
                 for i in range(n)
             ),
         )
+
+
+def _prune_once(database_url: str, before: datetime, into: list[PruneResult]) -> Callable[[int], None]:
+    """An ``on_progress`` that, after the first page, runs a prune by another client (its own
+    loop and engine) to its end: a prune that commits between two pages of a verify."""
+
+    def after_page(_rows: int) -> None:
+        if into:
+            return
+
+        async def other_client() -> None:
+            engine = db.create_engine(database_url, pool_size=1)
+            try:
+                into.append(await prune(db.sessionmaker(engine), before, actor="ops"))
+            finally:
+                await engine.dispose()
+
+        thread = threading.Thread(target=asyncio.run, args=(other_client(),))
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the prune did not finish"
+
+    return after_page
+
+
+async def test_verify_holds_when_a_prune_runs_while_it_walks(km: KeyManager, database_url: str) -> None:
+    # A long verify pages through the chain one transaction a page; a retention prune that
+    # commits between two pages removes rows ahead of the walk and anchors them after the head.
+    await _old_events(km, 6)  # ids 1-6, old enough to prune
+    await _some_events(km, 4)  # ids 7-10
+    pruned: list[PruneResult] = []
+    cutoff = datetime.now(UTC) - timedelta(days=365)
+    report = await verify(km, page_rows=2, on_progress=_prune_once(database_url, cutoff, pruned))
+    assert [(p.deleted, p.through_id) for p in pruned] == [(6, 6)]
+    assert report.ok and report.head_id == 11 and report.checked == 7, report
+    # A gap no anchor vouches for is still a deletion.
+    await tamper(database_url, "DELETE FROM encryption_audit_log WHERE id = 8")
+    report = await verify(km, page_rows=2)
+    assert (report.ok, report.bad_id, report.problem) == (False, 8, "deleted"), report
+
+
+async def test_verify_holds_when_a_prune_runs_while_it_walks_a_pruned_chain(
+    km: KeyManager, database_url: str
+) -> None:
+    # Retention that prunes daily: the walk starts after an earlier prune (its anchor not
+    # reached yet) when the next one commits.
+    await _old_events(km, 6)  # ids 1-6
+    fourth = (await rows(database_url, "id = 4"))[0]["created_at"]
+    assert (await prune(km.sessions, fourth, actor="ops")).through_id == 3  # anchor: id 7
+    await _some_events(km, 4)  # ids 8-11
+    pruned: list[PruneResult] = []
+    cutoff = datetime.now(UTC) - timedelta(days=365)
+    report = await verify(km, page_rows=2, on_progress=_prune_once(database_url, cutoff, pruned))
+    assert [(p.deleted, p.through_id, p.anchor_id) for p in pruned] == [(3, 6, 12)]
+    assert report.ok and report.anchored and report.head_id == 12, report
 
 
 async def test_prune_keeps_the_rest_verifiable(km: KeyManager, database_url: str) -> None:

@@ -96,8 +96,10 @@ async def test_two_schedulers_one_leads_the_standby_takes_over_within_an_interva
     await wait_until(lambda: enqueued(5), 5, "the new leader to enqueue")
     assert rotate_jobs(await queued_jobs(rq, queue)) == dict.fromkeys(due + more, 1)
     assert standby.terminate() == 0
-    # A clean exit clears the leader key (if it is still ours).
-    assert await rq.get(key) is None
+    # A clean exit with no standby left marks the leader key as stepping down, for one interval.
+    assert (await rq.get(key)).decode() == f"{_instance(standby)} (stepping down)"
+    assert 0 < await rq.pttl(key) <= 5_000
+    await wait_until(lambda: _gone(rq, key), 10, "the stepping-down mark to expire")
 
 
 def _two_schedulers(
@@ -115,8 +117,77 @@ def _two_schedulers(
     return a, b, leader
 
 
+def _instance(proc: Proc) -> str:
+    """The instance id ``proc`` logged when it started."""
+    for line in proc.output().splitlines():
+        if '"scheduler_started"' in line:
+            return str(json.loads(line)["instance"])
+    raise AssertionError("the scheduler did not log scheduler_started")
+
+
+async def _gone(rq: Any, key: str) -> bool:
+    return bool(await rq.get(key) is None)
+
+
 async def _is(leader: Any, proc: Proc) -> bool:
     return bool(await leader() is proc)
+
+
+async def test_a_leader_stopped_cleanly_hands_over_at_once_and_health_never_fails(
+    senv: dict[str, str], rq: Any, procs: list[Proc], tmp_path: Path
+) -> None:
+    """SIGTERM is an orderly handover: the standby takes the lead at once, not at its next scan,
+    and `keyrotor health`'s scheduler check stays green throughout."""
+    from keyrotor.worker.cli.health import scheduler_health
+
+    # A scan interval long enough that a takeover at the standby's next tick would show.
+    env = {**senv, "KEYROTOR_SCAN_INTERVAL_SECONDS": "6"}
+    key = senv["KEYROTOR_SCHEDULER_LEADER_KEY"]
+    settings = Settings.from_env(env)
+    a, b, leader = _two_schedulers(env, tmp_path, procs, rq, key)
+    await wait_until(leader, 30, "a leader")
+    first = await leader()
+    assert first is not None
+    standby = b if first is a else a
+    # Both have their leadership connection (the standby's first tick ran).
+    await wait_until(lambda: _sessions(senv["DATABASE_URL"], 2), 30, "both schedulers' connections")
+
+    failures: list[dict[str, Any]] = []
+
+    async def sample() -> None:
+        while True:
+            result = await scheduler_health(settings, rq)
+            if result["status"] == "fail":
+                failures.append(result)
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await asyncio.sleep(0.2)
+        first.proc.send_signal(signal.SIGTERM)
+        took = await wait_until(lambda: _is(leader, standby), 10, "the standby to take over")
+        await wait_until(lambda: _exited(first), 20, "the old leader to exit")
+        await asyncio.sleep(0.3)
+    finally:
+        sampler.cancel()
+    print(f"handover after SIGTERM: {took:.2f}s")
+    assert first.proc.returncode == 0
+    assert took < 2.0, f"the standby took {took:.2f}s (its scan interval is 6 s)"
+    assert failures == [], failures[:3]
+    assert "scheduler_became_leader" in standby.output()
+
+
+async def _sessions(database_url: str, n: int) -> bool:
+    found = await sql(
+        database_url,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keyrotor-scheduler' "
+        "AND datname = current_database()",
+    )
+    return int(found[0][0]) >= n
+
+
+async def _exited(proc: Proc) -> bool:
+    return proc.proc.poll() is not None
 
 
 async def test_a_hung_leader_loses_the_lead_to_the_standby_and_stays_standby_when_it_wakes(

@@ -220,6 +220,30 @@ async def test_verify_warns_when_no_audit_key_vouches_for_the_rows(
     assert "no audit key and no keyed row" in forged_ok.stderr and "--checkpoint-file" in forged_ok.stderr
 
 
+async def test_verify_fails_a_chain_cut_below_the_audit_keys_switch_point(
+    env: dict[str, str], settings: Settings, database_url: str
+) -> None:
+    # An install upgraded from before the audit key: rows 1-2 unkeyed, the key's switch point 2.
+    engine = db.create_engine(database_url)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            await write_event(session, AuditEvent("config_change", actor="old:1"))
+            await write_event(session, AuditEvent("config_change", actor="old:2"))
+    finally:
+        await engine.dispose()
+    await _events(settings, 2)
+    assert keyrotor("audit", "verify", env=env).returncode == 0
+    # The keyed rows and row 2 deleted: row 1 alone still hashes rightly.
+    await tamper(database_url, "DELETE FROM encryption_audit_log WHERE id >= 2")
+    bad = keyrotor("audit", "verify", env=env)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert bad.stdout.count("\n") == 1 and "BROKEN at row 2 (downgraded)" in bad.stdout, bad.stdout
+    assert "switch point 2" in bad.stdout
+    doc = json.loads(keyrotor("audit", "verify", "--json", env=env).stdout)
+    assert (doc["ok"], doc["bad_id"], doc["problem"]) == (False, 2, "downgraded")
+
+
 async def test_verify_names_a_deleted_row(env: dict[str, str], settings: Settings, database_url: str) -> None:
     await _events(settings, 5)
     await tamper(database_url, "DELETE FROM encryption_audit_log WHERE id = 3")

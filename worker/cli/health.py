@@ -7,7 +7,8 @@ Checks, each bounded by a timeout and reported with its own status:
 - ``kek``: the KEK provider's ``check()`` (a probe round trip);
 - ``worker``: a worker has written arq's ``<queue>:health-check`` key lately (it expires ~31 s
   after the last write);
-- ``scheduler``: a scheduler leads (its heartbeat ``KEYROTOR_SCHEDULER_LEADER_KEY`` is set);
+- ``scheduler``: a scheduler leads (its heartbeat ``KEYROTOR_SCHEDULER_LEADER_KEY`` is set), or
+  one that stopped cleanly is handing over to a standby (it marked the key, for one scan interval);
 - ``replicas``: every secondary region's last replica check (``kek_replicas``) says
   ``in_sync`` and is no older than two check intervals; ``not_configured`` without
   ``KEYROTOR_REGIONS`` (neither green nor red).
@@ -42,6 +43,7 @@ from keyrotor.replication import check as replication
 from keyrotor.settings import Settings
 from keyrotor.store import db, ops
 from keyrotor.worker.cli.common import out_console, print_json, run
+from keyrotor.worker.leadership import STEPPING_DOWN
 
 T = TypeVar("T")
 
@@ -133,11 +135,15 @@ async def worker_health(settings: Settings, redis: Any) -> Result:
 
 
 async def scheduler_health(settings: Settings, redis: Any) -> Result:
-    """The ``scheduler`` check: a scheduler leads (its heartbeat key is set)."""
+    """The ``scheduler`` check: a scheduler leads (its heartbeat key is set), or one that stopped
+    cleanly is handing over (an orderly handover is no failure; the mark expires if nobody takes over)."""
     value = await redis.get(settings.scheduler_leader_key)
     if value is None:
         return {"status": "fail", "error": "no scheduler leads (its heartbeat key is not set)"}
-    return {"status": "ok", "detail": f"leader {value.decode(errors='replace')}"}
+    name = value.decode(errors="replace")
+    if name.endswith(STEPPING_DOWN):
+        return {"status": "ok", "detail": f"handing over: leader {name.removesuffix(STEPPING_DOWN)} stopped"}
+    return {"status": "ok", "detail": f"leader {name}"}
 
 
 async def replica_health(settings: Settings) -> Result:
