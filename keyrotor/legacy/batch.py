@@ -166,6 +166,7 @@ async def seal_batch(
         out.olds.append(value)
         out.news.append(sealed)
         out.versions.append(version)
+        out.scopes.append(scope)
     return out
 
 

@@ -9,11 +9,12 @@ What, a batch at a time (``KEYROTOR_LEGACY_BATCH_ROWS`` rows in keyset order of 
 event loop)
     check: valid UTF-8 (decrypt's own check); provider key shape (reported, not enforced)
     seal under the scope's active DEK with the row's context; open it again and compare
-    UPDATE t SET value = u.new FROM unnest(ids, olds, news) u
-      WHERE t.pk = u.id AND t.value = u.old RETURNING pk       -- compare-and-swap
+    UPDATE t SET value = u.new FROM unnest(ids, olds, news, scopes) u
+      WHERE t.pk = u.id AND t.value = u.old AND t.scope = u.scope RETURNING pk  -- compare-and-swap
     + the run's cursor and counters, in the same transaction
 
-A row the application changed or deleted meanwhile is not overwritten (reported as ``changed``;
+A row the application changed, deleted or moved to another scope (its scope column) meanwhile
+is not overwritten (reported as ``changed``;
 it is migrated by the next run if it is still legacy). A value that does not decrypt (tampered, or
 another master key) is left as it was and reported with its row id and reason, never its value.
 Every batch commits with the run's cursor (``rotations`` row of kind ``legacy``), so a killed or

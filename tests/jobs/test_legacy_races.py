@@ -1,0 +1,98 @@
+"""Legacy migration against what the application does meanwhile, and against odd rows.
+
+Real Postgres, real scrypt. The race tests hold the migration's scrypt in a real thread pool
+behind a gate, so the application's write lands exactly between the batch's read and its
+compare-and-swap, where a real migration spends its 30-80 ms a value with no row lock held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from keyrotor import KeyManager, Settings
+from keyrotor.census import columns
+from keyrotor.legacy import migration as legacy_migration
+from tests.jobs.conftest import settings_of
+from tests.legacy_helpers import legacy_rows
+from tests.rotation_helpers import fetch
+
+CREATE = "CREATE TABLE settings (id bigserial PRIMARY KEY, provider text NOT NULL, api_key text)"
+
+
+def _quiet(s: Settings) -> Settings:
+    return s.model_copy(update={"listen_key_changes": False})
+
+
+class GatedPool(concurrent.futures.ThreadPoolExecutor):
+    """A real thread pool whose work waits, once started, until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        def gated() -> Any:
+            self.started.set()
+            if not self.gate.wait(30):
+                raise TimeoutError("the test never opened the gate")
+            return fn(*args, **kwargs)
+
+        return super().submit(gated)
+
+
+async def _insert(url: str, rows: list[tuple[str, str]]) -> list[int]:
+    got = await fetch(
+        url,
+        "INSERT INTO settings (provider, api_key) SELECT * FROM unnest($1::text[], $2::text[]) RETURNING id",
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+    )
+    return [r["id"] for r in got]
+
+
+async def _while_scrypt_runs(km: KeyManager, write: Callable[[], Any]) -> legacy_migration.LegacyReport:
+    """Migrate, making the application's ``write`` while the first batch's scrypt is under way."""
+    pool = GatedPool()
+    try:
+        task = asyncio.create_task(legacy_migration.migrate_legacy(km, executor=pool, workers=1))
+        assert await asyncio.to_thread(pool.started.wait, 30), "the migration never reached scrypt"
+        await write()
+        pool.gate.set()
+        return await asyncio.wait_for(task, 60)
+    finally:
+        pool.gate.set()
+        pool.shutdown(wait=True)
+
+
+async def test_a_row_moved_to_another_scope_meanwhile_is_not_sealed_under_the_old_one(
+    wenv: dict[str, str],
+) -> None:
+    """The application moves a row to another scope (same value) while scrypt runs: the value
+    must not be written sealed under the scope the batch read, where the row's new scope can
+    neither open it nor count it (a later retirement of that scope's DEK would lose it)."""
+    s = settings_of(wenv)
+    (provider, plain, value), *rest = legacy_rows()[:3]
+    assert provider == "anthropic"
+    await fetch(s.database_url, CREATE)
+    ids = await _insert(s.database_url, [(provider, value), *((p, v) for p, _t, v in rest)])
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+
+        async def move() -> None:
+            await fetch(s.database_url, "UPDATE settings SET provider = 'openai' WHERE id = $1", ids[0])
+
+        report = await _while_scrypt_runs(km, move)
+        rep = report.columns["settings.api_key"]
+        assert rep.changed == [ids[0]] and rep.migrated == 2 and report.failed == 0
+        (row,) = await fetch(s.database_url, "SELECT provider, api_key FROM settings WHERE id = $1", ids[0])
+        assert row["provider"] == "openai" and row["api_key"] == value  # left to the application
+        assert await km.decrypt("openai", row["api_key"], context=f"settings.api_key:{ids[0]}") == plain
+        again = await legacy_migration.migrate_legacy(km, workers=1)  # the next run migrates it
+        assert again.migrated == 1
+        (row,) = await fetch(s.database_url, "SELECT api_key FROM settings WHERE id = $1", ids[0])
+        assert await km.decrypt("openai", row["api_key"], context=f"settings.api_key:{ids[0]}") == plain
