@@ -3,7 +3,8 @@
 Where: keyrotor's ``secrets`` and every registered application column (:mod:`keyrotor.census.columns`).
 What, a batch at a time (``KEYROTOR_LEGACY_BATCH_ROWS`` rows in keyset order of the key)::
 
-    SELECT pk, value, scope FROM t WHERE value NOT LIKE 'kr1:%' AND pk > :cursor ORDER BY pk LIMIT :n
+    SELECT pk, value, scope FROM t WHERE value <> '' AND value NOT LIKE 'kr1:%' AND pk > :cursor
+      ORDER BY pk LIMIT :n   -- NULL and '' hold no key: skipped
     -- no row locks while scrypt runs (30-80 ms a value): the application keeps reading and writing
     decrypt in a process pool (keyrotor.crypto.legacy_format.decrypt_many; scrypt never runs on the
 event loop)
@@ -14,9 +15,9 @@ event loop)
     + the run's cursor and counters, in the same transaction
 
 A row the application changed, deleted or moved to another scope (its scope column) meanwhile
-is not overwritten (reported as ``changed``;
-it is migrated by the next run if it is still legacy). A value that does not decrypt (tampered, or
-another master key) is left as it was and reported with its row id and reason, never its value.
+is not overwritten (reported as ``changed``; it is migrated by the next run if it is still
+legacy). A value that does not decrypt (tampered, or another master key) is left as it was and
+reported with its row id and reason, never its value.
 Every batch commits with the run's cursor (``rotations`` row of kind ``legacy``), so a killed or
 cancelled run resumes after its last committed batch; running it again is harmless.
 """

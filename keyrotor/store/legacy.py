@@ -5,7 +5,8 @@ the old backend's second phase left behind.
 The batch statements run on the asyncpg connection of the caller's transaction (``apg``): a
 batch is one prepared statement a round, keyset-paged on the source's key::
 
-    SELECT pk, value, scope FROM t WHERE value NOT LIKE 'kr1:%' AND pk > $1 ORDER BY pk LIMIT $n
+    SELECT pk, value, scope FROM t WHERE value <> '' AND value NOT LIKE 'kr1:%' AND pk > $1
+      ORDER BY pk LIMIT $n
     UPDATE t SET value = u.new FROM unnest(ids, olds, news, scopes) u
       WHERE t.pk = u.id AND t.value = u.old AND t.scope = u.scope RETURNING pk  -- compare-and-swap
 
@@ -23,7 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, Key, KeyType, key_bounds
 
-_LEGACY = "NOT LIKE 'kr1:%'"
+
+def _legacy(value: str) -> str:
+    """The condition of a legacy candidate: a value that is not ``kr1``. An empty string, like
+    NULL, holds no key (an application's "none set"): it is neither migrated nor counted."""
+    return f"{value} <> '' AND {value} NOT LIKE 'kr1:%'"
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ SECRETS_SOURCE = Source(
     name="secrets",
     select=(
         "SELECT s.id, s.ciphertext, k.name, 'secret:' || s.name FROM secrets s "
-        f"JOIN key_scopes k ON k.id = s.scope_id WHERE s.ciphertext {_LEGACY}{{bounds}} "
+        f"JOIN key_scopes k ON k.id = s.scope_id WHERE {_legacy('s.ciphertext')}{{bounds}} "
         "ORDER BY s.id LIMIT {limit}"
     ),
     update=(
@@ -69,12 +74,12 @@ SECRETS_SOURCE = Source(
         "WHERE t.id = u.id AND t.ciphertext = u.old RETURNING t.id"
     ),
     count=(
-        f"SELECT count(*) FILTER (WHERE ciphertext {_LEGACY}), "
+        f"SELECT count(*) FILTER (WHERE {_legacy('ciphertext')}), "
         "count(*) FILTER (WHERE ciphertext LIKE 'kr1:%') FROM secrets"
     ),
     plan=(
         "SELECT min(id), max(id), count(*) FROM (SELECT id, ntile($1) OVER (ORDER BY id) AS b "
-        f"FROM secrets WHERE ciphertext {_LEGACY}) q GROUP BY b ORDER BY b"
+        f"FROM secrets WHERE {_legacy('ciphertext')}) q GROUP BY b ORDER BY b"
     ),
     has_version=True,
 )
@@ -119,17 +124,17 @@ def column_source(
         name=name,
         select=(
             f"SELECT {kt.select(pk)}, {value}, {scope}, NULL::text FROM {table} "
-            f"WHERE {value} IS NOT NULL AND {value} {_LEGACY}{{bounds}} ORDER BY {pk} LIMIT {{limit}}"
+            f"WHERE {_legacy(value)}{{bounds}} ORDER BY {pk} LIMIT {{limit}}"
         ),
         update=update,
         count=(
-            f"SELECT count(*) FILTER (WHERE {value} {_LEGACY}), count(*) FILTER (WHERE {value} LIKE 'kr1:%') "
+            f"SELECT count(*) FILTER (WHERE {_legacy(value)}), count(*) FILTER (WHERE {value} LIKE 'kr1:%') "
             f"FROM {table}"
         ),
         plan=(
             f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
             f"(SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
-            f"FROM {table} WHERE {value} IS NOT NULL AND {value} {_LEGACY}) q GROUP BY b ORDER BY b"
+            f"FROM {table} WHERE {_legacy(value)}) q GROUP BY b ORDER BY b"
         ),
         has_version=False,
         has_scope=scope_column is not None,

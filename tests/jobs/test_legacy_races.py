@@ -16,6 +16,8 @@ from typing import Any
 from keyrotor import KeyManager, Settings
 from keyrotor.census import columns
 from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import scope as legacy_scope
+from keyrotor.store import db
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import fetch
@@ -96,3 +98,28 @@ async def test_a_row_moved_to_another_scope_meanwhile_is_not_sealed_under_the_ol
         assert again.migrated == 1
         (row,) = await fetch(s.database_url, "SELECT api_key FROM settings WHERE id = $1", ids[0])
         assert await km.decrypt("openai", row["api_key"], context=f"settings.api_key:{ids[0]}") == plain
+
+
+async def test_empty_and_null_values_are_no_values(wenv: dict[str, str]) -> None:
+    """'' and NULL hold no key: not legacy, not failed, not counted as left to migrate."""
+    s = settings_of(wenv)
+    rows = legacy_rows()[:2]
+    await fetch(s.database_url, CREATE)
+    ids = await _insert(s.database_url, [(p, v) for p, _t, v in rows])
+    await fetch(
+        s.database_url, "INSERT INTO settings (provider, api_key) VALUES ('openai', ''), ('openai', NULL)"
+    )
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        dry = await legacy_migration.migrate_legacy(km, dry_run=True, workers=1)
+        assert dry.failed == 0 and dry.migrated == 2
+        report = await legacy_migration.migrate_legacy(km, workers=1)
+        rep = report.columns["settings.api_key"]
+        assert report.failed == 0 and rep.migrated == 2 and rep.legacy_found == 2
+        async with db.transaction(km.sessions) as session:
+            assert await legacy_scope.legacy_remaining(session) == 0
+        for i, (provider, plain, _v) in zip(ids, rows, strict=True):
+            (row,) = await fetch(s.database_url, "SELECT api_key FROM settings WHERE id = $1", i)
+            assert await km.decrypt(provider, row["api_key"], context=f"settings.api_key:{i}") == plain
+    left = await fetch(s.database_url, "SELECT api_key FROM settings WHERE api_key IS NULL OR api_key = ''")
+    assert sorted(r["api_key"] is None for r in left) == [False, True]
