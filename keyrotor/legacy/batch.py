@@ -104,11 +104,13 @@ async def open_batch(
     rows: list[Any],
     rep: ColumnReport,
     second: dict[str, list[AESGCM]],
+    *,
+    dry_run: bool = False,
 ) -> SealedBatch:
     """Decrypt one batch of legacy rows (scrypt in ``pool``) and seal each under its scope's DEK.
 
     Failures are counted and named (by row id) in ``rep``; ``second`` caches each scope's
-    second-phase DEKs.
+    second-phase DEKs. ``dry_run``: seal under a throwaway key instead (:func:`seal_batch`).
     """
     candidates: list[Any] = []
     known: dict[int, str] = {}  # row index in candidates -> second-phase plaintext
@@ -128,13 +130,24 @@ async def open_batch(
     first = [r[1] for i, r in enumerate(candidates) if i not in known]
     opened = iter(await decrypt_batch(first, key, pool, workers))
     results = [known[i] if i in known else next(opened) for i in range(len(candidates))]
-    return await seal_batch(km, src, candidates, results, rep)
+    return await seal_batch(km, src, candidates, results, rep, dry_run=dry_run)
 
 
 async def seal_batch(
-    km: KeyManager, src: Source, rows: list[Any], results: list[str | DecryptionFailed], rep: ColumnReport
+    km: KeyManager,
+    src: Source,
+    rows: list[Any],
+    results: list[str | DecryptionFailed],
+    rep: ColumnReport,
+    *,
+    dry_run: bool = False,
 ) -> SealedBatch:
-    """Seal each decrypted row under its scope's active DEK and verify it (failures go to ``rep``)."""
+    """Seal each decrypted row under its scope's active DEK and verify it (failures go to ``rep``).
+
+    ``dry_run``: seal and verify under a throwaway key of each scope instead, so that a dry run
+    writes nothing at all: no scope or DEK is created for a scope named by a row, and no
+    encryption is reserved nor location recorded for a value that is never stored.
+    """
     out = SealedBatch()
     keys: dict[str, tuple[int, int, AESGCM]] = {}
     for row, result in zip(rows, results, strict=True):
@@ -153,14 +166,16 @@ async def seal_batch(
             if scope not in keys:
                 check_scope(scope)  # a row naming no valid scope fails, named; no scope is created
                 # The active DEK (the scope is created with v1 if it does not exist yet).
-                keys[scope] = await km._encryption_key(scope)
+                keys[scope] = _throwaway_key() if dry_run else await km._encryption_key(scope)
             scope_id, version, cipher = keys[scope]
-            sealed = await _seal(km, result, scope, scope_id, version, cipher, context)
+            if not dry_run and not km.usage.take(scope_id, version):  # reserved before use
+                await km.usage.acquire(scope_id, version, scope=scope)  # (keyrotor.census.usage)
+            sealed = _seal(result, scope, version, cipher, context)
         except PermanentError as exc:
             _fail(rep, row_id, f"{type(exc).__name__}: {exc}")
             continue
         location = location_of(context)  # recorded (committed) before the value is written
-        if not km.usage.count(scope_id, version, location):
+        if not dry_run and not km.usage.count(scope_id, version, location):
             await km.usage.record(scope_id, version, location)
         out.ids.append(row_id)
         out.olds.append(value)
@@ -170,16 +185,17 @@ async def seal_batch(
     return out
 
 
-async def _seal(
-    km: KeyManager, plain: str, scope: str, scope_id: int, version: int, cipher: AESGCM, context: str
-) -> str:
-    """``plain`` as a kr1 value of the scope's active DEK, opened again and compared before use.
+def _throwaway_key() -> tuple[int, int, AESGCM]:
+    """A random DEK no value is ever stored under (a dry run's), as ``(scope id, version, cipher)``."""
+    return 0, 1, AESGCM(AESGCM.generate_key(bit_length=256))
+
+
+def _seal(plain: str, scope: str, version: int, cipher: AESGCM, context: str) -> str:
+    """``plain`` as a kr1 value of ``cipher``'s DEK, opened again and compared before use.
 
     Raises:
         DecryptionFailed: the new value does not open to ``plain``.
     """
-    if not km.usage.take(scope_id, version):  # reserved before use (keyrotor.census.usage)
-        await km.usage.acquire(scope_id, version, scope=scope)
     plaintext = plain.encode("utf-8")
     sealed = envelope.seal(plaintext, cipher=cipher, scope=scope, dek_version=version, context=context)
     _, raw = envelope.split(sealed)

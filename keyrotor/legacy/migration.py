@@ -75,7 +75,8 @@ async def migrate_legacy(
     Args:
         km: an open KeyManager (its settings give the legacy master key).
         executor: where scrypt runs; default a new process pool of ``workers`` (0: one a core).
-        dry_run: decrypt, check and seal, but write nothing (no run row either).
+        dry_run: decrypt, check and seal (under a throwaway key), but write nothing: no run row,
+            scope, DEK, encryption reservation or census location either.
         run_id: resume this run (a ``legacy`` run); default open or join the open one.
         batch_rows: rows a batch (one transaction, one pool round).
         on_progress: ``on_progress(done, total)`` after each batch.
@@ -214,7 +215,17 @@ class _Migration:
                 rows = await store.fetch_rows(await raw_connection(session), src, after, self.batch_rows)
             if not rows:
                 return
-            sealed = await open_batch(self.km, self.key, self.pool, self.workers, src, rows, rep, self.second)
+            sealed = await open_batch(
+                self.km,
+                self.key,
+                self.pool,
+                self.workers,
+                src,
+                rows,
+                rep,
+                self.second,
+                dry_run=self.report.dry_run,
+            )
             check_wrong_key(
                 (f for c in self.report.columns.values() for f in c.failed),
                 decrypted=self.report.migrated + self.migrated_before + len(sealed.ids),

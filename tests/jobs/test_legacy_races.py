@@ -123,3 +123,24 @@ async def test_empty_and_null_values_are_no_values(wenv: dict[str, str]) -> None
             assert await km.decrypt(provider, row["api_key"], context=f"settings.api_key:{i}") == plain
     left = await fetch(s.database_url, "SELECT api_key FROM settings WHERE api_key IS NULL OR api_key = ''")
     assert sorted(r["api_key"] is None for r in left) == [False, True]
+
+
+async def test_a_dry_run_writes_nothing_at_all(wenv: dict[str, str]) -> None:
+    """No scope, DEK, census location or encryption reservation comes out of a dry run."""
+    s = settings_of(wenv)
+    rows = legacy_rows()[:3]
+    await fetch(s.database_url, CREATE)
+    await _insert(s.database_url, [(p, v) for p, _t, v in rows])
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        before = [
+            await fetch(s.database_url, f"SELECT count(*) FROM {t}")
+            for t in ("key_scopes", "data_keys", "key_locations")
+        ]
+        dry = await legacy_migration.migrate_legacy(km, dry_run=True, workers=1)
+        assert dry.migrated == 3 and dry.failed == 0
+        after = [
+            await fetch(s.database_url, f"SELECT count(*) FROM {t}")
+            for t in ("key_scopes", "data_keys", "key_locations")
+        ]
+    assert after == before
