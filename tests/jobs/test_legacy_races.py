@@ -13,9 +13,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from keyrotor import KeyManager, Settings
+from keyrotor import KeyManager, Settings, runs
 from keyrotor.census import columns
 from keyrotor.legacy import migration as legacy_migration
+from keyrotor.legacy import ranges as legacy_ranges
 from keyrotor.legacy import scope as legacy_scope
 from keyrotor.store import db
 from tests.jobs.conftest import settings_of
@@ -144,3 +145,64 @@ async def test_a_dry_run_writes_nothing_at_all(wenv: dict[str, str]) -> None:
             for t in ("key_scopes", "data_keys", "key_locations")
         ]
     assert after == before
+
+
+async def _keyed_table(url: str, kind: str, rows: list[tuple[str, str, str]]) -> dict[str, tuple[str, str]]:
+    if kind == "uuid":
+        await fetch(url, "CREATE TABLE keyed (id uuid PRIMARY KEY, provider text NOT NULL, api_key text)")
+        keys = [
+            str(r[0])
+            for r in await fetch(url, "SELECT gen_random_uuid() FROM generate_series(1, $1)", len(rows))
+        ]
+    else:
+        await fetch(url, "CREATE TABLE keyed (id text PRIMARY KEY, provider text NOT NULL, api_key text)")
+        keys = [f"cus:{i:03d}:é" if i % 2 else f"Z-{i}" for i in range(len(rows))]
+    await fetch(
+        url,
+        "INSERT INTO keyed (id, provider, api_key) "
+        f"SELECT * FROM unnest($1::{kind}[], $2::text[], $3::text[])",
+        keys,
+        [r[0] for r in rows],
+        [r[2] for r in rows],
+    )
+    return {k: (r[0], r[1]) for k, r in zip(keys, rows, strict=True)}
+
+
+async def _check_keyed(km: KeyManager, url: str, expected: dict[str, tuple[str, str]]) -> None:
+    got = await fetch(url, "SELECT id::text, api_key FROM keyed")
+    assert len(got) == len(expected)
+    for row in got:
+        provider, plain = expected[row[0]]
+        assert row[1].startswith("kr1:"), row[0]
+        assert await km.decrypt(provider, row[1], context=f"keyed.api_key:{row[0]}") == plain
+
+
+async def test_text_and_uuid_keys_migrate_in_batches_and_in_ranges(wenv: dict[str, str]) -> None:
+    s = settings_of(wenv)
+    for kind, fanned in (("uuid", False), ("text", False), ("uuid", True), ("text", True)):
+        await fetch(s.database_url, "DROP TABLE IF EXISTS keyed")
+        await fetch(s.database_url, "DELETE FROM managed_columns")
+        expected = await _keyed_table(s.database_url, kind, legacy_rows()[:10])
+        async with KeyManager(_quiet(s)) as km:
+            await columns.register(km.sessions, "keyed.api_key", pk="id", scope_column="provider")
+            if not fanned:
+                report = await legacy_migration.migrate_legacy(km, workers=1, batch_rows=3)
+                assert report.migrated == 10 and report.failed == 0, (kind, report.as_dict())
+                assert report.columns["keyed.api_key"].changed == []
+            else:
+                run, _ = await legacy_migration.open_legacy_run(km, trigger="test")
+                plan = await legacy_ranges.fan_out(km, run.id, range_rows=3)
+                assert plan is not None and len(plan.ranges) >= 3
+                for r in plan.ranges:
+                    out = await legacy_ranges.migrate_range(
+                        km, r.run_id, r.target, r.lo, r.hi, workers=1, batch_rows=2
+                    )
+                    assert out.failed == 0
+                report = legacy_migration.report_of(await _run(km, run.id))
+                assert report.state == "completed" and report.migrated == 10, (kind, report.as_dict())
+            await _check_keyed(km, s.database_url, expected)
+
+
+async def _run(km: KeyManager, run_id: int) -> runs.RunInfo:
+    async with db.transaction(km.sessions) as session:
+        return await runs.require_run(session, run_id)
