@@ -37,6 +37,7 @@ from keyrotor import runs
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
+from keyrotor.legacy import events
 from keyrotor.legacy.batch import check_wrong_key, decrypt_batch, make_executor, open_batch, shape_warning
 from keyrotor.legacy.report import ColumnReport, LegacyReport, report_after, report_of
 from keyrotor.legacy.second_phase import (
@@ -141,7 +142,7 @@ async def _migrate(
     except PermanentError as exc:
         if m.run is not None and isinstance(exc, KeyrotorError):
             async with db.transaction(km.sessions) as session:
-                await runs.fail_run(session, m.run.id, exc)
+                await events.fail(session, m.run.id, exc)
         raise
     await m.finish()
     return m.report
@@ -265,7 +266,7 @@ class _Migration:
                 cursors=self.cursors,
                 columns=[c.as_dict() for c in self.report.columns.values()],
             )
-            await runs.complete_run(session, self.run.id)
+            await events.complete(session, self.run.id, self.report.columns.values())
         self.km.invalidate()
         log.info("legacy_migration_completed", migrated=self.report.migrated, failed=self.report.failed)
 

@@ -31,6 +31,7 @@ from keyrotor import runs
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
+from keyrotor.legacy import events
 from keyrotor.legacy.batch import check_wrong_key, make_executor, open_batch
 from keyrotor.legacy.report import MAX_LISTED, MODE, ColumnReport, merged_columns, report_after
 from keyrotor.legacy.sources import sources
@@ -183,7 +184,7 @@ async def _complete_if_done(session: AsyncSession, run_id: int) -> bool:
         return False
     columns = merged_columns(run.detail)
     await runs.update_detail(session, run_id, columns=[c.as_dict() for c in columns])
-    await runs.complete_run(session, run_id)
+    await events.complete(session, run_id, columns)
     log.info(
         "legacy_migration_completed",
         run_id=run_id,
@@ -227,7 +228,7 @@ async def migrate_range(
     except PermanentError as exc:
         if isinstance(exc, KeyrotorError) and not isinstance(exc, InvalidInput):
             async with db.transaction(km.sessions) as session:
-                await runs.fail_run(session, run_id, exc)
+                await events.fail(session, run_id, exc)
         raise
     finally:
         if own:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from keyrotor import KeyManager, Settings, runs
 from keyrotor.census import columns
+from keyrotor.errors import ConfigurationError
 from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import ranges as legacy_ranges
 from keyrotor.legacy import scope as legacy_scope
 from keyrotor.store import db
+from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
 from tests.rotation_helpers import fetch
@@ -200,9 +205,52 @@ async def test_text_and_uuid_keys_migrate_in_batches_and_in_ranges(wenv: dict[st
                     assert out.failed == 0
                 report = legacy_migration.report_of(await _run(km, run.id))
                 assert report.state == "completed" and report.migrated == 10, (kind, report.as_dict())
+                done = [json.loads(e["metadata"]) for e in await _legacy_events(s.database_url)]
+                assert {"run_id": run.id, "rows": 10, "failed": 0} in [
+                    {k: d[k] for k in ("run_id", "rows", "failed")} for d in done
+                ]
             await _check_keyed(km, s.database_url, expected)
 
 
 async def _run(km: KeyManager, run_id: int) -> runs.RunInfo:
     async with db.transaction(km.sessions) as session:
         return await runs.require_run(session, run_id)
+
+
+async def _legacy_events(url: str) -> list[Any]:
+    return await fetch(
+        url,
+        "SELECT event_type, scope, success, error_message, metadata::text AS metadata "
+        "FROM encryption_audit_log WHERE metadata::jsonb ->> 'kind' = 'legacy' ORDER BY id",
+    )
+
+
+async def test_a_run_is_audited_with_counts_and_never_a_value(wenv: dict[str, str]) -> None:
+    """A migration re-encrypts every legacy value: its completion (and its failure) is in the
+    audit chain, as a rotation's is, with ids and counts only."""
+    s = settings_of(wenv)
+    rows = legacy_rows()[:4]
+    await fetch(s.database_url, CREATE)
+    await _insert(s.database_url, [(p, v) for p, _t, v in rows])
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        report = await legacy_migration.migrate_legacy(km, workers=1)
+    (event,) = await _legacy_events(s.database_url)
+    meta = json.loads(event["metadata"])
+    assert event["event_type"] == "rotate" and event["success"] and event["scope"] is None
+    assert meta["run_id"] == report.run_id and meta["rows"] == 4 and meta["failed"] == 0
+    for table in ("encryption_audit_log", "rotations"):  # neither plaintext, value nor key
+        dump = json.dumps(
+            [list(r) for r in await fetch(s.database_url, f"SELECT * FROM {table}")], default=str
+        )
+        assert all(plain not in dump and value not in dump for _p, plain, value in rows)
+        assert MASTER_KEY not in dump
+
+    wrong = settings_of(wenv, KEYROTOR_LEGACY_KEY="not-the-old-backends-master-key-at-all")
+    await _insert(s.database_url, [(p, v) for p, _t, v in legacy_rows()[4:14]])
+    async with KeyManager(_quiet(wrong)) as km:
+        with pytest.raises(ConfigurationError):
+            await legacy_migration.migrate_legacy(km, workers=1)
+    failed = (await _legacy_events(s.database_url))[-1]
+    assert failed["event_type"] == "rotate" and not failed["success"]
+    assert "master key" in failed["error_message"] and "not-the-old" not in failed["error_message"]
