@@ -21,7 +21,10 @@ KIND = "legacy"
 
 
 async def complete(session: AsyncSession, run_id: int, columns: Iterable[ColumnReport]) -> None:
-    """Complete the run and audit it, in the caller's transaction (which holds the run row)."""
+    """Complete the run and audit it, in the caller's transaction; a run completed already (by
+    a second driver of the same run, as arq may start) is left as it is, and audited once."""
+    if (await runs.require_run(session, run_id, for_update=True)).state == "completed":
+        return
     cols = list(columns)
     await _audit(
         session,

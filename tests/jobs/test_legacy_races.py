@@ -254,3 +254,28 @@ async def test_a_run_is_audited_with_counts_and_never_a_value(wenv: dict[str, st
     failed = (await _legacy_events(s.database_url))[-1]
     assert failed["event_type"] == "rotate" and not failed["success"]
     assert "master key" in failed["error_message"] and "not-the-old" not in failed["error_message"]
+
+
+async def test_two_drivers_of_one_run_write_each_value_once_and_audit_once(wenv: dict[str, str]) -> None:
+    """arq may run a job twice at once (a lease lost, a re-enqueue): both drivers of the run
+    work, the compare-and-swap lets one write each value, and the run ends once."""
+    s = settings_of(wenv)
+    rows = legacy_rows()[:12]
+    await fetch(s.database_url, CREATE)
+    ids = await _insert(s.database_url, [(p, v) for p, _t, v in rows])
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        run, _ = await legacy_migration.open_legacy_run(km, trigger="test")
+        both = await asyncio.wait_for(
+            asyncio.gather(
+                *(legacy_migration.migrate_legacy(km, run_id=run.id, workers=1, batch_rows=4) for _ in "ab")
+            ),
+            120,
+        )
+        assert sum(r.migrated for r in both) == 12 and all(r.failed == 0 for r in both)
+        for i, (provider, plain, _v) in zip(ids, rows, strict=True):
+            (row,) = await fetch(s.database_url, "SELECT api_key FROM settings WHERE id = $1", i)
+            assert await km.decrypt(provider, row["api_key"], context=f"settings.api_key:{i}") == plain
+    (got,) = await fetch(s.database_url, "SELECT state, rows_done FROM rotations WHERE id = $1", run.id)
+    assert got["state"] == "completed" and got["rows_done"] == 12
+    assert [json.loads(e["metadata"])["run_id"] for e in await _legacy_events(s.database_url)] == [run.id]
