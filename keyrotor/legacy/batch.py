@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -26,7 +26,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, DecryptionFailed, PermanentError
 from keyrotor.inputs import check_scope
 from keyrotor.keys import KeyManager
-from keyrotor.legacy.report import MAX_LISTED, ColumnReport
+from keyrotor.legacy.report import AUTH_FAILED, MAX_LISTED, ColumnReport
 from keyrotor.legacy.second_phase import second_ciphers, try_second_phase
 from keyrotor.legacy.sources import row_context
 from keyrotor.store.key_ranges import Key
@@ -210,18 +210,29 @@ def _fail(rep: ColumnReport, row_id: Key, reason: str) -> None:
         rep.failed.append({"id": row_id, "reason": reason})
 
 
-def check_wrong_key(failed: Iterable[Mapping[str, Any]], *, decrypted: int) -> None:
+def check_wrong_key(
+    failed: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    decrypted: int,
+    known: Set[tuple[str, Key]] = frozenset(),
+) -> None:
     """Refuse to go on when nothing has decrypted and the first values all failed authentication.
 
     A run (or range) with the wrong master key would otherwise record every value as failed;
     ``WRONG_KEY_THRESHOLD`` such failures and no success mean the key is not the old backend's.
+    ``failed`` holds ``(source, failure)`` pairs; ``known`` the ``(source, row id)`` of values an
+    earlier run failed to authenticate while its key opened others: values that are not the old
+    backend's (tampered, or base64 that only looks like one), which say nothing about the key, so
+    a run that finds only those left reports them instead of stopping.
 
     Raises:
         ConfigurationError: the legacy master key is wrong; nothing has been written.
     """
     if decrypted:
         return
-    auth_failures = sum(1 for f in failed if "failed authentication" in f["reason"])
+    auth_failures = sum(
+        1 for source, f in failed if AUTH_FAILED in f["reason"] and (source, f["id"]) not in known
+    )
     if auth_failures >= WRONG_KEY_THRESHOLD:
         raise ConfigurationError(
             f"the first {auth_failures} legacy values all failed authentication and none decrypted: "

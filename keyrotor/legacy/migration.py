@@ -39,7 +39,7 @@ from keyrotor.errors import ConfigurationError, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
 from keyrotor.legacy import events
 from keyrotor.legacy.batch import check_wrong_key, decrypt_batch, make_executor, open_batch, shape_warning
-from keyrotor.legacy.report import ColumnReport, LegacyReport, report_after, report_of
+from keyrotor.legacy.report import ColumnReport, LegacyReport, known_failures, report_after, report_of
 from keyrotor.legacy.second_phase import (
     ImportedDek,
     decrypt_second_phase,
@@ -165,6 +165,7 @@ class _Migration:
     done: int = 0
     total: int = 0
     second: dict[str, list[AESGCM]] = field(default_factory=dict)  # scope -> second-phase ciphers
+    known: set[tuple[str, Key]] = field(default_factory=set)  # values an earlier run failed (check_wrong_key)
 
     async def resume(self, run_id: int | None, trigger: str, job_id: str | None) -> LegacyReport | None:
         """Open (or join) the run, or take ``run_id``, and pick up where it stopped.
@@ -192,6 +193,8 @@ class _Migration:
 
     async def count(self, srcs: list[Source]) -> None:
         """Count what is left to do (and, on a first attempt at a source, what it holds)."""
+        async with db.transaction(self.km.sessions) as session:
+            self.known = await known_failures(session, self.run.id if self.run else None)
         total = 0
         for src in srcs:
             async with db.transaction(self.km.sessions) as session:
@@ -228,8 +231,9 @@ class _Migration:
                 dry_run=self.report.dry_run,
             )
             check_wrong_key(
-                (f for c in self.report.columns.values() for f in c.failed),
+                ((c.column, f) for c in self.report.columns.values() for f in c.failed),
                 decrypted=self.report.migrated + self.migrated_before + len(sealed.ids),
+                known=self.known,
             )
             after = rows[-1][0]
             self.cursors[src.name] = after

@@ -33,7 +33,14 @@ from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, Per
 from keyrotor.keys import KeyManager
 from keyrotor.legacy import events
 from keyrotor.legacy.batch import check_wrong_key, make_executor, open_batch
-from keyrotor.legacy.report import MAX_LISTED, MODE, ColumnReport, merged_columns, report_after
+from keyrotor.legacy.report import (
+    MAX_LISTED,
+    MODE,
+    ColumnReport,
+    known_failures,
+    merged_columns,
+    report_after,
+)
 from keyrotor.legacy.sources import sources
 from keyrotor.rotation.context import run_to_commit
 from keyrotor.runs import RunInfo
@@ -247,6 +254,7 @@ async def _migrate_range(
     async with db.transaction(km.sessions) as session:
         run = await runs.require_run(session, rng.run_id)
         found = await _range_row(session, rng)
+        known = await known_failures(session, rng.run_id)
     if run.kind != "legacy":
         raise runs.RunFailed(f"run {rng.run_id} is not a legacy migration")
     range_id, range_state, bounds = found
@@ -274,7 +282,11 @@ async def _migrate_range(
         if not rows:
             break
         sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
-        check_wrong_key(rep.failed, decrypted=rep.migrated + len(sealed.ids) + run.rows_done)
+        check_wrong_key(
+            ((rng.target, f) for f in rep.failed),
+            decrypted=rep.migrated + len(sealed.ids) + run.rows_done,
+            known=known,
+        )
         written = await run_to_commit(
             _write(km, rng, range_id, src, sealed, src.key_type.key(rows[-1][0]), rep)
         )

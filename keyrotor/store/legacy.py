@@ -202,6 +202,20 @@ async def plan_buckets(apg: Any, src: Source, buckets: int) -> list[Any]:
     return list(await apg.fetch(src.plan, buckets))
 
 
+async def last_proven_run_detail(session: AsyncSession, before: int | None) -> dict[str, Any] | None:
+    """The ``detail`` of the latest legacy run (before run ``before``, if given) that ended
+    having migrated values (so its master key was the old backend's), or None."""
+    found = await session.execute(
+        text(
+            "SELECT detail FROM rotations WHERE kind = 'legacy' AND id < :r AND rows_done > 0 "
+            "AND state IN ('completed', 'failed') ORDER BY id DESC LIMIT 1"
+        ),
+        {"r": before if before is not None else 2**63 - 1},
+    )
+    detail: dict[str, Any] | None = found.scalar_one_or_none()
+    return detail
+
+
 # --- ranges of a fanned-out run ------------------------------------------------------------
 
 

@@ -8,8 +8,10 @@ compare-and-swap, where a real migration spends its 30-80 ms a value with no row
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -279,3 +281,34 @@ async def test_two_drivers_of_one_run_write_each_value_once_and_audit_once(wenv:
     (got,) = await fetch(s.database_url, "SELECT state, rows_done FROM rotations WHERE id = $1", run.id)
     assert got["state"] == "completed" and got["rows_done"] == 12
     assert [json.loads(e["metadata"])["run_id"] for e in await _legacy_events(s.database_url)] == [run.id]
+
+
+async def test_values_that_failed_before_do_not_pass_for_a_wrong_master_key(wenv: dict[str, str]) -> None:
+    """Almost-legacy values (canonical base64 of the right length, not sealed by the old backend)
+    fail authentication in every run. Once a run has migrated values with the key, the next run,
+    which finds only those left, reports them failed again; it does not stop saying the master key
+    is wrong (it is not), and a wrong key is still caught on values that never failed."""
+    s = settings_of(wenv)
+    good = legacy_rows()[:4]
+    almost = [base64.b64encode(os.urandom(100 + i)).decode() for i in range(9)]
+    await fetch(s.database_url, CREATE)
+    await _insert(s.database_url, [*((p, v) for p, _t, v in good), *(("openai", a) for a in almost)])
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        first = await legacy_migration.migrate_legacy(km, workers=1)
+        assert first.migrated == 4 and first.failed == 9
+        second = await legacy_migration.migrate_legacy(km, workers=1)
+        assert second.state == "completed" and second.migrated == 0 and second.failed == 9
+        reasons = {f["reason"] for f in second.columns["settings.api_key"].failed}
+        assert all("failed authentication" in r for r in reasons)
+    left = [
+        r[0]
+        for r in await fetch(s.database_url, "SELECT api_key FROM settings WHERE api_key NOT LIKE 'kr1:%'")
+    ]
+    assert sorted(left) == sorted(almost)  # left as they were
+
+    await _insert(s.database_url, [(p, v) for p, _t, v in legacy_rows()[4:14]])
+    wrong = settings_of(wenv, KEYROTOR_LEGACY_KEY="not-the-old-backends-master-key-at-all")
+    async with KeyManager(_quiet(wrong)) as km:
+        with pytest.raises(ConfigurationError, match="not the old backend's master key"):
+            await legacy_migration.migrate_legacy(km, workers=1)
