@@ -28,7 +28,7 @@ from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
 from tests.legacy_helpers import legacy_rows
-from tests.rotation_helpers import fetch
+from tests.rotation_helpers import fetch, keyrotor
 
 CREATE = "CREATE TABLE settings (id bigserial PRIMARY KEY, provider text NOT NULL, api_key text)"
 
@@ -312,3 +312,30 @@ async def test_values_that_failed_before_do_not_pass_for_a_wrong_master_key(wenv
     async with KeyManager(_quiet(wrong)) as km:
         with pytest.raises(ConfigurationError, match="not the old backend's master key"):
             await legacy_migration.migrate_legacy(km, workers=1)
+
+
+async def test_cli_dry_run_json_and_its_errors(wenv: dict[str, str]) -> None:
+    """--json prints one JSON document on stdout, with no value in it; a bad master key or a
+    bad row is one line on stderr and a non-zero exit, never a traceback."""
+    s = settings_of(wenv)
+    rows = legacy_rows()[:3]
+    await fetch(s.database_url, CREATE)
+    await _insert(s.database_url, [*((p, v) for p, _t, v in rows), ("openai", "")])
+    # The code under test, not whatever the keyrotor script would import by default.
+    here = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+    env = {**wenv, **here, "ENCRYPTION_KEY": MASTER_KEY, "KEYROTOR_LEGACY_WORKERS": "1"}
+    out = keyrotor(
+        "columns", "register", "settings.api_key", "--pk", "id", "--scope-column", "provider", env=env
+    )
+    assert out.returncode == 0, out.stderr
+    dry = keyrotor("legacy", "migrate", "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    doc = json.loads(dry.stdout)
+    assert doc["migrated"] == 3 and doc["failed"] == 0 and doc["dry_run"] is True
+    assert doc["legacy_remaining"] == 3 and doc["safe_to_disable_legacy_decrypt"] is False
+    for text in (dry.stdout, dry.stderr):
+        assert all(plain not in text and value not in text for _p, plain, value in rows)
+        assert MASTER_KEY not in text
+    out = keyrotor("legacy", "migrate", "--dry-run", env={**env, "KEYROTOR_LEGACY_KEY": "  "})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
