@@ -24,6 +24,9 @@ from keyrotor.errors import ConfigurationError
 from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import ranges as legacy_ranges
 from keyrotor.legacy import scope as legacy_scope
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import retire
+from keyrotor.rotation.context import RotationContext
 from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
@@ -339,3 +342,34 @@ async def test_cli_dry_run_json_and_its_errors(wenv: dict[str, str]) -> None:
     out = keyrotor("legacy", "migrate", "--dry-run", env={**env, "KEYROTOR_LEGACY_KEY": "  "})
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().count("\n") == 0, out.stderr
+
+
+async def test_migrated_values_are_in_the_census_so_retirement_keeps_their_dek(wenv: dict[str, str]) -> None:
+    """A worker that has not yet seen a rotation seals under the version it still holds as active
+    (as the hot path does within its TTL). Those values are recorded in key_locations and counted
+    by the retirement's proof, which moves them on before the version is retired."""
+    s = settings_of(wenv, KEYROTOR_ACTIVE_VERSION_TTL_SECONDS="3600")
+    rows = [r for r in legacy_rows()[:8] if r[0] == "openai"]
+    await fetch(s.database_url, CREATE)
+    ids = await _insert(s.database_url, [(p, v) for p, _t, v in rows])
+    async with KeyManager(_quiet(s)) as stale, KeyManager(_quiet(s)) as other:
+        await columns.register(stale.sessions, "settings.api_key", pk="id", scope_column="provider")
+        await stale.encrypt("openai", "warm-up", context="settings.api_key:0")  # v1 cached as active
+        rc = RotationContext(other.sessions, other.kek, s)
+        await rotation.rotate_dek(rc, "openai")  # v2 active, v1 grace; nothing to re-encrypt yet
+        report = await legacy_migration.migrate_legacy(stale, workers=1)
+        assert report.migrated == len(rows)
+        versions = {r[0].split(":")[1] for r in await fetch(s.database_url, "SELECT api_key FROM settings")}
+        located = await fetch(
+            s.database_url,
+            "SELECT l.dek_version, l.location FROM key_locations l JOIN key_scopes k ON k.id = l.scope_id "
+            "WHERE k.name = 'openai'",
+        )
+        assert versions == {"1"}  # the version this worker still held as active
+        assert (1, "settings.api_key") in [tuple(r) for r in located]
+        done = await retire.retire_dek(rc, "openai", 1, force_now=True)
+        assert done.stragglers == len(rows)
+        for i, (provider, plain, _v) in zip(ids, rows, strict=True):
+            (row,) = await fetch(s.database_url, "SELECT api_key FROM settings WHERE id = $1", i)
+            assert row["api_key"].startswith("kr1:2:")
+            assert await other.decrypt(provider, row["api_key"], context=f"settings.api_key:{i}") == plain
