@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -26,7 +26,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, DecryptionFailed, PermanentError
 from keyrotor.inputs import check_scope
 from keyrotor.keys import KeyManager
-from keyrotor.legacy.report import MAX_LISTED, ColumnReport
+from keyrotor.legacy.report import AUTH_FAILED, MAX_LISTED, ColumnReport
 from keyrotor.legacy.second_phase import second_ciphers, try_second_phase
 from keyrotor.legacy.sources import row_context
 from keyrotor.store.key_ranges import Key
@@ -104,11 +104,13 @@ async def open_batch(
     rows: list[Any],
     rep: ColumnReport,
     second: dict[str, list[AESGCM]],
+    *,
+    dry_run: bool = False,
 ) -> SealedBatch:
     """Decrypt one batch of legacy rows (scrypt in ``pool``) and seal each under its scope's DEK.
 
     Failures are counted and named (by row id) in ``rep``; ``second`` caches each scope's
-    second-phase DEKs.
+    second-phase DEKs. ``dry_run``: seal under a throwaway key instead (:func:`seal_batch`).
     """
     candidates: list[Any] = []
     known: dict[int, str] = {}  # row index in candidates -> second-phase plaintext
@@ -128,13 +130,24 @@ async def open_batch(
     first = [r[1] for i, r in enumerate(candidates) if i not in known]
     opened = iter(await decrypt_batch(first, key, pool, workers))
     results = [known[i] if i in known else next(opened) for i in range(len(candidates))]
-    return await seal_batch(km, src, candidates, results, rep)
+    return await seal_batch(km, src, candidates, results, rep, dry_run=dry_run)
 
 
 async def seal_batch(
-    km: KeyManager, src: Source, rows: list[Any], results: list[str | DecryptionFailed], rep: ColumnReport
+    km: KeyManager,
+    src: Source,
+    rows: list[Any],
+    results: list[str | DecryptionFailed],
+    rep: ColumnReport,
+    *,
+    dry_run: bool = False,
 ) -> SealedBatch:
-    """Seal each decrypted row under its scope's active DEK and verify it (failures go to ``rep``)."""
+    """Seal each decrypted row under its scope's active DEK and verify it (failures go to ``rep``).
+
+    ``dry_run``: seal and verify under a throwaway key of each scope instead, so that a dry run
+    writes nothing at all: no scope or DEK is created for a scope named by a row, and no
+    encryption is reserved nor location recorded for a value that is never stored.
+    """
     out = SealedBatch()
     keys: dict[str, tuple[int, int, AESGCM]] = {}
     for row, result in zip(rows, results, strict=True):
@@ -153,32 +166,36 @@ async def seal_batch(
             if scope not in keys:
                 check_scope(scope)  # a row naming no valid scope fails, named; no scope is created
                 # The active DEK (the scope is created with v1 if it does not exist yet).
-                keys[scope] = await km._encryption_key(scope)
+                keys[scope] = _throwaway_key() if dry_run else await km._encryption_key(scope)
             scope_id, version, cipher = keys[scope]
-            sealed = await _seal(km, result, scope, scope_id, version, cipher, context)
+            if not dry_run and not km.usage.take(scope_id, version):  # reserved before use
+                await km.usage.acquire(scope_id, version, scope=scope)  # (keyrotor.census.usage)
+            sealed = _seal(result, scope, version, cipher, context)
         except PermanentError as exc:
             _fail(rep, row_id, f"{type(exc).__name__}: {exc}")
             continue
         location = location_of(context)  # recorded (committed) before the value is written
-        if not km.usage.count(scope_id, version, location):
+        if not dry_run and not km.usage.count(scope_id, version, location):
             await km.usage.record(scope_id, version, location)
         out.ids.append(row_id)
         out.olds.append(value)
         out.news.append(sealed)
         out.versions.append(version)
+        out.scopes.append(scope)
     return out
 
 
-async def _seal(
-    km: KeyManager, plain: str, scope: str, scope_id: int, version: int, cipher: AESGCM, context: str
-) -> str:
-    """``plain`` as a kr1 value of the scope's active DEK, opened again and compared before use.
+def _throwaway_key() -> tuple[int, int, AESGCM]:
+    """A random DEK no value is ever stored under (a dry run's), as ``(scope id, version, cipher)``."""
+    return 0, 1, AESGCM(AESGCM.generate_key(bit_length=256))
+
+
+def _seal(plain: str, scope: str, version: int, cipher: AESGCM, context: str) -> str:
+    """``plain`` as a kr1 value of ``cipher``'s DEK, opened again and compared before use.
 
     Raises:
         DecryptionFailed: the new value does not open to ``plain``.
     """
-    if not km.usage.take(scope_id, version):  # reserved before use (keyrotor.census.usage)
-        await km.usage.acquire(scope_id, version, scope=scope)
     plaintext = plain.encode("utf-8")
     sealed = envelope.seal(plaintext, cipher=cipher, scope=scope, dek_version=version, context=context)
     _, raw = envelope.split(sealed)
@@ -193,18 +210,29 @@ def _fail(rep: ColumnReport, row_id: Key, reason: str) -> None:
         rep.failed.append({"id": row_id, "reason": reason})
 
 
-def check_wrong_key(failed: Iterable[Mapping[str, Any]], *, decrypted: int) -> None:
+def check_wrong_key(
+    failed: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    decrypted: int,
+    known: Set[tuple[str, Key]] = frozenset(),
+) -> None:
     """Refuse to go on when nothing has decrypted and the first values all failed authentication.
 
     A run (or range) with the wrong master key would otherwise record every value as failed;
     ``WRONG_KEY_THRESHOLD`` such failures and no success mean the key is not the old backend's.
+    ``failed`` holds ``(source, failure)`` pairs; ``known`` the ``(source, row id)`` of values an
+    earlier run failed to authenticate while its key opened others: values that are not the old
+    backend's (tampered, or base64 that only looks like one), which say nothing about the key, so
+    a run that finds only those left reports them instead of stopping.
 
     Raises:
         ConfigurationError: the legacy master key is wrong; nothing has been written.
     """
     if decrypted:
         return
-    auth_failures = sum(1 for f in failed if "failed authentication" in f["reason"])
+    auth_failures = sum(
+        1 for source, f in failed if AUTH_FAILED in f["reason"] and (source, f["id"]) not in known
+    )
     if auth_failures >= WRONG_KEY_THRESHOLD:
         raise ConfigurationError(
             f"the first {auth_failures} legacy values all failed authentication and none decrypted: "

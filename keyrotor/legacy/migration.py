@@ -3,19 +3,21 @@
 Where: keyrotor's ``secrets`` and every registered application column (:mod:`keyrotor.census.columns`).
 What, a batch at a time (``KEYROTOR_LEGACY_BATCH_ROWS`` rows in keyset order of the key)::
 
-    SELECT pk, value, scope FROM t WHERE value NOT LIKE 'kr1:%' AND pk > :cursor ORDER BY pk LIMIT :n
+    SELECT pk, value, scope FROM t WHERE value <> '' AND value NOT LIKE 'kr1:%' AND pk > :cursor
+      ORDER BY pk LIMIT :n   -- NULL and '' hold no key: skipped
     -- no row locks while scrypt runs (30-80 ms a value): the application keeps reading and writing
     decrypt in a process pool (keyrotor.crypto.legacy_format.decrypt_many; scrypt never runs on the
 event loop)
     check: valid UTF-8 (decrypt's own check); provider key shape (reported, not enforced)
     seal under the scope's active DEK with the row's context; open it again and compare
-    UPDATE t SET value = u.new FROM unnest(ids, olds, news) u
-      WHERE t.pk = u.id AND t.value = u.old RETURNING pk       -- compare-and-swap
+    UPDATE t SET value = u.new FROM unnest(ids, olds, news, scopes) u
+      WHERE t.pk = u.id AND t.value = u.old AND t.scope = u.scope RETURNING pk  -- compare-and-swap
     + the run's cursor and counters, in the same transaction
 
-A row the application changed or deleted meanwhile is not overwritten (reported as ``changed``;
-it is migrated by the next run if it is still legacy). A value that does not decrypt (tampered, or
-another master key) is left as it was and reported with its row id and reason, never its value.
+A row the application changed, deleted or moved to another scope (its scope column) meanwhile
+is not overwritten (reported as ``changed``; it is migrated by the next run if it is still
+legacy). A value that does not decrypt (tampered, or another master key) is left as it was and
+reported with its row id and reason, never its value.
 Every batch commits with the run's cursor (``rotations`` row of kind ``legacy``), so a killed or
 cancelled run resumes after its last committed batch; running it again is harmless.
 """
@@ -35,8 +37,9 @@ from keyrotor import runs
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
+from keyrotor.legacy import events
 from keyrotor.legacy.batch import check_wrong_key, decrypt_batch, make_executor, open_batch, shape_warning
-from keyrotor.legacy.report import ColumnReport, LegacyReport, report_after, report_of
+from keyrotor.legacy.report import ColumnReport, LegacyReport, known_failures, report_after, report_of
 from keyrotor.legacy.second_phase import (
     ImportedDek,
     decrypt_second_phase,
@@ -73,7 +76,8 @@ async def migrate_legacy(
     Args:
         km: an open KeyManager (its settings give the legacy master key).
         executor: where scrypt runs; default a new process pool of ``workers`` (0: one a core).
-        dry_run: decrypt, check and seal, but write nothing (no run row either).
+        dry_run: decrypt, check and seal (under a throwaway key), but write nothing: no run row,
+            scope, DEK, encryption reservation or census location either.
         run_id: resume this run (a ``legacy`` run); default open or join the open one.
         batch_rows: rows a batch (one transaction, one pool round).
         on_progress: ``on_progress(done, total)`` after each batch.
@@ -138,7 +142,7 @@ async def _migrate(
     except PermanentError as exc:
         if m.run is not None and isinstance(exc, KeyrotorError):
             async with db.transaction(km.sessions) as session:
-                await runs.fail_run(session, m.run.id, exc)
+                await events.fail(session, m.run.id, exc)
         raise
     await m.finish()
     return m.report
@@ -161,6 +165,7 @@ class _Migration:
     done: int = 0
     total: int = 0
     second: dict[str, list[AESGCM]] = field(default_factory=dict)  # scope -> second-phase ciphers
+    known: set[tuple[str, Key]] = field(default_factory=set)  # values an earlier run failed (check_wrong_key)
 
     async def resume(self, run_id: int | None, trigger: str, job_id: str | None) -> LegacyReport | None:
         """Open (or join) the run, or take ``run_id``, and pick up where it stopped.
@@ -188,6 +193,8 @@ class _Migration:
 
     async def count(self, srcs: list[Source]) -> None:
         """Count what is left to do (and, on a first attempt at a source, what it holds)."""
+        async with db.transaction(self.km.sessions) as session:
+            self.known = await known_failures(session, self.run.id if self.run else None)
         total = 0
         for src in srcs:
             async with db.transaction(self.km.sessions) as session:
@@ -212,10 +219,21 @@ class _Migration:
                 rows = await store.fetch_rows(await raw_connection(session), src, after, self.batch_rows)
             if not rows:
                 return
-            sealed = await open_batch(self.km, self.key, self.pool, self.workers, src, rows, rep, self.second)
+            sealed = await open_batch(
+                self.km,
+                self.key,
+                self.pool,
+                self.workers,
+                src,
+                rows,
+                rep,
+                self.second,
+                dry_run=self.report.dry_run,
+            )
             check_wrong_key(
-                (f for c in self.report.columns.values() for f in c.failed),
+                ((c.column, f) for c in self.report.columns.values() for f in c.failed),
                 decrypted=self.report.migrated + self.migrated_before + len(sealed.ids),
+                known=self.known,
             )
             after = rows[-1][0]
             self.cursors[src.name] = after
@@ -252,7 +270,7 @@ class _Migration:
                 cursors=self.cursors,
                 columns=[c.as_dict() for c in self.report.columns.values()],
             )
-            await runs.complete_run(session, self.run.id)
+            await events.complete(session, self.run.id, self.report.columns.values())
         self.km.invalidate()
         log.info("legacy_migration_completed", migrated=self.report.migrated, failed=self.report.failed)
 

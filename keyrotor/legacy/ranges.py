@@ -31,8 +31,16 @@ from keyrotor import runs
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
+from keyrotor.legacy import events
 from keyrotor.legacy.batch import check_wrong_key, make_executor, open_batch
-from keyrotor.legacy.report import MAX_LISTED, MODE, ColumnReport, merged_columns, report_after
+from keyrotor.legacy.report import (
+    MAX_LISTED,
+    MODE,
+    ColumnReport,
+    known_failures,
+    merged_columns,
+    report_after,
+)
 from keyrotor.legacy.sources import sources
 from keyrotor.rotation.context import run_to_commit
 from keyrotor.runs import RunInfo
@@ -183,7 +191,7 @@ async def _complete_if_done(session: AsyncSession, run_id: int) -> bool:
         return False
     columns = merged_columns(run.detail)
     await runs.update_detail(session, run_id, columns=[c.as_dict() for c in columns])
-    await runs.complete_run(session, run_id)
+    await events.complete(session, run_id, columns)
     log.info(
         "legacy_migration_completed",
         run_id=run_id,
@@ -227,7 +235,7 @@ async def migrate_range(
     except PermanentError as exc:
         if isinstance(exc, KeyrotorError) and not isinstance(exc, InvalidInput):
             async with db.transaction(km.sessions) as session:
-                await runs.fail_run(session, run_id, exc)
+                await events.fail(session, run_id, exc)
         raise
     finally:
         if own:
@@ -246,6 +254,7 @@ async def _migrate_range(
     async with db.transaction(km.sessions) as session:
         run = await runs.require_run(session, rng.run_id)
         found = await _range_row(session, rng)
+        known = await known_failures(session, rng.run_id)
     if run.kind != "legacy":
         raise runs.RunFailed(f"run {rng.run_id} is not a legacy migration")
     range_id, range_state, bounds = found
@@ -273,7 +282,11 @@ async def _migrate_range(
         if not rows:
             break
         sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
-        check_wrong_key(rep.failed, decrypted=rep.migrated + len(sealed.ids) + run.rows_done)
+        check_wrong_key(
+            ((rng.target, f) for f in rep.failed),
+            decrypted=rep.migrated + len(sealed.ids) + run.rows_done,
+            known=known,
+        )
         written = await run_to_commit(
             _write(km, rng, range_id, src, sealed, src.key_type.key(rows[-1][0]), rep)
         )

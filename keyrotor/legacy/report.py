@@ -8,13 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from keyrotor.runs import RunInfo
+from keyrotor.store import legacy as store
 from keyrotor.store.key_ranges import Key
 from keyrotor.store.legacy import SealedBatch
 
 MAX_LISTED = 1_000  # failures (and warnings) kept by id in the run's detail
 # The run's detail.mode when keyrotor.legacy.ranges fanned it out across workers.
 MODE = "ranges"
+# In a failure's reason: the value did not authenticate under the legacy master key.
+AUTH_FAILED = "failed authentication"
 
 
 @dataclass
@@ -128,3 +133,19 @@ def merged_columns(detail: dict[str, Any]) -> list[ColumnReport]:
             into.failed = (into.failed + rep.failed)[:MAX_LISTED]
             into.warnings = (into.warnings + rep.warnings)[:MAX_LISTED]
     return list(merged.values())
+
+
+def failed_authentication(detail: dict[str, Any]) -> set[tuple[str, Key]]:
+    """``(source, row id)`` of every value a run's report lists as failing authentication."""
+    if detail.get("mode") == MODE:
+        columns = merged_columns(detail)
+    else:
+        columns = [ColumnReport.from_dict(d) for d in detail.get("columns", [])]
+    return {(c.column, f["id"]) for c in columns for f in c.failed if AUTH_FAILED in f["reason"]}
+
+
+async def known_failures(session: AsyncSession, before: int | None) -> set[tuple[str, Key]]:
+    """The values the latest run that migrated values (before run ``before``) failed to
+    authenticate: not the old backend's, whatever the key (:func:`~keyrotor.legacy.batch.check_wrong_key`)."""
+    detail = await store.last_proven_run_detail(session, before)
+    return set() if detail is None else failed_authentication(detail)

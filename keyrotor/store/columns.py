@@ -112,12 +112,13 @@ async def primary_key_columns(session: AsyncSession, table: str) -> list[str]:
 
 
 async def values_by_version(session: AsyncSession, table: str, column: str) -> Sequence[Sequence[Any]]:
-    """``(DEK version as text, count)`` of a column's non-NULL values; version ``''`` counts the
-    values that are not ``kr1`` (legacy). One grouped scan."""
+    """``(DEK version as text, count)`` of a column's values; version ``''`` counts the values
+    that are not ``kr1`` (legacy). NULL and the empty string hold no key and are not counted, as
+    the legacy migration skips them. One grouped scan."""
     val = quote_ident(column)
     stmt = text(
         f"SELECT CASE WHEN {val} LIKE 'kr1:%' THEN split_part({val}, ':', 2) ELSE '' END AS v, "
-        f"count(*) FROM {quote_ident(table)} WHERE {val} IS NOT NULL GROUP BY 1"
+        f"count(*) FROM {quote_ident(table)} WHERE {val} <> '' GROUP BY 1"
     )
     return (await session.execute(stmt)).all()
 

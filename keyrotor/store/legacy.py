@@ -5,9 +5,12 @@ the old backend's second phase left behind.
 The batch statements run on the asyncpg connection of the caller's transaction (``apg``): a
 batch is one prepared statement a round, keyset-paged on the source's key::
 
-    SELECT pk, value, scope FROM t WHERE value NOT LIKE 'kr1:%' AND pk > $1 ORDER BY pk LIMIT $n
-    UPDATE t SET value = u.new FROM unnest(ids, olds, news) u
-      WHERE t.pk = u.id AND t.value = u.old RETURNING pk       -- compare-and-swap
+    SELECT pk, value, scope FROM t WHERE value <> '' AND value NOT LIKE 'kr1:%' AND pk > $1
+      ORDER BY pk LIMIT $n
+    UPDATE t SET value = u.new FROM unnest(ids, olds, news, scopes) u
+      WHERE t.pk = u.id AND t.value = u.old AND t.scope = u.scope RETURNING pk  -- compare-and-swap
+
+(``AND t.scope = u.scope`` where the scope comes from a scope column of the row.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor.store.dates import days_from_now
 from keyrotor.store.key_ranges import INTEGER_KEY, MAX_ID, Key, KeyType, key_bounds
 
-_LEGACY = "NOT LIKE 'kr1:%'"
+
+def _legacy(value: str) -> str:
+    """The condition of a legacy candidate: a value that is not ``kr1``. An empty string, like
+    NULL, holds no key (an application's "none set"): it is neither migrated nor counted."""
+    return f"{value} <> '' AND {value} NOT LIKE 'kr1:%'"
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,13 @@ class Source:
     # -> (id, value, scope name, context text); ``{bounds}`` (see :meth:`select_sql`), ``{limit}``
     # and ``{scope}`` (a fixed scope) are the parameter placeholders.
     select: str
-    update: str  # unnest($1 ids, $2 olds, $3 news[, $4 versions]) ... RETURNING id
+    update: str  # unnest($1 ids, $2 olds, $3 news[, $4 versions | scopes]) ... RETURNING id
     count: str  # -> (legacy candidates, kr1 values)
     plan: str  # $1 buckets -> (first id, last id, legacy rows) of equal-sized id ranges
     has_version: bool
+    # The compare-and-swap also compares the row's scope column: a row the application moved to
+    # another scope while scrypt ran must not get a value sealed under (and counted in) the old one.
+    has_scope: bool = False
     key_column: str = "s.id"
     key_type: KeyType = INTEGER_KEY
 
@@ -56,7 +66,7 @@ SECRETS_SOURCE = Source(
     name="secrets",
     select=(
         "SELECT s.id, s.ciphertext, k.name, 'secret:' || s.name FROM secrets s "
-        f"JOIN key_scopes k ON k.id = s.scope_id WHERE s.ciphertext {_LEGACY}{{bounds}} "
+        f"JOIN key_scopes k ON k.id = s.scope_id WHERE {_legacy('s.ciphertext')}{{bounds}} "
         "ORDER BY s.id LIMIT {limit}"
     ),
     update=(
@@ -65,12 +75,12 @@ SECRETS_SOURCE = Source(
         "WHERE t.id = u.id AND t.ciphertext = u.old RETURNING t.id"
     ),
     count=(
-        f"SELECT count(*) FILTER (WHERE ciphertext {_LEGACY}), "
+        f"SELECT count(*) FILTER (WHERE {_legacy('ciphertext')}), "
         "count(*) FILTER (WHERE ciphertext LIKE 'kr1:%') FROM secrets"
     ),
     plan=(
         "SELECT min(id), max(id), count(*) FROM (SELECT id, ntile($1) OVER (ORDER BY id) AS b "
-        f"FROM secrets WHERE ciphertext {_LEGACY}) q GROUP BY b ORDER BY b"
+        f"FROM secrets WHERE {_legacy('ciphertext')}) q GROUP BY b ORDER BY b"
     ),
     has_version=True,
 )
@@ -99,26 +109,36 @@ def column_source(
     are quoted identifiers (their braces impossible, so the statements are safe to format)."""
     kt = key_type
     scope = f"{scope_column}::text" if scope_column else "{scope}"
+    if scope_column:
+        update = (
+            f"UPDATE {table} AS t SET {value} = u.new "
+            f"FROM unnest($1::{kt.sql}[], $2::text[], $3::text[], $4::text[]) AS u(id, old, new, scope) "
+            f"WHERE t.{pk} = u.id AND t.{value} = u.old AND t.{scope_column}::text = u.scope "
+            f"RETURNING {kt.select(f't.{pk}')}"
+        )
+    else:
+        update = (
+            f"UPDATE {table} AS t SET {value} = u.new FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) "
+            f"AS u(id, old, new) WHERE t.{pk} = u.id AND t.{value} = u.old RETURNING {kt.select(f't.{pk}')}"
+        )
     return ColumnSource(
         name=name,
         select=(
             f"SELECT {kt.select(pk)}, {value}, {scope}, NULL::text FROM {table} "
-            f"WHERE {value} IS NOT NULL AND {value} {_LEGACY}{{bounds}} ORDER BY {pk} LIMIT {{limit}}"
+            f"WHERE {_legacy(value)}{{bounds}} ORDER BY {pk} LIMIT {{limit}}"
         ),
-        update=(
-            f"UPDATE {table} AS t SET {value} = u.new FROM unnest($1::{kt.sql}[], $2::text[], $3::text[]) "
-            f"AS u(id, old, new) WHERE t.{pk} = u.id AND t.{value} = u.old RETURNING {kt.select(f't.{pk}')}"
-        ),
+        update=update,
         count=(
-            f"SELECT count(*) FILTER (WHERE {value} {_LEGACY}), count(*) FILTER (WHERE {value} LIKE 'kr1:%') "
+            f"SELECT count(*) FILTER (WHERE {_legacy(value)}), count(*) FILTER (WHERE {value} LIKE 'kr1:%') "
             f"FROM {table}"
         ),
         plan=(
             f"SELECT {kt.aggregate('min', 'id')}, {kt.aggregate('max', 'id')}, count(*) FROM "
             f"(SELECT {pk} AS id, ntile($1) OVER (ORDER BY {pk}) AS b "
-            f"FROM {table} WHERE {value} IS NOT NULL AND {value} {_LEGACY}) q GROUP BY b ORDER BY b"
+            f"FROM {table} WHERE {_legacy(value)}) q GROUP BY b ORDER BY b"
         ),
         has_version=False,
+        has_scope=scope_column is not None,
         key_column=pk,
         key_type=kt,
         fixed_scope=fixed_scope,
@@ -128,12 +148,14 @@ def column_source(
 
 @dataclass
 class SealedBatch:
-    """One batch's compare-and-swap arguments: ids, old values, new kr1 values, DEK versions."""
+    """One batch's compare-and-swap arguments: ids, old values, new kr1 values, DEK versions and
+    the scopes the rows were read (and sealed) in."""
 
     ids: list[Key] = field(default_factory=list)
     olds: list[str] = field(default_factory=list)
     news: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    scopes: list[str] = field(default_factory=list)
 
 
 # --- batches (asyncpg: the hot statements) --------------------------------------------------
@@ -157,11 +179,14 @@ async def fetch_rows(
 
 
 async def swap_values(apg: Any, src: Source, sealed: SealedBatch) -> set[Key]:
-    """The batch's compare-and-swap UPDATE: the ids written (a row changed meanwhile is not)."""
+    """The batch's compare-and-swap UPDATE: the ids written (a row whose value, or scope column,
+    changed meanwhile is not)."""
     if not sealed.ids:
         return set()
     if src.has_version:
         rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.versions)
+    elif src.has_scope:
+        rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news, sealed.scopes)
     else:
         rows = await apg.fetch(src.update, sealed.ids, sealed.olds, sealed.news)
     return {src.key_type.key(r[0]) for r in rows}
@@ -176,6 +201,20 @@ async def count_values(apg: Any, src: Source) -> tuple[int, int]:
 async def plan_buckets(apg: Any, src: Source, buckets: int) -> list[Any]:
     """``(first key, last key, legacy rows)`` of ``buckets`` equal shares of ``src``'s legacy rows."""
     return list(await apg.fetch(src.plan, buckets))
+
+
+async def last_proven_run_detail(session: AsyncSession, before: int | None) -> dict[str, Any] | None:
+    """The ``detail`` of the latest legacy run (before run ``before``, if given) that ended
+    having migrated values (so its master key was the old backend's), or None."""
+    found = await session.execute(
+        text(
+            "SELECT detail FROM rotations WHERE kind = 'legacy' AND id < :r AND rows_done > 0 "
+            "AND state IN ('completed', 'failed') ORDER BY id DESC LIMIT 1"
+        ),
+        {"r": before if before is not None else 2**63 - 1},
+    )
+    detail: dict[str, Any] | None = found.scalar_one_or_none()
+    return detail
 
 
 # --- ranges of a fanned-out run ------------------------------------------------------------
