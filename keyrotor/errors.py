@@ -119,9 +119,11 @@ class LegacyDecryptThrottled(AccessDenied):
     """Too many failed legacy decrypts by this actor in the current window; refused without scrypt.
 
     ``first_in_window`` is True on the window's first refusal: the one that is audited.
+    ``retry_after_s`` is how long until the window ends and the actor may try again.
     """
 
     first_in_window: bool = False
+    retry_after_s: float = 60.0
 
 
 class Conflict(PermanentError):

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from keyrotor.api.limits import retry_after
 from keyrotor.errors import (
     AccessDenied,
     CiphertextTooLarge,
@@ -65,7 +66,11 @@ def from_keyrotor(exc: KeyrotorError) -> ApiError:
     for cls, status, code in _MAP:
         if isinstance(exc, cls):
             message = str(exc) if status < 500 else _UNAVAILABLE.get(code, "keyrotor cannot do this now")
-            return ApiError(status, code, message[:MAX_MESSAGE_CHARS])
+            # A throttled caller is told when its window ends, as a rate-limited one is.
+            headers = None
+            if isinstance(exc, LegacyDecryptThrottled):
+                headers = {"Retry-After": retry_after(exc.retry_after_s)}
+            return ApiError(status, code, message[:MAX_MESSAGE_CHARS], headers=headers)
     return ApiError(400, "refused", type(exc).__name__)
 
 
@@ -94,7 +99,8 @@ HTTP_CODES = {
     400: "invalid_request",
     401: "unauthenticated",
     403: "forbidden",
-    404: "not_found",
+    # aiohttp's own 404: no route serves the path (a missing resource is "not_found").
+    404: "no_route",
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",

@@ -89,7 +89,14 @@ def _item_result(field: str) -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     return {
-        "ErrorDetail": _obj(["code", "message"], code=_STR, message=_STR),
+        "ErrorDetail": _obj(
+            ["code", "message"],
+            code={
+                **_STR,
+                "description": "stable: e.g. not_found (no such resource), no_route (no such path)",
+            },
+            message=_STR,
+        ),
         "Error": _obj(["error"], error=_ref("ErrorDetail")),
         "EncryptRequest": _obj(["scope", "plaintext"], scope=_STR, plaintext=_STR, context=_STR),
         "DecryptRequest": _obj(["scope", "ciphertext"], scope=_STR, ciphertext=_STR, context=_STR),
@@ -223,7 +230,16 @@ def _management_paths() -> dict[str, Any]:
                 "security": [],
                 "responses": {
                     "200": {"description": "ok", **_json(_obj(["status"], status={"const": "ok"}))},
-                    "503": {"description": "unavailable", **_json(_obj(["status"], status=_STR))},
+                    "503": {
+                        "description": "unavailable (the error envelope, with the status a probe reads)",
+                        **_json(
+                            _obj(
+                                ["status", "error"],
+                                status={"const": "unavailable"},
+                                error=_ref("ErrorDetail"),
+                            )
+                        ),
+                    },
                 },
             }
         },

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from keyrotor.api import bodies
-from keyrotor.api.errors import MAX_MESSAGE_CHARS, ApiError, bad_request, from_keyrotor
+from keyrotor.api.errors import MAX_MESSAGE_CHARS, ApiError, bad_request, body, from_keyrotor
 from keyrotor.api.service import Caller, Service
 from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
 from keyrotor.runs import RunNotFound
@@ -207,7 +207,9 @@ async def health(request: web.Request) -> web.Response:
             async with db.transaction(svc.km.sessions) as session:
                 await token_store.reachable(session)
     except (TimeoutError, KeyrotorError, OSError):
-        return web.json_response({"status": "unavailable"}, status=503)
+        # The error envelope every other answer uses, next to the status a probe reads.
+        doc = {"status": "unavailable", **body("unavailable", "the database does not answer")}
+        return web.json_response(doc, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -84,11 +84,13 @@ class LegacyGuard:
         self.refused += 1
         first = not entry[2]
         entry[2] = 1.0
+        left = self.window_s - (now - entry[0])
         exc = LegacyDecryptThrottled(
             f"actor {actor!r}: {int(entry[1])} failed legacy decrypts in {self.window_s:.0f} s; "
-            f"refused for {self.window_s - (now - entry[0]):.0f} s more"
+            f"refused for {left:.0f} s more"
         )
         exc.first_in_window = first
+        exc.retry_after_s = left
         raise exc
 
     async def decrypt(self, actor: str, raw: bytes, master_key: str) -> str:

@@ -170,7 +170,7 @@ async def test_bad_requests_are_json(api: Api) -> None:
     status, doc = await _post(api, "/v1/encrypt", {"scope": "s", "plaintext": "v", "actor": "root"})
     assert status == 400 and "actor" in doc["error"]["message"]
     resp = await api.client.get("/v1/nothing", headers=api.auth())
-    assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "no_route"
     resp = await api.client.post("/v1/encrypt", data=b"x" * (2 * 1024 * 1024), headers=api.auth())
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
     items = [{"plaintext": "v"}] * 1001
