@@ -27,7 +27,7 @@ from keyrotor.rotation.reencrypt import RotationKeys, load_keys, reencrypt_batch
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import rotation as store
-from keyrotor.store.key_ranges import Key, range_bounds
+from keyrotor.store.key_ranges import Key, range_bounds, start_cursor
 from keyrotor.store.targets import Target, raw_connection, relax_commit, versions_in_range
 
 log = structlog.get_logger("keyrotor.rotation.ranges")
@@ -222,11 +222,11 @@ async def _end_of_pass(
         apg, rng.target, keys.scope_id, keys.old_versions, rng.version, rng.start, rng.upper
     )
     if later is not None:
-        await store.restart_range(session, rng.id, later, rng.lo - 1)
+        await store.restart_range(session, rng.id, later, start_cursor(rng.lo))
         return _Step()
     if least is not None:
         # Rows skipped as locked (or written behind the cursor): go round again from the start.
-        await store.restart_range(session, rng.id, least, rng.lo - 1)
+        await store.restart_range(session, rng.id, least, start_cursor(rng.lo))
         return _Step(blocked=True)
     await store.finish_range(session, rng.id)
     # Count the ranges left in the database, with the run row locked, so that exactly one
