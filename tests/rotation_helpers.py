@@ -29,6 +29,16 @@ WORKER_REDIS_URL = redis_db_of_this_process(
 )
 
 
+def process_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Exactly ``env`` for a ``keyrotor`` subprocess, plus PATH, HOME and the test's PYTHONPATH.
+
+    PYTHONPATH is passed on so that the subprocess imports the keyrotor under test: the
+    installed entry point may otherwise find another checkout's package (an editable install).
+    """
+    extra = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **extra, **env}
+
+
 def worker_env(env: Mapping[str, str], **extra: str) -> dict[str, str]:
     """The test env plus a queue and channel of its own, short leases and fast polling."""
     tag = uuid.uuid4().hex[:10]
@@ -120,7 +130,7 @@ class WorkerProcess:
 
     def __init__(self, env: Mapping[str, str], log_path: Path, *args: str) -> None:
         self.log_path = log_path
-        full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+        full_env = process_env(env)
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(BIN), "worker", *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
@@ -167,7 +177,7 @@ def keyrotor(
     *args: str, env: Mapping[str, str], stdin: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run ``keyrotor ARGS`` with exactly ``env`` (plus PATH/HOME)."""
-    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    full_env = process_env(env)
     return subprocess.run(
         [str(BIN), *args],
         input=stdin,

@@ -252,8 +252,10 @@ async def _migrate_range(
 ) -> RangeOutcome:
     structlog.contextvars.bind_contextvars(run_id=rng.run_id, target=rng.target, lo=rng.lo)
     async with db.transaction(km.sessions) as session:
-        run = await runs.require_run(session, rng.run_id)
+        # The range before the run: its report part, read second, is then at least as new as
+        # its cursor (a newer one shows as a moved cursor at the first write, see _write).
         found = await _range_row(session, rng)
+        run = await runs.require_run(session, rng.run_id)
         known = await known_failures(session, rng.run_id)
     if run.kind != "legacy":
         raise runs.RunFailed(f"run {rng.run_id} is not a legacy migration")
@@ -287,11 +289,18 @@ async def _migrate_range(
             decrypted=rep.migrated + len(sealed.ids) + run.rows_done,
             known=known,
         )
-        written = await run_to_commit(
-            _write(km, rng, range_id, src, sealed, src.key_type.key(rows[-1][0]), rep)
+        done = await run_to_commit(
+            _write(km, rng, range_id, src, sealed, src.key_type.key(rows[-1][0]), rep, bounds)
         )
-        if written is None:
+        if done is None:
             return outcome("stopped")
+        if isinstance(done, _Moved):
+            # Another run of this job wrote first (arq may run a job twice): this batch was its
+            # work. Go on from where the range stands, with the report it has.
+            rep, bounds = done.report, done.bounds
+            _start, cursor, upper = range_bounds(src.key_type, rng.lo, rng.hi, bounds)
+            continue
+        written, bounds = done
         rep.migrated += len(written)
         rep.changed = (rep.changed + [i for i in sealed.ids if i not in written])[:MAX_LISTED]
         cursor = src.key_type.key(rows[-1][0])
@@ -308,6 +317,14 @@ async def _range_row(session: AsyncSession, rng: LegacyRange) -> tuple[int, str,
     return row
 
 
+@dataclass(frozen=True)
+class _Moved:
+    """The range's cursor moved since this job read it: another run of the job wrote batches."""
+
+    report: ColumnReport  # the range's report part as it stands
+    bounds: Any  # the range's (cursor, after_key, hi_key, cursor_key) as they stand
+
+
 async def _write(
     km: KeyManager,
     rng: LegacyRange,
@@ -316,14 +333,27 @@ async def _write(
     sealed: SealedBatch,
     last_id: Key,
     rep: ColumnReport,
-) -> set[Key] | None:
+    bounds: Any,
+) -> tuple[set[Key], Any] | _Moved | None:
     """One batch's compare-and-swap write, the range's cursor and report part, the run's counters.
 
-    Returns the ids written, or None (nothing written) if the run is no longer running.
+    ``bounds``: the range's ``(cursor, after_key, hi_key, cursor_key)`` that the batch was read
+    after and ``rep`` stands on. Returns the ids written and the range's bounds after them;
+    :class:`_Moved` (nothing written) if the range's cursor is no longer ``bounds``; None
+    (nothing written) if the run is no longer running.
     """
     async with db.transaction(km.sessions) as session:
-        if await store.lock_range_run_state(session, range_id) != "running":
+        state, now = await store.lock_range_run_state(session, range_id)
+        if state != "running":
             return None
+        if now != tuple(bounds):
+            # Compared under the range row's lock: of two runs of this job, one writes each
+            # batch and the other, finding the cursor moved, drops its copy of it. Otherwise
+            # its compare-and-swap would miss every row, reported "changed meanwhile", and its
+            # report part would overwrite the other's.
+            run = await runs.require_run(session, rng.run_id)
+            part = run.detail.get("range_reports", {}).get(rng.key)
+            return _Moved(ColumnReport.from_dict(part) if part else ColumnReport(rng.target), now)
         written = await store.swap_values(await raw_connection(session), src, sealed)
         after = report_after(rep, sealed, written)
         integer = src.key_type.integer
@@ -336,7 +366,8 @@ async def _write(
         )
         await store.set_range_report(session, rng.run_id, rng.key, json.dumps(after))
         await runs.add_progress(session, rng.run_id, len(written))
-    return written
+    advanced = (int(last_id), *now[1:3], None) if integer else (*now[:3], str(last_id))
+    return written, advanced
 
 
 async def _finish(km: KeyManager, rng: LegacyRange, range_id: int) -> bool:

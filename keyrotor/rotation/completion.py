@@ -63,6 +63,8 @@ async def complete(
                 "rows": run.rows_done,
                 "trigger": run.trigger,
                 "attempts": run.attempts,
+                # Columns unregistered during the run: their values were left on older versions.
+                **({"skipped_columns": skipped} if (skipped := run.detail.get("skipped_columns")) else {}),
                 **runs.request_context(run.request_ids),
             },
         ),

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import metrics, runs
+from keyrotor.census.columns import ManagedTarget
 from keyrotor.crypto import envelope
 from keyrotor.errors import Conflict, InvalidInput
 from keyrotor.inputs import check_scope
@@ -50,6 +51,7 @@ from keyrotor.notify import KeyChange
 from keyrotor.rotation.completion import announce_completed, complete, complete_if_done
 from keyrotor.rotation.context import RotationContext, run_to_commit
 from keyrotor.rotation.lifecycle import begin_attempt, failing_run, require_scope
+from keyrotor.rotation.ranges import REGISTERED_COLUMNS
 from keyrotor.rotation.ranges import reencrypt_range as reencrypt_range
 from keyrotor.rotation.reencrypt import RotationKeys, load_keys, plan_ranges, sweep
 from keyrotor.runs import RunInfo
@@ -301,5 +303,10 @@ async def _fan_out(
             version = p.least_version if p.least_version in keys.old else first_version
             await insert_range(session, run.id, target.name, p, version=version)
             planned += 1
-    await runs.update_detail(session, run.id, mode="ranges", ranges=planned)
+    # Which targets are registered columns: a range of one that is unregistered before it runs
+    # is skipped (keyrotor.rotation.ranges), where a target only some process defines in code waits.
+    managed = [t.name for t in targets if isinstance(t, ManagedTarget)]
+    await runs.update_detail(
+        session, run.id, mode="ranges", ranges=planned, **({REGISTERED_COLUMNS: managed} if managed else {})
+    )
     return planned

@@ -6,6 +6,11 @@ re-encrypts one batch after the range's cursor on its current old version and ad
 cursor and the run's counters. At the end of a pass the range moves on to the next old version,
 or goes round again if rows were skipped as locked, or is done; the range finishing last
 completes the run (:mod:`keyrotor.rotation.completion`).
+
+A range of a registered column that was unregistered after the run planned it is finished
+without re-encrypting anything (the run's ``detail.skipped_columns`` names it), so the run still
+ends and a later rotation opens a run of its own. Its values stay on the old version, which
+stays in grace: retirement refuses while values of an uncovered location hold it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor import runs
-from keyrotor.census.columns import refresh_targets
+from keyrotor.census.columns import freeze_targets, refresh_targets
 from keyrotor.errors import ConfigurationError, InvalidInput, TransientError
 from keyrotor.rotation.completion import announce_completed, complete
 from keyrotor.rotation.context import RotationContext, run_to_commit
@@ -27,10 +32,18 @@ from keyrotor.rotation.reencrypt import RotationKeys, load_keys, reencrypt_batch
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import rotation as store
-from keyrotor.store.key_ranges import Key, range_bounds
+from keyrotor.store.key_ranges import Key, range_bounds, start_cursor
 from keyrotor.store.targets import Target, raw_connection, relax_commit, versions_in_range
 
 log = structlog.get_logger("keyrotor.rotation.ranges")
+
+# The run's ``detail`` key listing the registered columns (``managed_columns``) it planned ranges
+# of: a range of one of them that is no longer registered is skipped, not left to another worker.
+REGISTERED_COLUMNS = "registered_columns"
+
+# The run's ``detail`` key listing the registered columns whose ranges were skipped because
+# the column was unregistered during the run.
+SKIPPED_COLUMNS = "skipped_columns"
 
 # How long a range waits for rows locked by others (application transactions) before it
 # gives up for now (a transient error: the job retries later).
@@ -73,9 +86,12 @@ async def reencrypt_range(
     """Re-encrypt one id range of a fanned-out run, a batch a transaction. Idempotent.
 
     Resumes from the range's cursor; stops early when the run is no longer running (another
-    range failed). Whoever finishes the last range completes the run (steps 6-8).
+    range failed). Whoever finishes the last range completes the run (steps 6-8). A range of a
+    registered column unregistered since the run planned it is finished with nothing done.
 
     Raises:
+        ConfigurationError: ``target`` is no registered column and this process defines no such
+            target in code; the run is left for a worker that does.
         RowFailed: a value did not decrypt; the run is marked failed naming it.
         RowsLocked, TransientError: retry later; the range resumes where it stopped.
     """
@@ -88,11 +104,15 @@ async def reencrypt_range(
         keys = await load_keys(session, rc.cipher, run.scope, run.scope_id, run.to_version)
     structlog.contextvars.bind_contextvars(run_id=run_id, scope=run.scope, step="reencrypt")
     tgt = next((t for t in rc.all_targets if t.name == target), None)
-    if tgt is None:
+    if tgt is None and target not in run.detail.get(REGISTERED_COLUMNS, ()):
         # A worker without the application's registered targets: leave the run to one that has them.
         raise ConfigurationError(f"no re-encryption target named {target!r} is registered in this process")
     async with failing_run(rc, run):
-        rows, batches, step = await _batches(rc, run, keys, tgt, lo, hi)
+        rows = batches = 0
+        step = None if tgt is not None else await run_to_commit(_skip_unregistered(rc, run, keys, target, lo))
+        if step is None:  # registered all along, or again since the refresh above
+            tgt = next(t for t in rc.all_targets if t.name == target)
+            rows, batches, step = await _batches(rc, run, keys, tgt, lo, hi)
     if step.stopped is not None:
         return RangeProgress(run_id, target, lo, hi, rows, batches, step.stopped)
     if step.completed_run:
@@ -222,13 +242,20 @@ async def _end_of_pass(
         apg, rng.target, keys.scope_id, keys.old_versions, rng.version, rng.start, rng.upper
     )
     if later is not None:
-        await store.restart_range(session, rng.id, later, rng.lo - 1)
+        await store.restart_range(session, rng.id, later, start_cursor(rng.lo))
         return _Step()
     if least is not None:
         # Rows skipped as locked (or written behind the cursor): go round again from the start.
-        await store.restart_range(session, rng.id, least, rng.lo - 1)
+        await store.restart_range(session, rng.id, least, start_cursor(rng.lo))
         return _Step(blocked=True)
-    await store.finish_range(session, rng.id)
+    return await _finish(session, apg, rc, run, keys, rng.id)
+
+
+async def _finish(
+    session: AsyncSession, apg: Any, rc: RotationContext, run: RunInfo, keys: RotationKeys, range_id: int
+) -> _Step:
+    """Mark the range done; the last range of the run to finish completes it."""
+    await store.finish_range(session, range_id)
     # Count the ranges left in the database, with the run row locked, so that exactly one
     # of the ranges finishing at the same moment completes the run.
     await runs.require_run(session, run.id, for_update=True)
@@ -237,3 +264,34 @@ async def _end_of_pass(
     assert run.scope is not None
     await complete(session, apg, rc, run.id, keys, rc.targets_for(run.scope))
     return _Step(finished=True, completed_run=True)
+
+
+async def _skip_unregistered(
+    rc: RotationContext, run: RunInfo, keys: RotationKeys, target: str, lo: int
+) -> _Step | None:
+    """Finish a range of a column unregistered since the run planned it, re-encrypting nothing.
+
+    Returns None if the column is registered again (the range is then worked as any other).
+    Its values are left on their version: skipping them loses nothing, since retirement counts
+    only covered locations and refuses while an uncovered one (this column's) holds the version;
+    leaving the range pending instead would keep the run open, joined by every later rotate.
+    """
+    async with db.transaction(rc.sessions) as session:
+        # The registry stays locked until the commit: the column cannot come back meanwhile.
+        await freeze_targets(rc, session)
+        if any(t.name == target for t in rc.all_targets):
+            return None
+        row = await store.lock_range(session, run.id, target, lo)
+        if row is None:
+            raise InvalidInput(f"run {run.id} has no {target} range starting at {lo}")
+        range_id, range_state, _version, run_state = row[:4]
+        if run_state != "running":
+            return _Step(stopped=run_state)
+        if range_state == "done":
+            return _Step(finished=True)
+        locked = await runs.require_run(session, run.id, for_update=True)
+        skipped = list(locked.detail.get(SKIPPED_COLUMNS, []))
+        if target not in skipped:
+            await runs.update_detail(session, run.id, **{SKIPPED_COLUMNS: [*skipped, target]})
+        log.warning("range_skipped", target=target, lo=lo, reason="column no longer registered")
+        return await _finish(session, await raw_connection(session), rc, run, keys, range_id)

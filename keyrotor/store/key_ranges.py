@@ -37,7 +37,8 @@ class KeyType:
 
     @property
     def integer(self) -> bool:
-        """Integer keys have fixed bounds (``MIN_ID``/``MAX_ID``) and arithmetic (``lo - 1``)."""
+        """Integer keys have fixed bounds (``MIN_ID``/``MAX_ID``) and arithmetic (``lo - 1``,
+        see :func:`start_cursor`)."""
         return self.sql == "bigint"
 
     def select(self, column: str) -> str:
@@ -124,11 +125,12 @@ def ranges_from_buckets(kt: KeyType, buckets: Sequence[Sequence[Any]]) -> list[P
     """Contiguous ranges covering every key, from ``(first, last, rows[, least version])``
     buckets in key order.
 
-    Integer keys: the first range starts at the smallest key or 0 (a cursor is ``lo - 1``), the
-    last ends at the largest bigint, so a negative key written during the run below the smallest
-    planned one falls in no range: the completion's sweep re-encrypts it. Other keys: a boundary
-    after each bucket's last key (taken from the data), the first and last ranges open-ended, so
-    a row written during the run, below, between or above the planned keys, falls in a range.
+    Integer keys: the first range starts at the smallest key or 0 (``MIN_ID`` included: see
+    :func:`start_cursor`), the last ends at the largest bigint, so a negative key written during
+    the run below the smallest planned one falls in no range: the completion's sweep re-encrypts
+    it. Other keys: a boundary after each bucket's last key (taken from the data), the first and
+    last ranges open-ended, so a row written during the run, below, between or above the planned
+    keys, falls in a range.
     """
     if not buckets:
         return []
@@ -150,6 +152,16 @@ def ranges_from_buckets(kt: KeyType, buckets: Sequence[Sequence[Any]]) -> list[P
     ]
 
 
+def start_cursor(lo: int) -> int | None:
+    """The ``cursor`` of an integer range's pass that has done no key yet: ``lo - 1``, the
+    exclusive bound a pass begins after, or None (NULL, migration 0014) for a range starting at
+    ``MIN_ID``, where ``lo - 1`` is no bigint and the pass has no lower bound at all.
+
+    ``> MIN_ID`` instead would skip the key ``MIN_ID``; None keeps it in the range's first batch.
+    """
+    return lo - 1 if lo > MIN_ID else None
+
+
 async def insert_range(
     session: AsyncSession, run_id: int, target: str, p: PlannedRange, *, version: int
 ) -> None:
@@ -165,7 +177,7 @@ async def insert_range(
             "lo": p.lo,
             "hi": p.hi,
             "v": version,
-            "c": p.lo - 1,
+            "c": start_cursor(p.lo),
             "ak": p.after_key,
             "hk": p.hi_key,
         },
@@ -179,9 +191,11 @@ def range_bounds(
 
     ``start`` is the exclusive lower bound a pass over the range begins after; ``cursor`` the
     last key done of the current pass (``start`` if none yet); ``upper`` the inclusive upper
-    bound. None: unbounded (integer keys are bounded always: ``lo - 1`` and ``hi``).
+    bound. None: unbounded (integer keys are bounded by ``lo - 1`` and ``hi``, except the range
+    starting at ``MIN_ID``: :func:`start_cursor`).
     """
     cursor, after_key, hi_key, cursor_key = row
     if kt.integer:
-        return lo - 1, int(cursor), hi
+        start = start_cursor(lo)
+        return start, start if cursor is None else int(cursor), hi
     return after_key, cursor_key if cursor_key is not None else after_key, hi_key

@@ -234,16 +234,19 @@ async def range_row(session: AsyncSession, run_id: int, target: str, lo: int) ->
     return None if row is None else (int(row[0]), str(row[1]), tuple(row[2:]))
 
 
-async def lock_range_run_state(session: AsyncSession, range_id: int) -> str:
-    """The state of the range's run, the range row locked until the transaction ends."""
-    state = await session.execute(
-        text(
-            "SELECT r.state FROM rotation_ranges g JOIN rotations r ON r.id = g.run_id "
-            "WHERE g.id = :g FOR UPDATE OF g"
-        ),
-        {"g": range_id},
-    )
-    return str(state.scalar_one())
+async def lock_range_run_state(session: AsyncSession, range_id: int) -> tuple[str, Any]:
+    """The state of the range's run and the range's ``(cursor, after_key, hi_key, cursor_key)``,
+    the range row locked until the transaction ends."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT r.state, g.cursor, g.after_key, g.hi_key, g.cursor_key FROM rotation_ranges g "
+                "JOIN rotations r ON r.id = g.run_id WHERE g.id = :g FOR UPDATE OF g"
+            ),
+            {"g": range_id},
+        )
+    ).one()
+    return str(row[0]), tuple(row[1:])
 
 
 async def set_range_report(session: AsyncSession, run_id: int, key: str, part: str) -> None:

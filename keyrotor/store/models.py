@@ -192,9 +192,10 @@ class RotationRange(Base):
     lo: Mapped[int] = mapped_column(BigInteger)
     hi: Mapped[int] = mapped_column(BigInteger)
     # The older DEK version being re-encrypted now; cursor (cursor_key for keys that are not
-    # integers; NULL: none done yet) is the last key done of it.
+    # integers; NULL: none done yet) is the last key done of it. An integer range's pass starts
+    # at cursor = lo - 1, or NULL where lo is the least bigint (migration 0014).
     version: Mapped[int] = mapped_column(Integer)
-    cursor: Mapped[int] = mapped_column(BigInteger)
+    cursor: Mapped[int | None] = mapped_column(BigInteger)
     after_key: Mapped[str | None] = mapped_column(Text)
     hi_key: Mapped[str | None] = mapped_column(Text)
     cursor_key: Mapped[str | None] = mapped_column(Text)

@@ -209,8 +209,9 @@ async def advance_range_and_run(
     await apg.execute(_ADVANCE_RANGE_AND_RUN, range_id, cursor, cursor_key, rows, run_id)
 
 
-async def restart_range(session: AsyncSession, range_id: int, version: int, cursor: int) -> None:
-    """Start a new pass over a range, on ``version``, from its start."""
+async def restart_range(session: AsyncSession, range_id: int, version: int, cursor: int | None) -> None:
+    """Start a new pass over a range, on ``version``, from its start (``cursor``: see
+    :func:`keyrotor.store.key_ranges.start_cursor`)."""
     await session.execute(
         text(
             "UPDATE rotation_ranges SET version = :v, cursor = :c, cursor_key = NULL, updated_at = now() "

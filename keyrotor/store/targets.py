@@ -133,7 +133,10 @@ class TargetSql:
             is_v = f"{ver} = $2"
             set_version = f", {ver} = $4"
         else:
-            ver = f"substring({val} from '^kr1:([0-9]{{1,9}}):')::int"
+            # A version as the envelope spells it (no leading zero), so that this expression and
+            # ``is_v`` agree on every value: ``kr1:01:...`` (which never decrypts) is on no
+            # version for either, rather than one a range finds rows of but never selects.
+            ver = f"substring({val} from '^kr1:([1-9][0-9]{{0,8}}):')::int"
             is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
             set_version = ""
         older = f"{ver} < $2"
