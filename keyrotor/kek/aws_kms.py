@@ -36,14 +36,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from aiolimiter import AsyncLimiter
-
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
 from keyrotor.kek.aws_client import AwsConnection, aws_error_code, aws_translator, open_aws_client
 from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.environ import env_required
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import Resilience, ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, Resilience, ResiliencePolicy
 
 _PROBE_CONTEXT = WrapContext("keyrotor/health", 1)
 
@@ -122,7 +120,7 @@ class AwsKmsKek:
         config: AwsKmsConfig,
         *,
         policy: ResiliencePolicy | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         version_ttl_s: float = 60.0,
         rotate_timeout_s: float = 600.0,

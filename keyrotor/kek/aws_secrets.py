@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiolimiter import AsyncLimiter
 from cryptography.exceptions import InvalidTag
 
 from keyrotor.errors import KekError
@@ -65,7 +64,7 @@ from keyrotor.kek.aws_secret_regions import SecretRegion, open_regions, read_fir
 from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.environ import env_required, env_value
 from keyrotor.kek.metrics import CallObserver, PrometheusObserver
-from keyrotor.kek.resilience import ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, ResiliencePolicy
 
 log = structlog.get_logger(__name__)
 
@@ -142,7 +141,7 @@ class AwsSecretsKek:
         config: AwsSecretsConfig,
         *,
         policy: ResiliencePolicy | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> AwsSecretsKek:

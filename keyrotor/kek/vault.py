@@ -39,12 +39,11 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions as hv
-from aiolimiter import AsyncLimiter
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
 from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import CircuitOpen, Resilience, ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, CircuitOpen, Resilience, ResiliencePolicy
 from keyrotor.kek.vault_client import TokenKeeper, VaultConfig, response_data, shown_address, vault_translator
 
 T = TypeVar("T")
@@ -107,7 +106,7 @@ class VaultTransitKek:
         config: VaultConfig,
         *,
         policy: ResiliencePolicy | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         version_ttl_s: float = 30.0,
         batch_size: int = MAX_BATCH,
