@@ -350,6 +350,10 @@ class AwsSecretsKek:
             kwargs["MoveToVersionId"] = move_to
         await self.primary.call("update_secret_version_stage", "update_secret_version_stage", **kwargs)
 
+    async def latest_version(self) -> int:
+        """The KEK version of the primary region's ``AWSCURRENT``, read now."""
+        return (await self._primary_get(CURRENT, VersionStage=CURRENT)).version
+
     async def rotate(self) -> int:
         """Create KEK version n+1, test it, make it AWSCURRENT, return n+1.
 
@@ -360,6 +364,15 @@ class AwsSecretsKek:
             KekUnavailable: the primary region is unavailable.
             KekError: access denied, or the secret's versions are not keyrotor KEK material.
         """
+        return await self._rotate(None)
+
+    async def rotate_from(self, version: int) -> int:
+        """Like :meth:`rotate`, but a secret whose ``AWSCURRENT`` is past ``version`` already
+        is not rotated again: an earlier attempt whose last answer was lost (say, the final
+        label move timed out after it was made) did it."""
+        return await self._rotate(version)
+
+    async def _rotate(self, since: int | None) -> int:
         stages = await self._stages()
         current_ids = [vid for vid, labels in stages.items() if CURRENT in labels]
         if not current_ids:
@@ -372,6 +385,8 @@ class AwsSecretsKek:
             # A run died after promoting its version: only the clean-up is left.
             await self._move_stage(PENDING, remove_from=current_id)
             log.info("kek_rotation_resumed", provider="aws-sm", step="cleanup", version=current.version)
+            return self._promoted(current)
+        if since is not None and current.version > since:
             return self._promoted(current)
 
         target = current.version + 1

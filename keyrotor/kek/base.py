@@ -119,6 +119,30 @@ class RetiresKekVersions(Protocol):
         ...
 
 
+@runtime_checkable
+class RotatesFromVersion(Protocol):
+    """A remote provider whose rotation a retry can make safe.
+
+    A rotate request that times out may still be carried out by the provider, late; a blind
+    retry would then rotate twice (an extra KEK version). ``rotate_kek`` reads
+    :meth:`latest_version` and records it on its run before it asks for a rotation, and every
+    attempt asks with :meth:`rotate_from` that recorded version: a key already past it was
+    rotated by an earlier attempt, and that version is adopted.
+    """
+
+    async def latest_version(self) -> int:
+        """The KEK's latest version, read from the provider now (never from a cache)."""
+        ...
+
+    async def rotate_from(self, version: int) -> int:
+        """Make ``version + 1`` current, unless the KEK is already past ``version``.
+
+        Returns:
+            The KEK's latest version: the one this call made, or the one already past ``version``.
+        """
+        ...
+
+
 def provider_layers(kek: object) -> list[object]:
     """``kek`` and the providers it delegates to: a rate budget's ``inner`` provider, a routing
     provider's ``primary`` (outermost first)."""

@@ -4,7 +4,10 @@
    which rotates by configuration (a new ``ENCRYPTION_KEY`` with a higher
    ``ENCRYPTION_KEY_VERSION``, the old key kept in ``ENCRYPTION_KEYS_PREVIOUS``): then the
    current version is simply the target. The target is recorded on the run before anything is
-   rewrapped, so a resumed run never rotates the provider twice.
+   rewrapped, so a resumed run never rotates the provider twice. Before the rotate request is
+   sent, the provider's latest version is recorded on the run too (``detail.kek_rotate_from``):
+   a request that timed out may still be carried out, late, and the run's retry then finds the
+   key past that version and adopts the new version instead of rotating again.
 2. every non-destroyed DEK with ``kek_version`` below the target is rewrapped, in batches, with
    ``kek.rewrap`` (server-side where the provider can). Each new wrapping is unwrapped and
    compared with the old one's DEK before it is written, with compare-and-swap on
@@ -36,7 +39,14 @@ from keyrotor import runs
 from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_events
 from keyrotor.errors import ConfigurationError, KekError, PermanentError
-from keyrotor.kek.base import KekProvider, RetiresKekVersions, WrapContext, WrappedDek, provider_layers
+from keyrotor.kek.base import (
+    KekProvider,
+    RetiresKekVersions,
+    RotatesFromVersion,
+    WrapContext,
+    WrappedDek,
+    provider_layers,
+)
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, kek_mismatch
 from keyrotor.rotation.lifecycle import fail
@@ -47,6 +57,9 @@ from keyrotor.store import kek as kek_store
 from keyrotor.store.kek import DekToRewrap
 
 log = structlog.get_logger("keyrotor.rotation.kek")
+
+# The run's detail key for the provider's latest KEK version before the rotate request.
+ROTATE_FROM = "kek_rotate_from"
 
 
 @dataclass(frozen=True)
@@ -120,7 +133,7 @@ async def _fix_target(rc: RotationContext, run: RunInfo) -> int:
     A run that another attempt gave a target meanwhile keeps that one.
     """
     await preflight(rc.kek)
-    target = await _target_version(rc)
+    target = await _target_version(rc, run)
     async with db.transaction(rc.sessions) as session:
         locked = await runs.require_run(session, run.id, for_update=True)
         if locked.to_version is not None:
@@ -278,8 +291,22 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
     return provider.kek_id, before, lowest
 
 
-async def _target_version(rc: RotationContext) -> int:
+async def _target_version(rc: RotationContext, run: RunInfo) -> int:
     if rc.kek.name == "local":
         return await rc.kek.current_version()
-    # Not retried on a timeout: a blind retry could rotate twice (the provider says so too).
-    return await rc.kek.rotate()
+    provider = next((p for p in provider_layers(rc.kek) if isinstance(p, RotatesFromVersion)), None)
+    if provider is None:
+        return await rc.kek.rotate()
+    since = run.detail.get(ROTATE_FROM)
+    if since is None:
+        since = await provider.latest_version()
+        # Committed before the request is sent: an attempt that dies or times out after it
+        # leaves its starting point behind, and the next attempt rotates from the same one.
+        async with db.transaction(rc.sessions) as session:
+            locked = await runs.require_run(session, run.id, for_update=True)
+            recorded = locked.detail.get(ROTATE_FROM)
+            if recorded is None:
+                await runs.update_detail(session, run.id, **{ROTATE_FROM: since})
+            else:
+                since = recorded
+    return await provider.rotate_from(int(since))

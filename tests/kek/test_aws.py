@@ -252,6 +252,20 @@ async def test_sm_rotation_stages_and_deterministic_token(
     assert len(await sm.unwrap(old, CTX)) == 32
 
 
+async def test_sm_rotation_whose_last_answer_was_lost_is_not_repeated(
+    moto_server: ServerProcess, secret_name: str, sm: AwsSecretsKek
+) -> None:
+    # An attempt rotated v1 -> v2, but its caller saw a timeout (say, on the final label move):
+    # the retry, from the same recorded version, adopts v2 and writes nothing.
+    assert await sm.latest_version() == 1
+    assert await sm.rotate() == 2
+    before = stages(moto_server, secret_name)
+    assert await sm.rotate_from(1) == 2
+    assert stages(moto_server, secret_name) == before
+    assert rotation_token(secret_name, 3) not in before
+    assert await sm.rotate_from(2) == 3  # from the latest version, it does rotate
+
+
 async def test_sm_stuck_pending_of_the_next_version_is_finished(
     moto_server: ServerProcess, secret_name: str, sm: AwsSecretsKek
 ) -> None:
