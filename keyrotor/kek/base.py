@@ -21,7 +21,12 @@ DEK_BYTES = 32
 
 
 def check_dek(provider: str, dek: bytes) -> None:
-    """Refuse to wrap anything but a 32-byte DEK (KekError)."""
+    """Refuse to wrap anything but a 32-byte DEK (KekError; the message names the type and
+    length, never the value)."""
+    # Checked before any client sees it: a 32-character str would be wrapped as its UTF-8 text,
+    # and botocore would quote a list of 32 ints in its validation error.
+    if not isinstance(dek, bytes | bytearray):
+        raise KekError(f"{provider}: refusing to wrap a DEK of type {type(dek).__name__} (need bytes)")
     if len(dek) != DEK_BYTES:
         raise KekError(f"{provider}: refusing to wrap a DEK of {len(dek)} bytes (need {DEK_BYTES})")
 

@@ -67,8 +67,18 @@ class CallBudget(Protocol):
         ...
 
 
-Translator = Callable[[BaseException, str], KeyrotorError | None]
-"""Maps a client exception raised during ``operation`` to a keyrotor error, or None if unknown.
+@dataclass(frozen=True)
+class Concealed:
+    """A translation to raise with neither cause nor context: the client's exception quotes the
+    request's parameters (botocore's ParamValidationError), which can be a DEK or key material,
+    and a cause is printed with every traceback that shows the error."""
+
+    error: KeyrotorError
+
+
+Translator = Callable[[BaseException, str], KeyrotorError | Concealed | None]
+"""Maps a client exception raised during ``operation`` to a keyrotor error (chained to it, or
+:class:`Concealed`), or None if unknown.
 
 Unknown exceptions (programming errors) propagate unchanged and are not retried.
 """
@@ -294,6 +304,7 @@ class Resilience:
     async def _attempt(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         probe = self.breaker.acquire()
         settled = False
+        concealed: KeyrotorError | None = None
         try:
             if self.limiter is not None:
                 waited = await self.limiter.acquire()
@@ -323,8 +334,15 @@ class Resilience:
                 translated = self._translate(exc, operation)
                 if translated is None:
                     raise
-                settled = self._settle(operation, translated, probe)
-                raise translated from exc
+                if not isinstance(translated, Concealed):
+                    settled = self._settle(operation, translated, probe)
+                    raise translated from exc
+                concealed = translated.error
+            if concealed is not None:
+                # Raised here, after the except block: `from None` would still keep the client's
+                # exception as __context__, reachable by anything that walks the chain.
+                settled = self._settle(operation, concealed, probe)
+                raise concealed
             self.breaker.record_success(probe)
             settled = True
             return result

@@ -6,8 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import traceback
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -444,3 +447,46 @@ def test_new_secret_string_is_fresh_material() -> None:
     assert one["key"] != two["key"]
     assert rotation_token("a", 2) == rotation_token("a", 2) != rotation_token("a", 3)
     assert len(rotation_token("a", 2)) == 36
+
+
+# --- botocore's parameter validation echoes values: none may reach the error ------------------
+
+
+def _rendered(err: BaseException) -> str:
+    """Everything an error shows: its text, its repr and its traceback with every cause."""
+    return str(err) + repr(err) + "".join(traceback.format_exception(err))
+
+
+async def test_a_dek_that_is_not_bytes_is_refused_without_showing_it(moto_server: ServerProcess) -> None:
+    kms = await open_remote_provider(
+        "aws", aws_env(moto_server, AWS_KMS_KEY_ID=create_kms_key(moto_server)), policy=fast_policy()
+    )
+    material = os.urandom(32)
+    try:
+        for dek in (list(material), material.hex()[:32]):
+            with pytest.raises(KekError) as refused:
+                await kms.wrap(cast(bytes, dek), CTX)
+            shown = _rendered(refused.value)
+            assert str(dek) not in shown and str(list(material)[:8])[1:-1] not in shown, shown
+            assert "Plaintext" not in shown
+    finally:
+        await kms.aclose()
+
+
+async def test_a_parameter_validation_error_leaves_no_cause_behind(moto_server: ServerProcess) -> None:
+    # The translation itself: botocore's error quotes the parameter (here, key bytes as a list)
+    # and must be neither the cause nor the context of the KekError raised in its place.
+    kms = await open_remote_provider(
+        "aws", aws_env(moto_server, AWS_KMS_KEY_ID=create_kms_key(moto_server)), policy=fast_policy()
+    )
+    assert isinstance(kms, AwsKmsKek)
+    secret = list(os.urandom(32))
+    request = partial(kms._client.encrypt, KeyId=kms.kek_id, Plaintext=secret)
+    try:
+        with pytest.raises(KekError, match="parameter validation") as refused:
+            await kms.resilience.call("encrypt", request)
+    finally:
+        await kms.aclose()
+    err = refused.value
+    assert err.__cause__ is None and err.__context__ is None
+    assert str(secret)[1:-1] not in _rendered(err)

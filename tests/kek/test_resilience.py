@@ -23,7 +23,14 @@ from keyrotor.kek.aws_client import aws_error_code, aws_translator
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.metrics import KEK_CIRCUIT_OPEN
 from keyrotor.kek.remote import open_remote_provider
-from keyrotor.kek.resilience import CircuitBreaker, CircuitOpen, Resilience, ResiliencePolicy, Throttled
+from keyrotor.kek.resilience import (
+    CircuitBreaker,
+    CircuitOpen,
+    Concealed,
+    Resilience,
+    ResiliencePolicy,
+    Throttled,
+)
 from keyrotor.kek.vault_client import vault_translator
 from tests.kek.conftest import fast_policy
 from tests.servers import ServerProcess, aws_env, create_kms_key, vault_env
@@ -262,8 +269,9 @@ def test_aws_parameter_errors_do_not_quote_values() -> None:
     error = aws_translator("aws-kms")(
         ParamValidationError(report="Plaintext: b'super-secret-dek'"), "encrypt"
     )
-    assert isinstance(error, KekError)
-    assert "super-secret" not in str(error)
+    # Concealed: Resilience raises the KekError with neither cause nor context.
+    assert isinstance(error, Concealed) and isinstance(error.error, KekError)
+    assert "super-secret" not in str(error.error)
 
 
 @pytest.mark.parametrize(
