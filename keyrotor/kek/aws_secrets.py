@@ -351,8 +351,9 @@ class AwsSecretsKek:
         await self.primary.call("update_secret_version_stage", "update_secret_version_stage", **kwargs)
 
     async def latest_version(self) -> int:
-        """The KEK version of the primary region's ``AWSCURRENT``, read now."""
-        return (await self._primary_get(CURRENT, VersionStage=CURRENT)).version
+        """The KEK version of the primary region's ``AWSCURRENT``, read now; wraps use it from
+        now on (it replaces the cached one)."""
+        return self._promoted(await self._primary_get(CURRENT, VersionStage=CURRENT))
 
     async def rotate(self) -> int:
         """Create KEK version n+1, test it, make it AWSCURRENT, return n+1.

@@ -136,7 +136,8 @@ class RotatesFromVersion(Protocol):
     """
 
     async def latest_version(self) -> int:
-        """The KEK's latest version, read from the provider now (never from a cache)."""
+        """The KEK's latest version, read from the provider now (never from a cache); the
+        provider's own cached version is replaced by it."""
         ...
 
     async def rotate_from(self, version: int) -> int:

@@ -7,7 +7,9 @@
    rewrapped, so a resumed run never rotates the provider twice. Before the rotate request is
    sent, the provider's latest version is recorded on the run too (``detail.kek_rotate_from``):
    a request that timed out may still be carried out, late, and the run's retry then finds the
-   key past that version and adopts the new version instead of rotating again.
+   key past that version and adopts the new version instead of rotating again. An attempt that
+   resumes a run with a target first reads the provider's version afresh: its process may have
+   cached the version from before another process rotated.
 2. every non-destroyed DEK with ``kek_version`` below the target is rewrapped, in batches, with
    ``kek.rewrap`` (server-side where the provider can). Each new wrapping is unwrapped and
    compared with the old one's DEK before it is written, with compare-and-swap on
@@ -38,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import runs
 from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_events
-from keyrotor.errors import ConfigurationError, KekError, PermanentError
+from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, PermanentError
 from keyrotor.kek.base import (
     KekProvider,
     RetiresKekVersions,
@@ -114,7 +116,11 @@ async def rotate_kek(
         run = await runs.start_attempt(session, run.id, job_id)
     structlog.contextvars.bind_contextvars(run_id=run.id)
     try:
-        target = run.to_version if run.to_version is not None else await _fix_target(rc, run)
+        if run.to_version is None:
+            target = await _fix_target(rc, run)
+        else:
+            target = run.to_version
+            await _catch_up(rc, target)
         log.info("kek_rotation_started", kek_version=target, provider=rc.kek.name)
         rewrapped = await _rewrap(rc, run, target).all_passes(_one_more_pass)
         run = await _complete(rc, run)
@@ -291,10 +297,36 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
     return provider.kek_id, before, lowest
 
 
+def _rotating_provider(rc: RotationContext) -> RotatesFromVersion | None:
+    return next((p for p in provider_layers(rc.kek) if isinstance(p, RotatesFromVersion)), None)
+
+
+async def _catch_up(rc: RotationContext, target: int) -> None:
+    """Make this process's provider wrap under the run's target before it rewraps.
+
+    The attempt that rotated may have run in another process: this one's provider may still
+    hold the version it read before (cached, up to 5 minutes for Secrets Manager), and its
+    rewraps would be refused as not on the target. A fresh read replaces the cached version.
+
+    Raises:
+        KekUnavailable: the provider still shows an older version than the target (a replica
+            behind its primary, say): retried later.
+    """
+    provider = _rotating_provider(rc)
+    if provider is None:
+        return
+    latest = await provider.latest_version()
+    if latest < target:
+        raise KekUnavailable(
+            f"{rc.kek.name}: the KEK shows version {latest}, below the run's target {target}; "
+            "retrying until the provider shows it"
+        )
+
+
 async def _target_version(rc: RotationContext, run: RunInfo) -> int:
     if rc.kek.name == "local":
         return await rc.kek.current_version()
-    provider = next((p for p in provider_layers(rc.kek) if isinstance(p, RotatesFromVersion)), None)
+    provider = _rotating_provider(rc)
     if provider is None:
         return await rc.kek.rotate()
     since = run.detail.get(ROTATE_FROM)

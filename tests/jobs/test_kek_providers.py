@@ -745,3 +745,62 @@ async def test_a_rotate_request_carried_out_late_is_not_rotated_again(
     finally:
         await real.aclose()
         await engine.dispose()
+
+
+class _OutageOnRewrap:
+    """The real provider, failing its n-th rewrap with an outage (a transient error)."""
+
+    def __init__(self, inner: Any, at_call: int) -> None:
+        self.inner, self.at_call, self.calls = inner, at_call, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def rewrap(self, items: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise KekUnavailable("the provider went away (test)")
+        return await self.inner.rewrap(items)
+
+
+@pytest.mark.parametrize("kind", ["aws-kms", "aws-sm", "vault"])
+async def test_a_kek_rotation_resumed_by_another_process_completes(
+    kind: str, wenv: dict[str, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process rotates the KEK and fails mid-rewrap; the retry runs in another process,
+    whose provider read the KEK version before the rotation (cached: KMS 60 s, Secrets Manager
+    5 min). It must rewrap under the run's target, not fail the run for a stale cache."""
+    from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
+    from keyrotor.store import db
+    from tests.kek.conftest import fast_policy
+
+    moto = request.getfixturevalue("moto_server") if kind.startswith("aws") else None
+    bao = request.getfixturevalue("bao_server") if kind == "vault" else None
+    penv = _provider_env(kind, moto, bao)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv, KEYROTOR_KEK_REWRAP_BATCH="2")
+    values = await _seed_all(s, 2)
+    engine = db.create_engine(s.database_url)
+    remote = "vault" if kind == "vault" else "aws"
+    other = await open_remote_provider(remote, penv, policy=fast_policy())  # reads v1 now
+    first = await open_remote_provider(remote, penv, policy=fast_policy())
+    try:
+        assert await other.current_version() == 1
+        sessions = db.sessionmaker(engine)
+        # Rewrap calls: 1 the pre-flight probe, 2 the first batch (an outage).
+        with pytest.raises(KekUnavailable):
+            await kek_rotation.rotate_kek(RotationContext(sessions, _OutageOnRewrap(first, 2), s))
+        run = (await fetch(s.database_url, "SELECT * FROM rotations WHERE kind = 'kek'"))[0]
+        assert run["state"] == "running" and run["to_version"] == 2
+        result = await asyncio.wait_for(
+            kek_rotation.rotate_kek(RotationContext(sessions, other, s), run_id=run["id"]), timeout=60
+        )
+        assert result.run.state == "completed" and result.kek_version == 2
+        assert {d["kek_version"] for d in await _deks(s)} == {2}
+        await _check_all(s, values)
+    finally:
+        await first.aclose()
+        await other.aclose()
+        await engine.dispose()
