@@ -402,6 +402,22 @@ async def test_sm_malformed_secret_names_the_shape_not_the_content(moto_server: 
         pending += [exc.__cause__, exc.__context__]
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        # Nested past the parser's recursion limit (the secret may hold 64 KB): RecursionError.
+        "[" * 30_000 + "]" * 30_000,
+        '{"version": 1, "key": ' + "[" * 20_000 + "]" * 20_000 + "}",
+    ],
+)
+async def test_sm_deeply_nested_secret_is_a_kek_error(moto_server: ServerProcess, content: str) -> None:
+    name = f"keyrotor-deep-{uuid.uuid4().hex[:8]}"
+    aws_client(moto_server, "secretsmanager").create_secret(Name=name, SecretString=content)
+    with pytest.raises(KekError, match="not keyrotor KEK material") as info:
+        await open_remote_provider("aws", aws_env(moto_server, AWS_SECRET_ID=name), policy=fast_policy())
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
 async def test_sm_fails_over_to_the_replica_region(moto_server: ServerProcess) -> None:
     name = create_kek_secret(moto_server, replica_regions=(FAILOVER_REGION,))
     env = aws_env(moto_server, AWS_SECRET_ID=name, AWS_SECRETS_FAILOVER_REGIONS=FAILOVER_REGION)
