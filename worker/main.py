@@ -58,7 +58,6 @@ from keyrotor.jobs.rotate_kek import rotate_kek
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.budget import SharedRateBudget, kek_budget_key
 from keyrotor.kek.factory import open_provider
-from keyrotor.kek.throttle import ThrottledKek
 from keyrotor.keys import KeyManager
 from keyrotor.notify import Notifier
 from keyrotor.queue.enqueue import connect_queue, enqueue_driver
@@ -275,12 +274,12 @@ async def startup(ctx: dict[str, Any]) -> None:
             f"the database schema is not up to date (missing {', '.join(sorted(missing))}): "
             "run `keyrotor db upgrade`"
         )
-    kek: KekProvider = await open_provider(settings)
+    budget = None
     if settings.kek_calls_per_second > 0:  # one budget for every worker of this queue on this Redis
         budget = SharedRateBudget(
             ctx["redis"], kek_budget_key(settings.queue_name), settings.kek_calls_per_second
         )
-        kek = ThrottledKek(kek, budget)
+    kek: KekProvider = await open_provider(settings, budget=budget)
     ctx["kek"] = kek
     km = KeyManager(settings, kek=kek, engine=engine)
     await km.open()

@@ -27,7 +27,7 @@ from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url, va
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
 from keyrotor.kek.environ import env_required, env_value
-from keyrotor.kek.resilience import Throttled, Translator
+from keyrotor.kek.resilience import Concealed, Throttled, Translator
 
 
 def check_region(region: str, variable: str) -> None:
@@ -164,7 +164,7 @@ def aws_error_code(err: BaseException) -> str | None:
 def aws_translator(target: str) -> Translator:
     """Translate botocore/aiohttp exceptions of the client behind ``target`` into keyrotor errors."""
 
-    def translate(exc: BaseException, operation: str) -> KeyrotorError | None:
+    def translate(exc: BaseException, operation: str) -> KeyrotorError | Concealed | None:
         if isinstance(exc, ClientError):
             code, detail = _client_error_parts(exc)
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -186,8 +186,11 @@ def aws_translator(target: str) -> Translator:
                 "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use a role)"
             )
         if isinstance(exc, ParamValidationError):
-            # botocore's text can quote parameter values, i.e. key material: name only the cause.
-            return KekError(f"{target} {operation}: the request failed botocore's parameter validation")
+            # botocore's text quotes the value of a parameter of the wrong type (a DEK given as
+            # a list of ints, say): name only the cause, and do not chain to it.
+            return Concealed(
+                KekError(f"{target} {operation}: the request failed botocore's parameter validation")
+            )
         if isinstance(exc, (BotoConnectionError, HTTPClientError, aiohttp.ClientError, ConnectionError)):
             return KekUnavailable(
                 f"{target} {operation}: cannot reach the endpoint ({type(exc).__name__}: {exc})"

@@ -36,14 +36,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from aiolimiter import AsyncLimiter
-
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
 from keyrotor.kek.aws_client import AwsConnection, aws_error_code, aws_translator, open_aws_client
 from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.environ import env_required
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import Resilience, ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, Resilience, ResiliencePolicy
 
 _PROBE_CONTEXT = WrapContext("keyrotor/health", 1)
 
@@ -122,7 +120,7 @@ class AwsKmsKek:
         config: AwsKmsConfig,
         *,
         policy: ResiliencePolicy | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         version_ttl_s: float = 60.0,
         rotate_timeout_s: float = 600.0,
@@ -309,18 +307,33 @@ class AwsKmsKek:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def latest_version(self) -> int:
+        """1 + the number of completed rotations of the key, read from KMS now."""
+        return self._remember_version(1 + await self._count_rotations())
+
     async def rotate(self) -> int:
-        """Rotate the key material on demand, wait until KMS completes it, return the new version.
+        """Rotate the key material on demand and wait for it (see :meth:`rotate_from`)."""
+        return await self.rotate_from(await self.latest_version())
+
+    async def rotate_from(self, version: int) -> int:
+        """Rotate the key material on demand from ``version``, wait until KMS completes it,
+        and return the new version; a key already past ``version`` is not rotated again.
 
         If a rotation is already in progress (another process, or an interrupted run), it waits
-        for that one instead of starting a second.
+        for that one instead of starting a second. ``RotateKeyOnDemand`` is sent once, never
+        retried: a request that timed out may yet be carried out.
 
         Raises:
             KekError: on-demand rotations are exhausted for this key, or access is denied.
             KekUnavailable: KMS cannot be reached, or the rotation did not complete within
-                ``rotate_timeout_s`` (call again later: it waits for the same rotation).
+                ``rotate_timeout_s`` (call again with the same ``version``: it waits for the same
+                rotation, or adopts it once completed).
         """
-        before = await self._count_rotations()
+        counted = await self._count_rotations()
+        if 1 + counted > version:
+            return self._remember_version(1 + counted)
+        # Version n is n - 1 completed rotations: wait until there are more than that.
+        before = version - 1
         if not await self._rotation_in_progress():
             try:
                 await self._call(

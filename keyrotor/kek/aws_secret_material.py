@@ -75,7 +75,8 @@ def parse_material(response: Mapping[str, Any], what: str) -> Material:
         version = document["version"]
         key = base64.b64decode(document["key"], validate=True)
         shaped = True
-    except (KeyError, TypeError, ValueError, binascii.Error):
+    except (KeyError, TypeError, ValueError, binascii.Error, RecursionError):
+        # RecursionError: JSON nested deeper than the parser recurses (a secret holds 64 KB).
         shaped = False
     if not shaped:
         # Name the shape, never the content: it is key material. Raised outside the except block

@@ -14,12 +14,11 @@ from functools import partial
 from typing import Any
 
 import structlog
-from aiolimiter import AsyncLimiter
 
 from keyrotor.errors import KekUnavailable
 from keyrotor.kek.aws_client import AwsConnection, aws_translator, open_aws_client
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import Resilience, ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, Resilience, ResiliencePolicy
 
 log = structlog.get_logger("keyrotor.kek.aws_secrets")
 
@@ -64,7 +63,7 @@ async def open_regions(
     endpoint_urls: Mapping[str, str],
     *,
     policy: ResiliencePolicy,
-    limiter: AsyncLimiter | None,
+    limiter: CallBudget | None,
     observer: CallObserver,
 ) -> list[SecretRegion]:
     """A client per region (primary first), whose lifetimes ``stack`` owns."""

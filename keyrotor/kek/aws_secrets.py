@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiolimiter import AsyncLimiter
 from cryptography.exceptions import InvalidTag
 
 from keyrotor.errors import KekError
@@ -65,7 +64,7 @@ from keyrotor.kek.aws_secret_regions import SecretRegion, open_regions, read_fir
 from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.environ import env_required, env_value
 from keyrotor.kek.metrics import CallObserver, PrometheusObserver
-from keyrotor.kek.resilience import ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, ResiliencePolicy
 
 log = structlog.get_logger(__name__)
 
@@ -142,7 +141,7 @@ class AwsSecretsKek:
         config: AwsSecretsConfig,
         *,
         policy: ResiliencePolicy | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> AwsSecretsKek:
@@ -351,6 +350,11 @@ class AwsSecretsKek:
             kwargs["MoveToVersionId"] = move_to
         await self.primary.call("update_secret_version_stage", "update_secret_version_stage", **kwargs)
 
+    async def latest_version(self) -> int:
+        """The KEK version of the primary region's ``AWSCURRENT``, read now; wraps use it from
+        now on (it replaces the cached one)."""
+        return self._promoted(await self._primary_get(CURRENT, VersionStage=CURRENT))
+
     async def rotate(self) -> int:
         """Create KEK version n+1, test it, make it AWSCURRENT, return n+1.
 
@@ -361,6 +365,15 @@ class AwsSecretsKek:
             KekUnavailable: the primary region is unavailable.
             KekError: access denied, or the secret's versions are not keyrotor KEK material.
         """
+        return await self._rotate(None)
+
+    async def rotate_from(self, version: int) -> int:
+        """Like :meth:`rotate`, but a secret whose ``AWSCURRENT`` is past ``version`` already
+        is not rotated again: an earlier attempt whose last answer was lost (say, the final
+        label move timed out after it was made) did it."""
+        return await self._rotate(version)
+
+    async def _rotate(self, since: int | None) -> int:
         stages = await self._stages()
         current_ids = [vid for vid, labels in stages.items() if CURRENT in labels]
         if not current_ids:
@@ -373,6 +386,8 @@ class AwsSecretsKek:
             # A run died after promoting its version: only the clean-up is left.
             await self._move_stage(PENDING, remove_from=current_id)
             log.info("kek_rotation_resumed", provider="aws-sm", step="cleanup", version=current.version)
+            return self._promoted(current)
+        if since is not None and current.version > since:
             return self._promoted(current)
 
         target = current.version + 1

@@ -21,7 +21,12 @@ DEK_BYTES = 32
 
 
 def check_dek(provider: str, dek: bytes) -> None:
-    """Refuse to wrap anything but a 32-byte DEK (KekError)."""
+    """Refuse to wrap anything but a 32-byte DEK (KekError; the message names the type and
+    length, never the value)."""
+    # Checked before any client sees it: a 32-character str would be wrapped as its UTF-8 text,
+    # and botocore would quote a list of 32 ints in its validation error.
+    if not isinstance(dek, bytes | bytearray):
+        raise KekError(f"{provider}: refusing to wrap a DEK of type {type(dek).__name__} (need bytes)")
     if len(dek) != DEK_BYTES:
         raise KekError(f"{provider}: refusing to wrap a DEK of {len(dek)} bytes (need {DEK_BYTES})")
 
@@ -115,6 +120,31 @@ class RetiresKekVersions(Protocol):
         """Refuse KEK versions below ``version`` from now on; never lowers it.
 
         Returns the previous minimum, or None if nothing changed.
+        """
+        ...
+
+
+@runtime_checkable
+class RotatesFromVersion(Protocol):
+    """A remote provider whose rotation a retry can make safe.
+
+    A rotate request that times out may still be carried out by the provider, late; a blind
+    retry would then rotate twice (an extra KEK version). ``rotate_kek`` reads
+    :meth:`latest_version` and records it on its run before it asks for a rotation, and every
+    attempt asks with :meth:`rotate_from` that recorded version: a key already past it was
+    rotated by an earlier attempt, and that version is adopted.
+    """
+
+    async def latest_version(self) -> int:
+        """The KEK's latest version, read from the provider now (never from a cache); the
+        provider's own cached version is replaced by it."""
+        ...
+
+    async def rotate_from(self, version: int) -> int:
+        """Make ``version + 1`` current, unless the KEK is already past ``version``.
+
+        Returns:
+            The KEK's latest version: the one this call made, or the one already past ``version``.
         """
         ...
 

@@ -14,7 +14,7 @@ the caller sleeps that long and then makes its call. Consequences:
 
 - It is a true rate, with no window boundary: acquisitions start at least ``n / rate`` seconds
   apart, so in any interval of ``T`` seconds they total at most ``rate * T`` plus the largest
-  single acquisition (one unit for a single KEK call). Idle time is not saved up: there is no
+  single acquisition (one unit for a single request to the provider). Idle time is not saved up: there is no
   burst after a pause.
 - Fractional rates work as they read: ``0.5`` is one call every 2 s.
 - Callers are served in the order Redis saw them (FIFO), whichever process they are in, and

@@ -8,9 +8,11 @@ from collections.abc import Mapping
 
 from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.kek.base import KekProvider
+from keyrotor.kek.budget import RateBudget
 from keyrotor.kek.install_salt import DeferredLocalKeyring, read_install_salt
 from keyrotor.kek.local import LocalKeyring, check_master_key
 from keyrotor.kek.routing import RoutingKek
+from keyrotor.kek.throttle import ThrottledKek
 from keyrotor.settings import KekSettings
 
 
@@ -36,7 +38,11 @@ def local_keyring(settings: KekSettings, install_salt: bytes | None = None) -> L
 
 
 async def open_provider(
-    settings: KekSettings, environ: Mapping[str, str] | None = None, *, install_salt: bool = True
+    settings: KekSettings,
+    environ: Mapping[str, str] | None = None,
+    *,
+    install_salt: bool = True,
+    budget: RateBudget | None = None,
 ) -> KekProvider:
     """Open the provider ``settings.secrets_provider`` names.
 
@@ -47,16 +53,21 @@ async def open_provider(
 
     The local keyring is salted with the install salt of ``settings.database_url``; a regional
     keyring (``install_salt=False``) is not, since its database holds only copies.
+
+    ``budget`` (the worker's ``KEYROTOR_KEK_CALLS_PER_SECOND``) is spent once per request a remote
+    provider sends, retries and its own reads (the KMS rotation count) included, from the first
+    request of its opening on; the local keyring sends none and spends a unit per DEK it handles
+    (:class:`~keyrotor.kek.throttle.ThrottledKek`).
     """
     env = os.environ if environ is None else environ
-    primary = await _open_one(settings.secrets_provider, settings, env, install_salt)
+    primary = await _open_one(settings.secrets_provider, settings, env, install_salt, budget)
     names = read_providers(settings)
     if not names:
         return primary
     readers: dict[str, KekProvider] = {}
     try:
         for name in names:
-            reader = await _open_one(name, settings, env, install_salt)
+            reader = await _open_one(name, settings, env, install_salt, budget)
             readers[reader.name] = reader
     except BaseException:
         for reader in readers.values():
@@ -82,20 +93,31 @@ def read_providers(settings: KekSettings) -> list[str]:
 
 
 async def _open_one(
-    name: str, settings: KekSettings, environ: Mapping[str, str], install_salt: bool
+    name: str,
+    settings: KekSettings,
+    environ: Mapping[str, str],
+    install_salt: bool,
+    budget: RateBudget | None,
 ) -> KekProvider:
     if name == "local":
-        check_master_key(settings.encryption_key.get_secret_value() if settings.encryption_key else None)
-        if not install_salt:
-            return local_keyring(settings)
-        try:
-            salt = await read_install_salt(settings.database_url)
-        except StoreUnavailable:
-            # Start anyway, as without the salt nothing needs the KEK: it is read on first use.
-            return DeferredLocalKeyring(functools.partial(local_keyring, settings), settings.database_url)
-        return local_keyring(settings, salt)
+        local = await _open_local(settings, install_salt)
+        return local if budget is None else ThrottledKek(local, budget)
     # Imported here: the remote providers load the AWS and Vault clients (aiobotocore, hvac),
     # which a process on the local keyring never needs.
     from keyrotor.kek.remote import open_remote_provider
 
-    return await open_remote_provider(name, environ)
+    # The budget goes to the provider's resilience layer, which spends it per attempt: a
+    # wrapper around the provider would see one call where a throttled retry sends four.
+    return await open_remote_provider(name, environ, limiter=budget)
+
+
+async def _open_local(settings: KekSettings, install_salt: bool) -> KekProvider:
+    check_master_key(settings.encryption_key.get_secret_value() if settings.encryption_key else None)
+    if not install_salt:
+        return local_keyring(settings)
+    try:
+        salt = await read_install_salt(settings.database_url)
+    except StoreUnavailable:
+        # Start anyway, as without the salt nothing needs the KEK: it is read on first use.
+        return DeferredLocalKeyring(functools.partial(local_keyring, settings), settings.database_url)
+    return local_keyring(settings, salt)

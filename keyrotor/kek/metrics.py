@@ -5,7 +5,8 @@ Labels are only ``provider`` (``aws-kms``, ``aws-sm``, ``vault``), ``operation``
 from key material, so the label sets stay small and nothing secret reaches a scrape.
 
 ``outcome`` of a call: ``ok``, ``unavailable`` (transient failure after the retries),
-``error`` (permanent failure) or ``circuit_open`` (failed fast, no request sent). ``outcome`` of a
+``error`` (permanent failure), ``circuit_open`` (failed fast, no request sent) or ``no_budget``
+(the shared rate budget could not be read from Redis, no request sent). ``outcome`` of a
 failed attempt: ``throttled``, ``timeout``, ``unavailable`` or ``error``.
 
 :class:`PrometheusObserver` is the default :class:`CallObserver`; tests or an application with
@@ -18,7 +19,7 @@ from typing import Literal, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CallOutcome = Literal["ok", "unavailable", "error", "circuit_open"]
+CallOutcome = Literal["ok", "unavailable", "error", "circuit_open", "no_budget"]
 AttemptOutcome = Literal["throttled", "timeout", "unavailable", "error"]
 CircuitState = Literal["closed", "open", "half_open"]
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aiolimiter import AsyncLimiter
-
 from keyrotor.errors import ConfigurationError
 from keyrotor.kek.aws_kms import AwsKmsConfig, AwsKmsKek
 from keyrotor.kek.aws_secrets import AwsSecretsConfig, AwsSecretsKek
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.environ import env_value
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, ResiliencePolicy
 from keyrotor.kek.vault import VaultTransitKek
 from keyrotor.kek.vault_client import VaultConfig
 
@@ -24,7 +22,7 @@ async def open_remote_provider(
     environ: Mapping[str, str],
     *,
     policy: ResiliencePolicy | None = None,
-    limiter: AsyncLimiter | None = None,
+    limiter: CallBudget | None = None,
     observer: CallObserver | None = None,
 ) -> KekProvider:
     """Open and check the remote KEK provider ``kind`` configured in ``environ``.

@@ -3,8 +3,8 @@
 One :class:`Resilience` per provider endpoint (the Secrets Manager provider has one per region, so
 an outage of the primary region does not open the breaker of its failover region). A call::
 
-    rate budget (aiolimiter)  ->  circuit breaker  ->  per-attempt timeout  ->  the request
-         ^                                                                        |
+    circuit breaker  ->  rate budget  ->  per-attempt timeout  ->  the request
+         ^                                                          |
          '---- retry with jittered exponential backoff (tenacity) on a transient failure
 
 - Transient failures (throttling, 5xx, connection errors, timeouts) become
@@ -18,9 +18,14 @@ an outage of the primary region does not open the breaker of its failover region
   ``KekUnavailable``) without a request. Then it is half-open: one probe request goes through;
   its success closes the circuit, its failure opens it for another cool-down. A permanent error
   proves the provider answers, so it counts as a success for the breaker.
-- The rate budget is an :class:`aiolimiter.AsyncLimiter`. KMS request quotas are per account and
-  region, shared by every process and provider using them: give each provider a budget that is
-  its share, and pass the same limiter to providers in one process that share a quota.
+- The rate budget (a :class:`CallBudget`) is spent once per attempt, just before its request is
+  sent: a call that is retried three times spends four units, so the budget counts requests
+  the provider receives, which is what its quota counts. A circuit that fails fast spends none.
+  KMS request quotas are per account and region, shared by every process and provider using
+  them: the worker passes one :class:`~keyrotor.kek.budget.SharedRateBudget` (in Redis) to every
+  provider; in one process an :class:`aiolimiter.AsyncLimiter` does. A budget that cannot be
+  read (:class:`~keyrotor.errors.QueueUnavailable`: Redis is down) sends nothing and is not
+  retried here: the budget retries its own round trips, and the job retries later.
 - Non-idempotent operations (KMS ``RotateKeyOnDemand``, transit ``rotate``) are called with
   ``retry=False``: a timed-out request may have been carried out, and a blind retry would rotate
   twice.
@@ -32,18 +37,48 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+import structlog
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from keyrotor.errors import ConfigurationError, KekUnavailable, KeyrotorError, TransientError
+from keyrotor.errors import (
+    ConfigurationError,
+    KekUnavailable,
+    KeyrotorError,
+    QueueUnavailable,
+    TransientError,
+)
 from keyrotor.kek.metrics import AttemptOutcome, CallObserver, CallOutcome, CircuitState, PrometheusObserver
 
 T = TypeVar("T")
 
-Translator = Callable[[BaseException, str], KeyrotorError | None]
-"""Maps a client exception raised during ``operation`` to a keyrotor error, or None if unknown.
+log = structlog.get_logger("keyrotor.kek.resilience")
+
+
+class CallBudget(Protocol):
+    """A rate budget :class:`Resilience` spends one unit of before each request it sends: an
+    :class:`aiolimiter.AsyncLimiter` (one process) or a
+    :class:`~keyrotor.kek.budget.SharedRateBudget` (every worker of a queue)."""
+
+    async def acquire(self) -> object:
+        """Wait until one unit is ours (a shared budget returns the seconds waited)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Concealed:
+    """A translation to raise with neither cause nor context: the client's exception quotes the
+    request's parameters (botocore's ParamValidationError), which can be a DEK or key material,
+    and a cause is printed with every traceback that shows the error."""
+
+    error: KeyrotorError
+
+
+Translator = Callable[[BaseException, str], KeyrotorError | Concealed | None]
+"""Maps a client exception raised during ``operation`` to a keyrotor error (chained to it, or
+:class:`Concealed`), or None if unknown.
 
 Unknown exceptions (programming errors) propagate unchanged and are not retried.
 """
@@ -178,7 +213,9 @@ class CircuitBreaker:
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TransientError) and not isinstance(exc, CircuitOpen)
+    # Only the provider's own transient failures: not an open circuit (failing fast is its
+    # point), nor a budget that Redis cannot serve (it retried already; nothing was sent).
+    return isinstance(exc, KekUnavailable) and not isinstance(exc, CircuitOpen)
 
 
 class Resilience:
@@ -189,7 +226,8 @@ class Resilience:
         target: what messages name, e.g. ``aws-sm (eu-west-1)``; defaults to ``provider``.
         policy: timeouts, retries, breaker and rate budget.
         translate: maps the client's exceptions to keyrotor errors.
-        limiter: a rate budget shared with other providers; default: a new one from ``policy``.
+        limiter: a rate budget shared with other providers (spent once per attempt); default: a
+            new one from ``policy``.
         observer: metrics hooks; default: :class:`~keyrotor.kek.metrics.PrometheusObserver`.
     """
 
@@ -200,7 +238,7 @@ class Resilience:
         translate: Translator,
         *,
         target: str | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -208,7 +246,7 @@ class Resilience:
         self.target = target or provider
         self.policy = policy
         self._translate = translate
-        self.limiter = limiter if limiter is not None else policy.new_limiter()
+        self.limiter: CallBudget | None = limiter if limiter is not None else policy.new_limiter()
         self.observer: CallObserver = observer if observer is not None else PrometheusObserver()
         self._clock = clock
         self.breaker = CircuitBreaker(
@@ -222,6 +260,8 @@ class Resilience:
     async def call(self, operation: str, fn: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
         """Run ``fn`` (one request) with rate budget, breaker, timeout and retries.
 
+        Every attempt spends one unit of the rate budget before its request is sent.
+
         Args:
             operation: the operation name for metrics and messages (``encrypt``, ``rewrap``, …).
             fn: makes a fresh request each time it is called.
@@ -233,6 +273,7 @@ class Resilience:
         Raises:
             KekUnavailable: transient failure after the retries (:class:`Throttled`, :class:`CircuitOpen`).
             KekError: the provider refused the request.
+            QueueUnavailable: the shared rate budget cannot be read (nothing was sent).
         """
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.policy.max_attempts if retry else 1),
@@ -251,6 +292,9 @@ class Resilience:
         except CircuitOpen:
             outcome = "circuit_open"
             raise
+        except QueueUnavailable:
+            outcome = "no_budget"
+            raise
         except TransientError:
             outcome = "unavailable"
             raise
@@ -260,9 +304,20 @@ class Resilience:
     async def _attempt(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         probe = self.breaker.acquire()
         settled = False
+        concealed: KeyrotorError | None = None
         try:
             if self.limiter is not None:
-                await self.limiter.acquire()
+                waited = await self.limiter.acquire()
+                # The moment a request is let through: what the two-worker budget test reads
+                # (debug level, so nothing is logged by default).
+                log.debug(
+                    "kek_budget_spent",
+                    provider=self.provider,
+                    operation=operation,
+                    units=1,
+                    waited_s=round(waited, 4) if isinstance(waited, float) else 0.0,
+                    at=time.time(),
+                )
             try:
                 async with asyncio.timeout(self.policy.timeout_s):
                     result = await fn()
@@ -279,8 +334,15 @@ class Resilience:
                 translated = self._translate(exc, operation)
                 if translated is None:
                     raise
-                settled = self._settle(operation, translated, probe)
-                raise translated from exc
+                if not isinstance(translated, Concealed):
+                    settled = self._settle(operation, translated, probe)
+                    raise translated from exc
+                concealed = translated.error
+            if concealed is not None:
+                # Raised here, after the except block: `from None` would still keep the client's
+                # exception as __context__, reachable by anything that walks the chain.
+                settled = self._settle(operation, concealed, probe)
+                raise concealed
             self.breaker.record_success(probe)
             settled = True
             return result

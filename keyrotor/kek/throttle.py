@@ -1,10 +1,12 @@
-"""A rate budget in front of a KEK provider (``KEYROTOR_KEK_CALLS_PER_SECOND``).
+"""A rate budget in front of the local keyring (``KEYROTOR_KEK_CALLS_PER_SECOND``).
 
-Rotation makes bursts of KEK calls (unwrapping a scope's DEKs, rewrapping every DEK); a KMS
-quota is shared with the applications and with every other worker. :class:`ThrottledKek` spends
-one unit of a :class:`~keyrotor.kek.budget.RateBudget` per DEK handled before it calls the
-provider. The worker gives it a :class:`~keyrotor.kek.budget.SharedRateBudget`, so all the workers
-of a deployment together stay within the one budget.
+The remote providers spend the budget themselves, once per request they send (retries
+included), in their resilience layer (:mod:`keyrotor.kek.resilience`): only there is it known
+how many requests a call became. The local keyring sends no request, so :class:`ThrottledKek`
+spends one unit of a :class:`~keyrotor.kek.budget.RateBudget` per DEK it handles instead, and a
+rotation on the local keyring is paced the same way. :func:`keyrotor.kek.factory.open_provider`
+puts it in front of the local keyring only: in front of a remote provider it would count its
+calls a second time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ log = structlog.get_logger("keyrotor.kek.throttle")
 
 
 class ThrottledKek:
-    """A :class:`KekProvider` that waits for its budget before each call.
+    """A :class:`KekProvider` that waits for its budget before each call of the local keyring.
 
     A rewrap of many DEKs is sent in chunks of at most one second's budget (at least one DEK),
     each chunk spending as many units as it has DEKs: the provider never sees more than that

@@ -39,12 +39,11 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions as hv
-from aiolimiter import AsyncLimiter
 
 from keyrotor.errors import ConfigurationError, KekError, KekUnavailable
 from keyrotor.kek.base import DEK_BYTES, WrapContext, WrappedDek, check_dek, foreign_kek
 from keyrotor.kek.metrics import CallObserver
-from keyrotor.kek.resilience import CircuitOpen, Resilience, ResiliencePolicy
+from keyrotor.kek.resilience import CallBudget, CircuitOpen, Resilience, ResiliencePolicy
 from keyrotor.kek.vault_client import TokenKeeper, VaultConfig, response_data, shown_address, vault_translator
 
 T = TypeVar("T")
@@ -107,7 +106,7 @@ class VaultTransitKek:
         config: VaultConfig,
         *,
         policy: ResiliencePolicy | None = None,
-        limiter: AsyncLimiter | None = None,
+        limiter: CallBudget | None = None,
         observer: CallObserver | None = None,
         version_ttl_s: float = 30.0,
         batch_size: int = MAX_BATCH,
@@ -353,26 +352,43 @@ class VaultTransitKek:
             self._remember(max(w.kek_version for w in out))
         return out
 
+    async def latest_version(self) -> int:
+        """The key's latest version, read from the server now."""
+        return (await self.key_info()).latest_version
+
     async def rotate(self) -> int:
-        """Rotate the transit key and return its new latest version.
+        """Rotate the transit key and return its new latest version (see :meth:`rotate_from`)."""
+        return await self.rotate_from(await self.latest_version())
+
+    async def rotate_from(self, version: int) -> int:
+        """Rotate the transit key from ``version``, unless it is past ``version`` already.
+
+        Transit's rotate has no idempotency token: a request that timed out may yet be carried
+        out. So it is sent once (never retried), and a key found past ``version`` (before the
+        request, or after it failed) is taken as rotated, not rotated again.
+
+        Returns:
+            The key's latest version.
 
         Raises:
-            KekUnavailable: the server cannot be reached (the rotation is not retried blindly:
-                if the request went through, the new version is returned instead).
+            KekUnavailable: the server cannot be reached and shows no new version (call again
+                with the same ``version``: if the request went through meanwhile, it is adopted).
             KekError: permission denied.
         """
+        latest = await self.latest_version()
+        if latest > version:
+            return latest
         name, mount = self.config.transit_key, self.config.mount_point
-        before = (await self.key_info()).latest_version
         try:
             await self._call("rotate", lambda: self._transit.rotate_key(name, mount_point=mount), retry=False)
         except KekUnavailable as err:
             if isinstance(err, CircuitOpen):
                 raise
-            latest = (await self.key_info()).latest_version
-            if latest <= before:
+            latest = await self.latest_version()
+            if latest <= version:
                 raise
             return latest
-        return (await self.key_info()).latest_version
+        return await self.latest_version()
 
     async def set_min_decryption_version(self, version: int) -> None:
         """Refuse to decrypt with key versions below ``version`` (transit keeps them until trimmed).

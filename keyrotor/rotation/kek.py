@@ -4,7 +4,12 @@
    which rotates by configuration (a new ``ENCRYPTION_KEY`` with a higher
    ``ENCRYPTION_KEY_VERSION``, the old key kept in ``ENCRYPTION_KEYS_PREVIOUS``): then the
    current version is simply the target. The target is recorded on the run before anything is
-   rewrapped, so a resumed run never rotates the provider twice.
+   rewrapped, so a resumed run never rotates the provider twice. Before the rotate request is
+   sent, the provider's latest version is recorded on the run too (``detail.kek_rotate_from``):
+   a request that timed out may still be carried out, late, and the run's retry then finds the
+   key past that version and adopts the new version instead of rotating again. An attempt that
+   resumes a run with a target first reads the provider's version afresh: its process may have
+   cached the version from before another process rotated.
 2. every non-destroyed DEK with ``kek_version`` below the target is rewrapped, in batches, with
    ``kek.rewrap`` (server-side where the provider can). Each new wrapping is unwrapped and
    compared with the old one's DEK before it is written, with compare-and-swap on
@@ -35,8 +40,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import runs
 from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_events
-from keyrotor.errors import ConfigurationError, KekError, PermanentError
-from keyrotor.kek.base import KekProvider, RetiresKekVersions, WrapContext, WrappedDek, provider_layers
+from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, PermanentError
+from keyrotor.kek.base import (
+    KekProvider,
+    RetiresKekVersions,
+    RotatesFromVersion,
+    WrapContext,
+    WrappedDek,
+    provider_layers,
+)
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, kek_mismatch
 from keyrotor.rotation.lifecycle import fail
@@ -47,6 +59,9 @@ from keyrotor.store import kek as kek_store
 from keyrotor.store.kek import DekToRewrap
 
 log = structlog.get_logger("keyrotor.rotation.kek")
+
+# The run's detail key for the provider's latest KEK version before the rotate request.
+ROTATE_FROM = "kek_rotate_from"
 
 
 @dataclass(frozen=True)
@@ -101,7 +116,11 @@ async def rotate_kek(
         run = await runs.start_attempt(session, run.id, job_id)
     structlog.contextvars.bind_contextvars(run_id=run.id)
     try:
-        target = run.to_version if run.to_version is not None else await _fix_target(rc, run)
+        if run.to_version is None:
+            target = await _fix_target(rc, run)
+        else:
+            target = run.to_version
+            await _catch_up(rc, target)
         log.info("kek_rotation_started", kek_version=target, provider=rc.kek.name)
         rewrapped = await _rewrap(rc, run, target).all_passes(_one_more_pass)
         run = await _complete(rc, run)
@@ -120,7 +139,7 @@ async def _fix_target(rc: RotationContext, run: RunInfo) -> int:
     A run that another attempt gave a target meanwhile keeps that one.
     """
     await preflight(rc.kek)
-    target = await _target_version(rc)
+    target = await _target_version(rc, run)
     async with db.transaction(rc.sessions) as session:
         locked = await runs.require_run(session, run.id, for_update=True)
         if locked.to_version is not None:
@@ -278,8 +297,48 @@ async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | No
     return provider.kek_id, before, lowest
 
 
-async def _target_version(rc: RotationContext) -> int:
+def _rotating_provider(rc: RotationContext) -> RotatesFromVersion | None:
+    return next((p for p in provider_layers(rc.kek) if isinstance(p, RotatesFromVersion)), None)
+
+
+async def _catch_up(rc: RotationContext, target: int) -> None:
+    """Make this process's provider wrap under the run's target before it rewraps.
+
+    The attempt that rotated may have run in another process: this one's provider may still
+    hold the version it read before (cached, up to 5 minutes for Secrets Manager), and its
+    rewraps would be refused as not on the target. A fresh read replaces the cached version.
+
+    Raises:
+        KekUnavailable: the provider still shows an older version than the target (a replica
+            behind its primary, say): retried later.
+    """
+    provider = _rotating_provider(rc)
+    if provider is None:
+        return
+    latest = await provider.latest_version()
+    if latest < target:
+        raise KekUnavailable(
+            f"{rc.kek.name}: the KEK shows version {latest}, below the run's target {target}; "
+            "retrying until the provider shows it"
+        )
+
+
+async def _target_version(rc: RotationContext, run: RunInfo) -> int:
     if rc.kek.name == "local":
         return await rc.kek.current_version()
-    # Not retried on a timeout: a blind retry could rotate twice (the provider says so too).
-    return await rc.kek.rotate()
+    provider = _rotating_provider(rc)
+    if provider is None:
+        return await rc.kek.rotate()
+    since = run.detail.get(ROTATE_FROM)
+    if since is None:
+        since = await provider.latest_version()
+        # Committed before the request is sent: an attempt that dies or times out after it
+        # leaves its starting point behind, and the next attempt rotates from the same one.
+        async with db.transaction(rc.sessions) as session:
+            locked = await runs.require_run(session, run.id, for_update=True)
+            recorded = locked.detail.get(ROTATE_FROM)
+            if recorded is None:
+                await runs.update_detail(session, run.id, **{ROTATE_FROM: since})
+            else:
+                since = recorded
+    return await provider.rotate_from(int(since))

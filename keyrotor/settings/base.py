@@ -84,6 +84,16 @@ class SettingsPart(BaseSettings):
             _ENVIRON.reset(token)
 
 
+def check_backoff_cap(base_name: str, base_s: float, cap_name: str, cap_s: float) -> None:
+    """Refuse a backoff whose cap is below its base (ValueError naming both variables).
+
+    Refused rather than taken as the cap: every wait would then be the cap, and the base an
+    operator set would silently mean nothing.
+    """
+    if cap_s < base_s:
+        raise ValueError(f"{cap_name} ({cap_s:g}) cannot be below {base_name} ({base_s:g})")
+
+
 def _describe(exc: ValidationError) -> str:
     # pydantic's messages can echo the input; rebuild one from locations and types only.
     parts = []

@@ -3,9 +3,11 @@ due rotations, how it elects a leader, and how it backs off scopes that keep fai
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
 
-from keyrotor.settings.base import SettingsPart
+from pydantic import Field, model_validator
+
+from keyrotor.settings.base import SettingsPart, check_backoff_cap
 
 
 class SchedulerSettings(SettingsPart):
@@ -54,3 +56,13 @@ class SchedulerSettings(SettingsPart):
     estimate_rows_per_second: float = Field(
         default=20_000.0, gt=0, validation_alias="KEYROTOR_ESTIMATE_ROWS_PER_SECOND"
     )
+
+    @model_validator(mode="after")
+    def _schedule_backoff_cap(self) -> Self:
+        check_backoff_cap(
+            "KEYROTOR_SCHEDULE_BACKOFF_SECONDS",
+            self.schedule_backoff_s,
+            "KEYROTOR_SCHEDULE_BACKOFF_MAX_SECONDS",
+            self.schedule_backoff_max_s,
+        )
+        return self

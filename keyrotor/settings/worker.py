@@ -6,11 +6,11 @@ Not to be confused with ``keyrotor.worker.main.WorkerSettings``, the class arq r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from keyrotor.settings.base import SettingsPart
+from keyrotor.settings.base import SettingsPart, check_backoff_cap
 
 # KEYROTOR_LOG_LEVEL's values (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -87,6 +87,16 @@ class WorkerSettings(SettingsPart):
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="KEYROTOR_LOG_FORMAT"
     )
+
+    @model_validator(mode="after")
+    def _retry_backoff_cap(self) -> Self:
+        check_backoff_cap(
+            "KEYROTOR_RETRY_BACKOFF_SECONDS",
+            self.retry_backoff_s,
+            "KEYROTOR_RETRY_BACKOFF_MAX_SECONDS",
+            self.retry_backoff_max_s,
+        )
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, run_burst_worker, seed
 from tests.servers import (
     ServerProcess,
+    aws_client,
     aws_env,
     bao_root,
     bao_server,
@@ -672,4 +674,133 @@ async def test_throttling_storm_stops_rotate_kek_before_it_rotates(
     finally:
         root.sys.delete_quota(quota)
         await kek.aclose()
+        await engine.dispose()
+
+
+def _answer_late(server: ServerProcess, owner: Any, method: str, resume_after_s: float) -> None:
+    """Make the next ``owner.method`` request reach ``server`` while it is paused (SIGSTOP): the
+    client times out, then the server resumes and carries the request out late."""
+    real = getattr(owner, method)
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        setattr(owner, method, real)  # only this request
+        server.pause()
+        # A timer thread: the Vault client sends from a worker thread, outside the event loop.
+        threading.Timer(resume_after_s, server.resume).start()
+        return real(*args, **kwargs)
+
+    setattr(owner, method, late)
+
+
+def _key_versions(kind: str, server: ServerProcess, penv: dict[str, str]) -> int:
+    """The KEK's latest version, read at the server."""
+    if kind == "vault":
+        data = bao_root(server).secrets.transit.read_key(penv["VAULT_TRANSIT_KEY"])["data"]
+        return int(data["latest_version"])
+    kms = aws_client(server, "kms")
+    return 1 + len(kms.list_key_rotations(KeyId=penv["AWS_KMS_KEY_ID"])["Rotations"])
+
+
+@pytest.mark.parametrize("kind", ["vault", "aws-kms"])
+async def test_a_rotate_request_carried_out_late_is_not_rotated_again(
+    kind: str, wenv: dict[str, str], spawn_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotate request times out at the client but the server carries it out after all; the
+    run's retry finds the new version and adopts it instead of rotating the key a second time."""
+    from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
+    from keyrotor.store import db
+    from tests.kek.conftest import fast_policy
+
+    server: ServerProcess = spawn_server("bao" if kind == "vault" else "moto")
+    penv = _provider_env(kind, server if kind != "vault" else None, server if kind == "vault" else None)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv)
+    values = await _seed_all(s, 2)
+    engine = db.create_engine(s.database_url)
+    policy = fast_policy(timeout_s=0.5, max_attempts=2, breaker_cooldown_s=0.5)
+    real = await open_remote_provider("vault" if kind == "vault" else "aws", penv, policy=policy)
+    try:
+        rc = RotationContext(db.sessionmaker(engine), real, s)
+        if kind == "vault":
+            _answer_late(server, real._client.secrets.transit, "rotate_key", 2.5)  # type: ignore[attr-defined]
+        else:
+            _answer_late(server, real._client, "rotate_key_on_demand", 2.5)  # type: ignore[attr-defined]
+        with pytest.raises(KekUnavailable):
+            await asyncio.wait_for(kek_rotation.rotate_kek(rc), timeout=30)
+        run = (await fetch(s.database_url, "SELECT * FROM rotations WHERE kind = 'kek'"))[0]
+        assert run["to_version"] is None
+        deadline = asyncio.get_running_loop().time() + 15
+        while _key_versions(kind, server, penv) < 2:  # the late request lands
+            assert asyncio.get_running_loop().time() < deadline, "the late rotation never landed"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.6)  # the circuit breaker cools down
+        # The job's retry.
+        result = await asyncio.wait_for(kek_rotation.rotate_kek(rc, run_id=run["id"]), timeout=30)
+        assert result.run.state == "completed" and result.kek_version == 2
+        assert _key_versions(kind, server, penv) == 2  # rotated once
+        assert {d["kek_version"] for d in await _deks(s)} == {2}
+        await _check_all(s, values)
+    finally:
+        await real.aclose()
+        await engine.dispose()
+
+
+class _OutageOnRewrap:
+    """The real provider, failing its n-th rewrap with an outage (a transient error)."""
+
+    def __init__(self, inner: Any, at_call: int) -> None:
+        self.inner, self.at_call, self.calls = inner, at_call, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def rewrap(self, items: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise KekUnavailable("the provider went away (test)")
+        return await self.inner.rewrap(items)
+
+
+@pytest.mark.parametrize("kind", ["aws-kms", "aws-sm", "vault"])
+async def test_a_kek_rotation_resumed_by_another_process_completes(
+    kind: str, wenv: dict[str, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process rotates the KEK and fails mid-rewrap; the retry runs in another process,
+    whose provider read the KEK version before the rotation (cached: KMS 60 s, Secrets Manager
+    5 min). It must rewrap under the run's target, not fail the run for a stale cache."""
+    from keyrotor.kek.remote import open_remote_provider
+    from keyrotor.rotation import kek as kek_rotation
+    from keyrotor.rotation.context import RotationContext
+    from keyrotor.store import db
+    from tests.kek.conftest import fast_policy
+
+    moto = request.getfixturevalue("moto_server") if kind.startswith("aws") else None
+    bao = request.getfixturevalue("bao_server") if kind == "vault" else None
+    penv = _provider_env(kind, moto, bao)
+    _use_env(monkeypatch, penv)
+    s = settings_of(wenv, **penv, KEYROTOR_KEK_REWRAP_BATCH="2")
+    values = await _seed_all(s, 2)
+    engine = db.create_engine(s.database_url)
+    remote = "vault" if kind == "vault" else "aws"
+    other = await open_remote_provider(remote, penv, policy=fast_policy())  # reads v1 now
+    first = await open_remote_provider(remote, penv, policy=fast_policy())
+    try:
+        assert await other.current_version() == 1
+        sessions = db.sessionmaker(engine)
+        # Rewrap calls: 1 the pre-flight probe, 2 the first batch (an outage).
+        with pytest.raises(KekUnavailable):
+            await kek_rotation.rotate_kek(RotationContext(sessions, _OutageOnRewrap(first, 2), s))
+        run = (await fetch(s.database_url, "SELECT * FROM rotations WHERE kind = 'kek'"))[0]
+        assert run["state"] == "running" and run["to_version"] == 2
+        result = await asyncio.wait_for(
+            kek_rotation.rotate_kek(RotationContext(sessions, other, s), run_id=run["id"]), timeout=60
+        )
+        assert result.run.state == "completed" and result.kek_version == 2
+        assert {d["kek_version"] for d in await _deks(s)} == {2}
+        await _check_all(s, values)
+    finally:
+        await first.aclose()
+        await other.aclose()
         await engine.dispose()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import traceback
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -252,6 +255,20 @@ async def test_sm_rotation_stages_and_deterministic_token(
     assert len(await sm.unwrap(old, CTX)) == 32
 
 
+async def test_sm_rotation_whose_last_answer_was_lost_is_not_repeated(
+    moto_server: ServerProcess, secret_name: str, sm: AwsSecretsKek
+) -> None:
+    # An attempt rotated v1 -> v2, but its caller saw a timeout (say, on the final label move):
+    # the retry, from the same recorded version, adopts v2 and writes nothing.
+    assert await sm.latest_version() == 1
+    assert await sm.rotate() == 2
+    before = stages(moto_server, secret_name)
+    assert await sm.rotate_from(1) == 2
+    assert stages(moto_server, secret_name) == before
+    assert rotation_token(secret_name, 3) not in before
+    assert await sm.rotate_from(2) == 3  # from the latest version, it does rotate
+
+
 async def test_sm_stuck_pending_of_the_next_version_is_finished(
     moto_server: ServerProcess, secret_name: str, sm: AwsSecretsKek
 ) -> None:
@@ -385,6 +402,22 @@ async def test_sm_malformed_secret_names_the_shape_not_the_content(moto_server: 
         pending += [exc.__cause__, exc.__context__]
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        # Nested past the parser's recursion limit (the secret may hold 64 KB): RecursionError.
+        "[" * 30_000 + "]" * 30_000,
+        '{"version": 1, "key": ' + "[" * 20_000 + "]" * 20_000 + "}",
+    ],
+)
+async def test_sm_deeply_nested_secret_is_a_kek_error(moto_server: ServerProcess, content: str) -> None:
+    name = f"keyrotor-deep-{uuid.uuid4().hex[:8]}"
+    aws_client(moto_server, "secretsmanager").create_secret(Name=name, SecretString=content)
+    with pytest.raises(KekError, match="not keyrotor KEK material") as info:
+        await open_remote_provider("aws", aws_env(moto_server, AWS_SECRET_ID=name), policy=fast_policy())
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
 async def test_sm_fails_over_to_the_replica_region(moto_server: ServerProcess) -> None:
     name = create_kek_secret(moto_server, replica_regions=(FAILOVER_REGION,))
     env = aws_env(moto_server, AWS_SECRET_ID=name, AWS_SECRETS_FAILOVER_REGIONS=FAILOVER_REGION)
@@ -430,3 +463,46 @@ def test_new_secret_string_is_fresh_material() -> None:
     assert one["key"] != two["key"]
     assert rotation_token("a", 2) == rotation_token("a", 2) != rotation_token("a", 3)
     assert len(rotation_token("a", 2)) == 36
+
+
+# --- botocore's parameter validation echoes values: none may reach the error ------------------
+
+
+def _rendered(err: BaseException) -> str:
+    """Everything an error shows: its text, its repr and its traceback with every cause."""
+    return str(err) + repr(err) + "".join(traceback.format_exception(err))
+
+
+async def test_a_dek_that_is_not_bytes_is_refused_without_showing_it(moto_server: ServerProcess) -> None:
+    kms = await open_remote_provider(
+        "aws", aws_env(moto_server, AWS_KMS_KEY_ID=create_kms_key(moto_server)), policy=fast_policy()
+    )
+    material = os.urandom(32)
+    try:
+        for dek in (list(material), material.hex()[:32]):
+            with pytest.raises(KekError) as refused:
+                await kms.wrap(cast(bytes, dek), CTX)
+            shown = _rendered(refused.value)
+            assert str(dek) not in shown and str(list(material)[:8])[1:-1] not in shown, shown
+            assert "Plaintext" not in shown
+    finally:
+        await kms.aclose()
+
+
+async def test_a_parameter_validation_error_leaves_no_cause_behind(moto_server: ServerProcess) -> None:
+    # The translation itself: botocore's error quotes the parameter (here, key bytes as a list)
+    # and must be neither the cause nor the context of the KekError raised in its place.
+    kms = await open_remote_provider(
+        "aws", aws_env(moto_server, AWS_KMS_KEY_ID=create_kms_key(moto_server)), policy=fast_policy()
+    )
+    assert isinstance(kms, AwsKmsKek)
+    secret = list(os.urandom(32))
+    request = partial(kms._client.encrypt, KeyId=kms.kek_id, Plaintext=secret)
+    try:
+        with pytest.raises(KekError, match="parameter validation") as refused:
+            await kms.resilience.call("encrypt", request)
+    finally:
+        await kms.aclose()
+    err = refused.value
+    assert err.__cause__ is None and err.__context__ is None
+    assert str(secret)[1:-1] not in _rendered(err)

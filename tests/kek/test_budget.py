@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -24,15 +25,21 @@ import redis.asyncio as aioredis
 
 from keyrotor import Settings
 from keyrotor.errors import ConfigurationError, QueueUnavailable
-from keyrotor.kek.base import WrapContext
+from keyrotor.kek.base import KekProvider, WrapContext
 from keyrotor.kek.budget import SharedRateBudget, check_rate, kek_budget_key
-from keyrotor.kek.factory import local_keyring
+from keyrotor.kek.factory import local_keyring, open_provider
+from keyrotor.kek.metrics import KEK_ATTEMPT_FAILURES, KEK_CALLS
+from keyrotor.kek.resilience import Throttled
 from keyrotor.kek.throttle import ThrottledKek
 from keyrotor.rotation.context import RotationContext
+from keyrotor.settings import KekSettings
 from tests.conftest import MASTER_KEY, REDIS_URL
+from tests.kek.conftest import attempt_failures
 from tests.rotation_helpers import keyrotor
+from tests.servers import ServerProcess, aws_env, bao_root, create_kms_key, vault_env
 
 SLACK_S = 0.06
+CTX = WrapContext("tenant-5/openai", 1)
 
 
 def assert_paced(events: Sequence[tuple[float, int]], rate: float, slack_s: float = SLACK_S) -> None:
@@ -232,3 +239,76 @@ async def test_a_fractional_row_budget_paces_as_it_reads() -> None:
     await asyncio.wait_for(rc.spend_rows(1), timeout=5)
     second = time.monotonic() - started
     assert first < 0.05 and 1.95 <= second - first <= 2.0 + SLACK_S
+
+
+# --- what the budget counts: requests sent to the provider, retries included ----------------
+
+
+class CountingBudget(SharedRateBudget):
+    """The real shared budget, counting the units it grants."""
+
+    units = 0
+
+    async def acquire(self, units: int = 1) -> float:
+        self.units += units
+        return await super().acquire(units)
+
+
+def requests_sent(provider: str) -> float:
+    """Requests ``provider`` has sent in this process: one a successful call, one a failed attempt."""
+    sent = 0.0
+    for metric in (KEK_CALLS, KEK_ATTEMPT_FAILURES):
+        for family in metric.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                mine = sample.name.endswith("_total") and labels["provider"] == provider
+                if mine and (metric is KEK_ATTEMPT_FAILURES or labels["outcome"] == "ok"):
+                    sent += sample.value
+    return sent
+
+
+async def budgeted(env: dict[str, str], budget: SharedRateBudget) -> KekProvider:
+    """The provider of ``env`` with ``budget``, opened as the worker opens it."""
+    return await open_provider(KekSettings.from_env(env), env, budget=budget)
+
+
+async def test_a_throttled_vault_call_spends_a_unit_per_attempt(
+    redis: aioredis.Redis, bao_server: ServerProcess
+) -> None:
+    env = {**vault_env(bao_server), "SECRETS_PROVIDER": "vault"}
+    key = env["VAULT_TRANSIT_KEY"]
+    root = bao_root(bao_server)
+    quota = f"budget-{key}"
+    budget = CountingBudget(redis, _key(), 1000)
+    sent_before = requests_sent("vault")
+    kek = await budgeted(env, budget)
+    try:
+        # One encrypt every 10 s: the first wrap takes it, the next is throttled on every attempt.
+        root.sys.create_or_update_quota(quota, rate=1, path=f"transit/encrypt/{key}", interval="10s")
+        await kek.wrap(os.urandom(32), CTX)
+        throttled_before = attempt_failures("vault", "encrypt", "throttled")
+        with pytest.raises(Throttled):
+            await asyncio.wait_for(kek.wrap(os.urandom(32), CTX), timeout=30)
+        assert attempt_failures("vault", "encrypt", "throttled") - throttled_before >= 2  # it retried
+    finally:
+        root.sys.delete_quota(quota)
+        await kek.aclose()
+    assert budget.units == requests_sent("vault") - sent_before
+
+
+async def test_a_kms_rotation_spends_a_unit_per_request(
+    redis: aioredis.Redis, moto_server: ServerProcess
+) -> None:
+    # rotate() polls ListKeyRotations and GetKeyRotationStatus besides RotateKeyOnDemand.
+    env = {**aws_env(moto_server, AWS_KMS_KEY_ID=create_kms_key(moto_server)), "SECRETS_PROVIDER": "aws"}
+    budget = CountingBudget(redis, _key(), 1000)
+    sent_before = requests_sent("aws-kms")
+    kek = await budgeted(env, budget)
+    try:
+        assert await asyncio.wait_for(kek.rotate(), timeout=30) == 2
+        await kek.wrap(os.urandom(32), CTX)
+    finally:
+        await kek.aclose()
+    sent = requests_sent("aws-kms") - sent_before
+    assert sent >= 5
+    assert budget.units == sent

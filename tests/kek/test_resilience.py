@@ -18,12 +18,19 @@ import requests
 from aiolimiter import AsyncLimiter
 from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
-from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError
+from keyrotor.errors import ConfigurationError, KekError, KekUnavailable, KeyrotorError, QueueUnavailable
 from keyrotor.kek.aws_client import aws_error_code, aws_translator
 from keyrotor.kek.base import WrapContext
 from keyrotor.kek.metrics import KEK_CIRCUIT_OPEN
 from keyrotor.kek.remote import open_remote_provider
-from keyrotor.kek.resilience import CircuitBreaker, CircuitOpen, Resilience, ResiliencePolicy, Throttled
+from keyrotor.kek.resilience import (
+    CircuitBreaker,
+    CircuitOpen,
+    Concealed,
+    Resilience,
+    ResiliencePolicy,
+    Throttled,
+)
 from keyrotor.kek.vault_client import vault_translator
 from tests.kek.conftest import fast_policy
 from tests.servers import ServerProcess, aws_env, create_kms_key, vault_env
@@ -262,8 +269,9 @@ def test_aws_parameter_errors_do_not_quote_values() -> None:
     error = aws_translator("aws-kms")(
         ParamValidationError(report="Plaintext: b'super-secret-dek'"), "encrypt"
     )
-    assert isinstance(error, KekError)
-    assert "super-secret" not in str(error)
+    # Concealed: Resilience raises the KekError with neither cause nor context.
+    assert isinstance(error, Concealed) and isinstance(error.error, KekError)
+    assert "super-secret" not in str(error.error)
 
 
 @pytest.mark.parametrize(
@@ -402,3 +410,26 @@ async def test_an_unreachable_vault_is_named_without_the_credentials_of_its_addr
     assert "vault (http://127.0.0.1:1)" in str(refused.value)
     assert "hunter2" not in str(refused.value) and "kr-user" not in str(refused.value)
     assert "t0ken" not in str(refused.value)
+
+
+class DeadBudget:
+    """A shared budget whose Redis is down."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    async def acquire(self) -> float:
+        self.tries += 1
+        raise QueueUnavailable("the shared KEK call budget cannot be read from Redis")
+
+
+async def test_a_budget_that_cannot_be_read_sends_nothing_and_is_not_retried() -> None:
+    observer = RecordingObserver()
+    budget = DeadBudget()
+    fn = Flaky()
+    r = Resilience("fake", fast_policy(), translate, limiter=budget, observer=observer)
+    with pytest.raises(QueueUnavailable):
+        await r.call("encrypt", fn)
+    # The budget retried its own round trips already: one try here, no request, no breaker failure.
+    assert (budget.tries, fn.attempts, r.breaker.consecutive_failures) == (1, 0, 0)
+    assert observer.calls == [("fake", "encrypt", "no_budget")] and observer.attempts == []
