@@ -139,7 +139,7 @@ def _schemas() -> dict[str, Any]:
 
 
 def _paths() -> dict[str, Any]:
-    return _value_paths() | _management_paths()
+    return _value_paths() | _management_paths() | _public_paths()
 
 
 def _value_paths() -> dict[str, Any]:
@@ -224,6 +224,12 @@ def _management_paths() -> dict[str, Any]:
                 },
             )
         },
+    }
+
+
+def _public_paths() -> dict[str, Any]:
+    """The routes without authentication: a load balancer's probe and this document."""
+    return {
         "/v1/health": {
             "get": {
                 "summary": "Liveness and database reachability; unauthenticated, says nothing secret",

@@ -251,15 +251,7 @@ async def _migrate_range(
     batch_rows: int,
 ) -> RangeOutcome:
     structlog.contextvars.bind_contextvars(run_id=rng.run_id, target=rng.target, lo=rng.lo)
-    async with db.transaction(km.sessions) as session:
-        # The range before the run: its report part, read second, is then at least as new as
-        # its cursor (a newer one shows as a moved cursor at the first write, see _write).
-        found = await _range_row(session, rng)
-        run = await runs.require_run(session, rng.run_id)
-        known = await known_failures(session, rng.run_id)
-    if run.kind != "legacy":
-        raise runs.RunFailed(f"run {rng.run_id} is not a legacy migration")
-    range_id, range_state, bounds = found
+    run, known, (range_id, range_state, bounds) = await _read_range(km, rng)
     part = run.detail.get("range_reports", {}).get(rng.key)
     rep = ColumnReport.from_dict(part) if part else ColumnReport(rng.target)
 
@@ -307,6 +299,25 @@ async def _migrate_range(
     completed = await run_to_commit(_finish(km, rng, range_id))
     log.info("legacy_range_done", migrated=rep.migrated, failed=rep.failed_count, completed_run=completed)
     return outcome("done", completed)
+
+
+async def _read_range(
+    km: KeyManager, rng: LegacyRange
+) -> tuple[RunInfo, set[tuple[str, Key]], tuple[int, str, Any]]:
+    """The range's run, the values an earlier run failed to authenticate, and the range row.
+
+    Raises:
+        RunFailed: the run is not a legacy migration.
+    """
+    async with db.transaction(km.sessions) as session:
+        # The range before the run: its report part, read second, is then at least as new as
+        # its cursor (a newer one shows as a moved cursor at the first write, see _write).
+        found = await _range_row(session, rng)
+        run = await runs.require_run(session, rng.run_id)
+        known = await known_failures(session, rng.run_id)
+    if run.kind != "legacy":
+        raise runs.RunFailed(f"run {rng.run_id} is not a legacy migration")
+    return run, known, found
 
 
 async def _range_row(session: AsyncSession, rng: LegacyRange) -> tuple[int, str, Any]:
