@@ -443,3 +443,22 @@ async def test_async_mode_counts_what_a_dead_writer_task_held(settings: Settings
         await asyncio.wait_for(km.flush_audit(), 10)  # returns: nothing is left to wait for
     assert await _count(database_url, "queued") == 0
     assert await _count(database_url, "after-death") == 0
+
+
+async def test_a_frozen_writer_does_not_hold_the_chain_lock_for_ever(
+    settings: Settings, database_url: str
+) -> None:
+    # A writer process stopped (SIGSTOP, a hung VM, a partition) between BEGIN and COMMIT sends
+    # no FIN: its backend sits idle in transaction holding the chain lock. The server must end
+    # that transaction after the writer's statement timeout, or every audited call fails.
+    frozen = await asyncpg.connect(database_url)
+    try:
+        async with KeyManager(settings) as km:
+            token = await km.encrypt("openai", OPENAI)
+            await audit_store.begin_locked(frozen, 2.0)  # the writer's own transaction, then silence
+            started = time.monotonic()
+            assert await asyncio.wait_for(km.decrypt("openai", token, actor="after-freeze"), 20) == OPENAI
+            assert time.monotonic() - started < 20
+            assert await _count(database_url, "after-freeze") == 1
+    finally:
+        frozen.terminate()
