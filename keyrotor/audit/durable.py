@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keyrotor.audit.chain import chain_lines, chain_records
 from keyrotor.audit.events import Row
-from keyrotor.audit.writer import MAX_BATCHES_PER_WRITE, AuditWriter
+from keyrotor.audit.writer import EVENTS_DROPPED, MAX_BATCHES_PER_WRITE, AuditWriter
 from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.store import audit as store
 from keyrotor.store import db
@@ -109,11 +109,13 @@ class DurableAuditWriter(AuditWriter):
         """Queue ``row`` and return once the batch holding it is committed.
 
         Raises:
-            StoreUnavailable: the batch could not be committed (the event may be missing).
+            StoreUnavailable: the batch could not be committed (the event may be missing), or
+                the writer's task ended without ``close()``.
             ConfigurationError: the writer is closed.
         """
         if self._closing or self._task is None:
             raise ConfigurationError("the audit writer is closed (or was never started)")
+        self._refuse_if_stopped()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf.append(row)
         self._waiters.append(fut)
@@ -125,11 +127,13 @@ class DurableAuditWriter(AuditWriter):
         """Queue ``rows`` in order and return once all of them are committed.
 
         Raises:
-            StoreUnavailable: a batch holding one of them could not be committed.
+            StoreUnavailable: a batch holding one of them could not be committed, or the
+                writer's task ended without ``close()``.
             ConfigurationError: the writer is closed.
         """
         if self._closing or self._task is None:
             raise ConfigurationError("the audit writer is closed (or was never started)")
+        self._refuse_if_stopped()
         if not rows:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -156,6 +160,11 @@ class DurableAuditWriter(AuditWriter):
         """
         if self._closing:
             raise ConfigurationError("the audit writer is closed")
+        if self._stopped:  # no task will write it: counted as lost, as the queue it joined was
+            self.dropped += 1
+            EVENTS_DROPPED.labels(reason="stopped").inc()
+            log.error("audit writer stopped: a %s event was not recorded", row[0])
+            return
         self._buf.append(row)
         self._waiters.append(None)
         self._detached += 1
@@ -320,6 +329,21 @@ class DurableAuditWriter(AuditWriter):
         for fut in futs:
             if fut is not None and not fut.done():
                 fut.set_exception(StoreUnavailable(f"{message}: the call was not completed"))
+
+    def _abandon(self) -> None:
+        # The task ended without close(): the calls still waiting fail (nothing they return
+        # goes unaudited); events no call waited for are lost, and counted.
+        futs = list(self._waiters)
+        self._waiters.clear()
+        self._fail(futs, "the audit writer stopped before the event was committed")
+        detached, self._detached = self._detached, 0
+        self._buf.clear()
+        self._in_flight = 0
+        self._done = self._queued
+        if detached:
+            self.dropped += detached
+            EVENTS_DROPPED.labels(reason="stopped").inc(detached)
+            log.error("%d audit events no call waited for were lost with the writer task", detached)
 
     def _give_up(self, left: int) -> None:
         # Events close() could not write belong to calls still waiting: they fail, nothing is lost.

@@ -114,9 +114,21 @@ def clean_text(value: str, limit: int) -> str:
     return value
 
 
+def printable(value: str) -> str:
+    """``value`` with every character that is not printable (a newline, an ANSI escape, a lone
+    surrogate) written as its Python escape (``\\n``, ``\\x1b``), so that it stays legible."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value)
+
+
 def clean_short(value: str | None) -> str | None:
-    """:func:`clean_text` for short optional fields (scope, ip, user agent)."""
-    return None if value is None else clean_text(str(value), MAX_SHORT_CHARS)
+    """:func:`clean_text` for short optional fields (scope, ip, user agent), printable only.
+
+    These come from the network (a client's address, its User-Agent): escaped, a newline or a
+    terminal escape in one can neither forge a line of ``audit tail`` nor drive a terminal.
+    """
+    return None if value is None else clean_text(printable(str(value)), MAX_SHORT_CHARS)
 
 
 def normalize_metadata(value: Any) -> Any:
@@ -170,7 +182,7 @@ def event_row(event: AuditEvent) -> Row:
         clean_short(event.scope),
         key_version,
         bool(event.success),
-        None if event.actor is None else clean_text(str(event.actor), MAX_ACTOR_CHARS),
+        None if event.actor is None else clean_text(printable(str(event.actor)), MAX_ACTOR_CHARS),
         clean_short(event.ip_address),
         clean_short(event.user_agent),
         None if event.error_message is None else clean_text(str(event.error_message), MAX_ERROR_CHARS),

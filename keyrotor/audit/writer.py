@@ -18,6 +18,9 @@ last flush interval. Nothing else is dropped silently:
 - if the queue is full (the database is slow or down), callers wait for space: back-pressure,
   counted in ``keyrotor_audit_callers_blocked_total`` and logged; past ``put_timeout_s`` (when
   set) the event is dropped, counted in ``keyrotor_audit_events_dropped_total{reason="queue_full"}``;
+- if the writer's task ends without ``close()`` (something cancelled it), what it held is
+  counted in ``keyrotor_audit_events_dropped_total{reason="stopped"}`` and logged, and every
+  later call fails with ``StoreUnavailable`` rather than queue events nobody will write;
 - ``close()`` writes everything still queued. Only if that keeps failing for
   ``KEYROTOR_AUDIT_CLOSE_TIMEOUT_SECONDS`` does it give up, logging an error with the count and
   adding it to ``keyrotor_audit_events_dropped_total{reason="close"}``.
@@ -42,7 +45,7 @@ from keyrotor.audit.append import ChainAppender, Prepared
 from keyrotor.audit.chain import chain_copy
 from keyrotor.audit.events import AuditEvent, Row, event_row
 from keyrotor.audit.key import AuditKey
-from keyrotor.errors import ConfigurationError
+from keyrotor.errors import ConfigurationError, StoreUnavailable
 from keyrotor.store import db
 
 log = logging.getLogger(__name__)
@@ -55,9 +58,10 @@ CALLERS_BLOCKED = Counter(
     "keyrotor_audit_callers_blocked_total", "Calls that waited for space in a full audit queue."
 )
 # Async mode only (durable calls fail instead of losing their event). Reasons: ``queue_full``
-# (a call waited KEYROTOR_AUDIT_PUT_TIMEOUT_SECONDS for room), ``close`` (close() gave up). What
+# (a call waited KEYROTOR_AUDIT_PUT_TIMEOUT_SECONDS for room), ``close`` (close() gave up),
+# ``stopped`` (the writer's task ended without close(): what it held is never written). What
 # a killed process held in memory cannot be counted by it: see docs/audit.md.
-DROP_REASONS = ("queue_full", "close")
+DROP_REASONS = ("queue_full", "close", "stopped")
 EVENTS_DROPPED = Counter(
     "keyrotor_audit_events_dropped_total",
     "Audit events accepted in async mode and never written.",
@@ -126,6 +130,7 @@ class AuditWriter(ChainAppender):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
+        self._stopped = False  # the task ended without close(): nothing queued will be written
         self._deadline: float | None = None
         self._queued = 0  # events accepted so far
         self._done = 0  # events written (or given up on at close) so far
@@ -155,6 +160,41 @@ class AuditWriter(ChainAppender):
         """Start the background task (idempotent)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="keyrotor-audit-writer")
+            self._task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        # close() ends the task on purpose and accounts for what is left itself. Any other end
+        # (a cancellation from outside, a bug) leaves events nobody will write: say so once, and
+        # make every later call fail instead of queueing, or waiting, for ever.
+        if self._closing:
+            return
+        self._stopped = True
+        self._next_yield = 0  # offer() refuses from now on: put() raises
+        error = None if task.cancelled() else task.exception()
+        log.error(
+            "audit writer task ended without close() (%s): later calls fail with StoreUnavailable",
+            "cancelled" if error is None else type(error).__name__,
+        )
+        self._abandon()
+        self._space.set()
+        self._progress.set()
+
+    def _abandon(self) -> None:
+        """Account for the events a stopped task held (async mode: lost, counted)."""
+        left = len(self._buf) + self._in_flight
+        self._buf.clear()
+        self._in_flight = 0
+        self._done = self._queued
+        if left:
+            self.dropped += left
+            EVENTS_DROPPED.labels(reason="stopped").inc(left)
+            log.error(
+                "%d audit events were lost with the writer task (keyrotor_audit_events_dropped_total)", left
+            )
+
+    def _refuse_if_stopped(self) -> None:
+        if self._stopped:
+            raise StoreUnavailable("the audit writer stopped: the call was not completed")
 
     async def close(self) -> None:
         """Write everything queued, stop the task and release the connection.
@@ -220,9 +260,11 @@ class AuditWriter(ChainAppender):
 
         Raises:
             ConfigurationError: the writer is closed.
+            StoreUnavailable: the writer's task ended without ``close()``.
         """
         if self.offer(row):
             return
+        self._refuse_if_stopped()
         buf = self._buf
         if self._closing:
             raise ConfigurationError("the audit writer is closed")
@@ -248,6 +290,7 @@ class AuditWriter(ChainAppender):
         while len(buf) + self._in_flight >= self._max:
             if self._closing:
                 raise ConfigurationError("the audit writer is closed")
+            self._refuse_if_stopped()
             self._space.clear()
             if deadline is None:
                 await self._space.wait()
@@ -258,6 +301,7 @@ class AuditWriter(ChainAppender):
             except TimeoutError:
                 self._drop_full()
                 return
+        self._refuse_if_stopped()  # woken because the task ended, not because it wrote
         buf.append(row)
         self._queued += 1
 

@@ -231,8 +231,6 @@ async def set_key_wrap(
 
 # --- the batched writers, on their own asyncpg connection -----------------------------------
 
-# BEGIN and the lock in one round trip (simple query protocol: constants only).
-_BEGIN_AND_LOCK = f"BEGIN; SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
 _ROW_HAS_HASH = f"SELECT 1 FROM {TABLE} WHERE id = $1 AND row_hash = $2"
 _UNNEST_TYPES = (
     "bigint",
@@ -284,8 +282,19 @@ _INSERT_LINES_ON_HEAD = (
 
 
 async def begin_locked(pg: Any, timeout_s: float) -> None:
-    """Open a transaction on ``pg`` holding the chain lock."""
-    await pg.execute(_BEGIN_AND_LOCK, timeout=timeout_s)
+    """Open a transaction on ``pg`` holding the chain lock.
+
+    The server ends the transaction (and so releases the lock) if ``pg`` then sits idle in it
+    for ``timeout_s``: a writer stopped between BEGIN and COMMIT (SIGSTOP, a hung host, a
+    network partition) sends no FIN, and would otherwise hold every appender back for ever.
+    A writer's own pauses between its statements are a batch's hashing, far shorter.
+    """
+    idle_ms = max(1, int(timeout_s * 1000))
+    await pg.execute(
+        f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}; "
+        f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})",
+        timeout=timeout_s,
+    )
 
 
 async def commit(pg: Any, timeout_s: float) -> None:

@@ -4,6 +4,7 @@ commit, an outage fails calls closed; and what async mode promises instead, SIGK
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -396,3 +397,68 @@ def test_chain_lines_refuses_any_escaped_field() -> None:
         rows_ = [plain, odd]
         assert chain_lines(7, b"\0" * 32, rows_, key)[0] is None
         assert chain_lines(7, b"\0" * 32, rows_, key)[1:] == chain_copy(7, b"\0" * 32, rows_, key)[1:]
+
+
+async def test_a_dead_writer_task_fails_calls_instead_of_hanging(
+    settings: Settings, database_url: str
+) -> None:
+    # The writer's task can end under the manager (something cancels every task of the loop): a
+    # call must then fail closed at once, never wait for a commit no task will make.
+    async with KeyManager(settings) as km:
+        token = await km.encrypt("openai", OPENAI)
+        writer = _writer(km)
+        task = writer._task
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        with pytest.raises(StoreUnavailable, match="audit writer"):
+            await asyncio.wait_for(km.decrypt("openai", token, actor="after-death"), 10)
+        with pytest.raises(StoreUnavailable, match="audit writer"):
+            await asyncio.wait_for(km.put_secrets("openai", [("k", OPENAI)], actor="after-death"), 10)
+    assert await _count(database_url, "after-death") == 0
+
+
+async def test_async_mode_counts_what_a_dead_writer_task_held(settings: Settings, database_url: str) -> None:
+    def stopped() -> float:
+        return REGISTRY.get_sample_value("keyrotor_audit_events_dropped_total", {"reason": "stopped"}) or 0.0
+
+    s = settings.model_copy(update={"audit_mode": "async", "audit_flush_interval_s": 60.0})
+    before = stopped()
+    async with KeyManager(s) as km:
+        token = await km.encrypt("openai", OPENAI)
+        await km.flush_audit()
+        for _ in range(3):  # queued; the interval is a minute, so none is written yet
+            assert await km.decrypt("openai", token, actor="queued") == OPENAI
+        writer = km.audit
+        assert writer is not None and writer._task is not None
+        task = writer._task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert writer.dropped == 3
+        assert stopped() == before + 3
+        with pytest.raises(StoreUnavailable, match="audit writer"):
+            await asyncio.wait_for(km.decrypt("openai", token, actor="after-death"), 10)
+        await asyncio.wait_for(km.flush_audit(), 10)  # returns: nothing is left to wait for
+    assert await _count(database_url, "queued") == 0
+    assert await _count(database_url, "after-death") == 0
+
+
+async def test_a_frozen_writer_does_not_hold_the_chain_lock_for_ever(
+    settings: Settings, database_url: str
+) -> None:
+    # A writer process stopped (SIGSTOP, a hung VM, a partition) between BEGIN and COMMIT sends
+    # no FIN: its backend sits idle in transaction holding the chain lock. The server must end
+    # that transaction after the writer's statement timeout, or every audited call fails.
+    frozen = await asyncpg.connect(database_url)
+    try:
+        async with KeyManager(settings) as km:
+            token = await km.encrypt("openai", OPENAI)
+            await audit_store.begin_locked(frozen, 2.0)  # the writer's own transaction, then silence
+            started = time.monotonic()
+            assert await asyncio.wait_for(km.decrypt("openai", token, actor="after-freeze"), 20) == OPENAI
+            assert time.monotonic() - started < 20
+            assert await _count(database_url, "after-freeze") == 1
+    finally:
+        frozen.terminate()

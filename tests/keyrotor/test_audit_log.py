@@ -262,7 +262,10 @@ def test_canonical_form_is_a_copy_text_line() -> None:
         created_at=when,
         metadata={"a": 1},
     )
-    assert chain_hash(GENESIS, event, 7) == hashlib.sha256(GENESIS + got).digest()
+    # An event's actor is stored printable: its tab is kept as the two characters of its escape.
+    stored = canonical(7, "decrypt", "tenant-1/x", 3, True, "ü\\tser\\", None, "", None, when, '{"a":1}')
+    assert stored == got.replace(b"\\t", b"\\\\t")
+    assert chain_hash(GENESIS, event, 7) == hashlib.sha256(GENESIS + stored).digest()
 
 
 async def test_write_event_in_the_callers_transaction(km: KeyManager, database_url: str) -> None:
@@ -663,3 +666,28 @@ async def test_a_closed_manager_does_not_decrypt_unaudited(settings: Settings) -
     await km.close()
     with pytest.raises(ConfigurationError):
         await km.decrypt("openai", token)
+
+
+async def test_caller_fields_carry_no_control_characters_into_the_log(
+    km: KeyManager, database_url: str
+) -> None:
+    # An IP or a User-Agent comes from the network: a newline or a terminal escape in one must
+    # not reach the stored row (a forged line in `audit tail`, a recoloured terminal).
+    token = await km.encrypt("openai", "sk-" + "x" * 40)
+    forged = "1.2.3.4\n2026-01-01T00:00:00.000000Z #1 decrypt openai actor=admin ok"
+    agent = "curl/8\r\x1b[2K\x1b[31mok\t\x07" + "A" * 5000
+    await km.decrypt("openai", token, actor="edge", ip=forged, user_agent=agent)
+    with actor_context("edge-ctx", ip="\x1b]0;title\x07", user_agent="ua\x85\u2028x"):
+        await km.decrypt("openai", token)
+    async with db.transaction(km.sessions) as session:
+        await write_event(session, AuditEvent("config_change", actor="job\nname", ip_address="\x00\x7f"))
+    await km.flush_audit()
+    found = await rows(database_url, "actor LIKE 'edge%' OR actor LIKE 'job%'")
+    assert len(found) == 3
+    for row in found:
+        for column in ("actor", "ip_address", "user_agent"):
+            value = row[column]
+            assert value is None or value.isprintable(), (column, value)
+            assert value is None or len(value) <= 512
+    assert found[0]["ip_address"].startswith("1.2.3.4\\n2026")  # escaped, still legible
+    assert (await verify(km)).ok

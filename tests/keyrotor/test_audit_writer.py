@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
+from keyrotor.audit.events import printable
 from keyrotor.audit.log import CHAIN_LOCK, AuditEvent, write_event
 from keyrotor.audit.writer import AuditWriter
 from keyrotor.store import db
@@ -297,7 +298,14 @@ async def test_copy_text_escaping_round_trips(km: KeyManager, database_url: str)
     )
     await km.flush_audit()
     (row,) = await rows(database_url)
-    assert row["scope"] == row["actor"] == row["error_message"] == tricky
+    assert row["error_message"] == tricky
+    # Scope, actor, ip and user agent are stored printable: their controls as escapes.
+    assert (
+        row["scope"]
+        == row["actor"]
+        == printable(tricky)
+        == tricky.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
     assert row["ip_address"] == "\\N" and row["user_agent"] == ""
     assert json.loads(row["metadata"]) == {"k\t\\": tricky, "list": [tricky, 1.5, None]}
     assert (await verify(km)).ok
@@ -313,7 +321,8 @@ def test_copy_and_records_hash_alike() -> None:
     data, last_id, last_hash = chain_copy(41, GENESIS, batch)
     records = chain_records(41, GENESIS, batch)
     assert (last_id, last_hash) == (records[-1][0], records[-1][12])
-    assert data.count(b"\n") == 6 and data.startswith(b"42\tdecrypt\ts\t0\tt\ta\\t0\t")
+    # The actor's tab is stored as its escape, whose backslash COPY doubles.
+    assert data.count(b"\n") == 6 and data.startswith(b"42\tdecrypt\ts\t0\tt\ta\\\\t0\t")
 
 
 _FIELD = st.none() | st.text(alphabet=st.sampled_from("ab\t\n\r\\N é€"), max_size=6)
