@@ -4,6 +4,11 @@ fail in one line naming the address they could not take. Real processes, real Po
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
 
 from tests.cli_helpers import keyrotor
 from tests.conftest import MASTER_KEY
@@ -28,3 +33,44 @@ def test_health_fails_the_kek_check_when_the_key_cannot_unwrap_the_stored_deks(e
     assert "KekMismatch" in kek["error"] and "anthropic" in kek["error"]
     assert MASTER_KEY not in wrong.stdout + wrong.stderr
     assert OTHER_MASTER_KEY not in wrong.stdout + wrong.stderr
+
+
+def _assert_cannot_listen(proc: subprocess.CompletedProcess[str], where: str) -> None:
+    """One line naming the address and the reason, exit 2 (a configuration mistake)."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"keyrotor: error: cannot listen on {where}: address already in use", err
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port another process's socket listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(env: dict[str, str], busy_port: int) -> None:
+    proc = keyrotor("serve", "--port", str(busy_port), env=env, timeout=60)
+    _assert_cannot_listen(proc, f"127.0.0.1:{busy_port}")
+    assert "keyrotor API on" not in proc.stderr
+
+
+def test_serve_on_an_unknown_host_says_so_in_one_line(env: dict[str, str]) -> None:
+    proc = keyrotor("serve", "--host", "no-such-host.invalid", "--port", "8180", env=env, timeout=60)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.splitlines()[-1].startswith("keyrotor: error: cannot listen on no-such-host.invalid:8180: "), (
+        err
+    )
+
+
+def test_audit_serve_on_a_busy_port_says_so_and_announces_nothing(
+    env: dict[str, str], busy_port: int
+) -> None:
+    token_env = {**env, "KEYROTOR_AUDIT_API_TOKEN": "t" * 32}
+    proc = keyrotor("audit", "serve", "--port", str(busy_port), env=token_env, timeout=60)
+    _assert_cannot_listen(proc, f"127.0.0.1:{busy_port}")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no "audit API on ..." first

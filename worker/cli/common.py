@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -59,6 +61,24 @@ def fail_with(exc: Exception) -> NoReturn:
         fail(fix, 2)
     # An unexpected error's message may quote data; print its type only.
     fail(f"unexpected {type(exc).__name__} (set KEYROTOR_DEBUG=1 for the traceback)", 1)
+
+
+# Why a server cannot take its address: another process holds the port, the address is not
+# this host's, or the port is privileged. Anything else is not the address's fault.
+_LISTEN_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ConfigurationError | None:
+    """The one-line error for a server that could not listen on ``host:port`` because of the
+    address (busy, not this host's, privileged, a name that does not resolve), else None."""
+    if isinstance(exc, socket.gaierror):
+        reason = f"the host name does not resolve ({exc.strerror})"
+    elif exc.errno in _LISTEN_ERRNOS:
+        # The errno's own text: asyncio's strerror repeats the address in its own words.
+        reason = os.strerror(exc.errno).lower()
+    else:
+        return None
+    return ConfigurationError(f"cannot listen on {host}:{port}: {reason}")
 
 
 # Postgres errors a user fixes with configuration or one command, by SQLSTATE.
