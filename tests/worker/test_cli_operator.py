@@ -74,3 +74,17 @@ def test_audit_serve_on_a_busy_port_says_so_and_announces_nothing(
     proc = keyrotor("audit", "serve", "--port", str(busy_port), env=token_env, timeout=60)
     _assert_cannot_listen(proc, f"127.0.0.1:{busy_port}")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no "audit API on ..." first
+
+
+def test_verify_of_a_scope_that_does_not_exist_is_an_error_not_a_pass(env: dict[str, str]) -> None:
+    put = keyrotor("secrets", "put", "anthropic", "prod", env=env, stdin=KEY)
+    assert put.returncode == 0, put.stderr
+    ok = keyrotor("verify", "anthropic", "--json", env=env)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["checked"] == 1, ok.stderr
+
+    # A typo must not read as "every value verified": status says the same of it.
+    for args in (("verify", "antropic"), ("verify", "antropic", "--json")):
+        typo = keyrotor(*args, env=env)
+        assert typo.returncode == 2, typo.stdout + typo.stderr
+        assert typo.stdout == ""
+        assert typo.stderr == "keyrotor: error: scope 'antropic' does not exist\n"
