@@ -4,13 +4,15 @@ fail in one line naming the address they could not take. Real processes, real Po
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.cli_helpers import keyrotor
+from tests.cli_helpers import ROOT, keyrotor
 from tests.conftest import MASTER_KEY
 
 KEY = "sk-ant-api03-" + "Qv7" * 30
@@ -88,3 +90,29 @@ def test_verify_of_a_scope_that_does_not_exist_is_an_error_not_a_pass(env: dict[
         assert typo.returncode == 2, typo.stdout + typo.stderr
         assert typo.stdout == ""
         assert typo.stderr == "keyrotor: error: scope 'antropic' does not exist\n"
+
+
+def test_the_cli_runs_as_a_module_too(env: dict[str, str]) -> None:
+    # `python -m keyrotor.worker.cli` is the console script without the script, for a
+    # virtualenv whose bin/ is not on PATH.
+    run_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
+    keygen = subprocess.run(
+        [sys.executable, "-m", "keyrotor.worker.cli", "keygen"],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        timeout=60,
+        check=False,
+    )
+    assert keygen.returncode == 0, keygen.stderr
+    assert keygen.stdout.startswith("krk1_")
+    bad = subprocess.run(
+        [sys.executable, "-m", "keyrotor.worker.cli", "status", "Not A Scope"],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("keyrotor: error: invalid scope name") and bad.stderr.count("\n") == 1

@@ -91,7 +91,3 @@ def _run(argv: list[str] | None) -> None:
         fail("interrupted", 130)
     except Exception as exc:
         fail_with(exc)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
