@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from keyrotor.worker.logs import configure_logging
 
 T = TypeVar("T")
 
@@ -111,6 +113,20 @@ def _database_hint(exc: BaseException) -> str | None:
 def settings() -> Settings:
     """Settings from the environment (read once per command)."""
     return Settings.from_env()
+
+
+def logs_to_stderr(settings: Settings, *, from_level: int = logging.NOTSET) -> None:
+    """Send this command's log events to stderr, formatted and redacted as a worker's are, and
+    only those at ``from_level`` or above (default: the ``KEYROTOR_LOG_LEVEL`` filter alone).
+
+    A command's stdout is its result (a value, a table, ``--json``); the events the library
+    logs while it runs (a refused retirement, a run's batches) must not land in it.
+    """
+    configure_logging(settings)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+            handler.setStream(sys.stderr)
+            handler.setLevel(from_level)
 
 
 def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
