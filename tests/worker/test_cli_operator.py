@@ -153,3 +153,21 @@ async def test_a_refused_retire_keeps_stdout_for_json_and_its_log_line_on_stderr
     finally:
         await cleanup_queue(qenv["KEYROTOR_QUEUE_NAME"])
 
+
+def test_promote_asks_even_with_json_and_off_a_terminal_needs_yes(env: dict[str, str]) -> None:
+    # --json picks the output format; it must not also skip the question before a promotion,
+    # which fences the region for good. Off a terminal (a script) the answer is --yes.
+    regions = {
+        **env,
+        "KEYROTOR_PRIMARY_REGION": "us-east-1",
+        "KEYROTOR_REGIONS": "eu-west-1=" + env["DATABASE_URL"].rsplit("/", 1)[0] + "/keyrotor_no_such_region",
+        "KEYROTOR_REGION_EU_WEST_1__SECRETS_PROVIDER": "local",
+        "KEYROTOR_REGION_EU_WEST_1__ENCRYPTION_KEY": OTHER_MASTER_KEY,
+    }
+    for args in (("--json",), ()):
+        proc = keyrotor("replicas", "promote", "eu-west-1", *args, env=regions, stdin="")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stdout == ""
+        assert proc.stderr == (
+            "keyrotor: error: promoting a region cannot be undone: confirm on a terminal, or pass --yes\n"
+        )

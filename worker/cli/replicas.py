@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from keyrotor.errors import ConfigurationError, KekUnavailable
+from keyrotor.errors import ConfigurationError, InvalidInput, KekUnavailable
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
 from keyrotor.replication import check as replication
@@ -156,7 +157,10 @@ def promote(
 ) -> None:
     """Promote a secondary to primary for a lasting outage: its verified copies become its DEKs."""
     settings = Settings.from_env()
-    if not yes and not json_out:
+    # --json only picks the output: the question stands (on stderr), and a script says --yes.
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("promoting a region cannot be undone: confirm on a terminal, or pass --yes")
         typer.confirm(
             f"promote {region} to primary? Replication will never write to it again", abort=True, err=True
         )
