@@ -171,3 +171,20 @@ def test_promote_asks_even_with_json_and_off_a_terminal_needs_yes(env: dict[str,
         assert proc.stderr == (
             "keyrotor: error: promoting a region cannot be undone: confirm on a terminal, or pass --yes\n"
         )
+
+
+def test_a_missing_region_database_is_not_blamed_on_database_url(env: dict[str, str]) -> None:
+    missing = "keyrotor_no_such_region"
+    regions = {
+        **env,
+        "KEYROTOR_PRIMARY_REGION": "us-east-1",
+        "KEYROTOR_REGIONS": "eu-west-1=" + env["DATABASE_URL"].rsplit("/", 1)[0] + "/" + missing,
+        "KEYROTOR_REGION_EU_WEST_1__SECRETS_PROVIDER": "local",
+        "KEYROTOR_REGION_EU_WEST_1__ENCRYPTION_KEY": OTHER_MASTER_KEY,
+    }
+    proc = keyrotor("replicas", "promote", "eu-west-1", "--yes", env=regions)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"keyrotor: error: the database {missing!r} does not exist; it is not DATABASE_URL's: "
+        "a secondary region's database is created by `keyrotor replicas init`\n"
+    )

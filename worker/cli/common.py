@@ -7,10 +7,12 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -103,11 +105,29 @@ def _database_hint(exc: BaseException) -> str | None:
             continue
         seen.add(id(e))
         code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if code == "3D000":
+            return _missing_database(str(e))
         if isinstance(code, str) and code in _DATABASE_HINTS:
             return _DATABASE_HINTS[code]
         orig = getattr(e, "orig", None)
         todo += [e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None]
     return None
+
+
+def _missing_database(message: str) -> str:
+    """The hint for SQLSTATE 3D000: ``db upgrade`` creates DATABASE_URL's database, but a command
+    that also connects to the secondary regions may have missed one of theirs instead."""
+    named = re.search(r'database "([^"]+)" does not exist', message)
+    try:
+        ours = urlsplit(Settings.from_env().database_url).path.lstrip("/")
+    except (KeyrotorError, ValueError):
+        ours = None
+    if named is None or ours is None or named.group(1) == ours:
+        return _DATABASE_HINTS["3D000"]
+    return (
+        f"the database {named.group(1)!r} does not exist; it is not DATABASE_URL's: "
+        "a secondary region's database is created by `keyrotor replicas init`"
+    )
 
 
 def settings() -> Settings:
