@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,20 @@ def test_a_missing_region_database_is_not_blamed_on_database_url(env: dict[str, 
         f"keyrotor: error: the database {missing!r} does not exist; it is not DATABASE_URL's: "
         "a secondary region's database is created by `keyrotor replicas init`\n"
     )
+
+
+def test_processes_started_with_the_test_env_run_this_checkout(env: dict[str, str], tmp_path: Path) -> None:
+    # Workers, schedulers and servers are started with `env` (plus PATH/HOME) from the console
+    # script, whose own directory, not the checkout, leads sys.path (a cwd elsewhere stands for
+    # it here): they must import the keyrotor these tests belong to, not the installed copy.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import keyrotor; print(keyrotor.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(ROOT / "keyrotor" / "__init__.py")
