@@ -206,3 +206,23 @@ def test_processes_started_with_the_test_env_run_this_checkout(env: dict[str, st
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(ROOT / "keyrotor" / "__init__.py")
+
+
+def test_replicas_check_of_an_unreachable_region_does_not_offer_a_repair_that_cannot_help(
+    env: dict[str, str],
+) -> None:
+    regions = {
+        **env,
+        "KEYROTOR_PRIMARY_REGION": "us-east-1",
+        "KEYROTOR_REGIONS": "eu-west-1=" + env["DATABASE_URL"].rsplit("/", 1)[0] + "/keyrotor_no_such_region",
+        "KEYROTOR_REGION_EU_WEST_1__SECRETS_PROVIDER": "local",
+        "KEYROTOR_REGION_EU_WEST_1__ENCRYPTION_KEY": OTHER_MASTER_KEY,
+    }
+    assert keyrotor("secrets", "put", "openai", "prod", env=regions, stdin=KEY).returncode == 0
+    proc = keyrotor("replicas", "check", env=regions)
+    assert proc.returncode == 1
+    assert "--repair" not in proc.stderr  # a repair writes nothing to a region it cannot reach
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "unreachable: eu-west-1 (its database or its key did not answer; a region database never "
+        "created: `keyrotor replicas init`)"
+    )

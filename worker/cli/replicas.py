@@ -108,11 +108,30 @@ def check(
     else:
         out_console.print(region_table(doc["regions"], f"replicas of primary {doc['primary']}"))
     if not doc["in_sync"]:
-        if not json_out and not repair:
-            err_console.print(
-                "not in sync: `keyrotor replicas check --repair` re-replicates from the primary"
-            )
+        if not json_out:
+            _advise(doc["regions"], repaired=repair)
         raise typer.Exit(1)
+
+
+def _advise(regions: list[dict[str, Any]], *, repaired: bool) -> None:
+    """What to do about the regions not in sync: a repair copies keys into a region it can
+    reach, so an unreachable one needs its database or key back (or created) first."""
+    unreachable = [r["region"] for r in regions if r["status"] == "unreachable"]
+    fixable = [r["region"] for r in regions if r["status"] not in ("in_sync", "unreachable")]
+    if fixable and not repaired:
+        err_console.print(
+            f"not in sync: {', '.join(fixable)}: `keyrotor replicas check --repair` re-replicates "
+            "from the primary",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if unreachable:
+        err_console.print(
+            f"unreachable: {', '.join(unreachable)} (its database or its key did not answer; a region "
+            "database never created: `keyrotor replicas init`)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("status")
