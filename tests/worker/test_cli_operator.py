@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from keyrotor import Settings
 from tests.cli_helpers import ROOT, keyrotor
 from tests.conftest import MASTER_KEY
 from tests.destruction_helpers import record_location
-from tests.rotation_helpers import cleanup_queue, run_burst_worker
+from tests.rotation_helpers import run_burst_worker
 
 KEY = "sk-ant-api03-" + "Qv7" * 30
 OTHER_MASTER_KEY = "another-master-key-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
@@ -123,36 +122,31 @@ def test_the_cli_runs_as_a_module_too(env: dict[str, str]) -> None:
     assert bad.stderr.startswith("keyrotor: error: invalid scope name") and bad.stderr.count("\n") == 1
 
 
-async def test_a_refused_retire_keeps_stdout_for_json_and_its_log_line_on_stderr(env: dict[str, str]) -> None:
+async def test_a_refused_retire_keeps_stdout_for_json_and_its_log_line_on_stderr(
+    env: dict[str, str], wenv: dict[str, str]
+) -> None:
     # The refusal is logged by the library in this process: that line must go to stderr (and
     # through the redactor), never onto the stdout a script parses.
-    qenv = {
-        **env,
-        "KEYROTOR_QUEUE_NAME": f"keyrotor:test:{uuid.uuid4().hex[:8]}",
-        "KEYROTOR_LOG_FORMAT": "json",
-    }
-    try:
-        assert keyrotor("secrets", "put", "openai", "prod", env=qenv, stdin=KEY).returncode == 0
-        assert keyrotor("rotate", "openai", env=qenv).returncode == 0
-        await run_burst_worker(Settings.from_env(qenv))
-        await record_location(env["DATABASE_URL"], "openai", 1, "users.api_key")
+    # wenv: this test's own queue, emptied by the fixture.
+    assert keyrotor("secrets", "put", "openai", "prod", env=wenv, stdin=KEY).returncode == 0
+    assert keyrotor("rotate", "openai", env=wenv).returncode == 0
+    await run_burst_worker(Settings.from_env(wenv))
+    await record_location(env["DATABASE_URL"], "openai", 1, "users.api_key")
 
-        refused = keyrotor("retire", "openai", "1", "--force-now", "--json", env=qenv, timeout=60)
-        assert refused.returncode == 1, refused.stderr
-        assert refused.stdout == ""
-        (line,) = refused.stderr.strip().splitlines()  # the warning would only repeat the error
-        assert line.startswith("keyrotor: error: openai: DEK v1 is kept: values of it were encrypted")
+    refused = keyrotor("retire", "openai", "1", "--force-now", "--json", env=wenv, timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()  # the warning would only repeat the error
+    assert line.startswith("keyrotor: error: openai: DEK v1 is kept: values of it were encrypted")
 
-        # An operator who asks for a log level gets the library's events, on stderr, as JSON.
-        verbose = {**qenv, "KEYROTOR_LOG_LEVEL": "WARNING"}
-        again = keyrotor("retire", "openai", "1", "--force-now", "--json", env=verbose, timeout=60)
-        assert again.returncode == 1 and again.stdout == "", again.stderr
-        lines = again.stderr.strip().splitlines()
-        assert lines[-1].startswith("keyrotor: error: openai: DEK v1 is kept"), lines
-        (logged,) = [json.loads(line) for line in lines[:-1]]
-        assert logged["event"] == "retire_refused" and logged["level"] == "warning"
-    finally:
-        await cleanup_queue(qenv["KEYROTOR_QUEUE_NAME"])
+    # An operator who asks for a log level gets the library's events, on stderr, as JSON.
+    verbose = {**wenv, "KEYROTOR_LOG_LEVEL": "WARNING"}
+    again = keyrotor("retire", "openai", "1", "--force-now", "--json", env=verbose, timeout=60)
+    assert again.returncode == 1 and again.stdout == "", again.stderr
+    lines = again.stderr.strip().splitlines()
+    assert lines[-1].startswith("keyrotor: error: openai: DEK v1 is kept"), lines
+    (logged,) = [json.loads(line) for line in lines[:-1]]
+    assert logged["event"] == "retire_refused" and logged["level"] == "warning"
 
 
 def test_promote_asks_even_with_json_and_off_a_terminal_needs_yes(env: dict[str, str]) -> None:
