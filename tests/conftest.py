@@ -11,6 +11,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from keyrotor import KeyManager, Settings
 from keyrotor.store import db
 
+ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("KEYROTOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -84,11 +86,14 @@ async def database_url(template_db: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def env(database_url: str) -> dict[str, str]:
-    """The environment a keyrotor process of this test sees (with the run's ``PYTHONPATH``, if
-    set: a subprocess then imports the checkout under test, not the one installed in the venv)."""
-    source = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    """The environment a keyrotor process of this test sees.
+
+    ``PYTHONPATH`` names this checkout: a process started from the virtualenv's console script
+    would otherwise import the keyrotor the virtualenv was installed from, and a test run from
+    another working copy would exercise code it never changed.
+    """
     return {
-        **source,
+        "PYTHONPATH": str(ROOT),
         "DATABASE_URL": database_url,
         "REDIS_URL": REDIS_URL,
         "ENCRYPTION_KEY": MASTER_KEY,

@@ -9,13 +9,18 @@ import os
 
 from keyrotor import KeyManager, Settings
 from keyrotor.worker.cli.health import replica_health
-from tests.cli_helpers import BIN
+from tests.cli_helpers import BIN, ROOT
 from tests.replication.conftest import settle, sql
 
 
 async def keyrotor(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     """Run the console script without blocking the loop (the test's proxies run on it)."""
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    full = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", "/root"),
+        "PYTHONPATH": str(ROOT),  # this checkout's keyrotor, not the virtualenv's installed copy
+        **env,
+    }
     proc = await asyncio.create_subprocess_exec(
         str(BIN), *args, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -61,7 +66,7 @@ async def test_replicas_cli(rkm: KeyManager, renv: dict[str, str], region_urls: 
     health = await replica_health(Settings.from_env(renv))
     assert health["status"] == "ok" and "eu-west-1 in_sync" in health["detail"]
 
-    code, out, err = await keyrotor("replicas", "promote", "ap-south-1", "--json", env=renv)
+    code, out, err = await keyrotor("replicas", "promote", "ap-south-1", "--json", "--yes", env=renv)
     assert code == 0, err
     assert json.loads(out)["deks"] == 1
     await rkm.replication.check(repair=True)  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.store import db
-from tests.cli_helpers import BIN, keyrotor
+from tests.cli_helpers import BIN, ROOT, keyrotor
 from tests.keyrotor.audit_helpers import rows, tamper
 
 OPENAI = "sk-proj-" + "c1Z" * 16
@@ -282,7 +282,7 @@ async def test_tail_follow(env: dict[str, str], settings: Settings) -> None:
         token = await km.encrypt("tenant-1/openai", OPENAI, actor="writer")
     proc = subprocess.Popen(
         [str(BIN), "audit", "tail", "-f", "-n", "1"],
-        env={"PATH": os.environ.get("PATH", ""), **env},
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -322,7 +322,12 @@ def test_serve_answers_with_the_token(env: dict[str, str]) -> None:
     token = "cli-serve-token-" + "x" * 20
     proc = subprocess.Popen(
         [str(BIN), "audit", "serve", "--port", "18088"],
-        env={"PATH": os.environ.get("PATH", ""), **env, "KEYROTOR_AUDIT_API_TOKEN": token},
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(ROOT),
+            **env,
+            "KEYROTOR_AUDIT_API_TOKEN": token,
+        },
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -343,6 +348,8 @@ def test_serve_answers_with_the_token(env: dict[str, str]) -> None:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen("http://127.0.0.1:18088/audit/events", timeout=5)
         assert info.value.code == 401
+        proc.terminate()  # SIGTERM: the server stops cleanly, exit 0
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(10)

@@ -7,9 +7,13 @@ non-zero exit (1 for a failed operation, 2 for bad usage), never a traceback.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import typer
 
 from keyrotor.audit import key as audit_key
+from keyrotor.errors import ConfigurationError
 from keyrotor.kek.factory import open_provider
 from keyrotor.settings import Settings
 from keyrotor.worker.cli import audit as audit_cmd
@@ -29,7 +33,7 @@ from keyrotor.worker.cli import secrets as secrets_cmd
 from keyrotor.worker.cli import serve as serve_cmd
 from keyrotor.worker.cli import status as status_cmd
 from keyrotor.worker.cli import tokens as tokens_cmd
-from keyrotor.worker.cli.common import fail, fail_with
+from keyrotor.worker.cli.common import fail, fail_with, logs_to_stderr
 
 app = typer.Typer(
     name="keyrotor",
@@ -38,6 +42,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# Processes whose log is their output, on stdout (each configures it itself).
+_LOGGING_ON_STDOUT = {"worker", "scheduler", "serve"}
+
+
+@app.callback()
+def _one_command(ctx: typer.Context) -> None:
+    # Every other command keeps stdout for its result and stderr for its one error line: the
+    # library's events go to stderr, and only errors unless the operator set a log level (a
+    # refused retirement's warning would repeat the error line).
+    if ctx.invoked_subcommand in _LOGGING_ON_STDOUT:
+        return
+    try:
+        s = Settings.from_env()
+    except ConfigurationError:
+        return  # a command that needs the settings reports them itself; keygen does not
+    logs_to_stderr(s, from_level=logging.NOTSET if "KEYROTOR_LOG_LEVEL" in os.environ else logging.ERROR)
+
+
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(secrets_cmd.app, name="secrets")
 app.add_typer(columns_cmd.app, name="columns")
@@ -91,7 +113,3 @@ def _run(argv: list[str] | None) -> None:
         fail("interrupted", 130)
     except Exception as exc:
         fail_with(exc)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -26,7 +27,15 @@ from keyrotor.audit.log import AuditQuery, check_actor, parse_time, query_events
 from keyrotor.audit.verify import ChainReport, parse_checkpoint, prune, verify_chain
 from keyrotor.kek.factory import open_provider
 from keyrotor.store import db
-from keyrotor.worker.cli.common import err_console, out_console, print_json, progress, run, settings
+from keyrotor.worker.cli.common import (
+    err_console,
+    listen_error,
+    out_console,
+    print_json,
+    progress,
+    run,
+    settings,
+)
 
 T = TypeVar("T")
 
@@ -233,8 +242,28 @@ def serve(
     from keyrotor.worker.audit_api import create_app
 
     application = create_app(settings())
-    err_console.print(f"audit API on http://{host}:{port}/audit/ (bearer token required)")
-    web.run_app(application, host=host, port=port, print=None, access_log=None)
+
+    async def go() -> None:
+        runner = web.AppRunner(application, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                error = listen_error(host, port, exc)
+                if error is None:
+                    raise
+                raise error from exc
+            # Announced once the port is taken, so the line never promises a server that failed.
+            err_console.print(f"audit API on http://{host}:{port}/audit/ (bearer token required)")
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    run(go)
 
 
 # --- grants --------------------------------------------------------------------------------

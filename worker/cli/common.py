@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -15,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from keyrotor import KeyManager, Settings
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from keyrotor.worker.logs import configure_logging
 
 T = TypeVar("T")
 
@@ -61,6 +67,24 @@ def fail_with(exc: Exception) -> NoReturn:
     fail(f"unexpected {type(exc).__name__} (set KEYROTOR_DEBUG=1 for the traceback)", 1)
 
 
+# Why a server cannot take its address: another process holds the port, the address is not
+# this host's, or the port is privileged. Anything else is not the address's fault.
+_LISTEN_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ConfigurationError | None:
+    """The one-line error for a server that could not listen on ``host:port`` because of the
+    address (busy, not this host's, privileged, a name that does not resolve), else None."""
+    if isinstance(exc, socket.gaierror):
+        reason = f"the host name does not resolve ({exc.strerror})"
+    elif exc.errno in _LISTEN_ERRNOS:
+        # The errno's own text: asyncio's strerror repeats the address in its own words.
+        reason = os.strerror(exc.errno).lower()
+    else:
+        return None
+    return ConfigurationError(f"cannot listen on {host}:{port}: {reason}")
+
+
 # Postgres errors a user fixes with configuration or one command, by SQLSTATE.
 _DATABASE_HINTS = {
     "3D000": "the database in DATABASE_URL does not exist: `keyrotor db upgrade` creates it",
@@ -81,6 +105,8 @@ def _database_hint(exc: BaseException) -> str | None:
             continue
         seen.add(id(e))
         code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if code == "3D000":
+            return _missing_database(str(e))
         if isinstance(code, str) and code in _DATABASE_HINTS:
             return _DATABASE_HINTS[code]
         orig = getattr(e, "orig", None)
@@ -88,9 +114,39 @@ def _database_hint(exc: BaseException) -> str | None:
     return None
 
 
+def _missing_database(message: str) -> str:
+    """The hint for SQLSTATE 3D000: ``db upgrade`` creates DATABASE_URL's database, but a command
+    that also connects to the secondary regions may have missed one of theirs instead."""
+    named = re.search(r'database "([^"]+)" does not exist', message)
+    try:
+        ours = urlsplit(Settings.from_env().database_url).path.lstrip("/")
+    except (KeyrotorError, ValueError):
+        ours = None
+    if named is None or ours is None or named.group(1) == ours:
+        return _DATABASE_HINTS["3D000"]
+    return (
+        f"the database {named.group(1)!r} does not exist; it is not DATABASE_URL's: "
+        "a secondary region's database is created by `keyrotor replicas init`"
+    )
+
+
 def settings() -> Settings:
     """Settings from the environment (read once per command)."""
     return Settings.from_env()
+
+
+def logs_to_stderr(settings: Settings, *, from_level: int = logging.NOTSET) -> None:
+    """Send this command's log events to stderr, formatted and redacted as a worker's are, and
+    only those at ``from_level`` or above (default: the ``KEYROTOR_LOG_LEVEL`` filter alone).
+
+    A command's stdout is its result (a value, a table, ``--json``); the events the library
+    logs while it runs (a refused retirement, a run's batches) must not land in it.
+    """
+    configure_logging(settings)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+            handler.setStream(sys.stderr)
+            handler.setLevel(from_level)
 
 
 def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -4,7 +4,9 @@ Checks, each bounded by a timeout and reported with its own status:
 
 - ``postgres``: reachable, and the schema is at the migrations' head;
 - ``redis``: reachable;
-- ``kek``: the KEK provider's ``check()`` (a probe round trip);
+- ``kek``: the KEK provider's ``check()`` (a probe round trip), then one stored DEK per KEK id
+  and version unwrapped with it, as a worker does at start-up: the probe passes with any valid
+  key, so only a stored DEK tells a wrong ``ENCRYPTION_KEY`` (``KekMismatch``);
 - ``worker``: a worker has written arq's ``<queue>:health-check`` key lately (it expires ~31 s
   after the last write);
 - ``scheduler``: a scheduler leads (its heartbeat ``KEYROTOR_SCHEDULER_LEADER_KEY`` is set), or
@@ -40,6 +42,7 @@ from keyrotor.census import report as census
 from keyrotor.errors import KeyrotorError
 from keyrotor.kek.factory import open_provider
 from keyrotor.replication import check as replication
+from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
 from keyrotor.store import db, ops
 from keyrotor.worker.cli.common import out_console, print_json, run
@@ -116,13 +119,20 @@ async def redis_health(redis: Any) -> Result:
 
 
 async def kek_health(settings: Settings) -> Result:
-    """The ``kek`` check: the provider's probe round trip."""
+    """The ``kek`` check: the provider's probe round trip, then the stored DEKs it must unwrap."""
     provider = await open_provider(settings)
+    engine = db.create_engine(settings.database_url, pool_size=1)
     try:
         await provider.check()
+        checked = await RotationContext(db.sessionmaker(engine), provider, settings).check_kek()
     finally:
         await provider.aclose()
-    return {"status": "ok", "detail": f"{provider.name}: probe round trip ok"}
+        await engine.dispose()
+    return {
+        "status": "ok",
+        "detail": f"{provider.name}: probe round trip ok, {checked} stored DEK(s) unwrapped "
+        "(one per KEK id and version)",
+    }
 
 
 async def worker_health(settings: Settings, redis: Any) -> Result:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import sys
 from typing import Annotated, Any
 
 import structlog
@@ -20,8 +18,15 @@ from keyrotor.rotation import kek_migration
 from keyrotor.runs import RunFailed, RunInfo, check_request_id
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from keyrotor.worker.cli.common import RequestIdOpt, err_console, out_console, print_json, progress, run
-from keyrotor.worker.logs import configure_logging
+from keyrotor.worker.cli.common import (
+    RequestIdOpt,
+    err_console,
+    logs_to_stderr,
+    out_console,
+    print_json,
+    progress,
+    run,
+)
 
 app = typer.Typer(help="The KEK: its provider, the DEKs it wraps, migration to another provider.")
 
@@ -146,16 +151,8 @@ def migrate(
         raise RunFailed(f"run {r.id} {r.state}: {r.error or 'no reason recorded'}")
 
 
-def _log_to_stderr(settings: Settings) -> None:
-    # The run logs its batches; stdout stays for --json.
-    configure_logging(settings)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)
-
-
 async def _inline(settings: Settings, src: str, target: KekProvider, request_id: str | None) -> RunInfo:
-    _log_to_stderr(settings)
+    logs_to_stderr(settings)  # the run logs its batches; stdout stays for --json
     engine = db.create_engine(settings.database_url, pool_size=2)
     try:
         sessions = db.sessionmaker(engine)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from keyrotor.errors import ConfigurationError, KekUnavailable
+from keyrotor.errors import ConfigurationError, InvalidInput, KekUnavailable
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
 from keyrotor.replication import check as replication
@@ -107,11 +108,30 @@ def check(
     else:
         out_console.print(region_table(doc["regions"], f"replicas of primary {doc['primary']}"))
     if not doc["in_sync"]:
-        if not json_out and not repair:
-            err_console.print(
-                "not in sync: `keyrotor replicas check --repair` re-replicates from the primary"
-            )
+        if not json_out:
+            _advise(doc["regions"], repaired=repair)
         raise typer.Exit(1)
+
+
+def _advise(regions: list[dict[str, Any]], *, repaired: bool) -> None:
+    """What to do about the regions not in sync: a repair copies keys into a region it can
+    reach, so an unreachable one needs its database or key back (or created) first."""
+    unreachable = [r["region"] for r in regions if r["status"] == "unreachable"]
+    fixable = [r["region"] for r in regions if r["status"] not in ("in_sync", "unreachable")]
+    if fixable and not repaired:
+        err_console.print(
+            f"not in sync: {', '.join(fixable)}: `keyrotor replicas check --repair` re-replicates "
+            "from the primary",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if unreachable:
+        err_console.print(
+            f"unreachable: {', '.join(unreachable)} (its database or its key did not answer; a region "
+            "database never created: `keyrotor replicas init`)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("status")
@@ -156,7 +176,10 @@ def promote(
 ) -> None:
     """Promote a secondary to primary for a lasting outage: its verified copies become its DEKs."""
     settings = Settings.from_env()
-    if not yes and not json_out:
+    # --json only picks the output: the question stands (on stderr), and a script says --yes.
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("promoting a region cannot be undone: confirm on a terminal, or pass --yes")
         typer.confirm(
             f"promote {region} to primary? Replication will never write to it again", abort=True, err=True
         )

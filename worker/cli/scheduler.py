@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,7 +14,7 @@ from keyrotor.schedule.plan import RotationPlan, plan_rotation, plan_scan
 from keyrotor.schedule.scan import ScanReport
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from keyrotor.worker.cli.common import err_console, out_console, print_json, run
+from keyrotor.worker.cli.common import err_console, logs_to_stderr, out_console, print_json, run
 from keyrotor.worker.logs import configure_logging
 
 # keyrotor.worker.scheduler (APScheduler, arq) is imported by the commands that need it: every CLI
@@ -25,13 +23,6 @@ from keyrotor.worker.logs import configure_logging
 
 def register(app: typer.Typer) -> None:
     app.command("scheduler")(scheduler)
-
-
-def _logs_to_stderr(settings: Settings) -> None:
-    configure_logging(settings)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
 
 
 def _fmt_s(seconds: float) -> str:
@@ -118,7 +109,7 @@ def scheduler(
             _print_plan(doc)
         return
     if once:
-        _logs_to_stderr(settings)
+        logs_to_stderr(settings)
 
         async def go() -> tuple[ScanReport, str | None]:
             async with Scheduler(settings) as s:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from keyrotor.worker.cli.common import err_console, fail_with, settings
+from keyrotor.worker.cli.common import err_console, fail_with, listen_error, settings
 from keyrotor.worker.logs import configure_logging
 
 
@@ -60,12 +60,21 @@ def _run(host: str, port: int, *, reuse_port: bool, announce: bool) -> None:
 
     s = settings()
     configure_logging(s)
+    listening = False
 
     def ready(url: str) -> None:
+        nonlocal listening
+        listening = True
         if announce:
             err_console.print(f"keyrotor API on {url} (bearer token required)", highlight=False)
 
-    asyncio.run(run_server(s, host=host, port=port, ready=ready, reuse_port=reuse_port))
+    try:
+        asyncio.run(run_server(s, host=host, port=port, ready=ready, reuse_port=reuse_port))
+    except OSError as exc:
+        error = None if listening else listen_error(host, port, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _serve_one(host: str, port: int, announce: bool) -> None:

@@ -202,11 +202,16 @@ def verify(
     async def go() -> Any:
         async with manager() as km:
             async with db.transaction(km.sessions) as session:
-                total = sum(s["rows_total"] for s in await repo.status(session, scope))
+                scopes = await repo.status(session, scope)
             with progress() as bar:
-                task = bar.add_task("verifying", total=total)
+                task = bar.add_task("verifying", total=sum(s["rows_total"] for s in scopes))
                 report = await verify_secrets(km, scope, on_progress=lambda n: bar.advance(task, n))
-                return await verify_columns(km, scope, report=report)
+                report = await verify_columns(km, scope, report=report)
+        # A scope with no key may still own legacy values in a registered column, so only a
+        # scope that has neither is unknown: a typo must not pass as "0 failed".
+        if scope is not None and not scopes and not report.checked:
+            raise ScopeNotFound(f"scope {scope!r} does not exist")
+        return report
 
     report = run(go)
     if json_out:
