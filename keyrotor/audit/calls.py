@@ -162,6 +162,9 @@ class CallAudit:
         self._valid_scopes = valid_scopes
         # The batched writer (None until open, after close, or with KEYROTOR_AUDIT=off).
         self.writer: AuditWriter | None = None
+        # Set once an open writer is closed: from then on a call is refused, not left unaudited
+        # (a closing manager's caches could otherwise still decrypt). Cleared by open().
+        self._closed = False
         self._checkpoints: Checkpointer | None = None
         self._key: AuditKey | None = None
         self._load_key: Callable[[], Awaitable[AuditKey]] | None = None
@@ -175,6 +178,7 @@ class CallAudit:
         if not self.settings.audit_enabled:
             log.warning("KEYROTOR_AUDIT=off: encrypt/decrypt calls are not audited (not compliant)")
         elif self.writer is None:
+            self._closed = False
             # durable: a call returns once its event is committed (keyrotor.audit.durable).
             writer = DurableAuditWriter if self.settings.audit_mode == "durable" else AuditWriter
             self.writer = writer(
@@ -193,12 +197,23 @@ class CallAudit:
         """Write every queued event, then sign the final head. Returns whether a writer was open."""
         was_open = self.writer is not None
         if self.writer is not None:
-            await self.writer.close()
+            self._closed = True
+            await self.writer.close()  # it refuses new events from the start of its close
             self.writer = None
         if self._checkpoints is not None:  # after the last event: it signs the final head
             await self._checkpoints.close()
             self._checkpoints = None
         return was_open
+
+    @property
+    def closed(self) -> bool:
+        """Whether an open writer was closed since: calls are refused, not left unaudited."""
+        return self._closed
+
+    def refuse_if_closed(self) -> None:
+        """Raise ConfigurationError once the writer is closed (see :attr:`closed`)."""
+        if self._closed:
+            raise ConfigurationError("the audit writer is closed: this KeyManager is closing or closed")
 
     def who(self, actor: str | None, ip: str | None, user_agent: str | None) -> Who:
         """The caller: keyword arguments, else the innermost actor_context, else the default actor."""
@@ -242,16 +257,25 @@ class CallAudit:
         raise AccessDenied(message)
 
     async def emit(self, row: Row) -> None:
-        """Queue ``row`` (nothing when auditing is off)."""
+        """Queue ``row`` (nothing when auditing is off).
+
+        Raises:
+            ConfigurationError: the writer is closed (the manager is closing or closed).
+        """
         audit = self.writer
-        if audit is not None and not audit.offer(row):
+        if audit is None:
+            self.refuse_if_closed()
+        elif not audit.offer(row):
             await audit.put(row)
 
     async def emit_many(self, rows: list[Row]) -> None:
         """Queue ``rows`` together (nothing when auditing is off): in durable mode, return once
         all of them are committed, in the same group commit when they fit in one."""
         audit = self.writer
-        if audit is None or not rows:
+        if audit is None:
+            self.refuse_if_closed()
+            return
+        if not rows:
             return
         if isinstance(audit, DurableAuditWriter):
             await audit.put_many(rows)

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 
 from keyrotor import KeyManager, Settings
 from keyrotor.audit.durable import COPY_FROM_ROWS, DurableAuditWriter
+from keyrotor.audit.events import printable
 from keyrotor.audit.log import CHAIN_LOCK, AuditEvent, write_event
 from keyrotor.errors import ConfigurationError, DecryptionFailed, StoreUnavailable
 from keyrotor.store import audit as audit_store
@@ -336,7 +337,8 @@ async def test_rows_go_as_one_text_unless_a_field_needs_an_escape(
     # Small batches on the known head are sent as one text split on the server; a field that
     # COPY escapes (tab, newline, backslash; metadata JSON of a context outside ASCII or with a
     # quote) cannot be split back, and sends its batch column-wise. Both store exactly the values
-    # given, and the chain verifies.
+    # given (the caller's fields as stored: printable, control characters escaped), and the
+    # chain verifies.
     odd = ["tab\there", "new\nline", "back\\slash", "caf\u00e9", 'say "hi"', "plain:1", "\\N", "x\\N"]
     agents = [None, "curl/8", "ua\twith tab", "ua \\N"]
     sent = {"text": 0, "columns": 0}
@@ -368,8 +370,9 @@ async def test_rows_go_as_one_text_unless_a_field_needs_an_escape(
     # and the encrypt, decrypt and failed decrypt of plain:1 (user agent curl/8); every other
     # call of the loop has a field that needs an escape.
     assert sent == {"text": 4, "columns": 21}
+    stored = [None if a is None else printable(a) for a in agents]
     assert [(r["event_type"], json.loads(r["metadata"]).get("context"), r["user_agent"]) for r in got] == [
-        (kind, context + suffix, agents[i % len(agents)])
+        (kind, context + suffix, stored[i % len(agents)])
         for i, context in enumerate(odd)
         for kind, suffix in (("decrypt", ""), ("failed_decrypt", "?"))
     ]
@@ -462,3 +465,36 @@ async def test_a_frozen_writer_does_not_hold_the_chain_lock_for_ever(
             assert await _count(database_url, "after-freeze") == 1
     finally:
         frozen.terminate()
+
+
+@pytest.mark.timeout(60)
+async def test_no_decrypt_returns_unaudited_while_the_manager_closes(env: dict[str, str]) -> None:
+    # Decrypts of a cached DEK run on while close() writes the last events and signs the head:
+    # each one that returns its plaintext must have its event committed, wherever in close()
+    # it lands.
+    km = KeyManager(Settings.from_env(env))
+    await km.open()
+    token = await km.encrypt("openai", OPENAI, context="users.api_key:7")
+    returned = 0
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        nonlocal returned
+        while not stop.is_set():
+            try:
+                assert await km.decrypt("openai", token, context="users.api_key:7", actor="closing") == OPENAI
+            except (ConfigurationError, StoreUnavailable):
+                pass
+            else:
+                returned += 1
+            await asyncio.sleep(0)  # an unaudited decrypt would never yield to close() itself
+
+    readers = [asyncio.create_task(reader()) for _ in range(4)]
+    await asyncio.sleep(0.2)
+    await km.close()
+    for _ in range(20):  # and once closed, nothing more returns either
+        await asyncio.sleep(0)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*readers), 10)
+    assert returned > 0
+    assert await _count(env["DATABASE_URL"], "closing") == returned
