@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 
 from keyrotor.errors import KekError, KekUnavailable, StoreUnavailable
 from keyrotor.replication.regions import Region, error_text
+from keyrotor.settings.library import MIN_DESTROY_AFTER_DAYS
 
 log = logging.getLogger("keyrotor.replication.check")
 
@@ -29,6 +30,12 @@ FAILOVER_READS = PromCounter(
 
 # The states a regional copy must have been copied in for a failover read to serve it.
 FAILOVER_STATES = ("pending", "active", "grace")
+# How recently a copy must have been written, or its region proven in sync by a full check, for
+# a failover read to serve it. A DEK in one of FAILOVER_STATES at that moment must first be
+# retired and then kept for at least MIN_DESTROY_AFTER_DAYS before it can be destroyed, so a copy
+# proven this recently cannot be of a destroyed DEK. A day less than the window: the margin
+# covers the length of a check (the primary is read before the region is graded) and clock skew.
+FAILOVER_MAX_PROOF_AGE_S = (MIN_DESTROY_AFTER_DAYS - 1) * 86_400.0
 
 FailoverEmit = Callable[[bool, dict[str, Any], str | None], Awaitable[None]]
 PrimaryFetch = Callable[[str, int], Awaitable[AESGCM]]
@@ -115,7 +122,10 @@ class Failover:
         for region in self._order():
             try:
                 dek = await asyncio.wait_for(
-                    region.unwrap_copy(scope, version, states=FAILOVER_STATES), self.timeout_s
+                    region.unwrap_copy(
+                        scope, version, states=FAILOVER_STATES, proven_within_s=FAILOVER_MAX_PROOF_AGE_S
+                    ),
+                    self.timeout_s,
                 )
             except (StoreUnavailable, KekUnavailable, TimeoutError, KekError, OSError) as exc:
                 region.down_until = time.monotonic() + self.retry_s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,8 @@ from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.store import replication as store
 from keyrotor.store.replication import ReplicaCopy
+
+log = logging.getLogger("keyrotor.replication.check")
 
 _FINGERPRINT_LABEL = b"keyrotor/replica-fingerprint/v1"
 _REGION_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -189,18 +192,33 @@ class Region:
             return await store.promotion_record(session)
 
     async def unwrap_copy(
-        self, scope: str, version: int, *, states: Sequence[str] | None = None
+        self,
+        scope: str,
+        version: int,
+        *,
+        states: Sequence[str] | None = None,
+        proven_within_s: float | None = None,
     ) -> bytes | None:
         """The DEK from the region's copy, verified against its fingerprint; None if it has none
-        (or, with ``states``, none in one of those states).
+        (or, with ``states``, none in one of those states; or, with ``proven_within_s``, none
+        written or proven in sync by a full check within that many seconds).
 
         Raises:
             StoreUnavailable, KekUnavailable: the region cannot serve it now.
             KekError: the copy does not unwrap (corrupt, or the wrong regional key).
         """
         async with db.transaction(self.sessions) as session:
-            row = await store.region_copy(session, scope, version)
+            row = await store.region_copy(session, self.name, scope, version)
         if row is None or (states is not None and row.state not in states):
+            return None
+        if proven_within_s is not None and row.proven_age_s > proven_within_s:
+            log.warning(
+                "region %s: the copy of %s v%d was last proven current %.1f days ago: not served",
+                self.name,
+                scope,
+                version,
+                row.proven_age_s / 86_400,
+            )
             return None
         kek = await self.kek()
         dek = await kek.unwrap(
@@ -211,6 +229,12 @@ class Region:
                 f"region {self.name}: the copy of {scope} v{version} does not match its fingerprint"
             )
         return dek
+
+    async def mark_verified(self, *, primary: str, keys: int) -> None:
+        """Record in the region that a full check just proved all its copies in sync (the
+        freshness failover reads ask of a copy). Raises StoreUnavailable if the region is down."""
+        async with db.transaction(self.sessions) as session:
+            await store.mark_verified(session, self.name, primary=primary, keys=keys)
 
     async def drop_copy(self, scope: str, version: int) -> int:
         """Delete the region's copy of one DEK version (the primary destroyed it). Returns how
