@@ -156,7 +156,11 @@ class Region:
             cfg.database_url,
             pool_size=2,
             max_overflow=4,
-            connect_args={"timeout": settings.region_connect_timeout_s},
+            connect_args={
+                "timeout": settings.region_connect_timeout_s,
+                # every statement (and the pool's ping) has a deadline: a silent region fails
+                "command_timeout": settings.region_statement_timeout_s,
+            },
             hide_parameters=True,  # statements carry wrapped keys: never in an error message
         )
         self.sessions: async_sessionmaker[AsyncSession] = db.sessionmaker(self.engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -278,3 +279,22 @@ async def test_repair_never_writes_a_copy_that_does_not_verify(
     }
     assert after == before  # the stale copy still stands; no copy was written for openai
     assert caplog.text.count("replica copy not written for region eu-west-1") == 2
+
+
+async def test_a_silent_region_is_reported_unreachable_not_waited_for(
+    rkm: KeyManager, proxies: dict[str, PgProxy]
+) -> None:
+    """A region whose network drops every packet (its pooled connections stay open, nothing
+    comes back) is graded unreachable within the statement deadline; the check goes on."""
+    await _seed(rkm)
+    rep = rep_of(rkm)
+    assert set(statuses(await rep.check(repair=False)).values()) == {"in_sync"}  # pools connections
+    proxies["eu-west-1"].freeze()
+    try:
+        report = await asyncio.wait_for(rep.check(repair=True), 30)
+        # Closing its connections is bounded too (by the same deadline).
+        await asyncio.wait_for(rep.region("eu-west-1").engine.dispose(), 10)
+    finally:
+        proxies["eu-west-1"].thaw()
+    assert statuses(report) == {"eu-west-1": "unreachable", "ap-south-1": "in_sync"}
+    assert "StoreUnavailable" in report.regions[0].detail
