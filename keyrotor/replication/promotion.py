@@ -49,11 +49,15 @@ async def promote(
     if await region.promotion() is not None:
         raise Conflict(f"region {name} was promoted already")
     reachable = await _in_sync_if_reachable(primary, region)
-    copies = list((await region.copies()).values())
-    await _verify(region, copies)
     async with db.transaction(region.sessions) as session:
+        # No repair writes from here to the commit, so the copies adopted are the copies fenced.
+        await store.lock_copies_for_promotion(session)
+        if await store.promotion_record(session) is not None:
+            raise Conflict(f"region {name} was promoted already")
         if await store.count_scopes(session):
             raise Conflict(f"region {name} already has scopes of its own; not promoted")
+        copies = list((await store.region_copies(session, None)).values())
+        await _verify(region, copies)
         scopes = await _adopt(session, copies, settings)
         await store.record_promotion(session, name, previous_primary=primary.name, by=by, keys=len(copies))
         await write_event(

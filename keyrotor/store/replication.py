@@ -317,6 +317,18 @@ async def write_copies(
 # --- promotion ------------------------------------------------------------------------------
 
 
+async def lock_copies_for_write(session: AsyncSession) -> None:
+    """Take ``replica_keys``' write lock before anything else in a repair's transaction: a
+    promotion (:func:`lock_copies_for_promotion`) then either waits for the repair to commit,
+    or has committed before the repair's next statement, which sees its fence."""
+    await session.execute(text("LOCK TABLE replica_keys IN ROW EXCLUSIVE MODE"))
+
+
+async def lock_copies_for_promotion(session: AsyncSession) -> None:
+    """Lock ``replica_keys`` against every write until the promotion's transaction ends."""
+    await session.execute(text("LOCK TABLE replica_keys IN SHARE MODE"))
+
+
 async def promotion_record(session: AsyncSession) -> dict[str, Any] | None:
     """The region's promotion record, if it was promoted to primary."""
     row = (
