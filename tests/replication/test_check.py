@@ -15,7 +15,7 @@ from keyrotor.errors import ConfigurationError
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
 from keyrotor.metrics import REPLICA_STATUS
-from keyrotor.replication.check import env_prefix, fingerprint, init_regions, parse_regions
+from keyrotor.replication.check import Replication, env_prefix, fingerprint, init_regions, parse_regions
 from tests.conftest import MASTER_KEY, _admin
 from tests.replication.conftest import (
     PRIMARY,
@@ -298,3 +298,32 @@ async def test_a_silent_region_is_reported_unreachable_not_waited_for(
         proxies["eu-west-1"].thaw()
     assert statuses(report) == {"eu-west-1": "unreachable", "ap-south-1": "in_sync"}
     assert "StoreUnavailable" in report.regions[0].detail
+
+
+async def test_two_checks_at_once_repair_each_copy_once(
+    rkm: KeyManager, rsettings: Settings, renv: dict[str, str], region_urls: dict[str, str]
+) -> None:
+    """Two workers' check_replicas at once (an hourly job and a manual check, or a retried job
+    whose first try still runs): both end in sync, and each faulty copy is written once."""
+    for i in range(40):
+        await rkm.encrypt(f"tenant-{i}/openai", "sk-proj-concurrent-check", context="row:1")
+    await settle(rkm)
+    eu, ap = region_urls["eu-west-1"], region_urls["ap-south-1"]
+    await sql(eu, "DELETE FROM replica_keys WHERE dek_version = 1 AND scope LIKE 'tenant-1%'")  # missing
+    await sql(ap, "UPDATE replica_keys SET kek_version = 0")  # stale: every copy rewritten
+    others = [Replication.open(rsettings, rkm.sessions, rkm.kek, renv) for _ in range(2)]
+    try:
+        reports = await asyncio.wait_for(
+            asyncio.gather(*(r.check(repair=True, actor="job:test") for r in others)), 60
+        )
+    finally:
+        for r in others:
+            await r.aclose()
+    for report in reports:
+        assert statuses(report) == {"eu-west-1": "in_sync", "ap-south-1": "in_sync"}, report.as_dict()
+    repaired = {
+        region: sum(r.repaired for rep in reports for r in rep.regions if r.region == region)
+        for region in region_urls
+    }
+    assert repaired == {"eu-west-1": 11, "ap-south-1": 40}
+    assert (await sql(eu, "SELECT count(*) FROM replica_keys"))[0][0] == 40
