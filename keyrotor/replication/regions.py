@@ -80,8 +80,9 @@ def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) 
     ``..._KEYROTOR_KMS_KEY_ID``...), read from ``environ`` (default ``os.environ``).
 
     Raises:
-        ConfigurationError: a malformed entry, a bad or repeated name, the primary's name, or
-            a URL that is not PostgreSQL. Messages never contain the URL (it may hold a password).
+        ConfigurationError: a malformed entry, a bad or repeated name, the primary's name, a
+            URL that is not PostgreSQL, or a database another region or the primary uses.
+            Messages never contain the URL (it may hold a password).
     """
     env = os.environ if environ is None else environ
     primary = settings.primary_region
@@ -91,6 +92,7 @@ def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) 
         )
     out: list[RegionConfig] = []
     seen = {primary}
+    databases = {_database_identity(settings.database_url): primary} if settings.database_url else {}
     upper = {k.upper(): v for k, v in env.items()}
     for i, entry in enumerate(e.strip() for e in settings.regions.split(",")):
         if not entry:
@@ -107,13 +109,32 @@ def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) 
             raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} is named twice (or is the primary)")
         seen.add(name)
         try:
-            db.async_url(url)
+            identity = _database_identity(url)
         except ConfigurationError:
             raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} needs a postgresql:// URL") from None
+        if identity in databases:
+            # One replica_keys table for two regions: each check would rewrite the other's
+            # copies under its own key, so one region always held copies it cannot unwrap.
+            raise ConfigurationError(
+                f"KEYROTOR_REGIONS: region {name!r} names the same database as {databases[identity]!r}; "
+                "each region needs a database of its own"
+            )
+        databases[identity] = name
         prefix = env_prefix(name)
         sub = {k[len(prefix) :]: v for k, v in upper.items() if k.startswith(prefix)}
         out.append(RegionConfig(name, url, sub))
     return out
+
+
+def _database_identity(url: str) -> tuple[str, int, str]:
+    """Which database a URL names: host (or socket directory), port, database name.
+
+    Raises:
+        ConfigurationError: not a PostgreSQL URL.
+    """
+    u = db.async_url(url)
+    host = u.host or str(u.query.get("host") or "localhost")
+    return host.lower(), u.port or 5432, u.database or ""
 
 
 def region_settings(cfg: RegionConfig) -> Settings:

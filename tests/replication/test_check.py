@@ -327,3 +327,28 @@ async def test_two_checks_at_once_repair_each_copy_once(
     }
     assert repaired == {"eu-west-1": 11, "ap-south-1": 40}
     assert (await sql(eu, "SELECT count(*) FROM replica_keys"))[0][0] == 40
+
+
+def test_two_regions_in_one_database_are_refused() -> None:
+    """Two regions (or a region and the primary) in one database share one replica_keys table:
+    each check finds the other's copies corrupt and rewrites them under its own key, so at any
+    time one region holds copies wrapped under the other region's key."""
+    base = {"DATABASE_URL": "postgresql://keyrotor:pw@db.us:5432/keyrotor"}
+
+    def regions(value: str) -> list[str]:
+        return [r.name for r in parse_regions(Settings.from_env({**base, "KEYROTOR_REGIONS": value}), {})]
+
+    for bad in (
+        "eu=postgresql://u:hunter2@db.eu/kr,ap=postgresql://other@db.eu:5432/kr",
+        "eu=postgresql://u:hunter2@db.us/keyrotor",  # the primary's own database
+        "eu=postgresql://u@/kr?host=/run/pg,ap=postgresql://u@/kr?host=/run/pg",
+    ):
+        with pytest.raises(ConfigurationError, match="same database") as info:
+            regions(bad)
+        assert "hunter2" not in str(info.value) and "db.eu" not in str(info.value)
+    # Another database on the same server, or the same name on another server, is fine.
+    assert regions("eu=postgresql://db.eu/kr,ap=postgresql://db.eu/kr2,sa=postgresql://db.sa/kr") == [
+        "eu",
+        "ap",
+        "sa",
+    ]
