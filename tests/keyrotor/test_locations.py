@@ -285,3 +285,30 @@ async def test_legacy_migration_records_the_column_it_seals_into(wenv: dict[str,
         ("anthropic", 1, "settings.api_key"): 3,
         ("openai", 1, "settings.api_key"): 3,
     }
+
+
+async def test_counts_of_many_processes_at_once_add_up(env: dict[str, str]) -> None:
+    """Several processes (a KeyManager each: its own counter, pool and flushes) encrypting to
+    the same and to their own locations at once: every encryption is counted once."""
+    settings = Settings.from_env({**env, "KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS": "0.05"})
+    managers = [KeyManager(settings) for _ in range(4)]
+    for m in managers:
+        await m.__aenter__()
+    try:
+        await managers[0].encrypt("openai", "sk-first", context="seed:0")  # one scope, one DEK
+
+        async def work(i: int, m: KeyManager) -> None:
+            for j in range(60):
+                await m.encrypt("openai", "sk-census", context=f"users.api_key:{j}")
+                await m.encrypt("openai", "sk-census", context=f"own{i}.key:{j}")
+                if j % 10 == 0:
+                    await asyncio.sleep(0.01)  # let the flushes interleave with encrypts
+
+        await asyncio.wait_for(asyncio.gather(*(work(i, m) for i, m in enumerate(managers))), 60)
+    finally:
+        for m in managers:
+            await m.__aexit__(None, None, None)
+    rows = await _rows(env["DATABASE_URL"])
+    assert rows[("openai", 1, "users.api_key")] == 240
+    assert [rows[("openai", 1, f"own{i}.key")] for i in range(4)] == [60] * 4
+    assert rows[("openai", 1, "seed")] == 1
