@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
@@ -40,15 +41,22 @@ async def promote(
     If the primary is reachable, the region must be ``in_sync`` first; if not, every copy
     must prove itself (unwrap to the bytes its fingerprint names).
 
+    The promotion's audit event starts the region's own audit chain, keyed with an audit key
+    wrapped under the region's key (what the promoted deployment's KEK will be).
+
     Raises:
         Conflict: the region is not in sync, holds corrupt copies, was promoted already,
             or already has scopes of its own.
         StoreUnavailable, KekUnavailable: the region cannot be used now.
+        KekError: the region's database holds an audit key its key does not unwrap.
     """
     name = region.name
     if await region.promotion() is not None:
         raise Conflict(f"region {name} was promoted already")
     reachable = await _in_sync_if_reachable(primary, region)
+    # The region's key becomes the promoted store's KEK, so it wraps that store's audit key too:
+    # loaded (or created) here, before the promotion's event, and never through the primary.
+    await audit_key.ensure_key(region.sessions, await region.kek())
     async with db.transaction(region.sessions) as session:
         # No repair writes from here to the commit, so the copies adopted are the copies fenced.
         await store.lock_copies_for_promotion(session)
