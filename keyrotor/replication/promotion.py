@@ -58,41 +58,43 @@ async def promote(
     # loaded (or created) here, before the promotion's event, and never through the primary.
     await audit_key.ensure_key(region.sessions, await region.kek())
     async with db.transaction(region.sessions) as session:
-        # No repair writes from here to the commit, so the copies adopted are the copies fenced.
-        await store.lock_copies_for_promotion(session)
-        if await store.promotion_record(session) is not None:
-            raise Conflict(f"region {name} was promoted already")
-        if await store.count_scopes(session):
-            raise Conflict(f"region {name} already has scopes of its own; not promoted")
-        copies = list((await store.region_copies(session, None)).values())
-        await _verify(region, copies)
-        scopes = await _adopt(session, copies, settings)
-        await store.record_promotion(session, name, previous_primary=primary.name, by=by, keys=len(copies))
-        await write_event(
-            session,
-            AuditEvent(
-                "failover",
-                actor=by,
-                metadata={
-                    "state": "promoted",
-                    "region": name,
-                    "previous_primary": primary.name,
-                    "keys": len(copies),
-                },
-            ),
-        )
-    log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, len(copies))
+        scopes, deks = await _fence_and_adopt(session, region, primary.name, settings, by)
+    log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, deks)
     return {
         "region": name,
         "previous_primary": primary.name,
         "scopes": scopes,
-        "deks": len(copies),
+        "deks": deks,
         "primary_reachable": reachable,
         "next": (
             f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
             f"{region.cfg.prefix}* provider variables as the primary's (SECRETS_PROVIDER, ...)"
         ),
     }
+
+
+async def _fence_and_adopt(
+    session: AsyncSession, region: Region, previous: str, settings: Settings, by: str
+) -> tuple[int, int]:
+    """In the promotion's transaction: adopt the region's verified copies, fence it, audit it.
+    Returns ``(scopes, DEKs)`` adopted.
+
+    Raises:
+        Conflict: promoted already, scopes of its own, or a corrupt copy.
+    """
+    # No repair writes from here to the commit, so the copies adopted are the copies fenced.
+    await store.lock_copies_for_promotion(session)
+    if await store.promotion_record(session) is not None:
+        raise Conflict(f"region {region.name} was promoted already")
+    if await store.count_scopes(session):
+        raise Conflict(f"region {region.name} already has scopes of its own; not promoted")
+    copies = list((await store.region_copies(session, None)).values())
+    await _verify(region, copies)
+    scopes = await _adopt(session, copies, settings)
+    await store.record_promotion(session, region.name, previous_primary=previous, by=by, keys=len(copies))
+    meta = {"state": "promoted", "region": region.name, "previous_primary": previous, "keys": len(copies)}
+    await write_event(session, AuditEvent("failover", actor=by, metadata=meta))
+    return scopes, len(copies)
 
 
 async def _in_sync_if_reachable(primary: PrimaryKeys, region: Region) -> bool:
