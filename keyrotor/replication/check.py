@@ -276,6 +276,9 @@ class Replication:
         if repair and report.status not in ("in_sync", "unreachable"):
             found = report.status
             try:
+                # Read again: a DEK made since the check began (and maybe replicated already)
+                # is then repaired and graded as what it is, not as a copy of a destroyed one.
+                sources = await self.primary_keys.sources(scope)
                 repaired = await repair_region(self.primary_keys, region, sources, scope)
             except Conflict as exc:
                 report.detail += f"; not repaired: {exc}"

@@ -42,6 +42,12 @@ async def repair_region(primary: PrimaryKeys, region: Region, sources: Sources, 
     kek = await region.kek()
     rewrite = [k for k in faults if k in sources]
     drop = [copies[k] for k in faults if k not in sources]
+    if drop:
+        # ``sources`` was read before these copies: a copy of a DEK made since (a new scope's,
+        # a rotation's, replicated meanwhile) is not in it. A copy exists only after its DEK
+        # does, so one the primary does not keep usable *now* is of a destroyed DEK.
+        live = await primary.usable([(c.scope, c.version) for c in drop])
+        drop = [c for c in drop if (c.scope, c.version) not in live]
 
     async def make(key: tuple[str, int]) -> CopyWrite:
         return await _fresh_copy(primary, region.name, kek, sources, key, copies.get(key))

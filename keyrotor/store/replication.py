@@ -93,6 +93,20 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
     return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
 
 
+async def usable_keys(session: AsyncSession, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which of ``keys`` (scope, version) are DEKs of the primary that still decrypt now."""
+    rows = await session.execute(
+        text(
+            "SELECT k.name, d.version FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+            "JOIN unnest(CAST(:s AS text[]), CAST(:v AS int[])) AS u(s, v) "
+            "ON u.s = k.name AND u.v = d.version "
+            "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
+        ),
+        {"s": [k[0] for k in keys], "v": [k[1] for k in keys]},
+    )
+    return {(r[0], r[1]) for r in rows.all()}
+
+
 async def last_ok_times(session: AsyncSession) -> dict[str, datetime | None]:
     """When each region was last found in sync."""
     rows = (await session.execute(text("SELECT region, last_ok_at FROM kek_replicas"))).all()

@@ -12,7 +12,7 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.crypto.envelope import new_dek
 from keyrotor.errors import ConfigurationError
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
 from keyrotor.metrics import REPLICA_STATUS
 from keyrotor.replication.check import Replication, env_prefix, fingerprint, init_regions, parse_regions
@@ -352,3 +352,41 @@ def test_two_regions_in_one_database_are_refused() -> None:
         "ap",
         "sa",
     ]
+
+
+class _GatedUnwrap(FailingKek):
+    """The primary's real keyring, whose first ``unwrap`` waits at a gate the test opens."""
+
+    def __init__(self, inner: KekProvider) -> None:
+        super().__init__(inner)
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        self.reached.set()
+        await asyncio.wait_for(self.release.wait(), 20)
+        return await super().unwrap(wrapped, context)
+
+
+async def test_a_copy_made_while_a_check_runs_is_not_dropped_as_stale(
+    rkm: KeyManager, rsettings: Settings, renv: dict[str, str], region_urls: dict[str, str]
+) -> None:
+    """A full check reads the primary's DEKs, then each region's copies. A new scope's first
+    DEK replicated in between is in the region but not in what the check read: it is no DEK the
+    primary destroyed, and must not be deleted."""
+    await _seed(rkm)
+    gated = _GatedUnwrap(rkm.kek)
+    checker = Replication.open(rsettings, rkm.sessions, gated, renv)  # a cold fingerprint cache
+    try:
+        check = asyncio.create_task(checker.check(repair=True))
+        await asyncio.wait_for(gated.reached.wait(), 20)  # the primary's DEKs are read
+        await rkm.encrypt("late-scope", "sk-late-scope-value", context="row:1")
+        await settle(rkm)  # its DEK reaches every region meanwhile
+        gated.release.set()
+        report = await asyncio.wait_for(check, 30)
+    finally:
+        gated.release.set()
+        await checker.aclose()
+    for url in region_urls.values():
+        assert await sql(url, "SELECT dek_version FROM replica_keys WHERE scope = 'late-scope'"), url
+    assert all(r.status == "in_sync" for r in report.regions), report.as_dict()
