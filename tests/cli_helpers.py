@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent / "keyrotor"
+# The console script's own directory heads its sys.path, so it imports the copy of keyrotor the
+# virtualenv has installed unless PYTHONPATH names this checkout.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def keyrotor(
@@ -15,6 +18,7 @@ def keyrotor(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``keyrotor ARGS`` with exactly ``env`` (plus PATH/HOME) and capture its output."""
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    full_env.setdefault("PYTHONPATH", str(ROOT))
     return subprocess.run(
         [str(BIN), *args],
         input=stdin,

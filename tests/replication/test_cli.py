@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from pathlib import Path
 
 from keyrotor import KeyManager, Settings
 from keyrotor.worker.cli.health import replica_health
-from tests.cli_helpers import BIN
+from tests.cli_helpers import BIN, ROOT
 from tests.conftest import _url
 from tests.replication.conftest import PRIMARY, REGION_KEYS, settle, sql, unreachable
 from tests.replication.proxy import PgProxy
@@ -18,15 +17,8 @@ from tests.replication.proxy import PgProxy
 
 async def keyrotor(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     """Run the console script without blocking the loop (the test's proxies run on it)."""
-    # The console script's own directory heads sys.path: without PYTHONPATH naming this checkout
-    # it would import whichever copy of keyrotor the virtualenv has installed.
-    root = str(Path(__file__).resolve().parents[2])
-    full = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", "/root"),
-        "PYTHONPATH": root,
-        **env,
-    }
+    home = os.environ.get("HOME", "/root")
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": home, "PYTHONPATH": str(ROOT), **env}  # see BIN
     proc = await asyncio.create_subprocess_exec(
         str(BIN), *args, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
