@@ -23,6 +23,7 @@ from keyrotor.worker.main import LeasedWorker, worker_settings
 from tests.conftest import redis_db_of_this_process
 
 BIN = Path(sys.executable).parent / "keyrotor"
+ROOT = Path(__file__).resolve().parents[1]  # PYTHONPATH of subprocesses: see tests/cli_helpers.py
 # A Redis database of its own: other suites flush theirs (db 13) while these run.
 WORKER_REDIS_URL = redis_db_of_this_process(
     os.environ.get("KEYROTOR_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/12")
@@ -121,6 +122,7 @@ class WorkerProcess:
     def __init__(self, env: Mapping[str, str], log_path: Path, *args: str) -> None:
         self.log_path = log_path
         full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+        full_env.setdefault("PYTHONPATH", str(ROOT))  # this checkout, not the installed copy
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(BIN), "worker", *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
@@ -168,6 +170,7 @@ def keyrotor(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``keyrotor ARGS`` with exactly ``env`` (plus PATH/HOME)."""
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    full_env.setdefault("PYTHONPATH", str(ROOT))  # this checkout, not the installed copy
     return subprocess.run(
         [str(BIN), *args],
         input=stdin,
