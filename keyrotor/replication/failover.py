@@ -75,15 +75,16 @@ class Failover:
         primary's store or KEK provider is unavailable.
 
         Raises:
-            whatever the primary raised, if no secondary could serve the DEK either;
+            whatever the primary raised (StoreUnavailable if it did not answer within
+            ``timeout_s``), if no secondary could serve the DEK either;
             permanent errors of the primary (unknown scope or version, destroyed key) at once.
             (A version no region holds in one of :data:`FAILOVER_STATES` gets the primary's error.)
         """
         cause: BaseException | None = None
         if time.monotonic() >= self._primary_down_until:
             try:
-                cipher = await asyncio.wait_for(primary(scope, version), self.timeout_s)
-            except (StoreUnavailable, KekUnavailable, TimeoutError) as exc:
+                cipher = await self._ask_primary(primary, scope, version)
+            except (StoreUnavailable, KekUnavailable) as exc:
                 cause = exc
                 self._primary_down_until = time.monotonic() + self.retry_s
                 await self._leave_primary(exc)
@@ -94,8 +95,17 @@ class Failover:
         if copy is not None:
             return copy
         if cause is None:  # the primary was skipped (recently down): ask it after all
-            return await primary(scope, version)
+            return await self._ask_primary(primary, scope, version)
         raise cause
+
+    async def _ask_primary(self, primary: PrimaryFetch, scope: str, version: int) -> AESGCM:
+        """The primary's answer within ``timeout_s``; a silent primary is StoreUnavailable."""
+        try:
+            return await asyncio.wait_for(primary(scope, version), self.timeout_s)
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"the primary region {self.primary} did not answer within {self.timeout_s:g}s"
+            ) from exc
 
     async def _leave_primary(self, exc: BaseException) -> None:
         if self.failing_over:

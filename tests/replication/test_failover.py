@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import Conflict, KekUnavailable
+from keyrotor.errors import Conflict, KekUnavailable, KeyrotorError
 from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
 from keyrotor.replication.check import (
@@ -207,3 +207,24 @@ async def test_a_repair_in_flight_never_writes_into_a_region_promoted_meanwhile(
     # The promotion fenced the region: the repair that was under way wrote nothing into it.
     assert (await sql(ap, "SELECT count(*) FROM replica_keys WHERE scope = 'tenant-0/openai'"))[0][0] == 0
     assert "promoted" in report.regions[0].detail
+
+
+async def test_a_silent_primary_is_waited_for_within_the_deadline_on_every_read(
+    renv: dict[str, str], proxies: dict[str, PgProxy], region_urls: dict[str, str]
+) -> None:
+    """The primary's network drops every packet and no region holds the DEK: every read fails
+    within KEYROTOR_FAILOVER_TIMEOUT_SECONDS, including those made while the primary is being
+    skipped (which then ask it after all)."""
+    e = {**renv, "KEYROTOR_AUDIT": "async", "KEYROTOR_FAILOVER_RETRY_SECONDS": "30"}
+    async with KeyManager(Settings.from_env(e), environ=e) as km:
+        tokens = await _seed(km)
+        for url in region_urls.values():
+            await sql(url, "DELETE FROM replica_keys")  # no secondary can serve
+        proxies[PRIMARY].freeze()
+        try:
+            for scope in list(tokens)[:2]:  # the first read leaves the primary; the second skips it
+                km.invalidate()
+                with pytest.raises(KeyrotorError):
+                    await asyncio.wait_for(km.decrypt(scope, tokens[scope], context="row:9"), 10)
+        finally:
+            proxies[PRIMARY].thaw()
