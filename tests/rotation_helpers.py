@@ -23,6 +23,7 @@ from keyrotor.worker.main import LeasedWorker, worker_settings
 from tests.conftest import redis_db_of_this_process
 
 BIN = Path(sys.executable).parent / "keyrotor"
+ROOT = Path(__file__).resolve().parents[1]  # PYTHONPATH of subprocesses: see tests/cli_helpers.py
 # A Redis database of its own: other suites flush theirs (db 13) while these run.
 WORKER_REDIS_URL = redis_db_of_this_process(
     os.environ.get("KEYROTOR_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/12")
@@ -35,7 +36,7 @@ def process_env(env: Mapping[str, str]) -> dict[str, str]:
     PYTHONPATH is passed on so that the subprocess imports the keyrotor under test: the
     installed entry point may otherwise find another checkout's package (an editable install).
     """
-    extra = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    extra = {"PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT)}
     return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **extra, **env}
 
 

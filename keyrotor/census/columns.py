@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix
+from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix, templates_collide
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
 from keyrotor.store import columns as store
@@ -267,6 +267,32 @@ def _refuse_secrets_collision(template: str, key_type: KeyType) -> None:
         )
 
 
+def _refuse_column_collision(col: ManagedColumn, key_type: KeyType, registered: list[ManagedColumn]) -> None:
+    """Refuse a template whose contexts could be those of another registered column of a scope
+    they may share (the AAD holds the scope, so columns of two fixed scopes never collide).
+
+    Two such columns share AADs, so a value could be moved from a row of one to a row of the
+    other and still open; and the census would count the one's location as covered by the
+    other, so a retirement proven on the other column could destroy the DEK of values left in
+    the first once it is unregistered.
+
+    Raises:
+        InvalidInput: the template collides.
+    """
+    for other in registered:
+        shared = col.scope is None or other.scope is None or col.scope == other.scope
+        if not shared or other.name == col.name:
+            continue
+        if templates_collide(
+            col.context_template, key_type.integer, other.context_template, other.key_type.integer
+        ):
+            raise InvalidInput(
+                f"context template {col.context_template!r} collides with registered column "
+                f"{other.name} (contexts {other.context_template!r}) in a scope they share: choose "
+                "another prefix, e.g. the default <table>.<column>:{pk}"
+            )
+
+
 def _new_column(
     spec: str, pk: str, scope_column: str | None, scope: str | None, context_template: str | None
 ) -> ManagedColumn:
@@ -313,8 +339,8 @@ async def register(
 
     Raises:
         InvalidInput: bad names, both or neither scope source, a context template that could
-            give a context of keyrotor's own ``secrets`` table (``secret:<name>``), or see
-            :func:`validate`.
+            give a context of keyrotor's own ``secrets`` table (``secret:<name>``) or of another
+            registered column of a scope they may share, or see :func:`validate`.
         ColumnNotFound: the table or a column does not exist.
         Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
     """
@@ -322,6 +348,8 @@ async def register(
     async with db.transaction(sessions) as session:
         key_type = await validate(session, col)
         _refuse_secrets_collision(col.context_template, key_type)
+        await store.lock_managed_columns_for_change(session)
+        _refuse_column_collision(col, key_type, await list_columns(session))
         inserted = await store.insert_managed_column(
             session,
             col.table,

@@ -111,6 +111,38 @@ def template_covers(template: str, location: str, key: str | None = None) -> boo
     return ":" in before and location == before[: before.rfind(":")]
 
 
+def templates_collide(a: str, a_integer: bool, b: str, b_integer: bool) -> bool:
+    """Whether two context templates may give the same context (``*_integer``: the template's
+    key is an integer, so it can spell only digits and a sign; other keys may spell any text).
+
+    Decided on the literal text before each first ``{pk}``, erring towards "collide": when
+    neither of the two is a prefix of the other, their contexts differ in that text; when one
+    is, the shorter one's key must spell the rest.
+    """
+    head_a, _, tail_a = a.partition(PK_PLACEHOLDER)
+    head_b, _, tail_b = b.partition(PK_PLACEHOLDER)
+    if head_a == head_b:
+        if not (a_integer and b_integer):
+            return True
+        # Two integer keys after the same text: one context needs the same key and the same rest.
+        return (
+            tail_a == tail_b
+            or _starts_integer(tail_a)
+            or _starts_integer(tail_b)
+            or PK_PLACEHOLDER in tail_a + tail_b
+        )
+    short, short_integer, long = (
+        (head_a, a_integer, head_b) if len(head_a) < len(head_b) else (head_b, b_integer, head_a)
+    )
+    if not long.startswith(short):
+        return False
+    return not short_integer or _starts_integer(long[len(short) :])
+
+
+def _starts_integer(text: str) -> bool:
+    return text[:1].isdigit() or text[:1] == "-"
+
+
 @dataclass(frozen=True)
 class Cover:
     """A place the census counts: a context template, the one scope it holds (None: any), and

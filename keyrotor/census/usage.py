@@ -27,8 +27,9 @@ stays counted: the column never decreases (migration ``0007_usage_guards``), and
 most one block per process and DEK.
 
 The same counter keeps the census of where values live (:mod:`keyrotor.census.locations`): the first
-encrypt of a process to a (scope, DEK version, location) writes its ``key_locations`` row and
-commits before the ciphertext is returned (:meth:`UsageCounter.record`); every later one is a
+encrypt of a process to a (scope, DEK version, location) writes its ``key_locations`` row, with
+its own count, and commits before the ciphertext is returned (:meth:`UsageCounter.record`), so a
+process that dies before its next flush leaves no location holding values at 0; every later one is a
 dict update (:meth:`UsageCounter.count`), and the per-location counts go to
 ``key_locations.encryptions``/``last_seen`` every ``KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS`` and
 at close (a process that dies loses at most one interval of these counts: they describe where
@@ -239,17 +240,20 @@ class UsageCounter:
                 self._split_one(key, n)
 
     async def record(self, scope_id: int, version: int, location: str, n: int = 1) -> None:
-        """First sighting of a location: write its ``key_locations`` row, commit, count ``n``.
+        """First sighting of a location: write its ``key_locations`` row with ``n`` encryptions
+        and commit.
 
-        Concurrent first sightings of the same location share one write.
+        Concurrent first sightings of the same location share one write; the ``n`` of each
+        caller but the one that started it is counted in memory.
 
         Raises:
             StoreUnavailable: the database is unavailable (nothing was counted).
         """
         key = (scope_id, version, location)
         task = self._recording.get(key)
+        first = task is None
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._write_first(key))
+            task = asyncio.get_running_loop().create_task(self._write_first(key, n))
             self._recording[key] = task
 
             def done(t: asyncio.Task[None]) -> None:
@@ -259,12 +263,14 @@ class UsageCounter:
 
             task.add_done_callback(done)
         await asyncio.shield(task)
+        if first:
+            return  # this caller's n went with the row
         if not self.count(scope_id, version, location, n):  # forgotten already: count it anyway
             self._remember(key, n)
 
-    async def _write_first(self, key: Located) -> None:
+    async def _write_first(self, key: Located, n: int) -> None:
         async with db.transaction(self._sessions()) as session:
-            await store.record_location(session, *key)
+            await store.record_location(session, *key, n)
         self._remember(key, 0)
 
     def _remember(self, key: Located, n: int) -> None:

@@ -36,8 +36,11 @@ event when reads leave the primary and another when they return. Only copies of 
 were ``pending``, ``active`` or ``grace`` when last copied are served (:data:`FAILOVER_STATES`):
 a ``retired`` version may have been destroyed on the primary since, and its uses must be
 recorded there (they cancel its destruction), so it waits for the primary. A grace version
-cannot be destroyed without first being retired for at least a week, long past any copy's
-next check. Destruction deletes the regions' copies in its own job (:meth:`Replication.drop_destroyed`,
+cannot be destroyed without first being retired for at least a week, so a copy is served only
+while it is proven recent (:data:`~keyrotor.replication.failover.FAILOVER_MAX_PROOF_AGE_S`): written,
+or its region found fully in sync (recorded in the region's own ``kek_replicas`` row), within six
+days; a region away for a whole destruction window cannot serve the destroyed key.
+Destruction deletes the regions' copies in its own job (:meth:`Replication.drop_destroyed`,
 best effort), and the replication it enqueues deletes whatever that missed.
 
 No plaintext key material ever goes to a log, an error, a job argument or result, or a metric
@@ -273,6 +276,9 @@ class Replication:
         if repair and report.status not in ("in_sync", "unreachable"):
             found = report.status
             try:
+                # Read again: a DEK made since the check began (and maybe replicated already)
+                # is then repaired and graded as what it is, not as a copy of a destroyed one.
+                sources = await self.primary_keys.sources(scope)
                 repaired = await repair_region(self.primary_keys, region, sources, scope)
             except Conflict as exc:
                 report.detail += f"; not repaired: {exc}"
@@ -285,7 +291,18 @@ class Replication:
             report = await grade_region(region, sources, scope)  # prove the repair
             report.found, report.repaired = found, repaired
             REPLICA_REPAIRED.labels(region.name).inc(repaired)
+        if scope is None and report.status == "in_sync":
+            await self._mark_verified(region, report)
         return report
+
+    async def _mark_verified(self, region: Region, report: RegionReport) -> None:
+        """Tell the region its copies were all proven in sync now: failover reads serve only
+        copies proven recently (:data:`~keyrotor.replication.failover.FAILOVER_MAX_PROOF_AGE_S`).
+        A failure leaves the older proof in place, so its copies age out of failover sooner."""
+        try:
+            await region.mark_verified(primary=self.primary, keys=report.keys_total)
+        except Exception as exc:
+            log.warning("region %s: its in-sync proof was not recorded: %s", region.name, error_text(exc))
 
     async def _record(self, reports: Sequence[RegionReport], *, actor: str, scope: str | None) -> None:
         for rep in reports:

@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 
 from keyrotor.errors import KekError, KekUnavailable, StoreUnavailable
 from keyrotor.replication.regions import Region, error_text
+from keyrotor.settings.library import MIN_DESTROY_AFTER_DAYS
 
 log = logging.getLogger("keyrotor.replication.check")
 
@@ -29,6 +30,12 @@ FAILOVER_READS = PromCounter(
 
 # The states a regional copy must have been copied in for a failover read to serve it.
 FAILOVER_STATES = ("pending", "active", "grace")
+# How recently a copy must have been written, or its region proven in sync by a full check, for
+# a failover read to serve it. A DEK in one of FAILOVER_STATES at that moment must first be
+# retired and then kept for at least MIN_DESTROY_AFTER_DAYS before it can be destroyed, so a copy
+# proven this recently cannot be of a destroyed DEK. A day less than the window: the margin
+# covers the length of a check (the primary is read before the region is graded) and clock skew.
+FAILOVER_MAX_PROOF_AGE_S = (MIN_DESTROY_AFTER_DAYS - 1) * 86_400.0
 
 FailoverEmit = Callable[[bool, dict[str, Any], str | None], Awaitable[None]]
 PrimaryFetch = Callable[[str, int], Awaitable[AESGCM]]
@@ -68,15 +75,16 @@ class Failover:
         primary's store or KEK provider is unavailable.
 
         Raises:
-            whatever the primary raised, if no secondary could serve the DEK either;
+            whatever the primary raised (StoreUnavailable if it did not answer within
+            ``timeout_s``), if no secondary could serve the DEK either;
             permanent errors of the primary (unknown scope or version, destroyed key) at once.
             (A version no region holds in one of :data:`FAILOVER_STATES` gets the primary's error.)
         """
         cause: BaseException | None = None
         if time.monotonic() >= self._primary_down_until:
             try:
-                cipher = await asyncio.wait_for(primary(scope, version), self.timeout_s)
-            except (StoreUnavailable, KekUnavailable, TimeoutError) as exc:
+                cipher = await self._ask_primary(primary, scope, version)
+            except (StoreUnavailable, KekUnavailable) as exc:
                 cause = exc
                 self._primary_down_until = time.monotonic() + self.retry_s
                 await self._leave_primary(exc)
@@ -87,8 +95,17 @@ class Failover:
         if copy is not None:
             return copy
         if cause is None:  # the primary was skipped (recently down): ask it after all
-            return await primary(scope, version)
+            return await self._ask_primary(primary, scope, version)
         raise cause
+
+    async def _ask_primary(self, primary: PrimaryFetch, scope: str, version: int) -> AESGCM:
+        """The primary's answer within ``timeout_s``; a silent primary is StoreUnavailable."""
+        try:
+            return await asyncio.wait_for(primary(scope, version), self.timeout_s)
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"the primary region {self.primary} did not answer within {self.timeout_s:g}s"
+            ) from exc
 
     async def _leave_primary(self, exc: BaseException) -> None:
         if self.failing_over:
@@ -115,7 +132,10 @@ class Failover:
         for region in self._order():
             try:
                 dek = await asyncio.wait_for(
-                    region.unwrap_copy(scope, version, states=FAILOVER_STATES), self.timeout_s
+                    region.unwrap_copy(
+                        scope, version, states=FAILOVER_STATES, proven_within_s=FAILOVER_MAX_PROOF_AGE_S
+                    ),
+                    self.timeout_s,
                 )
             except (StoreUnavailable, KekUnavailable, TimeoutError, KekError, OSError) as exc:
                 region.down_until = time.monotonic() + self.retry_s

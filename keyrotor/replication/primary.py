@@ -61,6 +61,15 @@ class PrimaryKeys:
             for d, k in keys
         }
 
+    async def usable(self, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of ``keys`` (scope, version) are DEKs the primary keeps usable now.
+
+        Raises:
+            StoreUnavailable: the primary cannot be read.
+        """
+        async with db.transaction(self.sessions) as session:
+            return await store.usable_keys(session, keys)
+
     async def _fingerprint(self, todo: list[tuple[PrimaryDek, bytes]]) -> None:
         unwrapped = await unwrap_many(
             self.kek, [(_wrapped(d), WrapContext(d.scope, d.version)) for d, _ in todo]

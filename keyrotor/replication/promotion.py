@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
@@ -40,47 +41,60 @@ async def promote(
     If the primary is reachable, the region must be ``in_sync`` first; if not, every copy
     must prove itself (unwrap to the bytes its fingerprint names).
 
+    The promotion's audit event starts the region's own audit chain, keyed with an audit key
+    wrapped under the region's key (what the promoted deployment's KEK will be).
+
     Raises:
         Conflict: the region is not in sync, holds corrupt copies, was promoted already,
             or already has scopes of its own.
         StoreUnavailable, KekUnavailable: the region cannot be used now.
+        KekError: the region's database holds an audit key its key does not unwrap.
     """
     name = region.name
     if await region.promotion() is not None:
         raise Conflict(f"region {name} was promoted already")
     reachable = await _in_sync_if_reachable(primary, region)
-    copies = list((await region.copies()).values())
-    await _verify(region, copies)
+    # The region's key becomes the promoted store's KEK, so it wraps that store's audit key too:
+    # loaded (or created) here, before the promotion's event, and never through the primary.
+    await audit_key.ensure_key(region.sessions, await region.kek())
     async with db.transaction(region.sessions) as session:
-        if await store.count_scopes(session):
-            raise Conflict(f"region {name} already has scopes of its own; not promoted")
-        scopes = await _adopt(session, copies, settings)
-        await store.record_promotion(session, name, previous_primary=primary.name, by=by, keys=len(copies))
-        await write_event(
-            session,
-            AuditEvent(
-                "failover",
-                actor=by,
-                metadata={
-                    "state": "promoted",
-                    "region": name,
-                    "previous_primary": primary.name,
-                    "keys": len(copies),
-                },
-            ),
-        )
-    log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, len(copies))
+        scopes, deks = await _fence_and_adopt(session, region, primary.name, settings, by)
+    log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, deks)
     return {
         "region": name,
         "previous_primary": primary.name,
         "scopes": scopes,
-        "deks": len(copies),
+        "deks": deks,
         "primary_reachable": reachable,
         "next": (
             f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
             f"{region.cfg.prefix}* provider variables as the primary's (SECRETS_PROVIDER, ...)"
         ),
     }
+
+
+async def _fence_and_adopt(
+    session: AsyncSession, region: Region, previous: str, settings: Settings, by: str
+) -> tuple[int, int]:
+    """In the promotion's transaction: adopt the region's verified copies, fence it, audit it.
+    Returns ``(scopes, DEKs)`` adopted.
+
+    Raises:
+        Conflict: promoted already, scopes of its own, or a corrupt copy.
+    """
+    # No repair writes from here to the commit, so the copies adopted are the copies fenced.
+    await store.lock_copies_for_promotion(session)
+    if await store.promotion_record(session) is not None:
+        raise Conflict(f"region {region.name} was promoted already")
+    if await store.count_scopes(session):
+        raise Conflict(f"region {region.name} already has scopes of its own; not promoted")
+    copies = list((await store.region_copies(session, None)).values())
+    await _verify(region, copies)
+    scopes = await _adopt(session, copies, settings)
+    await store.record_promotion(session, region.name, previous_primary=previous, by=by, keys=len(copies))
+    meta = {"state": "promoted", "region": region.name, "previous_primary": previous, "keys": len(copies)}
+    await write_event(session, AuditEvent("failover", actor=by, metadata=meta))
+    return scopes, len(copies)
 
 
 async def _in_sync_if_reachable(primary: PrimaryKeys, region: Region) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,8 @@ from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.store import replication as store
 from keyrotor.store.replication import ReplicaCopy
+
+log = logging.getLogger("keyrotor.replication.check")
 
 _FINGERPRINT_LABEL = b"keyrotor/replica-fingerprint/v1"
 _REGION_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -77,8 +80,9 @@ def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) 
     ``..._KEYROTOR_KMS_KEY_ID``...), read from ``environ`` (default ``os.environ``).
 
     Raises:
-        ConfigurationError: a malformed entry, a bad or repeated name, the primary's name, or
-            a URL that is not PostgreSQL. Messages never contain the URL (it may hold a password).
+        ConfigurationError: a malformed entry, a bad or repeated name, the primary's name, a
+            URL that is not PostgreSQL, or a database another region or the primary uses.
+            Messages never contain the URL (it may hold a password).
     """
     env = os.environ if environ is None else environ
     primary = settings.primary_region
@@ -88,6 +92,7 @@ def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) 
         )
     out: list[RegionConfig] = []
     seen = {primary}
+    databases = {_database_identity(settings.database_url): primary} if settings.database_url else {}
     upper = {k.upper(): v for k, v in env.items()}
     for i, entry in enumerate(e.strip() for e in settings.regions.split(",")):
         if not entry:
@@ -104,13 +109,32 @@ def parse_regions(settings: Settings, environ: Mapping[str, str] | None = None) 
             raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} is named twice (or is the primary)")
         seen.add(name)
         try:
-            db.async_url(url)
+            identity = _database_identity(url)
         except ConfigurationError:
             raise ConfigurationError(f"KEYROTOR_REGIONS: region {name!r} needs a postgresql:// URL") from None
+        if identity in databases:
+            # One replica_keys table for two regions: each check would rewrite the other's
+            # copies under its own key, so one region always held copies it cannot unwrap.
+            raise ConfigurationError(
+                f"KEYROTOR_REGIONS: region {name!r} names the same database as {databases[identity]!r}; "
+                "each region needs a database of its own"
+            )
+        databases[identity] = name
         prefix = env_prefix(name)
         sub = {k[len(prefix) :]: v for k, v in upper.items() if k.startswith(prefix)}
         out.append(RegionConfig(name, url, sub))
     return out
+
+
+def _database_identity(url: str) -> tuple[str, int, str]:
+    """Which database a URL names: host (or socket directory), port, database name.
+
+    Raises:
+        ConfigurationError: not a PostgreSQL URL.
+    """
+    u = db.async_url(url)
+    host = u.host or str(u.query.get("host") or "localhost")
+    return host.lower(), u.port or 5432, u.database or ""
 
 
 def region_settings(cfg: RegionConfig) -> Settings:
@@ -153,7 +177,11 @@ class Region:
             cfg.database_url,
             pool_size=2,
             max_overflow=4,
-            connect_args={"timeout": settings.region_connect_timeout_s},
+            connect_args={
+                "timeout": settings.region_connect_timeout_s,
+                # every statement (and the pool's ping) has a deadline: a silent region fails
+                "command_timeout": settings.region_statement_timeout_s,
+            },
             hide_parameters=True,  # statements carry wrapped keys: never in an error message
         )
         self.sessions: async_sessionmaker[AsyncSession] = db.sessionmaker(self.engine)
@@ -189,18 +217,33 @@ class Region:
             return await store.promotion_record(session)
 
     async def unwrap_copy(
-        self, scope: str, version: int, *, states: Sequence[str] | None = None
+        self,
+        scope: str,
+        version: int,
+        *,
+        states: Sequence[str] | None = None,
+        proven_within_s: float | None = None,
     ) -> bytes | None:
         """The DEK from the region's copy, verified against its fingerprint; None if it has none
-        (or, with ``states``, none in one of those states).
+        (or, with ``states``, none in one of those states; or, with ``proven_within_s``, none
+        written or proven in sync by a full check within that many seconds).
 
         Raises:
             StoreUnavailable, KekUnavailable: the region cannot serve it now.
             KekError: the copy does not unwrap (corrupt, or the wrong regional key).
         """
         async with db.transaction(self.sessions) as session:
-            row = await store.region_copy(session, scope, version)
+            row = await store.region_copy(session, self.name, scope, version)
         if row is None or (states is not None and row.state not in states):
+            return None
+        if proven_within_s is not None and row.proven_age_s > proven_within_s:
+            log.warning(
+                "region %s: the copy of %s v%d was last proven current %.1f days ago: not served",
+                self.name,
+                scope,
+                version,
+                row.proven_age_s / 86_400,
+            )
             return None
         kek = await self.kek()
         dek = await kek.unwrap(
@@ -211,6 +254,12 @@ class Region:
                 f"region {self.name}: the copy of {scope} v{version} does not match its fingerprint"
             )
         return dek
+
+    async def mark_verified(self, *, primary: str, keys: int) -> None:
+        """Record in the region that a full check just proved all its copies in sync (the
+        freshness failover reads ask of a copy). Raises StoreUnavailable if the region is down."""
+        async with db.transaction(self.sessions) as session:
+            await store.mark_verified(session, self.name, primary=primary, keys=keys)
 
     async def drop_copy(self, scope: str, version: int) -> int:
         """Delete the region's copy of one DEK version (the primary destroyed it). Returns how

@@ -42,6 +42,12 @@ async def repair_region(primary: PrimaryKeys, region: Region, sources: Sources, 
     kek = await region.kek()
     rewrite = [k for k in faults if k in sources]
     drop = [copies[k] for k in faults if k not in sources]
+    if drop:
+        # ``sources`` was read before these copies: a copy of a DEK made since (a new scope's,
+        # a rotation's, replicated meanwhile) is not in it. A copy exists only after its DEK
+        # does, so one the primary does not keep usable *now* is of a destroyed DEK.
+        live = await primary.usable([(c.scope, c.version) for c in drop])
+        drop = [c for c in drop if (c.scope, c.version) not in live]
 
     async def make(key: tuple[str, int]) -> CopyWrite:
         return await _fresh_copy(primary, region.name, kek, sources, key, copies.get(key))
@@ -91,12 +97,23 @@ async def _fresh_copy(
 
 
 async def _write(region: Region, writes: Sequence[CopyWrite], drop: Sequence[ReplicaCopy]) -> int:
-    """Write in batches, a transaction each: new copies, replaced copies and dropped ones."""
+    """Write in batches, a transaction each: new copies, replaced copies and dropped ones.
+
+    Raises:
+        Conflict: the region was promoted since the repair began (nothing more is written).
+    """
     inserts = [w for w in writes if w.old is None]
     updates = [w for w in writes if w.old is not None]
     written = 0
     for i in range(0, max(len(inserts), len(updates), len(drop)), _WRITE_BATCH):
         batch = [*inserts[i : i + _WRITE_BATCH], *updates[i : i + _WRITE_BATCH]]
         async with db.transaction(region.sessions) as session:
+            # The fence is read under the lock a promotion must wait for: a promotion that
+            # committed while the copies were being made is seen here, never written over.
+            await store.lock_copies_for_write(session)
+            if await store.promotion_record(session) is not None:
+                raise Conflict(
+                    f"region {region.name} was promoted to primary; refusing to overwrite its keys"
+                )
             written += await store.write_copies(session, batch, drop[i : i + _WRITE_BATCH])
     return written

@@ -14,6 +14,10 @@ from keyrotor.settings.audit import AuditSettings
 from keyrotor.settings.kek import KekSettings
 from keyrotor.settings.replication import ReplicationSettings
 
+MIN_DESTROY_AFTER_DAYS = 7
+"""The shortest destruction window: a retired DEK keeps its wrapped key at least this long
+(failover reads rely on it, :mod:`keyrotor.replication.failover`)."""
+
 
 class LibrarySettings(ReplicationSettings, AuditSettings, KekSettings):
     """The DEK cache, value limits, new scopes' policy, legacy decrypts and key-change messages."""
@@ -48,7 +52,9 @@ class LibrarySettings(ReplicationSettings, AuditSettings, KekSettings):
     default_grace_days: int = Field(default=7, ge=0, le=365, validation_alias="KEYROTOR_DEFAULT_GRACE_DAYS")
     # How long a retired DEK keeps its wrapped key (decrypt-only) before it may be erased; any use
     # meanwhile cancels the erasure. At least a week, as AWS KMS's pending deletion.
-    destroy_after_days: int = Field(default=30, ge=7, le=3650, validation_alias="KEYROTOR_DESTROY_AFTER_DAYS")
+    destroy_after_days: int = Field(
+        default=30, ge=MIN_DESTROY_AFTER_DAYS, le=3650, validation_alias="KEYROTOR_DESTROY_AFTER_DAYS"
+    )
     # Rotate a DEK early once it has encrypted this many values (a scope's `max_encryptions`
     # overrides it); encrypt refuses past it when rotation is disabled, and past twice it (at
     # most 2**31) otherwise (keyrotor.census.usage). Random 96-bit GCM nonces: NIST's bound is 2**32.

@@ -34,3 +34,9 @@ class ReplicationSettings(SettingsPart):
     region_connect_timeout_s: float = Field(
         default=3.0, gt=0, le=60, validation_alias="KEYROTOR_REGION_CONNECT_TIMEOUT_SECONDS"
     )
+    # Longest wait for one statement in a region's database. A connection that stays open while
+    # its network drops every packet would otherwise hold a check for as long as TCP takes to
+    # give up (hours): the region is graded unreachable instead.
+    region_statement_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, validation_alias="KEYROTOR_REGION_STATEMENT_TIMEOUT_SECONDS"
+    )

@@ -14,11 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 # --- where values live ------------------------------------------------------------------------
 
-# First sighting of a (scope, version, location) in a process: one row, committed before the
-# ciphertext is returned. Later encrypts only add to the in-memory count.
+# First sighting of a (scope, version, location) in a process: one row, committed with the
+# encryptions that made it before the ciphertext is returned (a process that dies before its
+# next flush leaves no location holding values at 0). Later encrypts add to the in-memory count.
 _RECORD = text(
-    "INSERT INTO key_locations (scope_id, dek_version, location) VALUES (:s, :v, :l) "
-    "ON CONFLICT (scope_id, dek_version, location) DO UPDATE SET last_seen = now()"
+    "INSERT INTO key_locations AS k (scope_id, dek_version, location, encryptions) "
+    "VALUES (:s, :v, :l, :n) ON CONFLICT (scope_id, dek_version, location) DO UPDATE "
+    "SET encryptions = k.encryptions + excluded.encryptions, last_seen = now()"
 )
 # keyrotor's own writers of new ciphertexts (rotation, retirement sweeps): one statement per batch,
 # in the batch's own transaction, so the locations commit with the values (asyncpg parameters).
@@ -47,9 +49,9 @@ _LOCATIONS = text(
 )
 
 
-async def record_location(session: AsyncSession, scope_id: int, version: int, location: str) -> None:
-    """Record that values of ``scope_id`` v``version`` were sealed for ``location``."""
-    await session.execute(_RECORD, {"s": scope_id, "v": version, "l": location})
+async def record_location(session: AsyncSession, scope_id: int, version: int, location: str, n: int) -> None:
+    """Record that ``n`` values of ``scope_id`` v``version`` were sealed for ``location``."""
+    await session.execute(_RECORD, {"s": scope_id, "v": version, "l": location, "n": n})
 
 
 async def record_location_counts(

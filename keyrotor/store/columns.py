@@ -52,6 +52,12 @@ async def lock_managed_columns(session: AsyncSession) -> None:
     await session.execute(text("LOCK TABLE managed_columns IN SHARE MODE"))
 
 
+async def lock_managed_columns_for_change(session: AsyncSession) -> None:
+    """Lock ``managed_columns`` in SHARE ROW EXCLUSIVE mode until the transaction ends: one
+    registration at a time, so each is checked against every column registered before it."""
+    await session.execute(text("LOCK TABLE managed_columns IN SHARE ROW EXCLUSIVE MODE"))
+
+
 async def insert_managed_column(
     session: AsyncSession,
     table: str,

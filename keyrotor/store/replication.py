@@ -95,6 +95,20 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
     return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
 
 
+async def usable_keys(session: AsyncSession, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which of ``keys`` (scope, version) are DEKs of the primary that still decrypt now."""
+    rows = await session.execute(
+        text(
+            "SELECT k.name, d.version FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
+            "JOIN unnest(CAST(:s AS text[]), CAST(:v AS int[])) AS u(s, v) "
+            "ON u.s = k.name AND u.v = d.version "
+            "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
+        ),
+        {"s": [k[0] for k in keys], "v": [k[1] for k in keys]},
+    )
+    return {(r[0], r[1]) for r in rows.all()}
+
+
 async def last_ok_times(session: AsyncSession) -> dict[str, datetime | None]:
     """When each region was last found in sync."""
     rows = (await session.execute(text("SELECT region, last_ok_at FROM kek_replicas"))).all()
@@ -176,21 +190,43 @@ class CopyBlob(NamedTuple):
     region_kek_version: int
     fingerprint: str
     state: str
+    proven_age_s: float  # since the copy was last written or its region last proven in sync
 
 
-async def region_copy(session: AsyncSession, scope: str, version: int) -> CopyBlob | None:
-    """A region's copy of one DEK version, or None."""
+async def region_copy(session: AsyncSession, region: str, scope: str, version: int) -> CopyBlob | None:
+    """A region's copy of one DEK version, or None.
+
+    ``proven_age_s`` counts from the later of the copy's ``replicated_at`` and the region's own
+    ``kek_replicas.last_ok_at`` (:func:`mark_verified`), on the region database's clock.
+    """
     row = (
         await session.execute(
             text(
-                "SELECT wrapped_dek, region_kek_id, region_kek_version, "
-                "fingerprint, state FROM replica_keys "
-                "WHERE scope = :s AND dek_version = :v"
+                "SELECT r.wrapped_dek, r.region_kek_id, r.region_kek_version, r.fingerprint, r.state, "
+                "EXTRACT(EPOCH FROM now() - GREATEST(r.replicated_at, "
+                "(SELECT k.last_ok_at FROM kek_replicas k WHERE k.region = :r))) "
+                "FROM replica_keys r WHERE r.scope = :s AND r.dek_version = :v"
             ),
-            {"s": scope, "v": version},
+            {"r": region, "s": scope, "v": version},
         )
     ).first()
-    return None if row is None else CopyBlob(*row)
+    if row is None:
+        return None
+    return CopyBlob(bytes(row[0]), row[1], row[2], row[3], row[4], float(row[5]))
+
+
+async def mark_verified(session: AsyncSession, region: str, *, primary: str, keys: int) -> None:
+    """Record, in a region's own ``kek_replicas``, that a full check just proved every copy of
+    the region in sync with ``primary`` (times on the region database's clock)."""
+    await session.execute(
+        text(
+            "INSERT INTO kek_replicas (region, status, keys_total, detail, checked_at, last_ok_at) "
+            "VALUES (:r, 'in_sync', :n, :d, now(), now()) ON CONFLICT (region) DO UPDATE SET "
+            "status = 'in_sync', keys_total = EXCLUDED.keys_total, detail = EXCLUDED.detail, "
+            "checked_at = now(), last_ok_at = now()"
+        ),
+        {"r": region, "n": keys, "d": f"every copy proven in sync with primary {primary}"},
+    )
 
 
 async def delete_copy(session: AsyncSession, scope: str, version: int) -> int:
@@ -295,6 +331,18 @@ async def write_copies(
 
 
 # --- promotion ------------------------------------------------------------------------------
+
+
+async def lock_copies_for_write(session: AsyncSession) -> None:
+    """Take ``replica_keys``' write lock before anything else in a repair's transaction: a
+    promotion (:func:`lock_copies_for_promotion`) then either waits for the repair to commit,
+    or has committed before the repair's next statement, which sees its fence."""
+    await session.execute(text("LOCK TABLE replica_keys IN ROW EXCLUSIVE MODE"))
+
+
+async def lock_copies_for_promotion(session: AsyncSession) -> None:
+    """Lock ``replica_keys`` against every write until the promotion's transaction ends."""
+    await session.execute(text("LOCK TABLE replica_keys IN SHARE MODE"))
 
 
 async def promotion_record(session: AsyncSession) -> dict[str, Any] | None:

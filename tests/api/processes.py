@@ -14,6 +14,7 @@ from pathlib import Path
 from tests.servers import free_port
 
 BIN = Path(sys.executable).parent / "keyrotor"
+ROOT = Path(__file__).resolve().parents[2]  # PYTHONPATH of subprocesses: see tests/cli_helpers.py
 
 
 class ServeProcess:
@@ -22,6 +23,7 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+        full_env.setdefault("PYTHONPATH", str(ROOT))  # this checkout, not the installed copy
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--port", str(self.port), *args],

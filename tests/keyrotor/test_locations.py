@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -104,15 +107,16 @@ async def test_repeats_write_nothing_and_counts_arrive_with_the_flush(env: dict[
         conn = await asyncpg.connect(url)
         try:
             first = {r["location"]: r["first_seen"] for r in await conn.fetch(_ROWS)}
-            # Repeats write nothing: the table stays as the first sightings left it.
+            # Repeats write nothing: the table stays as the first sightings left it, each with
+            # the encryption that wrote it.
             for i in range(5, 50):
                 await km.encrypt("anthropic", f"sk-ant-{i}", context=f"users.api_key:{i}")
             assert await _rows(url) == {
-                ("anthropic", 1, ""): 0,
-                ("anthropic", 1, "users.api_key"): 0,
-                ("openai", 1, "plain"): 0,
+                ("anthropic", 1, ""): 1,
+                ("anthropic", 1, "users.api_key"): 1,
+                ("openai", 1, "plain"): 1,
             }
-            assert km.usage.pending_locations[(_sid(km, "anthropic"), 1, "users.api_key")] == 50
+            assert km.usage.pending_locations[(_sid(km, "anthropic"), 1, "users.api_key")] == 49
             await km.usage.flush()
             assert await _rows(url) == {
                 ("anthropic", 1, ""): 1,
@@ -143,7 +147,7 @@ async def test_put_secrets_record_the_secret_location(env: dict[str, str]) -> No
     url = env["DATABASE_URL"]
     async with KeyManager(_quiet(env)) as km:
         await km.put_secret("anthropic", "prod", "sk-ant-prod")
-        assert await _rows(url) == {("anthropic", 1, "secret"): 0}  # committed with no flush yet
+        assert await _rows(url) == {("anthropic", 1, "secret"): 1}  # committed with no flush yet
         await km.put_secrets("anthropic", [("a", "sk-a"), ("b", "sk-b")])
     assert await _rows(url) == {("anthropic", 1, "secret"): 3}
 
@@ -276,12 +280,69 @@ async def test_legacy_migration_records_the_column_it_seals_into(wenv: dict[str,
         await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
         report = await legacy_migration.migrate_legacy(km, workers=1, batch_rows=16)
         assert report.failed == 0 and report.columns["settings.api_key"].migrated == 6
-        # Recorded (committed) before the values were written; the counts follow with the flush.
+        # Recorded (committed, with the value that wrote each) before the values were written;
+        # the other counts follow with the flush.
         assert await _rows(s.database_url) == {
-            ("anthropic", 1, "settings.api_key"): 0,
-            ("openai", 1, "settings.api_key"): 0,
+            ("anthropic", 1, "settings.api_key"): 1,
+            ("openai", 1, "settings.api_key"): 1,
         }
     assert await _rows(s.database_url) == {
         ("anthropic", 1, "settings.api_key"): 3,
         ("openai", 1, "settings.api_key"): 3,
     }
+
+
+async def test_counts_of_many_processes_at_once_add_up(env: dict[str, str]) -> None:
+    """Several processes (a KeyManager each: its own counter, pool and flushes) encrypting to
+    the same and to their own locations at once: every encryption is counted once."""
+    settings = Settings.from_env({**env, "KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS": "0.05"})
+    managers = [KeyManager(settings) for _ in range(4)]
+    for m in managers:
+        await m.__aenter__()
+    try:
+        await managers[0].encrypt("openai", "sk-first", context="seed:0")  # one scope, one DEK
+
+        async def work(i: int, m: KeyManager) -> None:
+            for j in range(60):
+                await m.encrypt("openai", "sk-census", context=f"users.api_key:{j}")
+                await m.encrypt("openai", "sk-census", context=f"own{i}.key:{j}")
+                if j % 10 == 0:
+                    await asyncio.sleep(0.01)  # let the flushes interleave with encrypts
+
+        await asyncio.wait_for(asyncio.gather(*(work(i, m) for i, m in enumerate(managers))), 60)
+    finally:
+        for m in managers:
+            await m.__aexit__(None, None, None)
+    rows = await _rows(env["DATABASE_URL"])
+    assert rows[("openai", 1, "users.api_key")] == 240
+    assert [rows[("openai", 1, f"own{i}.key")] for i in range(4)] == [60] * 4
+    assert rows[("openai", 1, "seed")] == 1
+
+
+_CRASH = """
+import asyncio, os, sys
+from keyrotor import KeyManager, Settings
+
+async def main() -> None:
+    km = KeyManager(Settings.from_env({**os.environ, "KEYROTOR_USAGE_FLUSH_INTERVAL_SECONDS": "3600"}))
+    await km.__aenter__()
+    token = await km.encrypt("anthropic", "sk-ant-crash", context="users.api_key:7")
+    sys.stdout.write(token)
+    sys.stdout.flush()
+    os._exit(0)  # dies before any flush or close
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_that_dies_before_its_flush_leaves_its_value_counted(env: dict[str, str]) -> None:
+    """The location's row is committed before the ciphertext is returned; so is the count of
+    the encryption that wrote it: `columns list` never shows a location holding a value as 0."""
+    root = str(Path(__file__).resolve().parents[2])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CRASH, env={**os.environ, **env, "PYTHONPATH": root},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and out.startswith(b"kr1:"), err
+    assert await _rows(env["DATABASE_URL"]) == {("anthropic", 1, "users.api_key"): 1}

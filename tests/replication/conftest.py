@@ -80,6 +80,7 @@ def region_env(region_urls: Mapping[str, str], keys: Mapping[str, str] = REGION_
         "KEYROTOR_FAILOVER_RETRY_SECONDS": "0.3",
         "KEYROTOR_FAILOVER_TIMEOUT_SECONDS": "2",
         "KEYROTOR_REGION_CONNECT_TIMEOUT_SECONDS": "2",
+        "KEYROTOR_REGION_STATEMENT_TIMEOUT_SECONDS": "3",
         "KEYROTOR_LISTEN_KEY_CHANGES": "false",
     }
     for region in region_urls:

@@ -2,7 +2,8 @@
 
 ``cut()`` closes the listening socket and every open connection: new connections are refused
 (ECONNREFUSED, as for a host whose database is down) and pooled ones break mid-use. ``heal()``
-listens again on the same port.
+listens again on the same port. ``freeze()`` keeps every connection open but passes no more
+bytes either way (a network path that silently drops packets), until ``thaw()``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class PgProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
@@ -36,6 +39,7 @@ class PgProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except (OSError, ConnectionError):
@@ -59,9 +63,16 @@ class PgProxy:
         self._writers.clear()
         await asyncio.sleep(0)
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     async def heal(self) -> None:
         if self._server is None:
             await self.start()
 
     async def close(self) -> None:
+        self.thaw()
         await self.cut()

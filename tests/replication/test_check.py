@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -11,10 +12,10 @@ import pytest
 from keyrotor import KeyManager, Settings
 from keyrotor.crypto.envelope import new_dek
 from keyrotor.errors import ConfigurationError
-from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
 from keyrotor.metrics import REPLICA_STATUS
-from keyrotor.replication.check import env_prefix, fingerprint, init_regions, parse_regions
+from keyrotor.replication.check import Replication, env_prefix, fingerprint, init_regions, parse_regions
 from tests.conftest import MASTER_KEY, _admin
 from tests.replication.conftest import (
     PRIMARY,
@@ -278,3 +279,114 @@ async def test_repair_never_writes_a_copy_that_does_not_verify(
     }
     assert after == before  # the stale copy still stands; no copy was written for openai
     assert caplog.text.count("replica copy not written for region eu-west-1") == 2
+
+
+async def test_a_silent_region_is_reported_unreachable_not_waited_for(
+    rkm: KeyManager, proxies: dict[str, PgProxy]
+) -> None:
+    """A region whose network drops every packet (its pooled connections stay open, nothing
+    comes back) is graded unreachable within the statement deadline; the check goes on."""
+    await _seed(rkm)
+    rep = rep_of(rkm)
+    assert set(statuses(await rep.check(repair=False)).values()) == {"in_sync"}  # pools connections
+    proxies["eu-west-1"].freeze()
+    try:
+        report = await asyncio.wait_for(rep.check(repair=True), 30)
+        # Closing its connections is bounded too (by the same deadline).
+        await asyncio.wait_for(rep.region("eu-west-1").engine.dispose(), 10)
+    finally:
+        proxies["eu-west-1"].thaw()
+    assert statuses(report) == {"eu-west-1": "unreachable", "ap-south-1": "in_sync"}
+    assert "StoreUnavailable" in report.regions[0].detail
+
+
+async def test_two_checks_at_once_repair_each_copy_once(
+    rkm: KeyManager, rsettings: Settings, renv: dict[str, str], region_urls: dict[str, str]
+) -> None:
+    """Two workers' check_replicas at once (an hourly job and a manual check, or a retried job
+    whose first try still runs): both end in sync, and each faulty copy is written once."""
+    for i in range(40):
+        await rkm.encrypt(f"tenant-{i}/openai", "sk-proj-concurrent-check", context="row:1")
+    await settle(rkm)
+    eu, ap = region_urls["eu-west-1"], region_urls["ap-south-1"]
+    await sql(eu, "DELETE FROM replica_keys WHERE dek_version = 1 AND scope LIKE 'tenant-1%'")  # missing
+    await sql(ap, "UPDATE replica_keys SET kek_version = 0")  # stale: every copy rewritten
+    others = [Replication.open(rsettings, rkm.sessions, rkm.kek, renv) for _ in range(2)]
+    try:
+        reports = await asyncio.wait_for(
+            asyncio.gather(*(r.check(repair=True, actor="job:test") for r in others)), 60
+        )
+    finally:
+        for r in others:
+            await r.aclose()
+    for report in reports:
+        assert statuses(report) == {"eu-west-1": "in_sync", "ap-south-1": "in_sync"}, report.as_dict()
+    repaired = {
+        region: sum(r.repaired for rep in reports for r in rep.regions if r.region == region)
+        for region in region_urls
+    }
+    assert repaired == {"eu-west-1": 11, "ap-south-1": 40}
+    assert (await sql(eu, "SELECT count(*) FROM replica_keys"))[0][0] == 40
+
+
+def test_two_regions_in_one_database_are_refused() -> None:
+    """Two regions (or a region and the primary) in one database share one replica_keys table:
+    each check finds the other's copies corrupt and rewrites them under its own key, so at any
+    time one region holds copies wrapped under the other region's key."""
+    base = {"DATABASE_URL": "postgresql://keyrotor:pw@db.us:5432/keyrotor"}
+
+    def regions(value: str) -> list[str]:
+        return [r.name for r in parse_regions(Settings.from_env({**base, "KEYROTOR_REGIONS": value}), {})]
+
+    for bad in (
+        "eu=postgresql://u:hunter2@db.eu/kr,ap=postgresql://other@db.eu:5432/kr",
+        "eu=postgresql://u:hunter2@db.us/keyrotor",  # the primary's own database
+        "eu=postgresql://u@/kr?host=/run/pg,ap=postgresql://u@/kr?host=/run/pg",
+    ):
+        with pytest.raises(ConfigurationError, match="same database") as info:
+            regions(bad)
+        assert "hunter2" not in str(info.value) and "db.eu" not in str(info.value)
+    # Another database on the same server, or the same name on another server, is fine.
+    assert regions("eu=postgresql://db.eu/kr,ap=postgresql://db.eu/kr2,sa=postgresql://db.sa/kr") == [
+        "eu",
+        "ap",
+        "sa",
+    ]
+
+
+class _GatedUnwrap(FailingKek):
+    """The primary's real keyring, whose first ``unwrap`` waits at a gate the test opens."""
+
+    def __init__(self, inner: KekProvider) -> None:
+        super().__init__(inner)
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def unwrap(self, wrapped: WrappedDek, context: WrapContext) -> bytes:
+        self.reached.set()
+        await asyncio.wait_for(self.release.wait(), 20)
+        return await super().unwrap(wrapped, context)
+
+
+async def test_a_copy_made_while_a_check_runs_is_not_dropped_as_stale(
+    rkm: KeyManager, rsettings: Settings, renv: dict[str, str], region_urls: dict[str, str]
+) -> None:
+    """A full check reads the primary's DEKs, then each region's copies. A new scope's first
+    DEK replicated in between is in the region but not in what the check read: it is no DEK the
+    primary destroyed, and must not be deleted."""
+    await _seed(rkm)
+    gated = _GatedUnwrap(rkm.kek)
+    checker = Replication.open(rsettings, rkm.sessions, gated, renv)  # a cold fingerprint cache
+    try:
+        check = asyncio.create_task(checker.check(repair=True))
+        await asyncio.wait_for(gated.reached.wait(), 20)  # the primary's DEKs are read
+        await rkm.encrypt("late-scope", "sk-late-scope-value", context="row:1")
+        await settle(rkm)  # its DEK reaches every region meanwhile
+        gated.release.set()
+        report = await asyncio.wait_for(check, 30)
+    finally:
+        gated.release.set()
+        await checker.aclose()
+    for url in region_urls.values():
+        assert await sql(url, "SELECT dek_version FROM replica_keys WHERE scope = 'late-scope'"), url
+    assert all(r.status == "in_sync" for r in report.regions), report.as_dict()

@@ -10,17 +10,15 @@ import os
 from keyrotor import KeyManager, Settings
 from keyrotor.worker.cli.health import replica_health
 from tests.cli_helpers import BIN, ROOT
-from tests.replication.conftest import settle, sql
+from tests.conftest import _url
+from tests.replication.conftest import PRIMARY, REGION_KEYS, settle, sql, unreachable
+from tests.replication.proxy import PgProxy
 
 
 async def keyrotor(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     """Run the console script without blocking the loop (the test's proxies run on it)."""
-    full = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", "/root"),
-        "PYTHONPATH": str(ROOT),  # this checkout's keyrotor, not the virtualenv's installed copy
-        **env,
-    }
+    home = os.environ.get("HOME", "/root")
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": home, "PYTHONPATH": str(ROOT), **env}  # see BIN
     proc = await asyncio.create_subprocess_exec(
         str(BIN), *args, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -72,3 +70,32 @@ async def test_replicas_cli(rkm: KeyManager, renv: dict[str, str], region_urls: 
     await rkm.replication.check(repair=True)  # type: ignore[union-attr]
     health = await replica_health(Settings.from_env(renv))
     assert health["status"] == "fail" and "ap-south-1: drifted" in health["error"]
+
+
+async def test_promote_from_the_cli_while_the_primary_is_down(
+    rkm: KeyManager,
+    renv: dict[str, str],
+    env: dict[str, str],
+    proxies: dict[str, PgProxy],
+    region_databases: dict[str, str],
+) -> None:
+    """The outage promotion is for: the primary's database is gone. The command must neither
+    need the primary (its KEK provider, its install salt) nor leave the promoted store an audit
+    key wrapped under the old primary's KEK, which the promoted deployment does not have."""
+    token = await rkm.encrypt("anthropic", "sk-ant-promoted-by-cli", context="c:1")
+    await settle(rkm)
+    async with unreachable(proxies[PRIMARY]):
+        code, out, err = await keyrotor("replicas", "promote", "ap-south-1", "--json", env=renv)
+    assert code == 0, err
+    assert json.loads(out)["primary_reachable"] is False
+    promoted = {
+        **env,
+        "DATABASE_URL": _url(region_databases["ap-south-1"]),
+        "ENCRYPTION_KEY": REGION_KEYS["ap-south-1"],
+        "KEYROTOR_PRIMARY_REGION": "ap-south-1",
+        "KEYROTOR_LISTEN_KEY_CHANGES": "false",
+    }
+    async with KeyManager(Settings.from_env(promoted), environ=promoted) as km2:
+        assert await km2.decrypt("anthropic", token, context="c:1") == "sk-ant-promoted-by-cli"
+    code, out, err = await keyrotor("audit", "verify", "--json", env=promoted)
+    assert code == 0, err

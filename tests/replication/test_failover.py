@@ -7,9 +7,16 @@ import asyncio
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import Conflict, KekUnavailable
+from keyrotor.errors import Conflict, KekUnavailable, KeyrotorError
+from keyrotor.kek.base import KekProvider, WrapContext, WrappedDek
 from keyrotor.kek.factory import local_keyring
-from keyrotor.replication.check import FAILOVER_READS
+from keyrotor.replication.check import (
+    FAILOVER_READS,
+    Region,
+    Replication,
+    parse_regions,
+    region_settings,
+)
 from tests.conftest import _url
 from tests.replication.conftest import (
     PRIMARY,
@@ -158,3 +165,66 @@ async def test_promote_a_secondary_during_a_lasting_outage(
         "WHERE event_type = 'failover' AND metadata->>'state' = 'promoted'",
     )
     assert [ev["actor"] for ev in events] == ["ops@example"]
+
+
+class GatedKek(FailingKek):
+    """The real regional keyring, whose ``wrap`` waits at a gate the test opens."""
+
+    def __init__(self, inner: KekProvider) -> None:
+        super().__init__(inner)
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def wrap(self, dek: bytes, context: WrapContext) -> WrappedDek:
+        self.reached.set()
+        await asyncio.wait_for(self.release.wait(), 20)
+        return await super().wrap(dek, context)
+
+
+async def test_a_repair_in_flight_never_writes_into_a_region_promoted_meanwhile(
+    rkm: KeyManager, rsettings: Settings, renv: dict[str, str], region_urls: dict[str, str]
+) -> None:
+    # ap-south-1: the promotion test above opens a KeyManager on eu-west-1's database, which
+    # keys its audit chain with a key this process no longer holds.
+    await _seed(rkm)
+    ap = region_urls["ap-south-1"]
+    await sql(ap, "DELETE FROM replica_keys WHERE scope = 'tenant-0/openai'")  # a copy to repair
+    (cfg,) = [c for c in parse_regions(rsettings, renv) if c.name == "ap-south-1"]
+    gated = GatedKek(local_keyring(region_settings(cfg)))
+    repairer = Replication(rsettings, rkm.sessions, rkm.kek, [Region(cfg, rsettings, gated)])
+    promoter = Replication.open(rsettings, rkm.sessions, None, renv)  # the primary's KEK is out
+    try:
+        check = asyncio.create_task(repairer.check(repair=True, record=False))
+        await asyncio.wait_for(gated.reached.wait(), 20)  # the fresh copy is being made
+        doc = await promoter.promote("ap-south-1", by="ops@example")
+        assert doc["deks"] == len(VALUES) - 1
+        gated.release.set()
+        report = await asyncio.wait_for(check, 20)
+    finally:
+        gated.release.set()
+        await repairer.aclose()
+        await promoter.aclose()
+    # The promotion fenced the region: the repair that was under way wrote nothing into it.
+    assert (await sql(ap, "SELECT count(*) FROM replica_keys WHERE scope = 'tenant-0/openai'"))[0][0] == 0
+    assert "promoted" in report.regions[0].detail
+
+
+async def test_a_silent_primary_is_waited_for_within_the_deadline_on_every_read(
+    renv: dict[str, str], proxies: dict[str, PgProxy], region_urls: dict[str, str]
+) -> None:
+    """The primary's network drops every packet and no region holds the DEK: every read fails
+    within KEYROTOR_FAILOVER_TIMEOUT_SECONDS, including those made while the primary is being
+    skipped (which then ask it after all)."""
+    e = {**renv, "KEYROTOR_AUDIT": "async", "KEYROTOR_FAILOVER_RETRY_SECONDS": "30"}
+    async with KeyManager(Settings.from_env(e), environ=e) as km:
+        tokens = await _seed(km)
+        for url in region_urls.values():
+            await sql(url, "DELETE FROM replica_keys")  # no secondary can serve
+        proxies[PRIMARY].freeze()
+        try:
+            for scope in list(tokens)[:2]:  # the first read leaves the primary; the second skips it
+                km.invalidate()
+                with pytest.raises(KeyrotorError):
+                    await asyncio.wait_for(km.decrypt(scope, tokens[scope], context="row:9"), 10)
+        finally:
+            proxies[PRIMARY].thaw()
