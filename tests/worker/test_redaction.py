@@ -181,3 +181,65 @@ def test_auto_format_is_pretty_on_a_terminal_and_json_otherwise() -> None:
     events = [json.loads(line) for line in piped.stdout.splitlines()]
     assert [e["event"] for e in events] == ["stored", "job done"]
     assert ANTHROPIC not in piped.stdout and events[0]["value"] == REDACTED
+
+
+# 32 random bytes whose base64 happens to hold no digit (about one key in 1,500 does): mixed
+# case without digits is also how CamelCase names look, so "has a digit" alone missed it.
+NO_DIGIT_DEK = "MEbvdsluBTrbsokQHmmlGxvvZDgYe+XrzxzNIHBXaXI="
+# keyrotor's own API token (keyrotor/api/tokens.py), again without a digit.
+NO_DIGIT_TOKEN = "krt_JuEPUXdDGXUVVNgFKkisrDJoMHyDBQcHOUEsXLpCbNo"
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (f"unwrapped {NO_DIGIT_DEK}", NO_DIGIT_DEK),
+        (f"token {NO_DIGIT_TOKEN} refused", NO_DIGIT_TOKEN[4:]),
+        ("GET /v1/scopes Authorization: Bearer krt_abcDEF123", "abcDEF123"),
+        ("headers={'Authorization': 'Bearer hvs.CAESIabcdefghij'}", "CAESIabcdefghij"),
+        ("postgresql://kr@db:5432/kr?sslmode=require&password=hunter2pw", "hunter2pw"),
+        ("connect(host=db user=kr password=hunter2pw dbname=kr)", "hunter2pw"),
+        ("redis://db:6379/0?password=hunter2pw", "hunter2pw"),
+        (
+            "invalid input for query argument $2: b'\\x92\\x90\\xa0\\x02W\\x06\\xe1\\xfd\\x02\\x8c' (bad)",
+            "\\x92\\x90",
+        ),
+        (
+            'duplicate key value violates unique constraint "secrets_pkey"\n'
+            "DETAIL:  Key (scope_id, name)=(3, acme-corp-openai) already exists.",
+            "acme-corp-openai",
+        ),
+        (
+            'new row for relation "secrets" violates check constraint\n'
+            "DETAIL:  Failing row contains (7, acme-corp, x).",
+            "acme-corp",
+        ),
+    ],
+    ids=[
+        "dek-no-digit",
+        "api-token-no-digit",
+        "bearer-api-token",
+        "bearer-vault-token",
+        "url-query-password",
+        "libpq-keyword-password",
+        "redis-query-password",
+        "bytes-literal",
+        "postgres-detail-key",
+        "postgres-failing-row",
+    ],
+)
+def test_shapes_the_patterns_missed(text: str, secret: str) -> None:
+    out = Redactor().redact(text)
+    assert secret not in out, out
+
+
+def test_camel_case_and_snake_case_names_are_not_key_material() -> None:
+    r = Redactor()
+    for text in (
+        "ReencryptRangeJobFailedWithStoreBusyError",
+        "keyrotor_unregistered_locations_total",
+        "KEYROTOR_METRICS_SCOPE_LABELS_AND_MORE_OF_THEM",
+        'password authentication failed for user "postgres"',
+        "DETAIL:  Process 4242 waits for ShareLock on transaction 77; blocked by process 4343.",
+    ):
+        assert r.redact(text) == text
