@@ -243,3 +243,43 @@ def test_camel_case_and_snake_case_names_are_not_key_material() -> None:
         "DETAIL:  Process 4242 waits for ShareLock on transaction 77; blocked by process 4343.",
     ):
         assert r.redact(text) == text
+
+
+async def test_a_failed_jobs_traceback_does_not_quote_the_row_postgres_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A duplicate secret on the real database, failed the way a job fails: keyrotor's error
+    names no value, but its cause (asyncpg's error, whose text carries the DETAIL line) is
+    printed in the traceback arq logs; the tenant's secret name must not reach the log."""
+    import asyncio
+
+    import asyncpg
+
+    from keyrotor.errors import StoreRejected
+    from keyrotor.store.db import wrap_exceptions
+
+    name = "acme-corp-billing-openai"
+    conn = await asyncio.wait_for(
+        asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres"), timeout=10
+    )
+    configure_logging(Settings.from_env({"KEYROTOR_LOG_FORMAT": "json"}), force=True)
+    try:
+        await conn.execute("CREATE TEMP TABLE names (name text PRIMARY KEY)", timeout=10)
+        await conn.execute("INSERT INTO names VALUES ($1)", name, timeout=10)
+        with pytest.raises(StoreRejected) as caught, wrap_exceptions():
+            await asyncio.wait_for(conn.execute("INSERT INTO names VALUES ($1)", name), timeout=10)
+        assert name not in str(caught.value)
+        try:
+            raise caught.value
+        except StoreRejected as exc:  # arq's own line for a failed job
+            logging.getLogger("arq.worker").exception(
+                "%6.2fs ! %s failed, %s: %s", 0.01, "abc:put_secret", type(exc).__name__, exc
+            )
+        out = capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers = []
+        await conn.close(timeout=10)
+    event = json.loads(out.strip().splitlines()[-1])
+    assert "UniqueViolationError" in json.dumps(event["exception"])  # the cause is still shown
+    assert name not in out
