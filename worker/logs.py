@@ -9,6 +9,11 @@ Tracebacks never show frame locals (where keys and plaintexts live):
 ``ExceptionRenderer(ExceptionDictTransformer(show_locals=False))`` for JSON and
 ``RichTracebackFormatter(show_locals=False)`` on a console.
 
+Python's own stderr printers go through the same handler: warnings (``py.warnings``), an
+exception a destructor or a finalizer could not raise (``keyrotor.unraisable``) and a thread's
+uncaught exception (``keyrotor.thread``) -- third-party text that would otherwise bypass the
+redactor.
+
 Every rendered event then passes :class:`Redactor`, the last processor before the renderer:
 it replaces anything that looks like key material in every value (nested dicts and lists,
 the message, the rendered exception): provider API keys (``sk-…``, ``sk-ant-…``, ``AIza…``),
@@ -25,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -119,6 +125,31 @@ def known_secrets(settings: Settings, environ: Mapping[str, str] | None = None) 
     return values + _env_secrets(os.environ if environ is None else environ)
 
 
+def _log_unraisable(unraisable: Any) -> None:
+    # Python's default prints the object's repr and the traceback to stderr, unredacted.
+    exc = unraisable.exc_value
+    info = (type(exc), exc, unraisable.exc_traceback) if exc is not None else None
+    where = unraisable.err_msg or "Exception ignored in"
+    logging.getLogger("keyrotor.unraisable").error(
+        "%s: %s", where, type(unraisable.object).__name__, exc_info=info
+    )
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as threading's default: a thread's SystemExit is silent
+    name = args.thread.name if args.thread is not None else "?"
+    info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None
+    logging.getLogger("keyrotor.thread").error("uncaught exception in thread %s", name, exc_info=info)
+
+
+def _route_stderr_printers() -> None:
+    """Send what Python prints to stderr by itself through the logging handler (redacted)."""
+    logging.captureWarnings(True)
+    sys.unraisablehook = _log_unraisable
+    threading.excepthook = _log_thread_exception
+
+
 def use_json(settings: Settings) -> bool:
     """JSON unless asked for a console, or ``auto`` and stdout is a terminal."""
     if settings.log_format == "auto":
@@ -183,4 +214,5 @@ def configure_logging(settings: Settings, *, force: bool = False) -> None:
         arq_logger.handlers = []
         arq_logger.propagate = True
         arq_logger.setLevel(level)
+    _route_stderr_printers()
     _configured = True

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import secrets
+import sys
+import threading
 
 import pytest
 import structlog
@@ -106,6 +108,15 @@ def test_every_value_of_an_event_nested_and_bytes() -> None:
     assert out["raw"] == "<32 bytes>"
 
 
+def _reset_logging() -> None:
+    """Undo configure_logging in this (pytest's) process."""
+    structlog.reset_defaults()
+    logging.getLogger().handlers = []
+    logging.captureWarnings(False)
+    sys.unraisablehook = sys.__unraisablehook__
+    threading.excepthook = threading.__excepthook__
+
+
 def test_configured_logging_redacts_stdlib_structlog_and_exceptions(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -122,8 +133,7 @@ def test_configured_logging_redacts_stdlib_structlog_and_exceptions(
             structlog.get_logger("t").exception("boom")
         out = capsys.readouterr().out
     finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers = []
+        _reset_logging()
     lines = out.strip().splitlines()
     assert len(lines) == 3
     events = [json.loads(line) for line in lines]  # one JSON event a line
@@ -148,7 +158,6 @@ def test_auto_format_is_pretty_on_a_terminal_and_json_otherwise() -> None:
     console renderer, still redacted and one event a line; a pipe gets JSON."""
     import pty
     import subprocess
-    import sys
 
     env = {**os.environ, "KEYROTOR_LOG_FORMAT": "auto", "ENCRYPTION_KEY": "tty-test-master-key-123"}
     script = _TTY_SCRIPT % ANTHROPIC
@@ -277,9 +286,43 @@ async def test_a_failed_jobs_traceback_does_not_quote_the_row_postgres_names(
             )
         out = capsys.readouterr().out
     finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers = []
+        _reset_logging()
         await conn.close(timeout=10)
     event = json.loads(out.strip().splitlines()[-1])
     assert "UniqueViolationError" in json.dumps(event["exception"])  # the cause is still shown
     assert name not in out
+
+
+_STDERR_SCRIPT = """
+import gc, sys, threading, warnings
+from keyrotor import Settings
+from keyrotor.worker.logs import configure_logging
+configure_logging(Settings.from_env({"KEYROTOR_LOG_FORMAT": "json"}))
+warnings.warn("a library warns about value %(key)s", UserWarning)
+
+class Closing:
+    def __del__(self):
+        raise ValueError("cannot close with %(key)s")
+
+Closing()
+gc.collect()
+thread = threading.Thread(target=lambda: (_ for _ in ()).throw(ValueError("thread saw %(key)s")))
+thread.start()
+thread.join(10)
+"""
+
+
+def test_warnings_and_errors_printed_outside_a_logger_are_redacted() -> None:
+    """Python prints a warning, an exception a destructor ignored and a thread's uncaught
+    exception straight to stderr; a third-party library's text must pass the redactor too."""
+    import subprocess
+
+    script = _STDERR_SCRIPT % {"key": ANTHROPIC}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    output = done.stdout + done.stderr
+    assert ANTHROPIC not in output, output
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(events) == 3 and not done.stderr.strip()  # each one event, through the handler
+    assert {e["logger"] for e in events} == {"py.warnings", "keyrotor.unraisable", "keyrotor.thread"}
