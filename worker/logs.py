@@ -20,7 +20,8 @@ the message, the rendered exception): provider API keys (``sk-â€¦``, ``sk-ant-â€
 ``kr1:`` ciphertexts, long base64/base64url/hex runs (DEKs, wrapped DEKs, master keys),
 passwords in URLs, and verbatim the configured master keys and tokens, the KEK providers'
 credentials (``VAULT_TOKEN``, ``VAULT_SECRET_ID``, ``AWS_SECRET_ACCESS_KEY``, ...) and every
-region's own key variables. Redaction is the last
+region's own key variables (also as repr() and JSON quote them), and in mapping keys as in
+values. Redaction is the last
 line of defence, not the first: keyrotor's messages never carry values to begin with.
 """
 
@@ -56,7 +57,11 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.literals = sorted({s for s in secrets if s and len(s) >= _MIN_LITERAL}, key=len, reverse=True)
+        found = {s for s in secrets if s and len(s) >= _MIN_LITERAL}
+        # A secret quoted by repr() or JSON in a message (a provider's answer, a driver's error)
+        # appears escaped: a quote, a backslash or a non-ASCII letter breaks the verbatim match.
+        found |= {q for s in found for q in _escaped(s)}
+        self.literals = sorted(found, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         """``text`` with everything that looks like key material replaced by ``[REDACTED]``."""
@@ -70,8 +75,8 @@ class Redactor:
             return self.redact(value)
         if isinstance(value, bytes | bytearray | memoryview):
             return f"<{len(value)} bytes>"  # raw bytes in a log are key material until proven otherwise
-        if isinstance(value, Mapping):
-            return {k: self._value(v) for k, v in value.items()}
+        if isinstance(value, Mapping):  # keys too: a mapping may be keyed by a value
+            return {self.redact(k) if isinstance(k, str) else k: self._value(v) for k, v in value.items()}
         if isinstance(value, list | tuple | set | frozenset):
             return [self._value(v) for v in value]
         if value is None or isinstance(value, bool | int | float):
@@ -83,6 +88,12 @@ class Redactor:
             if not key.startswith("_"):  # structlog's own meta keys (_record, _from_structlog)
                 event[key] = self._value(event[key])
         return event
+
+
+def _escaped(secret: str) -> set[str]:
+    """The forms ``secret`` takes inside a repr() or a JSON string (itself left out)."""
+    forms = {repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    return forms - {secret}
 
 
 # Environment variables holding credentials that are not Settings fields: the KEK providers'

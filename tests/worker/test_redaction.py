@@ -326,3 +326,34 @@ def test_warnings_and_errors_printed_outside_a_logger_are_redacted() -> None:
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(events) == 3 and not done.stderr.strip()  # each one event, through the handler
     assert {e["logger"] for e in events} == {"py.warnings", "keyrotor.unraisable", "keyrotor.thread"}
+
+
+def test_keys_of_a_mapping_are_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """A mapping keyed by a value (counts by ciphertext, an ``extra`` dict a library passes)."""
+    ciphertext = "kr1:3:" + base64.urlsafe_b64encode(b"\x01" * 40).decode().rstrip("=")
+    configure_logging(Settings.from_env({"KEYROTOR_LOG_FORMAT": "json"}), force=True)
+    try:
+        structlog.get_logger("t").info("counted", seen={ciphertext: 2, "plain": 1})
+        logging.getLogger("some.library").warning("retrying", extra={"by_key": {OPENAI: "x"}})
+        out = capsys.readouterr().out
+    finally:
+        _reset_logging()
+    assert ciphertext not in out and OPENAI not in out
+    first = json.loads(out.splitlines()[0])
+    assert first["seen"] == {REDACTED: 2, "plain": 1}
+
+
+# A master key chosen as a passphrase, with characters that repr() and JSON escape.
+PASSPHRASE = 'Grüße "an" C:\\keys\\master'
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [repr(PASSPHRASE), json.dumps(PASSPHRASE), json.dumps(PASSPHRASE, ensure_ascii=False)],
+    ids=["repr", "json-ascii", "json-unicode"],
+)
+def test_a_known_secret_is_blanked_in_its_escaped_forms(quoted: str) -> None:
+    settings = Settings.from_env({"ENCRYPTION_KEY": PASSPHRASE})
+    r = Redactor(known_secrets(settings, {}))
+    out = r.redact(f'provider answered {{"key": {quoted}}} for the request')
+    assert quoted[1:-1] not in out and "an\\" not in out, out
