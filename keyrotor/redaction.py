@@ -10,7 +10,7 @@ credential after ``Bearer``, ``kr1`` ciphertexts, the password of a URL (``user:
 (``b'\\x92...'``, as a driver's message quotes an argument), the values PostgreSQL quotes in an
 error's DETAIL (``Key (name)=(...)``, ``Failing row contains (...)``) or in an invalid-input
 message, and runs of 32+ base64/base64url/hex characters that look random (DEKs, wrapped DEKs,
-master keys). Identifiers, paths, CamelCase and snake_case names are left alone.
+master keys), also when wrapped over lines. Identifiers, paths, CamelCase and snake_case names are left alone.
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ NAMED = [
 # A bytes literal (closed, or cut short as asyncpg cuts an argument's repr at 100 characters);
 # blanked when it holds an escaped byte, as raw bytes are key material until proven otherwise.
 BYTES_LITERAL = re.compile(r"(?<![\w'\"])b(['\"])(?:\\.|(?!\1)[^\\\n])*(?:\1|$)", re.M)
+# Base64 wrapped over lines (MIME at 76 columns, PEM at 64), the newlines real or JSON-escaped:
+# full lines of one width and a shorter last line (itself a whole line), which alone is too short
+# to look random.
+WRAPPED = re.compile(
+    r"(?:(?<=\\n)|(?<![A-Za-z0-9+/\\]))"  # a line's start, or just after an escaped newline
+    r"(?:[A-Za-z0-9+/]{32,}(?:\r?\n|(?:\\r)?\\n))+"  # full lines
+    r"[A-Za-z0-9+/]+={0,2}"  # the last line, which ends a line, a string or the text
+    r"""(?=$|\r?\n|(?:\\r)?\\n|["'])"""
+)
+_NEWLINE = re.compile(r"\r?\n|(?:\\r)?\\n")
 # Candidate runs of base64 / base64url / hex; judged by looks_random.
 RUN = re.compile(r"[A-Za-z0-9+/_\-]{32,}={0,2}")
 HEX = re.compile(r"[0-9a-fA-F]{32,}")
@@ -64,6 +74,14 @@ def looks_random(run: str) -> bool:
     return upper * 4 >= len(run) and lower * 4 >= len(run)
 
 
+def _wrapped(block: str) -> str:
+    *full, last = _NEWLINE.split(block)
+    joined = "".join([*full, last])
+    if len({len(line) for line in full}) == 1 and len(last) <= len(full[0]) and looks_random(joined):
+        return REDACTED
+    return block
+
+
 def blank_patterns(text: str) -> str:
     """``text`` with everything matching the patterns above replaced (a URL password by ``***``)."""
     for pattern in PATTERNS:
@@ -72,6 +90,7 @@ def blank_patterns(text: str) -> str:
     for named in NAMED:
         text = named.sub(lambda m: m.group(1) + REDACTED, text)
     text = BYTES_LITERAL.sub(lambda m: REDACTED if "\\x" in m.group(0) else m.group(0), text)
+    text = WRAPPED.sub(lambda m: _wrapped(m.group(0)), text)
     return RUN.sub(lambda m: REDACTED if looks_random(m.group(0)) else m.group(0), text)
 
 

@@ -252,6 +252,11 @@ def test_camel_case_and_snake_case_names_are_not_key_material() -> None:
         "DETAIL:  Process 4242 waits for ShareLock on transaction 77; blocked by process 4343.",
     ):
         assert r.redact(text) == text
+    # A digest is blanked; the line after it, which is no part of it, is kept.
+    digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    assert r.redact(f"sha {digest}\nTraceback (most recent call last):") == (
+        f"sha {REDACTED}\nTraceback (most recent call last):"
+    )
 
 
 async def test_a_failed_jobs_traceback_does_not_quote_the_row_postgres_names(
@@ -357,3 +362,21 @@ def test_a_known_secret_is_blanked_in_its_escaped_forms(quoted: str) -> None:
     r = Redactor(known_secrets(settings, {}))
     out = r.redact(f'provider answered {{"key": {quoted}}} for the request')
     assert quoted[1:-1] not in out and "an\\" not in out, out
+
+
+# 64 bytes as MIME base64 wraps them: a 76-character line, then a 12-character one.
+WRAPPED = base64.encodebytes(bytes(range(7, 71))).decode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"key material:\n{WRAPPED}next line",
+        "body " + json.dumps({"pem": f"-----BEGIN KEY-----\n{WRAPPED}-----END KEY-----"}),
+    ],
+    ids=["newlines", "json-escaped-newlines"],
+)
+def test_base64_wrapped_over_lines_is_blanked_to_its_last_line(text: str) -> None:
+    out = Redactor().redact(text)
+    for line in WRAPPED.split():
+        assert line not in out, out
