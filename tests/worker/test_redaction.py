@@ -380,3 +380,51 @@ def test_base64_wrapped_over_lines_is_blanked_to_its_last_line(text: str) -> Non
     out = Redactor().redact(text)
     for line in WRAPPED.split():
         assert line not in out, out
+
+
+def test_botocore_debug_lines_do_not_show_the_dek_kms_returns(capsys: pytest.CaptureFixture[str]) -> None:
+    """At DEBUG botocore logs every request's and response's body: KMS's ``Plaintext`` is a DEK
+    (here one whose base64 has no digit). A real botocore client against a local endpoint."""
+    import http.server
+
+    import botocore.session
+
+    answer = json.dumps({"KeyId": "arn:aws:kms:eu-west-1:1:key/k", "Plaintext": NO_DIGIT_DEK}).encode()
+
+    class Kms(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Kms)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    configure_logging(
+        Settings.from_env({"KEYROTOR_LOG_FORMAT": "json", "KEYROTOR_LOG_LEVEL": "DEBUG"}), force=True
+    )
+    try:
+        kms = botocore.session.get_session().create_client(
+            "kms",
+            region_name="eu-west-1",
+            endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+            aws_access_key_id="AKIAEXAMPLE",
+            aws_secret_access_key="example-secret-access-key",
+            config=botocore.config.Config(connect_timeout=5, read_timeout=5, retries={"max_attempts": 1}),
+        )
+        plaintext = kms.decrypt(CiphertextBlob=b"wrapped")["Plaintext"]
+        out = capsys.readouterr().out
+    finally:
+        _reset_logging()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert plaintext == base64.b64decode(NO_DIGIT_DEK)
+    assert "Response body" in out  # botocore's line is there, the key is not
+    assert NO_DIGIT_DEK not in out
