@@ -15,13 +15,13 @@ uncaught exception (``keyrotor.thread``) -- third-party text that would otherwis
 redactor.
 
 Every rendered event then passes :class:`Redactor`, the last processor before the renderer:
-it replaces anything that looks like key material in every value (nested dicts and lists,
-the message, the rendered exception): provider API keys (``sk-…``, ``sk-ant-…``, ``AIza…``),
-``kr1:`` ciphertexts, long base64/base64url/hex runs (DEKs, wrapped DEKs, master keys),
-passwords in URLs, and verbatim the configured master keys and tokens, the KEK providers'
-credentials (``VAULT_TOKEN``, ``VAULT_SECRET_ID``, ``AWS_SECRET_ACCESS_KEY``, ...) and every
-region's own key variables (also as repr() and JSON quote them), and in mapping keys as in
-values. Redaction is the last
+it replaces anything that looks like key material in every value and mapping key (nested dicts
+and lists, the message, the rendered exception): what :mod:`keyrotor.redaction` matches
+(provider API keys, ``krt_`` and ``Bearer`` tokens, ``kr1:`` ciphertexts, URL and ``password=``
+passwords, bytes literals, the row values PostgreSQL quotes, long random base64/hex runs, also
+wrapped over lines), and verbatim, also as repr() and JSON quote them, the configured master
+keys and tokens, the KEK providers' credentials (``VAULT_TOKEN``, ``VAULT_SECRET_ID``,
+``AWS_SECRET_ACCESS_KEY``, ...) and every region's own key variables. Redaction is the last
 line of defence, not the first: keyrotor's messages never carry values to begin with.
 """
 
