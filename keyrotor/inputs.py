@@ -93,7 +93,11 @@ def value_bytes(plaintext: str, max_bytes: int) -> bytes:
     try:
         data = plaintext.encode()
     except UnicodeEncodeError:
-        raise InvalidValue("value is not valid Unicode (lone surrogates)") from None
+        # The error holds the whole value (.object): raised after this block, not in it, so that
+        # it is not kept as the new error's __context__ (``from None`` only hides that).
+        data = None
+    if data is None:
+        raise InvalidValue("value is not valid Unicode (lone surrogates)")
     if len(data) > max_bytes:
         raise InvalidValue(
             f"value is too large ({len(data)} bytes; limit {max_bytes}, KEYROTOR_MAX_VALUE_BYTES)"

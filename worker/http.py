@@ -51,8 +51,16 @@ ARQ_JOBS = Counter(
 Check = Callable[[], Awaitable[Any]]
 
 
+class CheckFailed(RuntimeError):
+    """A check's failure whose text is safe to show: the class name of the error it met."""
+
+
 class KekCheckCache:
-    """``kek.check()`` at most once per ``ttl_s``; remembers the last outcome."""
+    """``kek.check()`` at most once per ``ttl_s``; remembers the last outcome.
+
+    A failure raises :class:`CheckFailed` naming the class of the error (remembered as text, so
+    a provider's message never outlives the call).
+    """
 
     def __init__(self, check: Check, ttl_s: float) -> None:
         self._check = check
@@ -71,7 +79,7 @@ class KekCheckCache:
                     self._error = type(exc).__name__
                 self._at = time.monotonic()
         if self._error is not None:
-            raise RuntimeError(self._error)
+            raise CheckFailed(self._error)
         return "ok"
 
 
@@ -181,8 +189,9 @@ async def run_checks(checks: dict[str, Check]) -> dict[str, dict[str, Any]]:
         except TimeoutError:
             return {"ok": False, "error": "timeout"}
         except Exception as exc:
-            # Class names only: a driver's message may quote a URL with its password.
-            return {"ok": False, "error": str(exc) if isinstance(exc, RuntimeError) else type(exc).__name__}
+            # Class names only: a driver's message may quote a URL with its password. A RuntimeError
+            # of a driver is no exception; only CheckFailed's text is a class name already.
+            return {"ok": False, "error": str(exc) if isinstance(exc, CheckFailed) else type(exc).__name__}
         return {"ok": True, **({"detail": detail} if isinstance(detail, str) else {})}
 
     names = list(checks)

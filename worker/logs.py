@@ -9,13 +9,19 @@ Tracebacks never show frame locals (where keys and plaintexts live):
 ``ExceptionRenderer(ExceptionDictTransformer(show_locals=False))`` for JSON and
 ``RichTracebackFormatter(show_locals=False)`` on a console.
 
+Python's own stderr printers go through the same handler: warnings (``py.warnings``), an
+exception a destructor or a finalizer could not raise (``keyrotor.unraisable``) and a thread's
+uncaught exception (``keyrotor.thread``) -- third-party text that would otherwise bypass the
+redactor.
+
 Every rendered event then passes :class:`Redactor`, the last processor before the renderer:
-it replaces anything that looks like key material in every value (nested dicts and lists,
-the message, the rendered exception): provider API keys (``sk-…``, ``sk-ant-…``, ``AIza…``),
-``kr1:`` ciphertexts, long base64/base64url/hex runs (DEKs, wrapped DEKs, master keys),
-passwords in URLs, and verbatim the configured master keys and tokens, the KEK providers'
-credentials (``VAULT_TOKEN``, ``VAULT_SECRET_ID``, ``AWS_SECRET_ACCESS_KEY``, ...) and every
-region's own key variables. Redaction is the last
+it replaces anything that looks like key material in every value and mapping key (nested dicts
+and lists, the message, the rendered exception): what :mod:`keyrotor.redaction` matches
+(provider API keys, ``krt_`` and ``Bearer`` tokens, ``kr1:`` ciphertexts, URL and ``password=``
+passwords, bytes literals, the row values PostgreSQL quotes, long random base64/hex runs, also
+wrapped over lines), and verbatim, also as repr() and JSON quote them, the configured master
+keys and tokens, the KEK providers' credentials (``VAULT_TOKEN``, ``VAULT_SECRET_ID``,
+``AWS_SECRET_ACCESS_KEY``, ...) and every region's own key variables. Redaction is the last
 line of defence, not the first: keyrotor's messages never carry values to begin with.
 """
 
@@ -25,6 +31,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -50,7 +57,11 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.literals = sorted({s for s in secrets if s and len(s) >= _MIN_LITERAL}, key=len, reverse=True)
+        found = {s for s in secrets if s and len(s) >= _MIN_LITERAL}
+        # A secret quoted by repr() or JSON in a message (a provider's answer, a driver's error)
+        # appears escaped: a quote, a backslash or a non-ASCII letter breaks the verbatim match.
+        found |= {q for s in found for q in _escaped(s)}
+        self.literals = sorted(found, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         """``text`` with everything that looks like key material replaced by ``[REDACTED]``."""
@@ -64,8 +75,8 @@ class Redactor:
             return self.redact(value)
         if isinstance(value, bytes | bytearray | memoryview):
             return f"<{len(value)} bytes>"  # raw bytes in a log are key material until proven otherwise
-        if isinstance(value, Mapping):
-            return {k: self._value(v) for k, v in value.items()}
+        if isinstance(value, Mapping):  # keys too: a mapping may be keyed by a value
+            return {self.redact(k) if isinstance(k, str) else k: self._value(v) for k, v in value.items()}
         if isinstance(value, list | tuple | set | frozenset):
             return [self._value(v) for v in value]
         if value is None or isinstance(value, bool | int | float):
@@ -77,6 +88,12 @@ class Redactor:
             if not key.startswith("_"):  # structlog's own meta keys (_record, _from_structlog)
                 event[key] = self._value(event[key])
         return event
+
+
+def _escaped(secret: str) -> set[str]:
+    """The forms ``secret`` takes inside a repr() or a JSON string (itself left out)."""
+    forms = {repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    return forms - {secret}
 
 
 # Environment variables holding credentials that are not Settings fields: the KEK providers'
@@ -117,6 +134,31 @@ def known_secrets(settings: Settings, environ: Mapping[str, str] | None = None) 
     found += list(settings.encryption_keys_previous.values())
     values = [s.get_secret_value() for s in found if s is not None]
     return values + _env_secrets(os.environ if environ is None else environ)
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    # Python's default prints the object's repr and the traceback to stderr, unredacted.
+    exc = unraisable.exc_value
+    info = (type(exc), exc, unraisable.exc_traceback) if exc is not None else None
+    where = unraisable.err_msg or "Exception ignored in"
+    logging.getLogger("keyrotor.unraisable").error(
+        "%s: %s", where, type(unraisable.object).__name__, exc_info=info
+    )
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as threading's default: a thread's SystemExit is silent
+    name = args.thread.name if args.thread is not None else "?"
+    info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None
+    logging.getLogger("keyrotor.thread").error("uncaught exception in thread %s", name, exc_info=info)
+
+
+def _route_stderr_printers() -> None:
+    """Send what Python prints to stderr by itself through the logging handler (redacted)."""
+    logging.captureWarnings(True)
+    sys.unraisablehook = _log_unraisable
+    threading.excepthook = _log_thread_exception
 
 
 def use_json(settings: Settings) -> bool:
@@ -183,4 +225,5 @@ def configure_logging(settings: Settings, *, force: bool = False) -> None:
         arq_logger.handlers = []
         arq_logger.propagate = True
         arq_logger.setLevel(level)
+    _route_stderr_printers()
     _configured = True

@@ -269,12 +269,16 @@ def open_text(raw: bytes, cipher: AESGCM, scope: str, dek_version: int, context:
         DecryptionFailed: wrong DEK, wrong scope or context, tampered, or not UTF-8.
     """
     try:
-        return cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad(scope, dek_version, context)).decode()
+        data = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad(scope, dek_version, context))
     except InvalidTag:
         raise authentication_failed(dek_version) from None
+    try:
+        return data.decode()
     except UnicodeDecodeError:
-        # from None: the error holds the plaintext bytes.
-        raise DecryptionFailed("decrypted value is not valid UTF-8") from None
+        # The error holds the plaintext bytes (.object): raised after this block, not in it, so
+        # that it is not kept as the new error's __context__ (``from None`` only hides that).
+        pass
+    raise DecryptionFailed("decrypted value is not valid UTF-8")
 
 
 def authentication_failed(dek_version: int) -> DecryptionFailed:

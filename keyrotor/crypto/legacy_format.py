@@ -268,8 +268,11 @@ def _encrypt_from_parts(plaintext: str, master_key: str, salt: bytes, iv: bytes)
     try:
         data = plaintext.encode("utf-8")
     except UnicodeEncodeError:
-        # from None: the UnicodeEncodeError holds the plaintext (.object).
-        raise InvalidValue("legacy plaintext is not valid Unicode text (lone surrogates)") from None
+        # The error holds the plaintext (.object): raised after this block, not in it, so that it
+        # is not kept as the new error's __context__ (``from None`` only hides that).
+        data = None
+    if data is None:
+        raise InvalidValue("legacy plaintext is not valid Unicode text (lone surrogates)")
     return _seal(data, master_key, salt, iv)
 
 
@@ -288,9 +291,11 @@ def _text(plaintext: bytes) -> str:
     try:
         return plaintext.decode("utf-8")
     except UnicodeDecodeError:
-        # from None: a UnicodeDecodeError holds the whole plaintext (.object) and prints a
-        # byte of it, so it must not travel as the cause.
-        raise DecryptionFailed("legacy value decrypted, but its plaintext is not valid UTF-8") from None
+        # The error holds the whole plaintext (.object) and prints a byte of it: raised after
+        # this block, not in it, so that it is not kept as the new error's __context__ (``from
+        # None`` only hides that).
+        pass
+    raise DecryptionFailed("legacy value decrypted, but its plaintext is not valid UTF-8")
 
 
 def _open(raw: bytes, password: bytes) -> bytes:

@@ -38,7 +38,10 @@ def decrypt_second_phase(blob: str, cipher: AESGCM) -> str:
     try:
         return plaintext.decode("utf-8")
     except UnicodeDecodeError:
-        raise DecryptionFailed("second-phase value decrypted, but it is not valid UTF-8") from None
+        # The error holds the plaintext (.object): raised after this block, not in it, so that it
+        # is not kept as the new error's __context__ (``from None`` only hides that).
+        pass
+    raise DecryptionFailed("second-phase value decrypted, but it is not valid UTF-8")
 
 
 def encrypt_second_phase(plaintext: str, dek: bytes) -> str:  # pragma: no cover - tests only

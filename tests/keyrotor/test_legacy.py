@@ -183,7 +183,7 @@ def test_encrypt_rejects_bad_plaintext() -> None:
     with pytest.raises(InvalidValue) as info:
         legacy.encrypt("secret-\ud800", MASTER_KEY)
     assert info.value.__cause__ is None
-    assert info.value.__suppress_context__
+    assert info.value.__context__ is None  # the UnicodeEncodeError holds the plaintext
     _assert_hygienic(info.value, "secret")
     with pytest.raises(InvalidValue):
         legacy.encrypt(b"bytes", MASTER_KEY)  # type: ignore[arg-type]
@@ -243,7 +243,7 @@ def test_non_utf8_plaintext_is_refused() -> None:
     assert type(info.value) is DecryptionFailed
     # The UnicodeDecodeError holds the plaintext, so it must not be chained.
     assert info.value.__cause__ is None
-    assert info.value.__suppress_context__
+    assert info.value.__context__ is None
     _assert_hygienic(info.value, "secret", value, MASTER_KEY)
 
 

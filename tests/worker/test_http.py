@@ -85,3 +85,33 @@ async def test_a_taken_port_is_reported_not_fatal() -> None:
         server = OpsServer(role="worker", host="127.0.0.1", port=port, checks={})
         assert await server.start() is False
         await server.stop()
+
+
+async def test_readyz_never_echoes_a_check_errors_text() -> None:
+    """Only the KEK check's own failure (a class name it recorded) is reported as text; any other
+    error, a RuntimeError from a driver included, is named by its class."""
+
+    async def redis() -> None:
+        raise RuntimeError("pool for redis://:hunter2pw@10.0.0.1:6379/0 is closed")
+
+    failed_kek = KekCheckCache(_raise_timeout, ttl_s=60)  # a KEK that stopped answering
+
+    port = _port()
+    server = OpsServer(role="worker", host="127.0.0.1", port=port, checks={"redis": redis, "kek": failed_kek})
+    assert await server.start()
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            text = await resp.text()
+    finally:
+        await server.stop()
+    assert "hunter2pw" not in text
+    body = json.loads(text)
+    assert body["checks"]["redis"] == {"ok": False, "error": "RuntimeError"}
+    assert body["checks"]["kek"] == {"ok": False, "error": "TimeoutError"}
+
+
+async def _raise_timeout() -> None:
+    raise TimeoutError
