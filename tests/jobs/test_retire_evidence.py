@@ -1,0 +1,78 @@
+"""Retirement and destruction against what says a DEK is still needed, in process on the real
+Postgres and Redis: a value whose row names another version than its ciphertext, a use of a
+retired version recorded before someone retires it again, a process whose cache still names a
+retired version as active, and a destruction whose announcement was lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from keyrotor import KeyManager, Settings
+from keyrotor.errors import KeyVersionTooOld, PermanentError
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import destruction, retire
+from keyrotor.rotation.context import RotationContext
+from keyrotor.rotation.retire import KeyStillInUse
+from keyrotor.schedule import scan as schedule
+from tests.destruction_helpers import expire_window
+from tests.jobs.conftest import settings_of
+from tests.rotation_helpers import fetch
+
+SCOPE = "openai"
+
+
+@pytest.fixture
+async def app(wenv: dict[str, str]) -> AsyncIterator[tuple[Settings, KeyManager, RotationContext]]:
+    s = settings_of(wenv, KEYROTOR_LISTEN_KEY_CHANGES="false")
+    async with KeyManager(s) as km:
+        yield s, km, RotationContext(km.sessions, km.kek, s)
+
+
+async def _scan(km: KeyManager) -> AsyncIterator[schedule.Batch]:
+    async for batch in schedule.open_due_destructions(km.sessions, datetime.now(UTC), schedule.ScanConfig()):
+        yield batch
+
+
+async def _destroy_due(km: KeyManager, rc: RotationContext, version: int) -> list[str]:
+    """Run every destruction the scheduler's scan opens now; their outcomes (or refusals)."""
+    outcomes: list[str] = []
+    async for batch in _scan(km):
+        for run in batch.opened:
+            try:
+                outcomes.append((await destruction.destroy_dek(rc, SCOPE, version, run_id=run.id)).outcome)
+            except PermanentError as exc:
+                outcomes.append(type(exc).__name__)
+    return outcomes
+
+
+async def test_a_secret_restored_from_a_backup_keeps_its_dek(
+    app: tuple[Settings, KeyManager, RotationContext],
+) -> None:
+    s, km, rc = app
+    await km.put_secret(SCOPE, "billing", "sk-billing-0123456789")
+    (backup,) = await fetch(s.database_url, "SELECT ciphertext FROM secrets WHERE name = 'billing'")
+    await rotation.rotate_dek(rc, SCOPE)
+    # The operator restores the value column from last week's dump: the row's dek_version still
+    # says 2, the ciphertext is v1's and decrypts (same scope, same name: the same AAD).
+    await fetch(s.database_url, "UPDATE secrets SET ciphertext = $1 WHERE name = 'billing'", backup[0])
+    km.invalidate()
+    assert await km.get_secret(SCOPE, "billing") == "sk-billing-0123456789"
+
+    try:
+        done = await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    except KeyStillInUse:
+        pytest.fail("the restored value was neither counted nor moved to the active DEK")
+    assert done.stragglers == 1  # moved like any straggler: ciphertext and version column
+    rows = await fetch(s.database_url, "SELECT dek_version, ciphertext FROM secrets WHERE name = 'billing'")
+    assert rows[0][0] == 2 and rows[0][1].startswith("kr1:2:")
+    await expire_window(s.database_url, SCOPE, 1)
+    await _destroy_due(km, rc, 1)
+    km.invalidate()
+    try:
+        assert await km.get_secret(SCOPE, "billing") == "sk-billing-0123456789"
+    except KeyVersionTooOld:
+        pytest.fail("v1 was destroyed while a secret's ciphertext still needed it")
