@@ -18,7 +18,7 @@ from keyrotor.rotation import destruction, retire
 from keyrotor.rotation.context import RotationContext
 from keyrotor.rotation.retire import KeyStillInUse
 from keyrotor.schedule import scan as schedule
-from tests.destruction_helpers import expire_window
+from tests.destruction_helpers import acknowledge, expire_window, key_row
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import fetch
 
@@ -76,3 +76,33 @@ async def test_a_secret_restored_from_a_backup_keeps_its_dek(
         assert await km.get_secret(SCOPE, "billing") == "sk-billing-0123456789"
     except KeyVersionTooOld:
         pytest.fail("v1 was destroyed while a secret's ciphertext still needed it")
+
+
+async def test_retiring_again_keeps_the_uses_of_the_pending_window(
+    app: tuple[Settings, KeyManager, RotationContext],
+) -> None:
+    s, km, rc = app
+    await km.put_secret(SCOPE, "billing", "sk-billing-0123456789")
+    # A copy the proof cannot count: a v1 value kept outside the database (a cache, a message)
+    # under a covered context; only its decrypts show that v1 is still needed.
+    outside = await km.encrypt(SCOPE, "sk-copied-0123456789", context="secret:billing")
+    await rotation.rotate_dek(rc, SCOPE)
+    await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    km.invalidate()
+    assert await km.decrypt(SCOPE, outside, context="secret:billing") == "sk-copied-0123456789"
+    assert await fetch(s.database_url, "SELECT 1 FROM retired_key_uses WHERE dek_version = 1")
+
+    # Before the scheduler's destruction run sees that use, someone retires v1 again (a
+    # script that retires idempotently): the proof holds, and the use must still count.
+    await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    await expire_window(s.database_url, SCOPE, 1)
+    assert await _destroy_due(km, rc, 1) == [destruction.CANCELLED]
+    key = await key_row(s.database_url, SCOPE, 1)
+    assert key["state"] == "retired" and key["encrypted_dek"] is not None and key["destroy_after"] is None
+
+    # Retiring after the cancellation is the operator's answer to it: a new window, from which
+    # the old uses no longer count.
+    await acknowledge(s.database_url, "secret", "test")  # unused: the location is covered
+    await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    await expire_window(s.database_url, SCOPE, 1)
+    assert await _destroy_due(km, rc, 1) == [destruction.DESTROYED]
