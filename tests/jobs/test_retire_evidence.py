@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 import pytest
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import KeyVersionTooOld, PermanentError
+from keyrotor.census import usage
+from keyrotor.errors import ConfigurationError, KeyVersionTooOld, PermanentError
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import destruction, retire
 from keyrotor.rotation.context import RotationContext
@@ -106,3 +107,30 @@ async def test_retiring_again_keeps_the_uses_of_the_pending_window(
     await retire.retire_dek(rc, SCOPE, 1, force_now=True)
     await expire_window(s.database_url, SCOPE, 1)
     assert await _destroy_due(km, rc, 1) == [destruction.DESTROYED]
+
+
+async def test_a_stale_process_reserves_no_new_encryptions_of_a_retired_version(
+    app: tuple[Settings, KeyManager, RotationContext], wenv: dict[str, str]
+) -> None:
+    _, _, rc = app
+    stale_s = settings_of(
+        wenv, KEYROTOR_LISTEN_KEY_CHANGES="false", KEYROTOR_ACTIVE_VERSION_TTL_SECONDS="3600"
+    )
+    async with KeyManager(stale_s) as stale:
+        # Caches v1 as the active version for an hour and reserves its first block of v1.
+        first = await stale.encrypt(SCOPE, "warm-up", context="secret:warm-up")
+        assert first.startswith("kr1:1:")
+        await rotation.rotate_dek(rc, SCOPE)
+        await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+        # It never heard of either. What it had reserved of v1 it may still use; no more.
+        sealed = [await stale.encrypt(SCOPE, f"sk-late-{i}", context=f"secret:late{i}") for i in range(40)]
+    on_v1 = sum(v.startswith("kr1:1:") for v in sealed)
+    assert on_v1 <= usage.BLOCK_FIRST - 1, f"{on_v1} new values sealed with the retired v1"
+    assert all(v.startswith("kr1:2:") for v in sealed[on_v1:])
+
+
+def test_the_active_version_ttl_ends_well_before_a_destruction_window() -> None:
+    # A process trusts its active version for this long without a notification: were it as
+    # long as the shortest window, a process could still encrypt with a DEK that was destroyed.
+    with pytest.raises(ConfigurationError, match="KEYROTOR_ACTIVE_VERSION_TTL_SECONDS"):
+        Settings.from_env({"KEYROTOR_ACTIVE_VERSION_TTL_SECONDS": str(7 * 86_400)})
