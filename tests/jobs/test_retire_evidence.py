@@ -6,14 +6,18 @@ retired version as active, and a destruction whose announcement was lost.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+import redis.asyncio as aioredis
 
 from keyrotor import KeyManager, Settings
 from keyrotor.census import usage
-from keyrotor.errors import ConfigurationError, KeyVersionTooOld, PermanentError
+from keyrotor.errors import ConfigurationError, KeyVersionTooOld, PermanentError, QueueUnavailable
+from keyrotor.notify import KeyChange, Notifier
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import destruction, retire
 from keyrotor.rotation.context import RotationContext
@@ -134,3 +138,40 @@ def test_the_active_version_ttl_ends_well_before_a_destruction_window() -> None:
     # long as the shortest window, a process could still encrypt with a DEK that was destroyed.
     with pytest.raises(ConfigurationError, match="KEYROTOR_ACTIVE_VERSION_TTL_SECONDS"):
         Settings.from_env({"KEYROTOR_ACTIVE_VERSION_TTL_SECONDS": str(7 * 86_400)})
+
+
+async def test_a_destruction_run_again_after_its_commit_announces_it(
+    app: tuple[Settings, KeyManager, RotationContext],
+) -> None:
+    s, km, rc = app
+    await km.put_secret(SCOPE, "billing", "sk-billing-0123456789")
+    await rotation.rotate_dek(rc, SCOPE)
+    await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    await expire_window(s.database_url, SCOPE, 1)
+    (run,) = [r async for b in _scan(km) for r in b.opened]
+
+    # Redis goes away just after the erasure committed: the announcement is lost and the job
+    # fails with a transient error, which arq retries.
+    gone = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    down = replace(rc, notifier=Notifier(gone, s.notify_channel))
+    with pytest.raises(QueueUnavailable):
+        await destruction.destroy_dek(down, SCOPE, 1, run_id=run.id)
+    await gone.aclose()
+    assert (await key_row(s.database_url, SCOPE, 1))["state"] == "destroyed"
+
+    redis = aioredis.from_url(s.redis_url)
+    try:
+        async with redis.pubsub() as sub:
+            await sub.subscribe(s.notify_channel)
+            up = replace(rc, notifier=Notifier(redis, s.notify_channel))
+            retried = await destruction.destroy_dek(up, SCOPE, 1, run_id=run.id)
+            assert retried.outcome == destruction.DESTROYED
+            heard: list[KeyChange | None] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and KeyChange("destroyed", SCOPE, 1) not in heard:
+                msg = await sub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                if msg is not None:
+                    heard.append(KeyChange.decode(msg["data"]))
+    finally:
+        await redis.aclose()
+    assert KeyChange("destroyed", SCOPE, 1) in heard, "processes caching v1 were never told it is gone"
