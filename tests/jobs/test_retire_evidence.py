@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 
 from keyrotor import KeyManager, Settings
 from keyrotor.census import usage
-from keyrotor.errors import ConfigurationError, KeyVersionTooOld, PermanentError, QueueUnavailable
+from keyrotor.errors import (
+    ConfigurationError,
+    KeyVersionTooOld,
+    PermanentError,
+    QueueUnavailable,
+    StoreUnavailable,
+)
 from keyrotor.notify import KeyChange, Notifier
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import destruction, retire
@@ -25,6 +31,7 @@ from keyrotor.rotation.retire import KeyStillInUse
 from keyrotor.schedule import scan as schedule
 from tests.destruction_helpers import acknowledge, expire_window, key_row
 from tests.jobs.conftest import settings_of
+from tests.replication.proxy import PgProxy
 from tests.rotation_helpers import fetch
 
 SCOPE = "openai"
@@ -175,3 +182,47 @@ async def test_a_destruction_run_again_after_its_commit_announces_it(
     finally:
         await redis.aclose()
     assert KeyChange("destroyed", SCOPE, 1) in heard, "processes caching v1 were never told it is gone"
+
+
+async def test_a_use_of_a_retired_version_is_recorded_before_its_value_is_returned(
+    app: tuple[Settings, KeyManager, RotationContext], wenv: dict[str, str]
+) -> None:
+    s, km, rc = app
+    first = await km.encrypt(SCOPE, "sk-first-0123456789", context="secret:first")
+    # A v1 value kept outside the database (a cache, a message): only its decrypts say v1 is needed.
+    kept = await km.encrypt(SCOPE, "sk-kept-0123456789", context="secret:kept:copy")
+    await rotation.rotate_dek(rc, SCOPE)
+    await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    proxy = PgProxy()
+    await proxy.start()
+    app_s = settings_of(
+        wenv,
+        DATABASE_URL=proxy.url(s.database_url.rsplit("/", 1)[1]),
+        KEYROTOR_AUDIT="async",
+        KEYROTOR_LISTEN_KEY_CHANGES="false",
+        KEYROTOR_ACTIVE_VERSION_TTL_SECONDS="3600",
+    )
+    try:
+        async with KeyManager(app_s) as app_km:
+            # The application loads v1 as retired; this use cancels the first window.
+            assert await app_km.decrypt(SCOPE, first, context="secret:first") == "sk-first-0123456789"
+            await expire_window(s.database_url, SCOPE, 1)
+            assert await _destroy_due(km, rc, 1) == [destruction.CANCELLED]
+            await acknowledge(s.database_url, "secret", "test")  # unused: the location is covered
+            await retire.retire_dek(rc, SCOPE, 1, force_now=True)  # the operator's answer: a new window
+            # The database is out of reach when the kept value is next needed.
+            await proxy.cut()
+            try:
+                opened = await app_km.decrypt(SCOPE, kept, context="secret:kept:copy")
+            except StoreUnavailable:
+                opened = None  # refused for now; the caller retries once the database is back
+            await proxy.heal()
+            if opened is None:
+                assert await app_km.decrypt(SCOPE, kept, context="secret:kept:copy") == "sk-kept-0123456789"
+    finally:
+        await proxy.close()
+    await expire_window(s.database_url, SCOPE, 1)
+    outcome = await _destroy_due(km, rc, 1)
+    assert outcome == [destruction.CANCELLED], (
+        "v1 was erased though a value of it was decrypted in its window"
+    )
