@@ -133,6 +133,11 @@ async def _decide(
         key_id, state, retired_at, destroy_after, due, scope_id = await store.lock_dek_to_destroy(
             session, scope, version
         )
+        ended = await runs.require_run(session, run.id)
+        if ended.terminal:
+            # Another attempt of this run (arq ran the job again meanwhile) decided while this
+            # one waited for the key's row: its outcome stands, so that a retry still acts on it.
+            return str(ended.detail.get("outcome", ended.state)), None
         if state != "retired" or destroy_after is None or not due:
             outcome = _nothing_to_erase(state, destroy_after is None)
             await _complete(session, run, outcome)

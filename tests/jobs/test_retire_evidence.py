@@ -1,16 +1,19 @@
 """Retirement and destruction against what says a DEK is still needed, in process on the real
 Postgres and Redis: a value whose row names another version than its ciphertext, a use of a
 retired version recorded before someone retires it again, a process whose cache still names a
-retired version as active, and a destruction whose announcement was lost.
+retired version as active, a destruction whose announcement was lost, a use of a retired
+version while the database is out of reach, and two attempts of one destruction at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -226,3 +229,44 @@ async def test_a_use_of_a_retired_version_is_recorded_before_its_value_is_return
     assert outcome == [destruction.CANCELLED], (
         "v1 was erased though a value of it was decrypted in its window"
     )
+
+
+async def test_two_attempts_of_one_destruction_at_once_keep_its_outcome(
+    app: tuple[Settings, KeyManager, RotationContext],
+) -> None:
+    s, km, rc = app
+    await km.put_secret(SCOPE, "billing", "sk-billing-0123456789")
+    await rotation.rotate_dek(rc, SCOPE)
+    await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    await expire_window(s.database_url, SCOPE, 1)
+    (run,) = [r async for b in _scan(km) for r in b.opened]
+
+    # arq runs the job again, in another worker, while the first attempt is still at work (its
+    # lease ran out): both wait on the key's row, one erases the key, the other finds it erased.
+    blocker = await asyncpg.connect(s.database_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM data_keys WHERE version = 1 FOR UPDATE")
+        async with KeyManager(s) as other:
+            rc2 = RotationContext(other.sessions, other.kek, s)
+            attempts = [
+                asyncio.create_task(destruction.destroy_dek(c, SCOPE, 1, run_id=run.id)) for c in (rc, rc2)
+            ]
+            deadline = time.monotonic() + 4  # within the proof's lock timeout (5 s)
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            while await blocker.fetchval(waiting) < 2:
+                assert time.monotonic() < deadline, "the attempts never reached the key's row"
+                await asyncio.sleep(0.02)
+            await tx.rollback()
+            outcomes = [r.outcome for r in await asyncio.wait_for(asyncio.gather(*attempts), 30)]
+    finally:
+        await blocker.close()
+    assert outcomes == [destruction.DESTROYED] * 2
+    # What the run recorded is what a later retry answers (and acts on: the regions' copies
+    # are dropped and the erasure announced only for a run that erased the key).
+    again = await destruction.destroy_dek(rc, SCOPE, 1, run_id=run.id)
+    assert again.outcome == destruction.DESTROYED and again.run.detail["outcome"] == "destroyed"
