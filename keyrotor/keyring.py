@@ -247,7 +247,13 @@ class KeyRing:
     async def retired_use(self, who: Who, scope: str, version: int, context: str) -> None:
         """A decrypt needed retired ``version``: it succeeds, and is audited (each call), counted,
         logged and recorded in ``retired_key_uses`` (once per location and interval, before the
-        value is returned), which cancels the version's pending destruction."""
+        value is returned), which cancels the version's pending destruction.
+
+        Raises:
+            StoreUnavailable: the use cannot be recorded now. The value is not returned: the
+                record is the only thing that keeps a value the census cannot see from losing
+                its DEK, so the caller retries (and records it) once the database is back.
+        """
         location = location_of(context)
         metrics.RETIRED_KEY_USES.labels(metrics.scope_label(scope), str(version)).inc()
         await self._emit(calls.retired_use(who, scope, version, location))
@@ -267,9 +273,10 @@ class KeyRing:
         try:
             async with db.transaction(self._sessions()) as session:
                 await repo.record_retired_use(session, scope_id, version, location, who[0])
-        except Exception as exc:  # the value decrypted; the next use records it
+        except Exception as exc:
             self._retired_noted.pop(key, None)
             log.error("retired DEK use of %s v%d not recorded: %s", scope, version, type(exc).__name__)
+            raise
 
     def refresh_due(self, allowed: bool = True) -> None:
         """Start a background unwrap of each cached DEK a hit found near its expiry (none once the

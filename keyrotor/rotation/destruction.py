@@ -16,7 +16,8 @@ committed before is seen, one after waits for this decision); then
   the version in every registered location, and no location the census cannot count); if it
   fails, the erasure is cancelled likewise and the run fails naming the reason;
 - only then the wrapped key is erased (``destroyed``, ``encrypted_dek`` NULL, ``destroyed_at``),
-  with its ``retire`` audit event, and every process is told to forget the DEK.
+  with its ``retire`` audit event, and every process is told to forget the DEK (again by each
+  later run of the same job: the attempt that erased it may have died before it could tell).
 
 :func:`restore_dek` brings a retired version back to ``grace`` (``keyrotor keys restore``).
 """
@@ -98,19 +99,30 @@ async def destroy_dek(
     ):
         raise Conflict(f"run {run_id} is not the destruction of {scope} v{version}")
     if run.terminal:
-        return DestroyResult(run, scope, version, str(run.detail.get("outcome", run.state)))
+        outcome = str(run.detail.get("outcome", run.state))
+        if outcome == DESTROYED:
+            # The attempt that erased the key may have died (or lost Redis) between its commit
+            # and its announcement: announcing again is harmless, missing it leaves the key in
+            # other processes' caches until they read its state again.
+            await _forget_everywhere(rc, scope, version)
+        return DestroyResult(run, scope, version, outcome)
     run = await begin_attempt(rc, run, scope, job_id)  # the proof covers every registered column
     async with failing_run(rc, run):
         outcome, refusal = await run_to_commit(_decide(rc, run, scope, version))
         if refusal is not None:
             raise refusal
     if outcome == DESTROYED:
-        rc.ciphers.invalidate(scope, version)
-        await rc.announce(KeyChange("destroyed", scope, version))
         log.info("dek_destroyed", version=version)
+        await _forget_everywhere(rc, scope, version)
     async with db.transaction(rc.sessions) as session:
         run = await runs.require_run(session, run.id)
     return DestroyResult(run, scope, version, outcome)
+
+
+async def _forget_everywhere(rc: RotationContext, scope: str, version: int) -> None:
+    """Drop the erased DEK from this process's cache and tell every other process to."""
+    rc.ciphers.invalidate(scope, version)
+    await rc.announce(KeyChange("destroyed", scope, version))
 
 
 async def _decide(
@@ -121,6 +133,11 @@ async def _decide(
         key_id, state, retired_at, destroy_after, due, scope_id = await store.lock_dek_to_destroy(
             session, scope, version
         )
+        ended = await runs.require_run(session, run.id)
+        if ended.terminal:
+            # Another attempt of this run (arq ran the job again meanwhile) decided while this
+            # one waited for the key's row: its outcome stands, so that a retry still acts on it.
+            return str(ended.detail.get("outcome", ended.state)), None
         if state != "retired" or destroy_after is None or not due:
             outcome = _nothing_to_erase(state, destroy_after is None)
             await _complete(session, run, outcome)

@@ -302,7 +302,8 @@ async def retire_dek(
 ) -> RetireResult:
     """Retire DEK ``version`` of ``scope`` once nothing needs it: decrypt-only, its wrapped key
     kept until ``destroy_after``. Idempotent; retiring a retired version proves again and
-    starts a new destruction window.
+    starts a new destruction window (the uses since its first retirement still cancel it while
+    its destruction is pending: :func:`keyrotor.store.retire.retire_dek`).
 
     Raises:
         GraceNotOver: the grace period is not over (and ``force_now`` is False).

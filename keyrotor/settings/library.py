@@ -35,8 +35,10 @@ class LibrarySettings(ReplicationSettings, AuditSettings, KekSettings):
     )
     # How long a process trusts its idea of a scope's active version without hearing from
     # Redis. Rotation also broadcasts, so this only bounds a process that missed the message.
+    # At most a day: the shortest destruction window is 7 days, and a process that trusted an
+    # old version for longer could still seal values with a DEK destroyed meanwhile.
     active_version_ttl_s: float = Field(
-        default=30.0, gt=0, validation_alias="KEYROTOR_ACTIVE_VERSION_TTL_SECONDS"
+        default=30.0, gt=0, le=86_400, validation_alias="KEYROTOR_ACTIVE_VERSION_TTL_SECONDS"
     )
 
     # values

@@ -140,13 +140,16 @@ async def drop_acknowledgement(session: AsyncSession, location: str) -> None:
 
 # One round trip: lock the key row, compute the hard stop, reserve what is asked for (at least
 # :need, all or nothing; at most :want and a quarter of what is left), return what was reserved.
-# The scope row is only read (not locked), so this never deadlocks with a rotation.
+# The scope row is only read (not locked), so this never deadlocks with a rotation. A retired or
+# destroyed DEK reserves nothing: a process whose cache still names it as active then reads the
+# active version again (KeyRing.reserve) instead of sealing new values a destruction would lose.
 _RESERVE = text(
     "WITH c AS (SELECT d.id, d.encryptions AS used, "
     "LEAST(coalesce(s.max_encryptions, :default_max), :ceiling) AS lim, "
     "s.rotation_enabled AND s.active_version = d.version AS rotates "
     "FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id "
-    "WHERE d.scope_id = :sid AND d.version = :ver FOR UPDATE OF d), "
+    "WHERE d.scope_id = :sid AND d.version = :ver AND d.state NOT IN ('retired', 'destroyed') "
+    "FOR UPDATE OF d), "
     "h AS (SELECT c.*, CASE WHEN rotates THEN LEAST(2 * lim, :ceiling) ELSE lim END AS hard FROM c), "
     "g AS (SELECT h.*, CASE WHEN hard - used < :need THEN 0 "
     "ELSE LEAST(hard - used, GREATEST(:need, LEAST(:want, (hard - used) / 4))) END AS n FROM h) "
@@ -176,7 +179,8 @@ async def reserve_encryptions(
 
     Returns:
         ``(reserved, encryptions now counted, limit, hard stop, rotates)``, or None if the DEK
-        does not exist. ``rotates``: the DEK is its scope's active one and rotation is enabled.
+        does not exist or takes no new values (retired, destroyed).
+        ``rotates``: the DEK is its scope's active one and rotation is enabled.
     """
     params = {
         "sid": scope_id,

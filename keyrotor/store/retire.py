@@ -55,11 +55,17 @@ async def lock_key_locations(session: AsyncSession) -> None:
 
 
 async def retire_dek(session: AsyncSession, key_id: int, destroy_after_days: int) -> datetime:
-    """Mark a DEK ``retired`` with its destruction window. Returns ``destroy_after``."""
+    """Mark a DEK ``retired`` with a new destruction window. Returns ``destroy_after``.
+
+    A version retired already whose destruction is still pending keeps its ``retired_at``: the
+    uses recorded since then have not been seen by a destruction yet, and must still cancel it.
+    Only after a cancellation (``destroy_after`` NULL) does retiring again count from now.
+    """
     destroy_after: datetime = (
         await session.execute(
             text(
-                "UPDATE data_keys SET state = 'retired', retired_at = now(), "
+                "UPDATE data_keys SET state = 'retired', retired_at = CASE "
+                "WHEN state = 'retired' AND destroy_after IS NOT NULL THEN retired_at ELSE now() END, "
                 f"destroy_after = {days_from_now(':days')} WHERE id = :id "
                 "RETURNING destroy_after"
             ),

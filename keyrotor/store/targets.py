@@ -128,16 +128,20 @@ class TargetSql:
             scope = (
                 f"{quote_ident(t.scope_name_column)} = (SELECT name FROM key_scopes WHERE id = $1::bigint)"
             )
+        # A value is on a version as its prefix spells it (no leading zero), so that this
+        # expression and ``is_v`` agree on every value: ``kr1:01:...`` (which never decrypts) is on
+        # no version for either, rather than one a range finds rows of but never selects.
+        on_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
         if t.version_column:
             ver = quote_ident(t.version_column)
-            is_v = f"{ver} = $2"
+            # The prefix is what decrypt reads: a ciphertext put back without its version column
+            # (a restored dump, a copied row) is still on its prefix's version, so it is counted
+            # and moved with that version's rows rather than left behind when its DEK goes.
+            is_v = f"({ver} = $2 OR {on_v})"
             set_version = f", {ver} = $4"
         else:
-            # A version as the envelope spells it (no leading zero), so that this expression and
-            # ``is_v`` agree on every value: ``kr1:01:...`` (which never decrypts) is on no
-            # version for either, rather than one a range finds rows of but never selects.
             ver = f"substring({val} from '^kr1:([1-9][0-9]{{0,8}}):')::int"
-            is_v = f"{val} LIKE ('kr1:' || $2::int || ':%')"
+            is_v = on_v
             set_version = ""
         older = f"{ver} < $2"
         self._version_expr = ver

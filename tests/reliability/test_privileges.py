@@ -103,7 +103,12 @@ async def test_app_and_worker_roles_have_only_what_they_need(
         assert await km.decrypt("openai", kept, context="secret:kept") == "sk-kept-by-the-caller-0123456789"
     uses = await fetch(wenv["DATABASE_URL"], "SELECT dek_version, location FROM retired_key_uses")
     assert [tuple(r) for r in uses] == [(1, "secret")]
-    # The worker role retires it again (a new window, after that use) and destroys it.
+    # The worker role's destruction run finds that use and cancels the erasure; retiring again
+    # is the answer to that (a new window, after that use), and the next one destroys it.
+    await expire_window(wenv["DATABASE_URL"], "openai", 1)
+    (destruction,) = await open_destructions(worker_s)
+    await run_burst_worker(worker_s)
+    assert (await wait_run(worker_s, destruction.id)).detail["outcome"] == "cancelled"
     async with KeyrotorClient(worker_s) as client:
         handle = await client.retire("openai", 1, force_now=True)
         await run_burst_worker(worker_s)
