@@ -22,13 +22,25 @@ async def read_object(request: web.Request, allowed: frozenset[str]) -> dict[str
         raise ApiError(
             413, "too_large", "the request body is larger than KEYROTOR_API_MAX_BODY_BYTES"
         ) from None
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise bad_request("the body is not a JSON document in UTF-8") from None
+    doc = parse_json(raw)
     if not isinstance(doc, dict):
         raise bad_request("the body must be a JSON object")
     return check_keys(doc, allowed, "body")
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as a JSON document in UTF-8.
+
+    Raises:
+        ApiError: 400, with neither cause nor context: the decoder's error holds the body
+            (``.object``, ``.doc``), plaintext values included, and a context is kept even
+            under ``from None`` for anything that walks the chain.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    raise bad_request("the body is not a JSON document in UTF-8")
 
 
 def check_keys(doc: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
@@ -50,13 +62,19 @@ def text(doc: dict[str, Any], name: str, *, required: bool = True) -> str:
     value = doc[name]
     if not isinstance(value, str):
         raise bad_request(f"{name!r} must be a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad_request(f"{name!r} is not valid Unicode text") from None
+    if not _encodes(value):  # refused outside the except block: its error holds the value
+        raise bad_request(f"{name!r} is not valid Unicode text")
     if "\x00" in value:
         raise bad_request(f"{name!r} must not contain NUL characters")
     return value
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def path_text(request: web.Request, name: str) -> str:

@@ -257,7 +257,9 @@ class VaultTransitKek:
         try:
             ciphertext = wrapped.blob.decode("ascii")
         except UnicodeDecodeError:
-            raise KekError("vault: wrapped DEK is not a transit ciphertext") from None
+            ciphertext = None  # raised below, not here: the decoder's error holds the blob
+        if ciphertext is None:
+            raise KekError("vault: wrapped DEK is not a transit ciphertext")
         if ciphertext_version(ciphertext) != wrapped.kek_version:
             raise KekError(
                 f"vault: wrapped DEK claims KEK v{wrapped.kek_version} but its ciphertext is "
