@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from keyrotor.audit.log import record_config_change
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix, templates_collide
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
@@ -36,6 +37,9 @@ from keyrotor.store import columns as store
 from keyrotor.store import db
 from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of
 from keyrotor.store.targets import Target
+
+# The actor of a registration made in code without one (the CLI passes --as or the default actor).
+SYSTEM_ACTOR = "system"
 
 if TYPE_CHECKING:
     from keyrotor.rotation.context import RotationContext
@@ -322,8 +326,10 @@ async def register(
     scope: str | None = None,
     context_template: str | None = None,
     create_index: bool = False,
+    actor: str = SYSTEM_ACTOR,
 ) -> ManagedColumn:
-    """Register ``TABLE.COLUMN`` (see the module docstring).
+    """Register ``TABLE.COLUMN`` (see the module docstring); audited as a ``config_change``
+    (``managed_column``) by ``actor`` in the same transaction.
 
     Args:
         spec: ``table.column`` or ``schema.table.column``.
@@ -359,25 +365,37 @@ async def register(
             scope=scope,
             context_template=col.context_template,
         )
-    if inserted is None:
-        raise Conflict(f"column {col.name!r} is registered already (unregister it first to change it)")
+        if inserted is None:
+            raise Conflict(f"column {col.name!r} is registered already (unregister it first to change it)")
+        # What retirement counts as covered changes with it: who changed it is on the record.
+        registered = replace(col, registered_at=inserted, key_type=key_type)
+        await record_config_change(session, actor, "managed_column", None, registered.as_dict())
     if create_index:
         engine: AsyncEngine = sessions.kw["bind"]
         await store.create_index_concurrently(engine, col.index_sql())
-    return replace(col, registered_at=inserted, key_type=key_type)
+    return registered
 
 
-async def unregister(sessions: async_sessionmaker[AsyncSession], spec: str) -> None:
-    """Stop covering ``TABLE.COLUMN`` (its values and the table are left alone).
+async def unregister(
+    sessions: async_sessionmaker[AsyncSession], spec: str, *, actor: str = SYSTEM_ACTOR
+) -> None:
+    """Stop covering ``TABLE.COLUMN`` (its values and the table are left alone); audited as a
+    ``config_change`` (``managed_column``) by ``actor`` in the same transaction.
 
     Raises:
         ColumnNotRegistered: it is not registered.
     """
     table, column = parse_column(spec)
     async with db.transaction(sessions) as session:
+        before = next(
+            (c for c in await list_columns(session) if (c.table, c.column) == (table, column)), None
+        )
         gone = await store.delete_managed_column(session, table, column)
-    if not gone:
-        raise ColumnNotRegistered(f"column {table}.{column} is not registered")
+        if not gone:
+            raise ColumnNotRegistered(f"column {table}.{column} is not registered")
+        await record_config_change(
+            session, actor, "managed_column", None if before is None else before.as_dict(), None
+        )
 
 
 async def census(session: AsyncSession) -> list[dict[str, Any]]:

@@ -229,7 +229,7 @@ async def restore_dek(session: AsyncSession, scope: str, version: int, *, actor:
         why = (
             "its key is erased; nothing can bring it back"
             if state == "destroyed"
-            else "only a retired one can be"
+            else "only a retired one can be restored"
         )
         raise NotRestorable(f"{scope}: DEK v{version} is {state}: {why}")
     grace_until = await store.restore_to_grace(session, key_id, grace_days)

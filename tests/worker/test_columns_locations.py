@@ -232,3 +232,29 @@ async def test_locations_are_printed_as_text_not_markup(env: dict[str, str]) -> 
     done = keyrotor("columns", "list", env={**env, "COLUMNS": "250"})
     assert done.returncode == 0, done.stderr
     assert "[bold]odd.name" in done.stdout and "[bold]odd.name" in done.stderr
+
+
+async def test_register_and_unregister_are_audited(env: dict[str, str]) -> None:
+    # What a retirement counts as covered changes with a registration: who changed it, and what
+    # the column was, are on the record, as for an acknowledged location.
+    await _seed(env)
+    args = ("users.api_key", "--pk", "id", "--scope", "anthropic", "--as", "ops-ann")
+    done = keyrotor("columns", "register", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    done = keyrotor("columns", "unregister", "users.api_key", "--as", "ops-bob", env=env)
+    assert done.returncode == 0, done.stderr
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    try:
+        rows = await conn.fetch(
+            "SELECT actor, metadata::text AS m FROM encryption_audit_log "
+            "WHERE event_type = 'config_change' ORDER BY id"
+        )
+    finally:
+        await conn.close()
+    metas = [(r["actor"], json.loads(r["m"])) for r in rows]
+    changes = [(actor, m["before"], m["after"]) for actor, m in metas if m["what"] == "managed_column"]
+    assert [(actor, b and b["column"], a and a["column"]) for actor, b, a in changes] == [
+        ("ops-ann", None, "users.api_key"),
+        ("ops-bob", "users.api_key", None),
+    ]
+    assert changes[0][2]["scope"] == "anthropic" and changes[1][1]["pk"] == "id"

@@ -23,6 +23,9 @@ T = TypeVar("T")
 app = typer.Typer(help="Application-owned kr1 columns that rotation, retirement and verify cover.")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+AsOpt = Annotated[
+    str | None, typer.Option("--as", help="who makes the change (default: KEYROTOR_DEFAULT_ACTOR)")
+]
 
 
 async def _with_sessions(fn: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]) -> T:
@@ -48,9 +51,12 @@ def register(
     create_index: Annotated[
         bool, typer.Option("--create-index", help="also create the recommended expression index")
     ] = False,
+    as_: AsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Register a column of kr1 values; every rotation, retirement and verify then covers it."""
+    """Register a column of kr1 values; every rotation, retirement and verify then covers it
+    (a ``config_change`` audit event)."""
+    actor = check_actor(as_ if as_ is not None else settings().default_actor)
     col: columns.ManagedColumn = run(
         lambda: _with_sessions(
             lambda s: columns.register(
@@ -61,6 +67,7 @@ def register(
                 scope=scope,
                 context_template=context_template,
                 create_index=create_index,
+                actor=actor,
             )
         )
     )
@@ -100,9 +107,10 @@ def list_cmd(json_out: JsonOpt = False) -> None:
 
 
 @app.command("unregister")
-def unregister(column: Annotated[str, typer.Argument(help="TABLE.COLUMN")]) -> None:
-    """Stop covering a column (its values are left as they are)."""
-    run(lambda: _with_sessions(lambda s: columns.unregister(s, column)))
+def unregister(column: Annotated[str, typer.Argument(help="TABLE.COLUMN")], as_: AsOpt = None) -> None:
+    """Stop covering a column (its values are left as they are; a ``config_change`` audit event)."""
+    actor = check_actor(as_ if as_ is not None else settings().default_actor)
+    run(lambda: _with_sessions(lambda s: columns.unregister(s, column, actor=actor)))
     err_console.print(f"unregistered {column}")
 
 
@@ -142,9 +150,6 @@ def _print_locations(located: list[census.LocationView]) -> None:
         err_console.print(f"[yellow]warning:[/yellow] {escape(census.advice(found))}")
 
 
-AsOpt = Annotated[
-    str | None, typer.Option("--as", help="who makes the change (default: KEYROTOR_DEFAULT_ACTOR)")
-]
 LocationArg = Annotated[str, typer.Argument(help="a location from `columns list` ('(no context)': none)")]
 
 
