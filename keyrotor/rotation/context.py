@@ -136,15 +136,31 @@ class RotationContext:
         Raises:
             KekMismatch: naming the scope, version and KEK id that did not unwrap.
         """
-        async with db.transaction(self.sessions) as session:
-            rows = await store.one_dek_per_kek(session, scope)
-        for name, version, kek_id, kek_version, blob in rows:
-            wrapped = WrappedDek(kek_id=kek_id, kek_version=kek_version, blob=bytes(blob))
-            try:
-                await self.kek.unwrap(wrapped, WrapContext(name, version))
-            except KekError as exc:
-                raise kek_mismatch(name, version, wrapped, exc) from exc
-        return len(rows)
+        return await unwrap_stored_deks(self.sessions, self.kek, scope)
+
+
+async def unwrap_stored_deks(
+    sessions: async_sessionmaker[AsyncSession], kek: KekProvider, scope: str | None = None
+) -> int:
+    """Unwrap one stored DEK per distinct KEK id and version (of ``scope``, or all) with ``kek``.
+
+    A provider's own probe passes with any valid key; only a stored DEK tells a wrong one.
+
+    Returns:
+        How many DEKs were checked.
+
+    Raises:
+        KekMismatch: naming the scope, version and KEK id that did not unwrap.
+    """
+    async with db.transaction(sessions) as session:
+        rows = await store.one_dek_per_kek(session, scope)
+    for name, version, kek_id, kek_version, blob in rows:
+        wrapped = WrappedDek(kek_id=kek_id, kek_version=kek_version, blob=bytes(blob))
+        try:
+            await kek.unwrap(wrapped, WrapContext(name, version))
+        except KekError as exc:
+            raise kek_mismatch(name, version, wrapped, exc) from exc
+    return len(rows)
 
 
 def kek_mismatch(scope: str, version: int, wrapped: WrappedDek, exc: BaseException) -> KekMismatch:

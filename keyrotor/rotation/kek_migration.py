@@ -44,6 +44,7 @@ from keyrotor.kek.base import (
     provider_of,
 )
 from keyrotor.kek.factory import open_provider
+from keyrotor.rotation.context import unwrap_stored_deks
 from keyrotor.rotation.rewrap import Item, Rewrap, refuse_if_open
 from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
@@ -383,7 +384,9 @@ async def kek_status(
             doc["version_error"] = f"{type(exc).__name__}: {exc}"
         try:
             await kek.check()
-            doc["check"] = {"ok": True, "error": None}
+            # The probe passes with any valid key: a stored DEK tells a wrong ENCRYPTION_KEY.
+            unwrapped = await unwrap_stored_deks(sessions, kek)
+            doc["check"] = {"ok": True, "error": None, "deks_unwrapped": unwrapped}
         except Exception as exc:
             doc["check"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     async with db.transaction(sessions) as session:

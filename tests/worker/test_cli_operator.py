@@ -41,6 +41,20 @@ def test_health_fails_the_kek_check_when_the_key_cannot_unwrap_the_stored_deks(e
     assert OTHER_MASTER_KEY not in wrong.stdout + wrong.stderr
 
 
+def test_kek_status_fails_its_check_when_the_key_cannot_unwrap_the_stored_deks(env: dict[str, str]) -> None:
+    put = keyrotor("secrets", "put", "anthropic", "prod", env=env, stdin=KEY)
+    assert put.returncode == 0, put.stderr
+    right = keyrotor("kek", "status", "--json", env=env, timeout=60)
+    assert right.returncode == 0 and json.loads(right.stdout)["check"]["ok"], right.stdout + right.stderr
+
+    wrong = keyrotor("kek", "status", "--json", env={**env, "ENCRYPTION_KEY": OTHER_MASTER_KEY}, timeout=60)
+    assert wrong.returncode == 1
+    check = json.loads(wrong.stdout)["check"]
+    assert not check["ok"] and "KekMismatch" in check["error"], check
+    assert MASTER_KEY not in wrong.stdout + wrong.stderr
+    assert OTHER_MASTER_KEY not in wrong.stdout + wrong.stderr
+
+
 def _assert_cannot_listen(proc: subprocess.CompletedProcess[str], where: str) -> None:
     """One line naming the address and the reason, exit 2 (a configuration mistake)."""
     err = proc.stderr.strip()
