@@ -32,7 +32,42 @@ def async_url(database_url: str) -> URL:
         raise ConfigurationError("DATABASE_URL is not a valid URL") from None
     if url.get_backend_name() not in ("postgresql", "postgres"):
         raise ConfigurationError("DATABASE_URL must be a postgresql:// URL")
-    return url.set(drivername="postgresql+asyncpg")
+    return _driver_query(url).set(drivername="postgresql+asyncpg")
+
+
+# libpq's TLS modes, which asyncpg takes as its ``ssl`` argument.
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq's TLS file parameters, which asyncpg reads from the environment only in this setup.
+_SSL_FILES = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+}
+
+
+def _driver_query(url: URL) -> URL:
+    """``url`` with libpq's ``sslmode`` (what providers' URLs carry) as asyncpg's ``ssl``.
+
+    SQLAlchemy hands each query parameter to ``asyncpg.connect`` as a keyword, which knows no
+    ``sslmode``: every connection failed with a TypeError. The TLS file parameters are refused
+    with the variable asyncpg reads them from.
+
+    Raises:
+        ConfigurationError: an unknown ``sslmode``, ``sslmode`` and ``ssl`` both, or a TLS file
+            parameter (the message names them, never the URL).
+    """
+    for name, variable in _SSL_FILES.items():
+        if name in url.query:
+            raise ConfigurationError(f"DATABASE_URL: {name} is not read from the URL: set {variable} instead")
+    if "sslmode" not in url.query:
+        return url
+    mode = url.query["sslmode"]
+    if "ssl" in url.query:
+        raise ConfigurationError("DATABASE_URL: give sslmode or ssl, not both")
+    if mode not in _SSL_MODES:
+        raise ConfigurationError(f"DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}")
+    return url.difference_update_query(["sslmode"]).update_query_dict({"ssl": mode})
 
 
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
