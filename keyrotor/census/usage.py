@@ -66,6 +66,9 @@ BLOCK_MAX = 65_536
 SEEN_MAX = 65_536
 """Locations a process remembers as recorded; the oldest is forgotten first."""
 
+CLOSE_WAIT_S = 10.0
+"""How long ``close()`` waits for a flush under way before it cancels it."""
+
 Located = tuple[int, int, str]
 """``(scope id, DEK version, location)``."""
 
@@ -107,6 +110,7 @@ class UsageCounter:
         self._last: tuple[int, int, str, int] = _NO_LAST
         self._last_n = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
 
     def take(self, scope_id: int, version: int) -> bool:
@@ -306,13 +310,19 @@ class UsageCounter:
     def start(self) -> None:
         """Start the background flush task (idempotent)."""
         if self._task is None or self._task.done():
+            self._stopping = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="keyrotor-usage")
 
     async def close(self) -> None:
         """Stop the background task and flush what is left (an outage is logged, not raised)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            # Asked to stop, not cancelled: a flush cancelled while its commit is under way may
+            # have committed, and its counts, put back as unwritten, would be added twice.
+            self._stopping.set()
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_WAIT_S)
+            if not done:  # a flush that hangs (a silent database) is cancelled after all
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
@@ -325,7 +335,10 @@ class UsageCounter:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+            if self._stopping.is_set():
+                return  # close() flushes what is left
             try:
                 await self.flush()
             except asyncio.CancelledError:

@@ -85,7 +85,7 @@ async def test_promote_from_the_cli_while_the_primary_is_down(
     token = await rkm.encrypt("anthropic", "sk-ant-promoted-by-cli", context="c:1")
     await settle(rkm)
     async with unreachable(proxies[PRIMARY]):
-        code, out, err = await keyrotor("replicas", "promote", "ap-south-1", "--json", env=renv)
+        code, out, err = await keyrotor("replicas", "promote", "ap-south-1", "--json", "--yes", env=renv)
     assert code == 0, err
     assert json.loads(out)["primary_reachable"] is False
     promoted = {
