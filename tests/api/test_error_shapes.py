@@ -6,14 +6,12 @@ when to retry; an unhealthy ``/v1/health`` still answers in the error envelope.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from keyrotor import KeyManager, Settings
-from keyrotor.api import tokens
 from keyrotor.api.app import create_app
 from keyrotor.crypto import legacy_format
 from tests.api.conftest import Api
@@ -31,32 +29,22 @@ async def test_a_path_no_route_serves_is_not_a_missing_resource(api: Api) -> Non
 
 
 @pytest.fixture
-def legacy_env(api_env: dict[str, str]) -> dict[str, str]:
-    # One failed legacy decrypt a minute: the second is refused without scrypt.
-    return {**api_env, "KEYROTOR_LEGACY_FAILURES_PER_MINUTE": "1"}
-
-
-@pytest.fixture
-async def legacy_api(legacy_env: dict[str, str]) -> AsyncIterator[Api]:
-    settings = Settings.from_env(legacy_env)
-    async with KeyManager(settings) as km, TestClient(TestServer(create_app(settings, km=km))) as client:
-        issued = await tokens.create_token(km.sessions, "app", by="admin")
-        yield Api(client, km, issued.token)
+def api_env(env: dict[str, str]) -> dict[str, str]:
+    # This module's server: one failed legacy decrypt a minute, so the second is refused.
+    return {**env, "KEYROTOR_API_TOKEN_CACHE_SECONDS": "0", "KEYROTOR_LEGACY_FAILURES_PER_MINUTE": "1"}
 
 
 @pytest.mark.timeout(120)
-async def test_a_throttled_legacy_decrypt_says_when_to_retry(
-    legacy_api: Api, legacy_env: dict[str, str]
-) -> None:
+async def test_a_throttled_legacy_decrypt_says_when_to_retry(api: Api, api_env: dict[str, str]) -> None:
     # Sealed under another master key: authentication fails after the scrypt derivation. Stored
     # as the old backend's rows were imported, since a legacy value opens only through its row.
     foreign = legacy_format.encrypt("sk-foreign", "another-master-key-0123456789abcdef0123")
-    await legacy_api.km.put_secret("openai", "other", "sk-1")  # the scope exists
-    await store_legacy_secret(legacy_env["DATABASE_URL"], "openai", "prod", foreign)
+    await api.km.put_secret("openai", "other", "sk-1")  # the scope exists
+    await store_legacy_secret(api_env["DATABASE_URL"], "openai", "prod", foreign)
     doc = {"scope": "openai", "ciphertext": foreign, "context": "secret:prod"}
-    first = await legacy_api.client.post("/v1/decrypt", json=doc, headers=legacy_api.auth())
+    first = await api.client.post("/v1/decrypt", json=doc, headers=api.auth())
     assert first.status == 400, await first.text()
-    second = await legacy_api.client.post("/v1/decrypt", json=doc, headers=legacy_api.auth())
+    second = await api.client.post("/v1/decrypt", json=doc, headers=api.auth())
     assert second.status == 429
     assert (await second.json())["error"]["code"] == "throttled"
     assert 1 <= int(second.headers["Retry-After"]) <= 60

@@ -136,7 +136,8 @@ async def test_list_ignore_unignore_and_the_warnings(env: dict[str, str]) -> Non
     ]
 
 
-async def _location_events(env: dict[str, str]) -> list[dict[str, Any]]:
+async def _config_changes(env: dict[str, str], what: str) -> list[tuple[str, Any, Any]]:
+    """``(actor, before, after)`` of every ``config_change`` event of kind ``what``, in order."""
     conn = await asyncpg.connect(env["DATABASE_URL"])
     try:
         rows = await conn.fetch(
@@ -145,19 +146,15 @@ async def _location_events(env: dict[str, str]) -> list[dict[str, Any]]:
         )
     finally:
         await conn.close()
-    out = []
-    for r in rows:
-        meta = json.loads(r["m"])
-        if meta["what"] == "location_ack":
-            before, after = meta["before"], meta["after"]
-            out.append(
-                {
-                    "actor": r["actor"],
-                    "before": before["location"] if before else None,
-                    "after": after["location"] if after else None,
-                }
-            )
-    return out
+    metas = [(r["actor"], json.loads(r["m"])) for r in rows]
+    return [(actor, m["before"], m["after"]) for actor, m in metas if m["what"] == what]
+
+
+async def _location_events(env: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"actor": actor, "before": before and before["location"], "after": after and after["location"]}
+        for actor, before, after in await _config_changes(env, "location_ack")
+    ]
 
 
 async def test_destroyed_versions_do_not_warn(env: dict[str, str]) -> None:
@@ -243,16 +240,7 @@ async def test_register_and_unregister_are_audited(env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr
     done = keyrotor("columns", "unregister", "users.api_key", "--as", "ops-bob", env=env)
     assert done.returncode == 0, done.stderr
-    conn = await asyncpg.connect(env["DATABASE_URL"])
-    try:
-        rows = await conn.fetch(
-            "SELECT actor, metadata::text AS m FROM encryption_audit_log "
-            "WHERE event_type = 'config_change' ORDER BY id"
-        )
-    finally:
-        await conn.close()
-    metas = [(r["actor"], json.loads(r["m"])) for r in rows]
-    changes = [(actor, m["before"], m["after"]) for actor, m in metas if m["what"] == "managed_column"]
+    changes = await _config_changes(env, "managed_column")
     assert [(actor, b and b["column"], a and a["column"]) for actor, b, a in changes] == [
         ("ops-ann", None, "users.api_key"),
         ("ops-bob", "users.api_key", None),
