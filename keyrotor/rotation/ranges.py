@@ -183,14 +183,10 @@ async def _range_step(
 ) -> _Step:
     """One transaction of a range: one batch, or moving to the next version, or finishing."""
     async with db.transaction(rc.sessions) as session:
-        row = await store.lock_range(session, run.id, target.name, lo)
-        if row is None:
-            raise InvalidInput(f"run {run.id} has no {target.name} range starting at {lo}")
-        range_id, range_state, version, run_state = row[:4]
-        if run_state != "running":
-            return _Step(stopped=run_state)
-        if range_state == "done":
-            return _Step(finished=True)
+        row, ended = await _lock_range(session, run, target.name, lo)
+        if ended is not None:
+            return ended
+        range_id, _state, version = row[:3]
         rng = _Range(range_id, target, lo, version, *range_bounds(target.key_type, lo, hi, row[4:]))
         apg = await raw_connection(session)
         await relax_commit(apg)
@@ -266,6 +262,24 @@ async def _finish(
     return _Step(finished=True, completed_run=True)
 
 
+async def _lock_range(session: AsyncSession, run: RunInfo, target: str, lo: int) -> tuple[Any, _Step | None]:
+    """The range's row, locked, and the step that ends this job here: the run no longer runs,
+    or the range is done (None: the range has work left).
+
+    Raises:
+        InvalidInput: the run has no such range.
+    """
+    row = await store.lock_range(session, run.id, target, lo)
+    if row is None:
+        raise InvalidInput(f"run {run.id} has no {target} range starting at {lo}")
+    range_state, run_state = row[1], row[3]
+    if run_state != "running":
+        return row, _Step(stopped=run_state)
+    if range_state == "done":
+        return row, _Step(finished=True)
+    return row, None
+
+
 async def _skip_unregistered(
     rc: RotationContext, run: RunInfo, keys: RotationKeys, target: str, lo: int
 ) -> _Step | None:
@@ -281,14 +295,10 @@ async def _skip_unregistered(
         await freeze_targets(rc, session)
         if any(t.name == target for t in rc.all_targets):
             return None
-        row = await store.lock_range(session, run.id, target, lo)
-        if row is None:
-            raise InvalidInput(f"run {run.id} has no {target} range starting at {lo}")
-        range_id, range_state, _version, run_state = row[:4]
-        if run_state != "running":
-            return _Step(stopped=run_state)
-        if range_state == "done":
-            return _Step(finished=True)
+        row, ended = await _lock_range(session, run, target, lo)
+        if ended is not None:
+            return ended
+        range_id = row[0]
         locked = await runs.require_run(session, run.id, for_update=True)
         skipped = list(locked.detail.get(SKIPPED_COLUMNS, []))
         if target not in skipped:
