@@ -292,7 +292,7 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
             row: Row = ("encrypt", scope, version, True, *who, None, _context_metadata(context), now_us())
             if not audit.offer(row):
                 await audit.put(row)
-        elif self.calls.closed:
+        else:
             self.calls.refuse_if_closed()  # closing: its caches could still seal, unaudited
         if self.cache.due:
             self.ring.refresh_due(self._sessions is not None)
@@ -348,7 +348,7 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
             row: Row = ("decrypt", scope, version, True, *who, None, meta, now_us())
             if not audit.offer(row):
                 await audit.put(row)
-        elif self.calls.closed:
+        else:
             self.calls.refuse_if_closed()  # closing: its caches could still open, unaudited
         if self.cache.due:
             self.ring.refresh_due(self._sessions is not None)

@@ -205,13 +205,9 @@ class CallAudit:
             self._checkpoints = None
         return was_open
 
-    @property
-    def closed(self) -> bool:
-        """Whether an open writer was closed since: calls are refused, not left unaudited."""
-        return self._closed
-
     def refuse_if_closed(self) -> None:
-        """Raise ConfigurationError once the writer is closed (see :attr:`closed`)."""
+        """Raise ConfigurationError once an open writer was closed: a call is then refused, not
+        left unaudited (with ``KEYROTOR_AUDIT=off`` there is no writer and nothing to refuse)."""
         if self._closed:
             raise ConfigurationError("the audit writer is closed: this KeyManager is closing or closed")
 
