@@ -18,7 +18,7 @@ Grading (one region, in this order; the region gets its worst copy's grade):
 
 ``unreachable``  its database or its wrapping key cannot be used now;
 ``missing``      a usable primary DEK has no copy;
-``stale``        a copy follows an older KEK version or state of the primary's DEK, or the
+``stale``        a copy follows an older KEK version, state or date of the primary's DEK, or the
                  region still holds a DEK the primary destroyed;
 ``drifted``      a copy's recorded fingerprint differs from the primary's;
 ``corrupt``      a copy does not unwrap with the region's key, or unwraps to other bytes than

@@ -17,7 +17,7 @@ from typing import Any
 from keyrotor.errors import KekError, KekUnavailable
 from keyrotor.kek.base import WrappedDek
 from keyrotor.replication.regions import Region, corrupt_copies, error_text
-from keyrotor.store.replication import ReplicaCopy
+from keyrotor.store.replication import NO_DATES, Lifecycle, ReplicaCopy
 
 STATUSES = ("in_sync", "stale", "drifted", "corrupt", "missing", "unreachable")
 # A region's grade is its worst copy's; unreachable trumps everything.
@@ -34,6 +34,7 @@ class Source:
     kek_version: int
     wrapped: WrappedDek
     fingerprint: str
+    dates: Lifecycle = NO_DATES
 
 
 Sources = Mapping[tuple[str, int], Source]
@@ -104,7 +105,9 @@ def grade(
         c = copies.get(key)
         if c is None:
             faults[key] = "missing"
-        elif c.kek_version != src.kek_version or c.state != src.state:
+        elif c.kek_version != src.kek_version or c.state != src.state or c.dates != src.dates:
+            # The dates too: a cancelled destruction, or a new window, changes no state, and a
+            # promotion carries the copy's dates over (and, with the primary down, trusts them).
             faults[key] = "stale"
         elif not hmac.compare_digest(c.fingerprint, src.fingerprint):
             faults[key] = "drifted"

@@ -56,7 +56,7 @@ class PrimaryKeys:
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k in live}
         return {
             (d.scope, d.version): Source(
-                d.scope, d.version, d.state, d.kek_version, _wrapped(d), self._fingerprints[k]
+                d.scope, d.version, d.state, d.kek_version, _wrapped(d), self._fingerprints[k], d.dates
             )
             for d, k in keys
         }

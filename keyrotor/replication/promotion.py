@@ -1,8 +1,23 @@
 """Promotion of a secondary region to primary, for a lasting outage of the primary.
 
 The region's verified DEK copies become its own ``key_scopes`` and ``data_keys`` (the regional
-wrapping key becomes that store's KEK), and ``replica_promotions`` fences it: replication never
-writes to it again. See docs/replication.md, "Promotion".
+wrapping key becomes that store's KEK), in the old primary's states and with its dates, and
+``replica_promotions`` fences it: replication never writes to it again. See docs/replication.md,
+"Promotion".
+
+A promotion must neither bring back a DEK the old primary destroyed nor lose one that values
+still need. With the primary reachable, the region is in sync with it: its copies are exactly
+the primary's DEKs that still decrypt. With the primary down, a copy says what the primary had
+when the copy was last proven current (written, or its region found fully in sync), and that
+proof rules destruction out only for so long:
+
+- a copy not proven within :data:`~keyrotor.replication.failover.FAILOVER_MAX_PROOF_AGE_S` may
+  be of a DEK destroyed since (a ``pending``/``active``/``grace`` one too: the region may never
+  have been told it was retired), yet may as well be a DEK values need: the region is refused;
+- a ``retired`` copy proven that recently cannot have been retired again with a new window that
+  has run out (a window is at least ``MIN_DESTROY_AFTER_DAYS``), so its DEK was destroyed only if
+  its own ``destroy_after`` has passed: such a copy is left out (its destruction was due, so no
+  value was left needing it), any other is adopted with its dates.
 """
 
 from __future__ import annotations
@@ -17,15 +32,20 @@ from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
+from keyrotor.replication.failover import FAILOVER_MAX_PROOF_AGE_S
 from keyrotor.replication.grading import grade_region
 from keyrotor.replication.primary import PrimaryKeys
 from keyrotor.replication.regions import Region, fingerprint
 from keyrotor.settings import Settings
 from keyrotor.store import db
 from keyrotor.store import replication as store
-from keyrotor.store.replication import ReplicaCopy
+from keyrotor.store.replication import CopyProof, ReplicaCopy
 
 log = logging.getLogger("keyrotor.replication.check")
+
+# A retired copy whose destroy_after is this close is treated as due: the old primary's clock
+# may run ahead of the region database's.
+DESTRUCTION_DUE_MARGIN_S = 3_600.0
 
 
 async def promote(
@@ -38,15 +58,18 @@ async def promote(
     and the region's provider variables serves every DEK the old primary had. The region is
     fenced (``replica_promotions``): replication never writes to it again.
 
-    If the primary is reachable, the region must be ``in_sync`` first; if not, every copy
-    must prove itself (unwrap to the bytes its fingerprint names).
+    If the primary is reachable, the region must be ``in_sync`` first, with no destruction
+    due; if not, every copy must prove itself (unwrap to the bytes its fingerprint names) and
+    have been proven current recently, and a retired copy whose destruction is due is left out
+    (see the module docstring). Adopted DEKs keep the old primary's states and dates.
 
     The promotion's audit event starts the region's own audit chain, keyed with an audit key
     wrapped under the region's key (what the promoted deployment's KEK will be).
 
     Raises:
-        Conflict: the region is not in sync, holds corrupt copies, was promoted already,
-            or already has scopes of its own.
+        Conflict: the region is not in sync, holds corrupt copies or copies not proven
+            current recently (primary down), holds a DEK due for destruction (primary up), was
+            promoted already, or already has scopes of its own.
         StoreUnavailable, KekUnavailable: the region cannot be used now.
         KekError: the region's database holds an audit key its key does not unwrap.
     """
@@ -58,13 +81,22 @@ async def promote(
     # loaded (or created) here, before the promotion's event, and never through the primary.
     await audit_key.ensure_key(region.sessions, await region.kek())
     async with db.transaction(region.sessions) as session:
-        scopes, deks = await _fence_and_adopt(session, region, primary.name, settings, by)
-    log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, deks)
+        scopes, deks, left_out = await _fence_and_adopt(
+            session, region, primary.name, settings, by, reachable=reachable
+        )
+    log.warning(
+        "region %s promoted to primary (%d scopes, %d DEKs; %d due for destruction left out)",
+        name,
+        scopes,
+        deks,
+        left_out,
+    )
     return {
         "region": name,
         "previous_primary": primary.name,
         "scopes": scopes,
         "deks": deks,
+        "left_out": left_out,
         "primary_reachable": reachable,
         "next": (
             f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
@@ -74,13 +106,14 @@ async def promote(
 
 
 async def _fence_and_adopt(
-    session: AsyncSession, region: Region, previous: str, settings: Settings, by: str
-) -> tuple[int, int]:
+    session: AsyncSession, region: Region, previous: str, settings: Settings, by: str, *, reachable: bool
+) -> tuple[int, int, int]:
     """In the promotion's transaction: adopt the region's verified copies, fence it, audit it.
-    Returns ``(scopes, DEKs)`` adopted.
+    Returns ``(scopes, DEKs)`` adopted and the DEKs left out (their destruction was due).
 
     Raises:
-        Conflict: promoted already, scopes of its own, or a corrupt copy.
+        Conflict: promoted already, scopes of its own, a corrupt copy, or copies that may be
+            of destroyed DEKs (see :func:`_adoptable`).
     """
     # No repair writes from here to the commit, so the copies adopted are the copies fenced.
     await store.lock_copies_for_promotion(session)
@@ -88,13 +121,69 @@ async def _fence_and_adopt(
         raise Conflict(f"region {region.name} was promoted already")
     if await store.count_scopes(session):
         raise Conflict(f"region {region.name} already has scopes of its own; not promoted")
-    copies = list((await store.region_copies(session, None)).values())
+    every = list((await store.region_copies(session, None)).values())
+    proofs = await store.copy_proofs(session, region.name, due_within_s=DESTRUCTION_DUE_MARGIN_S)
+    copies = _adoptable(region.name, every, proofs, reachable=reachable)
     await _verify(region, copies)
-    scopes = await _adopt(session, copies, settings)
+    scopes = await _adopt(session, copies, settings, latest=_latest(every))
+    left_out = len(every) - len(copies)
     await store.record_promotion(session, region.name, previous_primary=previous, by=by, keys=len(copies))
-    meta = {"state": "promoted", "region": region.name, "previous_primary": previous, "keys": len(copies)}
+    meta = {
+        "state": "promoted",
+        "region": region.name,
+        "previous_primary": previous,
+        "keys": len(copies),
+        "left_out": left_out,
+    }
     await write_event(session, AuditEvent("failover", actor=by, metadata=meta))
-    return scopes, len(copies)
+    return scopes, len(copies), left_out
+
+
+def _adoptable(
+    name: str, copies: list[ReplicaCopy], proofs: dict[tuple[str, int], CopyProof], *, reachable: bool
+) -> list[ReplicaCopy]:
+    """The copies a promotion makes DEKs of the new primary (see the module docstring).
+
+    Raises:
+        Conflict: a copy may be of a destroyed DEK and as well of one values need (primary
+            down: not proven current recently, or retired with its dates unknown); or, with the
+            primary reachable, a destruction is due there (it may yet be cancelled by a use).
+    """
+    due = [c for c in copies if c.state == "retired" and proofs[(c.scope, c.version)].destruction_due]
+    if reachable:
+        if due:
+            raise Conflict(
+                f"region {name}: {len(due)} retired DEKs are due for destruction on the primary "
+                f"(e.g. {due[0].scope} v{due[0].version}): let the destruction run (it may be "
+                "cancelled by a use), then `keyrotor replicas check --repair`; not promoted"
+            )
+        return copies
+    unproven = [
+        c
+        for c in copies
+        if proofs[(c.scope, c.version)].proven_age_s > FAILOVER_MAX_PROOF_AGE_S
+        # written before copies carried their dates (0015): its destruction date is unknown
+        or (c.state == "retired" and c.dates.retired_at is None)
+    ]
+    if unproven:
+        oldest = max(proofs[(c.scope, c.version)].proven_age_s for c in unproven) / 86_400
+        raise Conflict(
+            f"region {name}: {len(unproven)} DEK copies not proven current within "
+            f"{FAILOVER_MAX_PROOF_AGE_S / 86_400:g} days (e.g. {unproven[0].scope} v{unproven[0].version}, "
+            f"{oldest:.1f} days): the primary may have destroyed their keys since, or values may need "
+            "them; not promoted. Bring the primary back, or promote a region checked in sync recently"
+        )
+    gone = {(c.scope, c.version) for c in due}
+    return [c for c in copies if (c.scope, c.version) not in gone]
+
+
+def _latest(copies: list[ReplicaCopy]) -> dict[str, int]:
+    """Each scope's highest version among all copies, adopted or not: the new primary never
+    issues a version number again that the old one used."""
+    out: dict[str, int] = {}
+    for c in copies:
+        out[c.scope] = max(out.get(c.scope, 0), c.version)
+    return out
 
 
 async def _in_sync_if_reachable(primary: PrimaryKeys, region: Region) -> bool:
@@ -141,19 +230,21 @@ async def _verify(region: Region, copies: list[ReplicaCopy]) -> None:
             raise corrupt
 
 
-async def _adopt(session: AsyncSession, copies: list[ReplicaCopy], settings: Settings) -> int:
+async def _adopt(
+    session: AsyncSession, copies: list[ReplicaCopy], settings: Settings, *, latest: dict[str, int]
+) -> int:
     """Write the copies as the region's own scopes and DEKs; returns the scopes written."""
     by_scope: dict[str, list[ReplicaCopy]] = {}
     for c in copies:
         by_scope.setdefault(c.scope, []).append(c)
     for scope, cs in sorted(by_scope.items()):
         active = [c.version for c in cs if c.state == "active"]
-        latest = max(c.version for c in cs)
+        newest = max(c.version for c in cs)
         scope_id = await store.insert_promoted_scope(
             session,
             scope,
-            active=active[0] if active else latest,
-            latest=latest,
+            active=active[0] if active else newest,
+            latest=latest[scope],
             enabled=settings.default_rotation_enabled,
             interval_days=settings.default_interval_days,
             grace_days=min(settings.default_grace_days, settings.default_interval_days),

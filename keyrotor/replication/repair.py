@@ -92,6 +92,7 @@ async def _fresh_copy(
         region_kek_id=new.kek_id,
         region_kek_version=new.kek_version,
         fingerprint=src.fingerprint,
+        dates=src.dates,
         old=old,
     )
 

@@ -371,6 +371,11 @@ class ReplicaKey(Base):
     region_kek_version: Mapped[int] = mapped_column(Integer)
     fingerprint: Mapped[str] = mapped_column(Text)
     replicated_at: Mapped[datetime] = _now()
+    # The DEK's dates on the primary when copied (0015): a promoted region carries them over.
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    destroy_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         UniqueConstraint("scope", "dek_version"),

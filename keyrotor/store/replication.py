@@ -19,6 +19,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor.store.dates import days_from_now
 
 
+class Lifecycle(NamedTuple):
+    """A DEK's dates on the primary: a copy carries them, so a promoted region's DEKs go on
+    from where the old primary's were (its grace ends, its destruction falls due, as there)."""
+
+    activated_at: datetime | None = None
+    grace_until: datetime | None = None
+    retired_at: datetime | None = None
+    destroy_after: datetime | None = None
+
+
+NO_DATES = Lifecycle()
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaCopy:
     """One region's copy of one primary DEK, as read from ``replica_keys``."""
@@ -32,6 +45,7 @@ class ReplicaCopy:
     region_kek_id: str
     region_kek_version: int
     fingerprint: str
+    dates: Lifecycle = NO_DATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +58,7 @@ class PrimaryDek:
     kek_id: str
     kek_version: int
     wrapped: bytes = field(repr=False)
+    dates: Lifecycle = NO_DATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,7 @@ class CopyWrite:
     region_kek_id: str
     region_kek_version: int
     fingerprint: str
+    dates: Lifecycle = NO_DATES
     old: ReplicaCopy | None = None
 
 
@@ -83,7 +99,8 @@ class CheckRecord:
 async def replicated_deks(session: AsyncSession, scope: str | None) -> list[PrimaryDek]:
     """The primary's DEKs that still decrypt (all, or one scope's): what every region copies."""
     sql = (
-        "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek "
+        "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek, "
+        "d.activated_at, d.grace_until, d.retired_at, d.destroy_after "
         "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
         "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
     )
@@ -92,7 +109,7 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
         sql += " AND k.name = :scope"
         params["scope"] = scope
     rows = (await session.execute(text(sql), params)).all()
-    return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+    return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), Lifecycle(*r[6:10])) for r in rows]
 
 
 async def usable_keys(session: AsyncSession, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
@@ -172,14 +189,18 @@ async def region_copies(session: AsyncSession, scope: str | None) -> dict[tuple[
     """Every copy a region holds (or one scope's), by ``(scope, version)``."""
     sql = (
         "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
-        "region_kek_version, fingerprint FROM replica_keys"
+        "region_kek_version, fingerprint, activated_at, grace_until, retired_at, destroy_after "
+        "FROM replica_keys"
     )
     params: dict[str, Any] = {}
     if scope is not None:
         sql += " WHERE scope = :scope"
         params["scope"] = scope
     rows = (await session.execute(text(sql), params)).all()
-    return {(r[1], r[2]): ReplicaCopy(*r) for r in rows}
+    return {
+        (r[1], r[2]): ReplicaCopy(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], Lifecycle(*r[9:13]))
+        for r in rows
+    }
 
 
 class CopyBlob(NamedTuple):
@@ -238,7 +259,7 @@ async def delete_copy(session: AsyncSession, scope: str, version: int) -> int:
     return int(getattr(res, "rowcount", 0) or 0)
 
 
-_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp")
+_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp", "act", "gu", "ra", "da")
 
 
 def _write_params(w: CopyWrite) -> dict[str, Any]:
@@ -253,6 +274,10 @@ def _write_params(w: CopyWrite) -> dict[str, Any]:
         "rkid": w.region_kek_id,
         "rkv": w.region_kek_version,
         "fp": w.fingerprint,
+        "act": w.dates.activated_at,
+        "gu": w.dates.grace_until,
+        "ra": w.dates.retired_at,
+        "da": w.dates.destroy_after,
         "old_id": w.old.id if w.old else None,
         "old_blob": w.old.wrapped if w.old else None,
         "old_fp": w.old.fingerprint if w.old else None,
@@ -268,12 +293,15 @@ async def _insert_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) 
         text(
             "INSERT INTO replica_keys (scope, dek_version, state, "
             "kek_version, source_kek_id, "
-            "source_region, wrapped_dek, region_kek_id, region_kek_version, fingerprint) "
+            "source_region, wrapped_dek, region_kek_id, region_kek_version, fingerprint, "
+            "activated_at, grace_until, retired_at, destroy_after) "
             "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:v AS int[]), "
             "CAST(:state AS text[]), "
             "CAST(:kv AS int[]), CAST(:skid AS text[]), CAST(:src AS "
             "text[]), CAST(:blob AS bytea[]), "
-            "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[])) "
+            "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
+            "CAST(:act AS timestamptz[]), CAST(:gu AS timestamptz[]), "
+            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[])) "
             "ON CONFLICT (scope, dek_version) DO NOTHING"
         ),
         _columns(rows, ("s", "v", *_WRITE_COLUMNS)),
@@ -287,12 +315,15 @@ async def _swap_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
             "UPDATE replica_keys r SET state = u.state, kek_version = u.kv, "
             "source_kek_id = u.skid, "
             "source_region = u.src, wrapped_dek = u.blob, region_kek_id = u.rkid, "
-            "region_kek_version = u.rkv, fingerprint = u.fp, replicated_at = now() "
+            "region_kek_version = u.rkv, fingerprint = u.fp, activated_at = u.act, "
+            "grace_until = u.gu, retired_at = u.ra, destroy_after = u.da, replicated_at = now() "
             "FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:kv AS int[]), "
             "CAST(:skid AS text[]), CAST(:src AS text[]), CAST(:blob AS bytea[]), "
             "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
+            "CAST(:act AS timestamptz[]), CAST(:gu AS timestamptz[]), "
+            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), "
             "CAST(:old_blob AS bytea[]), CAST(:old_fp AS text[])) "
-            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, old_blob, old_fp) "
+            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, act, gu, ra, da, old_blob, old_fp) "
             "WHERE r.id = u.id AND r.wrapped_dek = u.old_blob AND r.fingerprint = u.old_fp"
         ),
         {"id": [r["old_id"] for r in rows], **_columns(rows, (*_WRITE_COLUMNS, "old_blob", "old_fp"))},
@@ -355,6 +386,32 @@ async def promotion_record(session: AsyncSession) -> dict[str, Any] | None:
     return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
 
 
+class CopyProof(NamedTuple):
+    """What a promotion with the primary down knows of one copy, on the region's clock."""
+
+    proven_age_s: float  # since the copy was last written or its region last proven in sync
+    destruction_due: bool  # retired, and its destroy_after passed (or falls within the margin)
+
+
+async def copy_proofs(
+    session: AsyncSession, region: str, *, due_within_s: float
+) -> dict[tuple[str, int], CopyProof]:
+    """Every copy's :class:`CopyProof`, by ``(scope, version)``: ``proven_age_s`` as in
+    :func:`region_copy`; ``destruction_due`` if its ``destroy_after`` is at most
+    ``due_within_s`` seconds from now (the margin covers clock skew between the databases)."""
+    rows = await session.execute(
+        text(
+            "SELECT r.scope, r.dek_version, EXTRACT(EPOCH FROM now() - GREATEST(r.replicated_at, "
+            "(SELECT k.last_ok_at FROM kek_replicas k WHERE k.region = :r))), "
+            "COALESCE(r.destroy_after <= now() + CAST(:due AS double precision) "
+            "* interval '1 second', false) "
+            "FROM replica_keys r"
+        ),
+        {"r": region, "due": due_within_s},
+    )
+    return {(r[0], r[1]): CopyProof(float(r[2]), bool(r[3])) for r in rows.all()}
+
+
 async def count_scopes(session: AsyncSession) -> int:
     """How many scopes the database holds."""
     return int((await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one())
@@ -389,14 +446,18 @@ async def insert_promoted_scope(
 async def insert_promoted_dek(
     session: AsyncSession, scope_id: int, copy: ReplicaCopy, grace_days: int
 ) -> None:
-    """Make a region's copy a DEK of its own store (wrapped under the region's key), in its state."""
+    """Make a region's copy a DEK of its own store (wrapped under the region's key), in its state
+    and with the primary's dates. A copy written before its dates were copied (migration 0015)
+    gets the dates of a DEK that entered its state now."""
     await session.execute(
         text(
             "INSERT INTO data_keys (scope_id, version, state, "
             "encrypted_dek, kek_id, kek_version, "
-            "activated_at, grace_until) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
-            "CASE WHEN :st IN ('active', 'grace') THEN now() END, "
-            f"CASE WHEN :st = 'grace' THEN {days_from_now(':g')} END)"
+            "activated_at, grace_until, retired_at, destroy_after) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
+            "COALESCE(CAST(:act AS timestamptz), CASE WHEN :st IN ('active', 'grace') THEN now() END), "
+            "COALESCE(CAST(:gu AS timestamptz), "
+            f"CASE WHEN :st = 'grace' THEN {days_from_now(':g')} END), "
+            "CAST(:ra AS timestamptz), CAST(:da AS timestamptz))"
         ),
         {
             "sid": scope_id,
@@ -406,6 +467,10 @@ async def insert_promoted_dek(
             "kid": copy.region_kek_id,
             "kv": copy.region_kek_version,
             "g": grace_days,
+            "act": copy.dates.activated_at,
+            "gu": copy.dates.grace_until,
+            "ra": copy.dates.retired_at,
+            "da": copy.dates.destroy_after,
         },
     )
 
