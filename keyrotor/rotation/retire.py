@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from keyrotor import runs
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.census.columns import freeze_targets
-from keyrotor.census.locations import display, uncovered_locations
+from keyrotor.census.locations import SECOND_PHASE_PREFIX, display, uncovered_locations
 from keyrotor.crypto import legacy_format
 from keyrotor.crypto.envelope import MAX_VERSION
 from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
@@ -89,7 +89,14 @@ def not_covered(scope: str, version: int, locations: Sequence[str]) -> LocationN
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     first = shlex.quote(names[0])
     ignore = f"acknowledge it (`keyrotor columns ignore {first} --reason TEXT`)"
-    if _TABLE_COLUMN.fullmatch(locations[0]):
+    if locations[0].startswith(SECOND_PHASE_PREFIX):
+        # The old backend's values carry no version and may be in any table: only the operator
+        # knows that every table holding them is registered (and migrated).
+        fix = (
+            "register every column of the old backend that holds its values, run `keyrotor legacy "
+            f"migrate`, then {ignore}"
+        )
+    elif _TABLE_COLUMN.fullmatch(locations[0]):
         fix = f"register it (`keyrotor columns register {first} --pk PK_COLUMN --scope {scope}`) or {ignore}"
     else:  # not a table's column (no context, or a free-form one): only an acknowledgement counts
         fix = f"move those values to a registered column or {ignore}"
