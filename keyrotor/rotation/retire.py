@@ -151,19 +151,22 @@ async def prove_unused(
     rows: dict[str, int] = {}
     unmigrated: dict[str, int] = {}
     cipher: AESGCM | None = None
-    for target in rc.targets_for(scope):
+    ours = {t.name for t in rc.targets_for(scope)}
+    for target in rc.all_targets:
         await lock_target(apg, target)
-        n = await count_version(apg, target, scope_id, version)
-        if n:
-            rows[target.name] = n
+        if target.name in ours:
+            n = await count_version(apg, target, scope_id, version)
+            if n:
+                rows[target.name] = n
         # A value the old backend's second phase sealed with this DEK (an imported one) carries
-        # no version: only the DEK finds it among the values `legacy migrate` has not moved yet.
-        if cipher is None and await has_legacy_values(apg, target, scope_id):
+        # no version: only the DEK finds it among the values `legacy migrate` has not moved yet,
+        # in every target and every row, whatever scope the row names (the old backend's DEK
+        # sealed values the operator may file under other scopes; their migration tries those
+        # scopes' DEKs, so this one is their only key).
+        if cipher is None and await has_legacy_values(apg, target):
             cipher = (await load_keys(session, rc.cipher, scope, scope_id, version, only=())).new_cipher
         if cipher is not None:
-            sealed = await count_legacy_values(
-                apg, target, scope_id, partial(legacy_format.sealed_by, cipher=cipher)
-            )
+            sealed = await count_legacy_values(apg, target, partial(legacy_format.sealed_by, cipher=cipher))
             if sealed:
                 unmigrated[target.name] = sealed
     # After the targets: a writer that records its location in its row's transaction takes

@@ -20,7 +20,7 @@ from keyrotor.legacy import migration as legacy_migration
 from keyrotor.legacy import second_phase
 from keyrotor.rotation import retire
 from keyrotor.rotation.context import RotationContext
-from keyrotor.rotation.retire import LocationNotCovered
+from keyrotor.rotation.retire import KeyStillInUse, LocationNotCovered
 from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.jobs.conftest import settings_of
@@ -127,3 +127,41 @@ async def test_a_dek_imported_before_imports_recorded_a_location_gets_one(wenv: 
     async with KeyManager(_quiet(s)) as km:
         with pytest.raises(LocationNotCovered, match="second phase: anthropic v2"):
             await retire.retire_dek(RotationContext(km.sessions, km.kek, s), "anthropic", 2, force_now=True)
+
+
+async def test_a_value_in_a_row_of_another_scope_keeps_the_imported_dek(wenv: dict[str, str]) -> None:
+    """The old backend sealed every provider's key with its DEK; the operator imported it into one
+    scope. A row whose `--scope-column` names another scope is not migrated (its scope's DEKs do
+    not open it), and must not be left without the only key that does."""
+    s = settings_of(wenv)
+    dek, wrapped = _old_dek()
+    await fetch(s.database_url, CREATE)
+    await fetch(
+        s.database_url,
+        "INSERT INTO settings (id, provider, api_key) VALUES (1, 'openai', $1)",
+        second_phase.encrypt_second_phase(PLAIN, dek),
+    )
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        await km.encrypt("openai", "sk-proj-unrelated-0123456789abcdef", context="secret:x")  # scope openai
+        await second_phase.import_dek(km, "anthropic", wrapped)
+        async with db.transaction(km.sessions) as session:
+            await census_report.ignore(
+                session, "(second phase: anthropic v2)", reason="only settings.api_key", actor="test"
+            )
+        report = await legacy_migration.migrate_legacy(km, workers=1)
+        assert (report.migrated, report.failed) == (0, 1)  # openai's DEKs do not open it
+        rc = RotationContext(km.sessions, km.kek, s)
+        with pytest.raises(KeyStillInUse, match=r"sealed with DEK v2 .*settings\.api_key: 1"):
+            await retire.retire_dek(rc, "anthropic", 2, force_now=True)
+        assert await _dek_state(s.database_url, "anthropic", 2) == "grace"
+        # Imported into the row's scope too, the value migrates there; then v2 of anthropic retires.
+        await second_phase.import_dek(km, "openai", wrapped)
+        async with db.transaction(km.sessions) as session:
+            await census_report.ignore(
+                session, "(second phase: openai v2)", reason="only settings.api_key", actor="test"
+            )
+        assert (await legacy_migration.migrate_legacy(km, workers=1)).migrated == 1
+        assert (await retire.retire_dek(rc, "anthropic", 2, force_now=True)).destroy_after is not None
+        value = (await fetch(s.database_url, "SELECT api_key FROM settings WHERE id = 1"))[0][0]
+        assert await km.decrypt("openai", value, context="settings.api_key:1") == PLAIN
