@@ -36,11 +36,26 @@ SECRETS_TEMPLATE = "secret:" + PK_PLACEHOLDER
 NO_CONTEXT = ""
 # The location migration 0008 gives every version that existed before locations were recorded.
 UNRECORDED = "(unrecorded)"
+# The location of the values the old backend's second phase sealed with a DEK keyrotor imported
+# (keyrotor/legacy/second_phase.py): they may be in any table, and no encrypt recorded where. One
+# per imported DEK, so that an acknowledgement of one never covers a DEK imported later.
+SECOND_PHASE_PREFIX = "(second phase: "
 
 COVERED_BY_KEYROTOR = "keyrotor"
 COVERED_BY_COLUMN = "registered"
 ACKNOWLEDGED = "acknowledged"
 UNREGISTERED = "unregistered"
+
+
+def second_phase_location(scope: str, version: int) -> str:
+    """The location standing for the values the old backend sealed with ``scope`` v``version``."""
+    return f"{SECOND_PHASE_PREFIX}{scope} v{version})"
+
+
+def is_placeholder(location: str) -> bool:
+    """Whether ``location`` stands for values keyrotor cannot place (no registered column covers
+    it: only an operator's acknowledgement, once every table holding them is registered)."""
+    return location == UNRECORDED or location.startswith(SECOND_PHASE_PREFIX)
 
 
 def location_of(context: str) -> str:
@@ -167,7 +182,7 @@ def classify(
 ) -> tuple[str, str]:
     """``(coverage, by)`` of one location: keyrotor's own table, a registered column, an
     operator's acknowledgement, or unregistered (``by`` is then ``""``)."""
-    if location != UNRECORDED:
+    if not is_placeholder(location):
         if SECRETS_COVER.covers(scope, location):
             return COVERED_BY_KEYROTOR, SECRETS_COVER.name
         for cover in covers:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor.audit.log import record_config_change
 from keyrotor.census.locations import (
     NO_CONTEXT,
+    SECOND_PHASE_PREFIX,
     UNRECORDED,
     UNREGISTERED,
     acknowledged_locations,
@@ -134,6 +135,13 @@ def advice(found: list[LocationView], *, limit: int = 5) -> str:
         if any(v.location == UNRECORDED for v in found)
         else ""
     )
+    second = next((v.location for v in found if v.location.startswith(SECOND_PHASE_PREFIX)), None)
+    if second is not None:
+        unrecorded += (
+            f". {second} stands for values the old backend sealed with an imported DEK, in any table: "
+            f"once every table holding them is registered and `keyrotor legacy migrate` has run, "
+            f"`keyrotor columns ignore '{second}' --reason TEXT`"
+        )
     return (
         f"{len(found)} unregistered location(s) hold values keyrotor cannot count: {named}{more}; "
         f"their DEK versions will not be destroyed. Register each table that stores them "

@@ -13,11 +13,13 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotor.audit.log import AuditEvent, write_event
+from keyrotor.census.locations import second_phase_location
 from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, Conflict, DecryptionFailed, MalformedCiphertext, ScopeNotFound
 from keyrotor.inputs import check_scope
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.keys import KeyManager
+from keyrotor.store import census as census_store
 from keyrotor.store import db, repo
 from keyrotor.store import kek as kek_store
 from keyrotor.store import legacy as store
@@ -87,6 +89,8 @@ async def import_dek(km: KeyManager, scope: str, blob: str) -> ImportedDek:
     the scope's grace period, wrapped under the current KEK: values the old second phase sealed
     with it open (:func:`decrypt_second_phase`) and ``keyrotor legacy migrate`` moves them to
     the active DEK. The scope is created (with a fresh DEK v1 as its active key) if needed.
+    Its location :func:`~keyrotor.census.locations.second_phase_location` is recorded: the
+    version is not retired, nor destroyed, until an operator acknowledges it.
 
     Raises:
         ConfigurationError: no legacy master key.
@@ -115,6 +119,13 @@ async def import_dek(km: KeyManager, scope: str, blob: str) -> ImportedDek:
         grace_until = await store.insert_grace_dek(
             session, sc.id, version, blob=wrapped.blob, kek_id=wrapped.kek_id, kek_version=wrapped.kek_version
         )
+        # Its values are wherever the old backend put them, registered or not, and carry no
+        # version: a location of its own keeps the version from retirement and destruction
+        # until an operator acknowledges it (every table holding them registered and migrated).
+        # An acknowledgement left from an earlier DEK of the same name must not cover this one.
+        location = second_phase_location(scope, version)
+        await census_store.record_location(session, sc.id, version, location, 0)
+        await census_store.drop_acknowledgement(session, location)
         await write_event(
             session,
             AuditEvent(

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from keyrotor import runs
 from keyrotor.audit.log import AuditEvent, write_event
 from keyrotor.census.columns import freeze_targets
-from keyrotor.census.locations import display, uncovered_locations
+from keyrotor.census.locations import SECOND_PHASE_PREFIX, display, uncovered_locations
 from keyrotor.crypto import legacy_format
 from keyrotor.crypto.envelope import MAX_VERSION
 from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNotFound
@@ -89,7 +89,14 @@ def not_covered(scope: str, version: int, locations: Sequence[str]) -> LocationN
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     first = shlex.quote(names[0])
     ignore = f"acknowledge it (`keyrotor columns ignore {first} --reason TEXT`)"
-    if _TABLE_COLUMN.fullmatch(locations[0]):
+    if locations[0].startswith(SECOND_PHASE_PREFIX):
+        # The old backend's values carry no version and may be in any table: only the operator
+        # knows that every table holding them is registered (and migrated).
+        fix = (
+            "register every column of the old backend that holds its values, run `keyrotor legacy "
+            f"migrate`, then {ignore}"
+        )
+    elif _TABLE_COLUMN.fullmatch(locations[0]):
         fix = f"register it (`keyrotor columns register {first} --pk PK_COLUMN --scope {scope}`) or {ignore}"
     else:  # not a table's column (no context, or a free-form one): only an acknowledgement counts
         fix = f"move those values to a registered column or {ignore}"
@@ -144,19 +151,22 @@ async def prove_unused(
     rows: dict[str, int] = {}
     unmigrated: dict[str, int] = {}
     cipher: AESGCM | None = None
-    for target in rc.targets_for(scope):
+    ours = {t.name for t in rc.targets_for(scope)}
+    for target in rc.all_targets:
         await lock_target(apg, target)
-        n = await count_version(apg, target, scope_id, version)
-        if n:
-            rows[target.name] = n
+        if target.name in ours:
+            n = await count_version(apg, target, scope_id, version)
+            if n:
+                rows[target.name] = n
         # A value the old backend's second phase sealed with this DEK (an imported one) carries
-        # no version: only the DEK finds it among the values `legacy migrate` has not moved yet.
-        if cipher is None and await has_legacy_values(apg, target, scope_id):
+        # no version: only the DEK finds it among the values `legacy migrate` has not moved yet,
+        # in every target and every row, whatever scope the row names (the old backend's DEK
+        # sealed values the operator may file under other scopes; their migration tries those
+        # scopes' DEKs, so this one is their only key).
+        if cipher is None and await has_legacy_values(apg, target):
             cipher = (await load_keys(session, rc.cipher, scope, scope_id, version, only=())).new_cipher
         if cipher is not None:
-            sealed = await count_legacy_values(
-                apg, target, scope_id, partial(legacy_format.sealed_by, cipher=cipher)
-            )
+            sealed = await count_legacy_values(apg, target, partial(legacy_format.sealed_by, cipher=cipher))
             if sealed:
                 unmigrated[target.name] = sealed
     # After the targets: a writer that records its location in its row's transaction takes

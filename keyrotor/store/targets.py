@@ -166,7 +166,8 @@ class TargetSql:
         )
         self.has_version_param = bool(t.version_column)
         self.count_version = f"SELECT count(*) {base}"
-        self.legacy_values = f"SELECT {val} FROM {table} WHERE {scope} AND {val} NOT LIKE 'kr1:%'"
+        # Every row, whatever scope it names: a second-phase value needs the DEK that opens it.
+        self.legacy_values = f"SELECT {val} FROM {table} WHERE {val} NOT LIKE 'kr1:%'"
         self.has_legacy_values = f"SELECT EXISTS ({self.legacy_values})"
         self.count_older = f"SELECT count(*) FROM {table} WHERE {scope} AND {older}"
         # k contiguous key buckets of about equal row counts over the rows still to do, each with
@@ -338,19 +339,20 @@ async def count_version(apg: Any, target: Target, scope_id: int, version: int) -
     return int(await apg.fetchval(target.sql.count_version, scope_id, version))
 
 
-async def has_legacy_values(apg: Any, target: Target, scope_id: int) -> bool:
-    """Whether ``target`` holds a value in the scope that is not ``kr1`` (the old backend's)."""
-    return bool(await apg.fetchval(target.sql.has_legacy_values, scope_id))
+async def has_legacy_values(apg: Any, target: Target) -> bool:
+    """Whether ``target`` holds a value that is not ``kr1`` (the old backend's), in any row."""
+    return bool(await apg.fetchval(target.sql.has_legacy_values))
 
 
 async def count_legacy_values(
-    apg: Any, target: Target, scope_id: int, opens: Callable[[str], bool], *, page: int = 2_000
+    apg: Any, target: Target, opens: Callable[[str], bool], *, page: int = 2_000
 ) -> int:
-    """How many values of ``target`` in the scope are not ``kr1`` (the old backend's) and pass
-    ``opens``. Read through a cursor ``page`` values at a time, in the caller's transaction: a
-    table the old backend filled is not held in memory, and the event loop runs between pages."""
+    """How many values of ``target`` (in any row, whatever scope its row names) are not ``kr1``
+    (the old backend's) and pass ``opens``. Read through a cursor ``page`` values at a time, in
+    the caller's transaction: a table the old backend filled is not held in memory, and the
+    event loop runs between pages."""
     n = 0
-    async for record in apg.cursor(target.sql.legacy_values, scope_id, prefetch=page):
+    async for record in apg.cursor(target.sql.legacy_values, prefetch=page):
         n += opens(record[0])
     return n
 

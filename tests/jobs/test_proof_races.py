@@ -20,6 +20,8 @@ import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.census import columns
+from keyrotor.census import report as census_report
+from keyrotor.census.locations import second_phase_location
 from keyrotor.crypto import legacy_format
 from keyrotor.errors import KeyVersionTooOld, PermanentError
 from keyrotor.legacy import migration as legacy_migration
@@ -29,6 +31,7 @@ from keyrotor.rotation import destruction, retire
 from keyrotor.rotation.context import RotationContext
 from keyrotor.rotation.retire import KeyStillInUse
 from keyrotor.schedule import scan as schedule
+from keyrotor.store import db
 from tests.conftest import MASTER_KEY
 from tests.destruction_helpers import expire_window
 from tests.jobs.conftest import settings_of
@@ -115,6 +118,12 @@ async def test_an_imported_dek_is_kept_while_a_value_it_sealed_is_not_migrated(
     )  # the old encrypted_dek
     imported = await second_phase.import_dek(km, SCOPE, wrapped)
     assert (imported.version, imported.state) == (2, "grace")
+    # The operator says the registered column is the only one holding its values (else the
+    # version is kept for its location alone): what keeps it below is the unmigrated value.
+    async with db.transaction(km.sessions) as session:
+        await census_report.ignore(
+            session, second_phase_location(SCOPE, 2), reason="only app_keys.api_key", actor="test"
+        )
     # The old backend's second phase sealed this value with that DEK; `legacy migrate` not run yet.
     await _write(s, 1, second_phase.encrypt_second_phase("sk-second-phase-0123456789", dek))
 

@@ -13,6 +13,7 @@ from keyrotor.census.locations import (
     Cover,
     classify,
     location_of,
+    second_phase_location,
     template_covers,
 )
 from keyrotor.store.key_ranges import INTEGER_KEY, UUID_KEY
@@ -73,6 +74,12 @@ def test_classify_orders_keyrotor_column_acknowledged_unregistered() -> None:
     # Values written before locations were recorded are never proven covered by a template.
     assert classify("anthropic", UNRECORDED, [Cover("{pk}", None, "x")], [])[0] == UNREGISTERED
     assert classify("anthropic", UNRECORDED, covers, [UNRECORDED])[0] == ACKNOWLEDGED
+    # Nor are an imported DEK's values (the old backend's, in any table), each DEK on its own.
+    second = second_phase_location("anthropic", 2)
+    assert second == "(second phase: anthropic v2)"
+    assert classify("anthropic", second, [Cover("{pk}", None, "x")], [])[0] == UNREGISTERED
+    assert classify("anthropic", second, covers, [second_phase_location("anthropic", 3)])[0] == UNREGISTERED
+    assert classify("anthropic", second, covers, [second])[0] == ACKNOWLEDGED
 
 
 _INT = INTEGER_KEY.text_pattern
