@@ -110,13 +110,13 @@ async def test_a_new_import_is_not_covered_by_an_old_acknowledgement(wenv: dict[
 
 
 async def test_a_dek_imported_before_imports_recorded_a_location_gets_one(wenv: dict[str, str]) -> None:
-    """Migration 0015: a database whose imported DEK has no location (the earlier code) keeps it
+    """Migration 0016: a database whose imported DEK has no location (the earlier code) keeps it
     from retirement once upgraded; a DEK that was once active gets nothing."""
     s = settings_of(wenv)
     async with KeyManager(_quiet(s)) as km:
         await second_phase.import_dek(km, "anthropic", _old_dek()[1])
     await fetch(s.database_url, "DELETE FROM key_locations WHERE location LIKE '(second phase: %'")
-    await fetch(s.database_url, "UPDATE alembic_version SET version_num = '0014_range_cursor_open'")
+    await fetch(s.database_url, "UPDATE alembic_version SET version_num = '0015_replica_lifecycle'")
     engine = db.create_engine(s.database_url)
     try:
         await db.upgrade(engine)

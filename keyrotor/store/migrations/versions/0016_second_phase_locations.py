@@ -1,7 +1,7 @@
 """A location for each second-phase DEK imported before imports recorded one
 
-Revision ID: 0015_second_phase_locations
-Revises: 0014_range_cursor_open
+Revision ID: 0016_second_phase_locations
+Revises: 0015_replica_lifecycle
 
 ``keyrotor legacy import-dek`` adopts the old backend's DEK as a decrypt-only version. The values
 the old backend sealed with it carry no version and may be in a table nobody registered, so the
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0015_second_phase_locations"
-down_revision: str | Sequence[str] | None = "0014_range_cursor_open"
+revision: str = "0016_second_phase_locations"
+down_revision: str | Sequence[str] | None = "0015_replica_lifecycle"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
