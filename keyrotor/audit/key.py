@@ -40,6 +40,9 @@ KEY_BYTES = 32
 # audit key can never be taken for a DEK, and the switch point is part of what the KEK binds.
 _SCOPE_PREFIX = "_keyrotor_audit_key:"
 _BLOCK = 64
+# How long the transaction creating the first audit key may idle holding the chain lock (its KEK
+# wrap and, when another process created the key meanwhile, unwrap run under it).
+KEY_CREATION_IDLE_S = 120.0
 
 
 class AuditKey:
@@ -120,7 +123,8 @@ def session_url(session: AsyncSession) -> URL:
 
 async def key_in_session(session: AsyncSession) -> AuditKey | None:
     """The audit key for the session's database: the registered one, or loaded (and created if
-    there is none yet) through the process's KEK opener. Call it under the chain lock.
+    there is none yet) through the process's KEK opener. Call it before taking the chain lock
+    (loading may call the KEK), and again under it when it returned None.
 
     Returns None only when no opener is set and no audit key exists (the chain is not keyed
     yet, so an unkeyed row is still valid).
@@ -165,8 +169,9 @@ async def _load_or_create(session: AsyncSession, kek: KekProvider) -> AuditKey:
     if row is not None:
         return await _unwrap(kek, row)
     # Under the chain lock: no row can be appended between reading the head and recording it
-    # as the switch point.
-    await store.lock_chain(session)
+    # as the switch point. The KEK wraps the key under it (the switch point is in the wrap's
+    # context), once an install: the idle bound leaves room for a remote KEK and its retries.
+    await store.lock_chain(session, KEY_CREATION_IDLE_S)
     row = await store.newest_key(session)
     if row is not None:  # another process created it while we waited for the lock
         return await _unwrap(kek, row)

@@ -117,8 +117,11 @@ async def write_event(session: AsyncSession, *events: AuditEvent) -> None:
     """Append events to the chain inside the caller's transaction.
 
     The rows commit or roll back with the caller's transaction. Taking the chain lock makes
-    every other audit writer wait until that transaction ends, so call this as late as
-    possible in a long transaction (just before it commits), not at its start.
+    every other audit writer wait until that transaction ends, so call this last in a
+    transaction, just before it commits: from the lock on, the server ends the transaction if
+    it sits idle between statements for ``keyrotor.store.audit.CHAIN_LOCK_IDLE_S`` (a frozen
+    holder must not stall every durable call), so nothing after this call may wait on anything
+    but the database. What ran before it is not bounded.
 
     Raises:
         InvalidInput: an unknown event type.
@@ -132,8 +135,13 @@ async def write_events(session: AsyncSession, events: Sequence[AuditEvent]) -> l
     if not events:
         return []
     rows = [event_row(e) for e in events]
-    await store.lock_chain(session)
+    # The key before the lock: loading it may call the KEK (a remote KMS, its retries), and the
+    # lock bounds how long this transaction may then idle (keyrotor.store.audit.lock_chain).
     key = await key_in_session(session)
+    await store.lock_chain(session)
+    if key is None:
+        # Checked again under the lock: a key created since would make an unkeyed row a downgrade.
+        key = await key_in_session(session)
     last_id, prev = await store.chain_head(session) or (0, GENESIS)
     records = chain_records(last_id, prev, rows, key)
     await store.insert_events(

@@ -372,6 +372,7 @@ async def prune(sessions: async_sessionmaker[AsyncSession], before: datetime, *,
     """
     before = utc(before)
     async with db.transaction(sessions) as session:
+        await key_in_session(session)  # loaded (a KEK call) before the lock bounds idling
         await store.lock_chain(session)
         first_young = await store.first_id_since(session, before)
         bounds = await store.id_bounds(session)

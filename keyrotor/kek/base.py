@@ -116,6 +116,10 @@ class RetiresKekVersions(Protocol):
         """The ``kek_id`` of the DEKs this provider wraps."""
         ...
 
+    async def min_decryption_version(self) -> int:
+        """The lowest KEK version the provider still unwraps with."""
+        ...
+
     async def raise_min_decryption_version(self, version: int) -> int | None:
         """Refuse KEK versions below ``version`` from now on; never lowers it.
 

@@ -414,6 +414,10 @@ class VaultTransitKek:
             ),
         )
 
+    async def min_decryption_version(self) -> int:
+        """The transit key's ``min_decryption_version``."""
+        return (await self.key_info()).min_decryption_version
+
     async def raise_min_decryption_version(self, version: int) -> int | None:
         """Raise the key's ``min_decryption_version`` to ``version``; never lower it.
 
@@ -427,7 +431,7 @@ class VaultTransitKek:
         Raises:
             KekError: ``version`` is not between 1 and the latest version, or permission denied.
         """
-        before = (await self.key_info()).min_decryption_version
+        before = await self.min_decryption_version()
         if version <= before:
             return None
         await self.set_min_decryption_version(version)

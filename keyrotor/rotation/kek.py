@@ -207,7 +207,7 @@ async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
     """Rewrap the audit chain's key, retire old KEK versions where the provider can, complete."""
     async with db.transaction(rc.sessions) as session:  # the audit chain's key, as a DEK
         await audit_key.rewrap_keys(session, rc.kek)
-    retired = await _retire_old_versions(rc)
+    retired = await _retire_old_versions(rc, run)
     async with db.transaction(rc.sessions) as session:
         if retired is not None:
             await _record_retirement(session, run, *retired)
@@ -265,36 +265,60 @@ async def preflight(kek: KekProvider) -> None:
         )
 
 
-async def _retire_old_versions(rc: RotationContext) -> tuple[str, int, int] | None:
+async def _retire_old_versions(
+    rc: RotationContext, run: RunInfo | None = None
+) -> tuple[str, int, int] | None:
     """Raise the provider's minimum decryption version to the lowest KEK version still in use.
 
     Returns (kek_id, previous minimum, new minimum), or None if the provider has no such setting,
     no DEK uses its key, or nothing changed. A provider that refuses (permission denied) is
     logged and left be: every DEK is rewrapped, the cut-off is hygiene.
+
+    The change at the provider and its audit event cannot share a transaction. So ``run``'s
+    detail records the minimum found (``kek_cutoff_from``, committed) before the provider is
+    asked to raise it: an attempt that dies after the provider answered and before the event
+    committed leaves it behind, and the next attempt of the run returns that change again, so
+    that it is recorded (once: the run completes in the event's transaction).
     """
     provider = next((p for p in provider_layers(rc.kek) if isinstance(p, RetiresKekVersions)), None)
     if provider is None:
         return None
-    async with db.transaction(rc.sessions) as session:
-        # SHARE mode waits for transactions writing DEKs to commit, so a DEK wrapped under an
-        # old version and being inserted right now is counted, not cut off; and it is held
-        # until the provider has answered, so none can be inserted between the count and the
-        # cut-off (DEK writers wait one provider call, once a KEK rotation).
-        await kek_store.lock_deks_against_writes(session)
-        lowest = await kek_store.lowest_kek_version_in_use(session, provider.kek_id)
-        if lowest is None:
-            return None
-        try:
+    try:
+        current = await provider.min_decryption_version()
+        if run is not None and (unrecorded := await _note_cutoff(rc, run, provider.kek_id, current)):
+            return unrecorded
+        async with db.transaction(rc.sessions) as session:
+            # SHARE mode waits for transactions writing DEKs to commit, so a DEK wrapped under an
+            # old version and being inserted right now is counted, not cut off; and it is held
+            # until the provider has answered, so none can be inserted between the count and the
+            # cut-off (DEK writers wait one provider call, once a KEK rotation).
+            await kek_store.lock_deks_against_writes(session)
+            lowest = await kek_store.lowest_kek_version_in_use(session, provider.kek_id)
+            if lowest is None:
+                return None
             before = await provider.raise_min_decryption_version(lowest)
-        except KekError as exc:
-            log.warning(
-                "kek_versions_not_retired", kek_id=provider.kek_id, error=f"{type(exc).__name__}: {exc}"
-            )
-            return None
+    except KekError as exc:
+        log.warning("kek_versions_not_retired", kek_id=provider.kek_id, error=f"{type(exc).__name__}: {exc}")
+        return None
     if before is None:
         return None
     log.info("kek_versions_retired", kek_id=provider.kek_id, min_decryption_version=lowest, previous=before)
     return provider.kek_id, before, lowest
+
+
+async def _note_cutoff(
+    rc: RotationContext, run: RunInfo, kek_id: str, current: int
+) -> tuple[str, int, int] | None:
+    """Record ``current`` as the minimum ``run`` raises from, unless an earlier attempt of it
+    raised the minimum and did not live to record it: that change, to be recorded now."""
+    async with db.transaction(rc.sessions) as session:
+        detail = (await runs.require_run(session, run.id, for_update=True)).detail
+        found = detail.get("kek_cutoff_from")
+        if found is not None and int(found) < current and "kek_min_decryption_version" not in detail:
+            log.warning("kek_versions_retired", kek_id=kek_id, min_decryption_version=current, previous=found)
+            return kek_id, int(found), current
+        await runs.update_detail(session, run.id, kek_cutoff_from=current)
+    return None
 
 
 def _rotating_provider(rc: RotationContext) -> RotatesFromVersion | None:

@@ -3,7 +3,9 @@
 Two kinds of caller: the SQLAlchemy sessions of ordinary transactions (each function takes the
 session of a transaction the caller opened), and the batched writers, which drive the raw
 asyncpg connection they keep (``pg``) so that a batch costs as few round trips as possible.
-Appends to the chain are serialised by the transaction-scoped advisory lock :data:`CHAIN_LOCK`.
+Appends to the chain are serialised by the transaction-scoped advisory lock :data:`CHAIN_LOCK`,
+and every transaction that takes it also bounds how long it may then sit idle (:func:`lock_chain`,
+:func:`begin_locked`): a holder that stops before it commits must not stall every other appender.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ TABLE = "encryption_audit_log"
 KEY_TABLE = "audit_keys"
 # Serialises chain appends across processes, for the duration of the appending transaction.
 CHAIN_LOCK = 0x6B72_6175_6469_74  # "kraudit"
+# How long a transaction holding the chain lock may sit idle between its statements before the
+# server ends it, releasing the lock (:func:`lock_chain`). A holder frozen between the lock and
+# its commit (SIGSTOP, a VM pause, a partition: no FIN reaches the server) would otherwise hold
+# every durable call of every process back. What runs under the lock is the head, the insert and
+# the commit (write_event belongs just before the commit), so an idle second is already a stall;
+# the bound is well under the durable writer's 30 s attempt, which therefore still succeeds.
+CHAIN_LOCK_IDLE_S = 5.0
 # The order of the hashed fields and of the COPY columns.
 COLUMNS = (
     "id",
@@ -37,7 +46,15 @@ COLUMNS = (
     "audit_key_id",
 )
 
-_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+# The idle bound and the lock in one statement (the server counts idleness between statements
+# only, so there is no idle moment between the two). SET LOCAL: the bound starts here, not at
+# the caller's BEGIN, and ends with the transaction, as the lock does. A shorter timeout the
+# session already has (pg_settings shows it in ms; 0 is none) is kept.
+_LOCK = text(
+    "SELECT set_config('idle_in_transaction_session_timeout', CASE WHEN s.setting::bigint "
+    "BETWEEN 1 AND :ms THEN s.setting ELSE :ms_text END, true), pg_advisory_xact_lock(:k) "
+    "FROM pg_settings s WHERE s.name = 'idle_in_transaction_session_timeout'"
+)
 _HEAD = f"SELECT id, row_hash FROM {TABLE} ORDER BY id DESC LIMIT 1"
 _INSERT = text(
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES (:id, :event_type, :scope, "
@@ -65,9 +82,17 @@ _SET_WRAP = text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wr
 # --- the chain, in a session ---------------------------------------------------------------
 
 
-async def lock_chain(session: AsyncSession) -> None:
-    """Take the chain lock until the session's transaction ends."""
-    await session.execute(_LOCK, {"k": CHAIN_LOCK})
+async def lock_chain(session: AsyncSession, idle_s: float | None = None) -> None:
+    """Take the chain lock until the session's transaction ends, and from now on let the server
+    end that transaction (and so release the lock) once it sits idle for ``idle_s`` (default
+    :data:`CHAIN_LOCK_IDLE_S`) between two statements.
+
+    Only what follows the lock is bounded: the caller's statements before it may idle as long
+    as they always could. So take it last, just before the commit; what still runs after it
+    must not wait on anything slower than the database (a KEK call, another service).
+    """
+    ms = max(1, int((CHAIN_LOCK_IDLE_S if idle_s is None else idle_s) * 1000))
+    await session.execute(_LOCK, {"k": CHAIN_LOCK, "ms": ms, "ms_text": str(ms)})
 
 
 async def chain_head(session: AsyncSession) -> tuple[int, bytes] | None:
