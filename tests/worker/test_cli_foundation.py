@@ -157,9 +157,24 @@ def test_weak_or_missing_key(env: dict[str, str]) -> None:
 
 
 def test_unreachable_database(env: dict[str, str]) -> None:
-    res = keyrotor("status", env={**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"})
+    """A database that does not answer names the variable to fix, not only the driver's error
+    class (it used to be ``database unavailable: ConnectionRefusedError`` alone)."""
+    res = keyrotor("status", env={**env, "DATABASE_URL": "postgresql://postgres:hunter2-pw@127.0.0.1:1/x"})
     assert_one_line_error(res, 1)
-    assert "database unavailable" in res.stderr
+    assert "database unavailable" in res.stderr and "DATABASE_URL" in res.stderr
+    assert "hunter2" not in res.stderr
+
+
+@pytest.mark.parametrize("args", [("worker", "--burst"), ("rotate", "openai")])
+def test_unreachable_redis_names_the_variable(env: dict[str, str], args: tuple[str, ...]) -> None:
+    """A worker (or an enqueue) with no Redis to talk to: one line naming REDIS_URL (never its
+    password), exit 1. It used to say ``cannot connect to Redis: ConnectionError`` alone."""
+    put = keyrotor("secrets", "put", "openai", "prod", env=env, stdin="sk-proj-unreachable-redis\n")
+    assert put.returncode == 0, put.stderr
+    res = keyrotor(*args, env={**env, "REDIS_URL": "redis://:hunter2-pw@127.0.0.1:1/0"}, timeout=60)
+    assert_one_line_error(res, 1)
+    assert "cannot connect to Redis" in res.stderr and "REDIS_URL" in res.stderr
+    assert "hunter2" not in res.stderr + res.stdout
 
 
 def test_bad_configuration_value(env: dict[str, str]) -> None:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound, StoreUnavailable
 from keyrotor.worker.logs import configure_logging
 
 T = TypeVar("T")
@@ -57,6 +57,10 @@ def fail_with(exc: Exception) -> NoReturn:
         fix = _database_hint(exc)
         if fix is not None:
             fail(fix, 2)
+        if isinstance(exc, StoreUnavailable) and str(exc).startswith("database unavailable"):
+            # The library's message names the driver's error only; here the database is the one
+            # DATABASE_URL names (the variable, not the URL: it may carry a password).
+            fail(f"{exc}: check that PostgreSQL is running and DATABASE_URL points at it", 1)
         fail(str(exc), 1)
     if os.environ.get("KEYROTOR_DEBUG"):
         raise exc
