@@ -256,3 +256,16 @@ def test_an_unknown_log_level_is_a_configuration_error(env: dict[str, str]) -> N
     assert "KEYROTOR_LOG_LEVEL" in res.stderr
     ok = keyrotor("status", env={**env, "KEYROTOR_LOG_LEVEL": "debug"})
     assert ok.returncode == 0, ok.stderr
+
+
+def test_health_before_db_upgrade_says_what_to_run(env: dict[str, str]) -> None:
+    """``keyrotor health`` on a database that does not exist yet: every check that reads it says to
+    run ``keyrotor db upgrade``; the postgres check used to say only ``DBAPIError``."""
+    base = env["DATABASE_URL"].rsplit("/", 1)[0]
+    url = f"{base}/kr_never_created_{uuid.uuid4().hex[:8]}"
+    res = keyrotor("health", "--json", env={**env, "DATABASE_URL": url, "KEYROTOR_METRICS_PORT": "0"})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    checks = json.loads(res.stdout)["checks"]
+    for name in ("postgres", "kek", "census", "grants"):
+        assert checks[name]["status"] == "fail", name
+        assert "`keyrotor db upgrade` creates it" in checks[name]["error"], (name, checks[name])

@@ -54,7 +54,7 @@ def fail_with(exc: Exception) -> NoReturn:
     if isinstance(exc, KeyrotorError):
         # A database error the user fixes with one command (no database, no schema) comes
         # through the store as StoreRejected: say what to run, as a usage error.
-        fix = _database_hint(exc)
+        fix = database_hint(exc)
         if fix is not None:
             fail(fix, 2)
         if isinstance(exc, StoreUnavailable) and str(exc).startswith("database unavailable"):
@@ -64,7 +64,7 @@ def fail_with(exc: Exception) -> NoReturn:
         fail(str(exc), 1)
     if os.environ.get("KEYROTOR_DEBUG"):
         raise exc
-    fix = _database_hint(exc)
+    fix = database_hint(exc)
     if fix is not None:
         fail(fix, 2)
     # An unexpected error's message may quote data; print its type only.
@@ -99,7 +99,7 @@ _DATABASE_HINTS = {
 }
 
 
-def _database_hint(exc: BaseException) -> str | None:
+def database_hint(exc: BaseException) -> str | None:
     """A one-line explanation for a database error a user can fix, found anywhere in the chain."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
