@@ -56,6 +56,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor import metrics
 from keyrotor.audit import lockdown
+from keyrotor.census.columns import load_targets
 from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
 from keyrotor.queue.enqueue import connect_queue, enqueue_driver, job_id
 from keyrotor.runs import RunInfo
@@ -272,12 +273,9 @@ class Scheduler:
 
     async def plan(self, now: datetime | None = None) -> ScanPlan:
         """What :meth:`scan` would do at ``now``; writes nothing."""
-        return await plan_scan(
-            self.sessions,
-            now or datetime.now(UTC),
-            self.cfg,
-            rows_per_second=self.settings.estimate_rows_per_second,
-        )
+        when, managed = now or datetime.now(UTC), await load_targets(self.sessions)
+        rate = self.settings.estimate_rows_per_second
+        return await plan_scan(self.sessions, when, self.cfg, rows_per_second=rate, managed=managed)
 
     async def enqueue_replica_check(self, now: datetime | None = None) -> str | None:
         """Enqueue ``check_replicas`` for the slot of ``now``. Returns its id if this call queued it.

@@ -144,5 +144,9 @@ async def connect_queue(settings: Settings) -> ArqRedis:
             await pool.aclose(close_connection_pool=True)
             tries += 1
             if tries >= CONNECT_TRIES:
-                raise QueueUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+                # The variable, never the URL: it may carry a password.
+                raise QueueUnavailable(
+                    f"cannot connect to Redis ({type(exc).__name__}): "
+                    "check that Redis is running and REDIS_URL points at it"
+                ) from exc
         await asyncio.sleep(1.0)

@@ -7,7 +7,7 @@ completed rotations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,7 +29,7 @@ from keyrotor.schedule.scan import (
 from keyrotor.store import db
 from keyrotor.store import schedule as store
 from keyrotor.store.runs import RunInfo, find_open_run, median_rotation_rate
-from keyrotor.store.targets import SECRETS, count_version, default_targets, raw_connection
+from keyrotor.store.targets import SECRETS, Target, count_version, default_targets, raw_connection
 
 # The rate a dry run estimates with comes from the latest completed rotations that moved enough
 # rows, for long enough, to measure: rows_done / (finished_at - started_at), wall clock, however
@@ -142,41 +142,59 @@ def _kind(item: DueRotation | DueRetirement) -> str:
     return "rotation" if isinstance(item, DueRotation) else "retirement"
 
 
-async def rows_by_version(session: AsyncSession, scope_ids: Sequence[int]) -> dict[int, dict[int, int]]:
-    """Rows per DEK version of each scope, over keyrotor's ``secrets`` and the registered targets."""
-    out: dict[int, dict[int, int]] = {sid: {} for sid in scope_ids}
-    if not scope_ids:
+async def rows_by_version(
+    session: AsyncSession, scopes: Mapping[int, str], managed: Sequence[Target]
+) -> dict[int, dict[int, int]]:
+    """Rows per DEK version of each scope (``{scope id: name}``), over keyrotor's ``secrets``, the
+    targets registered in code and ``managed``, the targets of the application columns registered
+    with ``keyrotor columns register`` (:func:`keyrotor.census.columns.load_targets`): what a
+    rotation of the scope would re-encrypt."""
+    out: dict[int, dict[int, int]] = {sid: {} for sid in scopes}
+    if not scopes:
         return out
     # Every decryptable version of each scope: pending, active, grace.
     decrypting = [s.value for s in KeyState if s.decrypts]
-    for sid, version in await store.versions_in_states(session, scope_ids, decrypting):
+    for sid, version in await store.versions_in_states(session, list(scopes), decrypting):
         out[sid][version] = 0
-    for sid, version, n in await store.secrets_by_version(session, scope_ids):
+    for sid, version, n in await store.secrets_by_version(session, list(scopes)):
         out[sid][version] = out[sid].get(version, 0) + n
-    others = [t for t in default_targets() if t is not SECRETS and t.scope_id_column is not None]
-    if others:
-        apg = await raw_connection(session)
-        for target in others:
-            for sid, versions_of in out.items():
-                for version in list(versions_of):
-                    versions_of[version] += await count_version(apg, target, sid, version)
+    # The same targets a rotation reads (keyrotor.census.columns.refresh_targets): a managed
+    # column is skipped where a target given in code has its name.
+    in_code = [t for t in default_targets() if t is not SECRETS]
+    names = {t.name for t in in_code}
+    apg = await raw_connection(session)
+    for target in in_code + [t for t in managed if t.name not in names]:
+        for sid, versions_of in out.items():
+            # A fixed-scope target's statements do not filter by scope: count it only for its own.
+            if not target.covers(scopes[sid]):
+                continue
+            for version in list(versions_of):
+                versions_of[version] += await count_version(apg, target, sid, version)
     return out
 
 
 async def plan_scan(
-    sessions: async_sessionmaker[AsyncSession], now: datetime, cfg: ScanConfig, *, rows_per_second: float
+    sessions: async_sessionmaker[AsyncSession],
+    now: datetime,
+    cfg: ScanConfig,
+    *,
+    rows_per_second: float,
+    managed: Sequence[Target],
 ) -> ScanPlan:
-    """What a scan at ``now`` would open: the due rotations (with rows per version and an
+    """What a scan at ``now`` would open: the due rotations (with rows per version, counted over
+    ``secrets``, the targets given in code and ``managed`` (:func:`rows_by_version`), and an
     estimated duration at the rate measured on completed rotations, else ``rows_per_second``)
     and retirements. Locks and writes nothing."""
     async with db.transaction(sessions) as session:
         plan = ScanPlan(now, await measured_rate(session, configured=rows_per_second))
-        await _plan_rotations(session, plan, cfg)
+        await _plan_rotations(session, plan, cfg, managed)
         await _plan_retirements(session, plan, cfg)
     return plan
 
 
-async def _plan_rotations(session: AsyncSession, plan: ScanPlan, cfg: ScanConfig) -> None:
+async def _plan_rotations(
+    session: AsyncSession, plan: ScanPlan, cfg: ScanConfig, managed: Sequence[Target]
+) -> None:
     due: list[DueRotation] = []
     after: tuple[datetime, int] | None = (START, 0)
     while after is not None:
@@ -187,7 +205,7 @@ async def _plan_rotations(session: AsyncSession, plan: ScanPlan, cfg: ScanConfig
             item = due_rotation(row, plan.now, cfg)
             (plan.skipped if item.skip else due).append(item)
         after = next_page(rows, cfg.batch)
-    counts = await rows_by_version(session, [d.scope_id for d in due])
+    counts = await rows_by_version(session, {d.scope_id: d.scope for d in due}, managed)
     for d in due:
         per_version = counts.get(d.scope_id, {})
         per_version.pop(d.to_version, None)  # a pending DEK left by a failed run: nothing on it to move
@@ -216,9 +234,12 @@ async def plan_rotation(
     now: datetime,
     cfg: ScanConfig,
     rows_per_second: float,
+    managed: Sequence[Target],
 ) -> RotationPlan:
-    """What rotating ``scope`` now would do (``keyrotor rotate SCOPE --dry-run``), estimated at the
-    rate measured on completed rotations, else ``rows_per_second``. Writes nothing.
+    """What rotating ``scope`` now would do (``keyrotor rotate SCOPE --dry-run``): its rows per
+    version over ``secrets``, the targets given in code and ``managed`` (the registered columns'
+    targets), estimated at the rate measured on completed rotations, else ``rows_per_second``.
+    Writes nothing.
 
     Raises:
         ScopeNotFound: no such scope.
@@ -230,7 +251,7 @@ async def plan_rotation(
             raise ScopeNotFound(f"scope {scope!r} does not exist")
         sid, active, latest, enabled, next_at, encryptions, limit, pending = row
         run = await find_open_run(session, "dek", sid)
-        per_version = (await rows_by_version(session, [sid]))[sid]
+        per_version = (await rows_by_version(session, {sid: scope}, managed))[sid]
         rate = await measured_rate(session, configured=rows_per_second)
     to_version = int(run.to_version) if run and run.to_version else (pending or latest + 1)
     per_version.pop(to_version, None)

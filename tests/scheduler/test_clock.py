@@ -74,6 +74,7 @@ async def test_on_demand_rotation_resets_the_clock_and_measures_the_rate(senv: d
             now=datetime.now(UTC),
             cfg=sched.cfg,
             rows_per_second=settings.estimate_rows_per_second,
+            managed=(),
         )
     assert plan.rate.source == "measured" and plan.rate.runs == 1
     assert abs(plan.rate.rows_per_second - 1_500 / seconds) < 0.01

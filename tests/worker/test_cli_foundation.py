@@ -157,9 +157,24 @@ def test_weak_or_missing_key(env: dict[str, str]) -> None:
 
 
 def test_unreachable_database(env: dict[str, str]) -> None:
-    res = keyrotor("status", env={**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"})
+    """A database that does not answer names the variable to fix, not only the driver's error
+    class (it used to be ``database unavailable: ConnectionRefusedError`` alone)."""
+    res = keyrotor("status", env={**env, "DATABASE_URL": "postgresql://postgres:hunter2-pw@127.0.0.1:1/x"})
     assert_one_line_error(res, 1)
-    assert "database unavailable" in res.stderr
+    assert "database unavailable" in res.stderr and "DATABASE_URL" in res.stderr
+    assert "hunter2" not in res.stderr
+
+
+@pytest.mark.parametrize("args", [("worker", "--burst"), ("rotate", "openai")])
+def test_unreachable_redis_names_the_variable(env: dict[str, str], args: tuple[str, ...]) -> None:
+    """A worker (or an enqueue) with no Redis to talk to: one line naming REDIS_URL (never its
+    password), exit 1. It used to say ``cannot connect to Redis: ConnectionError`` alone."""
+    put = keyrotor("secrets", "put", "openai", "prod", env=env, stdin="sk-proj-unreachable-redis\n")
+    assert put.returncode == 0, put.stderr
+    res = keyrotor(*args, env={**env, "REDIS_URL": "redis://:hunter2-pw@127.0.0.1:1/0"}, timeout=60)
+    assert_one_line_error(res, 1)
+    assert "cannot connect to Redis" in res.stderr and "REDIS_URL" in res.stderr
+    assert "hunter2" not in res.stderr + res.stdout
 
 
 def test_bad_configuration_value(env: dict[str, str]) -> None:
@@ -241,3 +256,16 @@ def test_an_unknown_log_level_is_a_configuration_error(env: dict[str, str]) -> N
     assert "KEYROTOR_LOG_LEVEL" in res.stderr
     ok = keyrotor("status", env={**env, "KEYROTOR_LOG_LEVEL": "debug"})
     assert ok.returncode == 0, ok.stderr
+
+
+def test_health_before_db_upgrade_says_what_to_run(env: dict[str, str]) -> None:
+    """``keyrotor health`` on a database that does not exist yet: every check that reads it says to
+    run ``keyrotor db upgrade``; the postgres check used to say only ``DBAPIError``."""
+    base = env["DATABASE_URL"].rsplit("/", 1)[0]
+    url = f"{base}/kr_never_created_{uuid.uuid4().hex[:8]}"
+    res = keyrotor("health", "--json", env={**env, "DATABASE_URL": url, "KEYROTOR_METRICS_PORT": "0"})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    checks = json.loads(res.stdout)["checks"]
+    for name in ("postgres", "kek", "census", "grants"):
+        assert checks[name]["status"] == "fail", name
+        assert "`keyrotor db upgrade` creates it" in checks[name]["error"], (name, checks[name])

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from keyrotor import KeyManager, Settings
-from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound
+from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, NotFound, StoreUnavailable
 from keyrotor.worker.logs import configure_logging
 
 T = TypeVar("T")
@@ -54,13 +54,17 @@ def fail_with(exc: Exception) -> NoReturn:
     if isinstance(exc, KeyrotorError):
         # A database error the user fixes with one command (no database, no schema) comes
         # through the store as StoreRejected: say what to run, as a usage error.
-        fix = _database_hint(exc)
+        fix = database_hint(exc)
         if fix is not None:
             fail(fix, 2)
+        if isinstance(exc, StoreUnavailable) and str(exc).startswith("database unavailable"):
+            # The library's message names the driver's error only; here the database is the one
+            # DATABASE_URL names (the variable, not the URL: it may carry a password).
+            fail(f"{exc}: check that PostgreSQL is running and DATABASE_URL points at it", 1)
         fail(str(exc), 1)
     if os.environ.get("KEYROTOR_DEBUG"):
         raise exc
-    fix = _database_hint(exc)
+    fix = database_hint(exc)
     if fix is not None:
         fail(fix, 2)
     # An unexpected error's message may quote data; print its type only.
@@ -95,7 +99,7 @@ _DATABASE_HINTS = {
 }
 
 
-def _database_hint(exc: BaseException) -> str | None:
+def database_hint(exc: BaseException) -> str | None:
     """A one-line explanation for a database error a user can fix, found anywhere in the chain."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]

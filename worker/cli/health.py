@@ -45,7 +45,7 @@ from keyrotor.replication import check as replication
 from keyrotor.rotation.context import RotationContext
 from keyrotor.settings import Settings
 from keyrotor.store import db, ops
-from keyrotor.worker.cli.common import out_console, print_json, run
+from keyrotor.worker.cli.common import database_hint, out_console, print_json, run
 from keyrotor.worker.leadership import STEPPING_DOWN
 
 T = TypeVar("T")
@@ -63,6 +63,10 @@ def register(app: typer.Typer) -> None:
 def _error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {TIMEOUT_S:g}s"
+    # No database or no schema: the command that fixes it, as every other command says it.
+    fix = database_hint(exc)
+    if fix is not None:
+        return fix
     if isinstance(exc, KeyrotorError):
         return f"{type(exc).__name__}: {exc}"
     return type(exc).__name__

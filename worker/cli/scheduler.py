@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from keyrotor.census.columns import load_targets
 from keyrotor.errors import InvalidInput
 from keyrotor.schedule.plan import RotationPlan, plan_rotation, plan_scan
 from keyrotor.schedule.scan import ScanReport
@@ -39,11 +40,13 @@ async def dry_run(settings: Settings, now: datetime) -> dict[str, Any]:
 
     engine = db.create_engine(settings.database_url, pool_size=1, max_overflow=1)
     try:
+        sessions = db.sessionmaker(engine)
         plan = await plan_scan(
-            db.sessionmaker(engine),
+            sessions,
             now,
             scan_config(settings),
             rows_per_second=settings.estimate_rows_per_second,
+            managed=await load_targets(sessions),
         )
     finally:
         await engine.dispose()
@@ -145,12 +148,14 @@ def rotate_dry_run(scope: str, *, json_out: bool) -> None:
     async def go() -> RotationPlan:
         engine = db.create_engine(settings.database_url, pool_size=1, max_overflow=1)
         try:
+            sessions = db.sessionmaker(engine)
             return await plan_rotation(
-                db.sessionmaker(engine),
+                sessions,
                 scope,
                 now=datetime.now(UTC),
                 cfg=scan_config(settings),
                 rows_per_second=settings.estimate_rows_per_second,
+                managed=await load_targets(sessions),
             )
         finally:
             await engine.dispose()
