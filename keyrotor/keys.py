@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from keyrotor import metrics
 from keyrotor.audit import calls, lockdown
 from keyrotor.audit.admin import GrantsAdmin
-from keyrotor.audit.calls import DECRYPT, ENCRYPT, LEGACY_METADATA, CallAudit
+from keyrotor.audit.calls import DECRYPT, ENCRYPT, LEGACY_METADATA, CallAudit, Who
 from keyrotor.audit.grants import GrantCache
 from keyrotor.audit.log import Row, now_us
 from keyrotor.audit.writer import AuditWriter
@@ -129,6 +129,7 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
         self.legacy_reader = LegacyReader(settings, lambda: self.sessions, self.calls.emit)
         # What opens a stored value, for decrypt, decrypt_many and the secrets table.
         self.opener = ValueOpener(self.cache, self.ring, self.legacy_reader)
+        self.legacy_reader.open_successor = self._open_successor
         self._open_cached, self._open = self.opener.cached, self.opener.open  # bound once: hot path
         # Redis listener for key changes announced by rotation (keyrotor.notify); see open().
         self.key_listener: KeyChangeListener | None = None
@@ -353,6 +354,11 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
         if self.cache.due:
             self.ring.refresh_due(self._sessions is not None)
         return value
+
+    async def _open_successor(self, scope: str, ciphertext: str, context: str, who: Who) -> str:
+        """The plaintext of the kr1 value a migrated legacy value's row now holds (the legacy
+        reader's proof that the value presented was that row's: keyrotor.legacy.reader)."""
+        return (await self.opener.open(scope, ciphertext, context, who))[0]
 
     def _decrypt_checks(self, scope: str, ciphertext: str, context: str) -> None:
         """The checks a decrypt makes before any work: the length bound, the scope's name, then

@@ -109,14 +109,16 @@ class LegacyGuard:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._pool(), legacy.decrypt_parsed, raw, master_key)
             except DecryptionFailed:
-                self._failed(actor)
+                self.record_failure(actor)
                 raise
             finally:
                 left = self._running.pop(actor) - 1
                 if left:
                     self._running[actor] = left
 
-    def _failed(self, actor: str) -> None:
+    def record_failure(self, actor: str) -> None:
+        """Count a failed legacy decrypt of ``actor`` in its window (also one the reader refused
+        after scrypt: a value that is not its row's successor's)."""
         now = self._clock()
         entry = self._failures.get(actor)
         if entry is None or now - entry[0] >= self.window_s:

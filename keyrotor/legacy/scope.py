@@ -13,8 +13,13 @@ scope (the grants check of that scope has run before):
   the row's scope column).
 
 Anything else (no context, an unregistered location, another scope's row, a value that is not
-the one stored there) is refused. The lookup is one indexed read, on the legacy path only, which
-costs a scrypt anyway; it runs before the scrypt, so a refused value costs none.
+the one stored there) is refused, with one exception: a row (or secret) that now holds a ``kr1``
+value may have been migrated between the caller's read and its decrypt. Its ``kr1`` value is
+then the *successor* the reader checks the presented value against (:mod:`keyrotor.legacy.reader`:
+it opens only to the plaintext the row's successor opens to, which the caller may read anyway).
+
+The lookup is one indexed read, on the legacy path only, which costs a scrypt anyway; it runs
+before the scrypt, so a refused value costs none.
 """
 
 from __future__ import annotations
@@ -62,8 +67,17 @@ def _typed_key(col: ManagedColumn, raw: str) -> Key | None:
     return raw
 
 
-async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: str) -> str | None:
-    """Why the legacy value ``ciphertext`` may not open in ``scope`` with ``context`` (None: it may).
+def _successor(stored: str | None) -> str | None:
+    """``stored`` if it is a ``kr1`` value (the place's value may have been migrated), else None."""
+    return stored if stored is not None and stored.startswith("kr1:") else None
+
+
+async def refusal(
+    session: AsyncSession, scope: str, context: str, ciphertext: str
+) -> tuple[str | None, str | None]:
+    """Why the legacy value ``ciphertext`` may not open in ``scope`` with ``context`` (None: it
+    may), and the ``kr1`` value the named place of ``scope`` holds instead, if any (its successor,
+    when the migration replaced the value after the caller read it).
 
     The reason names the location, never the value.
     """
@@ -71,9 +85,12 @@ async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: s
     if context.startswith(_SECRET_PREFIX):
         stored = await repo.secret_ciphertext(session, scope, context[len(_SECRET_PREFIX) :])
         if stored is None:
-            return f"no secret of that name in scope {scope!r}"
-        return None if stored == ciphertext else "it is not the value stored in that secret"
+            return f"no secret of that name in scope {scope!r}", None
+        if stored == ciphertext:
+            return None, None
+        return "it is not the value stored in that secret", _successor(stored)
     reasons: list[str] = []
+    successor: str | None = None
     for col in await list_columns(session):
         raw = key_in_context(col.context_template, context)
         key = None if raw is None else _typed_key(col, raw)
@@ -94,14 +111,15 @@ async def refusal(session: AsyncSession, scope: str, context: str, ciphertext: s
             reasons.append(f"that row of {col.name} belongs to another scope")
         elif found[1] != ciphertext:
             reasons.append(f"it is not the value stored in that row of {col.name}")
+            successor = successor or _successor(found[1])
         else:
-            return None
+            return None, None
     if reasons:
-        return "; ".join(reasons)
+        return "; ".join(reasons), successor
     return (
         f"its context's location {where!r} is neither a registered column nor keyrotor's "
         "secrets (a legacy value opens only through the row it lives in)"
-    )
+    ), None
 
 
 async def legacy_remaining(session: AsyncSession, managed: list[dict[str, Any]] | None = None) -> int:
