@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -238,3 +239,27 @@ def check_wrong_key(
             f"the first {auth_failures} legacy values all failed authentication and none decrypted: "
             "ENCRYPTION_KEY (or KEYROTOR_LEGACY_KEY) is not the old backend's master key; nothing was written"
         )
+
+
+@dataclass
+class KeyEvidence:
+    """What one attempt at a run (or range) has seen of its own master key, for
+    :func:`check_wrong_key`.
+
+    Only this attempt's values count: what an earlier attempt, or another worker, migrated says
+    nothing about this process's key (a worker restarted with another ``KEYROTOR_LEGACY_KEY``, or
+    workers set up with different keys, would otherwise record every value left as failed and
+    complete the run), and the failures they recorded say nothing either (:meth:`ignore`).
+    """
+
+    known: set[tuple[str, Key]] = field(default_factory=set)
+    opened: int = 0
+
+    def ignore(self, source: str, failed: Iterable[Mapping[str, Any]]) -> None:
+        """Leave out of the judgement the failures ``source``'s report held before this attempt."""
+        self.known |= {(source, f["id"]) for f in failed}
+
+    def check(self, failed: Iterable[tuple[str, Mapping[str, Any]]], opened: int) -> None:
+        """Add a batch's ``opened`` values, then :func:`check_wrong_key` on ``failed``."""
+        self.opened += opened
+        check_wrong_key(failed, decrypted=self.opened, known=self.known)

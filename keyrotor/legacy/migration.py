@@ -38,7 +38,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
 from keyrotor.legacy import events
-from keyrotor.legacy.batch import check_wrong_key, decrypt_batch, make_executor, open_batch, shape_warning
+from keyrotor.legacy.batch import KeyEvidence, decrypt_batch, make_executor, open_batch, shape_warning
 from keyrotor.legacy.report import ColumnReport, LegacyReport, known_failures, report_after, report_of
 from keyrotor.legacy.second_phase import (
     ImportedDek,
@@ -161,11 +161,10 @@ class _Migration:
     report: LegacyReport
     run: RunInfo | None = None  # None: a dry run
     cursors: dict[str, Key] = field(default_factory=dict)  # source -> last key done
-    migrated_before: int = 0  # by earlier attempts of the run
     done: int = 0
     total: int = 0
     second: dict[str, list[AESGCM]] = field(default_factory=dict)  # scope -> second-phase ciphers
-    known: set[tuple[str, Key]] = field(default_factory=set)  # values an earlier run failed (check_wrong_key)
+    evidence: KeyEvidence = field(default_factory=KeyEvidence)  # of this attempt's key (check_wrong_key)
 
     async def resume(self, run_id: int | None, trigger: str, job_id: str | None) -> LegacyReport | None:
         """Open (or join) the run, or take ``run_id``, and pick up where it stopped.
@@ -187,14 +186,15 @@ class _Migration:
         self.cursors = {k: v for k, v in run.detail.get("cursors", {}).items() if isinstance(v, int | str)}
         for d in run.detail.get("columns", []):
             self.report.columns[d["column"]] = ColumnReport.from_dict(d)
-        self.migrated_before = run.rows_done - self.report.migrated
         structlog.contextvars.bind_contextvars(run_id=run.id)
         return None
 
     async def count(self, srcs: list[Source]) -> None:
         """Count what is left to do (and, on a first attempt at a source, what it holds)."""
         async with db.transaction(self.km.sessions) as session:
-            self.known = await known_failures(session, self.run.id if self.run else None)
+            self.evidence = KeyEvidence(await known_failures(session, self.run.id if self.run else None))
+        for rep in self.report.columns.values():  # failures of earlier attempts (resume)
+            self.evidence.ignore(rep.column, rep.failed)
         total = 0
         for src in srcs:
             async with db.transaction(self.km.sessions) as session:
@@ -230,10 +230,8 @@ class _Migration:
                 self.second,
                 dry_run=self.report.dry_run,
             )
-            check_wrong_key(
-                ((c.column, f) for c in self.report.columns.values() for f in c.failed),
-                decrypted=self.report.migrated + self.migrated_before + len(sealed.ids),
-                known=self.known,
+            self.evidence.check(
+                ((c.column, f) for c in self.report.columns.values() for f in c.failed), len(sealed.ids)
             )
             after = rows[-1][0]
             self.cursors[src.name] = after

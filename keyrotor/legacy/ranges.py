@@ -32,7 +32,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.errors import ConfigurationError, InvalidInput, KeyrotorError, PermanentError
 from keyrotor.keys import KeyManager
 from keyrotor.legacy import events
-from keyrotor.legacy.batch import check_wrong_key, make_executor, open_batch
+from keyrotor.legacy.batch import KeyEvidence, make_executor, open_batch
 from keyrotor.legacy.report import (
     MAX_LISTED,
     MODE,
@@ -270,17 +270,15 @@ async def _migrate_range(
     if src is not None:
         _start, cursor, upper = range_bounds(src.key_type, rng.lo, rng.hi, bounds)
     second: dict[str, list[AESGCM]] = {}
+    evidence = KeyEvidence(set(known))
+    evidence.ignore(rng.target, rep.failed)
     while src is not None:  # None: the column was unregistered meanwhile; nothing left to do
         async with db.transaction(km.sessions) as session:
             rows = await store.fetch_rows(await raw_connection(session), src, cursor, batch_rows, upper)
         if not rows:
             break
         sealed = await open_batch(km, key, pool, workers, src, rows, rep, second)
-        check_wrong_key(
-            ((rng.target, f) for f in rep.failed),
-            decrypted=rep.migrated + len(sealed.ids) + run.rows_done,
-            known=known,
-        )
+        evidence.check(((rng.target, f) for f in rep.failed), len(sealed.ids))
         done = await run_to_commit(
             _write(km, rng, range_id, src, sealed, src.key_type.key(rows[-1][0]), rep, bounds)
         )
@@ -290,6 +288,7 @@ async def _migrate_range(
             # Another run of this job wrote first (arq may run a job twice): this batch was its
             # work. Go on from where the range stands, with the report it has.
             rep, bounds = done.report, done.bounds
+            evidence.ignore(rng.target, rep.failed)
             _start, cursor, upper = range_bounds(src.key_type, rng.lo, rng.hi, bounds)
             continue
         written, bounds = done

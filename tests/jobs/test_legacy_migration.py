@@ -499,3 +499,65 @@ async def test_workers_share_a_fanned_out_migration(wenv: dict[str, str], tmp_pa
     assert sum(log.count("legacy_range_done") for log in logs) == json.loads(run["detail"])["ranges"] == 5
     async with KeyManager(_quiet(s)) as km:
         assert await _check_all(km, s.database_url, expected) == {"kr1:1": 40}
+
+
+class _Interrupted(Exception):
+    """Stands for a worker killed after a batch committed."""
+
+
+async def test_a_resumed_run_with_the_wrong_master_key_stops_and_writes_nothing(wenv: dict[str, str]) -> None:
+    """A run resumed by a worker configured with another master key: the values the first attempt
+    migrated say nothing about this attempt's key, so the wrong key still stops the run instead
+    of recording every remaining value as failed (and the run as completed)."""
+    s = settings_of(wenv)
+    await _app(s, legacy_rows()[:24])
+
+    def stop_after_first_batch(done: int, total: int) -> None:
+        raise _Interrupted
+
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        run, _ = await legacy_migration.open_legacy_run(km, trigger="test")
+        with pytest.raises(_Interrupted):
+            await legacy_migration.migrate_legacy(
+                km, workers=1, run_id=run.id, batch_rows=8, on_progress=stop_after_first_batch
+            )
+    before = await fetch(s.database_url, "SELECT id, api_key FROM settings ORDER BY id")
+    assert sum(v["api_key"].startswith("kr1:") for v in before) == 8
+    wrong = settings_of(wenv, KEYROTOR_LEGACY_KEY="not-the-old-backends-master-key-at-all")
+    async with KeyManager(_quiet(wrong)) as km:
+        with pytest.raises(ConfigurationError, match="not the old backend's master key"):
+            await legacy_migration.migrate_legacy(km, workers=1, run_id=run.id, batch_rows=8)
+    assert await fetch(s.database_url, "SELECT id, api_key FROM settings ORDER BY id") == before
+    got = (await fetch(s.database_url, "SELECT state, detail FROM rotations WHERE id = $1", run.id))[0]
+    assert got["state"] == "failed"
+    assert all(c["failed_count"] == 0 for c in json.loads(got["detail"])["columns"])
+
+
+async def test_a_range_on_a_worker_with_the_wrong_master_key_stops_though_another_range_migrated(
+    wenv: dict[str, str],
+) -> None:
+    """Workers set up with different master keys: the range on the wrong one stops the run (its
+    values untouched, none reported failed) whatever the other ranges migrated."""
+    s = settings_of(wenv)
+    await _app(s, legacy_rows()[:24])
+    async with KeyManager(_quiet(s)) as km:
+        await columns.register(km.sessions, "settings.api_key", pk="id", scope_column="provider")
+        run, _ = await legacy_migration.open_legacy_run(km, trigger="test")
+        plan = await legacy_ranges.fan_out(km, run.id, range_rows=12)
+        assert plan is not None and len(plan.ranges) == 2
+        first, second = plan.ranges
+        done = await legacy_ranges.migrate_range(
+            km, first.run_id, first.target, first.lo, first.hi, workers=1
+        )
+        assert done.state == "done"
+    before = await fetch(s.database_url, "SELECT id, api_key FROM settings ORDER BY id")
+    wrong = settings_of(wenv, KEYROTOR_LEGACY_KEY="not-the-old-backends-master-key-at-all")
+    async with KeyManager(_quiet(wrong)) as km:
+        with pytest.raises(ConfigurationError, match="not the old backend's master key"):
+            await legacy_ranges.migrate_range(
+                km, second.run_id, second.target, second.lo, second.hi, workers=1
+            )
+    assert await fetch(s.database_url, "SELECT id, api_key FROM settings ORDER BY id") == before
+    got = (await fetch(s.database_url, "SELECT state FROM rotations WHERE id = $1", run.id))[0]
+    assert got["state"] == "failed"
