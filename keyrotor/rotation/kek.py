@@ -211,9 +211,14 @@ async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
         await audit_key.rewrap_keys(session, rc.kek)
     retired = await _retire_old_versions(rc, run)
     async with db.transaction(rc.sessions) as session:
-        if retired is not None:
+        # Locked, and read afresh: arq may run the job twice (an attempt stalled past its lease
+        # while another took the job over), and the other attempt may have recorded the cut-off
+        # and completed the run meanwhile. Each is done once.
+        locked = await runs.require_run(session, run.id, for_update=True)
+        if retired is not None and "kek_min_decryption_version" not in locked.detail:
             await _record_retirement(session, run, *retired)
-        await runs.complete_run(session, run.id)
+        if not locked.terminal:
+            await runs.complete_run(session, run.id)
         return await runs.require_run(session, run.id)
 
 

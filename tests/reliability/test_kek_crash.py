@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -288,3 +289,55 @@ async def test_kek_migration_local_to_vault_killed_at_every_step(
         app_ops=summary["ops"],
         seconds=round(time.monotonic() - t0, 2),
     )
+
+
+async def test_stalled_attempt_wakes_after_the_run_completed(
+    vault_wenv: dict[str, str],
+    bao_server: ServerProcess,
+    workers: Workers,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    record: Callable[..., None],
+) -> None:
+    """arq runs the job twice: a worker stalls (SIGSTOP: a VM pause, a swap storm) just after
+    Vault's cut-off, its lease runs out, another worker takes the job over and completes the run;
+    then the first wakes up and finishes its attempt. The cut-off is recorded once."""
+    env = {**vault_wenv, "SECRETS_PROVIDER": "vault"}
+    _use_env(monkeypatch, env)
+    s = Settings.from_env(env)
+    values = await _seed(s)
+    async with KeyrotorClient(s) as client:
+        run_id = (await client.rotate_kek()).run_id
+    release = tmp_path / "release"
+    stalled = workers.start(
+        {**env, "KEYROTOR_TEST_HANG_AT": "kek_cutoff_done", "KEYROTOR_TEST_HANG_RELEASE": str(release)}
+    )
+    deadline = time.monotonic() + 60
+    while not any(e.get("event") == "test_hang" for e in stalled.events()):
+        assert stalled.proc.poll() is None and time.monotonic() < deadline, stalled.output()[-3000:]
+        await asyncio.sleep(0.05)
+    stalled.proc.send_signal(signal.SIGSTOP)
+    try:
+        workers.start(env)
+        run = await wait_run(s.database_url, run_id, terminal=True, timeout_s=60)
+        assert run["state"] == "completed", dict(run)
+        release.touch()
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while not any(e.get("event") == "test_hang_released" for e in stalled.events()):
+        assert time.monotonic() < deadline, stalled.output()[-3000:]
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # its attempt's last transaction
+    cutoffs = await fetch(
+        s.database_url,
+        "SELECT count(*) FROM encryption_audit_log WHERE event_type = 'config_change' "
+        "AND metadata->>'what' = 'kek_min_decryption_version'",
+    )
+    assert cutoffs[0][0] == 1
+    assert (
+        await _audit_once(s, run_id) == (await wait_run(s.database_url, run_id, terminal=True))["rows_done"]
+    )
+    for scope, vals in values.items():
+        await check_values(s, scope, vals)
+    record("kek_crash", job="rotate_kek (vault), attempt stalled past its lease", kills=0, cutoff_events=1)
