@@ -51,6 +51,7 @@ from keyrotor.kek.base import (
 )
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, kek_mismatch
+from keyrotor.rotation.hang import hang_point
 from keyrotor.rotation.lifecycle import fail
 from keyrotor.rotation.rewrap import Item, Rewrap, refuse_if_open
 from keyrotor.runs import RunInfo
@@ -140,6 +141,7 @@ async def _fix_target(rc: RotationContext, run: RunInfo) -> int:
     """
     await preflight(rc.kek)
     target = await _target_version(rc, run)
+    await hang_point("kek_rotated")
     async with db.transaction(rc.sessions) as session:
         locked = await runs.require_run(session, run.id, for_update=True)
         if locked.to_version is not None:
@@ -209,9 +211,14 @@ async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
         await audit_key.rewrap_keys(session, rc.kek)
     retired = await _retire_old_versions(rc, run)
     async with db.transaction(rc.sessions) as session:
-        if retired is not None:
+        # Locked, and read afresh: arq may run the job twice (an attempt stalled past its lease
+        # while another took the job over), and the other attempt may have recorded the cut-off
+        # and completed the run meanwhile. Each is done once.
+        locked = await runs.require_run(session, run.id, for_update=True)
+        if retired is not None and "kek_min_decryption_version" not in locked.detail:
             await _record_retirement(session, run, *retired)
-        await runs.complete_run(session, run.id)
+        if not locked.terminal:
+            await runs.complete_run(session, run.id)
         return await runs.require_run(session, run.id)
 
 
@@ -287,6 +294,7 @@ async def _retire_old_versions(
         current = await provider.min_decryption_version()
         if run is not None and (unrecorded := await _note_cutoff(rc, run, provider.kek_id, current)):
             return unrecorded
+        await hang_point("kek_cutoff_request")
         async with db.transaction(rc.sessions) as session:
             # SHARE mode waits for transactions writing DEKs to commit, so a DEK wrapped under an
             # old version and being inserted right now is counted, not cut off; and it is held
@@ -302,6 +310,7 @@ async def _retire_old_versions(
         return None
     if before is None:
         return None
+    await hang_point("kek_cutoff_done")
     log.info("kek_versions_retired", kek_id=provider.kek_id, min_decryption_version=lowest, previous=before)
     return provider.kek_id, before, lowest
 
@@ -365,4 +374,5 @@ async def _target_version(rc: RotationContext, run: RunInfo) -> int:
                 await runs.update_detail(session, run.id, **{ROTATE_FROM: since})
             else:
                 since = recorded
+    await hang_point("kek_rotate_request")
     return await provider.rotate_from(int(since))

@@ -45,6 +45,7 @@ from keyrotor.kek.base import (
 )
 from keyrotor.kek.factory import open_provider
 from keyrotor.rotation.context import unwrap_stored_deks
+from keyrotor.rotation.hang import hang_point
 from keyrotor.rotation.rewrap import Item, Rewrap, refuse_if_open
 from keyrotor.runs import RunInfo
 from keyrotor.settings import Settings
@@ -285,6 +286,7 @@ class _Migration:
             self.remaining = await kek_store.count_deks_not_on_kek(session, self.target_id)
             if self.remaining and passes < _MAX_PASSES:
                 return False
+            await hang_point("kek_migration_completing")
             # The audit chain's key moves with the DEKs: a process on the target opens it.
             await audit_key.migrate_keys(session, self.source, self.target, self.target_id)
             await runs.complete_run(session, self.run.id)

@@ -28,6 +28,7 @@ from keyrotor.audit.log import AuditEvent, write_events
 from keyrotor.errors import Conflict
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.rotation.context import run_to_commit
+from keyrotor.rotation.hang import hang_point
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
 from keyrotor.store import kek as kek_store
@@ -75,6 +76,7 @@ class Rewrap:
                 written += n
                 after = last_id
                 log.info(self.progress_event, rows=n, **self.progress_fields)
+                await hang_point("rewrap_between_batches")
                 continue
             if await finished(passes, after):
                 return written
@@ -91,6 +93,7 @@ class Rewrap:
             for row in rows
         ]
         fresh = await self.rewrap(items)
+        await hang_point("rewrap_before_commit")
         async with db.transaction(self.sessions) as session:
             written = await self._swap(session, rows, items, fresh)
             await runs.add_progress(session, self.run.id, written, cursor=rows[-1].id)
