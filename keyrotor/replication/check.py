@@ -54,6 +54,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +78,7 @@ from keyrotor.replication.failover import (
 )
 from keyrotor.replication.grading import STATUSES, CheckReport, RegionReport, Sources, grade_region
 from keyrotor.replication.primary import PrimaryKeys
+from keyrotor.replication.record import forget, record_interrupted, repairing
 from keyrotor.replication.regions import (
     Region,
     RegionConfig,
@@ -91,6 +93,7 @@ from keyrotor.replication.regions import (
 from keyrotor.replication.repair import repair_region
 from keyrotor.settings import Settings
 from keyrotor.store import db
+from keyrotor.store import repair_record as repair_log
 from keyrotor.store import replication as store
 from keyrotor.store.replication import CheckRecord, ReplicaCopy
 
@@ -244,17 +247,26 @@ class Replication:
         targets = self.regions if regions is None else [self.region(n) for n in regions]
         sources = await self.primary_keys.sources(scope)
         previous = await self._previous() if record else {}
-        reports = list(
-            await asyncio.gather(
-                *(self._check_region(r, sources, repair=repair, scope=scope) for r in targets)
-            )
+        if record:  # the repairs of a check that died before its events (keyrotor.replication.record)
+            await record_interrupted(self.sessions, self.regions, self.primary)
+        journal: AbstractAsyncContextManager[str | None] = (
+            repairing(self.sessions, targets, scope, actor) if record and repair else nullcontext()
         )
-        for rep in reports:
-            rep.last_ok_at = rep.checked_at if rep.status == "in_sync" else previous.get(rep.region)
-            if scope is not None and rep.status == "in_sync":
-                rep.last_ok_at = previous.get(rep.region)  # one scope's sync proves nothing about the rest
-        if record:
-            await self._record(reports, actor=actor, scope=scope)
+        async with journal as repair_id:
+            reports = list(
+                await asyncio.gather(
+                    *(
+                        self._check_region(r, sources, repair=repair, scope=scope, rid=repair_id)
+                        for r in targets
+                    )
+                )
+            )
+            for rep in reports:
+                rep.last_ok_at = rep.checked_at if rep.status == "in_sync" else previous.get(rep.region)
+                if scope is not None and rep.status == "in_sync":
+                    rep.last_ok_at = previous.get(rep.region)  # one scope's sync proves nothing of the rest
+            if record:
+                await self._record(reports, actor=actor, scope=scope, repair_id=repair_id)
         duration = time.perf_counter() - started
         REPLICA_CHECK_SECONDS.observe(duration)
         return CheckReport(self.primary, reports, duration)
@@ -264,7 +276,7 @@ class Replication:
             return await store.last_ok_times(session)
 
     async def _check_region(
-        self, region: Region, sources: Sources, *, repair: bool, scope: str | None
+        self, region: Region, sources: Sources, *, repair: bool, scope: str | None, rid: str | None = None
     ) -> RegionReport:
         try:
             report = await grade_region(region, sources, scope)
@@ -279,7 +291,7 @@ class Replication:
                 # Read again: a DEK made since the check began (and maybe replicated already)
                 # is then repaired and graded as what it is, not as a copy of a destroyed one.
                 sources = await self.primary_keys.sources(scope)
-                repaired = await repair_region(self.primary_keys, region, sources, scope)
+                repaired = await repair_region(self.primary_keys, region, sources, scope, rid)
             except Conflict as exc:
                 report.detail += f"; not repaired: {exc}"
                 return report
@@ -304,7 +316,9 @@ class Replication:
         except Exception as exc:
             log.warning("region %s: its in-sync proof was not recorded: %s", region.name, error_text(exc))
 
-    async def _record(self, reports: Sequence[RegionReport], *, actor: str, scope: str | None) -> None:
+    async def _record(
+        self, reports: Sequence[RegionReport], *, actor: str, scope: str | None, repair_id: str | None
+    ) -> None:
         for rep in reports:
             _publish(rep, scope)
         async with db.transaction(self.sessions) as session:
@@ -314,6 +328,10 @@ class Replication:
                     continue
                 await store.record_check(session, _check_record(rep))
             await write_event(session, *(self._audit_event(rep, actor, scope) for rep in reports))
+            if repair_id is not None:  # recorded: no later check records these repairs again
+                await repair_log.close_intents(session, repair_id)
+        for rep in (r for r in reports if r.repaired):
+            await forget(self.region(rep.region), repair_id or "")
 
     def _audit_event(self, rep: RegionReport, actor: str, scope: str | None) -> AuditEvent:
         return AuditEvent(

@@ -124,8 +124,9 @@ async def _fence_and_adopt(
     every = list((await store.region_copies(session, None)).values())
     proofs = await store.copy_proofs(session, region.name, due_within_s=DESTRUCTION_DUE_MARGIN_S)
     copies = _adoptable(region.name, every, proofs, reachable=reachable)
+    active = _active_versions(region.name, every)
     await _verify(region, copies)
-    scopes = await _adopt(session, copies, settings, latest=_latest(every))
+    scopes = await _adopt(session, copies, settings, latest=_latest(every), active=active)
     left_out = len(every) - len(copies)
     await store.record_promotion(session, region.name, previous_primary=previous, by=by, keys=len(copies))
     meta = {
@@ -230,25 +231,83 @@ async def _verify(region: Region, copies: list[ReplicaCopy]) -> None:
             raise corrupt
 
 
+def _active_versions(name: str, copies: list[ReplicaCopy]) -> dict[str, int]:
+    """Each scope's active version after the promotion: its newest ``active`` copy, if no newer
+    copy is past active (``grace`` or ``retired``). ``copies``: every copy, adopted or left out.
+
+    On the primary a version becomes active once, after every older one (a rotation promotes a
+    new, higher version and moves the active one to grace; nothing makes an older one active
+    again). So of two ``active`` copies (a repair cut off between its batches) the older is
+    stale and was in grace by the time the newer was copied; and a grace or retired copy newer
+    than every active one means the scope's current DEK has no copy here.
+
+    Raises:
+        Conflict: a scope has no current active copy: making a grace or retired DEK active
+            would encrypt new values with a key a rotation superseded.
+    """
+    by_scope: dict[str, list[ReplicaCopy]] = {}
+    for c in copies:
+        by_scope.setdefault(c.scope, []).append(c)
+    out: dict[str, int] = {}
+    for scope, cs in sorted(by_scope.items()):
+        active = max((c.version for c in cs if c.state == "active"), default=None)
+        past = max((c.version for c in cs if c.state in ("grace", "retired")), default=0)
+        if active is None or past > active:
+            raise Conflict(
+                f"region {name}: scope {scope} has no current active DEK copy (its newest copies: "
+                f"{_describe(cs)}), so new values would go to a superseded key; not promoted. "
+                "Bring the primary back and run `keyrotor replicas check --repair`, or promote "
+                "another region"
+            )
+        out[scope] = active
+    return out
+
+
+def _describe(copies: list[ReplicaCopy]) -> str:
+    newest = sorted(copies, key=lambda c: c.version, reverse=True)[:3]
+    return ", ".join(f"v{c.version} {c.state}" for c in newest)
+
+
+def _promoted_state(c: ReplicaCopy, active: int) -> str:
+    """An ``active`` or ``pending`` copy older than the scope's active version was superseded on
+    the primary (see :func:`_active_versions`): it decrypts, in grace, and never encrypts."""
+    if c.state in ("active", "pending") and c.version < active:
+        return "grace"
+    return c.state
+
+
 async def _adopt(
-    session: AsyncSession, copies: list[ReplicaCopy], settings: Settings, *, latest: dict[str, int]
+    session: AsyncSession,
+    copies: list[ReplicaCopy],
+    settings: Settings,
+    *,
+    latest: dict[str, int],
+    active: dict[str, int],
 ) -> int:
     """Write the copies as the region's own scopes and DEKs; returns the scopes written."""
     by_scope: dict[str, list[ReplicaCopy]] = {}
     for c in copies:
         by_scope.setdefault(c.scope, []).append(c)
     for scope, cs in sorted(by_scope.items()):
-        active = [c.version for c in cs if c.state == "active"]
-        newest = max(c.version for c in cs)
         scope_id = await store.insert_promoted_scope(
             session,
             scope,
-            active=active[0] if active else newest,
+            active=active[scope],
             latest=latest[scope],
             enabled=settings.default_rotation_enabled,
             interval_days=settings.default_interval_days,
             grace_days=min(settings.default_grace_days, settings.default_interval_days),
         )
         for c in cs:
-            await store.insert_promoted_dek(session, scope_id, c, settings.default_grace_days)
+            state = _promoted_state(c, active[scope])
+            if state != c.state:
+                log.warning("promotion: %s v%d was superseded; adopted in grace", scope, c.version)
+            await store.insert_promoted_dek(
+                session,
+                scope_id,
+                c,
+                state=state,
+                grace_days=settings.default_grace_days,
+                destroy_after_days=settings.destroy_after_days,
+            )
     return len(by_scope)

@@ -18,6 +18,7 @@ from keyrotor.replication.grading import Sources, faults_of
 from keyrotor.replication.primary import PrimaryKeys
 from keyrotor.replication.regions import Region, bounded_map, error_text, fingerprint
 from keyrotor.store import db
+from keyrotor.store import repair_record as repair_log
 from keyrotor.store import replication as store
 from keyrotor.store.replication import CopyWrite, ReplicaCopy
 
@@ -26,10 +27,13 @@ log = logging.getLogger("keyrotor.replication.check")
 _WRITE_BATCH = 1_000
 
 
-async def repair_region(primary: PrimaryKeys, region: Region, sources: Sources, scope: str | None) -> int:
+async def repair_region(
+    primary: PrimaryKeys, region: Region, sources: Sources, scope: str | None, repair_id: str | None = None
+) -> int:
     """Re-replicate every faulty copy (verified before writing); drop copies the primary destroyed.
 
-    Returns the copies written or removed.
+    Returns the copies written or removed. With ``repair_id``, each batch also counts them in
+    the region's ``replica_repair_log`` (keyrotor.replication.record).
 
     Raises:
         Conflict: the region was promoted to primary.
@@ -60,7 +64,7 @@ async def repair_region(primary: PrimaryKeys, region: Region, sources: Sources, 
             log.warning("replica copy not written for region %s: %s", region.name, error_text(res))
             continue
         writes.append(res)
-    return await _write(region, writes, drop)
+    return await _write(region, writes, drop, repair_id)
 
 
 async def _fresh_copy(
@@ -97,7 +101,9 @@ async def _fresh_copy(
     )
 
 
-async def _write(region: Region, writes: Sequence[CopyWrite], drop: Sequence[ReplicaCopy]) -> int:
+async def _write(
+    region: Region, writes: Sequence[CopyWrite], drop: Sequence[ReplicaCopy], repair_id: str | None
+) -> int:
     """Write in batches, a transaction each: new copies, replaced copies and dropped ones.
 
     Raises:
@@ -116,5 +122,8 @@ async def _write(region: Region, writes: Sequence[CopyWrite], drop: Sequence[Rep
                 raise Conflict(
                     f"region {region.name} was promoted to primary; refusing to overwrite its keys"
                 )
-            written += await store.write_copies(session, batch, drop[i : i + _WRITE_BATCH])
+            n = await store.write_copies(session, batch, drop[i : i + _WRITE_BATCH])
+            if repair_id is not None and n:
+                await repair_log.log_repair(session, repair_id, n)  # committed with the copies
+            written += n
     return written

@@ -395,6 +395,28 @@ class ReplicaPromotion(Base):
     keys: Mapped[int] = mapped_column(Integer)
 
 
+class ReplicaRepairIntent(Base):
+    """In the primary: a check about to repair a region; deleted with its audit event (0017)."""
+
+    __tablename__ = "replica_repair_intents"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    region: Mapped[str] = mapped_column(Text, primary_key=True)
+    scope: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = _now()
+
+
+class ReplicaRepairLog(Base):
+    """In a region: the copies one repair wrote, counted in its batches' transactions (0017)."""
+
+    __tablename__ = "replica_repair_log"
+
+    repair_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    written: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = _now()
+
+
 class InstallSalt(Base):
     """This install's salt for the local KEK derivation (one row, written by migration 0010)."""
 

@@ -444,29 +444,40 @@ async def insert_promoted_scope(
 
 
 async def insert_promoted_dek(
-    session: AsyncSession, scope_id: int, copy: ReplicaCopy, grace_days: int
+    session: AsyncSession,
+    scope_id: int,
+    copy: ReplicaCopy,
+    *,
+    state: str,
+    grace_days: int,
+    destroy_after_days: int,
 ) -> None:
-    """Make a region's copy a DEK of its own store (wrapped under the region's key), in its state
-    and with the primary's dates. A copy written before its dates were copied (migration 0015)
-    gets the dates of a DEK that entered its state now."""
+    """Make a region's copy a DEK of its own store (wrapped under the region's key), in ``state``
+    and with the primary's dates; a date it lacks (copied before migration 0015, or a superseded
+    ``active`` copy adopted in grace) is that of a DEK that entered its state now. A pending
+    destruction gets at least a full window from now: the old primary's uses (which cancel it)
+    are not carried over, so uses get a whole window here. A cancelled one stays cancelled."""
     await session.execute(
         text(
             "INSERT INTO data_keys (scope_id, version, state, "
             "encrypted_dek, kek_id, kek_version, "
             "activated_at, grace_until, retired_at, destroy_after) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
             "COALESCE(CAST(:act AS timestamptz), CASE WHEN :st IN ('active', 'grace') THEN now() END), "
-            "COALESCE(CAST(:gu AS timestamptz), "
-            f"CASE WHEN :st = 'grace' THEN {days_from_now(':g')} END), "
-            "CAST(:ra AS timestamptz), CAST(:da AS timestamptz))"
+            "CASE WHEN :st = 'grace' THEN COALESCE(CAST(:gu AS timestamptz), "
+            f"{days_from_now(':g')}) ELSE CAST(:gu AS timestamptz) END, "
+            "CAST(:ra AS timestamptz), "
+            "GREATEST(CAST(:da AS timestamptz), CASE WHEN CAST(:da AS timestamptz) IS NOT NULL "
+            f"THEN {days_from_now(':dd')} END))"
         ),
         {
             "sid": scope_id,
             "v": copy.version,
-            "st": copy.state,
+            "st": state,
             "blob": copy.wrapped,
             "kid": copy.region_kek_id,
             "kv": copy.region_kek_version,
             "g": grace_days,
+            "dd": destroy_after_days,
             "act": copy.dates.activated_at,
             "gu": copy.dates.grace_until,
             "ra": copy.dates.retired_at,

@@ -23,7 +23,14 @@ PRIMARY = "us-east-1"
 REGIONS = ("eu-west-1", "ap-south-1")
 # Strong test-only wrapping keys, one a region (never used outside tests).
 # What a test may write in a region's database (promotion fills key_scopes and data_keys).
-REGION_TABLES = ("replica_keys", "replica_promotions", "kek_replicas", "key_scopes", "data_keys")
+REGION_TABLES = (
+    "replica_keys",
+    "replica_promotions",
+    "kek_replicas",
+    "key_scopes",
+    "data_keys",
+    "replica_repair_log",
+)
 REGION_KEYS = {
     "eu-west-1": "eu-region-wrapping-key-5c1e9a77d0b34f6e8a2d19c4b7f03e61",
     "ap-south-1": "ap-region-wrapping-key-0b7d4e2f91c6a8353e7f1d9b2c4a6e80",

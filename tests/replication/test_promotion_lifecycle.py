@@ -96,7 +96,8 @@ async def test_promotion_carries_every_live_key_over_with_its_dates(
 ) -> None:
     """A grace DEK, a retired one whose destruction is not due, and the active ones become the
     promoted store's DEKs in their states and with the primary's dates: the new primary ends
-    the grace and destroys the retired key when the old one would have."""
+    the grace when the old one would have. The retired key's destruction is not sooner than
+    the old primary's, nor than a full window from the promotion (test_promotion_scopes.py)."""
     wenv = _env(renv)
     s = Settings.from_env(wenv)
     try:
@@ -111,7 +112,10 @@ async def test_promotion_carries_every_live_key_over_with_its_dates(
         async with KeyManager(s, environ=wenv) as km, unreachable(proxies[PRIMARY]):
             doc = await rep_of(km).promote("eu-west-1", by="ops@example")
         assert (doc["deks"], doc["left_out"]) == (4, 0)
-        assert await _rows(region_urls["eu-west-1"]) == primary
+        promoted = await _rows(region_urls["eu-west-1"])
+        assert [r[:-1] for r in promoted] == [r[:-1] for r in primary]
+        assert promoted[0][-1] >= primary[0][-1]  # the retired v1's destroy_after
+        assert [r[-1] for r in promoted[1:]] == [r[-1] for r in primary[1:]]
     finally:
         await cleanup_queue(wenv["KEYROTOR_QUEUE_NAME"])
 
