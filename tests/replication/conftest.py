@@ -31,6 +31,9 @@ REGION_TABLES = (
     "data_keys",
     "replica_repair_log",
 )
+# A promotion starts the region's own audit chain, keyed with its own audit key. The log is
+# append-only (a trigger refuses TRUNCATE): emptied with triggers off, as only a test may.
+REGION_AUDIT_TABLES = ("encryption_audit_log", "audit_keys")
 REGION_KEYS = {
     "eu-west-1": "eu-region-wrapping-key-5c1e9a77d0b34f6e8a2d19c4b7f03e61",
     "ap-south-1": "ap-region-wrapping-key-0b7d4e2f91c6a8353e7f1d9b2c4a6e80",
@@ -76,6 +79,13 @@ async def region_urls(
     """Each secondary region's (emptied) database, reached through its proxy."""
     for name in region_databases.values():
         await sql(_url(name), f"TRUNCATE {', '.join(REGION_TABLES)} CASCADE")
+        conn = await asyncpg.connect(_url(name))
+        try:
+            await conn.execute(
+                f"SET session_replication_role = replica; TRUNCATE {', '.join(REGION_AUDIT_TABLES)} CASCADE"
+            )
+        finally:
+            await conn.close()
     yield {region: proxies[region].url(name) for region, name in region_databases.items()}
 
 
