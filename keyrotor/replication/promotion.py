@@ -14,10 +14,15 @@ proof rules destruction out only for so long:
 - a copy not proven within :data:`~keyrotor.replication.failover.FAILOVER_MAX_PROOF_AGE_S` may
   be of a DEK destroyed since (a ``pending``/``active``/``grace`` one too: the region may never
   have been told it was retired), yet may as well be a DEK values need: the region is refused;
-- a ``retired`` copy proven that recently cannot have been retired again with a new window that
-  has run out (a window is at least ``MIN_DESTROY_AFTER_DAYS``), so its DEK was destroyed only if
-  its own ``destroy_after`` has passed: such a copy is left out (its destruction was due, so no
-  value was left needing it), any other is adopted with its dates.
+- a ``retired`` copy whose ``destroy_after`` has passed may be of a DEK the primary destroyed,
+  or of one whose destruction a use (a value still read with it) or the proof (a value still on
+  it) cancelled after the region lost touch: the copy cannot tell. Leaving it out would be a
+  destruction without proof, which may lose those values for good; it is adopted like every
+  other copy, and its destruction is put off by a whole window from the promotion
+  (:func:`keyrotor.store.replication.insert_promoted_dek`), after which the new primary destroys
+  it only if its own proof holds.
+  A shredded key may so live one more window on the new primary: the price of never destroying
+  one that values need.
 """
 
 from __future__ import annotations
@@ -60,8 +65,8 @@ async def promote(
 
     If the primary is reachable, the region must be ``in_sync`` first, with no destruction
     due; if not, every copy must prove itself (unwrap to the bytes its fingerprint names) and
-    have been proven current recently, and a retired copy whose destruction is due is left out
-    (see the module docstring). Adopted DEKs keep the old primary's states and dates.
+    have been proven current recently (see the module docstring). Adopted DEKs keep the old
+    primary's states and dates, but a pending destruction is a whole window away at least.
 
     The promotion's audit event starts the region's own audit chain, keyed with an audit key
     wrapped under the region's key (what the promoted deployment's KEK will be).
@@ -81,22 +86,15 @@ async def promote(
     # loaded (or created) here, before the promotion's event, and never through the primary.
     await audit_key.ensure_key(region.sessions, await region.kek())
     async with db.transaction(region.sessions) as session:
-        scopes, deks, left_out = await _fence_and_adopt(
+        scopes, deks = await _fence_and_adopt(
             session, region, primary.name, settings, by, reachable=reachable
         )
-    log.warning(
-        "region %s promoted to primary (%d scopes, %d DEKs; %d due for destruction left out)",
-        name,
-        scopes,
-        deks,
-        left_out,
-    )
+    log.warning("region %s promoted to primary (%d scopes, %d DEKs)", name, scopes, deks)
     return {
         "region": name,
         "previous_primary": primary.name,
         "scopes": scopes,
         "deks": deks,
-        "left_out": left_out,
         "primary_reachable": reachable,
         "next": (
             f"set KEYROTOR_PRIMARY_REGION={name}, DATABASE_URL to its database and its "
@@ -107,9 +105,9 @@ async def promote(
 
 async def _fence_and_adopt(
     session: AsyncSession, region: Region, previous: str, settings: Settings, by: str, *, reachable: bool
-) -> tuple[int, int, int]:
+) -> tuple[int, int]:
     """In the promotion's transaction: adopt the region's verified copies, fence it, audit it.
-    Returns ``(scopes, DEKs)`` adopted and the DEKs left out (their destruction was due).
+    Returns ``(scopes, DEKs)`` adopted.
 
     Raises:
         Conflict: promoted already, scopes of its own, a corrupt copy, or copies that may be
@@ -127,17 +125,15 @@ async def _fence_and_adopt(
     active = _active_versions(region.name, every)
     await _verify(region, copies)
     scopes = await _adopt(session, copies, settings, latest=_latest(every), active=active)
-    left_out = len(every) - len(copies)
     await store.record_promotion(session, region.name, previous_primary=previous, by=by, keys=len(copies))
     meta = {
         "state": "promoted",
         "region": region.name,
         "previous_primary": previous,
         "keys": len(copies),
-        "left_out": left_out,
     }
     await write_event(session, AuditEvent("failover", actor=by, metadata=meta))
-    return scopes, len(copies), left_out
+    return scopes, len(copies)
 
 
 def _adoptable(
@@ -174,8 +170,7 @@ def _adoptable(
             f"{oldest:.1f} days): the primary may have destroyed their keys since, or values may need "
             "them; not promoted. Bring the primary back, or promote a region checked in sync recently"
         )
-    gone = {(c.scope, c.version) for c in due}
-    return [c for c in copies if (c.scope, c.version) not in gone]
+    return copies
 
 
 def _latest(copies: list[ReplicaCopy]) -> dict[str, int]:
@@ -233,7 +228,7 @@ async def _verify(region: Region, copies: list[ReplicaCopy]) -> None:
 
 def _active_versions(name: str, copies: list[ReplicaCopy]) -> dict[str, int]:
     """Each scope's active version after the promotion: its newest ``active`` copy, if no newer
-    copy is past active (``grace`` or ``retired``). ``copies``: every copy, adopted or left out.
+    copy is past active (``grace`` or ``retired``). ``copies``: every copy of the region.
 
     On the primary a version becomes active once, after every older one (a rotation promotes a
     new, higher version and moves the active one to grace; nothing makes an older one active

@@ -111,7 +111,7 @@ async def test_promotion_carries_every_live_key_over_with_its_dates(
         assert [r[2] for r in primary] == ["retired", "active", "grace", "active"]
         async with KeyManager(s, environ=wenv) as km, unreachable(proxies[PRIMARY]):
             doc = await rep_of(km).promote("eu-west-1", by="ops@example")
-        assert (doc["deks"], doc["left_out"]) == (4, 0)
+        assert doc["deks"] == 4
         promoted = await _rows(region_urls["eu-west-1"])
         assert [r[:-1] for r in promoted] == [r[:-1] for r in primary]
         assert promoted[0][-1] >= primary[0][-1]  # the retired v1's destroy_after
@@ -120,12 +120,14 @@ async def test_promotion_carries_every_live_key_over_with_its_dates(
         await cleanup_queue(wenv["KEYROTOR_QUEUE_NAME"])
 
 
-async def test_promotion_with_the_primary_down_leaves_out_a_key_due_for_destruction(
+async def test_promotion_with_the_primary_down_keeps_a_key_due_for_destruction_for_a_fresh_window(
     renv: dict[str, str], region_urls: dict[str, str], proxies: dict[str, PgProxy]
 ) -> None:
     """ap-south-1 was proven in sync (its copy of v1 retired, with its destruction date), then
-    cut off while the date passed and the primary destroyed v1. Its proof is recent, but v1 may
-    be gone: it is not adopted; the active v2 is."""
+    cut off while the date passed. The primary destroyed v1 here, but it might as well have
+    cancelled the destruction (a use, a value the proof found), and the copy cannot tell: leaving
+    it out would be a destruction without proof. v1 is adopted, retired, its destruction a whole
+    window after the promotion, when the new primary's own proof decides."""
     wenv = _env(renv)
     s = Settings.from_env(wenv)
     try:
@@ -145,8 +147,15 @@ async def test_promotion_with_the_primary_down_leaves_out_a_key_due_for_destruct
         )
         async with KeyManager(s, environ=wenv) as km, unreachable(proxies[PRIMARY]):
             doc = await rep_of(km).promote("ap-south-1", by="ops@example")
-        assert (doc["deks"], doc["left_out"]) == (1, 1)
-        assert [r[:3] for r in await _rows(ap)] == [("anthropic", 2, "active")]
+        assert doc["deks"] == 2
+        assert [r[:3] for r in await _rows(ap)] == [("anthropic", 1, "retired"), ("anthropic", 2, "active")]
+        (days,) = (
+            await sql(
+                ap,
+                "SELECT extract(epoch FROM destroy_after - now()) / 86400 FROM data_keys WHERE version = 1",
+            )
+        )[0]
+        assert s.destroy_after_days - 0.01 <= days <= s.destroy_after_days
     finally:
         await cleanup_queue(wenv["KEYROTOR_QUEUE_NAME"])
 

@@ -49,7 +49,7 @@ async def test_a_promoted_retired_key_gets_a_fresh_destruction_window(
             assert statuses(report) == {"eu-west-1": "in_sync", "ap-south-1": "in_sync"}
         async with KeyManager(s, environ=wenv) as km, unreachable(proxies[PRIMARY]):
             doc = await rep_of(km).promote("eu-west-1", by="ops@example")
-        assert (doc["deks"], doc["left_out"]) == (2, 0)
+        assert doc["deks"] == 2 and "left_out" not in doc
         (row,) = await sql(
             region_urls["eu-west-1"],
             "SELECT state, EXTRACT(EPOCH FROM destroy_after - now()) AS left_s, "
@@ -79,7 +79,7 @@ async def test_two_active_copies_promote_the_newest_and_the_older_to_grace(
         await sql(eu, "UPDATE replica_keys SET state = 'active', grace_until = NULL WHERE dek_version = 1")
         async with KeyManager(s, environ=wenv) as km, unreachable(proxies[PRIMARY]):
             doc = await rep_of(km).promote("eu-west-1", by="ops@example")
-        assert (doc["deks"], doc["left_out"]) == (2, 0)
+        assert doc["deks"] == 2 and "left_out" not in doc
         assert [r[:3] for r in await _rows(eu)] == [("anthropic", 1, "grace"), ("anthropic", 2, "active")]
         assert [tuple(r) for r in await sql(eu, "SELECT active_version, latest_version FROM key_scopes")] == [
             (2, 2)

@@ -192,7 +192,6 @@ def promote(
     if json_out:
         print_json(doc)
     else:
-        left = f" ({doc['left_out']} retired DEKs due for destruction left out)" if doc["left_out"] else ""
         err_console.print(
-            f"promoted {doc['region']}: {doc['scopes']} scopes, {doc['deks']} DEKs{left}. Next: {doc['next']}"
+            f"promoted {doc['region']}: {doc['scopes']} scopes, {doc['deks']} DEKs. Next: {doc['next']}"
         )
