@@ -30,12 +30,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.audit.log import record_config_change
+
+# ColumnNotFound is raised by register() (through validate) and is part of this module's API.
+from keyrotor.census.column_checks import ColumnNotFound as ColumnNotFound
+from keyrotor.census.column_checks import validate
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix, templates_collide
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
 from keyrotor.store import columns as store
 from keyrotor.store import db
-from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of
+from keyrotor.store.key_ranges import INTEGER_KEY, KeyType
 from keyrotor.store.targets import Target
 
 # The actor of a registration made in code without one (the CLI passes --as or the default actor).
@@ -45,13 +49,8 @@ if TYPE_CHECKING:
     from keyrotor.rotation.context import RotationContext
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_KEY_TYPES = "smallint, integer, bigint, uuid, text or varchar"
 # keyrotor's own tables: covered already, never registered.
 _OWN_TABLES = ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations")
-
-
-class ColumnNotFound(NotFound):
-    """The table or column does not exist."""
 
 
 class ColumnNotRegistered(NotFound):
@@ -195,58 +194,6 @@ def _replace_managed(rc: RotationContext, loaded: list[Target]) -> None:
     kept = [t for t in rc.all_targets if not isinstance(t, ManagedTarget)]
     names = {t.name for t in kept}
     rc.targets = kept + [t for t in loaded if t.name not in names]
-
-
-async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
-    """Check that the table, the columns and a unique single-column key of a supported type exist.
-
-    Returns:
-        The key's type.
-
-    Raises:
-        ColumnNotFound: the table or a column does not exist.
-        InvalidInput: the value column is not text, the key's type is not supported, the key is
-            part of a composite primary key with no unique index of its own, or not unique, or
-            the scope column is not text.
-    """
-    if not await store.table_exists(session, col.table):
-        raise ColumnNotFound(f"table {col.table!r} does not exist")
-    value_type = await store.column_type(session, col.table, col.column)
-    if value_type is None:
-        raise ColumnNotFound(f"column {col.name!r} does not exist")
-    if value_type not in ("text", "character varying") and not value_type.startswith("character varying"):
-        raise InvalidInput(f"column {col.name!r} is {value_type}, not text")
-    pk_type = await store.column_type(session, col.table, col.pk_column)
-    if pk_type is None:
-        raise ColumnNotFound(f"key column {col.table}.{col.pk_column} does not exist")
-    key_type = key_type_of(pk_type)
-    if key_type is None:
-        raise InvalidInput(f"key column {col.table}.{col.pk_column} is {pk_type}; it must be {_KEY_TYPES}")
-    if not await store.unique_alone(session, col.table, col.pk_column):
-        await _refuse_composite(session, col)
-        raise InvalidInput(
-            f"key column {col.table}.{col.pk_column} is not unique "
-            "(no primary key or unique index on it alone)"
-        )
-    if col.scope_column is not None:
-        scope_type = await store.column_type(session, col.table, col.scope_column)
-        if scope_type is None:
-            raise ColumnNotFound(f"scope column {col.table}.{col.scope_column} does not exist")
-        if scope_type not in ("text",) and not scope_type.startswith("character varying"):
-            raise InvalidInput(f"scope column {col.table}.{col.scope_column} is {scope_type}, not text")
-    return key_type
-
-
-async def _refuse_composite(session: AsyncSession, col: ManagedColumn) -> None:
-    """Refuse, in one line that says what to do, a key column that is part of a composite key."""
-    columns = await store.primary_key_columns(session, col.table)
-    if len(columns) > 1:
-        raise InvalidInput(
-            f"{col.table} has a composite primary key ({', '.join(columns)}); composite keys are not "
-            f"supported: add a single-column unique key (e.g. CREATE UNIQUE INDEX ON {col.table} "
-            f"({col.pk_column}) if {col.pk_column} alone is unique, or a uuid/bigserial column) and "
-            "register with --pk naming it"
-        )
 
 
 def _refuse_secrets_collision(template: str, key_type: KeyType) -> None:

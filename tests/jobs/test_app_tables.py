@@ -1,0 +1,259 @@
+"""Application tables as real users have them, each through a rotation fanned out into ranges,
+a retirement and the census, every value checked to decrypt with its context after each step."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import pytest
+
+from keyrotor import KeyManager, Settings
+from keyrotor.census import columns
+from keyrotor.rotation import dek as rotation
+from keyrotor.rotation import retire
+from keyrotor.rotation.context import RotationContext
+from tests.jobs.conftest import settings_of
+from tests.rotation_helpers import fetch, keyrotor
+
+SCOPE = "openai"
+ROWS = 30
+
+
+@dataclass(frozen=True)
+class App:
+    """One application table: its DDL, how SQL names it, and how ``columns register`` names it."""
+
+    ddl: str
+    table: str  # as SQL names it (quoted where it must be)
+    spec: str  # TABLE.COLUMN as registered
+    value: str = "api_key"  # the value column as SQL names it
+    pk: str = "id"  # the key column as registered
+    pk_sql: str = "id"  # ... and as SQL names it
+
+
+def _settings(wenv: dict[str, str]) -> Settings:
+    return settings_of(
+        wenv,
+        KEYROTOR_SMALL_SCOPE_ROWS="5",
+        KEYROTOR_REENCRYPT_RANGE_ROWS="8",
+        KEYROTOR_REENCRYPT_BATCH_ROWS="3",
+        KEYROTOR_LISTEN_KEY_CHANGES="false",
+    )
+
+
+async def _fill(s: Settings, app: App, context_table: str) -> dict[int, str | None]:
+    """ROWS rows with ids 1..ROWS: sealed values, a NULL, an empty string; returns id -> plaintext."""
+    expected: dict[int, str | None] = {}
+    values: list[str | None] = []
+    async with KeyManager(s) as km:
+        for i in range(1, ROWS + 1):
+            if i == 4:
+                plain, value = None, None
+            elif i == 5:
+                plain, value = "", ""
+            else:
+                plain = f"sk-proj-{i:04d}-{secrets.token_urlsafe(24)}"
+                value = await km.encrypt(SCOPE, plain, context=f"{context_table}:{i}")
+            expected[i] = plain
+            values.append(value)
+    await fetch(
+        s.database_url,
+        f"INSERT INTO {app.table} ({app.pk_sql}, {app.value}) SELECT * FROM unnest($1::int[], $2::text[])",
+        list(expected),
+        values,
+    )
+    return expected
+
+
+async def _check(s: Settings, app: App, context_table: str, expected: dict[int, str | None]) -> set[str]:
+    """Every value decrypts to what was stored; returns the versions seen."""
+    rows = await fetch(s.database_url, f"SELECT {app.pk_sql}::int, {app.value}::text FROM {app.table}")
+    assert {r[0] for r in rows} == set(expected)
+    versions = set()
+    async with KeyManager(s) as km:
+        for key, value in rows:
+            if expected[key] in (None, ""):
+                assert value == expected[key], key
+                continue
+            versions.add(value.split(":")[1])
+            assert await km.decrypt(SCOPE, value, context=f"{context_table}:{key}") == expected[key], key
+    return versions
+
+
+async def _cycle(wenv: dict[str, str], app: App, context_table: str | None = None) -> None:
+    s = _settings(wenv)
+    ctx = context_table or app.spec
+    for statement in app.ddl.split(";\n"):
+        if statement.strip():
+            await fetch(s.database_url, statement)
+    expected = await _fill(s, app, ctx)
+    reg = keyrotor("columns", "register", app.spec, "--pk", app.pk, "--scope", SCOPE, env=wenv)
+    assert reg.returncode == 0, reg.stderr
+    async with KeyManager(s) as km:
+        rc = RotationContext(km.sessions, km.kek, s)
+        progress = await rotation.rotate_dek(rc, SCOPE)
+        assert len(progress.ranges) >= 3
+        for r in progress.ranges:
+            await rotation.reencrypt_range(rc, r.run_id, r.lo, r.hi, target=r.target)
+        assert await _check(s, app, ctx, expected) == {"2"}
+        await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+        assert await _check(s, app, ctx, expected) == {"2"}
+        async with km.sessions() as session:
+            (census,) = [c for c in await columns.census(session) if c["column"] == app.spec]
+        assert census["rows_by_version"] == {"2": ROWS - 2} and census["legacy"] == 0
+
+
+APPS = {
+    "other_schema": App(
+        "CREATE SCHEMA billing;\nCREATE TABLE billing.settings (id int PRIMARY KEY, api_key text)",
+        "billing.settings",
+        "billing.settings.api_key",
+    ),
+    "mixed_case": App(
+        'CREATE TABLE "UserSettings" (id int PRIMARY KEY, "apiKey" text)',
+        '"UserSettings"',
+        "UserSettings.apiKey",
+        value='"apiKey"',
+    ),
+    "reserved": App(
+        'CREATE TABLE "order" ("user" int PRIMARY KEY, "key" text)',
+        '"order"',
+        "order.key",
+        value='"key"',
+        pk="user",
+        pk_sql='"user"',
+    ),
+    "before_trigger": App(
+        "CREATE TABLE trig (id int PRIMARY KEY, api_key text, updated_at timestamptz, n int DEFAULT 0);\n"
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN NEW.updated_at := now(); NEW.n := OLD.n + 1; RETURN NEW; END$$;\n"
+        "CREATE TRIGGER t BEFORE UPDATE ON trig FOR EACH ROW EXECUTE FUNCTION touch()",
+        "trig",
+        "trig.api_key",
+    ),
+    "audit_trigger": App(
+        "CREATE TABLE aud (id int PRIMARY KEY, api_key text);\n"
+        "CREATE TABLE aud_log (id int, at timestamptz DEFAULT now());\n"
+        "CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN INSERT INTO aud_log (id) VALUES (NEW.id); RETURN NULL; END$$;\n"
+        "CREATE TRIGGER t AFTER UPDATE ON aud FOR EACH ROW EXECUTE FUNCTION audit()",
+        "aud",
+        "aud.api_key",
+    ),
+    "partitioned": App(
+        "CREATE TABLE part (id int PRIMARY KEY, api_key text) PARTITION BY RANGE (id);\n"
+        "CREATE TABLE part_a PARTITION OF part FOR VALUES FROM (MINVALUE) TO (12);\n"
+        "CREATE TABLE part_b PARTITION OF part FOR VALUES FROM (12) TO (MAXVALUE)",
+        "part",
+        "part.api_key",
+    ),
+    "generated": App(
+        "CREATE TABLE gen (id int PRIMARY KEY, api_key text, "
+        "hint text GENERATED ALWAYS AS (left(api_key, 6)) STORED)",
+        "gen",
+        "gen.api_key",
+    ),
+    "unlogged": App("CREATE UNLOGGED TABLE unl (id int PRIMARY KEY, api_key text)", "unl", "unl.api_key"),
+    "varchar_value": App("CREATE TABLE vv (id int PRIMARY KEY, api_key varchar)", "vv", "vv.api_key"),
+}
+
+
+@pytest.mark.parametrize("kind", list(APPS))
+async def test_an_application_table_goes_through_rotation_retirement_and_census(
+    wenv: dict[str, str], kind: str
+) -> None:
+    await _cycle(wenv, APPS[kind])
+
+
+REFUSED = {
+    "varchar_too_short": (
+        "CREATE TABLE vs (id int PRIMARY KEY, api_key varchar(255))",
+        "vs.api_key",
+        "id",
+        "is character varying(255)",
+    ),
+    "citext_value": (
+        "CREATE EXTENSION IF NOT EXISTS citext;\nCREATE TABLE cv (id int PRIMARY KEY, api_key citext)",
+        "cv.api_key",
+        "id",
+        "is citext, not text",
+    ),
+    "citext_key": (
+        "CREATE EXTENSION IF NOT EXISTS citext;\nCREATE TABLE ck (id citext PRIMARY KEY, api_key text)",
+        "ck.api_key",
+        "id",
+        "is citext; it must be",
+    ),
+    "view": (
+        "CREATE TABLE base (id int PRIMARY KEY, api_key text);\nCREATE VIEW v_base AS SELECT * FROM base",
+        "v_base.api_key",
+        "id",
+        "v_base is a view, not a table",
+    ),
+    "materialized_view": (
+        "CREATE TABLE mbase (id int PRIMARY KEY, api_key text);\n"
+        "CREATE MATERIALIZED VIEW m_base AS SELECT * FROM mbase;\n"
+        "CREATE UNIQUE INDEX ON m_base (id)",
+        "m_base.api_key",
+        "id",
+        "m_base is a materialized view, not a table",
+    ),
+    "no_unique_key": (
+        "CREATE TABLE nokey (id int, api_key text)",
+        "nokey.api_key",
+        "id",
+        "is not unique",
+    ),
+    "nullable_unique_key": (
+        "CREATE TABLE nullkey (id int UNIQUE, api_key text)",
+        "nullkey.api_key",
+        "id",
+        "nullkey.id may be NULL",
+    ),
+    "generated_value": (
+        "CREATE TABLE genv (id int PRIMARY KEY, raw text, api_key text GENERATED ALWAYS AS (raw) STORED)",
+        "genv.api_key",
+        "id",
+        "genv.api_key is a generated column",
+    ),
+    "name_needing_quotes": (
+        'CREATE TABLE dash (id int PRIMARY KEY, "api-key" text)',
+        "dash.api-key",
+        "id",
+        "is not a plain SQL identifier",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+async def test_a_table_keyrotor_cannot_rotate_safely_is_refused_at_registration(
+    wenv: dict[str, str], kind: str
+) -> None:
+    ddl, spec, pk, reason = REFUSED[kind]
+    s = _settings(wenv)
+    for statement in ddl.split(";\n"):
+        await fetch(s.database_url, statement)
+    out = keyrotor("columns", "register", spec, "--pk", pk, "--scope", SCOPE, env=wenv)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert reason in out.stderr, out.stderr
+    assert await fetch(s.database_url, "SELECT * FROM managed_columns") == []
+
+
+async def test_an_unqualified_name_found_outside_public_through_the_search_path_is_refused(
+    wenv: dict[str, str],
+) -> None:
+    """``settings`` that this connection's search_path finds in ``billing`` may be another table,
+    or none, for the worker's role (its own search_path): the statements would rotate, and the
+    proof count, a table other than the one registered."""
+    s = _settings(wenv)
+    database = s.database_url.rsplit("/", 1)[1]
+    await fetch(s.database_url, "CREATE SCHEMA billing")
+    await fetch(s.database_url, "CREATE TABLE billing.settings (id int PRIMARY KEY, api_key text)")
+    await fetch(s.database_url, f'ALTER DATABASE "{database}" SET search_path = billing, public')
+    out = keyrotor("columns", "register", "settings.api_key", "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "settings is billing.settings" in out.stderr and "billing.settings.api_key" in out.stderr
+    spec = "billing.settings.api_key"
+    out = keyrotor("columns", "register", spec, "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode == 0, out.stderr
