@@ -2,9 +2,10 @@
 
 Everything that would stop a rotation half way, or let a retirement's proof miss a row, is
 refused here, at registration, in one line that names the reason: a relation that is not a
-table, a name another role could resolve to another table, a value column a re-sealed value
-might not fit or that cannot be written, and a key that is not one unique, non-NULL column of
-a supported type.
+table, a name another role could resolve to another table, rows hidden by row-level security,
+a value column a re-sealed value might not fit or that cannot be written, and a key that is not
+one unique, non-NULL column of a supported type. Row-level security is asked again before every
+rotation, range and proof (:func:`refuse_hidden_rows`): the worker may run as another role.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.errors import InvalidInput, NotFound
+from keyrotor.errors import ConfigurationError, InvalidInput, NotFound
 from keyrotor.store import columns as store
 from keyrotor.store.key_ranges import KeyType, key_type_of
 
@@ -47,9 +48,10 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
 
     Raises:
         ColumnNotFound: the table or a column does not exist.
-        InvalidInput: an unqualified table name resolves outside ``public``; the relation is
-            not a table (a view, a materialized view, ...); the value column is not text or
-            unbounded varchar, or is generated; the key's type is not supported, the key is part of a
+        InvalidInput: an unqualified table name resolves outside ``public``; row-level
+            security hides rows of the table from this role; the relation is not a table (a
+            view, a materialized view, ...); the value column is not text or unbounded
+            varchar, or is generated; the key's type is not supported, the key is part of a
             composite primary key with no unique index of its own, or not unique, or may be
             NULL; or the scope column is not text.
     """
@@ -66,7 +68,7 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
 
 
 async def _check_relation(session: AsyncSession, col: ManagedColumn) -> None:
-    """Refuse a relation that is not one table every role resolves alike."""
+    """Refuse a relation that is not one table every role resolves alike and sees all of."""
     found = await store.relation(session, col.table)
     if found is None:
         raise ColumnNotFound(f"table {col.table!r} does not exist")
@@ -78,6 +80,8 @@ async def _check_relation(session: AsyncSession, col: ManagedColumn) -> None:
             f"{col.table} is {schema}.{col.table} through this connection's search_path: register "
             f"{schema}.{col.name}, so that every role finds the same table"
         )
+    if await store.hidden_by_row_security(session, [col.table]):
+        raise InvalidInput(_hidden_rows_message(col.table))
     if kind not in _TABLE_KINDS:
         # A view's rows are another table's (register that one); the others cannot be updated.
         described = _RELATION_KINDS.get(kind, f"a relation of kind {kind!r}")
@@ -141,3 +145,27 @@ async def _refuse_composite(session: AsyncSession, col: ManagedColumn) -> None:
             f"({col.pk_column}) if {col.pk_column} alone is unique, or a uuid/bigserial column) and "
             "register with --pk naming it"
         )
+
+
+async def refuse_hidden_rows(session: AsyncSession, cols: list[ManagedColumn]) -> None:
+    """Refuse to work on columns whose table shows this database role only the rows a
+    row-level security policy lets it see.
+
+    A rotation would skip the rows it cannot see, and a retirement's proof would not count
+    them: the version would be retired, then destroyed, with values still on it. The worker
+    may run as another role than the one that registered the column, and a policy may be
+    added later, so every rotation, range and proof asks again (one query).
+
+    Raises:
+        ConfigurationError: naming the first such table.
+    """
+    hidden = await store.hidden_by_row_security(session, sorted({c.table for c in cols}))
+    if hidden:
+        raise ConfigurationError(_hidden_rows_message(hidden[0]))
+
+
+def _hidden_rows_message(table: str) -> str:
+    return (
+        f"row-level security on {table} hides rows from this database role: keyrotor could not "
+        "rotate or count them; run it as the table's owner or a role with BYPASSRLS"
+    )

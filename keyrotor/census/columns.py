@@ -33,7 +33,7 @@ from keyrotor.audit.log import record_config_change
 
 # ColumnNotFound is raised by register() (through validate) and is part of this module's API.
 from keyrotor.census.column_checks import ColumnNotFound as ColumnNotFound
-from keyrotor.census.column_checks import validate
+from keyrotor.census.column_checks import refuse_hidden_rows, validate
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix, templates_collide
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
@@ -166,9 +166,15 @@ async def list_columns(session: AsyncSession) -> list[ManagedColumn]:
 
 
 async def load_targets(sessions: async_sessionmaker[AsyncSession]) -> list[Target]:
-    """The targets of every registered column."""
+    """The targets of every registered column.
+
+    Raises:
+        ConfigurationError: row-level security hides rows of a column's table from this role.
+    """
     async with db.transaction(sessions) as session:
-        return [c.target() for c in await list_columns(session)]
+        cols = await list_columns(session)
+        await refuse_hidden_rows(session, cols)
+        return [c.target() for c in cols]
 
 
 async def refresh_targets(rc: RotationContext) -> None:
@@ -185,9 +191,14 @@ async def freeze_targets(rc: RotationContext, session: AsyncSession) -> None:
     """Lock the registry (``managed_columns`` in SHARE mode) in the caller's transaction and bring
     ``rc``'s targets up to date from it: until that transaction ends, no column is registered or
     unregistered, so what it counts and what the census calls covered are the same columns.
+
+    Raises:
+        ConfigurationError: row-level security hides rows of a column's table from this role.
     """
     await store.lock_managed_columns(session)
-    _replace_managed(rc, [c.target() for c in await list_columns(session)])
+    cols = await list_columns(session)
+    await refuse_hidden_rows(session, cols)
+    _replace_managed(rc, [c.target() for c in cols])
 
 
 def _replace_managed(rc: RotationContext, loaded: list[Target]) -> None:

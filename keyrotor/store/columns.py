@@ -114,6 +114,21 @@ async def column_flags(session: AsyncSession, table: str, column: str) -> tuple[
     return bool(found[0]), bool(found[1])
 
 
+async def hidden_by_row_security(session: AsyncSession, tables: Sequence[str]) -> list[str]:
+    """Those of ``tables`` whose row-level security policies apply to this session's role
+    (``row_security_active``): a statement sees only the rows a policy shows it. One query."""
+    if not tables:
+        return []
+    found = await session.execute(
+        text(
+            "SELECT t FROM unnest(CAST(:ts AS text[]), CAST(:qs AS text[])) AS u(t, q) "
+            "WHERE row_security_active(to_regclass(q))"
+        ),
+        {"ts": list(tables), "qs": [quote_ident(t) for t in tables]},
+    )
+    return [str(r[0]) for r in found]
+
+
 async def key_type(session: AsyncSession, table: str, column: str) -> KeyType | None:
     """The :class:`KeyType` of a key column as the catalog has it now; None if the table or
     column is gone, or its type is not one keyrotor supports."""

@@ -10,9 +10,11 @@ import pytest
 
 from keyrotor import KeyManager, Settings
 from keyrotor.census import columns
+from keyrotor.errors import ConfigurationError
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import retire
 from keyrotor.rotation.context import RotationContext
+from tests.destruction_helpers import key_row
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import fetch, keyrotor
 
@@ -238,6 +240,67 @@ async def test_a_table_keyrotor_cannot_rotate_safely_is_refused_at_registration(
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
     assert reason in out.stderr, out.stderr
     assert await fetch(s.database_url, "SELECT * FROM managed_columns") == []
+
+
+async def test_row_level_security_that_hides_rows_is_refused_before_a_rotation_or_retirement(
+    wenv: dict[str, str],
+) -> None:
+    """A policy that shows keyrotor's role only some rows would let a rotation skip the others
+    and the proof count none of them: the retired version's DEK would be the only key to
+    values it never saw. Registration refuses the table for that role, and a rotation or a
+    retirement by a role the policy restricts (the CLI's role may bypass it, the worker's not)
+    refuses before touching a row."""
+    s = _settings(wenv)
+    role = f"kr_rls_{secrets.token_hex(4)}"
+    app = App(
+        "CREATE TABLE tenant_keys (id int PRIMARY KEY, tenant text DEFAULT 'a', api_key text);\n"
+        "ALTER TABLE tenant_keys ENABLE ROW LEVEL SECURITY;\n"
+        "CREATE POLICY own_tenant ON tenant_keys USING (tenant = current_setting('app.tenant', true))",
+        "tenant_keys",
+        "tenant_keys.api_key",
+    )
+    for statement in app.ddl.split(";\n"):
+        await fetch(s.database_url, statement)
+    expected = await _fill(s, app, app.spec)
+    for statement in (
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    ):
+        await fetch(s.database_url, statement)
+    as_role = s.database_url.replace("postgres@", f"{role}@", 1)
+    try:
+        out = keyrotor(
+            "columns", "register", app.spec, "--pk", "id", "--scope", SCOPE,
+            env={**wenv, "DATABASE_URL": as_role},
+        )  # fmt: skip
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "row-level security on tenant_keys hides rows" in out.stderr, out.stderr
+        # The superuser bypasses the policy, so it registers; the worker's role does not.
+        out = keyrotor("columns", "register", app.spec, "--pk", "id", "--scope", SCOPE, env=wenv)
+        assert out.returncode == 0, out.stderr
+        restricted = s.model_copy(update={"database_url": as_role})
+        async with KeyManager(restricted) as km:
+            rc = RotationContext(km.sessions, km.kek, restricted)
+            with pytest.raises(ConfigurationError, match="row-level security on tenant_keys hides rows"):
+                await rotation.rotate_dek(rc, SCOPE)
+        stale = (await fetch(s.database_url, "SELECT api_key FROM tenant_keys WHERE id = 6"))[0][0]
+        async with KeyManager(s) as km:  # rotated by a role that sees every row
+            rc = RotationContext(km.sessions, km.kek, s)
+            for r in (await rotation.rotate_dek(rc, SCOPE)).ranges:
+                await rotation.reencrypt_range(rc, r.run_id, r.lo, r.hi, target=r.target)
+        # A process with a stale cache writes a v1 value back: only a role that sees the row
+        # can re-encrypt it, or count it.
+        await fetch(s.database_url, "UPDATE tenant_keys SET api_key = $1 WHERE id = 6", stale)
+        async with KeyManager(restricted) as km:
+            rc = RotationContext(km.sessions, km.kek, restricted)
+            with pytest.raises(ConfigurationError, match="row-level security on tenant_keys hides rows"):
+                await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+        assert (await key_row(s.database_url, SCOPE, 1))["state"] == "grace"
+        assert await _check(s, app, app.spec, expected) == {"1", "2"}
+    finally:
+        await fetch(s.database_url, f"DROP OWNED BY {role}")
+        await fetch(s.database_url, f"DROP ROLE {role}")
 
 
 async def test_an_unqualified_name_found_outside_public_through_the_search_path_is_refused(
