@@ -14,6 +14,7 @@ from keyrotor.errors import ConfigurationError
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import retire
 from keyrotor.rotation.context import RotationContext
+from keyrotor.rotation.reencrypt import UpdateNotApplied
 from tests.destruction_helpers import key_row
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import fetch, keyrotor
@@ -320,3 +321,40 @@ async def test_an_unqualified_name_found_outside_public_through_the_search_path_
     spec = "billing.settings.api_key"
     out = keyrotor("columns", "register", spec, "--pk", "id", "--scope", SCOPE, env=wenv)
     assert out.returncode == 0, out.stderr
+
+
+async def test_a_trigger_that_blocks_the_update_fails_the_run_and_keeps_the_old_version(
+    wenv: dict[str, str],
+) -> None:
+    """A ``BEFORE UPDATE`` trigger that keeps the old value (here, of every other row) is not
+    seen at registration. The rows are locked when the batch writes them, so an update that
+    is not applied is the table's doing, not a concurrent writer's: the run fails saying so
+    (rather than waiting, as for locked rows, and retrying for ever), nothing of the batch is
+    written, and v1 cannot retire while rows are on it."""
+    s = _settings(wenv)
+    app = App(
+        "CREATE TABLE frozen (id int PRIMARY KEY, api_key text);\n"
+        "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN IF OLD.id % 2 = 0 THEN RETURN NULL; END IF; RETURN NEW; END$$;\n"
+        "CREATE TRIGGER t BEFORE UPDATE ON frozen FOR EACH ROW EXECUTE FUNCTION keep()",
+        "frozen",
+        "frozen.api_key",
+    )
+    for statement in app.ddl.split(";\n"):
+        await fetch(s.database_url, statement)
+    expected = await _fill(s, app, app.spec)
+    out = keyrotor("columns", "register", app.spec, "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode == 0, out.stderr
+    async with KeyManager(s) as km:
+        rc = RotationContext(km.sessions, km.kek, s)
+        progress = await rotation.rotate_dek(rc, SCOPE)
+        with pytest.raises(UpdateNotApplied, match=r"frozen\.api_key: 1 of 3 updates .* not applied"):
+            for r in progress.ranges:
+                await rotation.reencrypt_range(rc, r.run_id, r.lo, r.hi, target=r.target)
+        run = await fetch(s.database_url, "SELECT state, error FROM rotations WHERE id = $1", progress.run.id)
+        assert run[0]["state"] == "failed" and "trigger" in run[0]["error"]
+        assert await _check(s, app, app.spec, expected) == {"1"}  # the batch was rolled back
+        with pytest.raises(UpdateNotApplied):
+            await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    assert (await key_row(s.database_url, SCOPE, 1))["state"] == "grace"
+    assert await _check(s, app, app.spec, expected) == {"1"}
