@@ -267,8 +267,6 @@ def _new_column(
         _ident(scope_column, "scope column")
     if scope is not None:
         check_scope(scope)
-    if table.split(".")[-1] in _OWN_TABLES:
-        raise Conflict(f"{table!r} is keyrotor's own table; it is covered already")
     template = context_template if context_template is not None else f"{table}.{column}:{PK_PLACEHOLDER}"
     if PK_PLACEHOLDER not in template:
         raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
@@ -310,6 +308,9 @@ async def register(
     """
     col = _new_column(spec, pk, scope_column, scope, context_template)
     async with db.transaction(sessions) as session:
+        # By the relation the name resolves to: billing.secrets is an application's table.
+        if await store.same_relation(session, col.table, _OWN_TABLES):
+            raise Conflict(f"{col.table!r} is keyrotor's own table; it is covered already")
         key_type = await validate(session, col)
         _refuse_secrets_collision(col.context_template, key_type)
         await store.lock_managed_columns_for_change(session)

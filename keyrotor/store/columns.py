@@ -93,6 +93,19 @@ async def delete_managed_column(session: AsyncSession, table: str, column: str) 
     return (await session.execute(stmt, {"t": table, "c": column})).scalar_one_or_none() is not None
 
 
+async def same_relation(session: AsyncSession, table: str, others: Sequence[str]) -> bool:
+    """Whether ``table`` is the very relation one of ``others`` names, each name resolved as this
+    connection resolves it (``schema.table`` or through the search_path)."""
+    found = await session.execute(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM unnest(CAST(:os AS text[])) AS o "
+            "WHERE to_regclass(o) = to_regclass(:t))"
+        ),
+        {"t": quote_ident(table), "os": [quote_ident(o) for o in others]},
+    )
+    return bool(found.scalar_one())
+
+
 async def column_type(session: AsyncSession, table: str, column: str) -> str | None:
     """The column's type as ``format_type`` spells it; None if the table or column does not exist."""
     found = await session.execute(_COLUMN_TYPE, {"t": quote_ident(table), "c": column})

@@ -358,3 +358,17 @@ async def test_a_trigger_that_blocks_the_update_fails_the_run_and_keeps_the_old_
             await retire.retire_dek(rc, SCOPE, 1, force_now=True)
     assert (await key_row(s.database_url, SCOPE, 1))["state"] == "grace"
     assert await _check(s, app, app.spec, expected) == {"1"}
+
+
+async def test_a_table_named_like_one_of_keyrotors_in_another_schema_registers(wenv: dict[str, str]) -> None:
+    """keyrotor's own tables are refused by what the name resolves to, not by its last part:
+    ``billing.secrets`` is the application's, ``public.secrets`` keyrotor's."""
+    s = _settings(wenv)
+    await fetch(s.database_url, "CREATE SCHEMA billing")
+    await fetch(s.database_url, "CREATE TABLE billing.secrets (id int PRIMARY KEY, api_key text)")
+    out = keyrotor("columns", "register", "billing.secrets.api_key", "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode == 0, out.stderr
+    for spec in ("secrets.ciphertext", "public.secrets.ciphertext"):
+        out = keyrotor("columns", "register", spec, "--pk", "id", "--scope", SCOPE, env=wenv)
+        assert out.returncode != 0 and out.stderr.count("\n") == 1, out.stderr
+        assert "is keyrotor's own table" in out.stderr, out.stderr
