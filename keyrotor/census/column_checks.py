@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyrotor.errors import ConfigurationError, InvalidInput, NotFound
+from keyrotor.errors import ConfigurationError, Conflict, InvalidInput, NotFound
 from keyrotor.store import columns as store
 from keyrotor.store.key_ranges import KeyType, key_type_of
 
 if TYPE_CHECKING:
     from keyrotor.census.columns import ManagedColumn
 
+# keyrotor's own tables: covered already, never registered.
+_OWN_TABLES = ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations")
 _KEY_TYPES = "smallint, integer, bigint, uuid, text or varchar"
 # pg_class.relkind of the relations a column may be registered in: a table, a partitioned table.
 _TABLE_KINDS = ("r", "p")
@@ -48,6 +50,7 @@ async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
 
     Raises:
         ColumnNotFound: the table or a column does not exist.
+        Conflict: the table is one of keyrotor's own.
         InvalidInput: an unqualified table name resolves outside ``public``; row-level
             security hides rows of the table from this role; the relation is not a table (a
             view, a materialized view, ...); the value column is not text or unbounded
@@ -72,6 +75,9 @@ async def _check_relation(session: AsyncSession, col: ManagedColumn) -> None:
     found = await store.relation(session, col.table)
     if found is None:
         raise ColumnNotFound(f"table {col.table!r} does not exist")
+    # By the relation the name resolves to: billing.secrets is an application's table.
+    if await store.same_relation(session, col.table, _OWN_TABLES):
+        raise Conflict(f"{col.table!r} is keyrotor's own table; it is covered already")
     kind, schema = found
     if "." not in col.table and schema != "public":
         # Every connection resolves an unqualified name through its own role's search_path: the

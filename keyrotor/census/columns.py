@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from keyrotor.rotation.context import RotationContext
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-# keyrotor's own tables: covered already, never registered.
-_OWN_TABLES = ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations")
 
 
 class ColumnNotRegistered(NotFound):
@@ -255,6 +253,22 @@ def _refuse_column_collision(col: ManagedColumn, key_type: KeyType, registered: 
             )
 
 
+async def _refuse_other_name(
+    session: AsyncSession, col: ManagedColumn, registered: list[ManagedColumn]
+) -> None:
+    """Refuse a column registered already under another name of its table (``settings`` and
+    ``public.settings``): it would have two context templates, so a rotation would fail on
+    the rows sealed with the other's, and the census would count its rows twice.
+
+    Raises:
+        Conflict: naming the registration it repeats.
+    """
+    for other in registered:
+        same_column = other.column == col.column and other.table != col.table
+        if same_column and await store.same_relation(session, col.table, [other.table]):
+            raise Conflict(f"column {col.name!r} is registered already as {other.name}")
+
+
 def _new_column(
     spec: str, pk: str, scope_column: str | None, scope: str | None, context_template: str | None
 ) -> ManagedColumn:
@@ -304,17 +318,17 @@ async def register(
             give a context of keyrotor's own ``secrets`` table (``secret:<name>``) or of another
             registered column of a scope they may share, or see :func:`validate`.
         ColumnNotFound: the table or a column does not exist.
-        Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
+        Conflict: the column is registered already (under this name or another name of its
+            table, ``public.settings`` for ``settings``), or is in one of keyrotor's own tables.
     """
     col = _new_column(spec, pk, scope_column, scope, context_template)
     async with db.transaction(sessions) as session:
-        # By the relation the name resolves to: billing.secrets is an application's table.
-        if await store.same_relation(session, col.table, _OWN_TABLES):
-            raise Conflict(f"{col.table!r} is keyrotor's own table; it is covered already")
         key_type = await validate(session, col)
         _refuse_secrets_collision(col.context_template, key_type)
         await store.lock_managed_columns_for_change(session)
-        _refuse_column_collision(col, key_type, await list_columns(session))
+        registered_columns = await list_columns(session)
+        await _refuse_other_name(session, col, registered_columns)
+        _refuse_column_collision(col, key_type, registered_columns)
         inserted = await store.insert_managed_column(
             session,
             col.table,

@@ -14,7 +14,8 @@ from keyrotor.errors import ConfigurationError
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation import retire
 from keyrotor.rotation.context import RotationContext
-from keyrotor.rotation.reencrypt import UpdateNotApplied
+from keyrotor.rotation.reencrypt import RowFailed, UpdateNotApplied
+from keyrotor.rotation.retire import KeyStillInUse
 from tests.destruction_helpers import key_row
 from tests.jobs.conftest import settings_of
 from tests.rotation_helpers import fetch, keyrotor
@@ -55,6 +56,9 @@ async def _fill(s: Settings, app: App, context_table: str) -> dict[int, str | No
                 plain, value = None, None
             elif i == 5:
                 plain, value = "", ""
+            elif i == 7:  # the same key in two rows: two values, each bound to its row
+                plain = expected[6]
+                value = await km.encrypt(SCOPE, plain or "", context=f"{context_table}:{i}")
             else:
                 plain = f"sk-proj-{i:04d}-{secrets.token_urlsafe(24)}"
                 value = await km.encrypt(SCOPE, plain, context=f"{context_table}:{i}")
@@ -372,3 +376,45 @@ async def test_a_table_named_like_one_of_keyrotors_in_another_schema_registers(w
         out = keyrotor("columns", "register", spec, "--pk", "id", "--scope", SCOPE, env=wenv)
         assert out.returncode != 0 and out.stderr.count("\n") == 1, out.stderr
         assert "is keyrotor's own table" in out.stderr, out.stderr
+
+
+async def test_one_column_registered_under_two_names_is_refused(wenv: dict[str, str]) -> None:
+    """``settings.api_key`` and ``public.settings.api_key`` are one column: two registrations
+    would give it two context templates, so every rotation would fail on the rows sealed
+    with the other one's, and the census would count its rows twice."""
+    s = _settings(wenv)
+    await fetch(s.database_url, "CREATE TABLE settings (id int PRIMARY KEY, api_key text)")
+    out = keyrotor("columns", "register", "settings.api_key", "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode == 0, out.stderr
+    out = keyrotor("columns", "register", "public.settings.api_key", "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1, out.stderr
+    assert "is registered already as settings.api_key" in out.stderr, out.stderr
+    assert len(await fetch(s.database_url, "SELECT * FROM managed_columns")) == 1
+
+
+async def test_a_value_copied_to_another_row_fails_the_run_naming_the_row(wenv: dict[str, str]) -> None:
+    """Duplicate ciphertexts across rows: a value is bound to its row's key, so the copy does not
+    open there. The run fails naming that row, the value is left as it was, and v1 cannot retire."""
+    s = _settings(wenv)
+    app = App("CREATE TABLE dup (id int PRIMARY KEY, api_key text)", "dup", "dup.api_key")
+    await fetch(s.database_url, app.ddl)
+    expected = await _fill(s, app, app.spec)
+    await fetch(
+        s.database_url, "UPDATE dup SET api_key = (SELECT api_key FROM dup WHERE id = 8) WHERE id = 9"
+    )
+    out = keyrotor("columns", "register", app.spec, "--pk", "id", "--scope", SCOPE, env=wenv)
+    assert out.returncode == 0, out.stderr
+    async with KeyManager(s) as km:
+        rc = RotationContext(km.sessions, km.kek, s)
+        progress = await rotation.rotate_dek(rc, SCOPE)
+        with pytest.raises(RowFailed, match=r"dup\.api_key row id=9"):
+            for r in progress.ranges:
+                await rotation.reencrypt_range(rc, r.run_id, r.lo, r.hi, target=r.target)
+        with pytest.raises((RowFailed, KeyStillInUse)):
+            await retire.retire_dek(rc, SCOPE, 1, force_now=True)
+    assert (await key_row(s.database_url, SCOPE, 1))["state"] == "grace"
+    del expected[9]
+    copied = await fetch(s.database_url, "SELECT api_key FROM dup WHERE id IN (8, 9) ORDER BY id")
+    assert copied[1][0].startswith("kr1:1:")  # left as it was
+    rows = await fetch(s.database_url, "DELETE FROM dup WHERE id = 9 RETURNING id")
+    assert rows and await _check(s, app, app.spec, expected) <= {"1", "2"}
