@@ -175,3 +175,19 @@ def _hidden_rows_message(table: str) -> str:
         f"row-level security on {table} hides rows from this database role: keyrotor could not "
         "rotate or count them; run it as the table's owner or a role with BYPASSRLS"
     )
+
+
+async def refuse_concurrent_index(session: AsyncSession, col: ManagedColumn) -> None:
+    """Refuse ``--create-index`` on a partitioned table: Postgres cannot build an index on one
+    ``CONCURRENTLY``, and the registration would be left without the index it asked for.
+
+    Raises:
+        InvalidInput: the table is partitioned.
+    """
+    found = await store.relation(session, col.table)
+    if found is not None and found[0] == "p":
+        raise InvalidInput(
+            f"{col.table} is partitioned: Postgres cannot build its index CONCURRENTLY; create it on "
+            "each partition (or with a plain CREATE INDEX, which blocks writes) and register without "
+            "--create-index"
+        )

@@ -33,7 +33,7 @@ from keyrotor.audit.log import record_config_change
 
 # ColumnNotFound is raised by register() (through validate) and is part of this module's API.
 from keyrotor.census.column_checks import ColumnNotFound as ColumnNotFound
-from keyrotor.census.column_checks import refuse_hidden_rows, validate
+from keyrotor.census.column_checks import refuse_concurrent_index, refuse_hidden_rows, validate
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix, templates_collide
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
@@ -253,20 +253,22 @@ def _refuse_column_collision(col: ManagedColumn, key_type: KeyType, registered: 
             )
 
 
-async def _refuse_other_name(
-    session: AsyncSession, col: ManagedColumn, registered: list[ManagedColumn]
-) -> None:
+async def _refuse_repeats(session: AsyncSession, col: ManagedColumn, key_type: KeyType) -> None:
     """Refuse a column registered already under another name of its table (``settings`` and
     ``public.settings``): it would have two context templates, so a rotation would fail on
-    the rows sealed with the other's, and the census would count its rows twice.
+    the rows sealed with the other's, and the census would count its rows twice. Then
+    :func:`_refuse_column_collision` against every registered column.
 
     Raises:
         Conflict: naming the registration it repeats.
+        InvalidInput: see :func:`_refuse_column_collision`.
     """
+    registered = await list_columns(session)
     for other in registered:
         same_column = other.column == col.column and other.table != col.table
         if same_column and await store.same_relation(session, col.table, [other.table]):
             raise Conflict(f"column {col.name!r} is registered already as {other.name}")
+    _refuse_column_collision(col, key_type, registered)
 
 
 def _new_column(
@@ -324,11 +326,11 @@ async def register(
     col = _new_column(spec, pk, scope_column, scope, context_template)
     async with db.transaction(sessions) as session:
         key_type = await validate(session, col)
+        if create_index:  # refused now, not after the registration commits
+            await refuse_concurrent_index(session, col)
         _refuse_secrets_collision(col.context_template, key_type)
         await store.lock_managed_columns_for_change(session)
-        registered_columns = await list_columns(session)
-        await _refuse_other_name(session, col, registered_columns)
-        _refuse_column_collision(col, key_type, registered_columns)
+        await _refuse_repeats(session, col, key_type)
         inserted = await store.insert_managed_column(
             session,
             col.table,

@@ -418,3 +418,24 @@ async def test_a_value_copied_to_another_row_fails_the_run_naming_the_row(wenv: 
     assert copied[1][0].startswith("kr1:1:")  # left as it was
     rows = await fetch(s.database_url, "DELETE FROM dup WHERE id = 9 RETURNING id")
     assert rows and await _check(s, app, app.spec, expected) <= {"1", "2"}
+
+
+async def test_create_index_on_a_partitioned_table_is_refused_before_registering(
+    wenv: dict[str, str],
+) -> None:
+    """Postgres cannot build an index CONCURRENTLY on a partitioned table: ``--create-index``
+    there is refused before anything is registered, and the recommendation says what to do."""
+    s = _settings(wenv)
+    await fetch(
+        s.database_url, "CREATE TABLE part (id int PRIMARY KEY, api_key text) PARTITION BY RANGE (id)"
+    )
+    await fetch(
+        s.database_url, "CREATE TABLE part_a PARTITION OF part FOR VALUES FROM (MINVALUE) TO (MAXVALUE)"
+    )
+    args = ("columns", "register", "part.api_key", "--pk", "id", "--scope", SCOPE)
+    out = keyrotor(*args, "--create-index", env=wenv)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "part is partitioned" in out.stderr, out.stderr
+    assert await fetch(s.database_url, "SELECT * FROM managed_columns") == []
+    out = keyrotor(*args, env=wenv)
+    assert out.returncode == 0, out.stderr
