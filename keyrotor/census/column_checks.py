@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.errors import ConfigurationError, Conflict, InvalidInput, NotFound
 from keyrotor.store import columns as store
+from keyrotor.store.identifiers import quote_ident
 from keyrotor.store.key_ranges import KeyType, key_type_of
 
 if TYPE_CHECKING:
@@ -115,7 +116,8 @@ async def _check_key_column(session: AsyncSession, col: ManagedColumn) -> KeyTyp
         # reaches a NULL: such rows would stay on their version and block its retirement.
         raise InvalidInput(
             f"key column {col.table}.{col.pk_column} may be NULL (a row with a NULL key is never "
-            f"rotated): make it NOT NULL (ALTER TABLE {col.table} ALTER COLUMN {col.pk_column} SET NOT NULL)"
+            f"rotated): make it NOT NULL (ALTER TABLE {quote_ident(col.table)} ALTER COLUMN "
+            f"{quote_ident(col.pk_column)} SET NOT NULL)"
         )
     return key_type
 
@@ -131,7 +133,8 @@ async def _check_value_column(session: AsyncSession, col: ManagedColumn) -> None
         # truncates on assignment) and the run would stop half way, so refuse it now.
         raise InvalidInput(
             f"column {col.name!r} is {value_type}: a re-sealed value may not fit; make it text "
-            f"first (ALTER TABLE {col.table} ALTER COLUMN {col.column} TYPE text rewrites nothing)"
+            f"first (ALTER TABLE {quote_ident(col.table)} ALTER COLUMN {quote_ident(col.column)} "
+            "TYPE text rewrites nothing)"
         )
     if value_type not in ("text", "character varying"):
         raise InvalidInput(f"column {col.name!r} is {value_type}, not text")
