@@ -30,12 +30,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keyrotor.audit.log import record_config_change
+
+# ColumnNotFound is raised by register() (through validate) and is part of this module's API.
+from keyrotor.census.column_checks import ColumnNotFound as ColumnNotFound
+from keyrotor.census.column_checks import refuse_concurrent_index, refuse_hidden_rows, validate
 from keyrotor.census.locations import PK_PLACEHOLDER, SECRETS_TEMPLATE, context_prefix, templates_collide
 from keyrotor.errors import Conflict, InvalidInput, NotFound
 from keyrotor.inputs import check_scope
 from keyrotor.store import columns as store
 from keyrotor.store import db
-from keyrotor.store.key_ranges import INTEGER_KEY, KeyType, key_type_of
+from keyrotor.store.key_ranges import INTEGER_KEY, KeyType
 from keyrotor.store.targets import Target
 
 # The actor of a registration made in code without one (the CLI passes --as or the default actor).
@@ -45,13 +49,6 @@ if TYPE_CHECKING:
     from keyrotor.rotation.context import RotationContext
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_KEY_TYPES = "smallint, integer, bigint, uuid, text or varchar"
-# keyrotor's own tables: covered already, never registered.
-_OWN_TABLES = ("secrets", "managed_columns", "key_scopes", "data_keys", "rotations")
-
-
-class ColumnNotFound(NotFound):
-    """The table or column does not exist."""
 
 
 class ColumnNotRegistered(NotFound):
@@ -167,9 +164,15 @@ async def list_columns(session: AsyncSession) -> list[ManagedColumn]:
 
 
 async def load_targets(sessions: async_sessionmaker[AsyncSession]) -> list[Target]:
-    """The targets of every registered column."""
+    """The targets of every registered column.
+
+    Raises:
+        ConfigurationError: row-level security hides rows of a column's table from this role.
+    """
     async with db.transaction(sessions) as session:
-        return [c.target() for c in await list_columns(session)]
+        cols = await list_columns(session)
+        await refuse_hidden_rows(session, cols)
+        return [c.target() for c in cols]
 
 
 async def refresh_targets(rc: RotationContext) -> None:
@@ -186,67 +189,20 @@ async def freeze_targets(rc: RotationContext, session: AsyncSession) -> None:
     """Lock the registry (``managed_columns`` in SHARE mode) in the caller's transaction and bring
     ``rc``'s targets up to date from it: until that transaction ends, no column is registered or
     unregistered, so what it counts and what the census calls covered are the same columns.
+
+    Raises:
+        ConfigurationError: row-level security hides rows of a column's table from this role.
     """
     await store.lock_managed_columns(session)
-    _replace_managed(rc, [c.target() for c in await list_columns(session)])
+    cols = await list_columns(session)
+    await refuse_hidden_rows(session, cols)
+    _replace_managed(rc, [c.target() for c in cols])
 
 
 def _replace_managed(rc: RotationContext, loaded: list[Target]) -> None:
     kept = [t for t in rc.all_targets if not isinstance(t, ManagedTarget)]
     names = {t.name for t in kept}
     rc.targets = kept + [t for t in loaded if t.name not in names]
-
-
-async def validate(session: AsyncSession, col: ManagedColumn) -> KeyType:
-    """Check that the table, the columns and a unique single-column key of a supported type exist.
-
-    Returns:
-        The key's type.
-
-    Raises:
-        ColumnNotFound: the table or a column does not exist.
-        InvalidInput: the value column is not text, the key's type is not supported, the key is
-            part of a composite primary key with no unique index of its own, or not unique, or
-            the scope column is not text.
-    """
-    if not await store.table_exists(session, col.table):
-        raise ColumnNotFound(f"table {col.table!r} does not exist")
-    value_type = await store.column_type(session, col.table, col.column)
-    if value_type is None:
-        raise ColumnNotFound(f"column {col.name!r} does not exist")
-    if value_type not in ("text", "character varying") and not value_type.startswith("character varying"):
-        raise InvalidInput(f"column {col.name!r} is {value_type}, not text")
-    pk_type = await store.column_type(session, col.table, col.pk_column)
-    if pk_type is None:
-        raise ColumnNotFound(f"key column {col.table}.{col.pk_column} does not exist")
-    key_type = key_type_of(pk_type)
-    if key_type is None:
-        raise InvalidInput(f"key column {col.table}.{col.pk_column} is {pk_type}; it must be {_KEY_TYPES}")
-    if not await store.unique_alone(session, col.table, col.pk_column):
-        await _refuse_composite(session, col)
-        raise InvalidInput(
-            f"key column {col.table}.{col.pk_column} is not unique "
-            "(no primary key or unique index on it alone)"
-        )
-    if col.scope_column is not None:
-        scope_type = await store.column_type(session, col.table, col.scope_column)
-        if scope_type is None:
-            raise ColumnNotFound(f"scope column {col.table}.{col.scope_column} does not exist")
-        if scope_type not in ("text",) and not scope_type.startswith("character varying"):
-            raise InvalidInput(f"scope column {col.table}.{col.scope_column} is {scope_type}, not text")
-    return key_type
-
-
-async def _refuse_composite(session: AsyncSession, col: ManagedColumn) -> None:
-    """Refuse, in one line that says what to do, a key column that is part of a composite key."""
-    columns = await store.primary_key_columns(session, col.table)
-    if len(columns) > 1:
-        raise InvalidInput(
-            f"{col.table} has a composite primary key ({', '.join(columns)}); composite keys are not "
-            f"supported: add a single-column unique key (e.g. CREATE UNIQUE INDEX ON {col.table} "
-            f"({col.pk_column}) if {col.pk_column} alone is unique, or a uuid/bigserial column) and "
-            "register with --pk naming it"
-        )
 
 
 def _refuse_secrets_collision(template: str, key_type: KeyType) -> None:
@@ -297,6 +253,24 @@ def _refuse_column_collision(col: ManagedColumn, key_type: KeyType, registered: 
             )
 
 
+async def _refuse_repeats(session: AsyncSession, col: ManagedColumn, key_type: KeyType) -> None:
+    """Refuse a column registered already under another name of its table (``settings`` and
+    ``public.settings``): it would have two context templates, so a rotation would fail on
+    the rows sealed with the other's, and the census would count its rows twice. Then
+    :func:`_refuse_column_collision` against every registered column.
+
+    Raises:
+        Conflict: naming the registration it repeats.
+        InvalidInput: see :func:`_refuse_column_collision`.
+    """
+    registered = await list_columns(session)
+    for other in registered:
+        same_column = other.column == col.column and other.table != col.table
+        if same_column and await store.same_relation(session, col.table, [other.table]):
+            raise Conflict(f"column {col.name!r} is registered already as {other.name}")
+    _refuse_column_collision(col, key_type, registered)
+
+
 def _new_column(
     spec: str, pk: str, scope_column: str | None, scope: str | None, context_template: str | None
 ) -> ManagedColumn:
@@ -309,8 +283,6 @@ def _new_column(
         _ident(scope_column, "scope column")
     if scope is not None:
         check_scope(scope)
-    if table.split(".")[-1] in _OWN_TABLES:
-        raise Conflict(f"{table!r} is keyrotor's own table; it is covered already")
     template = context_template if context_template is not None else f"{table}.{column}:{PK_PLACEHOLDER}"
     if PK_PLACEHOLDER not in template:
         raise InvalidInput("the context template must contain {pk}, so a value is bound to its row")
@@ -348,14 +320,17 @@ async def register(
             give a context of keyrotor's own ``secrets`` table (``secret:<name>``) or of another
             registered column of a scope they may share, or see :func:`validate`.
         ColumnNotFound: the table or a column does not exist.
-        Conflict: the column is registered already, or is keyrotor's own ``secrets`` table.
+        Conflict: the column is registered already (under this name or another name of its
+            table, ``public.settings`` for ``settings``), or is in one of keyrotor's own tables.
     """
     col = _new_column(spec, pk, scope_column, scope, context_template)
     async with db.transaction(sessions) as session:
         key_type = await validate(session, col)
+        if create_index:  # refused now, not after the registration commits
+            await refuse_concurrent_index(session, col)
         _refuse_secrets_collision(col.context_template, key_type)
         await store.lock_managed_columns_for_change(session)
-        _refuse_column_collision(col, key_type, await list_columns(session))
+        await _refuse_repeats(session, col, key_type)
         inserted = await store.insert_managed_column(
             session,
             col.table,

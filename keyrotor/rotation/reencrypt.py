@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyrotor import metrics
 from keyrotor.census.locations import count_locations, record_batch
 from keyrotor.crypto import envelope
-from keyrotor.errors import DecryptionFailed, KeyrotorError, KeyVersionTooOld
+from keyrotor.errors import DecryptionFailed, KeyrotorError, KeyVersionTooOld, PermanentError
 from keyrotor.kek.base import WrappedDek
 from keyrotor.store import rotation as store
 from keyrotor.store.key_ranges import Key, PlannedRange, ranges_from_buckets, show_key
@@ -60,6 +60,23 @@ class RowFailed(DecryptionFailed):
     def __reduce__(self) -> tuple[type[RowFailed], tuple[str, Key, str]]:
         # arq pickles a failed job's exception into its result; keep it loadable.
         return (type(self), (self.target, self.row_id, self.reason))
+
+
+class UpdateNotApplied(PermanentError):
+    """Updates of rows this batch had locked were not applied: the table itself (a trigger,
+    a rule, a policy) kept the old values, so keyrotor cannot re-encrypt them."""
+
+    def __init__(self, target: str, missing: int, rows: int) -> None:
+        super().__init__(
+            f"{target}: {missing} of {rows} updates of locked rows were not applied (a BEFORE UPDATE "
+            "trigger, rule or row-level security policy on the table keeps the old value); "
+            "nothing of the batch was written"
+        )
+        self.target, self.missing, self.rows = target, missing, rows
+
+    def __reduce__(self) -> tuple[type[UpdateNotApplied], tuple[str, int, int]]:
+        # arq pickles a failed job's exception into its result; keep it loadable.
+        return (type(self), (self.target, self.missing, self.rows))
 
 
 # --- the keys of one rotation -------------------------------------------------------------
@@ -155,6 +172,7 @@ async def reencrypt_batch(
     Raises:
         RowFailed: a value did not decrypt (or did not verify after re-encryption); nothing of
             the batch may commit: slices written before it are undone by the caller's rollback.
+        UpdateNotApplied: the table kept the old value of a locked row; likewise.
     """
     rows = await lock_batch(
         apg, target, keys.scope_id, version, after=after, hi=hi, limit=min(limit, PIPELINE_ROWS),
@@ -170,6 +188,12 @@ async def reencrypt_batch(
     ids, contexts, written = await _pipeline(
         apg, target, keys, version, resealer, rows, hi=hi, limit=limit, skip_locked=skip_locked
     )
+    if written != len(ids):
+        # Every row was locked (FOR UPDATE) with the value read, so no other writer can have
+        # changed it: a missed compare-and-swap is the table's doing. Going on would leave the
+        # rows behind for ever (a range would wait for them as if locked); the caller's rollback
+        # undoes the slices written.
+        raise UpdateNotApplied(target.name, len(ids) - written, len(ids))
     # Where the new values go (keyrotor.census.locations), in the same transaction. After the
     # rows: every range of a run upserts this one row, and its lock is held until the commit,
     # so taking it last keeps parallel ranges from queueing behind each other's UPDATE.

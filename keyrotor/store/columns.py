@@ -32,6 +32,14 @@ _UNIQUE_ALONE = text(
     "WHERE i.indrelid = to_regclass(:t) AND i.indisunique AND i.indnatts = 1 "
     "AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = :c)"
 )
+_RELATION = text(
+    "SELECT c.relkind::text, n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = to_regclass(:t)"
+)
+_COLUMN_FLAGS = text(
+    "SELECT a.attnotnull, a.attgenerated <> '' FROM pg_attribute a "
+    "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND a.attnum > 0 AND NOT a.attisdropped"
+)
 _PRIMARY_KEY = text(
     "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i "
     "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
@@ -85,9 +93,16 @@ async def delete_managed_column(session: AsyncSession, table: str, column: str) 
     return (await session.execute(stmt, {"t": table, "c": column})).scalar_one_or_none() is not None
 
 
-async def table_exists(session: AsyncSession, table: str) -> bool:
-    """Whether ``table`` (``schema.table`` allowed) exists."""
-    found = await session.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": quote_ident(table)})
+async def same_relation(session: AsyncSession, table: str, others: Sequence[str]) -> bool:
+    """Whether ``table`` is the very relation one of ``others`` names, each name resolved as this
+    connection resolves it (``schema.table`` or through the search_path)."""
+    found = await session.execute(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM unnest(CAST(:os AS text[])) AS o "
+            "WHERE to_regclass(o) = to_regclass(:t))"
+        ),
+        {"t": quote_ident(table), "os": [quote_ident(o) for o in others]},
+    )
     return bool(found.scalar_one())
 
 
@@ -96,6 +111,35 @@ async def column_type(session: AsyncSession, table: str, column: str) -> str | N
     found = await session.execute(_COLUMN_TYPE, {"t": quote_ident(table), "c": column})
     value: str | None = found.scalar_one_or_none()
     return value
+
+
+async def relation(session: AsyncSession, table: str) -> tuple[str, str] | None:
+    """``(relkind, schema)`` of ``table`` as this connection resolves it (``relkind``: ``r`` a
+    table, ``p`` a partitioned one, ``v`` a view, ``m`` a materialized view, ...); None if it
+    does not exist."""
+    found = (await session.execute(_RELATION, {"t": quote_ident(table)})).one_or_none()
+    return None if found is None else (str(found[0]), str(found[1]))
+
+
+async def column_flags(session: AsyncSession, table: str, column: str) -> tuple[bool, bool]:
+    """``(not_null, generated)`` of an existing column."""
+    found = (await session.execute(_COLUMN_FLAGS, {"t": quote_ident(table), "c": column})).one()
+    return bool(found[0]), bool(found[1])
+
+
+async def hidden_by_row_security(session: AsyncSession, tables: Sequence[str]) -> list[str]:
+    """Those of ``tables`` whose row-level security policies apply to this session's role
+    (``row_security_active``): a statement sees only the rows a policy shows it. One query."""
+    if not tables:
+        return []
+    found = await session.execute(
+        text(
+            "SELECT t FROM unnest(CAST(:ts AS text[]), CAST(:qs AS text[])) AS u(t, q) "
+            "WHERE row_security_active(to_regclass(q))"
+        ),
+        {"ts": list(tables), "qs": [quote_ident(t) for t in tables]},
+    )
+    return [str(r[0]) for r in found]
 
 
 async def key_type(session: AsyncSession, table: str, column: str) -> KeyType | None:

@@ -328,7 +328,8 @@ async def test_a_composite_primary_key_is_refused_in_one_line(wenv: dict[str, st
     assert "--pk" in out.stderr
     # With a unique key of its own, the same table registers.
     await fetch(
-        s.database_url, "ALTER TABLE tenant_keys ADD COLUMN uid uuid UNIQUE DEFAULT gen_random_uuid()"
+        s.database_url,
+        "ALTER TABLE tenant_keys ADD COLUMN uid uuid NOT NULL UNIQUE DEFAULT gen_random_uuid()",
     )
     out = keyrotor("columns", "register", "tenant_keys.api_key", "--pk", "uid", "--scope", "openai", env=wenv)
     assert out.returncode == 0, out.stderr
