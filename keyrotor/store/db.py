@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.url import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from keyrotor.errors import ConfigurationError, StoreBusy, StoreRejected, StoreUnavailable
+from keyrotor.errors import ConfigurationError, SchemaMissing, StoreBusy, StoreRejected, StoreUnavailable
 from keyrotor.redaction import blank_patterns
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -162,6 +162,36 @@ def describe(exc: BaseException) -> str:
     return blank_patterns(f"{type(err).__name__}{where}: {message}")[:500]
 
 
+# What Postgres says of a table that is not there (SQLSTATE 42P01), schema-qualified or not.
+_MISSING_RELATION = re.compile(r'relation "(?:[^"]*\.)?([^".]+)" does not exist')
+
+
+def missing_schema(exc: BaseException) -> SchemaMissing | None:
+    """The permanent error for ``exc`` if it is a statement that met no keyrotor table (the
+    database was never upgraded, or is older than this code), else None.
+
+    Only keyrotor's own tables count: a registered application table that is missing is the
+    application's affair, and ``keyrotor db upgrade`` would not create it.
+    """
+    pg = _postgres_error(exc)
+    if pg is None or getattr(pg, "sqlstate", None) != "42P01":
+        return None
+    found = _MISSING_RELATION.search(str(getattr(pg, "message", None) or pg))
+    if found is None or found.group(1) not in _keyrotor_tables():
+        return None
+    return SchemaMissing(
+        f"the database has no keyrotor schema (or an older one: no table {found.group(1)!r}): "
+        "run `keyrotor db upgrade`"
+    )
+
+
+def _keyrotor_tables() -> frozenset[str]:
+    # Imported here: the models are not needed to connect, and most errors never get here.
+    from keyrotor.store.models import Base
+
+    return frozenset(Base.metadata.tables) | {"alembic_version"}
+
+
 def _not_accepting(exc: BaseException | None) -> bool:
     # SQLSTATE 55000 "database ... is not currently accepting connections" (ALTER DATABASE ...
     # ALLOW_CONNECTIONS false, as in maintenance) is an outage, not a bug; other 55000 errors
@@ -181,7 +211,9 @@ def wrap_exceptions() -> Iterator[None]:
     (``DataError``: a value out of a column's range), a statement that cannot work
     (``ProgrammingError``: a dropped column), a constraint violation -- is
     :class:`StoreRejected`, permanent: a run that meets it is failed with its message rather
-    than retried for ever. The driver's exception stays chained as ``__cause__``.
+    than retried for ever. A statement on a keyrotor table the database does not have is
+    :class:`SchemaMissing` (a ``StoreRejected`` and a ``ConfigurationError``), whose message says
+    to run ``keyrotor db upgrade``. The driver's exception stays chained as ``__cause__``.
     """
     try:
         yield
@@ -190,6 +222,9 @@ def wrap_exceptions() -> Iterator[None]:
     except Exception as exc:
         if _is_transient(exc):
             raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        missing = missing_schema(exc)
+        if missing is not None:  # not an outage, and not a bug: one command fixes it
+            raise missing from exc
         pg = _postgres_error(exc)
         if pg is not None and _is_busy(pg):
             raise StoreBusy(f"database busy: {describe(exc)}") from exc
