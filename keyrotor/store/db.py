@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -289,12 +290,29 @@ async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
             await conn.run_sync(_run)
 
 
+@contextlib.contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Keep alembic's set-up lines ("setup plugin ...", "Context impl ...") out of a process's
+    log while it only reads revisions: at info, they bury the one line that matters."""
+    loggers = [logging.getLogger(name) for name in ("alembic.runtime.plugins", "alembic.runtime.migration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 async def current_revisions(engine: AsyncEngine) -> set[str]:
     """The revisions the database is at (empty if never migrated)."""
-    from alembic.runtime.migration import MigrationContext
 
     def _heads(sync_conn: Connection) -> set[str]:
-        return set(MigrationContext.configure(sync_conn).get_current_heads())
+        with _quiet_alembic():  # the import too: alembic logs its plugins' set-up on first import
+            from alembic.runtime.migration import MigrationContext
+
+            return set(MigrationContext.configure(sync_conn).get_current_heads())
 
     with wrap_exceptions():
         async with engine.connect() as conn:
@@ -303,6 +321,26 @@ async def current_revisions(engine: AsyncEngine) -> set[str]:
 
 def head_revisions() -> set[str]:
     """The revisions this code expects."""
-    from alembic.script import ScriptDirectory
+    with _quiet_alembic():
+        from alembic.script import ScriptDirectory
 
-    return set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+        return set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+
+
+async def require_schema(engine: AsyncEngine) -> None:
+    """Refuse to go on unless the database is at the migrations' head.
+
+    Raises:
+        SchemaMissing: no keyrotor schema at all, or one without some migration (named);
+            either way the fix is ``keyrotor db upgrade``.
+        StoreUnavailable: the database cannot be reached.
+    """
+    current = await current_revisions(engine)
+    if not current:  # never upgraded: no migration is "missing", they all are
+        raise SchemaMissing("the database has no keyrotor schema: run `keyrotor db upgrade`")
+    missing = head_revisions() - current
+    if missing:
+        raise SchemaMissing(
+            f"the database schema is not up to date (missing {', '.join(sorted(missing))}): "
+            "run `keyrotor db upgrade`"
+        )
