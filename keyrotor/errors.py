@@ -134,6 +134,10 @@ class StoreRejected(PermanentError):
     """The database refused the statement (invalid data, or a statement that cannot work)."""
 
 
+class SchemaMissing(ConfigurationError, StoreRejected):
+    """The database has no keyrotor schema (or an older one): run `keyrotor db upgrade`."""
+
+
 # --- transient: retry with backoff -------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ from keyrotor.cache import DekCache
 from keyrotor.census.usage import UsageCounter
 from keyrotor.crypto import envelope
 from keyrotor.crypto.legacy_format import HEADER_LEN as LEGACY_HEADER_LEN
-from keyrotor.errors import CiphertextTooLarge, ConfigurationError
+from keyrotor.errors import CiphertextTooLarge, ConfigurationError, SchemaMissing
 from keyrotor.inputs import MAX_CONTEXT_CHARS, check_context, check_scope, value_bytes
 from keyrotor.kek.base import KekProvider
 from keyrotor.kek.factory import open_provider
@@ -151,7 +151,13 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
     # --- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect: build the engine and the KEK provider (refuses a missing or weak key)."""
+        """Connect: build the engine and the KEK provider (refuses a missing or weak key).
+
+        Raises:
+            WeakKeyError, ConfigurationError: the master key or a setting is not usable.
+            SchemaMissing: the database answers but has no keyrotor schema (run
+                ``keyrotor db upgrade``); nothing is left open.
+        """
         if self._kek is None:
             self._kek = await open_provider(self.settings, self._environ)
         if self._engine is None:
@@ -168,8 +174,14 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
                 self.settings, self._sessions, self._kek, self._environ, on_failover=self.calls.failover
             )
         self.usage.start()
-        if self.warn_open_grants and await lockdown.still_open(self._sessions):
-            log.warning(lockdown.OPEN_GRANT_WARNING)  # the open default grant '* *': say so once
+        if self.warn_open_grants:
+            try:
+                wide_open = await lockdown.still_open(self._sessions)
+            except SchemaMissing:  # nothing can work: release what opening started, then say so
+                await self.close()
+                raise
+            if wide_open:
+                log.warning(lockdown.OPEN_GRANT_WARNING)  # the open default grant '* *': say so once
 
     async def close(self) -> None:
         """Release what the manager opened, after writing every queued audit event.
@@ -266,6 +278,7 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
             InvalidScope, InvalidValue, InvalidInput: bad input.
             AccessDenied: no grant lets the actor encrypt in this scope.
             KeyExhausted: the scope's DEK made as many encryptions as it may; rotate the scope.
+            SchemaMissing: the database has no keyrotor schema: run ``keyrotor db upgrade``.
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
         who = self._who(actor, ip, user_agent)
@@ -322,6 +335,7 @@ class KeyManager(SecretsTable, BatchCalls, GrantsAdmin):
             DecryptionFailed: wrong scope or context, tampered, or not UTF-8.
             KeyVersionUnknown, KeyVersionTooOld: the DEK version is unknown or destroyed.
             ScopeNotFound: the scope does not exist.
+            SchemaMissing: the database has no keyrotor schema: run ``keyrotor db upgrade``.
             StoreUnavailable, KekUnavailable: an outage (transient).
         """
         who = self._who(actor, ip, user_agent)

@@ -44,7 +44,7 @@ from arq.worker import Function, Retry, Worker, func
 from redis.exceptions import RedisError
 
 from keyrotor import metrics, runs
-from keyrotor.errors import ConfigurationError, KeyrotorError, QueueUnavailable
+from keyrotor.errors import KeyrotorError, QueueUnavailable
 from keyrotor.jobs.common import Deps
 from keyrotor.jobs.destroy_dek import destroy_dek
 from keyrotor.jobs.migrate_kek import migrate_kek
@@ -268,12 +268,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         configure_logging(settings)
     engine = db.create_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
     ctx["engine"] = engine
-    missing = db.head_revisions() - await db.current_revisions(engine)
-    if missing:
-        raise ConfigurationError(
-            f"the database schema is not up to date (missing {', '.join(sorted(missing))}): "
-            "run `keyrotor db upgrade`"
-        )
+    await db.require_schema(engine)
     budget = None
     if settings.kek_calls_per_second > 0:  # one budget for every worker of this queue on this Redis
         budget = SharedRateBudget(

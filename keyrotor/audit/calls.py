@@ -27,7 +27,7 @@ from keyrotor.audit.log import (
     now_us,
 )
 from keyrotor.audit.writer import AuditWriter
-from keyrotor.errors import AccessDenied, ConfigurationError, InvalidInput, KeyrotorError
+from keyrotor.errors import AccessDenied, ConfigurationError, InvalidInput, KeyrotorError, SchemaMissing
 from keyrotor.inputs import MAX_CONTEXT_CHARS
 from keyrotor.kek.base import KekProvider
 from keyrotor.settings import Settings
@@ -309,6 +309,9 @@ class CallAudit:
             return
         try:
             await self.emit(self.failure_row(event_type, who, scope, version, context, exc, extra))
+        except SchemaMissing:  # no audit table either: the caller's own error says what to run
+            if not isinstance(exc, SchemaMissing):
+                raise
         except ConfigurationError:  # closed meanwhile: keep the caller's own error, say so loudly
             log.error("audit writer closed: a %s event (%s) was not recorded", event_type, type(exc).__name__)
 

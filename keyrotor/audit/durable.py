@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from keyrotor.audit.chain import chain_lines, chain_records
 from keyrotor.audit.events import Row
 from keyrotor.audit.writer import EVENTS_DROPPED, MAX_BATCHES_PER_WRITE, AuditWriter
-from keyrotor.errors import ConfigurationError, StoreUnavailable
+from keyrotor.errors import ConfigurationError, SchemaMissing, StoreUnavailable
 from keyrotor.store import audit as store
 from keyrotor.store import db
 
@@ -111,6 +111,7 @@ class DurableAuditWriter(AuditWriter):
         Raises:
             StoreUnavailable: the batch could not be committed (the event may be missing), or
                 the writer's task ended without ``close()``.
+            SchemaMissing: the database has no audit table (``keyrotor db upgrade`` never ran).
             ConfigurationError: the writer is closed.
         """
         if self._closing or self._task is None:
@@ -129,6 +130,7 @@ class DurableAuditWriter(AuditWriter):
         Raises:
             StoreUnavailable: a batch holding one of them could not be committed, or the
                 writer's task ended without ``close()``.
+            SchemaMissing: the database has no audit table (``keyrotor db upgrade`` never ran).
             ConfigurationError: the writer is closed.
         """
         if self._closing or self._task is None:
@@ -219,7 +221,7 @@ class DurableAuditWriter(AuditWriter):
             else:
                 self.commit_failures += 1
                 self._done -= self._requeue_detached(rows, futs)
-                self._fail(futs, f"the audit log could not be written ({type(error).__name__})")
+                self._fail(futs, f"the audit log could not be written ({type(error).__name__})", error)
             self._progress.set()
 
     def _requeue_detached(self, rows: list[Row], futs: list[_Waiter | None]) -> int:
@@ -259,9 +261,10 @@ class DurableAuditWriter(AuditWriter):
             self._last_fail_log = now
             log.log(
                 logging.WARNING if db._is_transient(error) else logging.ERROR,
-                "audit commit failed (%s): %d calls failed with StoreUnavailable since the last report",
+                "audit commit failed (%s): %d calls failed with %s since the last report",
                 type(error).__name__,
                 self._failed_calls,
+                "SchemaMissing" if db.missing_schema(error) else "StoreUnavailable",
             )
             self._failed_calls = 0
         return error
@@ -325,10 +328,15 @@ class DurableAuditWriter(AuditWriter):
         await super()._insert(pg, last_id, prev, batch, prepared)
         self._left = self._unsure  # the head this batch leaves, once committed
 
-    def _fail(self, futs: list[_Waiter | None], message: str) -> None:
+    def _fail(self, futs: list[_Waiter | None], message: str, error: Exception | None = None) -> None:
+        # A table that is not there is no outage: the calls get the permanent error that says
+        # what to run, not a transient one their callers would retry for ever.
+        missing = None if error is None else db.missing_schema(error)
         for fut in futs:
             if fut is not None and not fut.done():
-                fut.set_exception(StoreUnavailable(f"{message}: the call was not completed"))
+                fail = StoreUnavailable if missing is None else SchemaMissing
+                text = f"{message}: the call was not completed" if missing is None else str(missing)
+                fut.set_exception(fail(text))  # one exception a call: each is raised in its own task
 
     def _abandon(self) -> None:
         # The task ended without close(): the calls still waiting fail (nothing they return

@@ -30,7 +30,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keyrotor.audit.actors import WILDCARD, check_actor, check_pattern, pattern_matches
 from keyrotor.audit.log import record_config_change
-from keyrotor.errors import ConfigurationError, InvalidInput, NotFound, StoreRejected, StoreUnavailable
+from keyrotor.errors import (
+    ConfigurationError,
+    InvalidInput,
+    NotFound,
+    SchemaMissing,
+    StoreRejected,
+    StoreUnavailable,
+)
 from keyrotor.store import db
 from keyrotor.store import grants as store
 
@@ -265,7 +272,9 @@ class GrantCache:
             # last loaded, so reads that fail over to another region keep working; retry soon.
             self._expires = self._clock() + min(self._ttl_s, _OUTAGE_RETRY_S)
             return
-        except StoreRejected as exc:  # the table is missing (db.wrap_exceptions translates it)
+        except SchemaMissing:  # the table is missing (db.wrap_exceptions translates it)
+            raise
+        except StoreRejected as exc:
             raise ConfigurationError(
                 "cannot read encryption_grants: is the schema up to date? run `keyrotor db upgrade`"
             ) from exc

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from keyrotor.audit.actors import WILDCARD, check_actor, check_pattern
 from keyrotor.audit.grants import Grant, grant_access, list_grants, revoke_access
 from keyrotor.audit.log import record_config_change
-from keyrotor.errors import InvalidInput
+from keyrotor.errors import InvalidInput, SchemaMissing
 from keyrotor.store import db
 from keyrotor.store import grants as store
 
@@ -83,10 +83,16 @@ async def wildcard_grant(session: AsyncSession) -> bool:
 
 async def still_open(sessions: async_sessionmaker[AsyncSession]) -> bool:
     """Whether ``* *`` is granted, for a start-up warning: False when the database cannot be read
-    now (the process's first real call reports that instead)."""
+    now (the process's first real call reports that instead).
+
+    Raises:
+        SchemaMissing: the database has no keyrotor schema (``keyrotor db upgrade`` never ran).
+    """
     try:
         async with db.transaction(sessions) as session:
             return await wildcard_grant(session)
+    except SchemaMissing:  # not an outage: nothing will work until `keyrotor db upgrade`; say so now
+        raise
     except Exception:
         return False
 

@@ -379,17 +379,37 @@ async def census(session: AsyncSession) -> list[dict[str, Any]]:
     One grouped scan a column (the expression index of :meth:`ManagedColumn.index_sql` does not
     help a full census; it serves "rows on version N").
     """
+    return [{k: v for k, v in c.items() if k != "rows_by_scope"} for c in await census_by_scope(session)]
+
+
+async def census_by_scope(session: AsyncSession) -> list[dict[str, Any]]:
+    """:func:`census`, each column also with ``rows_by_scope``: ``{scope: {version: count}}`` of
+    its ``kr1`` values (a fixed-scope column's are all its scope's). Still one grouped scan a
+    column, grouped by the scope column too where there is one."""
     out = []
     for col in await list_columns(session):
-        rows = await store.values_by_version(session, col.table, col.column)
-        by_version = {str(v): int(n) for v, n in rows if v}
+        per_scope: dict[str, dict[str, int]] = {}
+        if col.scope_column is None:
+            counted = await store.values_by_version(session, col.table, col.column)
+            rows = [(col.scope, v, n) for v, n in counted]
+        else:
+            by_scope = store.values_by_scope_and_version
+            rows = [(s, v, n) for s, v, n in await by_scope(session, col.table, col.column, col.scope_column)]
+        by_version: dict[str, int] = {}
+        for scope, v, n in rows:
+            if v:
+                by_version[str(v)] = by_version.get(str(v), 0) + int(n)
+                if scope is not None:
+                    of_scope = per_scope.setdefault(str(scope), {})
+                    of_scope[str(v)] = of_scope.get(str(v), 0) + int(n)
         out.append(
             {
                 "column": col.name,
                 "scope": col.scope,
                 "scope_column": col.scope_column,
-                "legacy": sum(int(n) for v, n in rows if not v),
+                "legacy": sum(int(n) for _, v, n in rows if not v),
                 "rows_by_version": dict(sorted(by_version.items(), key=lambda kv: (len(kv[0]), kv[0]))),
+                "rows_by_scope": per_scope,
             }
         )
     return out

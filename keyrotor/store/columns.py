@@ -173,6 +173,21 @@ async def values_by_version(session: AsyncSession, table: str, column: str) -> S
     return (await session.execute(stmt)).all()
 
 
+async def values_by_scope_and_version(
+    session: AsyncSession, table: str, column: str, scope_column: str
+) -> Sequence[Sequence[Any]]:
+    """``(scope, DEK version as text, count)`` of a column whose rows name their scope in
+    ``scope_column``; as :func:`values_by_version` otherwise (version ``''``: legacy). One
+    grouped scan."""
+    val, scope = quote_ident(column), quote_ident(scope_column)
+    stmt = text(
+        f"SELECT {scope}::text AS s, "
+        f"CASE WHEN {val} LIKE 'kr1:%' THEN split_part({val}, ':', 2) ELSE '' END AS v, "
+        f"count(*) FROM {quote_ident(table)} WHERE {val} <> '' GROUP BY 1, 2"
+    )
+    return (await session.execute(stmt)).all()
+
+
 def page_sql(
     table: str,
     pk_column: str,

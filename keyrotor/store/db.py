@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.url import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from keyrotor.errors import ConfigurationError, StoreBusy, StoreRejected, StoreUnavailable
+from keyrotor.errors import ConfigurationError, SchemaMissing, StoreBusy, StoreRejected, StoreUnavailable
 from keyrotor.redaction import blank_patterns
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -162,6 +163,36 @@ def describe(exc: BaseException) -> str:
     return blank_patterns(f"{type(err).__name__}{where}: {message}")[:500]
 
 
+# What Postgres says of a table that is not there (SQLSTATE 42P01), schema-qualified or not.
+_MISSING_RELATION = re.compile(r'relation "(?:[^"]*\.)?([^".]+)" does not exist')
+
+
+def missing_schema(exc: BaseException) -> SchemaMissing | None:
+    """The permanent error for ``exc`` if it is a statement that met no keyrotor table (the
+    database was never upgraded, or is older than this code), else None.
+
+    Only keyrotor's own tables count: a registered application table that is missing is the
+    application's affair, and ``keyrotor db upgrade`` would not create it.
+    """
+    pg = _postgres_error(exc)
+    if pg is None or getattr(pg, "sqlstate", None) != "42P01":
+        return None
+    found = _MISSING_RELATION.search(str(getattr(pg, "message", None) or pg))
+    if found is None or found.group(1) not in _keyrotor_tables():
+        return None
+    return SchemaMissing(
+        f"the database has no keyrotor schema (or an older one: no table {found.group(1)!r}): "
+        "run `keyrotor db upgrade`"
+    )
+
+
+def _keyrotor_tables() -> frozenset[str]:
+    # Imported here: the models are not needed to connect, and most errors never get here.
+    from keyrotor.store.models import Base
+
+    return frozenset(Base.metadata.tables) | {"alembic_version"}
+
+
 def _not_accepting(exc: BaseException | None) -> bool:
     # SQLSTATE 55000 "database ... is not currently accepting connections" (ALTER DATABASE ...
     # ALLOW_CONNECTIONS false, as in maintenance) is an outage, not a bug; other 55000 errors
@@ -181,7 +212,9 @@ def wrap_exceptions() -> Iterator[None]:
     (``DataError``: a value out of a column's range), a statement that cannot work
     (``ProgrammingError``: a dropped column), a constraint violation -- is
     :class:`StoreRejected`, permanent: a run that meets it is failed with its message rather
-    than retried for ever. The driver's exception stays chained as ``__cause__``.
+    than retried for ever. A statement on a keyrotor table the database does not have is
+    :class:`SchemaMissing` (a ``StoreRejected`` and a ``ConfigurationError``), whose message says
+    to run ``keyrotor db upgrade``. The driver's exception stays chained as ``__cause__``.
     """
     try:
         yield
@@ -190,6 +223,9 @@ def wrap_exceptions() -> Iterator[None]:
     except Exception as exc:
         if _is_transient(exc):
             raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        missing = missing_schema(exc)
+        if missing is not None:  # not an outage, and not a bug: one command fixes it
+            raise missing from exc
         pg = _postgres_error(exc)
         if pg is not None and _is_busy(pg):
             raise StoreBusy(f"database busy: {describe(exc)}") from exc
@@ -254,12 +290,29 @@ async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
             await conn.run_sync(_run)
 
 
+@contextlib.contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Keep alembic's set-up lines ("setup plugin ...", "Context impl ...") out of a process's
+    log while it only reads revisions: at info, they bury the one line that matters."""
+    loggers = [logging.getLogger(name) for name in ("alembic.runtime.plugins", "alembic.runtime.migration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 async def current_revisions(engine: AsyncEngine) -> set[str]:
     """The revisions the database is at (empty if never migrated)."""
-    from alembic.runtime.migration import MigrationContext
 
     def _heads(sync_conn: Connection) -> set[str]:
-        return set(MigrationContext.configure(sync_conn).get_current_heads())
+        with _quiet_alembic():  # the import too: alembic logs its plugins' set-up on first import
+            from alembic.runtime.migration import MigrationContext
+
+            return set(MigrationContext.configure(sync_conn).get_current_heads())
 
     with wrap_exceptions():
         async with engine.connect() as conn:
@@ -268,6 +321,26 @@ async def current_revisions(engine: AsyncEngine) -> set[str]:
 
 def head_revisions() -> set[str]:
     """The revisions this code expects."""
-    from alembic.script import ScriptDirectory
+    with _quiet_alembic():
+        from alembic.script import ScriptDirectory
 
-    return set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+        return set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+
+
+async def require_schema(engine: AsyncEngine) -> None:
+    """Refuse to go on unless the database is at the migrations' head.
+
+    Raises:
+        SchemaMissing: no keyrotor schema at all, or one without some migration (named);
+            either way the fix is ``keyrotor db upgrade``.
+        StoreUnavailable: the database cannot be reached.
+    """
+    current = await current_revisions(engine)
+    if not current:  # never upgraded: no migration is "missing", they all are
+        raise SchemaMissing("the database has no keyrotor schema: run `keyrotor db upgrade`")
+    missing = head_revisions() - current
+    if missing:
+        raise SchemaMissing(
+            f"the database schema is not up to date (missing {', '.join(sorted(missing))}): "
+            "run `keyrotor db upgrade`"
+        )

@@ -269,3 +269,37 @@ def test_health_before_db_upgrade_says_what_to_run(env: dict[str, str]) -> None:
     for name in ("postgres", "kek", "census", "grants"):
         assert checks[name]["status"] == "fail", name
         assert "`keyrotor db upgrade` creates it" in checks[name]["error"], (name, checks[name])
+
+
+def test_worker_before_db_upgrade_says_what_to_run_in_one_line(env: dict[str, str]) -> None:
+    """``keyrotor worker`` on a database with no schema at all used to say "missing
+    0016_..." (the newest migration, as if one were missing) after alembic's setup lines at
+    info; now one line says there is no schema and what to run. A schema one migration behind
+    still names what it lacks."""
+    base = env["DATABASE_URL"].rsplit("/", 1)[0]
+    name = f"kr_bare_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    quiet = {"KEYROTOR_METRICS_PORT": "0"}
+    try:
+        bare = keyrotor(
+            "worker", "--burst", env={**env, **quiet, "DATABASE_URL": f"{base}/{name}"}, timeout=60
+        )
+    finally:
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    assert_one_line_error(bare, 2)
+    assert "no keyrotor schema" in bare.stderr and "keyrotor db upgrade" in bare.stderr
+    assert "missing" not in bare.stderr, bare.stderr
+    assert "alembic" not in bare.stdout + bare.stderr, bare.stdout
+
+    async def one_behind() -> None:
+        conn = await asyncpg.connect(env["DATABASE_URL"])
+        try:
+            await conn.execute("UPDATE alembic_version SET version_num = '0015_replica_lifecycle'")
+        finally:
+            await conn.close()
+
+    asyncio.run(one_behind())
+    behind = keyrotor("worker", "--burst", env={**env, **quiet}, timeout=60)
+    assert_one_line_error(behind, 2)
+    assert "missing 0016_second_phase_locations" in behind.stderr and "keyrotor db upgrade" in behind.stderr
+    assert "alembic" not in behind.stdout + behind.stderr, behind.stdout

@@ -39,7 +39,7 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
     async with manager() as km:
         async with db.transaction(km.sessions) as session:
             scopes = await repo.status(session, scope)
-            managed = await columns.census(session)
+            managed = await columns.census_by_scope(session)
             unregistered = await census.unregistered_locations(session)
             legacy_left = await legacy_scope.legacy_remaining(session, managed)
             open_grant = await lockdown.wildcard_grant(session)
@@ -47,6 +47,7 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
         replicas = await replica_status(km)
     if scope is not None and not scopes:
         raise ScopeNotFound(f"scope {scope!r} does not exist")
+    add_column_rows(scopes, [c.pop("rows_by_scope") for c in managed])
     for s in scopes:
         s["next_rotation_at"] = s["policy"]["next_rotation_at"] if s["policy"]["enabled"] else None
     if scope is not None:
@@ -64,6 +65,23 @@ async def collect_status(scope: str | None) -> dict[str, Any]:
         "legacy": {"remaining": legacy_left},
         "grants": grants,
     }
+
+
+def add_column_rows(scopes: list[dict[str, Any]], per_column: list[dict[str, dict[str, int]]]) -> None:
+    """Add to each scope the rows of the registered columns (``column_rows_by_version``) and
+    every row with its own (``all_rows_by_version``, ``all_rows_total``). ``rows_by_version``
+    and ``rows_total`` stay keyrotor's ``secrets`` alone, as scripts have read them."""
+    for s in scopes:
+        in_columns: dict[str, int] = {}
+        for rows_by_scope in per_column:
+            for version, n in rows_by_scope.get(s["scope"], {}).items():
+                in_columns[version] = in_columns.get(version, 0) + n
+        every = dict(s["rows_by_version"])
+        for version, n in in_columns.items():
+            every[version] = every.get(version, 0) + n
+        s["column_rows_by_version"] = dict(sorted(in_columns.items(), key=lambda kv: (len(kv[0]), kv[0])))
+        s["all_rows_by_version"] = dict(sorted(every.items(), key=lambda kv: (len(kv[0]), kv[0])))
+        s["all_rows_total"] = sum(every.values())
 
 
 async def replica_status(km: KeyManager) -> dict[str, Any]:
@@ -144,14 +162,14 @@ def _scopes_table(scopes: list[dict[str, Any]]) -> Table:
         "scope",
         "active",
         "keys (state, grace until)",
-        "rows by version",
+        "rows by version\n(secrets + columns)",
         "rotations",
         "next rotation",
     ):
         table.add_column(col)
     for s in scopes:
         keys = "\n".join(_key_line(k) for k in s["keys"])
-        rows = ", ".join(f"v{v}: {n}" for v, n in s["rows_by_version"].items()) or "-"
+        rows = ", ".join(f"v{v}: {n}" for v, n in s["all_rows_by_version"].items()) or "-"
         policy = s["policy"]
         nxt = (policy["next_rotation_at"] or "")[:19] if policy["enabled"] else "disabled"
         if s.get("run"):  # an open rotation or retirement: queued (its job waits for a worker) or running
