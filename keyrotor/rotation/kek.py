@@ -217,8 +217,7 @@ async def _complete(rc: RotationContext, run: RunInfo, target: int) -> RunInfo:
         locked = await runs.require_run(session, run.id, for_update=True)
         if retired is not None and "kek_min_decryption_version" not in locked.detail:
             await _record_retirement(session, run, *retired)
-        if not locked.terminal:
-            await runs.complete_run(session, run.id)
+        await runs.complete_run(session, run.id)  # a no-op if another attempt completed it
         return await runs.require_run(session, run.id)
 
 
