@@ -167,10 +167,14 @@ async def start_attempt(session: AsyncSession, run_id: int, job_id: str | None) 
     return await require_run(session, run_id)
 
 
-async def fail_run(session: AsyncSession, run_id: int, error: KeyrotorError | str) -> None:
-    """Mark a run failed with a reason (keyrotor error messages never hold secrets)."""
+async def fail_run(session: AsyncSession, run_id: int, error: KeyrotorError | str) -> bool:
+    """Mark an open run failed with a reason (keyrotor error messages never hold secrets).
+
+    Returns False, and writes nothing, if the run has ended already (completed by another
+    attempt, say): the caller records no failure for it either.
+    """
     message = f"{type(error).__name__}: {error}" if isinstance(error, KeyrotorError) else error
-    await store.mark_failed(session, run_id, message[:MAX_ERROR_CHARS])
+    return await store.mark_failed(session, run_id, message[:MAX_ERROR_CHARS])
 
 
 async def list_runs(

@@ -212,16 +212,55 @@ async def load_keys(sessions: async_sessionmaker[AsyncSession], kek: KekProvider
     return {int(r[0]): await _unwrap(kek, r) for r in rows}
 
 
-async def rewrap_keys(session: AsyncSession, kek: KekProvider) -> int:
-    """Rewrap every audit key under the KEK's current version (with a KEK rotation); how many."""
-    rows = await store.all_keys(session, for_update=True)
+async def rewrap_keys(
+    sessions: async_sessionmaker[AsyncSession], kek: KekProvider, target: int | None = None
+) -> int:
+    """Rewrap every audit key under the KEK's current version (with a KEK rotation); how many
+    new wrappings were written.
+
+    As a DEK's rewrap (:mod:`keyrotor.rotation.rewrap`): the keys are read in a transaction of
+    their own, rewrapped and verified with none open (no row lock is held while the provider
+    answers), then each is written with compare-and-swap on its old wrapping (a key rewrapped
+    meanwhile by another attempt is left as it is). Each new wrapping must unwrap to the same
+    key as the old one (compared in constant time), under KEK version ``target`` if given:
+    the stored wrapping is the only copy of the audit key.
+
+    Raises:
+        KekError: a new wrapping does not unwrap, or not to the same key (nothing is written).
+        KekUnavailable: the provider cannot be reached (nothing is written).
+    """
+    async with db.transaction(sessions) as session:
+        rows = await store.all_keys(session)
     if not rows:
         return 0
     items = [(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), _context(int(r[0]), int(r[1]))) for r in rows]
     fresh = await kek.rewrap(items)
-    for r, w in zip(rows, fresh, strict=True):
-        await store.set_key_wrap(session, int(r[0]), w.kek_id, w.kek_version, w.blob)
-    return len(rows)
+    for r, (old, ctx), new in zip(rows, items, fresh, strict=True):
+        await _verify_rewrap(kek, int(r[0]), old, new, ctx, target)
+    written = 0
+    async with db.transaction(sessions) as session:
+        for r, (old, _ctx), new in zip(rows, items, fresh, strict=True):
+            written += await store.swap_key_wrap(
+                session, int(r[0]), old.blob, new.kek_id, new.kek_version, new.blob
+            )
+    return written
+
+
+async def _verify_rewrap(
+    kek: KekProvider, key_id: int, old: WrappedDek, new: WrappedDek, ctx: WrapContext, target: int | None
+) -> None:
+    """Raise KekError unless ``new`` opens to the key ``old`` opens to (under ``target``)."""
+    try:
+        same = hmac.compare_digest(await kek.unwrap(new, ctx), await kek.unwrap(old, ctx))
+    except KekUnavailable:
+        raise
+    except KekError as exc:
+        raise KekError(f"the rewrapped audit key {key_id} does not unwrap: {exc}") from None
+    if not same or (target is not None and new.kek_version != target):
+        raise KekError(
+            f"the rewrapped audit key {key_id} did not verify (KEK version {new.kek_version}, "
+            f"expected {target}): its old wrapping is kept"
+        )
 
 
 async def migrate_keys(

@@ -14,7 +14,8 @@
    ``kek.rewrap`` (server-side where the provider can). Each new wrapping is unwrapped and
    compared with the old one's DEK before it is written, with compare-and-swap on
    ``encrypted_dek`` and a ``rewrap`` audit event in the same transaction. Provider calls happen
-   outside transactions; no row lock is held across a network call.
+   outside transactions; no row lock is held across a network call. The audit chain's key
+   is rewrapped, verified and written the same way before the run completes.
 
 Before a provider is asked to rotate, a probe DEK goes through wrap, rewrap and unwrap: a
 provider that only partly works (say, a token that may decrypt but not encrypt or rewrap) fails
@@ -124,7 +125,7 @@ async def rotate_kek(
             await _catch_up(rc, target)
         log.info("kek_rotation_started", kek_version=target, provider=rc.kek.name)
         rewrapped = await _rewrap(rc, run, target).all_passes(_one_more_pass)
-        run = await _complete(rc, run)
+        run = await _complete(rc, run, target)
     except PermanentError as exc:
         if not isinstance(exc, ConfigurationError):  # a misconfigured process leaves the run be
             await fail(rc, run, exc)
@@ -205,10 +206,9 @@ async def _rewrap_verified(kek: KekProvider, items: list[Item], target: int) -> 
     return fresh
 
 
-async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
+async def _complete(rc: RotationContext, run: RunInfo, target: int) -> RunInfo:
     """Rewrap the audit chain's key, retire old KEK versions where the provider can, complete."""
-    async with db.transaction(rc.sessions) as session:  # the audit chain's key, as a DEK
-        await audit_key.rewrap_keys(session, rc.kek)
+    await audit_key.rewrap_keys(rc.sessions, rc.kek, target)  # the audit chain's key, as a DEK
     retired = await _retire_old_versions(rc, run)
     async with db.transaction(rc.sessions) as session:
         # Locked, and read afresh: arq may run the job twice (an attempt stalled past its lease
@@ -217,8 +217,7 @@ async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
         locked = await runs.require_run(session, run.id, for_update=True)
         if retired is not None and "kek_min_decryption_version" not in locked.detail:
             await _record_retirement(session, run, *retired)
-        if not locked.terminal:
-            await runs.complete_run(session, run.id)
+        await runs.complete_run(session, run.id)  # a no-op if another attempt completed it
         return await runs.require_run(session, run.id)
 
 

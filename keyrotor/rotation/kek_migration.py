@@ -289,10 +289,10 @@ class _Migration:
             await hang_point("kek_migration_completing")
             # The audit chain's key moves with the DEKs: a process on the target opens it.
             await audit_key.migrate_keys(session, self.source, self.target, self.target_id)
-            await runs.complete_run(session, self.run.id)
-            await runs.update_detail(
-                session, self.run.id, next_step=next_step(self.dst_name), remaining=self.remaining
-            )
+            if await runs.complete_run(session, self.run.id):  # not if another attempt did
+                await runs.update_detail(
+                    session, self.run.id, next_step=next_step(self.dst_name), remaining=self.remaining
+                )
             self.run = await runs.require_run(session, self.run.id)
         return True
 
@@ -304,9 +304,12 @@ async def _fail(
     target: KekProvider,
     exc: PermanentError,
 ) -> None:
-    """Mark the run failed and audit the failed rewrap (in a transaction of its own)."""
+    """Mark the run failed and audit the failed rewrap (in a transaction of its own); nothing
+    if the run has ended already (another attempt of the job completed it)."""
     async with db.transaction(sessions) as session:
-        await runs.fail_run(session, run.id, exc)
+        if not await runs.fail_run(session, run.id, exc):
+            log.warning("kek_migration_ended_before_failure", error=type(exc).__name__)
+            return
         await write_event(
             session,
             AuditEvent(

@@ -49,9 +49,15 @@ async def begin_attempt(rc: RotationContext, run: RunInfo, scope: str, job_id: s
 
 
 async def fail(rc: RotationContext, run: RunInfo, exc: PermanentError) -> None:
-    """Mark a run failed and audit it (in a transaction of its own: the work rolled back)."""
+    """Mark a run failed and audit it (in a transaction of its own: the work rolled back).
+
+    A run that has ended already (another attempt of the job completed it) is left as it is,
+    and no failure is recorded against it.
+    """
     async with db.transaction(rc.sessions) as session:
-        await runs.fail_run(session, run.id, exc)
+        if not await runs.fail_run(session, run.id, exc):
+            log.warning("run_ended_before_failure", run_id=run.id, kind=run.kind, error=type(exc).__name__)
+            return
         metrics.ROTATIONS_FAILED.labels(metrics.scope_label(run.scope or "-"), run.kind).inc()
         event = {"dek": "rotate", "kek": "rewrap", "retire": "retire"}.get(run.kind, "rotate")
         await write_event(

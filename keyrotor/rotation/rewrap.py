@@ -95,6 +95,12 @@ class Rewrap:
         fresh = await self.rewrap(items)
         await hang_point("rewrap_before_commit")
         async with db.transaction(self.sessions) as session:
+            # Locked first: an attempt that stalled past its lease (arq runs the job again) may
+            # wake after another ended the run; it then writes nothing of its batch and the pass
+            # ends (the caller's completion is a no-op on an ended run).
+            if (await runs.require_run(session, self.run.id, for_update=True)).terminal:
+                log.warning("run_ended_meanwhile", rows=0, **self.progress_fields)
+                return 0, None
             written = await self._swap(session, rows, items, fresh)
             await runs.add_progress(session, self.run.id, written, cursor=rows[-1].id)
         return written, rows[-1].id

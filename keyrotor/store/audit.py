@@ -77,6 +77,10 @@ _HEAD_AND_FIRST = text(
 _SELECT_KEYS = f"SELECT id, switch_after, kek_id, kek_version, wrapped FROM {KEY_TABLE}"
 _KEYED = f"SELECT EXISTS (SELECT 1 FROM {KEY_TABLE})"
 _SET_WRAP = text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w WHERE id = :id")
+_SWAP_WRAP = text(
+    f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w "
+    "WHERE id = :id AND wrapped = :old"
+)
 
 
 # --- the chain, in a session ---------------------------------------------------------------
@@ -252,6 +256,14 @@ async def set_key_wrap(
 ) -> None:
     """Replace audit key ``key_id``'s wrap."""
     await session.execute(_SET_WRAP, {"kek_id": kek_id, "v": kek_version, "w": wrapped, "id": key_id})
+
+
+async def swap_key_wrap(
+    session: AsyncSession, key_id: int, old: bytes, kek_id: str, kek_version: int, wrapped: bytes
+) -> bool:
+    """Replace audit key ``key_id``'s wrap if it is still ``old`` (compare-and-swap); whether it was."""
+    params = {"kek_id": kek_id, "v": kek_version, "w": wrapped, "id": key_id, "old": old}
+    return bool((await session.execute(_SWAP_WRAP, params)).rowcount)  # type: ignore[attr-defined]
 
 
 # --- the batched writers, on their own asyncpg connection -----------------------------------

@@ -113,7 +113,10 @@ async def count_deks_not_on_kek(session: AsyncSession, kek_id: str) -> int:
 async def set_kek_run_target(session: AsyncSession, run_id: int, target: int, total: int) -> None:
     """Record a KEK rotation run's target KEK version and the DEKs it has to rewrap."""
     await session.execute(
-        text("UPDATE rotations SET to_version = :t, rows_total = :n, updated_at = now() WHERE id = :id"),
+        text(
+            "UPDATE rotations SET to_version = :t, rows_total = :n, updated_at = now() "
+            "WHERE id = :id AND state IN ('pending', 'running')"
+        ),
         {"t": target, "n": total, "id": run_id},
     )
 
@@ -121,7 +124,8 @@ async def set_kek_run_target(session: AsyncSession, run_id: int, target: int, to
 async def set_run_total(session: AsyncSession, run_id: int, total: int) -> None:
     """Record the DEKs a migration run has to rewrap."""
     await session.execute(
-        text("UPDATE rotations SET rows_total = :n WHERE id = :id"), {"n": total, "id": run_id}
+        text("UPDATE rotations SET rows_total = :n WHERE id = :id AND state IN ('pending', 'running')"),
+        {"n": total, "id": run_id},
     )
 
 
