@@ -6,44 +6,15 @@ from __future__ import annotations
 
 import json
 
-import asyncpg
-
-from keyrotor import KeyManager, Settings
+from keyrotor import Settings
+from tests.app_columns import ROWS, register_both, users_and_tenants
 from tests.rotation_helpers import keyrotor
 from tests.scheduler.conftest import sql
 
-ROWS = 12
-
-
-async def _users_and_tenants(settings: Settings) -> None:
-    """``users.api_key`` (every row in ``anthropic``) and ``tenant_keys.value`` (the scope named by
-    each row), with values sealed the README's way, plus one secret of keyrotor's own."""
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute("CREATE TABLE users (id serial PRIMARY KEY, api_key text)")
-        await conn.execute("CREATE TABLE tenant_keys (id uuid PRIMARY KEY, provider text, value text)")
-        async with KeyManager(settings) as km:
-            for i in range(1, ROWS + 1):
-                token = await km.encrypt("anthropic", f"sk-ant-{i}", context=f"users.api_key:{i}")
-                await conn.execute("INSERT INTO users (id, api_key) VALUES ($1, $2)", i, token)
-            for i in range(3):
-                pk = await conn.fetchval("SELECT gen_random_uuid()")
-                scope = "anthropic" if i < 2 else "openai"
-                token = await km.encrypt(scope, f"sk-{i}", context=f"tenant_keys.value:{pk}")
-                await conn.execute("INSERT INTO tenant_keys VALUES ($1, $2, $3)", pk, scope, token)
-            await km.put_secret("anthropic", "prod", "sk-ant-own")
-    finally:
-        await conn.close()
-
 
 async def test_dry_runs_count_the_registered_columns(senv: dict[str, str]) -> None:
-    await _users_and_tenants(Settings.from_env(senv))
-    for args in (
-        ("users.api_key", "--pk", "id", "--scope", "anthropic"),
-        ("tenant_keys.value", "--pk", "id", "--scope-column", "provider"),
-    ):
-        res = keyrotor("columns", "register", *args, env=senv)
-        assert res.returncode == 0, res.stderr
+    await users_and_tenants(Settings.from_env(senv))
+    register_both(senv)
 
     res = keyrotor("rotate", "anthropic", "--dry-run", "--json", env=senv)
     assert res.returncode == 0, res.stderr
