@@ -255,58 +255,54 @@ async def update_detail(session: AsyncSession, run_id: int, **values: Any) -> No
     )
 
 
-async def add_progress(
-    session: AsyncSession, run_id: int, rows: int, *, cursor: int | None = None, total: int | None = None
-) -> bool:
-    """Advance an open run's counters (in the transaction of the work they count).
+async def _write_open(session: AsyncSession, sets: str, run_id: int, **params: Any) -> bool:
+    """``UPDATE rotations SET <sets>`` of run ``run_id`` if it is still open; whether it was.
 
-    Returns False, and writes nothing, if the run has ended: arq may run a job twice, and an
-    attempt that stalled past its lease may wake after another completed (or failed) the run.
-    An ended run's counters and outcome are final; this and :func:`complete_run` and
-    :func:`mark_failed` are where that holds.
+    An ended run's counters and outcome are final: arq may run a job twice, and an attempt that
+    stalled past its lease may wake after another completed (or failed) the run. Every write of a
+    run's progress or outcome (:func:`add_progress`, :func:`complete_run`, :func:`mark_failed`)
+    goes through here, so that holds in one place.
     """
     updated = (
         await session.execute(
-            text(
-                "UPDATE rotations SET rows_done = rows_done + :n, "
-                "rows_total = greatest(coalesce(:total, rows_total, 0), rows_done + :n), "
-                f"cursor = coalesce(:cursor, cursor), updated_at = now() WHERE id = :id AND {_OPEN} "
-                "RETURNING id"
-            ),
-            {"id": run_id, "n": rows, "cursor": cursor, "total": total},
+            text(f"UPDATE rotations SET {sets}, updated_at = now() WHERE id = :id AND {_OPEN} RETURNING id"),
+            {"id": run_id, **params},
         )
     ).scalar_one_or_none()
     return updated is not None
+
+
+async def add_progress(
+    session: AsyncSession, run_id: int, rows: int, *, cursor: int | None = None, total: int | None = None
+) -> bool:
+    """Advance an open run's counters (in the transaction of the work they count); False, and
+    nothing written, if the run has ended (:func:`_write_open`)."""
+    return await _write_open(
+        session,
+        "rows_done = rows_done + :n, rows_total = greatest(coalesce(:total, rows_total, 0), rows_done + :n), "
+        "cursor = coalesce(:cursor, cursor)",
+        run_id,
+        n=rows,
+        cursor=cursor,
+        total=total,
+    )
 
 
 async def complete_run(session: AsyncSession, run_id: int) -> bool:
     """Mark an open run completed; False (nothing written) if it has ended already."""
-    updated = (
-        await session.execute(
-            text(
-                "UPDATE rotations SET state = 'completed', error = NULL, finished_at = now(), "
-                "updated_at = now(), "
-                f"rows_total = greatest(coalesce(rows_total, 0), rows_done) WHERE id = :id AND {_OPEN} "
-                "RETURNING id"
-            ),
-            {"id": run_id},
-        )
-    ).scalar_one_or_none()
-    return updated is not None
+    return await _write_open(
+        session,
+        "state = 'completed', error = NULL, finished_at = now(), "
+        "rows_total = greatest(coalesce(rows_total, 0), rows_done)",
+        run_id,
+    )
 
 
 async def mark_failed(session: AsyncSession, run_id: int, error: str) -> bool:
     """Mark an open run failed with ``error``; False (nothing written) if it has ended already."""
-    updated = (
-        await session.execute(
-            text(
-                "UPDATE rotations SET state = 'failed', error = :err, finished_at = now(), "
-                f"updated_at = now() WHERE id = :id AND {_OPEN} RETURNING id"
-            ),
-            {"id": run_id, "err": error},
-        )
-    ).scalar_one_or_none()
-    return updated is not None
+    return await _write_open(
+        session, "state = 'failed', error = :err, finished_at = now()", run_id, err=error
+    )
 
 
 async def select_runs(
