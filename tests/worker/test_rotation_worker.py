@@ -252,27 +252,38 @@ async def test_two_workers_and_two_enqueuers_make_exactly_one_run(
         "KEYROTOR_SMALL_SCOPE_ROWS": "100",
         "KEYROTOR_REENCRYPT_RANGE_ROWS": "1000",
         "KEYROTOR_REENCRYPT_BATCH_ROWS": "250",
-        "KEYROTOR_TEST_BATCH_DELAY_S": "0.02",
+        # 24 batches: about 1.8 s for one worker alone, so the other, started with it, takes part.
+        "KEYROTOR_TEST_BATCH_DELAY_S": "0.15",
         # Two jobs at a time each: one worker polling first cannot take all six ranges alone.
         "KEYROTOR_WORKER_MAX_JOBS": "2",
     }
     settings = Settings.from_env(env)
     values = await seed(settings, "anthropic", 6000)
-    for _ in range(2):
-        start(workers, env, tmp_path)
-    for w in workers:
-        await w.wait_started()
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    # Both enqueuers before any worker: the second must find the first's run open, however
+    # long each takes to start on a loaded machine (one that started a second late once found
+    # the run completed and, rightly, opened another).
     procs = [
         subprocess.Popen(
-            [str(BIN), "rotate", "anthropic", "--wait", "--json"],
+            [str(BIN), "rotate", "anthropic", "--wait", "--json", "--request-id", f"enqueuer-{i}"],
             env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for i in range(2)
     ]
+    deadline = time.monotonic() + 60
+    while True:
+        rows = await fetch(settings.database_url, "SELECT detail->'request_ids' FROM rotations")
+        ids = [sorted(json.loads(r[0] or "[]")) for r in rows]
+        if ids == [["enqueuer-0", "enqueuer-1"]]:
+            break
+        assert len(rows) <= 1 and all(p.poll() is None for p in procs), (ids, [p.poll() for p in procs])
+        assert time.monotonic() < deadline, ids
+        await asyncio.sleep(0.05)
+    for _ in range(2):
+        start(workers, env, tmp_path)
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     docs = [json.loads(o[0]) for o in outs]
