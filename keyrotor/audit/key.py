@@ -224,7 +224,9 @@ async def rewrap_keys(
     lock is held while the provider answers), then each is written with compare-and-swap on its
     old wrapping (a key rewrapped meanwhile by another attempt is left as it is). Each new
     wrapping must unwrap to the same key as the old one (compared in constant time), under KEK
-    version ``target`` if given: the stored wrapping is the only copy of the audit key.
+    version ``target`` or a later one if given (the provider's key may have been rotated past
+    the run's target: :func:`keyrotor.rotation.kek.rotate_kek`): the stored wrapping is the
+    only copy of the audit key.
 
     Raises:
         KekError: a new wrapping does not unwrap, or not to the same key (nothing is written).
@@ -327,16 +329,18 @@ async def _verify_rewrap(
     target: int | None,
 ) -> None:
     """Raise KekError unless ``new`` (opened by ``opens_new``) opens to the key ``old`` (opened
-    by ``opens_old``) opens to, under KEK version ``target`` if given."""
+    by ``opens_old``) opens to, under KEK version ``target`` or later if given."""
     try:
         same = hmac.compare_digest(await opens_new.unwrap(new, ctx), await opens_old.unwrap(old, ctx))
     except KekUnavailable:
         raise
     except KekError as exc:
         raise KekError(f"the new wrapping of audit key {key_id} does not unwrap: {exc}") from None
-    if not same or (target is not None and new.kek_version != target):
+    if not same or (target is not None and new.kek_version < target):
+        expected = "it opens to " + ("the same key" if same else "another key")
+        if target is not None:
+            expected += f"; KEK version {new.kek_version}, expected {target} or later"
         raise KekError(
-            f"the new wrapping of audit key {key_id} by {opens_new.name} did not verify (KEK version "
-            f"{new.kek_version}, expected {target if target is not None else 'any'}): its old "
-            "wrapping is kept"
+            f"the new wrapping of audit key {key_id} by {opens_new.name} did not verify "
+            f"({expected}): its old wrapping is kept"
         )
