@@ -11,7 +11,8 @@ be moved without the KEK: the wrapped key would no longer unwrap.
 
 Rows carry their key's id (``encryption_audit_log.audit_key_id``), so a later key (another id)
 can take over while older rows keep verifying. A KEK rotation rewraps the audit key with the
-DEKs (:func:`rewrap_keys`).
+DEKs (:func:`rewrap_keys`), and a KEK provider migration moves it (:func:`migrate_keys`), both
+with no transaction open while a provider answers.
 
 Processes find their key by the database they write to (:func:`key_for`). KeyManager loads it
 when it opens; a process that writes events without a KeyManager (the CLI) registers a KEK
@@ -29,7 +30,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from keyrotor.errors import ConfigurationError, KekError, KekMismatch, KekUnavailable
+from keyrotor.errors import ConfigurationError, KekError, KekMismatch, KekUnavailable, StoreBusy
 from keyrotor.kek.base import ForeignKek, KekProvider, WrapContext, WrappedDek
 from keyrotor.store import audit as store
 from keyrotor.store import db
@@ -218,12 +219,14 @@ async def rewrap_keys(
     """Rewrap every audit key under the KEK's current version (with a KEK rotation); how many
     new wrappings were written.
 
-    As a DEK's rewrap (:mod:`keyrotor.rotation.rewrap`): the keys are read in a transaction of
-    their own, rewrapped and verified with none open (no row lock is held while the provider
-    answers), then each is written with compare-and-swap on its old wrapping (a key rewrapped
-    meanwhile by another attempt is left as it is). Each new wrapping must unwrap to the same
-    key as the old one (compared in constant time), under KEK version ``target`` if given:
-    the stored wrapping is the only copy of the audit key.
+    As a DEK's rewrap (:mod:`keyrotor.rotation.rewrap`), through :func:`_replace_wraps`: the
+    keys are read in a transaction of their own, rewrapped and verified with none open (no row
+    lock is held while the provider answers), then each is written with compare-and-swap on its
+    old wrapping (a key rewrapped meanwhile by another attempt is left as it is). Each new
+    wrapping must unwrap to the same key as the old one (compared in constant time), under KEK
+    version ``target`` or a later one if given (the provider's key may have been rotated past
+    the run's target: :func:`keyrotor.rotation.kek.rotate_kek`): the stored wrapping is the
+    only copy of the audit key.
 
     Raises:
         KekError: a new wrapping does not unwrap, or not to the same key (nothing is written).
@@ -231,53 +234,113 @@ async def rewrap_keys(
     """
     async with db.transaction(sessions) as session:
         rows = await store.all_keys(session)
-    if not rows:
-        return 0
-    items = [(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), _context(int(r[0]), int(r[1]))) for r in rows]
-    fresh = await kek.rewrap(items)
-    for r, (old, ctx), new in zip(rows, items, fresh, strict=True):
-        await _verify_rewrap(kek, int(r[0]), old, new, ctx, target)
-    written = 0
-    async with db.transaction(sessions) as session:
-        for r, (old, _ctx), new in zip(rows, items, fresh, strict=True):
-            written += await store.swap_key_wrap(
-                session, int(r[0]), old.blob, new.kek_id, new.kek_version, new.blob
-            )
+    written, _missed = await _replace_wraps(sessions, rows, kek.rewrap, kek, kek, target)
     return written
 
 
-async def _verify_rewrap(
-    kek: KekProvider, key_id: int, old: WrappedDek, new: WrappedDek, ctx: WrapContext, target: int | None
-) -> None:
-    """Raise KekError unless ``new`` opens to the key ``old`` opens to (under ``target``)."""
-    try:
-        same = hmac.compare_digest(await kek.unwrap(new, ctx), await kek.unwrap(old, ctx))
-    except KekUnavailable:
-        raise
-    except KekError as exc:
-        raise KekError(f"the rewrapped audit key {key_id} does not unwrap: {exc}") from None
-    if not same or (target is not None and new.kek_version != target):
-        raise KekError(
-            f"the rewrapped audit key {key_id} did not verify (KEK version {new.kek_version}, "
-            f"expected {target}): its old wrapping is kept"
-        )
+# Rounds of a migration's read, wrap and compare-and-swap before a row that changes under each
+# of them is left to the job's retry.
+_MIGRATION_ROUNDS = 3
 
 
 async def migrate_keys(
-    session: AsyncSession, source: KekProvider, target: KekProvider, target_id: str
+    sessions: async_sessionmaker[AsyncSession], source: KekProvider, target: KekProvider, target_id: str
 ) -> int:
     """Move every audit key not yet wrapped by ``target`` (kek_id ``target_id``) from ``source`` to
-    it, proving the new wrap opens to the same key first (with a KEK provider migration); how many.
+    it (with a KEK provider migration); how many new wrappings were written.
+
+    The same path as :func:`rewrap_keys` (:func:`_replace_wraps`): read with no transaction
+    held, unwrapped by ``source`` and wrapped by ``target`` with none open (a slow or hung
+    provider holds no lock on the row), the new wrapping unwrapped by ``target`` and compared
+    with the key, then written with compare-and-swap on the wrapping read. A kill before the
+    swap leaves the old wrapping, which ``source`` still opens. A swap that misses (the row
+    changed meanwhile: another attempt moved it, an operator rewrapped it) is never forced:
+    the rows are read again and what is still off ``target`` is moved from its new wrapping.
 
     Raises:
-        KekError: a key does not unwrap under ``source``, or the new wrap does not verify.
+        KekError: a key does not unwrap under ``source``, or the new wrap does not verify
+            (nothing of it is written).
+        KekUnavailable: a provider cannot be reached (nothing of it is written).
+        StoreBusy: a key changed under each of a few rounds; transient, the job's retry moves it.
     """
-    rows = await store.keys_not_wrapped_by(session, target_id)
-    for r in rows:
-        ctx = _context(int(r[0]), int(r[1]))
-        raw = await source.unwrap(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), ctx)
-        new = await target.wrap(raw, ctx)
-        if not hmac.compare_digest(await target.unwrap(new, ctx), raw):
-            raise KekError(f"the migrated audit key {int(r[0])} unwraps to another key under {target.name}")
-        await store.set_key_wrap(session, int(r[0]), new.kek_id, new.kek_version, new.blob)
-    return len(rows)
+
+    async def move(items: list[tuple[WrappedDek, WrapContext]]) -> list[WrappedDek]:
+        return [await target.wrap(await source.unwrap(old, ctx), ctx) for old, ctx in items]
+
+    written = 0
+    for _round in range(_MIGRATION_ROUNDS):
+        async with db.transaction(sessions) as session:
+            rows = await store.keys_not_wrapped_by(session, target_id)
+        n, missed = await _replace_wraps(sessions, rows, move, source, target, None)
+        written += n
+        if not missed:
+            return written
+    async with db.transaction(sessions) as session:
+        left = await store.keys_not_wrapped_by(session, target_id)
+    if left:
+        raise StoreBusy(
+            f"audit key {int(left[0][0])} changed while it was moved to {target.name}, "
+            f"{_MIGRATION_ROUNDS} times: left as it is for a later attempt"
+        )
+    return written
+
+
+async def _replace_wraps(
+    sessions: async_sessionmaker[AsyncSession],
+    rows: Sequence[Sequence[Any]],
+    wrap_anew: Callable[[list[tuple[WrappedDek, WrapContext]]], Awaitable[list[WrappedDek]]],
+    opens_old: KekProvider,
+    opens_new: KekProvider,
+    target: int | None,
+) -> tuple[int, list[int]]:
+    """Give audit keys ``rows`` (read by the caller, its transaction ended) the wrappings
+    ``wrap_anew`` makes, each verified, with no transaction open until the swap; returns (new
+    wrappings written, ids whose compare-and-swap missed).
+
+    The provider calls (``wrap_anew``, the verification's unwraps) run with no transaction
+    open. Every new wrapping is verified before any is written, and the writes are one
+    transaction of compare-and-swaps on the wrappings read: an attempt stopped in between (a
+    kill, a provider error) has written nothing, and the old wrapping, still readable, stays.
+    """
+    if not rows:
+        return 0, []
+    items = [(WrappedDek(str(r[2]), int(r[3]), bytes(r[4])), _context(int(r[0]), int(r[1]))) for r in rows]
+    fresh = await wrap_anew(items)
+    for r, (old, ctx), new in zip(rows, items, fresh, strict=True):
+        await _verify_rewrap(opens_old, opens_new, int(r[0]), old, new, ctx, target)
+    missed: list[int] = []
+    async with db.transaction(sessions) as session:
+        for r, (old, _ctx), new in zip(rows, items, fresh, strict=True):
+            swapped = await store.swap_key_wrap(
+                session, int(r[0]), old.blob, new.kek_id, new.kek_version, new.blob
+            )
+            if not swapped:
+                missed.append(int(r[0]))
+    return len(rows) - len(missed), missed
+
+
+async def _verify_rewrap(
+    opens_old: KekProvider,
+    opens_new: KekProvider,
+    key_id: int,
+    old: WrappedDek,
+    new: WrappedDek,
+    ctx: WrapContext,
+    target: int | None,
+) -> None:
+    """Raise KekError unless ``new`` (opened by ``opens_new``) opens to the key ``old`` (opened
+    by ``opens_old``) opens to, under KEK version ``target`` or later if given."""
+    try:
+        same = hmac.compare_digest(await opens_new.unwrap(new, ctx), await opens_old.unwrap(old, ctx))
+    except KekUnavailable:
+        raise
+    except KekError as exc:
+        raise KekError(f"the new wrapping of audit key {key_id} does not unwrap: {exc}") from None
+    if not same or (target is not None and new.kek_version < target):
+        expected = "it opens to " + ("the same key" if same else "another key")
+        if target is not None:
+            expected += f"; KEK version {new.kek_version}, expected {target} or later"
+        raise KekError(
+            f"the new wrapping of audit key {key_id} by {opens_new.name} did not verify "
+            f"({expected}): its old wrapping is kept"
+        )

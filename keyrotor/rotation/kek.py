@@ -15,7 +15,10 @@
    compared with the old one's DEK before it is written, with compare-and-swap on
    ``encrypted_dek`` and a ``rewrap`` audit event in the same transaction. Provider calls happen
    outside transactions; no row lock is held across a network call. The audit chain's key
-   is rewrapped, verified and written the same way before the run completes.
+   is rewrapped, verified and written the same way before the run completes. A request carried
+   out later still (after the retry's own rotation) rotates the key past the target: wrappings
+   under the newer version are taken, and a fresh read of the provider's version once every key
+   is on the target raises the run's target to it and rewraps again (``_rewrap_to_latest``).
 
 Before a provider is asked to rotate, a probe DEK goes through wrap, rewrap and unwrap: a
 provider that only partly works (say, a token that may decrypt but not encrypt or rewrap) fails
@@ -25,14 +28,15 @@ The old KEK version must stay usable until the last DEK is rewrapped: the run's 
 when that is. Where the provider can refuse old versions (Vault transit's
 ``min_decryption_version``), the run raises it, just before it completes, to the lowest KEK
 version any stored DEK of that key still has (counted under a SHARE lock on ``data_keys``, so
-no DEK being written meanwhile is missed); a ``config_change`` audit event records it.
+no DEK being written meanwhile is missed); a ``config_change`` audit event records it. It counts
+what is stored, never the run's target, so a key rotated past the target cuts nothing off.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -64,6 +68,10 @@ log = structlog.get_logger("keyrotor.rotation.kek")
 
 # The run's detail key for the provider's latest KEK version before the rotate request.
 ROTATE_FROM = "kek_rotate_from"
+# The run's detail key for the targets it left because the key was rotated past them meanwhile.
+TARGET_RAISED_FROM = "kek_target_raised_from"
+# Rounds of rewrapping, each ending with a fresh read of the provider's version.
+_TARGET_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -124,8 +132,8 @@ async def rotate_kek(
             target = run.to_version
             await _catch_up(rc, target)
         log.info("kek_rotation_started", kek_version=target, provider=rc.kek.name)
-        rewrapped = await _rewrap(rc, run, target).all_passes(_one_more_pass)
-        run = await _complete(rc, run, target)
+        target, rewrapped = await _rewrap_to_latest(rc, run, target)
+        run = await _complete(rc, run)
     except PermanentError as exc:
         if not isinstance(exc, ConfigurationError):  # a misconfigured process leaves the run be
             await fail(rc, run, exc)
@@ -150,6 +158,48 @@ async def _fix_target(rc: RotationContext, run: RunInfo) -> int:
         total = await kek_store.count_deks_below_kek_version(session, target)
         await kek_store.set_kek_run_target(session, run.id, target, total)
     return target
+
+
+async def _rewrap_to_latest(rc: RotationContext, run: RunInfo, target: int) -> tuple[int, int]:
+    """Rewrap every DEK and the audit key under ``target`` or later; returns the run's target
+    at the end and the DEKs written.
+
+    Transit and KMS take no idempotency token: a rotate request of an earlier attempt that
+    reached the provider even later than this attempt's fresh read (seconds of job backoff)
+    rotates the key once more, past the target. The wrappings made under that version open to
+    the same keys, so they are taken; and once every key is on the target, the provider's
+    version is read again: a key that went past it makes the newest version the run's target
+    (recorded on the run) and the rewrap goes round again, so the run ends with every key on
+    one version, the latest it saw, which its cut-off then keeps. At most
+    :data:`_TARGET_ROUNDS` rounds: a key rotated past that again ends the run on its target,
+    the newer version used only by what was wrapped under it (the cut-off counts what is stored).
+    """
+    rewrapped, rounds = 0, 0
+    while True:
+        rewrapped += await _rewrap(rc, run, target).all_passes(_one_more_pass)
+        await audit_key.rewrap_keys(rc.sessions, rc.kek, target)  # the audit chain's key, as a DEK
+        rounds += 1
+        provider = _rotating_provider(rc)
+        latest = None if provider is None else await provider.latest_version()
+        if latest is None or latest <= target or rounds == _TARGET_ROUNDS:
+            return target, rewrapped
+        target = await _raise_target(rc, run, target, latest)
+        run = replace(run, cursor=0)  # the keys left below it may be anywhere
+
+
+async def _raise_target(rc: RotationContext, run: RunInfo, target: int, latest: int) -> int:
+    """Make ``latest`` the run's target (the key was rotated past ``target`` meanwhile); the
+    target now recorded (another attempt may have raised it further)."""
+    log.warning("kek_rotated_past_target", kek_version=target, latest=latest)
+    async with db.transaction(rc.sessions) as session:
+        locked = await runs.require_run(session, run.id, for_update=True)
+        if locked.terminal or (locked.to_version or 0) >= latest:
+            return max(locked.to_version or 0, latest)
+        left = await kek_store.count_deks_below_kek_version(session, latest)
+        await kek_store.set_kek_run_target(session, run.id, latest, locked.rows_done + left)
+        raised = [*locked.detail.get(TARGET_RAISED_FROM, []), target]
+        await runs.update_detail(session, run.id, **{TARGET_RAISED_FROM: raised})
+    return latest
 
 
 def _rewrap(rc: RotationContext, run: RunInfo, target: int) -> Rewrap:
@@ -185,7 +235,8 @@ async def _one_more_pass(passes: int, last_id: int) -> bool:
 
 
 async def _rewrap_verified(kek: KekProvider, items: list[Item], target: int) -> list[WrappedDek]:
-    """Rewrap ``items`` and prove each new wrapping opens to the same DEK as the old one."""
+    """Rewrap ``items`` and prove each new wrapping opens to the same DEK as the old one, under
+    ``target`` or a later version (the key rotated past the target: :func:`_rewrap_to_latest`)."""
     try:
         fresh = await kek.rewrap(items)
     except KekError as exc:
@@ -198,17 +249,16 @@ async def _rewrap_verified(kek: KekProvider, items: list[Item], target: int) -> 
             raise KekError(
                 f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} does not unwrap: {exc}"
             ) from exc
-        if not same or new.kek_version != target:
+        if not same or new.kek_version < target:
             raise KekError(
                 f"rewrapped DEK v{ctx.dek_version} of {ctx.scope!r} did not verify "
-                f"(KEK version {new.kek_version}, expected {target})"
+                f"(KEK version {new.kek_version}, expected {target} or later)"
             )
     return fresh
 
 
-async def _complete(rc: RotationContext, run: RunInfo, target: int) -> RunInfo:
-    """Rewrap the audit chain's key, retire old KEK versions where the provider can, complete."""
-    await audit_key.rewrap_keys(rc.sessions, rc.kek, target)  # the audit chain's key, as a DEK
+async def _complete(rc: RotationContext, run: RunInfo) -> RunInfo:
+    """Retire old KEK versions where the provider can, and complete the run."""
     retired = await _retire_old_versions(rc, run)
     async with db.transaction(rc.sessions) as session:
         # Locked, and read afresh: arq may run the job twice (an attempt stalled past its lease

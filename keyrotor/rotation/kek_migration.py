@@ -12,6 +12,9 @@ memory for the duration of its rewrap. A run is a ``rotations`` row of kind ``ke
    ``kek_id`` (a DEK rotated or rewrapped meanwhile is left alone and picked up by the final
    pass), one ``rewrap`` audit event per DEK (metadata: from/to provider, KEK ids and versions),
    and advance the cursor.
+4. before the run completes, the audit chain's key moves the same way (read, moved and
+   verified with no transaction open, written with compare-and-swap:
+   :func:`keyrotor.audit.key.migrate_keys`).
 
 A final pass from the start catches DEKs skipped by a CAS miss or created meanwhile by processes
 still on the source provider. DEKs made by such processes after the run completes stay on the
@@ -283,12 +286,15 @@ class _Migration:
         created meanwhile by processes still on the source provider.
         """
         async with db.transaction(self.sessions) as session:
+            remaining = await kek_store.count_deks_not_on_kek(session, self.target_id)
+        if remaining and passes < _MAX_PASSES:
+            return False
+        await hang_point("kek_migration_completing")
+        # The audit chain's key moves with the DEKs (a process on the target opens it), outside
+        # any transaction: no lock on its row waits for the two providers' answers.
+        await audit_key.migrate_keys(self.sessions, self.source, self.target, self.target_id)
+        async with db.transaction(self.sessions) as session:
             self.remaining = await kek_store.count_deks_not_on_kek(session, self.target_id)
-            if self.remaining and passes < _MAX_PASSES:
-                return False
-            await hang_point("kek_migration_completing")
-            # The audit chain's key moves with the DEKs: a process on the target opens it.
-            await audit_key.migrate_keys(session, self.source, self.target, self.target_id)
             if await runs.complete_run(session, self.run.id):  # not if another attempt did
                 await runs.update_detail(
                     session, self.run.id, next_step=next_step(self.dst_name), remaining=self.remaining

@@ -76,7 +76,6 @@ _HEAD_AND_FIRST = text(
 )
 _SELECT_KEYS = f"SELECT id, switch_after, kek_id, kek_version, wrapped FROM {KEY_TABLE}"
 _KEYED = f"SELECT EXISTS (SELECT 1 FROM {KEY_TABLE})"
-_SET_WRAP = text(f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w WHERE id = :id")
 _SWAP_WRAP = text(
     f"UPDATE {KEY_TABLE} SET kek_id = :kek_id, kek_version = :v, wrapped = :w "
     "WHERE id = :id AND wrapped = :old"
@@ -233,8 +232,11 @@ async def all_keys(session: AsyncSession, *, for_update: bool = False) -> Sequen
 
 
 async def keys_not_wrapped_by(session: AsyncSession, kek_id: str) -> Sequence[Sequence[Any]]:
-    """The audit keys (columns as :func:`newest_key`) whose wrap is not by ``kek_id``, locked."""
-    stmt = text(f"{_SELECT_KEYS} WHERE kek_id <> :t ORDER BY id FOR UPDATE")
+    """The audit keys (columns as :func:`newest_key`) whose wrap is not by ``kek_id``, by id.
+
+    Not locked: the caller moves them with no transaction open and writes each with
+    :func:`swap_key_wrap`."""
+    stmt = text(f"{_SELECT_KEYS} WHERE kek_id <> :t ORDER BY id")
     return (await session.execute(stmt, {"t": kek_id})).all()
 
 
@@ -249,13 +251,6 @@ async def insert_first_key(
         ),
         {"switch_after": switch_after, "kek_id": kek_id, "kek_version": kek_version, "wrapped": wrapped},
     )
-
-
-async def set_key_wrap(
-    session: AsyncSession, key_id: int, kek_id: str, kek_version: int, wrapped: bytes
-) -> None:
-    """Replace audit key ``key_id``'s wrap."""
-    await session.execute(_SET_WRAP, {"kek_id": kek_id, "v": kek_version, "w": wrapped, "id": key_id})
 
 
 async def swap_key_wrap(
