@@ -66,7 +66,10 @@ export declare class NotFoundError extends KeyrotorError {}
 export declare class ConflictError extends KeyrotorError {}
 export declare class PayloadTooLargeError extends KeyrotorError {}
 export declare class RateLimitError extends KeyrotorError {}
+/** 503 (or 502/504 from a proxy, or status 0: unreachable): a dependency is down; retry later. */
 export declare class UnavailableError extends KeyrotorError {}
+/** 503 with code `misconfigured`: the server's configuration or database schema is wrong; retrying does not help. */
+export declare class MisconfiguredError extends KeyrotorError {}
 
 export declare class KeyrotorClient {
   constructor(options: KeyrotorClientOptions);

@@ -36,6 +36,12 @@ export class PayloadTooLargeError extends KeyrotorError {}
 export class RateLimitError extends KeyrotorError {}
 /** 503 (or unreachable): a dependency is down; retry later. */
 export class UnavailableError extends KeyrotorError {}
+/**
+ * 503 with code `misconfigured`: the server's configuration or its database is wrong (e.g. a
+ * database `keyrotor db upgrade` never ran on). No retry mends it: an operator must, from the
+ * server's log. Not an UnavailableError, so that a retry-on-unavailable loop stops.
+ */
+export class MisconfiguredError extends KeyrotorError {}
 
 const BY_STATUS = {
   400: InvalidRequestError,
@@ -54,9 +60,11 @@ const BY_STATUS = {
 
 function errorFor(status, body, retryAfter) {
   const detail = body && typeof body === 'object' && body.error ? body.error : {};
-  const Cls = BY_STATUS[status] || KeyrotorError;
+  const code = typeof detail.code === 'string' ? detail.code : 'http_error';
+  // keyrotor answers 503 both for an outage and for its own misconfiguration; only the first passes.
+  const Cls = status === 503 && code === 'misconfigured' ? MisconfiguredError : BY_STATUS[status] || KeyrotorError;
   const message = typeof detail.message === 'string' ? detail.message : `keyrotor answered HTTP ${status}`;
-  return new Cls(message, { status, code: typeof detail.code === 'string' ? detail.code : 'http_error', retryAfter });
+  return new Cls(message, { status, code, retryAfter });
 }
 
 /** `Retry-After` (RFC 9110: whole seconds, or an HTTP date) as seconds from now; null if absent or unreadable. */

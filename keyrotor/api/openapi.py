@@ -37,7 +37,10 @@ _ERRORS = {
     "409": "conflicts with the current state (e.g. key_exhausted)",
     "413": "body larger than KEYROTOR_API_MAX_BODY_BYTES, or more items than KEYROTOR_API_MAX_BATCH_ITEMS",
     "429": "this token is over its rate limit (Retry-After says when to retry)",
-    "503": "a dependency is unavailable; retry later",
+    "503": (
+        "code unavailable: a dependency is down, retry later; code misconfigured: the server's "
+        "configuration or database schema is wrong, which no retry mends"
+    ),
 }
 
 
@@ -237,7 +240,10 @@ def _public_paths() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "ok", **_json(_obj(["status"], status={"const": "ok"}))},
                     "503": {
-                        "description": "unavailable (the error envelope, with the status a probe reads)",
+                        "description": (
+                            "unavailable (the error envelope, with the status a probe reads; its code "
+                            "is misconfigured for a database without keyrotor's schema)"
+                        ),
                         **_json(
                             _obj(
                                 ["status", "error"],

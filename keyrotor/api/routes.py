@@ -7,15 +7,18 @@ import asyncio
 import json
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from keyrotor.api import bodies
 from keyrotor.api.errors import MAX_MESSAGE_CHARS, ApiError, bad_request, body, from_keyrotor
 from keyrotor.api.service import Caller, Service
-from keyrotor.errors import AccessDenied, KeyrotorError, TransientError
+from keyrotor.errors import AccessDenied, ConfigurationError, KeyrotorError, TransientError
 from keyrotor.runs import RunNotFound
 from keyrotor.store import db, repo
 from keyrotor.store import tokens as token_store
+
+log = structlog.get_logger("keyrotor.api")
 
 SERVICE = web.AppKey("service", Service)
 CALLER = web.RequestKey("caller", Caller)
@@ -200,12 +203,20 @@ def _dumps(doc: Any) -> str:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Unauthenticated: ``ok`` when the database answers; nothing else is said."""
+    """Unauthenticated: ``ok`` when the database answers with keyrotor's schema; else 503, the
+    error's code ``misconfigured`` for a database without the schema (no retry mends it) and
+    ``unavailable`` for one that does not answer. Nothing else is said."""
     svc = request.app[SERVICE]
     try:
         async with asyncio.timeout(3.0):
             async with db.transaction(svc.km.sessions) as session:
                 await token_store.reachable(session)
+    except ConfigurationError as exc:
+        # The database answers but is not usable as configured (no keyrotor schema: `keyrotor db
+        # upgrade`): a probe still fails, but the code tells a client not to wait for it to pass.
+        log.warning("health_misconfigured", error=f"{type(exc).__name__}: {exc}")
+        err = from_keyrotor(exc)
+        return web.json_response({"status": "unavailable", **body(err.code, err.message)}, status=503)
     except (TimeoutError, KeyrotorError, OSError):
         # The error envelope every other answer uses, next to the status a probe reads.
         doc = {"status": "unavailable", **body("unavailable", "the database does not answer")}

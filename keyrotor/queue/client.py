@@ -316,7 +316,9 @@ class KeyrotorClient:
             GraceNotOver: its grace period is not over (``force_now`` skips the wait).
             NotRetirable: it is the active (or a pending) version.
             LocationNotCovered: values of it went to a location the census cannot count (the
-                run is opened and marked failed with the same message).
+                run is opened and marked failed with the same message, and the refusal audited;
+                a retirement of the version already open is left to its job, whose proof fails
+                it the same way).
         """
         _check(request_id)
         run = await retire.request_retirement(

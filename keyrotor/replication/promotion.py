@@ -174,8 +174,10 @@ def _adoptable(
 
 
 def _latest(copies: list[ReplicaCopy]) -> dict[str, int]:
-    """Each scope's highest version among all copies, adopted or not: the new primary never
-    issues a version number again that the old one used."""
+    """Each scope's highest version among the region's copies (every one of them is adopted, a
+    retired copy past its ``destroy_after`` too: :func:`_adoptable` refuses the promotion rather
+    than leave one out), so that the new primary numbers its next DEK after every version the
+    region knows the old one issued."""
     out: dict[str, int] = {}
     for c in copies:
         out[c.scope] = max(out.get(c.scope, 0), c.version)

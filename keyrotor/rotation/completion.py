@@ -69,7 +69,11 @@ async def complete(
             },
         ),
     )
-    await runs.complete_run(session, run_id)
+    # Every row of a covered target is on the new DEK now, and those the run rewrote are its
+    # rows_done: the total counted at promotion also held rows it never rewrote (a column
+    # unregistered during the run, in detail.skipped_columns; rows deleted meanwhile), which
+    # would show a completed run as unfinished.
+    await runs.complete_run(session, run_id, total_is_done=True)
 
 
 async def complete_if_done(rc: RotationContext, run: RunInfo) -> bool:

@@ -48,29 +48,39 @@ async def begin_attempt(rc: RotationContext, run: RunInfo, scope: str, job_id: s
     return run
 
 
-async def fail(rc: RotationContext, run: RunInfo, exc: PermanentError) -> None:
-    """Mark a run failed and audit it (in a transaction of its own: the work rolled back).
+async def record_failure(session: AsyncSession, run: RunInfo, exc: PermanentError) -> bool:
+    """Mark ``run`` failed with ``exc``, count it and write its failed audit event, in the
+    caller's transaction (the event last: it takes the chain lock). Returns whether it did.
 
-    A run that has ended already (another attempt of the job completed it) is left as it is,
-    and no failure is recorded against it.
+    A run that has ended already (another attempt completed or failed it) is left as it is and
+    nothing is recorded: whoever ended it recorded its outcome.
     """
+    if not await runs.fail_run(session, run.id, exc):
+        return False
+    metrics.ROTATIONS_FAILED.labels(metrics.scope_label(run.scope or "-"), run.kind).inc()
+    event = {"dek": "rotate", "kek": "rewrap", "retire": "retire"}.get(run.kind, "rotate")
+    await write_event(
+        session,
+        AuditEvent(
+            event_type=event,  # type: ignore[arg-type]
+            scope=run.scope,
+            key_version=run.to_version if run.kind == "dek" else run.from_version,
+            success=False,
+            error_message=f"{type(exc).__name__}: {exc}"[:1000],
+            metadata={"run_id": run.id, "trigger": run.trigger, **runs.request_context(run.request_ids)},
+        ),
+    )
+    return True
+
+
+async def fail(rc: RotationContext, run: RunInfo, exc: PermanentError) -> None:
+    """Mark a run failed and audit it (:func:`record_failure`, in a transaction of its own: the
+    work rolled back). A run that has ended already is left as it is."""
     async with db.transaction(rc.sessions) as session:
-        if not await runs.fail_run(session, run.id, exc):
-            log.warning("run_ended_before_failure", run_id=run.id, kind=run.kind, error=type(exc).__name__)
-            return
-        metrics.ROTATIONS_FAILED.labels(metrics.scope_label(run.scope or "-"), run.kind).inc()
-        event = {"dek": "rotate", "kek": "rewrap", "retire": "retire"}.get(run.kind, "rotate")
-        await write_event(
-            session,
-            AuditEvent(
-                event_type=event,  # type: ignore[arg-type]
-                scope=run.scope,
-                key_version=run.to_version if run.kind == "dek" else run.from_version,
-                success=False,
-                error_message=f"{type(exc).__name__}: {exc}"[:1000],
-                metadata={"run_id": run.id, "trigger": run.trigger, **runs.request_context(run.request_ids)},
-            ),
-        )
+        failed = await record_failure(session, run, exc)
+    if not failed:
+        log.warning("run_ended_before_failure", run_id=run.id, kind=run.kind, error=type(exc).__name__)
+        return
     log.error("run_failed", run_id=run.id, kind=run.kind, error=f"{type(exc).__name__}: {exc}")
 
 

@@ -9,7 +9,8 @@ completes the run (:mod:`keyrotor.rotation.completion`).
 
 A range of a registered column that was unregistered after the run planned it is finished
 without re-encrypting anything (the run's ``detail.skipped_columns`` names it), so the run still
-ends and a later rotation opens a run of its own. Its values stay on the old version, which
+ends and a later rotation opens a run of its own; its rows leave the run's ``rows_total`` when
+the run completes (:func:`keyrotor.rotation.completion.complete`). Its values stay on the old version, which
 stays in grace: retirement refuses while values of an uncovered location hold it.
 """
 

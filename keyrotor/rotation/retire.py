@@ -44,7 +44,7 @@ from keyrotor.errors import Conflict, KeyVersionUnknown, PermanentError, ScopeNo
 from keyrotor.inputs import check_scope
 from keyrotor.notify import KeyChange
 from keyrotor.rotation.context import RotationContext, run_to_commit
-from keyrotor.rotation.lifecycle import begin_attempt, failing_run, require_scope
+from keyrotor.rotation.lifecycle import begin_attempt, failing_run, record_failure, require_scope
 from keyrotor.rotation.reencrypt import RowFailed, load_keys, reencrypt_batch
 from keyrotor.runs import RunInfo
 from keyrotor.store import db
@@ -244,9 +244,11 @@ async def request_retirement(
     """Open (or join) the retirement run of ``scope`` v``version`` after the early checks,
     recording ``request_id`` on it.
 
-    A location the census cannot count is refused here already (the run is opened and marked
-    failed with the refusal, so it shows in ``runs`` and ``status``); the worker's proof checks
-    again in its transaction.
+    A location the census cannot count is refused here already: a run this call opens is marked
+    failed with the refusal and a failed ``retire`` event is audited (so it shows in ``runs``,
+    ``status`` and the audit log); an open run it joins is left to its attempt, whose proof
+    refuses the same location in its transaction and fails and audits the run. The worker's
+    proof checks again in its transaction in any case.
 
     Raises:
         InvalidRequestId: ``request_id`` is not valid.
@@ -286,9 +288,16 @@ async def _open_retirement(
             uncovered = await uncovered_locations(session, sid, scope, version)
             if uncovered:
                 refusal = not_covered(scope, version, uncovered)
-                await runs.fail_run(session, run.id, refusal)
+                # Only the run this call opened is failed (and audited) here. An open run it
+                # joined belongs to the attempt that may be working on it: that attempt's proof
+                # refuses the same locations under its locks and fails and audits the run itself,
+                # whereas failing it from here would leave the attempt to retire the key under
+                # a failed run if the location were acknowledged meanwhile.
+                if created:
+                    await record_failure(session, run, refusal)
     if refusal is not None:
-        log.warning("retire_refused", scope=scope, version=version, error=str(refusal))
+        fields = {"scope": scope, "version": version, "run_id": run.id, "joined": not created}
+        log.warning("retire_refused", **fields, error=str(refusal))
         raise refusal
     if run.from_version != version:
         raise Conflict(f"{scope}: the retirement of v{run.from_version} (run {run.id}) is still open")

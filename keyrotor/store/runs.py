@@ -288,13 +288,16 @@ async def add_progress(
     )
 
 
-async def complete_run(session: AsyncSession, run_id: int) -> bool:
-    """Mark an open run completed; False (nothing written) if it has ended already."""
+async def complete_run(session: AsyncSession, run_id: int, *, total_is_done: bool = False) -> bool:
+    """Mark an open run completed; False (nothing written) if it has ended already.
+
+    ``rows_total`` becomes at least ``rows_done``; with ``total_is_done``, exactly ``rows_done``:
+    for a run whose every row is done once it completes (a DEK rotation), rows its plan counted
+    but it never rewrote (a column unregistered meanwhile, rows deleted) are not its rows.
+    """
+    total = "rows_done" if total_is_done else "greatest(coalesce(rows_total, 0), rows_done)"
     return await _write_open(
-        session,
-        "state = 'completed', error = NULL, finished_at = now(), "
-        "rows_total = greatest(coalesce(rows_total, 0), rows_done)",
-        run_id,
+        session, f"state = 'completed', error = NULL, finished_at = now(), rows_total = {total}", run_id
     )
 
 

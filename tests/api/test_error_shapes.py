@@ -1,13 +1,15 @@
 """Every error answer of ``keyrotor serve`` is the one envelope, with what a client needs to act.
 
 A path no route serves is told apart from a missing resource; a throttled legacy decrypt says
-when to retry; an unhealthy ``/v1/health`` still answers in the error envelope.
+when to retry; an unhealthy ``/v1/health`` still answers in the error envelope, and tells an
+outage from a database without keyrotor's schema.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -68,3 +70,23 @@ async def test_an_unhealthy_health_answers_in_the_error_envelope(api_env: dict[s
             await proxy.start()  # back, so the manager closes cleanly
     finally:
         await proxy.cut()
+
+
+@pytest.mark.timeout(60)
+async def test_a_database_without_the_schema_is_misconfigured(api_env: dict[str, str]) -> None:
+    """Reached, but without keyrotor's schema: the probe still fails (503, ``unavailable``), and
+    the code says it is the server's configuration, which no retry mends, not an outage."""
+    settings = Settings.from_env(api_env)
+    async with KeyManager(settings) as km, TestClient(TestServer(create_app(settings, km=km))) as client:
+        assert (await (await client.get("/v1/health")).json()) == {"status": "ok"}
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            await conn.close()
+        resp = await client.get("/v1/health")
+        assert resp.status == 503
+        doc = await resp.json()
+        assert doc["status"] == "unavailable"
+        assert doc["error"]["code"] == "misconfigured"
+        assert doc["error"]["message"] == "the server is misconfigured; see its log"

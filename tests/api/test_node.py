@@ -1,6 +1,7 @@
 """The Node client's tests (``node --test clients/node/test/``) against a real ``keyrotor serve``;
 values cross Python -> HTTP -> Node and back, and the settings rows of docs/node.md are read
-through the client before and after ``legacy migrate``."""
+through the client before and after ``legacy migrate``; a second server, whose database loses
+keyrotor's schema, answers ``misconfigured``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from keyrotor import KeyManager, Settings
@@ -20,7 +23,7 @@ from keyrotor.crypto import legacy_format as legacy
 from keyrotor.legacy import migration as legacy_migration
 from tests.api.processes import ServeProcess
 from tests.cli_helpers import keyrotor
-from tests.conftest import MASTER_KEY
+from tests.conftest import MASTER_KEY, _admin, _url
 from tests.rotation_helpers import fetch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +52,30 @@ def served(env: dict[str, str], tmp_path: Path) -> Iterator[ServeProcess]:
         server.stop()
 
 
+@pytest.fixture
+async def schemaless(env: dict[str, str], template_db: str, tmp_path: Path) -> AsyncIterator[ServeProcess]:
+    """``keyrotor serve`` on a database of its own that loses keyrotor's schema once the server is
+    up (it refuses to start without one): every call then meets ``SchemaMissing``, a server
+    misconfiguration that no retry mends."""
+    name = f"kr_t_{uuid.uuid4().hex[:12]}"
+    await _admin(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    server = ServeProcess(
+        {**env, "DATABASE_URL": _url(name), "KEYROTOR_API_TOKEN_CACHE_SECONDS": "0"},
+        tmp_path / "schemaless.log",
+    )
+    try:
+        server.wait_ready()
+        conn = await asyncpg.connect(_url(name))
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            await conn.close()
+        yield server
+    finally:
+        server.stop()
+        await _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 async def _settings_rows(settings: Settings, km: KeyManager) -> list[dict[str, object]]:
     """docs/node.md's ``settings`` table: one row ``legacy migrate`` moved to kr1, one it has not
     reached yet (an old-format value). Returns the rows as the application reads them."""
@@ -66,7 +93,9 @@ async def _settings_rows(settings: Settings, km: KeyManager) -> list[dict[str, o
     return [{**dict(r), "plaintext": p} for r, p in zip(rows, plaintexts, strict=True)]
 
 
-async def test_node_client_against_serve(served: ServeProcess, env: dict[str, str], tmp_path: Path) -> None:
+async def test_node_client_against_serve(
+    served: ServeProcess, schemaless: ServeProcess, env: dict[str, str], tmp_path: Path
+) -> None:
     settings = Settings.from_env(env)
     async with KeyManager(settings) as km:
         settings_rows = tmp_path / "settings_rows.json"
@@ -95,6 +124,7 @@ async def test_node_client_against_serve(served: ServeProcess, env: dict[str, st
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", "/root"),
             "KEYROTOR_URL": served.url,
+            "KEYROTOR_MISCONFIGURED_URL": schemaless.url,
             "KEYROTOR_TOKEN": token,
             "KEYROTOR_DENIED_TOKEN": denied,
             "KEYROTOR_FROM_PYTHON": str(from_python),

@@ -48,10 +48,14 @@ async def test_a_range_of_a_column_unregistered_meanwhile_is_skipped_and_the_run
     assert worker.jobs_failed == 0
 
     run = (
-        await fetch(s.database_url, "SELECT state, rows_done, detail FROM rotations WHERE id = $1", run_id)
+        await fetch(
+            s.database_url, "SELECT state, rows_done, rows_total, detail FROM rotations WHERE id = $1", run_id
+        )
     )[0]
     assert run["state"] == "completed", run
     assert run["rows_done"] == len(values)  # the secrets; the unregistered column's rows are not counted
+    # Nor are they in the run's total: `runs` and `status` show a completed run as done, not 6/12.
+    assert run["rows_total"] == len(values), run
     detail = json.loads(run["detail"])
     assert detail["registered_columns"] == detail["skipped_columns"] == ["ends.api_key"]
     (event,) = await fetch(

@@ -1,8 +1,9 @@
 // KeyrotorClient against a real `keyrotor serve`: started by tests/api/test_node.py, which passes
 // KEYROTOR_URL, KEYROTOR_TOKEN (actor "node-app", grants on "node" and "tenant-1/*"), KEYROTOR_DENIED_TOKEN
 // (no grants), KEYROTOR_FROM_PYTHON (values Python wrote), KEYROTOR_NODE_OUT (where to leave
-// values for Python to read) and KEYROTOR_SETTINGS_ROWS (docs/node.md's settings rows, one
-// migrated by `legacy migrate`, one not yet). Skipped when KEYROTOR_URL is not set.
+// values for Python to read), KEYROTOR_SETTINGS_ROWS (docs/node.md's settings rows, one
+// migrated by `legacy migrate`, one not yet) and KEYROTOR_MISCONFIGURED_URL (a second server, whose
+// database lost keyrotor's schema after it started). Skipped when KEYROTOR_URL is not set.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -12,7 +13,9 @@ import {
   AuthenticationError,
   PermissionDeniedError,
   InvalidRequestError,
+  MisconfiguredError,
   NotFoundError,
+  UnavailableError,
 } from '../index.js';
 
 const url = process.env.KEYROTOR_URL;
@@ -85,4 +88,14 @@ test('typed errors carry the HTTP status', { skip }, async () => {
 
 test('health needs no token', { skip }, async () => {
   assert.deepEqual(await kr.health(), { status: 'ok' });
+});
+
+test('a server whose database has no schema answers MisconfiguredError: retrying will not help', { skip }, async () => {
+  const broken = new KeyrotorClient({ url: process.env.KEYROTOR_MISCONFIGURED_URL, token: process.env.KEYROTOR_TOKEN });
+  const misconfigured = (e) =>
+    e instanceof MisconfiguredError && !(e instanceof UnavailableError) && e instanceof KeyrotorError && e.status === 503 && e.code === 'misconfigured';
+  await assert.rejects(broken.decrypt('node', 'kr1:1:x', { context: 'a:1' }), misconfigured);
+  await assert.rejects(broken.encrypt('node', 'v'), misconfigured);
+  // The probe too: a database that answers without keyrotor's schema is not an outage.
+  await assert.rejects(broken.health(), misconfigured);
 });

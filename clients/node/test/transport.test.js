@@ -4,7 +4,15 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { inspect } from 'node:util';
-import { KeyrotorClient, KeyrotorError, InvalidRequestError, NotFoundError, RateLimitError, UnavailableError } from '../index.js';
+import {
+  KeyrotorClient,
+  KeyrotorError,
+  InvalidRequestError,
+  MisconfiguredError,
+  NotFoundError,
+  RateLimitError,
+  UnavailableError,
+} from '../index.js';
 
 async function serving(handler, fn) {
   const server = http.createServer(handler);
@@ -53,6 +61,24 @@ test('a proxy answering 502 or 504 (keyrotor behind it unreachable) is an Unavai
       async (url) => {
         const kr = new KeyrotorClient({ url, token: 'krt_test' });
         await assert.rejects(kr.decrypt('s', 'kr1:1:x'), (e) => e instanceof UnavailableError && e.status === status);
+      },
+    );
+  }
+});
+
+test("keyrotor's 503 misconfigured is a MisconfiguredError, not an UnavailableError to retry", { timeout: 10_000 }, async () => {
+  for (const [code, check] of [
+    ['misconfigured', (e) => e instanceof MisconfiguredError && !(e instanceof UnavailableError)],
+    ['unavailable', (e) => e instanceof UnavailableError && !(e instanceof MisconfiguredError)],
+  ]) {
+    await serving(
+      (req, res) => {
+        res.writeHead(503, { 'Content-Type': 'application/json' });
+        res.end(JSON.stringify({ error: { code, message: 'the server is misconfigured; see its log' } }));
+      },
+      async (url) => {
+        const kr = new KeyrotorClient({ url, token: 'krt_test' });
+        await assert.rejects(kr.decrypt('s', 'kr1:1:x'), (e) => check(e) && e instanceof KeyrotorError && e.status === 503 && e.code === code, code);
       },
     );
   }
