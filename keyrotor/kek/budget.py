@@ -20,7 +20,10 @@ the caller sleeps that long and then makes its call. Consequences:
 - Callers are served in the order Redis saw them (FIFO), whichever process they are in, and
   nobody polls: one round trip per acquisition.
 - One clock: Redis's ``TIME``. Clocks of the worker machines may disagree; the schedule does not
-  depend on them, only on the (sub-millisecond, on a LAN) difference of reply latencies.
+  depend on them, only on the (sub-millisecond, on a LAN) difference of reply latencies. A
+  reservation also says when its slot starts on that clock (:class:`Slot`): the callers log it,
+  so the schedule every worker was given can be checked exactly, however late a busy process
+  woke up to use its slot.
 - A caller cancelled while it sleeps forfeits its slot: the budget is under-spent, never
   over-spent.
 - Fail safe: when Redis cannot be reached after a few quick retries, :meth:`acquire` raises
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -57,7 +61,8 @@ log = structlog.get_logger("keyrotor.kek.budget")
 MAX_RATE = 1_000_000.0
 
 # KEYS[1]: the TAT, in microseconds of the Redis clock. ARGV[1]: microseconds one unit costs;
-# ARGV[2]: units. Returns the microseconds the caller waits before its slot (0: at once).
+# ARGV[2]: units. Returns the microseconds the caller waits before its slot (0: at once) and
+# the slot's start, in microseconds of the Redis clock (since the epoch).
 # TIME in a script that writes is allowed since Redis 5 (scripts replicate by effects); the
 # replicate_commands call makes Redis 3.2/4 do the same and is a no-op on newer servers.
 _GCRA = """
@@ -70,7 +75,7 @@ local new_tat = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
 -- A TAT in the past means a free budget: the key only needs to outlive new_tat (plus slack).
 local ttl_ms = math.floor((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
-return string.format('%.0f', tat - now)
+return {string.format('%.0f', tat - now), string.format('%.0f', tat)}
 """
 
 
@@ -88,6 +93,20 @@ def check_rate(rate: object, *, name: str = "KEYROTOR_KEK_CALLS_PER_SECOND") -> 
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A reservation of the budget.
+
+    Attributes:
+        starts_at: when the slot starts, in seconds since the epoch on Redis's clock (the one
+            clock of the schedule; on Redis's own machine, the same as ``time.time()``).
+        wait_s: how long the caller was told to wait for it, from Redis's reply.
+    """
+
+    starts_at: float
+    wait_s: float
+
+
 class RateBudget(Protocol):
     """A rate budget a :class:`~keyrotor.kek.throttle.ThrottledKek` spends."""
 
@@ -98,6 +117,10 @@ class RateBudget(Protocol):
 
     async def acquire(self, units: int = 1) -> float:
         """Wait until ``units`` of budget are ours; returns the seconds waited."""
+        ...
+
+    async def acquire_slot(self, units: int = 1) -> Slot:
+        """Wait until ``units`` of budget are ours; returns the slot they were granted."""
         ...
 
 
@@ -149,13 +172,23 @@ class SharedRateBudget:
             ValueError: ``units`` is below 1.
             QueueUnavailable: Redis could not be reached (nothing may be spent).
         """
+        return (await self.reserve_slot(units)).wait_s
+
+    async def reserve_slot(self, units: int = 1) -> Slot:
+        """Take the next slot of ``units``: when it starts (Redis's clock) and how long to wait.
+
+        Raises:
+            ValueError: ``units`` is below 1.
+            QueueUnavailable: Redis could not be reached (nothing may be spent).
+        """
         if units < 1:
             raise ValueError(f"units must be at least 1, got {units}")
         delay = self._retry_delay_s
         for attempt in range(1, self._attempts + 1):
             try:
-                wait_us = await self._script(keys=[self.key], args=[self._unit_us, units])
-                return max(0.0, float(wait_us) / 1_000_000)
+                wait_us, start_us = await self._script(keys=[self.key], args=[self._unit_us, units])
+                wait_s = max(0.0, float(wait_us) / 1_000_000)
+                return Slot(starts_at=float(start_us) / 1_000_000, wait_s=wait_s)
             except (RedisError, OSError) as exc:
                 if attempt == self._attempts:
                     raise QueueUnavailable(
@@ -173,10 +206,18 @@ class SharedRateBudget:
         Raises:
             QueueUnavailable: Redis could not be reached (transient; the call must not be made).
         """
-        wait_s = await self.reserve(units)
-        if wait_s > 0:
-            await self._sleep(wait_s)
-        return wait_s
+        return (await self.acquire_slot(units)).wait_s
+
+    async def acquire_slot(self, units: int = 1) -> Slot:
+        """Wait for ``units`` of the budget; returns the slot they were granted.
+
+        Raises:
+            QueueUnavailable: Redis could not be reached (transient; the call must not be made).
+        """
+        slot = await self.reserve_slot(units)
+        if slot.wait_s > 0:
+            await self._sleep(slot.wait_s)
+        return slot
 
 
 def kek_budget_key(queue_name: str) -> str:

@@ -50,6 +50,7 @@ from keyrotor.errors import (
     QueueUnavailable,
     TransientError,
 )
+from keyrotor.kek.budget import SharedRateBudget, Slot
 from keyrotor.kek.metrics import AttemptOutcome, CallObserver, CallOutcome, CircuitState, PrometheusObserver
 
 T = TypeVar("T")
@@ -301,23 +302,33 @@ class Resilience:
         finally:
             self.observer.call_finished(self.provider, operation, outcome, self._clock() - started)
 
+    async def _spend(self, limiter: CallBudget, operation: str) -> None:
+        """Spend one unit of ``limiter`` for a request about to be sent."""
+        slot: Slot | None = None
+        if isinstance(limiter, SharedRateBudget):
+            slot = await limiter.acquire_slot()
+        else:
+            await limiter.acquire()
+        # The moment the request is let through (``at``, this process's clock) and, from a shared
+        # budget, the slot Redis granted it (``slot_at``, Redis's clock): what the two-worker
+        # budget test reads (debug level, so nothing is logged by default).
+        log.debug(
+            "kek_budget_spent",
+            provider=self.provider,
+            operation=operation,
+            units=1,
+            waited_s=0.0 if slot is None else round(slot.wait_s, 4),
+            slot_at=None if slot is None else slot.starts_at,
+            at=time.time(),
+        )
+
     async def _attempt(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         probe = self.breaker.acquire()
         settled = False
         concealed: KeyrotorError | None = None
         try:
             if self.limiter is not None:
-                waited = await self.limiter.acquire()
-                # The moment a request is let through: what the two-worker budget test reads
-                # (debug level, so nothing is logged by default).
-                log.debug(
-                    "kek_budget_spent",
-                    provider=self.provider,
-                    operation=operation,
-                    units=1,
-                    waited_s=round(waited, 4) if isinstance(waited, float) else 0.0,
-                    at=time.time(),
-                )
+                await self._spend(self.limiter, operation)
             try:
                 async with asyncio.timeout(self.policy.timeout_s):
                     result = await fn()

@@ -47,11 +47,18 @@ class ThrottledKek:
         return self.inner.name
 
     async def _spend(self, operation: str, units: int = 1) -> None:
-        waited = await self.budget.acquire(units)
-        # The moment the call is let through: what the two-worker test reads to check the
-        # budget across processes (debug level, so nothing is logged by default).
+        slot = await self.budget.acquire_slot(units)
+        # The slot the budget granted (``slot_at``, Redis's clock) and the moment the call is let
+        # through (``at``, this process's clock): what the two-worker test reads to check the
+        # budget across processes, the schedule from the slots (a busy process may use its slot
+        # late, never early) and each call against its slot (debug level: not logged by default).
         log.debug(
-            "kek_budget_spent", operation=operation, units=units, waited_s=round(waited, 4), at=time.time()
+            "kek_budget_spent",
+            operation=operation,
+            units=units,
+            waited_s=round(slot.wait_s, 4),
+            slot_at=slot.starts_at,
+            at=time.time(),
         )
 
     async def current_version(self) -> int:

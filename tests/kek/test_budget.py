@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from keyrotor import Settings
 from keyrotor.errors import ConfigurationError, QueueUnavailable
 from keyrotor.kek.base import KekProvider, WrapContext
-from keyrotor.kek.budget import SharedRateBudget, check_rate, kek_budget_key
+from keyrotor.kek.budget import SharedRateBudget, Slot, check_rate, kek_budget_key
 from keyrotor.kek.factory import local_keyring, open_provider
 from keyrotor.kek.metrics import KEK_ATTEMPT_FAILURES, KEK_CALLS
 from keyrotor.kek.resilience import Throttled
@@ -163,6 +163,19 @@ async def test_processes_share_one_budget(redis: aioredis.Redis) -> None:
     assert span >= (len(slots) - 1) / rate - SLACK_S
 
 
+async def test_a_slot_says_when_it_starts_on_redis_clock(redis: aioredis.Redis) -> None:
+    # What the workers log for tests/jobs/test_kek_budget.py: exact spacing, on Redis's clock
+    # (this machine's: Redis runs here), however late the caller reads the reply.
+    budget = SharedRateBudget(redis, _key(), 10)
+    before = time.time()
+    first = await budget.reserve_slot(3)
+    after = time.time()
+    assert first.wait_s == 0.0 and before - 0.001 <= first.starts_at <= after + 0.001
+    second = await budget.reserve_slot()
+    assert second.starts_at - first.starts_at == pytest.approx(0.3, abs=1e-5)
+    assert 0 < second.wait_s <= 0.3
+
+
 async def test_deployments_on_one_redis_have_a_budget_each(redis: aioredis.Redis) -> None:
     one = SharedRateBudget(redis, _key(), 1)
     other = SharedRateBudget(redis, _key(), 1)
@@ -245,13 +258,13 @@ async def test_a_fractional_row_budget_paces_as_it_reads() -> None:
 
 
 class CountingBudget(SharedRateBudget):
-    """The real shared budget, counting the units it grants."""
+    """The real shared budget, counting the units it grants (every spend reserves its slot)."""
 
     units = 0
 
-    async def acquire(self, units: int = 1) -> float:
+    async def reserve_slot(self, units: int = 1) -> Slot:
         self.units += units
-        return await super().acquire(units)
+        return await super().reserve_slot(units)
 
 
 def requests_sent(provider: str) -> float:
