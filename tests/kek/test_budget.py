@@ -1,10 +1,10 @@
 """The shared KEK call budget (keyrotor/kek/budget.py) against the real Redis.
 
-Timing tolerance: the schedule is exact in Redis's clock; what a test sees is the moment each
-caller woke up from its sleep, which lags by event-loop scheduling and a Redis round trip (well
-under 10 ms here; 2 cores shared with other test sessions can stretch it). Every pacing check
-allows ``SLACK_S`` = 60 ms of that lag, far below the pace being checked (the old per-process
-budget would be off by 100% of it, not by a few per cent).
+Timing tolerance: the schedule is exact in Redis's clock, and a reservation says where its slot
+starts on it (``Slot.starts_at``): pacing checks read that, so a caller that a busy machine woke
+late cannot fail them. Where a test can only see when callers woke up (the processes' brackets,
+total elapsed time), it allows ``SLACK_S`` = 60 ms of lag, far below the pace being checked (the
+old per-process budget would be off by 100% of it, not by a few per cent).
 """
 
 from __future__ import annotations
@@ -60,14 +60,15 @@ def _key() -> str:
 
 async def test_fractional_rate_is_one_call_every_two_seconds(redis: aioredis.Redis) -> None:
     budget = SharedRateBudget(redis, _key(), 0.5)
-    started = time.monotonic()
-    times = []
+    slots = []
     for _ in range(3):
-        await budget.acquire()
-        times.append(time.monotonic() - started)
-    assert times[0] < 0.05  # the first call of an idle budget goes at once
-    assert 1.95 <= times[1] - times[0] <= 2.0 + SLACK_S
-    assert 1.95 <= times[2] - times[1] <= 2.0 + SLACK_S
+        slots.append(await budget.acquire_slot())
+        # acquire_slot returned no earlier than its slot (Redis runs on this machine's clock).
+        assert time.time() >= slots[-1].starts_at - 0.001
+    assert slots[0].wait_s == 0.0  # the first call of an idle budget goes at once
+    # The spacing on Redis's clock is exact, however late a busy machine woke this caller.
+    assert slots[1].starts_at - slots[0].starts_at == pytest.approx(2.0, abs=1e-5)
+    assert slots[2].starts_at - slots[1].starts_at == pytest.approx(2.0, abs=1e-5)
 
 
 async def test_several_units_at_once_cost_their_share(redis: aioredis.Redis) -> None:
@@ -93,11 +94,11 @@ async def test_concurrent_coroutines_with_their_own_connections_share_one_pace(
     async def caller(client: aioredis.Redis) -> None:
         budget = SharedRateBudget(client, key, rate)
         for _ in range(6):
-            # The slot the budget granted, not when this coroutine happened to resume: on a busy
-            # machine a late wake-up would make two slots look closer than they were.
-            wait_s = await budget.reserve()
-            events.append((time.monotonic() + wait_s, 1))
-            await asyncio.sleep(wait_s)
+            # The slot the budget granted, on Redis's clock, not when this coroutine happened to
+            # read the reply: on a busy machine a late read would make two slots look closer.
+            slot = await budget.reserve_slot()
+            events.append((slot.starts_at, 1))
+            await asyncio.sleep(slot.wait_s)
 
     try:
         started = time.monotonic()
@@ -107,7 +108,7 @@ async def test_concurrent_coroutines_with_their_own_connections_share_one_pace(
         for c in clients:
             await c.aclose()
     assert len(events) == 30
-    assert_paced(events, rate)
+    assert_paced(events, rate, slack_s=1e-5)
     # 30 calls at 20/s: the last starts 29/20 s after the first; 5 separate budgets would take 0.25 s.
     assert elapsed >= 29 / rate - SLACK_S
 
@@ -188,8 +189,10 @@ async def test_idle_time_is_not_saved_up_for_a_burst(redis: aioredis.Redis) -> N
     budget = SharedRateBudget(redis, _key(), 4)
     await budget.acquire()
     await asyncio.sleep(1.0)  # four calls' worth of idle time
-    assert await budget.acquire() == 0.0
-    assert 0.2 <= await budget.reserve() <= 0.25 + SLACK_S  # the next still waits its 1/4 s
+    now = await budget.acquire_slot()
+    assert now.wait_s == 0.0
+    nxt = await budget.reserve_slot()  # the next still waits its 1/4 s after that one
+    assert nxt.starts_at - now.starts_at == pytest.approx(0.25, abs=1e-5) and 0 < nxt.wait_s <= 0.25
 
 
 @pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, -math.inf, 2e6, "5", True, None])
