@@ -12,8 +12,9 @@ A location is *covered* when the census counts the rows it names:
 - a registered column (``keyrotor columns register``) of the same scope whose context template
   can produce contexts with that location.
 
-Otherwise it is *acknowledged* when an operator named it with ``keyrotor columns ignore`` (its
-values may be lost, and the operator said so), or *unregistered*. A DEK version with an
+Otherwise it is *acknowledged* when an operator named it with ``keyrotor columns ignore`` for
+that scope, or for every scope (its values may be lost, and the operator said so), or
+*unregistered*. A DEK version with an
 unregistered location is never destroyed (:func:`uncovered_locations`).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ SECRETS_TEMPLATE = "secret:" + PK_PLACEHOLDER
 NO_CONTEXT = ""
 # The location migration 0008 gives every version that existed before locations were recorded.
 UNRECORDED = "(unrecorded)"
+# The scope of an acknowledgement that covers every scope (those given before migration 0018).
+EVERY_SCOPE = "*"
 # The location of the values the old backend's second phase sealed with a DEK keyrotor imported
 # (keyrotor/legacy/second_phase.py): they may be in any table, and no encrypt recorded where. One
 # per imported DEK, so that an acknowledgement of one never covers a DEK imported later.
@@ -178,17 +181,19 @@ SECRETS_COVER = Cover(SECRETS_TEMPLATE, None, "secrets")
 
 
 def classify(
-    scope: str, location: str, covers: Iterable[Cover], acknowledged: Iterable[str]
+    scope: str, location: str, covers: Iterable[Cover], acknowledged: Collection[tuple[str, str]]
 ) -> tuple[str, str]:
-    """``(coverage, by)`` of one location: keyrotor's own table, a registered column, an
-    operator's acknowledgement, or unregistered (``by`` is then ``""``)."""
+    """``(coverage, by)`` of one location of ``scope``: keyrotor's own table, a registered column,
+    an operator's acknowledgement of it for that scope or for every scope (``acknowledged``
+    holds ``(location, scope)``, scope :data:`EVERY_SCOPE` for every one), or unregistered
+    (``by`` is then ``""``)."""
     if not is_placeholder(location):
         if SECRETS_COVER.covers(scope, location):
             return COVERED_BY_KEYROTOR, SECRETS_COVER.name
         for cover in covers:
             if cover.covers(scope, location):
                 return COVERED_BY_COLUMN, cover.name
-    if location in set(acknowledged):
+    if (location, scope) in acknowledged or (location, EVERY_SCOPE) in acknowledged:
         return ACKNOWLEDGED, location
     return UNREGISTERED, ""
 
@@ -203,8 +208,9 @@ async def registered_covers(session: AsyncSession) -> list[Cover]:
     return out
 
 
-async def acknowledged_locations(session: AsyncSession) -> set[str]:
-    """Locations an operator acknowledged with ``keyrotor columns ignore``."""
+async def acknowledged_locations(session: AsyncSession) -> set[tuple[str, str]]:
+    """``(location, scope)`` an operator acknowledged with ``keyrotor columns ignore`` (scope
+    :data:`EVERY_SCOPE`: every scope)."""
     return await store.acknowledged_locations(session)
 
 

@@ -10,6 +10,7 @@ transaction).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit.log import record_config_change
 from keyrotor.census.locations import (
+    EVERY_SCOPE,
     NO_CONTEXT,
     SECOND_PHASE_PREFIX,
     UNRECORDED,
@@ -28,6 +30,7 @@ from keyrotor.census.locations import (
     registered_covers,
 )
 from keyrotor.errors import InvalidInput, NotFound
+from keyrotor.inputs import check_scope
 from keyrotor.store import census as store
 
 MAX_LOCATION_CHARS = 1024  # an encrypt context is at most 1024 characters (KeyManager)
@@ -173,43 +176,98 @@ def _check_reason(reason: str) -> str:
 
 
 async def _ack(session: AsyncSession, location: str) -> dict[str, Any] | None:
-    row = await store.acknowledgement(session, location)
-    if row is None:
+    """``location``'s acknowledgements: the scopes they cover, the newest one's reason, actor
+    and time, and each one (None: not acknowledged)."""
+    rows = await store.acknowledgements(session, location)
+    if not rows:
         return None
-    return {"location": location, "reason": row[0], "actor": row[1], "acknowledged_at": row[2].isoformat()}
+    each = [
+        {"scope": scope, "reason": reason, "actor": actor, "acknowledged_at": at.isoformat()}
+        for scope, reason, actor, at in rows
+    ]
+    newest = max(rows, key=lambda r: r[3])
+    return {
+        "location": location,
+        "scopes": [r[0] for r in rows],
+        "reason": newest[1],
+        "actor": newest[2],
+        "acknowledged_at": newest[3].isoformat(),
+        "acknowledgements": each,
+    }
 
 
-async def ignore(session: AsyncSession, location: str, *, reason: str, actor: str) -> dict[str, Any]:
-    """Acknowledge ``location`` (its values may be lost); audited. Returns the acknowledgement.
+def _check_scopes(scopes: Sequence[str]) -> list[str]:
+    return sorted({check_scope(s) for s in scopes})
+
+
+async def ignore(
+    session: AsyncSession,
+    location: str,
+    *,
+    reason: str,
+    actor: str,
+    scopes: Sequence[str] = (),
+    every_scope: bool = False,
+) -> dict[str, Any]:
+    """Acknowledge ``location`` (its values may be lost) for ``scopes``, for every scope now and
+    later (``every_scope``), or, with neither, for the scopes whose values were recorded there so
+    far; audited. Returns the location's acknowledgements.
+
+    A scope that begins writing there later is not covered by an acknowledgement of other
+    scopes: its versions are kept until an operator says the same of it.
 
     Raises:
-        InvalidInput: bad location or reason.
-        NotFound: no value was ever recorded at that location (a typo would acknowledge nothing).
+        InvalidInput: bad location, reason or scope, or both ``scopes`` and ``every_scope``.
+        NotFound: no value was ever recorded at that location, or for one of ``scopes`` there
+            (a typo would acknowledge nothing).
     """
-    location, reason = parse_location(location), _check_reason(reason)
-    if not await store.location_recorded(session, location):
+    location, reason, named = parse_location(location), _check_reason(reason), _check_scopes(scopes)
+    if named and every_scope:
+        raise InvalidInput("name scopes with --scope or acknowledge every scope with --all-scopes, not both")
+    recorded = await store.recorded_scopes(session, location)
+    if not recorded:
         raise NotFound(
             f"no value was recorded at location {display(location)!r}: see `keyrotor columns list`"
         )
+    missing = [s for s in named if s not in recorded]
+    if missing:
+        raise NotFound(
+            f"no value of scope {missing[0]!r} was recorded at location {display(location)!r} "
+            "(to cover scopes that may write there later: --all-scopes); see `keyrotor columns list`"
+        )
+    targets = [EVERY_SCOPE] if every_scope else named or recorded
     before = await _ack(session, location)
-    await store.acknowledge(session, location, reason, actor)
+    await store.acknowledge(session, location, targets, reason, actor)
     after = await _ack(session, location)
     assert after is not None
     await record_config_change(session, actor, "location_ack", before, after)
     return after
 
 
-async def unignore(session: AsyncSession, location: str, *, actor: str) -> dict[str, Any]:
-    """Take back the acknowledgement of ``location``; audited. Returns what was removed.
+async def unignore(
+    session: AsyncSession, location: str, *, actor: str, scopes: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Take back the acknowledgements of ``location`` for ``scopes`` (none named: all of them);
+    audited. Returns what was removed.
 
     Raises:
-        InvalidInput: bad location.
-        NotFound: the location is not acknowledged.
+        InvalidInput: bad location or scope.
+        NotFound: the location is not acknowledged (for one of ``scopes``).
     """
-    location = parse_location(location)
+    location, named = parse_location(location), _check_scopes(scopes)
     before = await _ack(session, location)
     if before is None:
         raise NotFound(f"location {display(location)!r} is not acknowledged: see `keyrotor columns list`")
-    await store.drop_acknowledgement(session, location)
-    await record_config_change(session, actor, "location_ack", before, None)
-    return before
+    missing = [s for s in named if s not in before["scopes"]]
+    if missing:
+        raise NotFound(
+            f"location {display(location)!r} is not acknowledged for scope {missing[0]!r} "
+            f"(it is for: {', '.join(before['scopes'])}); see `keyrotor columns list`"
+        )
+    await store.drop_acknowledgements(session, location, named or None)
+    after = await _ack(session, location)
+    await record_config_change(session, actor, "location_ack", before, after)
+    if not named:
+        return before
+    kept = [a for a in before["acknowledgements"] if a["scope"] in named]
+    return {"location": location, "scopes": named, "acknowledgements": kept}

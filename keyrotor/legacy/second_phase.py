@@ -125,7 +125,7 @@ async def import_dek(km: KeyManager, scope: str, blob: str) -> ImportedDek:
         # An acknowledgement left from an earlier DEK of the same name must not cover this one.
         location = second_phase_location(scope, version)
         await census_store.record_location(session, sc.id, version, location, 0)
-        await census_store.drop_acknowledgement(session, location)
+        await census_store.drop_acknowledgements(session, location, None)
         await write_event(
             session,
             AuditEvent(

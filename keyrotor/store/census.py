@@ -107,33 +107,56 @@ async def covers(session: AsyncSession) -> Sequence[Sequence[Any]]:
 # --- acknowledgements -------------------------------------------------------------------------
 
 
-async def acknowledged_locations(session: AsyncSession) -> set[str]:
-    """Locations an operator acknowledged."""
-    return set((await session.execute(text("SELECT location FROM location_acks"))).scalars())
+async def acknowledged_locations(session: AsyncSession) -> set[tuple[str, str]]:
+    """``(location, scope)`` of every acknowledgement (scope ``*``: every scope)."""
+    rows = (await session.execute(text("SELECT location, scope FROM location_acks"))).all()
+    return {(r[0], r[1]) for r in rows}
 
 
-async def acknowledgement(session: AsyncSession, location: str) -> tuple[str, str, datetime] | None:
-    """``(reason, actor, acknowledged_at)`` of ``location``'s acknowledgement, locked; or None."""
-    stmt = text("SELECT reason, actor, acknowledged_at FROM location_acks WHERE location = :l FOR UPDATE")
-    row = (await session.execute(stmt, {"l": location})).first()
-    return None if row is None else (row[0], row[1], row[2])
+async def acknowledgements(session: AsyncSession, location: str) -> list[tuple[str, str, str, datetime]]:
+    """``(scope, reason, actor, acknowledged_at)`` of each acknowledgement of ``location``, by
+    scope, locked (none: an empty list)."""
+    stmt = text(
+        "SELECT scope, reason, actor, acknowledged_at FROM location_acks WHERE location = :l "
+        "ORDER BY scope FOR UPDATE"
+    )
+    return [(r[0], r[1], r[2], r[3]) for r in (await session.execute(stmt, {"l": location})).all()]
 
 
-async def acknowledge(session: AsyncSession, location: str, reason: str, actor: str) -> None:
-    """Acknowledge ``location`` (or replace its acknowledgement)."""
+async def recorded_scopes(session: AsyncSession, location: str) -> list[str]:
+    """The scopes any value was ever recorded at ``location`` for, by name."""
+    stmt = text(
+        "SELECT DISTINCT s.name FROM key_locations l JOIN key_scopes s ON s.id = l.scope_id "
+        "WHERE l.location = :l ORDER BY s.name"
+    )
+    return list((await session.execute(stmt, {"l": location})).scalars())
+
+
+async def acknowledge(
+    session: AsyncSession, location: str, scopes: Sequence[str], reason: str, actor: str
+) -> None:
+    """Acknowledge ``location`` for each of ``scopes`` (``*``: every scope), replacing the
+    acknowledgements of those scopes given before."""
     await session.execute(
         text(
-            "INSERT INTO location_acks (location, reason, actor) VALUES (:l, :r, :a) "
-            "ON CONFLICT (location) DO UPDATE SET reason = excluded.reason, actor = excluded.actor, "
-            "acknowledged_at = now()"
+            "INSERT INTO location_acks (location, scope, reason, actor) "
+            "SELECT :l, s, :r, :a FROM unnest(CAST(:scopes AS text[])) AS s "
+            "ON CONFLICT (location, scope) DO UPDATE SET reason = excluded.reason, "
+            "actor = excluded.actor, acknowledged_at = now()"
         ),
-        {"l": location, "r": reason, "a": actor},
+        {"l": location, "scopes": list(scopes), "r": reason, "a": actor},
     )
 
 
-async def drop_acknowledgement(session: AsyncSession, location: str) -> None:
-    """Take back ``location``'s acknowledgement."""
-    await session.execute(text("DELETE FROM location_acks WHERE location = :l"), {"l": location})
+async def drop_acknowledgements(session: AsyncSession, location: str, scopes: Sequence[str] | None) -> None:
+    """Take back ``location``'s acknowledgements of ``scopes`` (None: all of them)."""
+    if scopes is None:
+        await session.execute(text("DELETE FROM location_acks WHERE location = :l"), {"l": location})
+        return
+    await session.execute(
+        text("DELETE FROM location_acks WHERE location = :l AND scope = ANY(CAST(:scopes AS text[]))"),
+        {"l": location, "scopes": list(scopes)},
+    )
 
 
 # --- encryptions per DEK ------------------------------------------------------------------------

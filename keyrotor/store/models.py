@@ -247,11 +247,13 @@ class KeyLocation(Base):
 
 
 class LocationAck(Base):
-    """A location an operator acknowledged by name (``keyrotor columns ignore``)."""
+    """A location an operator acknowledged by name for one scope, or every scope (``*``)
+    (``keyrotor columns ignore``)."""
 
     __tablename__ = "location_acks"
 
     location: Mapped[str] = mapped_column(Text, primary_key=True)
+    scope: Mapped[str] = mapped_column(Text, primary_key=True, server_default=text("'*'"))
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(Text)
     acknowledged_at: Mapped[datetime] = _now()

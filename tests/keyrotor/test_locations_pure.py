@@ -8,6 +8,7 @@ from keyrotor.census.locations import (
     ACKNOWLEDGED,
     COVERED_BY_COLUMN,
     COVERED_BY_KEYROTOR,
+    EVERY_SCOPE,
     UNRECORDED,
     UNREGISTERED,
     Cover,
@@ -69,17 +70,21 @@ def test_classify_orders_keyrotor_column_acknowledged_unregistered() -> None:
     assert classify("anthropic", "users.api_key", covers, []) == (COVERED_BY_COLUMN, "users.api_key")
     # A fixed-scope column covers only its scope.
     assert classify("openai", "users.api_key", covers, [])[0] == UNREGISTERED
-    assert classify("openai", "users.api_key", covers, ["users.api_key"])[0] == ACKNOWLEDGED
+    assert classify("openai", "users.api_key", covers, [("users.api_key", "openai")])[0] == ACKNOWLEDGED
+    assert classify("openai", "users.api_key", covers, [("users.api_key", EVERY_SCOPE)])[0] == ACKNOWLEDGED
+    # An acknowledgement for another scope covers nothing of this one.
+    assert classify("openai", "users.api_key", covers, [("users.api_key", "mistral")])[0] == UNREGISTERED
     assert classify("anthropic", "", covers, [])[0] == UNREGISTERED
     # Values written before locations were recorded are never proven covered by a template.
     assert classify("anthropic", UNRECORDED, [Cover("{pk}", None, "x")], [])[0] == UNREGISTERED
-    assert classify("anthropic", UNRECORDED, covers, [UNRECORDED])[0] == ACKNOWLEDGED
+    assert classify("anthropic", UNRECORDED, covers, [(UNRECORDED, EVERY_SCOPE)])[0] == ACKNOWLEDGED
     # Nor are an imported DEK's values (the old backend's, in any table), each DEK on its own.
     second = second_phase_location("anthropic", 2)
     assert second == "(second phase: anthropic v2)"
     assert classify("anthropic", second, [Cover("{pk}", None, "x")], [])[0] == UNREGISTERED
-    assert classify("anthropic", second, covers, [second_phase_location("anthropic", 3)])[0] == UNREGISTERED
-    assert classify("anthropic", second, covers, [second])[0] == ACKNOWLEDGED
+    third = second_phase_location("anthropic", 3)
+    assert classify("anthropic", second, covers, [(third, "anthropic")])[0] == UNREGISTERED
+    assert classify("anthropic", second, covers, [(second, "anthropic")])[0] == ACKNOWLEDGED
 
 
 _INT = INTEGER_KEY.text_pattern

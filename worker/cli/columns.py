@@ -4,7 +4,7 @@ columns, and every location where values were sealed (keyrotor.census.report).""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, cast
 
 import typer
 from rich.markup import escape
@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from keyrotor.audit.log import check_actor
 from keyrotor.census import columns
 from keyrotor.census import report as census
-from keyrotor.census.locations import display
+from keyrotor.census.locations import EVERY_SCOPE, display
 from keyrotor.store import db
 from keyrotor.worker.cli.common import err_console, out_console, print_json, run, settings
 
@@ -153,41 +153,64 @@ def _print_locations(located: list[census.LocationView]) -> None:
 LocationArg = Annotated[str, typer.Argument(help="a location from `columns list` ('(no context)': none)")]
 
 
+ScopesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--scope", help="a scope it is for (repeatable; default: those with values there now)"),
+]
+
+
 @app.command("ignore")
 def ignore(
     location: LocationArg,
     reason: Annotated[str, typer.Option("--reason", help="why its values may be lost (audited)")],
+    scope: ScopesOpt = None,
+    all_scopes: Annotated[
+        bool, typer.Option("--all-scopes", help="every scope, also those that write there later")
+    ] = False,
     as_: AsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Acknowledge a location the census cannot count: its values may be lost when their DEK
-    version is destroyed (a ``config_change`` audit event)."""
+    version is destroyed (a ``config_change`` audit event). It covers the scopes whose values
+    were recorded there so far, or those named with --scope, or every scope with --all-scopes."""
     census.parse_location(location)
     actor = check_actor(as_ if as_ is not None else settings().default_actor)
 
     async def go(s: async_sessionmaker[AsyncSession]) -> dict[str, object]:
         async with db.transaction(s) as session:
-            return await census.ignore(session, location, reason=reason, actor=actor)
+            return await census.ignore(
+                session, location, reason=reason, actor=actor, scopes=scope or (), every_scope=all_scopes
+            )
 
     ack = run(lambda: _with_sessions(go))
     if json_out:
         print_json({"acknowledged": ack})
         return
-    err_console.print(f"acknowledged {escape(display(str(ack['location'])))}: its values may be lost")
+    scopes = cast(list[str], ack["scopes"])
+    which = "every scope" if scopes == [EVERY_SCOPE] else ", ".join(scopes)
+    err_console.print(
+        f"acknowledged {escape(display(str(ack['location'])))} for {escape(which)}: its values may be lost"
+    )
 
 
 @app.command("unignore")
-def unignore(location: LocationArg, as_: AsOpt = None, json_out: JsonOpt = False) -> None:
-    """Take back ``columns ignore``: the location again keeps its DEK versions from destruction."""
+def unignore(
+    location: LocationArg, scope: ScopesOpt = None, as_: AsOpt = None, json_out: JsonOpt = False
+) -> None:
+    """Take back ``columns ignore`` (for the scopes named with --scope, or all): the location
+    again keeps those scopes' DEK versions from destruction."""
     census.parse_location(location)
     actor = check_actor(as_ if as_ is not None else settings().default_actor)
 
     async def go(s: async_sessionmaker[AsyncSession]) -> dict[str, object]:
         async with db.transaction(s) as session:
-            return await census.unignore(session, location, actor=actor)
+            return await census.unignore(session, location, actor=actor, scopes=scope or ())
 
     removed = run(lambda: _with_sessions(go))
     if json_out:
         print_json({"removed": removed})
         return
-    err_console.print(f"no longer acknowledged: {escape(display(str(removed['location'])))}")
+    scopes = cast(list[str], removed["scopes"])
+    which = "every scope" if scopes == [EVERY_SCOPE] else ", ".join(scopes)
+    where = escape(display(str(removed["location"])))
+    err_console.print(f"no longer acknowledged: {where} for {escape(which)}")
