@@ -8,14 +8,15 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import asyncpg
 
 from keyrotor import Settings
-from keyrotor.worker.stopping import EXIT_STEPS_CANCELLED, STOP_MARGIN_S
-from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, seed
+from keyrotor.worker.stopping import EXIT_STEPS_CANCELLED, EXIT_STOP_OVERDUE, STOP_MARGIN_S
+from tests.rotation_helpers import WorkerProcess, check_values, fetch, keyrotor, process_env, seed
 from tests.worker.test_rotation_worker import run_state, start, wait_for
 
 GRACE_S = 2.0
@@ -99,3 +100,32 @@ async def test_a_protected_step_stuck_on_a_lock_is_cancelled_after_the_grace_and
     assert done["id"] == run_id and done["rows_done"] == 3000
     assert await check_values(settings, "openai", values) == {2: 3000}
     assert again.terminate() == 0  # nothing to wait for: a clean stop
+
+
+def test_the_watchdog_ends_a_stop_that_overruns_its_limit(tmp_path: Path) -> None:
+    # The event loop blocked for good (a synchronous call that never returns): only the
+    # watchdog's thread can still end the process, at the grace plus STOP_MARGIN_S.
+    script = (
+        "import asyncio, time\n"
+        "from keyrotor.worker.stopping import Stop\n"
+        "async def main():\n"
+        "    stop = Stop(0.5, hard_exit=True, unwritten_audit=lambda: 7)\n"
+        "    stop.begin('SIGTERM', 1)\n"
+        "    stop.stage = 'shutdown: KeyManager (usage counts, audit writer)'\n"
+        "    time.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=process_env({}),
+        capture_output=True,
+        text=True,
+        timeout=0.5 + STOP_MARGIN_S + 20,
+        check=False,
+    )
+    took = time.monotonic() - t0
+    assert done.returncode == EXIT_STOP_OVERDUE, done.stdout + done.stderr
+    assert 0.5 + STOP_MARGIN_S - 0.5 < took < 0.5 + STOP_MARGIN_S + 10, took
+    out = done.stdout + done.stderr
+    assert "worker_stop_overdue" in out and "audit writer" in out and "7" in out
