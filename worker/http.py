@@ -38,6 +38,9 @@ METRICS_PATH, HEALTHZ_PATH, READYZ_PATH = "/metrics", "/healthz", "/readyz"
 PATHS = (METRICS_PATH, HEALTHZ_PATH, READYZ_PATH)
 MAX_LOOP_LAG_S = 5.0
 CHECK_TIMEOUT_S = 3.0
+# How long stop() lets requests in flight finish, then again after cancelling them (aiohttp's
+# default, 60 s, would outlast a stopping worker's whole grace; a scrape is worth no wait).
+OPS_SHUTDOWN_TIMEOUT_S = 1.0
 
 ARQ_QUEUE_DEPTH = Gauge(
     "keyrotor_arq_queue_depth", "Jobs waiting in the arq queue (read at scrape).", ["queue"]
@@ -120,7 +123,7 @@ class OpsServer:
         handlers = {METRICS_PATH: self._metrics, HEALTHZ_PATH: self._healthz, READYZ_PATH: self._readyz}
         for path, handler in handlers.items():
             app.router.add_get(path, handler)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=OPS_SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
@@ -137,6 +140,8 @@ class OpsServer:
         return True
 
     async def stop(self) -> None:
+        """Stop listening; requests in flight are cancelled after ``OPS_SHUTDOWN_TIMEOUT_S``
+        (the whole stop takes at most twice that)."""
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,8 +13,12 @@ must unwrap the stored DEKs (a worker with the wrong ``ENCRYPTION_KEY`` says so 
 
 Crash safety:
 
-- **SIGTERM**: arq cancels running jobs; each finishes the batch in hand
-  (:func:`keyrotor.rotation.context.run_to_commit`) and the job goes back to the queue to resume.
+- **SIGTERM**: a bounded stop (:mod:`keyrotor.worker.stopping`): arq cancels running jobs;
+  each finishes the protected step in hand (:func:`keyrotor.rotation.context.run_to_commit`)
+  within ``KEYROTOR_WORKER_STOP_GRACE_SECONDS``, after which the step is cancelled and rolls
+  back; the job goes back to the queue to resume. The process is gone within the grace plus
+  ``STOP_MARGIN_S``; exit 0, or 3 when steps had to be cancelled (4: the hard limit cut the
+  shutdown short).
 - **SIGKILL**: nothing is lost -- every batch is a transaction and the run state is in
   Postgres. arq marks a running job with an "in progress" key that expires only after the job
   timeout; here each worker holds it as a short lease (``KEYROTOR_JOB_LEASE_SECONDS``) and
@@ -68,10 +72,13 @@ from keyrotor.store import db
 from keyrotor.store.ops import ping
 from keyrotor.worker import http as ops
 from keyrotor.worker.logs import configure_logging
+from keyrotor.worker.stopping import Stop
 
 log = structlog.get_logger("keyrotor.worker")
 
 ADOPT_EVERY_S = 60.0
+# A stopping worker's last Redis command (its health key): not worth the 10 s a command may take.
+STOP_REDIS_TIMEOUT_S = 2.0
 HEALTH_CHECK_INTERVAL_S = 30
 
 
@@ -160,6 +167,8 @@ async def _bind_requesters(
 
 # Set in the worker's ctx by LeasedWorker: start-up tells a keyrotor worker from arq's CLI one.
 LEASED_MARKERS = "_leased_markers"
+# The worker's Stop, in its ctx: the shutdown names its stages for the stop's watchdog.
+STOP = "_stop"
 
 
 class LeasedWorker(Worker):
@@ -174,8 +183,16 @@ class LeasedWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.in_progress_timeout_s = self.ctx["settings"].job_lease_s
+        settings: Settings = self.ctx["settings"]
+        self.in_progress_timeout_s = settings.job_lease_s
         self.ctx[LEASED_MARKERS] = True
+        # Only a worker that owns its process (it handles the signals) may end it at the hard limit.
+        self.stop = Stop(
+            settings.worker_stop_grace_s,
+            hard_exit=self._handle_signals,
+            unwritten_audit=functools.partial(_unwritten_audit, self.ctx),
+        )
+        self.ctx[STOP] = self.stop
 
     async def main(self) -> None:
         """arq's main loop, on a pool whose every command is bounded (:func:`connect_queue`).
@@ -198,20 +215,53 @@ class LeasedWorker(Worker):
                 f"lost Redis ({type(exc).__name__}): the worker stops for its supervisor to restart it"
             ) from exc
 
-    async def close(self) -> None:
-        """arq's close, waiting for the job tasks its shutdown cancelled without failing on them.
+    def handle_sig(self, signum: signal.Signals) -> None:
+        """SIGTERM/SIGINT: begin the bounded stop (:class:`Stop`); a second signal ends the grace.
 
-        arq gathers those tasks without ``return_exceptions``: a job cancelled by SIGTERM while
-        it stored its result (a shielded write) raised CancelledError out of ``close()``, so the
-        worker exited 1 with a traceback and never ran ``on_shutdown`` (the KeyManager's close,
-        the audit flush). The tasks are waited for here, their outcomes already recorded by arq
-        (a cancelled job is retried), and arq's close then finds none left.
+        The first signal does what arq does: no new job is taken and each running job is
+        cancelled once, which a protected step finishes before it obeys.
         """
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)  # what arq's close does first: cancel the jobs
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        self.tasks.clear()
-        await super().close()
+        if self.stop.begin(signal.Signals(signum).name, sum(not t.done() for t in self.tasks.values())):
+            super().handle_sig(signum)
+
+    async def close(self) -> None:
+        """Stop within the grace plus ``STOP_MARGIN_S``, then run ``on_shutdown`` in any case.
+
+        arq's close waited for the cancelled jobs without a deadline (a protected step can wait
+        for ever on a lock or the KEK), and gathered them without ``return_exceptions``: a job
+        cancelled while it stored its result raised CancelledError out of ``close()``, so the
+        worker exited 1 with a traceback and never ran ``on_shutdown`` (the KeyManager's close,
+        the audit flush); so did a Redis gone before its health key could be deleted. Here the
+        jobs get the grace (:meth:`Stop.drain`), the health key a short try, and ``on_shutdown``
+        always runs.
+        """
+        try:
+            if self.stop.started is None and (
+                not self._handle_signals or any(not t.done() for t in self.tasks.values())
+            ):
+                self.handle_sig(signal.SIGUSR1)  # in-process, or main() ended (Redis lost) under running jobs
+            await self.stop.drain(self.tasks, self.job_tasks)
+            self.tasks.clear()
+            if self._pool is None:
+                return
+            self.stop.stage = "shutdown: health key"
+            try:
+                await asyncio.wait_for(self.pool.delete(self.health_check_key), STOP_REDIS_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:  # it expires on its own
+                log.warning("worker_health_key_not_deleted", error=type(exc).__name__)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            await self.pool.aclose(close_connection_pool=True)
+            self._pool = None
+        finally:
+            self.stop.finish()
+
+
+def _unwritten_audit(ctx: dict[str, Any]) -> int:
+    """Audit events the worker's KeyManager has queued and not written (0 without one)."""
+    km: KeyManager | None = ctx.get("km")
+    writer = None if km is None else km.calls.writer
+    return 0 if writer is None else writer.depth
 
 
 def warn_unleased_markers(ctx: dict[str, Any]) -> bool:
@@ -305,24 +355,35 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     """Close what start-up opened (tolerates a start-up that failed halfway)."""
+    stop: Stop | None = ctx.get(STOP)
+
+    def stage(name: str) -> None:
+        if stop is not None:  # arq's CLI builds a plain Worker: no stop to report to
+            stop.stage = f"shutdown: {name}"
+
     server: ops.OpsServer | None = ctx.pop("_ops", None)
     if server is not None:
+        stage("metrics server")
         await server.stop()
     task = ctx.pop("_background", None)
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    km: KeyManager | None = ctx.pop("km", None)
+    km: KeyManager | None = ctx.get("km")
     if km is not None:
-        await km.close()
+        stage("KeyManager (usage counts, audit writer)")
+        await km.close()  # kept in ctx meanwhile: the watchdog counts its unwritten events
+        ctx.pop("km", None)
     kek: KekProvider | None = ctx.pop("kek", None)
     if kek is not None:
+        stage("KEK provider")
         await kek.aclose()
     engine = ctx.pop("engine", None)
     if engine is not None:
+        stage("database connections")
         await engine.dispose()
-    log.info("worker_stopped")
+    log.info("worker_stopped", exit_code=0 if stop is None else stop.code)
 
 
 async def start_ops_server(ctx: dict[str, Any]) -> ops.OpsServer:

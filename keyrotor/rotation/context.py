@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+import structlog
 from aiolimiter import AsyncLimiter
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from keyrotor.notify import KeyChange, Notifier
 
 T = TypeVar("T")
+
+log = structlog.get_logger("keyrotor.rotation.context")
 
 
 @dataclass
@@ -173,17 +176,30 @@ def kek_mismatch(scope: str, version: int, wrapped: WrappedDek, exc: BaseExcepti
 
 
 async def run_to_commit(aw: Awaitable[T]) -> T:
-    """Run one batch to its end even if the caller is cancelled meanwhile, then re-raise.
+    """Run one protected step (its transactions) to its end even if the caller is cancelled
+    meanwhile, then re-raise.
 
-    A worker told to stop (arq cancels its jobs on SIGTERM) thus finishes the batch in hand
-    (a few milliseconds to a second) instead of throwing its work away; the job is then run
-    again and resumes after that batch. A second cancellation cancels the batch itself, which
-    rolls back (the transaction's context manager sees the ``CancelledError``).
+    A worker told to stop (arq cancels its jobs on SIGTERM) thus finishes the step in hand (a
+    batch: a few milliseconds to a second) instead of throwing its work away; the job is then
+    run again and resumes after that step. A second cancellation (the worker's stop grace ran
+    out, ``keyrotor.worker.main.LeasedWorker``) cancels the step itself: a step that had not sent
+    COMMIT rolls back (its transaction's context manager sees the ``CancelledError``); one that
+    had may have committed, since the server can apply a COMMIT whose answer never arrives. The
+    ``protected_step_cancelled`` log line says which (``rolled_back`` or ``unknown``); either way
+    nothing here assumes the step's effect, and the job's next attempt reads the run's state
+    from the database and resumes from whatever committed.
     """
-    task = asyncio.ensure_future(aw)
+    with db.watch_commits() as watch:
+        task = asyncio.ensure_future(aw)
     try:
         return await asyncio.shield(task)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as cancelled:
         if not task.done():
-            await task  # cancelled again here -> the batch is cancelled and rolls back
+            try:
+                await task  # cancelled again here -> the step is cancelled too
+            except BaseException as exc:  # its CancelledError, or what a driver made of it
+                # Never "rolled back" once COMMIT may have gone out: its outcome is unknown.
+                outcome = "unknown" if watch.committing else "rolled_back"
+                log.warning("protected_step_cancelled", outcome=outcome, error=type(exc).__name__)
+                raise cancelled from None
         raise

@@ -53,6 +53,13 @@ class WorkerSettings(SettingsPart):
     # A running job's arq "in progress" key lives this long unless its worker renews it, so the
     # job of a killed worker is picked up again after at most this long.
     job_lease_s: float = Field(default=15, ge=1, validation_alias="KEYROTOR_JOB_LEASE_SECONDS")
+    # After SIGTERM, how long running jobs have to finish the protected step in hand (a batch,
+    # a commit) before it is cancelled and rolls back (keyrotor.worker.main.LeasedWorker). The
+    # whole stop takes at most this plus STOP_MARGIN_S (10 s): keep the sum under the
+    # supervisor's kill timeout (Kubernetes' terminationGracePeriodSeconds, 30 s by default).
+    worker_stop_grace_s: float = Field(
+        default=10.0, ge=0, le=600, allow_inf_nan=False, validation_alias="KEYROTOR_WORKER_STOP_GRACE_SECONDS"
+    )
     retry_backoff_s: float = Field(default=1.0, gt=0, validation_alias="KEYROTOR_RETRY_BACKOFF_SECONDS")
     retry_backoff_max_s: float = Field(
         default=60.0, gt=0, validation_alias="KEYROTOR_RETRY_BACKOFF_MAX_SECONDS"

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -234,12 +235,54 @@ def wrap_exceptions() -> Iterator[None]:
         raise
 
 
+class CommitWatch:
+    """Whether a transaction of one unit of work (and of the units it runs within) sent COMMIT.
+
+    A unit cancelled before any of its transactions sent COMMIT rolled back; one cancelled after
+    may have committed (the server can have applied a COMMIT whose answer never came back), and
+    must be reported as possibly committed, never as rolled back. Installed by
+    :func:`watch_commits`; :func:`transaction` marks it.
+    """
+
+    __slots__ = ("committing", "parent")
+
+    def __init__(self, parent: CommitWatch | None = None) -> None:
+        self.committing = False
+        self.parent = parent
+
+    def mark(self) -> None:
+        """Record that a COMMIT is about to be sent (here and in every enclosing unit)."""
+        watch: CommitWatch | None = self
+        while watch is not None:
+            watch.committing = True
+            watch = watch.parent
+
+
+_COMMIT_WATCH: ContextVar[CommitWatch | None] = ContextVar("keyrotor_commit_watch", default=None)
+
+
+@contextlib.contextmanager
+def watch_commits() -> Iterator[CommitWatch]:
+    """A :class:`CommitWatch` for the tasks created inside the block (they copy the context)."""
+    watch = CommitWatch(_COMMIT_WATCH.get())
+    token = _COMMIT_WATCH.set(watch)
+    try:
+        yield watch
+    finally:
+        _COMMIT_WATCH.reset(token)
+
+
 @contextlib.asynccontextmanager
 async def transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """One explicit transaction: commit on success, roll back on any error (or cancellation)."""
     with wrap_exceptions():
         async with maker() as session, session.begin():
             yield session
+            # The body ended without an error: COMMIT goes out next. From here a cancellation
+            # leaves the outcome unknown (see CommitWatch).
+            watch = _COMMIT_WATCH.get()
+            if watch is not None:
+                watch.mark()
 
 
 async def ensure_database(database_url: str) -> bool:

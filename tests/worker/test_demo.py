@@ -8,15 +8,19 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from keyrotor.worker.cli.demo import _Process
 from tests.conftest import MASTER_KEY, PG_ADMIN, _admin
-from tests.rotation_helpers import BIN, WORKER_REDIS_URL, cleanup_queue, keyrotor
+from tests.rotation_helpers import BIN, WORKER_REDIS_URL, cleanup_queue, keyrotor, process_env
 
 
 @pytest.fixture
@@ -41,7 +45,7 @@ async def demo_env() -> AsyncIterator[dict[str, str]]:
 def _in_a_terminal(args: list[str], env: dict[str, str], timeout_s: float) -> tuple[int, str]:
     """Run ``keyrotor ARGS`` with a pseudo-terminal as stdout and stderr (rich then draws its
     live progress bar); returns the exit code and everything written, escape codes removed."""
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    full = process_env(env)  # PYTHONPATH too: the demo under test, not the installed one
     main, sub = pty.openpty()
     proc = subprocess.Popen([str(BIN), *args], stdout=sub, stderr=sub, env=full)
     os.close(sub)
@@ -105,3 +109,29 @@ def test_demo_runs_the_whole_system_and_is_idempotent(demo_env: dict[str, str]) 
             r"sk-ant-api03-[A-Za-z0-9_-]{20,}|sk-proj-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{30,}", line
         )
     assert time.monotonic() - started < 90
+
+
+def test_a_process_killed_after_sigterm_shows_the_end_of_its_log_redacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A CI run whose demo had to kill a process must say what that process was doing.
+    leaked = "sk-ant-api03-" + "Zq8" * 12
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "for i in range(60): print(f'step {i}')\n"
+        f"print('stuck in reencrypt, key {leaked}, master {MASTER_KEY}')\n"
+        "sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "ENCRYPTION_KEY": MASTER_KEY}
+    proc = _Process("worker", [], env, tmp_path, command=[sys.executable, "-c", script])
+    deadline = time.monotonic() + 10
+    while "stuck in" not in proc.log_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert proc.stop(timeout_s=0.5) == -signal.SIGKILL
+    err = capsys.readouterr().err
+    assert "the worker did not stop within 0.5s of SIGTERM and was killed" in err
+    assert "stuck in reencrypt" in err and "  step 59\n" in err and "  step 0\n" not in err
+    assert leaked not in err and MASTER_KEY not in err and "[REDACTED]" in err

@@ -4,12 +4,13 @@ port does not stop the process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 
 import aiohttp
 
-from keyrotor.worker.http import KekCheckCache, OpsServer
+from keyrotor.worker.http import OPS_SHUTDOWN_TIMEOUT_S, KekCheckCache, OpsServer
 
 
 def _port() -> int:
@@ -115,3 +116,30 @@ async def test_readyz_never_echoes_a_check_errors_text() -> None:
 
 async def _raise_timeout() -> None:
     raise TimeoutError
+
+
+async def test_stop_does_not_wait_long_for_a_request_in_flight() -> None:
+    # A check that holds on past its cancellation (a driver finishing a round trip, say) kept
+    # aiohttp's shutdown waiting up to 60 s; a stopping process has a grace to keep.
+    port = _port()
+    entered = asyncio.Event()
+
+    async def stubborn() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(30)
+
+    server = OpsServer(role="worker", host="127.0.0.1", port=port, checks={"postgres": stubborn})
+    assert await server.start()
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.ensure_future(http.get(f"http://127.0.0.1:{port}/readyz"))
+        await asyncio.wait_for(entered.wait(), 10)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(server.stop(), 30)
+        assert loop.time() - t0 < 2 * OPS_SHUTDOWN_TIMEOUT_S + 1
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await request

@@ -47,6 +47,7 @@ from keyrotor.worker.cli.audit import event_line
 from keyrotor.worker.cli.common import err_console, manager, out_console, progress, run, settings
 from keyrotor.worker.cli.health import HEALTH_CHECK_SUFFIX
 from keyrotor.worker.cli.status import status
+from keyrotor.worker.logs import Redactor, known_secrets
 
 
 def _random(n: int) -> str:
@@ -71,7 +72,11 @@ READY_TIMEOUT_S = 30.0
 DEFAULT_ROWS = 5_000
 DEMO_BATCH_ROWS = 500
 ROTATE_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
+# Past the worker's own bound (KEYROTOR_WORKER_STOP_GRACE_SECONDS, 10, plus 10 s): a worker
+# killed here did not stop as it should have.
+STOP_TIMEOUT_S = 25.0
+# Lines of a killed process's log shown on stderr.
+TAIL_LINES = 40
 
 
 def _masked(value: str) -> str:
@@ -86,33 +91,70 @@ def _free_port() -> int:
 
 
 class _Process:
-    """A ``keyrotor`` subcommand in a subprocess, its output in a log file."""
+    """A ``keyrotor`` subcommand in a subprocess, its output in a log file.
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    ``command`` replaces the ``keyrotor`` command line (tests: a process that ignores SIGTERM).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        command: list[str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
+        # What the process's own logging blanks, blanked again in what the demo shows of its log:
+        # a line it printed past its logging (a crash's traceback) passes the same redaction.
+        self._redactor = Redactor(known_secrets(Settings.from_env(env), env))
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from keyrotor.worker.cli import main; main()", *args],
+            command or [sys.executable, "-c", "from keyrotor.worker.cli import main; main()", *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
 
+    def tail(self, lines: int = TAIL_LINES) -> list[str]:
+        """The last ``lines`` lines of the process's log, redacted."""
+        text = self.log_path.read_text(errors="replace")
+        return [self._redactor.redact(line) for line in text.splitlines()[-lines:]]
+
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
+            tail = "\n".join(self.tail())
             raise RuntimeError(f"the {self.name} exited ({self.proc.returncode}); its log ends:\n{tail}")
 
-    def stop(self) -> int | None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status.
+
+        A process that had to be killed gets the end of its log printed to stderr: a CI run
+        that fails here then shows which step the process was stuck in.
+        """
+        killed = False
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(STOP_TIMEOUT_S)
+                self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+                killed = True
         self._log.close()
+        if killed:
+            lines = self.tail()
+            err_console.print(
+                f"the {self.name} did not stop within {timeout_s:g}s of SIGTERM and was killed; "
+                f"the last {len(lines)} lines of its log ({self.log_path}):",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            for line in lines:
+                err_console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
         return self.proc.returncode
 
 

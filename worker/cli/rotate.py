@@ -71,14 +71,22 @@ def register(app: typer.Typer) -> None:
 def worker(
     burst: Annotated[bool, typer.Option("--burst", help="exit once the queue is empty")] = False,
 ) -> None:
-    """Run a rotation worker (arq) until SIGTERM/SIGINT; any number may share Redis and Postgres."""
+    """Run a rotation worker (arq) until SIGTERM/SIGINT; any number may share Redis and Postgres.
+
+    A stop takes at most KEYROTOR_WORKER_STOP_GRACE_SECONDS plus 10 s; it exits 0, or 3 when
+    steps still running at the end of the grace had to be cancelled (rolled back; their jobs
+    resume elsewhere), or 4 when the shutdown overran that limit.
+    """
     # Imported here: the worker brings every job and its HTTP server (aiohttp, about a third of
     # a second to import), which no other command needs.
     from keyrotor.worker.main import LeasedWorker, worker_settings
 
     settings = Settings.from_env()
     configure_logging(settings)
-    LeasedWorker(**worker_settings(settings), burst=burst).run()
+    w = LeasedWorker(**worker_settings(settings), burst=burst)
+    w.run()
+    if w.stop.code:
+        raise typer.Exit(w.stop.code)
 
 
 def _describe(r: RunInfo) -> str:
