@@ -19,7 +19,7 @@ proof rules destruction out only for so long:
   it) cancelled after the region lost touch: the copy cannot tell. Leaving it out would be a
   destruction without proof, which may lose those values for good; it is adopted like every
   other copy, and its destruction is put off by a whole window from the promotion
-  (:func:`keyrotor.store.replication.insert_promoted_dek`), after which the new primary destroys
+  (:func:`keyrotor.store.promotion.insert_promoted_dek`), after which the new primary destroys
   it only if its own proof holds.
   A shredded key may so live one more window on the new primary: the price of never destroying
   one that values need.
@@ -43,8 +43,10 @@ from keyrotor.replication.primary import PrimaryKeys
 from keyrotor.replication.regions import Region, fingerprint
 from keyrotor.settings import Settings
 from keyrotor.store import db
-from keyrotor.store import replication as store
-from keyrotor.store.replication import CopyProof, ReplicaCopy
+from keyrotor.store import promotion as store
+from keyrotor.store import replication as copies_store
+from keyrotor.store.promotion import CopyProof
+from keyrotor.store.replication import ReplicaCopy
 
 log = logging.getLogger("keyrotor.replication.check")
 
@@ -115,11 +117,11 @@ async def _fence_and_adopt(
     """
     # No repair writes from here to the commit, so the copies adopted are the copies fenced.
     await store.lock_copies_for_promotion(session)
-    if await store.promotion_record(session) is not None:
+    if await copies_store.promotion_record(session) is not None:
         raise Conflict(f"region {region.name} was promoted already")
     if await store.count_scopes(session):
         raise Conflict(f"region {region.name} already has scopes of its own; not promoted")
-    every = list((await store.region_copies(session, None)).values())
+    every = list((await copies_store.region_copies(session, None)).values())
     proofs = await store.copy_proofs(session, region.name, due_within_s=DESTRUCTION_DUE_MARGIN_S)
     copies = _adoptable(region.name, every, proofs, reachable=reachable)
     active = _active_versions(region.name, every)
