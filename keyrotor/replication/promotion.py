@@ -238,7 +238,10 @@ def _active_versions(name: str, copies: list[ReplicaCopy]) -> dict[str, int]:
     new, higher version and moves the active one to grace; nothing makes an older one active
     again). So of two ``active`` copies (a repair cut off between its batches) the older is
     stale and was in grace by the time the newer was copied; and a grace or retired copy newer
-    than every active one means the scope's current DEK has no copy here.
+    than every active one means the scope's current DEK has no copy here. Except an imported
+    one: ``legacy import-dek`` adds the old backend's DEK as the newest version, in grace, and
+    it is never active, so it says nothing of the active line (a copy without the mark, from
+    before migration 0018, is not taken for one here: refusing is the safe side).
 
     Raises:
         Conflict: a scope has no current active copy: making a grace or retired DEK active
@@ -250,7 +253,9 @@ def _active_versions(name: str, copies: list[ReplicaCopy]) -> dict[str, int]:
     out: dict[str, int] = {}
     for scope, cs in sorted(by_scope.items()):
         active = max((c.version for c in cs if c.state == "active"), default=None)
-        past = max((c.version for c in cs if c.state in ("grace", "retired")), default=0)
+        past = max(
+            (c.version for c in cs if c.state in ("grace", "retired") and c.imported is not True), default=0
+        )
         if active is None or past > active:
             raise Conflict(
                 f"region {name}: scope {scope} has no current active DEK copy (its newest copies: "
@@ -306,6 +311,9 @@ async def _adopt(
                 scope_id,
                 c,
                 state=state,
+                # A copy written before migration 0018 cannot say: taken for imported, so the
+                # new primary's proof scans every table for values the old backend sealed.
+                imported=c.imported is not False,
                 grace_days=settings.default_grace_days,
                 destroy_after_days=settings.destroy_after_days,
             )

@@ -84,6 +84,7 @@ async def insert_promoted_dek(
     copy: ReplicaCopy,
     *,
     state: str,
+    imported: bool,
     grace_days: int,
     destroy_after_days: int,
 ) -> None:
@@ -91,12 +92,14 @@ async def insert_promoted_dek(
     and with the primary's dates; a date it lacks (copied before migration 0015, or a superseded
     ``active`` copy adopted in grace) is that of a DEK that entered its state now. A pending
     destruction gets at least a full window from now: the old primary's uses (which cancel it)
-    are not carried over, so uses get a whole window here. A cancelled one stays cancelled."""
+    are not carried over, so uses get a whole window here. A cancelled one stays cancelled.
+    ``imported``: the DEK's mark (the caller decides what a copy without one is)."""
     await session.execute(
         text(
             "INSERT INTO data_keys (scope_id, version, state, "
-            "encrypted_dek, kek_id, kek_version, "
-            "activated_at, grace_until, retired_at, destroy_after) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
+            "encrypted_dek, kek_id, kek_version, imported, "
+            "activated_at, grace_until, retired_at, destroy_after) "
+            "VALUES (:sid, :v, :st, :blob, :kid, :kv, :imp, "
             "COALESCE(CAST(:act AS timestamptz), CASE WHEN :st IN ('active', 'grace') THEN now() END), "
             "CASE WHEN :st = 'grace' THEN COALESCE(CAST(:gu AS timestamptz), "
             f"{days_from_now(':g')}) ELSE CAST(:gu AS timestamptz) END, "
@@ -108,6 +111,7 @@ async def insert_promoted_dek(
             "sid": scope_id,
             "v": copy.version,
             "st": state,
+            "imp": imported,
             "blob": copy.wrapped,
             "kid": copy.region_kek_id,
             "kv": copy.region_kek_version,

@@ -45,6 +45,7 @@ class ReplicaCopy:
     region_kek_version: int
     fingerprint: str
     dates: Lifecycle = NO_DATES
+    imported: bool | None = None  # the DEK's mark when copied; None: copied before migration 0018
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,8 @@ class PrimaryDek:
     kek_version: int
     wrapped: bytes = field(repr=False)
     dates: Lifecycle = NO_DATES
+    # Adopted from the old backend (``data_keys.imported``): the retirement proof scans for its values.
+    imported: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class CopyWrite:
     region_kek_version: int
     fingerprint: str
     dates: Lifecycle = NO_DATES
+    imported: bool = True
     old: ReplicaCopy | None = None
 
 
@@ -99,7 +103,7 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
     """The primary's DEKs that still decrypt (all, or one scope's): what every region copies."""
     sql = (
         "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek, "
-        "d.activated_at, d.grace_until, d.retired_at, d.destroy_after "
+        "d.activated_at, d.grace_until, d.retired_at, d.destroy_after, d.imported "
         "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
         "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
     )
@@ -108,7 +112,9 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
         sql += " AND k.name = :scope"
         params["scope"] = scope
     rows = (await session.execute(text(sql), params)).all()
-    return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), Lifecycle(*r[6:10])) for r in rows]
+    return [
+        PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), Lifecycle(*r[6:10]), bool(r[10])) for r in rows
+    ]
 
 
 async def usable_keys(session: AsyncSession, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
@@ -188,7 +194,7 @@ async def region_copies(session: AsyncSession, scope: str | None) -> dict[tuple[
     """Every copy a region holds (or one scope's), by ``(scope, version)``."""
     sql = (
         "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
-        "region_kek_version, fingerprint, activated_at, grace_until, retired_at, destroy_after "
+        "region_kek_version, fingerprint, activated_at, grace_until, retired_at, destroy_after, imported "
         "FROM replica_keys"
     )
     params: dict[str, Any] = {}
@@ -197,7 +203,9 @@ async def region_copies(session: AsyncSession, scope: str | None) -> dict[tuple[
         params["scope"] = scope
     rows = (await session.execute(text(sql), params)).all()
     return {
-        (r[1], r[2]): ReplicaCopy(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], Lifecycle(*r[9:13]))
+        (r[1], r[2]): ReplicaCopy(
+            r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], Lifecycle(*r[9:13]), r[13]
+        )
         for r in rows
     }
 
@@ -258,7 +266,7 @@ async def delete_copy(session: AsyncSession, scope: str, version: int) -> int:
     return int(getattr(res, "rowcount", 0) or 0)
 
 
-_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp", "act", "gu", "ra", "da")
+_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp", "act", "gu", "ra", "da", "imp")
 
 
 def _write_params(w: CopyWrite) -> dict[str, Any]:
@@ -277,6 +285,7 @@ def _write_params(w: CopyWrite) -> dict[str, Any]:
         "gu": w.dates.grace_until,
         "ra": w.dates.retired_at,
         "da": w.dates.destroy_after,
+        "imp": w.imported,
         "old_id": w.old.id if w.old else None,
         "old_blob": w.old.wrapped if w.old else None,
         "old_fp": w.old.fingerprint if w.old else None,
@@ -293,14 +302,14 @@ async def _insert_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) 
             "INSERT INTO replica_keys (scope, dek_version, state, "
             "kek_version, source_kek_id, "
             "source_region, wrapped_dek, region_kek_id, region_kek_version, fingerprint, "
-            "activated_at, grace_until, retired_at, destroy_after) "
+            "activated_at, grace_until, retired_at, destroy_after, imported) "
             "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:v AS int[]), "
             "CAST(:state AS text[]), "
             "CAST(:kv AS int[]), CAST(:skid AS text[]), CAST(:src AS "
             "text[]), CAST(:blob AS bytea[]), "
             "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
             "CAST(:act AS timestamptz[]), CAST(:gu AS timestamptz[]), "
-            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[])) "
+            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), CAST(:imp AS boolean[])) "
             "ON CONFLICT (scope, dek_version) DO NOTHING"
         ),
         _columns(rows, ("s", "v", *_WRITE_COLUMNS)),
@@ -315,14 +324,15 @@ async def _swap_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
             "source_kek_id = u.skid, "
             "source_region = u.src, wrapped_dek = u.blob, region_kek_id = u.rkid, "
             "region_kek_version = u.rkv, fingerprint = u.fp, activated_at = u.act, "
-            "grace_until = u.gu, retired_at = u.ra, destroy_after = u.da, replicated_at = now() "
+            "grace_until = u.gu, retired_at = u.ra, destroy_after = u.da, imported = u.imp, "
+            "replicated_at = now() "
             "FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:kv AS int[]), "
             "CAST(:skid AS text[]), CAST(:src AS text[]), CAST(:blob AS bytea[]), "
             "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
             "CAST(:act AS timestamptz[]), CAST(:gu AS timestamptz[]), "
-            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), "
+            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), CAST(:imp AS boolean[]), "
             "CAST(:old_blob AS bytea[]), CAST(:old_fp AS text[])) "
-            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, act, gu, ra, da, old_blob, old_fp) "
+            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, act, gu, ra, da, imp, old_blob, old_fp) "
             "WHERE r.id = u.id AND r.wrapped_dek = u.old_blob AND r.fingerprint = u.old_fp"
         ),
         {"id": [r["old_id"] for r in rows], **_columns(rows, (*_WRITE_COLUMNS, "old_blob", "old_fp"))},
