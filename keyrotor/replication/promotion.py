@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_event
+from keyrotor.census.locations import second_phase_location
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.replication.failover import FAILOVER_MAX_PROOF_AGE_S
@@ -42,6 +43,7 @@ from keyrotor.replication.grading import grade_region
 from keyrotor.replication.primary import PrimaryKeys
 from keyrotor.replication.regions import Region, fingerprint
 from keyrotor.settings import Settings
+from keyrotor.store import census as census_store
 from keyrotor.store import db
 from keyrotor.store import promotion as store
 from keyrotor.store import replication as copies_store
@@ -317,4 +319,11 @@ async def _adopt(
                 grace_days=settings.default_grace_days,
                 destroy_after_days=settings.destroy_after_days,
             )
+            if c.imported:
+                # The old primary's census stays behind, with the location its import recorded;
+                # without it the new primary could retire the key while an unregistered table
+                # still holds its values. Kept until an operator acknowledges it here.
+                await census_store.record_location(
+                    session, scope_id, c.version, second_phase_location(scope, c.version), 0
+                )
     return len(by_scope)
