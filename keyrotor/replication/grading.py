@@ -35,6 +35,7 @@ class Source:
     wrapped: WrappedDek
     fingerprint: str
     dates: Lifecycle = NO_DATES
+    imported: bool = True  # adopted from the old backend: its retirement proof scans every table
 
 
 Sources = Mapping[tuple[str, int], Source]
@@ -105,9 +106,15 @@ def grade(
         c = copies.get(key)
         if c is None:
             faults[key] = "missing"
-        elif c.kek_version != src.kek_version or c.state != src.state or c.dates != src.dates:
+        elif (
+            c.kek_version != src.kek_version
+            or c.state != src.state
+            or c.dates != src.dates
+            or c.imported is not src.imported
+        ):
             # The dates too: a cancelled destruction, or a new window, changes no state, and a
-            # promotion carries the copy's dates over (and, with the primary down, trusts them).
+            # promotion carries the copy's dates over (and, with the primary down, trusts them),
+            # as it does the imported mark (None in a copy written before migration 0019).
             faults[key] = "stale"
         elif not hmac.compare_digest(c.fingerprint, src.fingerprint):
             faults[key] = "drifted"

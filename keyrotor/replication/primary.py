@@ -56,7 +56,14 @@ class PrimaryKeys:
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k in live}
         return {
             (d.scope, d.version): Source(
-                d.scope, d.version, d.state, d.kek_version, _wrapped(d), self._fingerprints[k], d.dates
+                d.scope,
+                d.version,
+                d.state,
+                d.kek_version,
+                _wrapped(d),
+                self._fingerprints[k],
+                d.dates,
+                d.imported,
             )
             for d, k in keys
         }

@@ -19,7 +19,7 @@ proof rules destruction out only for so long:
   it) cancelled after the region lost touch: the copy cannot tell. Leaving it out would be a
   destruction without proof, which may lose those values for good; it is adopted like every
   other copy, and its destruction is put off by a whole window from the promotion
-  (:func:`keyrotor.store.replication.insert_promoted_dek`), after which the new primary destroys
+  (:func:`keyrotor.store.promotion.insert_promoted_dek`), after which the new primary destroys
   it only if its own proof holds.
   A shredded key may so live one more window on the new primary: the price of never destroying
   one that values need.
@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_event
+from keyrotor.census.locations import second_phase_location
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.replication.failover import FAILOVER_MAX_PROOF_AGE_S
@@ -42,9 +43,12 @@ from keyrotor.replication.grading import grade_region
 from keyrotor.replication.primary import PrimaryKeys
 from keyrotor.replication.regions import Region, fingerprint
 from keyrotor.settings import Settings
+from keyrotor.store import census as census_store
 from keyrotor.store import db
-from keyrotor.store import replication as store
-from keyrotor.store.replication import CopyProof, ReplicaCopy
+from keyrotor.store import promotion as store
+from keyrotor.store import replication as copies_store
+from keyrotor.store.promotion import CopyProof
+from keyrotor.store.replication import ReplicaCopy
 
 log = logging.getLogger("keyrotor.replication.check")
 
@@ -115,11 +119,11 @@ async def _fence_and_adopt(
     """
     # No repair writes from here to the commit, so the copies adopted are the copies fenced.
     await store.lock_copies_for_promotion(session)
-    if await store.promotion_record(session) is not None:
+    if await copies_store.promotion_record(session) is not None:
         raise Conflict(f"region {region.name} was promoted already")
     if await store.count_scopes(session):
         raise Conflict(f"region {region.name} already has scopes of its own; not promoted")
-    every = list((await store.region_copies(session, None)).values())
+    every = list((await copies_store.region_copies(session, None)).values())
     proofs = await store.copy_proofs(session, region.name, due_within_s=DESTRUCTION_DUE_MARGIN_S)
     copies = _adoptable(region.name, every, proofs, reachable=reachable)
     active = _active_versions(region.name, every)
@@ -236,7 +240,10 @@ def _active_versions(name: str, copies: list[ReplicaCopy]) -> dict[str, int]:
     new, higher version and moves the active one to grace; nothing makes an older one active
     again). So of two ``active`` copies (a repair cut off between its batches) the older is
     stale and was in grace by the time the newer was copied; and a grace or retired copy newer
-    than every active one means the scope's current DEK has no copy here.
+    than every active one means the scope's current DEK has no copy here. Except an imported
+    one: ``legacy import-dek`` adds the old backend's DEK as the newest version, in grace, and
+    it is never active, so it says nothing of the active line (a copy without the mark, from
+    before migration 0019, is not taken for one here: refusing is the safe side).
 
     Raises:
         Conflict: a scope has no current active copy: making a grace or retired DEK active
@@ -248,7 +255,9 @@ def _active_versions(name: str, copies: list[ReplicaCopy]) -> dict[str, int]:
     out: dict[str, int] = {}
     for scope, cs in sorted(by_scope.items()):
         active = max((c.version for c in cs if c.state == "active"), default=None)
-        past = max((c.version for c in cs if c.state in ("grace", "retired")), default=0)
+        past = max(
+            (c.version for c in cs if c.state in ("grace", "retired") and c.imported is not True), default=0
+        )
         if active is None or past > active:
             raise Conflict(
                 f"region {name}: scope {scope} has no current active DEK copy (its newest copies: "
@@ -304,7 +313,17 @@ async def _adopt(
                 scope_id,
                 c,
                 state=state,
+                # A copy written before migration 0019 cannot say: taken for imported, so the
+                # new primary's proof scans every table for values the old backend sealed.
+                imported=c.imported is not False,
                 grace_days=settings.default_grace_days,
                 destroy_after_days=settings.destroy_after_days,
             )
+            if c.imported:
+                # The old primary's census stays behind, with the location its import recorded;
+                # without it the new primary could retire the key while an unregistered table
+                # still holds its values. Kept until an operator acknowledges it here.
+                await census_store.record_location(
+                    session, scope_id, c.version, second_phase_location(scope, c.version), 0
+                )
     return len(by_scope)

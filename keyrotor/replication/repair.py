@@ -97,6 +97,7 @@ async def _fresh_copy(
         region_kek_version=new.kek_version,
         fingerprint=src.fingerprint,
         dates=src.dates,
+        imported=src.imported,
         old=old,
     )
 

@@ -6,10 +6,11 @@ wait, never the proof nor the destruction window):
 1. re-encrypt stragglers: rows still on the version (written by a process whose cache still
    named it as active) move to the scope's active DEK, a batch a transaction;
 2. in ONE transaction (:func:`prove_unused`): lock the ``data_keys`` row, lock the registered
-   columns (``managed_columns``, read again: what is counted is what the census covers), every
-   target table and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a moment; nobody can
-   add a row or a location on the old version behind the count), count the rows on the version
-   and the values not migrated from the old backend that its DEK opens (an imported DEK's)
+   columns (``managed_columns``, read again: what is counted is what the census covers), the
+   scope's target tables and ``key_locations`` in ``SHARE`` mode (concurrent writers wait a
+   moment; nobody can add a row or a location on the old version behind the count), count the
+   rows on the version and, for an imported DEK only (``data_keys.imported``), the values not
+   migrated from the old backend that it opens, in every target (all of them locked too)
    -- zero, or refuse -- and list the locations that received values of it which the census
    cannot count (:func:`keyrotor.census.locations.uncovered_locations`) -- none, or refuse with
    :class:`LocationNotCovered`. Then the version becomes ``retired``: its wrapped key is kept, it
@@ -139,9 +140,12 @@ class Proof:
 async def prove_unused(
     rc: RotationContext, session: AsyncSession, scope: str, scope_id: int, version: int
 ) -> Proof:
-    """Lock every target and ``key_locations`` in SHARE mode and count, inside the caller's
-    transaction (which holds the ``data_keys`` row). The locks last until it ends, so nothing
-    can add a row or a location of ``version`` between this proof and the caller's commit.
+    """Lock the scope's targets and ``key_locations`` in SHARE mode and count, inside the
+    caller's transaction (which holds the ``data_keys`` row). The locks last until it ends, so
+    nothing can add a row or a location of ``version`` between this proof and the caller's commit.
+
+    An imported DEK (``data_keys.imported``) is also tried on every value not yet ``kr1`` of
+    every target, with every target locked; a DEK keyrotor made leaves other scopes' targets alone.
 
     The targets are read again here, with the registry locked (:func:`freeze_targets`): a column
     registered after the job started is covered by the census below, so it must be counted too.
@@ -151,18 +155,24 @@ async def prove_unused(
     rows: dict[str, int] = {}
     unmigrated: dict[str, int] = {}
     cipher: AESGCM | None = None
-    ours = {t.name for t in rc.targets_for(scope)}
-    for target in rc.all_targets:
+    ours = rc.targets_for(scope)
+    counted = {t.name for t in ours}
+    # A value the old backend's second phase sealed with an imported DEK carries no version:
+    # only the DEK finds it among the values `legacy migrate` has not moved yet, in every target
+    # and every row, whatever scope the row names (the old backend's DEK sealed values the
+    # operator may file under other scopes; their migration tries those scopes' DEKs, so this
+    # one is their only key). A DEK keyrotor made sealed only kr1 values, which carry their
+    # version: the scope's own rows are all there is to count, and no other scope's writers
+    # wait for its proof.
+    imported = await store.is_imported(session, scope_id, version)
+    for target in rc.all_targets if imported else ours:
         await lock_target(apg, target)
-        if target.name in ours:
+        if target.name in counted:
             n = await count_version(apg, target, scope_id, version)
             if n:
                 rows[target.name] = n
-        # A value the old backend's second phase sealed with this DEK (an imported one) carries
-        # no version: only the DEK finds it among the values `legacy migrate` has not moved yet,
-        # in every target and every row, whatever scope the row names (the old backend's DEK
-        # sealed values the operator may file under other scopes; their migration tries those
-        # scopes' DEKs, so this one is their only key).
+        if not imported:
+            continue
         if cipher is None and await has_legacy_values(apg, target):
             cipher = (await load_keys(session, rc.cipher, scope, scope_id, version, only=())).new_cipher
         if cipher is not None:

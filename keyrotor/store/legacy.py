@@ -287,12 +287,13 @@ async def insert_grace_dek(
     session: AsyncSession, scope_id: int, version: int, *, blob: bytes, kek_id: str, kek_version: int
 ) -> datetime | None:
     """Add a decrypt-only DEK version in ``grace`` for the scope's grace period, as the scope's
-    latest version. Returns the end of its grace."""
+    latest version, marked ``imported`` (the retirement proof looks for the values it sealed in
+    every table). Returns the end of its grace."""
     row = (
         await session.execute(
             text(
                 "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, "
-                "grace_until) VALUES (:s, :v, 'grace', :blob, :kid, :kv, "
+                "imported, grace_until) VALUES (:s, :v, 'grace', :blob, :kid, :kv, true, "
                 f"{days_from_now('SELECT grace_period_days FROM key_scopes WHERE id = :s')}) "
                 "RETURNING grace_until"
             ),

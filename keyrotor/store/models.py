@@ -106,6 +106,10 @@ class DataKey(Base):
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A retired version's wrapped key may be erased after this (NULL: no destruction pending).
     destroy_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Adopted from the old backend (``legacy import-dek``, migration 0019): it sealed values that
+    # carry no version, so the retirement proof looks for them in every table. True unless the
+    # statement that makes the row says keyrotor made it: a row that does not say costs a scan.
+    imported: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
 
     __table_args__ = (
         UniqueConstraint("scope_id", "version"),
@@ -378,6 +382,8 @@ class ReplicaKey(Base):
     grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     destroy_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The DEK's ``imported`` mark (0019): a promotion carries it over. NULL: copied before 0019.
+    imported: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         UniqueConstraint("scope", "dek_version"),

@@ -1,5 +1,6 @@
 """Statements of multi-region replication: the primary's DEKs as replication reads them, the
-check results it keeps (``kek_replicas``), and a region's copies (``replica_keys``) and promotion.
+check results it keeps (``kek_replicas``), and a region's copies (``replica_keys``) and its
+promotion fence (a promotion's own statements: :mod:`keyrotor.store.promotion`).
 
 Every function takes the session of a transaction the caller opened. The repair writes
 (:func:`write_copies`) are one ``unnest`` statement a kind per batch, compare-and-swap for
@@ -15,8 +16,6 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
-
-from keyrotor.store.dates import days_from_now
 
 
 class Lifecycle(NamedTuple):
@@ -46,6 +45,7 @@ class ReplicaCopy:
     region_kek_version: int
     fingerprint: str
     dates: Lifecycle = NO_DATES
+    imported: bool | None = None  # the DEK's mark when copied; None: copied before migration 0019
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,8 @@ class PrimaryDek:
     kek_version: int
     wrapped: bytes = field(repr=False)
     dates: Lifecycle = NO_DATES
+    # Adopted from the old backend (``data_keys.imported``): the retirement proof scans for its values.
+    imported: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,7 @@ class CopyWrite:
     region_kek_version: int
     fingerprint: str
     dates: Lifecycle = NO_DATES
+    imported: bool = True
     old: ReplicaCopy | None = None
 
 
@@ -100,7 +103,7 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
     """The primary's DEKs that still decrypt (all, or one scope's): what every region copies."""
     sql = (
         "SELECT k.name, d.version, d.state, d.kek_id, d.kek_version, d.encrypted_dek, "
-        "d.activated_at, d.grace_until, d.retired_at, d.destroy_after "
+        "d.activated_at, d.grace_until, d.retired_at, d.destroy_after, d.imported "
         "FROM data_keys d JOIN key_scopes k ON k.id = d.scope_id "
         "WHERE d.state IN ('pending', 'active', 'grace', 'retired')"
     )
@@ -109,7 +112,9 @@ async def replicated_deks(session: AsyncSession, scope: str | None) -> list[Prim
         sql += " AND k.name = :scope"
         params["scope"] = scope
     rows = (await session.execute(text(sql), params)).all()
-    return [PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), Lifecycle(*r[6:10])) for r in rows]
+    return [
+        PrimaryDek(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), Lifecycle(*r[6:10]), bool(r[10])) for r in rows
+    ]
 
 
 async def usable_keys(session: AsyncSession, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
@@ -189,7 +194,7 @@ async def region_copies(session: AsyncSession, scope: str | None) -> dict[tuple[
     """Every copy a region holds (or one scope's), by ``(scope, version)``."""
     sql = (
         "SELECT id, scope, dek_version, state, kek_version, wrapped_dek, region_kek_id, "
-        "region_kek_version, fingerprint, activated_at, grace_until, retired_at, destroy_after "
+        "region_kek_version, fingerprint, activated_at, grace_until, retired_at, destroy_after, imported "
         "FROM replica_keys"
     )
     params: dict[str, Any] = {}
@@ -198,7 +203,9 @@ async def region_copies(session: AsyncSession, scope: str | None) -> dict[tuple[
         params["scope"] = scope
     rows = (await session.execute(text(sql), params)).all()
     return {
-        (r[1], r[2]): ReplicaCopy(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], Lifecycle(*r[9:13]))
+        (r[1], r[2]): ReplicaCopy(
+            r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], Lifecycle(*r[9:13]), r[13]
+        )
         for r in rows
     }
 
@@ -259,7 +266,7 @@ async def delete_copy(session: AsyncSession, scope: str, version: int) -> int:
     return int(getattr(res, "rowcount", 0) or 0)
 
 
-_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp", "act", "gu", "ra", "da")
+_WRITE_COLUMNS = ("state", "kv", "skid", "src", "blob", "rkid", "rkv", "fp", "act", "gu", "ra", "da", "imp")
 
 
 def _write_params(w: CopyWrite) -> dict[str, Any]:
@@ -278,6 +285,7 @@ def _write_params(w: CopyWrite) -> dict[str, Any]:
         "gu": w.dates.grace_until,
         "ra": w.dates.retired_at,
         "da": w.dates.destroy_after,
+        "imp": w.imported,
         "old_id": w.old.id if w.old else None,
         "old_blob": w.old.wrapped if w.old else None,
         "old_fp": w.old.fingerprint if w.old else None,
@@ -294,14 +302,14 @@ async def _insert_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) 
             "INSERT INTO replica_keys (scope, dek_version, state, "
             "kek_version, source_kek_id, "
             "source_region, wrapped_dek, region_kek_id, region_kek_version, fingerprint, "
-            "activated_at, grace_until, retired_at, destroy_after) "
+            "activated_at, grace_until, retired_at, destroy_after, imported) "
             "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:v AS int[]), "
             "CAST(:state AS text[]), "
             "CAST(:kv AS int[]), CAST(:skid AS text[]), CAST(:src AS "
             "text[]), CAST(:blob AS bytea[]), "
             "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
             "CAST(:act AS timestamptz[]), CAST(:gu AS timestamptz[]), "
-            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[])) "
+            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), CAST(:imp AS boolean[])) "
             "ON CONFLICT (scope, dek_version) DO NOTHING"
         ),
         _columns(rows, ("s", "v", *_WRITE_COLUMNS)),
@@ -316,14 +324,15 @@ async def _swap_copies(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
             "source_kek_id = u.skid, "
             "source_region = u.src, wrapped_dek = u.blob, region_kek_id = u.rkid, "
             "region_kek_version = u.rkv, fingerprint = u.fp, activated_at = u.act, "
-            "grace_until = u.gu, retired_at = u.ra, destroy_after = u.da, replicated_at = now() "
+            "grace_until = u.gu, retired_at = u.ra, destroy_after = u.da, imported = u.imp, "
+            "replicated_at = now() "
             "FROM unnest(CAST(:id AS bigint[]), CAST(:state AS text[]), CAST(:kv AS int[]), "
             "CAST(:skid AS text[]), CAST(:src AS text[]), CAST(:blob AS bytea[]), "
             "CAST(:rkid AS text[]), CAST(:rkv AS int[]), CAST(:fp AS text[]), "
             "CAST(:act AS timestamptz[]), CAST(:gu AS timestamptz[]), "
-            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), "
+            "CAST(:ra AS timestamptz[]), CAST(:da AS timestamptz[]), CAST(:imp AS boolean[]), "
             "CAST(:old_blob AS bytea[]), CAST(:old_fp AS text[])) "
-            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, act, gu, ra, da, old_blob, old_fp) "
+            "AS u(id, state, kv, skid, src, blob, rkid, rkv, fp, act, gu, ra, da, imp, old_blob, old_fp) "
             "WHERE r.id = u.id AND r.wrapped_dek = u.old_blob AND r.fingerprint = u.old_fp"
         ),
         {"id": [r["old_id"] for r in rows], **_columns(rows, (*_WRITE_COLUMNS, "old_blob", "old_fp"))},
@@ -366,14 +375,10 @@ async def write_copies(
 
 async def lock_copies_for_write(session: AsyncSession) -> None:
     """Take ``replica_keys``' write lock before anything else in a repair's transaction: a
-    promotion (:func:`lock_copies_for_promotion`) then either waits for the repair to commit,
-    or has committed before the repair's next statement, which sees its fence."""
+    promotion (:func:`keyrotor.store.promotion.lock_copies_for_promotion`) then either waits for
+    the repair to commit, or has committed before the repair's next statement, which sees its
+    fence."""
     await session.execute(text("LOCK TABLE replica_keys IN ROW EXCLUSIVE MODE"))
-
-
-async def lock_copies_for_promotion(session: AsyncSession) -> None:
-    """Lock ``replica_keys`` against every write until the promotion's transaction ends."""
-    await session.execute(text("LOCK TABLE replica_keys IN SHARE MODE"))
 
 
 async def promotion_record(session: AsyncSession) -> dict[str, Any] | None:
@@ -384,116 +389,3 @@ async def promotion_record(session: AsyncSession) -> dict[str, Any] | None:
         )
     ).first()
     return None if row is None else {"region": row[0], "promoted_at": row[1], "previous_primary": row[2]}
-
-
-class CopyProof(NamedTuple):
-    """What a promotion with the primary down knows of one copy, on the region's clock."""
-
-    proven_age_s: float  # since the copy was last written or its region last proven in sync
-    destruction_due: bool  # retired, and its destroy_after passed (or falls within the margin)
-
-
-async def copy_proofs(
-    session: AsyncSession, region: str, *, due_within_s: float
-) -> dict[tuple[str, int], CopyProof]:
-    """Every copy's :class:`CopyProof`, by ``(scope, version)``: ``proven_age_s`` as in
-    :func:`region_copy`; ``destruction_due`` if its ``destroy_after`` is at most
-    ``due_within_s`` seconds from now (the margin covers clock skew between the databases)."""
-    rows = await session.execute(
-        text(
-            "SELECT r.scope, r.dek_version, EXTRACT(EPOCH FROM now() - GREATEST(r.replicated_at, "
-            "(SELECT k.last_ok_at FROM kek_replicas k WHERE k.region = :r))), "
-            "COALESCE(r.destroy_after <= now() + CAST(:due AS double precision) "
-            "* interval '1 second', false) "
-            "FROM replica_keys r"
-        ),
-        {"r": region, "due": due_within_s},
-    )
-    return {(r[0], r[1]): CopyProof(float(r[2]), bool(r[3])) for r in rows.all()}
-
-
-async def count_scopes(session: AsyncSession) -> int:
-    """How many scopes the database holds."""
-    return int((await session.execute(text("SELECT count(*) FROM key_scopes"))).scalar_one())
-
-
-async def insert_promoted_scope(
-    session: AsyncSession,
-    name: str,
-    *,
-    active: int,
-    latest: int,
-    enabled: bool,
-    interval_days: int,
-    grace_days: int,
-) -> int:
-    """Create a scope of a promoted region (its next rotation an interval from now); returns its id."""
-    return int(
-        (
-            await session.execute(
-                text(
-                    "INSERT INTO key_scopes (name, active_version, latest_version, rotation_enabled, "
-                    "interval_days, grace_period_days, next_rotation_at) VALUES "
-                    "(:n, :a, :l, :e, :i, :g, "
-                    f"{days_from_now(':i')}) RETURNING id"
-                ),
-                {"n": name, "a": active, "l": latest, "e": enabled, "i": interval_days, "g": grace_days},
-            )
-        ).scalar_one()
-    )
-
-
-async def insert_promoted_dek(
-    session: AsyncSession,
-    scope_id: int,
-    copy: ReplicaCopy,
-    *,
-    state: str,
-    grace_days: int,
-    destroy_after_days: int,
-) -> None:
-    """Make a region's copy a DEK of its own store (wrapped under the region's key), in ``state``
-    and with the primary's dates; a date it lacks (copied before migration 0015, or a superseded
-    ``active`` copy adopted in grace) is that of a DEK that entered its state now. A pending
-    destruction gets at least a full window from now: the old primary's uses (which cancel it)
-    are not carried over, so uses get a whole window here. A cancelled one stays cancelled."""
-    await session.execute(
-        text(
-            "INSERT INTO data_keys (scope_id, version, state, "
-            "encrypted_dek, kek_id, kek_version, "
-            "activated_at, grace_until, retired_at, destroy_after) VALUES (:sid, :v, :st, :blob, :kid, :kv, "
-            "COALESCE(CAST(:act AS timestamptz), CASE WHEN :st IN ('active', 'grace') THEN now() END), "
-            "CASE WHEN :st = 'grace' THEN COALESCE(CAST(:gu AS timestamptz), "
-            f"{days_from_now(':g')}) ELSE CAST(:gu AS timestamptz) END, "
-            "CAST(:ra AS timestamptz), "
-            "GREATEST(CAST(:da AS timestamptz), CASE WHEN CAST(:da AS timestamptz) IS NOT NULL "
-            f"THEN {days_from_now(':dd')} END))"
-        ),
-        {
-            "sid": scope_id,
-            "v": copy.version,
-            "st": state,
-            "blob": copy.wrapped,
-            "kid": copy.region_kek_id,
-            "kv": copy.region_kek_version,
-            "g": grace_days,
-            "dd": destroy_after_days,
-            "act": copy.dates.activated_at,
-            "gu": copy.dates.grace_until,
-            "ra": copy.dates.retired_at,
-            "da": copy.dates.destroy_after,
-        },
-    )
-
-
-async def record_promotion(
-    session: AsyncSession, region: str, *, previous_primary: str, by: str, keys: int
-) -> None:
-    """Fence a promoted region: replication never writes to it again."""
-    await session.execute(
-        text(
-            "INSERT INTO replica_promotions (region, previous_primary, promoted_by, keys) "
-            "VALUES (:r, :p, :b, :k)"
-        ),
-        {"r": region, "p": previous_primary, "b": by, "k": keys},
-    )

@@ -80,6 +80,7 @@ async def create_scope(
             kek_id=wrapped.kek_id,
             kek_version=wrapped.kek_version,
             activated_at=now,
+            imported=False,  # keyrotor's own: its proof needs no scan for the old backend's values
         )
     )
     await session.flush()

@@ -49,6 +49,17 @@ async def lock_dek_to_retire(session: AsyncSession, scope: str, version: int) ->
     ).one()
 
 
+async def is_imported(session: AsyncSession, scope_id: int, version: int) -> bool:
+    """Whether one DEK version was adopted from the old backend (``data_keys.imported``)."""
+    imported: bool = (
+        await session.execute(
+            text("SELECT imported FROM data_keys WHERE scope_id = :s AND version = :v"),
+            {"s": scope_id, "v": version},
+        )
+    ).scalar_one()
+    return imported
+
+
 async def lock_key_locations(session: AsyncSession) -> None:
     """Lock ``key_locations`` in SHARE mode until the transaction ends (recorders wait)."""
     await session.execute(text("LOCK TABLE key_locations IN SHARE MODE"))

@@ -32,11 +32,12 @@ async def pending_dek_version(session: AsyncSession, scope_id: int) -> int | Non
 async def insert_pending_dek(
     session: AsyncSession, scope_id: int, version: int, *, blob: bytes, kek_id: str, kek_version: int
 ) -> None:
-    """Store a new wrapped DEK ``pending`` and make it the scope's latest version."""
+    """Store a new wrapped DEK ``pending`` and make it the scope's latest version (keyrotor's
+    own, not ``imported``: it seals only ``kr1`` values)."""
     await session.execute(
         text(
-            "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version) "
-            "VALUES (:s, :v, 'pending', :blob, :kid, :kv)"
+            "INSERT INTO data_keys (scope_id, version, state, encrypted_dek, kek_id, kek_version, imported) "
+            "VALUES (:s, :v, 'pending', :blob, :kid, :kv, false)"
         ),
         {
             "s": scope_id,

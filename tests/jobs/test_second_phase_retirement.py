@@ -116,13 +116,15 @@ async def test_a_dek_imported_before_imports_recorded_a_location_gets_one(wenv: 
     async with KeyManager(_quiet(s)) as km:
         await second_phase.import_dek(km, "anthropic", _old_dek()[1])
     await fetch(s.database_url, "DELETE FROM key_locations WHERE location LIKE '(second phase: %'")
-    # A database at 0015: without the tables of the later migrations either.
+    # A database at 0015: without the tables and columns of the later migrations either.
     await fetch(s.database_url, "DROP TABLE replica_repair_intents, replica_repair_log")
     await fetch(
         s.database_url,
         "ALTER TABLE location_acks DROP CONSTRAINT pk_location_acks, DROP COLUMN scope, "
         "ADD CONSTRAINT pk_location_acks PRIMARY KEY (location)",
     )
+    await fetch(s.database_url, "ALTER TABLE data_keys DROP COLUMN imported")
+    await fetch(s.database_url, "ALTER TABLE replica_keys DROP COLUMN imported")
     await fetch(s.database_url, "UPDATE alembic_version SET version_num = '0015_replica_lifecycle'")
     engine = db.create_engine(s.database_url)
     try:
