@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -88,14 +89,19 @@ async def test_retire_always_waits_and_its_timeout_says_the_run_goes_on(wenv: di
         handle = await client.rotate("openai")
         await run_burst_worker(s)
         await handle.result(timeout_s=10)
-    helptext = keyrotor("retire", "--help", env=wenv).stdout
+    # Three commands at once (each a Python start-up of 1-2 s): the help and the refused
+    # timeout never reach the database, so neither touches what the third one waits on.
+    helped, out, bad = await asyncio.gather(
+        asyncio.to_thread(keyrotor, "retire", "--help", env=wenv),
+        # No worker runs: the retirement stays pending and the command gives up waiting, in one line.
+        asyncio.to_thread(keyrotor, "retire", "openai", "1", "--force-now", "--timeout", "0.5", env=wenv),
+        asyncio.to_thread(keyrotor, "retire", "openai", "1", "--timeout", "-1", env=wenv),
+    )
+    helptext = helped.stdout
     assert "--wait" not in helptext and "stop waiting after" in " ".join(helptext.split())
-    # No worker runs: the retirement stays pending and the command gives up waiting, in one line.
-    out = keyrotor("retire", "openai", "1", "--force-now", "--timeout", "0.5", env=wenv)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "did not end within 0.5s; it goes on on the workers" in lines[0], out.stderr
-    bad = keyrotor("retire", "openai", "1", "--timeout", "-1", env=wenv)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     # The run went on: a worker completes it.
     await run_burst_worker(s)

@@ -5,7 +5,9 @@ Tables shaped like the old Node backend's and its ORMs': a ``settings`` table wi
 ids (Prisma cuids and slugs, some with ``:`` and non-ASCII) and varchar ids. Everything runs
 through the CLI against a real ``keyrotor worker`` process, with range sizes set low so that a
 rotation and a legacy migration fan out into several range jobs while a smaller scope rotates in
-one transaction.
+one transaction. The five shapes are registered side by side in one database and go through the
+operations together (one worker, one run of each), each table checked as if it were alone: one
+process start per operation instead of one per operation and shape.
 """
 
 from __future__ import annotations
@@ -149,10 +151,11 @@ async def _check_table(s: Settings, shape: Shape, expected: dict[str, tuple[str,
     return kinds
 
 
-async def _fill(s: Settings, shape: Shape) -> tuple[dict[str, tuple[str, str]], tuple[str, str, str]]:
-    """kr1 rows of two scopes and legacy rows. Returns key -> (provider, plaintext) and a straggler
-    (key, plaintext, v1 value) kept back to be written after the rotation."""
-    legacy = legacy_rows(LEGACY_ROWS)
+async def _fill(
+    s: Settings, shape: Shape, legacy: list[tuple[str, str, str]]
+) -> tuple[dict[str, tuple[str, str]], tuple[str, str, str]]:
+    """kr1 rows of two scopes and the ``legacy`` rows. Returns key -> (provider, plaintext) and a
+    straggler (key, plaintext, v1 value) kept back to be written after the rotation."""
     providers = (
         ["openai"] * OPENAI_ROWS + ["anthropic"] * ANTHROPIC_ROWS + [r[0] for r in legacy] + ["openai"]
     )
@@ -175,14 +178,26 @@ async def _fill(s: Settings, shape: Shape) -> tuple[dict[str, tuple[str, str]], 
     return expected, straggler
 
 
-@pytest.mark.parametrize("kind", list(SHAPES))
+async def _ranges_of(s: Settings, run_id: int, column: str) -> list[Any]:
+    return await fetch(
+        s.database_url,
+        "SELECT lo, hi, after_key, hi_key, state, rows_done FROM rotation_ranges "
+        "WHERE run_id = $1 AND target = $2 ORDER BY lo",
+        run_id,
+        column,
+    )
+
+
 async def test_a_registered_column_of_each_key_type_goes_through_every_operation(
-    wenv: dict[str, str], tmp_path: Path, kind: str
+    wenv: dict[str, str], tmp_path: Path
 ) -> None:
-    shape = SHAPES[kind]
+    """One table of each key type, all five registered in the same two scopes beside keyrotor's
+    own rows, so that one worker and one run of each operation take every type at once; the
+    checks are made table by table, as if each were alone."""
     env = {
         **wenv,
-        "KEYROTOR_SMALL_SCOPE_ROWS": "20",
+        # anthropic (6 rows a table, 30 in all) rotates in one transaction, openai (205) in ranges.
+        "KEYROTOR_SMALL_SCOPE_ROWS": str(len(SHAPES) * ANTHROPIC_ROWS + 10),
         "KEYROTOR_REENCRYPT_RANGE_ROWS": "12",
         "KEYROTOR_REENCRYPT_BATCH_ROWS": "5",
         "KEYROTOR_LEGACY_RANGE_ROWS": "5",
@@ -191,16 +206,24 @@ async def test_a_registered_column_of_each_key_type_goes_through_every_operation
     }
     s = settings_of(env)
     own = await seed(s, "openai", 5)  # keyrotor's own rows share the scope (and its rotation)
-    await fetch(s.database_url, shape.ddl)
-    expected, (straggler_key, straggler_plain, straggler_v1) = await _fill(s, shape)
-    column = f"{shape.table}.api_key"
-    reg = keyrotor("columns", "register", column, "--pk", "id", "--scope-column", "provider", env=env)
-    assert reg.returncode == 0, reg.stderr
+    tables = len(SHAPES)
+    legacy = legacy_rows()
+    expected: dict[str, dict[str, tuple[str, str]]] = {}
+    stragglers: dict[str, tuple[str, str, str]] = {}
+    for n, (kind, shape) in enumerate(SHAPES.items()):
+        await fetch(s.database_url, shape.ddl)
+        # Legacy values of each table's own: no two rows anywhere hold the same one.
+        mine = legacy[n * LEGACY_ROWS : (n + 1) * LEGACY_ROWS]
+        expected[kind], stragglers[kind] = await _fill(s, shape, mine)
+        column = f"{shape.table}.api_key"
+        reg = keyrotor("columns", "register", column, "--pk", "id", "--scope-column", "provider", env=env)
+        assert reg.returncode == 0, reg.stderr
 
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
         await worker.wait_started()
-        # anthropic: 6 rows, one transaction; openai: 45 rows, fanned out into range jobs.
+        # anthropic: one transaction; openai: fanned out into range jobs.
+        run_ids: dict[str, int] = {}
         for scope, mode in (("anthropic", "single_transaction"), ("openai", "ranges")):
             out = keyrotor("rotate", scope, "--wait", "--json", "--timeout", "90", env=env)
             assert out.returncode == 0, out.stderr + worker.output()[-3000:]
@@ -208,59 +231,64 @@ async def test_a_registered_column_of_each_key_type_goes_through_every_operation
             assert doc["state"] == "completed" and doc["to_version"] == 2
             detail = (await fetch(s.database_url, "SELECT detail FROM rotations WHERE id = $1", doc["id"]))[0]
             assert json.loads(detail[0])["mode"] == mode
-        ranges = await fetch(
-            s.database_url,
-            "SELECT lo, hi, after_key, hi_key, state, rows_done FROM rotation_ranges WHERE target = $1 "
-            "ORDER BY lo",
-            column,
-        )
-        assert len(ranges) >= 3 and {r["state"] for r in ranges} == {"done"}
-        assert sum(r["rows_done"] for r in ranges) == OPENAI_ROWS
-        if kind in ("uuid", "text", "varchar"):  # bounds from the data, open at both ends
-            assert ranges[0]["after_key"] is None and ranges[-1]["hi_key"] is None
-            assert all(r["after_key"] is not None for r in ranges[1:])
-        else:
-            smallest = (await fetch(s.database_url, f"SELECT min(id) FROM {shape.table}"))[0][0]
-            assert ranges[0]["lo"] == min(0, smallest) and ranges[-1]["hi"] == 2**63 - 1
-        assert await _check_table(s, shape, expected) == {
-            "kr1:2": OPENAI_ROWS + ANTHROPIC_ROWS,
-            "legacy": LEGACY_ROWS,
-            "none": 1,
-        }
+            run_ids[scope] = doc["id"]
+        for kind, shape in SHAPES.items():
+            ranges = await _ranges_of(s, run_ids["openai"], f"{shape.table}.api_key")
+            assert len(ranges) >= 3 and {r["state"] for r in ranges} == {"done"}, kind
+            assert sum(r["rows_done"] for r in ranges) == OPENAI_ROWS, kind
+            if kind in ("uuid", "text", "varchar"):  # bounds from the data, open at both ends
+                assert ranges[0]["after_key"] is None and ranges[-1]["hi_key"] is None, kind
+                assert all(r["after_key"] is not None for r in ranges[1:]), kind
+            else:
+                smallest = (await fetch(s.database_url, f"SELECT min(id) FROM {shape.table}"))[0][0]
+                assert ranges[0]["lo"] == min(0, smallest) and ranges[-1]["hi"] == 2**63 - 1, kind
+            assert await _check_table(s, shape, expected[kind]) == {
+                "kr1:2": OPENAI_ROWS + ANTHROPIC_ROWS,
+                "legacy": LEGACY_ROWS,
+                "none": 1,
+            }, kind
         assert await check_values(s, "openai", own) == {2: 5}
 
-        # A process with a stale cache wrote a v1 value: retirement re-encrypts it, then proves
-        # (counts) that no row of the column still needs v1.
-        await fetch(
-            s.database_url,
-            f"UPDATE {shape.table} SET api_key = $2 WHERE id::text = $1",
-            straggler_key,
-            straggler_v1,
-        )
+        # A process with a stale cache wrote a v1 value in each table: retirement re-encrypts
+        # them, then proves (counts) that no row of any column still needs v1.
+        for kind, shape in SHAPES.items():
+            straggler_key, _plain_text, straggler_v1 = stragglers[kind]
+            await fetch(
+                s.database_url,
+                f"UPDATE {shape.table} SET api_key = $2 WHERE id::text = $1",
+                straggler_key,
+                straggler_v1,
+            )
         out = keyrotor("retire", "openai", "1", "--force-now", "--json", env=env, timeout=90)
         assert out.returncode == 0, out.stderr + worker.output()[-3000:]
         retired = json.loads(out.stdout)
-        assert retired["state"] == "completed" and retired["rows_done"] == 1  # the straggler
-        kinds = await _check_table(s, shape, expected)
-        assert kinds == {"kr1:2": OPENAI_ROWS + ANTHROPIC_ROWS + 1, "legacy": LEGACY_ROWS}
-        assert expected[straggler_key][1] == straggler_plain
+        assert retired["state"] == "completed" and retired["rows_done"] == tables  # the stragglers
+        for kind, shape in SHAPES.items():
+            kinds = await _check_table(s, shape, expected[kind])
+            assert kinds == {"kr1:2": OPENAI_ROWS + ANTHROPIC_ROWS + 1, "legacy": LEGACY_ROWS}, kind
+            straggler_key, straggler_plain, _v1 = stragglers[kind]
+            assert expected[kind][straggler_key][1] == straggler_plain
 
         out = keyrotor("verify", "--json", env=env, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert json.loads(out.stdout)["checked"] == 5 + OPENAI_ROWS + ANTHROPIC_ROWS + 1 + LEGACY_ROWS
+        per_table = OPENAI_ROWS + ANTHROPIC_ROWS + 1 + LEGACY_ROWS
+        assert json.loads(out.stdout)["checked"] == 5 + tables * per_table
 
         out = keyrotor("legacy", "migrate", "--wait", "--json", "--timeout", "120", env=env, timeout=150)
         assert out.returncode == 0, out.stderr + worker.output()[-3000:]
         migrated = json.loads(out.stdout)
-        assert migrated["state"] == "completed" and migrated["migrated"] == LEGACY_ROWS
+        assert migrated["state"] == "completed" and migrated["migrated"] == tables * LEGACY_ROWS
         assert migrated["failed"] == 0
         detail = (
             await fetch(s.database_url, "SELECT detail FROM rotations WHERE id = $1", migrated["run_id"])
         )[0]
-        assert json.loads(detail[0])["mode"] == "ranges" and json.loads(detail[0])["ranges"] >= 3
+        assert json.loads(detail[0])["mode"] == "ranges" and json.loads(detail[0])["ranges"] >= 3 * tables
+        for kind, shape in SHAPES.items():  # each table's 16 legacy values fanned out on their own
+            assert len(await _ranges_of(s, migrated["run_id"], f"{shape.table}.api_key")) >= 3, kind
     finally:
         worker.close()
-    assert await _check_table(s, shape, expected) == {"kr1:2": len(expected)}
+    for kind, shape in SHAPES.items():
+        assert await _check_table(s, shape, expected[kind]) == {"kr1:2": len(expected[kind])}, kind
 
 
 @pytest.mark.parametrize("kind", ["uuid", "text"])

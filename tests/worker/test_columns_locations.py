@@ -3,7 +3,9 @@ gauge about unregistered locations: the real console script against real Postgre
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from typing import Any
 
 import asyncpg
@@ -19,6 +21,16 @@ def _json(env: dict[str, str], *args: str) -> Any:
     done = keyrotor(*args, "--json", env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def _parsed(done: subprocess.CompletedProcess[str]) -> Any:
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+async def _run_all(env: dict[str, str], *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+    """Run commands that only read, all at once (a thread each waits on its process)."""
+    return list(await asyncio.gather(*(asyncio.to_thread(keyrotor, *c, env=env) for c in commands)))
 
 
 def _coverage(doc: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -58,7 +70,18 @@ async def test_list_ignore_unignore_and_the_warnings(env: dict[str, str]) -> Non
     await _seed(env)
     settings = Settings.from_env(env)
 
-    doc = _json(env, "columns", "list")
+    # Six commands that only read what _seed wrote: started together, as each is a Python
+    # start-up of 1-2 s and none changes what another reads.
+    listed, text, status, status_openai, status_text, health = await _run_all(
+        env,
+        ("columns", "list", "--json"),
+        ("columns", "list"),
+        ("status", "--json"),
+        ("status", "openai", "--json"),
+        ("status",),
+        ("health", "--json"),
+    )
+    doc = _parsed(listed)
     assert doc["columns"] == []
     assert _coverage(doc) == {
         ("anthropic", "(no context)"): ("unregistered", ""),
@@ -72,29 +95,29 @@ async def test_list_ignore_unignore_and_the_warnings(env: dict[str, str]) -> Non
     assert users["last_seen"] >= users["versions"][0]["first_seen"]
 
     # Text: a table, and a warning that says what to run.
-    text = keyrotor("columns", "list", env=env)
     assert text.returncode == 0, text.stderr
     assert "UNREGISTERED" in text.stdout and "(no context)" in text.stdout
     assert "keyrotor columns register" in text.stderr and "keyrotor columns ignore" in text.stderr
 
     # status and health warn; the gauge counts (no scope or location in its labels).
-    status = _json(env, "status")
-    assert [(v["scope"], v["location"]) for v in status["locations"]["unregistered"]] == [
+    status_doc = _parsed(status)
+    assert [(v["scope"], v["location"]) for v in status_doc["locations"]["unregistered"]] == [
         ("anthropic", ""),
         ("anthropic", "users.api_key"),
         ("openai", "orgs.key"),
     ]
     # The README's table gets its own command.
     assert (
-        "keyrotor columns register users.api_key --pk ID --scope anthropic" in status["locations"]["warning"]
+        "keyrotor columns register users.api_key --pk ID --scope anthropic"
+        in status_doc["locations"]["warning"]
     )
-    assert _json(env, "status", "openai")["locations"]["unregistered"][0]["location"] == "orgs.key"
-    text = keyrotor("status", env=env)
-    assert text.returncode == 0 and "3 unregistered location(s)" in text.stderr, text.stderr
+    assert _parsed(status_openai)["locations"]["unregistered"][0]["location"] == "orgs.key"
+    assert status_text.returncode == 0 and "3 unregistered location(s)" in status_text.stderr, (
+        status_text.stderr
+    )
     check = await census_health(settings)
     assert check["status"] == "warn" and "users.api_key" in check["error"]
     assert healthy({"census": check})  # a warning, not a failure
-    health = keyrotor("health", "--json", env=env, timeout=60)
     assert json.loads(health.stdout)["checks"]["census"]["status"] == "warn"
     async with KeyManager(settings) as km:
         assert await metrics.refresh_unregistered_locations(km.sessions) == 3
@@ -108,7 +131,8 @@ async def test_list_ignore_unignore_and_the_warnings(env: dict[str, str]) -> Non
     )
     assert acked["acknowledged"]["location"] == "" and acked["acknowledged"]["actor"] == "ops-alice"
     _json(env, "columns", "ignore", "orgs.key", "--reason", "test org only")
-    doc = _json(env, "columns", "list")
+    listed, status = await _run_all(env, ("columns", "list", "--json"), ("status", "--json"))
+    doc = _parsed(listed)
     assert [c["column"] for c in doc["columns"]] == ["users.api_key"]
     assert _coverage(doc) == {
         ("anthropic", "(no context)"): ("acknowledged", ""),
@@ -116,7 +140,7 @@ async def test_list_ignore_unignore_and_the_warnings(env: dict[str, str]) -> Non
         ("anthropic", "users.api_key"): ("registered", "users.api_key"),
         ("openai", "orgs.key"): ("acknowledged", "orgs.key"),
     }
-    assert _json(env, "status")["locations"] == {"unregistered": [], "warning": None}
+    assert _parsed(status)["locations"] == {"unregistered": [], "warning": None}
     assert (await census_health(settings))["status"] == "ok"
 
     # Taking an acknowledgement back makes the location unregistered again.

@@ -351,9 +351,9 @@ async def test_failure_metrics_rows_per_version_and_labels_hold_no_secrets(
         assert not any(s in label for s in secrets_), label
         assert len(label) < 16 or not any(label in s for s in secrets_), label
         assert not label.startswith(("kr1:", "sk-", "AIza")), label
-    sched.send_signal(signal.SIGTERM)
-    assert sched.wait(30) == 0
+    sched.send_signal(signal.SIGTERM)  # both shut down at once; each must still exit cleanly
     assert worker.terminate() == 0
+    assert sched.wait(30) == 0
 
 
 def _non_loopback_addresses() -> list[str]:

@@ -13,10 +13,13 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
 
 from keyrotor import KeyManager, Settings
 from tests.legacy_helpers import legacy_rows
-from tests.rotation_helpers import WorkerProcess, fetch, keyrotor
+from tests.rotation_helpers import WORKER_REDIS_URL, WorkerProcess, fetch, keyrotor
 
 REFUSE = (
     """CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -37,6 +40,15 @@ def _error_line(stderr: str) -> str:
 async def _runs(s: Settings) -> dict[int, tuple[str, str | None, int]]:
     rows = await fetch(s.database_url, "SELECT id, state, error, attempts FROM rotations ORDER BY id")
     return {r["id"]: (r["state"], r["error"], r["attempts"]) for r in rows}
+
+
+async def _queued_jobs(queue: str) -> int:
+    """How many jobs wait in arq's queue (a sorted set named after the queue), deferred ones too."""
+    client: Any = aioredis.Redis.from_url(WORKER_REDIS_URL)
+    try:
+        return int(await client.zcard(queue))
+    finally:
+        await client.aclose()
 
 
 async def test_permanent_errors_fail_the_run_once_and_adoption_leaves_it(
@@ -105,8 +117,13 @@ async def test_permanent_errors_fail_the_run_once_and_adoption_leaves_it(
     await w2.wait_started()
     started = next(e for e in w2.events() if e.get("event") == "worker_started")
     assert started["open_runs"] == 0
-    deadline = time.monotonic() + 3 * float(env["KEYROTOR_JOB_LEASE_SECONDS"])
-    while time.monotonic() < deadline:  # a few leases: long enough for a re-drive to show
+    # With no run adopted, only a job still in the queue could drive a run again: a retry
+    # waiting out its backoff, or a job of the killed w1 whose "in progress" marker expires
+    # within one lease. The queue is empty, so neither exists; the watch below still covers one
+    # lease and a margin past the longest retry backoff (1 s), the longest either takes to show.
+    assert await _queued_jobs(env["KEYROTOR_QUEUE_NAME"]) == 0
+    deadline = time.monotonic() + float(env["KEYROTOR_JOB_LEASE_SECONDS"]) + 2
+    while time.monotonic() < deadline:
         assert await _runs(s) == failed
         await asyncio.sleep(0.5)
     assert '"job_retry"' not in w1.output() + w2.output()  # permanent: never retried
