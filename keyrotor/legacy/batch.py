@@ -60,7 +60,9 @@ def make_executor(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
     """A process pool sized to the machine (``workers`` 0: one a core) for scrypt.
 
     ``spawn``: a forked child of a process with an event loop and driver threads may inherit
-    their locks held; spawned ones start clean and import only :mod:`keyrotor.crypto.legacy_format`.
+    their locks held; spawned ones start clean. Each child imports the ``keyrotor`` package (its
+    ``__init__`` brings in the library) and the parent's main module, about a second and a half
+    of one core's time, once a pool (one a `migrate` call or a range job, for all its batches).
     """
     n = workers or os.cpu_count() or 1
     spawn = multiprocessing.get_context("spawn")
