@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyrotor.audit import key as audit_key
 from keyrotor.audit.log import AuditEvent, write_event
-from keyrotor.census.locations import second_phase_location
+from keyrotor.census.locations import UNRECORDED, second_phase_location
 from keyrotor.errors import Conflict, KekError, KekUnavailable, StoreUnavailable
 from keyrotor.kek.base import WrapContext, WrappedDek
 from keyrotor.replication.failover import FAILOVER_MAX_PROOF_AGE_S
@@ -319,10 +319,15 @@ async def _adopt(
                 grace_days=settings.default_grace_days,
                 destroy_after_days=settings.destroy_after_days,
             )
+            # The old primary's census stays behind: where this version's values were sealed is
+            # not known here, and an empty census would let the new primary's proof retire and
+            # destroy a key whose values sit in a table nobody registered here. Like the versions
+            # that existed before locations were recorded (migration 0008), each gets the
+            # `(unrecorded)` location, which keeps it until an operator acknowledges it here
+            # (once every table holding its values is registered).
+            await census_store.record_location(session, scope_id, c.version, UNRECORDED, 0)
             if c.imported:
-                # The old primary's census stays behind, with the location its import recorded;
-                # without it the new primary could retire the key while an unregistered table
-                # still holds its values. Kept until an operator acknowledges it here.
+                # And the location its import recorded: the old backend's values, in any table.
                 await census_store.record_location(
                     session, scope_id, c.version, second_phase_location(scope, c.version), 0
                 )

@@ -13,8 +13,11 @@ from typing import Any
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.census import report as census_report
+from keyrotor.census.locations import uncovered_locations
 from keyrotor.errors import Conflict
 from keyrotor.queue.client import KeyrotorClient
+from keyrotor.store import db
 from tests.destruction_helpers import expire_window, open_destructions, wait_run
 from tests.replication.conftest import PRIMARY, REGIONS, rep_of, settle, sql, statuses, unreachable
 from tests.replication.proxy import PgProxy
@@ -116,8 +119,44 @@ async def test_promotion_carries_every_live_key_over_with_its_dates(
         assert [r[:-1] for r in promoted] == [r[:-1] for r in primary]
         assert promoted[0][-1] >= primary[0][-1]  # the retired v1's destroy_after
         assert [r[-1] for r in promoted[1:]] == [r[-1] for r in primary[1:]]
+        # The old primary's census stays behind: each adopted version keeps its key (the proof
+        # of a retirement or destruction refuses) until an operator has registered the tables of
+        # its values here and acknowledged `(unrecorded)`, which covers every promoted scope.
+        assert await _uncovered(region_urls["eu-west-1"]) == {
+            ("anthropic", 1): ["(unrecorded)"],
+            ("anthropic", 2): ["(unrecorded)"],
+            ("openai", 1): ["(unrecorded)"],
+            ("openai", 2): ["(unrecorded)"],
+        }
+        engine = db.create_engine(region_urls["eu-west-1"])
+        try:
+            async with db.transaction(db.sessionmaker(engine)) as session:
+                ack = await census_report.ignore(
+                    session, "(unrecorded)", reason="every table registered here", actor="ops@example"
+                )
+        finally:
+            await engine.dispose()
+        assert ack["scopes"] == ["anthropic", "openai"]
+        assert all(found == [] for found in (await _uncovered(region_urls["eu-west-1"])).values())
     finally:
         await cleanup_queue(wenv["KEYROTOR_QUEUE_NAME"])
+
+
+async def _uncovered(url: str) -> dict[tuple[str, int], list[str]]:
+    """What the census check of a retirement or destruction finds for each DEK of the store."""
+    engine = db.create_engine(url)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            keys = await sql(
+                url,
+                "SELECT s.name, s.id, d.version FROM data_keys d JOIN key_scopes s ON s.id = d.scope_id",
+            )
+            return {
+                (name, version): await uncovered_locations(session, sid, name, version)
+                for name, sid, version in keys
+            }
+    finally:
+        await engine.dispose()
 
 
 async def test_promotion_with_the_primary_down_keeps_a_key_due_for_destruction_for_a_fresh_window(
