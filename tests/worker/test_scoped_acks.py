@@ -10,16 +10,20 @@ named with ``--scope``, or every scope, now and later, with ``--all-scopes``.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from typing import Any
 
 import pytest
 
 from keyrotor import KeyManager, Settings
+from keyrotor.census import report as census_report
 from keyrotor.queue.client import KeyrotorClient
 from keyrotor.rotation import dek as rotation
 from keyrotor.rotation.context import RotationContext
 from keyrotor.rotation.retire import LocationNotCovered
-from tests.cli_helpers import keyrotor
+from keyrotor.store import db
+from tests.cli_helpers import BIN, keyrotor
 
 
 def _json(env: dict[str, str], *args: str) -> Any:
@@ -28,16 +32,33 @@ def _json(env: dict[str, str], *args: str) -> Any:
     return json.loads(done.stdout)
 
 
-def _refused(env: dict[str, str], *args: str) -> str:
-    done = keyrotor(*args, env=env)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("keyrotor: error: "), done
-    return lines[0]
+def _refused(env: dict[str, str], *commands: tuple[str, ...]) -> list[str]:
+    """Run ``commands`` at once (each refuses its input): exit 2 and one line each."""
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), **env}
+    procs = [
+        subprocess.Popen(
+            [str(BIN), *args], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in commands
+    ]
+    lines = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        got = err.strip().splitlines()
+        assert proc.returncode == 2 and len(got) == 1 and got[0].startswith("keyrotor: error: "), err
+        lines.append(got[0])
+    return lines
 
 
-def _coverage(env: dict[str, str]) -> dict[str, str]:
-    doc = _json(env, "columns", "list")
-    return {v["scope"]: v["coverage"] for v in doc["locations"] if v["location"] == "cache.token"}
+async def _coverage(s: Settings) -> dict[str, str]:
+    """What `columns list` shows for cache.token, per scope (its code, in this process)."""
+    engine = db.create_engine(s.database_url)
+    try:
+        async with db.transaction(db.sessionmaker(engine)) as session:
+            views = await census_report.list_locations(session)
+    finally:
+        await engine.dispose()
+    return {v.scope: v.coverage for v in views if v.location == "cache.token"}
 
 
 async def test_an_acknowledgement_covers_its_scopes_not_one_that_writes_there_later(
@@ -55,7 +76,7 @@ async def test_an_acknowledgement_covers_its_scopes_not_one_that_writes_there_la
         rc = RotationContext(km.sessions, km.kek, s)
         for scope in ("anthropic", "openai"):
             await rotation.rotate_dek(rc, scope)
-    assert _coverage(env) == {"anthropic": "acknowledged", "openai": "unregistered"}
+    assert await _coverage(s) == {"anthropic": "acknowledged", "openai": "unregistered"}
     async with KeyrotorClient(s) as client:
         with pytest.raises(LocationNotCovered, match=r"cache\.token"):
             await client.retire("openai", 1, force_now=True)
@@ -65,27 +86,30 @@ async def test_an_acknowledgement_covers_its_scopes_not_one_that_writes_there_la
     assert _json(env, "columns", "ignore", "cache.token", "--scope", "openai", "--reason", "also a cache")[
         "acknowledged"
     ]["scopes"] == ["anthropic", "openai"]
-    assert _coverage(env) == {"anthropic": "acknowledged", "openai": "acknowledged"}
+    assert await _coverage(s) == {"anthropic": "acknowledged", "openai": "acknowledged"}
     removed = _json(env, "columns", "unignore", "cache.token", "--scope", "anthropic")["removed"]
     assert removed["scopes"] == ["anthropic"]
-    assert _coverage(env) == {"anthropic": "unregistered", "openai": "acknowledged"}
+    assert await _coverage(s) == {"anthropic": "unregistered", "openai": "acknowledged"}
     every = _json(env, "columns", "ignore", "cache.token", "--all-scopes", "--reason", "all caches")
     assert every["acknowledged"]["scopes"] == ["*", "openai"]
     async with KeyManager(s) as km:
         await km.encrypt("mistral", "sk-mi-later-0123456789", context="cache.token:3")
-    assert set(_coverage(env).items()) == {
+    assert set((await _coverage(s)).items()) == {
         ("anthropic", "acknowledged"),
         ("mistral", "acknowledged"),
         ("openai", "acknowledged"),
     }
 
     # A scope without values there is a typo; --scope and --all-scopes together say two things.
-    assert "no value of scope 'groq'" in _refused(
-        env, "columns", "ignore", "cache.token", "--scope", "groq", "--reason", "x"
+    typo, both, unacked = _refused(
+        env,
+        ("columns", "ignore", "cache.token", "--scope", "groq", "--reason", "x"),
+        ("columns", "ignore", "cache.token", "--scope", "openai", "--all-scopes", "--reason", "x"),
+        ("columns", "unignore", "cache.token", "--scope", "mistral"),
     )
-    assert "not both" in _refused(
-        env, "columns", "ignore", "cache.token", "--scope", "openai", "--all-scopes", "--reason", "x"
-    )
-    assert "not acknowledged for scope 'mistral'" in _refused(
-        env, "columns", "unignore", "cache.token", "--scope", "mistral"
-    )
+    assert "no value of scope 'groq'" in typo
+    assert "not both" in both
+    assert "not acknowledged for scope 'mistral'" in unacked
+    # What the operator sees lists the same coverage.
+    listed = _json(env, "columns", "list")["locations"]
+    assert {v["scope"]: v["coverage"] for v in listed if v["location"] == "cache.token"} == await _coverage(s)
