@@ -114,16 +114,19 @@ class _Databases:
 
         asyncio.run(work())
 
-    def take(self, timeout_s: float = 60) -> str:
-        """A fresh database's name (waits for the thread to make it)."""
+    async def take(self, timeout_s: float = 60) -> str:
+        """A fresh database's name, once the thread has made it. Polled, not waited for in a
+        thread: a test may check which threads its process runs (the loop's default executor
+        must stay unused by keyrotor)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self._errors:
                 raise self._errors[0]
             try:
-                return self._ready.get(timeout=0.05)
+                return self._ready.get_nowait()
             except queue.Empty:
                 assert time.monotonic() < deadline, "no test database was made in time"
+                await asyncio.sleep(0.005)
 
     def give_back(self, name: str) -> None:
         """Queue a used database to be dropped."""
@@ -158,7 +161,7 @@ def databases(template_db: str) -> Iterator[_Databases]:
 @pytest.fixture
 async def database_url(databases: _Databases) -> AsyncIterator[str]:
     """A fresh, migrated database for one test; dropped afterwards (by the pool's thread)."""
-    name = await asyncio.to_thread(databases.take)
+    name = await databases.take()
     try:
         yield _url(name)
     finally:
