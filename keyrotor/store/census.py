@@ -86,12 +86,6 @@ async def recorded_locations(session: AsyncSession, scope_id: int, version: int)
     return list((await session.execute(stmt, {"s": scope_id, "v": version})).scalars())
 
 
-async def location_recorded(session: AsyncSession, location: str) -> bool:
-    """Whether any value was ever recorded at ``location``."""
-    stmt = text("SELECT 1 FROM key_locations WHERE location = :l LIMIT 1")
-    return (await session.execute(stmt, {"l": location})).first() is not None
-
-
 async def location_versions(session: AsyncSession) -> Sequence[Sequence[Any]]:
     """Every recorded location as ``(scope, location, version, DEK state, encryptions, first_seen,
     last_seen)``, by scope, location and version (state None: the DEK row is not visible)."""
